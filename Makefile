@@ -1,0 +1,57 @@
+# The README's commands.  Each sets itself up on a fresh machine: a virtual
+# environment in $(VENV) with the pinned torch (CPU build) and triton, the
+# package installed editable, and its C++ extension built by CMake.
+#
+#   make test    build and run the test suite
+#   make demo    a small recall demo on real photos
+#   make bench   the benchmark tables (benchmarks/results/)
+#
+# On a machine whose python already has torch (the GPU machines), use
+#   make test HEN_SYSTEM_TORCH=1
+# to build against that torch instead of installing one.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.8.0
+PYTEST_ARGS ?=
+
+ifeq ($(HEN_SYSTEM_TORCH),1)
+VENV_FLAGS := --system-site-packages
+PINNED :=
+else
+VENV_FLAGS :=
+PINNED := $(TORCH_SPEC) $(TRITON_SPEC)
+endif
+
+DEPS := numpy pytest pytest-benchmark scikit-image setuptools wheel
+DEPS_STAMP := $(VENV)/.hen-deps
+EXT_STAMP := $(VENV)/.hen-ext
+EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+
+.PHONY: install test demo bench clean
+
+install: $(EXT_STAMP)
+
+$(DEPS_STAMP):
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PIP) install -q $(PINNED) $(DEPS)
+	touch $@
+
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m hen_kernels.demo
+
+bench: install
+	$(PY) -m hen_kernels.bench --out benchmarks/results
+
+clean:
+	rm -rf build *.egg-info hen_kernels/_C*.so

@@ -1,0 +1,22 @@
+"""hen_kernels: fused streaming-softmax Modern Hopfield updates and Hopfield Encoding Networks."""
+from .ops import (
+    available_backends,
+    energy,
+    hopfield_partial,
+    hopfield_retrieve,
+    hopfield_update,
+    merge_partials,
+)
+from .types import Partial, Retrieval
+
+__all__ = [
+    "Partial",
+    "Retrieval",
+    "available_backends",
+    "energy",
+    "hopfield_partial",
+    "hopfield_retrieve",
+    "hopfield_update",
+    "merge_partials",
+]
+__version__ = "0.1.0"

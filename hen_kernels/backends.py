@@ -1,0 +1,168 @@
+"""The one place that knows each backend: what it is, whether it loaded, and when it is chosen.
+
+A backend computes a :class:`~hen_kernels.types.Partial` from the normalised
+inputs of :mod:`hen_kernels.validation` (query (L, B, D), memory (Lm, N, D),
+values (Lm, N, Dv), beta (L,) float32).  New backends (Triton, CUDA) register
+here and are reached through :func:`resolve`; callers never name a kernel.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.machinery
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import reference
+from .types import Partial
+from .validation import Inputs
+
+ENV_BACKEND = "HEN_KERNELS_BACKEND"
+SIMILARITY_CODES = {"dot": 0, "l2": 1, "l2sq": 2}
+
+PartialImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, int], Partial]
+
+
+class Backend:
+    """A named implementation of the partial update for some device types."""
+
+    def __init__(self, name: str, device_types: tuple[str, ...], impl: PartialImpl,
+                 load: Optional[Callable[[], Optional[str]]] = None, differentiable: bool = False):
+        self.name = name
+        self.device_types = device_types
+        self.differentiable = differentiable
+        self._impl = impl
+        self._load = load
+        self._reason: Optional[str] = None
+        self._loaded = load is None
+
+    @property
+    def unavailable_reason(self) -> Optional[str]:
+        """None when usable, else why not (the extension failed to load, no GPU, ...)."""
+        if not self._loaded:
+            self._loaded = True
+            assert self._load is not None
+            self._reason = self._load()
+        return self._reason
+
+    def available(self) -> bool:
+        return self.unavailable_reason is None
+
+    def partial(self, inp: Inputs, offset: int = 0) -> Partial:
+        return self._impl(inp.query, inp.memory, inp.values, inp.beta, inp.similarity, offset)
+
+
+# --- torch: the reference ------------------------------------------------------------
+
+def _torch_partial(q, x, v, beta, similarity, offset):
+    return reference.partial(q, x, beta, similarity, v, offset)
+
+
+# --- cpu: the fused C++ kernel in csrc/, registered as hen_kernels::partial ----------
+
+def _extension_path() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        hits = glob.glob(os.path.join(here, "_C" + suffix))
+        if hits:
+            return hits[0]
+    return None
+
+
+_EXTENSION_ERROR: Optional[str] = None
+_EXTENSION_TRIED = False
+
+
+def load_extension() -> Optional[str]:
+    """Load hen_kernels/_C once; None on success, else the reason it is missing."""
+    global _EXTENSION_ERROR, _EXTENSION_TRIED
+    if _EXTENSION_TRIED:
+        return _EXTENSION_ERROR
+    _EXTENSION_TRIED = True
+    path = _extension_path()
+    if path is None:
+        _EXTENSION_ERROR = "the compiled extension hen_kernels/_C is not built (run `make install` or `pip install .`)"
+        return _EXTENSION_ERROR
+    try:
+        torch.ops.load_library(path)
+    except (OSError, RuntimeError) as e:
+        _EXTENSION_ERROR = f"the compiled extension {path} failed to load: {e}"
+        return _EXTENSION_ERROR
+    _register_fake()
+    return None
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("hen_kernels::partial")
+    def _(query, memory, values, beta, similarity, offset):
+        lead, b = query.shape[0], query.shape[1]
+        f32 = dict(dtype=torch.float32, device=query.device)
+        return (
+            query.new_empty((lead, b, values.shape[-1]), **f32),
+            query.new_empty((lead, b), **f32),
+            query.new_empty((lead, b), **f32),
+            query.new_empty((lead, b), dtype=torch.int64, device=query.device),
+        )
+
+
+def _cpu_available() -> Optional[str]:
+    return load_extension()
+
+
+def _extension_partial(q, x, v, beta, similarity, offset):
+    out, lse, top_score, top_index = torch.ops.hen_kernels.partial(
+        q, x, v, beta, SIMILARITY_CODES[similarity], offset
+    )
+    return Partial(out, lse, top_score, top_index)
+
+
+BACKENDS: Dict[str, Backend] = {
+    "torch": Backend("torch", ("cpu", "cuda"), _torch_partial, differentiable=True),
+    "cpu": Backend("cpu", ("cpu",), _extension_partial, load=_cpu_available),
+}
+
+# Automatic choice, fastest first, per device type.
+PREFERENCE: Dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("torch",),
+}
+
+
+def available_backends() -> List[str]:
+    return [name for name, b in BACKENDS.items() if b.available()]
+
+
+def _needs_grad(inp: Inputs) -> bool:
+    return torch.is_grad_enabled() and any(
+        t.requires_grad for t in (inp.query, inp.memory, inp.values, inp.beta)
+    )
+
+
+def resolve(backend: Optional[str], inp: Inputs) -> Backend:
+    """The backend for these inputs: the one asked for, else $HEN_KERNELS_BACKEND, else the fastest."""
+    device_type = inp.query.device.type
+    grad = _needs_grad(inp)
+    asked = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
+    source = "backend" if backend is not None else ENV_BACKEND
+    if asked is None:
+        for name in PREFERENCE.get(device_type, ("torch",)):
+            b = BACKENDS[name]
+            if b.available() and device_type in b.device_types and (b.differentiable or not grad):
+                return b
+        raise ValueError(f"query: no backend serves device type {device_type!r}")
+    if not isinstance(asked, str):
+        raise TypeError(f"backend: expected a str or None, got {type(asked).__name__}")
+    if asked not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {sorted(BACKENDS)}, got {asked!r}")
+    b = BACKENDS[asked]
+    if not b.available():
+        raise ValueError(f"{source}: {asked!r} is not available: {b.unavailable_reason}")
+    if device_type not in b.device_types:
+        raise ValueError(f"{source}: {asked!r} runs on {b.device_types} tensors, got tensors on {device_type}")
+    if grad and not b.differentiable:
+        raise ValueError(
+            f"{source}: {asked!r} has no backward yet and an input requires grad; "
+            "use backend='torch' or leave backend=None"
+        )
+    return b

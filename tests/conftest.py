@@ -1,0 +1,50 @@
+"""Shared tolerances and helpers: DESIGN.md §5 error measure against a float64 reference."""
+import pytest
+import torch
+
+from hen_kernels import backends, reference
+
+# ‖out - ref‖ / ‖ref‖ against float64 (DESIGN.md §5).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = list(TOLERANCE)
+SIMILARITIES = list(reference.SIMILARITIES)
+
+
+def kernel_backends():
+    """Every backend except the reference itself, available or not (unavailable ones skip with the reason)."""
+    return [name for name in backends.BACKENDS if name != "torch"]
+
+
+def require(name: str) -> None:
+    reason = backends.BACKENDS[name].unavailable_reason
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable: {reason}")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    denom = ref.norm().item()
+    diff = (got.double() - ref).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def make(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def ref64(query, memory, beta, similarity, values=None, offset=0):
+    """The reference on float64 copies of the (already rounded) inputs."""
+    b = beta.double() if isinstance(beta, torch.Tensor) else beta
+    return reference.partial(
+        query.double(), memory.double(), b, similarity, None if values is None else values.double(), offset
+    )
+
+
+# Logit spreads of O(c) for standard-normal data: sim·beta must stay well
+# conditioned for a float32 error of 1e-5 to be a fair demand of any code.
+BETA_LEVELS = [1e-3, 1.0, 4.0]
+
+
+def beta_for(similarity: str, d: int, level: float) -> float:
+    return level if similarity == "l2" else level / d**0.5

@@ -1,0 +1,106 @@
+"""The reference against float64 and against the formulas of DESIGN.md §1-§2 written out by hand."""
+import math
+
+import pytest
+import torch
+
+from hen_kernels import reference
+
+from .conftest import BETA_LEVELS, SIMILARITIES, beta_for, make, rel_err
+
+
+def direct_update(query, memory, beta, similarity, values):
+    """The update for one query, a loop over stored patterns in float64: no expansion of ‖x - s‖²."""
+    out = []
+    for s in query:
+        sims = []
+        for x in memory:
+            if similarity == "dot":
+                sims.append(float(x @ s))
+            elif similarity == "l2":
+                sims.append(-float((x - s).norm()))
+            else:
+                sims.append(-0.5 * float(((x - s) ** 2).sum()))
+        t = torch.tensor(sims, dtype=torch.float64) * beta
+        w = torch.softmax(t, 0)
+        out.append(w @ values)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 17, 5), (4, 33, 64)])
+def test_reference_matches_direct_formula(similarity, shape):
+    b, n, d = shape
+    q, x, v = make((b, d), torch.float64, 1), make((n, d), torch.float64, 2), make((n, 7), torch.float64, 3)
+    got = reference.update(q, x, 0.4, similarity, v)
+    want = direct_update(q, x, 0.4, similarity, v)
+    assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("level", BETA_LEVELS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 17, 3), (17, 129, 64), (2, 64, 1024)])
+def test_reference_float32_close_to_float64(similarity, level, shape):
+    b, n, d = shape
+    beta = beta_for(similarity, d, level)
+    q, x = make((b, d), torch.float32, 4), make((n, d), torch.float32, 5)
+    p32 = reference.partial(q, x, beta, similarity)
+    p64 = reference.partial(q.double(), x.double(), beta, similarity)
+    assert p32.out.dtype == torch.float32 and p64.out.dtype == torch.float64
+    assert rel_err(p32.out, p64.out) <= 1e-5
+    assert rel_err(p32.lse, p64.lse) <= 1e-5
+    assert torch.equal(p32.top_index, p64.top_index)
+
+
+def test_partial_fields_and_offset():
+    q, x = make((3, 4), torch.float64, 6), make((10, 4), torch.float64, 7)
+    p = reference.partial(q, x, 0.7, "dot", offset=100)
+    t = 0.7 * q @ x.T
+    torch.testing.assert_close(p.lse, torch.logsumexp(t, -1))
+    torch.testing.assert_close(p.top_score, t.max(-1).values)
+    assert torch.equal(p.top_index, t.argmax(-1) + 100)
+    torch.testing.assert_close(p.top_weight, torch.softmax(t, -1).max(-1).values)
+
+
+def test_empty_chunk_is_the_identity_of_merge():
+    q, x = make((3, 4), torch.float64, 8), make((10, 4), torch.float64, 9)
+    p = reference.partial(q, x, 0.7, "l2")
+    empty = reference.partial(q, x[:0], 0.7, "l2", offset=10)
+    assert torch.all(torch.isneginf(empty.lse)) and torch.all(empty.top_index == -1)
+    for merged in (reference.merge_partials([p, empty]), reference.merge_partials([empty, p])):
+        torch.testing.assert_close(merged.out, p.out)
+        torch.testing.assert_close(merged.lse, p.lse)
+        assert torch.equal(merged.top_index, p.top_index)
+    both_empty = reference.merge_partials([empty, empty])
+    assert torch.all(both_empty.out == 0) and torch.all(torch.isneginf(both_empty.lse))
+
+
+def test_merge_ties_go_to_the_smaller_row():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    a = reference.partial(q, x[1:], 1.0, "dot", offset=1)
+    b = reference.partial(q, x[:1], 1.0, "dot", offset=0)
+    assert reference.merge_partials([a, b]).top_index.item() == 0
+    assert reference.partial(q, x, 1.0, "dot").top_index.item() == 0
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_energy_formula(similarity):
+    q, x = make((5, 6), torch.float64, 10), make((9, 6), torch.float64, 11)
+    beta = 0.8
+    lse = torch.logsumexp(beta * reference.similarity(q, x, similarity), -1)
+    e = reference.energy(q, x, beta, similarity)
+    want = -lse / beta
+    if similarity == "dot":
+        want = want + 0.5 * (q * q).sum(-1) + math.log(9) / beta + 0.5 * (x * x).sum(-1).max()
+    torch.testing.assert_close(e, want)
+
+
+def test_per_leading_beta_and_bank():
+    q, x = make((2, 3, 4, 5), torch.float64, 12), make((2, 3, 7, 5), torch.float64, 13)
+    beta = torch.tensor([[0.1, 0.5, 2.0], [1.0, 3.0, 0.2]], dtype=torch.float64)
+    got = reference.update(q, x, beta, "l2sq")
+    for i in range(2):
+        for j in range(3):
+            want = reference.update(q[i, j], x[i, j], float(beta[i, j]), "l2sq")
+            torch.testing.assert_close(got[i, j], want)
