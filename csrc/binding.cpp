@@ -94,7 +94,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_cpu(
   return {out, lse, top_score, top_index};
 }
 
-std::string cpu_isa() { return hen::isa_name(); }
+// What this build runs with, for tests and logs: the tile kernel's instruction
+// set, and whether at::parallel_for was compiled with OpenMP (without it the
+// header template runs every tile on the calling thread).
+std::string cpu_info() {
+  std::string info = std::string("isa=") + hen::isa_name();
+#ifdef _OPENMP
+  info += " openmp=" + std::to_string(_OPENMP);
+#else
+  info += " openmp=none";
+#endif
+  return info;
+}
 
 }  // namespace
 
@@ -102,7 +113,7 @@ TORCH_LIBRARY(hen_kernels, m) {
   m.def(
       "partial(Tensor query, Tensor memory, Tensor values, Tensor beta, int similarity, int offset) "
       "-> (Tensor out, Tensor lse, Tensor top_score, Tensor top_index)");
-  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_info() -> str", &cpu_info);
 }
 
 TORCH_LIBRARY_IMPL(hen_kernels, CPU, m) { m.impl("partial", &partial_cpu); }

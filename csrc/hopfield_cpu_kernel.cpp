@@ -306,6 +306,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     float n2 = 0.f;
     for (int64_t k = 0; k < D; ++k) n2 += qi[k] * qi[k];
     sc.qnorm[size_t(i)] = n2;
+    // For dot, scale the query once so the score product yields beta * sim directly.
+    if (p.similarity == Similarity::Dot)
+      for (int64_t k = 0; k < D; ++k) qi[k] *= beta;
   }
 
   for (int64_t r0 = n_begin; r0 < n_end; r0 += RB) {
@@ -364,25 +367,25 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       float* t = S + i * RBp;
       const float qn = sc.qnorm[size_t(i)];
       const float* xn = sc.xnorm.data();
-      if (p.similarity == Similarity::Dot) {
-        for (int64_t j = 0; j < R; ++j) t[j] = beta * t[j];
-      } else if (p.similarity == Similarity::L2Sq) {
+      if (p.similarity == Similarity::L2Sq) {
         for (int64_t j = 0; j < R; ++j) t[j] = -0.5f * beta * std::max(qn + xn[j] - 2.f * t[j], 0.f);
-      } else {
+      } else if (p.similarity == Similarity::L2) {
         for (int64_t j = 0; j < R; ++j) t[j] = -beta * std::sqrt(std::max(qn + xn[j] - 2.f * t[j], 0.f));
       }
+      for (int64_t j = R; j < RBp; ++j) t[j] = kNegInf;
+      vf mv = splat(kNegInf);
+      vi nan = vi{};
+      for (int64_t j = 0; j < RBp; j += W) {
+        vf tv = load(t + j);
+        mv = tv > mv ? tv : mv;
+        nan |= tv != tv;
+      }
       bool any_nan = false;
-      for (int64_t j = 0; j < R; ++j) any_nan |= std::isnan(t[j]);
+      for (int k = 0; k < W; ++k) any_nan |= nan[k] != 0;
       if (any_nan) {  // a NaN query poisons its own answer and nothing else
         for (int64_t j = 0; j < RBp; ++j) t[j] = NAN;
         sc.sum[size_t(i)] = NAN;
         continue;
-      }
-      for (int64_t j = R; j < RBp; ++j) t[j] = kNegInf;
-      vf mv = splat(kNegInf);
-      for (int64_t j = 0; j < RBp; j += W) {
-        vf tv = load(t + j);
-        mv = tv > mv ? tv : mv;
       }
       const float block_max = hmax(mv);
       if (block_max > sc.top_score[size_t(i)]) {

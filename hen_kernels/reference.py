@@ -39,7 +39,10 @@ def similarity(query: torch.Tensor, memory: torch.Tensor, kind: str) -> torch.Te
     if kind == "dot":
         return dot
     # ‖x - s‖² = ‖s‖² + ‖x‖² - 2 x·s, clamped: rounding may push it below zero.
-    sq = (query * query).sum(-1, keepdim=True) + (memory * memory).sum(-1).unsqueeze(-2) - 2 * dot
+    # vector_norm reduces without an N x D temporary, as `(x * x).sum(-1)` would make.
+    q_sq = torch.linalg.vector_norm(query, dim=-1, keepdim=True).square()
+    x_sq = torch.linalg.vector_norm(memory, dim=-1).square().unsqueeze(-2)
+    sq = q_sq + x_sq - 2 * dot
     sq = sq.clamp_min(0)
     if kind == "l2":
         return -sq.sqrt()

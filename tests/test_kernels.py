@@ -20,7 +20,10 @@ def test_cpu_extension_is_built():
         pytest.skip("HEN_KERNELS_SKIP_EXT=1: built without the extension")
     assert backends.BACKENDS["cpu"].unavailable_reason is None
     assert "cpu" in hk.available_backends()
-    assert torch.ops.hen_kernels.cpu_isa() in ("avx2", "baseline")
+    info = dict(item.split("=") for item in torch.ops.hen_kernels.cpu_info().split())
+    assert info["isa"] in ("avx2", "baseline")
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert info["openmp"] != "none", "the kernel's at::parallel_for would run on one thread"
 
 
 def test_cpu_is_the_automatic_choice_for_cpu_tensors(monkeypatch):
