@@ -117,16 +117,61 @@ def _extension_partial(q, x, v, beta, similarity, offset):
     return Partial(out, lse, top_score, top_index)
 
 
+# --- cuda: CUDA C++ kernels in csrc/, the CUDA implementation of the same op ------------
+
+def _cuda_available() -> Optional[str]:
+    reason = load_extension()
+    if reason is not None:
+        return reason
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("hen_kernels::partial", "CUDA"):
+        return "the extension was built without CUDA (no nvcc, or a CPU-only torch at build time)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
+# --- triton: hen_kernels/triton/ -----------------------------------------------------
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_available() -> Optional[str]:
+    try:
+        from . import triton as triton_backend
+    except ImportError as e:
+        return f"triton is not importable: {e}"
+    return triton_backend.unavailable_reason()
+
+
+def _triton_partial(q, x, v, beta, similarity, offset):
+    from . import triton as triton_backend
+
+    return triton_backend.partial(q, x, v, beta, similarity, offset)
+
+
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), _torch_partial, differentiable=True),
     "cpu": Backend("cpu", ("cpu",), _extension_partial, load=_cpu_available),
+    "cuda": Backend("cuda", ("cuda",), _extension_partial, load=_cuda_available),
+    # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
+    "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",), _triton_partial,
+                      load=_triton_available),
 }
 
-# Automatic choice, fastest first, per device type.
-PREFERENCE: Dict[str, tuple[str, ...]] = {
-    "cpu": ("cpu", "torch"),
-    "cuda": ("torch",),
-}
+
+def preference(device_type: str, inp: Inputs) -> tuple[str, ...]:
+    """Backends to try for the automatic choice, fastest first, from the device and the shape.
+
+    CUDA: the C++ split-bank kernel for the recall regime (few queries), Triton
+    elsewhere.  Provisional until measured on a GPU (benchmarks/results/).
+    """
+    if device_type == "cpu":
+        return ("cpu", "torch")
+    if device_type == "cuda":
+        recall = inp.query.shape[1] <= 64
+        return ("cuda", "triton", "torch") if recall else ("triton", "cuda", "torch")
+    return ("torch",)
 
 
 def available_backends() -> List[str]:
@@ -146,7 +191,7 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
     asked = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
     source = "backend" if backend is not None else ENV_BACKEND
     if asked is None:
-        for name in PREFERENCE.get(device_type, ("torch",)):
+        for name in preference(device_type, inp):
             b = BACKENDS[name]
             if b.available() and device_type in b.device_types and (b.differentiable or not grad):
                 return b
