@@ -7,9 +7,11 @@ from .ops import (
     hopfield_update,
     merge_partials,
 )
+from .bank import MemoryBank
 from .types import Partial, Retrieval
 
 __all__ = [
+    "MemoryBank",
     "Partial",
     "Retrieval",
     "available_backends",

@@ -1,0 +1,479 @@
+"""MemoryBank (issue 5): streamed results equal one call over the whole bank; lossless, atomic files."""
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hen_kernels as hk
+from hen_kernels import bank as bank_mod
+from hen_kernels import ops, reference
+from hen_kernels.bank import BankFileError, MemoryBank
+
+from .conftest import DTYPES, SIMILARITIES, TOLERANCE, beta_for, make, ref64, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+STORAGES = ["device", "host", "disk"]
+
+
+def new_bank(tmp_path, storage, dim, **kw):
+    if storage == "disk":
+        kw["path"] = tmp_path / f"bank-{len(list(tmp_path.iterdir()))}.hkb"
+    return MemoryBank(dim, storage=storage, **kw)
+
+
+def bits(t):
+    """The raw bits of a tensor, for bit-for-bit comparison (NaN and -0 included)."""
+    return t.contiguous().view(torch.uint8)
+
+
+# --- one update over a streamed bank equals one call over the whole bank ---------------
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("chunk_rows", [None, 1, 13, 64])
+def test_update_equals_one_call_over_the_whole_bank(tmp_path, storage, dtype, similarity, chunk_rows):
+    n, d, dv, b = 150, 17, 5, 3  # chunk_rows 13 and 64 do not divide N = 150
+    x, v, q = make((n, d), dtype, 1), make((n, dv), dtype, 2), make((b, d), dtype, 3)
+    beta = beta_for(similarity, d, 4.0)
+    bank = new_bank(tmp_path, storage, d, value_dim=dv, dtype=dtype, chunk_rows=chunk_rows)
+    bank.add(x[:70], v[:70])  # two adds: the bank grows
+    bank.add(x[70:], v[70:])
+    got = bank.update(q, beta, similarity=similarity)
+    ref = ref64(q, x, beta, similarity, v)
+    assert got.dtype == dtype and got.shape == (b, dv)
+    assert rel_err(got, ref.out) <= TOLERANCE[dtype]
+    p = bank.partial(q, beta, similarity=similarity)
+    whole = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v)
+    assert rel_err(p.lse, ref.lse) <= TOLERANCE[dtype]
+    assert torch.equal(p.top_index, whole.top_index)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_values_are_the_patterns_by_default(tmp_path, storage, similarity):
+    n, d = 200, 33
+    x, q = make((n, d), torch.float32, 4), make((2, 5, d), torch.float32, 5)  # leading dims
+    beta = torch.tensor([beta_for(similarity, d, 1.0), beta_for(similarity, d, 4.0)])  # one beta per lead
+    bank = new_bank(tmp_path, storage, d, chunk_rows=37)
+    bank.add(x)
+    assert bank.value_dim == d and not bank.has_values
+    got = bank.update(q, beta, similarity=similarity)
+    ref = ref64(q, x, beta, similarity)
+    assert got.shape == q.shape
+    assert rel_err(got, ref.out) <= TOLERANCE[torch.float32]
+
+
+def test_results_do_not_depend_on_chunk_rows(tmp_path):
+    n, d = 301, 24
+    x, q = make((n, d), torch.float32, 6), make((4, d), torch.float32, 7)
+    outs = []
+    for rows in (1, 2, 7, 100, 300, 301, 1000, None):
+        bank = MemoryBank(d, storage="host", chunk_rows=rows)
+        bank.add(x)
+        outs.append((bank.update(q, 0.3), bank.partial(q, 0.3).top_index))
+    ref = ref64(q, x, 0.3, "dot")
+    for out, idx in outs:  # even 301 one-row chunks merged one by one stay within DESIGN.md §5
+        assert rel_err(out, ref.out) <= TOLERANCE[torch.float32]
+        assert torch.equal(idx, ref.top_index)
+
+
+def test_streams_in_chunks_and_merges_incrementally(tmp_path, monkeypatch):
+    """Each kernel call sees at most chunk_rows rows at its global offset; merges take two Partials."""
+    n, d, rows = 100, 8, 30
+    bank = new_bank(tmp_path, "disk", d, chunk_rows=rows)
+    bank.add(make((n, d), torch.float32, 8))
+    calls, merges = [], []
+    real_partial, real_merge = ops.hopfield_partial, ops.merge_partials
+
+    def spy_partial(query, memory, beta, **kw):
+        calls.append((memory.shape[0], kw["offset"]))
+        return real_partial(query, memory, beta, **kw)
+
+    def spy_merge(partials):
+        merges.append(len(partials))
+        return real_merge(partials)
+
+    monkeypatch.setattr(ops, "hopfield_partial", spy_partial)
+    monkeypatch.setattr(ops, "merge_partials", spy_merge)
+    bank.update(make((2, d), torch.float32, 9), 1.0)
+    assert calls == [(30, 0), (30, 30), (30, 60), (10, 90)]
+    assert merges == [2, 2, 2]
+
+
+def test_default_chunk_rows_comes_from_a_memory_budget(tmp_path):
+    bank = MemoryBank(512, value_dim=128, storage="host")
+    assert bank.chunk_rows == bank_mod.CHUNK_BYTES["cpu"] // ((512 + 128) * 4)
+    disk = new_bank(tmp_path, "disk", 512, dtype=torch.bfloat16)
+    assert disk.chunk_rows == bank_mod.CHUNK_BYTES["cpu"] // (512 * 2)
+    dev = MemoryBank(4)
+    dev.add(torch.zeros(10, 4))
+    assert dev.chunk_rows == 10  # a resident bank: one kernel call, the kernel streams it
+
+
+def test_top_index_counts_from_the_first_add_and_ids_are_returned(tmp_path):
+    d = 6
+    bank = new_bank(tmp_path, "disk", d, chunk_rows=4)
+    x = make((11, d), torch.float32, 10)
+    assert torch.equal(bank.add(x[:5]), torch.arange(5))
+    assert torch.equal(bank.add(x[5:]), torch.arange(5, 11))
+    assert bank.add(x[:0]).numel() == 0 and len(bank) == 11
+    r = bank.retrieve(x, 10.0, similarity="l2")  # each stored pattern is its own nearest row
+    assert torch.equal(r.top_index, torch.arange(11))
+
+
+# --- multi-step retrieval -----------------------------------------------------------
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_retrieve_equals_hopfield_retrieve(tmp_path, storage, similarity):
+    n, d, b = 120, 16, 6
+    x = make((n, d), torch.float32, 11)
+    q = x[:b] + 0.6 * make((b, d), torch.float32, 12)
+    beta = beta_for(similarity, d, 2.0)
+    bank = new_bank(tmp_path, storage, d, chunk_rows=50)
+    bank.add(x)
+    got = bank.retrieve(q, beta, similarity=similarity, max_steps=30, tol=1e-3)
+    ref = hk.hopfield_retrieve(q, x, beta, similarity=similarity, max_steps=30, tol=1e-3)
+    assert torch.equal(got.steps, ref.steps) and torch.equal(got.converged, ref.converged)
+    assert torch.equal(got.top_index, ref.top_index)
+    assert rel_err(got.state, ref.state) <= 1e-5
+    assert torch.allclose(got.top_weight, ref.top_weight, rtol=1e-4, atol=1e-6)
+    # l2 at a fixed point is -sqrt(a cancelled difference): ill-conditioned, whatever the chunking
+    assert torch.allclose(got.lse, ref.lse, rtol=1e-5, atol=1e-3 if similarity == "l2" else 1e-5)
+
+
+def test_retrieve_stops_each_query_at_its_tolerance_and_keeps_its_state():
+    d = 8
+    x = torch.eye(d) * 4
+    bank = MemoryBank(d, chunk_rows=3, beta=2.0)
+    bank.add(x)
+    q = torch.stack([x[0], x[1] * 0.5 + x[2] * 0.45, torch.full((d,), 0.1)])
+    r = bank.retrieve(q, max_steps=50, tol=1e-5)
+    assert r.steps[0] == 1 and bool(r.converged.all())  # a stored pattern is a fixed point at once
+    assert r.steps[1] > 1 and r.steps[2] > 1
+    assert r.top_index[0] == 0
+    one_more = bank.update(r.state)
+    assert (one_more - r.state).abs().amax(-1).max() <= 1e-5
+    capped = bank.retrieve(q, max_steps=2, tol=1e-12)
+    assert capped.steps.max() == 2
+    assert not bool(capped.converged[1])
+
+
+def test_retrieve_reuses_the_reference_loop(monkeypatch):
+    """One loop (reference.retrieve), fed a step that streams the whole bank."""
+    seen = []
+    real = reference.retrieve
+
+    def spy(*args, **kw):
+        seen.append(kw["partial_fn"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(reference, "retrieve", spy)
+    bank = MemoryBank(4, chunk_rows=2)
+    bank.add(make((5, 4), torch.float32, 13))
+    bank.retrieve(make((1, 4), torch.float32, 14), 1.0, max_steps=3)
+    assert len(seen) == 1
+
+
+def test_nan_query_leaves_the_others_intact():
+    d = 8
+    x = make((40, d), torch.float32, 15)
+    q = make((3, d), torch.float32, 16)
+    q[1, 2] = float("nan")
+    bank = MemoryBank(d, storage="host", chunk_rows=7)
+    bank.add(x)
+    got = bank.update(q, 0.5)
+    ref = hk.hopfield_update(q, x, 0.5)
+    assert rel_err(got[[0, 2]], ref[[0, 2]]) <= 1e-5
+
+
+def test_progress_bar_shows_when_asked(capfd):
+    bank = MemoryBank(4, chunk_rows=2)
+    bank.add(make((9, 4), torch.float32, 17))
+    bank.retrieve(make((1, 4), torch.float32, 18), 1.0, max_steps=3, progress=True)
+    assert "bank retrieve" in capfd.readouterr().err
+    bank.retrieve(make((1, 4), torch.float32, 18), 1.0, max_steps=3, progress=False)
+    assert "bank retrieve" not in capfd.readouterr().err
+
+
+# --- argument checks ----------------------------------------------------------------
+
+def test_constructor_checks_name_the_argument(tmp_path):
+    cases = [
+        (dict(dim=0), ValueError, "dim"),
+        (dict(dim=2.0), TypeError, "dim"),
+        (dict(dim=4, value_dim=0), ValueError, "value_dim"),
+        (dict(dim=4, dtype=torch.float64), TypeError, "dtype"),
+        (dict(dim=4, storage="ram"), ValueError, "storage"),
+        (dict(dim=4, storage="disk"), ValueError, "path"),
+        (dict(dim=4, path=str(tmp_path / "x")), ValueError, "path"),
+        (dict(dim=4, chunk_rows=0), ValueError, "chunk_rows"),
+        (dict(dim=4, similarity="cos"), ValueError, "similarity"),
+        (dict(dim=4, beta=-1.0), ValueError, "beta"),
+        (dict(dim=4, device="tpu"), ValueError, "device"),
+        (dict(dim=4, metadata={"dim": "3"}), ValueError, "metadata"),
+    ]
+    if not CUDA:
+        cases.append((dict(dim=4, device="cuda"), ValueError, "device"))
+    for kw, err, name in cases:
+        with pytest.raises(err, match=name):
+            MemoryBank(**kw)
+    (tmp_path / "exists.hkb").write_bytes(b"")
+    with pytest.raises(ValueError, match="already exists"):
+        MemoryBank(4, storage="disk", path=tmp_path / "exists.hkb")
+
+
+def test_add_and_query_checks_name_the_argument():
+    bank = MemoryBank(4, value_dim=2, dtype=torch.float16)
+    x16, v16 = torch.zeros(3, 4, dtype=torch.float16), torch.zeros(3, 2, dtype=torch.float16)
+    with pytest.raises(TypeError, match="patterns: expected dtype torch.float16"):
+        bank.add(torch.zeros(3, 4), v16)
+    with pytest.raises(ValueError, match=r"patterns: expected shape \(M, 4\)"):
+        bank.add(torch.zeros(3, 5, dtype=torch.float16), v16)
+    with pytest.raises(ValueError, match="values: this bank stores values"):
+        bank.add(x16)
+    with pytest.raises(ValueError, match="values: expected 3 rows"):
+        bank.add(x16, v16[:2])
+    bad = x16.clone()
+    bad[1, 0] = float("inf")
+    with pytest.raises(ValueError, match="patterns: expected finite entries, row 1"):
+        bank.add(bad, v16)
+    with pytest.raises(TypeError, match="patterns: expected a torch.Tensor"):
+        bank.add([[0.0] * 4], v16)
+    assert len(bank) == 0  # nothing half-added
+    with pytest.raises(ValueError, match="bank: the bank is empty"):
+        bank.update(torch.zeros(1, 4, dtype=torch.float16), 1.0)
+    empty = bank.partial(torch.zeros(1, 4, dtype=torch.float16), 1.0)
+    assert torch.isneginf(empty.lse).all() and (empty.top_index == -1).all()
+    bank.add(x16, v16)
+    q = torch.zeros(2, 4, dtype=torch.float16)
+    with pytest.raises(TypeError, match="query: expected dtype torch.float16"):
+        bank.update(q.float(), 1.0)
+    with pytest.raises(ValueError, match=r"query: expected shape \(..., B, 4\)"):
+        bank.update(torch.zeros(2, 3, dtype=torch.float16), 1.0)
+    with pytest.raises(ValueError, match="beta: .*no default beta"):
+        bank.update(q)
+    with pytest.raises(ValueError, match="beta"):
+        bank.update(q, 0.0)
+    with pytest.raises(ValueError, match="similarity"):
+        bank.update(q, 1.0, similarity="cos")
+    with pytest.raises(ValueError, match="values: multi-step retrieval"):
+        bank.retrieve(q, 1.0, max_steps=2)
+    with pytest.raises(ValueError, match="max_steps"):
+        bank.retrieve(q, 1.0, max_steps=0)
+    with pytest.raises(ValueError, match="tol"):
+        bank.retrieve(q, 1.0, tol=-1.0)
+    with pytest.raises(TypeError, match="progress"):
+        bank.update(q, 1.0, progress="yes")
+    no_values = MemoryBank(4)
+    with pytest.raises(ValueError, match="values: this bank stores no values"):
+        no_values.add(torch.zeros(1, 4), torch.zeros(1, 4))
+
+
+# --- files ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_values", [False, True])
+def test_append_save_load_is_bit_for_bit(tmp_path, storage, dtype, with_values):
+    d, dv = 7, 3
+    x, v = make((50, d), dtype, 20, scale=3.0), make((50, dv), dtype, 21)
+    x[3, 1] = -0.0
+    kw = dict(value_dim=dv) if with_values else {}
+    bank = new_bank(tmp_path, storage, d, dtype=dtype, similarity="l2", beta=0.25, metadata={"model": "m1"}, **kw)
+    bank.add(x[:20], v[:20] if with_values else None)
+    path = tmp_path / "saved.hkb"
+    bank.save(path)
+    bank.add(x[20:], v[20:] if with_values else None)  # append, save again over the old file
+    bank.save(path)
+    for load_storage in STORAGES:
+        back = MemoryBank.load(path, storage=load_storage, chunk_rows=9)
+        assert len(back) == 50 and back.dtype == dtype and back.dim == d
+        assert back.similarity == "l2" and back.beta == 0.25 and back.metadata == {"model": "m1"}
+        p, vals = back.read()
+        assert torch.equal(bits(p), bits(x))
+        if with_values:
+            assert torch.equal(bits(vals), bits(v))
+        else:
+            assert vals is None
+        q = x[:2].clone()
+        assert torch.equal(back.update(q), bank.update(q)) or rel_err(back.update(q), bank.update(q)) < 1e-6
+        back.close()
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_file_is_safetensors_with_a_metadata_record(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    bank = MemoryBank(4, value_dim=2, dtype=torch.bfloat16, similarity="l2sq", beta=3.0)
+    x, v = make((5, 4), torch.bfloat16, 22), make((5, 2), torch.bfloat16, 23)
+    bank.add(x, v)
+    bank.save(tmp_path / "b.safetensors")
+    rows = load_file(str(tmp_path / "b.safetensors"))["rows"]
+    assert torch.equal(rows, torch.cat([x, v], 1))
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["dim"] == "4" and meta["value_dim"] == "2" and meta["dtype"] == "bfloat16"
+    assert meta["count"] == "5" and meta["similarity"] == "l2sq" and meta["beta"] == "3.0"
+    assert meta["sha256"] == hashlib.sha256(rows.view(torch.uint8).numpy().tobytes()).hexdigest()
+    with open(tmp_path / "b.safetensors", "rb") as f:
+        assert struct.unpack("<Q", f.read(8))[0] + 8 == bank_mod.DATA_OFFSET
+
+
+def _saved(tmp_path, n=40, d=8):
+    bank = MemoryBank(d)
+    bank.add(make((n, d), torch.float32, 24))
+    path = tmp_path / "b.hkb"
+    bank.save(path)
+    return path, path.read_bytes()
+
+
+def test_load_refuses_truncated_and_corrupted_files(tmp_path):
+    path, good = _saved(tmp_path)
+    bad = tmp_path / "bad.hkb"
+
+    def refused(data, match):
+        bad.write_bytes(data)
+        for storage in STORAGES:
+            with pytest.raises(BankFileError, match=match):
+                MemoryBank.load(bad, storage=storage)
+
+    refused(good[:-5], "truncated: the header describes 40 rows")
+    refused(good[:100], "truncated or not a bank file")
+    refused(good[:3], "too short")
+    refused(b"", "too short")
+    refused(good + b"xx", "2 unexpected bytes")
+    flipped = bytearray(good)
+    flipped[bank_mod.DATA_OFFSET + 77] ^= 0x10
+    refused(bytes(flipped), "corrupted: the sha256")
+    header = bytearray(good)
+    header[20] = ord("}")
+    refused(bytes(header), "corrupted header|corrupted metadata|not a hen_kernels")
+    hdr_len = struct.unpack("<Q", good[:8])[0]
+    meta = json.loads(good[8: 8 + hdr_len])
+    meta["__metadata__"]["count"] = "41"
+    js = json.dumps(meta).encode()
+    refused(good[:8] + js + b" " * (hdr_len - len(js)) + good[8 + hdr_len:], "corrupted header|truncated")
+    from safetensors.torch import save_file
+    save_file({"rows": torch.zeros(2, 2)}, str(bad))
+    with pytest.raises(BankFileError, match="not a hen_kernels bank file"):
+        MemoryBank.load(bad)
+    with pytest.raises(FileNotFoundError, match="path: no bank file"):
+        MemoryBank.load(tmp_path / "missing.hkb")
+    # verify=False skips only the checksum: the corrupted data loads, and says so by differing.
+    bad.write_bytes(bytes(flipped))
+    loose = MemoryBank.load(bad, verify=False)
+    assert not torch.equal(loose.read()[0], MemoryBank.load(path).read()[0])
+
+
+KILLED_SAVE = textwrap.dedent("""
+    import sys, time, torch
+    import hen_kernels.bank as bank_mod
+    from hen_kernels import MemoryBank
+    real = bank_mod._write_all
+    def slow_write(f, buf):  # a slow disk: the parent kills us in the middle
+        real(f, buf); f.flush(); time.sleep(0.05)
+    bank_mod._write_all = slow_write
+    bank_mod.IO_BYTES = 1 << 16
+    bank = MemoryBank(64)
+    bank.add(torch.ones(8192, 64))
+    print("saving", flush=True)
+    bank.save(sys.argv[1])
+    print("finished", flush=True)
+""")
+
+
+def test_killed_save_leaves_the_previous_bank_intact(tmp_path):
+    path, good = _saved(tmp_path)
+    before = MemoryBank.load(path).read()[0]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp = Path(f"{path}.tmp-{proc.pid}")
+    deadline = time.monotonic() + 60
+    try:
+        while not (tmp.exists() and tmp.stat().st_size > bank_mod.DATA_OFFSET + (1 << 17)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the save never started writing"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and "finished" not in out, err
+    assert tmp.exists()  # the half-written file, left behind by the kill
+    with pytest.raises(BankFileError):
+        MemoryBank.load(tmp)
+    assert path.read_bytes() == good
+    assert torch.equal(MemoryBank.load(path).read()[0], before)
+    MemoryBank.load(path).save(path)  # the next save clears the dead process's leftover
+    assert not tmp.exists()
+
+
+# --- disk storage -------------------------------------------------------------------
+
+def test_disk_bank_lives_in_its_file(tmp_path, monkeypatch):
+    d, dv = 5, 2
+    x, v = make((30, d), torch.float32, 25), make((30, dv), torch.float32, 26)
+    path = tmp_path / "live.hkb"
+    with MemoryBank(d, value_dim=dv, storage="disk", path=path, chunk_rows=4) as bank:
+        bank.add(x[:10], v[:10])
+        assert bank.path == str(path.resolve()) or Path(bank.path) == path.resolve()
+    reopened = MemoryBank.load(path, storage="disk", chunk_rows=7)  # verified, then appended to
+    reopened.add(x[10:], v[10:])
+    reopened.save(path)  # its own file: flush
+    assert MemoryBank.load(path, verify=True).read()[1].equal(v)
+    unverified = MemoryBank.load(path, storage="disk", verify=False)
+    unverified.add(x[:1], v[:1])  # the checksum is rebuilt before the append
+    unverified.close()
+    assert len(MemoryBank.load(path)) == 31
+    monkeypatch.setattr(bank_mod.os, "access", lambda p, mode: False)  # a file we may not write (root may)
+    ro = MemoryBank.load(path, storage="disk")
+    assert len(ro) == 31 and ro.update(x[:1], 1.0).shape == (1, dv)
+    with pytest.raises(ValueError, match="read-only"):
+        ro.add(x[:1], v[:1])
+    ro.close()
+
+
+def test_disk_chunks_are_windows_not_the_whole_file(tmp_path, monkeypatch):
+    bank = new_bank(tmp_path, "disk", 16, chunk_rows=10)
+    bank.add(make((95, 16), torch.float32, 27))
+    sizes = []
+    real = bank_mod._DiskStore.window
+
+    def spy(self, a, b, advise=None):
+        sizes.append(b - a)
+        return real(self, a, b, advise)
+
+    monkeypatch.setattr(bank_mod._DiskStore, "window", spy)
+    bank.update(make((1, 16), torch.float32, 28), 1.0)
+    assert max(sizes) == 10 and sum(sizes) == 95
+
+
+# --- CUDA streaming (run where a GPU is present) --------------------------------------
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device: the host/disk streaming to a GPU is not exercised here")
+@pytest.mark.parametrize("storage", ["host", "disk"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_streaming_equals_the_resident_bank(tmp_path, storage, dtype):
+    n, d, dv = 1000, 64, 32
+    x, v = make((n, d), dtype, 29), make((n, dv), dtype, 30)
+    q = make((4, d), dtype, 31).cuda()
+    bank = new_bank(tmp_path, storage, d, value_dim=dv, dtype=dtype, device="cuda", chunk_rows=77)
+    bank.add(x, v)
+    got = bank.update(q, 0.2)
+    ref = ref64(q.cpu(), x, 0.2, "dot", v)
+    assert got.device.type == "cuda"
+    assert rel_err(got.cpu(), ref.out) <= max(TOLERANCE[dtype], 1e-3)
+    if storage == "host":
+        assert bank._store.p.is_pinned()
