@@ -1,0 +1,128 @@
+"""ShardedMemoryBank over gloo with 2 and 3 CPU processes: every rank gets one bank's answer."""
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hen_kernels as hk
+from hen_kernels.distributed import ShardedMemoryBank, shard_path
+
+from .conftest import SIMILARITIES, TOLERANCE, beta_for, make, ref64, rel_err
+
+
+def _same_on_every_rank(t: torch.Tensor) -> None:
+    t = t.contiguous()
+    every = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    for other in every:
+        assert torch.equal(other.view(torch.uint8) if other.is_floating_point() else other,
+                           t.view(torch.uint8) if t.is_floating_point() else t), "ranks disagree"
+
+
+def _checks(rank: int, world: int, tmp: str) -> None:
+    n, d, dv = 103, 12, 5
+    x, v, q = make((n, d), torch.float32, 1), make((n, dv), torch.float32, 2), make((4, d), torch.float32, 3)
+    f32 = TOLERANCE[torch.float32]
+
+    for storage in ("device", "host", "disk"):
+        path = os.path.join(tmp, f"{storage}-{{rank}}.hkb") if storage == "disk" else None
+        bank = ShardedMemoryBank(d, value_dim=dv, storage=storage, path=path, chunk_rows=7)
+        ids = bank.add(x[:50], v[:50])  # replicated rows, a slice each
+        assert torch.equal(ids, torch.arange(50))
+        lo = 50 + rank * (n - 50) // world
+        hi = 50 + (rank + 1) * (n - 50) // world
+        mine = bank.add_local(x[lo:hi], v[lo:hi])  # each rank's own rows, rank by rank
+        assert torch.equal(mine, torch.arange(lo, hi)) and len(bank) == n
+        for similarity in SIMILARITIES:
+            beta = beta_for(similarity, d, 4.0)
+            out = bank.update(q, beta, similarity=similarity)
+            assert rel_err(out, ref64(q, x, beta, similarity, v).out) <= f32
+            p = bank.partial(q, beta, similarity=similarity)
+            whole = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v)
+            assert torch.equal(p.top_index, whole.top_index)
+            _same_on_every_rank(out)
+            _same_on_every_rank(p.top_index)
+        # save and load: each rank its shard, the same answers bit for bit
+        bank.save(os.path.join(tmp, f"saved-{storage}-{{rank}}.hkb"))
+        back = ShardedMemoryBank.load(os.path.join(tmp, f"saved-{storage}-{{rank}}.hkb"), storage=storage,
+                                      chunk_rows=7)
+        assert len(back) == n
+        assert torch.equal(back.update(q, 0.3), bank.update(q, 0.3))
+        assert torch.equal(back.partial(q, 0.3).top_index, bank.partial(q, 0.3).top_index)
+        bank.close()
+
+    # multi-step retrieval: every step sees every shard; per-query steps match one bank's
+    bank = ShardedMemoryBank(d, storage="host", chunk_rows=5, beta=beta_for("dot", d, 2.0))
+    bank.add(x)
+    q2 = x[:6] + 0.6 * make((6, d), torch.float32, 4)
+    r = bank.retrieve(q2, max_steps=30, tol=1e-3)
+    ref = hk.hopfield_retrieve(q2, x, beta_for("dot", d, 2.0), max_steps=30, tol=1e-3)
+    assert torch.equal(r.steps, ref.steps) and torch.equal(r.converged, ref.converged)
+    assert torch.equal(r.top_index, ref.top_index)
+    assert rel_err(r.state, ref.state) <= f32
+    for field in r:
+        _same_on_every_rank(field)
+
+    # fewer rows than ranks: some shards are empty, the merge identity
+    tiny = ShardedMemoryBank(d)
+    tiny.add(x[:2])
+    assert rel_err(tiny.update(q, 0.5), ref64(q, x[:2], 0.5, "dot").out) <= f32
+    assert torch.equal(tiny.partial(q, 0.5).top_index, hk.hopfield_partial(q, x[:2], 0.5).top_index)
+
+    # wrap banks each rank already has (say, loaded from its own file): ids run rank by rank
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    local = hk.MemoryBank(d)
+    local.add(x[lo:hi])
+    wrapped = ShardedMemoryBank.from_local(local)
+    assert len(wrapped) == n
+    assert rel_err(wrapped.update(q, 0.5), ref64(q, x, 0.5, "dot").out) <= f32
+    assert torch.equal(wrapped.partial(q, 0.5).top_index, hk.hopfield_partial(q, x, 0.5).top_index)
+
+    # a collective add with different rows per rank is refused on every rank
+    with pytest.raises(ValueError, match="every rank must pass the same rows"):
+        tiny.add(x[: rank + 1])
+    with pytest.raises(ValueError, match="bank: the bank is empty on every rank"):
+        ShardedMemoryBank(d).update(q, 1.0)
+
+
+def _worker(rank: int, world: int, init_file: str, tmp: str, errors) -> None:
+    # A bounded timeout: a rank that fails must not leave the others waiting for half an hour.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        _checks(rank, world, tmp)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_bank_equals_one_bank(tmp_path, world):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), errors), nprocs=world, join=True)
+    except Exception as e:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        pytest.fail("\n".join(msgs) or str(e))
+
+
+def test_needs_an_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedMemoryBank(4)
+
+
+def test_shard_path():
+    assert shard_path("/data/bank-{rank}.hkb", 2) == "/data/bank-2.hkb"
+    assert shard_path("/data/bank.hkb", 0) == "/data/bank.hkb.rank0"
