@@ -17,6 +17,14 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.8.0
 PYTEST_ARGS ?=
+# Without a GPU the Triton kernels run in triton's interpreter on CPU tensors;
+# it must be set before triton is first imported, so the commands export it.
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+TRITON_INTERPRET ?= 0
+else
+TRITON_INTERPRET ?= 1
+endif
+export TRITON_INTERPRET
 
 ifeq ($(HEN_SYSTEM_TORCH),1)
 VENV_FLAGS := --system-site-packages

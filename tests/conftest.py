@@ -1,4 +1,7 @@
 """Shared tolerances and helpers: DESIGN.md §5 error measure against a float64 reference."""
+import math
+import os
+
 import pytest
 import torch
 
@@ -15,10 +18,22 @@ def kernel_backends():
     return [name for name in backends.BACKENDS if name != "torch"]
 
 
-def require(name: str) -> None:
+def require(name: str, *sizes: int) -> None:
+    """Skip unless backend ``name`` is usable; ``sizes`` (e.g. B, N, D) bound the work for the Triton interpreter."""
     reason = backends.BACKENDS[name].unavailable_reason
     if reason is not None:
         pytest.skip(f"backend {name!r} unavailable: {reason}")
+    if sizes and interpreted(name) and math.prod(sizes) > INTERPRETER_WORK:
+        pytest.skip(f"{name!r} runs under TRITON_INTERPRET=1 here: sizes {sizes} are for a GPU")
+
+
+# Under the interpreter a Triton kernel runs in numpy, ~1 s per 1e5 of B·N·D:
+# the suite keeps interpreted cases below this and leaves large ones to the GPU.
+INTERPRETER_WORK = 200_000
+
+
+def interpreted(name: str) -> bool:
+    return name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

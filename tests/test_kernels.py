@@ -11,7 +11,8 @@ from .conftest import (BETA_LEVELS, DTYPES, SIMILARITIES, TOLERANCE, beta_for, k
                        rel_err, require)
 
 # Not multiples of any block size, plus the edges: B = 1, N = 1, D = 1 and D up to 4096.
-SHAPES = [(1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (5, 300, 4096), (2, 3000, 512)]
+SHAPES = [(1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (5, 70, 300), (5, 300, 4096),
+          (2, 3000, 512)]
 
 
 def test_cpu_extension_is_built():
@@ -59,7 +60,7 @@ def assert_top_index(p, ref, tol):
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d-N%d-D%d" % s)
 def test_partial_matches_reference(backend, dtype, similarity, shape):
-    require(backend)
+    require(backend, *shape)
     b, n, d = shape
     q, x = make((b, d), dtype, 1), make((n, d), dtype, 2)
     for level in BETA_LEVELS:
@@ -100,7 +101,7 @@ def test_non_contiguous_inputs(backend):
 @pytest.mark.parametrize("chunks", [[1], [1, 1], [3, 1, 2], [1, 5, 1, 1]])
 def test_any_split_of_the_bank_merges_to_the_whole(backend, similarity, chunks):
     require(backend)
-    n, d = 1000, 48
+    n, d = 600, 48
     q, x = make((2, 7, d), torch.float32, 10), make((n, d), torch.float32, 11)
     v = make((n, 5), torch.float32, 12)
     beta = beta_for(similarity, d, 1.0)
@@ -121,8 +122,8 @@ def test_any_split_of_the_bank_merges_to_the_whole(backend, similarity, chunks):
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("d", [16, 512, 4096])
 def test_hard_retrieval_returns_the_exact_pattern(backend, dtype, similarity, d):
-    require(backend)
     n = 300
+    require(backend, 4, n, d)
     x = make((n, d), dtype, 13)
     rows = torch.tensor([0, 17, 299, 150])
     noise = make((4, d), torch.float32, 14, scale=0.05)
@@ -214,7 +215,7 @@ def test_zero_queries(backend):
     assert p.out.shape == (0, 8) and p.lse.shape == (0,)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", ["cpu"])
 def test_uses_all_threads_and_agrees_with_one(backend):
     require(backend)
     q, x = make((3, 64), torch.float32, 26), make((20000, 64), torch.float32, 27)
