@@ -30,7 +30,7 @@ def combine_kernel(
     m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_ref))
     total = tl.sum(w * s, 0)  # NaN when any split saw a NaN query
-    scale = tl.where(total > 0, 1.0 / total, tl.where(total == total, 0.0, total))
+    scale = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), tl.where(total == total, 0.0, total))
 
     cols = tl.program_id(1) * BDV + tl.arange(0, BDV)
     mask_v = cols < DV
@@ -39,7 +39,7 @@ def combine_kernel(
     tl.store(out_ptr + row * DV + cols, out, mask=mask_v)
 
     if tl.program_id(1) == 0:
-        lse = tl.where(total > 0, m_ref + tl.log(total), tl.where(total == total, float("-inf"), total))
+        lse = tl.where(total > 0, m_ref + tl.log(tl.where(total > 0, total, 1.0)), tl.where(total == total, float("-inf"), total))
         tl.store(lse_ptr + row, lse)
         ts = tl.load(ts_ptr + slot, mask=mask_s, other=float("-inf"))
         ti = tl.load(ti_ptr + slot, mask=mask_s, other=-1)

@@ -94,9 +94,9 @@ def small_d_kernel(
     slot = (lead * SPLITS + split) * B + rows_q
     if SPLITS == 1:
         # Final answer: normalise here (an empty bank leaves out = 0 and lse = -inf).
-        inv = tl.where(l_i > 0, 1.0 / l_i, tl.where(l_i == l_i, 0.0, l_i))
+        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), tl.where(l_i == l_i, 0.0, l_i))
         acc = acc * inv[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(l_i), tl.where(l_i == l_i, float("-inf"), l_i))
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), tl.where(l_i == l_i, float("-inf"), l_i))
         tl.store(m_ptr + slot, lse, mask=mask_q)
     else:
         tl.store(m_ptr + slot, m_i, mask=mask_q)

@@ -110,14 +110,14 @@ def tiled_d_kernel(
         tl.debug_barrier()
 
     if SPLITS == 1:
-        inv = tl.where(l_i > 0, 1.0 / l_i, tl.where(l_i == l_i, 0.0, l_i))
+        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), tl.where(l_i == l_i, 0.0, l_i))
         for d0 in range(0, DV, BDV):
             cols = d0 + tl.arange(0, BDV)
             a_ptrs = acc_base + cols[None, :]
             a_mask = mask_q[:, None] & (cols < DV)[None, :]
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             tl.store(a_ptrs, a * inv[:, None], mask=a_mask)
-        lse = tl.where(l_i > 0, m_i + tl.log(l_i), tl.where(l_i == l_i, float("-inf"), l_i))
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), tl.where(l_i == l_i, float("-inf"), l_i))
         tl.store(m_ptr + slot, lse, mask=mask_q)
     else:
         tl.store(m_ptr + slot, m_i, mask=mask_q)
