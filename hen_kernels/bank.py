@@ -18,8 +18,9 @@ Storage:
   device) and stream to the device chunk by chunk: the copy of the next chunk on
   a copy stream overlaps the compute of this one on the current stream.
 - ``"disk"``: the rows live in the file ``path``, read through a memory map one
-  chunk-sized window at a time (the next window is prefetched with
-  ``madvise(WILLNEED)``), so a bank larger than RAM works; on CUDA the window is
+  chunk-sized window at a time (a helper thread reads the next window into the
+  page cache, ``posix_fadvise(WILLNEED)``, while this one computes), so a bank
+  larger than RAM works; on CUDA the window is
   copied into a pinned staging buffer and streamed like a host bank.
 
 File format (``save``, ``load`` and disk storage alike): one safetensors file
@@ -34,6 +35,7 @@ and fsyncs the directory; ``load`` checks the header, the size and (unless
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -483,6 +485,11 @@ class _MemoryStore:
         pass
 
 
+def _fadvise_willneed(fd: int, start: int, length: int) -> None:
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+
+
 class _DiskStore:
     """Rows in a bank file: appended with pwrite, read through one mmap window per chunk."""
 
@@ -495,6 +502,8 @@ class _DiskStore:
         self._hasher = hasher  # sha256 over the data so far; None until needed (after load(verify=False))
         self._meta_fn = meta_fn  # () -> (similarity, beta, metadata) for the header
         self._fd: Optional[int] = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
+        self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._prefetched: Optional[concurrent.futures.Future] = None
 
     @classmethod
     def create(cls, path: str, dim: int, value_dim: Optional[int], dtype: torch.dtype, meta_fn) -> "_DiskStore":
@@ -552,18 +561,28 @@ class _DiskStore:
         # Data first, then the header that counts it: a killed add leaves the old count.
         self.write_header()
 
-    def window(self, a: int, b: int, advise: Optional[int] = None) -> torch.Tensor:
+    def window(self, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) as a (b - a, width) tensor over a private memory map of just those bytes."""
         start = self.data_offset + a * self.row_bytes
         base = start - start % mmap.ALLOCATIONGRANULARITY
         length = (b - a) * self.row_bytes + (start - base)
         mm = mmap.mmap(self.fd, length, access=mmap.ACCESS_COPY, offset=base)
-        if advise is not None and hasattr(mm, "madvise"):
-            with contextlib.suppress(OSError):
-                mm.madvise(advise)
         # The tensor keeps the map alive; the map is unmapped when the last view of it dies.
         return torch.frombuffer(mm, dtype=self.dtype, count=(b - a) * self.width,
                                 offset=start - base).view(b - a, self.width)
+
+    def prefetch(self, a: int, b: int) -> None:
+        """Start reading rows [a, b) into the page cache on a helper thread (fadvise WILLNEED blocks
+        while it submits the reads; the kernel of the current chunk runs meanwhile, without the GIL).
+        At most one prefetch is outstanding."""
+        if not hasattr(os, "posix_fadvise") or self._fd is None:
+            return
+        if self._prefetcher is None:
+            self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hen-bank-prefetch")
+        if self._prefetched is not None:
+            self._prefetched.result()
+        start, length = self.data_offset + a * self.row_bytes, (b - a) * self.row_bytes
+        self._prefetched = self._prefetcher.submit(_fadvise_willneed, self._fd, start, length)
 
     def split(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return rows[:, : self.dim], None if self.value_dim is None else rows[:, self.dim:]
@@ -580,6 +599,9 @@ class _DiskStore:
             os.fsync(self._fd)
 
     def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+            self._prefetcher, self._prefetched = None, None
         if self._fd is not None:
             try:
                 self.flush()
@@ -769,19 +791,11 @@ class MemoryBank:
             return
         n = len(self)
         disk = isinstance(self._store, _DiskStore)
-        nxt = None
         for a in range(0, n, rows):
             b = min(n, a + rows)
-            if disk:
-                # Map the next window and ask the kernel to read it ahead while this chunk computes.
-                cur = nxt if nxt is not None else self._store.window(a, b, getattr(mmap, "MADV_WILLNEED", None))
-                nxt = None
-                if b < n:
-                    nxt = self._store.window(b, min(n, b + rows), getattr(mmap, "MADV_WILLNEED", None))
-                p, v = self._store.split(cur)
-                del cur
-            else:
-                p, v = self._store.view(a, b)
+            if disk and b < n:
+                self._store.prefetch(b, min(n, b + rows))  # read the next window while this one computes
+            p, v = self._store.view(a, b)
             yield a, p, v
             del p, v  # drop this window's map before the next one
 
@@ -823,6 +837,8 @@ class MemoryBank:
             a = starts[i]
             m = min(n, a + rows) - a
             if disk:
+                if i + 1 < len(starts):
+                    self._store.prefetch(starts[i + 1], min(n, starts[i + 1] + rows))
                 if i >= 2:
                     ready[s].synchronize()  # the H2D copy of chunk i-2 has read stage[s]
                 sp, sv = stage[s]
@@ -1059,6 +1075,8 @@ class MemoryBank:
 
     def __del__(self) -> None:
         store = getattr(self, "_store", None)
+        if isinstance(store, _DiskStore) and store._prefetcher is not None:
+            store._prefetcher.shutdown(wait=False)
         if isinstance(store, _DiskStore) and store._fd is not None:
             with contextlib.suppress(Exception):
                 os.close(store._fd)
