@@ -34,7 +34,7 @@ VENV_FLAGS :=
 PINNED := $(TORCH_SPEC) $(TRITON_SPEC)
 endif
 
-DEPS := numpy pytest pytest-benchmark scikit-image setuptools wheel
+DEPS := numpy pytest pytest-benchmark scikit-image setuptools wheel safetensors tqdm
 DEPS_STAMP := $(VENV)/.hen-deps
 EXT_STAMP := $(VENV)/.hen-ext
 EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
