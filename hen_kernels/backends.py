@@ -152,11 +152,12 @@ def _triton_partial(q, x, v, beta, similarity, offset):
 
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), _torch_partial, differentiable=True),
-    "cpu": Backend("cpu", ("cpu",), _extension_partial, load=_cpu_available),
-    "cuda": Backend("cuda", ("cuda",), _extension_partial, load=_cuda_available),
+    # Kernel backends are differentiable through hen_kernels/autograd.py (fused backward from the saved lse).
+    "cpu": Backend("cpu", ("cpu",), _extension_partial, load=_cpu_available, differentiable=True),
+    "cuda": Backend("cuda", ("cuda",), _extension_partial, load=_cuda_available, differentiable=True),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",), _triton_partial,
-                      load=_triton_available),
+                      load=_triton_available, differentiable=True),
 }
 
 

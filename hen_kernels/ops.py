@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import backends, reference
+from . import autograd, backends, reference
 from .types import Partial, Retrieval
 from .validation import Inputs, check_inputs, check_offset, check_steps
 
@@ -35,7 +35,7 @@ def hopfield_partial(
     """One update of ``query`` against a chunk of the bank whose first row is global row ``offset``."""
     inp = check_inputs(query, memory, beta, similarity, values, allow_empty_bank=True)
     offset = check_offset(offset)
-    return _restore(backends.resolve(backend, inp).partial(inp, offset), inp)
+    return _restore(autograd.partial(backends.resolve(backend, inp), inp, offset), inp)
 
 
 def hopfield_update(
@@ -49,7 +49,7 @@ def hopfield_update(
 ) -> torch.Tensor:
     """s_new = softmax(beta · sim(X, s)) @ V, in the query's dtype (float32 accumulation)."""
     inp = check_inputs(query, memory, beta, similarity, values)
-    p = backends.resolve(backend, inp).partial(inp)
+    p = autograd.partial(backends.resolve(backend, inp), inp)
     return p.out.to(query.dtype).reshape(query.shape[:-1] + (p.out.shape[-1],))
 
 
@@ -99,7 +99,7 @@ def hopfield_retrieve(
     be = backends.resolve(backend, inp)
 
     def step(state, memory, beta, similarity, values):
-        return be.partial(inp._replace(query=state))
+        return autograd.partial(be, inp._replace(query=state))
 
     r = reference.retrieve(inp.query, inp.memory, inp.beta, inp.similarity, inp.values,
                            max_steps, tol, partial_fn=step)
@@ -127,7 +127,7 @@ def energy(
         inp = check_inputs(state, memory, beta, similarity)
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace("query", "state", 1)) from None
-    lse = backends.resolve(backend, inp).partial(inp).lse
+    lse = autograd.partial(backends.resolve(backend, inp), inp).lse
     e = reference.energy(inp.query, inp.memory, inp.beta, inp.similarity, lse=lse)
     return e.to(torch.float32).reshape(state.shape[:-1])
 

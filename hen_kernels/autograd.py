@@ -1,0 +1,104 @@
+"""Autograd for the fused kernels: forward by the chosen backend, backward recomputed from the saved lse.
+
+The reference backend (``torch``) is differentiable by itself and is left to
+PyTorch's autograd: it is the specification the fused gradients are tested
+against.  Every other backend's Partial goes through :class:`PartialFunction`,
+which saves only the inputs, ``out`` (L, B, Dv) and ``lse`` (L, B), never a
+B x N matrix, so training memory does not grow with the bank.  Its backward is
+the custom op ``hen_kernels::partial_backward`` (with a fake implementation, so
+``torch.compile`` traces through it), served by
+
+* the fused Triton kernels of ``triton/backward.py`` when the forward ran on
+  Triton or CUDA, Triton is usable for these tensors and D, Dv <= 256;
+* otherwise the streaming PyTorch path of ``backward_cpu.py`` (bank chunks of
+  bounded size; it also serves CUDA tensors with D or Dv > 256).
+
+Gradients flow to ``query``, ``memory``, ``values`` and ``beta`` (a beta tensor
+with ``requires_grad``, e.g. a per-head parameter).  ``top_score`` and
+``top_index`` are not differentiable.  Double backward is not supported.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import backends, backward_cpu
+from .reference import SIMILARITIES
+from .types import Partial
+from .validation import Inputs
+
+TRITON_BACKWARD_MAX_DIM = 256
+
+
+def needs_grad(inp: Inputs) -> bool:
+    return torch.is_grad_enabled() and any(
+        t.requires_grad for t in (inp.query, inp.memory, inp.values, inp.beta)
+    )
+
+
+def _triton_serves(forward_backend: str, q: torch.Tensor, d: int, dv: int) -> bool:
+    if forward_backend not in ("triton", "cuda"):
+        return False
+    tb = backends.BACKENDS["triton"]
+    return (tb.available() and q.device.type in tb.device_types
+            and d <= TRITON_BACKWARD_MAX_DIM and dv <= TRITON_BACKWARD_MAX_DIM)
+
+
+@torch.library.custom_op("hen_kernels::partial_backward", mutates_args=())
+def _partial_backward(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tensor, memory: torch.Tensor,
+                      values: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                      similarity: int, use_triton: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    sim = SIMILARITIES[similarity]
+    if use_triton:
+        from .triton.backward import partial_backward as triton_backward
+
+        return triton_backward(dout, dlse, query, memory, values, beta, out, lse, sim)
+    return backward_cpu.partial_backward(dout, dlse, query, memory, values, beta, out, lse, sim)
+
+
+@_partial_backward.register_fake
+def _(dout, dlse, query, memory, values, beta, out, lse, similarity, use_triton):
+    f32 = dict(dtype=torch.float32, device=query.device)
+    return (query.new_empty(query.shape, **f32), memory.new_empty(memory.shape, **f32),
+            values.new_empty(values.shape, **f32), beta.new_empty(beta.shape, **f32))
+
+
+class PartialFunction(torch.autograd.Function):
+    """(q, x, v, beta) -> (out, lse, top_score, top_index) by a fused backend, with a fused backward."""
+
+    @staticmethod
+    def forward(ctx, q, x, v, beta, similarity, backend, offset):
+        inp = Inputs(q, x, v, beta, similarity, torch.Size([q.shape[0]]))
+        p = backend.partial(inp, offset)
+        ctx.save_for_backward(q, x, v, beta, p.out, p.lse)
+        ctx.similarity = similarity
+        ctx.use_triton = _triton_serves(backend.name, q, q.shape[-1], v.shape[-1])
+        ctx.mark_non_differentiable(p.top_score, p.top_index)
+        return p.out, p.lse, p.top_score, p.top_index
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse, _dts, _dti):
+        q, x, v, beta, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        dq, dx, dv, dbeta = _partial_backward(
+            dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse,
+            SIMILARITIES.index(ctx.similarity), ctx.use_triton)
+        need = ctx.needs_input_grad
+        return (
+            dq.to(q.dtype) if need[0] else None,
+            dx.to(x.dtype) if need[1] else None,
+            dv.to(v.dtype) if need[2] else None,
+            dbeta.to(beta.dtype) if need[3] else None,
+            None, None, None,
+        )
+
+
+def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
+    """``backend.partial(inp, offset)``, differentiable: the one call the public ops make."""
+    if backend.name == "torch" or not needs_grad(inp):
+        return backend.partial(inp, offset)
+    return Partial(*PartialFunction.apply(inp.query, inp.memory, inp.values, inp.beta, inp.similarity,
+                                          backend, offset))

@@ -1,0 +1,104 @@
+"""The streaming backward of one Hopfield update, in PyTorch: memory independent of N.
+
+Forward (DESIGN.md §1): t = beta · sim(X, q), P = softmax(t), out = P V,
+lse = logsumexp(t).  Given the upstream gradients dout (of ``out``) and dlse
+(of ``lse``), and the saved ``out`` and ``lse``, the backward recomputes P one
+bank chunk at a time from the saved lse (flash-attention style), so no B x N
+matrix is ever held whole:
+
+    dP    = dout Vᵀ
+    dt    = P ∘ (dP - Δ),            Δ_b = dout_b · out_b - dlse_b
+    dV    = Pᵀ dout
+    dbeta = Σ_{b,n} dt ∘ s           (s = sim, per leading index)
+    ds    = beta · dt
+
+and the similarity's chain rule, written with one matrix G per chunk:
+
+    dot:   G = ds                     dq = G X,               dX = Gᵀ q
+    l2sq:  G = ds                     dq = G X - rowsum(G) q, dX = Gᵀ q - colsum(G) x
+    l2:    G = -ds / s  (0 where s = 0: the subgradient at a stored pattern)
+                                      same as l2sq
+
+(l2sq: s = q·x - ½‖q‖² - ½‖x‖²; l2: s = -‖x - q‖, so ∂s/∂q = (x - q) / ‖x - q‖
+= -(x - q)/s.)  The Triton kernel in ``triton/backward.py`` computes the same
+quantities tile by tile; this module is the CPU path and the fallback for shapes
+the kernel does not serve.  The similarity itself comes from
+:func:`hen_kernels.reference.similarity`, its one home.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+
+# Bound on the (L, B, chunk) float32 temporaries: 2^22 elements = 16 MiB each.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(lead: int, b: int, n: int) -> int:
+    """Bank rows per chunk: the score tile stays below CHUNK_ELEMENTS whatever N is."""
+    return max(64, min(n, CHUNK_ELEMENTS // max(1, lead * b)))
+
+
+def grad_coefficients(ds: torch.Tensor, s: torch.Tensor, similarity: str) -> torch.Tensor:
+    """G of the module docstring, from ds = beta · dt and the similarity s."""
+    if similarity == "l2":
+        neg = s < 0
+        return torch.where(neg, -ds / torch.where(neg, s, torch.ones_like(s)), torch.zeros_like(ds))
+    return ds
+
+
+def partial_backward(
+    dout: torch.Tensor,
+    dlse: torch.Tensor,
+    q: torch.Tensor,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    similarity: str,
+    rows: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dx, dv, dbeta) in float32 for the normalised inputs of :mod:`validation`.
+
+    q (L, B, D), x (Lm, N, D), v (Lm, N, Dv) with Lm in {1, L}, beta (L,);
+    out (L, B, Dv) and lse (L, B) as the forward returned them; dout and dlse
+    their upstream gradients.  ``rows`` overrides the chunk length (tests).
+    """
+    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
+    L, B, D = q.shape
+    Lm, N, Dv = v.shape
+    qf = q.to(f32)
+    dout = dout.to(f32)
+    delta = (dout * out.to(f32)).sum(-1) - dlse.to(f32)  # (L, B)
+    bcol = beta.to(f32).reshape(L, 1, 1)
+    lse_col = lse.to(f32).unsqueeze(-1)
+    l2_type = similarity in ("l2", "l2sq")
+
+    dq = torch.zeros((L, B, D), dtype=f32, device=q.device)
+    dx = torch.zeros((Lm, N, D), dtype=f32, device=q.device)
+    dv = torch.zeros((Lm, N, Dv), dtype=f32, device=q.device)
+    dbeta = torch.zeros((L,), dtype=f32, device=q.device)
+    step = rows or chunk_rows(L, B, N)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        xc, vc = x[:, n0:n1].to(f32), v[:, n0:n1].to(f32)
+        s = reference.similarity(qf, xc, similarity)  # (L, B, C)
+        p = torch.exp(bcol * s - lse_col)
+        dt = p * (dout @ vc.transpose(-1, -2) - delta.unsqueeze(-1))
+        dbeta += (dt * s).sum((-1, -2))
+        g = grad_coefficients(bcol * dt, s, similarity)
+        dq += g @ xc
+        dxc = g.transpose(-1, -2) @ qf  # (L, C, D)
+        if l2_type:
+            dq -= g.sum(-1, keepdim=True) * qf
+            dxc -= g.sum(-2).unsqueeze(-1) * xc
+        dvc = p.transpose(-1, -2) @ dout  # (L, C, Dv)
+        if Lm == 1 and L > 1:  # a bank shared by every leading index collects from all of them
+            dxc, dvc = dxc.sum(0, keepdim=True), dvc.sum(0, keepdim=True)
+        dx[:, n0:n1] = dxc
+        dv[:, n0:n1] = dvc
+    return dq, dx, dv, dbeta

@@ -1,0 +1,237 @@
+"""Fused backward of the Hopfield update (layer regime, D and Dv <= 256), flash-attention style.
+
+The forward saved only ``out`` (L, B, Dv) and ``lse`` (L, B).  Both kernels
+here recompute each score tile from the inputs and turn it into the softmax
+weights with the saved lse, P = exp(beta · sim - lse), so no B x N matrix is
+ever stored.  The formulas are those of ``hen_kernels/backward_cpu.py`` (the
+streaming PyTorch path, its docstring derives them): with Δ = rowsum(dout ∘ out)
+- dlse, dt = P ∘ (dout Vᵀ - Δ), G = beta·dt (dot, l2sq) or -beta·dt / s (l2).
+
+* ``dq_kernel``: one program per (query block, bank range, leading index)
+  walks its bank range in BN-row tiles and accumulates dq = G X (- rowsum(G) q
+  for l2, l2sq) and dbeta = Σ dt ∘ s for its rows, in registers.
+* ``dkv_kernel``: one program per (bank tile, query range, bank leading
+  index) keeps its X and V tiles in registers and walks the queries (every
+  leading index when the bank is shared by all of them), accumulating
+  dV = Pᵀ dout and dX = Gᵀ q (- colsum(G) x).
+
+Two kernels that each recompute P, rather than one with atomic adds into dq,
+keep the result deterministic.  When either grid would leave the GPU idle (few
+queries against a long bank for the first, a short bank for the second) the
+walked range is split across programs, which write partial sums to a
+workspace that is summed afterwards (its size depends on the split count, not
+on N for the first kernel and not on B for the second).  Dot products run in
+float32 (tf32 on a GPU for 16-bit inputs, IEEE for float32 inputs and in the
+interpreter).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, autotune, beta_sim
+from .launch import _pow2, _sm_count
+
+SIM_CODES = {"dot": 0, "l2": 1, "l2sq": 2}
+MIN_SPLIT_ROWS = 512
+MAX_DIM = 256
+
+_CONFIGS = (
+    [triton.Config({"BM": 16, "BN": 16}, num_warps=4, num_stages=1)]
+    if INTERPRET
+    else [
+        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
+        for bm in (32, 64)
+        for bn in (32, 64)
+        for w in (4, 8)
+        for s in (1, 2)
+    ]
+)
+
+
+@triton.jit
+def _tile(q, x, v, dout, lse, delta, beta, valid, SIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Recompute one (BM, BN) tile: P, dt, s and the chain-rule coefficients G (all float32)."""
+    dot = tl.dot(q, tl.trans(x), input_precision=PRECISION)
+    s = beta_sim(dot, tl.sum(q * q, 1), tl.sum(x * x, 1), 1.0, SIM)
+    t = tl.where(valid, s * beta, float("-inf"))
+    p = tl.exp(t - lse[:, None])
+    dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
+    dt = tl.where(valid, p * (dp - delta[:, None]), 0.0)
+    ds = dt * beta
+    if SIM == 1:
+        neg = s < 0
+        g = tl.where(neg, -ds / tl.where(neg, s, 1.0), 0.0)
+    else:
+        g = ds
+    return p, dt, tl.where(valid, s, 0.0), g
+
+
+@autotune(_CONFIGS, key=["D", "DV", "SIM", "SPLITS", "VALUES_ARE_MEMORY"])
+@triton.jit
+def dq_kernel(
+    q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dbeta_ptr,
+    B, N, D, DV, rows_per_split,
+    q_lead, q_row, x_lead, x_row, v_lead, v_row,
+    SIM: tl.constexpr, SPLITS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    VALUES_ARE_MEMORY: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    split = tl.program_id(1)
+    lead = tl.program_id(2).to(tl.int64)
+    beta = tl.load(beta_ptr + lead)
+
+    rows_q = qb * BM + tl.arange(0, BM)
+    cols_d = tl.arange(0, BD)
+    cols_v = tl.arange(0, BDV)
+    mask_q = rows_q < B
+    mask_d = cols_d < D
+    mask_v = cols_v < DV
+    q = tl.load(q_ptr + lead * q_lead + rows_q[:, None].to(tl.int64) * q_row + cols_d[None, :],
+                mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    row = lead * B + rows_q
+    dout = tl.load(dout_ptr + row[:, None] * DV + cols_v[None, :], mask=mask_q[:, None] & mask_v[None, :], other=0.0)
+    lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
+    delta = tl.load(delta_ptr + row, mask=mask_q, other=0.0)
+
+    acc = tl.zeros([BM, BD], tl.float32)
+    g_rows = tl.zeros([BM], tl.float32)
+    db = tl.zeros([BM], tl.float32)
+    n_begin = split * rows_per_split
+    n_end = tl.minimum(n_begin + rows_per_split, N)
+    x_base = x_ptr + lead * x_lead
+    v_base = v_ptr + lead * v_lead
+    for n0 in range(n_begin, n_end, BN):
+        rows_n = n0 + tl.arange(0, BN)
+        mask_n = rows_n < n_end
+        x = tl.load(x_base + rows_n[:, None].to(tl.int64) * x_row + cols_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        if VALUES_ARE_MEMORY:
+            v = x
+        else:
+            v = tl.load(v_base + rows_n[:, None].to(tl.int64) * v_row + cols_v[None, :],
+                        mask=mask_n[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+        valid = mask_q[:, None] & mask_n[None, :]
+        p, dt, s, g = _tile(q, x, v, dout, lse, delta, beta, valid, SIM, PRECISION)
+        acc += tl.dot(g, x, input_precision=PRECISION)
+        g_rows += tl.sum(g, 1)
+        db += tl.sum(dt * s, 1)
+    if SIM != 0:
+        acc -= g_rows[:, None] * q
+
+    slot = (lead * SPLITS + split) * B + rows_q
+    tl.store(dq_ptr + slot[:, None] * D + cols_d[None, :], acc, mask=mask_q[:, None] & mask_d[None, :])
+    tl.store(dbeta_ptr + slot, db, mask=mask_q)
+
+
+@autotune(_CONFIGS, key=["D", "DV", "SIM", "SPLITS", "SHARED", "VALUES_ARE_MEMORY"])
+@triton.jit
+def dkv_kernel(
+    q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, dx_ptr, dv_ptr,
+    L, B, N, D, DV, rows_per_split,
+    q_lead, q_row, x_lead, x_row, v_lead, v_row,
+    SIM: tl.constexpr, SPLITS: tl.constexpr, SHARED: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    VALUES_ARE_MEMORY: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    nb = tl.program_id(0)
+    split = tl.program_id(1)
+    bank = tl.program_id(2).to(tl.int64)
+
+    rows_n = nb * BN + tl.arange(0, BN)
+    cols_d = tl.arange(0, BD)
+    cols_v = tl.arange(0, BDV)
+    mask_n = rows_n < N
+    mask_d = cols_d < D
+    mask_v = cols_v < DV
+    x = tl.load(x_ptr + bank * x_lead + rows_n[:, None].to(tl.int64) * x_row + cols_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    if VALUES_ARE_MEMORY:
+        v = x
+    else:
+        v = tl.load(v_ptr + bank * v_lead + rows_n[:, None].to(tl.int64) * v_row + cols_v[None, :],
+                    mask=mask_n[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+
+    acc_x = tl.zeros([BN, BD], tl.float32)
+    acc_v = tl.zeros([BN, BDV], tl.float32)
+    g_cols = tl.zeros([BN], tl.float32)
+    if SHARED:  # one bank for every leading index: collect from all of them
+        l_begin = 0
+        l_end = L
+    else:
+        l_begin = bank
+        l_end = bank + 1
+    m_begin = split * rows_per_split
+    m_end = tl.minimum(m_begin + rows_per_split, B)
+    for lead in range(l_begin, l_end):
+        beta = tl.load(beta_ptr + lead)
+        for m0 in range(m_begin, m_end, BM):
+            rows_q = m0 + tl.arange(0, BM)
+            mask_q = rows_q < m_end
+            q = tl.load(q_ptr + lead * q_lead + rows_q[:, None].to(tl.int64) * q_row + cols_d[None, :],
+                        mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            row = lead * B + rows_q
+            dout = tl.load(dout_ptr + row[:, None] * DV + cols_v[None, :],
+                           mask=mask_q[:, None] & mask_v[None, :], other=0.0)
+            lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
+            delta = tl.load(delta_ptr + row, mask=mask_q, other=0.0)
+            valid = mask_q[:, None] & mask_n[None, :]
+            p, dt, s, g = _tile(q, x, v, dout, lse, delta, beta, valid, SIM, PRECISION)
+            acc_v += tl.dot(tl.trans(p), dout, input_precision=PRECISION)
+            acc_x += tl.dot(tl.trans(g), q, input_precision=PRECISION)
+            g_cols += tl.sum(g, 0)
+    if SIM != 0:
+        acc_x -= g_cols[:, None] * x
+
+    slot = (bank * SPLITS + split) * N + rows_n
+    tl.store(dx_ptr + slot[:, None] * D + cols_d[None, :], acc_x, mask=mask_n[:, None] & mask_d[None, :])
+    tl.store(dv_ptr + slot[:, None] * DV + cols_v[None, :], acc_v, mask=mask_n[:, None] & mask_v[None, :])
+
+
+def _splits(programs: int, length: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows per split) of a walked range so that programs x splits fills the device."""
+    want = triton.cdiv(2 * _sm_count(device), max(programs, 1))
+    splits = max(1, min(want, triton.cdiv(max(length, 1), MIN_SPLIT_ROWS)))
+    rows = triton.cdiv(max(length, 1), splits)
+    return triton.cdiv(max(length, 1), rows), rows
+
+
+def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
+    """(dq, dx, dv, dbeta) in float32; shapes as in ``backward_cpu.partial_backward``."""
+    L, B, D = q.shape
+    Lm, N, Dv = v.shape
+    if D > MAX_DIM or Dv > MAX_DIM:
+        raise ValueError(f"the Triton backward serves D, Dv <= {MAX_DIM}, got D = {D}, Dv = {Dv}")
+    values_are_memory = v.data_ptr() == x.data_ptr() and v.shape == x.shape and v.stride() == x.stride()
+    q, x = q.contiguous(), x.contiguous()
+    v = x if values_are_memory else v.contiguous()
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dout = dout.to(torch.float32).contiguous()
+    delta = ((dout * out.to(torch.float32)).sum(-1) - dlse.to(torch.float32)).contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    beta = beta.to(torch.float32).contiguous()
+    if L == 0 or B == 0 or N == 0:
+        return (torch.zeros((L, B, D), **f32), torch.zeros((Lm, N, D), **f32),
+                torch.zeros((Lm, N, Dv), **f32), torch.zeros((L,), **f32))
+    common = dict(
+        D=D, DV=Dv, q_lead=q.stride(0), q_row=q.stride(1),
+        x_lead=x.stride(0) if Lm > 1 else 0, x_row=x.stride(1),
+        v_lead=v.stride(0) if Lm > 1 else 0, v_row=v.stride(1),
+        SIM=SIM_CODES[similarity], BD=_pow2(D), BDV=_pow2(Dv), VALUES_ARE_MEMORY=values_are_memory,
+        PRECISION="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
+    )
+
+    sq, rows_n = _splits(L * triton.cdiv(B, 64), N, q.device)
+    dq = torch.empty((L, sq, B, D), **f32)
+    dbeta = torch.empty((L, sq, B), **f32)
+    grid = lambda meta: (triton.cdiv(B, meta["BM"]), sq, L)  # noqa: E731
+    dq_kernel[grid](q, x, v, beta, dout, lse, delta, dq, dbeta, B=B, N=N, rows_per_split=rows_n,
+                    SPLITS=sq, **common)
+
+    sk, rows_b = _splits(Lm * triton.cdiv(N, 64), B, q.device)
+    dx = torch.empty((Lm, sk, N, D), **f32)
+    dv = torch.empty((Lm, sk, N, Dv), **f32)
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]), sk, Lm)  # noqa: E731
+    dkv_kernel[grid](q, x, v, beta, dout, lse, delta, dx, dv, L=L, B=B, N=N, rows_per_split=rows_b,
+                     SPLITS=sk, SHARED=Lm == 1 and L > 1, **common)
+    return dq.sum(1), dx.sum(1), dv.sum(1), dbeta.sum((1, 2))

@@ -1,0 +1,185 @@
+"""Gradients of the functional ops: the reference by gradcheck, the fused backward against it."""
+import pytest
+import torch
+
+import hen_kernels as hk
+from hen_kernels import backward_cpu, reference
+
+from .conftest import SIMILARITIES, TOLERANCE, kernel_backends, make, rel_err, require
+
+# Gradients are a longer chain than the forward (two products, the softmax
+# Jacobian): allow a few times the forward's error budget.
+GRAD_TOLERANCE = {dt: 4 * tol for dt, tol in TOLERANCE.items()}
+
+
+def _inputs(shape_q, n, dv, dtype, shared, seed, requires_grad=True):
+    lead, d = shape_q[:-2], shape_q[-1]
+    q = make(shape_q, dtype, seed)
+    x = make((n, d) if shared else lead + (n, d), dtype, seed + 1)
+    v = make(x.shape[:-1] + (dv,), dtype, seed + 2)
+    beta = (0.5 + torch.rand(lead[-1:] if lead else (), generator=torch.Generator().manual_seed(seed))).double()
+    for t in (q, x, v, beta):
+        t.requires_grad_(requires_grad)
+    return q, x, v, beta
+
+
+def _beta_level(similarity, d):
+    return 1.0 if similarity == "l2" else 1.0 / d**0.5
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("shared", [True, False])
+def test_reference_gradcheck_float64(similarity, shared):
+    q, x, v, beta = _inputs((2, 3, 4), 5, 3, torch.float64, shared, seed=1)
+
+    def f(q, x, v, beta):
+        p = reference.partial(q, x, beta * _beta_level(similarity, 4), similarity, v)
+        return p.out, p.lse
+
+    assert torch.autograd.gradcheck(f, (q, x, v, beta))
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("shared", [True, False])
+def test_streaming_backward_equals_autograd_float64(similarity, shared):
+    """backward_cpu's formulas, in float64 and in chunks of 4 rows, against autograd through the reference."""
+    q, x, v, beta = _inputs((3, 5, 6), 11, 4, torch.float64, shared, seed=2)
+    beta_l = (beta * _beta_level(similarity, 6)).detach().expand(3).requires_grad_()
+    p = reference.partial(q, x, beta_l, similarity, v)
+    dout, dlse = torch.randn_like(p.out), torch.randn_like(p.lse)
+    want = torch.autograd.grad((p.out * dout).sum() + (p.lse * dlse).sum(), (q, x, v, beta_l))
+    xs, vs = (x.detach().unsqueeze(0), v.detach().unsqueeze(0)) if shared else (x.detach(), v.detach())
+    got = backward_cpu.partial_backward(dout, dlse, q.detach(), xs, vs, beta_l.detach(), p.out.detach(),
+                                        p.lse.detach(), similarity, rows=4)
+    for g, w in zip(got, want):
+        assert rel_err(g.reshape(w.shape), w) < 1e-12
+
+
+def _spy_triton_backward(monkeypatch):
+    """Record calls of the Triton backward (when triton imports here)."""
+    calls = []
+    try:
+        from hen_kernels.triton import backward as tb
+    except ImportError:
+        return calls
+    real = tb.partial_backward
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tb, "partial_backward", spy)
+    return calls
+
+
+def _grads(backend, similarity, q, x, v, beta, dout, dlse):
+    args = [t.detach().requires_grad_() for t in (q, x, v, beta)]
+    if backend is None:  # ground truth: autograd through the reference in float64
+        p = reference.partial(args[0], args[1], args[3], similarity, args[2])
+    else:
+        p = hk.hopfield_partial(args[0], args[1], args[3], similarity=similarity, values=args[2], backend=backend)
+    loss = (p.out * dout).sum() + (p.lse * dlse).sum()
+    return torch.autograd.grad(loss, args)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [((2, 5, 16), 19, 8, True), ((3, 7, 24), 20, 24, False), ((1, 9, 3), 7, 5, True)])
+def test_fused_backward_matches_reference(backend, similarity, dtype, shape, monkeypatch):
+    shape_q, n, dv, shared = shape
+    require(backend, shape_q[-2] * shape_q[0], n, shape_q[-1] * 8)
+    calls = _spy_triton_backward(monkeypatch)
+    q, x, v, beta = _inputs(shape_q, n, dv, dtype, shared, seed=3, requires_grad=False)
+    beta = (beta * _beta_level(similarity, shape_q[-1])).float()
+    g = torch.Generator().manual_seed(4)
+    dout = torch.randn(shape_q[:-1] + (dv,), generator=g)
+    dlse = torch.randn(shape_q[:-1], generator=g)
+    want = _grads(None, similarity, q.double(), x.double(), v.double(), beta.double(), dout.double(),
+                  dlse.double())
+    got = _grads(backend, similarity, q, x, v, beta, dout, dlse)
+    assert calls == ([1] if backend == "triton" else [])  # the fused kernel, not a fallback
+    for name, gg, w in zip(("query", "memory", "values", "beta"), got, want):
+        assert gg.dtype == (beta.dtype if name == "beta" else dtype)
+        assert torch.isfinite(gg).all()
+        assert rel_err(gg, w) < GRAD_TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_update_values_default_to_memory_and_beta_per_head(backend):
+    """values=None: the bank gets both gradients (scores and values); beta per head gets its own."""
+    require(backend, 8, 30, 16)
+    q = make((2, 4, 8), torch.float32, 5).requires_grad_()
+    x = make((30, 8), torch.float32, 6).requires_grad_()
+    beta = torch.tensor([0.3, 0.7], requires_grad=True)
+    grads = {}
+    for b in ("torch", backend):
+        out = hk.hopfield_update(q, x, beta, similarity="l2sq", backend=b)
+        grads[b] = torch.autograd.grad(out.square().sum(), (q, x, beta))
+    for got, want in zip(grads[backend], grads["torch"]):
+        assert rel_err(got, want) < GRAD_TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_retrieve_and_energy_are_differentiable(backend):
+    require(backend, 6, 20, 8 * 4)
+    q0 = make((6, 8), torch.float32, 7)
+    x = make((20, 8), torch.float32, 8)
+    grads = {}
+    for b in ("torch", backend):
+        q, xx = q0.clone().requires_grad_(), x.clone().requires_grad_()
+        r = hk.hopfield_retrieve(q, xx, 0.5, similarity="dot", max_steps=3, backend=b)
+        e = hk.energy(r.state, xx, 0.5, backend=b)
+        grads[b] = torch.autograd.grad(r.state.sum() + e.sum(), (q, xx))
+    for got, want in zip(grads[backend], grads["torch"]):
+        assert rel_err(got, want) < GRAD_TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_l2_gradient_at_a_stored_pattern_is_finite(backend):
+    """-‖x - s‖ has no derivative where s = x; the fused backward takes the zero subgradient there."""
+    require(backend, 3, 5, 4)
+    x = make((5, 4), torch.float32, 9).requires_grad_()
+    q = x.detach()[:3].clone().requires_grad_()
+    out = hk.hopfield_update(q, x, 2.0, similarity="l2", backend=backend)
+    gq, gx = torch.autograd.grad(out.sum(), (q, x))
+    assert torch.isfinite(gq).all() and torch.isfinite(gx).all()
+
+
+def test_triton_backward_splits_long_banks_and_many_queries():
+    """Shapes that make both Triton kernels split their walked range (workspace + sum path)."""
+    require("triton", 2, 1100, 16)
+    from hen_kernels.triton import backward as tb
+
+    for (L, B, N, shared) in ((1, 2, 1100, True), (2, 600, 3, False)):
+        q, x, v, beta = _inputs((L, B, 16), N, 16, torch.float32, shared, seed=10, requires_grad=False)
+        xs, vs = (x.unsqueeze(0), v.unsqueeze(0)) if shared else (x, v)
+        beta = (beta * 0.25).float().expand(L).contiguous()
+        p = reference.partial(q, xs, beta, "l2sq", vs)
+        dout, dlse = torch.randn_like(p.out), torch.randn_like(p.lse)
+        assert tb._splits(L, max(N, B), q.device)[0] > 1
+        got = tb.partial_backward(dout, dlse, q, xs, vs, beta, p.out, p.lse, "l2sq")
+        want = backward_cpu.partial_backward(dout, dlse, q, xs, vs, beta, p.out, p.lse, "l2sq")
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-5
+
+
+def test_backward_memory_does_not_hold_the_score_matrix():
+    """The streaming path's temporaries are bounded by CHUNK_ELEMENTS, not by N."""
+    assert backward_cpu.chunk_rows(4, 1024, 10**7) * 4 * 1024 <= backward_cpu.CHUNK_ELEMENTS
+    assert backward_cpu.chunk_rows(1, 1, 100) == 100
+
+
+def test_compiled_training_step_matches_eager():
+    require("cpu")
+    torch._dynamo.reset()
+
+    def step(q, x, v):
+        return hk.hopfield_update(q, x, 0.5, similarity="l2", values=v, backend="cpu").square().sum()
+
+    q, x, v = (make(s, torch.float32, i) for i, s in enumerate([(3, 16), (40, 16), (40, 8)]))
+    ins = [t.requires_grad_() for t in (q, x, v)]
+    eager = torch.autograd.grad(step(*ins), ins)
+    compiled = torch.autograd.grad(torch.compile(step, backend="aot_eager", fullgraph=True)(*ins), ins)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
