@@ -8,6 +8,7 @@ from .ops import (
     merge_partials,
 )
 from .bank import MemoryBank
+from . import nn
 from .types import Partial, Retrieval
 
 __all__ = [

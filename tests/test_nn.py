@@ -1,0 +1,228 @@
+"""hk.nn modules against a plain-PyTorch re-statement of the Hopfield layer, on every backend."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hen_kernels as hk
+
+from .conftest import SIMILARITIES, kernel_backends, make, rel_err, require
+
+
+def _sim(q, k, kind):
+    if kind == "dot":
+        return q @ k.transpose(-1, -2)
+    d = torch.cdist(q, k)
+    return -d if kind == "l2" else -0.5 * d * d
+
+
+def _ln(t, norm):
+    return t if norm is None else F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _proj(t, lin, heads):
+    if lin is None:  # static: the pattern itself, in every head
+        return t.unsqueeze(-3).expand(t.shape[:-2] + (heads,) + t.shape[-2:])
+    y = F.linear(t, lin.weight, lin.bias)
+    return y.reshape(y.shape[:-1] + (heads, -1)).transpose(-2, -3)
+
+
+def restate(m, stored, state, proj, padding_mask=None, association_mask=None):
+    """hflayers' association written out: normalise, project, iterate in query space, associate, project out.
+
+    Inputs batch-first and batched (the shared patterns of HopfieldLayer / HopfieldPooling already expanded).
+    """
+    h = m.num_heads
+    q = _proj(_ln(state, m.norm_state_pattern), m.q_proj, h)
+    k = _proj(_ln(stored, m.norm_stored_pattern), m.k_proj, h)
+    v = _proj(_ln(proj, m.norm_pattern_projection), m.v_proj, h)
+    beta = m.scaling.reshape(1, h, 1, 1)
+
+    def weights(state):
+        t = beta * _sim(state, k, m.similarity)
+        if association_mask is not None:
+            am = association_mask if association_mask.dim() == 2 else association_mask.reshape(t.shape)
+            t = t.masked_fill(am, -math.inf) if am.dtype == torch.bool else t + am
+        if padding_mask is not None:
+            t = t.masked_fill(padding_mask[:, None, None, :], -math.inf)
+        return torch.softmax(t, -1)
+
+    steps = m.update_steps_max
+    frozen = torch.zeros(q.shape[:-1], dtype=torch.bool)
+    for _ in range(steps):
+        new = weights(q) @ k
+        moved = (new - q).abs().amax(-1)
+        q = torch.where(frozen.unsqueeze(-1), q, new)
+        frozen = frozen | (moved <= m.update_steps_eps)
+    out = weights(q) @ v
+    out = out.transpose(-2, -3).flatten(-2)
+    return out if m.out_proj is None else F.linear(out, m.out_proj.weight, m.out_proj.bias)
+
+
+def _randomise(m, seed):
+    """Non-trivial parameters (hflayers' init is N(0, 0.02²), which makes every softmax nearly uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("scaling"):
+                continue
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            else:  # biases near 0, LayerNorm gains near 1
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+def _check(got, want, backend, dtype=torch.float32):
+    tol = 1e-5 if backend == "torch" else 5e-5
+    assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("heads, steps", [(1, 0), (2, 3)])
+def test_hopfield_equals_restatement(backend, similarity, heads, steps):
+    require(backend, 3 * heads * 5, 7, 8 * 4) if backend != "torch" else None
+    m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=heads, hidden_size=4, output_size=6,
+                                  update_steps_max=steps, update_steps_eps=1e-6, similarity=similarity,
+                                  stored_pattern_size=5, pattern_projection_size=3,
+                                  scaling=torch.tensor([0.7, 1.3][:heads]), backend=backend), 1)
+    stored, state, proj = make((3, 7, 5), torch.float32, 2), make((3, 5, 8), torch.float32, 3), make(
+        (3, 7, 3), torch.float32, 4)
+    out = m((stored, state, proj))
+    assert out.shape == (3, 5, 6)
+    _check(out, restate(m, stored, state, proj), backend)
+
+
+@pytest.mark.parametrize("static", ["stored", "state", "projection", "all"])
+def test_static_patterns_skip_their_projection(static):
+    kw = dict(stored_pattern_as_static=static in ("stored", "all"), state_pattern_as_static=static in ("state", "all"),
+              pattern_projection_as_static=static in ("projection", "all"))
+    if static == "all":
+        kw.update(disable_out_projection=True, normalize_stored_pattern=False, normalize_stored_pattern_affine=False,
+                  normalize_state_pattern=False, normalize_state_pattern_affine=False,
+                  normalize_pattern_projection=False, normalize_pattern_projection_affine=False)
+    m = _randomise(hk.nn.Hopfield(input_size=8, hidden_size=4, num_heads=2, similarity="l2sq", **kw), 5)
+    assert (m.k_proj is None) == kw["stored_pattern_as_static"] and (m.q_proj is None) == kw["state_pattern_as_static"]
+    stored = make((2, 6, 4 if kw["stored_pattern_as_static"] else 8), torch.float32, 6)
+    state = make((2, 3, 4 if kw["state_pattern_as_static"] else 8), torch.float32, 7)
+    proj = make((2, 6, 4 if kw["pattern_projection_as_static"] else 8), torch.float32, 8)
+    _check(m((stored, state, proj)), restate(m, stored, state, proj), "cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+@pytest.mark.parametrize("separated", [False, True])
+def test_hopfield_layer_equals_restatement(backend, separated):
+    require(backend, 2 * 2 * 4, 9, 4 * 8) if backend != "torch" else None
+    m = _randomise(hk.nn.HopfieldLayer(input_size=8, hidden_size=4, num_heads=2, quantity=9, similarity="l2",
+                                       lookup_weights_as_separated=separated, update_steps_max=1,
+                                       backend=backend), 9)
+    x = make((2, 4, 8), torch.float32, 10)
+    stored = m.lookup_weights.expand(2, 9, 8)
+    proj = stored if m.target_weights is None else m.target_weights.expand(2, 9, 8)
+    _check(m(x), restate(m.hopfield, stored, x, proj), backend)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_hopfield_pooling_equals_restatement(backend):
+    require(backend, 3 * 2 * 2, 11, 4 * 8) if backend != "torch" else None
+    m = _randomise(hk.nn.HopfieldPooling(input_size=8, hidden_size=4, num_heads=2, quantity=2, output_size=5,
+                                         backend=backend), 11)
+    bags = make((3, 11, 8), torch.float32, 12)
+    out = m(bags)
+    assert out.shape == (3, 2 * 5)
+    want = restate(m.hopfield, bags, m.pooling_weights.expand(3, 2, 8), bags)
+    _check(out, want.flatten(1), backend)
+
+
+def test_masks_equal_restatement_and_hide_padded_patterns():
+    m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=2, update_steps_max=2, backend="cpu"), 13)
+    x = make((2, 5, 8), torch.float32, 14)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    assoc2 = torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) < 0.3
+    assoc2.fill_diagonal_(False)
+    assoc3 = torch.randn(2 * 2, 5, 5) * 0.5
+    for kw, want_kw in [(dict(stored_pattern_padding_mask=pad), dict(padding_mask=pad)),
+                        (dict(association_mask=assoc2), dict(association_mask=assoc2)),
+                        (dict(association_mask=assoc3, stored_pattern_padding_mask=pad),
+                         dict(association_mask=assoc3, padding_mask=pad))]:
+        _check(m(x, **kw), restate(m, x, x, x, **want_kw), "cpu")
+    # Padded stored patterns have no influence, whatever they hold.
+    stored = x.clone()
+    stored[1, 3:] = 100.0
+    a = m((x, x, x), stored_pattern_padding_mask=pad)
+    b = m((stored, x, stored), stored_pattern_padding_mask=pad)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="association_mask"):
+        m(x, association_mask=torch.zeros(4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_module_gradients_fused_equal_reference(backend):
+    require(backend, 2 * 2 * 6, 6, 8 * 8)
+    grads = {}
+    for b in ("torch", backend):
+        torch.manual_seed(0)
+        m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=2, update_steps_max=2, similarity="l2",
+                                      trainable_scaling=True, backend=b), 15)
+        x = make((2, 6, 8), torch.float32, 16)
+        m(x).square().sum().backward()
+        grads[b] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    assert "scaling" in grads[backend] and grads[backend]["scaling"].abs().sum() > 0
+    for name, g in grads["torch"].items():
+        assert rel_err(grads[backend][name], g) < 1e-4, name
+
+
+def test_batch_first_false_is_a_transpose():
+    a = _randomise(hk.nn.Hopfield(input_size=8, num_heads=2), 17)
+    b = hk.nn.Hopfield(input_size=8, num_heads=2, batch_first=False)
+    b.load_state_dict(a.state_dict())
+    x = make((3, 5, 8), torch.float32, 18)
+    torch.testing.assert_close(b(x.transpose(0, 1)).transpose(0, 1), a(x))
+    pa = hk.nn.HopfieldPooling(input_size=8, quantity=2)
+    pb = hk.nn.HopfieldPooling(input_size=8, quantity=2, batch_first=False)
+    pb.load_state_dict(pa.state_dict())
+    torch.testing.assert_close(pb(x.transpose(0, 1)), pa(x))
+
+
+def test_info_association_matrix_and_dropout():
+    m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=2, dropout=0.5, backend="cpu"), 19)
+    x = make((2, 5, 8), torch.float32, 20)
+    m.eval()
+    out, info = m(x, return_info=True)
+    a = m.get_association_matrix(x)
+    assert a.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 2, 5))
+    torch.testing.assert_close(info.top_weight, a.amax(-1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(info.top_index, a.argmax(-1))
+    assert info.energy.shape == (2, 2, 5) and torch.isfinite(info.energy).all()
+    assert m.get_projected_pattern_matrix(x).shape == (2, 2, 5, 4)
+    m.train()  # dropout on the association matrix: the dense path, now random
+    torch.manual_seed(0)
+    assert not torch.allclose(m(x), out)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2sq"])
+def test_network_recalls_and_lowers_energy(similarity):
+    patterns = make((12, 16), torch.float32, 21)
+    net = hk.nn.HopfieldNetwork(patterns, 8.0 if similarity == "l2sq" else 2.0, similarity=similarity,
+                                update_steps_max=20, update_steps_eps=1e-5)
+    noisy = patterns[:4] + 0.1 * make((4, 16), torch.float32, 22)
+    state, r, e = net(noisy, return_info=True)
+    assert torch.equal(r.top_index, torch.arange(4))
+    assert (e <= net.energy(noisy) + 1e-5).all()
+    assert rel_err(state, patterns[:4]) < 1e-2
+    net.store(make((3, 16), torch.float32, 23))
+    assert net.stored_patterns.shape == (15, 16)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="similarity"):
+        hk.nn.Hopfield(input_size=8, similarity="cosine")
+    with pytest.raises(ValueError, match="input_size"):
+        hk.nn.Hopfield(input_size=9, num_heads=2)
+    with pytest.raises(ValueError, match="scaling"):
+        hk.nn.Hopfield(input_size=8, num_heads=2, scaling=torch.ones(3))
+    with pytest.raises(ValueError, match="normalize_state_pattern_affine"):
+        hk.nn.Hopfield(input_size=8, normalize_state_pattern=False)
