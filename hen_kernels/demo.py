@@ -1,301 +1,190 @@
-"""Recall demo: store real photos in a Modern Hopfield bank and recall them from damaged queries.
+"""HEN demo (`hen demo`, `make demo`): store real photos, recall them from damaged images and from captions.
 
-    python -m hen_kernels.demo [--size S] [--distractors N] [--out DIR] [--quick] [--seed K]
+    hen demo [--quick] [--size S] [--distractors N] [--codecs image,taef2] [--text minilm|pixel] [--out DIR]
 
-The photos bundled with scikit-image (those that load offline) become grayscale
-S x S images in [0, 1], flattened to D = S*S.  Random crops, rotations and mirror
-images of the same photos are added as distractors, so the bank is large enough for
-the timing to mean something and every photo has look-alikes.  Queries are the
-photos with the bottom half hidden, a random quarter-sized block hidden, or Gaussian
-noise added; each is retrieved with the public API (`hk.hopfield_retrieve`, automatic
-backend) under the "l2" and "dot" similarities.  A recall is right when the winning
-row is the photo's own and the recalled state is that pattern (MSE < 1e-4).
+The photos bundled with scikit-image and scikit-learn (those that load offline) become
+S x S RGB images, each with a caption written for this project.  Random crops of them
+(rotated, mirrored, resized) are added as distractors, each with a caption of its own, so
+every photo has look-alikes.  For each codec (raw pixels: the paper's image MHN; TAEF2:
+HEN) the photos and distractors are stored with their captions in a HEN, then recalled
+from the photo with its bottom half hidden, its bottom-right quarter hidden, noise added,
+and from its caption alone ([0; text], the paper's hetero-association).
 
-The bank is stored twice: as raw pixels, and standardised (each image minus its mean,
-over its std).  On raw pixels a half-hidden photo is often nearer a flat, smooth
-distractor than to itself (the hidden half is a grey patch, and a flat image is as
-close to it as the photo is); the HEN paper's Fig. 1 shows the same failure of
-raw-image Hopfield recall.  Standardised patterns mostly fix it, and make dot behave
-like l2.  The "best" column separates the two causes of a miss: whether the query's
-best-scoring row is its photo at all, and whether the dynamics then got there.
-
-Writes `summary.json` (the table) and `recall_l2.png` (original, then query and l2
-recalls for a few photos) to --out.
+Printed per (codec, query): identity accuracy (the recalled row is the photo's own),
+1 - SSIM and MSE of the decoded recall against the original photo, the mean top
+weight, steps, and throughput (queries/s of the Hopfield recall; and end to end, with
+encoding and decoding).  Writes ``summary.json`` and ``recall.png`` (per photo: original,
+half-hidden query, its recall by each codec, and the recall from the caption) to --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
-import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 import hen_kernels as hk
 
-# Names in skimage.data tried in order; those needing a download (pooch) are skipped.
-# `cat` is the same photo as `chelsea`, so it is left out.
-PHOTO_NAMES = (
-    "astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "horse", "clock",
-    "brick", "grass", "gravel", "rocket", "hubble_deep_field", "immunohistochemistry",
-    "retina", "text", "logo", "colorwheel", "microaneurysms", "stereo_motorcycle",
-    "checkerboard", "cell", "eagle", "lily", "skin",
-)
-KINDS = ("half", "block", "noise")
-SIMILARITIES = ("l2", "dot")
-REPRESENTATIONS = ("pixels", "standardized")
-RIGHT_MSE = 1e-4  # a recalled state this close to its photo's pattern (mean squared error) counts
-NOISE_STD = 0.1
-MAX_STEPS = 10
-TOL = 1e-4
+from . import metrics
+from .codecs import IdentityCodec, PixelTextEncoder, SentenceEncoder, TAEF2Codec
+from .data import load_photos, occlude
+from .hen import HEN
+from .taef2 import find_taef2_dir
+
+KINDS = ("half", "quarter", "noise")
+BETA = 200.0
 
 
-def _to_gray(img: np.ndarray) -> np.ndarray:
-    from skimage.color import rgb2gray, rgba2rgb
-    from skimage.util import img_as_float
-
-    img = img_as_float(np.asarray(img))
-    if img.ndim == 3 and img.shape[-1] == 4:
-        img = rgba2rgb(img)
-    if img.ndim == 3:
-        img = rgb2gray(img)
-    return img.astype(np.float32)
-
-
-def load_photos(verbose: bool = True) -> Tuple[List[str], List[np.ndarray]]:
-    """Grayscale float32 photos in [0, 1] at their own size, for every name that loads offline."""
-    import skimage.data
-
-    names, photos, skipped = [], [], []
-    for name in PHOTO_NAMES:
-        loader = getattr(skimage.data, name, None)
-        if loader is None:
-            skipped.append(name)
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img = loader()
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException:  # needs a download; under pytest skimage raises pytest's Skipped here
-            skipped.append(name)
-            continue
-        if isinstance(img, tuple):  # stereo pair: keep the left image
-            img = img[0]
-        names.append(name)
-        photos.append(_to_gray(img))
-    if verbose:
-        print(f"loaded {len(photos)} photos from skimage.data"
-              + (f" (skipped {len(skipped)}: {', '.join(skipped)})" if skipped else ""))
-    return names, photos
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    from skimage.transform import resize
-
-    return resize(img, (size, size), anti_aliasing=True).astype(np.float32)
-
-
-def build_bank(photos: Sequence[np.ndarray], size: int, n_distractors: int,
-               rng: np.random.Generator) -> np.ndarray:
-    """(P + n_distractors, S, S) images in [0, 1]: the P photos first, then the distractors.
-
-    A distractor is a random square crop covering 35-70 % of a photo's side, rotated by
-    a multiple of 90 degrees and mirrored at random, resized to S x S.  Nearly flat crops
-    (std < 0.01) are drawn again, so every pattern can be standardised.
-    """
-    originals = [_resize(p, size) for p in photos]
-    # Crop from a 4S x 4S copy: the same squashed aspect as the originals, and cheap to resize.
-    work = [_resize(p, 4 * size) for p in photos]
-    crops: List[np.ndarray] = []
-    while len(crops) < n_distractors:
-        src = work[rng.integers(len(work))]
-        side = int(rng.uniform(0.35, 0.70) * 4 * size)
-        y, x = rng.integers(0, 4 * size - side + 1, size=2)
-        crop = np.rot90(src[y:y + side, x:x + side], int(rng.integers(4)))
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        crop = _resize(np.ascontiguousarray(crop), size)
-        if crop.std() >= 0.01:
-            crops.append(crop)
-    return np.stack(originals + crops)
-
-
-def make_queries(originals: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Damaged copies of the originals, (P, S, S), in pixel space.
-
-    Hidden pixels are set to the mean of the visible ones rather than 0: a black patch
-    would pull the query toward dark patterns, a mean-grey one toward none in particular
-    (and it becomes exactly 0, i.e. "no information", once the query is standardised).
-    """
-    q = originals.copy()
-    p, s, _ = q.shape
-    h = s // 2
-    for i in range(p):
-        if kind == "half":
-            q[i, h:, :] = q[i, :h, :].mean()
-        elif kind == "block":
-            y, x = rng.integers(0, s - h + 1, size=2)
-            mask = np.zeros((s, s), bool)
-            mask[y:y + h, x:x + h] = True
-            q[i][mask] = q[i][~mask].mean()
-        elif kind == "noise":
-            q[i] += rng.normal(0.0, NOISE_STD, size=(s, s)).astype(np.float32)
-        else:
-            raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    return q
-
-
-def represent(images: np.ndarray, patterns: str) -> np.ndarray:
-    """Flatten (n, S, S) images to (n, S*S) float32 patterns.
-
-    "pixels": grey levels in [0, 1] as they are.  "standardized": each image minus its
-    mean, over its std, so every pattern has the same norm sqrt(D): brightness and
-    contrast stop deciding the match, l2 and dot rank patterns alike, and a hidden
-    region filled with the mean becomes 0, which favours no pattern.
-    """
-    flat = images.reshape(len(images), -1).astype(np.float32)
-    if patterns == "pixels":
-        return flat
-    mean = flat.mean(1, keepdims=True)
-    return ((flat - mean) / np.maximum(flat.std(1, keepdims=True), 1e-6)).astype(np.float32)
-
-
-def choose_beta(similarity: str, dim: int, scale: float) -> float:
-    """Inverse temperature for hard (one-pattern) recall; ``scale`` is the bank's typical pixel std.
-
-    l2: the score is -||x - s||, a distance that grows like sqrt(D) times the rms pixel
-    difference.  Neighbouring patterns in this bank differ by at least ~1/4 of a pixel
-    std in rms, a score gap of ~sqrt(D)·scale/4, and the softmax is one-hot once
-    beta·gap >~ 20 nats: beta = 80 / (sqrt(D)·scale) (about 15 for 32 x 32 pixels).
-    A query that starts between patterns is first pulled to a mix of its near
-    neighbours; from there the nearest one wins and the next steps confirm it.
-
-    dot: x·s = (||x||² + ||s||² - ||x - s||²)/2, so a gap g in distance at distance
-    ~sqrt(D)·scale is a gap of ~g·sqrt(D)·scale in score: beta = 80 / (D·scale²).  On
-    raw pixels dot still prefers bright patterns to similar ones (a brighter image has
-    a larger x·s); on standardised patterns every norm is equal and dot ranks like l2.
-    """
-    if similarity == "l2":
-        return 80.0 / (math.sqrt(dim) * scale)
-    return 80.0 / (dim * scale * scale)
-
-
-def _save_grid(path: Path, tiles: List[List[np.ndarray]]) -> None:
-    """Tiles (rows x columns of S x S images in [0, 1]) with 2 px white gaps, as an 8-bit PNG."""
-    from skimage.io import imsave
-
-    s, gap = tiles[0][0].shape[0], 2
-    rows, cols = len(tiles), len(tiles[0])
-    grid = np.ones((rows * (s + gap) + gap, cols * (s + gap) + gap), np.float32)
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            y, x = gap + r * (s + gap), gap + c * (s + gap)
-            grid[y:y + s, x:x + s] = np.clip(tile, 0.0, 1.0)
-    imsave(str(path), (grid * 255).round().astype(np.uint8), check_contrast=False)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--size", type=int, default=None, help="image side S (default 64, 32 with --quick)")
+    ap.add_argument("--distractors", type=int, default=None,
+                    help="augmented distractor photos (default 200, 40 with --quick)")
+    ap.add_argument("--codecs", default="image,taef2", help="comma-separated: image, taef2 (default both)")
+    ap.add_argument("--text", default="minilm", choices=("minilm", "pixel"),
+                    help="caption encoder: sentence embeddings (default) or pixelised text")
+    ap.add_argument("--beta", type=float, default=BETA, help=f"inverse temperature (default {BETA:g})")
+    ap.add_argument("--out", default="demo_out", help="folder for summary.json and recall.png")
+    ap.add_argument("--quick", action="store_true", help="S = 32 and fewer distractors")
+    ap.add_argument("--seed", type=int, default=0)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m hen_kernels.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=None, help="image side S (default 64, 32 with --quick)")
-    ap.add_argument("--distractors", type=int, default=None,
-                    help="augmented distractor patterns (default 4000, 400 with --quick)")
-    ap.add_argument("--out", default="demo_out", help="folder for summary.json and recall_l2.png")
-    ap.add_argument("--quick", action="store_true", help="S = 32 and fewer distractors: a few seconds")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    ap = argparse.ArgumentParser(prog="hen demo", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return finish_args(ap, ap.parse_args(argv))
+
+
+def finish_args(ap, args):
     if args.size is None:
         args.size = 32 if args.quick else 64
     if args.distractors is None:
-        args.distractors = 400 if args.quick else 4000
-    if args.size < 4:
-        ap.error("--size: expected an integer >= 4")
+        args.distractors = 40 if args.quick else 200
+    if args.size < 8 or args.size % 8:
+        ap.error("--size: expected a multiple of 8, at least 8")
     if args.distractors < 0:
         ap.error("--distractors: expected an integer >= 0")
     return args
 
 
+def distractors(photos: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """Random square crops (35-70 % of the side) of the photos, rotated by k·90°, maybe mirrored, resized."""
+    import torch.nn.functional as F
+
+    s = photos.shape[-1]
+    out = []
+    while len(out) < n:
+        src = photos[int(rng.integers(len(photos)))]
+        side = int(rng.uniform(0.35, 0.70) * s)
+        y, x = (int(v) for v in rng.integers(0, s - side + 1, size=2))
+        crop = torch.rot90(src[:, y:y + side, x:x + side], int(rng.integers(4)), dims=(1, 2))
+        if rng.random() < 0.5:
+            crop = crop.flip(-1)
+        crop = F.interpolate(crop[None], size=(s, s), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        if float(crop.std()) >= 0.02:
+            out.append(crop)
+    return torch.stack(out) if out else photos[:0]
+
+
 def run(args: argparse.Namespace) -> List[dict]:
-    """Build the bank, run every (patterns, kind, similarity), print the table; returns its rows."""
+    if not hasattr(args, "quick") or args.size is None or args.distractors is None:
+        args = finish_args(argparse.ArgumentParser(prog="hen demo"), args)
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
     t0 = time.perf_counter()
-    names, photos = load_photos()
-    if not photos:
-        raise RuntimeError("no photo in skimage.data loaded offline")
-    images = build_bank(photos, args.size, args.distractors, rng)
-    p, n, dim = len(photos), len(images), args.size * args.size
-    originals = images[:p]
-    print(f"bank: {n} patterns x D = {dim} ({p} photos + {n - p} distractors, "
-          f"{n * dim * 4 / 2**20:.1f} MiB float32), built in {time.perf_counter() - t0:.1f} s")
+    names, photos, captions = load_photos(args.size, verbose=True)
+    if not len(names):
+        raise RuntimeError("no photo loaded offline from scikit-image or scikit-learn")
+    extra = distractors(photos, args.distractors, rng)
+    images = torch.cat([photos, extra])
+    texts = captions + [f"a cropped and turned detail, number {j}" for j in range(len(extra))]
+    p = len(names)
+    print(f"bank: {len(images)} images {tuple(images.shape[1:])} ({p} photos + {len(extra)} distractor crops), "
+          f"each with a caption; backends {hk.available_backends()}")
 
-    avail = hk.available_backends()
-    auto = next((b for b in ("cpu", "torch") if b in avail), "?")
-    forced = os.environ.get("HEN_KERNELS_BACKEND")
-    print(f"available backends: {avail}; backend=None picks the first of ('cpu', 'torch') available "
-          f"for CPU tensors: {auto!r}" + (f" (overridden by HEN_KERNELS_BACKEND={forced})" if forced else ""))
-
-    queries = {kind: make_queries(originals, kind, rng) for kind in KINDS}
+    codecs = []
+    for c in (x for x in args.codecs.split(",") if x):
+        if c == "image":
+            codecs.append(IdentityCodec())
+        elif c == "taef2":
+            if find_taef2_dir() is None:
+                print("skipping taef2: weights not found (set HEN_TAEF2_DIR to the folder with taef2_*.pth)")
+                continue
+            codecs.append(TAEF2Codec())
+        else:
+            raise SystemExit(f"--codecs: unknown codec {c!r} (expected image, taef2)")
+    queries = {k: occlude(photos, k, seed=args.seed) for k in KINDS}
     expected = torch.arange(p)
-    rows, recalls = [], {}
-    header = (f"{'patterns':<12} {'query':<6} {'sim':<4} {'beta':>8} {'best':>6} {'right':>6} "
-              f"{'top_w':>6} {'steps':>5} {'ms':>7} {'queries/s':>9}")
-    print("best: the query's best-scoring row is its photo; right: recall returned that row and a "
-          f"state within MSE {RIGHT_MSE:g} of it")
-    print(header)
-    print("-" * len(header))
-    for patterns in REPRESENTATIONS:
-        bank = torch.from_numpy(represent(images, patterns))
-        target = bank[:p]
-        scale = float(bank.std(1).mean())
-        hk.hopfield_retrieve(target[:1], bank, 1.0, similarity="l2")  # warm-up, not timed
-        for kind in KINDS:
-            q = torch.from_numpy(represent(queries[kind], patterns))
-            for sim in SIMILARITIES:
-                beta = choose_beta(sim, dim, scale)
-                # top_index does not depend on beta: it is the exact best match of the query.
-                best = hk.hopfield_partial(q, bank, 1.0, similarity=sim).top_index == expected
-                t = time.perf_counter()
-                r = hk.hopfield_retrieve(q, bank, beta, similarity=sim, max_steps=MAX_STEPS, tol=TOL)
-                wall = time.perf_counter() - t
-                mse = ((r.state - target) ** 2).mean(-1)
-                right = (r.top_index == expected) & (mse < RIGHT_MSE)
-                row = dict(patterns=patterns, kind=kind, similarity=sim, beta=beta, total=p,
-                           best=int(best.sum()), right=int(right.sum()),
-                           top_weight=float(r.top_weight.mean()), steps=float(r.steps.float().mean()),
-                           wall_s=wall, queries_per_s=p / wall,
-                           missed=[names[i] for i in range(p) if not bool(right[i])])
-                rows.append(row)
-                if sim == "l2":
-                    state = r.state.numpy().reshape(p, args.size, args.size)
-                    if patterns == "standardized":  # back to grey levels with the photo's own mean and std
-                        state = state * originals.std((1, 2), keepdims=True) + originals.mean((1, 2), keepdims=True)
-                    recalls[patterns, kind] = state
-                print(f"{patterns:<12} {kind:<6} {sim:<4} {beta:>8.3g} {row['best']:>3}/{p:<2} "
-                      f"{row['right']:>3}/{p:<2} {row['top_weight']:>6.3f} {row['steps']:>5.1f} "
-                      f"{wall * 1e3:>7.1f} {row['queries_per_s']:>9.0f}")
-
+    rows, grid = [], {}
+    head = (f"{'codec':<6} {'query':<8} {'acc':>7} {'1-SSIM':>7} {'MSE':>7} {'top_w':>6} {'steps':>5} "
+            f"{'recall q/s':>10} {'e2e q/s':>8}")
+    print("acc: the recalled row is the photo's own; 1-SSIM and MSE: decoded recall vs the original photo")
+    print(head)
+    print("-" * len(head))
+    for codec in codecs:
+        if args.text == "minilm":
+            try:
+                text = SentenceEncoder()
+                text.model  # load now, so a missing package shows here
+            except ImportError as e:
+                print(f"{e}; using pixelised text")
+                text = PixelTextEncoder(codec, tuple(images.shape[1:]))
+        else:
+            text = PixelTextEncoder(codec, tuple(images.shape[1:]))
+        hen = HEN(codec, text_encoder=text, beta=args.beta, similarity="l2", max_steps=100, tol=1e-4,
+                  progress=False)
+        t = time.perf_counter()
+        hen.store(images, texts)
+        store_s = time.perf_counter() - t
+        for kind in KINDS + ("caption",):
+            t = time.perf_counter()
+            if kind == "caption":
+                lat = hen.encode_texts(captions)
+                t1 = time.perf_counter()
+                r = hen.recall_text(text_latents=lat, decode=False)
+            else:
+                lat = hen.encode_images(queries[kind])
+                t1 = time.perf_counter()
+                r = hen.recall(latents=lat, decode=False)
+            t2 = time.perf_counter()
+            recalled = codec.decode(r.latents)
+            t3 = time.perf_counter()
+            row = dict(codec=codec.name, query=kind, text=text.name, total=p,
+                       right=int((r.index == expected).sum()), **{
+                           "accuracy": metrics.identity_accuracy(r.index, expected),
+                           "one_minus_ssim": float(metrics.one_minus_ssim(recalled, photos).mean()),
+                           "mse": float(metrics.mse(recalled, photos).mean())},
+                       top_weight=float(r.top_weight.mean()), steps=float(r.steps.float().mean()),
+                       recall_qps=p / (t2 - t1), e2e_qps=p / (t3 - t), store_s=store_s,
+                       missed=[names[i] for i in range(p) if int(r.index[i]) != i])
+            rows.append(row)
+            grid[codec.name, kind] = recalled
+            print(f"{codec.name:<6} {kind:<8} {row['right']:>3}/{p:<3} {row['one_minus_ssim']:>7.3f} "
+                  f"{row['mse']:>7.4f} {row['top_weight']:>6.3f} {row['steps']:>5.1f} {row['recall_qps']:>10.0f} "
+                  f"{row['e2e_qps']:>8.0f}")
     for row in rows:
-        if row["missed"] and row["similarity"] == "l2":
-            print(f"  {row['patterns']}/{row['kind']}/l2 missed: {', '.join(row['missed'])}")
-    png = out / "recall_l2.png"
-    _save_grid(png, [[originals[i]] + [t[i] for kind in KINDS for t in
-                                       (queries[kind], recalls["pixels", kind], recalls["standardized", kind])]
-                     for i in range(min(6, p))])
-    summary = dict(size=args.size, photos=names, bank_rows=n, dim=dim, backends=avail,
-                   auto_backend=auto, rows=rows)
+        if row["missed"]:
+            print(f"  {row['codec']}/{row['query']} missed: {', '.join(row['missed'])}")
+    from .experiments.common import image_grid
+
+    cols, labels = [photos, queries["half"]], ["original", "half hidden"]
+    for codec in codecs:
+        cols.append(grid[codec.name, "half"])
+        labels.append(f"{codec.name} recall")
+    for codec in codecs:
+        cols.append(grid[codec.name, "caption"])
+        labels.append(f"{codec.name} from caption")
+    png = out / "recall.png"
+    image_grid(png, cols, labels, rows=min(6, p))
+    summary = dict(size=args.size, photos=names, captions=captions, bank_rows=len(images),
+                   backends=hk.available_backends(), beta=args.beta, rows=rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {png} (per photo: original, then for {', '.join(KINDS)}: query, l2 recall on "
-          f"pixels, l2 recall on standardized) and {out / 'summary.json'}; "
-          f"total {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {png} and {out / 'summary.json'}; total {time.perf_counter() - t0:.1f} s")
     return rows
 
 

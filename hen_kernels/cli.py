@@ -1,0 +1,115 @@
+"""The ``hen`` command.
+
+    hen demo [--quick] [--out DIR] ...           store real photos, recall them from damaged images and captions
+    hen experiment NAME [--quick] [--out DIR]    one of the paper's experiments (table1, fig2, fig3, table2,
+                                                 uniqueness, or all), written as Markdown + PNG under DIR
+    hen info                                     backends, codecs and data found on this machine
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEFAULT_OUT = "results/hen"
+
+
+def _ints(s: str):
+    return [int(x) for x in s.split(",") if x]
+
+
+def _strs(s: str):
+    return [x for x in s.split(",") if x]
+
+
+def _floats(s: str):
+    return [float(x) for x in s.split(",") if x]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments import EXPERIMENTS
+
+    ap = argparse.ArgumentParser(prog="hen", description="Hopfield Encoding Networks on hen_kernels")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="store real photos, recall them from occluded and noisy images and captions")
+    from .demo import add_arguments
+
+    add_arguments(d)
+    e = sub.add_parser("experiment", help="run one of the paper's experiments")
+    e.add_argument("name", choices=EXPERIMENTS + ("all",))
+    e.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    e.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for a smoke test")
+    e.add_argument("--codecs", type=_strs, help="comma-separated: image, taef2, diffusers:PATH")
+    e.add_argument("--taef2", dest="taef2_path", help="folder with the TAEF2 weights (default $HEN_TAEF2_DIR)")
+    e.add_argument("--sizes", type=_ints, help="table1: bank sizes, e.g. 6000,10000,15000,70000")
+    e.add_argument("--distractors", type=_ints, help="table2: distractor counts; uniqueness: the first one")
+    e.add_argument("--n-queries", type=int, help="table1, fig2: number of queries")
+    e.add_argument("--n-bank", type=int, help="fig2: bank size; fig3: number of images")
+    e.add_argument("--betas", type=_floats, help="fig2: betas to sweep")
+    e.add_argument("--beta", type=float, help="table1, table2, uniqueness: beta")
+    sub.add_parser("info", help="what this machine has: backends, TAEF2 weights, Fashion-MNIST, text encoders")
+    return ap
+
+
+def _experiment(args, command: str) -> int:
+    from . import experiments
+
+    names = experiments.EXPERIMENTS if args.name == "all" else (args.name,)
+    for name in names:
+        run = experiments.get(name)
+        kw = dict(quick=args.quick, taef2_path=args.taef2_path, command=command)
+        if args.codecs:
+            kw["codecs"] = args.codecs
+        if args.beta is not None and name in ("table1", "table2", "uniqueness"):
+            kw["beta"] = args.beta
+        if name == "table1":
+            kw.update(sizes=args.sizes, n_queries=args.n_queries)
+        elif name == "fig2":
+            kw.update(n_bank=args.n_bank, n_queries=args.n_queries)
+            if args.betas:
+                kw["betas"] = args.betas
+        elif name == "fig3":
+            kw.update(n=args.n_bank)
+        elif name == "table2":
+            kw.update(distractors=args.distractors)
+        elif name == "uniqueness":
+            kw.update(distractors=args.distractors[0] if args.distractors else None)
+        print(f"== experiment {name} -> {args.out}")
+        run(Path(args.out), **kw)
+        print(f"wrote {Path(args.out) / (name + '.md')}")
+    return 0
+
+
+def _info() -> int:
+    import hen_kernels as hk
+    from .data import fashion_mnist_available
+    from .taef2 import find_taef2_dir
+
+    print(f"backends: {hk.available_backends()}")
+    print(f"TAEF2 weights: {find_taef2_dir() or 'not found (set HEN_TAEF2_DIR)'}")
+    print(f"Fashion-MNIST: {'found' if fashion_mnist_available() else 'missing (apt-get install dataset-fashion-mnist)'}")
+    try:
+        from .codecs import sentence_model_dir
+
+        print(f"sentence encoder: {sentence_model_dir()}")
+    except ImportError as e:
+        print(f"sentence encoder: {e}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.cmd == "demo":
+        from .demo import run
+
+        run(args)
+        return 0
+    if args.cmd == "experiment":
+        return _experiment(args, "hen " + " ".join(argv))
+    return _info()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Shared pieces of the experiments: caches, tables, plots, and the fixed settings."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+
+def cache_dir() -> Path:
+    """Where encoded latents are cached between runs: $HEN_CACHE_DIR or ~/.cache/hen_kernels."""
+    d = Path(os.environ.get("HEN_CACHE_DIR") or Path.home() / ".cache" / "hen_kernels")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def cached_encode(codec, images: torch.Tensor, key: Optional[str], progress: bool = True) -> torch.Tensor:
+    """``codec.encode(images)``, cached on disk under ``key`` (None: no cache).  The identity codec is never cached."""
+    if key is None or codec.name == "image":
+        return codec.encode(images, progress=progress)
+    path = cache_dir() / f"{codec.name}-{key}-{len(images)}.pt"
+    if path.is_file():
+        z = torch.load(path, weights_only=True)
+        codec._remember(images)
+        if hasattr(codec, "_latent_shape") and codec._latent_shape is None:
+            codec.encode(images[:1])
+        return z
+    z = codec.encode(images, progress=progress)
+    tmp = path.with_suffix(".tmp")
+    torch.save(z, tmp)
+    os.replace(tmp, path)
+    return z
+
+
+def codec_by_name(name: str, taef2_path=None):
+    from ..codecs import make_codec
+
+    return make_codec(name, taef2_path=taef2_path)
+
+
+def available_codecs(names: Sequence[str], taef2_path=None) -> List[str]:
+    """Those of ``names`` that can run here (TAEF2 needs its weights); prints why one is left out."""
+    from ..taef2 import find_taef2_dir
+
+    out = []
+    for n in names:
+        if n == "taef2" and find_taef2_dir(taef2_path) is None:
+            print("skipping codec taef2: weights not found (set HEN_TAEF2_DIR)")
+            continue
+        out.append(n)
+    return out
+
+
+def fmt(v, digits: int = 3) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "–"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(rows: List[Dict], columns: Sequence[str], headers: Optional[Sequence[str]] = None,
+                   digits: int = 3) -> str:
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, ""), digits) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, name: str, title: str, command: str, body: str, data: Dict) -> Path:
+    """``name.md`` (title, the command that made it, the body) and ``name.json`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{name}.md"
+    md.write_text(f"# {title}\n\nMade by `{command}` on {time.strftime('%Y-%m-%d')} "
+                  f"({os.cpu_count()} CPU cores, torch {torch.__version__}).\n\n{body.rstrip()}\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1, default=float))
+    return md
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as p
+
+    return p
+
+
+def image_grid(path: Path, columns: Sequence[torch.Tensor], labels: Sequence[str], rows: int = 6,
+               scale: int = 2) -> None:
+    """A PNG grid: one column per tensor of images (N, C, H, W), the first ``rows`` images of each."""
+    p = plt()
+    rows = min(rows, *(len(c) for c in columns))
+    fig, axes = p.subplots(rows, len(columns), figsize=(scale * len(columns) * 0.8, scale * rows * 0.8),
+                           squeeze=False)
+    for j, (col, lab) in enumerate(zip(columns, labels)):
+        for i in range(rows):
+            ax = axes[i][j]
+            img = col[i].float().clamp(0, 1)
+            if img.shape[0] == 1:
+                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(lab, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    p.close(fig)

@@ -1,0 +1,273 @@
+"""HEN: Hopfield Encoding Networks (the paper in ../shared/seeds/000_59da1513532ad5a8.txt).
+
+Content is encoded before it is stored and decoded after it is recalled (the paper's
+Eqs. 5-7): ``store`` encodes images (and optionally their captions) into a
+:class:`hen_kernels.MemoryBank`; ``recall`` encodes damaged images and runs the
+Hopfield dynamics in latent space with the bank's public ``retrieve``; the image part
+of the final state is decoded.  ``recall_text`` is the hetero-association of the
+paper's §3.2: memories are ``[image latent; text latent]``, a query is
+``[0; text latent]``, and the image part of the fixed point is decoded.
+
+Normalisation (the paper: the two energy landscapes "must be appropriately
+normalized"), explicit and the same for every codec:
+
+1. each part (image, text) is centred by the per-dimension mean of the patterns of the
+   first ``store`` call and divided by one scalar, the root-mean-square norm of those
+   centred patterns, so a stored part has E‖x‖² = 1 whatever the codec or encoder; the
+   text part is then multiplied by ``text_weight``;
+2. when memories carry text, each part is followed by one *norm pad* coordinate
+   ``c = (R² - ‖x‖²)^½`` (R = 1.5 x the largest stored norm of that part), so every
+   stored part has the same norm R.  A query that lacks a part (the paper's zeros)
+   leaves the part and its pad at 0, so that part adds the same ‖x‖² + c² = R² to the
+   squared distance of every memory and drops out of the ranking: a caption query is
+   matched on the caption alone, whatever the images' norms, and an image query on the
+   image alone.  A query that has a part sets its pad to (R² - ‖q‖²)^½, which adds only
+   (c_n - c_q)² ≈ (‖x_n‖² - ‖q‖²)² / 4R², a small term.  Without pads, the ℓ2 distance
+   of ``[0; t]`` to ``[x_n; y_n]`` is ‖x_n‖² + ‖y_n - t‖², and the image with the smallest
+   norm wins over the right caption.
+
+Step 1 makes beta mean the same thing across codecs (a beta sweep compares like with
+like) and makes the zero of a query's missing part the *mean* pattern.  The statistics
+are kept (``image_norm``, ``text_norm``) and reused by later ``store`` calls, so a bank
+can grow (a later row longer than R gets pad 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .bank import MemoryBank
+from .codecs import ImageCodec, TextEncoder
+
+
+@dataclass
+class PartNorm:
+    """x -> (x - mean) / scale * weight, and back."""
+
+    mean: torch.Tensor
+    scale: float
+    weight: float = 1.0
+    radius: float = 0.0
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, weight: float = 1.0, enabled: bool = True) -> "PartNorm":
+        if not enabled:
+            norm = cls(torch.zeros(z.shape[1]), 1.0, weight)
+        else:
+            mean = z.mean(0)
+            scale = float((z - mean).pow(2).sum(1).mean().sqrt())
+            norm = cls(mean, scale if scale > 0 else 1.0, weight)
+        norm.radius = 1.5 * float(norm.forward(z).norm(dim=1).max()) + 1e-6
+        return norm
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1): the norm pad (R² - ‖x‖²)^½ of normalised rows x (0 past R)."""
+        return (self.radius ** 2 - x.pow(2).sum(1, keepdim=True)).clamp_min(0).sqrt()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.float() - self.mean) * (self.weight / self.scale)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * (self.scale / self.weight) + self.mean
+
+
+@dataclass
+class Recall:
+    """What a recall returns, per query.
+
+    ``images``: the decoded image part of the final state (None with ``decode=False``);
+    ``latents``: that image part back in the codec's latent space; ``index``: the bank row
+    that scored best at the last step; ``top_weight``: its softmax weight (≈1: one memory,
+    small: a metastable mix); ``steps``, ``converged``: of the dynamics; ``state``: the
+    final normalised state, both parts.
+    """
+
+    images: Optional[torch.Tensor]
+    latents: torch.Tensor
+    index: torch.Tensor
+    top_weight: torch.Tensor
+    steps: torch.Tensor
+    converged: torch.Tensor
+    state: torch.Tensor
+
+
+class HEN:
+    """A Hopfield Encoding Network over a :class:`~hen_kernels.MemoryBank`.
+
+    ``HEN(codec, *, text_encoder=None, beta, similarity="l2", max_steps=100, tol=1e-4,
+    normalize=True, text_weight=1.0, batch_size=256, dtype=torch.float32, device="cpu",
+    storage="device", path=None, chunk_rows=None, backend=None, progress=None)``
+
+    - ``codec``: an :class:`~hen_kernels.codecs.ImageCodec` (identity for the raw-image MHN).
+    - ``text_encoder``: a :class:`~hen_kernels.codecs.TextEncoder`; needed for ``texts`` in
+      ``store`` and for ``recall_text``.
+    - ``beta``, ``similarity``: of the dynamics, in the normalised space (module docstring).
+    - ``max_steps``, ``tol``: each query stops once max|s_new - s| <= tol.
+    - ``normalize``: False stores the codec's latents as they are (no centring or scaling).
+    - ``batch_size``: queries per retrieve call (a batch stops when all its queries have).
+    - ``dtype``, ``device``, ``storage``, ``path``, ``chunk_rows``, ``backend``: the bank's.
+    """
+
+    def __init__(self, codec: ImageCodec, *, text_encoder: Optional[TextEncoder] = None, beta: float,
+                 similarity: str = "l2", max_steps: int = 100, tol: Optional[float] = 1e-4,
+                 normalize: bool = True, text_weight: float = 1.0, batch_size: int = 256,
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                 storage: str = "device", path=None, chunk_rows: Optional[int] = None,
+                 backend: Optional[str] = None, progress: Optional[bool] = None):
+        if not isinstance(codec, ImageCodec):
+            raise TypeError(f"codec: expected an ImageCodec, got {type(codec).__name__}")
+        if text_encoder is not None and not isinstance(text_encoder, TextEncoder):
+            raise TypeError(f"text_encoder: expected a TextEncoder or None, got {type(text_encoder).__name__}")
+        if not (isinstance(beta, (int, float)) and beta > 0):
+            raise ValueError(f"beta: expected a float > 0, got {beta!r}")
+        if not text_weight > 0:
+            raise ValueError(f"text_weight: expected a float > 0, got {text_weight!r}")
+        self.codec = codec
+        self.text_encoder = text_encoder
+        self.beta = float(beta)
+        self.similarity = similarity
+        self.max_steps = int(max_steps)
+        self.tol = tol
+        self.normalize = bool(normalize)
+        self.text_weight = float(text_weight)
+        self.batch_size = int(batch_size)
+        self.progress = progress
+        self._bank_kw = dict(dtype=dtype, device=device, storage=storage, path=path, chunk_rows=chunk_rows,
+                             similarity=similarity, beta=self.beta, backend=backend)
+        self.bank: Optional[MemoryBank] = None
+        self.image_norm: Optional[PartNorm] = None
+        self.text_norm: Optional[PartNorm] = None
+        self.image_dim = 0
+        self.text_dim = 0
+
+    def __len__(self) -> int:
+        return 0 if self.bank is None else len(self.bank)
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_dim > 0
+
+    @property
+    def row_dim(self) -> int:
+        """Width of a bank row: the image part, then (with text) its pad, the text part and its pad."""
+        return self.image_dim + (self.text_dim + 2 if self.has_text else 0)
+
+    # --- encoding -------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(images, progress=self.progress)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise ValueError("text_encoder: this HEN has none; pass text_encoder=... to use captions")
+        return self.text_encoder.encode(texts)
+
+    # --- storing --------------------------------------------------------------------
+
+    def store(self, images: Optional[torch.Tensor] = None, texts: Optional[Sequence[str]] = None, *,
+              latents: Optional[torch.Tensor] = None, text_latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encode and store images (and their captions); returns the bank ids.
+
+        ``latents`` / ``text_latents`` give already-encoded parts (the experiments cache them).
+        The first call fixes the normalisation and whether memories carry a text part.
+        """
+        if latents is None:
+            if images is None:
+                raise ValueError("images: pass images or latents")
+            latents = self.encode_images(images)
+        if text_latents is None and texts is not None:
+            if len(texts) != len(latents):
+                raise ValueError(f"texts: expected {len(latents)} captions (one per image), got {len(texts)}")
+            text_latents = self.encode_texts(texts)
+        if self.bank is None:
+            self.image_norm = PartNorm.fit(latents, 1.0, self.normalize)
+            self.image_dim = latents.shape[1]
+            if text_latents is not None:
+                self.text_norm = PartNorm.fit(text_latents, self.text_weight, self.normalize)
+                self.text_dim = text_latents.shape[1]
+            self.bank = MemoryBank(self.row_dim, **self._bank_kw)
+        if (text_latents is not None) != self.has_text:
+            raise ValueError("texts: every store call must give captions, or none, like the first one")
+        rows = self.image_norm.forward(latents)
+        if self.has_text:
+            if len(text_latents) != len(rows):
+                raise ValueError(f"text_latents: expected {len(rows)} rows, got {len(text_latents)}")
+            t = self.text_norm.forward(text_latents)
+            rows = torch.cat([rows, self.image_norm.pad(rows), t, self.text_norm.pad(t)], 1)
+        return self.bank.add(rows.to(self.bank.dtype).to(self.bank.device))
+
+    def stored_latents(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The image latents of stored rows (all, or ``index``), in the codec's space."""
+        self._require_bank()
+        rows, _ = self.bank.read()
+        if index is not None:
+            rows = rows[index.clamp_min(0)]
+        return self.image_norm.inverse(rows[:, :self.image_dim])
+
+    # --- recalling ------------------------------------------------------------------
+
+    def _require_bank(self) -> None:
+        if self.bank is None or len(self.bank) == 0:
+            raise ValueError("store: the bank is empty; store images first")
+
+    def _run(self, query: torch.Tensor, decode: bool, desc: str) -> Recall:
+        from tqdm.auto import tqdm
+
+        parts = []
+        show = self.progress if self.progress is not None else len(query) > 4 * self.batch_size
+        for i in tqdm(range(0, len(query), self.batch_size), desc=desc, unit="batch", disable=not show, leave=False):
+            q = query[i:i + self.batch_size].to(self.bank.dtype).to(self.bank.device)
+            parts.append(self.bank.retrieve(q, self.beta, similarity=self.similarity,
+                                            max_steps=self.max_steps, tol=self.tol, progress=False))
+        state = torch.cat([p.state for p in parts]).float().cpu()
+        latents = self.image_norm.inverse(state[:, :self.image_dim])
+        return Recall(
+            images=self.codec.decode(latents, progress=self.progress) if decode else None,
+            latents=latents,
+            index=torch.cat([p.top_index for p in parts]).cpu(),
+            top_weight=torch.cat([p.top_weight for p in parts]).float().cpu(),
+            steps=torch.cat([p.steps for p in parts]).cpu(),
+            converged=torch.cat([p.converged for p in parts]).cpu(),
+            state=state,
+        )
+
+    def image_query(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised query rows for image latents: ``[x; 0]`` when memories carry text."""
+        q = self.image_norm.forward(latents)
+        if self.has_text:
+            q = torch.cat([q, self.image_norm.pad(q), torch.zeros(len(q), self.text_dim + 1)], 1)
+        return q
+
+    def text_query(self, text_latents: torch.Tensor) -> torch.Tensor:
+        """Normalised query rows for caption latents: ``[0; t]`` (the paper's §3.2), with its pads."""
+        if not self.has_text:
+            raise ValueError("texts: the stored memories carry no text part; store images with texts=...")
+        t = self.text_norm.forward(text_latents)
+        return torch.cat([torch.zeros(len(t), self.image_dim + 1), t, self.text_norm.pad(t)], 1)
+
+    def recall(self, queries: Optional[torch.Tensor] = None, *, latents: Optional[torch.Tensor] = None,
+               decode: bool = True) -> Recall:
+        """Recall stored images from damaged ones (occluded, noisy), (N, C, H, W) in [0, 1]."""
+        self._require_bank()
+        if latents is None:
+            if queries is None:
+                raise ValueError("queries: pass images or latents")
+            latents = self.encode_images(queries)
+        return self._run(self.image_query(latents), decode, "recall")
+
+    def recall_text(self, texts: Optional[Sequence[str]] = None, *, text_latents: Optional[torch.Tensor] = None,
+                    decode: bool = True) -> Recall:
+        """Hetero-association: recall the images stored with these captions."""
+        self._require_bank()
+        if text_latents is None:
+            if texts is None:
+                raise ValueError("texts: pass captions or text_latents")
+            text_latents = self.encode_texts(texts)
+        return self._run(self.text_query(text_latents), decode, "recall_text")
+
+    def __repr__(self) -> str:
+        return (f"HEN(codec={self.codec.name!r}, text_encoder={getattr(self.text_encoder, 'name', None)!r}, "
+                f"beta={self.beta:g}, similarity={self.similarity!r}, stored={len(self)}, "
+                f"dim={self.image_dim}+{self.text_dim})")
