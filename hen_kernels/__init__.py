@@ -23,3 +23,17 @@ __all__ = [
     "merge_partials",
 ]
 __version__ = "0.1.0"
+
+# HEN (hen.py) is exported lazily: `import hen_kernels` stays fast and never imports
+# diffusers, transformers or sentence-transformers.
+_LAZY = {"HEN": ("hen", "HEN"), "Recall": ("hen", "Recall")}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
