@@ -2,8 +2,10 @@
 
 Metadata and dependencies live in pyproject.toml; this file only builds
 hen_kernels/_C.  Set HEN_KERNELS_SKIP_EXT=1 to install without it (the
-package then serves the "torch" backend alone) and CMAKE_ARGS to pass
-extra options to CMake.
+package then serves the "torch" backend alone), CMAKE_ARGS to pass
+extra options to CMake (e.g. -DHEN_CUDA=OFF to leave the CUDA kernels out,
+-DHEN_CUDA_ARCHS="80;90;100") and HEN_BUILD_DIR to choose the CMake build
+folder (default build/cmake.<python tag>/, kept between builds).
 """
 import os
 import shlex
@@ -26,7 +28,10 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
-        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        # A build folder that outlives pip's temporary one, so a rebuild after an
+        # edit recompiles only what changed (the CUDA kernels take minutes).
+        build_dir = os.environ.get("HEN_BUILD_DIR") or os.path.join(
+            ROOT, "build", "cmake" + sysconfig.get_config_var("EXT_SUFFIX").rsplit(".", 1)[0])
         os.makedirs(build_dir, exist_ok=True)
         args = [
             f"-DPython3_EXECUTABLE={sys.executable}",

@@ -43,9 +43,19 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return diff if denom == 0 else diff / denom
 
 
+def device_of(backend: str) -> str:
+    """Where a backend's inputs live: CUDA for the GPU backends (Triton only when not interpreted)."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and not interpreted(backend)) else "cpu"
+
+
+# The device `make` puts tensors on; tests/test_kernels.py sets it per test from its backend.
+MAKE_DEVICE = {"device": "cpu"}
+
+
 def make(shape, dtype, seed, scale=1.0):
+    """Standard-normal data, drawn on the CPU (the same numbers on every device), then moved."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(MAKE_DEVICE["device"])
 
 
 def ref64(query, memory, beta, similarity, values=None, offset=0):

@@ -7,12 +7,23 @@ import torch
 import hen_kernels as hk
 from hen_kernels import backends
 
-from .conftest import (BETA_LEVELS, DTYPES, SIMILARITIES, TOLERANCE, beta_for, kernel_backends, make, ref64,
-                       rel_err, require)
+from .conftest import (BETA_LEVELS, DTYPES, MAKE_DEVICE, SIMILARITIES, TOLERANCE, beta_for, device_of,
+                       kernel_backends, make, ref64, rel_err, require)
 
 # Not multiples of any block size, plus the edges: B = 1, N = 1, D = 1 and D up to 4096.
 SHAPES = [(1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (5, 70, 300), (5, 300, 4096),
           (2, 3000, 512)]
+
+
+@pytest.fixture(autouse=True)
+def _inputs_on_the_backends_device(request):
+    """The shared cases below run every backend on its own device: `make` puts the
+    data where the test's backend runs (the GPU for cuda and compiled Triton)."""
+    params = getattr(request.node, "callspec", None)
+    backend = params.params.get("backend") if params else None
+    MAKE_DEVICE["device"] = device_of(backend) if backend else "cpu"
+    yield
+    MAKE_DEVICE["device"] = "cpu"
 
 
 def test_cpu_extension_is_built():
@@ -77,7 +88,7 @@ def test_values_differ_from_memory_and_leading_dims(backend, dtype, similarity):
     q = make((2, 3, 5, 33), dtype, 3)
     x_shared, x_own = make((70, 33), dtype, 4), make((2, 3, 70, 33), dtype, 5)
     v_shared, v_own = make((70, 11), dtype, 6), make((2, 3, 70, 11), dtype, 7)
-    beta = torch.tensor([[0.05, 0.1, 0.2], [0.3, 0.02, 0.15]])
+    beta = torch.tensor([[0.05, 0.1, 0.2], [0.3, 0.02, 0.15]], device=q.device)
     for x, v in ((x_shared, v_shared), (x_own, v_own), (x_own, None)):
         p = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v, backend=backend, offset=7)
         assert p.out.shape == (2, 3, 5, 11 if v is not None else 33)
@@ -106,7 +117,7 @@ def test_any_split_of_the_bank_merges_to_the_whole(backend, similarity, chunks):
     v = make((n, 5), torch.float32, 12)
     beta = beta_for(similarity, d, 1.0)
     whole = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v, backend=backend)
-    bounds = torch.tensor([0] + chunks).cumsum(0) * n // sum(chunks)
+    bounds = torch.tensor([0] + chunks).cumsum(0) * n // sum(chunks)  # CPU: slice bounds only
     parts = [
         hk.hopfield_partial(q, x[lo:hi], beta, similarity=similarity, values=v[lo:hi], offset=int(lo),
                             backend=backend)
@@ -125,7 +136,7 @@ def test_hard_retrieval_returns_the_exact_pattern(backend, dtype, similarity, d)
     n = 300
     require(backend, 4, n, d)
     x = make((n, d), dtype, 13)
-    rows = torch.tensor([0, 17, 299, 150])
+    rows = torch.tensor([0, 17, 299, 150], device=x.device)
     noise = make((4, d), torch.float32, 14, scale=0.05)
     q = (x[rows].float() + noise).to(dtype)
     for beta in (1e2, 1e4):
@@ -145,7 +156,7 @@ def test_nan_query_leaves_other_queries_intact(backend, similarity):
     q_bad = q.clone()
     q_bad[2, 7] = float("nan")
     p = hk.hopfield_partial(q_bad, x, beta, similarity=similarity, backend=backend)
-    keep = torch.tensor([0, 1, 3, 4, 5])
+    keep = torch.tensor([0, 1, 3, 4, 5], device=q.device)
     torch.testing.assert_close(p.out[keep], clean.out[keep], rtol=0, atol=0)
     torch.testing.assert_close(p.lse[keep], clean.lse[keep], rtol=0, atol=0)
     assert torch.isnan(p.out[2]).all() and torch.isnan(p.lse[2])
@@ -211,7 +222,7 @@ def test_tiny_and_empty_banks(backend, n):
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_zero_queries(backend):
     require(backend)
-    p = hk.hopfield_partial(torch.randn(0, 8), torch.randn(10, 8), 1.0, backend=backend)
+    p = hk.hopfield_partial(make((0, 8), torch.float32, 0), make((10, 8), torch.float32, 0), 1.0, backend=backend)
     assert p.out.shape == (0, 8) and p.lse.shape == (0,)
 
 

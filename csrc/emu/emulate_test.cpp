@@ -1,0 +1,370 @@
+// Runs the CUDA kernels of csrc/ on the CPU emulator (cuda_emulator.h) against
+// a float64 reference: every kernel instance family, dtype and similarity,
+// values != memory, leading dims, unaligned and strided rows, bank splits and
+// the combine, ties, a NaN query, empty and one-row banks, hard retrieval.
+// Built and run by tests/test_cuda_emulated.py; exits non-zero on a failure.
+//
+//   g++ -std=c++17 -O1 -DHEN_CUDA_EMULATE -Icsrc -x c++ csrc/hopfield_cuda.cu \
+//       csrc/hopfield_cuda_simt_*.cu csrc/hopfield_cuda_mma.cu -x none csrc/emu/emulate_test.cpp
+//   ./a.out [name-filter]
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "emu/cuda_emulator.h"
+#include "hopfield_cuda.h"
+
+namespace {
+
+using hen::DType;
+using hen::Similarity;
+
+struct Case {
+  std::string name;
+  DType dtype = DType::F32;
+  Similarity sim = Similarity::Dot;
+  int64_t L = 1, Lm = 1, B = 1, N = 1, D = 1;
+  int64_t Dv = 0;  // 0: values are the memory
+  int64_t q_pad = 0, x_pad = 0, v_pad = 0;  // extra elements per row: strided, maybe unaligned rows
+  int64_t offset = 0;
+  std::string plan;           // $HEN_KERNELS_CUDA_PLAN
+  std::string expect;         // "simt" or "mma": the kernel the plan must pick
+  double beta_level = 1.0;
+  int nan_query = -1;         // query (0, b) gets a NaN
+  bool ties = false;          // duplicate bank rows: the first must win
+  bool hard = false;          // queries near bank rows, huge beta: the exact pattern must come back
+  bool expect_split = false;  // the plan must split the bank
+};
+
+double tolerance(DType dt) { return dt == DType::F32 ? 1e-5 : dt == DType::F16 ? 5e-3 : 2e-2; }
+const char* dtype_name(DType dt) { return dt == DType::F32 ? "f32" : dt == DType::F16 ? "f16" : "bf16"; }
+
+// A tensor of the case's dtype: raw storage and the float64 of each stored value.
+struct Buffer {
+  DType dt;
+  std::vector<float> f32;
+  std::vector<uint16_t> u16;
+  std::vector<double> value;
+  Buffer(DType d, size_t n) : dt(d), value(n, 0.0) {
+    if (d == DType::F32) f32.assign(n, 0.f); else u16.assign(n, 0);
+  }
+  void set(size_t i, double v) {
+    if (dt == DType::F32) {
+      f32[i] = static_cast<float>(v);
+      value[i] = f32[i];
+    } else if (dt == DType::BF16) {
+      u16[i] = hen_emu::float_to_bf16(static_cast<float>(v));
+      value[i] = hen_emu::bits_to_float(static_cast<uint32_t>(u16[i]) << 16);
+    } else {
+      u16[i] = hen_emu::float_to_half(static_cast<float>(v));
+      value[i] = hen_emu::half_bits_to_float(u16[i]);
+    }
+  }
+  void copy(size_t dst, size_t src) {
+    if (dt == DType::F32) f32[dst] = f32[src]; else u16[dst] = u16[src];
+    value[dst] = value[src];
+  }
+  const void* data() const { return dt == DType::F32 ? static_cast<const void*>(f32.data()) : u16.data(); }
+};
+
+struct Result {
+  std::vector<float> out, lse, top_score;
+  std::vector<int64_t> top_index;
+  hen::cuda::Plan plan;
+};
+
+struct Inputs {
+  Case c;
+  int64_t Dv;
+  bool same;
+  Buffer q, x, v;
+  std::vector<float> beta;
+  int64_t qrs, qls, xrs, xls, vrs, vls;
+};
+
+Inputs make_inputs(const Case& c, uint32_t seed) {
+  const bool same = c.Dv == 0;
+  const int64_t Dv = same ? c.D : c.Dv;
+  const int64_t qrs = c.D + c.q_pad, xrs = c.D + c.x_pad, vrs = same ? xrs : Dv + c.v_pad;
+  Inputs in{c, Dv, same,
+            Buffer(c.dtype, static_cast<size_t>(c.L * c.B * qrs)),
+            Buffer(c.dtype, static_cast<size_t>(std::max<int64_t>(c.Lm * c.N * xrs, 1))),
+            Buffer(c.dtype, static_cast<size_t>(same ? 1 : std::max<int64_t>(c.Lm * c.N * vrs, 1))),
+            {}, qrs, c.B * qrs, xrs, c.Lm == 1 ? 0 : c.N * xrs, vrs, c.Lm == 1 ? 0 : c.N * vrs};
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (int64_t i = 0; i < c.Lm * c.N * xrs; ++i) in.x.set(static_cast<size_t>(i), normal(gen));
+  if (!same)
+    for (int64_t i = 0; i < c.Lm * c.N * vrs; ++i) in.v.set(static_cast<size_t>(i), normal(gen));
+  if (c.ties) {  // every 7th row repeats the row 100 rows earlier (same lead)
+    for (int64_t lm = 0; lm < c.Lm; ++lm)
+      for (int64_t n = 100; n < c.N; n += 7)
+        for (int64_t k = 0; k < c.D; ++k)
+          in.x.copy(static_cast<size_t>(lm * in.xls + n * xrs + k), static_cast<size_t>(lm * in.xls + (n - 100) * xrs + k));
+  }
+  for (int64_t l = 0; l < c.L; ++l)
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t k = 0; k < c.D; ++k) {
+        const size_t i = static_cast<size_t>(l * in.qls + b * qrs + k);
+        if (c.hard || c.ties) {  // near (hard) or exactly on (ties) a bank row
+          const int64_t row = (b * 37 + 11) % c.N;
+          const double base = in.x.value[static_cast<size_t>((c.Lm == 1 ? 0 : l) * in.xls + row * xrs + k)];
+          in.q.set(i, base + (c.hard ? 0.05 * normal(gen) : 0.0));
+        } else {
+          in.q.set(i, normal(gen));
+        }
+      }
+  if (c.nan_query >= 0) in.q.set(static_cast<size_t>(c.nan_query * qrs + (c.D - 1) / 2), std::nan(""));
+  const double base = c.sim == Similarity::L2 ? 1.0 : 1.0 / std::sqrt(static_cast<double>(c.D));
+  for (int64_t l = 0; l < c.L; ++l) in.beta.push_back(static_cast<float>(c.beta_level * base * (1.0 + 0.1 * l)));
+  return in;
+}
+
+Result run(const Inputs& in) {
+  const Case& c = in.c;
+  hen::PartialParams p{};
+  p.query = in.q.data();
+  p.memory = in.x.data();
+  p.values = in.same ? in.x.data() : in.v.data();
+  p.beta = in.beta.data();
+  p.dtype = c.dtype;
+  p.similarity = c.sim;
+  p.L = c.L, p.B = c.B, p.N = c.N, p.D = c.D, p.Dv = in.Dv;
+  p.query_lead_stride = in.qls, p.query_row_stride = in.qrs;
+  p.memory_lead_stride = in.xls, p.memory_row_stride = in.xrs;
+  p.values_lead_stride = in.same ? in.xls : in.vls, p.values_row_stride = in.same ? in.xrs : in.vrs;
+  p.offset = c.offset;
+  Result r;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  r.out.assign(static_cast<size_t>(c.L * c.B * in.Dv), nan);  // anything left unwritten shows
+  r.lse.assign(static_cast<size_t>(c.L * c.B), nan);
+  r.top_score.assign(static_cast<size_t>(c.L * c.B), nan);
+  r.top_index.assign(static_cast<size_t>(c.L * c.B), -7);
+  p.out = r.out.data(), p.lse = r.lse.data(), p.top_score = r.top_score.data(), p.top_index = r.top_index.data();
+
+  if (c.plan.empty()) unsetenv("HEN_KERNELS_CUDA_PLAN"); else setenv("HEN_KERNELS_CUDA_PLAN", c.plan.c_str(), 1);
+  hen::cuda::DeviceInfo dev{};
+  if (const char* e = hen::cuda::device_info(0, &dev)) { std::fprintf(stderr, "%s\n", e); std::exit(2); }
+  if (const char* e = hen::cuda::make_plan(p, dev, &r.plan)) { std::fprintf(stderr, "%s\n", e); std::exit(2); }
+  const int64_t S = r.plan.splits;
+  std::vector<float> ws_acc, ws_max, ws_sum, ws_ts;
+  std::vector<int64_t> ws_ti;
+  hen::Workspace ws{};
+  if (S > 1) {
+    ws_acc.assign(static_cast<size_t>(c.L * S * c.B * in.Dv), nan);
+    ws_max.assign(static_cast<size_t>(c.L * S * c.B), nan);
+    ws_sum = ws_max, ws_ts = ws_max;
+    ws_ti.assign(static_cast<size_t>(c.L * S * c.B), -7);
+    ws.acc = ws_acc.data(), ws.max = ws_max.data(), ws.sum = ws_sum.data(), ws.top_score = ws_ts.data();
+    ws.top_index = ws_ti.data();
+  }
+  if (const char* e = hen::cuda::launch(p, r.plan, ws, 0, nullptr)) { std::fprintf(stderr, "%s\n", e); std::exit(2); }
+  return r;
+}
+
+struct Reference {
+  std::vector<double> out, lse, top_score;
+  std::vector<int64_t> top_index;
+};
+
+Reference reference(const Inputs& in) {
+  const Case& c = in.c;
+  Reference ref;
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t l = 0; l < c.L; ++l) {
+    const int64_t lm = c.Lm == 1 ? 0 : l;
+    for (int64_t b = 0; b < c.B; ++b) {
+      const double* q = &in.q.value[static_cast<size_t>(l * in.qls + b * in.qrs)];
+      std::vector<double> s(static_cast<size_t>(c.N));
+      double big = -inf, top = -inf;
+      int64_t top_i = -1;
+      for (int64_t n = 0; n < c.N; ++n) {
+        const double* x = &in.x.value[static_cast<size_t>(lm * in.xls + n * in.xrs)];
+        double dot = 0, qq = 0, xx = 0;
+        for (int64_t k = 0; k < c.D; ++k) dot += q[k] * x[k], qq += q[k] * q[k], xx += x[k] * x[k];
+        double sim = dot;
+        if (c.sim != Similarity::Dot) {
+          double sq = qq + xx - 2 * dot;
+          sq = sq < 0 ? 0 : sq;
+          sim = c.sim == Similarity::L2 ? -std::sqrt(sq) : -0.5 * sq;
+        }
+        s[static_cast<size_t>(n)] = in.beta[static_cast<size_t>(l)] * sim;
+        if (s[static_cast<size_t>(n)] > top) top = s[static_cast<size_t>(n)], top_i = n;
+        big = std::max(big, s[static_cast<size_t>(n)]);
+      }
+      double total = 0;
+      std::vector<double> o(static_cast<size_t>(in.Dv), 0.0);
+      for (int64_t n = 0; n < c.N; ++n) {
+        const double w = std::exp(s[static_cast<size_t>(n)] - big);
+        total += w;
+        const Buffer& vb = in.same ? in.x : in.v;
+        const int64_t vls = in.same ? in.xls : in.vls, vrs = in.same ? in.xrs : in.vrs;
+        for (int64_t d = 0; d < in.Dv; ++d) o[static_cast<size_t>(d)] += w * vb.value[static_cast<size_t>(lm * vls + n * vrs + d)];
+      }
+      bool nan = false;
+      for (int64_t k = 0; k < c.D; ++k) nan |= std::isnan(q[k]);
+      for (int64_t d = 0; d < in.Dv; ++d)
+        ref.out.push_back(nan ? NAN : (c.N ? o[static_cast<size_t>(d)] / total : 0.0));
+      ref.lse.push_back(nan ? NAN : (c.N ? big + std::log(total) : -inf));
+      ref.top_score.push_back(top);
+      ref.top_index.push_back(top_i < 0 ? -1 : top_i + c.offset);
+    }
+  }
+  return ref;
+}
+
+double rel_err(const std::vector<float>& got, const std::vector<double>& want, const std::vector<bool>& keep,
+               int64_t per) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!keep[i / static_cast<size_t>(per)] || std::isinf(want[i])) continue;
+    diff += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  return norm == 0 ? std::sqrt(diff) : std::sqrt(diff / norm);
+}
+
+const char* kernel_name(const hen::cuda::Plan& p) { return p.kernel == hen::cuda::Kernel::Mma ? "mma" : "simt"; }
+
+bool check(const Case& c, uint32_t seed) {
+  const Inputs in = make_inputs(c, seed);
+  const Result r = run(in);
+  const Reference ref = reference(in);
+  const double tol = tolerance(c.dtype);
+  const int64_t rows = c.L * c.B;
+  std::vector<bool> keep(static_cast<size_t>(rows), true);
+  if (c.nan_query >= 0) keep[static_cast<size_t>(c.nan_query)] = false;
+  std::string why;
+  auto fail = [&](const std::string& m) { why += (why.empty() ? "" : "; ") + m; };
+
+  if (!c.expect.empty() && c.expect != kernel_name(r.plan)) fail(std::string("plan picked ") + kernel_name(r.plan));
+  if (c.expect_split && r.plan.splits < 2) fail("plan did not split the bank");
+  for (size_t i = 0; i < r.out.size(); ++i)
+    if (keep[i / static_cast<size_t>(in.Dv)] && std::isnan(r.out[i])) { fail("NaN in out"); break; }
+  const double e_out = rel_err(r.out, ref.out, keep, in.Dv);
+  const double e_lse = rel_err(r.lse, ref.lse, keep, 1);
+  // Per query, against max(1, |score|): a top score near 0 (an l2 distance to
+  // a near-duplicate row) carries the float32 rounding of ||q||^2 + ||x||^2.
+  double e_top = 0;
+  for (size_t i = 0; i < r.top_score.size(); ++i) {
+    if (!keep[i] || std::isinf(ref.top_score[i])) continue;
+    e_top = std::max(e_top, std::fabs(r.top_score[i] - ref.top_score[i]) / std::max(1.0, std::fabs(ref.top_score[i])));
+  }
+  if (!(e_out <= tol)) fail("out error " + std::to_string(e_out));
+  if (!(e_lse <= tol)) fail("lse error " + std::to_string(e_lse));
+  if (!(e_top <= tol)) fail("top_score error " + std::to_string(e_top));
+  int bad_index = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (!keep[static_cast<size_t>(i)]) continue;
+    const size_t k = static_cast<size_t>(i);
+    if (c.N == 0) {
+      if (r.lse[k] != -INFINITY || r.top_score[k] != -INFINITY || r.top_index[k] != -1) ++bad_index;
+      continue;
+    }
+    const bool agree = r.top_index[k] == ref.top_index[k];
+    const bool close = std::fabs(r.top_score[k] - ref.top_score[k]) <= tol * std::max(1.0, std::fabs(ref.top_score[k]));
+    if (c.ties || c.hard ? !agree : !(agree || close)) ++bad_index;
+  }
+  if (bad_index) fail(std::to_string(bad_index) + " wrong top_index");
+  if (c.N == 0)
+    for (float v : r.out)
+      if (v != 0.f) { fail("empty bank: out != 0"); break; }
+  if (c.hard && in.same) {  // weight 1 on the stored row: out is that row, bit for bit
+    int inexact = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t l = i / c.B, lm = c.Lm == 1 ? 0 : l, row = ref.top_index[static_cast<size_t>(i)] - c.offset;
+      for (int64_t d = 0; d < in.Dv; ++d)
+        if (r.out[static_cast<size_t>(i * in.Dv + d)] != static_cast<float>(in.x.value[static_cast<size_t>(lm * in.xls + row * in.xrs + d)]))
+          ++inexact;
+    }
+    if (inexact) fail(std::to_string(inexact) + " elements off the stored pattern");
+  }
+  if (c.nan_query >= 0) {
+    bool all_nan = std::isnan(r.lse[static_cast<size_t>(c.nan_query)]);
+    for (int64_t d = 0; d < in.Dv; ++d) all_nan &= std::isnan(r.out[static_cast<size_t>(c.nan_query * in.Dv + d)]);
+    if (!all_nan) fail("the NaN query's out/lse are not NaN");
+    Case clean = c;
+    clean.nan_query = -1;
+    Inputs in2 = make_inputs(clean, seed);
+    const Result r2 = run(in2);
+    int differ = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      if (i == c.nan_query) continue;
+      const size_t k = static_cast<size_t>(i);
+      differ += r.lse[k] != r2.lse[k] || r.top_index[k] != r2.top_index[k];
+      for (int64_t d = 0; d < in.Dv; ++d) differ += r.out[k * in.Dv + d] != r2.out[k * in.Dv + d];
+    }
+    if (differ) fail("the NaN query changed " + std::to_string(differ) + " values of other queries");
+  }
+  const hen::cuda::Plan& pl = r.plan;
+  std::printf("%-4s %-44s %-4s %s qb=%d team=%d chunks=%d hd=%d splits=%lld vec=%d same=%d  err out=%.1e lse=%.1e top=%.1e%s%s\n",
+              why.empty() ? "ok" : "FAIL", c.name.c_str(), dtype_name(c.dtype), kernel_name(pl), pl.query_block,
+              pl.team, pl.chunks, pl.head_dim, static_cast<long long>(pl.splits), pl.vector_loads,
+              pl.values_are_memory, e_out, e_lse, e_top, why.empty() ? "" : "  <- ", why.c_str());
+  std::fflush(stdout);
+  return why.empty();
+}
+
+std::vector<Case> cases() {
+  using S = Similarity;
+  using T = DType;
+  std::vector<Case> v;
+  auto add = [&](Case c) { v.push_back(c); };
+  // simt: team sizes from 1 to 256 threads, 1 to 8 chunks per thread, 1 or 4 queries per block.
+  add({"simt-d1", T::F32, S::L2, 1, 1, 2, 300, 1});
+  add({"simt-unaligned-d17", T::F32, S::Dot, 1, 1, 1, 300, 17});
+  add({"simt-values-lead2", T::F32, S::L2, 2, 2, 3, 1000, 64, 11, 0, 0, 0, 7});
+  add({"simt-qb4-d129", T::F32, S::L2Sq, 1, 1, 17, 257, 129});
+  add({"simt-bf16-d128-split", T::BF16, S::Dot, 1, 1, 1, 1000, 128, 0, 0, 0, 0, 0, "", "simt", 1.0, -1, false, false, true});
+  add({"simt-f16-strided-q", T::F16, S::L2, 1, 1, 5, 300, 33, 0, 3});
+  add({"simt-bf16-d4096", T::BF16, S::L2Sq, 1, 1, 2, 60, 4096});
+  add({"simt-f32-d4096-values", T::F32, S::Dot, 1, 1, 1, 40, 4096, 100});
+  add({"simt-f32-d8192", T::F32, S::L2, 1, 1, 1, 20, 8192});
+  add({"simt-bf16-d8192", T::BF16, S::Dot, 1, 1, 1, 24, 8192});
+  add({"simt-splits5-values", T::F32, S::Dot, 1, 1, 4, 2000, 1024, 300, 0, 0, 0, 0, "splits=5"});
+  add({"simt-empty-bank", T::F16, S::Dot, 1, 1, 3, 0, 8});
+  add({"simt-one-row-offset", T::F32, S::Dot, 1, 1, 4, 1, 5, 0, 0, 0, 0, 3});
+  add({"simt-ties-splits4", T::F32, S::L2, 1, 1, 3, 400, 16, 0, 0, 0, 0, 0, "splits=4", "", 1.0, -1, true});
+  add({"simt-nan-query-qb4", T::F32, S::L2, 1, 1, 6, 500, 40, 0, 0, 0, 0, 0, "", "", 1.0, 2});
+  add({"simt-nan-query-l2sq-split", T::BF16, S::L2Sq, 1, 1, 3, 500, 40, 0, 0, 0, 0, 0, "splits=3", "", 1.0, 1});
+  add({"simt-hard-bf16-l2sq", T::BF16, S::L2Sq, 1, 1, 4, 300, 512, 0, 0, 0, 0, 0, "", "", 1e4, -1, false, true});
+  add({"simt-hard-f32-dot-offset", T::F32, S::Dot, 1, 1, 4, 300, 16, 0, 0, 0, 0, 5, "", "", 1e4, -1, false, true});
+  add({"simt-qb1-hint", T::F32, S::L2Sq, 3, 3, 2, 77, 3, 7, 0, 0, 0, 0, "qb=1"});
+  add({"simt-forced-bf16-b20", T::BF16, S::L2, 1, 1, 20, 150, 64, 0, 0, 1, 0, 0, "kernel=simt", "simt"});
+  add({"simt-f16-values-unaligned", T::F16, S::Dot, 2, 1, 3, 90, 24, 40, 0, 0, 3});
+  // mma: head dims 32 to 256, aligned (cp.async) and element-wise loads, splits.
+  add({"mma-bf16-d64", T::BF16, S::Dot, 1, 1, 17, 129, 64, 0, 0, 0, 0, 0, "", "mma"});
+  add({"mma-f16-l2-d17-lead", T::F16, S::L2, 2, 1, 64, 300, 17, 0, 0, 0, 0, 0, "", "mma"});
+  add({"mma-bf16-values-d128-splits3", T::BF16, S::L2Sq, 1, 1, 100, 70, 128, 48, 0, 0, 0, 0, "splits=3", "mma"});
+  add({"mma-f16-d256", T::F16, S::Dot, 1, 1, 20, 100, 256, 0, 0, 0, 0, 0, "", "mma"});
+  add({"mma-bf16-values-d256-strided", T::BF16, S::L2, 1, 1, 33, 65, 200, 256, 8, 8, 8, 0, "", "mma"});
+  add({"mma-nan-query", T::BF16, S::L2, 1, 1, 20, 100, 64, 0, 0, 0, 0, 0, "kernel=mma", "mma", 1.0, 5});
+  add({"mma-ties-splits2", T::F16, S::Dot, 1, 1, 16, 300, 32, 0, 0, 0, 0, 9, "kernel=mma,splits=2", "mma", 1.0, -1, true});
+  add({"mma-empty-bank", T::BF16, S::Dot, 1, 1, 16, 0, 32, 0, 0, 0, 0, 0, "kernel=mma", "mma"});
+  add({"mma-hard-bf16", T::BF16, S::Dot, 1, 1, 12, 300, 64, 0, 0, 0, 0, 0, "kernel=mma", "mma", 1e4, -1, false, true});
+  add({"mma-one-query", T::F16, S::L2Sq, 1, 1, 1, 100, 48, 0, 0, 0, 0, 0, "kernel=mma", "mma"});
+  add({"mma-auto-split", T::BF16, S::Dot, 1, 1, 16, 2000, 64, 0, 0, 0, 0, 0, "", "mma", 1.0, -1, false, false, true});
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string filter = argc > 1 ? argv[1] : "";
+  int failed = 0, ran = 0;
+  uint32_t seed = 1;
+  for (const Case& c : cases()) {
+    ++seed;
+    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    ++ran;
+    failed += !check(c, seed);
+  }
+  std::printf("%d of %d cases passed\n", ran - failed, ran);
+  return failed ? 1 : 0;
+}

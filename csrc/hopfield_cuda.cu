@@ -1,0 +1,347 @@
+// Host side of the CUDA kernels: device facts, the plan (which kernel, block
+// shape, bank split), dispatch to the template instances and the launches.
+// Free of torch; compiled by nvcc, or as C++ with HEN_CUDA_EMULATE for the
+// CPU test harness (csrc/emu/).
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "hopfield_cuda.h"
+#include "hopfield_cuda_kernels.cuh"
+
+namespace hen {
+namespace cuda_kernels {
+
+// Merges each query's per-split partials (flash-decoding); one block per query.
+HEN_GLOBAL void HEN_LAUNCH_BOUNDS(kCombineThreads)
+    combine_kernel(const PartialParams p, const int64_t splits, const Workspace ws) {
+  constexpr int W = kCombineThreads / 32;
+  int64_t* red_i = reinterpret_cast<int64_t*>(dynamic_smem());  // [W] top index
+  float* red_f = reinterpret_cast<float*>(red_i + W);            // [W][4]: max, NaN seen, top score, sum
+  float* weight = red_f + 4 * W;                                 // [splits]
+  const int tid = thread_index(), warp = tid / 32, lane = tid % 32;
+  const int64_t row = block_index(), l = row / p.B, b = row % p.B;
+  const int64_t Dv = p.Dv;
+  auto slot = [&](int64_t s) { return (l * splits + s) * p.B + b; };
+
+  // The largest max, whether any split is poisoned, and the best top (ties to the smaller row).
+  float big = neg_inf(), nan = 0.f, bs = neg_inf();
+  int64_t bi = -1;
+  for (int64_t s = tid; s < splits; s += kCombineThreads) {
+    const int64_t k = slot(s);
+    big = max_f(big, ws.max[k]);
+    if (is_nan(ws.sum[k])) nan = 1.f;
+    if (better(ws.top_score[k], ws.top_index[k], bs, bi)) bs = ws.top_score[k], bi = ws.top_index[k];
+  }
+  for (int off = 16; off >= 1; off >>= 1) {
+    big = max_f(big, shfl_xor(big, off));
+    nan = max_f(nan, shfl_xor(nan, off));
+    const float os = shfl_xor(bs, off);
+    const int64_t oi = shfl_xor(bi, off);
+    if (better(os, oi, bs, bi)) bs = os, bi = oi;
+  }
+  if (lane == 0) red_f[warp * 4 + 0] = big, red_f[warp * 4 + 1] = nan, red_f[warp * 4 + 2] = bs, red_i[warp] = bi;
+  sync_block();
+  big = neg_inf(), nan = 0.f, bs = neg_inf(), bi = -1;
+  for (int w = 0; w < W; ++w) {
+    big = max_f(big, red_f[w * 4 + 0]);
+    nan = max_f(nan, red_f[w * 4 + 1]);
+    if (better(red_f[w * 4 + 2], red_i[w], bs, bi)) bs = red_f[w * 4 + 2], bi = red_i[w];
+  }
+
+  // Each split's weight exp(max_s - max) (0 for an empty split) and the total sum.
+  float total = 0.f;
+  for (int64_t s = tid; s < splits; s += kCombineThreads) {
+    const int64_t k = slot(s);
+    const float w = ws.max[k] == neg_inf() ? 0.f : exp_f(ws.max[k] - big);
+    weight[s] = w;
+    if (w > 0.f) total += ws.sum[k] * w;
+  }
+  for (int off = 16; off >= 1; off >>= 1) total += shfl_xor(total, off);
+  if (lane == 0) red_f[warp * 4 + 3] = total;
+  sync_block();
+  total = 0.f;
+  for (int w = 0; w < W; ++w) total += red_f[w * 4 + 3];
+
+  const bool poisoned = nan != 0.f, empty = big == neg_inf();
+  const float inv = poisoned || empty ? 0.f : 1.f / total;
+  float* out = p.out + row * Dv;
+  for (int64_t d = tid; d < Dv; d += kCombineThreads) {
+    float acc = 0.f;
+    if (!poisoned && !empty) {
+      for (int64_t s = 0; s < splits; ++s)
+        if (weight[s] > 0.f) acc += weight[s] * ws.acc[slot(s) * Dv + d];
+    }
+    out[d] = poisoned ? quiet_nan() : acc * inv;
+  }
+  if (tid == 0) {
+    p.lse[row] = poisoned ? quiet_nan() : (empty ? neg_inf() : big + log_f(total));
+    p.top_score[row] = bs;
+    p.top_index[row] = bi;
+  }
+}
+
+}  // namespace cuda_kernels
+
+namespace cuda {
+namespace {
+
+using cuda_kernels::KernelFn;
+using cuda_kernels::LaunchArgs;
+
+constexpr int64_t kDefaultSmem = 48 * 1024;  // beyond this a block must opt in
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t pow2_ceil(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+thread_local std::string t_message;
+const char* message(const std::string& m) {
+  t_message = m;
+  return t_message.c_str();
+}
+
+// Optional overrides for tests and tuning, from $HEN_KERNELS_CUDA_PLAN, e.g.
+// "kernel=mma,splits=3,qb=2": force a kernel, a bank split or a query block.
+struct Hints {
+  int kernel = -1;  // -1: choose; else Kernel
+  int64_t splits = 0;
+  int query_block = 0;
+};
+
+Hints read_hints() {
+  Hints h;
+  const char* env = std::getenv("HEN_KERNELS_CUDA_PLAN");
+  if (env == nullptr) return h;
+  std::string s(env);
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t end = s.find(',', pos);
+    if (end == std::string::npos) end = s.size();
+    const std::string item = s.substr(pos, end - pos);
+    const size_t eq = item.find('=');
+    if (eq != std::string::npos) {
+      const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+      if (key == "kernel") h.kernel = value == "mma" ? static_cast<int>(Kernel::Mma) : value == "simt" ? 0 : -1;
+      if (key == "splits") h.splits = std::atoll(value.c_str());
+      if (key == "qb") h.query_block = std::atoi(value.c_str());
+    }
+    pos = end + 1;
+  }
+  return h;
+}
+
+KernelFn simt_kernel_for(DType dt, int qb, int nch, bool same) {
+  switch (dt) {
+    case DType::F32: return cuda_kernels::simt_f32(qb, nch, same);
+    case DType::F16: return cuda_kernels::simt_f16(qb, nch, same);
+    case DType::BF16: return cuda_kernels::simt_bf16(qb, nch, same);
+  }
+  return nullptr;
+}
+
+KernelFn mma_kernel_for(DType dt, int hd) {
+  switch (dt) {
+    case DType::F16: return cuda_kernels::mma_f16(hd);
+    case DType::BF16: return cuda_kernels::mma_bf16(hd);
+    default: return nullptr;
+  }
+}
+
+// ---- launching ----------------------------------------------------------------------
+
+const char* cuda_error(cudaError_t e, const char* what) {
+  return message(std::string("hen_kernels CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <class... Args>
+const char* launch_kernel(void (*fn)(Args...), int64_t blocks, int threads, int64_t smem, void* stream,
+                          Args... args) {
+#if defined(HEN_CUDA_EMULATE)
+  (void)stream;
+  hen_emu::launch(blocks, threads, static_cast<size_t>(smem), [&] { fn(args...); });
+  return nullptr;
+#else
+  if (smem > kDefaultSmem) {
+    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return cuda_error(e, "cudaFuncSetAttribute");
+  }
+  fn<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), static_cast<cudaStream_t>(stream)>>>(
+      args...);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cuda_error(e, "kernel launch");
+#endif
+}
+
+bool rows_aligned(const void* base, int64_t lead_stride, int64_t row_stride, int vec) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && lead_stride % vec == 0 && row_stride % vec == 0;
+}
+
+}  // namespace
+
+const char* device_info(int device, DeviceInfo* info) {
+  static std::mutex mu;
+  static DeviceInfo cache[64];
+  static bool known[64] = {};
+  if (device < 0 || device >= 64) return "hen_kernels CUDA: device index out of range";
+  std::lock_guard<std::mutex> lock(mu);
+  if (!known[device]) {
+    DeviceInfo d{};
+    cudaError_t e = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess)
+      e = cudaDeviceGetAttribute(&d.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (e != cudaSuccess) return cuda_error(e, "cudaDeviceGetAttribute");
+    cache[device] = d;
+    known[device] = true;
+  }
+  *info = cache[device];
+  return nullptr;
+}
+
+const char* make_plan(const PartialParams& p, const DeviceInfo& dev, Plan* out) {
+  if (dev.cc_major < 8)
+    return message("hen_kernels CUDA: needs compute capability 8.0 or newer (this build has sm_80 and sm_90 code), got " +
+                   std::to_string(dev.cc_major) + "." + std::to_string(dev.cc_minor));
+  const Hints hints = read_hints();
+  const int vec = p.dtype == DType::F32 ? 4 : 8;  // elements per 16 bytes
+  Plan plan{};
+  plan.vector_loads = rows_aligned(p.query, p.query_lead_stride, p.query_row_stride, vec) &&
+                      rows_aligned(p.memory, p.memory_lead_stride, p.memory_row_stride, vec) &&
+                      rows_aligned(p.values, p.values_lead_stride, p.values_row_stride, vec);
+  plan.values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
+                           p.values_row_stride == p.memory_row_stride && p.Dv == p.D;
+  const int64_t width = p.D > p.Dv ? p.D : p.Dv;
+
+  // Tensor cores for 16-bit inputs with D, Dv <= 256 and more queries than the
+  // simt kernel holds per block; CUDA cores otherwise (DESIGN.md §2 regimes).
+  int hd = width <= 32 ? 32 : width <= 64 ? 64 : width <= 128 ? 128 : 256;
+  const bool mma_ok = p.dtype != DType::F32 && width <= 256 &&
+                      cuda_kernels::mma_smem_bytes(hd, plan.values_are_memory) <= dev.max_smem_optin;
+  bool use_mma = mma_ok && p.B > 8;
+  if (hints.kernel == static_cast<int>(Kernel::Mma)) {
+    if (!mma_ok) return "hen_kernels CUDA: HEN_KERNELS_CUDA_PLAN asks for kernel=mma, which needs 16-bit inputs and D, Dv <= 256";
+    use_mma = true;
+  } else if (hints.kernel == static_cast<int>(Kernel::Simt)) {
+    use_mma = false;
+  }
+
+  int64_t row_step;  // bank rows a block consumes per step
+  int64_t blocks_per_sm;
+  if (use_mma) {
+    plan.kernel = Kernel::Mma;
+    plan.threads = cuda_kernels::kMmaThreads;
+    plan.query_block = cuda_kernels::kMmaBlockQ;
+    plan.team = 0;
+    plan.chunks = 0;
+    plan.head_dim = hd;
+    plan.vector_loads = plan.vector_loads && p.D % 8 == 0 && p.Dv % 8 == 0;
+    plan.smem_bytes = cuda_kernels::mma_smem_bytes(hd, plan.values_are_memory);
+    row_step = cuda_kernels::mma_block_rows(hd);
+    blocks_per_sm = 2;
+  } else {
+    plan.kernel = Kernel::Simt;
+    plan.threads = cuda_kernels::kSimtThreads;
+    plan.head_dim = 0;
+    const int64_t chunks = ceil_div(width, vec);
+    plan.team = static_cast<int>(pow2_ceil(chunks) < cuda_kernels::kSimtThreads ? pow2_ceil(chunks)
+                                                                               : cuda_kernels::kSimtThreads);
+    plan.chunks = static_cast<int>(pow2_ceil(ceil_div(chunks, plan.team)));
+    if (!cuda_kernels::simt_fits(1, plan.chunks, vec))
+      return message("hen_kernels CUDA: D and Dv must be <= 8192, got D = " + std::to_string(p.D) +
+                     ", Dv = " + std::to_string(p.Dv));
+    // Queries per block: the fewest that cover B, within the register budget.
+    int qb = 0;
+    for (int cand : {1, 4}) {
+      if (!cuda_kernels::simt_fits(cand, plan.chunks, vec)) break;
+      qb = cand;
+      if (cand >= p.B) break;
+    }
+    if ((hints.query_block == 1 || hints.query_block == 4) &&
+        cuda_kernels::simt_fits(hints.query_block, plan.chunks, vec))
+      qb = hints.query_block;
+    plan.query_block = qb;
+    const int teams = cuda_kernels::kSimtThreads / plan.team;
+    plan.smem_bytes = 4 * cuda_kernels::simt_smem_floats(qb, plan.chunks, plan.values_are_memory, vec, teams > 1);
+    row_step = static_cast<int64_t>(teams) * cuda_kernels::simt_rows(qb, plan.chunks, plan.values_are_memory);
+    blocks_per_sm = 2;
+  }
+  plan.query_blocks = ceil_div(p.B, plan.query_block);
+
+  // Split the bank until the blocks fill the GPU a few times over (recall: few
+  // queries, so the bank split supplies the parallelism); each split keeps at
+  // least four steps of rows, and the combine stays small.
+  const int64_t per_lead = plan.query_blocks > 0 ? plan.query_blocks : 1;
+  const int64_t work = (p.L > 0 ? p.L : 1) * per_lead;
+  const int64_t target = 2 * blocks_per_sm * (dev.sm_count > 0 ? dev.sm_count : 1);
+  int64_t splits = ceil_div(target, work);
+  const int64_t most = p.N > 0 ? ceil_div(p.N, 4 * row_step) : 1;
+  splits = splits < most ? splits : most;
+  splits = splits < cuda_kernels::kCombineMaxSplits ? splits : cuda_kernels::kCombineMaxSplits;
+  splits = splits > 1 ? splits : 1;
+  if (p.N == 0) {
+    plan.splits = 1;
+    plan.rows_per_split = 0;
+  } else if (hints.splits > 0) {
+    const int64_t want = hints.splits < p.N ? hints.splits : p.N;
+    plan.rows_per_split = ceil_div(p.N, want < cuda_kernels::kCombineMaxSplits ? want : cuda_kernels::kCombineMaxSplits);
+    plan.splits = ceil_div(p.N, plan.rows_per_split);
+  } else {
+    plan.rows_per_split = ceil_div(ceil_div(p.N, splits), row_step) * row_step;
+    plan.splits = ceil_div(p.N, plan.rows_per_split);
+  }
+  if (p.L * plan.blocks() > INT32_MAX) return "hen_kernels CUDA: too many blocks for one launch";
+  if (plan.smem_bytes > dev.max_smem_optin) return "hen_kernels CUDA: the plan needs more shared memory than the device has";
+  *out = plan;
+  return nullptr;
+}
+
+const char* launch(const PartialParams& p, const Plan& plan, const Workspace& ws, int device, void* stream) {
+  if (p.L == 0 || p.B == 0) return nullptr;
+#if !defined(HEN_CUDA_EMULATE)
+  const cudaError_t e = cudaSetDevice(device);
+  if (e != cudaSuccess) return cuda_error(e, "cudaSetDevice");
+#else
+  (void)device;
+#endif
+  LaunchArgs a{};
+  a.query_blocks = plan.query_blocks;
+  a.splits = plan.splits;
+  a.rows_per_split = plan.rows_per_split;
+  a.team = plan.team;
+  a.vec = plan.vector_loads ? 1 : 0;
+  a.same = plan.values_are_memory ? 1 : 0;
+  a.need_norm = p.similarity != Similarity::Dot ? 1 : 0;
+  const KernelFn fn = plan.kernel == Kernel::Mma ? mma_kernel_for(p.dtype, plan.head_dim)
+                                                 : simt_kernel_for(p.dtype, plan.query_block, plan.chunks, plan.values_are_memory);
+  if (fn == nullptr) return "hen_kernels CUDA: no kernel instance for this plan";
+  const char* err = launch_kernel(fn, p.L * plan.blocks(), plan.threads, plan.smem_bytes, stream, p, a, ws);
+  if (err != nullptr || plan.splits == 1) return err;
+  return launch_kernel(&cuda_kernels::combine_kernel, p.L * p.B, cuda_kernels::kCombineThreads,
+                       cuda_kernels::combine_smem_bytes(plan.splits), stream, p, plan.splits, ws);
+}
+
+#define HEN_STRINGIFY2(...) #__VA_ARGS__
+#define HEN_STRINGIFY(...) HEN_STRINGIFY2(__VA_ARGS__)
+
+const char* build_info() {
+#if defined(HEN_CUDA_EMULATE)
+  return "archs=emulated cuda=none";
+#elif defined(__CUDA_ARCH_LIST__)
+  return "archs=" HEN_STRINGIFY(__CUDA_ARCH_LIST__) " cuda=" HEN_STRINGIFY(__CUDACC_VER_MAJOR__) "." HEN_STRINGIFY(
+      __CUDACC_VER_MINOR__);
+#else
+  return "archs=unknown cuda=" HEN_STRINGIFY(__CUDACC_VER_MAJOR__) "." HEN_STRINGIFY(__CUDACC_VER_MINOR__);
+#endif
+}
+
+}  // namespace cuda
+}  // namespace hen

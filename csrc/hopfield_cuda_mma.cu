@@ -1,0 +1,11 @@
+// mma_kernel instances for float16 and bfloat16 (see hopfield_cuda_kernels.cuh).
+#include "hopfield_cuda_kernels.cuh"
+
+namespace hen {
+namespace cuda_kernels {
+
+KernelFn mma_f16(int hd) { return mma_table<DType::F16>(hd); }
+KernelFn mma_bf16(int hd) { return mma_table<DType::BF16>(hd); }
+
+}  // namespace cuda_kernels
+}  // namespace hen

@@ -1,0 +1,11 @@
+// simt_kernel instances for F32 (see hopfield_cuda_kernels.cuh); one file per
+// dtype so the instances compile in parallel.
+#include "hopfield_cuda_kernels.cuh"
+
+namespace hen {
+namespace cuda_kernels {
+
+KernelFn simt_f32(int qb, int nch, bool same) { return simt_table<DType::F32>(qb, nch, same); }
+
+}  // namespace cuda_kernels
+}  // namespace hen
