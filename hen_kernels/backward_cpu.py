@@ -33,8 +33,8 @@ import torch
 
 from . import reference
 
-# Bound on the (L, B, chunk) float32 temporaries: 2^22 elements = 16 MiB each.
-CHUNK_ELEMENTS = 1 << 22
+# Bound on the (L, B, chunk) float32 temporaries: 2^20 elements = 4 MiB each.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def chunk_rows(lead: int, b: int, n: int) -> int:
@@ -79,10 +79,11 @@ def partial_backward(
     l2_type = similarity in ("l2", "l2sq")
 
     dq = torch.zeros((L, B, D), dtype=f32, device=q.device)
-    dx = torch.zeros((Lm, N, D), dtype=f32, device=q.device)
-    dv = torch.zeros((Lm, N, Dv), dtype=f32, device=q.device)
     dbeta = torch.zeros((L,), dtype=f32, device=q.device)
     step = rows or chunk_rows(L, B, N)
+    if step < N or N == 0:
+        dx = torch.zeros((Lm, N, D), dtype=f32, device=q.device)
+        dv = torch.zeros((Lm, N, Dv), dtype=f32, device=q.device)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
         xc, vc = x[:, n0:n1].to(f32), v[:, n0:n1].to(f32)
@@ -99,6 +100,9 @@ def partial_backward(
         dvc = p.transpose(-1, -2) @ dout  # (L, C, Dv)
         if Lm == 1 and L > 1:  # a bank shared by every leading index collects from all of them
             dxc, dvc = dxc.sum(0, keepdim=True), dvc.sum(0, keepdim=True)
-        dx[:, n0:n1] = dxc
-        dv[:, n0:n1] = dvc
+        if n1 - n0 == N:  # one chunk: keep the result rather than copy it into a second buffer
+            dx, dv = dxc, dvc
+        else:
+            dx[:, n0:n1] = dxc
+            dv[:, n0:n1] = dvc
     return dq, dx, dv, dbeta

@@ -226,3 +226,14 @@ def test_bad_arguments_are_named():
         hk.nn.Hopfield(input_size=8, num_heads=2, scaling=torch.ones(3))
     with pytest.raises(ValueError, match="normalize_state_pattern_affine"):
         hk.nn.Hopfield(input_size=8, normalize_state_pattern=False)
+
+
+def test_bench_nn_quick_writes_the_table(tmp_path):
+    from hen_kernels import bench_nn
+
+    report = bench_nn.run(out=str(tmp_path), quick=True, repeats=1, device="cpu")
+    assert [r["name"] for r in report["rows"]] == [c.name for c in bench_nn.cases(True, torch.device("cpu"))]
+    md = (tmp_path / "nn.md").read_text()
+    assert "fwd+bwd speedup" in md and all(r["name"] in md for r in report["rows"])
+    for r in report["rows"]:
+        assert r["fwd_fused_ms"] > 0 and r["fwd+bwd_reference_ms"] > 0

@@ -1,0 +1,33 @@
+"""pytest-benchmark suite for the Hopfield layers (the cases `python -m hen_kernels.bench_nn` tables).
+
+    pytest benchmarks/test_bench_nn.py --benchmark-only            # the bench_nn shapes for this device
+    HEN_BENCH_QUICK=1 pytest benchmarks/test_bench_nn.py --benchmark-only   # tiny shapes
+
+"fused" runs the automatic backend with the fused backward; "reference" runs
+backend="torch".  Nothing here asserts on time.
+"""
+import os
+
+import pytest
+import torch
+
+from hen_kernels import bench_nn
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = bench_nn.cases(os.environ.get("HEN_BENCH_QUICK", "") not in ("", "0"), DEVICE)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("which", ["fused", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_nn(benchmark, case, which, grad):
+    call = bench_nn.build(case, None if which == "fused" else "torch", DEVICE)
+
+    def run():
+        out = call(grad)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.extra_info.update(device=str(DEVICE), backend=which)
+    benchmark.pedantic(run, warmup_rounds=1, rounds=3)
