@@ -40,7 +40,7 @@ DEPS_STAMP := $(VENV)/.hen-deps
 EXT_STAMP := $(VENV)/.hen-ext
 EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: install test demo bench clean fashion-mnist
+.PHONY: install test demo bench bench-gpu clean fashion-mnist
 
 install: $(EXT_STAMP)
 
@@ -66,8 +66,22 @@ fashion-mnist:
 	  || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
 	  || echo "warning: could not install dataset-fashion-mnist: the Fashion-MNIST tests skip"
 
+# CPU tables always; the GPU tables when a CUDA device is visible, else a loud
+# line saying they were not measured (scripts/gpu_run.sh runs them on a GPU).
+RESULTS := benchmarks/results
+HAS_CUDA = $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+
 bench: install
-	$(PY) -m hen_kernels.bench --out benchmarks/results
+	$(PY) -m hen_kernels.bench --out $(RESULTS)
+	$(PY) -m hen_kernels.bench_bank --out $(RESULTS)
+	$(PY) -m hen_kernels.bench_nn --out $(RESULTS)
+	@if $(HAS_CUDA); then $(MAKE) --no-print-directory bench-gpu; else \
+	  echo "bench: NO CUDA DEVICE: the GPU tables ($(RESULTS)/gpu.md, roofline.png) were not measured;" \
+	       "run scripts/gpu_run.sh on a GPU machine"; fi
+
+# The GPU tables alone (exits 2 with a message when no GPU is visible).
+bench-gpu: install
+	TRITON_INTERPRET=0 $(PY) -m hen_kernels.bench_gpu --out $(RESULTS) $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf build *.egg-info hen_kernels/_C*.so
