@@ -75,6 +75,7 @@ def _experiment(args, command: str) -> int:
             kw.update(distractors=args.distractors)
         elif name == "uniqueness":
             kw.update(distractors=args.distractors[0] if args.distractors else None)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         print(f"== experiment {name} -> {args.out}")
         run(Path(args.out), **kw)
         print(f"wrote {Path(args.out) / (name + '.md')}")

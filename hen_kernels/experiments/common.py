@@ -18,12 +18,19 @@ def cache_dir() -> Path:
 
 
 def cached_encode(codec, images: torch.Tensor, key: Optional[str], progress: bool = True) -> torch.Tensor:
-    """``codec.encode(images)``, cached on disk under ``key`` (None: no cache).  The identity codec is never cached."""
+    """``codec.encode(images)``, cached on disk under ``key`` (None: no cache).  The identity codec is never cached.
+
+    ``key`` names a data set in a fixed order, so the first n rows of a cached longer run are reused.
+    """
     if key is None or codec.name == "image":
         return codec.encode(images, progress=progress)
-    path = cache_dir() / f"{codec.name}-{key}-{len(images)}.pt"
+    path = cache_dir() / f"{codec.name}-{key}-{len(images)}.pt"  # the first len(images) of data set `key`
+    larger = sorted((int(f.stem.rsplit("-", 1)[1]), f) for f in cache_dir().glob(f"{codec.name}-{key}-*.pt")
+                    if f.stem.rsplit("-", 1)[1].isdigit() and int(f.stem.rsplit("-", 1)[1]) >= len(images))
+    if larger:  # the key names a data set in a fixed order: its first n rows are a prefix of a longer run
+        path = larger[0][1]
     if path.is_file():
-        z = torch.load(path, weights_only=True)
+        z = torch.load(path, weights_only=True)[:len(images)]
         codec._remember(images)
         if hasattr(codec, "_latent_shape") and codec._latent_shape is None:
             codec.encode(images[:1])
@@ -110,5 +117,6 @@ def image_grid(path: Path, columns: Sequence[torch.Tensor], labels: Sequence[str
             if i == 0:
                 ax.set_title(lab, fontsize=7)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     p.close(fig)

