@@ -206,11 +206,15 @@ def test_env_backend_torch_is_used(fn_name, monkeypatch):
     _call(fn_name, {})
 
 
-def test_cpu_backend_refused_with_grad_or_unavailable():
-    """'cpu' has no backward (and may not be built here): either way a named ValueError."""
+def test_cpu_backend_with_grad_or_refused_when_unavailable():
+    """'cpu' is differentiable where it is built; where it is not, a named ValueError."""
     q = _base()["query"].requires_grad_()
-    with pytest.raises(ValueError, match=_named("backend")):
-        hk.hopfield_update(q, _base()["memory"], 1.0, backend="cpu")
+    if "cpu" not in hk.available_backends():
+        with pytest.raises(ValueError, match=_named("backend")):
+            hk.hopfield_update(q, _base()["memory"], 1.0, backend="cpu")
+        return
+    hk.hopfield_update(q, _base()["memory"], 1.0, backend="cpu").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 # --- hopfield_partial: offset, and the empty chunk -----------------------------------
