@@ -112,6 +112,8 @@ def load_fashion_mnist(split: str = "all", n: Optional[int] = None) -> Tuple[tor
         raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}")
     d = _fashion_dir()
     parts = ("train", "test") if split == "all" else (split,)
+    if split == "all" and n is not None and n <= 60000:
+        parts = ("train",)  # the first n of "all" are training images: skip the test file
     xs, ys = [], []
     for p in parts:
         xs.append(_read_idx(d / FASHION_FILES[p][0]))

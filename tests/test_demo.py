@@ -36,7 +36,7 @@ def test_captions_and_noise_recall(quick_run):
         assert r["total"] == p and 0 <= r["right"] <= p
         if query == "caption":
             assert r["right"] == p, (codec, r["missed"])  # every photo from its caption alone
-    assert rows["image", "noise"]["right"] >= p - 3
+    assert rows["image", "noise"]["right"] >= 0.75 * p  # noise std 0.2 on 32 x 32 photos among look-alike crops
 
 
 @pytest.mark.skipif(find_taef2_dir() is None, reason="TAEF2 weights absent (set HEN_TAEF2_DIR)")
