@@ -44,7 +44,7 @@ EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
 install: $(EXT_STAMP)
 
-$(DEPS_STAMP):
+$(DEPS_STAMP): Makefile
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PIP) install -q $(PINNED) $(DEPS)
 	touch $@
