@@ -39,34 +39,14 @@ import torch
 from . import bank as bank_mod
 from . import ops
 from .bank import MemoryBank
+from .bench import DEFAULT_OUT, _proc_kib, _reset_peak
 
 MIB = 2 ** 20
 GIB = 2 ** 30
-DEFAULT_OUT = os.path.join("benchmarks", "results")
 HOST_TARGET = 0.80  # DESIGN.md §6: >= 80 % of measured pinned host-to-device bandwidth
 
 
 # --- measurements ------------------------------------------------------------------
-
-def _proc_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
     fn()
