@@ -5,18 +5,19 @@ CMakeLists.txt uses this file twice:
     python cmake/ptxas_summary.py capture DIR nvcc ARGS...
         the CUDA compiler launcher: runs nvcc, passes its output through and
         keeps its stderr (the ptxas report) in DIR/<object>.log;
-    python cmake/ptxas_summary.py summarize LOG CPP DIR
-        once the CUDA objects exist: the raw reports of DIR/*.log, then a
+    python cmake/ptxas_summary.py summarize LOG CPP DIR OBJECT...
+        once the CUDA objects exist: the raw reports of those objects, then a
         table of registers, static shared memory, stack and spills per kernel
         and architecture, written to LOG (build/.../ptxas.log) and echoed in
         the build output; CPP is a C++ file that puts the table in the
-        extension itself (the op hen_kernels::cuda_ptxas).
+        extension itself (the op hen_kernels::cuda_ptxas).  Only the objects
+        named count: a build folder kept across a rename of a source still
+        holds the report of the old object.
 
 tests/test_cuda_build.py reads the table back from the op with `parse`.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
@@ -99,6 +100,11 @@ def parse(log_text: str) -> List[Dict[str, object]]:
     return rows
 
 
+def log_path(log_dir: str, obj: str) -> str:
+    """Where the report of object `obj` is kept: nvcc is given it relative to its working folder, CMake absolute."""
+    return os.path.join(log_dir, re.sub(r"[^\w.-]+", "_", os.path.realpath(obj).strip("/")) + ".log")
+
+
 def capture(log_dir: str, cmd: List[str]) -> int:
     """Run one nvcc command, keeping its stderr in log_dir, named after its object file."""
     obj = cmd[cmd.index("-o") + 1] if "-o" in cmd else "unnamed"
@@ -106,15 +112,17 @@ def capture(log_dir: str, cmd: List[str]) -> int:
     proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, errors="replace", check=False)
     sys.stderr.write(proc.stderr)
     if proc.returncode == 0:
-        name = re.sub(r"[^\w.-]+", "_", obj.strip("./"))
-        with open(os.path.join(log_dir, name + ".log"), "w", encoding="utf-8") as f:
+        with open(log_path(log_dir, obj), "w", encoding="utf-8") as f:
             f.write(proc.stderr)
     return proc.returncode
 
 
-def summarize(log: str, cpp: str, log_dir: str) -> int:
+def summarize(log: str, cpp: str, log_dir: str, objects: List[str]) -> int:
     raw = ""
-    for path in sorted(glob.glob(os.path.join(log_dir, "*.log"))):
+    for path in sorted(log_path(log_dir, obj) for obj in objects):
+        if not os.path.exists(path):
+            print(f"-- ptxas: no report for {path} (compiled without the launcher?)")
+            continue
         with open(path, encoding="utf-8", errors="replace") as f:
             raw += f"## {os.path.basename(path)}\n" + f.read()
     rows = parse_ptxas(raw)
@@ -134,8 +142,8 @@ def summarize(log: str, cpp: str, log_dir: str) -> int:
 def main(argv: List[str]) -> int:
     if len(argv) >= 3 and argv[0] == "capture":
         return capture(argv[1], argv[2:])
-    if len(argv) == 4 and argv[0] == "summarize":
-        return summarize(argv[1], argv[2], argv[3])
+    if len(argv) >= 5 and argv[0] == "summarize":
+        return summarize(argv[1], argv[2], argv[3], argv[4:])
     sys.stderr.write(__doc__)
     return 2
 

@@ -5,26 +5,36 @@ import pytest
 import torch
 
 import hen_kernels as hk
+from hen_kernels.constants import SIMILARITY_CODES
 
 from .conftest import DTYPES, SIMILARITIES, TOLERANCE, beta_for, make, ref64, rel_err, require
 
-PLANS = ["", "kernel=simt", "kernel=simt,splits=7", "kernel=simt,qb=1", "kernel=mma", "kernel=mma,splits=3"]
+# hen::cuda::PlanHints, as the keyword arguments of the test op hen_kernels::partial_with_plan_hints.
+PLANS = [{}, {"kernel": "simt"}, {"kernel": "simt", "splits": 7}, {"kernel": "simt", "query_block": 1},
+         {"kernel": "mma"}, {"kernel": "mma", "splits": 3}]
 
 
-@pytest.mark.parametrize("plan", PLANS)
+def planned_partial(q, x, v, beta, similarity, offset, hints):
+    """hk.hopfield_partial(..., backend="cuda") with the planner's choices forced."""
+    out, lse, top_score, top_index = torch.ops.hen_kernels.partial_with_plan_hints(
+        q[None], x[None], v[None], torch.tensor([beta], device=q.device), SIMILARITY_CODES[similarity], offset,
+        **hints)
+    return hk.Partial(out[0], lse[0], top_score[0], top_index[0])
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda h: ",".join(f"{k}={v}" for k, v in h.items()) or "auto")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("shape", [(1, 5000, 64), (70, 1000, 100), (3, 777, 4096)], ids=lambda s: "B%d-N%d-D%d" % s)
-def test_every_plan_matches_reference(monkeypatch, plan, dtype, similarity, shape):
+def test_every_plan_matches_reference(plan, dtype, similarity, shape):
     require("cuda")
     b, n, d = shape
-    if "mma" in plan and (dtype == torch.float32 or d > 256):
+    if plan.get("kernel") == "mma" and (dtype == torch.float32 or d > 256):
         pytest.skip("the tensor-core kernel takes 16-bit inputs with D <= 256")
-    monkeypatch.setenv("HEN_KERNELS_CUDA_PLAN", plan)
     q, x = make((b, d), dtype, 1).cuda(), make((n, d), dtype, 2).cuda()
     v = make((n, 33), dtype, 3).cuda()
     beta = beta_for(similarity, d, 1.0)
-    p = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v, backend="cuda", offset=5)
+    p = planned_partial(q, x, v, beta, similarity, 5, plan)
     ref = ref64(q, x, beta, similarity, v, offset=5)
     tol = TOLERANCE[dtype]
     assert rel_err(p.out, ref.out) <= tol and rel_err(p.lse, ref.lse) <= tol

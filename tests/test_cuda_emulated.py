@@ -4,6 +4,7 @@ family, dtype and similarity, splits and the combine, ties, NaN queries, empty
 banks, strided and unaligned rows.  This is how the kernels' logic is checked on
 machines without a GPU; tests/test_cuda.py runs the same op on a device."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -11,8 +12,20 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["hopfield_cuda.cu", "hopfield_cuda_simt_f32.cu", "hopfield_cuda_simt_f16.cu",
-           "hopfield_cuda_simt_bf16.cu", "hopfield_cuda_mma.cu"]
+
+
+def cuda_sources():
+    """The build's CUDA sources, from their one list in CMakeLists.txt (HEN_CUDA_SOURCES)."""
+    with open(os.path.join(ROOT, "CMakeLists.txt"), encoding="utf-8") as f:
+        found = re.search(r"set\(HEN_CUDA_SOURCES\s+([^)]*)\)", f.read())
+    assert found, "CMakeLists.txt has no set(HEN_CUDA_SOURCES ...)"
+    return [os.path.join(ROOT, s) for s in found.group(1).split()]
+
+
+def test_the_cuda_source_list_names_every_cuda_file():
+    listed = set(cuda_sources())
+    on_disk = {os.path.join(d, n) for d, _, names in os.walk(CSRC) for n in names if n.endswith(".cu")}
+    assert listed == on_disk
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +34,8 @@ def emulator(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler to build the CUDA emulator")
     exe = str(tmp_path_factory.mktemp("cuda_emu") / "emulate_test")
-    cmd = [cxx, "-std=c++17", "-O1", "-DHEN_CUDA_EMULATE", f"-I{CSRC}", "-x", "c++",
-           *[os.path.join(CSRC, s) for s in SOURCES], "-x", "none", os.path.join(CSRC, "emu", "emulate_test.cpp"),
-           "-o", exe]
+    cmd = [cxx, "-std=c++17", "-O1", "-DHEN_CUDA_EMULATE", f"-I{CSRC}", "-x", "c++", *cuda_sources(),
+           "-x", "none", os.path.join(CSRC, "emu", "emulate_test.cpp"), "-o", exe]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return exe
 

@@ -1,7 +1,7 @@
-// A small CPU emulator of the CUDA features hopfield_cuda_kernels.cuh uses, so
-// the kernels run on a machine without a GPU (tests/test_cuda_emulated.py
-// builds csrc/emu/emulate_test.cpp with HEN_CUDA_EMULATE).  Test-only: never
-// part of the extension.
+// A small CPU emulator of the CUDA features the kernels use (through
+// csrc/cuda/primitives.cuh), so the kernels run on a machine without a GPU
+// (tests/test_cuda_emulated.py builds csrc/emu/emulate_test.cpp with
+// HEN_CUDA_EMULATE).  Test-only: never part of the extension.
 //
 // A block's threads are fibers (ucontext) on one OS thread; a fiber runs until
 // it waits at a barrier.  __syncthreads is a block barrier.  Warp-wide

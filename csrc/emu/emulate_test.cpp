@@ -4,26 +4,38 @@
 // the combine, ties, a NaN query, empty and one-row banks, hard retrieval.
 // Built and run by tests/test_cuda_emulated.py; exits non-zero on a failure.
 //
-//   g++ -std=c++17 -O1 -DHEN_CUDA_EMULATE -Icsrc -x c++ csrc/hopfield_cuda.cu \
-//       csrc/hopfield_cuda_simt_*.cu csrc/hopfield_cuda_mma.cu -x none csrc/emu/emulate_test.cpp
+//   g++ -std=c++17 -O1 -DHEN_CUDA_EMULATE -Icsrc -x c++ csrc/cuda/*.cu -x none csrc/emu/emulate_test.cpp
 //   ./a.out [name-filter]
+// (csrc/cuda/*.cu is HEN_CUDA_SOURCES of CMakeLists.txt, the list the test builds from).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "emu/cuda_emulator.h"
-#include "hopfield_cuda.h"
+#include "cuda/hopfield_cuda.h"
 
 namespace {
 
 using hen::DType;
 using hen::Similarity;
+using hen::cuda::Kernel;
+using hen::cuda::PlanHints;
+
+// Hints for the case table: force a kernel, a bank split and/or a query block.
+PlanHints force(std::optional<Kernel> kernel, int64_t splits = 0, int query_block = 0) {
+  PlanHints h;
+  h.kernel = kernel;
+  h.splits = splits;
+  h.query_block = query_block;
+  return h;
+}
 
 struct Case {
   std::string name;
@@ -33,7 +45,7 @@ struct Case {
   int64_t Dv = 0;  // 0: values are the memory
   int64_t q_pad = 0, x_pad = 0, v_pad = 0;  // extra elements per row: strided, maybe unaligned rows
   int64_t offset = 0;
-  std::string plan;           // $HEN_KERNELS_CUDA_PLAN
+  PlanHints hints;            // the planner's choices forced (default: none)
   std::string expect;         // "simt" or "mma": the kernel the plan must pick
   double beta_level = 1.0;
   int nan_query = -1;         // query (0, b) gets a NaN
@@ -148,10 +160,9 @@ Result run(const Inputs& in) {
   r.top_index.assign(static_cast<size_t>(c.L * c.B), -7);
   p.out = r.out.data(), p.lse = r.lse.data(), p.top_score = r.top_score.data(), p.top_index = r.top_index.data();
 
-  if (c.plan.empty()) unsetenv("HEN_KERNELS_CUDA_PLAN"); else setenv("HEN_KERNELS_CUDA_PLAN", c.plan.c_str(), 1);
   hen::cuda::DeviceInfo dev{};
   if (const char* e = hen::cuda::device_info(0, &dev)) { std::fprintf(stderr, "%s\n", e); std::exit(2); }
-  if (const char* e = hen::cuda::make_plan(p, dev, &r.plan)) { std::fprintf(stderr, "%s\n", e); std::exit(2); }
+  if (const char* e = hen::cuda::make_plan(p, dev, c.hints, &r.plan)) { std::fprintf(stderr, "%s\n", e); std::exit(2); }
   const int64_t S = r.plan.splits;
   std::vector<float> ws_acc, ws_max, ws_sum, ws_ts;
   std::vector<int64_t> ws_ti;
@@ -321,35 +332,35 @@ std::vector<Case> cases() {
   add({"simt-unaligned-d17", T::F32, S::Dot, 1, 1, 1, 300, 17});
   add({"simt-values-lead2", T::F32, S::L2, 2, 2, 3, 1000, 64, 11, 0, 0, 0, 7});
   add({"simt-qb4-d129", T::F32, S::L2Sq, 1, 1, 17, 257, 129});
-  add({"simt-bf16-d128-split", T::BF16, S::Dot, 1, 1, 1, 1000, 128, 0, 0, 0, 0, 0, "", "simt", 1.0, -1, false, false, true});
+  add({"simt-bf16-d128-split", T::BF16, S::Dot, 1, 1, 1, 1000, 128, 0, 0, 0, 0, 0, {}, "simt", 1.0, -1, false, false, true});
   add({"simt-f16-strided-q", T::F16, S::L2, 1, 1, 5, 300, 33, 0, 3});
   add({"simt-bf16-d4096", T::BF16, S::L2Sq, 1, 1, 2, 60, 4096});
   add({"simt-f32-d4096-values", T::F32, S::Dot, 1, 1, 1, 40, 4096, 100});
   add({"simt-f32-d8192", T::F32, S::L2, 1, 1, 1, 20, 8192});
   add({"simt-bf16-d8192", T::BF16, S::Dot, 1, 1, 1, 24, 8192});
-  add({"simt-splits5-values", T::F32, S::Dot, 1, 1, 4, 2000, 1024, 300, 0, 0, 0, 0, "splits=5"});
+  add({"simt-splits5-values", T::F32, S::Dot, 1, 1, 4, 2000, 1024, 300, 0, 0, 0, 0, force(std::nullopt, 5)});
   add({"simt-empty-bank", T::F16, S::Dot, 1, 1, 3, 0, 8});
   add({"simt-one-row-offset", T::F32, S::Dot, 1, 1, 4, 1, 5, 0, 0, 0, 0, 3});
-  add({"simt-ties-splits4", T::F32, S::L2, 1, 1, 3, 400, 16, 0, 0, 0, 0, 0, "splits=4", "", 1.0, -1, true});
-  add({"simt-nan-query-qb4", T::F32, S::L2, 1, 1, 6, 500, 40, 0, 0, 0, 0, 0, "", "", 1.0, 2});
-  add({"simt-nan-query-l2sq-split", T::BF16, S::L2Sq, 1, 1, 3, 500, 40, 0, 0, 0, 0, 0, "splits=3", "", 1.0, 1});
-  add({"simt-hard-bf16-l2sq", T::BF16, S::L2Sq, 1, 1, 4, 300, 512, 0, 0, 0, 0, 0, "", "", 1e4, -1, false, true});
-  add({"simt-hard-f32-dot-offset", T::F32, S::Dot, 1, 1, 4, 300, 16, 0, 0, 0, 0, 5, "", "", 1e4, -1, false, true});
-  add({"simt-qb1-hint", T::F32, S::L2Sq, 3, 3, 2, 77, 3, 7, 0, 0, 0, 0, "qb=1"});
-  add({"simt-forced-bf16-b20", T::BF16, S::L2, 1, 1, 20, 150, 64, 0, 0, 1, 0, 0, "kernel=simt", "simt"});
+  add({"simt-ties-splits4", T::F32, S::L2, 1, 1, 3, 400, 16, 0, 0, 0, 0, 0, force(std::nullopt, 4), "", 1.0, -1, true});
+  add({"simt-nan-query-qb4", T::F32, S::L2, 1, 1, 6, 500, 40, 0, 0, 0, 0, 0, {}, "", 1.0, 2});
+  add({"simt-nan-query-l2sq-split", T::BF16, S::L2Sq, 1, 1, 3, 500, 40, 0, 0, 0, 0, 0, force(std::nullopt, 3), "", 1.0, 1});
+  add({"simt-hard-bf16-l2sq", T::BF16, S::L2Sq, 1, 1, 4, 300, 512, 0, 0, 0, 0, 0, {}, "", 1e4, -1, false, true});
+  add({"simt-hard-f32-dot-offset", T::F32, S::Dot, 1, 1, 4, 300, 16, 0, 0, 0, 0, 5, {}, "", 1e4, -1, false, true});
+  add({"simt-qb1-hint", T::F32, S::L2Sq, 3, 3, 2, 77, 3, 7, 0, 0, 0, 0, force(std::nullopt, 0, 1)});
+  add({"simt-forced-bf16-b20", T::BF16, S::L2, 1, 1, 20, 150, 64, 0, 0, 1, 0, 0, force(Kernel::Simt), "simt"});
   add({"simt-f16-values-unaligned", T::F16, S::Dot, 2, 1, 3, 90, 24, 40, 0, 0, 3});
   // mma: head dims 32 to 256, aligned (cp.async) and element-wise loads, splits.
-  add({"mma-bf16-d64", T::BF16, S::Dot, 1, 1, 17, 129, 64, 0, 0, 0, 0, 0, "", "mma"});
-  add({"mma-f16-l2-d17-lead", T::F16, S::L2, 2, 1, 64, 300, 17, 0, 0, 0, 0, 0, "", "mma"});
-  add({"mma-bf16-values-d128-splits3", T::BF16, S::L2Sq, 1, 1, 100, 70, 128, 48, 0, 0, 0, 0, "splits=3", "mma"});
-  add({"mma-f16-d256", T::F16, S::Dot, 1, 1, 20, 100, 256, 0, 0, 0, 0, 0, "", "mma"});
-  add({"mma-bf16-values-d256-strided", T::BF16, S::L2, 1, 1, 33, 65, 200, 256, 8, 8, 8, 0, "", "mma"});
-  add({"mma-nan-query", T::BF16, S::L2, 1, 1, 20, 100, 64, 0, 0, 0, 0, 0, "kernel=mma", "mma", 1.0, 5});
-  add({"mma-ties-splits2", T::F16, S::Dot, 1, 1, 16, 300, 32, 0, 0, 0, 0, 9, "kernel=mma,splits=2", "mma", 1.0, -1, true});
-  add({"mma-empty-bank", T::BF16, S::Dot, 1, 1, 16, 0, 32, 0, 0, 0, 0, 0, "kernel=mma", "mma"});
-  add({"mma-hard-bf16", T::BF16, S::Dot, 1, 1, 12, 300, 64, 0, 0, 0, 0, 0, "kernel=mma", "mma", 1e4, -1, false, true});
-  add({"mma-one-query", T::F16, S::L2Sq, 1, 1, 1, 100, 48, 0, 0, 0, 0, 0, "kernel=mma", "mma"});
-  add({"mma-auto-split", T::BF16, S::Dot, 1, 1, 16, 2000, 64, 0, 0, 0, 0, 0, "", "mma", 1.0, -1, false, false, true});
+  add({"mma-bf16-d64", T::BF16, S::Dot, 1, 1, 17, 129, 64, 0, 0, 0, 0, 0, {}, "mma"});
+  add({"mma-f16-l2-d17-lead", T::F16, S::L2, 2, 1, 64, 300, 17, 0, 0, 0, 0, 0, {}, "mma"});
+  add({"mma-bf16-values-d128-splits3", T::BF16, S::L2Sq, 1, 1, 100, 70, 128, 48, 0, 0, 0, 0, force(std::nullopt, 3), "mma"});
+  add({"mma-f16-d256", T::F16, S::Dot, 1, 1, 20, 100, 256, 0, 0, 0, 0, 0, {}, "mma"});
+  add({"mma-bf16-values-d256-strided", T::BF16, S::L2, 1, 1, 33, 65, 200, 256, 8, 8, 8, 0, {}, "mma"});
+  add({"mma-nan-query", T::BF16, S::L2, 1, 1, 20, 100, 64, 0, 0, 0, 0, 0, force(Kernel::Mma), "mma", 1.0, 5});
+  add({"mma-ties-splits2", T::F16, S::Dot, 1, 1, 16, 300, 32, 0, 0, 0, 0, 9, force(Kernel::Mma, 2), "mma", 1.0, -1, true});
+  add({"mma-empty-bank", T::BF16, S::Dot, 1, 1, 16, 0, 32, 0, 0, 0, 0, 0, force(Kernel::Mma), "mma"});
+  add({"mma-hard-bf16", T::BF16, S::Dot, 1, 1, 12, 300, 64, 0, 0, 0, 0, 0, force(Kernel::Mma), "mma", 1e4, -1, false, true});
+  add({"mma-one-query", T::F16, S::L2Sq, 1, 1, 1, 100, 48, 0, 0, 0, 0, 0, force(Kernel::Mma), "mma"});
+  add({"mma-auto-split", T::BF16, S::Dot, 1, 1, 16, 2000, 64, 0, 0, 0, 0, 0, {}, "mma", 1.0, -1, false, false, true});
   return v;
 }
 

@@ -1,5 +1,5 @@
-// mma_kernel instances for float16 and bfloat16 (see hopfield_cuda_kernels.cuh).
-#include "hopfield_cuda_kernels.cuh"
+// mma_kernel instances for float16 and bfloat16 (see mma_kernel.cuh).
+#include "cuda/mma_kernel.cuh"
 
 namespace hen {
 namespace cuda_kernels {

@@ -1,6 +1,6 @@
-// simt_kernel instances for F32 (see hopfield_cuda_kernels.cuh); one file per
-// dtype so the instances compile in parallel.
-#include "hopfield_cuda_kernels.cuh"
+// simt_kernel instances for F32 (see simt_kernel.cuh); one file per dtype so
+// the instances compile in parallel.
+#include "cuda/simt_kernel.cuh"
 
 namespace hen {
 namespace cuda_kernels {

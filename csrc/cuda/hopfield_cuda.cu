@@ -1,91 +1,18 @@
 // Host side of the CUDA kernels: device facts, the plan (which kernel, block
-// shape, bank split), dispatch to the template instances and the launches.
-// Free of torch; compiled by nvcc, or as C++ with HEN_CUDA_EMULATE for the
-// CPU test harness (csrc/emu/).
+// shape, bank split), dispatch to the kernel instances and the launches.  Free
+// of torch; compiled by nvcc, or as C++ with HEN_CUDA_EMULATE for the CPU test
+// harness (csrc/emu/).  The kernels themselves compile in their own files
+// (simt_*.cu, mma.cu, combine.cu).
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <string>
 
-#include "hopfield_cuda.h"
-#include "hopfield_cuda_kernels.cuh"
+#include "cuda/combine_kernel.cuh"
+#include "cuda/hopfield_cuda.h"
+#include "cuda/mma_kernel.cuh"
+#include "cuda/simt_kernel.cuh"
 
 namespace hen {
-namespace cuda_kernels {
-
-// Merges each query's per-split partials (flash-decoding); one block per query.
-HEN_GLOBAL void HEN_LAUNCH_BOUNDS(kCombineThreads)
-    combine_kernel(const PartialParams p, const int64_t splits, const Workspace ws) {
-  constexpr int W = kCombineThreads / 32;
-  int64_t* red_i = reinterpret_cast<int64_t*>(dynamic_smem());  // [W] top index
-  float* red_f = reinterpret_cast<float*>(red_i + W);            // [W][4]: max, NaN seen, top score, sum
-  float* weight = red_f + 4 * W;                                 // [splits]
-  const int tid = thread_index(), warp = tid / 32, lane = tid % 32;
-  const int64_t row = block_index(), l = row / p.B, b = row % p.B;
-  const int64_t Dv = p.Dv;
-  auto slot = [&](int64_t s) { return (l * splits + s) * p.B + b; };
-
-  // The largest max, whether any split is poisoned, and the best top (ties to the smaller row).
-  float big = neg_inf(), nan = 0.f, bs = neg_inf();
-  int64_t bi = -1;
-  for (int64_t s = tid; s < splits; s += kCombineThreads) {
-    const int64_t k = slot(s);
-    big = max_f(big, ws.max[k]);
-    if (is_nan(ws.sum[k])) nan = 1.f;
-    if (better(ws.top_score[k], ws.top_index[k], bs, bi)) bs = ws.top_score[k], bi = ws.top_index[k];
-  }
-  for (int off = 16; off >= 1; off >>= 1) {
-    big = max_f(big, shfl_xor(big, off));
-    nan = max_f(nan, shfl_xor(nan, off));
-    const float os = shfl_xor(bs, off);
-    const int64_t oi = shfl_xor(bi, off);
-    if (better(os, oi, bs, bi)) bs = os, bi = oi;
-  }
-  if (lane == 0) red_f[warp * 4 + 0] = big, red_f[warp * 4 + 1] = nan, red_f[warp * 4 + 2] = bs, red_i[warp] = bi;
-  sync_block();
-  big = neg_inf(), nan = 0.f, bs = neg_inf(), bi = -1;
-  for (int w = 0; w < W; ++w) {
-    big = max_f(big, red_f[w * 4 + 0]);
-    nan = max_f(nan, red_f[w * 4 + 1]);
-    if (better(red_f[w * 4 + 2], red_i[w], bs, bi)) bs = red_f[w * 4 + 2], bi = red_i[w];
-  }
-
-  // Each split's weight exp(max_s - max) (0 for an empty split) and the total sum.
-  float total = 0.f;
-  for (int64_t s = tid; s < splits; s += kCombineThreads) {
-    const int64_t k = slot(s);
-    const float w = ws.max[k] == neg_inf() ? 0.f : exp_f(ws.max[k] - big);
-    weight[s] = w;
-    if (w > 0.f) total += ws.sum[k] * w;
-  }
-  for (int off = 16; off >= 1; off >>= 1) total += shfl_xor(total, off);
-  if (lane == 0) red_f[warp * 4 + 3] = total;
-  sync_block();
-  total = 0.f;
-  for (int w = 0; w < W; ++w) total += red_f[w * 4 + 3];
-
-  const bool poisoned = nan != 0.f, empty = big == neg_inf();
-  const float inv = poisoned || empty ? 0.f : 1.f / total;
-  float* out = p.out + row * Dv;
-  for (int64_t d = tid; d < Dv; d += kCombineThreads) {
-    float acc = 0.f;
-    if (!poisoned && !empty) {
-      for (int64_t s = 0; s < splits; ++s)
-        if (weight[s] > 0.f) acc += weight[s] * ws.acc[slot(s) * Dv + d];
-    }
-    out[d] = poisoned ? quiet_nan() : acc * inv;
-  }
-  if (tid == 0) {
-    p.lse[row] = poisoned ? quiet_nan() : (empty ? neg_inf() : big + log_f(total));
-    p.top_score[row] = bs;
-    p.top_index[row] = bi;
-  }
-}
-
-}  // namespace cuda_kernels
-
 namespace cuda {
 namespace {
 
@@ -105,36 +32,6 @@ thread_local std::string t_message;
 const char* message(const std::string& m) {
   t_message = m;
   return t_message.c_str();
-}
-
-// Optional overrides for tests and tuning, from $HEN_KERNELS_CUDA_PLAN, e.g.
-// "kernel=mma,splits=3,qb=2": force a kernel, a bank split or a query block.
-struct Hints {
-  int kernel = -1;  // -1: choose; else Kernel
-  int64_t splits = 0;
-  int query_block = 0;
-};
-
-Hints read_hints() {
-  Hints h;
-  const char* env = std::getenv("HEN_KERNELS_CUDA_PLAN");
-  if (env == nullptr) return h;
-  std::string s(env);
-  size_t pos = 0;
-  while (pos < s.size()) {
-    size_t end = s.find(',', pos);
-    if (end == std::string::npos) end = s.size();
-    const std::string item = s.substr(pos, end - pos);
-    const size_t eq = item.find('=');
-    if (eq != std::string::npos) {
-      const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
-      if (key == "kernel") h.kernel = value == "mma" ? static_cast<int>(Kernel::Mma) : value == "simt" ? 0 : -1;
-      if (key == "splits") h.splits = std::atoll(value.c_str());
-      if (key == "qb") h.query_block = std::atoi(value.c_str());
-    }
-    pos = end + 1;
-  }
-  return h;
 }
 
 KernelFn simt_kernel_for(DType dt, int qb, int nch, bool same) {
@@ -207,11 +104,10 @@ const char* device_info(int device, DeviceInfo* info) {
   return nullptr;
 }
 
-const char* make_plan(const PartialParams& p, const DeviceInfo& dev, Plan* out) {
+const char* make_plan(const PartialParams& p, const DeviceInfo& dev, const PlanHints& hints, Plan* out) {
   if (dev.cc_major < 8)
     return message("hen_kernels CUDA: needs compute capability 8.0 or newer (this build has sm_80 and sm_90 code), got " +
                    std::to_string(dev.cc_major) + "." + std::to_string(dev.cc_minor));
-  const Hints hints = read_hints();
   const int vec = p.dtype == DType::F32 ? 4 : 8;  // elements per 16 bytes
   Plan plan{};
   plan.vector_loads = rows_aligned(p.query, p.query_lead_stride, p.query_row_stride, vec) &&
@@ -222,15 +118,15 @@ const char* make_plan(const PartialParams& p, const DeviceInfo& dev, Plan* out) 
   const int64_t width = p.D > p.Dv ? p.D : p.Dv;
 
   // Tensor cores for 16-bit inputs with D, Dv <= 256 and more queries than the
-  // simt kernel holds per block; CUDA cores otherwise (DESIGN.md §2 regimes).
+  // simt kernel holds per block; CUDA cores otherwise (docs/design.md §2 regimes).
   int hd = width <= 32 ? 32 : width <= 64 ? 64 : width <= 128 ? 128 : 256;
   const bool mma_ok = p.dtype != DType::F32 && width <= 256 &&
                       cuda_kernels::mma_smem_bytes(hd, plan.values_are_memory) <= dev.max_smem_optin;
   bool use_mma = mma_ok && p.B > 8;
-  if (hints.kernel == static_cast<int>(Kernel::Mma)) {
-    if (!mma_ok) return "hen_kernels CUDA: HEN_KERNELS_CUDA_PLAN asks for kernel=mma, which needs 16-bit inputs and D, Dv <= 256";
+  if (hints.kernel == Kernel::Mma) {
+    if (!mma_ok) return "hen_kernels CUDA: the plan hints ask for the mma kernel, which needs 16-bit inputs and D, Dv <= 256";
     use_mma = true;
-  } else if (hints.kernel == static_cast<int>(Kernel::Simt)) {
+  } else if (hints.kernel == Kernel::Simt) {
     use_mma = false;
   }
 

@@ -1,24 +1,26 @@
 // The CUDA kernels' host interface, free of torch and of CUDA headers.
 //
-// The kernels compute the same Partial as the CPU kernel (hopfield_cpu.h,
-// DESIGN.md §2) from the same hen::PartialParams, with every pointer in it on
-// one CUDA device.  The ATen binding (binding.cpp) checks the tensors, asks
-// for a Plan, allocates the Workspace when the plan splits the bank, and
+// The kernels compute the same Partial as the CPU kernel (hopfield_params.h,
+// docs/design.md §2) from the same hen::PartialParams, with every pointer in
+// it on one CUDA device.  The ATen binding (binding.cpp) checks the tensors,
+// asks for a Plan, allocates the Workspace when the plan splits the bank, and
 // launches on the current stream; nothing here allocates memory.
 //
-// Kernels (hopfield_cuda_kernels.cuh says why each exists):
-//   simt     CUDA cores, any dtype, D and Dv up to 8192 (float32) or 16384
-//            (16-bit): the recall regime (few queries, huge bank, any D) and
-//            the fallback for float32 and for D > 256.
-//   mma      tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate),
-//            D, Dv <= 256, more than a handful of queries: the layer regime,
-//            and recall with tens of queries at small D.
-//   combine  merges the per-split partials of either kernel (flash-decoding).
+// Kernels (each header says why it exists and which regime it serves):
+//   simt     simt_kernel.cuh: CUDA cores, any dtype, D and Dv up to 8192: the
+//            recall regime (few queries, huge bank, any D) and the fallback
+//            for float32 and for D > 256.
+//   mma      mma_kernel.cuh: tensor cores (mma.sync m16n8k16, fp16/bf16 in,
+//            fp32 accumulate), D, Dv <= 256, more than a handful of queries:
+//            the layer regime, and recall with tens of queries at small D.
+//   combine  combine_kernel.cuh: merges the per-split partials of either
+//            kernel (flash-decoding).
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
-#include "hopfield_cpu.h"
+#include "hopfield_params.h"
 
 namespace hen {
 namespace cuda {
@@ -34,7 +36,7 @@ struct DeviceInfo {
 
 // How one call is cut.  Tiles are (leading index, query block, bank split);
 // with splits > 1 every tile leaves an unnormalised partial in the Workspace
-// (layout of hopfield_cpu.h: (L, splits, B, ...)) and `combine` merges them.
+// (layout of hopfield_params.h: (L, splits, B, ...)) and `combine` merges them.
 struct Plan {
   Kernel kernel;
   int threads;            // per block
@@ -51,6 +53,16 @@ struct Plan {
   int64_t blocks() const { return query_blocks * splits; }  // per leading index
 };
 
+// Choices the planner would otherwise make, forced by tests so that small
+// shapes reach every kernel, query block and bank split; production calls pass
+// none (PlanHints{}).  A kernel the shape cannot take is an error; a query
+// block that does not fit the registers is ignored.
+struct PlanHints {
+  std::optional<Kernel> kernel;  // none: chosen from the dtype, D and B
+  int query_block = 0;           // simt: 1 or 4 queries per block; 0: chosen
+  int64_t splits = 0;            // bank splits (at most N and the combine's limit); 0: chosen
+};
+
 // Each returns nullptr on success, else a message (a static string or one
 // owned by the calling thread, valid until its next call).
 
@@ -58,7 +70,7 @@ struct Plan {
 const char* device_info(int device, DeviceInfo* info);
 
 // Pick kernel, block shape and bank split from the shape and the device.
-const char* make_plan(const PartialParams& p, const DeviceInfo& dev, Plan* plan);
+const char* make_plan(const PartialParams& p, const DeviceInfo& dev, const PlanHints& hints, Plan* plan);
 
 // Launch the plan on `stream` (a cudaStream_t) of device `device`.  `ws` must
 // hold plan.splits partials per query when plan.splits > 1.

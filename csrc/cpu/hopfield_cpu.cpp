@@ -3,7 +3,7 @@
 #include <cmath>
 #include <limits>
 
-#include "hopfield_cpu.h"
+#include "cpu/hopfield_cpu.h"
 
 namespace hen {
 namespace avx2 {

@@ -8,7 +8,7 @@
 #include <limits>
 #include <vector>
 
-#include "hopfield_cpu.h"
+#include "cpu/hopfield_cpu.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

@@ -1,0 +1,49 @@
+// What every kernel of csrc/ computes, and the arguments they all take: the
+// Partial of docs/design.md §2 over one bank chunk, for every query: out =
+// softmax(beta * sim(X, s)) @ V normalised within the chunk, its log-sum-exp,
+// and the best row.  The CPU kernel (cpu/) and the CUDA kernels (cuda/) read
+// the same structs, so the one ATen binding (binding.cpp) fills them once for
+// either device.  Free of torch and of CUDA headers.
+#pragma once
+
+#include <cstdint>
+
+namespace hen {
+
+// The integer codes are the op's `similarity` argument: hen_kernels/constants.py
+// SIMILARITY_CODES holds the same numbers on the Python side.
+enum class Similarity : int { Dot = 0, L2 = 1, L2Sq = 2 };
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+struct PartialParams {
+  // Inputs, row-major with unit stride along the feature dim; strides in elements.
+  const void* query;   // (L, B, D)
+  const void* memory;  // (Lm, N, D), Lm in {1, L}; memory_lead_stride = 0 when shared
+  const void* values;  // (Lm, N, Dv)
+  const float* beta;   // (L,)
+  DType dtype;
+  Similarity similarity;
+  int64_t L, B, N, D, Dv;
+  int64_t query_lead_stride, query_row_stride;
+  int64_t memory_lead_stride, memory_row_stride;
+  int64_t values_lead_stride, values_row_stride;
+  int64_t offset;  // global index of the chunk's first row, added to top_index
+  // Outputs, contiguous: out (L, B, Dv); lse, top_score, top_index (L, B).
+  float* out;
+  float* lse;
+  float* top_score;
+  int64_t* top_index;
+};
+
+// When a plan splits the bank (flash-decoding), each split leaves its
+// unnormalised partial here and a combine step merges them; the layout is
+// (L, splits, B, ...) on both devices.  Unused when splits == 1.
+struct Workspace {
+  float* acc;          // (L, splits, B, Dv)
+  float* max;          // (L, splits, B)
+  float* sum;          // (L, splits, B)
+  float* top_score;    // (L, splits, B)
+  int64_t* top_index;  // (L, splits, B)
+};
+
+}  // namespace hen
