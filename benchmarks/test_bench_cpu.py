@@ -1,7 +1,7 @@
-"""pytest-benchmark suite over the DESIGN.md §6 CPU cases (the same ones `make bench` runs).
+"""pytest-benchmark suite over the docs/design.md §6 CPU cases (the same ones `make bench` runs).
 
     pytest benchmarks/ --benchmark-only            # N = 16384: a minute or two
-    HEN_BENCH_FULL=1 pytest benchmarks/ --benchmark-only   # the DESIGN shapes
+    HEN_BENCH_FULL=1 pytest benchmarks/ --benchmark-only   # the docs/design.md shapes
     HEN_BENCH_N=65536 pytest benchmarks/ --benchmark-only  # any other N
 
 "fused" is hk.hopfield_update on the "cpu" backend when the extension is built,
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from hen_kernels import bench
+from hen_kernels.bench import cpu as bench
 
 SMALL_N = 16384
 

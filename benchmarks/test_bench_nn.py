@@ -1,6 +1,6 @@
-"""pytest-benchmark suite for the Hopfield layers (the cases `python -m hen_kernels.bench_nn` tables).
+"""pytest-benchmark suite for the Hopfield layers (the cases `python -m hen_kernels.bench nn` tables).
 
-    pytest benchmarks/test_bench_nn.py --benchmark-only            # the bench_nn shapes for this device
+    pytest benchmarks/test_bench_nn.py --benchmark-only            # the `bench nn` shapes for this device
     HEN_BENCH_QUICK=1 pytest benchmarks/test_bench_nn.py --benchmark-only   # tiny shapes
 
 "fused" runs the automatic backend with the fused backward; "reference" runs
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from hen_kernels import bench_nn
+from hen_kernels.bench import nn as bench_nn
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = bench_nn.cases(os.environ.get("HEN_BENCH_QUICK", "") not in ("", "0"), DEVICE)

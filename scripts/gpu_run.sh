@@ -56,9 +56,9 @@ if [[ $STAGES == *" test "* ]]; then
   stage test $PY -m pytest -q -p no:cacheprovider -ra tests
 fi
 if [[ $STAGES == *" bench "* ]]; then
-  stage bench-gpu $PY -m hen_kernels.bench_gpu --out "$RES" $QUICK --budget "${HEN_BENCH_BUDGET:-420}"
-  stage bench-nn $PY -m hen_kernels.bench_nn --out "$RES" --device cuda $QUICK
-  stage bench-bank $PY -m hen_kernels.bench_bank --out "$RES" $QUICK
+  stage bench-gpu $PY -m hen_kernels.bench gpu --out "$RES" $QUICK --budget "${HEN_BENCH_BUDGET:-420}"
+  stage bench-nn $PY -m hen_kernels.bench nn --out "$RES" --device cuda $QUICK
+  stage bench-bank $PY -m hen_kernels.bench bank --out "$RES" $QUICK
 fi
 cp -r "$RES" "$LOG/results" 2>/dev/null || true
 echo "gpu_run: results in $RES (copied to $LOG/results); exit $status"

@@ -1,11 +1,11 @@
-"""`python -m hen_kernels.bench --quick` runs, and writes one sensible row per case."""
+"""`python -m hen_kernels.bench cpu --quick` runs, and writes one sensible row per case."""
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
-from hen_kernels import bench
+from hen_kernels.bench import cpu as bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_quick_writes_json_and_markdown(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "hen_kernels.bench", "--quick", "--repeats", "2", "--out", str(out)],
+        [sys.executable, "-m", "hen_kernels.bench", "cpu", "--quick", "--repeats", "2", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

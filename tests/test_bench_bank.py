@@ -1,4 +1,4 @@
-"""`python -m hen_kernels.bench_bank --quick` runs and writes sensible bank.{json,md}."""
+"""`python -m hen_kernels.bench bank --quick` runs and writes sensible bank.{json,md}."""
 import json
 import math
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hen_kernels import bench_bank
+from hen_kernels.bench import bank as bench_bank
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_bank_quick_writes_json_and_markdown(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "hen_kernels.bench_bank", "--quick", "--repeats", "1", "--limit-mib", "32",
+        [sys.executable, "-m", "hen_kernels.bench", "bank", "--quick", "--repeats", "1", "--limit-mib", "32",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

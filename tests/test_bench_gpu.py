@@ -6,30 +6,30 @@ import json
 import pytest
 import torch
 
-from hen_kernels import bench_gpu as bg
+from hen_kernels.bench import gpu, gpu_cases, gpu_report
 
 
 def test_without_a_gpu_it_fails_loudly(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the refusal path does not apply")
-    assert bg.main(["--quick"]) == 2
-    assert bg.NO_GPU in capsys.readouterr().err
+    assert gpu.main(["--quick"]) == 2
+    assert gpu.NO_GPU in capsys.readouterr().err
 
 
 def test_cases_follow_the_design_shapes():
-    full = bg.cases()
+    full = gpu_cases.cases()
     names = [c.name for c in full]
     assert len(names) == len(set(names))
-    assert {c.regime for c in full} == set(bg.REGIMES)
+    assert {c.regime for c in full} == set(gpu_cases.REGIMES)
     layer = [c for c in full if c.regime == "layer"]
     assert {(c.B, c.N, c.D, c.similarity) for c in layer} >= {(16384, 16384, 64, "dot"), (16384, 16384, 128, "l2")}
     recall = [c for c in full if c.regime == "recall"]
     assert {c.B for c in recall} == {1, 16, 64} and {c.D for c in recall} == {128, 1024, 4096}
-    assert all(c.N * c.D * bg.ELEM == 2 ** 30 for c in recall), "recall banks are 1 GiB of bf16"
+    assert all(c.N * c.D * gpu_cases.ELEM == 2 ** 30 for c in recall), "recall banks are 1 GiB of bf16"
     (bulk,) = [c for c in full if c.regime == "bulk"]
     assert bulk.intensity == 2 * bulk.B
-    quick = bg.cases(quick=True, regimes=["recall"])
-    assert quick and all(c.regime == "recall" and c.N * c.D * bg.ELEM == 2 ** 26 for c in quick)
+    quick = gpu_cases.cases(quick=True, regimes=["recall"])
+    assert quick and all(c.regime == "recall" and c.N * c.D * gpu_cases.ELEM == 2 ** 26 for c in quick)
 
 
 def _measurement(kind, ms, status="ok"):
@@ -37,9 +37,9 @@ def _measurement(kind, ms, status="ok"):
 
 
 def _report():
-    layer = bg.GpuCase("layer", "dot", 2048, 2048, 64)
-    layer_l2 = bg.GpuCase("layer", "l2", 2048, 2048, 64)
-    recall = bg.GpuCase("recall", "dot", 1, 2 ** 18, 128)
+    layer = gpu_cases.GpuCase("layer", "dot", 2048, 2048, 64)
+    layer_l2 = gpu_cases.GpuCase("layer", "l2", 2048, 2048, 64)
+    recall = gpu_cases.GpuCase("recall", "dot", 1, 2 ** 18, 128)
     cases = []
     for case, meas in (
         (layer, {"triton": _measurement("fused", 1.0), "cuda": _measurement("fused", 2.0),
@@ -62,7 +62,7 @@ def _report():
 
 def test_targets_ratios_and_table(tmp_path):
     report = _report()
-    bg.write(report, str(tmp_path), plot=True)
+    gpu_report.write(report, str(tmp_path), plot=True)
     rows = {(r["case"], r["backend"]): r for r in report["rows"]}
     layer = rows[("layer-dot-B2048-N2048-D64", "triton")]
     assert layer["ratios"]["torch"] == pytest.approx(4.0) and layer["best_sdpa"] == "sdpa:FLASH_ATTENTION"

@@ -1,36 +1,32 @@
 """Hopfield layers: forward and forward+backward time and peak memory, fused against the reference.
 
-    python -m hen_kernels.bench_nn [--out DIR] [--quick] [--repeats K]
+    python -m hen_kernels.bench nn [--out DIR] [--quick] [--repeats K] [--device DEVICE]
 
 Each case runs twice with the same inputs: ``fused`` (the automatic backend,
 ``cpu`` on CPU tensors and ``triton`` / ``cuda`` on GPU ones, with the fused
 backward of ``hen_kernels.autograd``) and ``reference`` (``backend="torch"``:
 plain PyTorch that holds the B x N association matrix and lets autograd keep
-it for the backward).  Cases are at layer-regime shapes (DESIGN.md §2, D <= 256):
+it for the backward).  Cases are at layer-regime shapes (docs/design.md §2, D <= 256):
 the functional update, a ``HopfieldLayer`` lookup over a large learned bank
 and ``HopfieldPooling`` over long bags.  Memory is the peak resident memory
-above the level before the call on the CPU (VmHWM, as ``bench.py``), and
+above the level before the call on the CPU (VmHWM, as the cpu table), and
 ``torch.cuda.max_memory_allocated`` above it on a GPU.  The table goes to
 ``benchmarks/results/nn.md`` (and ``nn.json``); nothing asserts on time.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
-from . import bench, ops
-from . import nn as hnn
-
-DEFAULT_OUT = os.path.join("benchmarks", "results")
-MIB = 2 ** 20
+from .. import backends, ops
+from .. import nn as hnn
+from ..validation import check_inputs
+from . import common
+from .common import DEFAULT_OUT, MIB
 
 
 @dataclass(frozen=True)
@@ -109,32 +105,12 @@ def build(case: Case, backend: Optional[str], device: torch.device):
     return call
 
 
-def _measure(fns: Dict[str, Callable[[], object]], repeats: int, device: torch.device):
-    if device.type != "cuda":
-        return bench.time_calls(fns, repeats)
-    result = {}
-    for k, fn in fns.items():
-        fn()
-        torch.cuda.synchronize()
-        times, peaks = [], []
-        for _ in range(repeats):
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            out = fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            peaks.append(torch.cuda.max_memory_allocated() - before)
-            del out
-        result[k] = (times, max(peaks))
-    return result
-
-
 def run_case(case: Case, device: torch.device, repeats: int) -> dict:
     row = dict(asdict(case), name=case.name)
     calls = {"fused": build(case, None, device), "reference": build(case, "torch", device)}
     for mode, grad in (("fwd", False), ("fwd+bwd", True)):
-        measured = _measure({who: (lambda c=c, grad=grad: c(grad)) for who, c in calls.items()}, repeats, device)
+        fns = {who: (lambda c=c, grad=grad: c(grad)) for who, c in calls.items()}
+        measured = common.time_calls(fns, repeats, device)
         for who, (times, extra) in measured.items():
             row[f"{mode}_{who}_ms"] = statistics.median(times) * 1e3
             row[f"{mode}_{who}_mib"] = None if extra is None else extra / MIB
@@ -142,29 +118,36 @@ def run_case(case: Case, device: torch.device, repeats: int) -> dict:
     return row
 
 
-def _fmt(v, f):
-    return "n/a" if v is None else format(v, f)
+COLUMNS = [  # (header, row -> cell)
+    ("case", lambda r: r["name"]),
+    ("fwd fused ms", lambda r: f"{r['fwd_fused_ms']:.1f}"),
+    ("fwd ref ms", lambda r: f"{r['fwd_reference_ms']:.1f}"),
+    ("fwd speedup", lambda r: common.ratio(r["fwd_speedup"])),
+    ("fwd+bwd fused ms", lambda r: f"{r['fwd+bwd_fused_ms']:.1f}"),
+    ("fwd+bwd ref ms", lambda r: f"{r['fwd+bwd_reference_ms']:.1f}"),
+    ("fwd+bwd speedup", lambda r: common.ratio(r["fwd+bwd_speedup"])),
+    ("fwd+bwd fused MiB", lambda r: common.num(r["fwd+bwd_fused_mib"], ".1f")),
+    ("fwd+bwd ref MiB", lambda r: common.num(r["fwd+bwd_reference_mib"], ".1f")),
+]
 
 
 def markdown(report: dict) -> str:
+    m = report["machine"]
     lines = [
         f"# Hopfield layers: fused vs reference ({report['device']}, {report['dtype']})",
         "",
         f"Fused backend: {report['fused_backend']}. Command: `{report['command']}`. "
         f"Median of {report['repeats']} calls; load average {report['load']}.",
+        f"Host: {m['cpu']} ({m['isa']}), {m['logical_cpus']} logical CPUs, torch {m['torch']} with "
+        f"{m['torch_threads']} threads, triton {m['triton']}, Python {m['python']}.",
         "",
-        "| case | fwd fused ms | fwd ref ms | fwd speedup | fwd+bwd fused ms | fwd+bwd ref ms | fwd+bwd speedup "
-        "| fwd+bwd fused MiB | fwd+bwd ref MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['name']} | {r['fwd_fused_ms']:.1f} | {r['fwd_reference_ms']:.1f} | {r['fwd_speedup']:.2f}x "
-            f"| {r['fwd+bwd_fused_ms']:.1f} | {r['fwd+bwd_reference_ms']:.1f} | {r['fwd+bwd_speedup']:.2f}x "
-            f"| {_fmt(r['fwd+bwd_fused_mib'], '.1f')} | {_fmt(r['fwd+bwd_reference_mib'], '.1f')} |")
+    lines += common.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in report["rows"]],
+                          align=["---"] + ["---:"] * (len(COLUMNS) - 1))
     lines += [
         "",
-        "- case: kind-similarity-b(batch or queries)-l(states per item / bag length)-n(stored patterns)-d(dim)-h(heads).",
+        "- case: kind-similarity-b(batch or queries)-l(states per item / bag length)-n(stored patterns)-d(dim)"
+        "-h(heads).",
         "- MiB: peak memory above the level before the call (CPU: resident set, VmHWM; GPU: allocator peak).",
         "- reference = `backend=\"torch\"`: holds the B x N association matrix, and autograd keeps it for backward.",
     ]
@@ -178,38 +161,25 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 3, device: O
         rows.append(run_case(case, dev, repeats))
         print(f"{case.name}: fwd {rows[-1]['fwd_speedup']:.2f}x, fwd+bwd {rows[-1]['fwd+bwd_speedup']:.2f}x",
               file=sys.stderr)
-    from . import backends
-    from .validation import check_inputs
-
     x = torch.zeros(2, 8, device=dev, dtype=_dtype(dev))
     report = dict(
-        device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else bench.cpu_model()),
+        device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else common.cpu_model()),
         dtype=str(_dtype(dev)).replace("torch.", ""),
         fused_backend=backends.resolve(None, check_inputs(x, x, 1.0, "dot")).name,
-        repeats=repeats, quick=quick, load=bench.load_average(),
-        command="python -m hen_kernels.bench_nn" + (" --quick" if quick else ""),
-        rows=rows,
+        repeats=repeats, quick=quick, load=common.load_average(),
+        command="python -m hen_kernels.bench nn" + (" --quick" if quick else ""),
+        machine=common.host(), rows=rows,
     )
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "nn.json"), "w") as f:
-        json.dump(report, f, indent=2)
     md = markdown(report)
-    with open(os.path.join(out, "nn.md"), "w") as f:
-        f.write(md)
+    common.write_report(out, "nn", report, md)
     print(md)
     return report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default=None)
+    ap = common.parser("nn", __doc__, "nn.json and nn.md", "tiny shapes (a smoke test)", 3,
+                       "timed calls per measurement after a warm-up")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = ap.parse_args(argv)
     run(args.out, args.quick, args.repeats, args.device)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

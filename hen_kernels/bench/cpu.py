@@ -1,6 +1,6 @@
-"""`make bench`: the CPU table of DESIGN.md §6, printed and written as JSON and Markdown.
+"""`make bench`: the CPU table of docs/design.md §6, printed and written as JSON and Markdown.
 
-    python -m hen_kernels.bench [--out DIR] [--quick] [--repeats K]
+    python -m hen_kernels.bench [cpu] [--out DIR] [--quick] [--repeats K]
 
 Every case times the fused kernel, ``hk.hopfield_update(..., backend=<fused>)``,
 against the plain PyTorch baseline ``softmax(beta * sim(X, s)) @ X`` (matmul,
@@ -13,33 +13,25 @@ Other code (``benchmarks/test_bench_cpu.py``) reuses :func:`cases`,
 """
 from __future__ import annotations
 
-import argparse
-import ctypes
-import json
 import math
-import os
-import platform
 import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import backends, ops
-from .reference import similarity as sim
+from .. import backends, ops
+from ..reference import similarity as sim
+from . import common
+from .common import DEFAULT_OUT, MIB, num
 
-# DESIGN.md §6, CPU rows: required baseline_time / fused_time per regime.
+# docs/design.md §6, CPU rows: required baseline_time / fused_time per regime.
 TARGETS = {"recall": 1.6, "layer": 1.3, "bulk": 0.95}
-# (regime, B, N, D), float32; each is run for every similarity in SIMILARITIES.
+# (regime, B, N, D), float32; each is run for every similarity in TIMED_SIMILARITIES.
 SHAPES = [("recall", 1, 262144, 512), ("recall", 8, 262144, 512),
           ("layer", 64, 65536, 64), ("bulk", 64, 65536, 2048)]
-SIMILARITIES = ("dot", "l2")
+TIMED_SIMILARITIES = ("dot", "l2")
 QUICK_N = 4096
-DEFAULT_OUT = os.path.join("benchmarks", "results")
-MIB = 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,7 @@ class Case:
         return f"{self.regime}-{self.similarity}-B{self.B}-N{self.N}-D{self.D}"
 
     @property
-    def flops(self) -> int:  # DESIGN.md §6: 4·B·N·D
+    def flops(self) -> int:  # docs/design.md §6: 4·B·N·D
         return 4 * self.B * self.N * self.D
 
     @property
@@ -69,7 +61,7 @@ class Case:
 
 def cases(n: Optional[int] = None) -> List[Case]:
     """The §6 CPU cases, ordered so that cases sharing a bank are adjacent; ``n`` overrides N."""
-    return [Case(regime, s, b, n or big_n, d) for regime, b, big_n, d in SHAPES for s in SIMILARITIES]
+    return [Case(regime, s, b, n or big_n, d) for regime, b, big_n, d in SHAPES for s in TIMED_SIMILARITIES]
 
 
 def fused_backend() -> str:
@@ -93,14 +85,14 @@ def bank(n: int, d: int) -> torch.Tensor:
     """A float32 (n, d) standard-normal bank; the previous bank is dropped first."""
     if (n, d) not in _BANK:
         _BANK.clear()
-        _trim_heap()
+        common.trim_heap()
         _BANK[(n, d)] = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 7919 + d))
     return _BANK[(n, d)]
 
 
 def release_bank() -> None:
     _BANK.clear()
-    _trim_heap()
+    common.trim_heap()
 
 
 def case_inputs(case: Case) -> Tuple[torch.Tensor, torch.Tensor, float]:
@@ -110,7 +102,7 @@ def case_inputs(case: Case) -> Tuple[torch.Tensor, torch.Tensor, float]:
 
 
 def baseline(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str) -> torch.Tensor:
-    """The plain PyTorch expression of DESIGN.md §6."""
+    """The plain PyTorch expression of docs/design.md §6."""
     return torch.softmax(beta * sim(q, x, similarity), -1) @ x
 
 
@@ -124,64 +116,6 @@ def case_callables(case: Case, backend: str) -> Tuple[Callable[[], torch.Tensor]
     return fused, lambda: baseline(q, x, beta, case.similarity)
 
 
-# --- resident memory from /proc/self (Linux); None where unavailable -----------------
-
-def _proc_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current VmRSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim_heap() -> None:
-    """Hand free heap pages back (glibc) so that a reused buffer shows up in VmHWM again."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def time_calls(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Tuple[List[float], Optional[int]]]:
-    """Per name: (seconds per timed call, peak extra resident bytes or None).
-
-    Each call is warmed up once, then the calls take turns ``repeats`` times, so a
-    change in machine load hits all of them alike.  Around each timed call, outside
-    the timer: reset VmHWM, read VmRSS before and VmHWM after.  The heap is trimmed
-    before the first turn, so buffers the warm-up freed count again.
-    """
-    for fn in fns.values():
-        fn()
-    _trim_heap()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    extra: Dict[str, List[int]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            ok = _reset_peak()
-            before = _proc_kib("VmRSS")
-            t0 = time.perf_counter()
-            out = fn()
-            times[k].append(time.perf_counter() - t0)
-            peak = _proc_kib("VmHWM")
-            del out
-            if ok and before is not None and peak is not None:
-                extra[k].append(max(peak - before, 0) * 1024)
-    return {k: (times[k], max(extra[k]) if extra[k] else None) for k in fns}
-
-
 def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5) -> dict:
     """Time and measure one case, fused and baseline; one table row as a dict."""
     backend = backend or fused_backend()
@@ -191,7 +125,7 @@ def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5) -> dic
         f, b = fused(), base()
         row["rel_err"] = float((f - b).norm() / b.norm())
         del f, b
-        measured = time_calls({"baseline": base, "fused": fused}, repeats)
+        measured = common.time_calls({"baseline": base, "fused": fused}, repeats)
     for who, (times, extra) in measured.items():
         t = statistics.median(times)
         row[f"{who}_ms"] = t * 1e3
@@ -204,67 +138,30 @@ def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5) -> dic
     return row
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    return statistics.median(time_calls({"fn": fn}, repeats)["fn"][0])
-
-
 # --- the machine ---------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
 
 def matmul_gflops(quick: bool, repeats: int) -> float:
     """This machine's float32 square matmul GFLOP/s (n = 512 quick, else 2048)."""
     n = 512 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / _median_time(lambda: a @ b, repeats) / 1e9
+    return 2 * n ** 3 / common.median_seconds(lambda: a @ b, repeats) / 1e9
 
 
 def measure_ceilings(quick: bool, repeats: int) -> dict:
     """Float32 matmul GFLOP/s and memory read GB/s (a sum over a buffer larger than the caches)."""
     buf = torch.randn((16 if quick else 512) * MIB // 4)
-    t_rd = _median_time(buf.sum, repeats)
+    t_rd = common.median_seconds(buf.sum, repeats)
     n = 512 if quick else 2048
     return {"matmul_gflops": matmul_gflops(quick, repeats), "matmul_shape": [n, n, n],
             "read_gbps": buf.numel() * 4 / t_rd / 1e9, "read_mib": buf.numel() * 4 // MIB}
 
 
 def machine(backend: str) -> dict:
-    return {
-        "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "fused_backend": backend,
-        "fused_backend_label": backend_label(backend),
-        "fused_is_reference": backend == "torch",
-        "memory_measured": _proc_kib("VmRSS") is not None and _reset_peak(),
-        "load_average": load_average(),
-    }
-
-
-def load_average() -> Optional[List[float]]:
-    """1, 5 and 15 minute load averages: other work on the machine skews every timing."""
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
+    return dict(common.host(), fused_backend=backend, fused_backend_label=backend_label(backend),
+                fused_is_reference=backend == "torch", memory_measured=common.memory_measured())
 
 
 # --- the table -----------------------------------------------------------------------
-
-def _num(v: Optional[float], fmt: str) -> str:
-    return "n/a" if v is None else format(v, fmt)
-
 
 COLUMNS = [  # (header, row -> cell)
     ("regime", lambda r: r["regime"]),
@@ -272,17 +169,17 @@ COLUMNS = [  # (header, row -> cell)
     ("B", lambda r: str(r["B"])),
     ("N", lambda r: str(r["N"])),
     ("D", lambda r: str(r["D"])),
-    ("fused ms", lambda r: _num(r["fused_ms"], ".2f")),
-    ("base ms", lambda r: _num(r["baseline_ms"], ".2f")),
-    ("fused GFLOP/s", lambda r: _num(r["fused_gflops"], ".1f")),
-    ("base GFLOP/s", lambda r: _num(r["baseline_gflops"], ".1f")),
-    ("fused GB/s", lambda r: _num(r["fused_gbps"], ".2f")),
-    ("base GB/s", lambda r: _num(r["baseline_gbps"], ".2f")),
-    ("fused extra MiB", lambda r: _num(r["fused_extra_mib"], ".1f")),
-    ("base extra MiB", lambda r: _num(r["baseline_extra_mib"], ".1f")),
-    ("rel err", lambda r: _num(r["rel_err"], ".1e")),
-    ("ratio", lambda r: _num(r["ratio"], ".2f") + "x"),
-    ("target", lambda r: ">= " + _num(r["target"], ".2f") + "x"),
+    ("fused ms", lambda r: num(r["fused_ms"], ".2f")),
+    ("base ms", lambda r: num(r["baseline_ms"], ".2f")),
+    ("fused GFLOP/s", lambda r: num(r["fused_gflops"], ".1f")),
+    ("base GFLOP/s", lambda r: num(r["baseline_gflops"], ".1f")),
+    ("fused GB/s", lambda r: num(r["fused_gbps"], ".2f")),
+    ("base GB/s", lambda r: num(r["baseline_gbps"], ".2f")),
+    ("fused extra MiB", lambda r: num(r["fused_extra_mib"], ".1f")),
+    ("base extra MiB", lambda r: num(r["baseline_extra_mib"], ".1f")),
+    ("rel err", lambda r: num(r["rel_err"], ".1e")),
+    ("ratio", lambda r: common.ratio(r["ratio"])),
+    ("target", lambda r: ">= " + num(r["target"], ".2f") + "x"),
     ("met", lambda r: "yes" if r["met"] else "NO"),
 ]
 
@@ -290,23 +187,21 @@ COLUMNS = [  # (header, row -> cell)
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["ceilings"]
     lines = [
-        "# hen_kernels CPU benchmark (DESIGN.md §6)",
+        "# hen_kernels CPU benchmark (docs/design.md §6)",
         "",
-        f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} "
+        f"- machine: {m['cpu']} ({m['isa']}), {m['logical_cpus']} logical CPUs, torch {m['torch']} "
         f"with {m['torch_threads']} threads, Python {m['python']}, load average {m['load_average']} at the start",
         f"- fused: {m['fused_backend_label']}; baseline: `torch.softmax(beta * sim(X, s), -1) @ X`",
         f"- float32; median of {report['repeats']} calls after a warm-up"
-        + (" (--quick: N = %d, not the DESIGN shapes)" % QUICK_N if report["quick"] else ""),
+        + (" (--quick: N = %d, not the docs/design.md shapes)" % QUICK_N if report["quick"] else ""),
         f"- ceilings: float32 matmul ({c['matmul_shape'][0]}^3) {c['matmul_gflops']:.1f} GFLOP/s before the "
         f"cases and {c['matmul_gflops_after']:.1f} after, "
         f"memory read {c['read_gbps']:.2f} GB/s ({c['read_mib']} MiB sum)",
         "- GFLOP/s = 4·B·N·D / time; GB/s = bank bytes (N·D·4) / time; extra MiB = peak resident "
         "memory above the level before the call (VmHWM - VmRSS); ratio = base ms / fused ms",
         "",
-        "| " + " | ".join(h for h, _ in COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
-    lines += ["| " + " | ".join(cell(r) for _, cell in COLUMNS) + " |" for r in report["rows"]]
+    lines += common.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in report["rows"]])
     met = sum(r["met"] for r in report["rows"])
     lines += ["", f"{met} of {len(report['rows'])} rows meet their target."]
     if report.get("warning"):
@@ -333,33 +228,23 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5) -> dict:
                   flush=True)
     finally:
         release_bank()
-    # A kernel that leaves threads spinning (raw OpenMP did, DESIGN.md §7) slows every later
+    # A kernel that leaves threads spinning (raw OpenMP did, docs/design.md §7) slows every later
     # torch call, the baselines included; measure the matmul again to catch it.
     c = report["ceilings"]
     c["matmul_gflops_after"] = after = matmul_gflops(quick, repeats)
     if max(after, c["matmul_gflops"]) > 2 * min(after, c["matmul_gflops"]):
         report["warning"] = (f"torch matmul ran at {c['matmul_gflops']:.1f} GFLOP/s before the cases and "
                              f"{after:.1f} after: other work on the machine, or a kernel that slows later "
-                             "torch calls (raw OpenMP did, DESIGN.md §7); the timings are suspect")
+                             "torch calls (raw OpenMP did, docs/design.md §7); the timings are suspect")
     md = markdown(report)
-    os.makedirs(out, exist_ok=True)
-    Path(out, "cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(out, "cpu.md").write_text(md)
-    print("\n" + md + f"\nwrote {Path(out, 'cpu.json')} and {Path(out, 'cpu.md')}")
+    js, mdp = common.write_report(out, "cpu", report, md)
+    print("\n" + md + f"\nwrote {js} and {mdp}")
     return report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hen_kernels.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"directory for cpu.json and cpu.md (default {DEFAULT_OUT})")
-    p.add_argument("--quick", action="store_true", help=f"tiny shapes (N = {QUICK_N}): seconds, for tests")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after one warm-up (default 5)")
+    p = common.parser("cpu", __doc__, "cpu.json and cpu.md", f"tiny shapes (N = {QUICK_N}): seconds, for tests",
+                      5, "timed calls per measurement, after one warm-up")
     a = p.parse_args(argv)
-    if a.repeats < 1:
-        p.error("--repeats: expected an integer >= 1")
     run(a.out, a.quick, a.repeats)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

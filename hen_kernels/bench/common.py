@@ -1,0 +1,252 @@
+"""What every benchmark program shares: the results folder, the machine it ran on,
+timing, resident memory from /proc, number formatting, Markdown tables and the
+report files.  Each program (cpu, bank, nn, gpu) keeps only its own cases.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+DEFAULT_OUT = os.path.join("benchmarks", "results")
+MIB = 2 ** 20
+GIB = 2 ** 30
+
+# The CPU flags that decide which kernels a CPU can run fast (docs/design.md §6: the
+# header names the ISA, since the CPU machines differ from session to session).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+# --- the machine ---------------------------------------------------------------------
+
+def _cpuinfo(key: str) -> Optional[str]:
+    """The first value of ``key`` in /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == key:
+                    return line.split(":", 1)[1].strip()
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def isa() -> str:
+    """The notable vector and matrix extensions this CPU reports, e.g. "avx2 fma avx512f"."""
+    flags = set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
+    return " ".join(f for f in ISA_FLAGS if f in flags) or "unknown"
+
+
+def load_average() -> Optional[List[float]]:
+    """1, 5 and 15 minute load averages: other work on the machine skews every timing."""
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def host() -> dict:
+    """The machine description every report starts from; each program adds its own fields."""
+    return {
+        "cpu": cpu_model(),
+        "isa": isa(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "python": platform.python_version(),
+        "load_average": load_average(),
+    }
+
+
+# --- resident memory from /proc/self (Linux); None where unavailable -----------------
+
+def proc_kib(field: str) -> Optional[int]:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM, VmSize)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current VmRSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def trim_heap() -> None:
+    """Hand free heap pages back (glibc) so that a reused buffer shows up in VmHWM again."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_measured() -> bool:
+    """Whether :func:`time_calls` can report peak memory on the CPU here."""
+    return proc_kib("VmRSS") is not None and reset_peak()
+
+
+# --- timing --------------------------------------------------------------------------
+
+def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up; ``sync`` waits for a device."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+Measured = Dict[str, Tuple[List[float], Optional[int]]]
+
+
+def time_calls(fns: Dict[str, Callable[[], object]], repeats: int, device: Optional[torch.device] = None) -> Measured:
+    """Per name: (seconds per timed call, peak extra bytes or None).
+
+    Extra bytes are the peak above the level before the call: on the CPU the
+    resident set (VmHWM reset, VmRSS before, VmHWM after, all outside the
+    timer); on a CUDA device the allocator's peak.
+    """
+    if device is not None and device.type == "cuda":
+        return _time_calls_cuda(fns, repeats)
+    # Calls take turns, so that a change in machine load hits all of them alike; the
+    # heap is trimmed after the warm-ups so that buffers they freed count again.
+    for fn in fns.values():
+        fn()
+    trim_heap()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    extra: Dict[str, List[int]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            ok = reset_peak()
+            before = proc_kib("VmRSS")
+            t0 = time.perf_counter()
+            out = fn()
+            times[k].append(time.perf_counter() - t0)
+            peak = proc_kib("VmHWM")
+            del out
+            if ok and before is not None and peak is not None:
+                extra[k].append(max(peak - before, 0) * 1024)
+    return {k: (times[k], max(extra[k]) if extra[k] else None) for k in fns}
+
+
+def _time_calls_cuda(fns: Dict[str, Callable[[], object]], repeats: int) -> Measured:
+    result = {}
+    for k, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        times, peaks = [], []
+        for _ in range(repeats):
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+            del out
+        result[k] = (times, max(peaks))
+    return result
+
+
+# --- text ----------------------------------------------------------------------------
+
+def num(v: Optional[float], fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def ratio(v: Optional[float], fmt: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, fmt) + "x"
+
+
+def short_error(e: BaseException) -> str:
+    """An exception on one line, at most 400 characters: fit for a table cell or a log."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}"[:400]
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], align: Optional[Sequence[str]] = None) -> List[str]:
+    """The lines of a Markdown table; ``align`` holds one separator cell per column ("---", "---:")."""
+    # A "|" inside a cell (an error message, say) would split its row.
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+    return [line(headers), "|" + "|".join(align or ["---"] * len(headers)) + "|"] + [line(r) for r in rows]
+
+
+# --- the command line ----------------------------------------------------------------
+
+def _at_least_one(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+def parser(program: str, doc: str, writes: str, quick: str, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
+    """The options every program takes: --out (where ``writes`` go), --quick, --repeats."""
+    p = argparse.ArgumentParser(prog=f"python -m hen_kernels.bench {program}", description=doc.split("\n")[0])
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"directory for {writes} (default {DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--repeats", type=_at_least_one, default=repeats, help=f"{repeats_help} (default {repeats})")
+    return p
+
+
+# --- the report files ----------------------------------------------------------------
+
+def _finite(v):
+    """JSON without NaN or infinities (json.dumps would write invalid JSON)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def write_report(out: str, name: str, report: dict, md: str) -> Tuple[Path, Path]:
+    """Write ``name``.json and ``name``.md under ``out``; their paths."""
+    os.makedirs(out, exist_ok=True)
+    js, mdp = Path(out, name + ".json"), Path(out, name + ".md")
+    js.write_text(json.dumps(_finite(report), indent=2) + "\n")
+    mdp.write_text(md)
+    return js, mdp
