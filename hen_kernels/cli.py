@@ -28,12 +28,12 @@ def _floats(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments import EXPERIMENTS
+    from .hen.experiments import EXPERIMENTS
 
     ap = argparse.ArgumentParser(prog="hen", description="Hopfield Encoding Networks on hen_kernels")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="store real photos, recall them from occluded and noisy images and captions")
-    from .demo import add_arguments
+    from .hen.demo import add_arguments
 
     add_arguments(d)
     e = sub.add_parser("experiment", help="run one of the paper's experiments")
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _experiment(args, command: str) -> int:
-    from . import experiments
+    from .hen import experiments
 
     names = experiments.EXPERIMENTS if args.name == "all" else (args.name,)
     for name in names:
@@ -83,15 +83,16 @@ def _experiment(args, command: str) -> int:
 
 
 def _info() -> int:
-    import hen_kernels as hk
-    from .data import fashion_mnist_available
-    from .taef2 import find_taef2_dir
+    from .hen.data import fashion_mnist_available
+    from .hen.taef2 import find_taef2_dir
+    from .ops import available_backends
 
-    print(f"backends: {hk.available_backends()}")
+    print(f"backends: {available_backends()}")
     print(f"TAEF2 weights: {find_taef2_dir() or 'not found (set HEN_TAEF2_DIR)'}")
-    print(f"Fashion-MNIST: {'found' if fashion_mnist_available() else 'missing (apt-get install dataset-fashion-mnist)'}")
+    missing = "missing (apt-get install dataset-fashion-mnist)"
+    print(f"Fashion-MNIST: {'found' if fashion_mnist_available() else missing}")
     try:
-        from .codecs import sentence_model_dir
+        from .hen.codecs import sentence_model_dir
 
         print(f"sentence encoder: {sentence_model_dir()}")
     except ImportError as e:
@@ -103,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.cmd == "demo":
-        from .demo import run
+        from .hen.demo import run
 
         run(args)
         return 0

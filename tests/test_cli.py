@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("skimage")
 
 from hen_kernels import cli  # noqa: E402
-from hen_kernels.data import fashion_mnist_available  # noqa: E402
+from hen_kernels.hen.data import fashion_mnist_available  # noqa: E402
 
 
 def test_parser():

@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("skimage")
 
-from hen_kernels import codecs  # noqa: E402
-from hen_kernels.data import load_photos  # noqa: E402
-from hen_kernels.taef2 import find_taef2_dir  # noqa: E402
+from hen_kernels.hen import codecs  # noqa: E402
+from hen_kernels.hen.data import load_photos  # noqa: E402
+from hen_kernels.hen.taef2 import find_taef2_dir  # noqa: E402
 
 needs_taef2 = pytest.mark.skipif(find_taef2_dir() is None, reason="TAEF2 weights absent (set HEN_TAEF2_DIR)")
 
@@ -57,7 +57,7 @@ def test_taef2_grey_28x28_is_padded_to_512():
 
 
 def test_taef2_missing_weights_error(tmp_path, monkeypatch):
-    from hen_kernels.taef2 import load_taef2
+    from hen_kernels.hen.taef2 import load_taef2
 
     assert find_taef2_dir(tmp_path) is None  # an explicit path is the only place looked in
     with pytest.raises(FileNotFoundError, match="TAEF2 weights"):

@@ -6,8 +6,8 @@ import pytest
 pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 
-from hen_kernels import demo  # noqa: E402
-from hen_kernels.taef2 import find_taef2_dir  # noqa: E402
+from hen_kernels.hen import demo  # noqa: E402
+from hen_kernels.hen.taef2 import find_taef2_dir  # noqa: E402
 
 
 def test_defaults():

@@ -6,8 +6,8 @@ import pytest
 pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 
-from hen_kernels import experiments  # noqa: E402
-from hen_kernels.data import fashion_mnist_available  # noqa: E402
+from hen_kernels.hen import experiments  # noqa: E402
+from hen_kernels.hen.data import fashion_mnist_available  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
                                 reason="Fashion-MNIST absent (apt-get install dataset-fashion-mnist)")

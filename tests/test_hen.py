@@ -5,10 +5,9 @@ import torch
 pytest.importorskip("skimage")
 
 import hen_kernels as hk  # noqa: E402
-from hen_kernels import codecs, metrics  # noqa: E402
-from hen_kernels.data import fashion_mnist_available, load_fashion_mnist, load_photos, occlude  # noqa: E402
-from hen_kernels.hen import HEN  # noqa: E402
-from hen_kernels.taef2 import find_taef2_dir  # noqa: E402
+from hen_kernels.hen import HEN, codecs, metrics  # noqa: E402
+from hen_kernels.hen.data import fashion_mnist_available, load_fashion_mnist, load_photos, occlude  # noqa: E402
+from hen_kernels.hen.taef2 import find_taef2_dir  # noqa: E402
 
 needs_taef2 = pytest.mark.skipif(find_taef2_dir() is None, reason="TAEF2 weights absent (set HEN_TAEF2_DIR)")
 needs_fashion = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST absent "

@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("skimage")
 
-from hen_kernels import metrics  # noqa: E402
-from hen_kernels.data import fashion_mnist_available, load_fashion_mnist, occlude  # noqa: E402
-from hen_kernels.kmn import KMN  # noqa: E402
+from hen_kernels.hen import metrics  # noqa: E402
+from hen_kernels.hen.data import fashion_mnist_available, load_fashion_mnist, occlude  # noqa: E402
+from hen_kernels.hen.kmn import KMN  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST absent "
                                    "(apt-get install dataset-fashion-mnist)")

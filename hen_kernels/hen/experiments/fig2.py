@@ -16,7 +16,7 @@ import torch
 
 from .. import metrics
 from ..data import load_fashion_mnist, occlude
-from ..hen import HEN
+from ..layer import HEN
 from ..kmn import KMN
 from .common import available_codecs, cached_encode, codec_by_name, markdown_table, plt, write_results
 
@@ -80,7 +80,7 @@ def run(out: Path, *, quick: bool = False, n_bank: Optional[int] = None, n_queri
     total = time.perf_counter() - t0
     _plot(out / "fig2.png", rows, codecs, kinds)
     body = (f"Bank: the first {n_bank} Fashion-MNIST images; {n_queries} queries; up to {max_steps} steps, "
-            f"tol 1e-4; beta acts on normalised latents (hen.py); MSE and 1-SSIM over {n_decode} queries "
+            f"tol 1e-4; beta acts on normalised latents (hen/layer.py); MSE and 1-SSIM over {n_decode} queries "
             f"against the decoded stored latent. Total {total:.0f} s.\n\n"
             + markdown_table(rows, ["codec", "kind", "similarity", "beta", "acc", "mse", "ssim", "top_w", "steps"],
                              ["codec", "query", "sim", "beta", "identity acc", "MSE", "1-SSIM", "top weight",

@@ -26,7 +26,7 @@ import torch
 
 from .. import metrics
 from ..data import QUERY_KINDS, load_fashion_mnist, occlude, visible_mask
-from ..hen import HEN
+from ..layer import HEN
 from ..kmn import KMN
 from .common import available_codecs, cached_encode, codec_by_name, markdown_table, plt, write_results
 
@@ -116,7 +116,7 @@ def run(out: Path, *, quick: bool = False, sizes: Optional[Sequence[int]] = None
     heads = ["codec", "bank N", "query", "identity acc", "nearest is own", "MSE", "1-SSIM", "top weight",
              "steps", "queries/s"]
     body = (f"{len(qidx)} queries (drawn from the first {min(sizes)} images), ℓ2 similarity, beta = {beta:g} "
-            f"(normalised latents, hen.py), up to {max_steps} steps, tol 1e-4; MSE and 1-SSIM over the first "
+            f"(normalised latents, hen/layer.py), up to {max_steps} steps, tol 1e-4; MSE and 1-SSIM over the first "
             f"{n_decode} queries, against the decoded stored latent (for `kmn`: against the image). "
             f"`visible-NN`: nearest neighbour on raw pixels using only the visible pixels. "
             f"Total {total:.0f} s.\n\n" + markdown_table(rows, cols, heads) + "\n\n![table1](table1.png)\n")

@@ -28,12 +28,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-import hen_kernels as hk
-
+from .. import ops
 from . import metrics
 from .codecs import IdentityCodec, PixelTextEncoder, SentenceEncoder, TAEF2Codec
 from .data import load_photos, occlude
-from .hen import HEN
+from .layer import HEN
 from .taef2 import find_taef2_dir
 
 KINDS = ("half", "quarter", "noise")
@@ -105,7 +104,7 @@ def run(args: argparse.Namespace) -> List[dict]:
     texts = captions + [f"a cropped and turned detail, number {j}" for j in range(len(extra))]
     p = len(names)
     print(f"bank: {len(images)} images {tuple(images.shape[1:])} ({p} photos + {len(extra)} distractor crops), "
-          f"each with a caption; backends {hk.available_backends()}")
+          f"each with a caption; backends {ops.available_backends()}")
 
     codecs = []
     for c in (x for x in args.codecs.split(",") if x):
@@ -182,7 +181,7 @@ def run(args: argparse.Namespace) -> List[dict]:
     png = out / "recall.png"
     image_grid(png, cols, labels, rows=min(6, p))
     summary = dict(size=args.size, photos=names, captions=captions, bank_rows=len(images),
-                   backends=hk.available_backends(), beta=args.beta, rows=rows)
+                   backends=ops.available_backends(), beta=args.beta, rows=rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {png} and {out / 'summary.json'}; total {time.perf_counter() - t0:.1f} s")
     return rows

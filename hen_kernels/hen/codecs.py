@@ -9,7 +9,7 @@ Image codecs share one interface (:class:`ImageCodec`):
 - :class:`DiffusersCodec`: any diffusers autoencoder (``AutoencoderKL``, ``VQModel``,
   ``AutoencoderTiny``), given a model object or a folder (or, with network access, a hub
   id) for ``from_pretrained``.
-- :class:`TAEF2Codec`: TAEF2 (:mod:`hen_kernels.taef2`), weights from a path or
+- :class:`TAEF2Codec`: TAEF2 (:mod:`hen_kernels.hen.taef2`), weights from a path or
   ``$HEN_TAEF2_DIR``.
 
 Neural codecs take any image size and channel count: grey images are repeated to RGB
@@ -210,7 +210,7 @@ class _NeuralCodec(ImageCodec):
 
 
 class TAEF2Codec(_NeuralCodec):
-    """TAEF2 (:mod:`hen_kernels.taef2`): a 32 x H/8 x W/8 latent; weights from ``path`` or $HEN_TAEF2_DIR."""
+    """TAEF2 (:mod:`hen_kernels.hen.taef2`): a 32 x H/8 x W/8 latent; weights from ``path`` or $HEN_TAEF2_DIR."""
 
     name = "taef2"
     factor = 8

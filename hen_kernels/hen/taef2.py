@@ -3,8 +3,8 @@
 The weights are data kept outside the repository (``taef2_encoder.pth`` and
 ``taef2_decoder.pth``, plain float16 ``state_dict``s whose keys are
 ``nn.Sequential`` indices).  :func:`find_taef2_dir` looks for them in the
-``path`` argument, then ``$HEN_TAEF2_DIR``, then ``../shared/models/taef2``
-relative to the working directory and to this repository.
+``path`` argument, else in ``$HEN_TAEF2_DIR``: the package never guesses a folder
+outside itself, so where the weights live is the caller's (or the Makefile's) choice.
 
 Architecture (the README's words, as modules):
 
@@ -87,18 +87,13 @@ def make_decoder() -> nn.Sequential:
 
 
 def find_taef2_dir(path: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
-    """The folder holding both weight files: ``path`` when given (and only it), else the first of
-    ``$HEN_TAEF2_DIR`` and ../shared/models/taef2 (beside the working directory or this repository)."""
-    here = Path(__file__).resolve().parent.parent
-    if path is not None:
-        ok = (Path(path) / ENCODER_FILE).is_file() and (Path(path) / DECODER_FILE).is_file()
-        return Path(path) if ok else None
-    candidates = [os.environ.get("HEN_TAEF2_DIR"), Path.cwd().parent / "shared" / "models" / "taef2",
-                  here.parent / "shared" / "models" / "taef2"]
-    for c in candidates:
-        if c and (Path(c) / ENCODER_FILE).is_file() and (Path(c) / DECODER_FILE).is_file():
-            return Path(c)
-    return None
+    """The folder holding both weight files: ``path`` when given (and only it), else ``$HEN_TAEF2_DIR``;
+    None when that folder lacks either file."""
+    folder = path if path is not None else os.environ.get("HEN_TAEF2_DIR") or None
+    if folder is None:
+        return None
+    ok = (Path(folder) / ENCODER_FILE).is_file() and (Path(folder) / DECODER_FILE).is_file()
+    return Path(folder) if ok else None
 
 
 def load_taef2(path: Optional[Union[str, os.PathLike]] = None, *, dtype: torch.dtype = torch.float32,
@@ -111,7 +106,7 @@ def load_taef2(path: Optional[Union[str, os.PathLike]] = None, *, dtype: torch.d
     if d is None:
         raise FileNotFoundError(
             f"TAEF2 weights ({ENCODER_FILE}, {DECODER_FILE}) not found: looked in path={path!r}, "
-            f"$HEN_TAEF2_DIR={os.environ.get('HEN_TAEF2_DIR')!r} and ../shared/models/taef2"
+            f"$HEN_TAEF2_DIR={os.environ.get('HEN_TAEF2_DIR')!r}"
         )
     enc, dec = make_encoder(), make_decoder()
     for module, name in ((enc, ENCODER_FILE), (dec, DECODER_FILE)):

@@ -2,7 +2,7 @@
 
 Queries are the first ``n`` Fashion-MNIST images with the given occlusion, encoded like
 the memories.  Shown twice: on the encodings as they are (the paper's plot) and centred
-by the memories' mean (what HEN's normalisation stores, hen.py; for raw pixels the
+by the memories' mean (what HEN's normalisation stores, hen/layer.py; for raw pixels the
 uncentred cosine is dominated by the shared mean image).  The table adds d' and the
 cosine nearest-neighbour accuracy.
 """

@@ -1,4 +1,5 @@
-"""HEN: Hopfield Encoding Networks (the paper in ../shared/seeds/000_59da1513532ad5a8.txt).
+"""HEN: Hopfield Encoding Networks (Kashyap et al., "Modern Hopfield Networks meet Encoded Neural
+Representations - Addressing Practical Considerations").
 
 Content is encoded before it is stored and decoded after it is recalled (the paper's
 Eqs. 5-7): ``store`` encodes images (and optionally their captions) into a
@@ -38,7 +39,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .bank import MemoryBank
+from ..bank import MemoryBank
 from .codecs import ImageCodec, TextEncoder
 
 
@@ -100,8 +101,8 @@ class HEN:
     normalize=True, text_weight=1.0, batch_size=256, dtype=torch.float32, device="cpu",
     storage="device", path=None, chunk_rows=None, backend=None, progress=None)``
 
-    - ``codec``: an :class:`~hen_kernels.codecs.ImageCodec` (identity for the raw-image MHN).
-    - ``text_encoder``: a :class:`~hen_kernels.codecs.TextEncoder`; needed for ``texts`` in
+    - ``codec``: an :class:`~hen_kernels.hen.codecs.ImageCodec` (identity for the raw-image MHN).
+    - ``text_encoder``: a :class:`~hen_kernels.hen.codecs.TextEncoder`; needed for ``texts`` in
       ``store`` and for ``recall_text``.
     - ``beta``, ``similarity``: of the dynamics, in the normalised space (module docstring).
     - ``max_steps``, ``tol``: each query stops once max|s_new - s| <= tol.

@@ -26,7 +26,7 @@ import torch
 from .. import metrics
 from ..codecs import PixelTextEncoder, SentenceEncoder
 from ..data import fashion_captions, load_fashion_mnist, load_photos
-from ..hen import HEN
+from ..layer import HEN
 from .common import (available_codecs, cached_encode, codec_by_name, image_grid, markdown_table, plt,
                      write_results)
 
@@ -109,7 +109,7 @@ def run_table2(out: Path, *, quick: bool = False, distractors: Optional[Sequence
     image_grid(out / "table2.png", cols, labels, rows=8)
     body = (f"{p} photos with their own captions, plus Fashion-MNIST distractors with label captions; bank "
             f"N = photos + distractors; queries: the {p} photo captions as [0; text]; ℓ2, beta = {beta:g}, "
-            f"norm pads (hen.py). MSE / 1-SSIM against the decoded stored latent. Total {total:.0f} s.\n\n"
+            f"norm pads (hen/layer.py). MSE / 1-SSIM against the decoded stored latent. Total {total:.0f} s.\n\n"
             + markdown_table(rows, ["codec", "text", "N", "acc", "mse", "ssim", "top_w", "steps"],
                              ["image codec", "text encoder", "bank N", "identity acc", "MSE", "1-SSIM",
                               "top weight", "steps"])
