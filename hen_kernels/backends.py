@@ -1,9 +1,12 @@
-"""The one place that knows each backend: what it is, whether it loaded, and when it is chosen.
+"""The one place that knows each backend: its forward, its backward, whether it loaded, when it is chosen.
 
-A backend computes a :class:`~hen_kernels.types.Partial` from the normalised
-inputs of :mod:`hen_kernels.validation` (query (L, B, D), memory (Lm, N, D),
-values (Lm, N, Dv), beta (L,) float32).  New backends (Triton, CUDA) register
-here and are reached through :func:`resolve`; callers never name a kernel.
+A backend's forward computes a :class:`~hen_kernels.types.Partial` from the
+normalised inputs of :mod:`hen_kernels.validation` (query (L, B, D), memory
+(Lm, N, D), values (Lm, N, Dv), beta (L,) float32).  Its backward turns the
+upstream gradients of ``out`` and ``lse`` into (dq, dx, dv, dbeta), float32,
+from the inputs and the saved ``out`` and ``lse`` alone (no B x N matrix is
+kept between the passes; :mod:`hen_kernels.autograd` wires it in).  Callers
+never name a kernel: they reach a backend through :func:`resolve`.
 """
 from __future__ import annotations
 
@@ -14,25 +17,32 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import reference
+from . import backward_cpu, reference
+from .constants import REGISTER_TILE_MAX_DIM, SIMILARITY_CODES
 from .types import Partial
 from .validation import Inputs
 
 ENV_BACKEND = "HEN_KERNELS_BACKEND"
-SIMILARITY_CODES = {"dot": 0, "l2": 1, "l2sq": 2}
 
-PartialImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, int], Partial]
+ForwardImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, int], Partial]
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# (dout, dlse, query, memory, values, beta, out, lse, similarity) -> (dq, dx, dv, dbeta)
+BackwardImpl = Callable[..., Grads]
 
 
 class Backend:
-    """A named implementation of the partial update for some device types."""
+    """A named implementation of the partial update, forward and backward, for some device types.
 
-    def __init__(self, name: str, device_types: tuple[str, ...], impl: PartialImpl,
-                 load: Optional[Callable[[], Optional[str]]] = None, differentiable: bool = False):
+    ``backward`` is None where the forward is plain differentiable PyTorch that
+    autograd differentiates by itself (the reference).
+    """
+
+    def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
+                 backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None):
         self.name = name
         self.device_types = device_types
-        self.differentiable = differentiable
-        self._impl = impl
+        self._forward = forward
+        self.backward = backward
         self._load = load
         self._reason: Optional[str] = None
         self._loaded = load is None
@@ -49,8 +59,11 @@ class Backend:
     def available(self) -> bool:
         return self.unavailable_reason is None
 
+    def serves(self, device_type: str) -> bool:
+        return self.available() and device_type in self.device_types
+
     def partial(self, inp: Inputs, offset: int = 0) -> Partial:
-        return self._impl(inp.query, inp.memory, inp.values, inp.beta, inp.similarity, offset)
+        return self._forward(inp.query, inp.memory, inp.values, inp.beta, inp.similarity, offset)
 
 
 # --- torch: the reference ------------------------------------------------------------
@@ -150,14 +163,35 @@ def _triton_partial(q, x, v, beta, similarity, offset):
     return triton_backend.partial(q, x, v, beta, similarity, offset)
 
 
+# --- backward: recomputed from the saved lse -------------------------------------------
+
+def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str) -> Grads:
+    """PyTorch over bank chunks of bounded size: any device, any D (backward_cpu.py)."""
+    return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
+
+
+def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str) -> Grads:
+    """The fused Triton kernels where they serve these tensors and dims, else the streaming path.
+
+    Triton's register tiles stop at REGISTER_TILE_MAX_DIM; the streaming path
+    also serves CUDA tensors, so a forward on Triton or CUDA never lacks a backward.
+    """
+    small = q.shape[-1] <= REGISTER_TILE_MAX_DIM and v.shape[-1] <= REGISTER_TILE_MAX_DIM
+    if small and BACKENDS["triton"].serves(q.device.type):
+        # Looked up at call time, so a test can spy on the kernel's entry point.
+        from .triton import backward as triton_backward
+
+        return triton_backward.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
+    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
+
+
 BACKENDS: Dict[str, Backend] = {
-    "torch": Backend("torch", ("cpu", "cuda"), _torch_partial, differentiable=True),
-    # Kernel backends are differentiable through hen_kernels/autograd.py (fused backward from the saved lse).
-    "cpu": Backend("cpu", ("cpu",), _extension_partial, load=_cpu_available, differentiable=True),
-    "cuda": Backend("cuda", ("cuda",), _extension_partial, load=_cuda_available, differentiable=True),
+    "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None),
+    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_streaming_backward, load=_cpu_available),
+    "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
-    "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",), _triton_partial,
-                      load=_triton_available, differentiable=True),
+    "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",),
+                      forward=_triton_partial, backward=_gpu_backward, load=_triton_available),
 }
 
 
@@ -179,23 +213,15 @@ def available_backends() -> List[str]:
     return [name for name, b in BACKENDS.items() if b.available()]
 
 
-def _needs_grad(inp: Inputs) -> bool:
-    return torch.is_grad_enabled() and any(
-        t.requires_grad for t in (inp.query, inp.memory, inp.values, inp.beta)
-    )
-
-
 def resolve(backend: Optional[str], inp: Inputs) -> Backend:
     """The backend for these inputs: the one asked for, else $HEN_KERNELS_BACKEND, else the fastest."""
     device_type = inp.query.device.type
-    grad = _needs_grad(inp)
     asked = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
     source = "backend" if backend is not None else ENV_BACKEND
     if asked is None:
         for name in preference(device_type, inp):
-            b = BACKENDS[name]
-            if b.available() and device_type in b.device_types and (b.differentiable or not grad):
-                return b
+            if BACKENDS[name].serves(device_type):
+                return BACKENDS[name]
         raise ValueError(f"query: no backend serves device type {device_type!r}")
     if not isinstance(asked, str):
         raise TypeError(f"backend: expected a str or None, got {type(asked).__name__}")
@@ -206,9 +232,4 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
         raise ValueError(f"{source}: {asked!r} is not available: {b.unavailable_reason}")
     if device_type not in b.device_types:
         raise ValueError(f"{source}: {asked!r} runs on {b.device_types} tensors, got tensors on {device_type}")
-    if grad and not b.differentiable:
-        raise ValueError(
-            f"{source}: {asked!r} has no backward yet and an input requires grad; "
-            "use backend='torch' or leave backend=None"
-        )
     return b

@@ -1,6 +1,6 @@
 """The streaming backward of one Hopfield update, in PyTorch: memory independent of N.
 
-Forward (DESIGN.md §1): t = beta · sim(X, q), P = softmax(t), out = P V,
+Forward (docs/design.md §1): t = beta · sim(X, q), P = softmax(t), out = P V,
 lse = logsumexp(t).  Given the upstream gradients dout (of ``out``) and dlse
 (of ``lse``), and the saved ``out`` and ``lse``, the backward recomputes P one
 bank chunk at a time from the saved lse (flash-attention style), so no B x N

@@ -29,8 +29,9 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
-from .types import Retrieval
+from . import ops, reference, streaming
+from .constants import SIMILARITIES
+from .types import Partial, Retrieval
 
 Scaling = Optional[Union[float, Tensor]]
 
@@ -44,7 +45,7 @@ class HopfieldInfo(NamedTuple):
 
     top_weight: Tensor  # softmax weight of the best stored pattern: ≈1 in one basin, small in a metastable mix
     top_index: Tensor  # that stored pattern's row
-    energy: Tensor  # E(q) of DESIGN.md §1 in the head's Hopfield space, at the final state
+    energy: Tensor  # E(q) of docs/design.md §1 in the head's Hopfield space, at the final state
     steps: Tensor  # associations performed (1 + query-space updates)
 
 
@@ -105,8 +106,8 @@ class Hopfield(nn.Module):
         super().__init__()
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads: expected an int >= 1, got {num_heads!r}")
-        if similarity not in reference.SIMILARITIES:
-            raise ValueError(f"similarity: expected one of {reference.SIMILARITIES}, got {similarity!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
         if update_steps_max is not None and (not isinstance(update_steps_max, int) or update_steps_max < 0):
             raise ValueError(f"update_steps_max: expected an int >= 0 or None, got {update_steps_max!r}")
         if not (isinstance(update_steps_eps, (int, float)) and update_steps_eps >= 0):
@@ -222,7 +223,7 @@ class Hopfield(nn.Module):
             if steps is None:
                 steps = torch.ones(p.lse.shape, dtype=torch.int64, device=q.device)
             with torch.no_grad():
-                energy = reference.energy(state, k, self.scaling, self.similarity, lse=p.lse).float()
+                energy = streaming.energy_from_lse(state, k, self.scaling, self.similarity, p.lse).float()
             info = HopfieldInfo(p.top_weight.detach(), p.top_index, energy, steps)
         return p.out.to(q.dtype), info
 
@@ -254,17 +255,19 @@ class Hopfield(nn.Module):
                 t = t.masked_fill(add, -math.inf) if add.dtype == torch.bool else t + add.to(t.dtype)
             return t
 
+        def step(state: Tensor) -> Partial:
+            t = assoc(state)
+            out = torch.softmax(t, -1).to(k.dtype) @ k
+            with torch.no_grad():  # the loop's per-query report; the layer's info comes from the last association
+                lse = torch.logsumexp(t, -1)
+                top_score, top_index = t.max(-1)
+            return Partial(out, lse, top_score, top_index)
+
         state = q
         steps = torch.ones(q.shape[:-1], dtype=torch.int64, device=q.device)
-        active = torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
-        for _ in range(self._steps):
-            new = torch.softmax(assoc(state), -1).to(k.dtype) @ k
-            delta = (new - state).detach().abs().amax(-1)
-            state = torch.where(active.unsqueeze(-1), new, state)
-            steps = steps + active.to(torch.int64)
-            active = active & (delta > self.update_steps_eps)
-            if not bool(active.any()):
-                break
+        if self._steps > 0:
+            r = streaming.retrieve(step, q, value_dim=k.shape[-1], max_steps=self._steps, tol=self.update_steps_eps)
+            state, steps = r.state, r.steps + 1
         t = assoc(state)
         a = torch.softmax(t, -1)
         if raw:
@@ -275,7 +278,7 @@ class Hopfield(nn.Module):
             with torch.no_grad():
                 lse = torch.logsumexp(t, -1)
                 top_score, top_index = t.max(-1)
-                energy = reference.energy(state, k, self.scaling, self.similarity, lse=lse).float()
+                energy = streaming.energy_from_lse(state, k, self.scaling, self.similarity, lse).float()
             info = HopfieldInfo(torch.exp(top_score - lse).float(), top_index, energy, steps)
         return out.to(q.dtype), info
 
@@ -348,7 +351,7 @@ class HopfieldLayer(nn.Module):
 
     The stored patterns are shared by the whole batch, so the fused kernel sees
     one bank per head and all batch x L states as one query block (the layer
-    regime of DESIGN.md §2).
+    regime of docs/design.md §2).
     """
 
     def __init__(self, input_size: int, hidden_size: Optional[int] = None, output_size: Optional[int] = None,
@@ -458,8 +461,8 @@ class HopfieldNetwork(nn.Module):
         super().__init__()
         if not isinstance(patterns, Tensor) or patterns.dim() != 2:
             raise ValueError("patterns: expected a tensor (N, D)")
-        if similarity not in reference.SIMILARITIES:
-            raise ValueError(f"similarity: expected one of {reference.SIMILARITIES}, got {similarity!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
         self.similarity, self.backend = similarity, backend
         self.update_steps_max, self.update_steps_eps = update_steps_max, update_steps_eps
         self.scaling = scaling

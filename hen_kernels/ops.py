@@ -1,15 +1,13 @@
-"""Public functional API (DESIGN.md §4): validate once, dispatch once, restore shapes."""
+"""Public functional API (docs/design.md §4): validate once, dispatch once, restore shapes."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
-from . import autograd, backends, reference
-from .types import Partial, Retrieval
+from . import autograd, backends, streaming
+from .types import Beta, Partial, Retrieval
 from .validation import Inputs, check_inputs, check_offset, check_steps
-
-Beta = Union[float, torch.Tensor]
 
 
 def _restore(p: Partial, inp: Inputs) -> Partial:
@@ -74,7 +72,7 @@ def merge_partials(partials: Sequence[Partial]) -> Partial:
     first = partials[0]
     if len(partials) == 1:
         return first
-    return reference.merge_partials(partials)
+    return streaming.merge_partials(partials)
 
 
 def hopfield_retrieve(
@@ -88,21 +86,15 @@ def hopfield_retrieve(
     tol: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> Retrieval:
-    """Up to ``max_steps`` updates; each query stops once max|s_new - s| <= tol (DESIGN.md §4)."""
+    """Up to ``max_steps`` updates; each query stops once max|s_new - s| <= tol (docs/design.md §4)."""
     inp = check_inputs(query, memory, beta, similarity, values)
     max_steps, tol = check_steps(max_steps, tol)
-    if max_steps > 1 and inp.values.shape[-1] != inp.query.shape[-1]:
-        raise ValueError(
-            f"values: multi-step retrieval feeds the output back as the query, so Dv must equal D = "
-            f"{inp.query.shape[-1]}, got Dv = {inp.values.shape[-1]}"
-        )
     be = backends.resolve(backend, inp)
 
-    def step(state, memory, beta, similarity, values):
+    def step(state: torch.Tensor) -> Partial:
         return autograd.partial(be, inp._replace(query=state))
 
-    r = reference.retrieve(inp.query, inp.memory, inp.beta, inp.similarity, inp.values,
-                           max_steps, tol, partial_fn=step)
+    r = streaming.retrieve(step, inp.query, value_dim=inp.values.shape[-1], max_steps=max_steps, tol=tol)
     per_query = query.shape[:-1]
     return Retrieval(
         state=r.state.reshape(per_query + (r.state.shape[-1],)),
@@ -122,16 +114,16 @@ def energy(
     similarity: str = "dot",
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """E(s) of DESIGN.md §1, (..., B) float32, with the log-sum-exp taken by the chosen kernel."""
+    """E(s) of docs/design.md §1, (..., B) float32, with the log-sum-exp taken by the chosen kernel."""
     try:
         inp = check_inputs(state, memory, beta, similarity)
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace("query", "state", 1)) from None
     lse = autograd.partial(backends.resolve(backend, inp), inp).lse
-    e = reference.energy(inp.query, inp.memory, inp.beta, inp.similarity, lse=lse)
+    e = streaming.energy_from_lse(inp.query, inp.memory, inp.beta, inp.similarity, lse)
     return e.to(torch.float32).reshape(state.shape[:-1])
 
 
 def available_backends() -> list[str]:
-    """Backends that loaded on this machine (DESIGN.md §4 names)."""
+    """Backends that loaded on this machine (docs/design.md §4 names)."""
     return backends.available_backends()

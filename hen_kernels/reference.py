@@ -1,8 +1,12 @@
-"""The executable specification (DESIGN.md §1, §2, §4) in plain PyTorch.
+"""The executable specification (docs/design.md §1, §2, §4) in plain PyTorch.
 
 Everything here materialises the full B x N score matrix and is meant to be read
 against the design, not to be fast.  It computes in float32 (float64 when given
 float64, which is how the tests obtain ground truth) and is differentiable.
+It is the ``torch`` backend and the answer the tests hold every kernel to.
+What production code builds on top of one update (the merge, the multi-step
+loop, the energy from a kernel's lse) lives in :mod:`hen_kernels.streaming`,
+which the tests check against this module.
 
 Shapes: ``query`` (..., B, D); ``memory`` (N, D) or (..., N, D); ``values``
 (N, Dv) or (..., N, Dv); ``beta`` a float or a tensor broadcastable to the
@@ -12,15 +16,13 @@ does, before it dispatches here or to a kernel.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
-from .types import Partial, Retrieval
-
-SIMILARITIES = ("dot", "l2", "l2sq")
-
-Beta = Union[float, torch.Tensor]
+from .constants import SIMILARITIES
+from .streaming import energy_from_lse
+from .types import Beta, Partial
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,24 +92,6 @@ def partial(
     return Partial(out=out, lse=lse, top_score=top_score, top_index=top_index + offset)
 
 
-def merge_partials(partials: Sequence[Partial]) -> Partial:
-    """Exact merge of Partials over disjoint chunks (associative, commutative, -inf is the identity)."""
-    lse_i = torch.stack([p.lse for p in partials])
-    lse = torch.logsumexp(lse_i, dim=0)
-    # exp(-inf - -inf) is NaN: an empty chunk, or all of them empty, weighs nothing.
-    w = torch.where(torch.isneginf(lse_i), torch.zeros_like(lse_i), torch.exp(lse_i - lse))
-    out = (w.unsqueeze(-1) * torch.stack([p.out for p in partials])).sum(0)
-    score_i = torch.stack([p.top_score for p in partials])
-    index_i = torch.stack([p.top_index for p in partials])
-    top_score = score_i.amax(0)
-    # Ties go to the smaller global row, as one call over the whole bank would answer.
-    no_row = torch.iinfo(torch.int64).max
-    cand = torch.where(score_i == top_score, index_i, torch.full_like(index_i, no_row))
-    top_index = cand.amin(0)
-    top_index = torch.where(top_index == no_row, torch.full_like(top_index, -1), top_index)
-    return Partial(out=out, lse=lse, top_score=top_score, top_index=top_index)
-
-
 def update(
     query: torch.Tensor,
     memory: torch.Tensor,
@@ -119,84 +103,8 @@ def update(
     return partial(query, memory, beta, similarity, values).finalize(query.dtype)
 
 
-PartialFn = Callable[..., Partial]
-
-
-def retrieve(
-    query: torch.Tensor,
-    memory: torch.Tensor,
-    beta: Beta,
-    similarity: str = "dot",
-    values: Optional[torch.Tensor] = None,
-    max_steps: int = 1,
-    tol: Optional[float] = None,
-    partial_fn: PartialFn = partial,
-) -> Retrieval:
-    """Iterate the update up to ``max_steps`` times, each query until max|s_new - s| ≤ tol.
-
-    A query that met its tolerance keeps its state, ``lse`` and top row from its
-    last update; with ``tol=None`` every query takes ``max_steps`` steps and
-    ``converged`` says whether its last step left it unchanged.  ``partial_fn``
-    is the one-step kernel (this module's :func:`partial` by default), so every
-    backend shares this loop.
-    """
-    state = query
-    lead = query.shape[:-1]
-    active = torch.ones(lead, dtype=torch.bool, device=query.device)
-    converged = torch.zeros_like(active)
-    steps = torch.zeros(lead, dtype=torch.int64, device=query.device)
-    stop_at = 0.0 if tol is None else float(tol)
-    last: Optional[Partial] = None
-    for _ in range(max_steps):
-        p = partial_fn(state, memory, beta, similarity, values)
-        new = p.out.to(query.dtype)
-        if new.shape != state.shape:  # one step into a value space of another width: nothing to iterate
-            return Retrieval(new, steps + 1, torch.zeros_like(converged), p.lse, p.top_index, p.top_weight)
-        delta = (new.to(p.out.dtype) - state.to(p.out.dtype)).abs().amax(-1)
-        state = torch.where(active.unsqueeze(-1), new, state)
-        if last is not None:
-            p = Partial(
-                p.out,
-                torch.where(active, p.lse, last.lse),
-                torch.where(active, p.top_score, last.top_score),
-                torch.where(active, p.top_index, last.top_index),
-            )
-        last = p
-        steps = steps + active.to(torch.int64)
-        done = active & (delta <= stop_at)
-        converged = torch.where(active, done, converged)
-        if tol is not None:
-            active = active & ~done
-            if not bool(active.any()):
-                break
-    assert last is not None
-    return Retrieval(
-        state=state,
-        steps=steps,
-        converged=converged,
-        lse=last.lse,
-        top_index=last.top_index,
-        top_weight=torch.exp(last.top_score - last.lse),
-    )
-
-
-def energy(
-    state: torch.Tensor,
-    memory: torch.Tensor,
-    beta: Beta,
-    similarity: str = "dot",
-    lse: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """E(s) of DESIGN.md §1, (..., B) in the compute dtype; ``lse`` may come from a kernel's Partial."""
-    dt = _compute_dtype(state.dtype)
-    if lse is None:
-        lse = torch.logsumexp(scores(state, memory, beta, similarity), dim=-1)
-    b = torch.as_tensor(beta, dtype=dt, device=state.device)
-    b = b.reshape(b.shape + (1,))
-    e = -lse.to(dt) / b
-    if similarity == "dot":
-        s, x = state.to(dt), memory.to(dt)
-        n = memory.shape[-2]
-        max_norm_sq = (x * x).sum(-1).amax(-1, keepdim=True)
-        e = e + 0.5 * (s * s).sum(-1) + math.log(n) / b + 0.5 * max_norm_sq
-    return e
+def energy(state: torch.Tensor, memory: torch.Tensor, beta: Beta, similarity: str = "dot") -> torch.Tensor:
+    """E(s) of docs/design.md §1, (..., B) in the compute dtype: the formula of
+    :func:`hen_kernels.streaming.energy_from_lse` (its one home) on this module's lse."""
+    lse = torch.logsumexp(scores(state, memory, beta, similarity), dim=-1)
+    return energy_from_lse(state, memory, beta, similarity, lse)

@@ -1,13 +1,16 @@
-"""Result types shared by every backend: a chunk's Partial and a multi-step Retrieval."""
+"""Types shared by every layer: a chunk's Partial, a multi-step Retrieval, and what ``beta`` may be."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
+# A float > 0, or a tensor broadcastable to the query's leading dims (a beta per head, say).
+Beta = Union[float, torch.Tensor]
+
 
 class Partial(NamedTuple):
-    """One Hopfield update restricted to a chunk of the bank (DESIGN.md §2).
+    """One Hopfield update restricted to a chunk of the bank (docs/design.md §2).
 
     ``out`` is normalised within the chunk; ``lse`` is log Σ exp(beta·sim) over it
     (``-inf`` for an empty chunk); ``top_score``/``top_index`` are the best

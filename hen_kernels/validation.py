@@ -1,4 +1,4 @@
-"""Argument checks for the public API (DESIGN.md §4) and the one normalised form backends see.
+"""Argument checks for the public API (docs/design.md §4) and the one normalised form backends see.
 
 Every backend receives ``query`` as (L, B, D), ``memory`` as (Lm, N, D) and
 ``values`` as (Lm, N, Dv) with Lm ∈ {1, L}, and ``beta`` as an (L,) float32
@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .reference import SIMILARITIES
+from .constants import SIMILARITIES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

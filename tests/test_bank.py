@@ -14,11 +14,9 @@ import pytest
 import torch
 
 import hen_kernels as hk
-from hen_kernels import bank as bank_mod
-from hen_kernels import ops, reference
-from hen_kernels.bank import BankFileError, MemoryBank
-
-from hen_kernels import backends
+from hen_kernels import backends, ops, streaming
+from hen_kernels.bank import CHUNK_BYTES, BankFileError, MemoryBank
+from hen_kernels.bank import file_format, storage
 
 from .conftest import DTYPES, SIMILARITIES, TOLERANCE, beta_for, make, ref64, rel_err, require
 
@@ -74,7 +72,7 @@ def test_every_backend_serves_the_bank(tmp_path, backend, storage):
     for similarity in SIMILARITIES:
         beta = beta_for(similarity, d, 4.0)
         got = bank.update(q.to(device), beta, similarity=similarity).cpu()
-        tol = TOLERANCE[torch.float32] if device == "cpu" else 1e-3  # DESIGN.md §5: tf32 on a GPU
+        tol = TOLERANCE[torch.float32] if device == "cpu" else 1e-3  # docs/design.md §5: tf32 on a GPU
         assert rel_err(got, ref64(q, x, beta, similarity, v).out) <= tol
 
 
@@ -102,7 +100,7 @@ def test_results_do_not_depend_on_chunk_rows(tmp_path):
         bank.add(x)
         outs.append((bank.update(q, 0.3), bank.partial(q, 0.3).top_index))
     ref = ref64(q, x, 0.3, "dot")
-    for out, idx in outs:  # even 301 one-row chunks merged one by one stay within DESIGN.md §5
+    for out, idx in outs:  # even 301 one-row chunks merged one by one stay within docs/design.md §5
         assert rel_err(out, ref.out) <= TOLERANCE[torch.float32]
         assert torch.equal(idx, ref.top_index)
 
@@ -132,9 +130,9 @@ def test_streams_in_chunks_and_merges_incrementally(tmp_path, monkeypatch):
 
 def test_default_chunk_rows_comes_from_a_memory_budget(tmp_path):
     bank = MemoryBank(512, value_dim=128, storage="host")
-    assert bank.chunk_rows == bank_mod.CHUNK_BYTES["cpu"] // ((512 + 128) * 4)
+    assert bank.chunk_rows == CHUNK_BYTES["cpu"] // ((512 + 128) * 4)
     disk = new_bank(tmp_path, "disk", 512, dtype=torch.bfloat16)
-    assert disk.chunk_rows == bank_mod.CHUNK_BYTES["cpu"] // (512 * 2)
+    assert disk.chunk_rows == CHUNK_BYTES["cpu"] // (512 * 2)
     dev = MemoryBank(4)
     dev.add(torch.zeros(10, 4))
     assert dev.chunk_rows == 10  # a resident bank: one kernel call, the kernel streams it
@@ -189,16 +187,16 @@ def test_retrieve_stops_each_query_at_its_tolerance_and_keeps_its_state():
     assert not bool(capped.converged[1])
 
 
-def test_retrieve_reuses_the_reference_loop(monkeypatch):
-    """One loop (reference.retrieve), fed a step that streams the whole bank."""
+def test_retrieve_reuses_the_shared_loop(monkeypatch):
+    """One loop (streaming.retrieve), fed a step that streams the whole bank."""
     seen = []
-    real = reference.retrieve
+    real = streaming.retrieve
 
-    def spy(*args, **kw):
-        seen.append(kw["partial_fn"])
-        return real(*args, **kw)
+    def spy(step, *args, **kw):
+        seen.append(step)
+        return real(step, *args, **kw)
 
-    monkeypatch.setattr(reference, "retrieve", spy)
+    monkeypatch.setattr(streaming, "retrieve", spy)
     bank = MemoryBank(4, chunk_rows=2)
     bank.add(make((5, 4), torch.float32, 13))
     bank.retrieve(make((1, 4), torch.float32, 14), 1.0, max_steps=3)
@@ -348,7 +346,7 @@ def test_file_is_safetensors_with_a_metadata_record(tmp_path):
     assert meta["count"] == "5" and meta["similarity"] == "l2sq" and meta["beta"] == "3.0"
     assert meta["sha256"] == hashlib.sha256(rows.view(torch.uint8).numpy().tobytes()).hexdigest()
     with open(tmp_path / "b.safetensors", "rb") as f:
-        assert struct.unpack("<Q", f.read(8))[0] + 8 == bank_mod.DATA_OFFSET
+        assert struct.unpack("<Q", f.read(8))[0] + 8 == file_format.DATA_OFFSET
 
 
 def _saved(tmp_path, n=40, d=8):
@@ -375,7 +373,7 @@ def test_load_refuses_truncated_and_corrupted_files(tmp_path):
     refused(b"", "too short")
     refused(good + b"xx", "2 unexpected bytes")
     flipped = bytearray(good)
-    flipped[bank_mod.DATA_OFFSET + 77] ^= 0x10
+    flipped[file_format.DATA_OFFSET + 77] ^= 0x10
     refused(bytes(flipped), "corrupted: the sha256")
     header = bytearray(good)
     header[20] = ord("}")
@@ -399,13 +397,13 @@ def test_load_refuses_truncated_and_corrupted_files(tmp_path):
 
 KILLED_SAVE = textwrap.dedent("""
     import sys, time, torch
-    import hen_kernels.bank as bank_mod
+    import hen_kernels.bank.file_format as file_format
     from hen_kernels import MemoryBank
-    real = bank_mod._write_all
+    real = file_format._write_all
     def slow_write(f, buf):  # a slow disk: the parent kills us in the middle
         real(f, buf); f.flush(); time.sleep(0.05)
-    bank_mod._write_all = slow_write
-    bank_mod.IO_BYTES = 1 << 16
+    file_format._write_all = slow_write
+    file_format.IO_BYTES = 1 << 16
     bank = MemoryBank(64)
     bank.add(torch.ones(8192, 64))
     print("saving", flush=True)
@@ -422,7 +420,7 @@ def test_killed_save_leaves_the_previous_bank_intact(tmp_path):
     tmp = Path(f"{path}.tmp-{proc.pid}")
     deadline = time.monotonic() + 60
     try:
-        while not (tmp.exists() and tmp.stat().st_size > bank_mod.DATA_OFFSET + (1 << 17)):
+        while not (tmp.exists() and tmp.stat().st_size > file_format.DATA_OFFSET + (1 << 17)):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the save never started writing"
             time.sleep(0.01)
@@ -456,7 +454,7 @@ def test_disk_bank_lives_in_its_file(tmp_path, monkeypatch):
     unverified.add(x[:1], v[:1])  # the checksum is rebuilt before the append
     unverified.close()
     assert len(MemoryBank.load(path)) == 31
-    monkeypatch.setattr(bank_mod.os, "access", lambda p, mode: False)  # a file we may not write (root may)
+    monkeypatch.setattr(os, "access", lambda p, mode: False)  # a file we may not write (root may)
     ro = MemoryBank.load(path, storage="disk")
     assert len(ro) == 31 and ro.update(x[:1], 1.0).shape == (1, dv)
     with pytest.raises(ValueError, match="read-only"):
@@ -468,13 +466,13 @@ def test_disk_chunks_are_windows_not_the_whole_file(tmp_path, monkeypatch):
     bank = new_bank(tmp_path, "disk", 16, chunk_rows=10)
     bank.add(make((95, 16), torch.float32, 27))
     sizes = []
-    real = bank_mod._DiskStore.window
+    real = storage.DiskStore.window
 
     def spy(self, a, b):
         sizes.append(b - a)
         return real(self, a, b)
 
-    monkeypatch.setattr(bank_mod._DiskStore, "window", spy)
+    monkeypatch.setattr(storage.DiskStore, "window", spy)
     bank.update(make((1, 16), torch.float32, 28), 1.0)
     assert max(sizes) == 10 and sum(sizes) == 95
 

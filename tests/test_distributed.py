@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hen_kernels as hk
-from hen_kernels.distributed import ShardedMemoryBank, shard_path
+from hen_kernels.bank import ShardedMemoryBank, shard_path
 
 from .conftest import SIMILARITIES, TOLERANCE, beta_for, make, ref64, rel_err
 

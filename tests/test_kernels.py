@@ -1,4 +1,4 @@
-"""Every kernel backend against the reference (DESIGN.md §5)."""
+"""Every kernel backend against the reference (docs/design.md §5)."""
 import os
 
 import pytest

@@ -229,7 +229,7 @@ def test_bad_arguments_are_named():
 
 
 def test_bench_nn_quick_writes_the_table(tmp_path):
-    from hen_kernels import bench_nn
+    from hen_kernels.bench import nn as bench_nn
 
     report = bench_nn.run(out=str(tmp_path), quick=True, repeats=1, device="cpu")
     assert [r["name"] for r in report["rows"]] == [c.name for c in bench_nn.cases(True, torch.device("cpu"))]

@@ -1,10 +1,11 @@
-"""The reference against float64 and against the formulas of DESIGN.md §1-§2 written out by hand."""
+"""The reference against float64 and against the formulas of docs/design.md §1-§2 written out by hand;
+the merge of hen_kernels.streaming against one Partial over the whole bank."""
 import math
 
 import pytest
 import torch
 
-from hen_kernels import reference
+from hen_kernels import reference, streaming
 
 from .conftest import BETA_LEVELS, SIMILARITIES, beta_for, make, rel_err
 
@@ -67,11 +68,11 @@ def test_empty_chunk_is_the_identity_of_merge():
     p = reference.partial(q, x, 0.7, "l2")
     empty = reference.partial(q, x[:0], 0.7, "l2", offset=10)
     assert torch.all(torch.isneginf(empty.lse)) and torch.all(empty.top_index == -1)
-    for merged in (reference.merge_partials([p, empty]), reference.merge_partials([empty, p])):
+    for merged in (streaming.merge_partials([p, empty]), streaming.merge_partials([empty, p])):
         torch.testing.assert_close(merged.out, p.out)
         torch.testing.assert_close(merged.lse, p.lse)
         assert torch.equal(merged.top_index, p.top_index)
-    both_empty = reference.merge_partials([empty, empty])
+    both_empty = streaming.merge_partials([empty, empty])
     assert torch.all(both_empty.out == 0) and torch.all(torch.isneginf(both_empty.lse))
 
 
@@ -80,7 +81,7 @@ def test_merge_ties_go_to_the_smaller_row():
     q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     a = reference.partial(q, x[1:], 1.0, "dot", offset=1)
     b = reference.partial(q, x[:1], 1.0, "dot", offset=0)
-    assert reference.merge_partials([a, b]).top_index.item() == 0
+    assert streaming.merge_partials([a, b]).top_index.item() == 0
     assert reference.partial(q, x, 1.0, "dot").top_index.item() == 0
 
 

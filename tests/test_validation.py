@@ -1,4 +1,4 @@
-"""The public API's input contract (DESIGN.md §4).
+"""The public API's input contract (docs/design.md §4).
 
 Every bad input to ``hopfield_update``, ``hopfield_partial``, ``hopfield_retrieve``,
 ``energy`` and ``merge_partials`` must raise a ``ValueError`` or ``TypeError``

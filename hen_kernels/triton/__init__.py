@@ -1,7 +1,8 @@
-"""Triton kernels for the fused Hopfield update (DESIGN.md §2): layer, recall and bulk regimes.
+"""Triton kernels for the fused Hopfield update (docs/design.md §2): layer, recall and bulk regimes.
 
 ``launch.py`` holds the heuristic that picks a kernel and the number of bank
-splits; ``small_d.py``, ``tiled_d.py`` and ``combine.py`` hold the kernels.
+splits; ``small_d.py``, ``tiled_d.py`` and ``combine.py`` hold the kernels,
+``backward.py`` the fused backward.
 The launcher is registered as the custom op ``hen_kernels::triton_partial``
 with a fake implementation, so ``torch.compile`` traces through it as one node.
 Under ``TRITON_INTERPRET=1`` (set before triton is first imported) the kernels
@@ -13,12 +14,13 @@ from typing import Optional
 
 import torch
 
-from ..backends import SIMILARITY_CODES
+from ..constants import SIMILARITY_CODES
 from ..types import Partial
 from .common import INTERPRET
 from .launch import launch, plan
 
 __all__ = ["partial", "plan", "unavailable_reason"]
+
 
 @torch.library.custom_op("hen_kernels::triton_partial", mutates_args=())
 def _triton_partial(query: torch.Tensor, memory: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Fused backward of the Hopfield update (layer regime, D and Dv <= 256), flash-attention style.
+"""Fused backward of the Hopfield update (layer regime, D and Dv <= REGISTER_TILE_MAX_DIM), flash-attention style.
 
 The forward saved only ``out`` (L, B, Dv) and ``lse`` (L, B).  Both kernels
 here recompute each score tile from the inputs and turn it into the softmax
@@ -30,12 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, autotune, beta_sim
+from ..constants import MIN_SPLIT_ROWS, REGISTER_TILE_MAX_DIM, SIMILARITY_CODES
+from .common import DOT, INTERPRET, L2, autotune, beta_sim
 from .launch import _pow2, _sm_count
-
-SIM_CODES = {"dot": 0, "l2": 1, "l2sq": 2}
-MIN_SPLIT_ROWS = 512
-MAX_DIM = 256
 
 _CONFIGS = (
     [triton.Config({"BM": 16, "BN": 16}, num_warps=4, num_stages=1)]
@@ -60,7 +57,7 @@ def _tile(q, x, v, dout, lse, delta, beta, valid, SIM: tl.constexpr, PRECISION: 
     dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
     dt = tl.where(valid, p * (dp - delta[:, None]), 0.0)
     ds = dt * beta
-    if SIM == 1:
+    if SIM == L2:
         neg = s < 0
         g = tl.where(neg, -ds / tl.where(neg, s, 1.0), 0.0)
     else:
@@ -117,7 +114,7 @@ def dq_kernel(
         acc += tl.dot(g, x, input_precision=PRECISION)
         g_rows += tl.sum(g, 1)
         db += tl.sum(dt * s, 1)
-    if SIM != 0:
+    if SIM != DOT:
         acc -= g_rows[:, None] * q
 
     slot = (lead * SPLITS + split) * B + rows_q
@@ -180,7 +177,7 @@ def dkv_kernel(
             acc_v += tl.dot(tl.trans(p), dout, input_precision=PRECISION)
             acc_x += tl.dot(tl.trans(g), q, input_precision=PRECISION)
             g_cols += tl.sum(g, 0)
-    if SIM != 0:
+    if SIM != DOT:
         acc_x -= g_cols[:, None] * x
 
     slot = (bank * SPLITS + split) * N + rows_n
@@ -200,8 +197,8 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
     """(dq, dx, dv, dbeta) in float32; shapes as in ``backward_cpu.partial_backward``."""
     L, B, D = q.shape
     Lm, N, Dv = v.shape
-    if D > MAX_DIM or Dv > MAX_DIM:
-        raise ValueError(f"the Triton backward serves D, Dv <= {MAX_DIM}, got D = {D}, Dv = {Dv}")
+    if D > REGISTER_TILE_MAX_DIM or Dv > REGISTER_TILE_MAX_DIM:
+        raise ValueError(f"the Triton backward serves D, Dv <= {REGISTER_TILE_MAX_DIM}, got D = {D}, Dv = {Dv}")
     values_are_memory = v.data_ptr() == x.data_ptr() and v.shape == x.shape and v.stride() == x.stride()
     q, x = q.contiguous(), x.contiguous()
     v = x if values_are_memory else v.contiguous()
@@ -217,7 +214,7 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
         D=D, DV=Dv, q_lead=q.stride(0), q_row=q.stride(1),
         x_lead=x.stride(0) if Lm > 1 else 0, x_row=x.stride(1),
         v_lead=v.stride(0) if Lm > 1 else 0, v_row=v.stride(1),
-        SIM=SIM_CODES[similarity], BD=_pow2(D), BDV=_pow2(Dv), VALUES_ARE_MEMORY=values_are_memory,
+        SIM=SIMILARITY_CODES[similarity], BD=_pow2(D), BDV=_pow2(Dv), VALUES_ARE_MEMORY=values_are_memory,
         PRECISION="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
     )
 

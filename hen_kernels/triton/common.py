@@ -7,20 +7,24 @@ import time
 import triton
 import triton.language as tl
 
+from ..constants import SIMILARITY_CODES
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-SIM_DOT, SIM_L2, SIM_L2SQ = 0, 1, 2
+# The SIM constexpr every kernel takes; jit code may only read globals that are constexpr.
+DOT = tl.constexpr(SIMILARITY_CODES["dot"])
+L2 = tl.constexpr(SIMILARITY_CODES["l2"])
 
 
 @triton.jit
 def beta_sim(dot, q_sq, x_sq, beta, SIM: tl.constexpr):
-    """beta * sim from the dot products (BM, BN) and squared norms (BM,), (BN,): DESIGN.md §1."""
-    if SIM == 0:
+    """beta * sim from the dot products (BM, BN) and squared norms (BM,), (BN,): docs/design.md §1."""
+    if SIM == DOT:
         s = dot
     else:
         # ‖x - s‖² from its expansion, clamped: rounding can push it below zero.
         d2 = tl.maximum(q_sq[:, None] + x_sq[None, :] - 2.0 * dot, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        if SIM == 1:
+        if SIM == L2:
             s = -tl.sqrt(d2)
         else:
             s = -0.5 * d2

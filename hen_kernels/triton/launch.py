@@ -1,13 +1,14 @@
-"""Choosing and launching the Triton kernels: the heuristic of DESIGN.md §2's regimes.
+"""Choosing and launching the Triton kernels: the heuristic of docs/design.md §2's regimes.
 
-* D and Dv <= 256 -> ``small_d`` (layer regime): the query block, one bank
-  tile and the accumulator fit in registers; BM = 64 queries per program, or
-  the next power of two >= 16 when there are fewer queries.
+* D and Dv <= REGISTER_TILE_MAX_DIM (256) -> ``small_d`` (layer regime): the
+  query block, one bank tile and the accumulator fit in registers; BM = 64
+  queries per program, or the next power of two >= 16 when there are fewer
+  queries.
 * otherwise -> ``tiled_d`` (bulk regime, and recall with large D): feature
   dims tiled, accumulator in global memory; BM = 64, or 16 for few queries.
 * Bank splits: with P = L x ceil(B / BM) query-block programs, a GPU with S
   SMs is only filled when P >= 2 S.  Below that (the recall regime) the bank
-  is cut into ceil(2 S / P) ranges, never shorter than 4 tiles of 128 rows,
+  is cut into ceil(2 S / P) ranges, never shorter than MIN_SPLIT_ROWS,
   and ``combine`` merges them: its workspace is splits x B x Dv floats,
   independent of N.
 * BN (and BK, BDV, warps, stages) are autotuned per shape key; under the
@@ -18,13 +19,11 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..constants import MIN_SPLIT_ROWS, REGISTER_TILE_MAX_DIM
 from .combine import combine_kernel
 from .common import INTERPRET
 from .small_d import small_d_kernel
 from .tiled_d import tiled_d_kernel
-
-SMALL_D = 256
-MIN_SPLIT_ROWS = 4 * 128
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -38,7 +37,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan(L: int, B: int, N: int, D: int, Dv: int, device: torch.device) -> dict:
-    small = D <= SMALL_D and Dv <= SMALL_D
+    small = D <= REGISTER_TILE_MAX_DIM and Dv <= REGISTER_TILE_MAX_DIM
     if small:
         bm = 64 if B >= 64 else _pow2(B)
     else:

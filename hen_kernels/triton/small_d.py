@@ -1,4 +1,4 @@
-"""Layer regime (D, Dv <= 256): a flash-attention-style kernel.
+"""Layer regime (D, Dv <= REGISTER_TILE_MAX_DIM = 256): a flash-attention-style kernel.
 
 One program owns a block of BM queries and walks its share of the bank in
 tiles of BN rows.  Each bank tile is loaded once and used for both products

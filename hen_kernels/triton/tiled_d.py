@@ -1,4 +1,4 @@
-"""Bulk regime (many queries, D or Dv > 256), and recall with large D.
+"""Bulk regime (many queries, D or Dv > REGISTER_TILE_MAX_DIM = 256), and recall with large D.
 
 Here a query block's output row (BM x Dv floats) no longer fits in registers,
 so nothing of size D or Dv is held whole.  For each bank tile of BN rows the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, autotune, beta_sim, online_step
+from .common import DOT, INTERPRET, autotune, beta_sim, online_step
 
 _CONFIGS = (
     [triton.Config({"BN": 16, "BK": 32, "BDV": 32}, num_warps=4, num_stages=1)]
@@ -59,7 +59,7 @@ def tiled_d_kernel(
     acc_base = acc_ptr + slot[:, None] * DV
 
     q_sq = tl.zeros([BM], tl.float32)
-    if SIM != 0:
+    if SIM != DOT:
         for k0 in range(0, D, BK):
             cols = k0 + tl.arange(0, BK)
             qk = tl.load(q_base + cols[None, :], mask=mask_q[:, None] & (cols < D)[None, :], other=0.0)
@@ -88,7 +88,7 @@ def tiled_d_kernel(
                 qk = qk.to(tl.float32)
                 xk = xk.to(tl.float32)
             dot = tl.dot(qk, tl.trans(xk), dot, input_precision=PRECISION)
-            if SIM != 0:
+            if SIM != DOT:
                 xf = xk.to(tl.float32)
                 x_sq += tl.sum(xf * xf, 1)
         t = beta_sim(dot, q_sq, x_sq, beta, SIM)

@@ -5,8 +5,8 @@ computes its shard's :class:`~hen_kernels.Partial` for the (replicated) queries,
 and the ranks exchange Partials with one ``all_gather`` per field; every rank then
 merges the same list in the same order with :func:`hen_kernels.merge_partials`,
 so every rank holds the same answer, and it equals one bank holding every row
-(DESIGN.md §2).  Multi-step retrieval is the one loop of
-:func:`hen_kernels.reference.retrieve` with that gathered step: ranks take their
+(docs/design.md §2).  Multi-step retrieval is the one loop of
+:func:`hen_kernels.streaming.retrieve` with that gathered step: ranks take their
 decisions from identical merged results, so they stay in lockstep.
 
 Row ids are global and follow the order of addition: ``add`` (every rank passes
@@ -28,17 +28,18 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import ops, reference
-from .bank import Beta, MemoryBank, PathLike, _check_rows, _path, _progress
-from .types import Partial, Retrieval
-from .validation import check_steps
+from .. import ops, streaming
+from ..types import Beta, Partial, Retrieval
+from ..validation import check_steps
+from ._checks import PathLike, check_path, progress_bar
+from .memory_bank import MemoryBank
 
 SHARD_KEY = "hen_kernels.shard"
 
 
 def shard_path(path: PathLike, rank: int) -> str:
     """This rank's file for ``path``: ``path`` with ``{rank}`` filled in, else ``path.rank<r>``."""
-    p = _path("path", path)
+    p = check_path("path", path)
     return p.format(rank=rank) if "{rank}" in p else f"{p}.rank{rank}"
 
 
@@ -178,26 +179,12 @@ class ShardedMemoryBank:
                 return
         self._runs.append((local_start, global_start, m))
 
-    def _checked(self, patterns, values):
-        b = self.local
-        p = _check_rows("patterns", patterns, b.dim, b.dtype)
-        v = None
-        if b.has_values:
-            if values is None:
-                raise ValueError(f"values: this bank stores values of width {b.value_dim}; pass values (M, Dv)")
-            v = _check_rows("values", values, b.value_dim, b.dtype)
-            if v.shape[0] != p.shape[0]:
-                raise ValueError(f"values: expected {p.shape[0]} rows (one per pattern), got {v.shape[0]}")
-        elif values is not None:
-            raise ValueError("values: this bank stores no values (value_dim=None: the patterns are the values)")
-        return p, v
-
     def add(self, patterns: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Collective: every rank passes the same rows; rank r keeps the r-th contiguous slice.
 
         Returns the rows' global ids (int64, CPU).
         """
-        p, v = self._checked(patterns, values)
+        p, v = self.local._check_rows(patterns, values)
         m = p.shape[0]
         sizes = self._gather_ints([m])
         if any(s[0] != m for s in sizes):
@@ -214,7 +201,7 @@ class ShardedMemoryBank:
 
         Returns this rank's rows' global ids (int64, CPU).
         """
-        p, v = self._checked(patterns, values)
+        p, v = self.local._check_rows(patterns, values)
         sizes = [s[0] for s in self._gather_ints([p.shape[0]])]
         start = self._count + sum(sizes[: self.rank])
         self._append_local(p, v, start)
@@ -260,19 +247,14 @@ class ShardedMemoryBank:
         query, beta, similarity = self.local._check_query(query, beta, similarity)
         max_steps, tol = check_steps(max_steps, tol)
         self._require_rows()
-        if max_steps > 1 and self.local.value_dim != self.local.dim:
-            raise ValueError(
-                f"values: multi-step retrieval feeds the output back as the query, so value_dim must equal "
-                f"dim = {self.local.dim}, got value_dim = {self.local.value_dim}"
-            )
-        bar = _progress(max_steps * self.local.num_chunks(), progress if self.rank == 0 else False,
-                        f"sharded retrieve (rank 0 of {self.world_size})")
+        bar = progress_bar(max_steps * self.local.num_chunks(), progress if self.rank == 0 else False,
+                           f"sharded retrieve (rank 0 of {self.world_size})")
 
-        def step(state, memory, beta_, similarity_, values):
-            return self._partial(state, beta_, similarity_, bar)
+        def step(state: torch.Tensor) -> Partial:
+            return self._partial(state, beta, similarity, bar)
 
         try:
-            return reference.retrieve(query, None, beta, similarity, None, max_steps, tol, partial_fn=step)
+            return streaming.retrieve(step, query, value_dim=self.local.value_dim, max_steps=max_steps, tol=tol)
         finally:
             bar.close()
 

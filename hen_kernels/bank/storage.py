@@ -1,0 +1,304 @@
+"""Where a bank's rows live, and how they reach the device one chunk at a time.
+
+- ``"device"`` and ``"host"`` storage: :class:`MemoryStore`, two growable
+  tensors (patterns, values) on the bank's device, or in host memory (pinned
+  when the bank's device is a CUDA device).
+- ``"disk"`` storage: :class:`DiskStore`, the rows in a bank file
+  (:mod:`.file_format`), appended with pwrite and read through a memory map one
+  chunk-sized window at a time (a helper thread reads the next window into the
+  page cache, ``posix_fadvise(WILLNEED)``, while this one computes), so a bank
+  larger than RAM works.
+
+:func:`chunks` walks a store in order.  Rows already on the device are viewed
+in place; host and disk rows bound for a CUDA device stream through two device
+buffers, the copy of the next chunk on a copy stream overlapping the compute
+of this one (a disk window goes through a pinned staging buffer first).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import mmap
+import os
+from typing import Iterator, Optional, Tuple, Union
+
+import torch
+
+from .file_format import DATA_OFFSET, IO_BYTES, FileInfo, as_bytes, header_bytes
+
+Chunk = Tuple[int, torch.Tensor, Optional[torch.Tensor]]  # (first row, patterns, values)
+
+
+class MemoryStore:
+    """Rows in two growable tensors (patterns, values) on the device or in (pinned) host memory."""
+
+    def __init__(self, dim: int, value_dim: Optional[int], dtype: torch.dtype, where: torch.device, pin: bool):
+        self.dim, self.value_dim, self.dtype, self.where, self.pin = dim, value_dim, dtype, where, pin
+        self.count = 0
+        self.p = self._empty(0, dim)
+        self.v = None if value_dim is None else self._empty(0, value_dim)
+
+    def _empty(self, rows: int, width: int) -> torch.Tensor:
+        return torch.empty((rows, width), dtype=self.dtype, device=self.where, pin_memory=self.pin)
+
+    def reserve(self, rows: int) -> None:
+        cap = self.p.shape[0]
+        if rows <= cap:
+            return
+        new_cap = max(rows, cap + cap // 2, 1024)
+        p = self._empty(new_cap, self.dim)
+        p[: self.count].copy_(self.p[: self.count])
+        self.p = p
+        if self.v is not None:
+            v = self._empty(new_cap, self.value_dim)
+            v[: self.count].copy_(self.v[: self.count])
+            self.v = v
+
+    def append(self, p: torch.Tensor, v: Optional[torch.Tensor]) -> None:
+        m = p.shape[0]
+        self.reserve(self.count + m)
+        self.p[self.count: self.count + m].copy_(p)
+        if self.v is not None:
+            self.v[self.count: self.count + m].copy_(v)
+        self.count += m
+
+    def view(self, a: int, b: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.p[a:b], None if self.v is None else self.v[a:b]
+
+    def rows_cpu(self, a: int, b: int) -> torch.Tensor:
+        p, v = self.view(a, b)
+        rows = p if v is None else torch.cat([p, v], 1)
+        return rows.to("cpu").contiguous()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _fadvise_willneed(fd: int, start: int, length: int) -> None:
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+
+
+class DiskStore:
+    """Rows in a bank file: appended with pwrite, read through one mmap window per chunk."""
+
+    def __init__(self, info: FileInfo, hasher: Optional["hashlib._Hash"], meta_fn, read_only: bool = False):
+        self.path = os.path.abspath(info.path)
+        self.dim, self.value_dim, self.dtype = info.dim, info.value_dim, info.dtype
+        self.width, self.row_bytes, self.data_offset = info.width, info.row_bytes, info.data_offset
+        self.count = info.count
+        self.where = torch.device("cpu")  # its rows reach a device from host memory maps
+        self.read_only = read_only
+        self._hasher = hasher  # sha256 over the data so far; None until needed (after load(verify=False))
+        self._meta_fn = meta_fn  # () -> (similarity, beta, metadata) for the header
+        self._fd: Optional[int] = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
+        self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._prefetched: Optional[concurrent.futures.Future] = None
+
+    @classmethod
+    def create(cls, path: str, dim: int, value_dim: Optional[int], dtype: torch.dtype, meta_fn) -> "DiskStore":
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise ValueError(
+                f"path: {path!r} already exists; open it with MemoryBank.load(path, storage='disk') "
+                "or remove it first"
+            ) from None
+        os.close(fd)
+        info = FileInfo(path, dim, value_dim, dtype, 0, "dot", None, hashlib.sha256().hexdigest(), {}, DATA_OFFSET)
+        store = cls(info, hashlib.sha256(), meta_fn)
+        store.write_header()
+        store.flush()
+        return store
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"bank: the disk bank {self.path!r} is closed")
+        return self._fd
+
+    def _digest(self) -> str:
+        if self._hasher is None:  # loaded without verification: hash what is there once
+            h = hashlib.sha256()
+            for a in range(0, self.count, max(1, IO_BYTES // self.row_bytes)):
+                b = min(self.count, a + max(1, IO_BYTES // self.row_bytes))
+                h.update(os.pread(self.fd, (b - a) * self.row_bytes, self.data_offset + a * self.row_bytes))
+            self._hasher = h
+        return self._hasher.hexdigest()
+
+    def write_header(self) -> None:
+        similarity, beta, metadata = self._meta_fn()
+        hdr = header_bytes(self.dim, self.value_dim, self.dtype, self.count, similarity, beta, self._digest(),
+                            metadata, self.data_offset)
+        os.pwrite(self.fd, hdr, 0)
+
+    def append(self, p: torch.Tensor, v: Optional[torch.Tensor]) -> None:
+        if self.read_only:
+            raise ValueError(f"bank: the disk bank {self.path!r} was opened read-only (the file is not writable)")
+        self._digest()
+        rows_per = max(1, IO_BYTES // self.row_bytes)
+        for a in range(0, p.shape[0], rows_per):
+            chunk = p[a: a + rows_per].to("cpu")
+            if v is not None:
+                chunk = torch.cat([chunk, v[a: a + rows_per].to("cpu")], 1)
+            buf = as_bytes(chunk)
+            at = self.data_offset + self.count * self.row_bytes
+            done = 0
+            while done < len(buf):
+                done += os.pwrite(self.fd, buf[done:], at + done)
+            self._hasher.update(buf)
+            self.count += chunk.shape[0]
+        # Data first, then the header that counts it: a killed add leaves the old count.
+        self.write_header()
+
+    def window(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) as a (b - a, width) tensor over a private memory map of just those bytes."""
+        start = self.data_offset + a * self.row_bytes
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        length = (b - a) * self.row_bytes + (start - base)
+        mm = mmap.mmap(self.fd, length, access=mmap.ACCESS_COPY, offset=base)
+        # The tensor keeps the map alive; the map is unmapped when the last view of it dies.
+        return torch.frombuffer(mm, dtype=self.dtype, count=(b - a) * self.width,
+                                offset=start - base).view(b - a, self.width)
+
+    def prefetch(self, a: int, b: int) -> None:
+        """Start reading rows [a, b) into the page cache on a helper thread (fadvise WILLNEED blocks
+        while it submits the reads; the kernel of the current chunk runs meanwhile, without the GIL).
+        At most one prefetch is outstanding."""
+        if not hasattr(os, "posix_fadvise") or self._fd is None:
+            return
+        if self._prefetcher is None:
+            self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hen-bank-prefetch")
+        if self._prefetched is not None:
+            self._prefetched.result()
+        start, length = self.data_offset + a * self.row_bytes, (b - a) * self.row_bytes
+        self._prefetched = self._prefetcher.submit(_fadvise_willneed, self._fd, start, length)
+
+    def split(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return rows[:, : self.dim], None if self.value_dim is None else rows[:, self.dim:]
+
+    def view(self, a: int, b: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.split(self.window(a, b))
+
+    def rows_cpu(self, a: int, b: int) -> torch.Tensor:
+        return self.window(a, b).clone()
+
+    def flush(self) -> None:
+        if self._fd is not None and not self.read_only:
+            self.write_header()
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+            self._prefetcher, self._prefetched = None, None
+        if self._fd is not None:
+            try:
+                self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
+Store = Union[MemoryStore, DiskStore]
+
+
+def chunks(store: Store, rows: int, device: torch.device) -> Iterator[Chunk]:
+    """(first row, patterns, values) on ``device``, ``rows`` rows at a time, covering the store in order."""
+    if device.type == "cuda" and store.where != device:
+        yield from _cuda_chunks(store, rows, device)
+        return
+    n = store.count
+    disk = isinstance(store, DiskStore)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        if disk and b < n:
+            store.prefetch(b, min(n, b + rows))  # read the next window while this one computes
+        p, v = store.view(a, b)
+        yield a, p, v
+        del p, v  # drop this window's map before the next one
+
+
+def _cuda_chunks(store: Store, rows: int, dev: torch.device) -> Iterator[Chunk]:
+    """Host or disk rows streamed to the CUDA device through two buffers.
+
+    The copy of chunk i+1 runs on ``copy`` while chunk i computes on the current stream:
+    ``ready[s]`` (recorded on ``copy``) orders a slot's compute after its copy, ``free[s]``
+    (recorded on the compute stream once the consumer has enqueued chunk i's work) orders the
+    next copy into that slot after the compute that reads it.  A disk bank first copies each
+    window into a pinned staging slot on the CPU, after the H2D copy that last read that slot
+    has finished (``ready[s].synchronize()``).
+    """
+    n = store.count
+    if n == 0:
+        return
+    rows = min(rows, n)
+    compute = torch.cuda.current_stream(dev)
+    copy = torch.cuda.Stream(device=dev)
+    disk = isinstance(store, DiskStore)
+    dv = store.value_dim
+
+    def alloc(width: int, **kw) -> torch.Tensor:
+        return torch.empty((rows, width), dtype=store.dtype, **kw)
+
+    bufs = [(alloc(store.dim, device=dev), None if dv is None else alloc(dv, device=dev)) for _ in range(2)]
+    stage = [(alloc(store.dim, pin_memory=True), None if dv is None else alloc(dv, pin_memory=True))
+             for _ in range(2)] if disk else None
+    ready = [torch.cuda.Event() for _ in range(2)]
+    free: list = [None, None]
+    starts = list(range(0, n, rows))
+    # The buffers come from the caching allocator on the compute stream: their memory may
+    # still be in use by earlier compute work, so the copy stream starts after it.
+    copy.wait_stream(compute)
+
+    def issue(i: int) -> Tuple[int, int]:
+        s = i % 2
+        a = starts[i]
+        m = min(n, a + rows) - a
+        if disk:
+            if i + 1 < len(starts):
+                store.prefetch(starts[i + 1], min(n, starts[i + 1] + rows))
+            if i >= 2:
+                ready[s].synchronize()  # the H2D copy of chunk i-2 has read stage[s]
+            sp, sv = stage[s]
+            wp, wv = store.view(a, a + m)
+            sp[:m].copy_(wp)
+            if sv is not None:
+                sv[:m].copy_(wv)
+            del wp, wv
+            src_p, src_v = sp[:m], None if sv is None else sv[:m]
+        else:
+            src_p, src_v = store.view(a, a + m)
+        dp, dvb = bufs[s]
+        with torch.cuda.stream(copy):
+            if free[s] is not None:
+                copy.wait_event(free[s])
+            dp[:m].copy_(src_p, non_blocking=True)
+            if dvb is not None:
+                dvb[:m].copy_(src_v, non_blocking=True)
+            ready[s].record(copy)
+        return a, m
+
+    try:
+        pending = issue(0)
+        for i in range(len(starts)):
+            s = i % 2
+            a, m = pending
+            if i + 1 < len(starts):
+                pending = issue(i + 1)
+            compute.wait_event(ready[s])
+            dp, dvb = bufs[s]
+            yield a, dp[:m], None if dvb is None else dvb[:m]
+            ev = torch.cuda.Event()
+            ev.record(compute)
+            free[s] = ev
+    finally:
+        # Written on `copy`: the allocator must not hand them out again before that work ends.
+        for dp, dvb in bufs:
+            dp.record_stream(copy)
+            if dvb is not None:
+                dvb.record_stream(copy)

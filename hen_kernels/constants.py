@@ -1,0 +1,21 @@
+"""The constants that the dispatch, the kernels and the checks must agree on, each defined once.
+
+A leaf module: it imports nothing from the package, so the dispatch, the
+Triton kernels, the checks and the tests can all import it without a cycle.
+"""
+
+# The similarities of docs/design.md §1, in the order of their integer codes.
+SIMILARITIES = ("dot", "l2", "l2sq")
+
+# The codes the kernels take: csrc's enum hen::Similarity and the SIM constexpr of the Triton kernels.
+SIMILARITY_CODES = {"dot": 0, "l2": 1, "l2sq": 2}
+
+# Largest D and Dv the register-tile Triton kernels serve (the small_d forward and the fused
+# backward): the query block, one bank tile and the accumulator must fit in registers.  It is
+# also the head dimension where fast attention kernels stop (docs/design.md §1).
+REGISTER_TILE_MAX_DIM = 256
+
+# Shortest range of rows the Triton launcher gives one program when it splits a walked range
+# (the bank, or the queries in the backward) to fill the GPU: 4 tiles of 128 rows, so every
+# program still walks several tiles.
+MIN_SPLIT_ROWS = 4 * 128

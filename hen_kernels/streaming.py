@@ -1,0 +1,117 @@
+"""What every production path builds on top of one partial update (docs/design.md §1, §2, §4).
+
+The ops, the memory bank, the sharded bank and the nn layers differ only in
+how one step over the bank is computed (one kernel call, a stream of chunks,
+an all_gather of shards, a dense masked softmax); what they do with the steps
+lives here once:
+
+* :func:`merge_partials`: the exact merge of Partials over disjoint chunks;
+* :func:`retrieve`: the multi-step loop, with each query's own stopping rule
+  and the one check that a multi-step retrieval can feed its output back;
+* :func:`energy_from_lse`: the energy of §1 from the lse a Partial carries.
+
+Nothing here validates its arguments: the callers have done so already.  The
+tests hold it to :mod:`hen_kernels.reference`: merged chunk Partials against
+one Partial over the whole bank, the energy against its own restatement.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .types import Beta, Partial, Retrieval
+
+Step = Callable[[torch.Tensor], Partial]
+
+
+def merge_partials(partials: Sequence[Partial]) -> Partial:
+    """Exact merge of Partials over disjoint chunks (associative, commutative, -inf is the identity)."""
+    lse_i = torch.stack([p.lse for p in partials])
+    lse = torch.logsumexp(lse_i, dim=0)
+    # exp(-inf - -inf) is NaN: an empty chunk, or all of them empty, weighs nothing.
+    w = torch.where(torch.isneginf(lse_i), torch.zeros_like(lse_i), torch.exp(lse_i - lse))
+    out = (w.unsqueeze(-1) * torch.stack([p.out for p in partials])).sum(0)
+    score_i = torch.stack([p.top_score for p in partials])
+    index_i = torch.stack([p.top_index for p in partials])
+    top_score = score_i.amax(0)
+    # Ties go to the smaller global row, as one call over the whole bank would answer.
+    no_row = torch.iinfo(torch.int64).max
+    cand = torch.where(score_i == top_score, index_i, torch.full_like(index_i, no_row))
+    top_index = cand.amin(0)
+    top_index = torch.where(top_index == no_row, torch.full_like(top_index, -1), top_index)
+    return Partial(out=out, lse=lse, top_score=top_score, top_index=top_index)
+
+
+def retrieve(step: Step, query: torch.Tensor, *, value_dim: int, max_steps: int,
+             tol: Optional[float]) -> Retrieval:
+    """Apply ``step`` up to ``max_steps`` times, each query until max|s_new - s| <= tol.
+
+    ``step(state)`` is one update of ``state`` (..., B, D) against the whole bank,
+    as a Partial whose ``out`` has ``value_dim`` columns.  A query that met its
+    tolerance keeps its state, ``lse`` and top row from its last update; with
+    ``tol=None`` every query takes ``max_steps`` steps and ``converged`` says
+    whether its last step left it unchanged.
+    """
+    if max_steps > 1 and value_dim != query.shape[-1]:
+        raise ValueError(
+            f"values: multi-step retrieval feeds the output back as the query, so Dv (a bank's value_dim) "
+            f"must equal D = {query.shape[-1]}, got Dv = {value_dim}"
+        )
+    state = query
+    lead = query.shape[:-1]
+    active = torch.ones(lead, dtype=torch.bool, device=query.device)
+    converged = torch.zeros_like(active)
+    steps = torch.zeros(lead, dtype=torch.int64, device=query.device)
+    stop_at = 0.0 if tol is None else float(tol)
+    last: Optional[Partial] = None
+    for _ in range(max_steps):
+        p = step(state)
+        new = p.out.to(query.dtype)
+        if new.shape != state.shape:  # one step into a value space of another width: nothing to iterate
+            return Retrieval(new, steps + 1, torch.zeros_like(converged), p.lse, p.top_index, p.top_weight)
+        delta = (new.to(p.out.dtype) - state.to(p.out.dtype)).abs().amax(-1)
+        state = torch.where(active.unsqueeze(-1), new, state)
+        if last is not None:
+            p = Partial(
+                p.out,
+                torch.where(active, p.lse, last.lse),
+                torch.where(active, p.top_score, last.top_score),
+                torch.where(active, p.top_index, last.top_index),
+            )
+        last = p
+        steps = steps + active.to(torch.int64)
+        done = active & (delta <= stop_at)
+        converged = torch.where(active, done, converged)
+        if tol is not None:
+            active = active & ~done
+            if not bool(active.any()):
+                break
+    assert last is not None
+    return Retrieval(
+        state=state,
+        steps=steps,
+        converged=converged,
+        lse=last.lse,
+        top_index=last.top_index,
+        top_weight=torch.exp(last.top_score - last.lse),
+    )
+
+
+def energy_from_lse(state: torch.Tensor, memory: torch.Tensor, beta: Beta, similarity: str,
+                    lse: torch.Tensor) -> torch.Tensor:
+    """E(s) of docs/design.md §1, (..., B) in float32 (float64 for float64 input), given lse (..., B).
+
+    ``beta`` is a float or a tensor over the leading dims of ``state``.
+    """
+    dt = torch.float64 if state.dtype == torch.float64 else torch.float32
+    b = torch.as_tensor(beta, dtype=dt, device=state.device)
+    b = b.reshape(b.shape + (1,))
+    e = -lse.to(dt) / b
+    if similarity == "dot":
+        s, x = state.to(dt), memory.to(dt)
+        n = memory.shape[-2]
+        max_norm_sq = (x * x).sum(-1).amax(-1, keepdim=True)
+        e = e + 0.5 * (s * s).sum(-1) + math.log(n) / b + 0.5 * max_norm_sq
+    return e
