@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -39,12 +40,13 @@ using PartialResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 // The op's arguments checked, made row-contiguous, and described to the
 // kernels; the outputs allocated on the inputs' device.
 struct Prepared {
-  at::Tensor query, memory, values, beta, out, lse, top_score, top_index;
+  at::Tensor query, memory, values, beta, weights, out, lse, top_score, top_index;
   hen::PartialParams p{};
 };
 
 Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const at::Tensor& values_in,
-                 const at::Tensor& beta_in, int64_t similarity, int64_t offset, c10::DeviceType device_type) {
+                 const at::Tensor& beta_in, int64_t similarity, int64_t offset,
+                 const std::optional<at::Tensor>& weights_in, c10::DeviceType device_type) {
   TORCH_CHECK(query_in.dim() == 3 && memory_in.dim() == 3 && values_in.dim() == 3,
               "hen_kernels::partial: expected query (L, B, D), memory (Lm, N, D), values (Lm, N, Dv)");
   const int64_t L = query_in.size(0), B = query_in.size(1), D = query_in.size(2);
@@ -69,6 +71,15 @@ Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const 
   // Keep keys = values aliased so the kernel reads the bank once.
   r.values = values_in.is_same(memory_in) ? r.memory : unit_stride_rows(values_in);
   r.beta = beta_in.to(at::kFloat).contiguous();
+  if (weights_in.has_value()) {
+    const at::Tensor& w = *weights_in;
+    TORCH_CHECK(w.dim() == 3 && w.size(0) == L && w.size(1) == B && w.size(2) == D,
+                "hen_kernels::partial: weights must be (L, B, D) like the query, got ", w.sizes());
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "hen_kernels::partial: weights must be float32, got ",
+                     w.scalar_type());
+    TORCH_CHECK(w.device() == device, "hen_kernels::partial: weights must be on ", device, ", got ", w.device());
+    r.weights = w.contiguous();
+  }
 
   auto f32 = r.query.options().dtype(at::kFloat);
   r.out = at::empty({L, B, Dv}, f32);
@@ -81,6 +92,7 @@ Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const 
   p.memory = r.memory.data_ptr();
   p.values = r.values.data_ptr();
   p.beta = r.beta.data_ptr<float>();
+  p.weights = r.weights.defined() ? r.weights.data_ptr<float>() : nullptr;
   p.dtype = kernel_dtype(r.query.scalar_type());
   p.similarity = static_cast<hen::Similarity>(similarity);
   p.L = L, p.B = B, p.N = N, p.D = D, p.Dv = Dv;
@@ -117,9 +129,12 @@ WorkspaceTensors make_workspace(const Prepared& r, int64_t splits) {
 }
 
 PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
-                          const at::Tensor& beta, int64_t similarity, int64_t offset) {
-  const Prepared r = prepare(query, memory, values, beta, similarity, offset, c10::DeviceType::CPU);
+                          const at::Tensor& beta, int64_t similarity, int64_t offset,
+                          const std::optional<at::Tensor>& weights) {
+  const Prepared r = prepare(query, memory, values, beta, similarity, offset, weights, c10::DeviceType::CPU);
   const hen::PartialParams& p = r.p;
+  // TRANSITIONAL until the CPU tiles take weights (issue 14); backends.py does not send them here.
+  TORCH_CHECK(p.weights == nullptr, "hen_kernels::partial: the cpu kernel does not take weights yet");
   if (p.L > 0 && p.B > 0) {
     const hen::Plan plan = hen::make_plan(p, at::get_num_threads());
     const WorkspaceTensors w = make_workspace(r, plan.splits);
@@ -139,10 +154,13 @@ PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, con
 // torch is loaded, so this file needs no CUDA headers and links against the CPU
 // torch as well (where no CUDA tensor can ever reach it).
 PartialResult run_cuda(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
-                       const at::Tensor& beta, int64_t similarity, int64_t offset, const hen::cuda::PlanHints& hints) {
+                       const at::Tensor& beta, int64_t similarity, int64_t offset,
+                       const std::optional<at::Tensor>& weights, const hen::cuda::PlanHints& hints) {
   const c10::DeviceGuard guard(query.device());
-  const Prepared r = prepare(query, memory, values, beta, similarity, offset, c10::DeviceType::CUDA);
+  const Prepared r = prepare(query, memory, values, beta, similarity, offset, weights, c10::DeviceType::CUDA);
   const hen::PartialParams& p = r.p;
+  // TRANSITIONAL until the CUDA kernels take weights (issue 14); backends.py does not send them here.
+  TORCH_CHECK(p.weights == nullptr, "hen_kernels::partial: the cuda kernels do not take weights yet");
   if (p.L == 0 || p.B == 0) return {r.out, r.lse, r.top_score, r.top_index};
   const int device = query.device().index();
   hen::cuda::DeviceInfo dev{};
@@ -160,16 +178,17 @@ PartialResult run_cuda(const at::Tensor& query, const at::Tensor& memory, const 
 }
 
 PartialResult partial_cuda(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
-                           const at::Tensor& beta, int64_t similarity, int64_t offset) {
-  return run_cuda(query, memory, values, beta, similarity, offset, hen::cuda::PlanHints{});
+                           const at::Tensor& beta, int64_t similarity, int64_t offset,
+                           const std::optional<at::Tensor>& weights) {
+  return run_cuda(query, memory, values, beta, similarity, offset, weights, hen::cuda::PlanHints{});
 }
 
 // The same op with the planner's choices forced, for tests: small shapes reach
 // every kernel, query block and bank split this way.
 PartialResult partial_with_plan_hints_cuda(const at::Tensor& query, const at::Tensor& memory,
                                            const at::Tensor& values, const at::Tensor& beta, int64_t similarity,
-                                           int64_t offset, c10::string_view kernel, int64_t query_block,
-                                           int64_t splits) {
+                                           int64_t offset, const std::optional<at::Tensor>& weights,
+                                           c10::string_view kernel, int64_t query_block, int64_t splits) {
   hen::cuda::PlanHints hints;
   if (kernel == "simt") {
     hints.kernel = hen::cuda::Kernel::Simt;
@@ -183,7 +202,7 @@ PartialResult partial_with_plan_hints_cuda(const at::Tensor& query, const at::Te
               "hen_kernels::partial_with_plan_hints: query_block and splits must be >= 0");
   hints.query_block = static_cast<int>(query_block);
   hints.splits = splits;
-  return run_cuda(query, memory, values, beta, similarity, offset, hints);
+  return run_cuda(query, memory, values, beta, similarity, offset, weights, hints);
 }
 #endif
 
@@ -222,11 +241,13 @@ std::string cuda_ptxas() {
 
 TORCH_LIBRARY(hen_kernels, m) {
   m.def(
-      "partial(Tensor query, Tensor memory, Tensor values, Tensor beta, int similarity, int offset) "
+      "partial(Tensor query, Tensor memory, Tensor values, Tensor beta, int similarity, int offset, "
+      "Tensor? weights=None) "
       "-> (Tensor out, Tensor lse, Tensor top_score, Tensor top_index)");
   // For tests, CUDA only (see partial_with_plan_hints_cuda): "auto" and 0 leave a choice to the planner.
   m.def(
       "partial_with_plan_hints(Tensor query, Tensor memory, Tensor values, Tensor beta, int similarity, int offset, "
+      "Tensor? weights=None, "
       "str kernel=\"auto\", int query_block=0, int splits=0) "
       "-> (Tensor out, Tensor lse, Tensor top_score, Tensor top_index)");
   m.def("cpu_info() -> str", &cpu_info);

@@ -15,12 +15,21 @@ namespace hen {
 enum class Similarity : int { Dot = 0, L2 = 1, L2Sq = 2 };
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
+// docs/design.md §5.1: where the expanded ℓ2 form d² = |q|² + |x|² - 2 q.x falls
+// below this fraction of |q|² + |x|² it may have cancelled, and d² is recomputed
+// directly as sum_d w_d (q_d - x_d)².  hen_kernels/constants.py L2_DIRECT_BELOW
+// holds the same number (a test ties the two).
+constexpr float kL2DirectBelow = 1.0f / 16.0f;
+
 struct PartialParams {
   // Inputs, row-major with unit stride along the feature dim; strides in elements.
   const void* query;   // (L, B, D)
   const void* memory;  // (Lm, N, D), Lm in {1, L}; memory_lead_stride = 0 when shared
   const void* values;  // (Lm, N, Dv)
   const float* beta;   // (L,)
+  // Per-query feature weights (L, B, D), contiguous float32, or nullptr: sim uses
+  // sum_d w_d q_d x_d (dot) or sum_d w_d (x_d - q_d)^2 (l2 forms), docs/design.md §4.
+  const float* weights;
   DType dtype;
   Similarity similarity;
   int64_t L, B, N, D, Dv;

@@ -15,6 +15,8 @@ with ``requires_grad``, e.g. a per-head parameter).  ``top_score`` and
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -33,13 +35,14 @@ def needs_grad(inp: Inputs) -> bool:
 @torch.library.custom_op("hen_kernels::partial_backward", mutates_args=())
 def _partial_backward(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tensor, memory: torch.Tensor,
                       values: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                      similarity: str, backend: str
+                      similarity: str, backend: str, weights: Optional[torch.Tensor] = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.BACKENDS[backend].backward(dout, dlse, query, memory, values, beta, out, lse, similarity)
+    return backends.BACKENDS[backend].backward(dout, dlse, query, memory, values, beta, out, lse, similarity,
+                                               weights)
 
 
 @_partial_backward.register_fake
-def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend):
+def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None):
     f32 = dict(dtype=torch.float32, device=query.device)
     return (query.new_empty(query.shape, **f32), memory.new_empty(memory.shape, **f32),
             values.new_empty(values.shape, **f32), beta.new_empty(beta.shape, **f32))
@@ -49,10 +52,10 @@ class PartialFunction(torch.autograd.Function):
     """(q, x, v, beta) -> (out, lse, top_score, top_index) by a fused backend, with its fused backward."""
 
     @staticmethod
-    def forward(ctx, q, x, v, beta, similarity, backend, offset):
-        inp = Inputs(q, x, v, beta, similarity, torch.Size([q.shape[0]]))
+    def forward(ctx, q, x, v, beta, similarity, backend, offset, weights):
+        inp = Inputs(q, x, v, beta, similarity, torch.Size([q.shape[0]]), weights)
         p = backend.partial(inp, offset)
-        ctx.save_for_backward(q, x, v, beta, p.out, p.lse)
+        ctx.save_for_backward(q, x, v, beta, p.out, p.lse, weights)
         ctx.similarity = similarity
         ctx.backend = backend.name
         ctx.mark_non_differentiable(p.top_score, p.top_index)
@@ -61,18 +64,18 @@ class PartialFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse, _dts, _dti):
-        q, x, v, beta, out, lse = ctx.saved_tensors
+        q, x, v, beta, out, lse, weights = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
         dlse = torch.zeros_like(lse) if dlse is None else dlse
         dq, dx, dv, dbeta = _partial_backward(
-            dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse, ctx.similarity, ctx.backend)
+            dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse, ctx.similarity, ctx.backend, weights)
         need = ctx.needs_input_grad
         return (
             dq.to(q.dtype) if need[0] else None,
             dx.to(x.dtype) if need[1] else None,
             dv.to(v.dtype) if need[2] else None,
             dbeta.to(beta.dtype) if need[3] else None,
-            None, None, None,
+            None, None, None, None,
         )
 
 
@@ -81,4 +84,4 @@ def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
     if backend.backward is None or not needs_grad(inp):
         return backend.partial(inp, offset)
     return Partial(*PartialFunction.apply(inp.query, inp.memory, inp.values, inp.beta, inp.similarity,
-                                          backend, offset))
+                                          backend, offset, inp.weights))

@@ -24,9 +24,10 @@ from .validation import Inputs
 
 ENV_BACKEND = "HEN_KERNELS_BACKEND"
 
-ForwardImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, int], Partial]
+# (query, memory, values, beta, similarity, offset, weights or None) -> Partial
+ForwardImpl = Callable[..., Partial]
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-# (dout, dlse, query, memory, values, beta, out, lse, similarity) -> (dq, dx, dv, dbeta)
+# (dout, dlse, query, memory, values, beta, out, lse, similarity, weights or None) -> (dq, dx, dv, dbeta)
 BackwardImpl = Callable[..., Grads]
 
 
@@ -38,9 +39,13 @@ class Backend:
     """
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
-                 backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None):
+                 backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None,
+                 takes_weights: bool = True):
         self.name = name
         self.device_types = device_types
+        # TRANSITIONAL (issue 14): False while a kernel does not take `weights` yet; the
+        # automatic choice then passes it over for weighted calls.  Goes once all do.
+        self.takes_weights = takes_weights
         self._forward = forward
         self.backward = backward
         self._load = load
@@ -63,13 +68,13 @@ class Backend:
         return self.available() and device_type in self.device_types
 
     def partial(self, inp: Inputs, offset: int = 0) -> Partial:
-        return self._forward(inp.query, inp.memory, inp.values, inp.beta, inp.similarity, offset)
+        return self._forward(inp.query, inp.memory, inp.values, inp.beta, inp.similarity, offset, inp.weights)
 
 
 # --- torch: the reference ------------------------------------------------------------
 
-def _torch_partial(q, x, v, beta, similarity, offset):
-    return reference.partial(q, x, beta, similarity, v, offset)
+def _torch_partial(q, x, v, beta, similarity, offset, weights):
+    return reference.partial(q, x, beta, similarity, v, offset, weights)
 
 
 # --- cpu: the fused C++ kernel in csrc/, registered as hen_kernels::partial ----------
@@ -108,7 +113,7 @@ def load_extension() -> Optional[str]:
 
 def _register_fake() -> None:
     @torch.library.register_fake("hen_kernels::partial")
-    def _(query, memory, values, beta, similarity, offset):
+    def _(query, memory, values, beta, similarity, offset, weights=None):
         lead, b = query.shape[0], query.shape[1]
         f32 = dict(dtype=torch.float32, device=query.device)
         return (
@@ -123,9 +128,9 @@ def _cpu_available() -> Optional[str]:
     return load_extension()
 
 
-def _extension_partial(q, x, v, beta, similarity, offset):
+def _extension_partial(q, x, v, beta, similarity, offset, weights):
     out, lse, top_score, top_index = torch.ops.hen_kernels.partial(
-        q, x, v, beta, SIMILARITY_CODES[similarity], offset
+        q, x, v, beta, SIMILARITY_CODES[similarity], offset, weights
     )
     return Partial(out, lse, top_score, top_index)
 
@@ -157,41 +162,46 @@ def _triton_available() -> Optional[str]:
     return triton_backend.unavailable_reason()
 
 
-def _triton_partial(q, x, v, beta, similarity, offset):
+def _triton_partial(q, x, v, beta, similarity, offset, weights):
     from . import triton as triton_backend
 
-    return triton_backend.partial(q, x, v, beta, similarity, offset)
+    return triton_backend.partial(q, x, v, beta, similarity, offset, weights)
 
 
 # --- backward: recomputed from the saved lse -------------------------------------------
 
-def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str) -> Grads:
+def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """PyTorch over bank chunks of bounded size: any device, any D (backward_cpu.py)."""
+    if weights is not None:  # TRANSITIONAL (issue 14): the streaming backward learns weights next
+        raise NotImplementedError("weights: the streaming backward does not take feature weights yet")
     return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
 
 
-def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str) -> Grads:
+def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """The fused Triton kernels where they serve these tensors and dims, else the streaming path.
 
     Triton's register tiles stop at REGISTER_TILE_MAX_DIM; the streaming path
     also serves CUDA tensors, so a forward on Triton or CUDA never lacks a backward.
     """
     small = q.shape[-1] <= REGISTER_TILE_MAX_DIM and v.shape[-1] <= REGISTER_TILE_MAX_DIM
-    if small and BACKENDS["triton"].serves(q.device.type):
+    if small and weights is None and BACKENDS["triton"].serves(q.device.type):
         # Looked up at call time, so a test can spy on the kernel's entry point.
         from .triton import backward as triton_backward
 
         return triton_backward.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
-    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
+    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
 
 
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None),
-    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_streaming_backward, load=_cpu_available),
-    "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
+    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_streaming_backward, load=_cpu_available,
+                   takes_weights=False),
+    "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available,
+                    takes_weights=False),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",),
-                      forward=_triton_partial, backward=_gpu_backward, load=_triton_available),
+                      forward=_triton_partial, backward=_gpu_backward, load=_triton_available,
+                      takes_weights=False),
 }
 
 
@@ -218,9 +228,10 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
     device_type = inp.query.device.type
     asked = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
     source = "backend" if backend is not None else ENV_BACKEND
+    weighted = inp.weights is not None
     if asked is None:
         for name in preference(device_type, inp):
-            if BACKENDS[name].serves(device_type):
+            if BACKENDS[name].serves(device_type) and (BACKENDS[name].takes_weights or not weighted):
                 return BACKENDS[name]
         raise ValueError(f"query: no backend serves device type {device_type!r}")
     if not isinstance(asked, str):
@@ -232,4 +243,6 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
         raise ValueError(f"{source}: {asked!r} is not available: {b.unavailable_reason}")
     if device_type not in b.device_types:
         raise ValueError(f"{source}: {asked!r} runs on {b.device_types} tensors, got tensors on {device_type}")
+    if weighted and not b.takes_weights:
+        raise ValueError(f"{source}: {asked!r} does not take weights yet; use backend='torch' or leave backend=None")
     return b

@@ -19,3 +19,9 @@ REGISTER_TILE_MAX_DIM = 256
 # (the bank, or the queries in the backward) to fill the GPU: 4 tiles of 128 rows, so every
 # program still walks several tiles.
 MIN_SPLIT_ROWS = 4 * 128
+
+# docs/design.md §5.1: where the expanded ℓ2 form |q|² + |x|² - 2 q·x falls below this
+# fraction of |q|² + |x|², it may have lost more than a few bits to cancellation, and the
+# kernels recompute d² directly as Σ w (q - x)².  csrc/hopfield_params.h kL2DirectBelow
+# holds the same number (tests/test_layout.py ties the two).
+L2_DIRECT_BELOW = 1.0 / 16.0

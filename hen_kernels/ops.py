@@ -28,10 +28,11 @@ def hopfield_partial(
     similarity: str = "dot",
     values: Optional[torch.Tensor] = None,
     offset: int = 0,
+    weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> Partial:
     """One update of ``query`` against a chunk of the bank whose first row is global row ``offset``."""
-    inp = check_inputs(query, memory, beta, similarity, values, allow_empty_bank=True)
+    inp = check_inputs(query, memory, beta, similarity, values, weights=weights, allow_empty_bank=True)
     offset = check_offset(offset)
     return _restore(autograd.partial(backends.resolve(backend, inp), inp, offset), inp)
 
@@ -43,10 +44,11 @@ def hopfield_update(
     *,
     similarity: str = "dot",
     values: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """s_new = softmax(beta · sim(X, s)) @ V, in the query's dtype (float32 accumulation)."""
-    inp = check_inputs(query, memory, beta, similarity, values)
+    inp = check_inputs(query, memory, beta, similarity, values, weights=weights)
     p = autograd.partial(backends.resolve(backend, inp), inp)
     return p.out.to(query.dtype).reshape(query.shape[:-1] + (p.out.shape[-1],))
 
@@ -84,10 +86,15 @@ def hopfield_retrieve(
     values: Optional[torch.Tensor] = None,
     max_steps: int = 1,
     tol: Optional[float] = None,
+    weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> Retrieval:
-    """Up to ``max_steps`` updates; each query stops once max|s_new - s| <= tol (docs/design.md §4)."""
-    inp = check_inputs(query, memory, beta, similarity, values)
+    """Up to ``max_steps`` updates; each query stops once max|s_new - s| <= tol (docs/design.md §4).
+
+    ``weights`` weigh the query's features in every step (a query that knows only part of
+    its pattern keeps knowing only that part).
+    """
+    inp = check_inputs(query, memory, beta, similarity, values, weights=weights)
     max_steps, tol = check_steps(max_steps, tol)
     be = backends.resolve(backend, inp)
 
@@ -112,15 +119,16 @@ def energy(
     beta: Beta,
     *,
     similarity: str = "dot",
+    weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """E(s) of docs/design.md §1, (..., B) float32, with the log-sum-exp taken by the chosen kernel."""
     try:
-        inp = check_inputs(state, memory, beta, similarity)
+        inp = check_inputs(state, memory, beta, similarity, weights=weights)
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace("query", "state", 1)) from None
     lse = autograd.partial(backends.resolve(backend, inp), inp).lse
-    e = streaming.energy_from_lse(inp.query, inp.memory, inp.beta, inp.similarity, lse)
+    e = streaming.energy_from_lse(inp.query, inp.memory, inp.beta, inp.similarity, lse, inp.weights)
     return e.to(torch.float32).reshape(state.shape[:-1])
 
 

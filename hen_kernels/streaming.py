@@ -100,10 +100,12 @@ def retrieve(step: Step, query: torch.Tensor, *, value_dim: int, max_steps: int,
 
 
 def energy_from_lse(state: torch.Tensor, memory: torch.Tensor, beta: Beta, similarity: str,
-                    lse: torch.Tensor) -> torch.Tensor:
+                    lse: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """E(s) of docs/design.md §1, (..., B) in float32 (float64 for float64 input), given lse (..., B).
 
-    ``beta`` is a float or a tensor over the leading dims of ``state``.
+    ``beta`` is a float or a tensor over the leading dims of ``state``.  With feature
+    ``weights`` (..., B, D) the norms of the ``"dot"`` energy are the weighted ones,
+    ½ Σ w s² and ½ maxₙ Σ w xₙ², the energy whose update is the weighted one.
     """
     dt = torch.float64 if state.dtype == torch.float64 else torch.float32
     b = torch.as_tensor(beta, dtype=dt, device=state.device)
@@ -112,6 +114,12 @@ def energy_from_lse(state: torch.Tensor, memory: torch.Tensor, beta: Beta, simil
     if similarity == "dot":
         s, x = state.to(dt), memory.to(dt)
         n = memory.shape[-2]
-        max_norm_sq = (x * x).sum(-1).amax(-1, keepdim=True)
-        e = e + 0.5 * (s * s).sum(-1) + math.log(n) / b + 0.5 * max_norm_sq
+        if weights is None:
+            max_norm_sq = (x * x).sum(-1).amax(-1, keepdim=True)
+            s_norm_sq = (s * s).sum(-1)
+        else:
+            w = weights.to(dt)
+            max_norm_sq = (w @ (x * x).transpose(-1, -2)).amax(-1)
+            s_norm_sq = (w * s * s).sum(-1)
+        e = e + 0.5 * s_norm_sq + math.log(n) / b + 0.5 * max_norm_sq
     return e

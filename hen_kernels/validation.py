@@ -26,6 +26,7 @@ class Inputs(NamedTuple):
     beta: torch.Tensor  # (L,) float32
     similarity: str
     lead: torch.Size  # the query's leading dims, restored on the way out
+    weights: Optional[torch.Tensor] = None  # (L, B, D) float32, non-negative; None: unweighted
 
     @property
     def bank_rows(self) -> int:
@@ -84,6 +85,34 @@ def check_beta(beta: object, lead: torch.Size, device: torch.device) -> torch.Te
     return beta.to(device=device, dtype=torch.float32).expand(lead).reshape(numel)
 
 
+def check_weights(weights: object, query: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per-query feature weights (docs/design.md §4): float32, the query's shape and device, >= 0."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights: expected a torch.Tensor or None, got {type(weights).__name__}")
+    if weights.layout != torch.strided:
+        raise TypeError(f"weights: expected a dense (strided) tensor, got layout {weights.layout}")
+    if weights.dtype != torch.float32:
+        raise TypeError(f"weights: expected dtype float32, got {weights.dtype}")
+    if weights.shape != query.shape:
+        raise ValueError(
+            f"weights: expected shape {tuple(query.shape)} (the query's: one weight per query feature), "
+            f"got {tuple(weights.shape)}"
+        )
+    if weights.device != query.device:
+        raise ValueError(f"weights: expected device {query.device} (the query's), got {weights.device}")
+    if weights.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weights: no gradient flows to the feature weights; pass weights.detach() "
+            "(gradients to query, memory, values and beta are supported)"
+        )
+    w = weights.detach()
+    if not _is_tracing() and w.device.type != "meta" and not bool(((w >= 0) & torch.isfinite(w)).all()):
+        raise ValueError("weights: expected every entry finite and >= 0")
+    return weights
+
+
 def check_inputs(
     query: object,
     memory: object,
@@ -91,6 +120,7 @@ def check_inputs(
     similarity: object,
     values: object = None,
     *,
+    weights: object = None,
     allow_empty_bank: bool = False,
 ) -> Inputs:
     q = _tensor("query", query)
@@ -136,6 +166,7 @@ def check_inputs(
             raise ValueError(f"values: expected device {q.device} (the query's), got {v.device}")
     sim = check_similarity(similarity)
     beta_vec = check_beta(beta, lead, q.device)
+    w = check_weights(weights, q)
     num_lead = math.prod(lead)
     lm = 1 if x.dim() == 2 else num_lead
     return Inputs(
@@ -145,6 +176,7 @@ def check_inputs(
         beta=beta_vec,
         similarity=sim,
         lead=lead,
+        weights=None if w is None else w.reshape(num_lead, b, d),
     )
 
 

@@ -141,3 +141,14 @@ def test_design_references_point_at_the_copy_in_the_repository():
         if "DESIGN.md" in text.replace("docs/design.md", ""):
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, f"these name DESIGN.md instead of docs/design.md: {offenders}"
+
+
+def test_l2_direct_threshold_is_one_number_in_both_languages():
+    import re
+
+    from hen_kernels.constants import L2_DIRECT_BELOW
+
+    header = (ROOT / "csrc" / "hopfield_params.h").read_text()
+    m = re.search(r"kL2DirectBelow\s*=\s*([0-9.]+)f\s*/\s*([0-9.]+)f", header)
+    assert m, "csrc/hopfield_params.h must define kL2DirectBelow as a/b"
+    assert float(m.group(1)) / float(m.group(2)) == L2_DIRECT_BELOW

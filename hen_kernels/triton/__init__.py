@@ -24,12 +24,15 @@ __all__ = ["partial", "plan", "unavailable_reason"]
 
 @torch.library.custom_op("hen_kernels::triton_partial", mutates_args=())
 def _triton_partial(query: torch.Tensor, memory: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,
-                    similarity: int, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    similarity: int, offset: int, weights: Optional[torch.Tensor] = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if weights is not None:  # TRANSITIONAL (issue 14): backends.py does not send weights here yet
+        raise NotImplementedError("weights: the Triton kernels do not take feature weights yet")
     return launch(query, memory, values, beta, similarity, offset)
 
 
 @_triton_partial.register_fake
-def _(query, memory, values, beta, similarity, offset):
+def _(query, memory, values, beta, similarity, offset, weights=None):
     lead, b = query.shape[0], query.shape[1]
     return (
         query.new_empty((lead, b, values.shape[-1]), dtype=torch.float32),
@@ -39,8 +42,8 @@ def _(query, memory, values, beta, similarity, offset):
     )
 
 
-def partial(q, x, v, beta, similarity: str, offset: int) -> Partial:
-    return Partial(*_triton_partial(q, x, v, beta, SIMILARITY_CODES[similarity], offset))
+def partial(q, x, v, beta, similarity: str, offset: int, weights: Optional[torch.Tensor] = None) -> Partial:
+    return Partial(*_triton_partial(q, x, v, beta, SIMILARITY_CODES[similarity], offset, weights))
 
 
 def unavailable_reason() -> Optional[str]:
