@@ -27,8 +27,8 @@ from hen_kernels.constants import KERNEL_DTYPES, SIMILARITIES, TOLERANCE  # noqa
 from .conftest import device_of, interpreted, kernel_backends, require  # noqa: E402
 from .pending import is_pending  # noqa: E402
 
-# Examples per backend: the Triton interpreter takes 0.1-0.5 s a call.
-EXAMPLES = {"torch": 100, "cpu": 200, "cuda": 200, "triton": 15}
+# Examples per backend: under the interpreter each new Triton shape is autotuned (seconds a case).
+EXAMPLES = {"torch": 100, "cpu": 200, "cuda": 200, "triton": 6}
 
 
 @dataclass
@@ -196,7 +196,7 @@ def test_every_backend_matches_the_float64_definition(backend):
         drawn.append(c)
         if any(is_pending(backend, f) for f in c.features()):
             return  # tests/pending.py: held as a strict xfail in tests/test_kernels.py
-        if interpreted(backend) and math.prod(c.lead or (1,)) * c.b * c.n * c.d > 60_000:
+        if interpreted(backend) and math.prod(c.lead or (1,)) * c.b * c.n * c.d > 30_000:
             return  # the interpreter's budget (tests/conftest.py INTERPRETER_WORK)
         check(c, backend)
         checked.append(c)
