@@ -1,13 +1,15 @@
-"""The Triton backend's own contract: its heuristic picks the right kernel per regime, every
-kernel path (split or not, small or tiled D) agrees with the reference, autotuning runs."""
+"""The Triton backend's own contract: its heuristic picks the right kernel per regime, every kernel path
+(split or not, small or tiled D, weighted or not) agrees with a float64 oracle, the ℓ2 rule and the ties
+of docs/design.md §5.1 hold on every path, autotuning runs."""
 import pytest
 import torch
 
 import hen_kernels as hk
 
-from .conftest import SIMILARITIES, TOLERANCE, make, ref64, rel_err, require
+from .conftest import SIMILARITIES, TOLERANCE, make, rel_err, require
 
 triton_launch = pytest.importorskip("hen_kernels.triton.launch")
+from hen_kernels.triton import configs  # noqa: E402
 
 
 @pytest.fixture
@@ -15,25 +17,76 @@ def h100(monkeypatch):
     monkeypatch.setattr(triton_launch, "_sm_count", lambda device: 132)
 
 
+def direct64(q, x, beta, similarity, v=None, w=None, offset=0):
+    """The update in float64 with d² formed directly as Σ w (q - x)²: exact where the expanded form
+    cancels (a query on a pattern, a bank far from the origin), unlike any expansion."""
+    q, x = q.double(), x.double()
+    v = x if v is None else v.double()
+    w = torch.ones_like(q) if w is None else w.double()
+    if similarity == "dot":
+        s = (w * q) @ x.transpose(-1, -2)
+    else:
+        d2 = (w.unsqueeze(-2) * (q.unsqueeze(-2) - x.unsqueeze(-3)) ** 2).sum(-1)
+        s = -d2.sqrt() if similarity == "l2" else -0.5 * d2
+    t = beta * s
+    lse = torch.logsumexp(t, -1)
+    top_score, top_index = t.max(-1)
+    return hk.Partial(torch.exp(t - lse.unsqueeze(-1)) @ v, lse, top_score, top_index + offset)
+
+
+def check(p, ref, dtype, what=""):
+    tol = TOLERANCE[dtype]
+    assert rel_err(p.out, ref.out) <= tol, f"{what}: out {rel_err(p.out, ref.out):.2e}"
+    lse = ((p.lse.double() - ref.lse).abs() / ref.lse.abs().clamp_min(1)).max().item()
+    assert lse <= tol, f"{what}: lse {lse:.2e}"
+    assert torch.equal(p.top_index, ref.top_index), what
+
+
 @pytest.mark.parametrize(
-    "shape, kernel, splits",
+    "shape, dtype, precision, kernel, bm, splits",
     [
-        ((1, 16384, 16384, 64, 64), "small_d", (1, 2)),       # layer: query blocks fill the GPU
-        ((1, 16384, 16384, 128, 128), "small_d", (1, 2)),
-        ((1, 1, 2_000_000, 128, 128), "small_d", (64, 264)),  # recall, D <= 256: split the bank
-        ((1, 16, 500_000, 1024, 1024), "tiled_d", (64, 264)), # recall, large D
-        ((1, 64, 131072, 4096, 4096), "tiled_d", (64, 264)),
-        ((1, 4096, 2**20, 1024, 1024), "tiled_d", (1, 8)),    # bulk: a few splits at most
+        # layer: 256 query blocks fill 132 SMs (one resident block each): no split, no combine
+        ((1, 16384, 16384, 64, 64), torch.bfloat16, "tf32x3", "small_d", 64, (1, 1)),
+        ((1, 16384, 16384, 128, 128), torch.bfloat16, "tf32x3", "small_d", 64, (1, 1)),
+        ((1, 1, 2_000_000, 128, 128), torch.bfloat16, "tf32x3", "small_d", 16, (528, 528)),  # recall: split the bank
+        ((1, 16, 500_000, 1024, 1024), torch.bfloat16, "tf32x3", "tiled_d", 16, (528, 528)),  # recall, large D
+        ((1, 64, 131072, 4096, 4096), torch.bfloat16, "tf32x3", "tiled_d", 64, (132, 132)),
+        ((1, 4096, 2**20, 1024, 1024), torch.bfloat16, "tf32x3", "tiled_d", 64, (3, 3)),  # bulk: a few splits
+        # float32: 16-query blocks at float32 accuracy (tf32x3), the D-tiled kernel past FP32_MAX_DIM
+        ((1, 4096, 4096, 128, 128), torch.float32, "tf32x3", "small_d", 16, (1, 1)),
+        ((1, 4096, 4096, 128, 128), torch.float32, "tf32", "small_d", 64, (3, 3)),
+        ((1, 4096, 4096, 256, 256), torch.float32, "tf32x3", "tiled_d", 64, (3, 3)),
+        # weighted: float32 score products, like float32 inputs
+        ((1, 16, 2**20, 128, 128), "weighted", "tf32x3", "small_d", 16, (132, 132)),
+        ((1, 16, 2**20, 256, 256), "weighted", "tf32x3", "tiled_d", 16, (132, 132)),
     ],
 )
-def test_plan_picks_the_regime(h100, shape, kernel, splits):
+def test_plan_picks_the_regime(h100, shape, dtype, precision, kernel, bm, splits):
     L, B, N, D, Dv = shape
-    p = triton_launch.plan(L, B, N, D, Dv, torch.device("cuda"))
-    assert p["kernel"] == kernel
+    weighted = dtype == "weighted"
+    dtype = torch.bfloat16 if weighted else dtype
+    p = triton_launch.plan(L, B, N, D, Dv, torch.device("cuda"), dtype, precision, weighted=weighted)
+    assert (p["kernel"], p["BM"], p["precision"]) == (kernel, bm, precision)
     assert splits[0] <= p["splits"] <= splits[1]
     assert p["splits"] * p["rows_per_split"] >= N > (p["splits"] - 1) * p["rows_per_split"]
     # Workspace is splits x B x Dv: bounded independently of N.
-    assert p["splits"] <= 2 * 132
+    assert p["splits"] <= max(configs.RESIDENT_PER_SM.values()) * 132
+
+
+def test_float32_precision_follows_torch():
+    """tf32x3 (float32 accuracy) by default; one tf32 product only where torch allows tf32 for matmuls."""
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_launch.fp32_precision() == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert triton_launch.fp32_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+PATHS = [(2, 300, 40, 40), (2, 300, 40, 9), (3, 120, 300, 300), (3, 120, 20, 270)]
+PATH_IDS = ["small-d", "small-d-values", "tiled-d", "tiled-dv"]
 
 
 @pytest.mark.parametrize(
@@ -41,26 +94,110 @@ def test_plan_picks_the_regime(h100, shape, kernel, splits):
     [(s, torch.float32) for s in SIMILARITIES] + [("dot", torch.bfloat16), ("l2", torch.float16)],
     ids=str,
 )
-@pytest.mark.parametrize(
-    "shape",
-    [(2, 300, 40, 40), (2, 300, 40, 9), (3, 120, 300, 300), (3, 120, 20, 270)],
-    ids=["small-d", "small-d-values", "tiled-d", "tiled-dv"],
-)
+@pytest.mark.parametrize("shape", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("min_split_rows", [32, 10**9], ids=["split", "whole"])
 def test_every_kernel_path(monkeypatch, similarity, dtype, shape, min_split_rows):
+    _path(monkeypatch, similarity, dtype, shape, min_split_rows, weighted=False)
+
+
+@pytest.mark.parametrize("similarity, dtype", [("l2", torch.float32), ("dot", torch.bfloat16), ("l2sq", torch.float16)],
+                         ids=str)
+@pytest.mark.parametrize("shape", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("min_split_rows", [32, 10**9], ids=["split", "whole"])
+def test_weights_on_every_kernel_path(monkeypatch, similarity, dtype, shape, min_split_rows):
+    """Per-query feature weights (issue 14.1), zero weights included, fused into both kernels, split or not."""
+    _path(monkeypatch, similarity, dtype, shape, min_split_rows, weighted=True)
+
+
+def _path(monkeypatch, similarity, dtype, shape, min_split_rows, weighted):
     require("triton")
     monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", min_split_rows)
     b, n, d, dv = shape
     q, x = make((2, b, d), dtype, 1), make((n, d), dtype, 2)
     v = None if dv == d else make((n, dv), dtype, 3)
+    w = make((2, b, d), torch.float32, 4).abs() if weighted else None
+    if weighted:
+        w[0, 0, : d // 2] = 0  # a query that sees half its features
     beta = 0.5 if similarity == "l2" else 0.5 / d**0.5
-    p = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v, offset=11, backend="triton")
-    ref = ref64(q, x, beta, similarity, v, offset=11)
-    plan = triton_launch.plan(2, b, n, d, dv, q.device)
+    p = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v, weights=w, offset=11, backend="triton")
+    plan = triton_launch.plan(2, b, n, d, dv, q.device, dtype, weighted=weighted)
     assert (plan["splits"] > 1) == (min_split_rows == 32)
-    assert rel_err(p.out, ref.out) <= TOLERANCE[dtype]
-    assert rel_err(p.lse, ref.lse) <= TOLERANCE[dtype]
-    assert torch.equal(p.top_index, ref.top_index)
+    check(p, direct64(q, x, beta, similarity, v, w, offset=11), dtype)
+
+
+def _far_bank(n, d, seed):
+    """‖x‖ ≈ 1e4, rows ≈ 0.1 apart, queries 1e-3 from rows 0, n // 2 and n - 1 (float32): every pair's expanded
+    d² cancels to float32 noise, the direct form is exact."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(d, generator=g, dtype=torch.float64)
+    x = centre * 1e4 / centre.norm() + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5
+    rows = torch.tensor([0, n // 2, n - 1])
+    q = x[rows] + 1e-3 * torch.randn(3, d, generator=g, dtype=torch.float64) / d**0.5
+    return q.float(), x.float(), rows
+
+
+@pytest.mark.parametrize("similarity", ["l2", "l2sq"])
+@pytest.mark.parametrize("d", [40, 300], ids=["small-d", "tiled-d"])
+@pytest.mark.parametrize("min_split_rows", [32, 10**9], ids=["split", "whole"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weights"])
+def test_l2_direct_recompute_on_every_path(monkeypatch, similarity, d, min_split_rows, weighted):
+    """docs/design.md §5.1: queries on and next to stored patterns, and a bank far from the origin, meet the
+    float32 tolerance on every kernel path (the expanded form alone misses it by orders of magnitude)."""
+    require("triton")
+    monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", min_split_rows)
+    x = make((120, d), torch.float32, 5)
+    near = torch.cat([x[:4], (x[4:8].double() + 1e-3 * make((4, d), torch.float64, 6)).float()])
+    qf, xf, rows = _far_bank(120, d, 7)
+    for name, q, bank, beta in (("near", near, x, 3.0), ("far", qf, xf, 300.0 if similarity == "l2" else 3e4)):
+        w = make(q.shape, torch.float32, 8).abs() + 0.5 if weighted else None
+        p = hk.hopfield_partial(q, bank, beta, similarity=similarity, weights=w, backend="triton")
+        ref = direct64(q, bank, beta, similarity, w=w)
+        check(p, ref, torch.float32, name)
+        if name == "far":
+            assert torch.equal(p.top_index, rows) and bool((ref.top_weight > 0.9).all())
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [16, 300], ids=["small-d", "tiled-d"])
+def test_ties_across_tiles_splits_and_the_combine(monkeypatch, similarity, dtype, d):
+    """Identical best rows spread over many tiles and more splits than the combine walks at once: the smallest
+    global row wins, and out and lse still match (docs/design.md §5.1)."""
+    require("triton")
+    monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", 16)
+    monkeypatch.setattr(triton_launch, "_sm_count", lambda device: 64)
+    g = torch.Generator().manual_seed(9)
+    best = torch.randn(1, d, generator=g, dtype=torch.float64)
+    x = torch.cat([-best + torch.randn(37, d, generator=g, dtype=torch.float64), best.repeat(500, 1),
+                   -best + torch.randn(5, d, generator=g, dtype=torch.float64)]).to(dtype)
+    q = (2 * best + 0.3 * torch.randn(5, d, generator=g, dtype=torch.float64)).to(dtype)
+    beta = 1.0 if similarity == "l2" else 1.0 / d**0.5
+    plan = triton_launch.plan(1, 5, x.shape[0], d, d, q.device, dtype)
+    assert plan["splits"] > configs.COMBINE_BS
+    p = hk.hopfield_partial(q, x, beta, similarity=similarity, offset=1000, backend="triton")
+    assert bool((p.top_index == 1037).all()), p.top_index.tolist()
+    check(p, direct64(q, x, beta, similarity, offset=1000), dtype)
+
+
+def test_backward_near_stored_patterns():
+    """The fused backward recomputes the forward's P with the same ℓ2 rule: patterns 0.01 apart and queries 3e-3
+    from them (d² ~ 1e-4 against ‖x‖² ~ 30).  The softmax nearly saturates here (top weight 0.94-0.99 at beta 3e3),
+    which amplifies float32 rounding in dout·v - Δ for every float32 backward (the streaming one included), so
+    the bound is 1.5e-3, not the 4e-5 of well-conditioned cases; P from the expanded form misses it (3e-3)."""
+    require("triton")
+    d = 32
+    x = (make((1, d), torch.float64, 10) + 0.01 * make((64, d), torch.float64, 11)).float()
+    q = (x[:6].double() + 3e-3 * make((6, d), torch.float64, 12)).float()
+    for sim, beta in (("l2sq", 3e3), ("l2", 60.0)):
+        grads = {}
+        for kind, (qq, xx) in (("triton", (q, x)), ("float64", (q.double(), x.double()))):
+            qq, xx = qq.clone().requires_grad_(), xx.clone().requires_grad_()
+            out = hk.hopfield_update(qq, xx, beta, similarity=sim, backend="triton" if kind == "triton" else "torch")
+            (out * torch.linspace(-1, 1, d, dtype=out.dtype)).sum().backward()
+            grads[kind] = (qq.grad, xx.grad)
+        for name, got, want in zip(("query", "memory"), grads["triton"], grads["float64"]):
+            assert want.norm() > 1e-2, "the softmax is not saturated: gradients of order one"
+            assert rel_err(got, want) <= 1.5e-3, (sim, name, rel_err(got, want))
 
 
 def test_autotuner_times_configs_under_the_interpreter():
@@ -70,3 +207,11 @@ def test_autotuner_times_configs_under_the_interpreter():
     assert len(small_d_kernel.configs) >= 2
     hk.hopfield_partial(torch.randn(3, 24), torch.randn(50, 24), 0.3, backend="triton")
     assert small_d_kernel.cache, "the autotuner chose a config (timed with the CPU timer)"
+
+
+def test_pruning_never_leaves_the_autotuner_empty():
+    """Even a shape no config fits keeps the least demanding one (the autotuner needs one to run)."""
+    cfgs = [configs._cfg(8, 4, BN=128), configs._cfg(4, 2, BN=16)]
+    reasons = [configs.small_d_rule(c, 80, 4, 64, 256, 256, False, True, "tf32x3", 1) for c in cfgs]
+    assert all(reasons), "both configs are too big for sm_80 here"
+    assert configs._keep(cfgs, reasons) == [cfgs[1]]

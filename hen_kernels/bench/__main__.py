@@ -1,9 +1,12 @@
-"""python -m hen_kernels.bench [cpu|bank|nn|gpu] [--out DIR] [options]: run one benchmark program."""
+"""python -m hen_kernels.bench [cpu|bank|nn|gpu|static] [--out DIR] [options]: run one benchmark program."""
 import importlib
 import sys
 from typing import List, Optional
 
-from . import PROGRAMS
+from . import PROGRAMS as TABLES
+
+# static: the machine-code report (Triton kernels compiled for sm_80 / sm_90, no GPU needed).
+PROGRAMS = tuple(TABLES) + tuple(p for p in ("static",) if p not in TABLES)
 
 USAGE = f"""usage: python -m hen_kernels.bench [{'|'.join(PROGRAMS)}] [--out DIR] [options]
 

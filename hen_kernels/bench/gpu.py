@@ -25,6 +25,12 @@ benchmarks/results/) after every case, so a run stopped by a time limit keeps
 what it measured.  Without a CUDA device it prints one line to stderr and
 exits 2.  Exit 1 when a fused backend gave a wrong result or failed.
 
+After the cases, each timed Triton kernel is compiled again for this GPU's
+architecture with the config its autotuner picked, and gpu.md shows its
+machine-code row (registers, spills, shared memory, occupancy, tensor-core
+instructions) beside the measured time and the roofline floor (gpu_static;
+``python -m hen_kernels.bench static`` is the full report).
+
 This module runs the table; gpu_cases holds the cases and peers, gpu_measure
 the timing and checking, gpu_report the targets, table and plot.
 """
@@ -39,7 +45,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import common
+from . import common, gpu_static
 from .common import DEFAULT_OUT
 from .gpu_cases import (ELEM, FLEX_MAX_D, REGIMES, TOL, cases, fused_backends, limit_autotuning,
                         release_bank)
@@ -96,6 +102,8 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, regimes: Sequence[str] = RE
             write(report, out, plot=False)
         else:
             report["complete"] = not report["skipped"]
+        if "triton" in fused and not failed:
+            static_rows(report, log)
     except KeyboardInterrupt:
         report["interrupted"] = True
         log("bench gpu: interrupted; writing what was measured")
@@ -108,6 +116,19 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, regimes: Sequence[str] = RE
     if failed:
         log("bench gpu: a fused backend failed or gave a wrong result (see the status column)")
     return 1 if failed or report.get("interrupted") else 0
+
+
+def static_rows(report: dict, log) -> None:
+    """The machine code of every timed Triton kernel (its autotuned config compiled for this GPU's
+    architecture), for gpu.md's table of static rows beside measured times (gpu_static)."""
+    major = torch.cuda.get_device_capability()[0]
+    report["static_arch"] = arch = 90 if major >= 9 else 80
+    t0 = time.monotonic()
+    try:
+        report["static_rows"] = gpu_static.rows_for(report, arch, log)
+    except Exception as e:  # noqa: BLE001 - the timings stand without it
+        report["static_error"] = common.short_error(e)
+    log(f"  machine code of {len(report.get('static_rows') or [])} timed kernels in {time.monotonic() - t0:.0f} s")
 
 
 def parse_regimes(text: str) -> List[str]:

@@ -162,18 +162,21 @@ def triton_plan(case: GpuCase) -> Optional[dict]:
     try:
         from ..triton.launch import plan
 
-        return plan(1, case.B, case.N, case.D, case.D, torch.device("cuda"))
+        return plan(1, case.B, case.N, case.D, case.D, torch.device("cuda"), DTYPE)
     except Exception:  # noqa: BLE001
         return None
 
 
-def triton_best_config(kernel: str) -> Optional[str]:
+def triton_best_config(kernel: str) -> Optional[dict]:
+    """The config the autotuner ran last for ``kernel``: its block sizes, warps and stages (gpu_static
+    compiles it for the report row beside the measured time)."""
     try:
         from ..triton import small_d, tiled_d
 
         tuner = {"small_d": small_d.small_d_kernel, "tiled_d": tiled_d.tiled_d_kernel}[kernel]
         cfg = getattr(tuner, "best_config", None)
-        return None if cfg is None else str(cfg)
+        return None if cfg is None else dict(kwargs=dict(cfg.kwargs), num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages)
     except Exception:  # noqa: BLE001
         return None
 

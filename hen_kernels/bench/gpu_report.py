@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
-from . import common
+from . import common, gpu_static
 from .common import num, ratio
 from .gpu_cases import CHECK_ROWS, SDPA, TARGET_TEXT, TOL, GpuCase, rates
 
@@ -166,6 +166,11 @@ def markdown(report: dict) -> str:
         lines.append("The run was interrupted: the table holds the cases finished before that.")
     if report.get("error"):
         lines.append("ERROR: " + report["error"])
+    if report.get("static_rows") is not None or report.get("static_error"):
+        lines += gpu_static.markdown(gpu_static.join(report, report.get("static_rows") or []),
+                                     report.get("static_arch"))
+        if report.get("static_error"):
+            lines.append(f"Machine code not read: {report['static_error']}")
     if report.get("roofline"):
         lines += ["", f"![roofline](roofline.png) ({report['roofline']}: x = flops per bank byte, y = TFLOP/s, "
                   "log-log; the roof is min(measured matmul, measured copy bandwidth x intensity); "

@@ -2,7 +2,8 @@
 
 ``launch.py`` holds the heuristic that picks a kernel and the number of bank
 splits; ``small_d.py``, ``tiled_d.py`` and ``combine.py`` hold the kernels,
-``backward.py`` the fused backward.
+``backward.py`` the fused backward, ``configs.py`` their autotune configs and
+the rules that keep only those the GPU runs without spilling.
 The launcher is registered as the custom op ``hen_kernels::triton_partial``
 with a fake implementation, so ``torch.compile`` traces through it as one node.
 Under ``TRITON_INTERPRET=1`` (set before triton is first imported) the kernels
@@ -26,9 +27,7 @@ __all__ = ["partial", "plan", "unavailable_reason"]
 def _triton_partial(query: torch.Tensor, memory: torch.Tensor, values: torch.Tensor, beta: torch.Tensor,
                     similarity: int, offset: int, weights: Optional[torch.Tensor] = None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if weights is not None:  # TRANSITIONAL (issue 14): backends.py does not send weights here yet
-        raise NotImplementedError("weights: the Triton kernels do not take feature weights yet")
-    return launch(query, memory, values, beta, similarity, offset)
+    return launch(query, memory, values, beta, similarity, offset, weights)
 
 
 @_triton_partial.register_fake

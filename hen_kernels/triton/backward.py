@@ -1,4 +1,4 @@
-"""Fused backward of the Hopfield update (layer regime, D and Dv <= REGISTER_TILE_MAX_DIM), flash-attention style.
+"""Fused backward of the Hopfield update (layer regime, D and Dv <= configs.BACKWARD_MAX_DIM), flash-attention style.
 
 The forward saved only ``out`` (L, B, Dv) and ``lse`` (L, B).  Both kernels
 here recompute each score tile from the inputs and turn it into the softmax
@@ -20,9 +20,12 @@ keep the result deterministic.  When either grid would leave the GPU idle (few
 queries against a long bank for the first, a short bank for the second) the
 walked range is split across programs, which write partial sums to a
 workspace that is summed afterwards (its size depends on the split count, not
-on N for the first kernel and not on B for the second).  Dot products run in
-float32 (tf32 on a GPU for 16-bit inputs, IEEE for float32 inputs and in the
-interpreter).
+on N for the first kernel and not on B for the second).  Products take 16-bit
+inputs as they are (and the float32 weights P, G rounded to them, as
+flash-attention does), float32 inputs at ``launch.fp32_precision()``; the ℓ2
+forms follow docs/design.md §5.1 like the forward (the same P near a stored
+pattern).  Feature weights are not taken here: backends.py sends weighted
+calls to the streaming backward.
 """
 from __future__ import annotations
 
@@ -31,30 +34,26 @@ import triton
 import triton.language as tl
 
 from ..constants import MIN_SPLIT_ROWS, REGISTER_TILE_MAX_DIM, SIMILARITY_CODES
-from .common import DOT, INTERPRET, L2, autotune, beta_sim
-from .launch import _pow2, _sm_count
-
-_CONFIGS = (
-    [triton.Config({"BM": 16, "BN": 16}, num_warps=4, num_stages=1)]
-    if INTERPRET
-    else [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm in (32, 64)
-        for bn in (32, 64)
-        for w in (4, 8)
-        for s in (1, 2)
-    ]
-)
+from . import configs
+from .common import DOT, INTERPRET, L2, autotune, l2_direct, l2_scores, sq_dist
+from .launch import _pow2, _sm_count, fp32_precision
 
 
 @triton.jit
-def _tile(q, x, v, dout, lse, delta, beta, valid, SIM: tl.constexpr, PRECISION: tl.constexpr):
+def _tile(q, x, v, dout, lse, delta, beta, q_sq, x_sq, q_rows, x_rows, mask_q, mask_n, D,
+          SIM: tl.constexpr, PRECISION: tl.constexpr):
     """Recompute one (BM, BN) tile: P, dt, s and the chain-rule coefficients G (all float32)."""
     dot = tl.dot(q, tl.trans(x), input_precision=PRECISION)
-    s = beta_sim(dot, tl.sum(q * q, 1), tl.sum(x * x, 1), 1.0, SIM)
+    if SIM == DOT:
+        s = dot
+    else:
+        sq_sum = q_sq[:, None] + x_sq[None, :]
+        d2 = l2_direct(sq_dist(dot, sq_sum), sq_sum, q_rows, x_rows, q_rows, mask_q, mask_n, D, False)
+        s = l2_scores(d2, 1.0, SIM)
+    valid = mask_q[:, None] & mask_n[None, :]
     t = tl.where(valid, s * beta, float("-inf"))
     p = tl.exp(t - lse[:, None])
-    dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
+    dp = tl.dot(dout.to(v.dtype), tl.trans(v), input_precision=PRECISION)
     dt = tl.where(valid, p * (dp - delta[:, None]), 0.0)
     ds = dt * beta
     if SIM == L2:
@@ -65,14 +64,18 @@ def _tile(q, x, v, dout, lse, delta, beta, valid, SIM: tl.constexpr, PRECISION: 
     return p, dt, tl.where(valid, s, 0.0), g
 
 
-@autotune(_CONFIGS, key=["D", "DV", "SIM", "SPLITS", "VALUES_ARE_MEMORY"])
+KEY_DQ = ["D", "DV", "SIM", "SPLITS", "VALUES_ARE_MEMORY", "PRECISION"]
+
+
+@autotune(configs.BACKWARD, key=KEY_DQ, prune=configs.prune_backward)
 @triton.jit
 def dq_kernel(
     q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dbeta_ptr,
     B, N, D, DV, rows_per_split,
     q_lead, q_row, x_lead, x_row, v_lead, v_row,
     SIM: tl.constexpr, SPLITS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    VALUES_ARE_MEMORY: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    VALUES_ARE_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):
     qb = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,8 +88,12 @@ def dq_kernel(
     mask_q = rows_q < B
     mask_d = cols_d < D
     mask_v = cols_v < DV
-    q = tl.load(q_ptr + lead * q_lead + rows_q[:, None].to(tl.int64) * q_row + cols_d[None, :],
-                mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    q_rows = q_ptr + lead * q_lead + rows_q.to(tl.int64) * q_row
+    q = tl.load(q_rows[:, None] + cols_d[None, :], mask=mask_q[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in float32 there
+        q = q.to(tl.float32)
+    qf = q.to(tl.float32)
+    q_sq = tl.sum(qf * qf, 1)
     row = lead * B + rows_q
     dout = tl.load(dout_ptr + row[:, None] * DV + cols_v[None, :], mask=mask_q[:, None] & mask_v[None, :], other=0.0)
     lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
@@ -99,37 +106,54 @@ def dq_kernel(
     n_end = tl.minimum(n_begin + rows_per_split, N)
     x_base = x_ptr + lead * x_lead
     v_base = v_ptr + lead * v_lead
+    if SIM != DOT:
+        # dq = Σ G (x - q) cancels in G X - rowsum(G) q where q sits next to the rows: both sides take
+        # a row of the bank off first (translation invariance), so what cancels is the bank's spread.
+        centre = tl.load(x_base + n_begin.to(tl.int64) * x_row + cols_d, mask=mask_d & (n_begin < N),
+                         other=0.0).to(tl.float32)
     for n0 in range(n_begin, n_end, BN):
         rows_n = n0 + tl.arange(0, BN)
         mask_n = rows_n < n_end
-        x = tl.load(x_base + rows_n[:, None].to(tl.int64) * x_row + cols_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        x_rows = x_base + rows_n.to(tl.int64) * x_row
+        x = tl.load(x_rows[:, None] + cols_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
         if VALUES_ARE_MEMORY:
             v = x
         else:
             v = tl.load(v_base + rows_n[:, None].to(tl.int64) * v_row + cols_v[None, :],
-                        mask=mask_n[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
-        valid = mask_q[:, None] & mask_n[None, :]
-        p, dt, s, g = _tile(q, x, v, dout, lse, delta, beta, valid, SIM, PRECISION)
-        acc += tl.dot(g, x, input_precision=PRECISION)
+                        mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+        xf = x.to(tl.float32)
+        p, dt, s, g = _tile(q, x, v, dout, lse, delta, beta, q_sq, tl.sum(xf * xf, 1), q_rows, x_rows,
+                            mask_q, mask_n, D, SIM, PRECISION)
+        if SIM == DOT:
+            acc += tl.dot(g.to(x.dtype), x, input_precision=PRECISION)
+        else:
+            acc += tl.dot(g.to(x.dtype), (xf - centre[None, :]).to(x.dtype), input_precision=PRECISION)
         g_rows += tl.sum(g, 1)
         db += tl.sum(dt * s, 1)
     if SIM != DOT:
-        acc -= g_rows[:, None] * q
+        acc -= g_rows[:, None] * (qf - centre[None, :])
 
     slot = (lead * SPLITS + split) * B + rows_q
     tl.store(dq_ptr + slot[:, None] * D + cols_d[None, :], acc, mask=mask_q[:, None] & mask_d[None, :])
     tl.store(dbeta_ptr + slot, db, mask=mask_q)
 
 
-@autotune(_CONFIGS, key=["D", "DV", "SIM", "SPLITS", "SHARED", "VALUES_ARE_MEMORY"])
+KEY_DKV = ["D", "DV", "SIM", "SPLITS", "SHARED", "VALUES_ARE_MEMORY", "PRECISION"]
+
+
+@autotune(configs.BACKWARD, key=KEY_DKV, prune=configs.prune_backward)
 @triton.jit
 def dkv_kernel(
     q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, dx_ptr, dv_ptr,
     L, B, N, D, DV, rows_per_split,
     q_lead, q_row, x_lead, x_row, v_lead, v_row,
     SIM: tl.constexpr, SPLITS: tl.constexpr, SHARED: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    VALUES_ARE_MEMORY: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    VALUES_ARE_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):
     nb = tl.program_id(0)
     split = tl.program_id(1)
@@ -141,13 +165,21 @@ def dkv_kernel(
     mask_n = rows_n < N
     mask_d = cols_d < D
     mask_v = cols_v < DV
-    x = tl.load(x_ptr + bank * x_lead + rows_n[:, None].to(tl.int64) * x_row + cols_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    x_rows = x_ptr + bank * x_lead + rows_n.to(tl.int64) * x_row
+    x = tl.load(x_rows[:, None] + cols_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in float32 there
+        x = x.to(tl.float32)
     if VALUES_ARE_MEMORY:
         v = x
     else:
         v = tl.load(v_ptr + bank * v_lead + rows_n[:, None].to(tl.int64) * v_row + cols_v[None, :],
-                    mask=mask_n[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+                    mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+    xf = x.to(tl.float32)
+    x_sq = tl.sum(xf * xf, 1)
+    # dX = Gᵀ q - colsum(G) x as Gᵀ (q - c) - colsum(G) (x - c), c = the tile's first row: as in dq_kernel
+    centre = tl.sum(tl.where((tl.arange(0, BN) == 0)[:, None], xf, 0.0), 0)
 
     acc_x = tl.zeros([BN, BD], tl.float32)
     acc_v = tl.zeros([BN, BDV], tl.float32)
@@ -165,20 +197,27 @@ def dkv_kernel(
         for m0 in range(m_begin, m_end, BM):
             rows_q = m0 + tl.arange(0, BM)
             mask_q = rows_q < m_end
-            q = tl.load(q_ptr + lead * q_lead + rows_q[:, None].to(tl.int64) * q_row + cols_d[None, :],
-                        mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            q_rows = q_ptr + lead * q_lead + rows_q.to(tl.int64) * q_row
+            q = tl.load(q_rows[:, None] + cols_d[None, :], mask=mask_q[:, None] & mask_d[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            qf = q.to(tl.float32)
             row = lead * B + rows_q
             dout = tl.load(dout_ptr + row[:, None] * DV + cols_v[None, :],
                            mask=mask_q[:, None] & mask_v[None, :], other=0.0)
             lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
             delta = tl.load(delta_ptr + row, mask=mask_q, other=0.0)
-            valid = mask_q[:, None] & mask_n[None, :]
-            p, dt, s, g = _tile(q, x, v, dout, lse, delta, beta, valid, SIM, PRECISION)
-            acc_v += tl.dot(tl.trans(p), dout, input_precision=PRECISION)
-            acc_x += tl.dot(tl.trans(g), q, input_precision=PRECISION)
+            p, dt, s, g = _tile(q, x, v, dout, lse, delta, beta, tl.sum(qf * qf, 1), x_sq, q_rows, x_rows,
+                                mask_q, mask_n, D, SIM, PRECISION)
+            acc_v += tl.dot(tl.trans(p.to(v.dtype)), dout.to(v.dtype), input_precision=PRECISION)
+            if SIM == DOT:
+                acc_x += tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PRECISION)
+            else:
+                acc_x += tl.dot(tl.trans(g.to(q.dtype)), (qf - centre[None, :]).to(q.dtype),
+                                input_precision=PRECISION)
             g_cols += tl.sum(g, 0)
     if SIM != DOT:
-        acc_x -= g_cols[:, None] * x
+        acc_x -= g_cols[:, None] * (xf - centre[None, :])
 
     slot = (bank * SPLITS + split) * N + rows_n
     tl.store(dx_ptr + slot[:, None] * D + cols_d[None, :], acc_x, mask=mask_n[:, None] & mask_d[None, :])
@@ -193,12 +232,30 @@ def _splits(programs: int, length: int, device: torch.device) -> tuple[int, int]
     return triton.cdiv(max(length, 1), rows), rows
 
 
+def serves(dtype: torch.dtype, D: int, Dv: int) -> bool:
+    """Whether the fused kernels take these dims (configs.BACKWARD_MAX_DIM, within the forward's
+    REGISTER_TILE_MAX_DIM and FP32_MAX_DIM): beyond it the streaming backward serves."""
+    limit = min(REGISTER_TILE_MAX_DIM, configs.BACKWARD_MAX_DIM,
+                configs.FP32_MAX_DIM if dtype == torch.float32 else REGISTER_TILE_MAX_DIM)
+    return max(D, Dv) <= limit
+
+
+def constexprs(dtype: torch.dtype, sim_code: int, D: int, Dv: int, values_are_memory: bool, precision: str,
+               interpret: bool = INTERPRET) -> dict:
+    """The compile-time arguments both kernels take (hen_kernels/bench/static_cases.py compiles them)."""
+    return dict(SIM=sim_code, BD=_pow2(D), BDV=_pow2(Dv), VALUES_ARE_MEMORY=values_are_memory,
+                UPCAST=interpret and dtype == torch.bfloat16, PRECISION=precision)
+
+
 def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
     """(dq, dx, dv, dbeta) in float32; shapes as in ``backward_cpu.partial_backward``."""
     L, B, D = q.shape
     Lm, N, Dv = v.shape
-    if D > REGISTER_TILE_MAX_DIM or Dv > REGISTER_TILE_MAX_DIM:
-        raise ValueError(f"the Triton backward serves D, Dv <= {REGISTER_TILE_MAX_DIM}, got D = {D}, Dv = {Dv}")
+    precision = fp32_precision()
+    if not serves(q.dtype, D, Dv):
+        from .. import backward_cpu  # the streaming path serves every width, on any device
+
+        return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
     values_are_memory = v.data_ptr() == x.data_ptr() and v.shape == x.shape and v.stride() == x.stride()
     q, x = q.contiguous(), x.contiguous()
     v = x if values_are_memory else v.contiguous()
@@ -214,8 +271,7 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
         D=D, DV=Dv, q_lead=q.stride(0), q_row=q.stride(1),
         x_lead=x.stride(0) if Lm > 1 else 0, x_row=x.stride(1),
         v_lead=v.stride(0) if Lm > 1 else 0, v_row=v.stride(1),
-        SIM=SIMILARITY_CODES[similarity], BD=_pow2(D), BDV=_pow2(Dv), VALUES_ARE_MEMORY=values_are_memory,
-        PRECISION="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
+        **constexprs(q.dtype, SIMILARITY_CODES[similarity], D, Dv, values_are_memory, precision),
     )
 
     sq, rows_n = _splits(L * triton.cdiv(B, 64), N, q.device)

@@ -1,4 +1,4 @@
-"""Pieces every Triton kernel here shares: the score transform, the online-softmax step, autotuning."""
+"""Pieces every Triton kernel here shares: the score transform, the ℓ2 rule, the online-softmax step, autotuning."""
 from __future__ import annotations
 
 import os
@@ -7,27 +7,56 @@ import time
 import triton
 import triton.language as tl
 
-from ..constants import SIMILARITY_CODES
+from ..constants import L2_DIRECT_BELOW, SIMILARITY_CODES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The SIM constexpr every kernel takes; jit code may only read globals that are constexpr.
 DOT = tl.constexpr(SIMILARITY_CODES["dot"])
 L2 = tl.constexpr(SIMILARITY_CODES["l2"])
+DIRECT_BELOW = tl.constexpr(L2_DIRECT_BELOW)
 
 
 @triton.jit
-def beta_sim(dot, q_sq, x_sq, beta, SIM: tl.constexpr):
-    """beta * sim from the dot products (BM, BN) and squared norms (BM,), (BN,): docs/design.md §1."""
-    if SIM == DOT:
-        s = dot
+def sq_dist(dot, sq_sum):
+    """‖x - s‖² from its expansion ‖s‖² + ‖x‖² - 2 s·x (sq_sum holds the first two), clamped: rounding
+    can push it below zero."""
+    return tl.maximum(sq_sum - 2.0 * dot, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def l2_direct(d2, sq_sum, q_rows, x_rows, w_rows, mask_q, mask_n, D, HAS_WEIGHTS: tl.constexpr):
+    """docs/design.md §5.1: where the expanded d² fell below DIRECT_BELOW x (‖q‖²_w + ‖x‖²_w) it may have
+    cancelled, so recompute those pairs as Σ_d w_d (q_d - x_d)², one feature column at a time from global
+    memory (the tile was just loaded, so these reads hit the caches).
+
+    q_rows (BM,), x_rows (BN,), w_rows (BM,): pointers to each row's first feature.
+    Tiles with no such pair (the usual case away from stored patterns) skip the loop; every pair is
+    computed by the same operations wherever its row sits, so identical rows still score identically.
+    """
+    near = (d2 < sq_sum * DIRECT_BELOW) & mask_q[:, None] & mask_n[None, :]
+    if tl.max(tl.max(near.to(tl.int32), 1), 0) > 0:
+        direct = tl.zeros_like(d2)
+        for k in range(0, D):
+            qk = tl.load(q_rows + k, mask=mask_q, other=0.0).to(tl.float32)
+            xk = tl.load(x_rows + k, mask=mask_n, other=0.0).to(tl.float32)
+            diff = qk[:, None] - xk[None, :]
+            if HAS_WEIGHTS:
+                wk = tl.load(w_rows + k, mask=mask_q, other=0.0)
+                direct += wk[:, None] * (diff * diff)
+            else:
+                direct += diff * diff
+        d2 = tl.where(near, direct, d2)
+    return d2
+
+
+@triton.jit
+def l2_scores(d2, beta, SIM: tl.constexpr):
+    """beta * sim for the ℓ2 forms from d² (docs/design.md §1)."""
+    if SIM == L2:
+        s = -tl.sqrt(d2)
     else:
-        # ‖x - s‖² from its expansion, clamped: rounding can push it below zero.
-        d2 = tl.maximum(q_sq[:, None] + x_sq[None, :] - 2.0 * dot, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        if SIM == L2:
-            s = -tl.sqrt(d2)
-        else:
-            s = -0.5 * d2
+        s = -0.5 * d2
     return s * beta
 
 
@@ -38,12 +67,14 @@ def online_step(t, m_i, l_i, top_s, top_i, first_row):
     Returns the new max, the factor that rescales the old accumulator, the
     tile's unnormalised weights, the new sum and the new top score and row.
     A NaN score makes its query's weights NaN, so the NaN stays in that row.
+    Ties go to the smallest row: argmax keeps the first of equal scores and a
+    later tile replaces the top only when strictly better (docs/design.md §5.1).
     """
     # Max and argmax over the scores with NaN set aside (the interpreter's argmax
     # rejects an all-NaN row); the NaN still reaches p and the sum below.
     clean = tl.where(t == t, t, float("-inf"))
     m_tile = tl.max(clean, 1)
-    arg = tl.argmax(clean, 1)
+    arg = tl.argmax(clean, 1, tie_break_left=True)
     better = m_tile > top_s
     top_i = tl.where(better, first_row + arg, top_i)
     top_s = tl.where(better, m_tile, top_s)
@@ -54,6 +85,14 @@ def online_step(t, m_i, l_i, top_s, top_i, first_row):
     p = tl.exp(t - m_ref[:, None])
     l_new = l_i * alpha + tl.sum(p, 1)
     return m_new, alpha, p, l_new, top_s, top_i
+
+
+@triton.jit
+def finish(m_i, l_i):
+    """(1 / sum, lse) of a finished walk; an empty bank gives (0, -inf), a NaN query NaN in both."""
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), tl.where(l_i == l_i, 0.0, l_i))
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), tl.where(l_i == l_i, float("-inf"), l_i))
+    return inv, lse
 
 
 def cpu_do_bench(fn, quantiles=None, **_):
@@ -67,8 +106,11 @@ def cpu_do_bench(fn, quantiles=None, **_):
     return [ms] * len(quantiles) if quantiles else ms
 
 
-def autotune(configs, key, **kwargs):
-    """triton.autotune, with a CPU timer under the interpreter (triton's default needs a GPU)."""
+def autotune(configs, key, prune=None, **kwargs):
+    """triton.autotune, with a CPU timer under the interpreter (triton's default needs a GPU) and
+    ``prune(configs, named_args, **kwargs)`` dropping the configs the target cannot run well."""
     if INTERPRET:
         kwargs["do_bench"] = cpu_do_bench
+    elif prune is not None:
+        kwargs["prune_configs_by"] = {"early_config_prune": prune}
     return triton.autotune(configs=configs, key=key, **kwargs)

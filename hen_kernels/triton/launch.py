@@ -3,23 +3,33 @@
 * D and Dv <= REGISTER_TILE_MAX_DIM (256) -> ``small_d`` (layer regime): the
   query block, one bank tile and the accumulator fit in registers; BM = 64
   queries per program, or the next power of two >= 16 when there are fewer
-  queries.
+  queries.  float32 inputs and weighted calls (float32 score products) take
+  the D-tiled kernel beyond D = 128 (configs.FP32_MAX_DIM) and, at float32
+  accuracy (tf32x3), BM = 16: their float32 operands need twice the
+  registers of 16-bit ones.
 * otherwise -> ``tiled_d`` (bulk regime, and recall with large D): feature
   dims tiled, accumulator in global memory; BM = 64, or 16 for few queries.
 * Bank splits: with P = L x ceil(B / BM) query-block programs, a GPU with S
-  SMs is only filled when P >= 2 S.  Below that (the recall regime) the bank
-  is cut into ceil(2 S / P) ranges, never shorter than MIN_SPLIT_ROWS,
-  and ``combine`` merges them: its workspace is splits x B x Dv floats,
-  independent of N.
-* BN (and BK, BDV, warps, stages) are autotuned per shape key; under the
-  interpreter a couple of configs are timed on the CPU.
+  SMs holding R programs each (configs.RESIDENT_PER_SM: 1 for 64-query or
+  float32 blocks, 4 for 16-bit blocks of fewer queries, from the
+  machine-code report) is only filled when P >= R S.  Below that (the recall
+  regime) the bank is cut into ceil(R S / P) ranges, never shorter than
+  MIN_SPLIT_ROWS, and ``combine`` merges them: its workspace is splits x B x
+  Dv floats, independent of N.  The layer regime (B = N = 16384: 256 blocks
+  of 64 queries on 132 SMs) is not split.
+* BN (and BK, BDV, warps, stages) are autotuned per shape key among the
+  configs ``configs.py`` keeps for the device; under the interpreter a couple
+  of configs are timed on the CPU.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 
 from ..constants import MIN_SPLIT_ROWS, REGISTER_TILE_MAX_DIM
+from . import configs
 from .combine import combine_kernel
 from .common import INTERPRET
 from .small_d import small_d_kernel
@@ -36,29 +46,66 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so the split path is exercised
 
 
-def plan(L: int, B: int, N: int, D: int, Dv: int, device: torch.device) -> dict:
-    small = D <= REGISTER_TILE_MAX_DIM and Dv <= REGISTER_TILE_MAX_DIM
+def fp32_precision() -> str:
+    """input_precision of every float32 tensor-core product (float32 inputs, and the weighted score
+    products of 16-bit inputs): "tf32x3" (three tf32 products, float32 accuracy: docs/design.md §5's
+    1e-5) unless torch was told that tf32 is good enough for float32 matmuls
+    (``torch.set_float32_matmul_precision("high")``), then "tf32" (one product, 1e-3).  Plain
+    "ieee" products run on the FMA pipe and spill registers in every config (the machine-code
+    report, benchmarks/results/static/)."""
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def plan(L: int, B: int, N: int, D: int, Dv: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+         precision: Optional[str] = None, sm_count: Optional[int] = None, weighted: bool = False) -> dict:
+    precision = precision or fp32_precision()
+    # float32 operands: float32 inputs, and the weighted score products of any input
+    fp32 = dtype == torch.float32 or weighted
+    small = max(D, Dv) <= (configs.FP32_MAX_DIM if fp32 else REGISTER_TILE_MAX_DIM)
     if small:
-        bm = 64 if B >= 64 else _pow2(B)
+        # tf32x3 splits every float32 operand in two: 16-query blocks keep them in registers.
+        bm = 16 if (fp32 and precision == "tf32x3") else (64 if B >= 64 else _pow2(B))
     else:
         bm = 64 if B >= 64 else 16
     programs = L * triton.cdiv(max(B, 1), bm)
-    want = triton.cdiv(2 * _sm_count(device), programs)
+    # Split while the query blocks cannot give every SM the programs it holds at once (configs.py,
+    # from the machine-code report's occupancy): a split costs a workspace and the combine pass.
+    resident = configs.RESIDENT_PER_SM["recall" if (bm < 64 and not fp32) else "layer"]
+    want = triton.cdiv(resident * (sm_count or _sm_count(device)), programs)
     splits = max(1, min(want, triton.cdiv(max(N, 1), MIN_SPLIT_ROWS)))
     rows_per_split = triton.cdiv(max(N, 1), splits)
     splits = triton.cdiv(max(N, 1), rows_per_split)
-    return dict(kernel="small_d" if small else "tiled_d", BM=bm, splits=splits, rows_per_split=rows_per_split)
+    return dict(kernel="small_d" if small else "tiled_d", BM=bm, splits=splits, rows_per_split=rows_per_split,
+                precision=precision)
+
+
+def constexprs(p: dict, dtype: torch.dtype, sim_code: int, D: int, Dv: int, values_are_memory: bool,
+               has_weights: bool, interpret: bool = INTERPRET) -> dict:
+    """The compile-time arguments of the plan's kernel, as the launcher passes them (the machine-code
+    report compiles the same ones: hen_kernels/bench/static_cases.py)."""
+    cx = dict(SIM=sim_code, SPLITS=p["splits"], BM=p["BM"], HAS_WEIGHTS=has_weights,
+              UPCAST=interpret and dtype == torch.bfloat16, PRECISION=p["precision"])
+    if p["kernel"] == "small_d":
+        cx.update(BD=_pow2(D), BDV=_pow2(Dv), VALUES_ARE_MEMORY=values_are_memory)
+    return cx
+
+
+def combine_constexprs(splits: int, Dv: int) -> dict:
+    return dict(SPLITS=splits, BS=min(_pow2(splits, 2), configs.COMBINE_BS), BDV=configs.combine_bdv(Dv))
 
 
 def launch(q: torch.Tensor, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, sim_code: int,
-           offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (L, B, D), x (Lm, N, D), v (Lm, N, Dv), beta (L,) float32 -> (out, lse, top_score, top_index)."""
+           offset: int, weights: Optional[torch.Tensor] = None,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (L, B, D), x (Lm, N, D), v (Lm, N, Dv), beta (L,) float32, weights (L, B, D) float32 or None
+    -> (out, lse, top_score, top_index)."""
     L, B, D = q.shape
     N, Dv = x.shape[1], v.shape[2]
     # Keys = values: one load of each bank tile serves both products.
     values_are_memory = v.data_ptr() == x.data_ptr() and v.shape == x.shape and v.stride() == x.stride()
     q, x = q.contiguous(), x.contiguous()
     v = x if values_are_memory else v.contiguous()
+    w = q if weights is None else weights.contiguous()  # an unread stand-in when unweighted
     beta = beta.contiguous()
     f32 = dict(dtype=torch.float32, device=q.device)
     out = torch.zeros((L, B, Dv), **f32)
@@ -68,7 +115,7 @@ def launch(q: torch.Tensor, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
     if L == 0 or B == 0:
         return out, lse, top_s, top_i
 
-    p = plan(L, B, N, D, Dv, q.device)
+    p = plan(L, B, N, D, Dv, q.device, q.dtype, weighted=weights is not None)
     S = p["splits"]
     if S == 1:
         acc, m, s, ts, ti = out, lse, lse, top_s, top_i
@@ -77,23 +124,18 @@ def launch(q: torch.Tensor, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
         m, s, ts = (torch.empty((L, S, B), **f32) for _ in range(3))
         ti = torch.empty((L, S, B), dtype=torch.int64, device=q.device)
 
-    common = dict(
+    args = dict(
         B=B, N=N, D=D, DV=Dv, rows_per_split=p["rows_per_split"], offset=offset,
         q_lead=q.stride(0), q_row=q.stride(1),
         x_lead=x.stride(0) if x.shape[0] > 1 else 0, x_row=x.stride(1),
         v_lead=v.stride(0) if v.shape[0] > 1 else 0, v_row=v.stride(1),
-        SIM=sim_code, SPLITS=S, BM=p["BM"],
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        PRECISION="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",
+        w_lead=w.stride(0), w_row=w.stride(1),
+        **constexprs(p, q.dtype, sim_code, D, Dv, values_are_memory, weights is not None),
     )
     grid = (triton.cdiv(B, p["BM"]), S, L)
-    if p["kernel"] == "small_d":
-        small_d_kernel[grid](q, x, v, beta, acc, m, s, ts, ti, BD=_pow2(D), BDV=_pow2(Dv),
-                             VALUES_ARE_MEMORY=values_are_memory, **common)
-    else:
-        tiled_d_kernel[grid](q, x, v, beta, acc, m, s, ts, ti, **common)
+    kernel = small_d_kernel if p["kernel"] == "small_d" else tiled_d_kernel
+    kernel[grid](q, x, v, w, beta, acc, m, s, ts, ti, **args)
     if S > 1:
-        bdv = min(_pow2(Dv), 1024)
-        combine_kernel[(L * B, triton.cdiv(Dv, bdv))](acc, m, s, ts, ti, out, lse, top_s, top_i, B, Dv,
-                                                     SPLITS=S, BS=_pow2(S, 2), BDV=bdv)
+        cx = combine_constexprs(S, Dv)
+        combine_kernel[(L * B, triton.cdiv(Dv, cx["BDV"]))](acc, m, s, ts, ti, out, lse, top_s, top_i, B, Dv, **cx)
     return out, lse, top_s, top_i

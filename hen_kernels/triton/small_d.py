@@ -11,35 +11,33 @@ With SPLITS > 1 the bank is cut into SPLITS contiguous ranges, one program per
 gets enough programs to fill the GPU, flash-decoding style.  Each program
 then leaves an unnormalised partial (accumulator, max, sum, top) in a
 workspace that ``combine.py`` merges.
+
+Feature weights (HAS_WEIGHTS, docs/design.md §5.1): the score product takes
+w∘q as its query, in float32 at PRECISION (16-bit tensor-core operands would
+round w∘q to 8 or 11 bits); the ℓ2 forms add ⟨w, x∘x⟩ as a second product
+with the squared bank tile of the same load.
 """
 from __future__ import annotations
 
-import triton
 import triton.language as tl
+import triton
 
-from .common import INTERPRET, autotune, beta_sim, online_step
+from . import configs
+from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist
 
-_CONFIGS = (
-    [triton.Config({"BN": 16}, num_warps=4, num_stages=1), triton.Config({"BN": 32}, num_warps=4, num_stages=1)]
-    if INTERPRET
-    else [
-        triton.Config({"BN": bn}, num_warps=w, num_stages=s)
-        for bn in (32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-    ]
-)
+KEY = ["D", "DV", "SIM", "SPLITS", "BM", "VALUES_ARE_MEMORY", "HAS_WEIGHTS", "PRECISION"]
 
 
-@autotune(_CONFIGS, key=["D", "DV", "SIM", "SPLITS", "BM", "VALUES_ARE_MEMORY"])
+@autotune(configs.SMALL_D, key=KEY, prune=configs.prune_small_d)
 @triton.jit
 def small_d_kernel(
-    q_ptr, x_ptr, v_ptr, beta_ptr,
+    q_ptr, x_ptr, v_ptr, w_ptr, beta_ptr,
     out_ptr, m_ptr, l_ptr, top_s_ptr, top_i_ptr,
     B, N, D, DV, rows_per_split, offset,
-    q_lead, q_row, x_lead, x_row, v_lead, v_row,
+    q_lead, q_row, x_lead, x_row, v_lead, v_row, w_lead, w_row,
     SIM: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    VALUES_ARE_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BN: tl.constexpr,
+    VALUES_ARE_MEMORY: tl.constexpr, HAS_WEIGHTS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BN: tl.constexpr,
 ):
     qb = tl.program_id(0)
     split = tl.program_id(1)
@@ -52,13 +50,21 @@ def small_d_kernel(
     mask_q = rows_q < B
     mask_d = cols_d < D
     mask_v = cols_v < DV
+    mask_qd = mask_q[:, None] & mask_d[None, :]
 
-    q = tl.load(q_ptr + lead * q_lead + rows_q[:, None].to(tl.int64) * q_row + cols_d[None, :],
-                mask=mask_q[:, None] & mask_d[None, :], other=0.0)
+    q_rows = q_ptr + lead * q_lead + rows_q.to(tl.int64) * q_row
+    q = tl.load(q_rows[:, None] + cols_d[None, :], mask=mask_qd, other=0.0)
     if UPCAST:  # the interpreter's bf16 tl.dot is wrong: compute in float32 there
         q = q.to(tl.float32)
     qf = q.to(tl.float32)
-    q_sq = tl.sum(qf * qf, 1)
+    w_rows = w_ptr + lead * w_lead + rows_q.to(tl.int64) * w_row
+    if HAS_WEIGHTS:
+        w = tl.load(w_rows[:, None] + cols_d[None, :], mask=mask_qd, other=0.0)
+        qs = w * qf
+        q_sq = tl.sum(qs * qf, 1)
+    else:
+        qs = q
+        q_sq = tl.sum(qf * qf, 1)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -70,18 +76,31 @@ def small_d_kernel(
     n_end = tl.minimum(n_begin + rows_per_split, N)
     x_base = x_ptr + lead * x_lead
     v_base = v_ptr + lead * v_lead
+    first = tl.cast(offset, tl.int64)  # offset may be a specialised constexpr; int64 before any sum
     for n0 in range(n_begin, n_end, BN):
         rows_n = n0 + tl.arange(0, BN)
         mask_n = rows_n < n_end
-        x = tl.load(x_base + rows_n[:, None].to(tl.int64) * x_row + cols_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        x_rows = x_base + rows_n.to(tl.int64) * x_row
+        x = tl.load(x_rows[:, None] + cols_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
-        xf = x.to(tl.float32)
-        dot = tl.dot(q, tl.trans(x), input_precision=PRECISION)
-        t = beta_sim(dot, q_sq, tl.sum(xf * xf, 1), beta, SIM)
+        if HAS_WEIGHTS:
+            xf = x.to(tl.float32)
+            dot = tl.dot(qs, tl.trans(xf), input_precision=PRECISION)
+        else:
+            dot = tl.dot(qs, tl.trans(x), input_precision=PRECISION)
+        if SIM == DOT:
+            t = dot * beta
+        else:
+            if HAS_WEIGHTS:
+                sq_sum = q_sq[:, None] + tl.dot(w, tl.trans(xf * xf), input_precision=PRECISION)
+            else:
+                xf = x.to(tl.float32)
+                sq_sum = q_sq[:, None] + tl.sum(xf * xf, 1)[None, :]
+            d2 = l2_direct(sq_dist(dot, sq_sum), sq_sum, q_rows, x_rows, w_rows, mask_q, mask_n, D, HAS_WEIGHTS)
+            t = l2_scores(d2, beta, SIM)
         t = tl.where(mask_n[None, :], t, float("-inf"))
-        m_i, alpha, p, l_i, top_s, top_i = online_step(t, m_i, l_i, top_s, top_i, (offset + n0).to(tl.int64))
+        m_i, alpha, p, l_i, top_s, top_i = online_step(t, m_i, l_i, top_s, top_i, first + n0)
         if VALUES_ARE_MEMORY:
             v = x
         else:
@@ -94,9 +113,8 @@ def small_d_kernel(
     slot = (lead * SPLITS + split) * B + rows_q
     if SPLITS == 1:
         # Final answer: normalise here (an empty bank leaves out = 0 and lse = -inf).
-        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), tl.where(l_i == l_i, 0.0, l_i))
+        inv, lse = finish(m_i, l_i)
         acc = acc * inv[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), tl.where(l_i == l_i, float("-inf"), l_i))
         tl.store(m_ptr + slot, lse, mask=mask_q)
     else:
         tl.store(m_ptr + slot, m_i, mask=mask_q)

@@ -1,0 +1,203 @@
+"""The autotune configs of every Triton kernel and the rules that keep only those a GPU runs well.
+
+A config is kept for a launch when its tiles fit the target: the shared
+memory it asks for stays within the architecture's per-block limit, and the
+registers it needs stay within 255 per thread, so nothing spills to local
+memory.  The rules are estimates in the kernels' own terms (tile elements
+per thread, pipelined tile bytes); the machine-code report
+(``python -m hen_kernels.bench static``, benchmarks/results/static/) compiles
+the configs they keep for sm_80 and sm_90 and tests/test_static.py asserts
+that none spills or exceeds shared memory, and that the rules drop the ones
+the report saw fail.  The autotuner prunes with them at run time
+(``prune_*``), from the launch's arguments and the device's capability.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import triton
+
+from .common import INTERPRET
+
+# Per-architecture limits (CUDA occupancy calculator terms): registers, shared memory per SM and the
+# most one block may opt in to (bytes), threads and blocks per SM.
+ARCHS: Dict[int, dict] = {
+    80: dict(name="A100", regs=65536, smem_sm=167936, smem_block=166912, threads=2048, blocks=32),
+    90: dict(name="H100", regs=65536, smem_sm=233472, smem_block=232448, threads=2048, blocks=32),
+}
+RESERVED_SMEM = 1024  # per block, taken by the driver on sm_80 and later
+
+# float32 inputs: the register tile kernels serve D, Dv up to this (their float32 operands take twice the
+# registers of 16-bit ones; at 256 every config spilled in the report), the D-tiled kernel beyond.
+FP32_MAX_DIM = 128
+
+# The fused backward serves D, Dv up to this: at 256 no dq config stays within the register budget below
+# (the report saw 324-4268 B spilled there), so wider calls take the streaming backward.
+BACKWARD_MAX_DIM = 128
+
+# Resident programs per SM the launch plan counts on (launch.plan splits the bank until the GPU holds
+# that many per SM): the fewest the report shows among the configs kept for each kind of launch.
+# 64-query blocks and float32 ones hold 200-255 registers per thread: one block of 8 warps (two of 4)
+# per SM.  16-bit blocks of 16 queries (recall) hold 64-96: three to six per SM.
+RESIDENT_PER_SM = {"layer": 1, "recall": 4}
+
+# combine: splits walked BS at a time, output slices of at most BDV columns (BS x BDV floats per program).
+COMBINE_BS = 16
+COMBINE_BDV = 256
+
+
+def _cfg(num_warps, num_stages, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+SMALL_D: List[triton.Config] = (
+    [_cfg(4, 1, BN=16), _cfg(4, 1, BN=32)]
+    if INTERPRET
+    else [_cfg(w, s, BN=bn) for bn in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+)
+TILED_D: List[triton.Config] = (
+    [_cfg(4, 1, BN=16, BK=32, BDV=32)]
+    if INTERPRET
+    # wider bank tiles with more warps: the accumulator's round trip through global memory shrinks as 1 / BN
+    else [_cfg(w, s, BN=bn, BK=bk, BDV=bdv) for bn, w in ((32, 4), (64, 8), (128, 8)) for bk in (32, 64)
+          for bdv in (64, 128) for s in (2, 3)]
+)
+BACKWARD: List[triton.Config] = (
+    [_cfg(4, 1, BM=16, BN=16)]
+    if INTERPRET
+    else [_cfg(w, s, BM=bm, BN=bn) for bm in (16, 32) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+)
+
+
+def combine_bdv(dv: int) -> int:
+    return min(COMBINE_BDV, max(16, triton.next_power_of_2(max(dv, 1))))
+
+
+def _rows_per_warp(m: int, warps: int) -> int:
+    """Rows of an M x K tensor-core operand each warp holds: warps tile M in 16-row steps first, and a block
+    of 16 rows is held whole by every warp (so its registers do not shrink with more warps)."""
+    return m // min(warps, max(1, m // 16))
+
+
+def _smem_rule(arch: int, smem: float) -> Optional[str]:
+    if smem + RESERVED_SMEM > ARCHS[arch]["smem_block"]:
+        return f"shared memory ~{int(smem) // 1024} KiB > {ARCHS[arch]['smem_block'] // 1024} KiB"
+    return None
+
+
+# The rules below estimate the float32 words per thread a config keeps live: the accumulator, the score
+# tile and its exponentials, the tensor-core A operands (in registers, split in two for tf32x3), the
+# bank tile's float32 copy for ‖x‖².  The limits are where the report (benchmarks/results/static/)
+# saw ptxas start to spill at 255 registers; configs above them are kept from the autotuner.
+SMALL_D_WORDS = 200
+TILED_D_WORDS = 192
+DQ_WORDS = 210
+DKV_WORDS = 150
+
+
+def small_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, BD: int, BDV: int, VAM: bool,
+                 has_weights: bool, precision: str, sim: int) -> Optional[str]:
+    bn, warps, stages = cfg.kwargs["BN"], cfg.num_warps, cfg.num_stages
+    threads = 32 * warps
+    fp32_ops = elt == 4 or has_weights  # the score product's operands are float32
+    split = 2 if (fp32_ops and precision == "tf32x3") else 1
+    smem = (stages * bn * (BD + (0 if VAM else BDV)) * elt + BM * BD * (4 if fp32_ops else elt)
+            + (2 * bn * BD * 4 if has_weights else 0))
+    why = _smem_rule(arch, smem)
+    if why:
+        return why
+    rows = _rows_per_warp(BM, warps)
+    words = (rows * BD * (4 if fp32_ops else elt) / 4 / 32 * split + rows * bn * elt / 4 / 32 * split
+             + (BM * BDV + 3 * BM * bn + (bn * BD if sim != 0 else 0)) / threads)
+    if words > SMALL_D_WORDS:
+        return f"~{int(words)} registers of tiles per thread > {SMALL_D_WORDS}"
+    # Weighted products hold w, w∘q and the bank tile in float32 besides the usual tiles: the report saw
+    # spills unless 8 warps share them and a bank tile stays within 2048 elements.
+    if has_weights and (warps < 8 or bn * BD > 2048):
+        return "weighted: needs 8 warps and BN x BD <= 2048"
+    return None
+
+
+def tiled_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, has_weights: bool, precision: str,
+                 sim: int) -> Optional[str]:
+    bn, bk, bdv, warps, stages = cfg.kwargs["BN"], cfg.kwargs["BK"], cfg.kwargs["BDV"], cfg.num_warps, cfg.num_stages
+    threads = 32 * warps
+    fp32_ops = elt == 4 or has_weights
+    split = 2 if (fp32_ops and precision == "tf32x3") else 1
+    why = _smem_rule(arch, stages * (BM * bk + bn * bk) * (4 if fp32_ops else elt) + bn * bdv * elt)
+    if why:
+        return why
+    # score tile, its exponentials and the product's accumulator; the ℓ2 forms add the norms, d² and the
+    # recompute's tiles
+    tiles = (4 if has_weights else 3) + (4 if sim != 0 else 0)
+    words = (BM * bn * tiles + BM * bdv * 2 + (BM + bn) * bk * split * elt / 4) / threads
+    if words > TILED_D_WORDS:
+        return f"~{int(words)} registers of tiles per thread > {TILED_D_WORDS}"
+    if arch == 80 and sim != 0 and BM == 64 and warps > 4:
+        return "sm_80, ℓ2 forms, 64 queries: 8 warps spilled in the report"
+    return None
+
+
+def backward_rule(cfg: triton.Config, arch: int, elt: int, BD: int, BDV: int, VAM: bool, precision: str,
+                  kernel: str = "dq") -> Optional[str]:
+    bm, bn, warps, stages = cfg.kwargs["BM"], cfg.kwargs["BN"], cfg.num_warps, cfg.num_stages
+    threads = 32 * warps
+    split = 2 if (elt == 4 and precision == "tf32x3") else 1
+    e = elt / 4
+    why = _smem_rule(arch, max(1, stages) * (bm + bn) * (BD + BDV) * elt)
+    if why:
+        return why
+    if kernel == "dq":
+        if bm == 16 and BD >= 128:
+            return "dq: 16-query blocks at D >= 128 got an 8-32 B stack frame from triton 3.6's ptxas (the GPU's)"
+        words = ((bm * BD + bm * BDV + bm * BD * e + 4 * bm * bn) / threads
+                 + _rows_per_warp(bm, warps) * (BD + BDV + bn) * e / 32 * split)
+        limit = DQ_WORDS
+    else:
+        # dkv keeps its bank rows' two accumulators while it walks the queries: the report saw every
+        # 32-query block spill at D = 128, so blocks of 16 queries.
+        if bm > 16:
+            return "dkv: 16-query blocks"
+        words = ((bn * (BD + BDV) + bn * BD * e + bm * BDV + bm * BD * e + 4 * bm * bn) / threads
+                 + (_rows_per_warp(bn, warps) * bm * e * 2 + _rows_per_warp(bm, warps) * BD * e) / 32 * split)
+        limit = DKV_WORDS
+    if words > limit:
+        return f"~{int(words)} registers of tiles per thread > {limit}"
+    return None
+
+
+# ---- run-time pruning --------------------------------------------------------------------------
+
+def _arch(t) -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 90 if major >= 9 else 80
+
+
+def _keep(configs, reasons) -> List[triton.Config]:
+    kept = [c for c, r in zip(configs, reasons) if r is None]
+    # Never leave the autotuner empty-handed: the least demanding config still runs (slowly).
+    return kept or [min(configs, key=lambda c: (sum(c.kwargs.values()), c.num_stages, -c.num_warps))]
+
+
+def prune_small_d(configs, named_args, **kw) -> List[triton.Config]:
+    q = named_args["q_ptr"]
+    elt, arch = q.element_size(), _arch(q)
+    return _keep(configs, [small_d_rule(c, arch, elt, kw["BM"], kw["BD"], kw["BDV"], kw["VALUES_ARE_MEMORY"],
+                                        kw["HAS_WEIGHTS"], kw["PRECISION"], kw["SIM"]) for c in configs])
+
+
+def prune_tiled_d(configs, named_args, **kw) -> List[triton.Config]:
+    q = named_args["q_ptr"]
+    elt, arch = q.element_size(), _arch(q)
+    return _keep(configs, [tiled_d_rule(c, arch, elt, kw["BM"], kw["HAS_WEIGHTS"], kw["PRECISION"], kw["SIM"])
+                           for c in configs])
+
+
+def prune_backward(configs, named_args, **kw) -> List[triton.Config]:
+    q = named_args["q_ptr"]
+    elt, arch = q.element_size(), _arch(q)
+    kernel = "dkv" if "SHARED" in kw else "dq"
+    return _keep(configs, [backward_rule(c, arch, elt, kw["BD"], kw["BDV"], kw["VALUES_ARE_MEMORY"], kw["PRECISION"],
+                                         kernel) for c in configs])
