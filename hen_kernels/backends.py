@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import backward_cpu, reference, vmap_rules
-from .constants import KERNEL_DTYPES, REGISTER_TILE_MAX_DIM, SIMILARITY_CODES
+from .constants import KERNEL_DTYPES, SIMILARITY_CODES
 from .types import Partial
 from .validation import API_DTYPES, Inputs
 
@@ -196,15 +196,16 @@ def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, we
 def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """The fused Triton kernels where they serve these tensors and dims, else the streaming path.
 
-    Triton's register tiles stop at REGISTER_TILE_MAX_DIM; the streaming path
-    also serves CUDA tensors, so a forward on Triton or CUDA never lacks a backward.
+    Which dims the fused kernels take is theirs to say (``triton.backward.serves``, from
+    their register budget); the streaming path also serves CUDA tensors, so a forward on
+    Triton or CUDA never lacks a backward.
     """
-    small = q.shape[-1] <= REGISTER_TILE_MAX_DIM and v.shape[-1] <= REGISTER_TILE_MAX_DIM
-    if small and weights is None and BACKENDS["triton"].serves(q.device.type):
+    if weights is None and BACKENDS["triton"].serves(q.device.type):
         # Looked up at call time, so a test can spy on the kernel's entry point.
         from .triton import backward as triton_backward
 
-        return triton_backward.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
+        if triton_backward.serves(q.dtype, q.shape[-1], v.shape[-1]):
+            return triton_backward.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
     return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
 
 

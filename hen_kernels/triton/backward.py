@@ -253,9 +253,7 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
     Lm, N, Dv = v.shape
     precision = fp32_precision()
     if not serves(q.dtype, D, Dv):
-        from .. import backward_cpu  # the streaming path serves every width, on any device
-
-        return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
+        raise ValueError(f"the fused Triton backward takes D, Dv up to its limit (see serves()), got {D}, {Dv}")
     values_are_memory = v.data_ptr() == x.data_ptr() and v.shape == x.shape and v.stride() == x.stride()
     q, x = q.contiguous(), x.contiguous()
     v = x if values_are_memory else v.contiguous()
