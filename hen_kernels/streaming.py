@@ -27,13 +27,26 @@ Step = Callable[[torch.Tensor], Partial]
 
 
 def merge_partials(partials: Sequence[Partial]) -> Partial:
-    """Exact merge of Partials over disjoint chunks (associative, commutative, -inf is the identity)."""
-    lse_i = torch.stack([p.lse for p in partials])
+    """Exact merge of Partials over disjoint chunks (associative, commutative, -inf is the identity).
+
+    The sums are taken in float64 and rounded once to the Partials' dtype (float64 when any
+    of them is), so the error of a bank streamed in any number of chunks does not grow with
+    their number (docs/design.md §5.1).  A running merge that wants the same (a bank adding
+    one chunk at a time) keeps its running Partial in float64 with :func:`to_float64` and
+    rounds at the end with :func:`round_partial`.
+    """
+    dt = torch.promote_types(partials[0].out.dtype, torch.float32)
+    for p in partials[1:]:
+        dt = torch.promote_types(dt, p.out.dtype)
+    f64 = torch.float64
+    lse_i = torch.stack([p.lse.to(f64) for p in partials])
     lse = torch.logsumexp(lse_i, dim=0)
     # exp(-inf - -inf) is NaN: an empty chunk, or all of them empty, weighs nothing.
     w = torch.where(torch.isneginf(lse_i), torch.zeros_like(lse_i), torch.exp(lse_i - lse))
-    out = (w.unsqueeze(-1) * torch.stack([p.out for p in partials])).sum(0)
-    score_i = torch.stack([p.top_score for p in partials])
+    out = torch.zeros_like(partials[0].out, dtype=f64)
+    for wi, p in zip(w, partials):  # no (chunks, ..., B, Dv) stack: 1-row chunks of a long bank stay cheap
+        out += wi.unsqueeze(-1) * p.out.to(f64)
+    score_i = torch.stack([p.top_score.to(f64) for p in partials])
     index_i = torch.stack([p.top_index for p in partials])
     top_score = score_i.amax(0)
     # Ties go to the smaller global row, as one call over the whole bank would answer.
@@ -41,7 +54,18 @@ def merge_partials(partials: Sequence[Partial]) -> Partial:
     cand = torch.where(score_i == top_score, index_i, torch.full_like(index_i, no_row))
     top_index = cand.amin(0)
     top_index = torch.where(top_index == no_row, torch.full_like(top_index, -1), top_index)
-    return Partial(out=out, lse=lse, top_score=top_score, top_index=top_index)
+    return Partial(out=out.to(dt), lse=lse.to(dt), top_score=top_score.to(dt), top_index=top_index)
+
+
+def to_float64(p: Partial) -> Partial:
+    """``p`` with its float fields in float64: the running state of a merge over many chunks."""
+    f64 = torch.float64
+    return Partial(p.out.to(f64), p.lse.to(f64), p.top_score.to(f64), p.top_index)
+
+
+def round_partial(p: Partial, dtype: torch.dtype = torch.float32) -> Partial:
+    """``p`` with its float fields rounded once to ``dtype`` (the end of a float64 running merge)."""
+    return Partial(p.out.to(dtype), p.lse.to(dtype), p.top_score.to(dtype), p.top_index)
 
 
 def retrieve(step: Step, query: torch.Tensor, *, value_dim: int, max_steps: int,

@@ -12,10 +12,15 @@ Beta = Union[float, torch.Tensor]
 class Partial(NamedTuple):
     """One Hopfield update restricted to a chunk of the bank (docs/design.md §2).
 
-    ``out`` is normalised within the chunk; ``lse`` is log Σ exp(beta·sim) over it
-    (``-inf`` for an empty chunk); ``top_score``/``top_index`` are the best
-    beta·sim and its global row (-1 when empty).  Partials of disjoint chunks merge
-    exactly with :func:`hen_kernels.merge_partials`.
+    Fields, for a query (..., B, D) and values (..., N, Dv):
+
+    * ``out`` (..., B, Dv): the update normalised within the chunk;
+    * ``lse`` (..., B): log Σ exp(beta·sim) over the chunk (``-inf`` for an empty chunk);
+    * ``top_score`` (..., B): the best beta·sim;
+    * ``top_index`` (..., B) int64: its global row (the smallest among equal scores; -1 when empty).
+
+    Float fields are float32 (float64 for float64 inputs) whatever the input dtype.
+    Partials of disjoint chunks merge exactly with :func:`hen_kernels.merge_partials`.
     """
 
     out: torch.Tensor
@@ -34,7 +39,15 @@ class Partial(NamedTuple):
 
 
 class Retrieval(NamedTuple):
-    """Outcome of :func:`hen_kernels.hopfield_retrieve`; every field is per query."""
+    """Outcome of :func:`hen_kernels.hopfield_retrieve`; every field is per query row.
+
+    * ``state`` (..., B, Dv): the last state, in the query's dtype;
+    * ``steps`` (..., B) int64: updates taken (a query stops once it meets ``tol``);
+    * ``converged`` (..., B) bool: whether its last step moved it by at most ``tol`` (0 without);
+    * ``lse`` (..., B) float32: log Σ exp(beta·sim) of its last update;
+    * ``top_index`` (..., B) int64 and ``top_weight`` (..., B) float32: the best row of the
+      last update and its softmax weight (≈ 1 inside one pattern's basin).
+    """
 
     state: torch.Tensor
     steps: torch.Tensor

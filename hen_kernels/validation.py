@@ -2,9 +2,11 @@
 
 Every backend receives ``query`` as (L, B, D), ``memory`` as (Lm, N, D) and
 ``values`` as (Lm, N, Dv) with Lm ∈ {1, L}, and ``beta`` as an (L,) float32
-tensor, where L is the product of the query's leading dims.  Nothing is
-silently broadcast, truncated or cast: anything else is refused here with an
-error that names the argument.
+tensor (float64 for float64 inputs), where L is the product of the query's
+leading dims.  Nothing is silently broadcast, truncated or cast: anything else
+is refused here with an error that names the argument.  The one cast there is,
+torch.autocast's, follows the rule scaled_dot_product_attention follows
+(:func:`autocast_inputs`).
 """
 from __future__ import annotations
 
@@ -14,16 +16,22 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .constants import SIMILARITIES
+from .constants import KERNEL_DTYPES, SIMILARITIES
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the kernels take (and a MemoryBank stores); float64 is the reference's alone (docs/design.md §4).
+FLOAT_DTYPES = KERNEL_DTYPES
+API_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+# beta is applied in float32 by every kernel: a larger value would be inf there.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+INT64_MAX = torch.iinfo(torch.int64).max
 
 
 class Inputs(NamedTuple):
     query: torch.Tensor  # (L, B, D)
     memory: torch.Tensor  # (Lm, N, D)
     values: torch.Tensor  # (Lm, N, Dv)
-    beta: torch.Tensor  # (L,) float32
+    beta: torch.Tensor  # (L,) float32; float64 for float64 inputs
     similarity: str
     lead: torch.Size  # the query's leading dims, restored on the way out
     weights: Optional[torch.Tensor] = None  # (L, B, D) float32, non-negative; None: unweighted
@@ -38,8 +46,8 @@ def _tensor(name: str, t: object) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
         raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+    if t.dtype not in API_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, got {t.dtype}")
     return t
 
 
@@ -52,19 +60,63 @@ def check_similarity(similarity: object) -> str:
 
 
 def _is_tracing() -> bool:
-    return torch.compiler.is_compiling()
+    """Under torch.compile or a functorch transform (vmap, grad): no data-dependent checks."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
-def check_beta(beta: object, lead: torch.Size, device: torch.device) -> torch.Tensor:
-    """beta as an (L,) float32 tensor on ``device``."""
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast casts to on this device type, None where it is off."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, say)
+        return None
+    return torch.get_autocast_dtype(device_type) if on else None
+
+
+def autocast_inputs(query: object, memory: object, values: object) -> tuple[object, object, object]:
+    """Under torch.autocast, the inputs cast as scaled_dot_product_attention's are.
+
+    SDPA is on autocast's lower-precision list: its floating inputs other than float64
+    are cast to the autocast dtype (so a bfloat16 query meets a float32 bank), and the
+    result comes back in that dtype.  The ops do the same, then compute as always
+    (float32 accumulation, float32 Partials) with autocast off inside.
+    """
+    if not isinstance(query, torch.Tensor):
+        return query, memory, values
+    dt = autocast_dtype(query.device.type)
+    if dt is None:
+        return query, memory, values
+
+    def cast(t: object) -> object:
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dt) if eligible else t
+
+    return cast(query), cast(memory), cast(values)
+
+
+def check_beta_value(beta: numbers.Real) -> float:
+    """A float beta: finite, > 0 and at most the float32 maximum (the kernels apply it in float32)."""
+    try:
+        b = float(beta)
+    except OverflowError:
+        raise ValueError(
+            f"beta: expected a finite float > 0, got an int too large for a float ({len(str(int(beta)))} digits)"
+        ) from None
+    if not (math.isfinite(b) and b > 0):
+        raise ValueError(f"beta: expected a finite float > 0, got {b}")
+    if b > FLOAT32_MAX:
+        raise ValueError(f"beta: expected at most {FLOAT32_MAX:.4e} (the kernels apply beta in float32), got {b:.4e}")
+    return b
+
+
+def check_beta(beta: object, lead: torch.Size, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """beta as an (L,) tensor of ``dtype`` (float32; float64 for float64 inputs) on ``device``."""
     numel = math.prod(lead)
     if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, torch.Tensor)):
         raise TypeError(f"beta: expected a float > 0 or a floating tensor, got {type(beta).__name__}")
     if not isinstance(beta, torch.Tensor):
-        b = float(beta)
-        if not (math.isfinite(b) and b > 0):
-            raise ValueError(f"beta: expected a finite float > 0, got {b}")
-        return torch.full((numel,), b, dtype=torch.float32, device=device)
+        return torch.full((numel,), check_beta_value(beta), dtype=dtype, device=device)
     if not beta.is_floating_point():
         raise TypeError(f"beta: expected a floating tensor, got {beta.dtype}")
     if beta.device != device and not (beta.dim() == 0 and beta.device.type == "cpu"):
@@ -80,9 +132,15 @@ def check_beta(beta: object, lead: torch.Size, device: torch.device) -> torch.Te
             f"beta: expected a shape broadcastable to the query's leading dims {tuple(lead)}, got {tuple(beta.shape)}"
         )
     b = beta.detach()
-    if not _is_tracing() and b.device.type != "meta" and not bool(((b > 0) & torch.isfinite(b)).all()):
-        raise ValueError("beta: expected every entry finite and > 0")
-    return beta.to(device=device, dtype=torch.float32).expand(lead).reshape(numel)
+    if not _is_tracing() and b.device.type != "meta":
+        if not bool(((b > 0) & torch.isfinite(b)).all()):
+            raise ValueError("beta: expected every entry finite and > 0")
+        if b.dtype == torch.float64 and dtype != torch.float64 and bool((b > FLOAT32_MAX).any()):
+            raise ValueError(
+                f"beta: expected every entry at most {FLOAT32_MAX:.4e} (the kernels apply beta in float32), "
+                f"got {float(b.max()):.4e}"
+            )
+    return beta.to(device=device, dtype=dtype).expand(lead).reshape(numel)
 
 
 def check_weights(weights: object, query: torch.Tensor) -> Optional[torch.Tensor]:
@@ -165,7 +223,7 @@ def check_inputs(
         if v.device != q.device:
             raise ValueError(f"values: expected device {q.device} (the query's), got {v.device}")
     sim = check_similarity(similarity)
-    beta_vec = check_beta(beta, lead, q.device)
+    beta_vec = check_beta(beta, lead, q.device, torch.float64 if q.dtype == torch.float64 else torch.float32)
     w = check_weights(weights, q)
     num_lead = math.prod(lead)
     lm = 1 if x.dim() == 2 else num_lead
@@ -180,12 +238,52 @@ def check_inputs(
     )
 
 
-def check_offset(offset: object) -> int:
+def check_offset(offset: object, rows: int = 1) -> int:
+    """A chunk's first global row; every row of a chunk of ``rows`` rows must have an int64 index."""
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
         raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
     if offset < 0:
         raise ValueError(f"offset: expected an int >= 0, got {offset}")
+    last = int(offset) + max(int(rows), 1) - 1
+    if last > INT64_MAX:
+        raise ValueError(
+            f"offset: expected offset + N - 1 <= 2**63 - 1 (top_index is int64), got offset {offset} "
+            f"with N = {rows} rows"
+        )
     return int(offset)
+
+
+def check_scores(lse: torch.Tensor, inp: Inputs) -> None:
+    """Refuse, by beta's name, a result whose scores left the float32 range.
+
+    beta·sim is formed in float32 (float64 for float64 inputs).  From finite inputs a
+    non-empty chunk's lse is finite unless some |beta·sim| exceeded the range (lse >= the
+    best score > -inf, lse <= the best score + log N): then the softmax would be NaN or
+    the chunk would read as empty.  Queries holding NaN or inf keep their NaN answer
+    (docs/design.md §4); the check costs one reduction over lse and, only when it
+    fires, one over the query.  Skipped under torch.compile and functorch transforms.
+    """
+    if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or _is_tracing():
+        return
+    # One reduction and one read in the common case: the sum is finite iff every lse is
+    # (a sum of finite lse can overflow only past 3.4e38, and then the exact test below runs).
+    if math.isfinite(float(lse.detach().sum(dtype=torch.float64))):
+        return
+    bad = ~torch.isfinite(lse.detach())
+    q = inp.query.detach()
+    finite = torch.isfinite(q).all(-1)
+    if inp.weights is not None:
+        finite &= torch.isfinite(inp.weights).all(-1)
+    culprits = (bad.reshape(finite.shape) & finite).nonzero()  # none: NaN only where queries hold NaN/inf
+    if culprits.numel():
+        first = tuple(int(i) for i in culprits[0])
+        big = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
+        raise ValueError(
+            f"beta: beta·sim leaves the {'float64' if q.dtype == torch.float64 else 'float32'} range "
+            f"(|beta·sim| > {big:.3e}) for {culprits.shape[0]} finite query row(s), the first at "
+            f"(leading index, row) {first}; the softmax would be NaN there.  Lower beta or rescale the "
+            "query and memory (or the bank holds inf/NaN rows)"
+        )
 
 
 def check_steps(max_steps: object, tol: object) -> tuple[int, Optional[float]]:

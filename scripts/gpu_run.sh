@@ -1,65 +1,145 @@
 #!/usr/bin/env bash
-# The whole GPU run in one call of the `device` tool: build the extension
-# against the machine's own torch (CUDA kernels for sm_80/sm_90), run the test
-# suite on the GPU, then the GPU benchmark tables.  No package registry is
-# needed: the machine's python already has torch, triton, pytest and
-# matplotlib; wheels in .whl/ (carried with the call) are added when present.
+# The whole GPU run in one device call of at most 600 s, with the wheels carried along:
 #
-#   scripts/gpu_run.sh [build] [test] [bench] [quick]     (default: build test bench)
+#   make wheels-gpu                  # once, on a CPU machine: .whl/ (ignored by git)
+#   run(command="scripts/gpu_run.sh", carry=[".whl"], timeout_s=600)
 #
-# Results go to benchmarks/results/<gpu>/ (gpu.md, gpu.json, roofline.png,
-# bank.md, nn.md); logs and a copy of the results to $OUT when the device tool
-# sets it (else /tmp/hen_gpu).  Exits non-zero when any stage failed.
+#   scripts/gpu_run.sh [--dry-run] [STAGE...]      STAGE: check build test bench (default: all four)
+#
+# Stages, in this order, each given what is left of the budget (HEN_GPU_BUDGET seconds, default
+# 550) less what the later stages keep for themselves, and skipped with a line when nothing is left:
+#   wheels       .whl/*.whl installed offline (pip --no-index --find-links .whl) into /tmp/hen_site
+#   check-quick  python -m hen_kernels.check --quick (`hen check`): the reference and Triton on the GPU
+#   build        the extension with the CUDA kernels (sm_80, sm_90) against the machine's own torch
+#   check-cuda   python -m hen_kernels.check --backend cuda: the CUDA kernels just built
+#   test         pytest on the test files that exercise the GPU, most important first
+#   bench-quick  python -m hen_kernels.bench gpu --quick: every regime at shrunken shapes
+#   bench        the full GPU table with the time left (its --budget), if any is left
+# Everything goes to $OUT (the device tool's; /tmp/hen_gpu elsewhere), at most 8 files: run.log
+# (every stage's output), summary.txt (one line per stage), check-quick.json, check-cuda.json,
+# results.tar.gz (benchmarks/results/<gpu>/) and gpu.md.  Exits non-zero when any stage failed.
+#
+# --dry-run, on a CPU machine: checks the script, the wheels against scripts/gpu_wheels.txt
+# (offline, for CPython 3.12), the size of what a device call carries, and runs the CPU-safe part
+# of the check stage (--quick on the CPU); prints the stage plan; starts nothing on a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LOG=${OUT:-/tmp/hen_gpu}
-mkdir -p "$LOG"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-STAGES=" ${*:-build test bench} "
+OUT_DIR=${OUT:-/tmp/hen_gpu}
+BUDGET=${HEN_GPU_BUDGET:-550}
+SITE=/tmp/hen_site
+WHEELS=scripts/gpu_wheels.txt
+PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+GPU_TESTS="tests/test_cuda.py tests/test_cuda_build.py tests/test_kernels.py tests/test_triton.py tests/test_check.py
+  tests/test_autograd.py tests/test_compile.py tests/test_bank.py tests/test_nn.py tests/test_bench_gpu.py"
+
+DRY=0
+STAGES=""
+for a in "$@"; do
+  case $a in
+    --dry-run) DRY=1 ;;
+    check|build|test|bench) STAGES="$STAGES $a" ;;
+    *) echo "gpu_run: unknown argument $a (expected --dry-run, check, build, test, bench)" >&2; exit 2 ;;
+  esac
+done
+STAGES=" ${STAGES:-check build test bench} "
+wants() { [[ $STAGES == *" $1 "* ]]; }
+
+mkdir -p "$OUT_DIR"
+SUMMARY=$OUT_DIR/summary.txt
+: >"$SUMMARY"
+START=$SECONDS
 status=0
 
-if ! nvidia-smi -L >"$LOG/device.txt" 2>&1; then
-  echo "gpu_run: no GPU here (nvidia-smi failed); nothing to do" >&2
-  exit 2
-fi
-cat "$LOG/device.txt"
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr 'A-Z' 'a-z')
-RES=benchmarks/results/${GPU:-gpu}
-mkdir -p "$RES"
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/hen_site .whl/*.whl && \
-    export PYTHONPATH="$PYTHONPATH:/tmp/hen_site"
-fi
-
-stage() {  # stage NAME CMD...: run, log to $LOG/NAME.log, remember a failure
-  local name=$1 start=$SECONDS rc
-  shift
-  echo "== $name: $*"
-  "$@" 2>&1 | tee "$LOG/$name.log"
-  rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $((SECONDS - start)) s"
-  [ "$rc" -eq 0 ] || status=$rc
+# stage NAME CAP KEEP CMD...: run CMD for at most min(CAP, time left - KEEP) seconds.
+stage() {
+  local name=$1 cap=$2 keep=$3 left limit t0 rc
+  shift 3
+  left=$((BUDGET - (SECONDS - START) - keep))
+  limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 15 ]; then
+    echo "== $name: skipped, no time left (${left} s after keeping ${keep} s for later stages)" | tee -a "$SUMMARY"
+    return 0
+  fi
+  echo "== $name (at most ${limit} s): $*"
+  t0=$SECONDS
+  timeout --signal=INT --kill-after=15 "$limit" "$@"
+  rc=$?
+  [ "$rc" -eq 124 ] && echo "== $name: stopped at its ${limit} s limit"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$SUMMARY"
+  [ "$rc" -eq 0 ] || status=1
+  return "$rc"
 }
 
-QUICK=""
-[[ $STAGES == *" quick "* ]] && QUICK="--quick"
+dry_run() {
+  [ -n "${PYTHON:-}" ] || { [ -x .venv/bin/python ] && PY=.venv/bin/python; }
+  echo "gpu_run --dry-run: stages${STAGES}within ${BUDGET} s; results to $OUT_DIR"
+  bash -n "$0" && echo "script: syntax ok"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    # Resolves scripts/gpu_wheels.txt against .whl/ alone, for the GPU's CPython 3.12.
+    $PY -m pip install -q --dry-run --no-index --find-links .whl --no-deps --only-binary=:all: \
+      --python-version 3.12 --implementation cp $PLATFORMS --target /tmp/hen_site_dry -r "$WHEELS" \
+      && echo "wheels: .whl/ holds every wheel of $WHEELS ($(du -sh .whl | cut -f1))" || status=1
+  else
+    echo "wheels: .whl/ is empty: run 'make wheels-gpu' first"; status=1
+  fi
+  # What the device tool carries: the working tree (tracked and untracked-not-ignored) plus .whl.
+  bytes=$( (git ls-files -co --exclude-standard -z | xargs -0 -r cat -- 2>/dev/null; cat .whl/* 2>/dev/null) | wc -c)
+  echo "carried: $((bytes / 1048576)) MiB of the 64 MiB a device call takes"
+  [ "$bytes" -lt $((64 * 1048576)) ] || status=1
+  wants check && { stage check-quick-cpu 120 0 "$PY" -m hen_kernels.check --quick --device cpu \
+    --json "$OUT_DIR/check-quick.json"; }
+  echo "plan on the GPU: wheels, check-quick (<=120 s), build (<=300 s), check-cuda (<=120 s), test (<=200 s)," \
+       "bench-quick (<=120 s), bench (what is left)"
+  echo "gpu_run --dry-run: exit $status"
+  return $status
+}
 
-if [[ $STAGES == *" build "* ]]; then
-  stage build env CMAKE_ARGS="-DHEN_CUDA=ON ${CMAKE_ARGS:-}" $PY setup.py -q build_ext --inplace
-  $PY -c "import torch, hen_kernels as hk; from hen_kernels import backends; backends.load_extension();
-print('backends:', hk.available_backends(), '| cuda:', torch.ops.hen_kernels.cuda_info(),
-      '| cuda reason:', backends.BACKENDS['cuda'].unavailable_reason)" 2>&1 | tee "$LOG/backends.txt"
-fi
-if [[ $STAGES == *" test "* ]]; then
-  stage test $PY -m pytest -q -p no:cacheprovider -ra tests
-fi
-if [[ $STAGES == *" bench "* ]]; then
-  stage bench-gpu $PY -m hen_kernels.bench gpu --out "$RES" $QUICK --budget "${HEN_BENCH_BUDGET:-420}"
-  stage bench-nn $PY -m hen_kernels.bench nn --out "$RES" --device cuda $QUICK
-  stage bench-bank $PY -m hen_kernels.bench bank --out "$RES" $QUICK
-fi
-cp -r "$RES" "$LOG/results" 2>/dev/null || true
-echo "gpu_run: results in $RES (copied to $LOG/results); exit $status"
-exit $status
+gpu_run() {
+  if ! nvidia-smi -L >"$OUT_DIR/device.txt" 2>&1; then
+    echo "gpu_run: no GPU here (nvidia-smi failed); use --dry-run on a CPU machine" >&2
+    return 2
+  fi
+  cat "$OUT_DIR/device.txt"
+  rm -f "$OUT_DIR/device.txt"
+  GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr 'A-Z' 'a-z')
+  RES=benchmarks/results/${GPU:-gpu}
+  mkdir -p "$RES"
+  export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    stage wheels 60 0 "$PY" -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$SITE" -r "$WHEELS" && export PYTHONPATH="$PYTHONPATH:$SITE"
+  else
+    echo "== wheels: none carried (.whl/ empty: make wheels-gpu, then carry .whl); tests needing them skip" \
+      | tee -a "$SUMMARY"
+  fi
+
+  # Later stages keep their minimum: the build ~150 s, the quick tables ~90 s.
+  wants check && stage check-quick 120 330 "$PY" -m hen_kernels.check --quick --json "$OUT_DIR/check-quick.json"
+  if wants build; then
+    stage build 300 150 env CMAKE_ARGS="-DHEN_CUDA=ON ${CMAKE_ARGS:-}" "$PY" setup.py -q build_ext --inplace
+    "$PY" -c "import torch, hen_kernels as hk; from hen_kernels import backends; r = backends.load_extension(); \
+print('backends:', hk.available_backends(), '| extension:', r or 'loaded', '| cuda:', \
+backends.BACKENDS['cuda'].unavailable_reason or torch.ops.hen_kernels.cuda_info())"
+  fi
+  wants check && stage check-cuda 120 150 "$PY" -m hen_kernels.check --backend cuda --json "$OUT_DIR/check-cuda.json"
+  # shellcheck disable=SC2086
+  wants test && stage test 200 90 "$PY" -m pytest -q -p no:cacheprovider -rfEs $GPU_TESTS
+  if wants bench; then
+    stage bench-quick 120 0 "$PY" -m hen_kernels.bench gpu --quick --out "$RES/quick"
+    left=$((BUDGET - (SECONDS - START) - 20))
+    stage bench $((left > 0 ? left : 0)) 0 "$PY" -m hen_kernels.bench gpu --out "$RES" --budget $((left - 30))
+  fi
+
+  for f in "$RES/gpu.md" "$RES/quick/gpu.md"; do
+    [ -f "$f" ] && { cp "$f" "$OUT_DIR/gpu.md"; break; }
+  done
+  tar czf "$OUT_DIR/results.tar.gz" "$RES" 2>/dev/null
+  echo "gpu_run: $((SECONDS - START)) s; results in $RES (and $OUT_DIR/results.tar.gz); exit $status" | tee -a "$SUMMARY"
+  return $status
+}
+
+# One log of everything, in $OUT even when the device tool stops the call at its limit.
+if [ "$DRY" = 1 ]; then dry_run; else gpu_run; fi 2>&1 | tee "$OUT_DIR/run.log"
+exit "${PIPESTATUS[0]}"

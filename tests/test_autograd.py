@@ -6,6 +6,7 @@ import hen_kernels as hk
 from hen_kernels import backward_cpu, reference
 
 from .conftest import SIMILARITIES, TOLERANCE, kernel_backends, make, rel_err, require
+from .pending import backend_params
 
 # Gradients are a longer chain than the forward (two products, the softmax
 # Jacobian): allow a few times the forward's error budget.
@@ -53,6 +54,69 @@ def test_streaming_backward_equals_autograd_float64(similarity, shared):
                                         p.lse.detach(), similarity, rows=4)
     for g, w in zip(got, want):
         assert rel_err(g.reshape(w.shape), w) < 1e-12
+
+
+def _weights(shape, seed):
+    w = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w.reshape(-1, shape[-1])[0, : (shape[-1] + 1) // 2] = 0  # a query that knows only part of its pattern
+    return w
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("shared", [True, False])
+def test_streaming_backward_with_weights_equals_autograd_float64(similarity, shared):
+    """dq, dx, dv, dbeta through the weighted similarity (docs/design.md §5.1); weights get none."""
+    q, x, v, beta = _inputs((3, 5, 6), 11, 4, torch.float64, shared, seed=12)
+    w = _weights((3, 5, 6), 13)
+    beta_l = (beta * _beta_level(similarity, 6)).detach().expand(3).requires_grad_()
+    p = reference.partial(q, x, beta_l, similarity, v, weights=w)
+    dout, dlse = torch.randn_like(p.out), torch.randn_like(p.lse)
+    want = torch.autograd.grad((p.out * dout).sum() + (p.lse * dlse).sum(), (q, x, v, beta_l))
+    xs, vs = (x.detach().unsqueeze(0), v.detach().unsqueeze(0)) if shared else (x.detach(), v.detach())
+    got = backward_cpu.partial_backward(dout, dlse, q.detach(), xs, vs, beta_l.detach(), p.out.detach(),
+                                        p.lse.detach(), similarity, weights=w.reshape(3, 5, 6), rows=4)
+    for g, ww in zip(got, want):
+        assert rel_err(g.reshape(ww.shape), ww) < 1e-12
+
+
+@pytest.mark.parametrize("similarity", ["l2", "l2sq"])
+def test_streaming_backward_far_from_the_origin(similarity):
+    """The ℓ2 chain rule is taken about the queries' centre: ‖x‖ ≈ 1e4 loses nothing to cancellation.
+
+    (Values stay near the origin: float32 ``out`` of values at 1e4 is itself 1e-3 off, which no
+    backward recovers.)
+    """
+    g = torch.Generator().manual_seed(14)
+    centre = 1e4 * torch.nn.functional.normalize(torch.randn(16, generator=g, dtype=torch.float64), dim=0)
+    x = (centre + 0.3 * torch.randn(40, 16, generator=g, dtype=torch.float64)).float()
+    q = (x[:6].double() + 0.1 * torch.randn(6, 16, generator=g, dtype=torch.float64)).float().unsqueeze(0)
+    v = torch.randn(40, 8, generator=g)
+    beta = torch.tensor([2.0 if similarity == "l2" else 4.0])
+    dout, dlse = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, generator=g)
+    want = _grads(None, similarity, q.double(), x.double(), v.double(), beta.double(), dout.double(), dlse.double())
+    p = reference.partial(q, x, beta, similarity, v)
+    got = backward_cpu.partial_backward(dout, dlse, q, x.unsqueeze(0), v.unsqueeze(0), beta, p.out, p.lse, similarity)
+    for name, gg, ww in zip(("query", "memory", "values", "beta"), got, want):
+        assert rel_err(gg.reshape(ww.shape), ww) < GRAD_TOLERANCE[torch.float32], name
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("backend", backend_params(kernel_backends(), "weights"))
+def test_fused_backward_with_weights_matches_reference(backend, similarity):
+    require(backend, 10, 20, 24 * 8)
+    q, x, v, beta = _inputs((2, 5, 24), 20, 24, torch.float32, False, seed=15, requires_grad=False)
+    beta = (beta * _beta_level(similarity, 24)).float()
+    w = _weights((2, 5, 24), 16).float()
+    g = torch.Generator().manual_seed(17)
+    dout, dlse = torch.randn(2, 5, 24, generator=g), torch.randn(2, 5, generator=g)
+    grads = {}
+    for name, dt in ((backend, torch.float32), ("torch", torch.float64)):
+        args = [t.detach().to(dt).requires_grad_() for t in (q, x, v, beta)]
+        p = hk.hopfield_partial(args[0], args[1], args[3], similarity=similarity, values=args[2], weights=w,
+                                backend=name)
+        grads[name] = torch.autograd.grad((p.out * dout.to(dt)).sum() + (p.lse * dlse.to(dt)).sum(), args)
+    for name, gg, ww in zip(("query", "memory", "values", "beta"), grads[backend], grads["torch"]):
+        assert rel_err(gg, ww) < GRAD_TOLERANCE[torch.float32], name
 
 
 def _spy_triton_backward(monkeypatch):

@@ -47,3 +47,18 @@ def test_console_script():
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")})
     assert r.returncode == 0 and "experiment" in r.stdout
+
+
+def test_check_subcommand_runs_the_contract_check(capsys):
+    assert cli.main(["check", "--quick", "--backend", "torch", "--dtype", "float32", "--case", "partial", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "| torch | cpu | float32 |" in out and "all cases pass" in out
+
+
+def test_a_missing_hen_package_names_the_extra(monkeypatch, capsys):
+    def needs_skimage(args, argv):
+        raise ModuleNotFoundError("No module named 'skimage'", name="skimage")
+
+    monkeypatch.setattr(cli, "_run", needs_skimage)
+    assert cli.main(["info"]) == 1
+    assert "pip install 'hen_kernels[hen]'" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hen_kernels as hk
+from hen_kernels import reference
 from hen_kernels.bank import ShardedMemoryBank, shard_path
 
 from .conftest import SIMILARITIES, TOLERANCE, beta_for, make, ref64, rel_err
@@ -46,6 +47,14 @@ def _checks(rank: int, world: int, tmp: str) -> None:
             assert torch.equal(p.top_index, whole.top_index)
             _same_on_every_rank(out)
             _same_on_every_rank(p.top_index)
+            # per-query feature weights reach every shard's every chunk (issue 14)
+            w = torch.rand(q.shape, generator=torch.Generator().manual_seed(5))
+            w[:, : d // 3] = 0.0
+            ref_w = reference.partial(q.double(), x.double(), beta, similarity, v.double(), weights=w.double())
+            pw = bank.partial(q, beta, similarity=similarity, weights=w)
+            assert rel_err(pw.out, ref_w.out) <= f32 and rel_err(pw.lse, ref_w.lse) <= f32
+            assert rel_err(bank.update(q, beta, similarity=similarity, weights=w), ref_w.out) <= f32
+            _same_on_every_rank(pw.out)
         # save and load: each rank its shard, the same answers bit for bit
         bank.save(os.path.join(tmp, f"saved-{storage}-{{rank}}.hkb"))
         back = ShardedMemoryBank.load(os.path.join(tmp, f"saved-{storage}-{{rank}}.hkb"), storage=storage,
@@ -66,6 +75,18 @@ def _checks(rank: int, world: int, tmp: str) -> None:
     assert rel_err(r.state, ref.state) <= f32
     for field in r:
         _same_on_every_rank(field)
+
+    # 2,500 one-row chunks over the ranks merge in float64 and round once (issue 13 item 2)
+    xb, qb = make((2500, 48), torch.float32, 50), make((8, 48), torch.float32, 51)
+    many = ShardedMemoryBank(48, storage="host", chunk_rows=1)
+    many.add(xb)
+    ref_b, whole = ref64(qb, xb, 0.7, "dot"), hk.hopfield_partial(qb, xb, 0.7)
+    pb = many.partial(qb, 0.7)
+    assert pb.out.dtype == torch.float32
+    assert rel_err(pb.out, ref_b.out) <= min(f32, 2 * rel_err(whole.out, ref_b.out) + 1e-6)
+    assert rel_err(pb.lse, ref_b.lse) <= f32 and torch.equal(pb.top_index, whole.top_index)
+    r_w = many.retrieve(qb, 0.7, weights=torch.ones_like(qb), max_steps=2)
+    assert rel_err(r_w.state, hk.hopfield_retrieve(qb, xb, 0.7, max_steps=2).state) <= f32
 
     # fewer rows than ranks: some shards are empty, the merge identity
     tiny = ShardedMemoryBank(d)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import hen_kernels as hk
-from hen_kernels import backends
+from hen_kernels import backends, streaming
 
 from .conftest import (BETA_LEVELS, DTYPES, MAKE_DEVICE, SIMILARITIES, TOLERANCE, beta_for, device_of,
-                       kernel_backends, make, ref64, rel_err, require)
+                       interpreted, kernel_backends, make, ref64, rel_err, require)
+from .pending import backend_params, marks
 
 # Not multiples of any block size, plus the edges: B = 1, N = 1, D = 1 and D up to 4096.
 SHAPES = [(1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (5, 70, 300), (5, 300, 4096),
@@ -238,3 +239,172 @@ def test_uses_all_threads_and_agrees_with_one(backend):
     finally:
         torch.set_num_threads(threads)
     check_partial(many, one, torch.float32)
+
+
+# --- docs/design.md §5.1: the numerics every backend follows (issues 13, 14) -----------------
+
+def lse_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """lse's error as a relative error of Σ exp: |Δlse| / max(1, |lse|), the worst row.
+
+    ‖Δ‖/‖ref‖ is ill-posed where lse ≈ 0 (a query on its pattern: lse = log(1 + tiny)).
+    """
+    ref = ref.double()
+    return float(((got.double() - ref).abs() / ref.abs().clamp_min(1)).max())
+
+
+def check_numerics(p, ref, dtype, what: str) -> None:
+    tol = TOLERANCE[dtype]
+    assert not torch.isnan(p.out).any(), what
+    assert rel_err(p.out, ref.out) <= tol, f"{what}: out {rel_err(p.out, ref.out):.2e} > {tol}"
+    assert lse_err(p.lse, ref.lse) <= tol, f"{what}: lse {lse_err(p.lse, ref.lse):.2e} > {tol}"
+    assert lse_err(p.top_score, ref.top_score) <= tol, f"{what}: top_score"
+    assert_top_index(p, ref, tol)
+
+
+@pytest.mark.parametrize("backend, similarity", [
+    pytest.param(b, sim, marks=marks(b, f"{sim}_near"), id=f"{b}-{sim}")
+    for b in ["torch"] + kernel_backends() for sim in ("l2", "l2sq")])
+def test_l2_near_stored_patterns(backend, similarity):
+    """Queries on, next to and far from stored patterns (issue 13.1), each dtype at its tolerance."""
+    require(backend)
+    for dtype in DTYPES:
+        x = make((200, 64), dtype, 30)
+        on = x[:8]
+        next_to = (x[8:16].double() + 1e-3 * make((8, 64), torch.float64, 31)).to(dtype)
+        far = make((8, 64), dtype, 32, scale=3.0)
+        for name, q in (("on", on), ("next to", next_to), ("far from", far)):
+            # logits of O(10-100): float32 rounding of larger scores alone would cost 1e-5 in out
+            for beta in ((0.3, 3.0) if similarity == "l2" else (0.03, 0.3)):
+                p = hk.hopfield_partial(q, x, beta, similarity=similarity, backend=backend)
+                check_numerics(p, ref64(q, x, beta, similarity), dtype, f"{dtype} {name} beta {beta}")
+
+
+def _bank_far_from_origin(d=32, n=50, seed=33):
+    """‖x‖ ≈ 1e4, patterns ≈ 0.1 apart, queries within 1e-3 of patterns 0, 7, 21, 49 (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(d, generator=g, dtype=torch.float64)
+    centre *= 1e4 / centre.norm()
+    spread = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = centre + 0.1 / 2**0.5 * spread / spread.norm(dim=1, keepdim=True)
+    rows = torch.tensor([0, 7, 21, 49])
+    step = torch.randn(len(rows), d, generator=g, dtype=torch.float64)
+    q = x[rows] + 1e-3 * step / step.norm(dim=1, keepdim=True)
+    dev = MAKE_DEVICE["device"]
+    return q.float().to(dev), x.float().to(dev), rows.to(dev)
+
+
+@pytest.mark.parametrize("similarity", ["l2", "l2sq"])
+@pytest.mark.parametrize("backend", backend_params(["torch"] + kernel_backends(), "l2_far"))
+def test_l2_bank_far_from_the_origin(backend, similarity):
+    """The right pattern with top weight ≈ 1 and the right lse, where the expansion cancels (float32 only:
+    half precision cannot hold a 1e-3 step at 1e4)."""
+    require(backend)
+    q, x, rows = _bank_far_from_origin()
+    beta = 1e3 if similarity == "l2" else 1e5  # beta·(gap to the runner-up) ≈ 100 nats
+    p = hk.hopfield_partial(q, x, beta, similarity=similarity, backend=backend)
+    ref = ref64(q, x, beta, similarity)
+    assert torch.equal(ref.top_index, rows) and bool((ref.top_weight > 0.999).all())
+    assert torch.equal(p.top_index, rows), p.top_index.tolist()
+    assert (p.top_weight.double() - ref.top_weight).abs().max() <= TOLERANCE[torch.float32]
+    check_numerics(p, ref, torch.float32, "far from the origin")
+
+
+def _tied_bank(n_before, n_tied, d, dtype, seed):
+    """``n_before`` worse rows, then ``n_tied`` identical best rows, then 5 worse ones; queries near the tie."""
+    g = torch.Generator().manual_seed(seed)
+    best = torch.randn(1, d, generator=g, dtype=torch.float64)
+    worse = lambda k: -best + 0.5 * torch.randn(k, d, generator=g, dtype=torch.float64)  # noqa: E731
+    x = torch.cat([worse(n_before), best.repeat(n_tied, 1), worse(5)])
+    q = 2 * best + 0.3 * torch.randn(64, d, generator=g, dtype=torch.float64)
+    dev = MAKE_DEVICE["device"]
+    return q.to(dtype).to(dev), x.to(dtype).to(dev)
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("backend", backend_params(["torch"] + kernel_backends(), "ties"))
+def test_exact_ties_go_to_the_smallest_global_row(backend, similarity):
+    """Identical rows score identically wherever they fall in a tile, block or split (issue 13.3)."""
+    require(backend)
+    slow = interpreted(backend)  # the Triton interpreter: 0.1-0.5 s a call
+    for dtype in (torch.float32,) if slow else (torch.float32, torch.bfloat16):
+        for n_before, n_tied, d in ((0, 3, 16), (13, 300, 16), (69, 300, 17), (1, 129, 64)):
+            q, x = _tied_bank(n_before, n_tied, d, dtype, seed=34 + d)
+            beta = beta_for(similarity, d, 1.0)
+            if slow:
+                q = q[:5]
+            for b in (1, 5) if slow else (1, 5, 64):
+                p = hk.hopfield_partial(q[:b], x, beta, similarity=similarity, backend=backend)
+                assert bool((p.top_index == n_before).all()), (dtype, n_before, n_tied, d, b, p.top_index.unique())
+            for rows in (70,) if slow else (70, 13):
+                parts = [hk.hopfield_partial(q, x[i:i + rows], beta, similarity=similarity, offset=i,
+                                             backend=backend) for i in range(0, x.shape[0], rows)]
+                m = hk.merge_partials(parts)
+                assert bool((m.top_index == n_before).all()), (dtype, n_before, n_tied, d, rows, m.top_index.unique())
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("backend", backend_params(["torch"] + kernel_backends(), "weights"))
+def test_weights_match_the_reference(backend, similarity):
+    """Per-query feature weights (issue 14.1), zero weights included, whole bank and merged chunks."""
+    require(backend)
+    slow = interpreted(backend)  # the Triton interpreter: ~1 s per 1e5 of B·N·D
+    for dtype in (torch.float32, torch.bfloat16) if slow else DTYPES:
+        for b, n, d in ((1, 1, 1), (3, 17, 3), (17, 129, 64)) + (() if slow else ((5, 300, 300),)):
+            q, x, v = make((2, b, d), dtype, 40), make((n, d), dtype, 41), make((n, 7), dtype, 42)
+            w = make((2, b, d), torch.float32, 43).abs()
+            w[0, 0, : (d + 1) // 2] = 0  # a query that knows only part of its pattern
+            beta = beta_for(similarity, d, 1.0)
+            ref = hk.hopfield_partial(q.double(), x.double(), beta, similarity=similarity, values=v.double(),
+                                      weights=w, backend="torch")
+            p = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v, weights=w, backend=backend)
+            check_numerics(p, ref, dtype, f"{dtype} B{b} N{n} D{d}")
+            cut = n // 3
+            parts = [hk.hopfield_partial(q, x[lo:hi], beta, similarity=similarity, values=v[lo:hi], weights=w,
+                                         offset=lo, backend=backend) for lo, hi in ((0, cut), (cut, n))]
+            check_numerics(hk.merge_partials(parts), ref, dtype, f"{dtype} merged B{b} N{n} D{d}")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_many_chunks_merge_like_the_whole(backend):
+    """2,500 rows merged from 1-row chunks (issue 13.2) meet the tolerance of one call over the whole
+    bank, and merge_partials rounds once: its float32 result is the float64 merge rounded."""
+    require(backend)
+    if interpreted(backend):
+        pytest.skip("the merge is the same Python for every backend; ~30 interpreted calls would take ~25 s")
+    n, d = 2500, 48
+    q, x = make((8, d), torch.float32, 50), make((n, d), torch.float32, 51)
+    ref = ref64(q, x, 0.7, "dot")
+    whole = hk.hopfield_partial(q, x, 0.7, backend=backend)
+    assert rel_err(whole.out, ref.out) <= TOLERANCE[torch.float32]
+    for rows in (1, 7, 333):
+        parts = [hk.hopfield_partial(q, x[i:i + rows], 0.7, offset=i, backend=backend) for i in range(0, n, rows)]
+        merged = hk.merge_partials(parts)
+        assert rel_err(merged.out, ref.out) <= TOLERANCE[torch.float32], rows
+        assert lse_err(merged.lse, ref.lse) <= TOLERANCE[torch.float32], rows
+        assert torch.equal(merged.top_index, ref.top_index)
+        exact = streaming.merge_partials([streaming.to_float64(p) for p in parts])
+        assert torch.equal(merged.out, exact.out.float()) and torch.equal(merged.lse, exact.lse.float())
+        running = streaming.to_float64(parts[0])  # a bank's running merge, one chunk at a time
+        for p in parts[1:]:
+            running = streaming.merge_partials([running, streaming.to_float64(p)])
+        assert rel_err(streaming.round_partial(running).out, ref.out) <= TOLERANCE[torch.float32], rows
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_scores_beyond_float32_are_refused_by_name(backend, similarity):
+    """beta·sim past 3.4e38 (issue 13.6) is refused by beta's name, never returned as NaN; a NaN query
+    still gets its NaN answer alone, and a beta just inside the range computes."""
+    require(backend)
+    q, x = make((3, 8), torch.float32, 52), make((20, 8), torch.float32, 53)
+    for fn in (hk.hopfield_update, hk.hopfield_partial, hk.energy):
+        with pytest.raises(ValueError, match="^beta: beta·sim leaves the float32 range"):
+            fn(q, x, 3e38, similarity=similarity, backend=backend)
+    with pytest.raises(ValueError, match="^beta: beta·sim leaves the float32 range"):
+        hk.hopfield_retrieve(q, x, 3e38, similarity=similarity, max_steps=2, backend=backend)
+    q_nan = q.clone()
+    q_nan[1, 3] = float("nan")
+    out = hk.hopfield_update(q_nan, x, 0.5, similarity=similarity, backend=backend)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[[0, 2]]).any()
+    p = hk.hopfield_partial(q, x, 1e30, similarity=similarity, backend=backend)  # |beta·sim| < 3.4e38 here
+    assert torch.isfinite(p.lse).all() and not torch.isnan(p.out).any()

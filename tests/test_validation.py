@@ -51,7 +51,9 @@ COMMON = [
     # query
     ("query-not-tensor", {"query": lambda b: b["query"].tolist()}, TypeError, "query"),
     ("query-none", {"query": None}, TypeError, "query"),
-    ("query-float64", {"query": lambda b: b["query"].double()}, TypeError, "query"),
+    ("query-float64-memory-float32", {"query": lambda b: b["query"].double()}, TypeError, "memory"),
+    ("query-float16-memory-float64", {"query": lambda b: b["query"].half(), "memory": lambda b: b["memory"].double()},
+     TypeError, "memory"),
     ("query-int64", {"query": lambda b: b["query"].long()}, TypeError, "query"),
     ("query-int32", {"query": lambda b: b["query"].int()}, TypeError, "query"),
     ("query-bool", {"query": lambda b: b["query"] > 0}, TypeError, "query"),
@@ -106,6 +108,16 @@ COMMON = [
     ("beta-negative", {"beta": -1.0}, ValueError, "beta"),
     ("beta-inf", {"beta": math.inf}, ValueError, "beta"),
     ("beta-overflow-inf", {"beta": 1e400}, ValueError, "beta"),
+    ("beta-int-beyond-float", {"beta": 10**400}, ValueError, "beta"),
+    ("beta-beyond-float32", {"beta": 1e39}, ValueError, "beta"),
+    ("beta-tensor-float64-beyond-float32", {"beta": torch.tensor(1e39, dtype=torch.float64)}, ValueError, "beta"),
+    ("beta-overflows-dot-scores", {"beta": 3e38}, ValueError, "beta"),
+    ("beta-overflows-l2-scores", {"beta": 3e38, "similarity": "l2"}, ValueError, "beta"),
+    ("scores-overflow-from-large-entries",
+     {"query": lambda b: b["query"] * 1e20, "memory": lambda b: b["memory"] * 1e20}, ValueError, "beta"),
+    ("l2-scores-overflow-from-large-entries",
+     {"query": lambda b: b["query"] * 1e20, "memory": lambda b: b["memory"] * 1e20, "similarity": "l2sq"},
+     ValueError, "beta"),
     ("beta-nan", {"beta": math.nan}, ValueError, "beta"),
     ("beta-bool", {"beta": True}, TypeError, "beta"),
     ("beta-str", {"beta": "1.0"}, TypeError, "beta"),
@@ -131,6 +143,9 @@ COMMON = [
     ("backend-empty-str", {"backend": ""}, ValueError, "backend"),
     ("backend-not-str", {"backend": 1}, TypeError, "backend"),
     ("backend-not-str-list", {"backend": ["torch"]}, TypeError, "backend"),
+    ("backend-cpu-float64",
+     {"query": lambda b: b["query"].double(), "memory": lambda b: b["memory"].double(), "backend": "cpu"},
+     ValueError, "backend"),
 ]
 
 EMPTY_BANK = [
@@ -230,6 +245,9 @@ def test_cpu_backend_with_grad_or_refused_when_unavailable():
         pytest.param("3", TypeError, id="str"),
         pytest.param(None, TypeError, id="none"),
         pytest.param(torch.tensor(2), TypeError, id="tensor"),
+        pytest.param(2**64, ValueError, id="beyond-int64"),
+        pytest.param(2**63, ValueError, id="int64-max-plus-1"),
+        pytest.param(2**63 - 2, ValueError, id="last-row-beyond-int64"),
     ],
 )
 def test_partial_bad_offset(offset, exc):
@@ -237,7 +255,7 @@ def test_partial_bad_offset(offset, exc):
         _call("partial", {"offset": offset})
 
 
-@pytest.mark.parametrize("offset", [0, 7])
+@pytest.mark.parametrize("offset", [0, 7, 2**63 - N])
 def test_partial_offset_shifts_top_index(offset):
     b = _base()
     p0 = hk.hopfield_partial(b["query"], b["memory"], b["beta"])

@@ -1,14 +1,13 @@
 """Argument checks and the progress bar the banks share (errors name the argument, docs/design.md §4)."""
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from typing import Optional, Union
 
 import torch
 
-from ..validation import FLOAT_DTYPES
+from ..validation import FLOAT_DTYPES, check_beta_value
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -53,10 +52,7 @@ def check_beta_default(beta: object) -> Optional[float]:
         return None
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta: expected a float > 0 or None as the bank's default, got {type(beta).__name__}")
-    b = float(beta)
-    if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"beta: expected a finite float > 0, got {b}")
-    return b
+    return check_beta_value(beta)
 
 
 def check_rows(name: str, t: object, width: int, dtype: torch.dtype) -> torch.Tensor:

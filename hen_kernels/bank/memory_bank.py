@@ -5,8 +5,10 @@ when values are the patterns).  Every query walks the bank in chunks of
 ``chunk_rows`` rows (:func:`.storage.chunks`): each chunk's
 :class:`~hen_kernels.Partial` comes from the public
 :func:`hen_kernels.hopfield_partial` with the chunk's global ``offset`` and is
-merged at once into the running Partial with :func:`hen_kernels.merge_partials`,
-so memory stays bounded by one chunk, every backend serves the bank, and the
+merged at once into the running Partial with :func:`hen_kernels.merge_partials`;
+the running Partial keeps out and lse in float64 and is rounded once at the end
+(docs/design.md §5.1), so memory stays bounded by one chunk, the error does not
+grow with the number of chunks, every backend serves the bank, and the
 answer equals one :func:`hen_kernels.hopfield_update` over the whole bank
 (docs/design.md §2, §5).  Multi-step retrieval is the one loop of
 :func:`hen_kernels.streaming.retrieve`, handed a step that streams the whole bank.
@@ -24,12 +26,12 @@ import torch
 
 from .. import ops, streaming
 from ..types import Beta, Partial, Retrieval
-from ..validation import check_beta, check_similarity, check_steps
+from ..validation import check_beta, check_similarity, check_steps, check_weights
 from ._checks import (PathLike, check_beta_default, check_device, check_dtype, check_int, check_path, check_rows,
                       progress_bar)
-from .file_format import (MIB, FileInfo, check_digest, check_metadata, drain, header_bytes, itemsize, read_info,
-                          stream_rows, write_atomically)
-from .storage import DiskStore, MemoryStore, chunks
+from .file_format import MIB, BankFileError, FileInfo, check_metadata, header_bytes, itemsize
+from .file_io import check_digest, drain, open_regular, read_info, stream_rows, write_atomically
+from .storage import DiskStore, MemoryStore, chunks, open_disk
 
 STORAGES = ("device", "host", "disk")
 # Default chunk sizes, from a memory budget per chunk buffer: on CUDA two device
@@ -72,7 +74,7 @@ class MemoryBank:
         self._setup(dim, value_dim, dtype, device, storage, path, chunk_rows, similarity, beta, backend, metadata)
 
     def _setup(self, dim, value_dim, dtype, device, storage, path, chunk_rows, similarity, beta, backend, metadata,
-               disk_open: Optional[Tuple[FileInfo, object]] = None) -> None:
+               disk_open: Optional[Tuple[int, FileInfo, object, Optional[str]]] = None) -> None:
         self._dim = check_int("dim", dim, 1)
         self._value_dim = None if value_dim is None else check_int("value_dim", value_dim, 1)
         self._dtype = check_dtype(dtype)
@@ -98,8 +100,7 @@ class MemoryBank:
             if disk_open is None:
                 self._store = DiskStore.create(path, self._dim, self._value_dim, self._dtype, self._meta)
             else:
-                info, hasher = disk_open
-                self._store = DiskStore(info, hasher, self._meta, read_only=not os.access(path, os.W_OK))
+                self._store = DiskStore(*disk_open[:3], self._meta, read_only_reason=disk_open[3])
         else:
             if path is not None:
                 raise ValueError(f"path: only storage='disk' keeps a file; got path with storage={storage!r}")
@@ -214,7 +215,8 @@ class MemoryBank:
 
     # --- streaming ------------------------------------------------------------------
 
-    def _check_query(self, query: object, beta: object, similarity: object):
+    def _check_query(self, query: object, beta: object, similarity: object, weights: object = None):
+        """(query, beta, similarity, weights) checked against the bank; the defaults filled in."""
         if not isinstance(query, torch.Tensor):
             raise TypeError(f"query: expected a torch.Tensor, got {type(query).__name__}")
         if query.dtype != self._dtype:
@@ -229,15 +231,18 @@ class MemoryBank:
                 raise ValueError("beta: expected a float > 0 or a tensor; this bank has no default beta")
         check_beta(beta, query.shape[:-2], query.device)
         similarity = self.similarity if similarity is None else check_similarity(similarity)
-        return query, beta, similarity
+        weights = check_weights(weights, query)
+        return query, beta, similarity, weights
 
-    def _partial(self, query: torch.Tensor, beta: Beta, similarity: str, bar=None) -> Partial:
+    def _partial(self, query: torch.Tensor, beta: Beta, similarity: str, weights: Optional[torch.Tensor] = None,
+                 bar=None) -> Partial:
+        """The whole bank's Partial in float64 (``streaming.to_float64``); callers round it once."""
         running: Optional[Partial] = None
         gen = chunks(self._store, self.chunk_rows, self._device)
         try:
             for a, p, v in gen:
-                part = ops.hopfield_partial(query, p, beta, similarity=similarity, values=v, offset=a,
-                                            backend=self.backend)
+                part = streaming.to_float64(ops.hopfield_partial(
+                    query, p, beta, similarity=similarity, values=v, offset=a, weights=weights, backend=self.backend))
                 del p, v
                 running = part if running is None else ops.merge_partials([running, part])
                 if bar is not None:
@@ -248,8 +253,8 @@ class MemoryBank:
             empty = torch.empty((0, self._dim), dtype=self._dtype, device=self._device)
             values = None if self._value_dim is None else torch.empty(
                 (0, self._value_dim), dtype=self._dtype, device=self._device)
-            running = ops.hopfield_partial(query, empty, beta, similarity=similarity, values=values,
-                                           backend=self.backend)
+            running = streaming.to_float64(ops.hopfield_partial(
+                query, empty, beta, similarity=similarity, values=values, weights=weights, backend=self.backend))
         return running
 
     def _require_rows(self) -> None:
@@ -257,42 +262,48 @@ class MemoryBank:
             raise ValueError("bank: the bank is empty; add patterns before querying it")
 
     def partial(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
-                progress: Optional[bool] = None) -> Partial:
-        """The whole bank's Partial for ``query`` (..., B, dim); an empty bank gives the merge identity."""
-        query, beta, similarity = self._check_query(query, beta, similarity)
+                weights: Optional[torch.Tensor] = None, progress: Optional[bool] = None) -> Partial:
+        """The whole bank's Partial for ``query`` (..., B, dim); an empty bank gives the merge identity.
+
+        ``weights`` (..., B, dim) float32, non-negative: per-query feature weights
+        (:func:`hen_kernels.hopfield_partial`), for a query that knows only part of its pattern.
+        """
+        query, beta, similarity, weights = self._check_query(query, beta, similarity, weights)
         bar = progress_bar(self.num_chunks(), progress, "bank partial")
         try:
-            return self._partial(query, beta, similarity, bar)
+            return streaming.round_partial(self._partial(query, beta, similarity, weights, bar))
         finally:
             bar.close()
 
     def update(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
-               progress: Optional[bool] = None) -> torch.Tensor:
+               weights: Optional[torch.Tensor] = None, progress: Optional[bool] = None) -> torch.Tensor:
         """One update over the whole bank, (..., B, value_dim) in the query's dtype: equals
-        ``hk.hopfield_update(query, patterns, beta, similarity=..., values=values)``."""
-        query, beta, similarity = self._check_query(query, beta, similarity)
+        ``hk.hopfield_update(query, patterns, beta, similarity=..., values=values, weights=...)``."""
+        query, beta, similarity, weights = self._check_query(query, beta, similarity, weights)
         self._require_rows()
         bar = progress_bar(self.num_chunks(), progress, "bank update")
         try:
-            return self._partial(query, beta, similarity, bar).finalize(query.dtype)
+            return self._partial(query, beta, similarity, weights, bar).finalize(query.dtype)
         finally:
             bar.close()
 
     def retrieve(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
-                 max_steps: int = 1, tol: Optional[float] = None, progress: Optional[bool] = None) -> Retrieval:
+                 max_steps: int = 1, tol: Optional[float] = None, weights: Optional[torch.Tensor] = None,
+                 progress: Optional[bool] = None) -> Retrieval:
         """Up to ``max_steps`` updates, each over the whole bank; a query stops once max|s_new - s| <= tol.
 
         Equals ``hk.hopfield_retrieve`` over the whole bank: the same loop, with a step that
-        streams every chunk and merges.  ``progress``: a bar always (True), never (False), or on a
+        streams every chunk and merges.  ``weights`` weigh the query's features in every step, as
+        in ``hk.hopfield_retrieve``.  ``progress``: a bar always (True), never (False), or on a
         terminal once the call has run 2 s (None).
         """
-        query, beta, similarity = self._check_query(query, beta, similarity)
+        query, beta, similarity, weights = self._check_query(query, beta, similarity, weights)
         max_steps, tol = check_steps(max_steps, tol)
         self._require_rows()
         bar = progress_bar(max_steps * self.num_chunks(), progress, "bank retrieve")
 
         def step(state: torch.Tensor) -> Partial:
-            return self._partial(state, beta, similarity, bar)
+            return streaming.round_partial(self._partial(state, beta, similarity, weights, bar))
 
         try:
             return streaming.retrieve(step, query, value_dim=self.value_dim, max_steps=max_steps, tol=tol)
@@ -304,21 +315,28 @@ class MemoryBank:
     def save(self, path: PathLike, *, progress: Optional[bool] = None) -> None:
         """Write the bank to ``path`` atomically: a temporary file, fsync, rename, fsync of the directory.
 
-        Until the rename, a bank already at ``path`` stays intact.  A disk bank saved to its own
-        file only writes its header and fsyncs.
+        Until the rename, a bank already at ``path`` stays intact; a disk bank that another writer
+        holds open there is not replaced (BankBusyError).  A disk bank saved to its own file only
+        writes its header and fsyncs.
         """
         path = check_path("path", path)
         if os.path.isdir(path):
             raise ValueError(f"path: {path!r} is a directory, expected a file name")
-        if isinstance(self._store, DiskStore) and os.path.exists(path) and os.path.samefile(path, self._store.path):
-            self._store.flush()
+        store = self._store
+        if isinstance(store, DiskStore) and os.path.exists(path) and os.path.samefile(path, store.path):
+            store.flush()
             return
         n = len(self)
-        write_atomically(
-            path, n, self.row_bytes, self._store.rows_cpu,
-            lambda sha256: header_bytes(self._dim, self._value_dim, self._dtype, n, self.similarity, self.beta,
-                                        sha256, self.metadata),
-            progress)
+
+        def header(sha256: str) -> bytes:
+            if isinstance(store, DiskStore) and sha256 != store.data_sha256:
+                # loaded with verify=False: a save must not give damaged rows a fresh checksum
+                raise BankFileError(f"{store.path}: corrupted: the sha256 of its rows, {sha256}, does not match "
+                                    f"the header's {store.data_sha256}; not saved")
+            return header_bytes(self._dim, self._value_dim, self._dtype, n, self.similarity, self.beta, sha256,
+                                self.metadata)
+
+        write_atomically(path, n, self.row_bytes, store.rows_cpu, header, progress)
 
     @classmethod
     def load(
@@ -330,43 +348,70 @@ class MemoryBank:
         chunk_rows: Optional[int] = None,
         backend: Optional[str] = None,
         verify: bool = True,
+        read_only: Optional[bool] = None,
         progress: Optional[bool] = None,
     ) -> "MemoryBank":
         """Open a bank file.  ``storage="disk"`` serves it from the file itself (memory-mapped, never
         read whole; later adds append to it); otherwise the rows are read into device or host memory.
 
-        ``verify`` checks the sha256 of the data (a streamed read of the whole file; pass False to
-        skip it for a huge bank).  A truncated or corrupted file raises :class:`BankFileError`.
+        The header is always checked (its own sha256, its form, the file's size); ``verify`` also
+        checks the sha256 of the data (a streamed read of the whole file; pass False to skip it for
+        a huge bank).  A truncated, corrupted or edited file raises :class:`BankFileError`; rows a
+        killed writer never committed are ignored.
+
+        ``read_only`` (disk storage): None opens the file for writing when this process may and no
+        other writer holds it, and read-only otherwise (``add`` then says why); True never writes;
+        False insists (:class:`BankBusyError` while another writer holds the file).
         """
         if not isinstance(verify, bool):
             raise TypeError(f"verify: expected a bool, got {type(verify).__name__}")
-        info = read_info(path)
-        args = (info.dim, info.value_dim, info.dtype, device, storage)
-        rest = (chunk_rows, info.similarity, info.beta, backend, info.metadata)
+        if read_only is not None and not isinstance(read_only, bool):
+            raise TypeError(f"read_only: expected a bool or None, got {type(read_only).__name__}")
+        if read_only is not None and storage != "disk":
+            raise ValueError(f"read_only: only storage='disk' keeps the file open; got storage={storage!r}")
+        path = check_path("path", path)
         bank = cls.__new__(cls)
-        if storage == "disk":
-            hasher = None
+        disk = storage == "disk"
+        if disk:
+            fd, info, reason = open_disk(path, read_only)
+        else:
+            fd = open_regular(path)
+        try:
+            if not disk:
+                info = read_info(fd, path)
+            args = (info.dim, info.value_dim, info.dtype, device, storage)
+            rest = (chunk_rows, info.similarity, info.beta, backend, info.metadata)
+            if disk:
+                hasher = None
+                if verify:
+                    hasher = drain(stream_rows(fd, info, progress, "bank verify"))
+                    check_digest(info, hasher.hexdigest())
+                bank._setup(*args, info.path, *rest, disk_open=(fd, info, hasher, reason))
+                return bank
+            bank._setup(*args, None, *rest)
+            bank._store.reserve(info.count)
+            gen = stream_rows(fd, info, progress, "bank load")
+            while True:
+                try:
+                    _, rows = next(gen)
+                except StopIteration as stop:
+                    hasher = stop.value
+                    break
+                bank._store.append(rows[:, : info.dim], None if info.value_dim is None else rows[:, info.dim:])
             if verify:
-                hasher = drain(stream_rows(info, progress, "bank verify"))
-                check_digest(info, hasher)
-            bank._setup(*args, info.path, *rest, disk_open=(info, hasher))
+                check_digest(info, hasher.hexdigest())
             return bank
-        bank._setup(*args, None, *rest)
-        bank._store.reserve(info.count)
-        gen = stream_rows(info, progress, "bank load")
-        while True:
-            try:
-                _, rows = next(gen)
-            except StopIteration as stop:
-                hasher = stop.value
-                break
-            bank._store.append(rows[:, : info.dim], None if info.value_dim is None else rows[:, info.dim:])
-        if verify:
-            check_digest(info, hasher)
-        return bank
+        except BaseException:
+            if disk:
+                os.close(fd)
+            raise
+        finally:
+            if not disk:
+                os.close(fd)
 
     def flush(self) -> None:
-        """Disk storage: write the header and fsync the file (adds are durable after this)."""
+        """Disk storage: fsync the file (adds survive a power loss after this; a killed process never
+        loses a returned add), rewriting the header if similarity, beta or metadata changed."""
         self._store.flush()
 
     def close(self) -> None:

@@ -2,8 +2,9 @@
 
 Each rank holds a shard in a local :class:`~hen_kernels.MemoryBank` (any storage),
 computes its shard's :class:`~hen_kernels.Partial` for the (replicated) queries,
-and the ranks exchange Partials with one ``all_gather`` per field; every rank then
-merges the same list in the same order with :func:`hen_kernels.merge_partials`,
+and the ranks exchange Partials with one ``all_gather`` per field (out and lse in
+float64, as the local merge over chunks keeps them); every rank then merges the
+same list in the same order with :func:`hen_kernels.merge_partials` and rounds once,
 so every rank holds the same answer, and it equals one bank holding every row
 (docs/design.md §2).  Multi-step retrieval is the one loop of
 :func:`hen_kernels.streaming.retrieve` with that gathered step: ranks take their
@@ -220,38 +221,41 @@ class ShardedMemoryBank:
 
     # --- queries ----------------------------------------------------------------------
 
-    def _partial(self, query: torch.Tensor, beta: Beta, similarity: Optional[str], bar=None) -> Partial:
-        p = self.local._partial(*self.local._check_query(query, beta, similarity), bar)
+    def _partial(self, query: torch.Tensor, beta: Beta, similarity: Optional[str], weights: Optional[torch.Tensor],
+                 bar=None) -> Partial:
+        """The global Partial, rounded once: shards' out and lse travel and merge in float64 (§5.1)."""
+        p = self.local._partial(*self.local._check_query(query, beta, similarity, weights), bar)
         p = Partial(p.out, p.lse, p.top_score, self._to_global(p.top_index))
         shards = list(zip(*(self._gather(field) for field in p)))
-        return ops.merge_partials([Partial(*fields) for fields in shards])
+        return streaming.round_partial(ops.merge_partials([Partial(*fields) for fields in shards]))
 
-    def partial(self, query: torch.Tensor, beta: Optional[Beta] = None, *,
-                similarity: Optional[str] = None) -> Partial:
-        """The whole (global) bank's Partial, the same on every rank."""
-        return self._partial(query, beta, similarity)
+    def partial(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
+                weights: Optional[torch.Tensor] = None) -> Partial:
+        """The whole (global) bank's Partial, the same on every rank (``weights``: as MemoryBank's)."""
+        return self._partial(query, beta, similarity, weights)
 
     def _require_rows(self) -> None:
         if self._count == 0:
             raise ValueError("bank: the bank is empty on every rank; add patterns before querying it")
 
-    def update(self, query: torch.Tensor, beta: Optional[Beta] = None, *,
-               similarity: Optional[str] = None) -> torch.Tensor:
+    def update(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
+               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One update over the whole bank, in the query's dtype, the same on every rank."""
         self._require_rows()
-        return self._partial(query, beta, similarity).finalize(query.dtype)
+        return self._partial(query, beta, similarity, weights).finalize(query.dtype)
 
     def retrieve(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
-                 max_steps: int = 1, tol: Optional[float] = None, progress: Optional[bool] = None) -> Retrieval:
+                 max_steps: int = 1, tol: Optional[float] = None, weights: Optional[torch.Tensor] = None,
+                 progress: Optional[bool] = None) -> Retrieval:
         """Multi-step retrieval over the whole bank (every step sees every shard); rank 0 shows progress."""
-        query, beta, similarity = self.local._check_query(query, beta, similarity)
+        query, beta, similarity, weights = self.local._check_query(query, beta, similarity, weights)
         max_steps, tol = check_steps(max_steps, tol)
         self._require_rows()
         bar = progress_bar(max_steps * self.local.num_chunks(), progress if self.rank == 0 else False,
                            f"sharded retrieve (rank 0 of {self.world_size})")
 
         def step(state: torch.Tensor) -> Partial:
-            return self._partial(state, beta, similarity, bar)
+            return self._partial(state, beta, similarity, weights, bar)
 
         try:
             return streaming.retrieve(step, query, value_dim=self.local.value_dim, max_steps=max_steps, tol=tol)

@@ -4,7 +4,9 @@
   tensors (patterns, values) on the bank's device, or in host memory (pinned
   when the bank's device is a CUDA device).
 - ``"disk"`` storage: :class:`DiskStore`, the rows in a bank file
-  (:mod:`.file_format`), appended with pwrite and read through a memory map one
+  (:mod:`.file_format`), appended with pwrite and committed by rewriting the
+  header page (:meth:`DiskStore.append` says in which order), one writer at a
+  time (:func:`.file_io.lock_writer`), and read through a memory map one
   chunk-sized window at a time (a helper thread reads the next window into the
   page cache, ``posix_fadvise(WILLNEED)``, while this one computes), so a bank
   larger than RAM works.
@@ -25,9 +27,14 @@ from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
-from .file_format import DATA_OFFSET, IO_BYTES, FileInfo, as_bytes, header_bytes
+from .file_format import DATA_OFFSET, EMPTY_SHA, IO_BYTES, BankBusyError, FileInfo, header_bytes
+from .file_io import (as_bytes, check_digest, create_exclusive, drain, lock_writer, open_regular, pwrite_all,
+                      read_info, stream_rows)
 
 Chunk = Tuple[int, torch.Tensor, Optional[torch.Tensor]]  # (first row, patterns, values)
+# Windows smaller than this are not prefetched on the helper thread: the kernel's own readahead
+# covers them, and handing each one to a thread costs more than reading it (1-row chunks).
+PREFETCH_MIN_BYTES = 1 << 20
 
 
 class MemoryStore:
@@ -83,36 +90,82 @@ def _fadvise_willneed(fd: int, start: int, length: int) -> None:
         os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
 
 
-class DiskStore:
-    """Rows in a bank file: appended with pwrite, read through one mmap window per chunk."""
+def open_disk(path: str, read_only: Optional[bool]) -> Tuple[int, FileInfo, Optional[str]]:
+    """Open a bank file for disk storage: (fd, its header, why it is read-only or None).
 
-    def __init__(self, info: FileInfo, hasher: Optional["hashlib._Hash"], meta_fn, read_only: bool = False):
+    ``read_only``: True never writes; False must write (BankBusyError while another writer holds
+    the file); None writes when it can and otherwise opens read-only, saying why on ``add``.
+    The header is read after the writer's lock is taken, so no writer ever appends on a count
+    another writer has since moved; a writer cuts off the uncommitted add of a dead writer.
+    """
+    reason = "it was opened with read_only=True" if read_only else None
+    if reason is None and os.path.exists(path) and not os.access(path, os.W_OK):
+        if read_only is False:
+            raise ValueError(f"read_only: False asks to write {path!r}, but the file is not writable")
+        reason = "the file is not writable"
+    fd = open_regular(path, write=reason is None)
+    try:
+        if reason is None:
+            try:
+                lock_writer(fd, path)
+            except BankBusyError:
+                if read_only is False:
+                    raise
+                os.close(fd)
+                fd = -1
+                fd = open_regular(path)
+                reason = "another writer holds it (read_only=False would raise BankBusyError)"
+        info = read_info(fd, path)
+        if reason is None and info.tail_bytes:
+            os.ftruncate(fd, info.end)
+            info = info._replace(tail_bytes=0)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return fd, info, reason
+
+
+def write_page(fd: int, page: bytes) -> None:
+    """The commit point of every change to a disk bank: one page-aligned DATA_OFFSET-byte write of
+    the header at offset 0 (one page: a process killed around it leaves the old page or the new)."""
+    if os.pwrite(fd, page, 0) != len(page):
+        raise OSError(f"bank: a short write of the {len(page)}-byte header page")
+
+
+class DiskStore:
+    """Rows in a bank file: appended with pwrite and committed by the header page, read through one
+    mmap window per chunk.  A writable store holds the file's writer lock until it is closed."""
+
+    def __init__(self, fd: int, info: FileInfo, hasher: Optional["hashlib._Hash"], meta_fn,
+                 read_only_reason: Optional[str] = None):
         self.path = os.path.abspath(info.path)
         self.dim, self.value_dim, self.dtype = info.dim, info.value_dim, info.dtype
         self.width, self.row_bytes, self.data_offset = info.width, info.row_bytes, info.data_offset
         self.count = info.count
         self.where = torch.device("cpu")  # its rows reach a device from host memory maps
-        self.read_only = read_only
-        self._hasher = hasher  # sha256 over the data so far; None until needed (after load(verify=False))
+        self.read_only_reason = read_only_reason
+        self._committed_sha = info.sha256  # the data's sha256 that the header on disk holds
+        self._hasher = hasher  # sha256 over the committed data; None until needed (after load(verify=False))
         self._meta_fn = meta_fn  # () -> (similarity, beta, metadata) for the header
-        self._fd: Optional[int] = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
+        self._fd: Optional[int] = fd
+        # the header page on disk, as last read or written: flush rewrites it only when it changes
+        self._page: Optional[bytes] = None if read_only_reason else os.pread(fd, DATA_OFFSET, 0)
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._prefetched: Optional[concurrent.futures.Future] = None
 
+    @property
+    def read_only(self) -> bool:
+        return self.read_only_reason is not None
+
     @classmethod
     def create(cls, path: str, dim: int, value_dim: Optional[int], dtype: torch.dtype, meta_fn) -> "DiskStore":
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            raise ValueError(
-                f"path: {path!r} already exists; open it with MemoryBank.load(path, storage='disk') "
-                "or remove it first"
-            ) from None
-        os.close(fd)
-        info = FileInfo(path, dim, value_dim, dtype, 0, "dot", None, hashlib.sha256().hexdigest(), {}, DATA_OFFSET)
-        store = cls(info, hashlib.sha256(), meta_fn)
-        store.write_header()
-        store.flush()
+        similarity, beta, metadata = meta_fn()
+        page = header_bytes(dim, value_dim, dtype, 0, similarity, beta, EMPTY_SHA, metadata)  # may refuse: no file
+        fd = create_exclusive(path, page)
+        info = FileInfo(path, dim, value_dim, dtype, 0, similarity, beta, EMPTY_SHA, dict(metadata), DATA_OFFSET)
+        store = cls(fd, info, hashlib.sha256(), meta_fn)
+        store._page = page
         return store
 
     @property
@@ -121,39 +174,60 @@ class DiskStore:
             raise ValueError(f"bank: the disk bank {self.path!r} is closed")
         return self._fd
 
-    def _digest(self) -> str:
-        if self._hasher is None:  # loaded without verification: hash what is there once
-            h = hashlib.sha256()
-            for a in range(0, self.count, max(1, IO_BYTES // self.row_bytes)):
-                b = min(self.count, a + max(1, IO_BYTES // self.row_bytes))
-                h.update(os.pread(self.fd, (b - a) * self.row_bytes, self.data_offset + a * self.row_bytes))
+    def _data_hasher(self) -> "hashlib._Hash":
+        """The sha256 state over the committed rows; after load(verify=False) the rows are hashed once
+        here and must match the header's checksum: a new commit must not bless damaged rows."""
+        if self._hasher is None:
+            info = FileInfo(self.path, self.dim, self.value_dim, self.dtype, self.count, "dot", None,
+                            self._committed_sha, {}, self.data_offset)
+            h = drain(stream_rows(self.fd, info, False, "bank verify"))
+            check_digest(info, h.hexdigest())
             self._hasher = h
-        return self._hasher.hexdigest()
+        return self._hasher
 
-    def write_header(self) -> None:
+    @property
+    def data_sha256(self) -> str:
+        """The sha256 of the committed rows (the header's, until this store hashed them)."""
+        return self._committed_sha if self._hasher is None else self._hasher.hexdigest()
+
+    def _header(self, count: int, sha256: str) -> bytes:
         similarity, beta, metadata = self._meta_fn()
-        hdr = header_bytes(self.dim, self.value_dim, self.dtype, self.count, similarity, beta, self._digest(),
-                            metadata, self.data_offset)
-        os.pwrite(self.fd, hdr, 0)
+        return header_bytes(self.dim, self.value_dim, self.dtype, count, similarity, beta, sha256, metadata)
+
+    def _refuse_writes(self) -> None:
+        if self.read_only_reason is not None:
+            raise ValueError(f"bank: the disk bank {self.path!r} is read-only: {self.read_only_reason}")
 
     def append(self, p: torch.Tensor, v: Optional[torch.Tensor]) -> None:
-        if self.read_only:
-            raise ValueError(f"bank: the disk bank {self.path!r} was opened read-only (the file is not writable)")
-        self._digest()
+        """Rows past the committed end, fdatasync, then the header page that counts them (the commit).
+
+        Killed before the page is written, the file still says the old count and checksum (the rows
+        written so far are a tail that readers ignore); killed after, it holds every new row.
+        """
+        self._refuse_writes()
+        m = p.shape[0]
+        self._header(self.count + m, EMPTY_SHA)  # a header that cannot grow refuses before any row is written
+        h = self._data_hasher().copy()
+        end = at = self.data_offset + self.count * self.row_bytes
         rows_per = max(1, IO_BYTES // self.row_bytes)
-        for a in range(0, p.shape[0], rows_per):
-            chunk = p[a: a + rows_per].to("cpu")
-            if v is not None:
-                chunk = torch.cat([chunk, v[a: a + rows_per].to("cpu")], 1)
-            buf = as_bytes(chunk)
-            at = self.data_offset + self.count * self.row_bytes
-            done = 0
-            while done < len(buf):
-                done += os.pwrite(self.fd, buf[done:], at + done)
-            self._hasher.update(buf)
-            self.count += chunk.shape[0]
-        # Data first, then the header that counts it: a killed add leaves the old count.
-        self.write_header()
+        try:
+            for a in range(0, m, rows_per):
+                chunk = p[a: a + rows_per].to("cpu")
+                if v is not None:
+                    chunk = torch.cat([chunk, v[a: a + rows_per].to("cpu")], 1)
+                buf = as_bytes(chunk)
+                pwrite_all(self.fd, buf, at)
+                h.update(buf)
+                at += len(buf)
+            page = self._header(self.count + m, h.hexdigest())
+            os.fdatasync(self.fd)  # on a power loss too, the header never counts rows the disk does not hold
+        except BaseException:  # nothing committed: take the uncommitted rows back (a disk full, say)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, end)
+            raise
+        write_page(self.fd, page)
+        self.count += m
+        self._hasher, self._committed_sha, self._page = h, h.hexdigest(), page
 
     def window(self, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) as a (b - a, width) tensor over a private memory map of just those bytes."""
@@ -169,7 +243,7 @@ class DiskStore:
         """Start reading rows [a, b) into the page cache on a helper thread (fadvise WILLNEED blocks
         while it submits the reads; the kernel of the current chunk runs meanwhile, without the GIL).
         At most one prefetch is outstanding."""
-        if not hasattr(os, "posix_fadvise") or self._fd is None:
+        if not hasattr(os, "posix_fadvise") or self._fd is None or (b - a) * self.row_bytes < PREFETCH_MIN_BYTES:
             return
         if self._prefetcher is None:
             self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hen-bank-prefetch")
@@ -188,8 +262,12 @@ class DiskStore:
         return self.window(a, b).clone()
 
     def flush(self) -> None:
+        """Write the header again if the bank's similarity, beta or metadata changed; fsync."""
         if self._fd is not None and not self.read_only:
-            self.write_header()
+            page = self._header(self.count, self.data_sha256)
+            if page != self._page:
+                write_page(self._fd, page)
+                self._page = page
             os.fsync(self._fd)
 
     def close(self) -> None:

@@ -1,0 +1,15 @@
+"""`hen check` and `python -m hen_kernels.check`: the kernel contract, run on the user's machine.
+
+Every available backend on every device it serves, against the float64
+reference: every dtype and similarity, shapes off every block size, values ≠
+memory and leading dims, chunked merges, NaN isolation, hard and multi-step
+retrieval, energy, empty banks and per-query feature weights.  Prints one table
+(backend x device x dtype: max error against tolerance, pass or fail) and exits
+1 on any failure; ``--quick`` runs fewer, smaller shapes.  Needs no pytest.
+
+The tolerances (docs/design.md §5) live here, in :data:`TOLERANCE`.
+"""
+from .cases import TOLERANCE, Result, Target
+from .runner import Report, main, run
+
+__all__ = ["TOLERANCE", "Report", "Result", "Target", "main", "run"]

@@ -1,0 +1,330 @@
+"""The contract cases of docs/design.md §4-§5, run against every backend on every device it serves.
+
+Each case draws standard-normal data on the CPU (the same numbers on every
+device), runs one backend through the public API and compares with the
+reference computed in float64 on the CPU, by ‖got − ref‖ / ‖ref‖ against the
+dtype's tolerance (docs/design.md §5).  Exact promises (NaN isolation, hard
+retrieval landing on the stored pattern, the empty bank) count as error 0 when
+kept and fail outright when not.  A case yields one :class:`Result` per
+comparison; an exception inside a case is a failed result, never a crash.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+import hen_kernels as hk
+from hen_kernels import reference, streaming
+from hen_kernels.constants import SIMILARITIES, TOLERANCE
+
+# ‖out − ref‖ / ‖ref‖ against float64, per input dtype (docs/design.md §5; one home:
+# hen_kernels.constants).  Float32 inputs run in IEEE float32 on every backend (the Triton
+# kernels use tf32 only for 16-bit inputs), so no tf32 allowance applies.
+DTYPES: Tuple[torch.dtype, ...] = tuple(TOLERANCE)
+# A multi-step retrieval feeds each output back: float32 states agree to this after 20 steps.
+RETRIEVE_TOLERANCE = 1e-4
+
+# Logit spreads of O(level) for standard-normal data (beta·sim well conditioned, so a float32
+# error of 1e-5 is a fair demand): beta = level for "l2", level/√D for the others.
+BETA_LEVELS = (1e-3, 1.0, 4.0)
+QUICK_BETA_LEVELS = (1e-3, 4.0)
+
+# B, N, D: not multiples of any block size, plus the edges (B = N = D = 1) and D up to 4096.
+SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (5, 70, 300), (5, 300, 4096),
+          (2, 3000, 512))
+QUICK_SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (5, 70, 300), (2, 1000, 512))
+
+# Triton's interpreter (TRITON_INTERPRET=1, Triton on CPU tensors) takes ~1 s per 1e5 of
+# B·N·D: larger cases are left to a GPU.
+INTERPRETER_WORK = 200_000
+
+
+@dataclass
+class Result:
+    """One comparison: ``error`` against ``tolerance`` (0 and 0 for an exact promise kept)."""
+
+    case: str
+    error: float
+    tolerance: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One backend on one device, with the dtype under test."""
+
+    backend: str
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def interpreted(self) -> bool:
+        return self.backend == "triton" and self.device == "cpu"
+
+    def too_big(self, *sizes: int) -> bool:
+        return self.interpreted and math.prod(sizes) > INTERPRETER_WORK
+
+
+def make(shape: Sequence[int], dtype: torch.dtype, seed: int, device="cpu", scale: float = 1.0) -> torch.Tensor:
+    """Standard-normal data drawn on the CPU in float64, rounded to ``dtype``, then moved to ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def beta_for(similarity: str, d: int, level: float) -> float:
+    return level if similarity == "l2" else level / d**0.5
+
+
+def _cpu64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def ref64(query, memory, beta, similarity, values=None, offset=0, weights=None) -> hk.Partial:
+    """The reference on float64 CPU copies of the (already rounded) inputs."""
+    b = _cpu64(beta) if isinstance(beta, torch.Tensor) else beta
+    kw = {} if weights is None else {"weights": _cpu64(weights)}
+    return reference.partial(_cpu64(query), _cpu64(memory), b, similarity, _cpu64(values), offset, **kw)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖got − ref‖ / ‖ref‖ in float64 (the plain norm of the difference when ref is 0)."""
+    ref = ref.detach().to("cpu", torch.float64)
+    diff = (got.detach().to("cpu", torch.float64) - ref).norm().item()
+    denom = ref.norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def scores64(query, memory, beta, similarity, weights=None) -> torch.Tensor:
+    """beta·sim of every query and bank row, (..., B, N), in float64 on the CPU."""
+    b = _cpu64(beta) if isinstance(beta, torch.Tensor) else beta
+    kw = {} if weights is None else {"weights": _cpu64(weights)}
+    return reference.scores(_cpu64(query), _cpu64(memory), b, similarity, **kw)
+
+
+def top_index_kept(p: hk.Partial, ref: hk.Partial, scores: torch.Tensor, offset: int, tol: float) -> bool:
+    """Every top_index is the reference's row, or a row whose exact score ties the best within ``tol``."""
+    got = p.top_index.cpu()
+    if torch.equal(got, ref.top_index):
+        return True
+    rows = got - offset
+    valid = (rows >= 0) & (rows < scores.shape[-1])
+    at = scores.expand(got.shape + scores.shape[-1:]).gather(-1, rows.clamp(0, scores.shape[-1] - 1).unsqueeze(-1))
+    tie = (ref.top_score - at.squeeze(-1)) <= tol * ref.top_score.abs().clamp_min(1)
+    return bool(torch.all((got == ref.top_index) | (valid & tie)))
+
+
+def compare_partial(case: str, p: hk.Partial, ref: hk.Partial, tol: float, scores: torch.Tensor,
+                    offset: int = 0) -> Result:
+    """out, lse and top_score within ``tol``, no NaN, and top_index the reference's row wherever
+    no other row's exact score (``scores``, (..., B, N) float64) ties the best within ``tol``."""
+    errors = {f: rel_err(getattr(p, f), getattr(ref, f)) for f in ("out", "lse", "top_score")}
+    worst = max(errors, key=errors.get)
+    notes = [] if errors[worst] <= tol else [f"{worst} off by {errors[worst]:.2e}"]
+    if bool(torch.isnan(p.out).any()) or bool(torch.isnan(p.lse).any()):
+        notes.append("NaN in the output")
+    if not top_index_kept(p, ref, scores, offset, tol):
+        notes.append("top_index is not the best row")
+    return Result(case, errors[worst], tol, not notes, "; ".join(notes))
+
+
+def exact(case: str, kept: bool, what: str) -> Result:
+    return Result(case, 0.0 if kept else math.inf, 0.0, kept, "" if kept else what)
+
+
+# --- the cases: each (target, quick) -> results --------------------------------------------
+
+def case_partial(t: Target, quick: bool) -> Iterator[Result]:
+    tol = TOLERANCE[t.dtype]
+    for b, n, d in QUICK_SHAPES if quick else SHAPES:
+        if t.too_big(b, n, d):
+            continue
+        q, x = make((b, d), t.dtype, 1, t.device), make((n, d), t.dtype, 2, t.device)
+        for sim in SIMILARITIES:
+            for level in QUICK_BETA_LEVELS if quick else BETA_LEVELS:
+                beta = beta_for(sim, d, level)
+                p = hk.hopfield_partial(q, x, beta, similarity=sim, backend=t.backend)
+                yield compare_partial(f"partial {sim} B{b} N{n} D{d} beta{beta:.3g}", p, ref64(q, x, beta, sim), tol,
+                                      scores64(q, x, beta, sim))
+
+
+def case_values_and_leading_dims(t: Target, quick: bool) -> Iterator[Result]:
+    """values ≠ memory, a bank per leading index or shared, a beta per leading index, an offset."""
+    tol = TOLERANCE[t.dtype]
+    q = make((2, 3, 5, 33), t.dtype, 3, t.device)
+    x_shared, x_own = make((70, 33), t.dtype, 4, t.device), make((2, 3, 70, 33), t.dtype, 5, t.device)
+    v_shared, v_own = make((70, 11), t.dtype, 6, t.device), make((2, 3, 70, 11), t.dtype, 7, t.device)
+    beta = torch.tensor([[0.05, 0.1, 0.2], [0.3, 0.02, 0.15]], device=t.device)
+    for sim in SIMILARITIES:
+        for label, x, v in (("shared bank", x_shared, v_shared), ("own bank", x_own, v_own), ("values=None", x_own, None)):
+            p = hk.hopfield_partial(q, x, beta, similarity=sim, values=v, offset=7, backend=t.backend)
+            ref = ref64(q, x, beta, sim, v, offset=7)
+            yield compare_partial(f"leading dims {sim} {label}", p, ref, tol, scores64(q, x, beta, sim), offset=7)
+            out = hk.hopfield_update(q, x, beta, similarity=sim, values=v, backend=t.backend)
+            if out.dtype != t.dtype:
+                yield exact(f"update {sim} {label}", False, f"returned {out.dtype}, not the query's {t.dtype}")
+            else:
+                # The update rounds the float32 result to the query's dtype once more.
+                err = rel_err(out, ref.out)
+                yield Result(f"update {sim} {label}", err, 2 * tol, err <= 2 * tol)
+
+
+def case_chunked_merge(t: Target, quick: bool) -> Iterator[Result]:
+    """Partials of chunks of the bank, merged in reverse order, equal one call over the whole bank."""
+    tol = TOLERANCE[t.dtype]
+    n, d = 600, 48
+    q, x, v = make((2, 7, d), t.dtype, 10, t.device), make((n, d), t.dtype, 11, t.device), make((n, 5), t.dtype, 12, t.device)
+    splits = ([3, 1, 2],) if quick else ([1, 1], [3, 1, 2], [1, 5, 1, 1])
+    for sim in SIMILARITIES:
+        beta = beta_for(sim, d, 1.0)
+        ref = ref64(q, x, beta, sim, v)
+        whole = hk.hopfield_partial(q, x, beta, similarity=sim, values=v, backend=t.backend)
+        for chunks in splits:
+            bounds = [sum(chunks[:i]) * n // sum(chunks) for i in range(len(chunks) + 1)]
+            parts = [hk.hopfield_partial(q, x[lo:hi], beta, similarity=sim, values=v[lo:hi], offset=lo,
+                                         backend=t.backend) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            merged = hk.merge_partials(parts[::-1])
+            case = f"merge {sim} chunks {chunks}"
+            r = compare_partial(case, merged, ref, tol, scores64(q, x, beta, sim))
+            if r.ok and not torch.equal(merged.top_index, whole.top_index):
+                r = Result(case, r.error, tol, False, "top_index of the merge differs from the whole bank's")
+            yield r
+
+
+# float64 (the reference alone) expands the ℓ2 forms about the mean of the finite queries
+# (reference.l2_centre), so a NaN query moves the others' float64 answers by an ulp or so;
+# they are held to the float64 tolerance there, and to bit equality in every kernel dtype.
+def _isolation(case: str, dtype: torch.dtype, got: Sequence[torch.Tensor], clean: Sequence[torch.Tensor],
+               poisoned: bool) -> Result:
+    if dtype != torch.float64:
+        kept = all(torch.equal(a, b) for a, b in zip(got, clean))
+        return exact(case, kept and poisoned, "the other queries changed" if not kept else "the NaN query is not NaN")
+    err = max(rel_err(a, b) for a, b in zip(got, clean))
+    tol = TOLERANCE[dtype]
+    ok = err <= tol and poisoned
+    return Result(case, err, tol, ok, "" if ok else "the other queries changed" if err > tol else "the NaN query is not NaN")
+
+
+def case_nan_isolation(t: Target, quick: bool) -> Iterator[Result]:
+    """A NaN in one query leaves every other query's answer as without it."""
+    q, x = make((6, 40), t.dtype, 15, t.device), make((500, 40), t.dtype, 16, t.device)
+    keep = torch.tensor([0, 1, 3, 4, 5], device=t.device)
+    bad = q.clone()
+    bad[2, 7] = float("nan")
+    for sim in SIMILARITIES:
+        beta = beta_for(sim, 40, 1.0)
+        clean = hk.hopfield_partial(q, x, beta, similarity=sim, backend=t.backend)
+        p = hk.hopfield_partial(bad, x, beta, similarity=sim, backend=t.backend)
+        poisoned = bool(torch.isnan(p.out[2]).all()) and bool(torch.isnan(p.lse[2]))
+        yield _isolation(f"NaN isolation {sim} partial", t.dtype, (p.out[keep], p.lse[keep]),
+                         (clean.out[keep], clean.lse[keep]), poisoned)
+        kw = dict(similarity=sim, max_steps=4, tol=1e-6, backend=t.backend)
+        r, r_clean = hk.hopfield_retrieve(bad, x, beta, **kw), hk.hopfield_retrieve(q, x, beta, **kw)
+        yield _isolation(f"NaN isolation {sim} retrieve", t.dtype, (r.state[keep],), (r_clean.state[keep],),
+                         not bool(r.converged[2]))
+
+
+def case_hard_retrieval(t: Target, quick: bool) -> Iterator[Result]:
+    """At beta 1e2 and 1e4, queries near stored rows land exactly on those rows."""
+    n = 300
+    for d in (16, 512) if quick else (16, 512, 4096):
+        if t.too_big(4, n, d):
+            continue
+        x = make((n, d), t.dtype, 13, t.device)
+        rows = torch.tensor([0, 17, 299, 150], device=t.device)
+        q = (x[rows].float() + make((4, d), torch.float32, 14, t.device, scale=0.05)).to(t.dtype)
+        for sim in SIMILARITIES:
+            for beta in (1e2, 1e4):
+                r = hk.hopfield_retrieve(q, x, beta, similarity=sim, max_steps=3, tol=0.0, backend=t.backend)
+                kept = (torch.equal(r.top_index, rows) and torch.equal(r.state, x[rows])
+                        and bool(r.converged.all()) and bool((r.top_weight > 0.999).all()))
+                yield exact(f"hard retrieval {sim} D{d} beta{beta:g}", kept, "did not land exactly on the pattern")
+
+
+def case_multi_step(t: Target, quick: bool) -> Iterator[Result]:
+    """20 steps with per-query stopping: the same steps, convergence and rows as the reference."""
+    if t.dtype != torch.float32:
+        return  # 16-bit states round differently each step; hard retrieval covers them
+    x = make((400, 32), t.dtype, 21, t.device)
+    q = torch.cat([x[:3] + 0.01 * make((3, 32), t.dtype, 22, t.device), make((4, 32), t.dtype, 23, t.device)])
+    got = hk.hopfield_retrieve(q, x, 2.0, similarity="l2", max_steps=20, tol=1e-5, backend=t.backend)
+    x64 = _cpu64(x)
+    want = streaming.retrieve(lambda s: reference.partial(s, x64, 2.0, "l2"), _cpu64(q), value_dim=32,
+                              max_steps=20, tol=1e-5)
+    same = (torch.equal(got.steps.cpu(), want.steps) and torch.equal(got.converged.cpu(), want.converged)
+            and torch.equal(got.top_index.cpu(), want.top_index))
+    err = rel_err(got.state, want.state)
+    note = "" if same else "steps, convergence or top rows differ from the reference"
+    if err > RETRIEVE_TOLERANCE:
+        note = (note + "; " if note else "") + f"state off by {err:.2e}"
+    yield Result("multi-step retrieval l2, 20 steps", err, RETRIEVE_TOLERANCE, not note, note)
+
+
+def case_energy(t: Target, quick: bool) -> Iterator[Result]:
+    if t.dtype != torch.float32:
+        return
+    s, x = make((3, 9, 24), t.dtype, 19, t.device), make((150, 24), t.dtype, 20, t.device)
+    for sim in SIMILARITIES:
+        got = hk.energy(s, x, 0.3, similarity=sim, backend=t.backend)
+        err = rel_err(got, reference.energy(_cpu64(s), _cpu64(x), 0.3, sim))
+        yield Result(f"energy {sim}", err, TOLERANCE[t.dtype], err <= TOLERANCE[t.dtype])
+
+
+def case_edges(t: Target, quick: bool) -> Iterator[Result]:
+    """An empty bank, a bank of one row, no queries."""
+    q = make((4, 5), t.dtype, 24, t.device)
+    p = hk.hopfield_partial(q, make((0, 5), t.dtype, 25, t.device), 1.0, offset=3, backend=t.backend)
+    kept = bool((p.out == 0).all()) and bool(torch.isneginf(p.lse).all()) and bool((p.top_index == -1).all())
+    yield exact("empty bank", kept, "an empty bank must give out 0, lse -inf, top_index -1")
+    x = make((1, 5), t.dtype, 25, t.device)
+    p = hk.hopfield_partial(q, x, 1.0, offset=3, backend=t.backend)
+    kept = rel_err(p.out, x.expand(4, 5)) <= TOLERANCE[t.dtype] and bool((p.top_index == 3).all())
+    yield exact("one-row bank", kept, "a one-row bank must return that row")
+    p = hk.hopfield_partial(make((0, 8), t.dtype, 0, t.device), make((10, 8), t.dtype, 0, t.device), 1.0,
+                            backend=t.backend)
+    yield exact("no queries", tuple(p.out.shape) == (0, 8), f"got out of shape {tuple(p.out.shape)}")
+
+
+def weights_in_api() -> bool:
+    return "weights" in inspect.signature(hk.hopfield_update).parameters
+
+
+def case_weights(t: Target, quick: bool) -> Iterator[Result]:
+    """Per-query feature weights (docs/design.md §4), some features hidden (weight 0)."""
+    if not weights_in_api():
+        return
+    tol = TOLERANCE[t.dtype]
+    b, n, d = (5, 200, 40) if quick else (9, 700, 130)
+    q, x, v = make((b, d), t.dtype, 30, t.device), make((n, d), t.dtype, 31, t.device), make((n, 7), t.dtype, 32, t.device)
+    w = make((b, d), torch.float32, 33, t.device).abs()
+    w[0, : d // 2] = 0
+    for sim in SIMILARITIES:
+        beta = beta_for(sim, d, 1.0)
+        p = hk.hopfield_partial(q, x, beta, similarity=sim, values=v, weights=w, backend=t.backend)
+        yield compare_partial(f"weights {sim}", p, ref64(q, x, beta, sim, v, weights=w), tol,
+                              scores64(q, x, beta, sim, w))
+    rows = torch.tensor([3, 100, 42], device=t.device)
+    qh = x[rows].clone()
+    qh[:, d // 2:] = 5.0  # the hidden half says something else entirely
+    wh = torch.zeros(qh.shape, dtype=torch.float32, device=t.device)
+    wh[:, : d // 2] = 1
+    for sim in SIMILARITIES:
+        r = hk.hopfield_retrieve(qh, x, 1e3, similarity=sim, weights=wh, max_steps=2, backend=t.backend)
+        yield exact(f"weights {sim} hidden half", torch.equal(r.top_index, rows), "recalled the wrong rows")
+
+
+CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
+    ("partial", case_partial),
+    ("leading dims", case_values_and_leading_dims),
+    ("chunked merge", case_chunked_merge),
+    ("NaN isolation", case_nan_isolation),
+    ("hard retrieval", case_hard_retrieval),
+    ("multi-step retrieval", case_multi_step),
+    ("energy", case_energy),
+    ("edges", case_edges),
+    ("weights", case_weights),
+]

@@ -1,0 +1,169 @@
+"""`hen check` (hen_kernels/check/): it passes on this machine's backends and catches broken ones.
+
+Each way a kernel can break the contract is planted in a fake backend built on
+the reference, and the check must fail it: an error above tolerance, a NaN that
+leaks into other queries, a chunk offset ignored by top_index, an extension
+built against another torch.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hen_kernels import backends, build_info, check, reference
+from hen_kernels.check import cases, runner as check_run
+
+from .conftest import TOLERANCE
+
+
+def test_tolerances_are_those_of_the_tests():
+    assert check.TOLERANCE is TOLERANCE  # docs/design.md §5, one home: hen_kernels.constants
+
+
+def test_quick_check_passes_on_the_kernels_here():
+    names = [n for n in ("torch", "cpu") if backends.BACKENDS[n].available()]
+    report = check.run(quick=True, only_backends=names, only_devices=["cpu"])
+    assert report.ok, check_run.render(report)
+    want = {(n, str(d).replace("torch.", "")) for n in names for d in TOLERANCE if d in backends.BACKENDS[n].dtypes}
+    assert {(r.backend, r.dtype) for r in report.rows} == want
+    for row in report.rows:
+        cases_run = {r.case.split()[0] for r in row.results}
+        assert {"partial", "leading", "update", "merge", "NaN", "hard", "empty"} <= cases_run
+    text = check_run.render(report)
+    assert "| backend | device | dtype |" in text and "all cases pass" in text
+
+
+def _fake(monkeypatch, forward):
+    """Register backend "fake" on CPU tensors with the given forward (reference arguments)."""
+    b = backends.Backend("fake", ("cpu",), forward=forward, backward=None)
+    monkeypatch.setitem(backends.BACKENDS, "fake", b)
+
+
+def _reference(q, x, v, beta, sim, offset, weights=None):
+    kw = {} if weights is None else {"weights": weights}
+    return reference.partial(q, x, beta, sim, v, offset, **kw)
+
+
+def _failed_cases(report):
+    return {r.case.split()[0] for row in report.rows for r in row.failures}
+
+
+def test_reference_as_a_fake_backend_passes(monkeypatch):
+    """The planted faults below are the only difference from a passing backend."""
+    _fake(monkeypatch, _reference)
+    report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32])
+    assert report.ok, check_run.render(report)
+
+
+def test_an_error_above_tolerance_fails(monkeypatch):
+    def off(*args, **kw):
+        p = _reference(*args, **kw)
+        return p._replace(out=p.out * (1 + 1e-4))
+
+    _fake(monkeypatch, off)
+    report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32], only_cases=["partial", "chunked merge"])
+    assert not report.ok
+    assert {"partial", "merge"} <= _failed_cases(report)
+    assert "FAIL fake cpu float32: partial" in check_run.render(report)
+
+
+def test_a_nan_leaking_into_other_queries_fails(monkeypatch):
+    def leaky(q, *args, **kw):
+        p = _reference(q, *args, **kw)
+        if bool(torch.isnan(q).any()):
+            p = p._replace(out=p.out + q.sum())  # every query's answer turns NaN
+        return p
+
+    _fake(monkeypatch, leaky)
+    report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32],
+                       only_cases=["NaN isolation", "chunked merge"])
+    assert _failed_cases(report) == {"NaN"}
+
+
+def test_a_chunk_offset_ignored_by_top_index_fails(monkeypatch):
+    def no_offset(q, x, v, beta, sim, offset, weights=None):
+        return _reference(q, x, v, beta, sim, 0, weights)
+
+    _fake(monkeypatch, no_offset)
+    report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32],
+                       only_cases=["leading dims", "chunked merge", "edges"])
+    assert {"leading", "merge", "one-row"} <= _failed_cases(report)
+
+
+def test_a_raising_backend_fails_without_stopping_the_check(monkeypatch):
+    def broken(*args, **kw):
+        raise RuntimeError("kernel launch failed")
+
+    _fake(monkeypatch, broken)
+    report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float16])
+    row, = report.rows
+    assert len(row.failures) == len(cases.CASES) - 2  # multi-step and energy are float32-only
+    assert all("kernel launch failed" in r.note for r in row.failures)
+
+
+def test_main_exits_1_on_a_failure_and_writes_json(monkeypatch, tmp_path, capsys):
+    _fake(monkeypatch, lambda *a, **k: _reference(*a, **k)._replace(lse=_reference(*a, **k).lse + 1))
+    out = tmp_path / "check.json"
+    assert check.main(["--quick", "--backend", "fake", "--dtype", "float32", "--case", "edges", "--case", "partial",
+                       "--json", str(out), "-q"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["ok"] is False and data["rows"][0]["backend"] == "fake"
+    assert any(r["note"].startswith("lse off by") for r in data["rows"][0]["results"])
+
+
+def _fake_extension(tmp_path, torch_version):
+    path = tmp_path / "_C.so"
+    path.write_bytes(b"\0ELF..." + build_info.MARKER + f"torch={torch_version} cuda=none cxx11_abi=1;".encode()
+                     + b"\0rest")
+    return str(path)
+
+
+def test_build_info_is_read_from_the_library_file(tmp_path):
+    path = _fake_extension(tmp_path, "2.13.0+cpu")
+    assert build_info.read(path) == {"torch": "2.13.0+cpu", "cuda": "none", "cxx11_abi": "1"}
+    assert build_info.torch_mismatch(path, running="2.13.0") is None  # the same release, another build
+    msg = build_info.torch_mismatch(path, running="2.14.1")
+    assert "torch 2.13.0+cpu" in msg and "torch 2.14.1" in msg and "--no-build-isolation" in msg
+    plain = tmp_path / "old.so"
+    plain.write_bytes(b"no marker here")
+    assert build_info.read(str(plain)) is None and build_info.torch_mismatch(str(plain), running="9") is None
+
+
+def test_the_built_extension_names_its_torch():
+    path = backends._extension_path()
+    if path is None or build_info.read(path) is None:
+        pytest.skip("no extension built by cmake/torch.cmake here")
+    assert build_info.read(path)["torch"] == torch.__version__
+
+
+def test_an_extension_built_for_another_torch_fails_the_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(backends, "_extension_path", lambda: _fake_extension(tmp_path, "1.0.0"))
+    report = check.run(quick=True, only_backends=["torch"], dtypes=[torch.float32], only_cases=["edges"])
+    assert not report.ok and "built against torch 1.0.0" in report.problems[0]
+    assert "FAIL hen_kernels/_C" in check_run.render(report)
+
+
+def test_the_loader_refuses_an_extension_built_for_another_torch(monkeypatch, tmp_path):
+    """Such a _C can load without an error (a 2.13 build into torch 2.14 does) and then misbehave."""
+    monkeypatch.setattr(backends, "_extension_path", lambda: _fake_extension(tmp_path, "1.0.0"))
+    monkeypatch.setattr(backends, "_EXTENSION_TRIED", False)
+    monkeypatch.setattr(backends, "_EXTENSION_ERROR", None)
+    with pytest.warns(RuntimeWarning, match="built against torch 1.0.0"):
+        reason = backends.load_extension()
+    assert f"this Python runs torch {torch.__version__}" in reason
+
+
+def test_module_entry_point_runs_without_pytest_or_the_hen_packages():
+    """python -m hen_kernels.check on a plain install: neither pytest nor the `hen` extra is imported."""
+    from hen_kernels import cli
+
+    blocked = ["pytest", *cli.HEN_EXTRA]
+    code = (f"import runpy, sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            "sys.argv = ['hen_kernels.check', '--quick', '--backend', 'torch', '--dtype', 'bfloat16', '-q']\n"
+            "runpy.run_module('hen_kernels.check', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| torch | cpu | bfloat16 |" in r.stdout and "all cases pass" in r.stdout

@@ -1,0 +1,168 @@
+"""The ops follow PyTorch's conventions (issue 12): torch.func transforms, autocast as SDPA has it,
+float64, ops registered at import, documented signatures."""
+import inspect
+import os
+import pydoc
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hen_kernels as hk
+from hen_kernels import reference
+
+from .conftest import SIMILARITIES, TOLERANCE, interpreted, kernel_backends, make, rel_err, require
+
+BACKENDS = ["torch"] + kernel_backends()
+
+
+def _ref64(q, x, beta, similarity):
+    return reference.update(q.double(), x.double(), beta, similarity)
+
+
+# --- torch.func: grad, jacrev, vmap -----------------------------------------------------
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_func_grad_and_jacrev(backend, similarity):
+    require(backend, 3 * 24, 20, 8)
+    b = 1 if interpreted(backend) else 3  # jacrev runs one backward per output entry
+    q, x = make((b, 8), torch.float32, 1), make((20, 8), torch.float32, 2)
+    beta = 0.5
+
+    def f(q):
+        return hk.hopfield_update(q, x, beta, similarity=similarity, backend=backend)
+
+    g = torch.func.grad(lambda q: f(q).square().sum())(q)
+    q64 = q.double().requires_grad_()
+    (g64,) = torch.autograd.grad(_ref64(q64, x, beta, similarity).square().sum(), q64)
+    assert rel_err(g, g64) < 4 * TOLERANCE[torch.float32]
+    jac = torch.func.jacrev(f)(q)
+    jac64 = torch.autograd.functional.jacobian(lambda t: _ref64(t, x, beta, similarity), q.double())
+    assert jac.shape == (b, 8, b, 8) and rel_err(jac, jac64) < 4 * TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_queries_banks_and_per_sample_grads(backend, similarity, capfd):
+    require(backend, 5 * 3, 20, 8 * 4)
+    qs, x = make((5, 3, 8), torch.float32, 3), make((20, 8), torch.float32, 4)
+    xs = make((5, 20, 8), torch.float32, 5)
+    kw = dict(similarity=similarity, backend=backend)
+    shared = torch.vmap(lambda q: hk.hopfield_update(q, x, 0.5, **kw))(qs)
+    own = torch.vmap(lambda q, x: hk.hopfield_update(q, x, 0.5, **kw))(qs, xs)
+    lse = torch.vmap(lambda q: hk.hopfield_partial(q, x, 0.5, **kw).lse)(qs)
+    per_sample = torch.vmap(torch.func.grad(lambda q: hk.hopfield_update(q, x, 0.5, **kw).square().sum()))(qs)
+    # functorch's slow per-index fallback announces itself on stderr: the ops have vmap rules instead
+    assert "performance drop" not in capfd.readouterr().err
+    torch.testing.assert_close(shared, hk.hopfield_update(qs, x, 0.5, **kw))
+    torch.testing.assert_close(own, hk.hopfield_update(qs, xs, 0.5, **kw))
+    torch.testing.assert_close(lse, hk.hopfield_partial(qs, x, 0.5, **kw).lse)
+    q64 = qs.double().requires_grad_()
+    (want,) = torch.autograd.grad(_ref64(q64, x, 0.5, similarity).square().sum(), q64)
+    assert rel_err(per_sample, want) < 4 * TOLERANCE[torch.float32]
+
+
+# --- torch.autocast: as scaled_dot_product_attention ----------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_computes_mixed_dtypes_like_sdpa(backend):
+    """Under autocast a bf16 query meets a float32 bank: both are cast to the autocast dtype (as SDPA's
+    inputs are), the math runs in float32, and the update comes back in the autocast dtype."""
+    require(backend)
+    q, x = make((2, 4, 16), torch.bfloat16, 6), make((30, 16), torch.float32, 7)
+    with pytest.raises(TypeError, match="^memory:"):
+        hk.hopfield_update(q, x, 0.25, backend=backend)  # outside autocast: refused, never cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sdpa = F.scaled_dot_product_attention(q, x.expand(2, 30, 16), x.expand(2, 30, 16))
+        out = hk.hopfield_update(q, x, 0.25, backend=backend)
+        p = hk.hopfield_partial(q, x, 0.25, backend=backend)
+        r = hk.hopfield_retrieve(q, x, 0.25, max_steps=2, backend=backend)
+        e = hk.energy(q, x, 0.25, backend=backend)
+    assert out.dtype == sdpa.dtype == torch.bfloat16 and r.state.dtype == torch.bfloat16
+    assert p.out.dtype == p.lse.dtype == e.dtype == torch.float32
+    want = hk.hopfield_update(q, x.bfloat16(), 0.25, backend=backend)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert rel_err(out, _ref64(q, x.bfloat16(), 0.25, "dot")) <= TOLERANCE[torch.bfloat16]
+
+
+def test_autocast_leaves_the_references_scores_in_float32():
+    """Inside the ops autocast is off: the reference's matmuls do not round scores to bf16 again."""
+    q, x = make((8, 64), torch.float32, 8), make((500, 64), torch.float32, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hk.hopfield_update(q, x, 0.5, backend="torch")
+    want = _ref64(q.bfloat16(), x.bfloat16(), 0.5, "dot")
+    assert rel_err(out, want) <= TOLERANCE[torch.bfloat16] / 4
+
+
+# --- float64 -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_float64_is_computed_in_float64(similarity, monkeypatch):
+    """The automatic choice routes float64 to the reference (every op, gradients included); the
+    kernels refuse it by name.  Held to float64's tolerance against a direct restatement."""
+    monkeypatch.delenv("HEN_KERNELS_BACKEND", raising=False)
+    q, x = make((2, 5, 6), torch.float64, 10), make((40, 6), torch.float64, 11)
+    q = torch.cat([q, x[:2].expand(2, 2, 6)], dim=1)  # queries on stored patterns too
+    beta = 0.7
+    diff = x.unsqueeze(-3) - q.unsqueeze(-2)
+    d2 = (diff * diff).sum(-1)
+    sim = {"dot": q @ x.T, "l2": -d2.sqrt(), "l2sq": -0.5 * d2}[similarity]
+    want = torch.softmax(beta * sim, -1) @ x
+    out = hk.hopfield_update(q, x, beta, similarity=similarity)
+    assert out.dtype == torch.float64 and rel_err(out, want) <= TOLERANCE[torch.float64]
+    p = hk.hopfield_partial(q, x, beta, similarity=similarity)
+    assert p.out.dtype == p.lse.dtype == torch.float64
+    torch.testing.assert_close(p.lse, torch.logsumexp(beta * sim, -1), rtol=1e-13, atol=1e-13)
+    parts = [hk.hopfield_partial(q, x[i:i + 7], beta, similarity=similarity, offset=i) for i in range(0, 40, 7)]
+    assert rel_err(hk.merge_partials(parts).out, want) <= TOLERANCE[torch.float64]
+    assert hk.energy(q, x, beta, similarity=similarity).dtype == torch.float64
+    assert hk.hopfield_retrieve(q, x, beta, similarity=similarity, max_steps=3).state.dtype == torch.float64
+    if similarity != "l2":  # -‖x - s‖ has no derivative on a stored pattern
+        qg = q[:1, :3].detach().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: hk.hopfield_update(t, x[:9], beta, similarity=similarity), (qg,))
+    if "cpu" in hk.available_backends():
+        with pytest.raises(ValueError, match="^backend: 'cpu' takes float32, float16, bfloat16 inputs, got float64"):
+            hk.hopfield_update(q, x, beta, similarity=similarity, backend="cpu")
+
+
+def test_float64_beta_keeps_its_precision():
+    q, x = make((3, 4), torch.float64, 12), make((9, 4), torch.float64, 13)
+    beta = 0.1 + 1e-12
+    got = hk.hopfield_partial(q, x, beta).lse
+    torch.testing.assert_close(got, torch.logsumexp(beta * (q @ x.T), -1), rtol=1e-15, atol=0)
+
+
+# --- registered at import, documented ---------------------------------------------------
+
+def test_ops_are_registered_at_import():
+    if "cpu" not in hk.available_backends():
+        pytest.skip("the compiled extension is not built here")
+    code = ("import torch, hen_kernels; torch.ops.hen_kernels.partial; torch.ops.hen_kernels.partial_backward; "
+            "torch.ops.hen_kernels.cpu_info()")
+    env = dict(os.environ)
+    env.pop("HEN_KERNELS_BACKEND", None)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+PUBLIC_FUNCTIONS = [hk.hopfield_update, hk.hopfield_partial, hk.hopfield_retrieve, hk.energy, hk.merge_partials]
+
+
+@pytest.mark.parametrize("fn", PUBLIC_FUNCTIONS, ids=lambda f: f.__name__)
+def test_public_functions_document_arguments_shapes_and_dtypes(fn):
+    doc = inspect.getdoc(fn)
+    assert doc and "Args:" in doc and "Returns:" in doc
+    for name in inspect.signature(fn).parameters:
+        assert name in doc, f"{fn.__name__}: argument {name!r} is not documented"
+    assert "(..., B" in doc or fn is hk.merge_partials
+    assert doc.splitlines()[0] in pydoc.render_doc(fn)  # what help() shows
+
+
+def test_types_and_available_backends_are_documented():
+    for obj in (hk.Partial, hk.Retrieval):
+        doc = inspect.getdoc(obj)
+        assert "(..., B)" in doc and "int64" in doc
+    assert inspect.getdoc(hk.available_backends)
+    assert "float32" in inspect.getdoc(hk.hopfield_update) and "autocast" in inspect.getdoc(hk.hopfield_update)
