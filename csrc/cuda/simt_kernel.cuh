@@ -108,10 +108,12 @@ HEN_DEVICE void team_sum(float (&v)[K], int team_size, float* red, int& buf) {
 }
 
 // Whether any thread of the team's warp (teams up to a warp) or of the block
-// (wider teams, whose team_sum holds a barrier) has pred: the branch it guards
-// is then taken by every thread that a team_sum inside it needs.
+// (wider teams, whose team_sum holds a barrier) has pred, for a pred that every
+// thread of a team holds alike: the branch it guards is then taken by every
+// thread that a team_sum inside it needs.  One team is the whole block: no vote.
 HEN_DEVICE bool any_in_teams(bool pred, int team_size) {
-  return team_size <= 32 ? any_in_warp(pred) : any_in_block(pred);
+  if (team_size <= 32) return any_in_warp(pred);
+  return team_size == kSimtThreads ? pred : any_in_block(pred);
 }
 
 // This thread's share of every (row r, query q) pair of a step, added to

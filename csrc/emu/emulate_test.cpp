@@ -407,6 +407,7 @@ std::vector<Case> cases() {
   add(near({"near-simt-qb4-f32-l2", T::F32, S::L2, 1, 1, 8, 500, 64, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 1e-3));
   add(near({"on-simt-qb4-f32-l2sq", T::F32, S::L2Sq, 1, 1, 5, 300, 48, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 0.0));
   add(near({"near-simt-qb4-f32-l2-team256", T::F32, S::L2, 1, 1, 4, 300, 1024, 0, 0, 0, 0, 0, {}, "simt", 0.05}, 1e-3));
+  add(near({"near-simt-qb4-bf16-l2-team64", T::BF16, S::L2, 1, 1, 4, 300, 512, 0, 0, 0, 0, 0, {}, "simt", 0.1}, 1e-2));
   add(near({"near-simt-qb4-f32-l2-split3", T::F32, S::L2, 1, 1, 6, 900, 100, 0, 0, 0, 0, 0, force(std::nullopt, 3), "simt", 0.3}, 1e-3));
   add(near({"near-simt-bf16-l2-qb4", T::BF16, S::L2, 1, 1, 6, 300, 128, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 1e-2));
   add(near({"near-simt-f16-l2sq-qb1", T::F16, S::L2Sq, 1, 1, 1, 300, 96, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 1e-2));
