@@ -159,8 +159,6 @@ PartialResult run_cuda(const at::Tensor& query, const at::Tensor& memory, const 
   const c10::DeviceGuard guard(query.device());
   const Prepared r = prepare(query, memory, values, beta, similarity, offset, weights, c10::DeviceType::CUDA);
   const hen::PartialParams& p = r.p;
-  // TRANSITIONAL until the CUDA kernels take weights (issue 14); backends.py does not send them here.
-  TORCH_CHECK(p.weights == nullptr, "hen_kernels::partial: the cuda kernels do not take weights yet");
   if (p.L == 0 || p.B == 0) return {r.out, r.lse, r.top_score, r.top_index};
   const int device = query.device().index();
   hen::cuda::DeviceInfo dev{};

@@ -49,6 +49,35 @@ def test_ptxas_report_covers_every_kernel_without_spills():
     assert all(0 < r["registers"] <= 255 for r in rows)
 
 
+def _template_args(kernel):
+    """'simt_kernel<bf16, 1, 2, true, false>' -> ['bf16', '1', '2', 'true', 'false']."""
+    return kernel[kernel.index("<") + 1:kernel.rindex(">")].split(", ")
+
+
+def test_weighted_instances_are_built_for_both_archs():
+    """docs/design.md §5.1: weights are fused through instances of their own (last template argument)."""
+    _require_cuda_build()
+    rows = _ptxas_tool().parse(torch.ops.hen_kernels.cuda_ptxas())
+    for family in ("simt_kernel", "mma_kernel"):
+        for arch in ARCHS:
+            flags = {_template_args(r["kernel"])[-1] for r in rows if r["kernel"].startswith(family) and r["arch"] == arch}
+            assert flags == {"true", "false"}, (family, arch, flags)
+
+
+def test_small_simt_instances_fit_two_blocks_per_sm():
+    """simt_min_blocks: instances with <= 16 accumulator floats per thread are built for two
+    blocks of 256 threads per SM, i.e. at most 128 registers (and, above, without spills)."""
+    _require_cuda_build()
+    rows = _ptxas_tool().parse(torch.ops.hen_kernels.cuda_ptxas())
+    vec = {"f32": 4, "f16": 8, "bf16": 8}
+    small = [r for r in rows if r["kernel"].startswith("simt_kernel")
+             and int(_template_args(r["kernel"])[1]) * int(_template_args(r["kernel"])[2])
+             * vec[_template_args(r["kernel"])[0]] <= 16]
+    assert small, "no simt instance with <= 16 accumulator floats per thread in the table"
+    over = [(r["kernel"], r["arch"], r["registers"]) for r in small if r["registers"] > 128]
+    assert not over, over
+
+
 def test_ptxas_parser_reads_nvcc_output():
     raw = (
         "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"

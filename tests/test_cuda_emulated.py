@@ -34,8 +34,9 @@ def emulator(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler to build the CUDA emulator")
     exe = str(tmp_path_factory.mktemp("cuda_emu") / "emulate_test")
+    emu = sorted(os.path.join(CSRC, "emu", n) for n in os.listdir(os.path.join(CSRC, "emu")) if n.endswith(".cpp"))
     cmd = [cxx, "-std=c++17", "-O1", "-DHEN_CUDA_EMULATE", f"-I{CSRC}", "-x", "c++", *cuda_sources(),
-           "-x", "none", os.path.join(CSRC, "emu", "emulate_test.cpp"), "-o", exe]
+           "-x", "none", *emu, "-o", exe]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return exe
 

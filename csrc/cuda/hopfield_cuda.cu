@@ -4,8 +4,10 @@
 // harness (csrc/emu/).  The kernels themselves compile in their own files
 // (simt_*.cu, mma.cu, combine.cu).
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 #include "cuda/combine_kernel.cuh"
 #include "cuda/hopfield_cuda.h"
@@ -34,21 +36,28 @@ const char* message(const std::string& m) {
   return t_message.c_str();
 }
 
-KernelFn simt_kernel_for(DType dt, int qb, int nch, bool same) {
+KernelFn simt_kernel_for(DType dt, int qb, int nch, bool same, bool weighted) {
   switch (dt) {
-    case DType::F32: return cuda_kernels::simt_f32(qb, nch, same);
-    case DType::F16: return cuda_kernels::simt_f16(qb, nch, same);
-    case DType::BF16: return cuda_kernels::simt_bf16(qb, nch, same);
+    case DType::F32: return cuda_kernels::simt_f32(qb, nch, same, weighted);
+    case DType::F16: return cuda_kernels::simt_f16(qb, nch, same, weighted);
+    case DType::BF16: return cuda_kernels::simt_bf16(qb, nch, same, weighted);
   }
   return nullptr;
 }
 
-KernelFn mma_kernel_for(DType dt, int hd) {
+KernelFn mma_kernel_for(DType dt, int hd, bool weighted) {
   switch (dt) {
-    case DType::F16: return cuda_kernels::mma_f16(hd);
-    case DType::BF16: return cuda_kernels::mma_bf16(hd);
+    case DType::F16: return cuda_kernels::mma_f16(hd, weighted);
+    case DType::BF16: return cuda_kernels::mma_bf16(hd, weighted);
     default: return nullptr;
   }
+}
+
+// The kernel instance a plan runs (make_plan asks for its occupancy, launch runs it).
+KernelFn instance_for(const PartialParams& p, const Plan& plan) {
+  return plan.kernel == Kernel::Mma
+             ? mma_kernel_for(p.dtype, plan.head_dim, plan.weighted)
+             : simt_kernel_for(p.dtype, plan.query_block, plan.chunks, plan.values_are_memory, plan.weighted);
 }
 
 // ---- launching ----------------------------------------------------------------------
@@ -81,6 +90,58 @@ bool rows_aligned(const void* base, int64_t lead_stride, int64_t row_stride, int
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && lead_stride % vec == 0 && row_stride % vec == 0;
 }
 
+// Blocks of `fn` resident on one SM with `threads` threads and `smem` bytes of
+// dynamic shared memory: the runtime's occupancy calculator knows the registers
+// ptxas gave this instance (143 to 206 for most simt instances, so one block of
+// 256 threads per SM, where an assumption said two).  Cached per device and
+// instance; the emulator supplies the runtime call (csrc/emu/cuda_emulator.h).
+const char* resident_blocks(int device, KernelFn fn, int threads, int64_t smem, int* out) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int, int64_t>, int> cache;
+  const auto key = std::make_tuple(device, reinterpret_cast<const void*>(fn), threads, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) {
+    *out = hit->second;
+    return nullptr;
+  }
+  cudaError_t e = cudaSetDevice(device);
+  if (e != cudaSuccess) return cuda_error(e, "cudaSetDevice");
+  if (smem > kDefaultSmem) {  // the calculator counts dynamic shared memory only up to the opt-in
+    e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (e != cudaSuccess) return cuda_error(e, "cudaFuncSetAttribute");
+  }
+  int n = 0;
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, reinterpret_cast<const void*>(fn), threads,
+                                                    static_cast<size_t>(smem));
+  if (e != cudaSuccess) return cuda_error(e, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (n < 1) return "hen_kernels CUDA: the plan's kernel does not fit on one SM (registers or shared memory)";
+  cache.emplace(key, n);
+  *out = n;
+  return nullptr;
+}
+
+// Bank splits per query block for `work` query blocks (all leading indices) on
+// `slots` = resident blocks per SM x SMs: the count, up to the blocks of two
+// full waves and at most `most`, whose blocks fill their waves best (fewer
+// splits on a tie: less combine work).  `actual` maps a count to the splits its
+// rounded rows per split give.
+template <class Actual>
+int64_t choose_splits(int64_t work, int64_t slots, int64_t most, Actual actual) {
+  const int64_t cap = ceil_div(2 * slots, work);
+  const int64_t last = cap < most ? cap : most;
+  int64_t best = 1;
+  double best_fill = 0.0;
+  for (int64_t want = 1; want <= last; ++want) {
+    const int64_t s = actual(want);
+    const int64_t blocks = s * work;
+    const double fill = static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, slots) * slots);
+    if (fill > best_fill + 1e-9) best = want, best_fill = fill;
+  }
+  return best;
+}
+
 }  // namespace
 
 const char* device_info(int device, DeviceInfo* info) {
@@ -91,6 +152,7 @@ const char* device_info(int device, DeviceInfo* info) {
   std::lock_guard<std::mutex> lock(mu);
   if (!known[device]) {
     DeviceInfo d{};
+    d.device = device;
     cudaError_t e = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device);
     if (e == cudaSuccess)
       e = cudaDeviceGetAttribute(&d.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -115,23 +177,26 @@ const char* make_plan(const PartialParams& p, const DeviceInfo& dev, const PlanH
                       rows_aligned(p.values, p.values_lead_stride, p.values_row_stride, vec);
   plan.values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
                            p.values_row_stride == p.memory_row_stride && p.Dv == p.D;
+  plan.weighted = p.weights != nullptr;
+  const bool l2 = p.similarity != Similarity::Dot;
   const int64_t width = p.D > p.Dv ? p.D : p.Dv;
 
   // Tensor cores for 16-bit inputs with D, Dv <= 256 and more queries than the
   // simt kernel holds per block; CUDA cores otherwise (docs/design.md §2 regimes).
   int hd = width <= 32 ? 32 : width <= 64 ? 64 : width <= 128 ? 128 : 256;
   const bool mma_ok = p.dtype != DType::F32 && width <= 256 &&
-                      cuda_kernels::mma_smem_bytes(hd, plan.values_are_memory) <= dev.max_smem_optin;
+                      cuda_kernels::mma_smem_bytes(hd, plan.values_are_memory, plan.weighted, l2) <= dev.max_smem_optin;
   bool use_mma = mma_ok && p.B > 8;
   if (hints.kernel == Kernel::Mma) {
-    if (!mma_ok) return "hen_kernels CUDA: the plan hints ask for the mma kernel, which needs 16-bit inputs and D, Dv <= 256";
+    if (!mma_ok)
+      return "hen_kernels CUDA: the plan hints ask for the mma kernel, which needs 16-bit inputs, D, Dv <= 256 and "
+             "its shared memory on this device";
     use_mma = true;
   } else if (hints.kernel == Kernel::Simt) {
     use_mma = false;
   }
 
   int64_t row_step;  // bank rows a block consumes per step
-  int64_t blocks_per_sm;
   if (use_mma) {
     plan.kernel = Kernel::Mma;
     plan.threads = cuda_kernels::kMmaThreads;
@@ -140,9 +205,8 @@ const char* make_plan(const PartialParams& p, const DeviceInfo& dev, const PlanH
     plan.chunks = 0;
     plan.head_dim = hd;
     plan.vector_loads = plan.vector_loads && p.D % 8 == 0 && p.Dv % 8 == 0;
-    plan.smem_bytes = cuda_kernels::mma_smem_bytes(hd, plan.values_are_memory);
+    plan.smem_bytes = cuda_kernels::mma_smem_bytes(hd, plan.values_are_memory, plan.weighted, l2);
     row_step = cuda_kernels::mma_block_rows(hd);
-    blocks_per_sm = 2;
   } else {
     plan.kernel = Kernel::Simt;
     plan.threads = cuda_kernels::kSimtThreads;
@@ -168,21 +232,19 @@ const char* make_plan(const PartialParams& p, const DeviceInfo& dev, const PlanH
     const int teams = cuda_kernels::kSimtThreads / plan.team;
     plan.smem_bytes = 4 * cuda_kernels::simt_smem_floats(qb, plan.chunks, plan.values_are_memory, vec, teams > 1);
     row_step = static_cast<int64_t>(teams) * cuda_kernels::simt_rows(qb, plan.chunks, plan.values_are_memory);
-    blocks_per_sm = 2;
   }
   plan.query_blocks = ceil_div(p.B, plan.query_block);
+  if (plan.smem_bytes > dev.max_smem_optin) return "hen_kernels CUDA: the plan needs more shared memory than the device has";
+  const KernelFn fn = instance_for(p, plan);
+  if (fn == nullptr) return "hen_kernels CUDA: no kernel instance for this plan";
+  if (const char* err = resident_blocks(dev.device, fn, plan.threads, plan.smem_bytes, &plan.blocks_per_sm)) return err;
 
-  // Split the bank until the blocks fill the GPU a few times over (recall: few
+  // Split the bank when the query blocks alone leave SMs idle (recall: few
   // queries, so the bank split supplies the parallelism); each split keeps at
   // least four steps of rows, and the combine stays small.
-  const int64_t per_lead = plan.query_blocks > 0 ? plan.query_blocks : 1;
-  const int64_t work = (p.L > 0 ? p.L : 1) * per_lead;
-  const int64_t target = 2 * blocks_per_sm * (dev.sm_count > 0 ? dev.sm_count : 1);
-  int64_t splits = ceil_div(target, work);
-  const int64_t most = p.N > 0 ? ceil_div(p.N, 4 * row_step) : 1;
-  splits = splits < most ? splits : most;
-  splits = splits < cuda_kernels::kCombineMaxSplits ? splits : cuda_kernels::kCombineMaxSplits;
-  splits = splits > 1 ? splits : 1;
+  const int64_t work = (p.L > 0 ? p.L : 1) * (plan.query_blocks > 0 ? plan.query_blocks : 1);
+  const int64_t slots = static_cast<int64_t>(plan.blocks_per_sm) * (dev.sm_count > 0 ? dev.sm_count : 1);
+  auto rows_for = [&](int64_t want) { return ceil_div(ceil_div(p.N, want), row_step) * row_step; };
   if (p.N == 0) {
     plan.splits = 1;
     plan.rows_per_split = 0;
@@ -191,11 +253,13 @@ const char* make_plan(const PartialParams& p, const DeviceInfo& dev, const PlanH
     plan.rows_per_split = ceil_div(p.N, want < cuda_kernels::kCombineMaxSplits ? want : cuda_kernels::kCombineMaxSplits);
     plan.splits = ceil_div(p.N, plan.rows_per_split);
   } else {
-    plan.rows_per_split = ceil_div(ceil_div(p.N, splits), row_step) * row_step;
+    int64_t most = ceil_div(p.N, 4 * row_step);
+    most = most < cuda_kernels::kCombineMaxSplits ? most : cuda_kernels::kCombineMaxSplits;
+    const int64_t want = choose_splits(work, slots, most, [&](int64_t w) { return ceil_div(p.N, rows_for(w)); });
+    plan.rows_per_split = rows_for(want);
     plan.splits = ceil_div(p.N, plan.rows_per_split);
   }
   if (p.L * plan.blocks() > INT32_MAX) return "hen_kernels CUDA: too many blocks for one launch";
-  if (plan.smem_bytes > dev.max_smem_optin) return "hen_kernels CUDA: the plan needs more shared memory than the device has";
   *out = plan;
   return nullptr;
 }
@@ -216,8 +280,7 @@ const char* launch(const PartialParams& p, const Plan& plan, const Workspace& ws
   a.vec = plan.vector_loads ? 1 : 0;
   a.same = plan.values_are_memory ? 1 : 0;
   a.need_norm = p.similarity != Similarity::Dot ? 1 : 0;
-  const KernelFn fn = plan.kernel == Kernel::Mma ? mma_kernel_for(p.dtype, plan.head_dim)
-                                                 : simt_kernel_for(p.dtype, plan.query_block, plan.chunks, plan.values_are_memory);
+  const KernelFn fn = instance_for(p, plan);
   if (fn == nullptr) return "hen_kernels CUDA: no kernel instance for this plan";
   const char* err = launch_kernel(fn, p.L * plan.blocks(), plan.threads, plan.smem_bytes, stream, p, a, ws);
   if (err != nullptr || plan.splits == 1) return err;

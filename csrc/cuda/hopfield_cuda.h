@@ -15,6 +15,8 @@
 //            the layer regime, and recall with tens of queries at small D.
 //   combine  combine_kernel.cuh: merges the per-split partials of either
 //            kernel (flash-decoding).
+// Both compute kernels take PartialParams::weights (docs/design.md §5.1) through
+// instances of their own, chosen by the plan.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +31,7 @@ enum class Kernel : int { Simt = 0, Mma = 1 };
 
 // What the planner needs to know about the device.
 struct DeviceInfo {
+  int device;          // its index, for the occupancy queries of make_plan
   int sm_count;
   int max_smem_optin;  // bytes of dynamic shared memory a block may opt in to
   int cc_major, cc_minor;
@@ -46,6 +49,8 @@ struct Plan {
   int head_dim;           // mma: D and Dv padded to 32, 64, 128 or 256
   bool vector_loads;      // 16-byte loads are aligned for every row
   bool values_are_memory; // one tile serves keys and values
+  bool weighted;          // the instance that takes PartialParams::weights
+  int blocks_per_sm;      // blocks of the chosen instance resident per SM (the runtime's occupancy calculator)
   int64_t query_blocks;   // ceil(B / query_block)
   int64_t splits;         // bank splits per query block
   int64_t rows_per_split; // bank rows per split (a multiple of the kernel's row step)
@@ -69,7 +74,10 @@ struct PlanHints {
 // The device's SM count and shared memory limit, cached per device.
 const char* device_info(int device, DeviceInfo* info);
 
-// Pick kernel, block shape and bank split from the shape and the device.
+// Pick kernel, block shape and bank split from the shape and the device.  The
+// split follows the chosen instance's real occupancy (resident blocks per SM,
+// asked of the runtime once per device and instance): enough blocks to fill the
+// GPU, in whole waves where possible.
 const char* make_plan(const PartialParams& p, const DeviceInfo& dev, const PlanHints& hints, Plan* plan);
 
 // Launch the plan on `stream` (a cudaStream_t) of device `device`.  `ws` must

@@ -4,8 +4,8 @@
 namespace hen {
 namespace cuda_kernels {
 
-KernelFn mma_f16(int hd) { return mma_table<DType::F16>(hd); }
-KernelFn mma_bf16(int hd) { return mma_table<DType::BF16>(hd); }
+KernelFn mma_f16(int hd, bool weighted) { return mma_table<DType::F16>(hd, weighted); }
+KernelFn mma_bf16(int hd, bool weighted) { return mma_table<DType::BF16>(hd, weighted); }
 
 }  // namespace cuda_kernels
 }  // namespace hen

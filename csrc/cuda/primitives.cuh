@@ -26,6 +26,7 @@
 #define HEN_LAUNCH_BOUNDS(n)
 #define HEN_LAUNCH_BOUNDS_MIN(n, m)
 #define HEN_UNROLL
+#define HEN_NO_UNROLL
 #define HEN_CHECK_SMEM16(p) hen_emu::check_smem(p, 16, 16)
 #define HEN_CHECK_ALIGNED16(p) hen_emu::check_aligned(p, 16)
 #else
@@ -38,6 +39,7 @@
 #define HEN_LAUNCH_BOUNDS(n) __launch_bounds__(n)
 #define HEN_LAUNCH_BOUNDS_MIN(n, m) __launch_bounds__(n, m)
 #define HEN_UNROLL _Pragma("unroll")
+#define HEN_NO_UNROLL _Pragma("unroll 1")
 #define HEN_CHECK_SMEM16(p)
 #define HEN_CHECK_ALIGNED16(p)
 #endif
@@ -52,6 +54,9 @@ namespace cuda_kernels {
 HEN_DEVICE int thread_index() { return hen_emu::thread_index(); }
 HEN_DEVICE int64_t block_index() { return hen_emu::block_index(); }
 HEN_DEVICE void sync_block() { hen_emu::sync_block(); }
+HEN_DEVICE bool any_in_warp(bool pred) { return hen_emu::any_in_warp(pred); }
+HEN_DEVICE bool any_in_block(bool pred) { return hen_emu::any_in_block(pred); }
+HEN_DEVICE int first_set(uint32_t bits) { return __builtin_ffs(static_cast<int>(bits)) - 1; }
 HEN_DEVICE float shfl_xor(float v, int mask) { return hen_emu::shfl_xor(v, mask); }
 HEN_DEVICE int64_t shfl_xor(int64_t v, int mask) { return hen_emu::shfl_xor(v, mask); }
 HEN_DEVICE float bits_to_float(uint32_t b) { return hen_emu::bits_to_float(b); }
@@ -75,6 +80,9 @@ HEN_DEVICE float sqrt_f(float x) { return hen_emu::sqrt_f(x); }
 HEN_DEVICE int thread_index() { return static_cast<int>(threadIdx.x); }
 HEN_DEVICE int64_t block_index() { return static_cast<int64_t>(blockIdx.x); }
 HEN_DEVICE void sync_block() { __syncthreads(); }
+HEN_DEVICE bool any_in_warp(bool pred) { return __any_sync(0xffffffffu, pred) != 0; }
+HEN_DEVICE bool any_in_block(bool pred) { return __syncthreads_or(pred ? 1 : 0) != 0; }
+HEN_DEVICE int first_set(uint32_t bits) { return __ffs(static_cast<int>(bits)) - 1; }
 HEN_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 HEN_DEVICE int64_t shfl_xor(int64_t v, int mask) {
   return static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(v), mask));
@@ -170,13 +178,23 @@ HEN_DEVICE bool better(float sa, int64_t ia, float sb, int64_t ib) {
   return sa > sb || (sa == sb && ia >= 0 && (ib < 0 || ia < ib));
 }
 
-// beta * sim from the dot product and, for l2 / l2sq, the squared norms.  The
-// clamp is written so that a NaN passes through (a NaN query stays poisoned).
+// beta * sim from a squared distance (l2, l2sq).  The clamp is written so that
+// a NaN passes through (a NaN query stays poisoned).
+HEN_DEVICE float score_from_d2(Similarity sim, float beta, float d2) {
+  d2 = d2 < 0.f ? 0.f : d2;
+  return sim == Similarity::L2Sq ? -0.5f * beta * d2 : -beta * sqrt_f(d2);
+}
+
+// docs/design.md §5.1: the expanded d2 = S - 2 q.x with S = |q|^2 + |x|^2 may have
+// cancelled (lost more than a few bits) when it falls below kL2DirectBelow * S;
+// such pairs are recomputed directly as sum_d w_d (q_d - x_d)^2.  False for NaN.
+HEN_DEVICE bool cancelled(float d2, float S) { return d2 < kL2DirectBelow * S; }
+
+// beta * sim from the dot product and, for l2 / l2sq, the squared norms (the
+// expanded form, without the cancellation check).
 HEN_DEVICE float score(Similarity sim, float beta, float dot, float qn, float xn) {
   if (sim == Similarity::Dot) return beta * dot;
-  float sq = qn + xn - 2.f * dot;
-  sq = sq < 0.f ? 0.f : sq;
-  return sim == Similarity::L2Sq ? -0.5f * beta * sq : -beta * sqrt_f(sq);
+  return score_from_d2(sim, beta, qn + xn - 2.f * dot);
 }
 
 // Online-softmax bookkeeping: the max used as the exponent's origin.  With no

@@ -5,7 +5,9 @@
 namespace hen {
 namespace cuda_kernels {
 
-KernelFn simt_bf16(int qb, int nch, bool same) { return simt_table<DType::BF16>(qb, nch, same); }
+KernelFn simt_bf16(int qb, int nch, bool same, bool weighted) {
+  return simt_table<DType::BF16>(qb, nch, same, weighted);
+}
 
 }  // namespace cuda_kernels
 }  // namespace hen

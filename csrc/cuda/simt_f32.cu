@@ -5,7 +5,9 @@
 namespace hen {
 namespace cuda_kernels {
 
-KernelFn simt_f32(int qb, int nch, bool same) { return simt_table<DType::F32>(qb, nch, same); }
+KernelFn simt_f32(int qb, int nch, bool same, bool weighted) {
+  return simt_table<DType::F32>(qb, nch, same, weighted);
+}
 
 }  // namespace cuda_kernels
 }  // namespace hen

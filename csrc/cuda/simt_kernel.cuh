@@ -14,6 +14,14 @@
 // Why CUDA cores: with few queries there are 4*B flops per bank element, far
 // below what the memory system delivers, and no tensor-core tile shape fits one
 // to eight queries without wasting most of it.
+//
+// docs/design.md §5.1: the l2 forms take sum_d w_d (x_d - q_d)^2 directly where
+// that costs no extra instructions (simt_direct_l2), else the expanded form with
+// the pairs that may have cancelled recomputed from the chunks in registers.
+// Every row's score comes from the same operations in the same order whatever
+// its team, step or split, so identical rows tie exactly and the smallest row
+// wins.  Weights (an instance of their own, W): w∘q as the query for dot, and
+// w_d weighing each squared difference for the l2 forms.
 #pragma once
 
 #include <cstdint>
@@ -47,51 +55,124 @@ HEN_HOST_DEVICE constexpr int64_t simt_smem_floats(int qb, int nch, bool same, i
 // accumulator (and as many of query): QB x chunks x elements per chunk <= 32.
 HEN_HOST_DEVICE constexpr bool simt_fits(int qb, int nch, int vec) { return qb * nch * vec <= 32; }
 
-// Sum K values over the team (all its threads end with the same bits).  Teams
-// up to a warp use shuffles; wider teams add the warps' sums through shared
-// memory, double-buffered so one barrier per call suffices.
-template <int K>
+// Blocks per SM each instance is compiled for (__launch_bounds__).  With at most
+// 16 accumulator floats per thread, ptxas fits every instance in 128 registers
+// without spilling (checked on sm_80 and sm_90: tests/test_cuda_build.py), so two
+// blocks of 256 threads share an SM and one hides the other's reductions and
+// exps between its loads; the larger instances take what they need, one block.
+HEN_HOST_DEVICE constexpr int simt_min_blocks(int qb, int nch, int vec) { return qb * nch * vec <= 16 ? 2 : 1; }
+
+// Whether an instance forms the l2 forms' squared distance directly for every
+// (row, query) pair, sum_d w_d (x_d - q_d)^2 (docs/design.md §5.1), rather than
+// expanded as |q|^2 + |x|^2 - 2 q.x with the cancelled pairs recomputed.  With
+// one query per block the direct form takes no more instructions per element
+// (one FADD + one FFMA per pair against one FFMA per pair + one FFMA per row for
+// the row norm), and with weights the expanded form would need a second product
+// per pair (<w, x∘x>) anyway.  With four queries the direct form would add an
+// FADD per element and query to a kernel that is then compute bound.
+HEN_HOST_DEVICE constexpr bool simt_direct_l2(int qb, bool weighted) { return qb == 1 || weighted; }
+
+// Sum the first N values of v over the team (all its threads end with the same
+// bits).  Teams up to a warp use shuffles; wider teams add the warps' sums
+// through shared memory, double-buffered so one barrier per call suffices.
+template <int N, int K>
 HEN_DEVICE void team_sum(float (&v)[K], int team_size, float* red, int& buf) {
+  static_assert(N <= K, "team_sum: N values of K");
   if (team_size <= 32) {
     for (int off = team_size / 2; off >= 1; off >>= 1) {
       HEN_UNROLL
-      for (int k = 0; k < K; ++k) v[k] += shfl_xor(v[k], off);
+      for (int k = 0; k < N; ++k) v[k] += shfl_xor(v[k], off);
     }
     return;
   }
   HEN_UNROLL
   for (int off = 16; off >= 1; off >>= 1) {
     HEN_UNROLL
-    for (int k = 0; k < K; ++k) v[k] += shfl_xor(v[k], off);
+    for (int k = 0; k < N; ++k) v[k] += shfl_xor(v[k], off);
   }
   const int tid = thread_index(), warp = tid / 32, lane = tid % 32;
-  float* slot = red + buf * (kSimtWarps * K);
+  float* slot = red + buf * (kSimtWarps * N);
   if (lane == 0) {
     HEN_UNROLL
-    for (int k = 0; k < K; ++k) slot[warp * K + k] = v[k];
+    for (int k = 0; k < N; ++k) slot[warp * N + k] = v[k];
   }
   sync_block();
   const int w0 = (tid / team_size) * (team_size / 32);
   HEN_UNROLL
-  for (int k = 0; k < K; ++k) {
+  for (int k = 0; k < N; ++k) {
     float s = 0.f;
-    for (int w = 0; w < team_size / 32; ++w) s += slot[(w0 + w) * K + k];
+    for (int w = 0; w < team_size / 32; ++w) s += slot[(w0 + w) * N + k];
     v[k] = s;
   }
   buf ^= 1;
 }
 
-template <DType DT, int QB, int NCH, bool SAME>
-HEN_GLOBAL void HEN_LAUNCH_BOUNDS_MIN(kSimtThreads, 1)
+// Whether any thread of the team's warp (teams up to a warp) or of the block
+// (wider teams, whose team_sum holds a barrier) has pred, for a pred that every
+// thread of a team holds alike: the branch it guards is then taken by every
+// thread that a team_sum inside it needs.  One team is the whole block: no vote.
+HEN_DEVICE bool any_in_teams(bool pred, int team_size) {
+  if (team_size <= 32) return any_in_warp(pred);
+  return team_size == kSimtThreads ? pred : any_in_block(pred);
+}
+
+// This thread's share of every (row r, query q) pair of a step, added to
+// s[r * QB + q] for the pairs in `only` (bit r * QB + q): the squared distance
+// sum_e w_e (x_e - q_e)^2 when DIRECT (w_e = 1 unless W), else the dot product
+// and, with `norms`, each row's squared norm in s[R * QB + r].  The same
+// operations in the same order for every row.
+template <class E, bool DIRECT, bool W, int QB, int NCH, int R, int K, class QF, class WF>
+HEN_DEVICE void pair_sums(float (&s)[K], const Chunk (&xc)[R][NCH], const QF& qf, const WF& wf, bool norms,
+                          uint32_t only = ~0u) {
+  constexpr int V = E::kVec;
+  HEN_UNROLL
+  for (int j = 0; j < NCH; ++j) {
+    HEN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      float xf[V];
+      HEN_UNROLL
+      for (int e = 0; e < V; ++e) xf[e] = get_elem<E>(xc[r][j], e);
+      if constexpr (!DIRECT) {
+        if (norms) {
+          HEN_UNROLL
+          for (int e = 0; e < V; ++e) s[R * QB + r] += xf[e] * xf[e];
+        }
+      }
+      HEN_UNROLL
+      for (int q = 0; q < QB; ++q) {
+        float d = 0.f;
+        HEN_UNROLL
+        for (int e = 0; e < V; ++e) {
+          if constexpr (DIRECT) {
+            const float diff = xf[e] - qf[q][j][e];  // exact where x and q are close: translation invariant
+            if constexpr (W) {
+              d += diff * wf[q][j][e] * diff;
+            } else {
+              d += diff * diff;
+            }
+          } else {
+            d += qf[q][j][e] * xf[e];
+          }
+        }
+        if ((only >> (r * QB + q)) & 1u) s[r * QB + q] += d;
+      }
+    }
+  }
+}
+
+template <DType DT, int QB, int NCH, bool SAME, bool W>
+HEN_GLOBAL void HEN_LAUNCH_BOUNDS_MIN(kSimtThreads, simt_min_blocks(QB, NCH, Elem<DT>::kVec))
     simt_kernel(const PartialParams p, const LaunchArgs a, const Workspace ws) {
   using E = Elem<DT>;
   using raw_t = typename E::raw;
   constexpr int V = E::kVec;
   constexpr int R = simt_rows(QB, NCH, SAME);
-  constexpr int K = simt_reduced(QB, NCH, SAME);  // [r * QB + q]: dot products, [R * QB + r]: row norms
-  constexpr int PER = QB * NCH * V;         // accumulator floats per thread
+  constexpr int RQ = R * QB;                       // (row, query) pairs per team and step
+  constexpr int K = simt_reduced(QB, NCH, SAME);   // [r * QB + q]: per pair, [RQ + r]: row norms
+  constexpr int PER = QB * NCH * V;                // accumulator floats per thread
+  constexpr bool kDirect = simt_direct_l2(QB, W);
 
-  float* red = reinterpret_cast<float*>(dynamic_smem());  // [2][kSimtWarps][K]
+  float* red = reinterpret_cast<float*>(dynamic_smem());  // [2][kSimtWarps][<= K]
   float* merge_acc = red + 2 * kSimtWarps * K;            // [slot][PER][team]
   float* merge_m = merge_acc + kSimtMaxSlots * PER;       // [slot][QB]
   float* merge_l = merge_m + kSimtMaxSlots * QB;
@@ -108,6 +189,7 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS_MIN(kSimtThreads, 1)
   const int64_t n_end = min_i64(p.N, n_begin + a.rows_per_split);
   const float beta = p.beta[l];
   const bool vec = a.vec != 0, need_norm = a.need_norm != 0;
+  const bool expanded = need_norm && !kDirect;  // l2 forms from |q|^2 + |x|^2 - 2 q.x
   const int64_t D = p.D, Dv = p.Dv;
   const int64_t Dc = (D + V - 1) / V, Dvc = (Dv + V - 1) / V;
   const raw_t* qbase = static_cast<const raw_t*>(p.query) + l * p.query_lead_stride + b0 * p.query_row_stride;
@@ -115,24 +197,33 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS_MIN(kSimtThreads, 1)
   const raw_t* vbase = static_cast<const raw_t*>(p.values) + l * p.values_lead_stride;
   int buf = 0;
 
-  // This thread's chunks of every query, as float, and the queries' squared norms.
+  // This thread's chunks of every query as float (w∘q for a weighted dot), the
+  // weights for a weighted l2 form, and the queries' squared norms.
   float qf[QB][NCH][V];
+  [[maybe_unused]] float wf[W ? QB : 1][W ? NCH : 1][W ? V : 1];
   float qn[QB];
   HEN_UNROLL
   for (int q = 0; q < QB; ++q) {
     qn[q] = 0.f;
+    [[maybe_unused]] const float* wrow = W && q < nq ? p.weights + (l * p.B + b0 + q) * D : nullptr;
     HEN_UNROLL
     for (int j = 0; j < NCH; ++j) {
       const int64_t c = tl + static_cast<int64_t>(j) * team_size;
       const Chunk ch = q < nq && c < Dc ? load_chunk<E>(qbase + q * p.query_row_stride, c * V, D, vec) : zero_chunk();
       HEN_UNROLL
       for (int e = 0; e < V; ++e) {
-        qf[q][j][e] = get_elem<E>(ch, e);
-        qn[q] += qf[q][j][e] * qf[q][j][e];
+        float v = get_elem<E>(ch, e);
+        if constexpr (W) {
+          const float w = wrow != nullptr && c * V + e < D ? wrow[c * V + e] : 0.f;
+          wf[q][j][e] = w;
+          if (!need_norm) v *= w;
+        }
+        qf[q][j][e] = v;
+        qn[q] += v * v;
       }
     }
   }
-  team_sum<QB>(qn, team_size, red, buf);
+  if (expanded) team_sum<QB>(qn, team_size, red, buf);
 
   float m[QB], lsum[QB], ts[QB], acc[QB][NCH][V];
   int64_t ti[QB];
@@ -165,38 +256,62 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS_MIN(kSimtThreads, 1)
       }
     }
 
+    // Per pair: the dot product, or the squared distance (direct, or expanded
+    // with the row norms); reduced over the team.
     float s[K];
     HEN_UNROLL
     for (int k = 0; k < K; ++k) s[k] = 0.f;
-    HEN_UNROLL
-    for (int j = 0; j < NCH; ++j) {
-      HEN_UNROLL
-      for (int r = 0; r < R; ++r) {
-        float xf[V];
-        HEN_UNROLL
-        for (int e = 0; e < V; ++e) xf[e] = get_elem<E>(xc[r][j], e);
-        if (need_norm) {
-          HEN_UNROLL
-          for (int e = 0; e < V; ++e) s[R * QB + r] += xf[e] * xf[e];
-        }
-        HEN_UNROLL
-        for (int q = 0; q < QB; ++q) {
-          float d = 0.f;
-          HEN_UNROLL
-          for (int e = 0; e < V; ++e) d += qf[q][j][e] * xf[e];
-          s[r * QB + q] += d;
-        }
-      }
+    if (kDirect && need_norm) {
+      pair_sums<E, true, W, QB, NCH, R>(s, xc, qf, wf, false);
+      team_sum<RQ>(s, team_size, red, buf);
+    } else if (expanded) {
+      pair_sums<E, false, W, QB, NCH, R>(s, xc, qf, wf, true);
+      team_sum<K>(s, team_size, red, buf);
+    } else {
+      pair_sums<E, false, W, QB, NCH, R>(s, xc, qf, wf, false);
+      team_sum<RQ>(s, team_size, red, buf);
     }
-    team_sum<K>(s, team_size, red, buf);
 
     // Scores in place, then the online softmax per query; s[r * QB + q] ends as the weight.
-    HEN_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const bool ok = rb + r < n_end;
+    if (need_norm) {
+      if constexpr (!kDirect) {
+        // Expanded d2 per pair; a pair where it may have cancelled (a query on or
+        // next to a stored row, or a bank far from the origin) is recomputed
+        // directly from the chunks still in registers.  Recall's usual case flags
+        // one row in the whole bank, so the recompute runs rarely.
+        uint32_t flags = 0;
+        HEN_UNROLL
+        for (int r = 0; r < R; ++r) {
+          HEN_UNROLL
+          for (int q = 0; q < QB; ++q) {
+            const float S = qn[q] + s[RQ + r];
+            const float d2 = S - 2.f * s[r * QB + q];
+            if (cancelled(d2, S)) flags |= 1u << (r * QB + q);
+            s[r * QB + q] = d2;
+          }
+        }
+        if (any_in_teams(flags != 0, team_size)) {
+          // In place: a kept d2 goes through the team sum as d2 + 0 + ... + 0
+          // (exact), a flagged one is summed afresh from the direct form.
+          HEN_UNROLL
+          for (int k = 0; k < RQ; ++k) s[k] = (flags >> k) & 1u || tl != 0 ? 0.f : s[k];
+          pair_sums<E, true, W, QB, NCH, R>(s, xc, qf, wf, false, flags);
+          team_sum<RQ>(s, team_size, red, buf);
+        }
+      }
       HEN_UNROLL
-      for (int q = 0; q < QB; ++q)
-        s[r * QB + q] = ok ? score(p.similarity, beta, s[r * QB + q], qn[q], s[R * QB + r]) : neg_inf();
+      for (int r = 0; r < R; ++r) {
+        const bool ok = rb + r < n_end;
+        HEN_UNROLL
+        for (int q = 0; q < QB; ++q) s[r * QB + q] = ok ? score_from_d2(p.similarity, beta, s[r * QB + q]) : neg_inf();
+      }
+    } else {
+      HEN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const bool ok = rb + r < n_end;
+        HEN_UNROLL
+        for (int q = 0; q < QB; ++q) s[r * QB + q] = ok ? beta * s[r * QB + q] : neg_inf();
+      }
     }
     HEN_UNROLL
     for (int q = 0; q < QB; ++q) {
@@ -315,38 +430,39 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS_MIN(kSimtThreads, 1)
 // one dtype's share, so the instances compile in parallel.
 
 template <DType DT, int QB, int NCH>
-KernelFn simt_instance(bool same) {
+KernelFn simt_instance(bool same, bool weighted) {
   if constexpr (simt_fits(QB, NCH, Elem<DT>::kVec)) {
-    return same ? &simt_kernel<DT, QB, NCH, true> : &simt_kernel<DT, QB, NCH, false>;
+    if (weighted) return same ? &simt_kernel<DT, QB, NCH, true, true> : &simt_kernel<DT, QB, NCH, false, true>;
+    return same ? &simt_kernel<DT, QB, NCH, true, false> : &simt_kernel<DT, QB, NCH, false, false>;
   } else {
     return nullptr;
   }
 }
 
 template <DType DT, int QB>
-KernelFn simt_by_chunks(int nch, bool same) {
+KernelFn simt_by_chunks(int nch, bool same, bool weighted) {
   switch (nch) {
-    case 1: return simt_instance<DT, QB, 1>(same);
-    case 2: return simt_instance<DT, QB, 2>(same);
-    case 4: return simt_instance<DT, QB, 4>(same);
-    case 8: return simt_instance<DT, QB, 8>(same);
+    case 1: return simt_instance<DT, QB, 1>(same, weighted);
+    case 2: return simt_instance<DT, QB, 2>(same, weighted);
+    case 4: return simt_instance<DT, QB, 4>(same, weighted);
+    case 8: return simt_instance<DT, QB, 8>(same, weighted);
     default: return nullptr;
   }
 }
 
 template <DType DT>
-KernelFn simt_table(int qb, int nch, bool same) {
+KernelFn simt_table(int qb, int nch, bool same, bool weighted) {
   switch (qb) {
-    case 1: return simt_by_chunks<DT, 1>(nch, same);
-    case 4: return simt_by_chunks<DT, 4>(nch, same);
+    case 1: return simt_by_chunks<DT, 1>(nch, same, weighted);
+    case 4: return simt_by_chunks<DT, 4>(nch, same, weighted);
     default: return nullptr;
   }
 }
 
 // Defined one per dtype (simt_f32.cu, ...): the kernel for a plan, or nullptr.
-KernelFn simt_f32(int qb, int nch, bool same);
-KernelFn simt_f16(int qb, int nch, bool same);
-KernelFn simt_bf16(int qb, int nch, bool same);
+KernelFn simt_f32(int qb, int nch, bool same, bool weighted);
+KernelFn simt_f16(int qb, int nch, bool same, bool weighted);
+KernelFn simt_bf16(int qb, int nch, bool same, bool weighted);
 
 }  // namespace cuda_kernels
 }  // namespace hen

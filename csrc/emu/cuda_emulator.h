@@ -34,18 +34,36 @@ enum cudaDeviceAttr {
   cudaDevAttrComputeCapabilityMajor,
   cudaDevAttrComputeCapabilityMinor
 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
 namespace hen_emu {
 
-// The emulated device: few SMs, so that plans split small banks.
+// An emulated device: few SMs, so that plans split small banks.  The emulator
+// has no registers, so the occupancy calculator's register limit is a number a
+// test sets (`register_blocks`: blocks per SM that the instance's registers
+// allow); shared memory and threads limit it as on an H100.
 struct Device {
   int sm_count = 4;
   int max_smem_optin = 227 * 1024;
+  int smem_per_sm = 228 * 1024;
+  int threads_per_sm = 2048;
+  int register_blocks = 1;
+  int occupancy_queries = 0;  // calls of cudaOccupancyMaxActiveBlocksPerMultiprocessor
 };
-inline Device& device() {
-  static Device d;
+constexpr int kDevices = 4;
+inline Device& device(int i) {
+  static Device d[kDevices];
+  if (i < 0 || i >= kDevices) {
+    std::fprintf(stderr, "cuda_emulator: device %d out of range\n", i);
+    std::abort();
+  }
+  return d[i];
+}
+inline int& current_device() {
+  static int d = 0;
   return d;
 }
+inline Device& device() { return device(current_device()); }
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda_emulator: %s\n", what);
@@ -54,7 +72,6 @@ inline Device& device() {
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
   bool done = false;
   bool blocked = false;
 };
@@ -82,6 +99,7 @@ struct BlockState {
   Barrier cta;
   std::vector<Barrier> warps;
   std::vector<WarpBuf> wbuf;
+  std::vector<char> votes;
   unsigned char* smem = nullptr;
   size_t smem_size = 0;
   const std::function<void()>* body = nullptr;
@@ -141,6 +159,28 @@ inline T shfl_xor(T v, int mask) {
   T r;
   std::memcpy(&r, &other, sizeof r);
   return r;
+}
+
+// __any_sync over the full warp: every lane must take part.
+inline bool any_in_warp(bool pred) {
+  WarpBuf& w = warp_buf();
+  w.v[lane()] = pred ? 1u : 0u;
+  sync_warp();
+  bool any = false;
+  for (int i = 0; i < 32; ++i) any |= w.v[i] != 0;
+  sync_warp();
+  return any;
+}
+
+// __syncthreads_or: a block barrier that also tells whether any thread had pred.
+inline bool any_in_block(bool pred) {
+  BlockState& s = *state();
+  s.votes[s.current] = pred;
+  sync_block();
+  bool any = false;
+  for (int i = 0; i < s.nthreads; ++i) any |= s.votes[i] != 0;
+  sync_block();
+  return any;
 }
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row
@@ -254,6 +294,11 @@ inline void launch(int64_t blocks, int threads, size_t smem, const std::function
   if (threads <= 0 || threads % 32 != 0 || threads > 1024) fail("block size must be a multiple of 32, at most 1024");
   if (smem > static_cast<size_t>(device().max_smem_optin)) fail("dynamic shared memory above the device limit");
   constexpr size_t kStack = 256 * 1024;
+  // Fiber stacks are kept across blocks and launches: allocating (and faulting
+  // in) 256 of them per block was most of the emulator's time.
+  static std::vector<std::vector<char>> stacks;
+  if (stacks.size() < static_cast<size_t>(threads)) stacks.resize(static_cast<size_t>(threads));
+  for (auto& st : stacks) st.resize(kStack);
   for (int64_t b = 0; b < blocks; ++b) {
     BlockState s;
     s.block = b;
@@ -263,14 +308,15 @@ inline void launch(int64_t blocks, int threads, size_t smem, const std::function
     s.warps.resize(threads / 32);
     for (auto& w : s.warps) w.expected = 32;
     s.wbuf.resize(threads / 32);
+    s.votes.assign(static_cast<size_t>(threads), 0);
     s.smem_size = smem;
     s.smem = static_cast<unsigned char*>(std::malloc(smem > 0 ? smem : 1));
     std::memset(s.smem, 0xff, smem);
     s.fibers.resize(threads);
-    for (auto& f : s.fibers) {
-      f.stack.resize(kStack);
+    for (int i = 0; i < threads; ++i) {
+      Fiber& f = s.fibers[static_cast<size_t>(i)];
       getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack.data();
+      f.ctx.uc_stack.ss_sp = stacks[static_cast<size_t>(i)].data();
       f.ctx.uc_stack.ss_size = kStack;
       f.ctx.uc_link = &s.sched;
       makecontext(&f.ctx, fiber_main, 0);
@@ -296,12 +342,30 @@ inline void launch(int64_t blocks, int threads, size_t smem, const std::function
 
 }  // namespace hen_emu
 
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  const hen_emu::Device& d = hen_emu::device(device);
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = hen_emu::device().sm_count; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = hen_emu::device().max_smem_optin; break;
+    case cudaDevAttrMultiProcessorCount: *value = d.sm_count; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.max_smem_optin; break;
     case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
   }
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int device) {
+  hen_emu::device(device);  // range check
+  hen_emu::current_device() = device;
+  return cudaSuccess;
+}
+inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+// The occupancy calculator of the current device: the smallest of the limits
+// by registers (set by the test), shared memory and threads.
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int threads, size_t smem) {
+  hen_emu::Device& d = hen_emu::device();
+  ++d.occupancy_queries;
+  int n = d.register_blocks;
+  if (smem > 0 && static_cast<int>(d.smem_per_sm / smem) < n) n = static_cast<int>(d.smem_per_sm / smem);
+  if (d.threads_per_sm / threads < n) n = d.threads_per_sm / threads;
+  *blocks = n;
   return cudaSuccess;
 }

@@ -1,10 +1,13 @@
 // Runs the CUDA kernels of csrc/ on the CPU emulator (cuda_emulator.h) against
 // a float64 reference: every kernel instance family, dtype and similarity,
 // values != memory, leading dims, unaligned and strided rows, bank splits and
-// the combine, ties, a NaN query, empty and one-row banks, hard retrieval.
-// Built and run by tests/test_cuda_emulated.py; exits non-zero on a failure.
+// the combine, ties (at every position), a NaN query, empty and one-row banks,
+// hard retrieval, and the numerics of docs/design.md §5.1: l2 forms with
+// queries on and next to stored rows and banks far from the origin, weights.
+// Then the plans (emulate_plans.cpp).  Built and run by
+// tests/test_cuda_emulated.py; exits non-zero on a failure.
 //
-//   g++ -std=c++17 -O1 -DHEN_CUDA_EMULATE -Icsrc -x c++ csrc/cuda/*.cu -x none csrc/emu/emulate_test.cpp
+//   g++ -std=c++17 -O1 -DHEN_CUDA_EMULATE -Icsrc -x c++ csrc/cuda/*.cu -x none csrc/emu/*.cpp
 //   ./a.out [name-filter]
 // (csrc/cuda/*.cu is HEN_CUDA_SOURCES of CMakeLists.txt, the list the test builds from).
 #include <cmath>
@@ -52,6 +55,12 @@ struct Case {
   bool ties = false;          // duplicate bank rows: the first must win
   bool hard = false;          // queries near bank rows, huge beta: the exact pattern must come back
   bool expect_split = false;  // the plan must split the bank
+  // docs/design.md §5.1 (set by the helpers of cases()):
+  bool weighted = false;      // per-query feature weights, |normal| with a quarter of them 0
+  double near = -1;           // >= 0: each query is a bank row plus near * normal noise
+  double far = 0;             // > 0: the bank and queries sit at distance `far` from the origin...
+  double spread = 1;          // ...with the rows `spread` * normal around that centre
+  bool all_same = false;      // every bank row identical: row 0 must win every tie
 };
 
 double tolerance(DType dt) { return dt == DType::F32 ? 1e-5 : dt == DType::F16 ? 5e-3 : 2e-2; }
@@ -98,6 +107,7 @@ struct Inputs {
   Buffer q, x, v;
   std::vector<float> beta;
   int64_t qrs, qls, xrs, xls, vrs, vls;
+  std::vector<float> w;  // (L, B, D) weights, empty when none
 };
 
 Inputs make_inputs(const Case& c, uint32_t seed) {
@@ -108,10 +118,16 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
             Buffer(c.dtype, static_cast<size_t>(c.L * c.B * qrs)),
             Buffer(c.dtype, static_cast<size_t>(std::max<int64_t>(c.Lm * c.N * xrs, 1))),
             Buffer(c.dtype, static_cast<size_t>(same ? 1 : std::max<int64_t>(c.Lm * c.N * vrs, 1))),
-            {}, qrs, c.B * qrs, xrs, c.Lm == 1 ? 0 : c.N * xrs, vrs, c.Lm == 1 ? 0 : c.N * vrs};
+            {}, qrs, c.B * qrs, xrs, c.Lm == 1 ? 0 : c.N * xrs, vrs, c.Lm == 1 ? 0 : c.N * vrs, {}};
   std::mt19937 gen(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
-  for (int64_t i = 0; i < c.Lm * c.N * xrs; ++i) in.x.set(static_cast<size_t>(i), normal(gen));
+  const double centre = c.far / std::sqrt(static_cast<double>(c.D));  // per feature: |centre| = far
+  for (int64_t i = 0; i < c.Lm * c.N * xrs; ++i) in.x.set(static_cast<size_t>(i), centre + c.spread * normal(gen));
+  if (c.all_same)
+    for (int64_t lm = 0; lm < c.Lm; ++lm)
+      for (int64_t n = 1; n < c.N; ++n)
+        for (int64_t k = 0; k < c.D; ++k)
+          in.x.copy(static_cast<size_t>(lm * in.xls + n * xrs + k), static_cast<size_t>(lm * in.xls + k));
   if (!same)
     for (int64_t i = 0; i < c.Lm * c.N * vrs; ++i) in.v.set(static_cast<size_t>(i), normal(gen));
   if (c.ties) {  // every 7th row repeats the row 100 rows earlier (same lead)
@@ -124,15 +140,22 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
     for (int64_t b = 0; b < c.B; ++b)
       for (int64_t k = 0; k < c.D; ++k) {
         const size_t i = static_cast<size_t>(l * in.qls + b * qrs + k);
-        if (c.hard || c.ties) {  // near (hard) or exactly on (ties) a bank row
+        if (c.hard || c.ties || c.near >= 0) {  // near (hard, near) or exactly on (ties) a bank row
           const int64_t row = (b * 37 + 11) % c.N;
           const double base = in.x.value[static_cast<size_t>((c.Lm == 1 ? 0 : l) * in.xls + row * xrs + k)];
-          in.q.set(i, base + (c.hard ? 0.05 * normal(gen) : 0.0));
+          const double noise = c.hard ? 0.05 : c.near >= 0 ? c.near : 0.0;
+          in.q.set(i, base + noise * normal(gen));
         } else {
-          in.q.set(i, normal(gen));
+          in.q.set(i, centre + c.spread * normal(gen));
         }
       }
   if (c.nan_query >= 0) in.q.set(static_cast<size_t>(c.nan_query * qrs + (c.D - 1) / 2), std::nan(""));
+  if (c.weighted) {
+    std::uniform_real_distribution<double> uniform(0.0, 1.0);
+    in.w.resize(static_cast<size_t>(c.L * c.B * c.D));
+    for (float& w : in.w) w = uniform(gen) < 0.25 ? 0.f : static_cast<float>(std::fabs(normal(gen)));
+    for (int64_t k = 0; k < c.D / 2; ++k) in.w[static_cast<size_t>(k)] = 0.f;  // query 0 knows only its second half
+  }
   const double base = c.sim == Similarity::L2 ? 1.0 : 1.0 / std::sqrt(static_cast<double>(c.D));
   for (int64_t l = 0; l < c.L; ++l) in.beta.push_back(static_cast<float>(c.beta_level * base * (1.0 + 0.1 * l)));
   return in;
@@ -145,6 +168,7 @@ Result run(const Inputs& in) {
   p.memory = in.x.data();
   p.values = in.same ? in.x.data() : in.v.data();
   p.beta = in.beta.data();
+  p.weights = in.w.empty() ? nullptr : in.w.data();
   p.dtype = c.dtype;
   p.similarity = c.sim;
   p.L = c.L, p.B = c.B, p.N = c.N, p.D = c.D, p.Dv = in.Dv;
@@ -197,14 +221,16 @@ Reference reference(const Inputs& in) {
       int64_t top_i = -1;
       for (int64_t n = 0; n < c.N; ++n) {
         const double* x = &in.x.value[static_cast<size_t>(lm * in.xls + n * in.xrs)];
-        double dot = 0, qq = 0, xx = 0;
-        for (int64_t k = 0; k < c.D; ++k) dot += q[k] * x[k], qq += q[k] * q[k], xx += x[k] * x[k];
-        double sim = dot;
-        if (c.sim != Similarity::Dot) {
-          double sq = qq + xx - 2 * dot;
-          sq = sq < 0 ? 0 : sq;
-          sim = c.sim == Similarity::L2 ? -std::sqrt(sq) : -0.5 * sq;
+        // The definitions, directly in float64 (no expanded form to cancel).
+        const float* w = in.w.empty() ? nullptr : &in.w[static_cast<size_t>((l * c.B + b) * c.D)];
+        double dot = 0, sq = 0;
+        for (int64_t k = 0; k < c.D; ++k) {
+          const double wk = w != nullptr ? w[k] : 1.0;
+          dot += wk * q[k] * x[k];
+          sq += wk * (x[k] - q[k]) * (x[k] - q[k]);
         }
+        double sim = dot;
+        if (c.sim != Similarity::Dot) sim = c.sim == Similarity::L2 ? -std::sqrt(sq) : -0.5 * sq;
         s[static_cast<size_t>(n)] = in.beta[static_cast<size_t>(l)] * sim;
         if (s[static_cast<size_t>(n)] > top) top = s[static_cast<size_t>(n)], top_i = n;
         big = std::max(big, s[static_cast<size_t>(n)]);
@@ -259,14 +285,18 @@ bool check(const Case& c, uint32_t seed) {
   for (size_t i = 0; i < r.out.size(); ++i)
     if (keep[i / static_cast<size_t>(in.Dv)] && std::isnan(r.out[i])) { fail("NaN in out"); break; }
   const double e_out = rel_err(r.out, ref.out, keep, in.Dv);
-  const double e_lse = rel_err(r.lse, ref.lse, keep, 1);
-  // Per query, against max(1, |score|): a top score near 0 (an l2 distance to
-  // a near-duplicate row) carries the float32 rounding of ||q||^2 + ||x||^2.
-  double e_top = 0;
-  for (size_t i = 0; i < r.top_score.size(); ++i) {
-    if (!keep[i] || std::isinf(ref.top_score[i])) continue;
-    e_top = std::max(e_top, std::fabs(r.top_score[i] - ref.top_score[i]) / std::max(1.0, std::fabs(ref.top_score[i])));
-  }
+  // lse and the top score per query against max(1, |value|), the worst query
+  // (as tests/test_kernels.py): a relative error of sum exp, well posed where
+  // lse ~ 0 (a query on its pattern).
+  auto worst = [&](const std::vector<float>& got, const std::vector<double>& want) {
+    double e = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      if (!keep[i] || std::isinf(want[i])) continue;
+      e = std::max(e, std::fabs(got[i] - want[i]) / std::max(1.0, std::fabs(want[i])));
+    }
+    return e;
+  };
+  const double e_lse = worst(r.lse, ref.lse), e_top = worst(r.top_score, ref.top_score);
   if (!(e_out <= tol)) fail("out error " + std::to_string(e_out));
   if (!(e_lse <= tol)) fail("lse error " + std::to_string(e_lse));
   if (!(e_top <= tol)) fail("top_score error " + std::to_string(e_top));
@@ -280,7 +310,7 @@ bool check(const Case& c, uint32_t seed) {
     }
     const bool agree = r.top_index[k] == ref.top_index[k];
     const bool close = std::fabs(r.top_score[k] - ref.top_score[k]) <= tol * std::max(1.0, std::fabs(ref.top_score[k]));
-    if (c.ties || c.hard ? !agree : !(agree || close)) ++bad_index;
+    if (c.ties || c.hard || c.all_same ? !agree : !(agree || close)) ++bad_index;
   }
   if (bad_index) fail(std::to_string(bad_index) + " wrong top_index");
   if (c.N == 0)
@@ -361,10 +391,78 @@ std::vector<Case> cases() {
   add({"mma-hard-bf16", T::BF16, S::Dot, 1, 1, 12, 300, 64, 0, 0, 0, 0, 0, force(Kernel::Mma), "mma", 1e4, -1, false, true});
   add({"mma-one-query", T::F16, S::L2Sq, 1, 1, 1, 100, 48, 0, 0, 0, 0, 0, force(Kernel::Mma), "mma"});
   add({"mma-auto-split", T::BF16, S::Dot, 1, 1, 16, 2000, 64, 0, 0, 0, 0, 0, {}, "mma", 1.0, -1, false, false, true});
+
+  // docs/design.md §5.1.  Helpers set the numerics fields of a case.
+  auto weighted = [](Case c) { c.weighted = true; return c; };
+  auto near = [](Case c, double noise) { c.near = noise; return c; };
+  auto far = [](Case c, double norm, double spread, double noise) {
+    c.far = norm, c.spread = spread, c.near = noise;
+    return c;
+  };
+  auto all_same = [](Case c) { c.all_same = true; return c; };
+  // l2 forms with queries on or next to stored rows: every instance kind (simt
+  // direct with one query per block; simt expanded + recompute with four, the
+  // vote in a warp (team <= 32) or the block (team 256); mma), every dtype.
+  add(near({"near-simt-qb1-f32-l2", T::F32, S::L2, 1, 1, 1, 300, 64, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 1e-3));
+  add(near({"near-simt-qb4-f32-l2", T::F32, S::L2, 1, 1, 8, 500, 64, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 1e-3));
+  add(near({"on-simt-qb4-f32-l2sq", T::F32, S::L2Sq, 1, 1, 5, 300, 48, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 0.0));
+  add(near({"near-simt-qb4-f32-l2-team256", T::F32, S::L2, 1, 1, 4, 300, 1024, 0, 0, 0, 0, 0, {}, "simt", 0.05}, 1e-3));
+  add(near({"near-simt-qb4-bf16-l2-team64", T::BF16, S::L2, 1, 1, 4, 300, 512, 0, 0, 0, 0, 0, {}, "simt", 0.1}, 1e-2));
+  add(near({"near-simt-qb4-f32-l2-split3", T::F32, S::L2, 1, 1, 6, 900, 100, 0, 0, 0, 0, 0, force(std::nullopt, 3), "simt", 0.3}, 1e-3));
+  add(near({"near-simt-bf16-l2-qb4", T::BF16, S::L2, 1, 1, 6, 300, 128, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 1e-2));
+  add(near({"near-simt-f16-l2sq-qb1", T::F16, S::L2Sq, 1, 1, 1, 300, 96, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 1e-2));
+  add(near({"near-mma-bf16-l2", T::BF16, S::L2, 1, 1, 40, 300, 64, 0, 0, 0, 0, 0, {}, "mma", 0.3}, 1e-2));
+  add(near({"near-mma-f16-l2sq-d256", T::F16, S::L2Sq, 1, 1, 20, 100, 256, 0, 0, 0, 0, 0, {}, "mma", 0.3}, 1e-2));
+  add(near({"on-mma-f16-l2-d17", T::F16, S::L2, 1, 1, 33, 200, 17, 0, 0, 0, 0, 0, {}, "mma", 0.3}, 0.0));
+  // Banks far from the origin (|x| >> the rows' spread; the 1e4 with
+  // rows 0.1 apart in float32): the expanded form cancels for every pair.
+  const double sp = 0.1 / std::sqrt(128.0), nz = 1e-3 / 8.0;  // D = 64: rows 0.1 apart, queries 1e-3 off one
+  add(far({"far-simt-qb1-f32-l2", T::F32, S::L2, 1, 1, 1, 300, 64, 0, 0, 0, 0, 0, {}, "simt", 100.0}, 1e4, sp, nz));
+  add(far({"far-simt-qb4-f32-l2sq", T::F32, S::L2Sq, 1, 1, 8, 300, 64, 0, 0, 0, 0, 0, {}, "simt", 8000.0}, 1e4, sp, nz));
+  add(far({"far-simt-qb4-f32-l2-values-split4", T::F32, S::L2, 1, 1, 5, 400, 64, 24, 0, 0, 0, 0, force(std::nullopt, 4), "simt", 100.0}, 1e4, sp, nz));
+  // tests/test_kernels.py's far bank: D = 32, 50 rows, four queries, beta 1e3 (l2) and 1e5 (l2sq).
+  const double sp32 = 0.1 / 8.0, nz32 = 1e-3 / std::sqrt(32.0), b32 = 1e5 * std::sqrt(32.0);
+  add(far({"far-simt-qb4-f32-l2-beta1e3", T::F32, S::L2, 1, 1, 4, 50, 32, 0, 0, 0, 0, 0, {}, "simt", 1e3}, 1e4, sp32, nz32));
+  add(far({"far-simt-qb4-f32-l2sq-beta1e5", T::F32, S::L2Sq, 1, 1, 4, 50, 32, 0, 0, 0, 0, 0, {}, "simt", b32}, 1e4, sp32, nz32));
+  add(far({"far-simt-bf16-l2", T::BF16, S::L2, 1, 1, 3, 300, 64, 0, 0, 0, 0, 0, {}, "simt", 1.0}, 64.0, 0.5, 0.05));
+  add(far({"far-mma-bf16-l2sq", T::BF16, S::L2Sq, 1, 1, 32, 200, 64, 0, 0, 0, 0, 0, {}, "mma", 4.0}, 64.0, 0.5, 0.05));
+  add(far({"far-mma-f16-l2-d128", T::F16, S::L2, 1, 1, 20, 150, 128, 0, 0, 0, 0, 0, {}, "mma", 1.0}, 256.0, 0.5, 0.05));
+  // Weights: dot as w∘q, l2 forms from the weighted squares, every dtype and kernel.
+  add(weighted({"w-simt-f32-dot-qb1", T::F32, S::Dot, 1, 1, 1, 300, 64, 0, 0, 0, 0, 0, {}, "simt"}));
+  add(weighted({"w-simt-f32-l2-qb4", T::F32, S::L2, 1, 1, 5, 400, 40}));
+  add(weighted({"w-simt-f32-l2sq-d4096", T::F32, S::L2Sq, 1, 1, 2, 40, 4096}));
+  add(weighted({"w-simt-bf16-l2-values-split4", T::BF16, S::L2, 1, 1, 3, 600, 128, 48, 0, 0, 0, 0, force(std::nullopt, 4), "simt"}));
+  add(weighted({"w-simt-f16-dot-qb4-d33-lead2", T::F16, S::Dot, 2, 2, 7, 200, 33, 0, 3, 0, 0, 4}));
+  add(weighted(near({"w-near-simt-f32-l2-qb4", T::F32, S::L2, 1, 1, 6, 300, 64, 0, 0, 0, 0, 0, {}, "simt", 0.3}, 1e-3)));
+  add(weighted(far({"w-far-simt-f32-l2sq-qb1", T::F32, S::L2Sq, 1, 1, 1, 300, 64, 0, 0, 0, 0, 0, {}, "simt", 8000.0}, 1e4, sp, nz)));
+  add(weighted({"w-mma-bf16-dot", T::BF16, S::Dot, 1, 1, 40, 300, 64, 0, 0, 0, 0, 0, {}, "mma"}));
+  add(weighted({"w-mma-f16-l2-b70", T::F16, S::L2, 1, 1, 70, 200, 128, 0, 0, 0, 0, 0, {}, "mma"}));
+  add(weighted({"w-mma-bf16-l2sq-d256-values", T::BF16, S::L2Sq, 1, 1, 20, 100, 200, 256, 0, 0, 0, 0, {}, "mma"}));
+  add(weighted({"w-mma-f16-dot-d17", T::F16, S::Dot, 1, 1, 33, 150, 17, 0, 0, 0, 0, 0, {}, "mma"}));
+  add(weighted({"w-mma-bf16-l2-splits3-lead2", T::BF16, S::L2, 2, 1, 24, 300, 32, 0, 0, 0, 0, 5, force(Kernel::Mma, 3), "mma"}));
+  // At large beta one 16-bit rounding of w∘q, w and x∘x misses the f16 tolerance
+  // (6e-3 here); the hi + lo halves of mma_kernel keep it near 3e-5.
+  add(weighted({"w-mma-f16-l2-beta12", T::F16, S::L2, 1, 1, 40, 300, 128, 0, 0, 0, 0, 0, {}, "mma", 12.0}));
+  add(weighted({"w-mma-f16-l2sq-d256-beta12", T::F16, S::L2Sq, 1, 1, 40, 300, 256, 0, 0, 0, 0, 0, {}, "mma", 12.0}));
+  add(weighted(near({"w-near-mma-bf16-l2", T::BF16, S::L2, 1, 1, 40, 300, 64, 0, 0, 0, 0, 0, {}, "mma", 0.3}, 1e-2)));
+  add(weighted(far({"w-far-mma-f16-l2sq", T::F16, S::L2Sq, 1, 1, 24, 150, 64, 0, 0, 0, 0, 0, {}, "mma", 4.0}, 256.0, 0.5, 0.05)));
+  add(weighted({"w-hard-simt-bf16-l2sq", T::BF16, S::L2Sq, 1, 1, 4, 300, 64, 0, 0, 0, 0, 0, {}, "simt", 1e4, -1, false, true}));
+  // Ties at every position: every bank row the same, so row 0 (+ offset) must
+  // win in every kernel, team, step, split and the combine.
+  add(all_same({"same-simt-qb1-f32-l2", T::F32, S::L2, 1, 1, 3, 300, 16, 0, 0, 0, 0, 3, force(std::nullopt, 0, 1), "simt"}));
+  add(all_same({"same-simt-qb4-f32-dot-splits5", T::F32, S::Dot, 1, 1, 6, 500, 24, 0, 0, 0, 0, 0, force(std::nullopt, 5), "simt"}));
+  add(all_same({"same-simt-bf16-l2sq-d1024", T::BF16, S::L2Sq, 1, 1, 4, 200, 1024}));
+  add(all_same(weighted({"same-simt-f16-l2-w-split3", T::F16, S::L2, 1, 1, 2, 300, 40, 0, 0, 0, 0, 0, force(std::nullopt, 3), "simt"})));
+  add(all_same({"same-mma-bf16-dot-splits3", T::BF16, S::Dot, 1, 1, 20, 300, 64, 0, 0, 0, 0, 7, force(Kernel::Mma, 3), "mma"}));
+  add(all_same(weighted({"same-mma-f16-l2-w", T::F16, S::L2, 1, 1, 20, 200, 32, 0, 0, 0, 0, 0, {}, "mma"})));
+  add(all_same({"same-mma-bf16-l2sq-auto-split", T::BF16, S::L2Sq, 1, 1, 16, 2000, 64, 0, 0, 0, 0, 0, {}, "mma", 1.0, -1, false, false, true}));
   return v;
 }
 
 }  // namespace
+
+// emulate_plans.cpp: the planner's checks, counted like the cases.
+void plan_checks(const std::string& filter, int& ran, int& failed);
 
 int main(int argc, char** argv) {
   const std::string filter = argc > 1 ? argv[1] : "";
@@ -376,6 +474,7 @@ int main(int argc, char** argv) {
     ++ran;
     failed += !check(c, seed);
   }
+  plan_checks(filter, ran, failed);
   std::printf("%d of %d cases passed\n", ran - failed, ran);
   return failed ? 1 : 0;
 }
