@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 
 # HEN (the hen subpackage) is exported lazily: `import hen_kernels` stays fast and never imports
 # diffusers, transformers or sentence-transformers.
-_LAZY = {"HEN": ("hen", "HEN"), "Recall": ("hen", "Recall")}
+# `hk.codecs` is the module itself (TAEF2Codec, ImageCodec, DiffusersCodec, text encoders).
+_LAZY = {"HEN": ("hen", "HEN"), "Recall": ("hen", "Recall"), "codecs": ("hen.codecs", None)}
 __all__ += list(_LAZY)
 
 
@@ -35,5 +36,6 @@ def __getattr__(name):
         import importlib
 
         mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+        module = importlib.import_module(f".{mod}", __name__)
+        return module if attr is None else getattr(module, attr)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -56,6 +56,27 @@ def test_taef2_grey_28x28_is_padded_to_512():
     assert c.decode(z).shape == (3, 1, 28, 28)
 
 
+@needs_taef2
+def test_taef2_padding_is_centred():
+    # 28 -> 32: 2 + 28 + 2, so the middle of the image is a latent cell boundary (hen/masks.py)
+    c = codecs.TAEF2Codec(download=False)
+    x = torch.rand(2, 1, 28, 28)
+    c.encode(x)
+    assert c._pads() == (2, 2, 2, 2) and c.cache_tag == "taef2-c"
+    end = codecs.TAEF2Codec(download=False, padding="end")
+    end.encode(x)
+    assert end._pads() == (0, 4, 0, 4) and end.cache_tag == "taef2"
+    # a top-half change reaches only the top latent rows of the centred codec (up to leakage)
+    y = x.clone()
+    y[..., :14, :] = torch.rand(2, 1, 14, 28)
+    dz = (c.encode(y) - c.encode(x)).reshape(2, 32, 4, 4).abs().mean((0, 1, 3))
+    assert dz[:2].min() > 3 * dz[3]
+    rec = c.decode(c.encode(x))
+    assert rec.shape == x.shape
+    with pytest.raises(ValueError, match="padding"):
+        codecs.TAEF2Codec(download=False, padding="left")
+
+
 def test_taef2_missing_weights_error(tmp_path, monkeypatch):
     from hen_kernels.hen.taef2 import load_taef2
 

@@ -37,6 +37,9 @@ def test_captions_and_noise_recall(quick_run):
         if query == "caption":
             assert r["right"] == p, (codec, r["missed"])  # every photo from its caption alone
     assert rows["image", "noise"]["right"] >= 0.75 * p  # noise std 0.2 on 32 x 32 photos among look-alike crops
+    # the half-hidden photo with its mask: the known half finds it, where the black half misleads
+    assert rows["image", "half, masked"]["right"] == p
+    assert rows["image", "half, masked"]["right"] > rows["image", "half"]["right"]
 
 
 @pytest.mark.skipif(find_taef2_dir() is None, reason="TAEF2 weights absent (set HEN_TAEF2_DIR)")
@@ -48,6 +51,7 @@ def test_hen_beats_raw_pixels_on_occlusion(quick_run):
     assert rows["taef2", "half"]["right"] >= p - 3
     assert rows["taef2", "half"]["right"] > rows["image", "half"]["right"] + p // 3
     assert rows["taef2", "quarter"]["right"] >= rows["image", "quarter"]["right"]
+    assert rows["taef2", "half, masked"]["right"] >= p - 1
 
 
 def test_png_written(quick_run):

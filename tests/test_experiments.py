@@ -26,15 +26,39 @@ def _outputs(out, name):
 
 
 def test_table1_quick(tmp_path):
-    experiments.get("table1")(tmp_path, quick=True, sizes=[150], n_queries=30, n_decode=8, codecs=["image"])
-    _, data = _outputs(tmp_path, "table1")
-    rows = {(r["codec"], r["kind"]): r for r in data["rows"]}
-    assert rows["image", "noise"]["acc"] >= 0.9  # noise keeps the information
-    assert rows["image", "half"]["acc"] < rows["visible-NN", "half"]["acc"]  # the occluded half misleads
-    assert rows["visible-NN", "half"]["acc"] >= 0.9
-    assert ("kmn", "noise") in rows
+    experiments.get("table1")(tmp_path, quick=True, sizes=[150, 300], n_queries=30, n_decode=8, codecs=["image"])
+    md, data = _outputs(tmp_path, "table1")
+    rows = {(r["codec"], r["kind"], r["N"]): r for r in data["rows"]}
+    assert rows["image", "noise", 150]["acc"] >= 0.9  # noise keeps the information
+    assert rows["image", "half", 150]["acc"] < rows["visible-NN", "half", 150]["acc"]  # the black half misleads
+    assert rows["visible-NN", "half", 150]["acc"] >= 0.9
+    assert ("kmn", "noise", 150) in rows
+    for half in ("bottom", "top", "left", "right"):
+        # a masked query compares the known pixels only: as good as nearest neighbour on them
+        r = rows["image", f"{half}, masked", 300]
+        assert r["masked"] and r["acc"] >= 0.95 and r["nn"] >= 0.95, r
+        assert 0 <= r["ssim_orig"] < 0.05
+    assert rows["image", "bottom, masked", 300]["acc"] > rows["image", "half", 300]["acc"] + 0.5
+    assert "Against the paper's Table 1" in md and "0.836" in md
     for r in data["rows"]:
         assert 0 <= r["acc"] <= 1
+
+
+def test_masking_quick(tmp_path):
+    from hen_kernels.hen.taef2 import find_taef2_dir
+
+    if find_taef2_dir() is None:
+        pytest.skip("TAEF2 weights absent (set HEN_TAEF2_DIR)")
+    experiments.get("masking")(tmp_path, quick=True, n_bank=120, n_queries=20, betas=(30.0,), halves=("bottom", "left"),
+                               fills=("mirror", "black"))
+    md = (tmp_path / "masking.md").read_text()
+    data = json.loads((tmp_path / "masking.json").read_text())
+    assert data["first"] >= 6000  # training images that table1 never queries
+    shipped = [r for r in data["rows"] if r["table"] == "shipped"]
+    assert len(shipped) == 2 and all(r["acc"] >= 0.9 for r in shipped)
+    assert "## Dynamics (centre padding, mirror fill" in md
+    with pytest.raises(ValueError, match="codecs"):
+        experiments.get("masking")(tmp_path, quick=True, codecs=["image"])
 
 
 def test_fig2_quick(tmp_path):

@@ -130,6 +130,40 @@ def test_errors(photos):
         HEN("taef2", beta=1.0)
 
 
+@pytest.mark.parametrize("kw, arg", [
+    (dict(beta=True), "beta"), (dict(beta=float("inf")), "beta"), (dict(beta=float("nan")), "beta"),
+    (dict(beta=1.0, batch_size=0), "batch_size"), (dict(beta=1.0, batch_size=2.5), "batch_size"),
+    (dict(beta=1.0, max_steps=0), "max_steps"), (dict(beta=1.0, max_steps=True), "max_steps"),
+    (dict(beta=1.0, tol=-1.0), "tol"), (dict(beta=1.0, text_weight=0.0), "text_weight"),
+])
+def test_constructor_names_bad_arguments(kw, arg):
+    with pytest.raises(ValueError, match=arg):
+        HEN(codecs.IdentityCodec(), **kw)
+
+
+def test_images_are_checked_by_name():
+    hen = HEN(codecs.IdentityCodec(), beta=10.0)
+    with pytest.raises(ValueError, match=r"images: expected values in \[0, 1\]"):
+        hen.store(torch.rand(4, 1, 8, 8) * 255)
+    bad = torch.rand(4, 1, 8, 8)
+    bad[2, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="images: image 2 holds NaN"):
+        hen.store(bad)
+    with pytest.raises(ValueError, match="latents"):
+        hen.store(latents=torch.zeros(0, 64))
+    hen.store(torch.rand(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="images"):
+        hen.recall(-torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="images: image 0 holds NaN"):
+        hen.recall(torch.full((1, 1, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="latents"):
+        hen.recall(latents=torch.full((1, 64), float("inf")))
+    with pytest.raises(ValueError, match="latents"):
+        hen.store(latents=torch.zeros(3, 10))
+    r = hen.recall(torch.rand(0, 1, 8, 8))  # no queries: an empty answer
+    assert r.index.shape == (0,) and r.images.shape == (0, 1, 8, 8)
+
+
 @needs_fashion
 def test_fashion_grows_and_bank_storage(tmp_path):
     x, _ = load_fashion_mnist(n=400)

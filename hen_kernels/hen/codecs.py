@@ -4,18 +4,23 @@ Image codecs share one interface (:class:`ImageCodec`):
 
     latents = codec.encode(images)     # images (N, C, H, W) float in [0, 1] -> (N, D) float32
     images  = codec.decode(latents)    # (N, D) -> (N, C, H, W) float32 in [0, 1]
+    latents, weights = codec.encode_masked(images, mask)   # a masked query (hen/masks.py)
 
 - :class:`IdentityCodec`: raw pixels, the paper's image-MHN baseline.
 - :class:`DiffusersCodec`: any diffusers autoencoder (``AutoencoderKL``, ``VQModel``,
-  ``AutoencoderTiny``), given a model object or a folder (or, with network access, a hub
-  id) for ``from_pretrained``.
-- :class:`TAEF2Codec`: TAEF2 (:mod:`hen_kernels.hen.taef2`), weights from a path or
-  ``$HEN_TAEF2_DIR``.
+  ``AutoencoderTiny``), given a model object, a folder or a hub id (from the hub cache,
+  or downloaded when the network allows) for ``from_pretrained``.
+- :class:`TAEF2Codec`: TAEF2 (:mod:`hen_kernels.hen.taef2`), weights from a folder, a file,
+  a hub id, ``$HEN_TAEF2_DIR`` or the hub cache (``madebyollin/taef2``, downloaded when allowed).
 
 Neural codecs take any image size and channel count: grey images are repeated to RGB
 (and averaged back after decoding), and sides are edge-padded up to the codec's
 downsampling factor (and cropped back), so a 28 x 28 Fashion-MNIST image becomes a
-32 x 32 RGB input (TAEF2: a 32 x 4 x 4 = 512-number latent).
+32 x 32 RGB input (TAEF2: a 32 x 4 x 4 = 512-number latent).  The padding is split
+evenly between the two sides (2 + 28 + 2), so the middle of the image falls on a
+latent cell boundary and a half-occluded image hides whole latent cells (measured on
+Fashion-MNIST training images: right/bottom-only padding put the edge inside latent
+row 1 and cost masked and unmasked recall alike, docs/hen.md).
 
 Text encoders share ``encode(texts) -> (N, D)`` (:class:`TextEncoder`):
 
@@ -47,6 +52,14 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"images: expected (N, C, H, W), got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"images: expected floats in [0, 1], got {images.dtype}")
+    if images.numel():
+        if bool(images.isnan().any()):
+            i = int(images.reshape(len(images), -1).isnan().any(1).nonzero()[0])
+            raise ValueError(f"images: image {i} holds NaN (hidden pixels of a query belong in mask=..., "
+                             f"where they may hold anything)")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"images: expected values in [0, 1], got [{lo:g}, {hi:g}] (divide 8-bit images by 255)")
     return images.float()
 
 
@@ -96,6 +109,42 @@ class ImageCodec:
     def decode(self, latents: torch.Tensor, *, progress: Optional[bool] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def cache_tag(self) -> str:
+        """Names this codec's encodings in caches: changes whenever its latents would."""
+        return self.name
+
+    def latent_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, D) float32 feature weights for a (B, H, W) bool mask (hen/masks.py); codecs
+        without a spatial latent refuse."""
+        raise ValueError(f"mask: the {self.name!r} codec's latent has no spatial grid, so a pixel mask "
+                         f"cannot be mapped onto it; recall without mask=")
+
+    fill = "mirror"  # how hidden pixels are filled before encoding (hen/masks.py; chosen on training images)
+
+    def fill_hidden(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The query the encoder sees: hidden pixels replaced (hen/masks.py)."""
+        from .masks import fill_hidden
+
+        return fill_hidden(images, mask, self.fill)
+
+    def encode_masked(self, images: torch.Tensor, mask: torch.Tensor, *,
+                      progress: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(latents (B, D), weights (B, D) float32) of images known only where ``mask`` is True.
+
+        ``mask``: bool, broadcastable to (B, H, W).  Hidden pixels may hold anything, NaN included.
+        """
+        from .masks import check_mask
+
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            _check_images(images)
+        mask = check_mask(mask, images)
+        images = _check_images(images.masked_fill(~mask[:, None], 0.0))  # hidden pixels are never read
+        self._remember(images)
+        weights = self.latent_weights(mask)  # before encoding, so a codec that cannot take a mask refuses early
+        latents = self.encode(self.fill_hidden(images, mask), progress=progress)
+        return latents, weights
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, image_shape={self.image_shape})"
 
@@ -108,7 +157,7 @@ class IdentityCodec(ImageCodec):
     def encode(self, images, *, progress=None):
         images = _check_images(images)
         self._remember(images)
-        return images.reshape(len(images), -1).clone()
+        return images.reshape(len(images), math.prod(images.shape[1:])).clone()
 
     def decode(self, latents, *, progress=None):
         if self.image_shape is None:
@@ -122,14 +171,26 @@ class IdentityCodec(ImageCodec):
             raise ValueError("latent_dim: unknown until image_shape is set (pass it or encode once)")
         return math.prod(self.image_shape)
 
+    def latent_weights(self, mask):
+        c = self.image_shape[0] if self.image_shape is not None else 1
+        b, h, w = mask.shape
+        return mask[:, None].expand(b, c, h, w).reshape(b, c * h * w).float()
+
+    def fill_hidden(self, images, mask):
+        return images  # hidden pixels weigh 0 in the similarity; encode_masked zeroed them
+
 
 class _NeuralCodec(ImageCodec):
     """Shared plumbing: batching, channels (grey <-> RGB), padding to the downsampling factor."""
 
     in_channels = 3
 
-    def __init__(self, image_shape=None, *, batch_size: int = 256, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, image_shape=None, *, batch_size: int = 256, device: Union[str, torch.device] = "cpu",
+                 padding: str = "centre"):
         super().__init__(image_shape)
+        if padding not in ("centre", "end"):
+            raise ValueError(f"padding: expected 'centre' (split evenly) or 'end' (right and bottom), got {padding!r}")
+        self.padding = padding
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
         self._latent_shape: Optional[Tuple[int, ...]] = None
@@ -143,10 +204,19 @@ class _NeuralCodec(ImageCodec):
 
     factor = 8
 
-    def _padded(self) -> Tuple[int, int]:
+    @property
+    def cache_tag(self) -> str:
+        return f"{self.name}-c" if self.padding == "centre" else self.name  # caches before centring padded "end"
+
+    def _pads(self) -> Tuple[int, int, int, int]:
+        """(left, right, top, bottom) replicate padding up to multiples of ``factor``: split evenly
+        ("centre", the default), or all on the right and bottom ("end")."""
         _, h, w = self.image_shape
         f = self.factor
-        return -(-h // f) * f, -(-w // f) * f
+        ph, pw = -(-h // f) * f - h, -(-w // f) * f - w
+        if self.padding == "end":
+            return 0, pw, 0, ph
+        return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
@@ -154,15 +224,15 @@ class _NeuralCodec(ImageCodec):
             x = x.expand(-1, 3, -1, -1)
         elif c != self.in_channels:
             raise ValueError(f"images: this codec takes 1 or {self.in_channels} channels, got {c}")
-        hp, wp = self._padded()
-        h, w = x.shape[-2:]
-        if (hp, wp) != (h, w):
-            x = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate")
+        pads = self._pads()
+        if any(pads):
+            x = F.pad(x, pads, mode="replicate")
         return x.contiguous(memory_format=torch.channels_last)
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         c, h, w = self.image_shape
-        y = y[..., :h, :w]
+        left, _, top, _ = self._pads()
+        y = y[..., top:top + h, left:left + w]
         if c == 1 and y.shape[1] == 3:
             y = y.mean(1, keepdim=True)
         return y.clamp(0.0, 1.0).float().contiguous()
@@ -208,19 +278,40 @@ class _NeuralCodec(ImageCodec):
             self.encode(torch.zeros((1,) + self.image_shape))
         return math.prod(self._latent_shape)
 
+    def latent_weights(self, mask):
+        from .masks import footprint_weights
+
+        if self.image_shape is None:
+            raise ValueError("mask: the codec's image shape is unknown; store or encode images first")
+        if tuple(mask.shape[-2:]) != self.image_shape[1:]:
+            raise ValueError(f"mask: expected (B, H, W) with (H, W) = {self.image_shape[1:]}, "
+                             f"got {tuple(mask.shape)}")
+        if self._latent_shape is None:
+            self.encode(torch.zeros((1,) + self.image_shape))
+        if len(self._latent_shape) != 3:
+            return super().latent_weights(mask)
+        c, gh, gw = self._latent_shape
+        cells = footprint_weights(mask.cpu(), self._pads(), self.factor, (gh, gw))
+        return cells[:, None].expand(-1, c, -1).reshape(len(mask), c * gh * gw).contiguous()
+
 
 class TAEF2Codec(_NeuralCodec):
-    """TAEF2 (:mod:`hen_kernels.hen.taef2`): a 32 x H/8 x W/8 latent; weights from ``path`` or $HEN_TAEF2_DIR."""
+    """TAEF2 (:mod:`hen_kernels.hen.taef2`): a 32 x H/8 x W/8 latent.
+
+    ``source``: a folder, a ``taef2.safetensors`` file or a hub id; None looks in
+    ``$HEN_TAEF2_DIR``, then the hub cache, then downloads ``madebyollin/taef2`` when
+    ``download`` and the network allow (taef2.py says the order).
+    """
 
     name = "taef2"
     factor = 8
 
-    def __init__(self, path: Optional[PathLike] = None, image_shape=None, *, batch_size: int = 256,
-                 device: Union[str, torch.device] = "cpu"):
-        super().__init__(image_shape, batch_size=batch_size, device=device)
+    def __init__(self, source: Optional[PathLike] = None, image_shape=None, *, download: bool = True,
+                 batch_size: int = 256, device: Union[str, torch.device] = "cpu", padding: str = "centre"):
+        super().__init__(image_shape, batch_size=batch_size, device=device, padding=padding)
         from .taef2 import load_taef2
 
-        enc, dec = load_taef2(path, device=self.device)
+        enc, dec = load_taef2(source, download=download, device=self.device)
         self.encoder = enc.to(memory_format=torch.channels_last)
         self.decoder = dec.to(memory_format=torch.channels_last)
 
@@ -238,16 +329,19 @@ class DiffusersCodec(_NeuralCodec):
     """A diffusers autoencoder: ``AutoencoderKL`` (latent = the posterior mean), ``VQModel``
     (latent = the pre-quantisation encoding; decoding quantises it) or ``AutoencoderTiny``.
 
-    ``model`` is a model object, or a folder (a hub id with network access) that
-    ``from_pretrained`` reads; the class comes from its ``config.json`` (``_class_name``)
-    or ``model_class``.  Images go in as [-1, 1] and come back as [0, 1].
+    ``model`` is a model object, a folder ``save_pretrained`` wrote, or a hub id (read
+    from the hub cache, else downloaded unless ``$HF_HUB_OFFLINE``); ``subfolder`` picks
+    the autoencoder inside a pipeline repository (``"vae"``).  The class comes from its
+    ``config.json`` (``_class_name``) or ``model_class``.  Images go in as [-1, 1] and
+    come back as [0, 1].
     """
 
     def __init__(self, model, image_shape=None, *, model_class: Optional[str] = None, name: Optional[str] = None,
-                 batch_size: int = 64, device: Union[str, torch.device] = "cpu"):
-        super().__init__(image_shape, batch_size=batch_size, device=device)
+                 subfolder: Optional[str] = None, batch_size: int = 64, device: Union[str, torch.device] = "cpu",
+                 padding: str = "centre"):
+        super().__init__(image_shape, batch_size=batch_size, device=device, padding=padding)
         if isinstance(model, (str, os.PathLike)):
-            model = self._load(model, model_class)
+            model = self._load(model, model_class, subfolder)
         cls = type(model).__name__
         if cls not in DIFFUSERS_CLASSES:
             raise TypeError(f"model: expected one of {DIFFUSERS_CLASSES} (diffusers), got {cls}")
@@ -258,18 +352,37 @@ class DiffusersCodec(_NeuralCodec):
         self.factor = self._measure_factor()
 
     @staticmethod
-    def _load(path, model_class):
+    def _load(path, model_class, subfolder=None):
         import diffusers
 
+        from .taef2 import cached_hub_file, hub_cache_dir, hub_download, hub_offline, is_hub_id
+
+        hub = is_hub_id(path)
+        if not hub and not Path(path).is_dir():
+            raise FileNotFoundError(f"model: {str(path)!r} is neither a folder nor a hub id ('owner/name')")
+        cfg_name = f"{subfolder}/config.json" if subfolder else "config.json"
+        if hub:
+            cfg, why = cached_hub_file(str(path), cfg_name), ""
+            if cfg is None:
+                cfg, why = hub_download(str(path), cfg_name)
+            if cfg is None:
+                raise FileNotFoundError(
+                    f"model: the diffusers autoencoder {path!r} is not in the hub cache {hub_cache_dir()} ({why}). "
+                    f"Download it where the network allows (huggingface_hub: hf download {path}) and point "
+                    f"HF_HUB_CACHE at that cache, or pass a folder that save_pretrained wrote.")
+        else:
+            cfg = Path(path) / cfg_name
         if model_class is None:
-            cfg = Path(path) / "config.json"
             if cfg.is_file():
                 model_class = json.loads(cfg.read_text()).get("_class_name")
             if model_class is None:
                 raise ValueError(f"model_class: cannot tell the class of {path!s}; pass one of {DIFFUSERS_CLASSES}")
         if model_class not in DIFFUSERS_CLASSES:
             raise ValueError(f"model_class: expected one of {DIFFUSERS_CLASSES}, got {model_class!r}")
-        return getattr(diffusers, model_class).from_pretrained(path)
+        kw = dict(subfolder=subfolder) if subfolder else {}
+        if hub:  # the cache as this process sees it now, and no network when the config came from the cache
+            kw.update(cache_dir=str(hub_cache_dir()), local_files_only=hub_offline())
+        return getattr(diffusers, model_class).from_pretrained(str(path), **kw)
 
     def _measure_factor(self) -> int:
         with torch.inference_mode():
@@ -455,7 +568,7 @@ class PixelTextEncoder(TextEncoder):
 
 
 def make_codec(name: str, *, image_shape=None, taef2_path: Optional[PathLike] = None, **kw) -> ImageCodec:
-    """"image"/"identity", "taef2", or a diffusers model folder (``diffusers:PATH``)."""
+    """"image"/"identity", "taef2", or a diffusers model folder or hub id (``diffusers:PATH``)."""
     if name in ("image", "identity", "pixels"):
         return IdentityCodec(image_shape)
     if name == "taef2":

@@ -11,7 +11,8 @@ Images are float32 tensors in [0, 1], (N, C, H, W).
 - :func:`load_photos`: the real photos bundled with scikit-image and scikit-learn that
   load offline, centre-cropped square and resized, each with a short caption written
   for this project (:data:`PHOTO_CAPTIONS`).
-- :func:`occlude`: the damaged queries of the experiments (half, quarter, noise).
+- :func:`occlude`: the damaged queries of the experiments (half, quarter, noise, and each
+  half hidden by name); :func:`visible_mask`: the pixels an occlusion leaves known.
 """
 from __future__ import annotations
 
@@ -193,38 +194,43 @@ def load_photos(size: int = 64, names: Optional[Sequence[str]] = None,
 
 
 QUERY_KINDS = ("half", "quarter", "noise")
+HALVES = ("bottom", "top", "left", "right")  # which half is hidden
+OCCLUSIONS = QUERY_KINDS + HALVES
+
+
+def visible_mask(shape: Tuple[int, int], kind: str) -> torch.Tensor:
+    """(H, W) bool: the pixels ``occlude(kind)`` leaves intact (all of them for noise).
+
+    "half" hides the bottom half (as "bottom"); "quarter" the bottom-right quarter;
+    "bottom", "top", "left", "right" the half of that name.
+    """
+    if kind not in OCCLUSIONS:
+        raise ValueError(f"kind: expected one of {OCCLUSIONS}, got {kind!r}")
+    h, w = shape
+    m = torch.ones(h, w, dtype=torch.bool)
+    if kind in ("half", "bottom"):
+        m[h // 2:, :] = False
+    elif kind == "top":
+        m[:h // 2, :] = False
+    elif kind == "left":
+        m[:, :w // 2] = False
+    elif kind == "right":
+        m[:, w // 2:] = False
+    elif kind == "quarter":
+        m[h // 2:, w // 2:] = False
+    return m
 
 
 def occlude(images: torch.Tensor, kind: str, *, noise_std: float = 0.2, seed: int = 0,
             fill: float = 0.0) -> torch.Tensor:
     """Damaged copies of ``images`` (N, C, H, W) in [0, 1].
 
-    - "half": the bottom half set to ``fill`` (black by default, as the paper's Fig. 1).
-    - "quarter": the bottom-right quarter set to ``fill``.
+    - an occlusion (:func:`visible_mask`): the hidden pixels set to ``fill`` (black by
+      default, as the paper's Fig. 1);
     - "noise": Gaussian noise of std ``noise_std`` added, clipped to [0, 1].
     """
-    q = images.clone()
-    h, w = q.shape[-2:]
-    if kind == "half":
-        q[..., h // 2:, :] = fill
-    elif kind == "quarter":
-        q[..., h // 2:, w // 2:] = fill
-    elif kind == "noise":
+    if kind == "noise":
         g = torch.Generator().manual_seed(seed)
-        q = (q + noise_std * torch.randn(q.shape, generator=g)).clamp_(0.0, 1.0)
-    else:
-        raise ValueError(f"kind: expected one of {QUERY_KINDS}, got {kind!r}")
-    return q
-
-
-def visible_mask(shape: Tuple[int, int], kind: str) -> torch.Tensor:
-    """(H, W) bool: the pixels ``occlude(kind)`` leaves intact (all of them for noise)."""
-    h, w = shape
-    m = torch.ones(h, w, dtype=torch.bool)
-    if kind == "half":
-        m[h // 2:, :] = False
-    elif kind == "quarter":
-        m[h // 2:, w // 2:] = False
-    elif kind != "noise":
-        raise ValueError(f"kind: expected one of {QUERY_KINDS}, got {kind!r}")
-    return m
+        return (images + noise_std * torch.randn(images.shape, generator=g)).clamp_(0.0, 1.0)
+    m = visible_mask(tuple(images.shape[-2:]), kind)
+    return images.masked_fill(~m, fill)

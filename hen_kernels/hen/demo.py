@@ -7,20 +7,22 @@ S x S RGB images, each with a caption written for this project.  Random crops of
 (rotated, mirrored, resized) are added as distractors, each with a caption of its own, so
 every photo has look-alikes.  For each codec (raw pixels: the paper's image MHN; TAEF2:
 HEN) the photos and distractors are stored with their captions in a HEN, then recalled
-from the photo with its bottom half hidden, its bottom-right quarter hidden, noise added,
-and from its caption alone ([0; text], the paper's hetero-association).
+from the photo with its bottom half hidden (black, as it is), the same half hidden and
+masked (``recall(images, mask=...)``: only the known top half is compared), its
+bottom-right quarter hidden, noise added, and from its caption alone ([0; text], the
+paper's hetero-association).
 
 Printed per (codec, query): identity accuracy (the recalled row is the photo's own),
 1 - SSIM and MSE of the decoded recall against the original photo, the mean top
 weight, steps, and throughput (queries/s of the Hopfield recall; and end to end, with
 encoding and decoding).  Writes ``summary.json`` and ``recall.png`` (per photo: original,
-half-hidden query, its recall by each codec, and the recall from the caption) to --out.
+half-hidden query, its recall by each codec unmasked and masked, and the recall from the
+caption; a wrong recall is framed in red and labelled with the photo it returned) to --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -31,11 +33,11 @@ import torch
 from .. import ops
 from . import metrics
 from .codecs import IdentityCodec, PixelTextEncoder, SentenceEncoder, TAEF2Codec
-from .data import load_photos, occlude
+from .data import load_photos, occlude, visible_mask
 from .layer import HEN
-from .taef2 import find_taef2_dir
 
 KINDS = ("half", "quarter", "noise")
+MASKED = "half, masked"  # the half-hidden query with its mask
 BETA = 200.0
 
 
@@ -111,16 +113,18 @@ def run(args: argparse.Namespace) -> List[dict]:
         if c == "image":
             codecs.append(IdentityCodec())
         elif c == "taef2":
-            if find_taef2_dir() is None:
-                print("skipping taef2: weights not found (set HEN_TAEF2_DIR to the folder with taef2_*.pth)")
+            try:
+                codecs.append(TAEF2Codec())
+            except FileNotFoundError as e:
+                print(f"skipping taef2: {e}")
                 continue
-            codecs.append(TAEF2Codec())
         else:
             raise SystemExit(f"--codecs: unknown codec {c!r} (expected image, taef2)")
     queries = {k: occlude(photos, k, seed=args.seed) for k in KINDS}
+    half_mask = visible_mask(tuple(photos.shape[-2:]), "half")
     expected = torch.arange(p)
     rows, grid = [], {}
-    head = (f"{'codec':<6} {'query':<8} {'acc':>7} {'1-SSIM':>7} {'MSE':>7} {'top_w':>6} {'steps':>5} "
+    head = (f"{'codec':<6} {'query':<12} {'acc':>7} {'1-SSIM':>7} {'MSE':>7} {'top_w':>6} {'steps':>5} "
             f"{'recall q/s':>10} {'e2e q/s':>8}")
     print("acc: the recalled row is the photo's own; 1-SSIM and MSE: decoded recall vs the original photo")
     print(head)
@@ -140,12 +144,16 @@ def run(args: argparse.Namespace) -> List[dict]:
         t = time.perf_counter()
         hen.store(images, texts)
         store_s = time.perf_counter() - t
-        for kind in KINDS + ("caption",):
+        for kind in KINDS[:1] + (MASKED,) + KINDS[1:] + ("caption",):
             t = time.perf_counter()
             if kind == "caption":
                 lat = hen.encode_texts(captions)
                 t1 = time.perf_counter()
                 r = hen.recall_text(text_latents=lat, decode=False)
+            elif kind == MASKED:
+                lat, w = codec.encode_masked(queries["half"], half_mask)
+                t1 = time.perf_counter()
+                r = hen.recall(latents=lat, latent_weights=w, decode=False)
             else:
                 lat = hen.encode_images(queries[kind])
                 t1 = time.perf_counter()
@@ -162,8 +170,8 @@ def run(args: argparse.Namespace) -> List[dict]:
                        recall_qps=p / (t2 - t1), e2e_qps=p / (t3 - t), store_s=store_s,
                        missed=[names[i] for i in range(p) if int(r.index[i]) != i])
             rows.append(row)
-            grid[codec.name, kind] = recalled
-            print(f"{codec.name:<6} {kind:<8} {row['right']:>3}/{p:<3} {row['one_minus_ssim']:>7.3f} "
+            grid[codec.name, kind] = recalled, r.index
+            print(f"{codec.name:<6} {kind:<12} {row['right']:>3}/{p:<3} {row['one_minus_ssim']:>7.3f} "
                   f"{row['mse']:>7.4f} {row['top_weight']:>6.3f} {row['steps']:>5.1f} {row['recall_qps']:>10.0f} "
                   f"{row['e2e_qps']:>8.0f}")
     for row in rows:
@@ -171,20 +179,32 @@ def run(args: argparse.Namespace) -> List[dict]:
             print(f"  {row['codec']}/{row['query']} missed: {', '.join(row['missed'])}")
     from .experiments.common import image_grid
 
-    cols, labels = [photos, queries["half"]], ["original", "half hidden"]
-    for codec in codecs:
-        cols.append(grid[codec.name, "half"])
-        labels.append(f"{codec.name} recall")
-    for codec in codecs:
-        cols.append(grid[codec.name, "caption"])
-        labels.append(f"{codec.name} from caption")
+    cols, labels, marks = [photos, queries["half"]], ["original", "half hidden"], [None, None]
+    for kind, what in (("half", "recall"), (MASKED, "masked recall"), ("caption", "from caption")):
+        for codec in codecs:
+            img, idx = grid[codec.name, kind]
+            cols.append(img)
+            labels.append(f"{codec.name} {what}")
+            marks.append([None if int(j) == i else f"got {_label(int(j), names)}" for i, j in enumerate(idx)])
+    # one failure of every column that has one, then other failures, then successes: the picture
+    # shows what went wrong as well as what came back
+    firsts = [next(i for i in range(p) if m[i]) for m in marks if m is not None and any(m)]
+    wrong = [i for i in range(p) if any(m is not None and m[i] for m in marks)]
+    picked = list(dict.fromkeys(firsts + wrong + list(range(p))))
+    order = torch.tensor(picked[:min(6, p)])
     png = out / "recall.png"
-    image_grid(png, cols, labels, rows=min(6, p))
+    image_grid(png, [c[order] for c in cols], labels, rows=len(order),
+               marks=[None if m is None else [m[i] for i in order.tolist()] for m in marks],
+               row_labels=[names[i] for i in order.tolist()])
     summary = dict(size=args.size, photos=names, captions=captions, bank_rows=len(images),
                    backends=ops.available_backends(), beta=args.beta, rows=rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {png} and {out / 'summary.json'}; total {time.perf_counter() - t0:.1f} s")
     return rows
+
+
+def _label(j: int, names: Sequence[str]) -> str:
+    return names[j] if j < len(names) else f"crop {j - len(names)}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

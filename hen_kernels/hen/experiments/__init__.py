@@ -5,7 +5,7 @@ plots under the output folder (``results/hen`` by default) and shows progress wi
 """
 from __future__ import annotations
 
-EXPERIMENTS = ("table1", "fig2", "fig3", "table2", "uniqueness")
+EXPERIMENTS = ("table1", "fig2", "fig3", "table2", "uniqueness", "masking")
 
 
 def get(name: str):
@@ -20,6 +20,8 @@ def get(name: str):
         from .text import run_table2 as run
     elif name == "uniqueness":
         from .text import run_uniqueness as run
+    elif name == "masking":
+        from .masking import run
     else:
         raise ValueError(f"experiment: expected one of {EXPERIMENTS}, got {name!r}")
     return run

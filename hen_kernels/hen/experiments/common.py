@@ -24,9 +24,11 @@ def cached_encode(codec, images: torch.Tensor, key: Optional[str], progress: boo
     """
     if key is None or codec.name == "image":
         return codec.encode(images, progress=progress)
-    path = cache_dir() / f"{codec.name}-{key}-{len(images)}.pt"  # the first len(images) of data set `key`
-    larger = sorted((int(f.stem.rsplit("-", 1)[1]), f) for f in cache_dir().glob(f"{codec.name}-{key}-*.pt")
-                    if f.stem.rsplit("-", 1)[1].isdigit() and int(f.stem.rsplit("-", 1)[1]) >= len(images))
+    tag = codec.cache_tag  # changes whenever the codec's latents would (e.g. its padding)
+    path = cache_dir() / f"{tag}-{key}-{len(images)}.pt"  # the first len(images) of data set `key`
+    larger = sorted((int(f.stem.rsplit("-", 1)[1]), f) for f in cache_dir().glob(f"{tag}-{key}-*.pt")
+                    if f.stem.rsplit("-", 1)[1].isdigit() and int(f.stem.rsplit("-", 1)[1]) >= len(images)
+                    and f.stem.rsplit("-", 1)[0] == f"{tag}-{key}")
     if larger:  # the key names a data set in a fixed order: its first n rows are a prefix of a longer run
         path = larger[0][1]
     if path.is_file():
@@ -49,14 +51,17 @@ def codec_by_name(name: str, taef2_path=None):
 
 
 def available_codecs(names: Sequence[str], taef2_path=None) -> List[str]:
-    """Those of ``names`` that can run here (TAEF2 needs its weights); prints why one is left out."""
-    from ..taef2 import find_taef2_dir
+    """Those of ``names`` that can run here (TAEF2 needs its weights, downloaded if allowed); prints why one is
+    left out."""
+    from ..taef2 import find_taef2, missing_message
 
     out = []
     for n in names:
-        if n == "taef2" and find_taef2_dir(taef2_path) is None:
-            print("skipping codec taef2: weights not found (set HEN_TAEF2_DIR)")
-            continue
+        if n == "taef2":
+            where, why = find_taef2(taef2_path, download=True)
+            if where is None:
+                print(f"skipping codec taef2: {missing_message(taef2_path, why)}")
+                continue
         out.append(n)
     return out
 
@@ -98,8 +103,13 @@ def plt():
 
 
 def image_grid(path: Path, columns: Sequence[torch.Tensor], labels: Sequence[str], rows: int = 6,
-               scale: int = 2) -> None:
-    """A PNG grid: one column per tensor of images (N, C, H, W), the first ``rows`` images of each."""
+               scale: int = 2, marks: Optional[Sequence[Optional[Sequence[Optional[str]]]]] = None,
+               row_labels: Optional[Sequence[str]] = None) -> None:
+    """A PNG grid: one column per tensor of images (N, C, H, W), the first ``rows`` images of each.
+
+    ``marks[j][i]``, when a string, flags image i of column j as wrong: a red frame and the string
+    under it (e.g. which memory a recall returned instead).
+    """
     p = plt()
     rows = min(rows, *(len(c) for c in columns))
     fig, axes = p.subplots(rows, len(columns), figsize=(scale * len(columns) * 0.8, scale * rows * 0.8),
@@ -114,8 +124,16 @@ def image_grid(path: Path, columns: Sequence[torch.Tensor], labels: Sequence[str
                 ax.imshow(img.permute(1, 2, 0).numpy())
             ax.set_xticks([])
             ax.set_yticks([])
+            mark = marks[j][i] if marks is not None and marks[j] is not None else None
+            if mark:
+                for side in ax.spines.values():
+                    side.set_edgecolor("red")
+                    side.set_linewidth(3)
+                ax.set_xlabel(f"✗ {mark}", fontsize=6, color="red")
             if i == 0:
                 ax.set_title(lab, fontsize=7)
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[i], fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

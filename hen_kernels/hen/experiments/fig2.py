@@ -1,7 +1,9 @@
 """Fig. 2: recall quality (MSE, 1 - SSIM, identity accuracy) against beta, dot and ℓ2, per codec.
 
 A bank of the first ``n_bank`` Fashion-MNIST images; ``n_queries`` of them, damaged
-(``kinds``), are recalled for each beta in ``betas``, each similarity and each codec.
+(``kinds``: "quarter" and "half" hidden in black, and "bottom, masked", the bottom half
+hidden with its mask, hen/masks.py), are recalled for each beta in ``betas``, each
+similarity and each codec.
 MSE and 1 - SSIM compare the decoded recall with the decoded stored latent (the paper's
 measure) over the first ``n_decode`` queries.  A KMN sweep over (r, α) on raw pixels is
 reported beside it (the paper: KMNs are "highly sensitive to these settings").
@@ -15,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import metrics
-from ..data import load_fashion_mnist, occlude
+from ..data import load_fashion_mnist, occlude, visible_mask
 from ..layer import HEN
 from ..kmn import KMN
 from .common import available_codecs, cached_encode, codec_by_name, markdown_table, plt, write_results
@@ -25,7 +27,8 @@ SIMILARITIES = ("dot", "l2")
 
 
 def run(out: Path, *, quick: bool = False, n_bank: Optional[int] = None, n_queries: Optional[int] = None,
-        n_decode: Optional[int] = None, betas: Sequence[float] = BETAS, kinds: Sequence[str] = ("quarter", "half"),
+        n_decode: Optional[int] = None, betas: Sequence[float] = BETAS,
+        kinds: Sequence[str] = ("quarter", "half", "bottom, masked"),
         codecs: Sequence[str] = ("image", "taef2"), max_steps: int = 100, seed: int = 0, taef2_path=None,
         command: str = "hen experiment fig2") -> Dict:
     from tqdm.auto import tqdm
@@ -48,13 +51,18 @@ def run(out: Path, *, quick: bool = False, n_bank: Optional[int] = None, n_queri
         full = cached_encode(codec, images, "fashion")
         recon = codec.decode(full[qidx[:n_decode]], progress=False)
         for kind in kinds:
-            qlat = codec.encode(occlude(targets, kind, seed=seed), progress=False)
+            hidden = kind.split(",")[0]
+            q = occlude(targets, hidden, seed=seed)
+            if kind.endswith("masked"):
+                qlat, qw = codec.encode_masked(q, visible_mask(tuple(q.shape[-2:]), hidden), progress=False)
+            else:
+                qlat, qw = codec.encode(q, progress=False), None
             for sim in SIMILARITIES:
                 for beta in betas:
                     bar.set_postfix_str(f"{cname} {kind} {sim} beta={beta:g}")
                     hen = HEN(codec, beta=beta, similarity=sim, max_steps=max_steps, tol=1e-4, progress=False)
                     hen.store(latents=full)
-                    r = hen.recall(latents=qlat, decode=False)
+                    r = hen.recall(latents=qlat, latent_weights=qw, decode=False)
                     dec = codec.decode(r.latents[:n_decode], progress=False)
                     rows.append(dict(codec=cname, kind=kind, similarity=sim, beta=beta,
                                      acc=metrics.identity_accuracy(r.index, qidx),
@@ -66,7 +74,7 @@ def run(out: Path, *, quick: bool = False, n_bank: Optional[int] = None, n_queri
     kmn_rows = []
     bank = images.reshape(n_bank, -1)
     med = float(torch.cdist(bank[:200], bank).median())
-    for kind in kinds:
+    for kind in [k for k in kinds if not k.endswith("masked")]:  # KMN has no masked form
         q = occlude(targets, kind, seed=seed).reshape(n_queries, -1)
         for rf in ((0.5, 1.0) if quick else (0.1, 0.3, 1.0, 3.0)):
             for alpha in (1.0, 2.0):
@@ -106,9 +114,11 @@ def _plot(path: Path, rows: List[Dict], codecs: Sequence[str], kinds: Sequence[s
                            and r["kind"] == kind]
                     ax.plot(*zip(*pts), marker="o", label=f"{sim}-{c}", linestyle="-" if sim == "l2" else "--")
             ax.set_xscale("log")
-            ax.set_xlabel("beta")
-            ax.set_title(f"{lab}, {kind} queries")
-            ax.legend(fontsize=7)
+            ax.set_xlabel("beta (normalised latents)")
+            ax.set_ylabel(lab)
+            ax.set_title(f"{lab}, {kind}" + ("" if kind.endswith("masked") else " hidden"), fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
-import torch
 
 from .. import metrics
 from ..data import load_fashion_mnist, occlude
@@ -64,7 +63,9 @@ def _plot(path: Path, hists, codecs: Sequence[str], kind: str) -> None:
             ax.hist(x, bins=bins, density=True, alpha=0.6, color="tab:blue", label="cross (i != j)")
             ax.hist(s, bins=bins, density=True, alpha=0.6, color="tab:red", label="self (i = j)")
             ax.set_title(f"{c}, cosine on {view} ({kind} queries)", fontsize=9)
-            ax.legend(fontsize=7)
+            ax.set_xlabel("cosine similarity of query i and memory j")
+            ax.set_ylabel("density")
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

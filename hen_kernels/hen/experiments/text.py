@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -71,7 +71,7 @@ def run_table2(out: Path, *, quick: bool = False, distractors: Optional[Sequence
     names, images, captions = caption_data(max(distractors))
     p = len(names)
     codecs = available_codecs(codecs, taef2_path)
-    rows, grids = [], {}
+    rows, grids, misses = [], {}, {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(codecs) * len(texts) * len(distractors), desc="table2", unit="recall")
     for cname in codecs:
@@ -96,6 +96,7 @@ def run_table2(out: Path, *, quick: bool = False, distractors: Optional[Sequence
                                  seconds=wall))
                 if d == max(distractors):
                     grids[cname, tname] = r.images
+                    misses[cname, tname] = [None if int(j) == i else f"got row {int(j)}" for i, j in enumerate(r.index)]
                     if tname == "pixel":
                         grids["caption"] = enc.render(captions[:p])
                 bar.update(1)
@@ -106,7 +107,8 @@ def run_table2(out: Path, *, quick: bool = False, distractors: Optional[Sequence
     for (c, t), v in ((k, v) for k, v in grids.items() if k != "caption"):
         cols.append(v)
         labels.append(f"{c} / {t}")
-    image_grid(out / "table2.png", cols, labels, rows=8)
+    marks = [None] * (len(cols) - len(misses)) + list(misses.values())  # wrong recalls framed in red
+    image_grid(out / "table2.png", cols, labels, rows=8, marks=marks)
     body = (f"{p} photos with their own captions, plus Fashion-MNIST distractors with label captions; bank "
             f"N = photos + distractors; queries: the {p} photo captions as [0; text]; ℓ2, beta = {beta:g}, "
             f"norm pads (hen/layer.py). MSE / 1-SSIM against the decoded stored latent. Total {total:.0f} s.\n\n"
@@ -238,7 +240,10 @@ def _plot(path: Path, pics) -> None:
             ax.set_yticks([])
             if img is not None:
                 ax.imshow(img[0].permute(1, 2, 0).clamp(0, 1).numpy())
-            ax.set_title(f"{t}\n{k[0]}/{k[1]}" if j == 0 else t, fontsize=7)
+            if i == 0:
+                ax.set_title(t, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{k[0]} codec\n{k[1]} text", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
