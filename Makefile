@@ -48,7 +48,7 @@ DEPS_STAMP := $(VENV)/.hen-deps
 EXT_STAMP := $(VENV)/.hen-ext
 EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc cmake build_backend -type f)
 
-.PHONY: install test demo bench bench-gpu clean fashion-mnist wheels-gpu
+.PHONY: install test demo bench bench-gpu bench-static clean fashion-mnist wheels-gpu
 
 install: $(EXT_STAMP)
 
@@ -83,9 +83,15 @@ bench: install
 	$(PY) -m hen_kernels.bench cpu --out $(RESULTS)
 	$(PY) -m hen_kernels.bench bank --out $(RESULTS)
 	$(PY) -m hen_kernels.bench nn --out $(RESULTS)
+	$(MAKE) --no-print-directory bench-static
 	@if $(HAS_CUDA); then $(MAKE) --no-print-directory bench-gpu; else \
 	  echo "bench: NO CUDA DEVICE: the GPU tables ($(RESULTS)/gpu.md, roofline.png) were not measured;" \
 	       "run scripts/gpu_run.sh on a GPU machine"; fi
+
+# The machine-code report over the whole compile matrix (every Triton kernel x autotune config x
+# dtype x similarity x arch; about an hour on 2 cores; no GPU needed): static/static.{md,json}.
+bench-static: install
+	$(PY) -m hen_kernels.bench static --subset full --with-pruned --jobs 2 --out $(RESULTS)/static
 
 # The GPU tables alone (exits 2 with a message when no GPU is visible).
 bench-gpu: install

@@ -3,10 +3,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from . import PROGRAMS as TABLES
-
-# static: the machine-code report (Triton kernels compiled for sm_80 / sm_90, no GPU needed).
-PROGRAMS = tuple(TABLES) + tuple(p for p in ("static",) if p not in TABLES)
+from . import PROGRAMS
 
 USAGE = f"""usage: python -m hen_kernels.bench [{'|'.join(PROGRAMS)}] [--out DIR] [options]
 
