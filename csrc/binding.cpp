@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 
@@ -128,15 +129,18 @@ WorkspaceTensors make_workspace(const Prepared& r, int64_t splits) {
   return w;
 }
 
-PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
-                          const at::Tensor& beta, int64_t similarity, int64_t offset,
-                          const std::optional<at::Tensor>& weights) {
+PartialResult run_cpu(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
+                      const at::Tensor& beta, int64_t similarity, int64_t offset,
+                      const std::optional<at::Tensor>& weights, const hen::PlanHints& hints) {
   const Prepared r = prepare(query, memory, values, beta, similarity, offset, weights, c10::DeviceType::CPU);
   const hen::PartialParams& p = r.p;
-  // TRANSITIONAL until the CPU tiles take weights (issue 14); backends.py does not send them here.
-  TORCH_CHECK(p.weights == nullptr, "hen_kernels::partial: the cpu kernel does not take weights yet");
   if (p.L > 0 && p.B > 0) {
-    const hen::Plan plan = hen::make_plan(p, at::get_num_threads());
+    hen::Plan plan{};
+    try {
+      plan = hen::make_plan(p, at::get_num_threads(), hints);
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK_VALUE(false, "hen_kernels::partial: ", e.what());
+    }
     const WorkspaceTensors w = make_workspace(r, plan.splits);
     at::parallel_for(0, plan.tiles(p), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) hen::run_tile(p, plan, t, w.ws);
@@ -146,6 +150,50 @@ PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, con
     }
   }
   return {r.out, r.lse, r.top_score, r.top_index};
+}
+
+PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
+                          const at::Tensor& beta, int64_t similarity, int64_t offset,
+                          const std::optional<at::Tensor>& weights) {
+  return run_cpu(query, memory, values, beta, similarity, offset, weights, hen::PlanHints{});
+}
+
+// The CPU side of partial_with_plan_hints (tests): kernel "auto", "brgemm" or
+// "portable" (who computes the tile products), optionally ":avx512", ":avx2" or
+// ":baseline" (the highest instruction set of the tile kernel), so that one
+// machine runs every path; query_block and splits as for CUDA.
+PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Tensor& memory,
+                                          const at::Tensor& values, const at::Tensor& beta, int64_t similarity,
+                                          int64_t offset, const std::optional<at::Tensor>& weights,
+                                          c10::string_view kernel, int64_t query_block, int64_t splits) {
+  hen::PlanHints hints;
+  const std::string k(kernel);
+  const size_t colon = k.find(':');
+  const std::string gemm = k.substr(0, colon), isa = colon == std::string::npos ? "" : k.substr(colon + 1);
+  using G = hen::PlanHints::GemmChoice;
+  if (gemm == "brgemm") {
+    hints.gemm = G::Brgemm;
+  } else if (gemm == "portable") {
+    hints.gemm = G::Portable;
+  } else {
+    TORCH_CHECK_VALUE(gemm == "auto", "hen_kernels::partial_with_plan_hints: on the CPU, kernel must be auto, brgemm "
+                      "or portable, optionally with :avx512, :avx2 or :baseline, got ", k);
+  }
+  if (isa == "avx512") {
+    hints.isa = int(hen::Isa::Avx512);
+  } else if (isa == "avx2") {
+    hints.isa = int(hen::Isa::Avx2);
+  } else if (isa == "baseline") {
+    hints.isa = int(hen::Isa::Baseline);
+  } else {
+    TORCH_CHECK_VALUE(colon == std::string::npos,
+                      "hen_kernels::partial_with_plan_hints: unknown instruction set '", isa, "'");
+  }
+  TORCH_CHECK_VALUE(query_block >= 0 && splits >= 0,
+                    "hen_kernels::partial_with_plan_hints: query_block and splits must be >= 0");
+  hints.query_block = query_block;
+  hints.splits = splits;
+  return run_cpu(query, memory, values, beta, similarity, offset, weights, hints);
 }
 
 #ifdef HEN_WITH_CUDA
@@ -206,11 +254,12 @@ PartialResult partial_with_plan_hints_cuda(const at::Tensor& query, const at::Te
 }
 #endif
 
-// What this build runs with, for tests and logs: the tile kernel's instruction
-// set, and whether at::parallel_for was compiled with OpenMP (without it the
-// header template runs every tile on the calling thread).
+// What this build runs with, for tests, logs and benchmarks: the tile kernel's
+// instruction set and products (hen::describe), and whether at::parallel_for was
+// compiled with OpenMP (without it the header template runs every tile on the
+// calling thread).
 std::string cpu_info() {
-  std::string info = std::string("isa=") + hen::isa_name();
+  std::string info = hen::describe();
 #ifdef _OPENMP
   info += " openmp=" + std::to_string(_OPENMP);
 #else
@@ -244,7 +293,7 @@ TORCH_LIBRARY(hen_kernels, m) {
       "partial(Tensor query, Tensor memory, Tensor values, Tensor beta, int similarity, int offset, "
       "Tensor? weights=None) "
       "-> (Tensor out, Tensor lse, Tensor top_score, Tensor top_index)");
-  // For tests, CUDA only (see partial_with_plan_hints_cuda): "auto" and 0 leave a choice to the planner.
+  // For tests (partial_with_plan_hints_cpu / _cuda): "auto" and 0 leave a choice to the planner.
   m.def(
       "partial_with_plan_hints(Tensor query, Tensor memory, Tensor values, Tensor beta, int similarity, int offset, "
       "Tensor? weights=None, "
@@ -255,7 +304,10 @@ TORCH_LIBRARY(hen_kernels, m) {
   m.def("cuda_ptxas() -> str", &cuda_ptxas);
 }
 
-TORCH_LIBRARY_IMPL(hen_kernels, CPU, m) { m.impl("partial", &partial_cpu); }
+TORCH_LIBRARY_IMPL(hen_kernels, CPU, m) {
+  m.impl("partial", &partial_cpu);
+  m.impl("partial_with_plan_hints", &partial_with_plan_hints_cpu);
+}
 #ifdef HEN_WITH_CUDA
 TORCH_LIBRARY_IMPL(hen_kernels, CUDA, m) {
   m.impl("partial", &partial_cuda);

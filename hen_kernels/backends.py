@@ -194,8 +194,7 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None),
-    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_streaming_backward, load=_cpu_available,
-                   takes_weights=False),
+    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_streaming_backward, load=_cpu_available),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available,
                     takes_weights=False),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).

@@ -1,8 +1,17 @@
-// The fused streaming-softmax Hopfield update on the CPU, free of torch.
+// The fused streaming-softmax Hopfield update on the CPU.
 //
 // It computes the Partial of hopfield_params.h.  The bank is walked once in
-// row blocks with a running max, sum and accumulator per query, so no B x N
-// score matrix exists.
+// row tiles with a running max, sum and accumulator per query, so no B x N
+// score matrix exists and memory does not grow with N.
+//
+// Each tile takes two matrix products: the scores S^T = X_tile . Q^T (bank rows
+// by queries, so the bank tile is read as stored, with no transpose or packing)
+// and the values O += P . V_tile.  They run on the platform's GEMM
+// microkernels (microkernel.h: oneDNN's brgemm through ATen, on AMX or
+// AVX-512 BF16 for 16-bit inputs) or, where those are absent, on hand-written
+// products (Gemm::Portable).  The softmax between them, the ℓ2 forms and the
+// rules of docs/design.md §5.1 are the tile kernel's own (tile_kernel.cpp),
+// compiled once per instruction set.
 //
 // Work is cut into independent tiles (leading index, query block, bank split).
 // The caller runs tiles on its own thread pool (the ATen binding uses
@@ -12,22 +21,41 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "hopfield_params.h"
 
 namespace hen {
 
-// How the work is cut: chosen from the shape and the thread count (see make_plan).
+// Instruction sets the tile kernel is compiled for, in increasing order.
+enum class Isa : int { Baseline = 1, Avx2 = 2, Avx512 = 3 };
+// Who computes the tile products.
+enum class Gemm : int { Portable = 0, Brgemm = 1 };
+
+// What a caller may force (tests, benchmarks); zero / Auto leave the choice to make_plan.
+struct PlanHints {
+  enum class GemmChoice { Auto, Brgemm, Portable } gemm = GemmChoice::Auto;
+  int isa = 0;  // highest instruction set to use (an Isa value), 0: the best this CPU has
+  int64_t query_block = 0;
+  int64_t splits = 0;
+};
+
+// How the work is cut and computed: chosen from the shape, the dtype, the CPU
+// and the thread count (see make_plan).
 struct Plan {
+  Isa isa;
+  Gemm gemm;
+  bool vnni;               // 16-bit products on the matrix instructions (else float32 products)
   int64_t query_block;     // queries sharing one pass over a bank tile
-  int64_t row_block;       // bank rows per streamed block
+  int64_t row_block;       // bank rows per tile: fixed per (D, dtype, products), never by N
   int64_t splits;          // bank splits per query block (1: no workspace, no combine)
   int64_t rows_per_split;  // a multiple of row_block
   int64_t query_blocks;    // ceil(B / query_block)
   int64_t tiles(const PartialParams& p) const { return p.L * query_blocks * splits; }
 };
 
-Plan make_plan(const PartialParams& p, int num_threads);
+// Throws std::invalid_argument when a hint asks for what this build or CPU cannot do.
+Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints = PlanHints{});
 
 // Compute tile `tile` in [0, plan.tiles(p)); thread safe across distinct tiles.
 void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Workspace& ws);
@@ -35,7 +63,10 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
 // Merge the splits of queries [begin, end) of the flattened (L * B) range into the outputs.
 void combine(const PartialParams& p, const Plan& plan, int64_t begin, int64_t end, const Workspace& ws);
 
-// Which instruction set the tiles run with ("avx2" or "baseline"), for logs and tests.
-const char* isa_name();
+// What this build and CPU run with: "isa=avx512 gemm=brgemm vnni_bf16=1 vnni_f16=0"
+// (after HEN_KERNELS_CPU_ISA, see hopfield_cpu.cpp), for logs, benchmarks and tests.
+std::string describe();
+
+const char* isa_name(Isa isa);
 
 }  // namespace hen
