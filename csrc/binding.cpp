@@ -159,7 +159,7 @@ PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, con
 }
 
 // The CPU side of partial_with_plan_hints (tests): kernel "auto", "brgemm" or
-// "portable" (who computes the tile products), optionally ":avx512", ":avx2" or
+// "hand" (who computes the tile products), optionally ":avx512", ":avx2" or
 // ":baseline" (the highest instruction set of the tile kernel), so that one
 // machine runs every path; query_block and splits as for CUDA.
 PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Tensor& memory,
@@ -173,11 +173,11 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
   using G = hen::PlanHints::GemmChoice;
   if (gemm == "brgemm") {
     hints.gemm = G::Brgemm;
-  } else if (gemm == "portable") {
-    hints.gemm = G::Portable;
+  } else if (gemm == "hand") {
+    hints.gemm = G::Hand;
   } else {
     TORCH_CHECK_VALUE(gemm == "auto", "hen_kernels::partial_with_plan_hints: on the CPU, kernel must be auto, brgemm "
-                      "or portable, optionally with :avx512, :avx2 or :baseline, got ", k);
+                      "or hand, optionally with :avx512, :avx2 or :baseline, got ", k);
   }
   if (isa == "avx512") {
     hints.isa = int(hen::Isa::Avx512);

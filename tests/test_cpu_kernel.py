@@ -34,7 +34,8 @@ def kernels():
     if backends.BACKENDS["cpu"].unavailable_reason is not None:
         return ["auto"]  # every test skips, saying why
     top = ISAS[info()["cpu_isa"]]
-    gemms = ["brgemm", "portable"] if info()["gemm"] == "brgemm" else ["portable"]
+    # auto: the planner's mix (hand-written products for few queries, microkernels beyond)
+    gemms = ["auto", "brgemm", "hand"] if info()["gemm"] == "brgemm" else ["hand"]
     return [f"{g}:{isa}" for g in gemms for isa, level in ISAS.items() if level <= top]
 
 
@@ -79,7 +80,7 @@ def check(p, ref, dtype):
 def test_cpu_info_names_the_paths():
     i = info()
     assert i["isa"] in ISAS and i["cpu_isa"] in ISAS and ISAS[i["isa"]] <= ISAS[i["cpu_isa"]]
-    assert i["gemm"] in ("brgemm", "portable")
+    assert i["gemm"] in ("brgemm", "hand")
     assert i["vnni_bf16"] in ("0", "1") and i["vnni_f16"] in ("0", "1")
 
 
@@ -184,7 +185,7 @@ def test_nan_query_stays_in_its_lane(kernel, sim):
 
 def test_hints_are_checked_by_name():
     q, x = torch.randn(2, 8), torch.randn(5, 8)
-    for bad in ("fast", "brgemm:avx9", "portable:"):
+    for bad in ("fast", "brgemm:avx9", "hand:", "portable"):
         with pytest.raises(ValueError, match="partial_with_plan_hints"):
             hinted(q, x, 1.0, "dot", bad)
 

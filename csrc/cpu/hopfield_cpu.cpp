@@ -26,6 +26,10 @@ HEN_DECLARE_TILE(avx512)
 #undef HEN_DECLARE_TILE
 
 namespace {
+// Queries up to which the hand-written products beat brgemm, per product and for
+// float32 / 16-bit VNNI microkernels (measured: benchmarks/results/cpu.md).
+constexpr int64_t kHandScore = 8, kHandValue = 8, kHandScoreVnni = 1, kHandValueVnni = 4;
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 Isa cpu_isa() {
@@ -84,10 +88,10 @@ const char* isa_name(Isa isa) {
 std::string describe() {
   const bool brgemm = mk::f32_available();
   std::string s = std::string("isa=") + isa_name(default_isa()) + " cpu_isa=" + isa_name(cpu_isa()) +
-                  " gemm=" + (brgemm ? "brgemm" : "portable");
-  const bool wide = default_isa() == Isa::Avx512 && brgemm;
-  s += std::string(" vnni_bf16=") + (wide && mk::vnni_available(DType::BF16) ? "1" : "0");
-  s += std::string(" vnni_f16=") + (wide && mk::vnni_available(DType::F16) ? "1" : "0");
+                  " gemm=" + (brgemm ? "brgemm" : "hand");
+  const bool avx512 = default_isa() == Isa::Avx512 && brgemm;
+  s += std::string(" vnni_bf16=") + (avx512 && mk::vnni_available(DType::BF16) ? "1" : "0");
+  s += std::string(" vnni_f16=") + (avx512 && mk::vnni_available(DType::F16) ? "1" : "0");
   return s;
 }
 
@@ -100,17 +104,31 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
     plan.isa = Isa(hints.isa);
   }
   using G = PlanHints::GemmChoice;
-  if (hints.gemm == G::Brgemm && !mk::f32_available())
+  const bool brgemm = mk::f32_available();
+  if (hints.gemm == G::Brgemm && !brgemm)
     throw std::invalid_argument("hints: this build has no brgemm (not x86, or a torch without it)");
-  plan.gemm = hints.gemm == G::Portable ? Gemm::Portable : (mk::f32_available() ? Gemm::Brgemm : Gemm::Portable);
   // Weighted products stay in float32: the weights are float32, and w∘q or x∘x rounded
   // to 16 bits would lose what they ask for.  VNNI pairs need an even D.
-  plan.vnni = plan.gemm == Gemm::Brgemm && plan.isa == Isa::Avx512 && p.dtype != DType::F32 &&
-              p.weights == nullptr && p.D % 2 == 0 && mk::vnni_available(p.dtype);
+  const bool vnni = brgemm && plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.weights == nullptr &&
+                    p.D % 2 == 0 && mk::vnni_available(p.dtype);
+  const Product fast = vnni ? Product::Vnni : Product::F32;
+  if (hints.gemm != G::Auto) {
+    plan.score = plan.value = hints.gemm == G::Hand ? Product::Hand : fast;
+  } else if (!brgemm) {
+    plan.score = plan.value = Product::Hand;
+  } else {
+    // Few queries: a microkernel pads them to a whole vector (the score product) and
+    // needs each bank tile repacked (16-bit values); the hand-written products read
+    // the tile as stored.  Thresholds measured in benchmarks/results/cpu.md.
+    plan.score = p.B <= (vnni ? kHandScoreVnni : kHandScore) ? Product::Hand : fast;
+    plan.value = p.B <= (vnni ? kHandValueVnni : kHandValue) ? Product::Hand : fast;
+  }
 
   const int64_t B = std::max<int64_t>(p.B, 1);
   plan.query_block = std::min<int64_t>(B, hints.query_block > 0 ? hints.query_block : 64);
-  plan.row_block = row_block(p.D, plan.vnni ? 2 : 4);
+  // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).
+  const bool wide = p.dtype == DType::F32 || plan.score == Product::F32 || plan.value == Product::F32;
+  plan.row_block = row_block(p.D, wide ? 4 : 2);
   plan.query_blocks = ceil_div(p.B, plan.query_block);
   const int64_t query_tiles = std::max<int64_t>(p.L * ceil_div(B, plan.query_block), 1);
   // Splitting the bank gives every thread several tiles even with few queries (the

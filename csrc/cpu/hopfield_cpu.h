@@ -9,7 +9,7 @@
 // and the values O += P . V_tile.  They run on the platform's GEMM
 // microkernels (microkernel.h: oneDNN's brgemm through ATen, on AMX or
 // AVX-512 BF16 for 16-bit inputs) or, where those are absent, on hand-written
-// products (Gemm::Portable).  The softmax between them, the ℓ2 forms and the
+// products (Product::Hand).  The softmax between them, the ℓ2 forms and the
 // rules of docs/design.md §5.1 are the tile kernel's own (tile_kernel.cpp),
 // compiled once per instruction set.
 //
@@ -29,12 +29,14 @@ namespace hen {
 
 // Instruction sets the tile kernel is compiled for, in increasing order.
 enum class Isa : int { Baseline = 1, Avx2 = 2, Avx512 = 3 };
-// Who computes the tile products.
-enum class Gemm : int { Portable = 0, Brgemm = 1 };
+// Who computes a tile product: the kernel's own code (hand_products.h: where brgemm
+// is absent, and for few queries), or the platform's microkernel (microkernel.h) in
+// float32 (16-bit inputs widened first) or on 16-bit VNNI operands.
+enum class Product : int { Hand = 0, F32 = 1, Vnni = 2 };
 
 // What a caller may force (tests, benchmarks); zero / Auto leave the choice to make_plan.
 struct PlanHints {
-  enum class GemmChoice { Auto, Brgemm, Portable } gemm = GemmChoice::Auto;
+  enum class GemmChoice { Auto, Brgemm, Hand } gemm = GemmChoice::Auto;
   int isa = 0;  // highest instruction set to use (an Isa value), 0: the best this CPU has
   int64_t query_block = 0;
   int64_t splits = 0;
@@ -44,8 +46,8 @@ struct PlanHints {
 // and the thread count (see make_plan).
 struct Plan {
   Isa isa;
-  Gemm gemm;
-  bool vnni;               // 16-bit products on the matrix instructions (else float32 products)
+  Product score;           // S^T = X_tile . Q^T
+  Product value;           // O += P . V_tile
   int64_t query_block;     // queries sharing one pass over a bank tile
   int64_t row_block;       // bank rows per tile: fixed per (D, dtype, products), never by N
   int64_t splits;          // bank splits per query block (1: no workspace, no combine)

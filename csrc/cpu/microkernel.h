@@ -10,7 +10,7 @@
 // All matrices are row-major: C[M x N] (+)= A[M x K] . B[K x N], with leading
 // dimensions in elements.  Where a function is unavailable (no oneDNN ukernel in
 // this torch, not x86, an older torch without the brgemm overloads), the tile
-// kernel uses its own hand-written products instead (Gemm::Portable).
+// kernel uses its own hand-written products instead (Product::Hand).
 #pragma once
 
 #include <cstdint>

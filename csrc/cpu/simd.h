@@ -133,13 +133,19 @@ inline float scalar_to_float(DType dt, const void* row, int64_t k) {
 inline vf load_as_float(DType dt, const void* row, int64_t k) {
   if (dt == DType::F32) return load(static_cast<const float*>(row) + k);
   const uint16_t* s = static_cast<const uint16_t*>(row) + k;
-  if (dt == DType::BF16) {
+  if (dt == DType::BF16) {  // (widening with the vector extensions compiles to lane shuffles)
+#if HEN_ISA_LEVEL >= 3
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))), 16));
+#elif HEN_ISA_LEVEL == 2
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))), 16));
+#else
     vh h;
     std::memcpy(&h, s, sizeof h);
     vu bits = __builtin_convertvector(h, vu) << 16;
     vf f;
     std::memcpy(&f, &bits, sizeof f);
     return f;
+#endif
   }
 #if HEN_ISA_LEVEL >= 3
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
@@ -166,8 +172,12 @@ inline void store_16(DType dt, uint16_t* dst, vf v) {
     vu bits;
     std::memcpy(&bits, &v, sizeof bits);
     bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+#if HEN_ISA_LEVEL >= 3
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(__m512i(bits)));
+#else
     const vh h = __builtin_convertvector(bits, vh);
     std::memcpy(dst, &h, sizeof h);
+#endif
     return;
   }
 #if HEN_ISA_LEVEL >= 3

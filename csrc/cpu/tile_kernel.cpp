@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -53,134 +54,9 @@ namespace hen {
 namespace HEN_ISA_NS {
 
 #include "cpu/simd.h"
+#include "cpu/hand_products.h"
 
 namespace {
-
-// --- hand-written products (Gemm::Portable) ----------------------------------------
-
-#if HEN_ISA_LEVEL == 2
-// r[m] = sum of the lanes of a[m], for eight vectors at once.
-inline vf reduce8(const vf* a) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_permute2f128_ps(u0, u1, 0x20) + _mm256_permute2f128_ps(u0, u1, 0x31);
-}
-#endif
-
-// C[j * ldc + i] (+)= <Q_i, X_j> over k in [0, K): QI queries by RJ rows in registers.
-template <int QI, int RJ>
-inline void dot_block(const float* q, int64_t q_stride, const float* const* x, int64_t K, float* c, int64_t ldc,
-                      bool accumulate) {
-  vf acc[QI][RJ];
-  for (int a = 0; a < QI; ++a)
-    for (int b = 0; b < RJ; ++b) acc[a][b] = vf{};
-  int64_t k = 0;
-  for (; k + W <= K; k += W) {
-    vf xv[RJ];
-    for (int b = 0; b < RJ; ++b) xv[b] = load(x[b] + k);
-    for (int a = 0; a < QI; ++a) {
-      vf qv = load(q + a * q_stride + k);
-      // Keep qv in a register: GCC would otherwise fold a fresh load into every
-      // FMA, and the load ports, not the FMA units, would set the pace.
-      if constexpr (RJ > 1) asm("" : "+x"(qv));
-      for (int b = 0; b < RJ; ++b) acc[a][b] += qv * xv[b];
-    }
-  }
-  float sums[QI * RJ];
-#if HEN_ISA_LEVEL == 2
-  if constexpr (QI * RJ == 8) {
-    store(sums, reduce8(&acc[0][0]));
-  } else
-#endif
-  {
-    for (int a = 0; a < QI; ++a)
-      for (int b = 0; b < RJ; ++b) sums[a * RJ + b] = hsum(acc[a][b]);
-  }
-  for (int a = 0; a < QI; ++a)
-    for (int b = 0; b < RJ; ++b) {
-      float t = sums[a * RJ + b];
-      for (int64_t kk = k; kk < K; ++kk) t += q[a * q_stride + kk] * x[b][kk];
-      float* dst = c + b * ldc + a;
-      *dst = accumulate ? *dst + t : t;
-    }
-}
-
-// Rows come in whole tiles (a multiple of 8), so every row takes the RJ-row block
-// of its query group and no row is reduced another way.
-template <int QI>
-struct DotRows {
-  static void run(const float* q, float* c, int64_t q_stride, const float* const* rows, int64_t R, int64_t K,
-                  int64_t ldc, bool accumulate) {
-    constexpr int RJ = QI == 3 ? 2 : 8 / QI;
-    for (int64_t j = 0; j < R; j += RJ) dot_block<QI, RJ>(q, q_stride, rows + j, K, c + j * ldc, ldc, accumulate);
-  }
-};
-
-// acc[i][:] += sum_j P[i][j] * V_j[:] for QI queries.
-template <int QI>
-struct AccumulateValues {
-  static void run(const float* p, float* acc, int64_t p_stride, const float* const* v, int64_t R, int64_t Dv,
-                  int64_t acc_stride) {
-    constexpr int C = 2;
-    int64_t d = 0;
-    for (; d + C * W <= Dv; d += C * W) {
-      vf a[QI][C];
-      for (int i = 0; i < QI; ++i)
-        for (int c = 0; c < C; ++c) a[i][c] = load(acc + i * acc_stride + d + c * W);
-      for (int64_t j = 0; j < R; ++j) {
-        vf vv[C];
-        for (int c = 0; c < C; ++c) vv[c] = load(v[j] + d + c * W);
-        for (int i = 0; i < QI; ++i) {
-          const vf w = splat(p[i * p_stride + j]);
-          for (int c = 0; c < C; ++c) a[i][c] += w * vv[c];
-        }
-      }
-      for (int i = 0; i < QI; ++i)
-        for (int c = 0; c < C; ++c) store(acc + i * acc_stride + d + c * W, a[i][c]);
-    }
-    for (; d + W <= Dv; d += W) {
-      vf a[QI];
-      for (int i = 0; i < QI; ++i) a[i] = load(acc + i * acc_stride + d);
-      for (int64_t j = 0; j < R; ++j) {
-        const vf vv = load(v[j] + d);
-        for (int i = 0; i < QI; ++i) a[i] += splat(p[i * p_stride + j]) * vv;
-      }
-      for (int i = 0; i < QI; ++i) store(acc + i * acc_stride + d, a[i]);
-    }
-    for (; d < Dv; ++d)
-      for (int i = 0; i < QI; ++i) {
-        float t = acc[i * acc_stride + d];
-        for (int64_t j = 0; j < R; ++j) t += p[i * p_stride + j] * v[j][d];
-        acc[i * acc_stride + d] = t;
-      }
-  }
-};
-
-// Dispatch a runtime query count to the register-blocked templates, 4 at a time.
-template <template <int> class F, typename... Args>
-void over_query_groups(int64_t Q, int64_t q_step, int64_t out_step, const float* q, float* out, Args... args) {
-  int64_t i = 0;
-  for (; i + 4 <= Q; i += 4) F<4>::run(q + i * q_step, out + i * out_step, args...);
-  switch (Q - i) {
-    case 3: F<3>::run(q + i * q_step, out + i * out_step, args...); break;
-    case 2: F<2>::run(q + i * q_step, out + i * out_step, args...); break;
-    case 1: F<1>::run(q + i * q_step, out + i * out_step, args...); break;
-    default: break;
-  }
-}
-
-constexpr int64_t kDepthChunk = 128;  // feature columns per pass of the portable score product (L1-sized)
-
-// C[j * ldc + i] = <Q_i, X_j> for the R rows (a multiple of 8) and Q queries.
-void portable_scores(const float* const* rows, int64_t R, const float* q, int64_t Q, int64_t D, float* c,
-                     int64_t ldc, std::vector<const float*>& shifted) {
-  shifted.resize(size_t(R));
-  for (int64_t k0 = 0; k0 < D; k0 += kDepthChunk) {
-    const int64_t K = std::min(kDepthChunk, D - k0);
-    for (int64_t j = 0; j < R; ++j) shifted[size_t(j)] = rows[j] + k0;
-    over_query_groups<DotRows>(Q, D, 1, q + k0, c, D, shifted.data(), R, K, ldc, k0 > 0);
-  }
-}
 
 // --- per-pair and per-row helpers ---------------------------------------------------
 
@@ -220,6 +96,17 @@ float sum_sq(DType dt, const void* x, int64_t D) {
 // Rows r0, r0 + 1 of a 16-bit (K x N) matrix, interleaved: the VNNI layout of microkernel.h.
 void pack_pairs(const uint16_t* r0, const uint16_t* r1, int64_t N, uint32_t* out) {
   int64_t n = 0;
+#if HEN_ISA_LEVEL >= 3
+  // unpack interleaves within 128-bit lanes; the two permutes put the lanes back in order.
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (; n + 32 <= N; n += 32) {
+    const __m512i a = _mm512_loadu_si512(r0 + n), b = _mm512_loadu_si512(r1 + n);
+    const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+    _mm512_storeu_si512(out + n, _mm512_permutex2var_epi64(lo, first, hi));
+    _mm512_storeu_si512(out + n + 16, _mm512_permutex2var_epi64(lo, second, hi));
+  }
+#endif
   for (; n + W <= N; n += W) {
     vh a, b;
     std::memcpy(&a, r0 + n, sizeof a);
@@ -228,6 +115,96 @@ void pack_pairs(const uint16_t* r0, const uint16_t* r1, int64_t N, uint32_t* out
     std::memcpy(out + n, &v, sizeof v);
   }
   for (; n < N; ++n) out[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
+}
+
+// --- the softmax over a score tile held column-wise (rows x queries) -------------------
+
+// The first row of the largest score per lane, over rows visited in increasing
+// order: U independent chains, so that no comparison waits for the previous row's.
+struct ArgMax {
+  static constexpr int U = 4;
+  vf best[U];
+  vi at[U];
+  ArgMax() {
+    for (int u = 0; u < U; ++u) best[u] = splat(kNegInf), at[u] = vi{};
+  }
+  void add(int u, vf s, int32_t j) {
+    const vi up = s > best[u];  // strictly: a tie keeps the earlier row
+    best[u] = up ? s : best[u];
+    at[u] = up ? vi{} + j : at[u];
+  }
+  void merge(vf& b, vi& j) const {
+    b = best[0], j = at[0];
+    for (int u = 1; u < U; ++u) {
+      const vi take = (best[u] > b) | ((best[u] == b) & (at[u] < j));
+      b = take ? best[u] : b;
+      j = take ? at[u] : j;
+    }
+  }
+};
+
+// Scores of rows [0, R) of one column group in place (score(j, c) from the product c),
+// -inf for the padding rows up to BN; the group's max, its first row, and NaN lanes.
+template <typename Score>
+inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& score, vf& best, vi& best_j,
+                          vi& nanm) {
+  ArgMax am;
+  vi nm = vi{};
+  int64_t j = 0;
+  for (; j + ArgMax::U <= R; j += ArgMax::U)
+    for (int u = 0; u < ArgMax::U; ++u) {
+      float* cj = c + (j + u) * ldc;
+      const vf s = score(j + u, load(cj));
+      store(cj, s);
+      am.add(u, s, int32_t(j + u));
+      nm |= s != s;
+    }
+  for (; j < R; ++j) {
+    float* cj = c + j * ldc;
+    const vf s = score(j, load(cj));
+    store(cj, s);
+    am.add(0, s, int32_t(j));
+    nm |= s != s;
+  }
+  for (; j < BN; ++j) store(c + j * ldc, splat(kNegInf));
+  am.merge(best, best_j);
+  nanm = nm;
+}
+
+// exp(s - msub) for BN rows (a multiple of W) of one column group, written as rows
+// of P (queries x BN rows, float or 16-bit dt) for the `live` queries, W x W blocks
+// transposed in registers; returns the column sums.
+template <typename T>
+inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf msub, int live, T* p, DType dt) {
+  vf acc = vf{};
+  vf e[W];
+  for (int64_t j0 = 0; j0 < BN; j0 += W) {
+    const float* src = c + j0 * ldc;
+#pragma GCC unroll 16
+    for (int jj = 0; jj < W; ++jj, src += ldc) {
+      e[jj] = exp_nonpositive(load(src) - msub);
+      acc += e[jj];
+    }
+    transpose(e);
+    T* dst = p + j0;
+    if (live == W) {
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i, dst += BN) {
+        if constexpr (std::is_same_v<T, float>)
+          store(dst, e[i]);
+        else
+          store_16(dt, dst, e[i]);
+      }
+    } else {
+      for (int i = 0; i < live; ++i, dst += BN) {
+        if constexpr (std::is_same_v<T, float>)
+          store(dst, e[i]);
+        else
+          store_16(dt, dst, e[i]);
+      }
+    }
+  }
+  return acc;
 }
 
 // --- per-thread scratch, grown on demand and reused across tiles ----------------------
@@ -239,26 +216,28 @@ T* grow(std::vector<T>& v, int64_t n) {
 }
 
 struct Scratch {
-  std::vector<float> q, qw, w, qn, qop, wop, xf, vf_, xsq, xn, c1, c2, pf, o, m, l, top;
-  std::vector<uint16_t> q16, x16, v16, p16, vpack;
+  std::vector<float> q, qw, qn, qop, wop, xraw, vraw, xf, vf_, xsq, xn, c1, c2, pf, o, m, l, top;
+  std::vector<uint16_t> q16, p16, vpack;
   std::vector<int64_t> top_index;
   std::vector<uint8_t> nan;
-  std::vector<const float*> xrows, vrows, shifted;
 };
 
 // Copy R rows (row stride `stride` elements of `es` bytes) into a dense tile of
 // `rows` rows, zero below R: a tail tile is padded, never computed by another path.
-void pad_rows(const char* src, int64_t stride, size_t es, int64_t R, int64_t rows, int64_t cols, void* dst) {
-  char* d = static_cast<char*>(dst);
+const char* pad_rows(const char* src, int64_t stride, size_t es, int64_t R, int64_t rows, int64_t cols,
+                     std::vector<float>& buf) {
+  char* d = reinterpret_cast<char*>(grow(buf, int64_t((es * size_t(rows * cols) + 3) / 4)));
   for (int64_t j = 0; j < R; ++j) std::memcpy(d + es * size_t(j * cols), src + es * size_t(j * stride), es * size_t(cols));
   std::memset(d + es * size_t(R * cols), 0, es * size_t((rows - R) * cols));
+  return d;
 }
 
-// R rows of dtype dt as float rows of a dense tile of `rows` rows, zero below R.
-void float_rows(DType dt, const char* src, int64_t stride, size_t es, int64_t R, int64_t rows, int64_t cols,
-                float* dst) {
-  for (int64_t j = 0; j < R; ++j) row_to_float(dt, src + es * size_t(j * stride), dst + j * cols, cols);
-  std::memset(dst + R * cols, 0, sizeof(float) * size_t((rows - R) * cols));
+// `rows` rows of dtype dt as float rows.
+float* float_rows(DType dt, const char* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& buf) {
+  float* dst = grow(buf, rows * cols);
+  const size_t es = dt == DType::F32 ? 4 : 2;
+  for (int64_t j = 0; j < rows; ++j) row_to_float(dt, src + es * size_t(j * ld), dst + j * cols, cols);
+  return dst;
 }
 
 }  // namespace
@@ -280,16 +259,17 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const float beta = p.beta[l];
   const Similarity sim = p.similarity;
   const bool l2 = sim != Similarity::Dot;
-  const bool vnni = plan.vnni, brgemm = plan.gemm == Gemm::Brgemm;
+  const Product sp = plan.score, vp = plan.value;
   const float* wts = p.weights ? p.weights + (l * p.B + b0) * D : nullptr;
+  const bool weighted_l2 = l2 && wts;
   const char* mem = static_cast<const char*>(p.memory) + es * size_t(l * p.memory_lead_stride);
   const char* val = static_cast<const char*>(p.values) + es * size_t(l * p.values_lead_stride);
   const char* qsrc = static_cast<const char*>(p.query) + es * size_t(l * p.query_lead_stride + b0 * p.query_row_stride);
   const bool values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
                                  p.values_row_stride == p.memory_row_stride && Dv == D;
 
-  // The query block, once per tile: q in float, the product operand (w∘q for a
-  // weighted dot or ℓ2 cross term), |q|²_w, and the B operands of the score products.
+  // The query block, once per tile: q in float, the product operand qw (w∘q with
+  // weights), |q|²_w, and the B operands of the brgemm score products.
   float* q = grow(sc.q, BMp * D);
   for (int64_t i = 0; i < BM; ++i) row_to_float(dt, qsrc + es * size_t(i * p.query_row_stride), q + i * D, D);
   std::memset(q + BM * D, 0, sizeof(float) * size_t((BMp - BM) * D));
@@ -300,43 +280,44 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     std::memset(t + BM * D, 0, sizeof(float) * size_t((BMp - BM) * D));
     qw = t;
   }
-  const bool weighted_l2 = l2 && wts;
   float* qn = grow(sc.qn, BMp);
   std::fill(qn, qn + BMp, 0.f);
   if (l2)
     for (int64_t i = 0; i < BM; ++i) {
+      const float* qi = q + i * D;
       if (!wts) {
-        qn[i] = sum_sq(DType::F32, q + i * D, D);
-      } else {  // sum_d w_d q_d²
-        float t = 0.f;
-        const float* qi = q + i * D;
+        qn[i] = sum_sq(DType::F32, reinterpret_cast<const char*>(qi), D);
+      } else {  // sum_d w_d q_d², the same way for every query
         const float* wi = wts + i * D;
         vf acc = vf{};
         int64_t k = 0;
         for (; k + W <= D; k += W) acc += load(wi + k) * load(qi + k) * load(qi + k);
-        t = hsum(acc);
+        float t = hsum(acc);
         for (; k < D; ++k) t += wi[k] * qi[k] * qi[k];
         qn[i] = t;
       }
     }
-  float* qop = nullptr;
-  float* wop = nullptr;
-  uint16_t* q16 = nullptr;
-  if (vnni) {  // (D/2, BMp, 2): the VNNI image of Q^T, straight from the 16-bit query rows
-    q16 = grow(sc.q16, D * BMp);
-    std::memset(q16, 0, 2 * size_t(D * BMp));
+  const float* qop = nullptr;
+  const float* wop = nullptr;
+  const uint16_t* q16 = nullptr;
+  if (sp == Product::Vnni) {  // (D/2, BMp, 2): the VNNI image of Q^T, straight from the 16-bit query rows
+    uint16_t* t = grow(sc.q16, D * BMp);
+    std::memset(t, 0, 2 * size_t(D * BMp));
     for (int64_t i = 0; i < BM; ++i) {
       const uint16_t* r = reinterpret_cast<const uint16_t*>(qsrc + es * size_t(i * p.query_row_stride));
-      for (int64_t k = 0; k < D; ++k) q16[(k / 2) * BMp * 2 + i * 2 + (k & 1)] = r[k];
+      for (int64_t k = 0; k < D; ++k) t[(k / 2) * BMp * 2 + i * 2 + (k & 1)] = r[k];
     }
-  } else if (brgemm) {  // (D, BMp): Q^T in float
-    qop = grow(sc.qop, D * BMp);
+    q16 = t;
+  } else if (sp == Product::F32) {  // (D, BMp): Q^T in float
+    float* t = grow(sc.qop, D * BMp);
     for (int64_t k = 0; k < D; ++k)
-      for (int64_t i = 0; i < BMp; ++i) qop[k * BMp + i] = qw[i * D + k];
+      for (int64_t i = 0; i < BMp; ++i) t[k * BMp + i] = qw[i * D + k];
+    qop = t;
     if (weighted_l2) {
-      wop = grow(sc.wop, D * BMp);
+      float* u = grow(sc.wop, D * BMp);
       for (int64_t k = 0; k < D; ++k)
-        for (int64_t i = 0; i < BMp; ++i) wop[k * BMp + i] = i < BM ? wts[i * D + k] : 0.f;
+        for (int64_t i = 0; i < BMp; ++i) u[k * BMp + i] = i < BM ? wts[i * D + k] : 0.f;
+      wop = u;
     }
   }
 
@@ -356,66 +337,49 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   float* c1 = grow(sc.c1, BN * BMp);
   float* c2 = weighted_l2 ? grow(sc.c2, BN * BMp) : nullptr;
   float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
-  float* pf = vnni ? nullptr : grow(sc.pf, BMp * BN);
-  uint16_t* p16 = vnni ? grow(sc.p16, BMp * BN) : nullptr;
-  const float** xrows = grow(sc.xrows, BN);
-  const float** vrows = grow(sc.vrows, BN);
-  const float two_beta_half = -0.5f * beta;
+  // P in the value product's A operand: 16-bit for VNNI, else float.
+  float* pf = vp == Product::Vnni ? nullptr : grow(sc.pf, BMp * BN);
+  uint16_t* p16 = vp == Product::Vnni ? grow(sc.p16, BMp * BN) : nullptr;
+  const float neg_half_beta = -0.5f * beta;
+  // Float rows for the float32 brgemm products of 16-bit inputs (the inputs themselves when float32).
+  const bool float_tiles = sp == Product::F32 || vp == Product::F32;
 
   for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
     const int64_t R = std::min(BN, n_end - r0);
-    const char* xsrc = mem + es * size_t(r0 * p.memory_row_stride);
-    const char* vsrc = val + es * size_t(r0 * p.values_row_stride);
+    // The bank tile as stored (xr, row stride ldr in elements of dt), padded to BN
+    // rows at the tail; xf: the same rows in float where a float32 product needs them.
+    const char* xr = mem + es * size_t(r0 * p.memory_row_stride);
+    int64_t ldr = p.memory_row_stride;
+    if (R < BN) xr = pad_rows(xr, ldr, es, R, BN, D, sc.xraw), ldr = D;
+    const float* xf = reinterpret_cast<const float*>(xr);
+    int64_t ldf = ldr;
+    if (float_tiles && dt != DType::F32) xf = float_rows(dt, xr, ldr, BN, D, sc.xf), ldf = D;
+    auto xrow = [&](int64_t j) { return xr + es * size_t(j * ldr); };
 
-    // The bank tile as the products take it: as stored where possible, else
-    // padded to BN rows (the tail) or converted to float (16-bit inputs on
-    // float32 products).  xa/lda: the score product's A operand; xdt: its dtype.
-    const void* xa;
-    int64_t lda;
-    DType xdt;
-    if (vnni) {
-      xdt = dt;
-      if (R == BN) {
-        xa = xsrc, lda = p.memory_row_stride;
-      } else {
-        pad_rows(xsrc, p.memory_row_stride, es, R, BN, D, grow(sc.x16, BN * D));
-        xa = sc.x16.data(), lda = D;
-      }
+    // 1. Score products: C1 = X . (w∘q)^T, and for weighted ℓ2 C2 = (X∘X) . w^T.
+    if (sp == Product::Vnni) {
+      mk::gemm_vnni(dt, BN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), q16, c1);
+    } else if (sp == Product::F32) {
+      mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
     } else {
-      xdt = DType::F32;
-      if (dt == DType::F32 && R == BN) {
-        xa = xsrc, lda = p.memory_row_stride;
-      } else {
-        float_rows(dt, xsrc, p.memory_row_stride, es, R, BN, D, grow(sc.xf, BN * D));
-        xa = sc.xf.data(), lda = D;
-      }
-    }
-    const size_t xes = xdt == DType::F32 ? 4 : 2;
-    auto xrow = [&](int64_t j) { return static_cast<const char*>(xa) + xes * size_t(j * lda); };
-
-    // 1. Score products.
-    if (vnni) {
-      mk::gemm_vnni(dt, BN, BMp, D, lda, BMp, BMp, false, static_cast<const uint16_t*>(xa), q16, c1);
-    } else if (brgemm) {
-      mk::gemm_f32(BN, BMp, D, lda, BMp, BMp, false, static_cast<const float*>(xa), qop, c1);
-    } else {
-      for (int64_t j = 0; j < BN; ++j) xrows[j] = reinterpret_cast<const float*>(xrow(j));
-      portable_scores(xrows, BN, qw, BM, D, c1, BMp, sc.shifted);
+      // The next tile of this split, where it is a whole one read as stored.
+      const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
+      by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qw, BM, D, xr, int64_t(es) * ldr, BN, c1, BMp, next); });
       for (int64_t j = 0; j < BN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
     }
     if (xn)
-      for (int64_t j = 0; j < R; ++j) xn[j] = sum_sq(xdt, xrow(j), D);
-    if (weighted_l2) {  // |x|²_w = (x∘x) . w, from the same tile
+      for (int64_t j = 0; j < R; ++j) xn[j] = sum_sq(dt, xrow(j), D);
+    if (weighted_l2) {
       float* xsq = grow(sc.xsq, BN * D);
       for (int64_t j = 0; j < BN; ++j) {
-        const float* xr = reinterpret_cast<const float*>(xrow(j));
-        for (int64_t k = 0; k < D; ++k) xsq[j * D + k] = xr[k] * xr[k];
+        float* t = xsq + j * D;
+        row_to_float(dt, xrow(j), t, D);
+        for (int64_t k = 0; k < D; ++k) t[k] *= t[k];
       }
-      if (brgemm) {
+      if (sp == Product::F32) {
         mk::gemm_f32(BN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
       } else {
-        for (int64_t j = 0; j < BN; ++j) xrows[j] = xsq + j * D;
-        portable_scores(xrows, BN, wts, BM, D, c2, BMp, sc.shifted);
+        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * D, BN, c2, BMp);
         for (int64_t j = 0; j < BN; ++j) std::fill(c2 + j * BMp + BM, c2 + (j + 1) * BMp, 0.f);
       }
     }
@@ -423,52 +387,32 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     // 2. Softmax over each column, W queries per vector.
     for (int64_t g = 0; g < BMp; g += W) {
       const int live = int(std::min<int64_t>(W, BM - g));  // real queries in this group
-      const vf vq = load(qn + g);
-      vf best = splat(kNegInf);
-      vi best_j = vi{};
-      vi nanm = vi{};
-      for (int64_t j = 0; j < R; ++j) {
-        float* cj = c1 + j * BMp + g;
-        const vf c = load(cj);
-        vf s;
-        if (!l2) {
-          s = c * splat(beta);
-        } else {
+      float* cg = c1 + g;
+      vf best;
+      vi best_j, nanm;
+      if (!l2) {
+        const vf vb = splat(beta);
+        column_scores(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j, nanm);
+      } else {
+        const vf vq = load(qn + g);
+        auto score = [&](int64_t j, vf c) {
+          // docs/design.md §5.1: d² from the products, recomputed directly where it may have cancelled.
           const vf sum = vq + (wts ? load(c2 + j * BMp + g) : splat(xn[j]));
           vf d2 = sum - 2.f * c;
           const vi flag = d2 < splat(kL2DirectBelow) * sum;
           if (any(flag))
             for (int i = 0; i < live; ++i)
-              if (flag[i]) d2[i] = direct_sq(q + (g + i) * D, wts ? wts + (g + i) * D : nullptr, xdt, xrow(j), D);
+              if (flag[i]) d2[i] = direct_sq(q + (g + i) * D, wts ? wts + (g + i) * D : nullptr, dt, xrow(j), D);
           d2 = d2 < vf{} ? vf{} : d2;  // rounding may leave a tiny negative; NaN stays NaN
-          s = sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(two_beta_half) * d2;
-        }
-        store(cj, s);
-        const vi up = s > best;
-        best = up ? s : best;
-        best_j = up ? vi{} + int32_t(j) : best_j;
-        nanm |= s != s;
+          return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
+        };
+        column_scores(cg, BMp, R, BN, score, best, best_j, nanm);
       }
-      for (int64_t j = R; j < BN; ++j) store(c1 + j * BMp + g, splat(kNegInf));
-
       const vf m_old = load(m + g);
       const vf m_new = vmax(m_old, best);
       const vf msub = m_new == splat(kNegInf) ? vf{} : m_new;  // nothing finite yet: weights 0
-      vf sum = vf{};
-      vf e[W];
-      for (int64_t j0 = 0; j0 < BN; j0 += W) {
-        for (int jj = 0; jj < W; ++jj) {
-          e[jj] = exp_nonpositive(load(c1 + (j0 + jj) * BMp + g) - msub);
-          sum += e[jj];
-        }
-        transpose(e);  // e[i]: query g + i's weights for rows j0 .. j0 + W - 1
-        for (int i = 0; i < live; ++i) {
-          if (vnni)
-            store_16(dt, p16 + (g + i) * BN + j0, e[i]);
-          else
-            store(pf + (g + i) * BN + j0, e[i]);
-        }
-      }
+      const vf sum = p16 ? column_weights(cg, BMp, BN, msub, live, p16 + g * BN, dt)
+                          : column_weights(cg, BMp, BN, msub, live, pf + g * BN, dt);
       const vf scale = exp_nonpositive(m_old - msub);
       store(lsum + g, load(lsum + g) * scale + sum);
       store(m + g, m_new);
@@ -485,43 +429,34 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       }
     }
 
-    // 3. Value products.
+    // 3. Value products: O += P . V, V the same tile when values are the memory.
+    const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
+    int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
+    if (!values_are_memory && R < BN) vr = pad_rows(vr, ldvr, es, R, BN, Dv, sc.vraw), ldvr = Dv;
     constexpr int64_t kValueChunk = 512;  // output columns per product: the C block stays in L2
-    if (vnni) {
-      const char* vs = values_are_memory ? static_cast<const char*>(xa) : vsrc;
-      int64_t ldv = values_are_memory ? lda : p.values_row_stride;
-      if (!values_are_memory && R < BN) {
-        pad_rows(vsrc, p.values_row_stride, es, R, BN, Dv, grow(sc.v16, BN * Dv));
-        vs = reinterpret_cast<const char*>(sc.v16.data()), ldv = Dv;
-      }
-      uint32_t* vp = reinterpret_cast<uint32_t*>(grow(sc.vpack, BN * Dv));
+    if (vp == Product::Vnni) {
+      uint32_t* packed = reinterpret_cast<uint32_t*>(grow(sc.vpack, BN * Dv));
       for (int64_t j = 0; j < BN; j += 2)
-        pack_pairs(reinterpret_cast<const uint16_t*>(vs + es * size_t(j * ldv)),
-                   reinterpret_cast<const uint16_t*>(vs + es * size_t((j + 1) * ldv)), Dv, vp + (j / 2) * Dv);
+        pack_pairs(reinterpret_cast<const uint16_t*>(vr + es * size_t(j * ldvr)),
+                   reinterpret_cast<const uint16_t*>(vr + es * size_t((j + 1) * ldvr)), Dv, packed + (j / 2) * Dv);
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
         mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), BN, BN, Dv, Dv, true, p16, sc.vpack.data() + 2 * c0,
                       o + c0);
-    } else {
-      const float* vs;
-      int64_t ldv;
+    } else if (vp == Product::F32) {
+      const float* vf32 = reinterpret_cast<const float*>(vr);
+      int64_t ldv = ldvr;
       if (values_are_memory) {
-        vs = static_cast<const float*>(xa), ldv = lda;
-      } else if (dt == DType::F32 && R == BN) {
-        vs = reinterpret_cast<const float*>(vsrc), ldv = p.values_row_stride;
-      } else {
-        float_rows(dt, vsrc, p.values_row_stride, es, R, BN, Dv, grow(sc.vf_, BN * Dv));
-        vs = sc.vf_.data(), ldv = Dv;
+        vf32 = xf, ldv = ldf;
+      } else if (dt != DType::F32) {
+        vf32 = float_rows(dt, vr, ldvr, BN, Dv, sc.vf_), ldv = Dv;
       }
-      if (brgemm) {
-        for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
-          mk::gemm_f32(BM, std::min(kValueChunk, Dv - c0), BN, BN, ldv, Dv, true, pf, vs + c0, o + c0);
-      } else {
-        for (int64_t j = 0; j < BN; ++j) vrows[j] = vs + j * ldv;
-        over_query_groups<AccumulateValues>(BM, BN, Dv, pf, o, BN, vrows, BN, Dv, Dv);
-      }
+      for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
+        mk::gemm_f32(BM, std::min(kValueChunk, Dv - c0), BN, BN, ldv, Dv, true, pf, vf32 + c0, o + c0);
+    } else {
+      by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o); });
     }
   }
-  if (vnni) mk::release_vnni();
+  if (sp == Product::Vnni || vp == Product::Vnni) mk::release_vnni();
 
   // Leave the result: final when the bank is not split, else unnormalised for combine().
   for (int64_t i = 0; i < BM; ++i) {
