@@ -26,9 +26,19 @@ HEN_DECLARE_TILE(avx512)
 #undef HEN_DECLARE_TILE
 
 namespace {
-// Queries up to which the hand-written products beat brgemm, per product and for
-// float32 / 16-bit VNNI microkernels (measured: benchmarks/results/cpu.md).
-constexpr int64_t kHandScore = 8, kHandValue = 8, kHandScoreVnni = 1, kHandValueVnni = 4;
+// Queries up to which the hand-written products beat brgemm, score and value
+// product, by instruction set and operands (measured on AVX-512 + AMX, and with
+// AVX2 emulated there: benchmarks/results/cpu.md).  16-bit inputs on float32
+// microkernels pay for widening every tile, so the hand-written ones, which widen
+// in registers, keep them longer.
+struct HandUpTo {
+  int64_t score, value;
+};
+HandUpTo hand_up_to(Isa isa, DType dt, bool vnni) {
+  if (vnni) return {4, 8};
+  if (dt != DType::F32) return {16, 16};
+  return isa == Isa::Avx512 ? HandUpTo{8, 8} : HandUpTo{4, 4};
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -120,9 +130,15 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
     // Few queries: a microkernel pads them to a whole vector (the score product) and
     // needs each bank tile repacked (16-bit values); the hand-written products read
     // the tile as stored.  Thresholds measured in benchmarks/results/cpu.md.
-    plan.score = p.B <= (vnni ? kHandScoreVnni : kHandScore) ? Product::Hand : fast;
-    plan.value = p.B <= (vnni ? kHandValueVnni : kHandValue) ? Product::Hand : fast;
+    const HandUpTo hand = hand_up_to(plan.isa, p.dtype, vnni);
+    plan.score = p.B <= hand.score ? Product::Hand : fast;
+    plan.value = p.B <= hand.value ? Product::Hand : fast;
   }
+
+  // HEN_KERNELS_CPU_L2_DIRECT=0 drops the §5.1 recompute of cancelled ℓ2 pairs: the
+  // benchmark's way to show what the rule costs on random data (read at every call).
+  const char* direct = std::getenv("HEN_KERNELS_CPU_L2_DIRECT");
+  plan.l2_direct = !(direct && std::strcmp(direct, "0") == 0);
 
   const int64_t B = std::max<int64_t>(p.B, 1);
   plan.query_block = std::min<int64_t>(B, hints.query_block > 0 ? hints.query_block : 64);

@@ -400,7 +400,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
           const vf sum = vq + (wts ? load(c2 + j * BMp + g) : splat(xn[j]));
           vf d2 = sum - 2.f * c;
           const vi flag = d2 < splat(kL2DirectBelow) * sum;
-          if (any(flag))
+          if (plan.l2_direct && any(flag))
             for (int i = 0; i < live; ++i)
               if (flag[i]) d2[i] = direct_sq(q + (g + i) * D, wts ? wts + (g + i) * D : nullptr, dt, xrow(j), D);
           d2 = d2 < vf{} ? vf{} : d2;  // rounding may leave a tiny negative; NaN stays NaN
