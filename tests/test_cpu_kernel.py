@@ -29,14 +29,18 @@ def info():
 ISAS = {"avx512": 3, "avx2": 2, "baseline": 1}
 
 
-def kernels():
-    """Every (products, instruction set) this machine can run, as plan-hint strings."""
+def kernels(full_only=False):
+    """Plan-hint strings for the paths this machine can run: the planner's mix (hand-written
+    products for few queries, microkernels beyond), and each kind of product forced, on
+    the best instruction set; with ``full_only=False`` also on every lower one."""
     if backends.BACKENDS["cpu"].unavailable_reason is not None:
         return ["auto"]  # every test skips, saying why
-    top = ISAS[info()["cpu_isa"]]
-    # auto: the planner's mix (hand-written products for few queries, microkernels beyond)
+    best = info()["cpu_isa"]
     gemms = ["auto", "brgemm", "hand"] if info()["gemm"] == "brgemm" else ["hand"]
-    return [f"{g}:{isa}" for g in gemms for isa, level in ISAS.items() if level <= top]
+    paths = [f"{g}:{best}" for g in gemms]
+    if not full_only:
+        paths += [f"{g}:{isa}" for g in gemms for isa, level in ISAS.items() if level < ISAS[best]]
+    return paths
 
 
 def hinted(q, x, beta, sim, kernel, values=None, weights=None, offset=0, query_block=0, splits=0):
@@ -85,13 +89,34 @@ def test_cpu_info_names_the_paths():
 
 
 SHAPES = [(1, 1, 1), (3, 17, 3), (17, 300, 64), (1, 513, 130), (70, 257, 17), (5, 70, 300), (2, 130, 1030)]
+LOWER_ISA_SHAPES = [(3, 17, 3), (17, 300, 64), (5, 70, 300)]
+DTYPES3 = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("kernel", kernels())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def lower_isa_paths():
+    return [k for k in kernels() if k not in kernels(full_only=True)]
+
+
+@pytest.mark.parametrize("kernel", kernels(full_only=True))
+@pytest.mark.parametrize("dtype", DTYPES3, ids=str)
 @pytest.mark.parametrize("sim", SIMILARITIES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d-N%d-D%d" % s)
 def test_every_path_matches_float64(kernel, dtype, sim, shape):
+    check_shape(kernel, dtype, sim, shape)
+
+
+@pytest.mark.parametrize("kernel", lower_isa_paths() or ["auto"])
+@pytest.mark.parametrize("dtype", DTYPES3, ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+@pytest.mark.parametrize("shape", LOWER_ISA_SHAPES, ids=lambda s: "B%d-N%d-D%d" % s)
+def test_lower_instruction_sets_match_float64(kernel, dtype, sim, shape):
+    """The AVX2 and baseline copies of the tile kernel, as a machine without AVX-512 runs them."""
+    if kernel not in lower_isa_paths():
+        pytest.skip("no lower instruction set than this CPU's baseline")
+    check_shape(kernel, dtype, sim, shape)
+
+
+def check_shape(kernel, dtype, sim, shape):
     b, n, d = shape
     q, x = make((b, d), dtype, 1), make((n, d), dtype, 2)
     for level in (1e-3, 1.0, 4.0):
