@@ -36,28 +36,51 @@ def restate(m, stored, state, proj, padding_mask=None, association_mask=None):
     h = m.num_heads
     q = _proj(_ln(state, m.norm_state_pattern), m.q_proj, h)
     k = _proj(_ln(stored, m.norm_stored_pattern), m.k_proj, h)
-    v = _proj(_ln(proj, m.norm_pattern_projection), m.v_proj, h)
+    pv = _ln(proj, m.norm_pattern_projection)
+    if m.pattern_projection_as_connected:  # through the stored patterns' projection, then W_v unless static
+        pv = F.linear(pv, m.k_proj.weight, m.k_proj.bias)
+        split = pv.reshape(pv.shape[:-1] + (h, -1)).transpose(-2, -3)
+        v = split if m.v_proj is None else _proj(pv, m.v_proj, h)
+    else:
+        v = _proj(pv, m.v_proj, h)
+    if m.norm_hopfield_space is not None:
+        q, k = _ln(q, m.norm_hopfield_space), _ln(k, m.norm_hopfield_space)
+    extra_k, extra_v = [], []
+    if m.bias_k is not None:
+        extra_k.append(m.bias_k.reshape(h, 1, -1))
+        extra_v.append(m.bias_v.reshape(h, 1, -1))
+    if m.add_zero_association:
+        extra_k.append(torch.zeros(h, 1, k.shape[-1]))
+        extra_v.append(torch.zeros(h, 1, v.shape[-1]))
+    b = k.shape[0]
+    k = torch.cat([k] + [e.expand(b, h, 1, -1) for e in extra_k], -2)
+    v = torch.cat([v] + [e.expand(b, h, 1, -1) for e in extra_v], -2)
+    pad = (0, len(extra_k))
     beta = m.scaling.reshape(1, h, 1, 1)
 
     def weights(state):
         t = beta * _sim(state, k, m.similarity)
         if association_mask is not None:
-            am = association_mask if association_mask.dim() == 2 else association_mask.reshape(t.shape)
+            am = association_mask if association_mask.dim() == 2 else association_mask.reshape(t.shape[:-1] + (-1,))
+            am = F.pad(am, pad)
             t = t.masked_fill(am, -math.inf) if am.dtype == torch.bool else t + am
         if padding_mask is not None:
-            t = t.masked_fill(padding_mask[:, None, None, :], -math.inf)
+            t = t.masked_fill(F.pad(padding_mask, pad)[:, None, None, :], -math.inf)
         return torch.softmax(t, -1)
 
-    steps = m.update_steps_max
+    limit = torch.tensor(m._steps).reshape(1, h, 1)
+    eps = torch.tensor(m._eps).reshape(1, h, 1)
     frozen = torch.zeros(q.shape[:-1], dtype=torch.bool)
-    for _ in range(steps):
+    for step in range(max(m._steps)):
+        frozen = frozen | (step >= limit)
         new = weights(q) @ k
         moved = (new - q).abs().amax(-1)
         q = torch.where(frozen.unsqueeze(-1), q, new)
-        frozen = frozen | (moved <= m.update_steps_eps)
+        frozen = frozen | (moved <= eps)
     out = weights(q) @ v
     out = out.transpose(-2, -3).flatten(-2)
-    return out if m.out_proj is None else F.linear(out, m.out_proj.weight, m.out_proj.bias)
+    out = out if m.out_proj is None else F.linear(out, m.out_proj.weight, m.out_proj.bias)
+    return out if m._activation is None else m._activation(out)
 
 
 def _randomise(m, seed):
@@ -180,9 +203,13 @@ def test_batch_first_false_is_a_transpose():
     b.load_state_dict(a.state_dict())
     x = make((3, 5, 8), torch.float32, 18)
     torch.testing.assert_close(b(x.transpose(0, 1)).transpose(0, 1), a(x))
-    pa = hk.nn.HopfieldPooling(input_size=8, quantity=2)
+    # hflayers' layout of the learned set: (1, quantity, D) batch-first, (quantity, 1, D) otherwise.
+    pa = _randomise(hk.nn.HopfieldPooling(input_size=8, quantity=2), 19)
     pb = hk.nn.HopfieldPooling(input_size=8, quantity=2, batch_first=False)
-    pb.load_state_dict(pa.state_dict())
+    assert pa.pooling_weights.shape == (1, 2, 8) and pb.pooling_weights.shape == (2, 1, 8)
+    sd = pa.state_dict()
+    sd["pooling_weights"] = sd["pooling_weights"].transpose(0, 1)
+    pb.load_state_dict(sd)
     torch.testing.assert_close(pb(x.transpose(0, 1)), pa(x))
 
 

@@ -1,0 +1,194 @@
+"""The association of the Hopfield layers in each head's Hopfield space: fused where it can be, dense where it must.
+
+Inputs are already projected: q (batch, heads, L, d), k (batch, heads, S, d),
+v (batch, heads, S, dv); a stored bank shared by the whole batch (HopfieldLayer's
+lookup table) comes as k (heads, S, d), v (heads, S, dv).  Without a mask and
+without dropout in training, every association runs through
+:func:`hen_kernels.hopfield_retrieve` / :func:`hen_kernels.hopfield_partial`
+(the fused kernel of the chosen backend and its fused backward).  A mask or
+training-mode dropout needs the (L x S) association matrix, so that case
+computes the dense masked softmax with :func:`hen_kernels.reference.scores`.
+The multi-step loop and its per-query stopping rule are
+:func:`hen_kernels.streaming.retrieve` in both cases.
+
+Heads that differ in ``update_steps_max`` / ``update_steps_eps`` (hflayers'
+per-head tensors) are run in groups, one call per distinct pair.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops, reference, streaming
+from ..types import Partial
+from .arguments import HeadGroup
+
+
+class HopfieldInfo(NamedTuple):
+    """Per (batch, head, state pattern) diagnostics of the last association, each (batch, heads, L).
+
+    ``top_index`` counts the appended bias / zero patterns (``concat_bias_pattern``,
+    ``add_zero_association``) after the S stored patterns, as S and S + 1.
+    """
+
+    top_weight: Tensor  # softmax weight of the best stored pattern: ≈1 in one basin, small in a metastable mix
+    top_index: Tensor  # that stored pattern's row
+    energy: Tensor  # E(q) of docs/design.md §1 in the head's Hopfield space, at the final state (float32)
+    steps: Tensor  # associations performed (1 + query-space updates)
+
+
+class Setting(NamedTuple):
+    """What one association needs from its module."""
+
+    similarity: str
+    backend: Optional[str]
+    scaling: Tensor  # (heads,) beta per head
+    groups: Tuple[HeadGroup, ...]
+    dropout: float  # applied only in training, on the dense path
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor, group: HeadGroup, s: Setting,
+           want_info: bool, raw: bool):
+    shared = k.dim() < q.dim()
+    if shared:  # one bank per head for the whole batch: the batch's queries become one long block per head
+        b, h, lq, d = q.shape
+        q = q.transpose(0, 1).reshape(h, b * lq, d)
+    kw = dict(similarity=s.similarity, backend=s.backend)
+    state, steps = q, None
+    if group.steps > 0:
+        r = ops.hopfield_retrieve(q, k, beta, max_steps=group.steps, tol=group.eps, **kw)
+        state, steps = r.state, r.steps + 1
+    p = ops.hopfield_partial(state, k, beta, values=v, **kw)
+    out, info = p.out.to(q.dtype), None
+    if want_info:
+        if steps is None:
+            steps = torch.ones(p.lse.shape, dtype=torch.int64, device=q.device)
+        with torch.no_grad():
+            energy = streaming.energy_from_lse(state, k, beta, s.similarity, p.lse).float()
+        info = HopfieldInfo(p.top_weight.detach().float(), p.top_index, energy, steps)
+    if shared:
+        out = out.reshape(h, b, lq, out.shape[-1]).transpose(0, 1)
+        if info is not None:
+            info = HopfieldInfo(*(f.reshape(h, b, lq).transpose(0, 1) for f in info))
+    return out, info
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor, group: HeadGroup, s: Setting,
+           want_info: bool, raw: bool, training: bool = False):
+    """The masked softmax in PyTorch, on q (batch, heads, L, d), k (batch, heads, S, d)."""
+
+    def assoc(state: Tensor) -> Tensor:
+        t = reference.scores(state, k, beta, s.similarity)
+        return t if bias is None else t + bias.to(t.dtype)
+
+    def step(state: Tensor) -> Partial:
+        t = assoc(state)
+        out = torch.softmax(t, -1).to(k.dtype) @ k
+        with torch.no_grad():  # the loop's per-query report; the layer's info comes from the last association
+            lse = torch.logsumexp(t, -1)
+            top_score, top_index = t.max(-1)
+        return Partial(out, lse, top_score, top_index)
+
+    state = q
+    steps = torch.ones(q.shape[:-1], dtype=torch.int64, device=q.device)
+    if group.steps > 0:
+        r = streaming.retrieve(step, q, value_dim=k.shape[-1], max_steps=group.steps, tol=group.eps)
+        state, steps = r.state, r.steps + 1
+    t = assoc(state)
+    a = torch.softmax(t, -1)
+    if raw:
+        return a, None
+    out = nn.functional.dropout(a, p=s.dropout, training=training).to(v.dtype) @ v
+    info = None
+    if want_info:
+        with torch.no_grad():
+            lse = torch.logsumexp(t, -1)
+            top_score, top_index = t.max(-1)
+            energy = streaming.energy_from_lse(state, k, beta, s.similarity, lse).float()
+        info = HopfieldInfo(torch.exp(top_score - lse).float(), top_index, energy, steps)
+    return out.to(q.dtype), info
+
+
+def associate(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], s: Setting, *, training: bool,
+              want_info: bool = False, raw: bool = False):
+    """out (batch, heads, L, dv) and a HopfieldInfo or None; with ``raw`` the softmax weights (batch, heads, L, S).
+
+    ``bias`` is the additive mask (batch or 1, heads or 1, L or 1, S) (-inf = blocked), or None.
+    """
+    dense = raw or bias is not None or (training and s.dropout > 0)
+    if dense:
+        bt = q.shape[0] if q.dim() == 4 else k.shape[0]
+        q, k, v = (t if t.dim() == 4 else t.expand((bt,) + t.shape) for t in (q, k, v))
+
+        def run(q, k, v, bias, beta, group):
+            return _dense(q, k, v, bias, beta, group, s, want_info, raw, training)
+    else:
+        if q.dim() < k.dim():  # the state patterns are shared (HopfieldPooling), the banks are not
+            q = q.expand(k.shape[:1] + q.shape)
+
+        def run(q, k, v, bias, beta, group):
+            return _fused(q, k, v, bias, beta, group, s, want_info, raw)
+
+    if len(s.groups) == 1:
+        return run(q, k, v, bias, s.scaling, s.groups[0])
+    return _by_head_group(run, q, k, v, bias, s)
+
+
+def _by_head_group(run, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], s: Setting):
+    heads = q.shape[-3]
+    outs, infos, order = [], [], []
+    for group in s.groups:
+        idx = torch.tensor(group.heads, device=q.device)
+        pick = [t.index_select(-3, idx) for t in (q, k, v)]
+        b = bias.index_select(-3, idx) if bias is not None and bias.shape[-3] == heads else bias
+        out, info = run(*pick, b, s.scaling.index_select(0, idx.to(s.scaling.device)), group)
+        outs.append(out)
+        infos.append(info)
+        order.extend(group.heads)
+    back = torch.tensor(order, device=q.device).argsort()
+    out = torch.cat(outs, -3).index_select(-3, back)
+    if infos[0] is None:
+        return out, None
+    return out, HopfieldInfo(*(torch.cat(f, -2).index_select(-2, back) for f in zip(*infos)))
+
+
+def additive_mask(padding: Optional[Tensor], association: Optional[Tensor], shape: Sequence[int], extra: int,
+                  dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+    """One additive mask (batch or 1, heads or 1, L, S + extra) from hflayers' two masks, or None.
+
+    ``shape`` is (batch, heads, L, S) with S the user's stored patterns; the
+    ``extra`` appended patterns (bias, zero) are never masked, as in hflayers.
+    ``padding`` (batch, S) and ``association`` (L, S) / (batch * heads, L, S) are
+    already checked; boolean True blocks, a float mask is added to the scores.
+    """
+    if padding is None and association is None:
+        return None
+    bt, h, lq, s = shape
+    bias = torch.zeros((1, 1, lq, s + extra), dtype=dtype, device=device)
+    if association is not None:
+        a = association.to(device)
+        a = a.reshape(bt, h, lq, s) if a.dim() == 3 else a.reshape(1, 1, lq, s)
+        a = nn.functional.pad(a, (0, extra))
+        bias = bias.masked_fill(a, -math.inf) if a.dtype == torch.bool else bias + a.to(dtype)
+    if padding is not None:
+        p = nn.functional.pad(padding.to(device).bool(), (0, extra))[:, None, None, :]
+        bias = bias.masked_fill(p, -math.inf)
+    return bias
+
+
+def refuse_fully_masked(bias: Optional[Tensor]) -> None:
+    """A state pattern whose every stored pattern is masked has no softmax: refuse it rather than return NaN."""
+    if bias is None or bias.device.type == "meta":
+        return
+    blocked = torch.isneginf(bias).all(-1)
+    if bool(blocked.any()):
+        b, h, l = (int(i) for i in blocked.nonzero()[0])
+        raise ValueError(
+            "stored_pattern_padding_mask / association_mask: every stored pattern is masked for "
+            f"batch item {b}, head {h}, state pattern {l}; a softmax over no pattern is undefined (hflayers returns "
+            "NaN there). Leave at least one stored pattern unmasked, or build the module with "
+            "add_zero_association=True so the zero pattern is always there to attend to."
+        )
