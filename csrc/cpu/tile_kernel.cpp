@@ -143,9 +143,10 @@ struct ArgMax {
   }
 };
 
-// Scores of rows [0, R) of one column group in place (score(j, c) from the product c),
-// -inf for the padding rows up to BN; the group's max, its first row, and NaN lanes.
-template <typename Score>
+// Scores of rows [0, R) of one column group (score(j, c) from the product c): their
+// max, its first row, and NaN lanes; written back in place when kStore (else the
+// exp pass recomputes them the same way), -inf for the padding rows up to BN.
+template <bool kStore, typename Score>
 inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& score, vf& best, vi& best_j,
                           vi& nanm) {
   ArgMax am;
@@ -155,14 +156,14 @@ inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& 
     for (int u = 0; u < ArgMax::U; ++u) {
       float* cj = c + (j + u) * ldc;
       const vf s = score(j + u, load(cj));
-      store(cj, s);
+      if constexpr (kStore) store(cj, s);
       am.add(u, s, int32_t(j + u));
       nm |= s != s;
     }
   for (; j < R; ++j) {
     float* cj = c + j * ldc;
     const vf s = score(j, load(cj));
-    store(cj, s);
+    if constexpr (kStore) store(cj, s);
     am.add(0, s, int32_t(j));
     nm |= s != s;
   }
@@ -171,18 +172,18 @@ inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& 
   nanm = nm;
 }
 
-// exp(s - msub) for BN rows (a multiple of W) of one column group, written as rows
-// of P (queries x BN rows, float or 16-bit dt) for the `live` queries, W x W blocks
-// transposed in registers; returns the column sums.
+// exp(scale * c - msub) for BN rows (a multiple of W) of one column group, written as
+// rows of P (queries x BN rows, float or 16-bit dt) for the `live` queries, W x W
+// blocks transposed in registers; returns the column sums.
 template <typename T>
-inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf msub, int live, T* p, DType dt) {
+inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf msub, int live, T* p, DType dt) {
   vf acc = vf{};
   vf e[W];
   for (int64_t j0 = 0; j0 < BN; j0 += W) {
     const float* src = c + j0 * ldc;
 #pragma GCC unroll 16
     for (int jj = 0; jj < W; ++jj, src += ldc) {
-      e[jj] = exp_nonpositive(load(src) - msub);
+      e[jj] = exp_nonpositive(load(src) * scale - msub);
       acc += e[jj];
     }
     transpose(e);
@@ -392,7 +393,8 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       vi best_j, nanm;
       if (!l2) {
         const vf vb = splat(beta);
-        column_scores(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j, nanm);
+        // The exp pass recomputes c * beta: no score tile is written back.
+        column_scores<false>(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j, nanm);
       } else {
         const vf vq = load(qn + g);
         auto score = [&](int64_t j, vf c) {
@@ -406,20 +408,21 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
           d2 = d2 < vf{} ? vf{} : d2;  // rounding may leave a tiny negative; NaN stays NaN
           return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
         };
-        column_scores(cg, BMp, R, BN, score, best, best_j, nanm);
+        column_scores<true>(cg, BMp, R, BN, score, best, best_j, nanm);
       }
       const vf m_old = load(m + g);
       const vf m_new = vmax(m_old, best);
       const vf msub = m_new == splat(kNegInf) ? vf{} : m_new;  // nothing finite yet: weights 0
-      const vf sum = p16 ? column_weights(cg, BMp, BN, msub, live, p16 + g * BN, dt)
-                          : column_weights(cg, BMp, BN, msub, live, pf + g * BN, dt);
-      const vf scale = exp_nonpositive(m_old - msub);
-      store(lsum + g, load(lsum + g) * scale + sum);
+      const vf scale = splat(l2 ? 1.f : beta);  // the stored ℓ2 scores, or the dot products again
+      const vf sum = p16 ? column_weights(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt)
+                          : column_weights(cg, BMp, BN, scale, msub, live, pf + g * BN, dt);
+      const vf rescale = exp_nonpositive(m_old - msub);
+      store(lsum + g, load(lsum + g) * rescale + sum);
       store(m + g, m_new);
       for (int i = 0; i < live; ++i) {
-        if (scale[i] != 1.f) {
+        if (rescale[i] != 1.f) {
           float* oi = o + (g + i) * Dv;
-          for (int64_t d = 0; d < Dv; ++d) oi[d] *= scale[i];
+          for (int64_t d = 0; d < Dv; ++d) oi[d] *= rescale[i];
         }
         if (best[i] > top[g + i]) {  // strictly: an earlier row keeps a tie
           top[g + i] = best[i];
