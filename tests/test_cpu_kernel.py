@@ -196,6 +196,20 @@ def test_l2_near_and_far_from_the_origin(kernel, dtype, sim):
 
 
 @pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+def test_hard_retrieval_is_exact_on_every_path(kernel, dtype, sim):
+    """At large beta the best row's weight is exactly 1 and the rest underflow: out is the pattern."""
+    x = make((300, 64), dtype, 13)
+    rows = torch.tensor([0, 17, 299, 150, 64, 255])
+    q = (x[rows].float() + 0.05 * make((6, 64), torch.float32, 14)).to(dtype)
+    for beta in (1e2, 1e4):
+        p = hinted(q, x, beta, sim, kernel)
+        assert torch.equal(p.top_index, rows)
+        assert torch.equal(p.out, x[rows].float())
+
+
+@pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("sim", SIMILARITIES)
 def test_nan_query_stays_in_its_lane(kernel, sim):
     q, x = make((20, 40), torch.float32, 15), make((500, 40), torch.float32, 16)

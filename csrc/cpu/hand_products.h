@@ -95,13 +95,17 @@ constexpr int rows_per_block() {
 
 // C[b * ldc + a] = <q_a, x_b> over the whole depth D, for QI queries (float rows of
 // q, stride D) and RJ bank rows of dtype DT (byte stride ldx).
-template <DType DT, int QI, int RJ>
+// With kNorms, also norms[b] = |x_b|² from the same loads (the ℓ2 forms), reduced
+// the way row_norms reduces them.
+template <DType DT, int QI, int RJ, bool kNorms>
 inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, float* c, int64_t ldc,
-                      const char* next) {
+                      const char* next, float* norms) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   constexpr int64_t line = 64 / (W * es) > 0 ? 64 / (W * es) : 1;  // k-steps per cache line
   vf acc[QI * RJ];
+  vf nacc[RJ];
   for (int i = 0; i < QI * RJ; ++i) acc[i] = vf{};
+  for (int b = 0; b < RJ; ++b) nacc[b] = vf{};
   int64_t k = 0;
   for (; k + W <= D; k += W) {
     // The same rows of the next tile towards L2, one line per row every `line` steps:
@@ -110,6 +114,8 @@ inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, flo
       for (int b = 0; b < RJ; ++b) __builtin_prefetch(next + b * ldx + k * es, 0, 2);
     vf xv[RJ];
     for (int b = 0; b < RJ; ++b) xv[b] = lf<DT>(x + b * ldx, k);
+    if constexpr (kNorms)
+      for (int b = 0; b < RJ; ++b) nacc[b] += xv[b] * xv[b];
     for (int a = 0; a < QI; ++a) {
       vf qv = load(q + a * D + k);
 #if defined(__x86_64__) || defined(__i386__)
@@ -128,27 +134,41 @@ inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, flo
       for (int64_t kk = k; kk < D; ++kk) t += q[a * D + kk] * sf<DT>(x + b * ldx, kk);
       c[b * ldc + a] = t;
     }
+  if constexpr (kNorms) {
+    reduce_lanes<RJ>(nacc, norms);
+    for (int b = 0; b < RJ; ++b)
+      for (int64_t kk = k; kk < D; ++kk) {
+        const float v = sf<DT>(x + b * ldx, kk);
+        norms[b] += v * v;
+      }
+  }
 }
 
 template <DType DT, int QI>
 void dot_rows(const float* q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c, int64_t ldc,
-              const char* next) {
+              const char* next, float* norms) {
   constexpr int RJ = rows_per_block<QI>();
-  for (int64_t j = 0; j < rows; j += RJ)
-    dot_block<DT, QI, RJ>(q, D, x + j * ldx, ldx, c + j * ldc, ldc, next ? next + j * ldx : nullptr);
+  for (int64_t j = 0; j < rows; j += RJ) {
+    const char* nx = next ? next + j * ldx : nullptr;
+    if (norms)
+      dot_block<DT, QI, RJ, true>(q, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, norms + j);
+    else
+      dot_block<DT, QI, RJ, false>(q, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, nullptr);
+  }
 }
 
 // C[j * ldc + i] = <q_i, x_j> for `rows` bank rows (a multiple of 8: a whole tile, so no
 // row is reduced another way) and Q queries (float rows, stride D); `next`: the
-// following tile (same layout) to prefetch, or null.
+// following tile (same layout) to prefetch, or null; `norms`: where to leave |x_j|², or null.
 template <DType DT>
 void hand_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
-                 int64_t ldc, const char* next = nullptr) {
+                 int64_t ldc, const char* next = nullptr, float* norms = nullptr) {
   int64_t i = 0;
-  // Only the first query group prefetches: the others find the tile in cache.
-  for (; i + 4 <= Q; i += 4) dot_rows<DT, 4>(q + i * D, D, x, ldx, rows, c + i, ldc, i == 0 ? next : nullptr);
-  for (; i + 2 <= Q; i += 2) dot_rows<DT, 2>(q + i * D, D, x, ldx, rows, c + i, ldc, i == 0 ? next : nullptr);
-  for (; i < Q; ++i) dot_rows<DT, 1>(q + i * D, D, x, ldx, rows, c + i, ldc, i == 0 ? next : nullptr);
+  // Only the first query group prefetches and takes the norms: the others find the tile in cache.
+  auto first = [&](auto p) { return i == 0 ? p : nullptr; };
+  for (; i + 4 <= Q; i += 4) dot_rows<DT, 4>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+  for (; i + 2 <= Q; i += 2) dot_rows<DT, 2>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+  for (; i < Q; ++i) dot_rows<DT, 1>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
 }
 
 // --- values ---------------------------------------------------------------------------

@@ -47,6 +47,21 @@ inline vf splat(float x) {
 #endif
 }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+// x as rounded, so that a later operation cannot fuse with it: with -ffp-contract=fast,
+// c * beta - m would become one FMA, one rounding fewer than the pass that found m, and
+// the best row's weight would no longer be exactly 1.
+inline vf rounded(vf x) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+v"(x));
+#elif defined(__aarch64__)
+  asm("" : "+w"(x));
+#else
+  volatile float sink[W];
+  for (int i = 0; i < W; ++i) sink[i] = x[i];
+  for (int i = 0; i < W; ++i) x[i] = sink[i];
+#endif
+  return x;
+}
 inline bool any(vi m) {
   int r = 0;
   for (int i = 0; i < W; ++i) r |= m[i];

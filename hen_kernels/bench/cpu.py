@@ -1,6 +1,7 @@
 """`make bench`: the CPU tables of docs/design.md §6, printed and written as JSON and Markdown.
 
     python -m hen_kernels.bench cpu [--out DIR] [--quick] [--repeats K] [--emulate-avx2] [--no-compile]
+                                    [--no-side] [--threads T]
 
 Every case times the fused kernel, ``hk.hopfield_update(..., backend=<fused>)``, against
 the peers of :mod:`hen_kernels.bench.cpu_peers` (plain PyTorch, SDPA's flash and math
@@ -467,7 +468,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="run in a child process that sees an AVX2-only CPU; writes cpu_avx2.{json,md}")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer (minutes to compile)")
     p.add_argument("--no-side", action="store_true", help="only the main table")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for every peer and the kernel (default: torch's own choice)")
     a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     if a.emulate_avx2 and not os.environ.get("HEN_BENCH_EMULATED"):
         args = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--emulate-avx2", "cpu")]
         env = dict(os.environ, **EMULATED_ENV)

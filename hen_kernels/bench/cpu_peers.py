@@ -60,13 +60,19 @@ def plain_weighted(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: st
     return (torch.softmax(beta * s, -1) @ xf).to(q.dtype)
 
 
-_COMPILED: Dict[str, Callable] = {}
+_COMPILED: Dict[tuple, Callable] = {}
 
 
-def compiled(similarity: str) -> Callable:
-    if similarity not in _COMPILED:
-        _COMPILED[similarity] = torch.compile(lambda q, x, beta: plain(q, x, beta, similarity), dynamic=False)
-    return _COMPILED[similarity]
+def compiled(similarity: str, q: torch.Tensor, x: torch.Tensor) -> Callable:
+    """torch.compile(plain) for this similarity and these shapes and dtype.  Dynamo keeps one
+    cache per code object with a recompile limit (8): past it, it would silently run eager,
+    so each new case starts from a reset."""
+    key = (similarity, tuple(q.shape), tuple(x.shape), q.dtype)
+    if key not in _COMPILED:
+        torch._dynamo.reset()
+        _COMPILED.clear()
+        _COMPILED[key] = torch.compile(lambda q, x, beta: plain(q, x, beta, similarity), dynamic=False)
+    return _COMPILED[key]
 
 
 def _sdpa(backend) -> Callable:
@@ -124,7 +130,7 @@ def peer_callables(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: st
             run = _sdpa(SDPBackend.MATH)
             fns[name] = lambda run=run: run(q, x, beta, mask)
         elif name == "compile":
-            fn = compiled(similarity)
+            fn = compiled(similarity, q, x)
             fns[name] = lambda fn=fn: fn(q, x, beta)
         elif name == "faiss" and faiss_index is not None:
             fns[name] = lambda: faiss_index(q)
