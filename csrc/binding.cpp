@@ -196,6 +196,58 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
   return run_cpu(query, memory, values, beta, similarity, offset, weights, hints);
 }
 
+// The backward of `partial` on the CPU (hen::run_backward_tile): (dq, dx, dv, dbeta) in
+// float32 from the upstream gradients of out and lse and the saved out and lse.
+// Refused with NotImplementedError where the build has no brgemm (the caller keeps
+// its own streaming backward).
+PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
+                                   const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
+                                   const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
+                                   const std::optional<at::Tensor>& weights) {
+  const Prepared r = prepare(query, memory, values, beta, similarity, 0, weights, c10::DeviceType::CPU);
+  const hen::PartialParams& p = r.p;
+  const int64_t Lm = memory.size(0);
+  auto f32 = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.sizes() == shape, "hen_kernels::cpu_partial_backward: ", name, " must be ", shape, ", got ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), "hen_kernels::cpu_partial_backward: ", name, " must be on the CPU");
+    return t.to(at::kFloat).contiguous();
+  };
+  const at::Tensor dout_f = f32(dout, {p.L, p.B, p.Dv}, "dout"), out_f = f32(out, {p.L, p.B, p.Dv}, "out");
+  const at::Tensor dlse_f = f32(dlse, {p.L, p.B}, "dlse"), lse_f = f32(lse, {p.L, p.B}, "lse");
+  auto opts = r.query.options().dtype(at::kFloat);
+  at::Tensor dx = at::zeros({Lm, p.N, p.D}, opts), dv = at::zeros({Lm, p.N, p.Dv}, opts);
+  if (p.L == 0 || p.B == 0 || p.N == 0)
+    return {at::zeros({p.L, p.B, p.D}, opts), dx, dv, at::zeros({p.L}, opts)};
+  hen::BackwardParams b{};
+  b.p = p;
+  b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
+  b.out = out_f.data_ptr<float>(), b.lse = lse_f.data_ptr<float>();
+  b.Lm = Lm;
+  hen::BackwardPlan plan{};
+  try {
+    plan = hen::make_backward_plan(b, at::get_num_threads());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "hen_kernels::cpu_partial_backward: ", e.what());
+  }
+  at::Tensor dq = at::zeros({plan.splits, p.L, p.B, p.D}, opts), dbeta = at::zeros({plan.splits, p.L}, opts);
+  b.dq = dq.data_ptr<float>(), b.dbeta = dbeta.data_ptr<float>();
+  b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
+  at::parallel_for(0, plan.tiles(b), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) hen::run_backward_tile(b, plan, t);
+  });
+  return {dq.sum(0), dx, dv, dbeta.sum(0)};
+}
+
+// Shapes only, for tracing (torch.compile's fake tensors reach Meta kernels).
+PartialResult partial_backward_meta(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
+                                    const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
+                                    const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
+                                    const std::optional<at::Tensor>& weights) {
+  auto opts = query.options().dtype(at::kFloat);
+  return {at::empty(query.sizes(), opts), at::empty(memory.sizes(), opts), at::empty(values.sizes(), opts),
+          at::empty({query.size(0)}, opts)};
+}
+
 #ifdef HEN_WITH_CUDA
 // Launches on the caller's current CUDA stream.  The stream and the device
 // guard come through c10's device-generic interfaces, implemented by whichever
@@ -299,6 +351,11 @@ TORCH_LIBRARY(hen_kernels, m) {
       "Tensor? weights=None, "
       "str kernel=\"auto\", int query_block=0, int splits=0) "
       "-> (Tensor out, Tensor lse, Tensor top_score, Tensor top_index)");
+  // The CPU backward of `partial` (partial_backward_cpu; autograd.py owns hen_kernels::partial_backward).
+  m.def(
+      "cpu_partial_backward(Tensor dout, Tensor dlse, Tensor query, Tensor memory, Tensor values, Tensor beta, "
+      "Tensor out, Tensor lse, int similarity, Tensor? weights=None) "
+      "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta)");
   m.def("cpu_info() -> str", &cpu_info);
   m.def("cuda_info() -> str", &cuda_info);
   m.def("cuda_ptxas() -> str", &cuda_ptxas);
@@ -307,7 +364,9 @@ TORCH_LIBRARY(hen_kernels, m) {
 TORCH_LIBRARY_IMPL(hen_kernels, CPU, m) {
   m.impl("partial", &partial_cpu);
   m.impl("partial_with_plan_hints", &partial_with_plan_hints_cpu);
+  m.impl("cpu_partial_backward", &partial_backward_cpu);
 }
+TORCH_LIBRARY_IMPL(hen_kernels, Meta, m) { m.impl("cpu_partial_backward", &partial_backward_meta); }
 #ifdef HEN_WITH_CUDA
 TORCH_LIBRARY_IMPL(hen_kernels, CUDA, m) {
   m.impl("partial", &partial_cuda);

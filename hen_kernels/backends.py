@@ -177,6 +177,15 @@ def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, we
     return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity)
 
 
+def _cpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
+    """The fused C++ backward (csrc/cpu/backward_kernel.cpp, on brgemm) where the build has it,
+    else the streaming path."""
+    if "gemm=brgemm" in torch.ops.hen_kernels.cpu_info():
+        return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse,
+                                                      SIMILARITY_CODES[similarity], weights)
+    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
+
+
 def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """The fused Triton kernels where they serve these tensors and dims, else the streaming path.
 
@@ -194,7 +203,7 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None),
-    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_streaming_backward, load=_cpu_available),
+    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available,
                     takes_weights=False),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).

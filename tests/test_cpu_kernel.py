@@ -234,3 +234,56 @@ def test_automatic_choice_sends_weights_to_the_cpu_kernel(monkeypatch):
     q, x = torch.randn(3, 8), torch.randn(20, 8)
     inp = hk.validation.check_inputs(q, x, 1.0, "dot", weights=torch.ones(3, 8))
     assert backends.resolve(None, inp).name == "cpu"
+
+
+# --- the backward op (hen_kernels::cpu_partial_backward) ------------------------------------
+
+def grads64(q, x, v, beta, sim, dout, dlse, weights=None):
+    """(dq, dx, dv, dbeta) of <out, dout> + <lse, dlse> through the reference, in float64."""
+    q64, x64, v64 = (t.detach().double().requires_grad_() for t in (q, x, v))
+    b64 = beta.detach().double().requires_grad_()
+    p = reference.partial(q64, x64, b64, sim, v64, weights=weights)
+    loss = (p.out * dout.double()).sum() + (p.lse * dlse.double()).sum()
+    return torch.autograd.grad(loss, (q64, x64, v64, b64))
+
+
+def backward_op(q, x, v, beta, sim, dout, dlse, weights=None):
+    """The op on (L, B, D) inputs, with out and lse from the forward op."""
+    code = hk.constants.SIMILARITY_CODES[sim]
+    out, lse, _, _ = torch.ops.hen_kernels.partial(q, x, v, beta, code, 0, weights)
+    return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse, code, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-bank", "own-bank"])
+def test_backward_op_matches_float64_autograd(dtype, sim, weighted, shared):
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    L, B, N, D, Dv = 2, 37, 300, 24, 11
+    q = make((L, B, D), dtype, 1)
+    x = make((1 if shared else L, N, D), dtype, 2)
+    v = make((1 if shared else L, N, Dv), dtype, 3)
+    beta = torch.tensor([0.3, 0.7]) if sim == "l2" else torch.tensor([0.2, 0.1])
+    w = make((L, B, D), torch.float32, 4).abs() if weighted else None
+    dout, dlse = make((L, B, Dv), torch.float32, 5), make((L, B), torch.float32, 6)
+    got = backward_op(q, x, v, beta, sim, dout, dlse, w)
+    want = grads64(q, x, v, beta, sim, dout, dlse, w)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, g, r in zip(("dq", "dx", "dv", "dbeta"), got, want):
+        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        assert rel_err(g, r) <= tol, (name, rel_err(g, r))
+
+
+def test_backward_op_with_values_being_the_memory_and_many_splits():
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    q, x = make((1, 70, 33), torch.float32, 7), make((1, 2000, 33), torch.float32, 8)
+    beta = torch.tensor([0.15])
+    dout, dlse = make((1, 70, 33), torch.float32, 9), make((1, 70), torch.float32, 10)
+    for sim in SIMILARITIES:
+        got = backward_op(q, x, x, beta, sim, dout, dlse)
+        want = grads64(q, x, x, beta, sim, dout, dlse)  # x and v the same tensor: dx and dv apart
+        for g, r in zip(got, want):
+            assert rel_err(g, r) <= 1e-4

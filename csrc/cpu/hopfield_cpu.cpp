@@ -14,9 +14,10 @@
 namespace hen {
 
 // One run_tile per instruction set the build compiled tile_kernel.cpp for (CMake's HEN_CPU_ISAS).
-#define HEN_DECLARE_TILE(ns) \
-  namespace ns {             \
-  void run_tile(const PartialParams&, const Plan&, int64_t, const Workspace&); \
+#define HEN_DECLARE_TILE(ns)                                                     \
+  namespace ns {                                                                 \
+  void run_tile(const PartialParams&, const Plan&, int64_t, const Workspace&);   \
+  void run_backward_tile(const BackwardParams&, const BackwardPlan&, int64_t);   \
   }
 HEN_DECLARE_TILE(baseline)
 #if HEN_CPU_X86
@@ -165,6 +166,34 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     case Isa::Avx2: avx2::run_tile(p, plan, tile, ws); return;
 #endif
     default: baseline::run_tile(p, plan, tile, ws); return;
+  }
+}
+
+BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
+  if (!mk::f32_available())
+    throw std::invalid_argument("the CPU backward needs brgemm (not x86, or a torch without it)");
+  const PartialParams& p = b.p;
+  BackwardPlan plan{};
+  plan.isa = default_isa();
+  plan.query_block = std::min<int64_t>(std::max<int64_t>(p.B, 1), 64);
+  plan.row_block = row_block(p.D, 4);
+  // Tiles own disjoint bank rows, so the bank is split even with many queries: dq and
+  // dbeta get a slot per split, and the workspace grows with splits x L x B x D, never N.
+  const int64_t want = ceil_div(4 * std::max(num_threads, 1), std::max<int64_t>(b.Lm, 1));
+  const int64_t most = std::max<int64_t>(ceil_div(p.N, 2 * plan.row_block), 1);
+  plan.splits = std::clamp<int64_t>(want, 1, most);
+  plan.rows_per_split = ceil_div(ceil_div(std::max<int64_t>(p.N, 1), plan.splits), plan.row_block) * plan.row_block;
+  plan.splits = ceil_div(std::max<int64_t>(p.N, 1), plan.rows_per_split);
+  return plan;
+}
+
+void run_backward_tile(const BackwardParams& b, const BackwardPlan& plan, int64_t tile) {
+  switch (plan.isa) {
+#if HEN_CPU_X86
+    case Isa::Avx512: avx512::run_backward_tile(b, plan, tile); return;
+    case Isa::Avx2: avx2::run_backward_tile(b, plan, tile); return;
+#endif
+    default: baseline::run_backward_tile(b, plan, tile); return;
   }
 }
 

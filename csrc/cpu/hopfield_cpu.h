@@ -66,6 +66,38 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
 // Merge the splits of queries [begin, end) of the flattened (L * B) range into the outputs.
 void combine(const PartialParams& p, const Plan& plan, int64_t begin, int64_t end, const Workspace& ws);
 
+// --- the backward (backward_kernel.cpp) ------------------------------------------------
+//
+// Gradients of one partial update from the upstream dout and dlse and the saved out
+// and lse, recomputing the weights tile by tile (hen_kernels/backward_cpu.py states
+// the math): dV = P^T dout, dt = P ∘ (dout V^T - Δ), dbeta = Σ dt ∘ s, G from beta dt
+// and the similarity, dq = G X (ℓ2: - rowsum(G) q), dX = G^T q (ℓ2: - colsum(G) x),
+// weighted by `weights` as the forward is.  Products on the float32 microkernels
+// (16-bit inputs widened), so it needs brgemm; tiles own disjoint bank rows (dX and
+// dV without races), each leaves its dq and dbeta in its own workspace slot.
+struct BackwardParams {
+  PartialParams p;     // the forward's inputs and shapes (its output pointers unused)
+  const float* dout;   // (L, B, Dv)
+  const float* dlse;   // (L, B)
+  const float* out;    // (L, B, Dv) as the forward returned it
+  const float* lse;    // (L, B)
+  int64_t Lm;          // 1 (a bank shared by every leading index) or L
+  float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
+  float* dbeta;        // (splits, L)
+  float* dx;           // (Lm, N, D), zero on entry
+  float* dv;           // (Lm, N, Dv), zero on entry
+};
+
+struct BackwardPlan {
+  Isa isa;
+  int64_t query_block, row_block, splits, rows_per_split;
+  int64_t tiles(const BackwardParams& b) const { return b.Lm * splits; }
+};
+
+// Throws std::invalid_argument where the build has no brgemm (the caller keeps its own backward).
+BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads);
+void run_backward_tile(const BackwardParams& b, const BackwardPlan& plan, int64_t tile);
+
 // What this build and CPU run with: "isa=avx512 gemm=brgemm vnni_bf16=1 vnni_f16=0"
 // (after HEN_KERNELS_CPU_ISA, see hopfield_cpu.cpp), for logs, benchmarks and tests.
 std::string describe();

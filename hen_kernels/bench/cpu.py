@@ -358,7 +358,7 @@ def markdown(report: dict) -> str:
         + (f" (--quick: N = {QUICK_N}, not the docs/design.md shapes)" if report["quick"] else "")
         + "; each output checked against float32 plain PyTorch first (rel err; WRONG: off by more than "
         + ", ".join(f"{k} {v:g}" for k, v in CHECK_TOL.items()) + ")",
-        f"- ceilings, same run: float32 matmul ({c['matmul_shape'][0]}^3) {c['matmul_gflops']:.1f} GFLOP/s "
+        f"- ceilings, same run, best of {report['repeats']} calls: float32 matmul ({c['matmul_shape'][0]}^3) {c['matmul_gflops']:.1f} GFLOP/s "
         f"({c['matmul_gflops_after']:.1f} after the cases), bfloat16 matmul {c['matmul_bf16_gflops']:.1f} "
         f"GFLOP/s, memory read {c['read_gbps']:.2f} GB/s ({c['read_mib']} MiB sum); recall rows against the "
         "read ceiling (bank bytes / time), layer and bulk rows against their dtype's matmul",

@@ -17,6 +17,7 @@ the way its documentation suggests, in the inputs' dtype:
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -139,16 +140,29 @@ def peer_callables(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: st
 
 # --- the machine's ceilings, measured in the same run --------------------------------
 
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` calls after a warm-up: a ceiling is what the machine can do
+    (on a loaded machine a median would report the load instead)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def matmul_gflops(dtype: torch.dtype, quick: bool, repeats: int) -> float:
     n = 512 if quick else 2048
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n ** 3 / common.median_seconds(lambda: a @ b, repeats) / 1e9
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
 def measure_ceilings(quick: bool, repeats: int) -> dict:
-    """float32 and bfloat16 matmul GFLOP/s and memory read GB/s (a sum over a buffer larger than the caches)."""
+    """float32 and bfloat16 matmul GFLOP/s and memory read GB/s (a sum over a buffer larger than the
+    caches), each the best of its calls."""
     buf = torch.randn((16 if quick else 512) * MIB // 4)
-    t_rd = common.median_seconds(buf.sum, repeats)
+    t_rd = best_seconds(buf.sum, repeats)
     n = 512 if quick else 2048
     return {"matmul_gflops": matmul_gflops(torch.float32, quick, repeats),
             "matmul_bf16_gflops": matmul_gflops(torch.bfloat16, quick, repeats),
