@@ -215,9 +215,10 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   const at::Tensor dout_f = f32(dout, {p.L, p.B, p.Dv}, "dout"), out_f = f32(out, {p.L, p.B, p.Dv}, "out");
   const at::Tensor dlse_f = f32(dlse, {p.L, p.B}, "dlse"), lse_f = f32(lse, {p.L, p.B}, "lse");
   auto opts = r.query.options().dtype(at::kFloat);
-  at::Tensor dx = at::zeros({Lm, p.N, p.D}, opts), dv = at::zeros({Lm, p.N, p.Dv}, opts);
   if (p.L == 0 || p.B == 0 || p.N == 0)
-    return {at::zeros({p.L, p.B, p.D}, opts), dx, dv, at::zeros({p.L}, opts)};
+    return {at::zeros({p.L, p.B, p.D}, opts), at::zeros({Lm, p.N, p.D}, opts), at::zeros({Lm, p.N, p.Dv}, opts),
+            at::zeros({p.L}, opts)};
+  at::Tensor dx = at::empty({Lm, p.N, p.D}, opts), dv = at::empty({Lm, p.N, p.Dv}, opts);  // every row written
   hen::BackwardParams b{};
   b.p = p;
   b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();

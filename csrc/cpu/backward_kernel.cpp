@@ -235,8 +235,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         // 3. dV and dX rows of this tile (only its R real rows), dq of the query block.
         float* dvr = dv + r0 * Dv;
         float* dxr = dx + r0 * D;
-        mk::gemm_f32(R, Dv, BMp, BMp, Dv, Dv, true, pp, dout_r, dvr);
-        mk::gemm_f32(R, D, BMp, BMp, D, D, true, g, qw, dxr);
+        // The first query block writes these rows, the others add: dX and dV are N x D
+        // and N x Dv, so neither a zero fill nor a first read of them is free.
+        const bool add = !(l == l_begin && b0 == 0);
+        mk::gemm_f32(R, Dv, BMp, BMp, Dv, Dv, add, pp, dout_r, dvr);
+        mk::gemm_f32(R, D, BMp, BMp, D, D, add, g, qw, dxr);
         if (l2) {
           // - x ∘ (G . w): the colsum of G when unweighted.
           if (wts) {

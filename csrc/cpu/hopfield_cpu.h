@@ -84,8 +84,8 @@ struct BackwardParams {
   int64_t Lm;          // 1 (a bank shared by every leading index) or L
   float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
   float* dbeta;        // (splits, L)
-  float* dx;           // (Lm, N, D), zero on entry
-  float* dv;           // (Lm, N, Dv), zero on entry
+  float* dx;           // (Lm, N, D), written (not added to)
+  float* dv;           // (Lm, N, Dv)
 };
 
 struct BackwardPlan {
