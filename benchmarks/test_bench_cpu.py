@@ -1,19 +1,25 @@
-"""pytest-benchmark suite over the docs/design.md §6 CPU cases (the same ones `make bench` runs).
+"""pytest-benchmark suite over the CPU cases of `make bench` (hen_kernels/bench/cpu.py), at smaller N.
 
-    pytest benchmarks/ --benchmark-only            # N = 16384: a minute or two
+    pytest benchmarks/ --benchmark-only                    # N = 16384: a few minutes
     HEN_BENCH_FULL=1 pytest benchmarks/ --benchmark-only   # the docs/design.md shapes
     HEN_BENCH_N=65536 pytest benchmarks/ --benchmark-only  # any other N
 
-"fused" is hk.hopfield_update on the "cpu" backend when the extension is built,
-else on the "torch" reference (the benchmark's extra_info says which);
-"baseline" is softmax(beta * sim(X, s)) @ X.  Nothing here asserts on time.
+Each case is timed for the fused kernel ("fused": hk.hopfield_update on the "cpu"
+backend when the extension is built, else the "torch" reference, as extra_info
+says) and for every peer the table compares it with: plain PyTorch, SDPA's flash
+and math backends (l2sq with the -beta/2 |x|² bias), torch.compile(plain) and
+FAISS exact top-1; plus multi-step retrieval against chained peer calls and the
+weighted similarity.  Each output is checked against float32 first.  Nothing here
+asserts on time.
 """
 import os
 
 import pytest
 import torch
 
+from hen_kernels import ops
 from hen_kernels.bench import cpu as bench
+from hen_kernels.bench import cpu_peers as peers
 
 SMALL_N = 16384
 
@@ -25,6 +31,7 @@ def _n():
 
 
 CASES = bench.cases(_n())
+WHO = ("fused",) + peers.PEERS["dot"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,21 +40,84 @@ def _free_bank():
     bench.release_bank()
 
 
-@pytest.mark.parametrize("which", ["fused", "baseline"])
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_cpu(benchmark, case, which):
+def _call(case, who):
+    q, x, beta = bench.case_inputs(case)
     backend = bench.fused_backend()
-    fused, baseline = bench.case_callables(case, backend)
-    fn = fused if which == "fused" else baseline
-    benchmark.group = case.name
-    benchmark.extra_info.update(
-        which=which,
-        backend=backend if which == "fused" else "baseline",
-        fused_is_reference=backend == "torch",
-        gflop=case.flops / 1e9,
-        bank_gb=case.bytes / 1e9,
-        target_ratio=case.target,
-    )
+    if who == "fused":
+        return bench.fused_call(q, x, beta, case.similarity, backend), backend
+    if who == "faiss":
+        reason = peers.faiss_unavailable()
+        if reason:
+            pytest.skip(reason)
+        index = bench.faiss_index(case, x)
+        return (lambda: index(q)), who
+    return peers.peer_callables(q, x, beta, case.similarity, (who,), None)[who], who
+
+
+@pytest.mark.parametrize("who", WHO)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_cpu(benchmark, case, who):
+    if who not in ("fused",) + peers.PEERS[case.similarity]:
+        pytest.skip(f"{who} does not compute {case.similarity}")
+    fn, label = _call(case, who)
     with torch.no_grad():
-        out = benchmark(fn)
-    assert out.shape == (case.B, case.D)
+        out = fn()  # warm-up (torch.compile compiles here) and the float32 check
+        if who == "faiss":
+            q, x, beta = bench.case_inputs(case)
+            top = ops.hopfield_partial(q, x, beta, similarity=case.similarity, backend=bench.fused_backend())
+            benchmark.extra_info["top1_agrees"] = float((out == top.top_index).double().mean())
+        else:
+            q, x, beta = bench.case_inputs(case)
+            err = peers.rel_err(out.float(), peers.plain(q.float(), x.float(), beta, case.similarity))
+            benchmark.extra_info["rel_err"] = err
+            if who == "fused":
+                assert err <= bench.CHECK_TOL[case.dtype]
+        benchmark.group = case.name
+        benchmark.extra_info.update(which=who, backend=label, gflop=case.flops / 1e9, bank_gb=case.bytes / 1e9)
+        benchmark(fn)
+
+
+STEP_CASES = bench.side_cases(_n(), ("dot",), bench.DTYPES)
+
+
+@pytest.mark.parametrize("who", ("fused",) + peers.UPDATE_PEERS)
+@pytest.mark.parametrize("case", STEP_CASES, ids=[c.name for c in STEP_CASES])
+def test_cpu_steps(benchmark, case, who):
+    """bench.STEPS steps of retrieval against as many chained calls of a peer."""
+    q, x, beta = bench.case_inputs(case)
+    backend = bench.fused_backend()
+    if who == "fused":
+        def fn():
+            return ops.hopfield_retrieve(q, x, beta, similarity=case.similarity, max_steps=bench.STEPS,
+                                         backend=backend).state
+    else:
+        def fn():
+            s = q
+            for _ in range(bench.STEPS):
+                s = peers.peer_callables(s, x, beta, case.similarity, (who,), None)[who]()
+            return s
+    with torch.no_grad():
+        fn()
+        benchmark.group = f"steps-{case.name}"
+        benchmark.extra_info.update(which=who, steps=bench.STEPS)
+        benchmark(fn)
+
+
+WEIGHTED_CASES = bench.side_cases(_n(), ("dot", "l2"), bench.DTYPES)
+
+
+@pytest.mark.parametrize("who", ("weighted", "unweighted", "plain_weighted"))
+@pytest.mark.parametrize("case", WEIGHTED_CASES, ids=[c.name for c in WEIGHTED_CASES])
+def test_cpu_weighted(benchmark, case, who):
+    q, x, beta = bench.case_inputs(case)
+    w = torch.ones(case.B, case.D)
+    w[:, case.D // 2:] = 0.0
+    backend = bench.fused_backend()
+    fn = {"weighted": bench.fused_call(q, x, beta, case.similarity, backend, weights=w),
+          "unweighted": bench.fused_call(q, x, beta, case.similarity, backend),
+          "plain_weighted": lambda: peers.plain_weighted(q, x, beta, case.similarity, w)}[who]
+    with torch.no_grad():
+        fn()
+        benchmark.group = f"weighted-{case.name}"
+        benchmark.extra_info.update(which=who, backend=backend)
+        benchmark(fn)

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 
@@ -128,15 +129,18 @@ WorkspaceTensors make_workspace(const Prepared& r, int64_t splits) {
   return w;
 }
 
-PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
-                          const at::Tensor& beta, int64_t similarity, int64_t offset,
-                          const std::optional<at::Tensor>& weights) {
+PartialResult run_cpu(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
+                      const at::Tensor& beta, int64_t similarity, int64_t offset,
+                      const std::optional<at::Tensor>& weights, const hen::PlanHints& hints) {
   const Prepared r = prepare(query, memory, values, beta, similarity, offset, weights, c10::DeviceType::CPU);
   const hen::PartialParams& p = r.p;
-  // TRANSITIONAL until the CPU tiles take weights (issue 14); backends.py does not send them here.
-  TORCH_CHECK(p.weights == nullptr, "hen_kernels::partial: the cpu kernel does not take weights yet");
   if (p.L > 0 && p.B > 0) {
-    const hen::Plan plan = hen::make_plan(p, at::get_num_threads());
+    hen::Plan plan{};
+    try {
+      plan = hen::make_plan(p, at::get_num_threads(), hints);
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK_VALUE(false, "hen_kernels::partial: ", e.what());
+    }
     const WorkspaceTensors w = make_workspace(r, plan.splits);
     at::parallel_for(0, plan.tiles(p), 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) hen::run_tile(p, plan, t, w.ws);
@@ -146,6 +150,103 @@ PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, con
     }
   }
   return {r.out, r.lse, r.top_score, r.top_index};
+}
+
+PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
+                          const at::Tensor& beta, int64_t similarity, int64_t offset,
+                          const std::optional<at::Tensor>& weights) {
+  return run_cpu(query, memory, values, beta, similarity, offset, weights, hen::PlanHints{});
+}
+
+// The CPU side of partial_with_plan_hints (tests): kernel "auto", "brgemm" or
+// "hand" (who computes the tile products), optionally ":avx512", ":avx2" or
+// ":baseline" (the highest instruction set of the tile kernel), so that one
+// machine runs every path; query_block and splits as for CUDA.
+PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Tensor& memory,
+                                          const at::Tensor& values, const at::Tensor& beta, int64_t similarity,
+                                          int64_t offset, const std::optional<at::Tensor>& weights,
+                                          c10::string_view kernel, int64_t query_block, int64_t splits) {
+  hen::PlanHints hints;
+  const std::string k(kernel);
+  const size_t colon = k.find(':');
+  const std::string gemm = k.substr(0, colon), isa = colon == std::string::npos ? "" : k.substr(colon + 1);
+  using G = hen::PlanHints::GemmChoice;
+  if (gemm == "brgemm") {
+    hints.gemm = G::Brgemm;
+  } else if (gemm == "hand") {
+    hints.gemm = G::Hand;
+  } else {
+    TORCH_CHECK_VALUE(gemm == "auto", "hen_kernels::partial_with_plan_hints: on the CPU, kernel must be auto, brgemm "
+                      "or hand, optionally with :avx512, :avx2 or :baseline, got ", k);
+  }
+  if (isa == "avx512") {
+    hints.isa = int(hen::Isa::Avx512);
+  } else if (isa == "avx2") {
+    hints.isa = int(hen::Isa::Avx2);
+  } else if (isa == "baseline") {
+    hints.isa = int(hen::Isa::Baseline);
+  } else {
+    TORCH_CHECK_VALUE(colon == std::string::npos,
+                      "hen_kernels::partial_with_plan_hints: unknown instruction set '", isa, "'");
+  }
+  TORCH_CHECK_VALUE(query_block >= 0 && splits >= 0,
+                    "hen_kernels::partial_with_plan_hints: query_block and splits must be >= 0");
+  hints.query_block = query_block;
+  hints.splits = splits;
+  return run_cpu(query, memory, values, beta, similarity, offset, weights, hints);
+}
+
+// The backward of `partial` on the CPU (hen::run_backward_tile): (dq, dx, dv, dbeta) in
+// float32 from the upstream gradients of out and lse and the saved out and lse.
+// Refused with NotImplementedError where the build has no brgemm (the caller keeps
+// its own streaming backward).
+PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
+                                   const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
+                                   const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
+                                   const std::optional<at::Tensor>& weights) {
+  const Prepared r = prepare(query, memory, values, beta, similarity, 0, weights, c10::DeviceType::CPU);
+  const hen::PartialParams& p = r.p;
+  const int64_t Lm = memory.size(0);
+  auto f32 = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.sizes() == shape, "hen_kernels::cpu_partial_backward: ", name, " must be ", shape, ", got ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), "hen_kernels::cpu_partial_backward: ", name, " must be on the CPU");
+    return t.to(at::kFloat).contiguous();
+  };
+  const at::Tensor dout_f = f32(dout, {p.L, p.B, p.Dv}, "dout"), out_f = f32(out, {p.L, p.B, p.Dv}, "out");
+  const at::Tensor dlse_f = f32(dlse, {p.L, p.B}, "dlse"), lse_f = f32(lse, {p.L, p.B}, "lse");
+  auto opts = r.query.options().dtype(at::kFloat);
+  if (p.L == 0 || p.B == 0 || p.N == 0)
+    return {at::zeros({p.L, p.B, p.D}, opts), at::zeros({Lm, p.N, p.D}, opts), at::zeros({Lm, p.N, p.Dv}, opts),
+            at::zeros({p.L}, opts)};
+  at::Tensor dx = at::empty({Lm, p.N, p.D}, opts), dv = at::empty({Lm, p.N, p.Dv}, opts);  // every row written
+  hen::BackwardParams b{};
+  b.p = p;
+  b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
+  b.out = out_f.data_ptr<float>(), b.lse = lse_f.data_ptr<float>();
+  b.Lm = Lm;
+  hen::BackwardPlan plan{};
+  try {
+    plan = hen::make_backward_plan(b, at::get_num_threads());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "hen_kernels::cpu_partial_backward: ", e.what());
+  }
+  at::Tensor dq = at::zeros({plan.splits, p.L, p.B, p.D}, opts), dbeta = at::zeros({plan.splits, p.L}, opts);
+  b.dq = dq.data_ptr<float>(), b.dbeta = dbeta.data_ptr<float>();
+  b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
+  at::parallel_for(0, plan.tiles(b), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) hen::run_backward_tile(b, plan, t);
+  });
+  return {dq.sum(0), dx, dv, dbeta.sum(0)};
+}
+
+// Shapes only, for tracing (torch.compile's fake tensors reach Meta kernels).
+PartialResult partial_backward_meta(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
+                                    const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
+                                    const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
+                                    const std::optional<at::Tensor>& weights) {
+  auto opts = query.options().dtype(at::kFloat);
+  return {at::empty(query.sizes(), opts), at::empty(memory.sizes(), opts), at::empty(values.sizes(), opts),
+          at::empty({query.size(0)}, opts)};
 }
 
 #ifdef HEN_WITH_CUDA
@@ -204,11 +305,12 @@ PartialResult partial_with_plan_hints_cuda(const at::Tensor& query, const at::Te
 }
 #endif
 
-// What this build runs with, for tests and logs: the tile kernel's instruction
-// set, and whether at::parallel_for was compiled with OpenMP (without it the
-// header template runs every tile on the calling thread).
+// What this build runs with, for tests, logs and benchmarks: the tile kernel's
+// instruction set and products (hen::describe), and whether at::parallel_for was
+// compiled with OpenMP (without it the header template runs every tile on the
+// calling thread).
 std::string cpu_info() {
-  std::string info = std::string("isa=") + hen::isa_name();
+  std::string info = hen::describe();
 #ifdef _OPENMP
   info += " openmp=" + std::to_string(_OPENMP);
 #else
@@ -242,18 +344,28 @@ TORCH_LIBRARY(hen_kernels, m) {
       "partial(Tensor query, Tensor memory, Tensor values, Tensor beta, int similarity, int offset, "
       "Tensor? weights=None) "
       "-> (Tensor out, Tensor lse, Tensor top_score, Tensor top_index)");
-  // For tests, CUDA only (see partial_with_plan_hints_cuda): "auto" and 0 leave a choice to the planner.
+  // For tests (partial_with_plan_hints_cpu / _cuda): "auto" and 0 leave a choice to the planner.
   m.def(
       "partial_with_plan_hints(Tensor query, Tensor memory, Tensor values, Tensor beta, int similarity, int offset, "
       "Tensor? weights=None, "
       "str kernel=\"auto\", int query_block=0, int splits=0) "
       "-> (Tensor out, Tensor lse, Tensor top_score, Tensor top_index)");
+  // The CPU backward of `partial` (partial_backward_cpu; autograd.py owns hen_kernels::partial_backward).
+  m.def(
+      "cpu_partial_backward(Tensor dout, Tensor dlse, Tensor query, Tensor memory, Tensor values, Tensor beta, "
+      "Tensor out, Tensor lse, int similarity, Tensor? weights=None) "
+      "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta)");
   m.def("cpu_info() -> str", &cpu_info);
   m.def("cuda_info() -> str", &cuda_info);
   m.def("cuda_ptxas() -> str", &cuda_ptxas);
 }
 
-TORCH_LIBRARY_IMPL(hen_kernels, CPU, m) { m.impl("partial", &partial_cpu); }
+TORCH_LIBRARY_IMPL(hen_kernels, CPU, m) {
+  m.impl("partial", &partial_cpu);
+  m.impl("partial_with_plan_hints", &partial_with_plan_hints_cpu);
+  m.impl("cpu_partial_backward", &partial_backward_cpu);
+}
+TORCH_LIBRARY_IMPL(hen_kernels, Meta, m) { m.impl("cpu_partial_backward", &partial_backward_meta); }
 #ifdef HEN_WITH_CUDA
 TORCH_LIBRARY_IMPL(hen_kernels, CUDA, m) {
   m.impl("partial", &partial_cuda);

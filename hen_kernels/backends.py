@@ -42,13 +42,10 @@ class Backend:
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
                  backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None,
-                 takes_weights: bool = True, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES):
+                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES):
         self.name = name
         self.device_types = device_types
         self.dtypes = dtypes
-        # TRANSITIONAL (issue 14): False while a kernel does not take `weights` yet; the
-        # automatic choice then passes it over for weighted calls.  Goes once all do.
-        self.takes_weights = takes_weights
         self._forward = forward
         self.backward = backward
         self._load = load
@@ -71,8 +68,8 @@ class Backend:
         return self.available() and device_type in self.device_types
 
     def takes(self, inp: Inputs) -> bool:
-        """Whether it computes these inputs (their dtype, their weights)."""
-        return inp.query.dtype in self.dtypes and (self.takes_weights or inp.weights is None)
+        """Whether it computes these inputs (their dtype)."""
+        return inp.query.dtype in self.dtypes
 
     def partial(self, inp: Inputs, offset: int = 0) -> Partial:
         return self._forward(inp.query, inp.memory, inp.values, inp.beta, inp.similarity, offset, inp.weights)
@@ -193,6 +190,15 @@ def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, we
     return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
 
 
+def _cpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
+    """The fused C++ backward (csrc/cpu/backward_kernel.cpp, on brgemm) where the build has it,
+    else the streaming path."""
+    if "gemm=brgemm" in torch.ops.hen_kernels.cpu_info():
+        return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse,
+                                                      SIMILARITY_CODES[similarity], weights)
+    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
+
+
 def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """The fused Triton kernels where they serve these tensors and dims, else the streaming path.
 
@@ -211,13 +217,11 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None, dtypes=API_DTYPES),
-    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_streaming_backward, load=_cpu_available,
-                   takes_weights=False),
+    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",),
-                      forward=_triton_partial, backward=_gpu_backward, load=_triton_available,
-                      takes_weights=True),
+                      forward=_triton_partial, backward=_gpu_backward, load=_triton_available),
 }
 
 
@@ -264,8 +268,6 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
             f"got {str(inp.query.dtype).replace('torch.', '')}; use backend='torch' (the reference computes "
             "float64 in float64) or leave backend=None"
         )
-    if inp.weights is not None and not b.takes_weights:
-        raise ValueError(f"{source}: {asked!r} does not take weights yet; use backend='torch' or leave backend=None")
     return b
 
 

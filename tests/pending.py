@@ -2,8 +2,7 @@
 
 tests/test_kernels.py, tests/test_autograd.py and tests/test_properties.py mark a
 (backend, feature) case listed here as a strict xfail: it must fail, and fail by
-an assertion (or, for "weights", by the dispatch refusing weights), so a kernel
-that starts to pass turns the run red until its engineer deletes the entry, and a
+an assertion, so a kernel that starts to pass turns the run red until its engineer deletes the entry, and a
 typo in a test is not mistaken for a pending kernel.  Delete an entry in the same
 change that makes the kernel follow the rule.
 
@@ -20,17 +19,10 @@ import pytest
 
 FEATURES = ("l2_near", "l2sq_near", "l2_far", "ties", "weights")
 
-_L2 = "expanded ℓ2 form without the direct recompute of docs/design.md §5.1 (issue 13.1)"
-_TIES = "scores of identical rows depend on their block position (issue 13.3)"
-_WEIGHTS = "the kernel does not take weights yet (issue 14.1)"
-
-PENDING = {
-    "cpu": {"l2_near": _L2, "l2_far": _L2, "ties": _TIES, "weights": _WEIGHTS},
-    # "cuda": none pending; checked on the CPU emulator (tests/test_cuda_emulated.py), not yet on a GPU.
-}
-
-# How a pending case fails: a numerics assertion, or the dispatch's refusal of weights.
-_RAISES = {"weights": (AssertionError, ValueError)}
+# Empty today: every backend follows every rule (the CUDA kernels checked on the CPU
+# emulator, tests/test_cuda_emulated.py, not yet on a GPU).  An entry reads
+#   "cpu": {"ties": "scores of identical rows depend on their block position (issue 13.3)"}
+PENDING: dict[str, dict[str, str]] = {}
 
 
 def marks(backend: str, feature: str) -> list:
@@ -39,7 +31,7 @@ def marks(backend: str, feature: str) -> list:
     reason = PENDING.get(backend, {}).get(feature)
     if reason is None:
         return []
-    return [pytest.mark.xfail(strict=True, raises=_RAISES.get(feature, AssertionError),
+    return [pytest.mark.xfail(strict=True, raises=AssertionError,
                               reason=f"pending ({backend}, {feature}): {reason}")]
 
 

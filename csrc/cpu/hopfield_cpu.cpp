@@ -1,65 +1,207 @@
-// Planning, split combine and instruction-set dispatch for the CPU kernel.
-#include <algorithm>
-#include <cmath>
-#include <limits>
-
+// Planning, instruction-set dispatch and the split combine of the CPU kernel.
 #include "cpu/hopfield_cpu.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/microkernel.h"
+
 namespace hen {
-namespace avx2 {
-void run_tile(const PartialParams&, const Plan&, int64_t, const Workspace&);
-}
-namespace baseline {
-void run_tile(const PartialParams&, const Plan&, int64_t, const Workspace&);
-}
+
+// One run_tile per instruction set the build compiled tile_kernel.cpp for (CMake's HEN_CPU_ISAS).
+#define HEN_DECLARE_TILE(ns)                                                     \
+  namespace ns {                                                                 \
+  void run_tile(const PartialParams&, const Plan&, int64_t, const Workspace&);   \
+  void run_backward_tile(const BackwardParams&, const BackwardPlan&, int64_t);   \
+  }
+HEN_DECLARE_TILE(baseline)
+#if HEN_CPU_X86
+HEN_DECLARE_TILE(avx2)
+HEN_DECLARE_TILE(avx512)
+#endif
+#undef HEN_DECLARE_TILE
 
 namespace {
+// Queries up to which the hand-written products beat brgemm, score and value
+// product, by instruction set and operands (measured on AVX-512 + AMX, and with
+// AVX2 emulated there: benchmarks/results/cpu.md).  16-bit inputs on float32
+// microkernels pay for widening every tile, so the hand-written ones, which widen
+// in registers, keep them longer.
+struct HandUpTo {
+  int64_t score, value;
+};
+HandUpTo hand_up_to(Isa isa, DType dt, bool vnni) {
+  if (vnni) return {4, 8};
+  if (dt != DType::F32) return {16, 16};
+  return isa == Isa::Avx512 ? HandUpTo{8, 8} : HandUpTo{4, 4};
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
+Isa cpu_isa() {
+#if HEN_CPU_X86
+  static const Isa isa = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return Isa::Avx2;
+    return Isa::Baseline;
+  }();
+  return isa;
 #else
-  return false;
+  return Isa::Baseline;
 #endif
+}
+
+Isa parse_isa(const char* s) {
+  if (std::strcmp(s, "avx512") == 0) return Isa::Avx512;
+  if (std::strcmp(s, "avx2") == 0) return Isa::Avx2;
+  if (std::strcmp(s, "baseline") == 0) return Isa::Baseline;
+  throw std::invalid_argument(std::string("HEN_KERNELS_CPU_ISA: expected avx512, avx2 or baseline, got '") + s + "'");
+}
+
+// HEN_KERNELS_CPU_ISA caps the instruction set, read once: with it (and oneDNN's own
+// ONEDNN_MAX_CPU_ISA) an AVX-512 machine runs what an AVX2-only machine would.
+Isa default_isa() {
+  static const Isa isa = [] {
+    const char* env = std::getenv("HEN_KERNELS_CPU_ISA");
+    const Isa cap = env && *env ? parse_isa(env) : Isa::Avx512;
+    return std::min(cap, cpu_isa());
+  }();
+  return isa;
+}
+
+// Bank rows per tile, from the row size alone (never from N or B), so that a row is
+// scored by the same microkernel call shape wherever it sits: about 128 KiB of bank
+// per tile, 64 to 256 rows (a multiple of every vector width and of the VNNI pair).
+int64_t row_block(int64_t D, int64_t operand_bytes) {
+  int64_t rows = 64;
+  while (rows < 256 && 2 * rows * D * operand_bytes <= 128 * 1024) rows *= 2;
+  return rows;
 }
 }  // namespace
 
-// Block sizes keep a tile's working set in a 512 KiB L2: the accumulators
-// (query_block x Dv floats) within 256 KiB and a bank block (row_block x D)
-// within 128 KiB.  Splitting the bank gives every thread several tiles even
-// when there are few queries (the recall regime); each split still covers
-// whole row blocks, and the workspace it needs grows with splits x B x Dv,
-// never with N.
-Plan make_plan(const PartialParams& p, int num_threads) {
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+std::string describe() {
+  const bool brgemm = mk::f32_available();
+  std::string s = std::string("isa=") + isa_name(default_isa()) + " cpu_isa=" + isa_name(cpu_isa()) +
+                  " gemm=" + (brgemm ? "brgemm" : "hand");
+  const bool avx512 = default_isa() == Isa::Avx512 && brgemm;
+  s += std::string(" vnni_bf16=") + (avx512 && mk::vnni_available(DType::BF16) ? "1" : "0");
+  s += std::string(" vnni_f16=") + (avx512 && mk::vnni_available(DType::F16) ? "1" : "0");
+  return s;
+}
+
+Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) {
   Plan plan{};
-  plan.query_block = std::min<int64_t>(std::max<int64_t>(p.B, 1),
-                                       std::clamp<int64_t>(65536 / std::max<int64_t>(p.Dv, 1), 4, 64));
-  plan.row_block = std::clamp<int64_t>(32768 / std::max<int64_t>(p.D, 1) / 8 * 8, 16, 256);
-  const int64_t query_tiles = std::max<int64_t>(p.L * ceil_div(std::max<int64_t>(p.B, 1), plan.query_block), 1);
+  plan.isa = default_isa();
+  if (hints.isa != 0) {
+    if (hints.isa < int(Isa::Baseline) || hints.isa > int(cpu_isa()))
+      throw std::invalid_argument(std::string("hints: this CPU runs at most isa ") + isa_name(cpu_isa()));
+    plan.isa = Isa(hints.isa);
+  }
+  using G = PlanHints::GemmChoice;
+  const bool brgemm = mk::f32_available();
+  if (hints.gemm == G::Brgemm && !brgemm)
+    throw std::invalid_argument("hints: this build has no brgemm (not x86, or a torch without it)");
+  // Weighted products stay in float32: the weights are float32, and w∘q or x∘x rounded
+  // to 16 bits would lose what they ask for.  VNNI pairs need an even D.
+  const bool vnni = brgemm && plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.weights == nullptr &&
+                    p.D % 2 == 0 && mk::vnni_available(p.dtype);
+  const Product fast = vnni ? Product::Vnni : Product::F32;
+  if (hints.gemm != G::Auto) {
+    plan.score = plan.value = hints.gemm == G::Hand ? Product::Hand : fast;
+  } else if (!brgemm) {
+    plan.score = plan.value = Product::Hand;
+  } else {
+    // Few queries: a microkernel pads them to a whole vector (the score product) and
+    // needs each bank tile repacked (16-bit values); the hand-written products read
+    // the tile as stored.  Thresholds measured in benchmarks/results/cpu.md.
+    const HandUpTo hand = hand_up_to(plan.isa, p.dtype, vnni);
+    plan.score = p.B <= hand.score ? Product::Hand : fast;
+    plan.value = p.B <= hand.value ? Product::Hand : fast;
+  }
+
+  // HEN_KERNELS_CPU_L2_DIRECT=0 drops the §5.1 recompute of cancelled ℓ2 pairs: the
+  // benchmark's way to show what the rule costs on random data (read at every call).
+  const char* direct = std::getenv("HEN_KERNELS_CPU_L2_DIRECT");
+  plan.l2_direct = !(direct && std::strcmp(direct, "0") == 0);
+
+  const int64_t B = std::max<int64_t>(p.B, 1);
+  plan.query_block = std::min<int64_t>(B, hints.query_block > 0 ? hints.query_block : 64);
+  // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).
+  const bool wide = p.dtype == DType::F32 || plan.score == Product::F32 || plan.value == Product::F32;
+  plan.row_block = row_block(p.D, wide ? 4 : 2);
+  plan.query_blocks = ceil_div(p.B, plan.query_block);
+  const int64_t query_tiles = std::max<int64_t>(p.L * ceil_div(B, plan.query_block), 1);
+  // Splitting the bank gives every thread several tiles even with few queries (the
+  // recall regime); each split still covers several whole row tiles, and the
+  // workspace grows with splits x B x Dv, never with N.
   const int64_t want = ceil_div(4 * std::max(num_threads, 1), query_tiles);
   const int64_t most = std::max<int64_t>(ceil_div(p.N, 4 * plan.row_block), 1);
-  plan.splits = std::clamp<int64_t>(want, 1, most);
+  plan.splits = hints.splits > 0 ? hints.splits : std::clamp<int64_t>(want, 1, most);
   plan.rows_per_split = ceil_div(ceil_div(std::max<int64_t>(p.N, 1), plan.splits), plan.row_block) * plan.row_block;
   plan.splits = ceil_div(std::max<int64_t>(p.N, 1), plan.rows_per_split);
-  plan.query_blocks = ceil_div(p.B, plan.query_block);
   return plan;
 }
 
 void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Workspace& ws) {
-  if (has_avx2())
-    avx2::run_tile(p, plan, tile, ws);
-  else
-    baseline::run_tile(p, plan, tile, ws);
+  switch (plan.isa) {
+#if HEN_CPU_X86
+    case Isa::Avx512: avx512::run_tile(p, plan, tile, ws); return;
+    case Isa::Avx2: avx2::run_tile(p, plan, tile, ws); return;
+#endif
+    default: baseline::run_tile(p, plan, tile, ws); return;
+  }
 }
 
-const char* isa_name() { return has_avx2() ? "avx2" : "baseline"; }
+BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
+  if (!mk::f32_available())
+    throw std::invalid_argument("the CPU backward needs brgemm (not x86, or a torch without it)");
+  const PartialParams& p = b.p;
+  BackwardPlan plan{};
+  plan.isa = default_isa();
+  plan.query_block = std::min<int64_t>(std::max<int64_t>(p.B, 1), 64);
+  plan.row_block = row_block(p.D, 4);
+  // Tiles own disjoint bank rows, so the bank is split even with many queries: dq and
+  // dbeta get a slot per split, and the workspace grows with splits x L x B x D, never N.
+  const int64_t want = ceil_div(4 * std::max(num_threads, 1), std::max<int64_t>(b.Lm, 1));
+  const int64_t most = std::max<int64_t>(ceil_div(p.N, 2 * plan.row_block), 1);
+  plan.splits = std::clamp<int64_t>(want, 1, most);
+  plan.rows_per_split = ceil_div(ceil_div(std::max<int64_t>(p.N, 1), plan.splits), plan.row_block) * plan.row_block;
+  plan.splits = ceil_div(std::max<int64_t>(p.N, 1), plan.rows_per_split);
+  return plan;
+}
 
+void run_backward_tile(const BackwardParams& b, const BackwardPlan& plan, int64_t tile) {
+  switch (plan.isa) {
+#if HEN_CPU_X86
+    case Isa::Avx512: avx512::run_backward_tile(b, plan, tile); return;
+    case Isa::Avx2: avx2::run_backward_tile(b, plan, tile); return;
+#endif
+    default: baseline::run_backward_tile(b, plan, tile); return;
+  }
+}
+
+// docs/design.md §5.1: merges accumulate in float64 and round once.
 void combine(const PartialParams& p, const Plan& plan, int64_t begin, int64_t end, const Workspace& ws) {
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t S = plan.splits, Dv = p.Dv;
+  double acc[512];
   for (int64_t row = begin; row < end; ++row) {
     const int64_t l = row / p.B, b = row % p.B;
     auto slot = [&](int64_t s) { return (l * S + s) * p.B + b; };
@@ -78,24 +220,28 @@ void combine(const PartialParams& p, const Plan& plan, int64_t begin, int64_t en
       }
     }
     float* o = p.out + row * Dv;
-    std::fill(o, o + Dv, 0.f);
-    float sum = 0.f;
+    double sum = 0.0;
     if (nan) {
       std::fill(o, o + Dv, NAN);
-      sum = NAN;
-    } else if (m != neg_inf) {
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t k = slot(s);
-        if (ws.max[k] == neg_inf) continue;
-        const float w = std::exp(ws.max[k] - m);
-        sum += ws.sum[k] * w;
-        const float* a = ws.acc + k * Dv;
-        for (int64_t d = 0; d < Dv; ++d) o[d] += w * a[d];
+    } else if (m == neg_inf) {
+      std::fill(o, o + Dv, 0.f);
+    } else {
+      for (int64_t s = 0; s < S; ++s) sum += double(ws.sum[slot(s)]) * std::exp(double(ws.max[slot(s)]) - m);
+      const double inv = 1.0 / sum;
+      for (int64_t d0 = 0; d0 < Dv; d0 += 512) {  // in slices, so the float64 sums stay on the stack
+        const int64_t n = std::min<int64_t>(512, Dv - d0);
+        std::fill(acc, acc + n, 0.0);
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t k = slot(s);
+          if (ws.max[k] == neg_inf) continue;
+          const double w = std::exp(double(ws.max[k]) - m) * inv;
+          const float* a = ws.acc + k * Dv + d0;
+          for (int64_t d = 0; d < n; ++d) acc[d] += w * a[d];
+        }
+        for (int64_t d = 0; d < n; ++d) o[d0 + d] = float(acc[d]);
       }
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
     }
-    p.lse[row] = nan ? NAN : (sum > 0.f ? m + std::log(sum) : neg_inf);
+    p.lse[row] = nan ? NAN : (sum > 0.0 ? float(m + std::log(sum)) : neg_inf);
     p.top_score[row] = best;
     p.top_index[row] = best_index;
   }

@@ -1,8 +1,17 @@
-// The fused streaming-softmax Hopfield update on the CPU, free of torch.
+// The fused streaming-softmax Hopfield update on the CPU.
 //
 // It computes the Partial of hopfield_params.h.  The bank is walked once in
-// row blocks with a running max, sum and accumulator per query, so no B x N
-// score matrix exists.
+// row tiles with a running max, sum and accumulator per query, so no B x N
+// score matrix exists and memory does not grow with N.
+//
+// Each tile takes two matrix products: the scores S^T = X_tile . Q^T (bank rows
+// by queries, so the bank tile is read as stored, with no transpose or packing)
+// and the values O += P . V_tile.  They run on the platform's GEMM
+// microkernels (microkernel.h: oneDNN's brgemm through ATen, on AMX or
+// AVX-512 BF16 for 16-bit inputs) or, where those are absent, on hand-written
+// products (Product::Hand).  The softmax between them, the ℓ2 forms and the
+// rules of docs/design.md §5.1 are the tile kernel's own (tile_kernel.cpp),
+// compiled once per instruction set.
 //
 // Work is cut into independent tiles (leading index, query block, bank split).
 // The caller runs tiles on its own thread pool (the ATen binding uses
@@ -12,22 +21,44 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "hopfield_params.h"
 
 namespace hen {
 
-// How the work is cut: chosen from the shape and the thread count (see make_plan).
+// Instruction sets the tile kernel is compiled for, in increasing order.
+enum class Isa : int { Baseline = 1, Avx2 = 2, Avx512 = 3 };
+// Who computes a tile product: the kernel's own code (hand_products.h: where brgemm
+// is absent, and for few queries), or the platform's microkernel (microkernel.h) in
+// float32 (16-bit inputs widened first) or on 16-bit VNNI operands.
+enum class Product : int { Hand = 0, F32 = 1, Vnni = 2 };
+
+// What a caller may force (tests, benchmarks); zero / Auto leave the choice to make_plan.
+struct PlanHints {
+  enum class GemmChoice { Auto, Brgemm, Hand } gemm = GemmChoice::Auto;
+  int isa = 0;  // highest instruction set to use (an Isa value), 0: the best this CPU has
+  int64_t query_block = 0;
+  int64_t splits = 0;
+};
+
+// How the work is cut and computed: chosen from the shape, the dtype, the CPU
+// and the thread count (see make_plan).
 struct Plan {
+  Isa isa;
+  Product score;           // S^T = X_tile . Q^T
+  Product value;           // O += P . V_tile
+  bool l2_direct;          // docs/design.md §5.1 recompute (off only to measure its cost)
   int64_t query_block;     // queries sharing one pass over a bank tile
-  int64_t row_block;       // bank rows per streamed block
+  int64_t row_block;       // bank rows per tile: fixed per (D, dtype, products), never by N
   int64_t splits;          // bank splits per query block (1: no workspace, no combine)
   int64_t rows_per_split;  // a multiple of row_block
   int64_t query_blocks;    // ceil(B / query_block)
   int64_t tiles(const PartialParams& p) const { return p.L * query_blocks * splits; }
 };
 
-Plan make_plan(const PartialParams& p, int num_threads);
+// Throws std::invalid_argument when a hint asks for what this build or CPU cannot do.
+Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints = PlanHints{});
 
 // Compute tile `tile` in [0, plan.tiles(p)); thread safe across distinct tiles.
 void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Workspace& ws);
@@ -35,7 +66,42 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
 // Merge the splits of queries [begin, end) of the flattened (L * B) range into the outputs.
 void combine(const PartialParams& p, const Plan& plan, int64_t begin, int64_t end, const Workspace& ws);
 
-// Which instruction set the tiles run with ("avx2" or "baseline"), for logs and tests.
-const char* isa_name();
+// --- the backward (backward_kernel.cpp) ------------------------------------------------
+//
+// Gradients of one partial update from the upstream dout and dlse and the saved out
+// and lse, recomputing the weights tile by tile (hen_kernels/backward_cpu.py states
+// the math): dV = P^T dout, dt = P ∘ (dout V^T - Δ), dbeta = Σ dt ∘ s, G from beta dt
+// and the similarity, dq = G X (ℓ2: - rowsum(G) q), dX = G^T q (ℓ2: - colsum(G) x),
+// weighted by `weights` as the forward is.  Products on the float32 microkernels
+// (16-bit inputs widened), so it needs brgemm; tiles own disjoint bank rows (dX and
+// dV without races), each leaves its dq and dbeta in its own workspace slot.
+struct BackwardParams {
+  PartialParams p;     // the forward's inputs and shapes (its output pointers unused)
+  const float* dout;   // (L, B, Dv)
+  const float* dlse;   // (L, B)
+  const float* out;    // (L, B, Dv) as the forward returned it
+  const float* lse;    // (L, B)
+  int64_t Lm;          // 1 (a bank shared by every leading index) or L
+  float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
+  float* dbeta;        // (splits, L)
+  float* dx;           // (Lm, N, D), written (not added to)
+  float* dv;           // (Lm, N, Dv)
+};
+
+struct BackwardPlan {
+  Isa isa;
+  int64_t query_block, row_block, splits, rows_per_split;
+  int64_t tiles(const BackwardParams& b) const { return b.Lm * splits; }
+};
+
+// Throws std::invalid_argument where the build has no brgemm (the caller keeps its own backward).
+BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads);
+void run_backward_tile(const BackwardParams& b, const BackwardPlan& plan, int64_t tile);
+
+// What this build and CPU run with: "isa=avx512 gemm=brgemm vnni_bf16=1 vnni_f16=0"
+// (after HEN_KERNELS_CPU_ISA, see hopfield_cpu.cpp), for logs, benchmarks and tests.
+std::string describe();
+
+const char* isa_name(Isa isa);
 
 }  // namespace hen

@@ -1,67 +1,89 @@
-"""`make bench`: the CPU table of docs/design.md §6, printed and written as JSON and Markdown.
+"""`make bench`: the CPU tables of docs/design.md §6, printed and written as JSON and Markdown.
 
-    python -m hen_kernels.bench [cpu] [--out DIR] [--quick] [--repeats K]
+    python -m hen_kernels.bench cpu [--out DIR] [--quick] [--repeats K] [--emulate-avx2] [--no-compile]
+                                    [--no-side] [--threads T]
 
-Every case times the fused kernel, ``hk.hopfield_update(..., backend=<fused>)``,
-against the plain PyTorch baseline ``softmax(beta * sim(X, s)) @ X`` (matmul,
-softmax, matmul, with the B x N score matrix in memory).  The fused backend is
-"cpu" (csrc) when the extension is built; otherwise the reference ("torch")
-stands in and every output says so.
+Every case times the fused kernel, ``hk.hopfield_update(..., backend=<fused>)``, against
+the peers of :mod:`hen_kernels.bench.cpu_peers` (plain PyTorch, SDPA's flash and math
+backends, torch.compile, FAISS top-1) on the same inputs, interleaved in one process,
+each first checked against a float32 computation.  Then: multi-step retrieval against
+5 chained calls of each peer, the weighted similarity's cost, and the cost of the ℓ2
+recompute of docs/design.md §5.1.  The machine's matmul and memory-read ceilings are
+measured in the same run and each row says what fraction of its ceiling it reaches.
 
-Other code (``benchmarks/test_bench_cpu.py``) reuses :func:`cases`,
-:func:`case_callables` and :func:`run_case`.
+``--emulate-avx2`` runs the same tables in a child process that sees an AVX2-only CPU
+(ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY, FAISS_OPT_LEVEL and
+the kernel's HEN_KERNELS_CPU_ISA) and writes cpu_avx2.{json,md}.
+
+Other code (``benchmarks/test_bench_cpu.py``, tests/test_bench.py) reuses :func:`cases`,
+:func:`case_inputs` and :func:`run_case`.
 """
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .. import backends, ops
-from ..reference import similarity as sim
-from . import common
+from . import common, cpu_peers as peers
 from .common import DEFAULT_OUT, MIB, num
 
-# docs/design.md §6, CPU rows: required baseline_time / fused_time per regime.
-TARGETS = {"recall": 1.6, "layer": 1.3, "bulk": 0.95}
-# (regime, B, N, D), float32; each is run for every similarity in TIMED_SIMILARITIES.
+# docs/design.md §6, CPU rows: required peer_time / fused_time.
+SDPA_TARGETS = {"recall": 1.2, "layer": 1.0, "bulk": 1.0}  # dot; l2sq (SDPA with the bias): 1.0 everywhere
+PLAIN_TARGETS = {"recall": 1.6, "layer": 1.3, "bulk": 0.95}  # dot and l2sq; l2: 2.0
+L2_PLAIN_TARGET = 2.0
+BF16_OVER_FP32_TARGET = 1.5  # where the CPU has bf16 matrix instructions
+L2_RULE_MAX_COST = 0.05  # §5.1 recompute: within 5% of the kernel without it, on random data
 SHAPES = [("recall", 1, 262144, 512), ("recall", 8, 262144, 512),
           ("layer", 64, 65536, 64), ("bulk", 64, 65536, 2048)]
-TIMED_SIMILARITIES = ("dot", "l2")
+SIMILARITIES = ("dot", "l2sq", "l2")
+DTYPES = ("float32", "bfloat16")
 QUICK_N = 4096
+STEPS = 5
+# Cases of the smaller tables: (regime, B) among SHAPES.
+SIDE_SHAPES = (("recall", 8), ("layer", 64))
+EMULATED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                "FAISS_OPT_LEVEL": "avx2", "HEN_KERNELS_CPU_ISA": "avx2", "HEN_BENCH_EMULATED": "avx2"}
+CHECK_TOL = {"float32": 1e-4, "bfloat16": 5e-2}  # a peer must agree with float32 this well to be timed
 
 
 @dataclass(frozen=True)
 class Case:
     regime: str
     similarity: str
+    dtype: str
     B: int
     N: int
     D: int
 
     @property
     def name(self) -> str:
-        return f"{self.regime}-{self.similarity}-B{self.B}-N{self.N}-D{self.D}"
+        return f"{self.regime}-{self.similarity}-{self.dtype}-B{self.B}-N{self.N}-D{self.D}"
 
     @property
     def flops(self) -> int:  # docs/design.md §6: 4·B·N·D
         return 4 * self.B * self.N * self.D
 
     @property
-    def bytes(self) -> int:  # the bank read once, float32
-        return self.N * self.D * 4
+    def bytes(self) -> int:  # the bank read once, in its dtype
+        return self.N * self.D * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
     @property
-    def target(self) -> float:
-        return TARGETS[self.regime]
+    def bound(self) -> str:
+        """Which ceiling applies: memory for recall, matmul for the others."""
+        return "read" if self.regime == "recall" else "matmul"
 
 
-def cases(n: Optional[int] = None) -> List[Case]:
+def cases(n: Optional[int] = None, similarities=SIMILARITIES, dtypes=DTYPES) -> List[Case]:
     """The §6 CPU cases, ordered so that cases sharing a bank are adjacent; ``n`` overrides N."""
-    return [Case(regime, s, b, n or big_n, d) for regime, b, big_n, d in SHAPES for s in TIMED_SIMILARITIES]
+    return [Case(regime, s, dt, b, n or big_n, d) for regime, b, big_n, d in SHAPES
+            for dt in dtypes for s in similarities]
 
 
 def fused_backend() -> str:
@@ -76,134 +98,300 @@ def backend_label(backend: str) -> str:
     return backend
 
 
-# --- inputs: one bank at a time, reused by every case of that shape ------------------
+# --- inputs: one bank at a time, reused by every case of that shape and dtype --------
 
 _BANK: dict = {}
 
 
-def bank(n: int, d: int) -> torch.Tensor:
-    """A float32 (n, d) standard-normal bank; the previous bank is dropped first."""
-    if (n, d) not in _BANK:
-        _BANK.clear()
+def bank(n: int, d: int, dtype: str) -> torch.Tensor:
+    """An (n, d) standard-normal bank in ``dtype``; banks of other shapes are dropped first."""
+    if (n, d, dtype) not in _BANK:
+        if not any(k[:2] == (n, d) for k in _BANK):
+            _BANK.clear()
+        for k in [k for k in _BANK if k[:2] == (n, d) and k[2] != "float32"]:
+            del _BANK[k]
         common.trim_heap()
-        _BANK[(n, d)] = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 7919 + d))
-    return _BANK[(n, d)]
+        if (n, d, "float32") not in _BANK:
+            _BANK[(n, d, "float32")] = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 7919 + d))
+        _BANK[(n, d, dtype)] = _BANK[(n, d, "float32")].to(getattr(torch, dtype))
+    return _BANK[(n, d, dtype)]
 
 
 def release_bank() -> None:
     _BANK.clear()
+    _FAISS.clear()
     common.trim_heap()
+
+
+_FAISS: dict = {}
+
+
+def faiss_index(case: Case, x: torch.Tensor) -> Optional[peers.FaissTop1]:
+    key = (case.N, case.D, case.dtype, case.similarity == "dot")
+    if peers.faiss_unavailable() is not None:
+        return None
+    if key not in _FAISS:
+        _FAISS.clear()
+        _FAISS[key] = peers.FaissTop1(x, case.similarity)
+    return _FAISS[key]
 
 
 def case_inputs(case: Case) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(query (B, D), bank (N, D), beta); beta = 1/sqrt(D) keeps dot scores of order one."""
-    q = torch.randn(case.B, case.D, generator=torch.Generator().manual_seed(case.B))
-    return q, bank(case.N, case.D), 1.0 / math.sqrt(case.D)
+    q = torch.randn(case.B, case.D, generator=torch.Generator().manual_seed(case.B)).to(getattr(torch, case.dtype))
+    return q, bank(case.N, case.D, case.dtype), 1.0 / math.sqrt(case.D)
 
 
-def baseline(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str) -> torch.Tensor:
-    """The plain PyTorch expression of docs/design.md §6."""
-    return torch.softmax(beta * sim(q, x, similarity), -1) @ x
+def fused_call(q, x, beta, similarity, backend, **kw):
+    return lambda: ops.hopfield_update(q, x, beta, similarity=similarity, backend=backend, **kw)
 
 
-def case_callables(case: Case, backend: str) -> Tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
-    """(fused, baseline) zero-argument calls on this case's inputs."""
-    q, x, beta = case_inputs(case)
-
-    def fused() -> torch.Tensor:
-        return ops.hopfield_update(q, x, beta, similarity=case.similarity, backend=backend)
-
-    return fused, lambda: baseline(q, x, beta, case.similarity)
+def _median_ms(times: List[float]) -> float:
+    return statistics.median(times) * 1e3
 
 
-def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5) -> dict:
-    """Time and measure one case, fused and baseline; one table row as a dict."""
+# --- the main table ----------------------------------------------------------------
+
+def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compile_peer: bool = True) -> dict:
+    """Check and time the fused kernel and every peer on one case; one row as a dict."""
     backend = backend or fused_backend()
-    fused, base = case_callables(case, backend)
-    row = dict(asdict(case), name=case.name, fused_backend=backend)
+    q, x, beta = case_inputs(case)
+    which = tuple(p for p in peers.PEERS[case.similarity] if compile_peer or p != "compile")
+    index = faiss_index(case, x) if "faiss" in which else None
+    fns = {"fused": fused_call(q, x, beta, case.similarity, backend)}
+    fns.update(peers.peer_callables(q, x, beta, case.similarity, which, index))
+    row = dict(asdict(case), name=case.name, fused_backend=backend, peers={})
     with torch.no_grad():
-        f, b = fused(), base()
-        row["rel_err"] = float((f - b).norm() / b.norm())
-        del f, b
-        measured = common.time_calls({"baseline": base, "fused": fused}, repeats)
-    for who, (times, extra) in measured.items():
-        t = statistics.median(times)
-        row[f"{who}_ms"] = t * 1e3
-        row[f"{who}_gflops"] = case.flops / t / 1e9
-        row[f"{who}_gbps"] = case.bytes / t / 1e9
-        row[f"{who}_extra_mib"] = None if extra is None else extra / MIB
-    row["ratio"] = row["baseline_ms"] / row["fused_ms"]
-    row["target"] = case.target
-    row["met"] = row["ratio"] >= case.target
+        want = peers.plain(q.float(), x.float(), beta, case.similarity)  # the float32 check
+        top = ops.hopfield_partial(q, x, beta, similarity=case.similarity, backend=backend).top_index
+        timed = {}
+        for name, fn in fns.items():
+            got = fn()
+            if name == "faiss":
+                agree = float((got == top).double().mean())
+                row["peers"][name] = {"top1_agrees": agree, "ok": True}
+            else:
+                err = peers.rel_err(got.float(), want)
+                ok = err <= CHECK_TOL[case.dtype]
+                if name == "fused":
+                    row["rel_err"], row["check_ok"] = err, ok
+                else:
+                    row["peers"][name] = {"rel_err": err, "ok": ok}
+            del got
+            timed[name] = fn  # a peer that fails its check is still timed, and marked
+        measured = common.time_calls(timed, repeats)
+    for name, (times, extra) in measured.items():
+        ms = _median_ms(times)
+        if name == "fused":
+            row.update(fused_ms=ms, fused_gflops=case.flops / ms / 1e6, fused_gbps=case.bytes / ms / 1e6,
+                       fused_extra_mib=None if extra is None else extra / MIB)
+        else:
+            row["peers"][name].update(ms=ms, ratio=None, extra_mib=None if extra is None else extra / MIB)
+    for name, pr in row["peers"].items():
+        pr["ratio"] = pr["ms"] / row["fused_ms"]
     return row
 
 
-# --- the machine ---------------------------------------------------------------------
+def add_targets(rows: List[dict], ceilings: dict, info: Dict[str, str]) -> None:
+    """Each row's targets (docs/design.md §6) and its fraction of the machine's ceiling."""
+    fp32 = {(r["regime"], r["B"], r["similarity"]): r for r in rows if r["dtype"] == "float32"}
+    for r in rows:
+        t = []
+        p = r["peers"]
+        if r["similarity"] in ("dot", "l2sq") and "sdpa" in p:
+            need = SDPA_TARGETS[r["regime"]] if r["similarity"] == "dot" else 1.0
+            t.append(("SDPA" if r["similarity"] == "dot" else "SDPA+bias", p["sdpa"]["ratio"], need,
+                      p["sdpa"]["ok"]))
+        if "plain" in p:
+            need = L2_PLAIN_TARGET if r["similarity"] == "l2" else PLAIN_TARGETS[r["regime"]]
+            t.append(("plain", p["plain"]["ratio"], need, p["plain"]["ok"]))
+        f = fp32.get((r["regime"], r["B"], r["similarity"]))
+        if r["dtype"] == "bfloat16" and f is not None and info.get("vnni_bf16") == "1":
+            t.append(("own fp32", f["fused_ms"] / r["fused_ms"], BF16_OVER_FP32_TARGET, True))
+        # A peer whose answer failed the float32 check sets no target (met: None), it is only reported.
+        r["targets"] = [dict(peer=n, ratio=v, target=need, met=(v >= need) if ok else None) for n, v, need, ok in t]
+        r["met"] = all(x["met"] is not False for x in r["targets"])
+        if r["regime"] == "recall":
+            r["ceiling"], r["fraction"] = "read", r["fused_gbps"] / ceilings["read_gbps"]
+        else:
+            key = "matmul_gflops" if r["dtype"] == "float32" else "matmul_bf16_gflops"
+            r["ceiling"], r["fraction"] = key, r["fused_gflops"] / ceilings[key]
 
-def matmul_gflops(quick: bool, repeats: int) -> float:
-    """This machine's float32 square matmul GFLOP/s (n = 512 quick, else 2048)."""
-    n = 512 if quick else 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / common.median_seconds(lambda: a @ b, repeats) / 1e9
+
+# --- the smaller tables: multi-step retrieval, weights, the ℓ2 rule ------------------
+
+def side_cases(n: Optional[int], similarities, dtypes) -> List[Case]:
+    shapes = {(r, b): (big_n, d) for r, b, big_n, d in SHAPES}
+    return [Case(r, s, dt, b, n or shapes[(r, b)][0], shapes[(r, b)][1])
+            for r, b in SIDE_SHAPES for dt in dtypes for s in similarities]
 
 
-def measure_ceilings(quick: bool, repeats: int) -> dict:
-    """Float32 matmul GFLOP/s and memory read GB/s (a sum over a buffer larger than the caches)."""
-    buf = torch.randn((16 if quick else 512) * MIB // 4)
-    t_rd = common.median_seconds(buf.sum, repeats)
-    n = 512 if quick else 2048
-    return {"matmul_gflops": matmul_gflops(quick, repeats), "matmul_shape": [n, n, n],
-            "read_gbps": buf.numel() * 4 / t_rd / 1e9, "read_mib": buf.numel() * 4 // MIB}
+def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool) -> dict:
+    """STEPS-step retrieval (tol=None: every step taken) against STEPS chained calls of each peer."""
+    q, x, beta = case_inputs(case)
+    which = tuple(p for p in peers.UPDATE_PEERS if p in peers.PEERS[case.similarity]
+                  and (compile_peer or p != "compile"))
+    one = peers.peer_callables(q, x, beta, case.similarity, which, None)
+
+    def chain(step_peer):
+        def run():
+            s = q
+            for _ in range(STEPS):
+                s = peers.peer_callables(s, x, beta, case.similarity, (step_peer,), None)[step_peer]()
+            return s
+        return run
+
+    fns = {"fused": lambda: ops.hopfield_retrieve(q, x, beta, similarity=case.similarity, max_steps=STEPS,
+                                                  backend=backend).state,
+           "fused_one_step": fused_call(q, x, beta, case.similarity, backend)}
+    fns.update({name: chain(name) for name in one})
+    with torch.no_grad():
+        measured = common.time_calls(fns, repeats)
+    ms = {k: _median_ms(v[0]) for k, v in measured.items()}
+    return dict(asdict(case), name=case.name, steps=STEPS, fused_ms=ms["fused"],
+                per_step_overhead=ms["fused"] / (STEPS * ms["fused_one_step"]),
+                peers={k: dict(ms=v, ratio=v / ms["fused"]) for k, v in ms.items() if not k.startswith("fused")})
 
 
-def machine(backend: str) -> dict:
-    return dict(common.host(), fused_backend=backend, fused_backend_label=backend_label(backend),
-                fused_is_reference=backend == "torch", memory_measured=common.memory_measured())
+def run_weighted(case: Case, backend: str, repeats: int) -> dict:
+    """The weighted similarity (half the features known) against the unweighted kernel and plain PyTorch."""
+    q, x, beta = case_inputs(case)
+    w = torch.ones(case.B, case.D)
+    w[:, case.D // 2:] = 0.0
+    fns = {"weighted": fused_call(q, x, beta, case.similarity, backend, weights=w),
+           "unweighted": fused_call(q, x, beta, case.similarity, backend),
+           "plain_weighted": lambda: peers.plain_weighted(q, x, beta, case.similarity, w)}
+    with torch.no_grad():
+        err = peers.rel_err(fns["weighted"]().float(), fns["plain_weighted"]().float())
+        measured = common.time_calls(fns, repeats)
+    ms = {k: _median_ms(v[0]) for k, v in measured.items()}
+    return dict(asdict(case), name=case.name, weighted_ms=ms["weighted"], unweighted_ms=ms["unweighted"],
+                cost=ms["weighted"] / ms["unweighted"], plain_weighted_ms=ms["plain_weighted"],
+                ratio=ms["plain_weighted"] / ms["weighted"], rel_err=err)
 
 
-# --- the table -----------------------------------------------------------------------
+def run_l2_rule(case: Case, backend: str, repeats: int) -> dict:
+    """The §5.1 recompute's cost: the kernel with it and without it (HEN_KERNELS_CPU_L2_DIRECT=0),
+    on random queries, and with every query on a stored pattern (one pair each recomputed)."""
+    q, x, beta = case_inputs(case)
+    on = x[torch.arange(case.B) * 7 % case.N].clone()
 
-COLUMNS = [  # (header, row -> cell)
+    def without(qq):
+        def run():
+            os.environ["HEN_KERNELS_CPU_L2_DIRECT"] = "0"
+            try:
+                return ops.hopfield_update(qq, x, beta, similarity=case.similarity, backend=backend)
+            finally:
+                del os.environ["HEN_KERNELS_CPU_L2_DIRECT"]
+        return run
+
+    fns = {"random": fused_call(q, x, beta, case.similarity, backend), "random_without": without(q),
+           "on_pattern": fused_call(on, x, beta, case.similarity, backend), "on_pattern_without": without(on)}
+    with torch.no_grad():
+        measured = common.time_calls(fns, repeats)
+    ms = {k: _median_ms(v[0]) for k, v in measured.items()}
+    cost = ms["random"] / ms["random_without"] - 1
+    return dict(asdict(case), name=case.name, **{f"{k}_ms": v for k, v in ms.items()}, cost=cost,
+                on_pattern_cost=ms["on_pattern"] / ms["on_pattern_without"] - 1,
+                target=L2_RULE_MAX_COST, met=cost <= L2_RULE_MAX_COST)
+
+
+# --- the report ------------------------------------------------------------------------
+
+PEER_COLS = ("plain", "sdpa", "sdpa_math", "compile")
+
+
+def _peer_cell(r: dict, name: str) -> str:
+    p = r["peers"].get(name)
+    if p is None:
+        return "-"
+    return common.ratio(p["ratio"]) + ("" if p["ok"] else " (WRONG)")
+
+
+def _faiss_cell(r: dict) -> str:
+    p = r["peers"].get("faiss")
+    if p is None or "ms" not in p:
+        return "-"
+    return f"{p['ms']:.2f} ms, top-1 {100 * p['top1_agrees']:.0f}%"
+
+
+def _targets_cell(r: dict) -> str:
+    verdict = {True: "yes", False: "NO", None: "n/a, peer wrong"}
+    return "; ".join(f"{t['peer']} {t['ratio']:.2f}x/{t['target']:.2f}x {verdict[t['met']]}" for t in r["targets"])
+
+
+COLUMNS = [  # (header, row -> cell); first five and last fixed (tests/test_bench.py)
     ("regime", lambda r: r["regime"]),
     ("sim", lambda r: r["similarity"]),
     ("B", lambda r: str(r["B"])),
     ("N", lambda r: str(r["N"])),
     ("D", lambda r: str(r["D"])),
+    ("dtype", lambda r: r["dtype"]),
     ("fused ms", lambda r: num(r["fused_ms"], ".2f")),
-    ("base ms", lambda r: num(r["baseline_ms"], ".2f")),
-    ("fused GFLOP/s", lambda r: num(r["fused_gflops"], ".1f")),
-    ("base GFLOP/s", lambda r: num(r["baseline_gflops"], ".1f")),
-    ("fused GB/s", lambda r: num(r["fused_gbps"], ".2f")),
-    ("base GB/s", lambda r: num(r["baseline_gbps"], ".2f")),
-    ("fused extra MiB", lambda r: num(r["fused_extra_mib"], ".1f")),
-    ("base extra MiB", lambda r: num(r["baseline_extra_mib"], ".1f")),
+    ("GFLOP/s", lambda r: num(r["fused_gflops"], ".1f")),
+    ("GB/s", lambda r: num(r["fused_gbps"], ".2f")),
+    ("of ceiling", lambda r: f"{100 * r['fraction']:.0f}% {'read' if r['ceiling'] == 'read' else 'matmul'}"),
+    ("extra MiB", lambda r: num(r["fused_extra_mib"], ".1f")),
     ("rel err", lambda r: num(r["rel_err"], ".1e")),
-    ("ratio", lambda r: common.ratio(r["ratio"])),
-    ("target", lambda r: ">= " + num(r["target"], ".2f") + "x"),
+] + [(f"vs {p}", (lambda p: lambda r: _peer_cell(r, p))(p)) for p in PEER_COLS] + [
+    ("faiss top-1", _faiss_cell),
+    ("targets (ratio/target)", _targets_cell),
     ("met", lambda r: "yes" if r["met"] else "NO"),
 ]
 
 
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["ceilings"]
+    emulated = m.get("emulated")
     lines = [
-        "# hen_kernels CPU benchmark (docs/design.md §6)",
+        "# hen_kernels CPU benchmark (docs/design.md §6)" + (" — AVX2 EMULATED" if emulated else ""),
         "",
         f"- machine: {m['cpu']} ({m['isa']}), {m['logical_cpus']} logical CPUs, torch {m['torch']} "
-        f"with {m['torch_threads']} threads, Python {m['python']}, load average {m['load_average']} at the start",
-        f"- fused: {m['fused_backend_label']}; baseline: `torch.softmax(beta * sim(X, s), -1) @ X`",
-        f"- float32; median of {report['repeats']} calls after a warm-up"
-        + (" (--quick: N = %d, not the docs/design.md shapes)" % QUICK_N if report["quick"] else ""),
-        f"- ceilings: float32 matmul ({c['matmul_shape'][0]}^3) {c['matmul_gflops']:.1f} GFLOP/s before the "
-        f"cases and {c['matmul_gflops_after']:.1f} after, "
-        f"memory read {c['read_gbps']:.2f} GB/s ({c['read_mib']} MiB sum)",
-        "- GFLOP/s = 4·B·N·D / time; GB/s = bank bytes (N·D·4) / time; extra MiB = peak resident "
-        "memory above the level before the call (VmHWM - VmRSS); ratio = base ms / fused ms",
+        f"with {m['torch_threads']} threads, Python {m['python']}, load average {m['load_average']} at the "
+        f"start and {m.get('load_average_end')} at the end",
+        f"- kernel: {m['cpu_info']}; {m['matrix_units']}"
+        + (f"; EMULATED AVX2-only CPU: {emulated}" if emulated else ""),
+        f"- fused: {m['fused_backend_label']}; peers (ratio = peer ms / fused ms, above 1: fused is faster): "
+        "plain `softmax(beta*sim)@X`, SDPA flash and math backends (l2sq: with the bias -beta/2 |x|^2), "
+        "torch.compile(plain), FAISS exact top-1 (time; how often its top-1 equals top_index)",
+        f"- median of {report['repeats']} interleaved calls after a warm-up"
+        + (f" (--quick: N = {QUICK_N}, not the docs/design.md shapes)" if report["quick"] else "")
+        + "; each output checked against float32 plain PyTorch first (rel err; WRONG: off by more than "
+        + ", ".join(f"{k} {v:g}" for k, v in CHECK_TOL.items()) + ")",
+        f"- ceilings, same run, best of {report['repeats']} calls: float32 matmul ({c['matmul_shape'][0]}^3) {c['matmul_gflops']:.1f} GFLOP/s "
+        f"({c['matmul_gflops_after']:.1f} after the cases), bfloat16 matmul {c['matmul_bf16_gflops']:.1f} "
+        f"GFLOP/s, memory read {c['read_gbps']:.2f} GB/s ({c['read_mib']} MiB sum); recall rows against the "
+        "read ceiling (bank bytes / time), layer and bulk rows against their dtype's matmul",
+        "- GFLOP/s = 4·B·N·D / time; GB/s = bank bytes / time; extra MiB = peak resident memory above the "
+        "level before the call",
         "",
     ]
     lines += common.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in report["rows"]])
     met = sum(r["met"] for r in report["rows"])
-    lines += ["", f"{met} of {len(report['rows'])} rows meet their target."]
+    lines += ["", f"{met} of {len(report['rows'])} rows meet every target."]
+    if report.get("steps"):
+        lines += ["", f"## Multi-step retrieval ({STEPS} steps) against {STEPS} chained calls of each peer", ""]
+        lines += _side_table(report["steps"], ["fused ms", "fused / (5 x one step)"] +
+                             [f"vs {p}" for p in peers.UPDATE_PEERS],
+                             lambda r: [num(r["fused_ms"], ".2f"), num(r["per_step_overhead"], ".2f")] +
+                             [common.ratio(r["peers"][p]["ratio"]) if p in r["peers"] else "-"
+                              for p in peers.UPDATE_PEERS])
+    if report.get("weighted"):
+        lines += ["", "## Weighted similarity (half the features known) against the unweighted kernel", ""]
+        lines += _side_table(report["weighted"], ["weighted ms", "unweighted ms", "cost", "vs plain weighted",
+                                                  "rel err"],
+                             lambda r: [num(r["weighted_ms"], ".2f"), num(r["unweighted_ms"], ".2f"),
+                                        common.ratio(r["cost"]), common.ratio(r["ratio"]),
+                                        num(r["rel_err"], ".1e")])
+    if report.get("l2_rule"):
+        lines += ["", "## docs/design.md §5.1 ℓ2 recompute: the kernel with and without it "
+                  f"(target: at most {100 * L2_RULE_MAX_COST:.0f}% on random data)", ""]
+        lines += _side_table(report["l2_rule"], ["random ms", "without ms", "cost", "on-pattern ms",
+                                                 "without ms ", "cost ", "met"],
+                             lambda r: [num(r["random_ms"], ".2f"), num(r["random_without_ms"], ".2f"),
+                                        f"{100 * r['cost']:+.1f}%", num(r["on_pattern_ms"], ".2f"),
+                                        num(r["on_pattern_without_ms"], ".2f"),
+                                        f"{100 * r['on_pattern_cost']:+.1f}%", "yes" if r["met"] else "NO"])
     if report.get("warning"):
         lines.append("WARNING: " + report["warning"])
     if m["fused_is_reference"]:
@@ -211,33 +399,64 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5) -> dict:
-    """Run every case, print progress and the table, write cpu.json and cpu.md under ``out``."""
+def _side_table(rows: List[dict], headers: List[str], cells) -> List[str]:
+    head = ["regime", "sim", "B", "N", "D", "dtype"]
+    return common.table(head + headers, [[r["regime"], r["similarity"], str(r["B"]), str(r["N"]), str(r["D"]),
+                                          r["dtype"]] + cells(r) for r in rows])
+
+
+def machine(backend: str) -> dict:
+    info = peers.cpu_info()
+    host = common.host()
+    return dict(host, fused_backend=backend, fused_backend_label=backend_label(backend),
+                fused_is_reference=backend == "torch", memory_measured=common.memory_measured(),
+                cpu_info=" ".join(f"{k}={v}" for k, v in info.items()) or "n/a",
+                matrix_units=peers.matrix_units(info, host["isa"]),
+                emulated=", ".join(f"{k}={v}" for k, v in EMULATED_ENV.items() if k != "HEN_BENCH_EMULATED")
+                if os.environ.get("HEN_BENCH_EMULATED") else None)
+
+
+def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_peer: bool = True,
+        side: bool = True) -> dict:
+    """Run every table, print progress and the report, write cpu.json and cpu.md (cpu_avx2.* when emulated)."""
     backend = fused_backend()
     info = machine(backend)
     print(f"hen_kernels bench: {info['cpu']}, torch {info['torch']}, {info['torch_threads']} threads, "
-          f"fused = {info['fused_backend_label']}", flush=True)
+          f"fused = {info['fused_backend_label']}, {info['cpu_info']}", flush=True)
     report = {"machine": info, "quick": quick, "repeats": repeats,
-              "ceilings": measure_ceilings(quick, repeats), "rows": []}
+              "ceilings": peers.measure_ceilings(quick, repeats), "rows": [], "steps": [], "weighted": [],
+              "l2_rule": []}
+    n = QUICK_N if quick else None
     try:
-        for case in cases(QUICK_N if quick else None):
-            r = run_case(case, backend, repeats)
+        for case in cases(n):
+            r = run_case(case, backend, repeats, compile_peer)
             report["rows"].append(r)
-            print(f"  {case.name:<32} fused {r['fused_ms']:9.2f} ms  base {r['baseline_ms']:9.2f} ms  "
-                  f"ratio {r['ratio']:5.2f}x (target {case.target}x: {'met' if r['met'] else 'NOT met'})",
-                  flush=True)
+            print(f"  {case.name:<44} fused {r['fused_ms']:9.2f} ms  " + "  ".join(
+                f"{k} {v['ratio']:.2f}x" for k, v in r["peers"].items() if v.get("ratio")), flush=True)
+        if side:
+            for case in side_cases(n, ("dot",), DTYPES):
+                report["steps"].append(run_steps(case, backend, repeats, compile_peer))
+            if backend == "cpu":
+                for case in side_cases(n, ("dot", "l2"), DTYPES):
+                    report["weighted"].append(run_weighted(case, backend, repeats))
+                for case in side_cases(n, ("l2",), DTYPES):
+                    report["l2_rule"].append(run_l2_rule(case, backend, repeats))
+            print("  side tables done", flush=True)
     finally:
         release_bank()
-    # A kernel that leaves threads spinning (raw OpenMP did, docs/design.md §7) slows every later
-    # torch call, the baselines included; measure the matmul again to catch it.
     c = report["ceilings"]
-    c["matmul_gflops_after"] = after = matmul_gflops(quick, repeats)
+    add_targets(report["rows"], c, peers.cpu_info())
+    # A kernel that leaves threads spinning (raw OpenMP did, docs/design.md §7) slows every later
+    # torch call, the peers included; measure the matmul again to catch it.
+    c["matmul_gflops_after"] = after = peers.matmul_gflops(torch.float32, quick, repeats)
     if max(after, c["matmul_gflops"]) > 2 * min(after, c["matmul_gflops"]):
         report["warning"] = (f"torch matmul ran at {c['matmul_gflops']:.1f} GFLOP/s before the cases and "
                              f"{after:.1f} after: other work on the machine, or a kernel that slows later "
                              "torch calls (raw OpenMP did, docs/design.md §7); the timings are suspect")
+    info["load_average_end"] = common.load_average()
     md = markdown(report)
-    js, mdp = common.write_report(out, "cpu", report, md)
+    name = "cpu_avx2" if info["emulated"] else "cpu"
+    js, mdp = common.write_report(out, name, report, md)
     print("\n" + md + f"\nwrote {js} and {mdp}")
     return report
 
@@ -245,6 +464,18 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     p = common.parser("cpu", __doc__, "cpu.json and cpu.md", f"tiny shapes (N = {QUICK_N}): seconds, for tests",
                       5, "timed calls per measurement, after one warm-up")
+    p.add_argument("--emulate-avx2", action="store_true",
+                   help="run in a child process that sees an AVX2-only CPU; writes cpu_avx2.{json,md}")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer (minutes to compile)")
+    p.add_argument("--no-side", action="store_true", help="only the main table")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for every peer and the kernel (default: torch's own choice)")
     a = p.parse_args(argv)
-    run(a.out, a.quick, a.repeats)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    if a.emulate_avx2 and not os.environ.get("HEN_BENCH_EMULATED"):
+        args = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--emulate-avx2", "cpu")]
+        env = dict(os.environ, **EMULATED_ENV)
+        return subprocess.call([sys.executable, "-m", "hen_kernels.bench", "cpu", *args], env=env)
+    run(a.out, a.quick, a.repeats, not a.no_compile, not a.no_side)
     return 0

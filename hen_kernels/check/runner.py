@@ -21,7 +21,7 @@ import torch
 import hen_kernels as hk
 from hen_kernels import backends, build_info
 from hen_kernels.bench import common
-from hen_kernels.check.cases import CASES, DTYPES, Result, Target, weights_in_api
+from hen_kernels.check.cases import CASES, DTYPES, Result, Target
 
 DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in DTYPES}
 DEVICES = ("cpu", "cuda")
@@ -104,19 +104,14 @@ def targets(only_backends: Optional[Sequence[str]], only_devices: Optional[Seque
             pairs.append((name, device))
     if not torch.cuda.is_available() and (not only_devices or "cuda" in only_devices):
         notes.append("cuda: no CUDA device is visible: nothing was checked on a GPU")
-    if weights_in_api():
-        skip = [n for n, _ in pairs if not backends.BACKENDS[n].takes_weights]
-        if skip:
-            notes.append(f"weights: not checked on {', '.join(sorted(set(skip)))}: the backend does not take them yet")
     return pairs, notes
 
 
 def run_target(t: Target, quick: bool, log=None, only_cases: Optional[Sequence[str]] = None) -> Row:
     row = Row(t.backend, t.device, DTYPE_NAMES[t.dtype])
     start = time.monotonic()
-    takes_weights = backends.BACKENDS[t.backend].takes_weights
     for name, case in CASES:
-        if (name == "weights" and not takes_weights) or (only_cases and name not in only_cases):
+        if only_cases and name not in only_cases:
             continue
         try:
             row.results.extend(case(t, quick))

@@ -1,0 +1,233 @@
+// The tile products written by hand (Gemm::Hand): used where the platform's
+// microkernels are absent (microkernel.h), and for few queries, where a
+// microkernel would pad the queries to a whole vector and a 16-bit one would
+// need the bank tile repacked.  They read the bank rows as stored (float32,
+// bfloat16 or float16, widened in registers).  Included by tile_kernel.cpp inside
+// its instruction-set namespace, after simd.h.
+#pragma once
+
+namespace {
+
+template <DType DT>
+inline vf lf(const char* row, int64_t k) {
+  return load_as_float(DT, row, k);
+}
+template <DType DT>
+inline float sf(const char* row, int64_t k) {
+  return scalar_to_float(DT, row, k);
+}
+
+// --- reducing many accumulators at once ---------------------------------------------
+
+// Folding pairs of vectors (each keeps the sum of its two halves, side by side with
+// its partner's) reduces N accumulators in log2(W) steps; every accumulator goes
+// through the same additions whatever its place, so equal rows get equal sums.
+template <int N>
+struct LaneMap {
+  int acc[(N > W ? N : W)];  // final vectors, lane by lane: whose sum each lane holds
+};
+template <int N>
+constexpr LaneMap<N> fold_map() {
+  int lab[N][W] = {};
+  for (int i = 0; i < N; ++i)
+    for (int l = 0; l < W; ++l) lab[i][l] = i;
+  int n = N;
+  for (int h = W / 2; h >= 1; h /= 2) {
+    const int m = n > 1 ? n / 2 : 1;
+    int next[N][W] = {};
+    for (int i = 0; i < m; ++i) {
+      const int a = n > 1 ? 2 * i : 0, b = n > 1 ? 2 * i + 1 : 0;
+      for (int k = 0; k < W; k += 2 * h)
+        for (int t = 0; t < h; ++t) {
+          next[i][k + t] = lab[a][k + t];
+          next[i][k + h + t] = lab[b][k + t];
+        }
+    }
+    for (int i = 0; i < m; ++i)
+      for (int l = 0; l < W; ++l) lab[i][l] = next[i][l];
+    n = m;
+  }
+  LaneMap<N> r{};
+  for (int i = 0; i < n; ++i)
+    for (int l = 0; l < W; ++l) r.acc[i * W + l] = lab[i][l];
+  return r;
+}
+template <int h, size_t... k>
+constexpr vi fold_lo(std::index_sequence<k...>) {
+  return vi{int((k / h) % 2 == 0 ? (k / (2 * h)) * 2 * h + k % h : W + (k / (2 * h)) * 2 * h + k % h)...};
+}
+template <int h, size_t... k>
+constexpr vi fold_hi(std::index_sequence<k...>) {
+  return vi{int((k / h) % 2 == 0 ? (k / (2 * h)) * 2 * h + h + k % h : W + (k / (2 * h)) * 2 * h + h + k % h)...};
+}
+template <int h>
+inline int fold_step(vf* v, int n) {
+  constexpr vi lo = fold_lo<h>(std::make_index_sequence<W>{});
+  constexpr vi hi = fold_hi<h>(std::make_index_sequence<W>{});
+  const int m = n > 1 ? n / 2 : 1;
+  for (int i = 0; i < m; ++i) {
+    const vf a = v[n > 1 ? 2 * i : 0], b = v[n > 1 ? 2 * i + 1 : 0];
+    v[i] = __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+  }
+  return m;
+}
+
+// out[i] = the sum of the lanes of v[i], for i < N (v is overwritten).
+template <int N>
+inline void reduce_lanes(vf* v, float* out) {
+  static constexpr LaneMap<N> map = fold_map<N>();
+  int n = N;
+  if constexpr (W >= 16) n = fold_step<8>(v, n);
+  if constexpr (W >= 8) n = fold_step<4>(v, n);
+  n = fold_step<2>(v, n);
+  n = fold_step<1>(v, n);
+  for (int i = 0; i < n; ++i)
+    for (int l = 0; l < W; ++l) out[map.acc[i * W + l]] = v[i][l];
+}
+
+// --- scores ---------------------------------------------------------------------------
+
+// Rows per register block for QI queries: QI x RJ accumulators, a power of two.
+template <int QI>
+constexpr int rows_per_block() {
+  return W >= 16 ? (QI == 4 ? 4 : 8) : (QI == 4 ? 2 : QI == 2 ? 4 : 8);
+}
+
+// C[b * ldc + a] = <q_a, x_b> over the whole depth D, for QI queries (float rows of
+// q, stride D) and RJ bank rows of dtype DT (byte stride ldx).
+// With kNorms, also norms[b] = |x_b|² from the same loads (the ℓ2 forms), reduced
+// the way row_norms reduces them.
+template <DType DT, int QI, int RJ, bool kNorms>
+inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, float* c, int64_t ldc,
+                      const char* next, float* norms) {
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  constexpr int64_t line = 64 / (W * es) > 0 ? 64 / (W * es) : 1;  // k-steps per cache line
+  vf acc[QI * RJ];
+  vf nacc[RJ];
+  for (int i = 0; i < QI * RJ; ++i) acc[i] = vf{};
+  for (int b = 0; b < RJ; ++b) nacc[b] = vf{};
+  int64_t k = 0;
+  for (; k + W <= D; k += W) {
+    // The same rows of the next tile towards L2, one line per row every `line` steps:
+    // walking many short rows at once, the hardware prefetchers fall behind.
+    if (next && (k / W) % line == 0)
+      for (int b = 0; b < RJ; ++b) __builtin_prefetch(next + b * ldx + k * es, 0, 2);
+    vf xv[RJ];
+    for (int b = 0; b < RJ; ++b) xv[b] = lf<DT>(x + b * ldx, k);
+    if constexpr (kNorms)
+      for (int b = 0; b < RJ; ++b) nacc[b] += xv[b] * xv[b];
+    for (int a = 0; a < QI; ++a) {
+      vf qv = load(q + a * D + k);
+#if defined(__x86_64__) || defined(__i386__)
+      // Keep qv in a register: GCC would otherwise fold a fresh load into every
+      // FMA, and the load ports, not the FMA units, would set the pace.
+      if constexpr (RJ > 1) asm("" : "+v"(qv));
+#endif
+      for (int b = 0; b < RJ; ++b) acc[a * RJ + b] += qv * xv[b];
+    }
+  }
+  float sums[QI * RJ];
+  reduce_lanes<QI * RJ>(acc, sums);
+  for (int a = 0; a < QI; ++a)
+    for (int b = 0; b < RJ; ++b) {
+      float t = sums[a * RJ + b];
+      for (int64_t kk = k; kk < D; ++kk) t += q[a * D + kk] * sf<DT>(x + b * ldx, kk);
+      c[b * ldc + a] = t;
+    }
+  if constexpr (kNorms) {
+    reduce_lanes<RJ>(nacc, norms);
+    for (int b = 0; b < RJ; ++b)
+      for (int64_t kk = k; kk < D; ++kk) {
+        const float v = sf<DT>(x + b * ldx, kk);
+        norms[b] += v * v;
+      }
+  }
+}
+
+template <DType DT, int QI>
+void dot_rows(const float* q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c, int64_t ldc,
+              const char* next, float* norms) {
+  constexpr int RJ = rows_per_block<QI>();
+  for (int64_t j = 0; j < rows; j += RJ) {
+    const char* nx = next ? next + j * ldx : nullptr;
+    if (norms)
+      dot_block<DT, QI, RJ, true>(q, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, norms + j);
+    else
+      dot_block<DT, QI, RJ, false>(q, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, nullptr);
+  }
+}
+
+// C[j * ldc + i] = <q_i, x_j> for `rows` bank rows (a multiple of 8: a whole tile, so no
+// row is reduced another way) and Q queries (float rows, stride D); `next`: the
+// following tile (same layout) to prefetch, or null; `norms`: where to leave |x_j|², or null.
+template <DType DT>
+void hand_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
+                 int64_t ldc, const char* next = nullptr, float* norms = nullptr) {
+  int64_t i = 0;
+  // Only the first query group prefetches and takes the norms: the others find the tile in cache.
+  auto first = [&](auto p) { return i == 0 ? p : nullptr; };
+  for (; i + 4 <= Q; i += 4) dot_rows<DT, 4>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+  for (; i + 2 <= Q; i += 2) dot_rows<DT, 2>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+  for (; i < Q; ++i) dot_rows<DT, 1>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+}
+
+// --- values ---------------------------------------------------------------------------
+
+// acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows` value rows of dtype DT.
+template <DType DT, int QI>
+void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
+                       float* acc, int64_t ldacc) {
+  constexpr int C = 2;
+  int64_t d = 0;
+  for (; d + C * W <= Dv; d += C * W) {
+    vf a[QI][C];
+    for (int i = 0; i < QI; ++i)
+      for (int c = 0; c < C; ++c) a[i][c] = load(acc + i * ldacc + d + c * W);
+    for (int64_t j = 0; j < rows; ++j) {
+      vf vv[C];
+      for (int c = 0; c < C; ++c) vv[c] = lf<DT>(v + j * ldv, d + c * W);
+      for (int i = 0; i < QI; ++i) {
+        const vf w = splat(p[i * ldp + j]);
+        for (int c = 0; c < C; ++c) a[i][c] += w * vv[c];
+      }
+    }
+    for (int i = 0; i < QI; ++i)
+      for (int c = 0; c < C; ++c) store(acc + i * ldacc + d + c * W, a[i][c]);
+  }
+  for (; d + W <= Dv; d += W) {
+    vf a[QI];
+    for (int i = 0; i < QI; ++i) a[i] = load(acc + i * ldacc + d);
+    for (int64_t j = 0; j < rows; ++j) {
+      const vf vv = lf<DT>(v + j * ldv, d);
+      for (int i = 0; i < QI; ++i) a[i] += splat(p[i * ldp + j]) * vv;
+    }
+    for (int i = 0; i < QI; ++i) store(acc + i * ldacc + d, a[i]);
+  }
+  for (; d < Dv; ++d)
+    for (int i = 0; i < QI; ++i) {
+      float t = acc[i * ldacc + d];
+      for (int64_t j = 0; j < rows; ++j) t += p[i * ldp + j] * sf<DT>(v + j * ldv, d);
+      acc[i * ldacc + d] = t;
+    }
+}
+
+template <DType DT>
+void hand_values(const float* p, int64_t ldp, int64_t Q, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
+                 float* acc) {
+  int64_t i = 0;
+  for (; i + 4 <= Q; i += 4) accumulate_values<DT, 4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv);
+  for (; i + 2 <= Q; i += 2) accumulate_values<DT, 2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv);
+  for (; i < Q; ++i) accumulate_values<DT, 1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv);
+}
+
+// The three dtypes at run time.
+template <typename F>
+void by_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f(std::integral_constant<DType, DType::F32>{}); break;
+    case DType::BF16: f(std::integral_constant<DType, DType::BF16>{}); break;
+    default: f(std::integral_constant<DType, DType::F16>{}); break;
+  }
+}
+
+}  // namespace

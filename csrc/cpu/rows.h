@@ -1,0 +1,114 @@
+// Per-row and per-pair helpers shared by the forward and backward tile kernels
+// (tile_kernel.cpp, backward_kernel.cpp): the direct ℓ2 form, row norms, VNNI
+// packing, padded and widened copies of bank tiles.  Included inside an
+// instruction-set namespace, after simd.h and hand_products.h.
+#pragma once
+
+namespace {
+
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (v.size() < size_t(n)) v.resize(size_t(n));
+  return v.data();
+}
+
+// --- per-pair and per-row helpers ---------------------------------------------------
+
+// sum_d w_d (q_d - x_d)² in float32 from the inputs (w null: unweighted): the ℓ2
+// form that does not cancel near zero (docs/design.md §5.1).
+float direct_sq(const float* q, const float* w, DType xdt, const void* x, int64_t D) {
+  vf acc = vf{};
+  int64_t k = 0;
+  for (; k + W <= D; k += W) {
+    const vf d = load(q + k) - load_as_float(xdt, x, k);
+    acc += w ? load(w + k) * d * d : d * d;
+  }
+  float t = hsum(acc);
+  for (; k < D; ++k) {
+    const float d = q[k] - scalar_to_float(xdt, x, k);
+    t += w ? w[k] * d * d : d * d;
+  }
+  return t;
+}
+
+// out[j] = sum_d x_jd² in float32 for `rows` rows (a multiple of 8) of dtype DT, eight
+// rows at a time, reduced by the same folds whatever a row's place.
+template <DType DT>
+void row_norms(const char* x, int64_t ldx, int64_t rows, int64_t D, float* out) {
+  for (int64_t j = 0; j < rows; j += 8) {
+    vf acc[8];
+    for (int b = 0; b < 8; ++b) acc[b] = vf{};
+    int64_t k = 0;
+    for (; k + W <= D; k += W)
+      for (int b = 0; b < 8; ++b) {
+        const vf v = lf<DT>(x + (j + b) * ldx, k);
+        acc[b] += v * v;
+      }
+    reduce_lanes<8>(acc, out + j);
+    for (int b = 0; b < 8; ++b)
+      for (int64_t kk = k; kk < D; ++kk) {
+        const float v = sf<DT>(x + (j + b) * ldx, kk);
+        out[j + b] += v * v;
+      }
+  }
+}
+
+// sum_d x_d² in float32.
+float sum_sq(DType dt, const void* x, int64_t D) {
+  vf acc = vf{};
+  int64_t k = 0;
+  for (; k + W <= D; k += W) {
+    const vf v = load_as_float(dt, x, k);
+    acc += v * v;
+  }
+  float t = hsum(acc);
+  for (; k < D; ++k) {
+    const float v = scalar_to_float(dt, x, k);
+    t += v * v;
+  }
+  return t;
+}
+
+// Rows r0, r0 + 1 of a 16-bit (K x N) matrix, interleaved: the VNNI layout of microkernel.h.
+void pack_pairs(const uint16_t* r0, const uint16_t* r1, int64_t N, uint32_t* out) {
+  int64_t n = 0;
+#if HEN_ISA_LEVEL >= 3
+  // unpack interleaves within 128-bit lanes; the two permutes put the lanes back in order.
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (; n + 32 <= N; n += 32) {
+    const __m512i a = _mm512_loadu_si512(r0 + n), b = _mm512_loadu_si512(r1 + n);
+    const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+    _mm512_storeu_si512(out + n, _mm512_permutex2var_epi64(lo, first, hi));
+    _mm512_storeu_si512(out + n + 16, _mm512_permutex2var_epi64(lo, second, hi));
+  }
+#endif
+  for (; n + W <= N; n += W) {
+    vh a, b;
+    std::memcpy(&a, r0 + n, sizeof a);
+    std::memcpy(&b, r1 + n, sizeof b);
+    const vu v = __builtin_convertvector(a, vu) | (__builtin_convertvector(b, vu) << 16);
+    std::memcpy(out + n, &v, sizeof v);
+  }
+  for (; n < N; ++n) out[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
+}
+
+// Copy R rows (row stride `stride` elements of `es` bytes) into a dense tile of
+// `rows` rows, zero below R: a tail tile is padded, never computed by another path.
+const char* pad_rows(const char* src, int64_t stride, size_t es, int64_t R, int64_t rows, int64_t cols,
+                     std::vector<float>& buf) {
+  char* d = reinterpret_cast<char*>(grow(buf, int64_t((es * size_t(rows * cols) + 3) / 4)));
+  for (int64_t j = 0; j < R; ++j) std::memcpy(d + es * size_t(j * cols), src + es * size_t(j * stride), es * size_t(cols));
+  std::memset(d + es * size_t(R * cols), 0, es * size_t((rows - R) * cols));
+  return d;
+}
+
+// `rows` rows of dtype dt as float rows.
+float* float_rows(DType dt, const char* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& buf) {
+  float* dst = grow(buf, rows * cols);
+  const size_t es = dt == DType::F32 ? 4 : 2;
+  for (int64_t j = 0; j < rows; ++j) row_to_float(dt, src + es * size_t(j * ld), dst + j * cols, cols);
+  return dst;
+}
+
+}  // namespace

@@ -1,0 +1,238 @@
+// Vector helpers of the tile kernel.  tile_kernel.cpp includes this header
+// inside its instruction-set namespace, after its target pragma, so each copy is
+// compiled for one instruction set (HEN_ISA_LEVEL: 3 AVX-512, 2 AVX2 + FMA + F16C,
+// 1 baseline) and stays private to it.  GCC vector extensions keep the code
+// portable; intrinsics appear only where they say something the extensions
+// cannot (conversions, square roots).
+#pragma once
+
+#ifndef HEN_ISA_LEVEL
+#error "HEN_ISA_LEVEL must be set (tile_kernel.cpp is compiled once per instruction set)"
+#endif
+
+namespace {
+
+#if HEN_ISA_LEVEL >= 3
+constexpr int W = 16;
+#elif HEN_ISA_LEVEL == 2
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// A broadcast (GCC would build `vf{} + x` with a chain of lane inserts).
+inline vf splat(float x) {
+#if HEN_ISA_LEVEL >= 3
+  return _mm512_set1_ps(x);
+#elif HEN_ISA_LEVEL == 2
+  return _mm256_set1_ps(x);
+#elif defined(__SSE2__)
+  return _mm_set1_ps(x);
+#else
+  vf v;
+  for (int i = 0; i < W; ++i) v[i] = x;
+  return v;
+#endif
+}
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+// x as rounded, so that a later operation cannot fuse with it: with -ffp-contract=fast,
+// c * beta - m would become one FMA, one rounding fewer than the pass that found m, and
+// the best row's weight would no longer be exactly 1.
+inline vf rounded(vf x) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+v"(x));
+#elif defined(__aarch64__)
+  asm("" : "+w"(x));
+#else
+  volatile float sink[W];
+  for (int i = 0; i < W; ++i) sink[i] = x[i];
+  for (int i = 0; i < W; ++i) x[i] = sink[i];
+#endif
+  return x;
+}
+inline bool any(vi m) {
+  int r = 0;
+  for (int i = 0; i < W; ++i) r |= m[i];
+  return r != 0;
+}
+// Lanes summed in one fixed order: every caller reduces the same way for every row.
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+inline vf vsqrt(vf x) {
+#if HEN_ISA_LEVEL >= 3
+  return _mm512_sqrt_ps(x);
+#elif HEN_ISA_LEVEL == 2
+  return _mm256_sqrt_ps(x);
+#elif defined(__SSE2__)
+  return _mm_sqrt_ps(x);
+#else
+  for (int i = 0; i < W; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+#endif
+}
+
+// exp for arguments <= 0 (scores minus their running max): Cody-Waite range
+// reduction and a degree-6 polynomial, within 2 ulp; -inf and anything below
+// the float range give 0, NaN stays NaN.
+inline vf exp_nonpositive(vf x) {
+  const vf lo = splat(-87.3f);
+  vi underflow = x < lo;
+  x = underflow ? lo : x;
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = (x * 1.44269504088896341f + magic) - magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf q = splat(1.9875691500e-4f);
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.f;
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return underflow ? vf{} : q * scale;
+}
+
+// --- 16-bit storage -------------------------------------------------------------
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: renormalise
+    int e = -1;
+    do {
+      man <<= 1;
+      ++e;
+    } while (!(man & 0x400));
+    bits = sign | uint32_t(112 - e) << 23 | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float scalar_to_float(DType dt, const void* row, int64_t k) {
+  if (dt == DType::F32) return static_cast<const float*>(row)[k];
+  const uint16_t h = static_cast<const uint16_t*>(row)[k];
+  if (dt == DType::F16) return half_to_float(h);
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// W consecutive elements of a row of dtype dt, as floats.
+inline vf load_as_float(DType dt, const void* row, int64_t k) {
+  if (dt == DType::F32) return load(static_cast<const float*>(row) + k);
+  const uint16_t* s = static_cast<const uint16_t*>(row) + k;
+  if (dt == DType::BF16) {  // (widening with the vector extensions compiles to lane shuffles)
+#if HEN_ISA_LEVEL >= 3
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))), 16));
+#elif HEN_ISA_LEVEL == 2
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))), 16));
+#else
+    vh h;
+    std::memcpy(&h, s, sizeof h);
+    vu bits = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+  }
+#if HEN_ISA_LEVEL >= 3
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+#elif HEN_ISA_LEVEL == 2
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+#else
+  vf f;
+  for (int i = 0; i < W; ++i) f[i] = half_to_float(s[i]);
+  return f;
+#endif
+}
+
+// n elements of a row of dtype dt into floats.
+inline void row_to_float(DType dt, const void* row, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + W <= n; k += W) store(dst + k, load_as_float(dt, row, k));
+  for (; k < n; ++k) dst[k] = scalar_to_float(dt, row, k);
+}
+
+// W floats stored as 16-bit dt, rounded to nearest even (finite and NaN inputs;
+// the weights of the softmax are all this path stores).
+inline void store_16(DType dt, uint16_t* dst, vf v) {
+  if (dt == DType::BF16) {
+    vu bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+#if HEN_ISA_LEVEL >= 3
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(__m512i(bits)));
+#else
+    const vh h = __builtin_convertvector(bits, vh);
+    std::memcpy(dst, &h, sizeof h);
+#endif
+    return;
+  }
+#if HEN_ISA_LEVEL >= 3
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#elif HEN_ISA_LEVEL == 2
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  (void)dst, (void)v;  // the 16-bit products run only with AVX-512 (make_plan)
+  std::abort();
+#endif
+}
+
+// --- W x W transpose in registers -------------------------------------------------
+
+// Swapping the off-diagonal h x h blocks of every 2h x 2h block, for h = W/2 down
+// to 1, transposes the matrix; each swap is one two-input shuffle per row.
+template <int h, size_t... k>
+constexpr vi swap_lo(std::index_sequence<k...>) {
+  return vi{((int(k) & h) == 0 ? int(k) : int(W + k - h))...};
+}
+template <int h, size_t... k>
+constexpr vi swap_hi(std::index_sequence<k...>) {
+  return vi{((int(k) & h) == 0 ? int(k + h) : int(W + k))...};
+}
+template <int h>
+inline void transpose_stage(vf* r) {
+  constexpr vi lo = swap_lo<h>(std::make_index_sequence<W>{});
+  constexpr vi hi = swap_hi<h>(std::make_index_sequence<W>{});
+  for (int i = 0; i < W; ++i) {
+    if (i & h) continue;
+    const vf a = r[i], b = r[i + h];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + h] = __builtin_shuffle(a, b, hi);
+  }
+}
+inline void transpose(vf* r) {
+  if constexpr (W >= 16) transpose_stage<8>(r);
+  if constexpr (W >= 8) transpose_stage<4>(r);
+  transpose_stage<2>(r);
+  transpose_stage<1>(r);
+}
+
+}  // namespace

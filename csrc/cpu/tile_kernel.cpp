@@ -1,0 +1,412 @@
+// The tile kernel of hopfield_cpu.h.  CMake compiles this file once per
+// instruction set (HEN_ISA_NS = avx512 / avx2 / baseline with HEN_ISA_LEVEL 3 / 2 / 1);
+// hopfield_cpu.cpp picks one at run time.  The instruction set comes from the
+// target pragma below, placed after every library header, so that only this
+// file's own functions use it: inline library code instantiated here (std::vector,
+// say) keeps the baseline instruction set, and the linker's one copy of it runs
+// on every CPU.
+//
+// One tile: a query block (up to 64 queries, padded to the vector width W) against
+// one split of the bank, walked in row tiles of plan.row_block rows:
+//   1. scores   C = X_tile . Q^T          (bank rows x queries; brgemm or dot blocks)
+//               ℓ2: d² = |q|²_w + |x|²_w - 2 C, recomputed directly where it cancels
+//   2. softmax  over each column (W queries per vector): max, argmax, exp, sums, and
+//               the weights written transposed, P (queries x rows)
+//   3. values   O += P . V_tile            (brgemm or vector FMAs)
+// Every row is scored by the same operations wherever it sits (tails are padded
+// to a whole tile, never computed by another path), so equal rows score equally
+// and the argmax keeps the first: docs/design.md §5.1.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/hopfield_cpu.h"
+#include "cpu/microkernel.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if !defined(HEN_ISA_NS) || !defined(HEN_ISA_LEVEL)
+#error "HEN_ISA_NS and HEN_ISA_LEVEL name the instruction set this copy is compiled for"
+#endif
+
+// Pragmas take no macros: one literal per instruction set.
+#if HEN_ISA_LEVEL == 3 && defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))), apply_to = function)
+#elif HEN_ISA_LEVEL == 2 && defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#elif HEN_ISA_LEVEL == 3
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+#elif HEN_ISA_LEVEL == 2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+namespace hen {
+namespace HEN_ISA_NS {
+
+#include "cpu/simd.h"
+#include "cpu/hand_products.h"
+#include "cpu/rows.h"
+
+namespace {
+
+// --- the softmax over a score tile held column-wise (rows x queries) -------------------
+
+// The first row of the largest score per lane, over rows visited in increasing
+// order: U independent chains, so that no comparison waits for the previous row's.
+struct ArgMax {
+  static constexpr int U = 4;
+  vf best[U];
+  vi at[U];
+  ArgMax() {
+    for (int u = 0; u < U; ++u) best[u] = splat(kNegInf), at[u] = vi{};
+  }
+  void add(int u, vf s, int32_t j) {
+    const vi up = s > best[u];  // strictly: a tie keeps the earlier row
+    best[u] = up ? s : best[u];
+    at[u] = up ? vi{} + j : at[u];
+  }
+  void merge(vf& b, vi& j) const {
+    b = best[0], j = at[0];
+    for (int u = 1; u < U; ++u) {
+      const vi take = (best[u] > b) | ((best[u] == b) & (at[u] < j));
+      b = take ? best[u] : b;
+      j = take ? at[u] : j;
+    }
+  }
+};
+
+// Scores of rows [0, R) of one column group (score(j, c) from the product c): their
+// max, its first row, and NaN lanes; written back in place when kStore (else the
+// exp pass recomputes them the same way), -inf for the padding rows up to BN.
+template <bool kStore, typename Score>
+inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& score, vf& best, vi& best_j,
+                          vi& nanm) {
+  ArgMax am;
+  vi nm = vi{};
+  int64_t j = 0;
+  for (; j + ArgMax::U <= R; j += ArgMax::U)
+    for (int u = 0; u < ArgMax::U; ++u) {
+      float* cj = c + (j + u) * ldc;
+      const vf s = score(j + u, load(cj));
+      if constexpr (kStore) store(cj, s);
+      am.add(u, s, int32_t(j + u));
+      nm |= s != s;
+    }
+  for (; j < R; ++j) {
+    float* cj = c + j * ldc;
+    const vf s = score(j, load(cj));
+    if constexpr (kStore) store(cj, s);
+    am.add(0, s, int32_t(j));
+    nm |= s != s;
+  }
+  for (; j < BN; ++j) store(c + j * ldc, splat(kNegInf));
+  am.merge(best, best_j);
+  nanm = nm;
+}
+
+// exp(scale * c - msub) for BN rows (a multiple of W) of one column group, written as
+// rows of P (queries x BN rows, float or 16-bit dt) for the `live` queries, W x W
+// blocks transposed in registers; returns the column sums.
+template <typename T>
+inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf msub, int live, T* p, DType dt) {
+  vf acc = vf{};
+  vf e[W];
+  for (int64_t j0 = 0; j0 < BN; j0 += W) {
+    const float* src = c + j0 * ldc;
+#pragma GCC unroll 16
+    for (int jj = 0; jj < W; ++jj, src += ldc) {
+      e[jj] = exp_nonpositive(rounded(load(src) * scale) - msub);  // the scores column_scores saw
+      acc += e[jj];
+    }
+    transpose(e);
+    T* dst = p + j0;
+    if (live == W) {
+#pragma GCC unroll 16
+      for (int i = 0; i < W; ++i, dst += BN) {
+        if constexpr (std::is_same_v<T, float>)
+          store(dst, e[i]);
+        else
+          store_16(dt, dst, e[i]);
+      }
+    } else {
+      for (int i = 0; i < live; ++i, dst += BN) {
+        if constexpr (std::is_same_v<T, float>)
+          store(dst, e[i]);
+        else
+          store_16(dt, dst, e[i]);
+      }
+    }
+  }
+  return acc;
+}
+
+// --- per-thread scratch, grown on demand and reused across tiles ----------------------
+
+struct Scratch {
+  std::vector<float> q, qw, qn, qop, wop, xraw, vraw, xf, vf_, xsq, xn, c1, c2, pf, o, m, l, top;
+  std::vector<uint16_t> q16, p16, vpack;
+  std::vector<int64_t> top_index;
+  std::vector<uint8_t> nan;
+};
+
+}  // namespace
+
+void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Workspace& ws) {
+  thread_local Scratch sc;
+  const int64_t qblocks = plan.query_blocks;
+  const int64_t split = tile % plan.splits;
+  const int64_t qb = (tile / plan.splits) % qblocks;
+  const int64_t l = tile / (plan.splits * qblocks);
+  const int64_t b0 = qb * plan.query_block;
+  const int64_t BM = std::min(plan.query_block, p.B - b0);
+  const int64_t BMp = (BM + W - 1) / W * W;
+  const int64_t n_begin = std::min(p.N, split * plan.rows_per_split);
+  const int64_t n_end = std::min(p.N, n_begin + plan.rows_per_split);
+  const int64_t D = p.D, Dv = p.Dv, BN = plan.row_block;
+  const DType dt = p.dtype;
+  const size_t es = dt == DType::F32 ? 4 : 2;
+  const float beta = p.beta[l];
+  const Similarity sim = p.similarity;
+  const bool l2 = sim != Similarity::Dot;
+  const Product sp = plan.score, vp = plan.value;
+  const float* wts = p.weights ? p.weights + (l * p.B + b0) * D : nullptr;
+  const bool weighted_l2 = l2 && wts;
+  const char* mem = static_cast<const char*>(p.memory) + es * size_t(l * p.memory_lead_stride);
+  const char* val = static_cast<const char*>(p.values) + es * size_t(l * p.values_lead_stride);
+  const char* qsrc = static_cast<const char*>(p.query) + es * size_t(l * p.query_lead_stride + b0 * p.query_row_stride);
+  const bool values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
+                                 p.values_row_stride == p.memory_row_stride && Dv == D;
+
+  // The query block, once per tile: q in float, the product operand qw (w∘q with
+  // weights), |q|²_w, and the B operands of the brgemm score products.
+  float* q = grow(sc.q, BMp * D);
+  for (int64_t i = 0; i < BM; ++i) row_to_float(dt, qsrc + es * size_t(i * p.query_row_stride), q + i * D, D);
+  std::memset(q + BM * D, 0, sizeof(float) * size_t((BMp - BM) * D));
+  const float* qw = q;
+  if (wts) {
+    float* t = grow(sc.qw, BMp * D);
+    for (int64_t i = 0; i < BM * D; ++i) t[i] = wts[i] * q[i];
+    std::memset(t + BM * D, 0, sizeof(float) * size_t((BMp - BM) * D));
+    qw = t;
+  }
+  float* qn = grow(sc.qn, BMp);
+  std::fill(qn, qn + BMp, 0.f);
+  if (l2)
+    for (int64_t i = 0; i < BM; ++i) {
+      const float* qi = q + i * D;
+      if (!wts) {
+        qn[i] = sum_sq(DType::F32, reinterpret_cast<const char*>(qi), D);
+      } else {  // sum_d w_d q_d², the same way for every query
+        const float* wi = wts + i * D;
+        vf acc = vf{};
+        int64_t k = 0;
+        for (; k + W <= D; k += W) acc += load(wi + k) * load(qi + k) * load(qi + k);
+        float t = hsum(acc);
+        for (; k < D; ++k) t += wi[k] * qi[k] * qi[k];
+        qn[i] = t;
+      }
+    }
+  const float* qop = nullptr;
+  const float* wop = nullptr;
+  const uint16_t* q16 = nullptr;
+  if (sp == Product::Vnni) {  // (D/2, BMp, 2): the VNNI image of Q^T, straight from the 16-bit query rows
+    uint16_t* t = grow(sc.q16, D * BMp);
+    std::memset(t, 0, 2 * size_t(D * BMp));
+    for (int64_t i = 0; i < BM; ++i) {
+      const uint16_t* r = reinterpret_cast<const uint16_t*>(qsrc + es * size_t(i * p.query_row_stride));
+      for (int64_t k = 0; k < D; ++k) t[(k / 2) * BMp * 2 + i * 2 + (k & 1)] = r[k];
+    }
+    q16 = t;
+  } else if (sp == Product::F32) {  // (D, BMp): Q^T in float
+    float* t = grow(sc.qop, D * BMp);
+    for (int64_t k = 0; k < D; ++k)
+      for (int64_t i = 0; i < BMp; ++i) t[k * BMp + i] = qw[i * D + k];
+    qop = t;
+    if (weighted_l2) {
+      float* u = grow(sc.wop, D * BMp);
+      for (int64_t k = 0; k < D; ++k)
+        for (int64_t i = 0; i < BMp; ++i) u[k * BMp + i] = i < BM ? wts[i * D + k] : 0.f;
+      wop = u;
+    }
+  }
+
+  float* o = grow(sc.o, BMp * Dv);
+  std::fill(o, o + BM * Dv, 0.f);
+  float* m = grow(sc.m, BMp);
+  float* lsum = grow(sc.l, BMp);
+  float* top = grow(sc.top, BMp);
+  int64_t* top_index = grow(sc.top_index, BMp);
+  uint8_t* nan = grow(sc.nan, BMp);
+  std::fill(m, m + BMp, kNegInf);
+  std::fill(lsum, lsum + BMp, 0.f);
+  std::fill(top, top + BMp, kNegInf);
+  std::fill(top_index, top_index + BMp, int64_t(-1));
+  std::fill(nan, nan + BMp, uint8_t(0));
+
+  float* c1 = grow(sc.c1, BN * BMp);
+  float* c2 = weighted_l2 ? grow(sc.c2, BN * BMp) : nullptr;
+  float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
+  // P in the value product's A operand: 16-bit for VNNI, else float.
+  float* pf = vp == Product::Vnni ? nullptr : grow(sc.pf, BMp * BN);
+  uint16_t* p16 = vp == Product::Vnni ? grow(sc.p16, BMp * BN) : nullptr;
+  const float neg_half_beta = -0.5f * beta;
+  // Float rows for the float32 brgemm products of 16-bit inputs (the inputs themselves when float32).
+  const bool float_tiles = sp == Product::F32 || vp == Product::F32;
+
+  for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
+    const int64_t R = std::min(BN, n_end - r0);
+    // The bank tile as stored (xr, row stride ldr in elements of dt), padded to BN
+    // rows at the tail; xf: the same rows in float where a float32 product needs them.
+    const char* xr = mem + es * size_t(r0 * p.memory_row_stride);
+    int64_t ldr = p.memory_row_stride;
+    if (R < BN) xr = pad_rows(xr, ldr, es, R, BN, D, sc.xraw), ldr = D;
+    const float* xf = reinterpret_cast<const float*>(xr);
+    int64_t ldf = ldr;
+    if (float_tiles && dt != DType::F32) xf = float_rows(dt, xr, ldr, BN, D, sc.xf), ldf = D;
+    auto xrow = [&](int64_t j) { return xr + es * size_t(j * ldr); };
+
+    // 1. Score products: C1 = X . (w∘q)^T, and for weighted ℓ2 C2 = (X∘X) . w^T.
+    if (sp == Product::Vnni) {
+      mk::gemm_vnni(dt, BN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), q16, c1);
+    } else if (sp == Product::F32) {
+      mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
+    } else {
+      // The next tile of this split, where it is a whole one read as stored.
+      const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
+      by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qw, BM, D, xr, int64_t(es) * ldr, BN, c1, BMp, next, xn); });
+      for (int64_t j = 0; j < BN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
+    }
+    if (xn && sp != Product::Hand)  // (the hand-written product left them already)
+      by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, BN, D, xn); });
+    if (weighted_l2) {
+      float* xsq = grow(sc.xsq, BN * D);
+      for (int64_t j = 0; j < BN; ++j) {
+        float* t = xsq + j * D;
+        row_to_float(dt, xrow(j), t, D);
+        for (int64_t k = 0; k < D; ++k) t[k] *= t[k];
+      }
+      if (sp == Product::F32) {
+        mk::gemm_f32(BN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
+      } else {
+        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * D, BN, c2, BMp);
+        for (int64_t j = 0; j < BN; ++j) std::fill(c2 + j * BMp + BM, c2 + (j + 1) * BMp, 0.f);
+      }
+    }
+
+    // 2. Softmax over each column, W queries per vector.
+    for (int64_t g = 0; g < BMp; g += W) {
+      const int live = int(std::min<int64_t>(W, BM - g));  // real queries in this group
+      float* cg = c1 + g;
+      vf best;
+      vi best_j, nanm;
+      if (!l2) {
+        const vf vb = splat(beta);
+        // The exp pass recomputes c * beta: no score tile is written back.
+        column_scores<false>(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j, nanm);
+      } else {
+        const vf vq = load(qn + g);
+        auto score = [&](int64_t j, vf c) {
+          // docs/design.md §5.1: d² from the products, recomputed directly where it may have cancelled.
+          const vf sum = vq + (wts ? load(c2 + j * BMp + g) : splat(xn[j]));
+          vf d2 = sum - 2.f * c;
+          const vi flag = d2 < splat(kL2DirectBelow) * sum;
+          if (plan.l2_direct && any(flag))
+            for (int i = 0; i < live; ++i)
+              if (flag[i]) d2[i] = direct_sq(q + (g + i) * D, wts ? wts + (g + i) * D : nullptr, dt, xrow(j), D);
+          d2 = d2 < vf{} ? vf{} : d2;  // rounding may leave a tiny negative; NaN stays NaN
+          return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
+        };
+        column_scores<true>(cg, BMp, R, BN, score, best, best_j, nanm);
+      }
+      const vf m_old = load(m + g);
+      const vf m_new = vmax(m_old, best);
+      const vf msub = m_new == splat(kNegInf) ? vf{} : m_new;  // nothing finite yet: weights 0
+      const vf scale = splat(l2 ? 1.f : beta);  // the stored ℓ2 scores, or the dot products again
+      const vf sum = p16 ? column_weights(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt)
+                          : column_weights(cg, BMp, BN, scale, msub, live, pf + g * BN, dt);
+      const vf rescale = exp_nonpositive(m_old - msub);
+      store(lsum + g, load(lsum + g) * rescale + sum);
+      store(m + g, m_new);
+      for (int i = 0; i < live; ++i) {
+        if (rescale[i] != 1.f) {
+          float* oi = o + (g + i) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) oi[d] *= rescale[i];
+        }
+        if (best[i] > top[g + i]) {  // strictly: an earlier row keeps a tie
+          top[g + i] = best[i];
+          top_index[g + i] = p.offset + r0 + best_j[i];
+        }
+        nan[g + i] |= nanm[i] != 0;
+      }
+    }
+
+    // 3. Value products: O += P . V, V the same tile when values are the memory.
+    const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
+    int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
+    if (!values_are_memory && R < BN) vr = pad_rows(vr, ldvr, es, R, BN, Dv, sc.vraw), ldvr = Dv;
+    constexpr int64_t kValueChunk = 512;  // output columns per product: the C block stays in L2
+    if (vp == Product::Vnni) {
+      uint32_t* packed = reinterpret_cast<uint32_t*>(grow(sc.vpack, BN * Dv));
+      for (int64_t j = 0; j < BN; j += 2)
+        pack_pairs(reinterpret_cast<const uint16_t*>(vr + es * size_t(j * ldvr)),
+                   reinterpret_cast<const uint16_t*>(vr + es * size_t((j + 1) * ldvr)), Dv, packed + (j / 2) * Dv);
+      for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
+        mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), BN, BN, Dv, Dv, true, p16, sc.vpack.data() + 2 * c0,
+                      o + c0);
+    } else if (vp == Product::F32) {
+      const float* vf32 = reinterpret_cast<const float*>(vr);
+      int64_t ldv = ldvr;
+      if (values_are_memory) {
+        vf32 = xf, ldv = ldf;
+      } else if (dt != DType::F32) {
+        vf32 = float_rows(dt, vr, ldvr, BN, Dv, sc.vf_), ldv = Dv;
+      }
+      for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
+        mk::gemm_f32(BM, std::min(kValueChunk, Dv - c0), BN, BN, ldv, Dv, true, pf, vf32 + c0, o + c0);
+    } else {
+      by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o); });
+    }
+  }
+  if (sp == Product::Vnni || vp == Product::Vnni) mk::release_vnni();
+
+  // Leave the result: final when the bank is not split, else unnormalised for combine().
+  for (int64_t i = 0; i < BM; ++i) {
+    const int64_t row = l * p.B + b0 + i;
+    const float* a = o + i * Dv;
+    const float s = nan[i] ? NAN : lsum[i];
+    if (plan.splits == 1) {
+      const float inv = s > 0.f ? 1.f / s : (std::isnan(s) ? NAN : 0.f);
+      float* out = p.out + row * Dv;
+      for (int64_t d = 0; d < Dv; ++d) out[d] = a[d] * inv;
+      p.lse[row] = s > 0.f ? m[i] + std::log(s) : (std::isnan(s) ? NAN : kNegInf);
+      p.top_score[row] = top[i];
+      p.top_index[row] = top_index[i];
+    } else {
+      const int64_t slot = (l * plan.splits + split) * p.B + b0 + i;
+      std::memcpy(ws.acc + slot * Dv, a, size_t(Dv) * 4);
+      ws.max[slot] = m[i];
+      ws.sum[slot] = s;
+      ws.top_score[slot] = top[i];
+      ws.top_index[slot] = top_index[i];
+    }
+  }
+}
+
+}  // namespace HEN_ISA_NS
+}  // namespace hen
+
+#if HEN_ISA_LEVEL >= 2 && defined(__clang__)
+#pragma clang attribute pop
+#elif HEN_ISA_LEVEL >= 2
+#pragma GCC pop_options
+#endif

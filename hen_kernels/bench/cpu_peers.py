@@ -1,0 +1,197 @@
+"""What the CPU table compares the fused kernel with, and the machine's ceilings.
+
+Each peer is what an engineer choosing a CPU library would reach for, written
+the way its documentation suggests, in the inputs' dtype:
+
+* ``plain``: ``softmax(beta * sim(X, s)) @ X``, matmul, softmax, matmul, with the
+  B x N scores in memory (the ℓ2 forms from the expansion |s|² + |x|² - 2 s.x);
+* ``sdpa`` / ``sdpa_math``: ``scaled_dot_product_attention`` with keys = values = X,
+  on its fused CPU flash kernel (oneDNN brgemm, AMX where present) and on the math
+  backend; ``l2sq`` is SDPA with the additive bias -beta/2 |x|² (the -|s|²/2 term
+  is constant per query and drops out of the softmax); ``l2`` it cannot express;
+* ``compile``: ``torch.compile`` of ``plain`` (compiled once per shape, untimed);
+* ``faiss``: FAISS exact top-1 (``IndexFlatIP`` for dot, ``IndexFlatL2`` for the ℓ2
+  forms), the beta -> infinity limit of recall: a float32 index (16-bit banks are
+  widened), timed on the search alone.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import common
+from .common import MIB
+
+Fn = Callable[[], torch.Tensor]
+
+# Peers by similarity (SDPA cannot express l2; FAISS gives a top-1, not an update).
+PEERS = {
+    "dot": ("plain", "sdpa", "sdpa_math", "compile", "faiss"),
+    "l2sq": ("plain", "sdpa", "sdpa_math", "compile", "faiss"),
+    "l2": ("plain", "compile", "faiss"),
+}
+UPDATE_PEERS = ("plain", "sdpa", "sdpa_math", "compile")  # peers that return the updated state
+
+
+def plain_scores(q: torch.Tensor, x: torch.Tensor, similarity: str) -> torch.Tensor:
+    """sim(x_n, s_b) as a user would write it, in the inputs' dtype."""
+    dots = q @ x.transpose(-1, -2)
+    if similarity == "dot":
+        return dots
+    sq = (q * q).sum(-1, keepdim=True) + (x * x).sum(-1) - 2 * dots
+    return -0.5 * sq if similarity == "l2sq" else -sq.clamp_min(0).sqrt()
+
+
+def plain(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str) -> torch.Tensor:
+    return torch.softmax(beta * plain_scores(q, x, similarity), -1) @ x
+
+
+def plain_weighted(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str, w: torch.Tensor) -> torch.Tensor:
+    """The weighted similarity of docs/design.md §4 written plainly (float32 weights)."""
+    qf, xf = q.float(), x.float()
+    if similarity == "dot":
+        s = (qf * w) @ xf.T
+    else:
+        sq = (w * qf * qf).sum(-1, keepdim=True) + w @ (xf * xf).T - 2 * (w * qf) @ xf.T
+        s = -0.5 * sq if similarity == "l2sq" else -sq.clamp_min(0).sqrt()
+    return (torch.softmax(beta * s, -1) @ xf).to(q.dtype)
+
+
+_COMPILED: Dict[tuple, Callable] = {}
+
+
+def compiled(similarity: str, q: torch.Tensor, x: torch.Tensor) -> Callable:
+    """torch.compile(plain) for this similarity and these shapes and dtype.  Dynamo keeps one
+    cache per code object with a recompile limit (8): past it, it would silently run eager,
+    so each new case starts from a reset."""
+    key = (similarity, tuple(q.shape), tuple(x.shape), q.dtype)
+    if key not in _COMPILED:
+        torch._dynamo.reset()
+        _COMPILED.clear()
+        _COMPILED[key] = torch.compile(lambda q, x, beta: plain(q, x, beta, similarity), dynamic=False)
+    return _COMPILED[key]
+
+
+def _sdpa(backend) -> Callable:
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, x, beta, mask):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q[None, None], x[None, None], x[None, None], attn_mask=mask,
+                                                  scale=beta)[0, 0]
+    return run
+
+
+def l2sq_bias(x: torch.Tensor, beta: float, b: int) -> torch.Tensor:
+    """-beta/2 |x|², broadcast over the queries (expanded, not copied), in x's dtype."""
+    return (-0.5 * beta * (x.float() ** 2).sum(-1)).to(x.dtype).expand(1, 1, b, x.shape[0])
+
+
+class FaissTop1:
+    """An exact FAISS index over one bank, searched for the top-1 row of each query."""
+
+    def __init__(self, x: torch.Tensor, similarity: str):
+        import faiss  # imported here: an optional dependency
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        self.index = (faiss.IndexFlatIP if similarity == "dot" else faiss.IndexFlatL2)(x.shape[1])
+        self.index.add(x.float().numpy())
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        _, idx = self.index.search(q.float().numpy(), 1)
+        return torch.from_numpy(idx[:, 0])
+
+
+def faiss_unavailable() -> Optional[str]:
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:
+        return f"faiss is not installed ({e}); pip install faiss-cpu"
+    return None
+
+
+def peer_callables(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str,
+                   which: Tuple[str, ...], faiss_index: Optional[FaissTop1]) -> Dict[str, Fn]:
+    """Zero-argument calls of the peers in ``which`` on these inputs (the update, or for faiss a top-1)."""
+    from torch.nn.attention import SDPBackend
+
+    mask = l2sq_bias(x, beta, q.shape[0]) if similarity == "l2sq" else None
+    fns: Dict[str, Fn] = {}
+    for name in which:
+        if name == "plain":
+            fns[name] = lambda: plain(q, x, beta, similarity)
+        elif name == "sdpa":
+            run = _sdpa(SDPBackend.FLASH_ATTENTION)
+            fns[name] = lambda run=run: run(q, x, beta, mask)
+        elif name == "sdpa_math":
+            run = _sdpa(SDPBackend.MATH)
+            fns[name] = lambda run=run: run(q, x, beta, mask)
+        elif name == "compile":
+            fn = compiled(similarity, q, x)
+            fns[name] = lambda fn=fn: fn(q, x, beta)
+        elif name == "faiss" and faiss_index is not None:
+            fns[name] = lambda: faiss_index(q)
+    return fns
+
+
+# --- the machine's ceilings, measured in the same run --------------------------------
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` calls after a warm-up: a ceiling is what the machine can do
+    (on a loaded machine a median would report the load instead)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_gflops(dtype: torch.dtype, quick: bool, repeats: int) -> float:
+    n = 512 if quick else 2048
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def measure_ceilings(quick: bool, repeats: int) -> dict:
+    """float32 and bfloat16 matmul GFLOP/s and memory read GB/s (a sum over a buffer larger than the
+    caches), each the best of its calls."""
+    buf = torch.randn((16 if quick else 512) * MIB // 4)
+    t_rd = best_seconds(buf.sum, repeats)
+    n = 512 if quick else 2048
+    return {"matmul_gflops": matmul_gflops(torch.float32, quick, repeats),
+            "matmul_bf16_gflops": matmul_gflops(torch.bfloat16, quick, repeats),
+            "matmul_shape": [n, n, n], "read_gbps": buf.numel() * 4 / t_rd / 1e9,
+            "read_mib": buf.numel() * 4 // MIB}
+
+
+def cpu_info() -> Dict[str, str]:
+    """The kernel's own report (hen_kernels::cpu_info): isa, products, 16-bit VNNI, OpenMP."""
+    try:
+        return dict(item.split("=", 1) for item in torch.ops.hen_kernels.cpu_info().split())
+    except (AttributeError, RuntimeError):
+        return {}
+
+
+def matrix_units(info: Dict[str, str], isa_flags: str) -> str:
+    """Which units the 16-bit products run on, in words, for the table's header."""
+    if info.get("vnni_bf16") != "1":
+        return "no 16-bit matrix instructions used (bf16 widened to float32 products)"
+    unit = "AMX" if "amx_bf16" in isa_flags.split() else "AVX-512 BF16"
+    return f"bf16 products on {unit} (oneDNN brgemm, VNNI operands)"
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    d = want.norm().item()
+    e = (got.double() - want).norm().item()
+    return e / d if d else e
+
+
+def finite(v: float) -> Optional[float]:
+    return v if v is not None and math.isfinite(v) else None

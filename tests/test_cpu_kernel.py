@@ -1,0 +1,289 @@
+"""The CPU kernel's own paths (csrc/cpu/): every product engine and instruction set against float64,
+and the numerics of docs/design.md §5.1 (ℓ2 near stored patterns, ties, weights) in the tiles.
+
+tests/test_kernels.py holds the automatic choice to the reference; here
+``hen_kernels::partial_with_plan_hints`` forces each path on this one machine:
+the brgemm microkernels (16-bit on AMX / AVX-512 BF16 where the CPU has them),
+the hand-written products, and the AVX-512, AVX2 and baseline copies of the tile kernel.
+"""
+import math
+
+import pytest
+import torch
+
+import hen_kernels as hk
+from hen_kernels import backends, reference
+
+from .conftest import SIMILARITIES, TOLERANCE, make, rel_err, require
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend():
+    require("cpu")
+
+
+def info():
+    return dict(item.split("=") for item in torch.ops.hen_kernels.cpu_info().split())
+
+
+ISAS = {"avx512": 3, "avx2": 2, "baseline": 1}
+
+
+def kernels(full_only=False):
+    """Plan-hint strings for the paths this machine can run: the planner's mix (hand-written
+    products for few queries, microkernels beyond), and each kind of product forced, on
+    the best instruction set; with ``full_only=False`` also on every lower one."""
+    if backends.BACKENDS["cpu"].unavailable_reason is not None:
+        return ["auto"]  # every test skips, saying why
+    best = info()["cpu_isa"]
+    gemms = ["auto", "brgemm", "hand"] if info()["gemm"] == "brgemm" else ["hand"]
+    paths = [f"{g}:{best}" for g in gemms]
+    if not full_only:
+        paths += [f"{g}:{isa}" for g in gemms for isa, level in ISAS.items() if level < ISAS[best]]
+    return paths
+
+
+def hinted(q, x, beta, sim, kernel, values=None, weights=None, offset=0, query_block=0, splits=0):
+    """One Partial through the op with the planner's choices forced; q (B, D), x (N, D)."""
+    v = x if values is None else values
+    w = None if weights is None else weights[None]
+    out, lse, ts, ti = torch.ops.hen_kernels.partial_with_plan_hints(
+        q[None], x[None], v[None], torch.tensor([float(beta)]), hk.constants.SIMILARITY_CODES[sim], offset, w,
+        kernel, query_block, splits)
+    return hk.Partial(out[0], lse[0], ts[0], ti[0])
+
+
+def ref64(q, x, beta, sim, values=None, weights=None, offset=0):
+    v = None if values is None else values.double()
+    return reference.partial(q.double(), x.double(), beta, sim, v, offset, weights)
+
+
+def direct64(q, x, beta, sim):
+    """The Partial from sum_d (x_d - q_d)² taken term by term in float64 (B x N x D: small cases):
+    exact at zero distance, where even the reference's float64 expansion leaves ~1e-8 under the root."""
+    q, x = q.double(), x.double()
+    d2 = ((x.unsqueeze(0) - q.unsqueeze(1)) ** 2).sum(-1)
+    t = beta * (-d2.sqrt() if sim == "l2" else -0.5 * d2)
+    lse = torch.logsumexp(t, -1)
+    top_score, top_index = t.max(-1)
+    return hk.Partial(torch.exp(t - lse[:, None]) @ x, lse, top_score, top_index)
+
+
+def check(p, ref, dtype):
+    tol = TOLERANCE[dtype]
+    assert not torch.isnan(p.out).any()
+    assert rel_err(p.out, ref.out) <= tol
+    # lse near 0 (a query on its pattern at large beta: log(1 + tiny)) is a float32 rounding
+    # of 1 away from exact, so lse and top_score are held to tol * max(|ref|, 1).
+    assert torch.all((p.lse.double() - ref.lse).abs() <= tol * ref.lse.abs().clamp_min(1))
+    assert torch.all((p.top_score.double() - ref.top_score).abs() <= tol * ref.top_score.abs().clamp_min(1))
+    margin = (p.top_score.double() - ref.top_score).abs() <= tol * ref.top_score.abs().clamp_min(1)
+    assert torch.all((p.top_index == ref.top_index) | margin)
+
+
+def test_cpu_info_names_the_paths():
+    i = info()
+    assert i["isa"] in ISAS and i["cpu_isa"] in ISAS and ISAS[i["isa"]] <= ISAS[i["cpu_isa"]]
+    assert i["gemm"] in ("brgemm", "hand")
+    assert i["vnni_bf16"] in ("0", "1") and i["vnni_f16"] in ("0", "1")
+
+
+SHAPES = [(1, 1, 1), (3, 17, 3), (17, 300, 64), (1, 513, 130), (70, 257, 17), (5, 70, 300), (2, 130, 1030)]
+LOWER_ISA_SHAPES = [(3, 17, 3), (17, 300, 64), (5, 70, 300)]
+DTYPES3 = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def lower_isa_paths():
+    return [k for k in kernels() if k not in kernels(full_only=True)]
+
+
+@pytest.mark.parametrize("kernel", kernels(full_only=True))
+@pytest.mark.parametrize("dtype", DTYPES3, ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d-N%d-D%d" % s)
+def test_every_path_matches_float64(kernel, dtype, sim, shape):
+    check_shape(kernel, dtype, sim, shape)
+
+
+@pytest.mark.parametrize("kernel", lower_isa_paths() or ["auto"])
+@pytest.mark.parametrize("dtype", DTYPES3, ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+@pytest.mark.parametrize("shape", LOWER_ISA_SHAPES, ids=lambda s: "B%d-N%d-D%d" % s)
+def test_lower_instruction_sets_match_float64(kernel, dtype, sim, shape):
+    """The AVX2 and baseline copies of the tile kernel, as a machine without AVX-512 runs them."""
+    if kernel not in lower_isa_paths():
+        pytest.skip("no lower instruction set than this CPU's baseline")
+    check_shape(kernel, dtype, sim, shape)
+
+
+def check_shape(kernel, dtype, sim, shape):
+    b, n, d = shape
+    q, x = make((b, d), dtype, 1), make((n, d), dtype, 2)
+    for level in (1e-3, 1.0, 4.0):
+        beta = level if sim == "l2" else level / math.sqrt(d)
+        check(hinted(q, x, beta, sim, kernel), ref64(q, x, beta, sim), dtype)
+
+
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim):
+    b, n, d, dv = 37, 700, 48, 11
+    q, x, v = make((b, d), dtype, 3), make((n, d), dtype, 4), make((n, dv), dtype, 5)
+    w = make((b, d), torch.float32, 6).abs()
+    w[0, : d // 2] = 0  # a query that knows only half its pattern
+    beta = 0.7 if sim == "l2" else 1.0 / math.sqrt(d)
+    for weights in (None, w):
+        ref = ref64(q, x, beta, sim, v, weights, offset=9)
+        for qb, splits in ((0, 0), (5, 3), (64, 7)):
+            p = hinted(q, x, beta, sim, kernel, v, weights, offset=9, query_block=qb, splits=splits)
+            check(p, ref, dtype)
+
+
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("sim", SIMILARITIES)
+def test_identical_rows_tie_to_the_smallest_index_anywhere(kernel, sim):
+    """docs/design.md §5.1: one score per row whatever its place in a tile, split or chunk."""
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(1, 16, generator=g)
+    q = row + 0.1 * torch.randn(40, 16, generator=g)
+    x = torch.randn(600, 16, generator=g) * 0.01  # far from every query: the repeated row wins
+    pos = torch.tensor([3, 64, 65, 200, 255, 256, 299, 511, 599])
+    x[pos] = row
+    beta = 1.0
+    want = torch.full((40,), 3)
+    for splits in (0, 1, 5):
+        p = hinted(q, x, beta, sim, kernel, splits=splits)
+        assert torch.equal(p.top_index, want)
+    # Chunks of any size, merged: the same scores, the same first row.
+    whole = hinted(q, x, beta, sim, kernel)
+    for size in (70, 64, 1, 299):
+        parts = [hinted(q, x[lo:lo + size], beta, sim, kernel, offset=lo) for lo in range(0, 600, size)]
+        merged = hk.merge_partials(parts)
+        assert torch.equal(merged.top_index, want)
+        assert torch.equal(merged.top_score, whole.top_score)
+    # Only the repeated rows: every score equal, bit for bit, and row 0 wins.
+    only = row.repeat(300, 1)
+    p = hinted(q, only, beta, sim, kernel)
+    assert torch.equal(p.top_index, torch.zeros(40, dtype=torch.int64))
+    parts = [hinted(q, only[lo:lo + 70], beta, sim, kernel, offset=lo) for lo in range(0, 300, 70)]
+    assert all(torch.equal(part.top_score, p.top_score) for part in parts)
+    assert torch.equal(hk.merge_partials(parts).top_index, p.top_index)
+
+
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", ["l2", "l2sq"])
+def test_l2_near_and_far_from_the_origin(kernel, dtype, sim):
+    """Queries on, next to and far from stored patterns, and a bank far from the origin (issue 13)."""
+    tol = TOLERANCE[dtype]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 64, generator=g).to(dtype)
+    near = (x[:8].float() + 1e-3 * torch.randn(8, 64, generator=g)).to(dtype)
+    for q in (x[:8], near, torch.randn(8, 64, generator=g).to(dtype)):
+        for beta in (0.3, 30.0):
+            check(hinted(q, x, beta, sim, kernel), direct64(q, x, beta, sim), dtype)
+    # A bank around 1e4 with patterns 0.1 apart and queries within 1e-3 of one of them.
+    centre = 1e4 * torch.randn(1, 64, generator=g) / 8
+    far = (centre + 0.1 * torch.randn(50, 64, generator=g)).float()
+    qf = far[[3, 17, 40]] + 1e-3 * torch.randn(3, 64, generator=g)
+    beta = 1e3 if sim == "l2" else 1e4
+    p = hinted(qf, far, beta, sim, kernel)
+    assert torch.equal(p.top_index, torch.tensor([3, 17, 40]))
+    ref = direct64(qf, far, beta, sim)
+    assert rel_err(p.out, ref.out) <= 1e-5
+    assert (p.lse.double() - ref.lse).abs().max() <= 1e-3 * ref.lse.abs().max().clamp_min(1)
+
+
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+def test_hard_retrieval_is_exact_on_every_path(kernel, dtype, sim):
+    """At large beta the best row's weight is exactly 1 and the rest underflow: out is the pattern."""
+    x = make((300, 64), dtype, 13)
+    rows = torch.tensor([0, 17, 299, 150, 64, 255])
+    q = (x[rows].float() + 0.05 * make((6, 64), torch.float32, 14)).to(dtype)
+    for beta in (1e2, 1e4):
+        p = hinted(q, x, beta, sim, kernel)
+        assert torch.equal(p.top_index, rows)
+        assert torch.equal(p.out, x[rows].float())
+
+
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("sim", SIMILARITIES)
+def test_nan_query_stays_in_its_lane(kernel, sim):
+    q, x = make((20, 40), torch.float32, 15), make((500, 40), torch.float32, 16)
+    clean = hinted(q, x, 0.2, sim, kernel, splits=3)
+    bad = q.clone()
+    bad[2, 7] = float("nan")
+    p = hinted(bad, x, 0.2, sim, kernel, splits=3)
+    keep = torch.arange(20) != 2
+    assert torch.equal(p.out[keep], clean.out[keep]) and torch.equal(p.lse[keep], clean.lse[keep])
+    assert torch.isnan(p.out[2]).all() and torch.isnan(p.lse[2])
+
+
+def test_hints_are_checked_by_name():
+    q, x = torch.randn(2, 8), torch.randn(5, 8)
+    for bad in ("fast", "brgemm:avx9", "hand:", "portable"):
+        with pytest.raises(ValueError, match="partial_with_plan_hints"):
+            hinted(q, x, 1.0, "dot", bad)
+
+
+def test_automatic_choice_sends_weights_to_the_cpu_kernel(monkeypatch):
+    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    q, x = torch.randn(3, 8), torch.randn(20, 8)
+    inp = hk.validation.check_inputs(q, x, 1.0, "dot", weights=torch.ones(3, 8))
+    assert backends.resolve(None, inp).name == "cpu"
+
+
+# --- the backward op (hen_kernels::cpu_partial_backward) ------------------------------------
+
+def grads64(q, x, v, beta, sim, dout, dlse, weights=None):
+    """(dq, dx, dv, dbeta) of <out, dout> + <lse, dlse> through the reference, in float64."""
+    q64, x64, v64 = (t.detach().double().requires_grad_() for t in (q, x, v))
+    b64 = beta.detach().double().requires_grad_()
+    p = reference.partial(q64, x64, b64, sim, v64, weights=weights)
+    loss = (p.out * dout.double()).sum() + (p.lse * dlse.double()).sum()
+    return torch.autograd.grad(loss, (q64, x64, v64, b64))
+
+
+def backward_op(q, x, v, beta, sim, dout, dlse, weights=None):
+    """The op on (L, B, D) inputs, with out and lse from the forward op."""
+    code = hk.constants.SIMILARITY_CODES[sim]
+    out, lse, _, _ = torch.ops.hen_kernels.partial(q, x, v, beta, code, 0, weights)
+    return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse, code, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-bank", "own-bank"])
+def test_backward_op_matches_float64_autograd(dtype, sim, weighted, shared):
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    L, B, N, D, Dv = 2, 37, 300, 24, 11
+    q = make((L, B, D), dtype, 1)
+    x = make((1 if shared else L, N, D), dtype, 2)
+    v = make((1 if shared else L, N, Dv), dtype, 3)
+    beta = torch.tensor([0.3, 0.7]) if sim == "l2" else torch.tensor([0.2, 0.1])
+    w = make((L, B, D), torch.float32, 4).abs() if weighted else None
+    dout, dlse = make((L, B, Dv), torch.float32, 5), make((L, B), torch.float32, 6)
+    got = backward_op(q, x, v, beta, sim, dout, dlse, w)
+    want = grads64(q, x, v, beta, sim, dout, dlse, w)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, g, r in zip(("dq", "dx", "dv", "dbeta"), got, want):
+        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        assert rel_err(g, r) <= tol, (name, rel_err(g, r))
+
+
+def test_backward_op_with_values_being_the_memory_and_many_splits():
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    q, x = make((1, 70, 33), torch.float32, 7), make((1, 2000, 33), torch.float32, 8)
+    beta = torch.tensor([0.15])
+    dout, dlse = make((1, 70, 33), torch.float32, 9), make((1, 70), torch.float32, 10)
+    for sim in SIMILARITIES:
+        got = backward_op(q, x, x, beta, sim, dout, dlse)
+        want = grads64(q, x, x, beta, sim, dout, dlse)  # x and v the same tensor: dx and dv apart
+        for g, r in zip(got, want):
+            assert rel_err(g, r) <= 1e-4
