@@ -1,5 +1,5 @@
 // The backward tile kernel of hopfield_cpu.h, compiled once per instruction set
-// like tile_kernel.cpp (same target pragmas, same shared headers).
+// like tile_kernel.cpp (cpu/isa_begin.h, the same shared headers).
 //
 // One tile: one leading index of the bank (all leading indices when it is shared)
 // and one split of its rows.  For each query block, each row tile of the split:
@@ -27,22 +27,7 @@
 #include <immintrin.h>
 #endif
 
-#if !defined(HEN_ISA_NS) || !defined(HEN_ISA_LEVEL)
-#error "HEN_ISA_NS and HEN_ISA_LEVEL name the instruction set this copy is compiled for"
-#endif
-
-// Pragmas take no macros: one literal per instruction set (as in tile_kernel.cpp).
-#if HEN_ISA_LEVEL == 3 && defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))), apply_to = function)
-#elif HEN_ISA_LEVEL == 2 && defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#elif HEN_ISA_LEVEL == 3
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-#elif HEN_ISA_LEVEL == 2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+#include "cpu/isa_begin.h"
 
 namespace hen {
 namespace HEN_ISA_NS {
@@ -279,8 +264,4 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
 }  // namespace HEN_ISA_NS
 }  // namespace hen
 
-#if HEN_ISA_LEVEL >= 2 && defined(__clang__)
-#pragma clang attribute pop
-#elif HEN_ISA_LEVEL >= 2
-#pragma GCC pop_options
-#endif
+#include "cpu/isa_end.h"

@@ -1,10 +1,7 @@
 // The tile kernel of hopfield_cpu.h.  CMake compiles this file once per
 // instruction set (HEN_ISA_NS = avx512 / avx2 / baseline with HEN_ISA_LEVEL 3 / 2 / 1);
-// hopfield_cpu.cpp picks one at run time.  The instruction set comes from the
-// target pragma below, placed after every library header, so that only this
-// file's own functions use it: inline library code instantiated here (std::vector,
-// say) keeps the baseline instruction set, and the linker's one copy of it runs
-// on every CPU.
+// hopfield_cpu.cpp picks one at run time; cpu/isa_begin.h says how the instruction
+// set reaches this file's functions only.
 //
 // One tile: a query block (up to 64 queries, padded to the vector width W) against
 // one split of the bank, walked in row tiles of plan.row_block rows:
@@ -33,22 +30,7 @@
 #include <immintrin.h>
 #endif
 
-#if !defined(HEN_ISA_NS) || !defined(HEN_ISA_LEVEL)
-#error "HEN_ISA_NS and HEN_ISA_LEVEL name the instruction set this copy is compiled for"
-#endif
-
-// Pragmas take no macros: one literal per instruction set.
-#if HEN_ISA_LEVEL == 3 && defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))), apply_to = function)
-#elif HEN_ISA_LEVEL == 2 && defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#elif HEN_ISA_LEVEL == 3
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-#elif HEN_ISA_LEVEL == 2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+#include "cpu/isa_begin.h"
 
 namespace hen {
 namespace HEN_ISA_NS {
@@ -405,8 +387,4 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
 }  // namespace HEN_ISA_NS
 }  // namespace hen
 
-#if HEN_ISA_LEVEL >= 2 && defined(__clang__)
-#pragma clang attribute pop
-#elif HEN_ISA_LEVEL >= 2
-#pragma GCC pop_options
-#endif
+#include "cpu/isa_end.h"

@@ -135,19 +135,22 @@ def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], No
 Measured = Dict[str, Tuple[List[float], Optional[int]]]
 
 
-def time_calls(fns: Dict[str, Callable[[], object]], repeats: int, device: Optional[torch.device] = None) -> Measured:
+def time_calls(fns: Dict[str, Callable[[], object]], repeats: int, device: Optional[torch.device] = None,
+               warm_up: bool = True) -> Measured:
     """Per name: (seconds per timed call, peak extra bytes or None).
 
     Extra bytes are the peak above the level before the call: on the CPU the
     resident set (VmHWM reset, VmRSS before, VmHWM after, all outside the
-    timer); on a CUDA device the allocator's peak.
+    timer); on a CUDA device the allocator's peak.  ``warm_up=False`` when the
+    caller has just called each function (a check of its answer, say).
     """
     if device is not None and device.type == "cuda":
         return _time_calls_cuda(fns, repeats)
     # Calls take turns, so that a change in machine load hits all of them alike; the
     # heap is trimmed after the warm-ups so that buffers they freed count again.
-    for fn in fns.values():
-        fn()
+    if warm_up:
+        for fn in fns.values():
+            fn()
     trim_heap()
     times: Dict[str, List[float]] = {k: [] for k in fns}
     extra: Dict[str, List[int]] = {k: [] for k in fns}
