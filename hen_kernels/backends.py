@@ -10,6 +10,7 @@ never name a kernel: they reach a backend through :func:`resolve`.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.machinery
 import os
@@ -190,10 +191,16 @@ def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, we
     return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_brgemm() -> bool:
+    """Whether the built CPU kernel has ATen's brgemm (fixed for the process: asked once)."""
+    return "gemm=brgemm" in torch.ops.hen_kernels.cpu_info().split()
+
+
 def _cpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """The fused C++ backward (csrc/cpu/backward_kernel.cpp, on brgemm) where the build has it,
     else the streaming path."""
-    if "gemm=brgemm" in torch.ops.hen_kernels.cpu_info():
+    if _cpu_has_brgemm():
         return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse,
                                                       SIMILARITY_CODES[similarity], weights)
     return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)

@@ -2,9 +2,9 @@
 
 tests/test_kernels.py, tests/test_autograd.py and tests/test_properties.py mark a
 (backend, feature) case listed here as a strict xfail: it must fail, and fail by
-an assertion, so a kernel that starts to pass turns the run red until its engineer deletes the entry, and a
-typo in a test is not mistaken for a pending kernel.  Delete an entry in the same
-change that makes the kernel follow the rule.
+an assertion, so a kernel that starts to pass turns the run red until its engineer
+deletes the entry, and a typo in a test is not mistaken for a pending kernel.
+Delete an entry in the same change that makes the kernel follow the rule.
 
 Features:
   l2_near    "l2" with queries on, next to and far from stored patterns, at the dtype tolerances
