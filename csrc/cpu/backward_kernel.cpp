@@ -197,14 +197,8 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
               s = c;
             } else {
               const vf sum = vq + (wts ? load(c2 + j * BMp + gq) : splat(xn[j]));
-              vf d2 = sum - 2.f * c;
-              const vi flag = d2 < splat(kL2DirectBelow) * sum;
-              if (any(flag))
-                for (int i = 0; i < live; ++i)
-                  if (flag[i])
-                    d2[i] = direct_sq(q + (gq + i) * D, wts ? wts + (gq + i) * D : nullptr, DType::F32,
-                                      xf + j * ldf, D);
-              d2 = d2 < vf{} ? vf{} : d2;
+              const vf d2 = l2_distance_sq(sum, c, true, live, q + gq * D, wts ? wts + gq * D : nullptr, D,
+                                           DType::F32, xf + j * ldf);
               s = sim == Similarity::L2 ? -vsqrt(d2) : splat(-0.5f) * d2;
             }
             const vf pj = exp_nonpositive(rounded(vb * s) - vl);

@@ -17,6 +17,55 @@ inline float sf(const char* row, int64_t k) {
   return scalar_to_float(DT, row, k);
 }
 
+// --- bfloat16 pairs ---------------------------------------------------------------
+
+// 2W bfloat16 elements k.. of a row as W 32-bit words: a bfloat16 is the top half of
+// its float, so one shift and one mask widen the even and the odd elements (half the
+// loads and shuffles of widening W at a time).  Sums over pairs keep this order.
+inline void load_bf16_pairs(const char* row, int64_t k, vf& even, vf& odd) {
+  vu u;
+  std::memcpy(&u, row + 2 * k, sizeof u);
+  const vu e = u << 16, o = u & 0xffff0000u;
+  std::memcpy(&even, &e, sizeof even);
+  std::memcpy(&odd, &o, sizeof odd);
+}
+template <size_t... k>
+constexpr vi even_lanes(std::index_sequence<k...>) {
+  return vi{int(2 * k)...};
+}
+template <size_t... k>
+constexpr vi lanes_interleaved(int from, std::index_sequence<k...>) {
+  return vi{int((k % 2 ? W : 0) + from + k / 2)...};
+}
+// (a, b) = 2W consecutive floats -> their even and odd elements, and back.
+inline void deinterleave(vf a, vf b, vf& even, vf& odd) {
+  constexpr vi ev = even_lanes(std::make_index_sequence<W>{});
+  even = __builtin_shuffle(a, b, ev);
+  odd = __builtin_shuffle(a, b, ev + 1);
+}
+inline void interleave(vf even, vf odd, vf& a, vf& b) {
+  constexpr vi lo = lanes_interleaved(0, std::make_index_sequence<W>{});
+  constexpr vi hi = lanes_interleaved(W / 2, std::make_index_sequence<W>{});
+  a = __builtin_shuffle(even, odd, lo);
+  b = __builtin_shuffle(even, odd, hi);
+}
+// Float rows (stride D) with each whole 2W block split into its even then its odd
+// elements, the rest copied: the query operand of the bfloat16 pair products.
+inline void split_pairs(const float* q, int64_t rows, int64_t D, float* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* r = q + i * D;
+    float* o = out + i * D;
+    int64_t k = 0;
+    for (; k + 2 * W <= D; k += 2 * W) {
+      vf e, od;
+      deinterleave(load(r + k), load(r + k + W), e, od);
+      store(o + k, e);
+      store(o + k + W, od);
+    }
+    for (; k < D; ++k) o[k] = r[k];
+  }
+}
+
 // --- reducing many accumulators at once ---------------------------------------------
 
 // Folding pairs of vectors (each keeps the sum of its two halves, side by side with
@@ -94,7 +143,8 @@ constexpr int rows_per_block() {
 }
 
 // C[b * ldc + a] = <q_a, x_b> over the whole depth D, for QI queries (float rows of
-// q, stride D) and RJ bank rows of dtype DT (byte stride ldx).
+// q, stride D; for bfloat16 banks as split_pairs leaves them) and RJ bank rows of
+// dtype DT (byte stride ldx).
 // With kNorms, also norms[b] = |x_b|² from the same loads (the ℓ2 forms), reduced
 // the way row_norms reduces them.
 template <DType DT, int QI, int RJ, bool kNorms>
@@ -107,6 +157,24 @@ inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, flo
   for (int i = 0; i < QI * RJ; ++i) acc[i] = vf{};
   for (int b = 0; b < RJ; ++b) nacc[b] = vf{};
   int64_t k = 0;
+  if constexpr (DT == DType::BF16) {  // q split by split_pairs
+    constexpr int64_t pline = 64 / (4 * W) > 0 ? 64 / (4 * W) : 1;
+    for (; k + 2 * W <= D; k += 2 * W) {
+      if (next && (k / (2 * W)) % pline == 0)
+        for (int b = 0; b < RJ; ++b) __builtin_prefetch(next + b * ldx + k * es, 0, 2);
+      vf xe[RJ], xo[RJ];
+      for (int b = 0; b < RJ; ++b) load_bf16_pairs(x + b * ldx, k, xe[b], xo[b]);
+      if constexpr (kNorms)
+        for (int b = 0; b < RJ; ++b) nacc[b] += xe[b] * xe[b] + xo[b] * xo[b];
+      for (int a = 0; a < QI; ++a) {
+        vf qe = load(q + a * D + k), qo = load(q + a * D + k + W);
+#if defined(__x86_64__) || defined(__i386__)
+        if constexpr (RJ > 1) asm("" : "+v"(qe), "+v"(qo));
+#endif
+        for (int b = 0; b < RJ; ++b) acc[a * RJ + b] += qe * xe[b] + qo * xo[b];
+      }
+    }
+  }
   for (; k + W <= D; k += W) {
     // The same rows of the next tile towards L2, one line per row every `line` steps:
     // walking many short rows at once, the hardware prefetchers fall behind.
@@ -163,6 +231,12 @@ void dot_rows(const float* q, int64_t D, const char* x, int64_t ldx, int64_t row
 template <DType DT>
 void hand_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
                  int64_t ldc, const char* next = nullptr, float* norms = nullptr) {
+  if constexpr (DT == DType::BF16) {
+    thread_local std::vector<float> split;
+    if (split.size() < size_t(Q * D)) split.resize(size_t(Q * D));
+    split_pairs(q, Q, D, split.data());
+    q = split.data();
+  }
   int64_t i = 0;
   // Only the first query group prefetches and takes the norms: the others find the tile in cache.
   auto first = [&](auto p) { return i == 0 ? p : nullptr; };
@@ -174,11 +248,48 @@ void hand_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ld
 // --- values ---------------------------------------------------------------------------
 
 // acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows` value rows of dtype DT.
+// Output vectors per pass for QI queries: enough independent FMA chains (QI x C >= 8)
+// to cover the FMA latency, within the register file (32 vectors on AVX-512, 16 below).
+template <int QI>
+constexpr int value_columns() {
+  return W >= 16 ? (QI == 4 ? 4 : 8) : (QI == 4 ? 2 : 4);
+}
+
 template <DType DT, int QI>
 void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
                        float* acc, int64_t ldacc) {
-  constexpr int C = 2;
+  constexpr int C = value_columns<QI>();
   int64_t d = 0;
+  if constexpr (DT == DType::BF16) {  // the same sums over j, widened in pairs
+    constexpr int H = C / 2;          // 2W-column blocks per pass
+    for (; d + C * W <= Dv; d += C * W) {
+      vf e[QI][H], od[QI][H];
+      for (int i = 0; i < QI; ++i)
+        for (int h = 0; h < H; ++h) {
+          const float* a = acc + i * ldacc + d + 2 * h * W;
+          deinterleave(load(a), load(a + W), e[i][h], od[i][h]);
+        }
+      for (int64_t j = 0; j < rows; ++j) {
+        vf ve[H], vo[H];
+        for (int h = 0; h < H; ++h) load_bf16_pairs(v + j * ldv, d + 2 * h * W, ve[h], vo[h]);
+        for (int i = 0; i < QI; ++i) {
+          const vf w = splat(p[i * ldp + j]);
+          for (int h = 0; h < H; ++h) {
+            e[i][h] += w * ve[h];
+            od[i][h] += w * vo[h];
+          }
+        }
+      }
+      for (int i = 0; i < QI; ++i)
+        for (int h = 0; h < H; ++h) {
+          float* a = acc + i * ldacc + d + 2 * h * W;
+          vf lo, hi;
+          interleave(e[i][h], od[i][h], lo, hi);
+          store(a, lo);
+          store(a + W, hi);
+        }
+    }
+  }
   for (; d + C * W <= Dv; d += C * W) {
     vf a[QI][C];
     for (int i = 0; i < QI; ++i)

@@ -31,6 +31,28 @@ float direct_sq(const float* q, const float* w, DType xdt, const void* x, int64_
   return t;
 }
 
+// The lanes of d2 that `flag` marks, for lanes i < live, recomputed directly: query
+// rows q + i * D (weights w + i * D, or null) against the bank row x.  Out of line:
+// rare, and its loop would keep the caller's score lambda from being inlined.
+__attribute__((noinline)) vf recompute_flagged(vf d2, vi flag, int live, const float* q, const float* w, int64_t D,
+                                              DType xdt, const void* x) {
+  for (int i = 0; i < live; ++i)
+    if (flag[i]) d2[i] = direct_sq(q + i * D, w ? w + i * D : nullptr, xdt, x, D);
+  return d2;
+}
+
+// docs/design.md §5.1 for W query lanes against one bank row: d² = sum - 2c from the
+// products (sum = |q|²_w + |x|²_w), recomputed directly where it may have cancelled
+// (when `recompute`), and never below 0 (rounding may leave a tiny negative; NaN stays NaN).
+inline vf l2_distance_sq(vf sum, vf c, bool recompute, int live, const float* q, const float* w, int64_t D,
+                         DType xdt, const void* x) {
+  vf d2 = sum - 2.f * c;
+  const vi flag = d2 < splat(kL2DirectBelow) * sum;
+  if (recompute && any(flag)) [[unlikely]]
+    d2 = recompute_flagged(d2, flag, live, q, w, D, xdt, x);
+  return d2 < vf{} ? vf{} : d2;
+}
+
 // out[j] = sum_d x_jd² in float32 for `rows` rows (a multiple of 8) of dtype DT, eight
 // rows at a time, reduced by the same folds whatever a row's place.
 template <DType DT>
@@ -39,6 +61,13 @@ void row_norms(const char* x, int64_t ldx, int64_t rows, int64_t D, float* out) 
     vf acc[8];
     for (int b = 0; b < 8; ++b) acc[b] = vf{};
     int64_t k = 0;
+    if constexpr (DT == DType::BF16)  // in pairs, as dot_block takes them
+      for (; k + 2 * W <= D; k += 2 * W)
+        for (int b = 0; b < 8; ++b) {
+          vf e, o;
+          load_bf16_pairs(x + (j + b) * ldx, k, e, o);
+          acc[b] += e * e + o * o;
+        }
     for (; k + W <= D; k += W)
       for (int b = 0; b < 8; ++b) {
         const vf v = lf<DT>(x + (j + b) * ldx, k);

@@ -62,10 +62,18 @@ inline vf rounded(vf x) {
 #endif
   return x;
 }
+// Whether any lane of a comparison's result is set: one mask test (a lane-by-lane
+// loop compiles to a chain of extracts, paid at every score vector).
 inline bool any(vi m) {
+#if HEN_ISA_LEVEL >= 3
+  return _mm512_test_epi32_mask(__m512i(m), __m512i(m)) != 0;
+#elif HEN_ISA_LEVEL == 2
+  return !_mm256_testz_si256(__m256i(m), __m256i(m));
+#else
   int r = 0;
   for (int i = 0; i < W; ++i) r |= m[i];
   return r != 0;
+#endif
 }
 // Lanes summed in one fixed order: every caller reduces the same way for every row.
 inline float hsum(vf v) {

@@ -297,15 +297,10 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
         column_scores<false>(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j, nanm);
       } else {
         const vf vq = load(qn + g);
-        auto score = [&](int64_t j, vf c) {
-          // docs/design.md §5.1: d² from the products, recomputed directly where it may have cancelled.
+        const float* wg = wts ? wts + g * D : nullptr;
+        auto score = [&](int64_t j, vf c) __attribute__((always_inline)) {
           const vf sum = vq + (wts ? load(c2 + j * BMp + g) : splat(xn[j]));
-          vf d2 = sum - 2.f * c;
-          const vi flag = d2 < splat(kL2DirectBelow) * sum;
-          if (plan.l2_direct && any(flag))
-            for (int i = 0; i < live; ++i)
-              if (flag[i]) d2[i] = direct_sq(q + (g + i) * D, wts ? wts + (g + i) * D : nullptr, dt, xrow(j), D);
-          d2 = d2 < vf{} ? vf{} : d2;  // rounding may leave a tiny negative; NaN stays NaN
+          const vf d2 = l2_distance_sq(sum, c, plan.l2_direct, live, q + g * D, wg, D, dt, xrow(j));
           return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
         };
         column_scores<true>(cg, BMp, R, BN, score, best, best_j, nanm);
