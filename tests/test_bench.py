@@ -53,6 +53,15 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
                 assert 0 <= p["top1_agrees"] <= 1
             else:
                 assert p["ok"] == (p["rel_err"] <= bench.CHECK_TOL[case.dtype])
+        # 16-bit rows time the kernel's own float32 call in the same rounds, and the target uses it.
+        if case.dtype != "float32":
+            own = r["own_fp32_ms"]
+            assert math.isfinite(own) and own > 0
+            for target in r["targets"]:
+                if target["peer"] == "own fp32":
+                    assert math.isclose(target["ratio"], own / t, rel_tol=1e-9)
+        else:
+            assert "own_fp32_ms" not in r
         for target in r["targets"]:
             assert target["met"] in (True, False, None)
         assert r["met"] == all(x["met"] is not False for x in r["targets"])
