@@ -247,7 +247,13 @@ void hand_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ld
 
 // --- values ---------------------------------------------------------------------------
 
-// acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows` value rows of dtype DT.
+// acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows` value rows of dtype DT;
+// `next`: the following tile of value rows (same layout) to prefetch, or null.
+// Bytes [from, to) of a row towards L2, a line at a time.
+inline void prefetch_span(const char* row, int64_t from, int64_t to) {
+  for (int64_t off = from; off < to; off += 64) __builtin_prefetch(row + off, 0, 2);
+}
+
 // Output vectors per pass for QI queries: enough independent FMA chains (QI x C >= 8)
 // to cover the FMA latency, within the register file (32 vectors on AVX-512, 16 below).
 template <int QI>
@@ -257,8 +263,9 @@ constexpr int value_columns() {
 
 template <DType DT, int QI>
 void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
-                       float* acc, int64_t ldacc) {
+                       float* acc, int64_t ldacc, const char* next = nullptr) {
   constexpr int C = value_columns<QI>();
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   int64_t d = 0;
   if constexpr (DT == DType::BF16) {  // the same sums over j, widened in pairs
     constexpr int H = C / 2;          // 2W-column blocks per pass
@@ -270,6 +277,7 @@ void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, 
           deinterleave(load(a), load(a + W), e[i][h], od[i][h]);
         }
       for (int64_t j = 0; j < rows; ++j) {
+        if (next) prefetch_span(next + j * ldv, 2 * d, 2 * (d + C * W));
         vf ve[H], vo[H];
         for (int h = 0; h < H; ++h) load_bf16_pairs(v + j * ldv, d + 2 * h * W, ve[h], vo[h]);
         for (int i = 0; i < QI; ++i) {
@@ -295,6 +303,7 @@ void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, 
     for (int i = 0; i < QI; ++i)
       for (int c = 0; c < C; ++c) a[i][c] = load(acc + i * ldacc + d + c * W);
     for (int64_t j = 0; j < rows; ++j) {
+      if (next) prefetch_span(next + j * ldv, es * d, es * (d + C * W));
       vf vv[C];
       for (int c = 0; c < C; ++c) vv[c] = lf<DT>(v + j * ldv, d + c * W);
       for (int i = 0; i < QI; ++i) {
@@ -324,11 +333,12 @@ void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, 
 
 template <DType DT>
 void hand_values(const float* p, int64_t ldp, int64_t Q, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
-                 float* acc) {
+                 float* acc, const char* next = nullptr) {
   int64_t i = 0;
-  for (; i + 4 <= Q; i += 4) accumulate_values<DT, 4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv);
-  for (; i + 2 <= Q; i += 2) accumulate_values<DT, 2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv);
-  for (; i < Q; ++i) accumulate_values<DT, 1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv);
+  auto first = [&](auto p) { return i == 0 ? p : nullptr; };
+  for (; i + 4 <= Q; i += 4) accumulate_values<DT, 4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
+  for (; i + 2 <= Q; i += 2) accumulate_values<DT, 2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
+  for (; i < Q; ++i) accumulate_values<DT, 1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
 }
 
 // The three dtypes at run time.

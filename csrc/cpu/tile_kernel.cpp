@@ -351,7 +351,10 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
         mk::gemm_f32(BM, std::min(kValueChunk, Dv - c0), BN, BN, ldv, Dv, true, pf, vf32 + c0, o + c0);
     } else {
-      by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o); });
+      // The next value tile towards L2 again, spread over this pass: prefetching in the score
+      // pass alone leaves the memory idle here (measured: 3-19 % faster recall with both).
+      const char* vnext = r0 + 2 * BN <= n_end ? vr + es * size_t(BN * ldvr) : nullptr;
+      by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext); });
     }
   }
   if (sp == Product::Vnni || vp == Product::Vnni) mk::release_vnni();
