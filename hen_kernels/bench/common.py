@@ -136,13 +136,18 @@ Measured = Dict[str, Tuple[List[float], Optional[int]]]
 
 
 def time_calls(fns: Dict[str, Callable[[], object]], repeats: int, device: Optional[torch.device] = None,
-               warm_up: bool = True) -> Measured:
+               warm_up: bool = True, rewarm: bool = False) -> Measured:
     """Per name: (seconds per timed call, peak extra bytes or None).
 
     Extra bytes are the peak above the level before the call: on the CPU the
     resident set (VmHWM reset, VmRSS before, VmHWM after, all outside the
     timer); on a CUDA device the allocator's peak.  ``warm_up=False`` when the
     caller has just called each function (a check of its answer, say).
+    ``rewarm``: every timed CPU call comes right after an untimed call of the same
+    function, so each finds the caches and thread pools as it leaves them, not as
+    the previous function did (a peer streaming half a GiB evicts a layer-sized
+    bank that the call after it then reads from memory, and the call after that
+    one finds it cached).
     """
     if device is not None and device.type == "cuda":
         return _time_calls_cuda(fns, repeats)
@@ -156,6 +161,9 @@ def time_calls(fns: Dict[str, Callable[[], object]], repeats: int, device: Optio
     extra: Dict[str, List[int]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if rewarm:
+                del_out = fn()
+                del del_out
             ok = reset_peak()
             before = proc_kib("VmRSS")
             t0 = time.perf_counter()
