@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -129,6 +130,21 @@ WorkspaceTensors make_workspace(const Prepared& r, int64_t splits) {
   return w;
 }
 
+// Tiles handed out one at a time from a shared counter, not in fixed ranges: on a
+// shared machine one core often runs slower for a while, and a fixed split leaves the
+// other waiting at the end.  Results do not depend on who ran a tile (each writes its
+// own slot; combine merges the slots in a fixed order).
+template <typename F>
+void for_each_tile(int64_t tiles, F&& run) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(std::min<int64_t>(at::get_num_threads(), tiles), 1);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tiles;
+         t = next.fetch_add(1, std::memory_order_relaxed))
+      run(t);
+  });
+}
+
 PartialResult run_cpu(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& values,
                       const at::Tensor& beta, int64_t similarity, int64_t offset,
                       const std::optional<at::Tensor>& weights, const hen::PlanHints& hints) {
@@ -142,9 +158,7 @@ PartialResult run_cpu(const at::Tensor& query, const at::Tensor& memory, const a
       TORCH_CHECK_VALUE(false, "hen_kernels::partial: ", e.what());
     }
     const WorkspaceTensors w = make_workspace(r, plan.splits);
-    at::parallel_for(0, plan.tiles(p), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) hen::run_tile(p, plan, t, w.ws);
-    });
+    for_each_tile(plan.tiles(p), [&](int64_t t) { hen::run_tile(p, plan, t, w.ws); });
     if (plan.splits > 1) {
       at::parallel_for(0, p.L * p.B, 16, [&](int64_t begin, int64_t end) { hen::combine(p, plan, begin, end, w.ws); });
     }
@@ -233,9 +247,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   at::Tensor dq = at::zeros({plan.splits, p.L, p.B, p.D}, opts), dbeta = at::zeros({plan.splits, p.L}, opts);
   b.dq = dq.data_ptr<float>(), b.dbeta = dbeta.data_ptr<float>();
   b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
-  at::parallel_for(0, plan.tiles(b), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) hen::run_backward_tile(b, plan, t);
-  });
+  for_each_tile(plan.tiles(b), [&](int64_t t) { hen::run_backward_tile(b, plan, t); });
   return {dq.sum(0), dx, dv, dbeta.sum(0)};
 }
 
