@@ -141,6 +141,10 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   const char* direct = std::getenv("HEN_KERNELS_CPU_L2_DIRECT");
   plan.l2_direct = !(direct && std::strcmp(direct, "0") == 0);
 
+  // The 16-bit P of the VNNI value product, rounded by the CPU's own conversion where it has one.
+  plan.native_bf16 = plan.value == Product::Vnni && p.dtype == DType::BF16 && plan.isa == Isa::Avx512 &&
+                     mk::cpu_has_avx512_bf16();
+
   const int64_t B = std::max<int64_t>(p.B, 1);
   plan.query_block = std::min<int64_t>(B, hints.query_block > 0 ? hints.query_block : 64);
   // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).

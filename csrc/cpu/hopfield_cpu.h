@@ -49,6 +49,7 @@ struct Plan {
   Product score;           // S^T = X_tile . Q^T
   Product value;           // O += P . V_tile
   bool l2_direct;          // docs/design.md §5.1 recompute (off only to measure its cost)
+  bool native_bf16;        // bfloat16 P by AVX-512 BF16's own conversion (the CPU has it)
   int64_t query_block;     // queries sharing one pass over a bank tile
   int64_t row_block;       // bank rows per tile: fixed per (D, dtype, products), never by N
   int64_t splits;          // bank splits per query block (1: no workspace, no combine)

@@ -33,6 +33,9 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t
 // right.  Decided once per process.
 bool vnni_available(DType dt);
 
+// Whether this CPU has AVX-512 BF16 (its float-to-bfloat16 conversion among others).
+bool cpu_has_avx512_bf16();
+
 // C (+)= A . B with A and B 16-bit of type dt and C float32.  B is in the VNNI
 // layout: element (k, n) of the logical K x N matrix at B[(k / 2) * ldb * 2 + n * 2 + k % 2]
 // (pairs of consecutive k side by side), K even.

@@ -27,16 +27,22 @@ constexpr bool kX86 = false;
 
 // CPUID leaf 7 (read directly: older compilers' __builtin_cpu_supports lacks these
 // names).  Whether the OS lets oneDNN use them is what the probe below finds out.
-bool cpu_has_16bit_matrix(DType dt) {
+struct Leaf7 {
+  bool amx_bf16 = false, avx512_fp16 = false, avx512_bf16 = false, amx_fp16 = false;
+};
+Leaf7 leaf7() {
+  Leaf7 f;
 #if defined(__x86_64__) && defined(__GNUC__)
   unsigned a0, b0, c0, d0, a1, b1, c1, d1;
-  if (!__get_cpuid_count(7, 0, &a0, &b0, &c0, &d0) || !__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) return false;
-  const bool amx_bf16 = d0 >> 22 & 1, avx512_fp16 = d0 >> 23 & 1, avx512_bf16 = a1 >> 5 & 1, amx_fp16 = a1 >> 21 & 1;
-  return dt == DType::BF16 ? amx_bf16 || avx512_bf16 : amx_fp16 || avx512_fp16;
-#else
-  (void)dt;
-  return false;
+  if (!__get_cpuid_count(7, 0, &a0, &b0, &c0, &d0) || !__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) return f;
+  f.amx_bf16 = d0 >> 22 & 1, f.avx512_fp16 = d0 >> 23 & 1, f.avx512_bf16 = a1 >> 5 & 1, f.amx_fp16 = a1 >> 21 & 1;
 #endif
+  return f;
+}
+
+bool cpu_has_16bit_matrix(DType dt) {
+  const Leaf7 f = leaf7();
+  return dt == DType::BF16 ? f.amx_bf16 || f.avx512_bf16 : f.amx_fp16 || f.avx512_fp16;
 }
 
 uint16_t to_bits(DType dt, float f) {
@@ -71,6 +77,11 @@ bool probe(DType dt) {
   return true;
 }
 }  // namespace
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = leaf7().avx512_bf16;
+  return has;
+}
 
 bool f32_available() {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)

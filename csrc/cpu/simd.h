@@ -213,6 +213,22 @@ inline void store_16(DType dt, uint16_t* dst, vf v) {
 #endif
 }
 
+// W floats stored as bfloat16 by AVX-512 BF16's conversion: the same rounding as
+// store_16 (to nearest even; the softmax weights are never subnormal), in one
+// instruction instead of seven.  Only where Plan::native_bf16 says the CPU has it;
+// inline assembly because this copy's instruction set (cpu/isa_begin.h) lacks it.
+#if HEN_ISA_LEVEL >= 3 && defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 10)
+#define HEN_NATIVE_BF16 1
+inline void store_bf16_native(uint16_t* dst, vf v) {
+  __m256i r;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), r);
+}
+#else
+#define HEN_NATIVE_BF16 0
+inline void store_bf16_native(uint16_t*, vf) { std::abort(); }  // make_plan never asks for it here
+#endif
+
 // --- W x W transpose in registers -------------------------------------------------
 
 // Swapping the off-diagonal h x h blocks of every 2h x 2h block, for h = W/2 down

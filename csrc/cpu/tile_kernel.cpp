@@ -96,37 +96,37 @@ inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& 
   nanm = nm;
 }
 
-// exp(scale * c - msub) for BN rows (a multiple of W) of one column group, written as
-// rows of P (queries x BN rows, float or 16-bit dt) for the `live` queries, W x W
-// blocks transposed in registers; returns the column sums.
-template <typename T>
+// exp(scale * c - msub) for BN rows (a multiple of W) of one column group (c itself
+// without kScaled: the stored ℓ2 scores), written as rows of P (queries x BN rows,
+// float or 16-bit dt) for the `live` queries, W x W blocks transposed in registers;
+// returns the column sums.  kNative: bfloat16 P by store_bf16_native.
+template <bool kScaled, bool kNative = false, typename T>
 inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf msub, int live, T* p, DType dt) {
+  auto put = [&](T* dst, vf v) __attribute__((always_inline)) {
+    if constexpr (std::is_same_v<T, float>)
+      store(dst, v);
+    else if constexpr (kNative)
+      store_bf16_native(dst, v);
+    else
+      store_16(dt, dst, v);
+  };
   vf acc = vf{};
   vf e[W];
   for (int64_t j0 = 0; j0 < BN; j0 += W) {
     const float* src = c + j0 * ldc;
 #pragma GCC unroll 16
     for (int jj = 0; jj < W; ++jj, src += ldc) {
-      e[jj] = exp_nonpositive(rounded(load(src) * scale) - msub);  // the scores column_scores saw
+      // The scores column_scores saw.
+      e[jj] = exp_nonpositive((kScaled ? rounded(load(src) * scale) : load(src)) - msub);
       acc += e[jj];
     }
     transpose(e);
     T* dst = p + j0;
     if (live == W) {
 #pragma GCC unroll 16
-      for (int i = 0; i < W; ++i, dst += BN) {
-        if constexpr (std::is_same_v<T, float>)
-          store(dst, e[i]);
-        else
-          store_16(dt, dst, e[i]);
-      }
+      for (int i = 0; i < W; ++i, dst += BN) put(dst, e[i]);
     } else {
-      for (int i = 0; i < live; ++i, dst += BN) {
-        if constexpr (std::is_same_v<T, float>)
-          store(dst, e[i]);
-        else
-          store_16(dt, dst, e[i]);
-      }
+      for (int i = 0; i < live; ++i, dst += BN) put(dst, e[i]);
     }
   }
   return acc;
@@ -308,9 +308,16 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       const vf m_old = load(m + g);
       const vf m_new = vmax(m_old, best);
       const vf msub = m_new == splat(kNegInf) ? vf{} : m_new;  // nothing finite yet: weights 0
-      const vf scale = splat(l2 ? 1.f : beta);  // the stored ℓ2 scores, or the dot products again
-      const vf sum = p16 ? column_weights(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt)
-                          : column_weights(cg, BMp, BN, scale, msub, live, pf + g * BN, dt);
+      // The dot products times beta again, or the stored ℓ2 scores.
+      const vf scale = splat(beta);
+      auto weights_into = [&](auto scaled) {
+        constexpr bool kScaled = decltype(scaled)::value;
+        if (!p16) return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, pf + g * BN, dt);
+        if (HEN_NATIVE_BF16 && plan.native_bf16)
+          return column_weights<kScaled, true>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
+        return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
+      };
+      const vf sum = l2 ? weights_into(std::false_type{}) : weights_into(std::true_type{});
       const vf rescale = exp_nonpositive(m_old - msub);
       store(lsum + g, load(lsum + g) * rescale + sum);
       store(m + g, m_new);
