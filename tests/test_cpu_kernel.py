@@ -222,6 +222,22 @@ def test_nan_query_stays_in_its_lane(kernel, sim):
     assert torch.isnan(p.out[2]).all() and torch.isnan(p.lse[2])
 
 
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+def test_nan_bank_row_reaches_every_query(kernel, dtype, sim):
+    # One NaN score among finite ones never wins the max; its weight (NaN) must still
+    # make the query's answer NaN, in whichever tile and split it sits.
+    q, x = make((20, 40), dtype, 17), make((700, 40), dtype, 18)
+    for row in (0, 333, 699):
+        bad = x.clone()
+        bad[row, 5] = float("nan")
+        p = hinted(q, bad, 0.2, sim, kernel, splits=3)
+        assert torch.isnan(p.out).all() and torch.isnan(p.lse).all(), row
+        want = reference.partial(q.double(), bad.double(), 0.2, sim)
+        assert torch.isnan(want.lse).all()
+
+
 def test_hints_are_checked_by_name():
     q, x = torch.randn(2, 8), torch.randn(5, 8)
     for bad in ("fast", "brgemm:avx9", "hand:", "portable"):

@@ -113,10 +113,14 @@ inline vf exp_nonpositive(vf x) {
   q = q * r + 1.6666665459e-1f;
   q = q * r + 5.0000001201e-1f;
   q = q * r * r + r + 1.f;
+#if HEN_ISA_LEVEL >= 3
+  return underflow ? vf{} : vf(_mm512_scalef_ps(q, n));  // q * 2^n, one instruction for four
+#else
   vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return underflow ? vf{} : q * scale;
+#endif
 }
 
 // --- 16-bit storage -------------------------------------------------------------

@@ -68,13 +68,13 @@ struct ArgMax {
 };
 
 // Scores of rows [0, R) of one column group (score(j, c) from the product c): their
-// max, its first row, and NaN lanes; written back in place when kStore (else the
-// exp pass recomputes them the same way), -inf for the padding rows up to BN.
+// max (NaN scores never win) and its first row; written back in place when kStore
+// (else the exp pass recomputes them the same way), -inf for the padding rows up to
+// BN.  A NaN score is found by the exp pass instead: its weight, and so the column
+// sum, is NaN (weights of finite scores are finite).
 template <bool kStore, typename Score>
-inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& score, vf& best, vi& best_j,
-                          vi& nanm) {
+inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& score, vf& best, vi& best_j) {
   ArgMax am;
-  vi nm = vi{};
   int64_t j = 0;
   for (; j + ArgMax::U <= R; j += ArgMax::U)
     for (int u = 0; u < ArgMax::U; ++u) {
@@ -82,18 +82,15 @@ inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& 
       const vf s = score(j + u, load(cj));
       if constexpr (kStore) store(cj, s);
       am.add(u, s, int32_t(j + u));
-      nm |= s != s;
     }
   for (; j < R; ++j) {
     float* cj = c + j * ldc;
     const vf s = score(j, load(cj));
     if constexpr (kStore) store(cj, s);
     am.add(0, s, int32_t(j));
-    nm |= s != s;
   }
   for (; j < BN; ++j) store(c + j * ldc, splat(kNegInf));
   am.merge(best, best_j);
-  nanm = nm;
 }
 
 // exp(scale * c - msub) for BN rows (a multiple of W) of one column group (c itself
@@ -290,11 +287,11 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       const int live = int(std::min<int64_t>(W, BM - g));  // real queries in this group
       float* cg = c1 + g;
       vf best;
-      vi best_j, nanm;
+      vi best_j;
       if (!l2) {
         const vf vb = splat(beta);
         // The exp pass recomputes c * beta: no score tile is written back.
-        column_scores<false>(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j, nanm);
+        column_scores<false>(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j);
       } else {
         const vf vq = load(qn + g);
         const float* wg = wts ? wts + g * D : nullptr;
@@ -303,7 +300,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
           const vf d2 = l2_distance_sq(sum, c, plan.l2_direct, live, q + g * D, wg, D, dt, xrow(j));
           return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
         };
-        column_scores<true>(cg, BMp, R, BN, score, best, best_j, nanm);
+        column_scores<true>(cg, BMp, R, BN, score, best, best_j);
       }
       const vf m_old = load(m + g);
       const vf m_new = vmax(m_old, best);
@@ -318,6 +315,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
         return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
       };
       const vf sum = l2 ? weights_into(std::false_type{}) : weights_into(std::true_type{});
+      const vi nanm = sum != sum;  // a NaN score in this tile (see column_scores)
       const vf rescale = exp_nonpositive(m_old - msub);
       store(lsum + g, load(lsum + g) * rescale + sum);
       store(m + g, m_new);
