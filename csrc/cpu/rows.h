@@ -31,25 +31,34 @@ float direct_sq(const float* q, const float* w, DType xdt, const void* x, int64_
   return t;
 }
 
-// The lanes of d2 that `flag` marks, for lanes i < live, recomputed directly: query
-// rows q + i * D (weights w + i * D, or null) against the bank row x.  Out of line:
-// rare, and its loop would keep the caller's score lambda from being inlined.
-__attribute__((noinline)) vf recompute_flagged(vf d2, vi flag, int live, const float* q, const float* w, int64_t D,
-                                              DType xdt, const void* x) {
+// The pairs of a score vector: lane i pairs query row q + i * q_step (weights
+// w + i * q_step, or none) with bank row x + i * x_step bytes.  W queries against
+// one row (q_step = D, x_step = 0), or one query against W rows (0, the row stride).
+struct LanePairs {
+  const float* q;
+  int64_t q_step;
+  const float* w;
+  const char* x;
+  int64_t x_step;
+};
+
+// The lanes of d2 that `flag` marks, for lanes i < live, recomputed directly.  Out of
+// line: rare, and its loop would keep the caller's score lambda from being inlined.
+__attribute__((noinline)) vf recompute_flagged(vf d2, vi flag, int live, LanePairs lp, int64_t D, DType xdt) {
   for (int i = 0; i < live; ++i)
-    if (flag[i]) d2[i] = direct_sq(q + i * D, w ? w + i * D : nullptr, xdt, x, D);
+    if (flag[i])
+      d2[i] = direct_sq(lp.q + i * lp.q_step, lp.w ? lp.w + i * lp.q_step : nullptr, xdt, lp.x + i * lp.x_step, D);
   return d2;
 }
 
-// docs/design.md §5.1 for W query lanes against one bank row: d² = sum - 2c from the
-// products (sum = |q|²_w + |x|²_w), recomputed directly where it may have cancelled
-// (when `recompute`), and never below 0 (rounding may leave a tiny negative; NaN stays NaN).
-inline vf l2_distance_sq(vf sum, vf c, bool recompute, int live, const float* q, const float* w, int64_t D,
-                         DType xdt, const void* x) {
+// docs/design.md §5.1 for one vector of pairs: d² = sum - 2c from the products
+// (sum = |q|²_w + |x|²_w), recomputed directly where it may have cancelled (when
+// `recompute`), and never below 0 (rounding may leave a tiny negative; NaN stays NaN).
+inline vf l2_distance_sq(vf sum, vf c, bool recompute, int live, LanePairs lp, int64_t D, DType xdt) {
   vf d2 = sum - 2.f * c;
   const vi flag = d2 < splat(kL2DirectBelow) * sum;
   if (recompute && any(flag)) [[unlikely]]
-    d2 = recompute_flagged(d2, flag, live, q, w, D, xdt, x);
+    d2 = recompute_flagged(d2, flag, live, lp, D, xdt);
   return d2 < vf{} ? vf{} : d2;
 }
 

@@ -93,20 +93,24 @@ inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& 
   am.merge(best, best_j);
 }
 
+// W weights into P: float, 16-bit dt, or bfloat16 by store_bf16_native (kNative).
+template <bool kNative, typename T>
+inline void put_weights(T* dst, vf v, DType dt) {
+  if constexpr (std::is_same_v<T, float>)
+    store(dst, v);
+  else if constexpr (kNative)
+    store_bf16_native(dst, v);
+  else
+    store_16(dt, dst, v);
+}
+
 // exp(scale * c - msub) for BN rows (a multiple of W) of one column group (c itself
 // without kScaled: the stored ℓ2 scores), written as rows of P (queries x BN rows,
 // float or 16-bit dt) for the `live` queries, W x W blocks transposed in registers;
-// returns the column sums.  kNative: bfloat16 P by store_bf16_native.
+// returns the column sums.
 template <bool kScaled, bool kNative = false, typename T>
 inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf msub, int live, T* p, DType dt) {
-  auto put = [&](T* dst, vf v) __attribute__((always_inline)) {
-    if constexpr (std::is_same_v<T, float>)
-      store(dst, v);
-    else if constexpr (kNative)
-      store_bf16_native(dst, v);
-    else
-      store_16(dt, dst, v);
-  };
+  auto put = [&](T* dst, vf v) __attribute__((always_inline)) { put_weights<kNative>(dst, v, dt); };
   vf acc = vf{};
   vf e[W];
   for (int64_t j0 = 0; j0 < BN; j0 += W) {
@@ -127,6 +131,52 @@ inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf m
     }
   }
   return acc;
+}
+
+// --- the same for one query, its scores laid along the rows --------------------------
+
+// With a single query the scores of a tile lie contiguous (ldc = 1), W rows per
+// vector: no lane is padding and P needs no transpose.  Every score still comes from
+// the same product and the same score function as with many queries.
+
+// Scores of rows [0, R) (score(j0, c): the W scores of rows j0.. from their products c):
+// their max (NaN never wins) and its first row; written back in place when kStore
+// (else the exp pass recomputes them), -inf for the padding rows up to BN.
+template <bool kStore, typename Score>
+inline void row_scores(float* c, int64_t R, int64_t BN, Score&& score, float& best, int64_t& best_j) {
+  constexpr vi lane = even_lanes(std::make_index_sequence<W>{}) / 2;  // 0, 1, ..., W - 1
+  ArgMax am;  // chain u, lane l: rows j + l of the vectors j it was given
+  for (int64_t j = 0, u = 0; j < BN; j += W, u = (u + 1) % ArgMax::U) {
+    const vf cj = load(c + j);
+    vf s = score(j, cj);
+    if (j + W > R) {
+      const vi pad = lane + int32_t(j) >= int32_t(R);
+      s = pad ? splat(kNegInf) : s;
+      if constexpr (!kStore) store(c + j, pad ? splat(kNegInf) : cj);  // -inf * beta = -inf
+    }
+    if constexpr (kStore) store(c + j, s);
+    am.add(int(u), s, int32_t(j));
+  }
+  best = kNegInf, best_j = 0;
+  for (int u = 0; u < ArgMax::U; ++u)
+    for (int l = 0; l < W; ++l) {
+      const float v = am.best[u][l];
+      const int64_t row = int64_t(am.at[u][l]) + l;
+      if (v > best || (v == best && v != kNegInf && row < best_j)) best = v, best_j = row;
+    }
+}
+
+// exp(scale * c - msub) (c itself without kScaled) for BN rows into P's one row;
+// returns their sum.
+template <bool kScaled, bool kNative = false, typename T>
+inline float row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DType dt) {
+  vf acc = vf{};
+  for (int64_t j = 0; j < BN; j += W) {
+    const vf e = exp_nonpositive((kScaled ? rounded(load(c + j) * scale) : load(c + j)) - msub);
+    acc += e;
+    put_weights<kNative>(p + j, e, dt);
+  }
+  return hsum(acc);
 }
 
 // --- per-thread scratch, grown on demand and reused across tiles ----------------------
@@ -232,6 +282,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   std::fill(top_index, top_index + BMp, int64_t(-1));
   std::fill(nan, nan + BMp, uint8_t(0));
 
+  // One query on the hand-written score product: its scores along the rows (row_scores).
+  const bool one_query = BM == 1 && sp == Product::Hand;
+  const int64_t ldc = one_query ? 1 : BMp;
   float* c1 = grow(sc.c1, BN * BMp);
   float* c2 = weighted_l2 ? grow(sc.c2, BN * BMp) : nullptr;
   float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
@@ -262,8 +315,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     } else {
       // The next tile of this split, where it is a whole one read as stored.
       const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
-      by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qw, BM, D, xr, int64_t(es) * ldr, BN, c1, BMp, next, xn); });
-      for (int64_t j = 0; j < BN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
+      by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn); });
+      if (!one_query)
+        for (int64_t j = 0; j < BN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
     }
     if (xn && sp != Product::Hand)  // (the hand-written product left them already)
       by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, BN, D, xn); });
@@ -277,8 +331,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       if (sp == Product::F32) {
         mk::gemm_f32(BN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
       } else {
-        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * D, BN, c2, BMp);
-        for (int64_t j = 0; j < BN; ++j) std::fill(c2 + j * BMp + BM, c2 + (j + 1) * BMp, 0.f);
+        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * D, BN, c2, ldc);
+        if (!one_query)
+          for (int64_t j = 0; j < BN; ++j) std::fill(c2 + j * BMp + BM, c2 + (j + 1) * BMp, 0.f);
       }
     }
 
@@ -288,7 +343,26 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       float* cg = c1 + g;
       vf best;
       vi best_j;
-      if (!l2) {
+      if (one_query) {
+        float b;
+        int64_t bj;
+        if (!l2) {
+          const vf vb = splat(beta);
+          row_scores<false>(c1, R, BN, [&](int64_t, vf c) { return c * vb; }, b, bj);
+        } else {
+          const vf vq = splat(qn[0]);
+          auto score = [&](int64_t j, vf c) __attribute__((always_inline)) {
+            const vf sum = vq + load((wts ? c2 : xn) + j);
+            const int live_rows = int(std::min<int64_t>(W, R - j));
+            const vf d2 = l2_distance_sq(sum, c, plan.l2_direct, live_rows,
+                                         LanePairs{q, 0, wts, xrow(j), int64_t(es) * ldr}, D, dt);
+            return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
+          };
+          row_scores<true>(c1, R, BN, score, b, bj);
+        }
+        best = splat(kNegInf), best_j = vi{};
+        best[0] = b, best_j[0] = int32_t(bj);
+      } else if (!l2) {
         const vf vb = splat(beta);
         // The exp pass recomputes c * beta: no score tile is written back.
         column_scores<false>(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j);
@@ -297,7 +371,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
         const float* wg = wts ? wts + g * D : nullptr;
         auto score = [&](int64_t j, vf c) __attribute__((always_inline)) {
           const vf sum = vq + (wts ? load(c2 + j * BMp + g) : splat(xn[j]));
-          const vf d2 = l2_distance_sq(sum, c, plan.l2_direct, live, q + g * D, wg, D, dt, xrow(j));
+          const vf d2 = l2_distance_sq(sum, c, plan.l2_direct, live, LanePairs{q + g * D, D, wg, xrow(j), 0}, D, dt);
           return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
         };
         column_scores<true>(cg, BMp, R, BN, score, best, best_j);
@@ -309,6 +383,17 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       const vf scale = splat(beta);
       auto weights_into = [&](auto scaled) {
         constexpr bool kScaled = decltype(scaled)::value;
+        if (one_query) {  // lane 0 is the query
+          const vf m0 = splat(msub[0]);
+          vf r = vf{};
+          if (!p16)
+            r[0] = row_weights<kScaled>(c1, BN, scale, m0, pf, dt);
+          else if (HEN_NATIVE_BF16 && plan.native_bf16)
+            r[0] = row_weights<kScaled, true>(c1, BN, scale, m0, p16, dt);
+          else
+            r[0] = row_weights<kScaled>(c1, BN, scale, m0, p16, dt);
+          return r;
+        }
         if (!p16) return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, pf + g * BN, dt);
         if (HEN_NATIVE_BF16 && plan.native_bf16)
           return column_weights<kScaled, true>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
