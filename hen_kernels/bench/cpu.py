@@ -56,6 +56,9 @@ EMULATED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                 "FAISS_OPT_LEVEL": "avx2", "HEN_KERNELS_CPU_ISA": "avx2", "HEN_BENCH_EMULATED": "avx2"}
 CHECK_TOL = {"float32": 1e-4, "bfloat16": 5e-2}  # a peer must agree with float32 this well to be timed
 SLOW_PEER_S, SLOW_PEER_RATIO = 2.0, 20.0  # a peer this slow (seconds, and x the kernel) is timed once
+# Short rows get more rounds, so that a burst of other work on this shared machine (a few
+# hundred ms) cannot own the median: at least MIN_ROW_S of rounds, at most MAX_ROUNDS.
+MIN_ROW_S, MAX_ROUNDS = 3.0, 25
 
 
 @dataclass(frozen=True)
@@ -167,19 +170,23 @@ def first_calls(fns: Dict[str, object]) -> Dict[str, float]:
     return seconds
 
 
-def time_sparing_slow_peers(fns: Dict[str, object], repeats: int, seconds: Dict[str, float]) -> common.Measured:
+def time_sparing_slow_peers(fns: Dict[str, object], repeats: int, seconds: Dict[str, float],
+                            min_row_s: float = MIN_ROW_S) -> common.Measured:
     """common.time_calls, except that a peer far slower than the kernel in its first call
     (``seconds``; bf16 matmuls without bf16 instructions take seconds) is timed once more,
-    not ``repeats`` times."""
+    not ``repeats`` times, and that short calls get more rounds (``min_row_s``)."""
     slow = {k for k, t in seconds.items()
             if not k.startswith("fused") and t > SLOW_PEER_S and t > SLOW_PEER_RATIO * seconds["fused"]}
-    measured = common.time_calls({k: f for k, f in fns.items() if k not in slow}, repeats, rewarm=True)
+    round_s = 2 * sum(t for k, t in seconds.items() if k not in slow)  # each timed call follows an untimed one
+    rounds = min(max(repeats, math.ceil(min_row_s / max(round_s, 1e-9))), max(repeats, MAX_ROUNDS))
+    measured = common.time_calls({k: f for k, f in fns.items() if k not in slow}, rounds, rewarm=True)
     if slow:
         measured.update(common.time_calls({k: fns[k] for k in slow}, 1, warm_up=False))
     return measured
 
 
-def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compile_peer: bool = True) -> dict:
+def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compile_peer: bool = True,
+             min_row_s: float = MIN_ROW_S) -> dict:
     """Check and time the fused kernel and every peer on one case; one row as a dict."""
     backend = backend or fused_backend()
     q, x, beta = case_inputs(case)
@@ -218,14 +225,14 @@ def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compil
         # FAISS's own OpenMP and BLAS thread pools spin on after each call and slowed whatever ran
         # next (the kernel's layer call: 3.7 -> 5.9 ms), so it is timed apart, after the rest.
         faiss_call = timed.pop("faiss", None)
-        measured = time_sparing_slow_peers(timed, repeats, seconds)
+        measured = time_sparing_slow_peers(timed, repeats, seconds, min_row_s)
         if faiss_call is not None:
             measured.update(common.time_calls({"faiss": faiss_call}, repeats, rewarm=True))
     for name, (times, extra) in measured.items():
         ms = _median_ms(times)
         if name == "fused":
             row.update(fused_ms=ms, fused_gflops=case.flops / ms / 1e6, fused_gbps=case.bytes / ms / 1e6,
-                       fused_extra_mib=None if extra is None else extra / MIB)
+                       fused_extra_mib=None if extra is None else extra / MIB, fused_calls=len(times))
         elif name == "fused_fp32":
             row["own_fp32_ms"] = ms
         else:
@@ -276,7 +283,7 @@ def side_cases(n: Optional[int], similarities, dtypes) -> List[Case]:
             for r, b in SIDE_SHAPES for dt in dtypes for s in similarities]
 
 
-def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool) -> dict:
+def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool, min_row_s: float = MIN_ROW_S) -> dict:
     """STEPS-step retrieval (tol=None: every step taken) against STEPS chained calls of each peer."""
     q, x, beta = case_inputs(case)
     which = tuple(p for p in peers.UPDATE_PEERS if p in peers.PEERS[case.similarity]
@@ -296,7 +303,7 @@ def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool) -> dic
            "fused_one_step": fused_call(q, x, beta, case.similarity, backend)}
     fns.update({name: chain(name) for name in one})
     with torch.no_grad():
-        measured = time_sparing_slow_peers(fns, repeats, first_calls(fns))
+        measured = time_sparing_slow_peers(fns, repeats, first_calls(fns), min_row_s)
     ms = {k: _median_ms(v[0]) for k, v in measured.items()}
     return dict(asdict(case), name=case.name, steps=STEPS, fused_ms=ms["fused"],
                 per_step_overhead=ms["fused"] / (STEPS * ms["fused_one_step"]),
@@ -408,7 +415,8 @@ def markdown(report: dict) -> str:
         "pools spin on after each call and slowed the next call; how often its top-1 equals top_index); "
         "\"own fp32\": the kernel on the float32 bank the bf16 one was rounded from, timed in the same "
         "interleaved rounds as the bf16 call",
-        f"- median of {report['repeats']} interleaved calls after a warm-up, each right after an untimed call "
+        f"- median of {report['repeats']} or more interleaved calls after a warm-up (short rows: at least "
+        f"{MIN_ROW_S:g} s of rounds, at most {MAX_ROUNDS}), each right after an untimed call "
         "of the same function (so that each finds the caches as it leaves them, not as a peer streaming half a GiB "
         "left them)"
         + (f" (--quick: N = {QUICK_N}, not the docs/design.md shapes)" if report["quick"] else "")
@@ -491,13 +499,13 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_p
     n = QUICK_N if quick else None
     try:
         for case in cases(n):
-            r = run_case(case, backend, repeats, compile_peer)
+            r = run_case(case, backend, repeats, compile_peer, 0.0 if quick else MIN_ROW_S)
             report["rows"].append(r)
             print(f"  {case.name:<44} fused {r['fused_ms']:9.2f} ms  " + "  ".join(
                 f"{k} {v['ratio']:.2f}x" for k, v in r["peers"].items() if v.get("ratio")), flush=True)
         if side:
             for case in side_cases(n, ("dot",), DTYPES):
-                report["steps"].append(run_steps(case, backend, repeats, compile_peer))
+                report["steps"].append(run_steps(case, backend, repeats, compile_peer, 0.0 if quick else MIN_ROW_S))
             if backend == "cpu":
                 for case in side_cases(n, ("dot", "l2"), DTYPES):
                     report["weighted"].append(run_weighted(case, backend, repeats))
