@@ -98,7 +98,7 @@ inline vf vsqrt(vf x) {
 // exp for arguments <= 0 (scores minus their running max): Cody-Waite range
 // reduction and a degree-6 polynomial, within 2 ulp; -inf and anything below
 // the float range give 0, NaN stays NaN.
-inline vf exp_nonpositive(vf x) {
+__attribute__((always_inline)) inline vf exp_nonpositive(vf x) {
   const vf lo = splat(-87.3f);
   vi underflow = x < lo;
   x = underflow ? lo : x;
@@ -246,7 +246,7 @@ constexpr vi swap_hi(std::index_sequence<k...>) {
   return vi{((int(k) & h) == 0 ? int(k + h) : int(W + k))...};
 }
 template <int h>
-inline void transpose_stage(vf* r) {
+__attribute__((always_inline)) inline void transpose_stage(vf* r) {
   constexpr vi lo = swap_lo<h>(std::make_index_sequence<W>{});
   constexpr vi hi = swap_hi<h>(std::make_index_sequence<W>{});
   for (int i = 0; i < W; ++i) {
@@ -256,7 +256,7 @@ inline void transpose_stage(vf* r) {
     r[i + h] = __builtin_shuffle(a, b, hi);
   }
 }
-inline void transpose(vf* r) {
+__attribute__((always_inline)) inline void transpose(vf* r) {
   if constexpr (W >= 16) transpose_stage<8>(r);
   if constexpr (W >= 8) transpose_stage<4>(r);
   transpose_stage<2>(r);
