@@ -226,17 +226,12 @@ void dot_rows(const float* q, int64_t D, const char* x, int64_t ldx, int64_t row
 }
 
 // C[j * ldc + i] = <q_i, x_j> for `rows` bank rows (a multiple of 8: a whole tile, so no
-// row is reduced another way) and Q queries (float rows, stride D); `next`: the
+// row is reduced another way) and Q queries (float rows, stride D; split_pairs'
+// layout for a bfloat16 bank, made once per query block by the caller); `next`: the
 // following tile (same layout) to prefetch, or null; `norms`: where to leave |x_j|², or null.
 template <DType DT>
 void hand_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
                  int64_t ldc, const char* next = nullptr, float* norms = nullptr) {
-  if constexpr (DT == DType::BF16) {
-    thread_local std::vector<float> split;
-    if (split.size() < size_t(Q * D)) split.resize(size_t(Q * D));
-    split_pairs(q, Q, D, split.data());
-    q = split.data();
-  }
   int64_t i = 0;
   // Only the first query group prefetches and takes the norms: the others find the tile in cache.
   auto first = [&](auto p) { return i == 0 ? p : nullptr; };
@@ -247,8 +242,6 @@ void hand_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ld
 
 // --- values ---------------------------------------------------------------------------
 
-// acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows` value rows of dtype DT;
-// `next`: the following tile of value rows (same layout) to prefetch, or null.
 // Bytes [from, to) of a row towards L2, a line at a time.
 inline void prefetch_span(const char* row, int64_t from, int64_t to) {
   for (int64_t off = from; off < to; off += 64) __builtin_prefetch(row + off, 0, 2);
@@ -261,6 +254,8 @@ constexpr int value_columns() {
   return W >= 16 ? (QI == 4 ? 4 : 8) : (QI == 4 ? 2 : 4);
 }
 
+// acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows` value rows of dtype DT;
+// `next`: the following tile of value rows (same layout) to prefetch, or null.
 template <DType DT, int QI>
 void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
                        float* acc, int64_t ldacc, const char* next = nullptr) {

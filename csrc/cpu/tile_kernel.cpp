@@ -70,8 +70,8 @@ struct ArgMax {
 // Scores of rows [0, R) of one column group (score(j, c) from the product c): their
 // max (NaN scores never win) and its first row; written back in place when kStore
 // (else the exp pass recomputes them the same way), -inf for the padding rows up to
-// BN.  A NaN score is found by the exp pass instead: its weight, and so the column
-// sum, is NaN (weights of finite scores are finite).
+// BN.  A NaN score shows in the exp pass instead: its weight, and so the column sum
+// and the running sum, are NaN (weights of finite scores are finite).
 template <bool kStore, typename Score>
 inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& score, vf& best, vi& best_j) {
   ArgMax am;
@@ -182,10 +182,9 @@ inline float row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DT
 // --- per-thread scratch, grown on demand and reused across tiles ----------------------
 
 struct Scratch {
-  std::vector<float> q, qw, qn, qop, wop, xraw, vraw, xf, vf_, xsq, xn, c1, c2, pf, o, m, l, top;
+  std::vector<float> q, qw, qsplit, qn, qop, wop, xraw, vraw, xf, vf_, xsq, xn, c1, c2, pf, o, m, l, top;
   std::vector<uint16_t> q16, p16, vpack;
   std::vector<int64_t> top_index;
-  std::vector<uint8_t> nan;
 };
 
 }  // namespace
@@ -227,6 +226,13 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     for (int64_t i = 0; i < BM * D; ++i) t[i] = wts[i] * q[i];
     std::memset(t + BM * D, 0, sizeof(float) * size_t((BMp - BM) * D));
     qw = t;
+  }
+  // The hand-written bfloat16 score product takes the query split into pairs (split_pairs).
+  const float* qhand = qw;
+  if (sp == Product::Hand && dt == DType::BF16) {
+    float* t = grow(sc.qsplit, BM * D);
+    split_pairs(qw, BM, D, t);
+    qhand = t;
   }
   float* qn = grow(sc.qn, BMp);
   std::fill(qn, qn + BMp, 0.f);
@@ -275,12 +281,10 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   float* lsum = grow(sc.l, BMp);
   float* top = grow(sc.top, BMp);
   int64_t* top_index = grow(sc.top_index, BMp);
-  uint8_t* nan = grow(sc.nan, BMp);
   std::fill(m, m + BMp, kNegInf);
   std::fill(lsum, lsum + BMp, 0.f);
   std::fill(top, top + BMp, kNegInf);
   std::fill(top_index, top_index + BMp, int64_t(-1));
-  std::fill(nan, nan + BMp, uint8_t(0));
 
   // One query on the hand-written score product: its scores along the rows (row_scores).
   const bool one_query = BM == 1 && sp == Product::Hand;
@@ -315,7 +319,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     } else {
       // The next tile of this split, where it is a whole one read as stored.
       const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
-      by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn); });
+      by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn); });
       if (!one_query)
         for (int64_t j = 0; j < BN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
     }
@@ -400,7 +404,6 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
         return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
       };
       const vf sum = l2 ? weights_into(std::false_type{}) : weights_into(std::true_type{});
-      const vi nanm = sum != sum;  // a NaN score in this tile (see column_scores)
       const vf rescale = exp_nonpositive(m_old - msub);
       store(lsum + g, load(lsum + g) * rescale + sum);
       store(m + g, m_new);
@@ -413,7 +416,6 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
           top[g + i] = best[i];
           top_index[g + i] = p.offset + r0 + best_j[i];
         }
-        nan[g + i] |= nanm[i] != 0;
       }
     }
 
@@ -453,7 +455,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   for (int64_t i = 0; i < BM; ++i) {
     const int64_t row = l * p.B + b0 + i;
     const float* a = o + i * Dv;
-    const float s = nan[i] ? NAN : lsum[i];
+    const float s = lsum[i];  // NaN once any weight was (see column_scores), as lsum * rescale + sum keeps it
     if (plan.splits == 1) {
       const float inv = s > 0.f ? 1.f / s : (std::isnan(s) ? NAN : 0.f);
       float* out = p.out + row * Dv;
