@@ -4,7 +4,8 @@ and the numerics of docs/design.md §5.1 (ℓ2 near stored patterns, ties, weigh
 tests/test_kernels.py holds the automatic choice to the reference; here
 ``hen_kernels::partial_with_plan_hints`` forces each path on this one machine:
 the brgemm microkernels (16-bit on AMX / AVX-512 BF16 where the CPU has them),
-the hand-written products, and the AVX-512, AVX2 and baseline copies of the tile kernel.
+the hand-written products (bfloat16 widened to float32, and on AVX-512 BF16's pair
+dot product where the CPU has it), and the AVX-512, AVX2 and baseline copies of the tile kernel.
 """
 import math
 
@@ -37,6 +38,8 @@ def kernels(full_only=False):
         return ["auto"]  # every test skips, saying why
     best = info()["cpu_isa"]
     gemms = ["auto", "brgemm", "hand"] if info()["gemm"] == "brgemm" else ["hand"]
+    if info().get("bf16_pairs") == "1":  # bfloat16 on AVX-512 BF16's pair dot product
+        gemms.append("pairs")
     paths = [f"{g}:{best}" for g in gemms]
     if not full_only:
         paths += [f"{g}:{isa}" for g in gemms for isa, level in ISAS.items() if level < ISAS[best]]

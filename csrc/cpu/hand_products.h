@@ -336,6 +336,192 @@ void hand_values(const float* p, int64_t ldp, int64_t Q, const char* v, int64_t 
   for (; i < Q; ++i) accumulate_values<DT, 1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
 }
 
+// --- bfloat16 on the pair dot product (Product::Bf16Pairs) ----------------------------
+//
+// AVX-512 BF16's vdpbf16ps adds to each float32 lane the two products of a pair of
+// bfloat16 lanes (exact products, float32 sums): a bank row's 2W elements take one
+// instruction per query, where widening takes two FMAs and two shifts; make_plan asks
+// for these only where the CPU has them.
+#if HEN_NATIVE_BF16
+// Functions with the pair dot product: this copy's instruction set (cpu/isa_begin.h) and
+// AVX-512 BF16, so that the compiler keeps the accumulators in registers (it would not
+// around inline assembly).  Called, never inlined, from the rest of the copy.
+#define HEN_BF16_PAIRS __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+HEN_BF16_PAIRS __attribute__((always_inline)) inline void dot_pairs(vf& acc, vf a, vf b) {
+  acc = vf(_mm512_dpbf16_ps(__m512(acc), (__m512bh)a, (__m512bh)b));
+}
+// The same with b one pair from memory, broadcast to every lane.
+HEN_BF16_PAIRS __attribute__((always_inline)) inline void dot_pair_splat(vf& acc, vf a, const uint16_t* pair) {
+  uint32_t bits;
+  std::memcpy(&bits, pair, sizeof bits);
+  acc = vf(_mm512_dpbf16_ps(__m512(acc), (__m512bh)a, (__m512bh)_mm512_set1_epi32(int(bits))));
+}
+inline vf load_raw(const void* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// dot_block's sums with the query and the rows in bfloat16 as stored: q16 the query rows
+// (stride D), qf the same in float for the last D mod 2W elements.
+template <int QI, int RJ, bool kNorms>
+HEN_BF16_PAIRS void pair_block(const uint16_t* q16, const float* qf, int64_t D, const char* x, int64_t ldx, float* c,
+                       int64_t ldc, const char* next, float* norms) {
+  vf acc[QI * RJ];
+  vf nacc[RJ];
+  for (int i = 0; i < QI * RJ; ++i) acc[i] = vf{};
+  for (int b = 0; b < RJ; ++b) nacc[b] = vf{};
+  int64_t k = 0;
+  for (; k + 2 * W <= D; k += 2 * W) {  // one cache line of each row per step
+    if (next)
+      for (int b = 0; b < RJ; ++b) __builtin_prefetch(next + b * ldx + 2 * k, 0, 2);
+    vf xv[RJ];
+    for (int b = 0; b < RJ; ++b) xv[b] = load_raw(x + b * ldx + 2 * k);
+    if constexpr (kNorms)
+      for (int b = 0; b < RJ; ++b) dot_pairs(nacc[b], xv[b], xv[b]);
+    for (int a = 0; a < QI; ++a) {
+      const vf qv = load_raw(q16 + a * D + k);
+      for (int b = 0; b < RJ; ++b) dot_pairs(acc[a * RJ + b], qv, xv[b]);
+    }
+  }
+  float sums[QI * RJ];
+  reduce_lanes<QI * RJ>(acc, sums);
+  for (int a = 0; a < QI; ++a)
+    for (int b = 0; b < RJ; ++b) {
+      float t = sums[a * RJ + b];
+      for (int64_t kk = k; kk < D; ++kk) t += qf[a * D + kk] * sf<DType::BF16>(x + b * ldx, kk);
+      c[b * ldc + a] = t;
+    }
+  if constexpr (kNorms) {
+    reduce_lanes<RJ>(nacc, norms);
+    for (int b = 0; b < RJ; ++b)
+      for (int64_t kk = k; kk < D; ++kk) {
+        const float v = sf<DType::BF16>(x + b * ldx, kk);
+        norms[b] += v * v;
+      }
+  }
+}
+
+template <int QI>
+void pair_rows(const uint16_t* q16, const float* qf, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
+               int64_t ldc, const char* next, float* norms) {
+  constexpr int RJ = QI == 4 ? 4 : 8;  // QI x RJ accumulators and RJ rows within 32 registers
+  for (int64_t j = 0; j < rows; j += RJ) {
+    const char* nx = next ? next + j * ldx : nullptr;
+    if (norms)
+      pair_block<QI, RJ, true>(q16, qf, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, norms + j);
+    else
+      pair_block<QI, RJ, false>(q16, qf, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, nullptr);
+  }
+}
+
+// hand_scores for a bfloat16 bank on the pair dot product: q16 the bfloat16 query rows,
+// qf the same in float (stride D both).
+inline void pair_scores(const uint16_t* q16, const float* qf, int64_t Q, int64_t D, const char* x, int64_t ldx,
+                        int64_t rows, float* c, int64_t ldc, const char* next = nullptr, float* norms = nullptr) {
+  int64_t i = 0;
+  auto first = [&](auto p) { return i == 0 ? p : nullptr; };
+  for (; i + 4 <= Q; i += 4)
+    pair_rows<4>(q16 + i * D, qf + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+  for (; i + 2 <= Q; i += 2)
+    pair_rows<2>(q16 + i * D, qf + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+  for (; i < Q; ++i) pair_rows<1>(q16 + i * D, qf + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+}
+
+// Two rows' 2W elements interleaved 16 bits at a time, within each 128-bit lane (one
+// instruction each): lo holds columns 8L..8L+3 of lane L, hi 8L+4..8L+7.  The value
+// accumulators are kept in that order across a tile and put back at its end.
+template <bool kHi, size_t... k>
+constexpr vi pair_columns(std::index_sequence<k...>) {  // lane k of lo / hi: its column
+  return vi{int(8 * (k / 4) + (kHi ? 4 : 0) + k % 4)...};
+}
+template <size_t... k>
+constexpr vi pair_columns_back(int from, std::index_sequence<k...>) {  // column from + k: its lane in (lo, hi)
+  return vi{int(((from + k) % 8 < 4 ? 0 : W) + 4 * ((from + k) / 8) + (from + k) % 4)...};
+}
+inline void to_pair_order(vf a, vf b, vf& lo, vf& hi) {
+  constexpr vi l = pair_columns<false>(std::make_index_sequence<W>{});
+  constexpr vi h = pair_columns<true>(std::make_index_sequence<W>{});
+  lo = __builtin_shuffle(a, b, l);
+  hi = __builtin_shuffle(a, b, h);
+}
+inline void from_pair_order(vf lo, vf hi, vf& a, vf& b) {
+  constexpr vi fa = pair_columns_back(0, std::make_index_sequence<W>{});
+  constexpr vi fb = pair_columns_back(W, std::make_index_sequence<W>{});
+  a = __builtin_shuffle(lo, hi, fa);
+  b = __builtin_shuffle(lo, hi, fb);
+}
+
+// accumulate_values with P in bfloat16 (p16: queries x rows, stride ldp; `rows` even)
+// on the pair dot product, H blocks of 2W columns per pass over the rows.
+template <int QI, int H>
+HEN_BF16_PAIRS int64_t pair_values_pass(const uint16_t* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
+                         float* acc, int64_t ldacc, const char* next, int64_t d) {
+  for (; d + 2 * W * H <= Dv; d += 2 * W * H) {
+    vf lo[QI][H], hi[QI][H];
+    for (int i = 0; i < QI; ++i)
+      for (int h = 0; h < H; ++h) {
+        const float* a = acc + i * ldacc + d + 2 * h * W;
+        to_pair_order(load(a), load(a + W), lo[i][h], hi[i][h]);
+      }
+    for (int64_t j = 0; j < rows; j += 2) {
+      const char* r0 = v + j * ldv;
+      const char* r1 = r0 + ldv;
+      if (next) {
+        prefetch_span(next + j * ldv, 2 * d, 2 * (d + 2 * W * H));
+        prefetch_span(next + (j + 1) * ldv, 2 * d, 2 * (d + 2 * W * H));
+      }
+      vf vl[H], vh[H];
+      for (int h = 0; h < H; ++h) {
+        const __m512i a = _mm512_loadu_si512(r0 + 2 * (d + 2 * h * W));
+        const __m512i b = _mm512_loadu_si512(r1 + 2 * (d + 2 * h * W));
+        vl[h] = vf(_mm512_unpacklo_epi16(a, b));
+        vh[h] = vf(_mm512_unpackhi_epi16(a, b));
+      }
+      for (int i = 0; i < QI; ++i)
+        for (int h = 0; h < H; ++h) {
+          dot_pair_splat(lo[i][h], vl[h], p + i * ldp + j);
+          dot_pair_splat(hi[i][h], vh[h], p + i * ldp + j);
+        }
+    }
+    for (int i = 0; i < QI; ++i)
+      for (int h = 0; h < H; ++h) {
+        float* a = acc + i * ldacc + d + 2 * h * W;
+        vf x, y;
+        from_pair_order(lo[i][h], hi[i][h], x, y);
+        store(a, x);
+        store(a + W, y);
+      }
+  }
+  return d;
+}
+
+template <int QI>
+void pair_accumulate_values(const uint16_t* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
+                            float* acc, int64_t ldacc, const char* next) {
+  constexpr int H = QI == 4 ? 2 : 4;  // 2 x QI x H accumulators: >= 8 chains, within 32 registers
+  int64_t d = pair_values_pass<QI, H>(p, ldp, v, ldv, rows, Dv, acc, ldacc, next, 0);
+  d = pair_values_pass<QI, 1>(p, ldp, v, ldv, rows, Dv, acc, ldacc, next, d);
+  for (; d < Dv; ++d)  // the last Dv mod 2W columns: the same products, one at a time
+    for (int i = 0; i < QI; ++i) {
+      float t = acc[i * ldacc + d];
+      for (int64_t j = 0; j < rows; ++j)
+        t += sf<DType::BF16>(reinterpret_cast<const char*>(p + i * ldp), j) * sf<DType::BF16>(v + j * ldv, d);
+      acc[i * ldacc + d] = t;
+    }
+}
+
+// hand_values for bfloat16 values and P on the pair dot product (`rows` even: whole tiles).
+inline void pair_values(const uint16_t* p, int64_t ldp, int64_t Q, const char* v, int64_t ldv, int64_t rows,
+                        int64_t Dv, float* acc, const char* next = nullptr) {
+  int64_t i = 0;
+  auto first = [&](auto p) { return i == 0 ? p : nullptr; };
+  for (; i + 4 <= Q; i += 4) pair_accumulate_values<4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
+  for (; i + 2 <= Q; i += 2) pair_accumulate_values<2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
+  for (; i < Q; ++i) pair_accumulate_values<1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
+}
+#endif  // HEN_NATIVE_BF16
+
 // The three dtypes at run time.
 template <typename F>
 void by_dtype(DType dt, F&& f) {

@@ -31,15 +31,30 @@ namespace {
 // product, by instruction set and operands (measured on AVX-512 + AMX, and with
 // AVX2 emulated there: benchmarks/results/cpu.md).  16-bit inputs on float32
 // microkernels pay for widening every tile, so the hand-written ones, which widen
-// in registers, keep them longer.
+// in registers, keep them longer.  Without AMX, the pair dot product against oneDNN's
+// AVX-512 BF16 brgemm (which repacks every bank tile) wins longer the deeper the rows
+// (AMD EPYC Zen 4, both products: up to 4 queries at D = 64, 8 at D = 128, 16 from
+// D = 256 on; benchmarks/results/cpu_zen4.md).
 struct HandUpTo {
   int64_t score, value;
 };
-HandUpTo hand_up_to(Isa isa, DType dt, bool vnni) {
+HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
+  if (vnni && pairs && !mk::cpu_has_amx_bf16()) {
+    const int64_t q = D >= 256 ? 16 : D >= 128 ? 8 : 4;
+    return {q, q};
+  }
   if (vnni) return {4, 8};
   if (dt != DType::F32) return {16, 16};
   return isa == Isa::Avx512 ? HandUpTo{8, 8} : HandUpTo{4, 4};
 }
+
+// Whether the AVX-512 copy of the tile kernel has the AVX-512 BF16 instructions, which it
+// writes as inline assembly (HEN_NATIVE_BF16 in simd.h: the same condition).
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 10)
+constexpr bool kBf16Asm = HEN_CPU_X86;
+#else
+constexpr bool kBf16Asm = false;
+#endif
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -103,6 +118,7 @@ std::string describe() {
   const bool avx512 = default_isa() == Isa::Avx512 && brgemm;
   s += std::string(" vnni_bf16=") + (avx512 && mk::vnni_available(DType::BF16) ? "1" : "0");
   s += std::string(" vnni_f16=") + (avx512 && mk::vnni_available(DType::F16) ? "1" : "0");
+  s += std::string(" bf16_pairs=") + (default_isa() == Isa::Avx512 && kBf16Asm && mk::cpu_has_avx512_bf16() ? "1" : "0");
   return s;
 }
 
@@ -123,17 +139,24 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   const bool vnni = brgemm && plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.weights == nullptr &&
                     p.D % 2 == 0 && mk::vnni_available(p.dtype);
   const Product fast = vnni ? Product::Vnni : Product::F32;
+  // The hand-written bfloat16 products on the pair dot product where the CPU has it: one
+  // instruction multiplies and adds twice the pairs of a float32 FMA, with no widening.
+  const bool pairs = kBf16Asm && plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && p.weights == nullptr &&
+                     mk::cpu_has_avx512_bf16();
+  const Product hand = pairs && hints.gemm != G::Hand ? Product::Bf16Pairs : Product::Hand;
+  if (hints.gemm == G::Pairs && !(kBf16Asm && mk::cpu_has_avx512_bf16()))
+    throw std::invalid_argument("hints: this CPU (or this build) has no AVX-512 BF16 pair dot product");
   if (hints.gemm != G::Auto) {
-    plan.score = plan.value = hints.gemm == G::Hand ? Product::Hand : fast;
+    plan.score = plan.value = hints.gemm == G::Brgemm ? fast : hand;
   } else if (!brgemm) {
-    plan.score = plan.value = Product::Hand;
+    plan.score = plan.value = hand;
   } else {
     // Few queries: a microkernel pads them to a whole vector (the score product) and
     // needs each bank tile repacked (16-bit values); the hand-written products read
     // the tile as stored.  Thresholds measured in benchmarks/results/cpu.md.
-    const HandUpTo hand = hand_up_to(plan.isa, p.dtype, vnni);
-    plan.score = p.B <= hand.score ? Product::Hand : fast;
-    plan.value = p.B <= hand.value ? Product::Hand : fast;
+    const HandUpTo up_to = hand_up_to(plan.isa, p.dtype, vnni, pairs, p.D);
+    plan.score = p.B <= up_to.score ? hand : fast;
+    plan.value = p.B <= up_to.value ? hand : fast;
   }
 
   // HEN_KERNELS_CPU_L2_DIRECT=0 drops the §5.1 recompute of cancelled ℓ2 pairs: the
@@ -142,8 +165,8 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   plan.l2_direct = !(direct && std::strcmp(direct, "0") == 0);
 
   // The 16-bit P of the VNNI value product, rounded by the CPU's own conversion where it has one.
-  plan.native_bf16 = plan.value == Product::Vnni && p.dtype == DType::BF16 && plan.isa == Isa::Avx512 &&
-                     mk::cpu_has_avx512_bf16();
+  plan.native_bf16 = (plan.value == Product::Vnni || plan.value == Product::Bf16Pairs) &&
+                     p.dtype == DType::BF16 && plan.isa == Isa::Avx512 && kBf16Asm && mk::cpu_has_avx512_bf16();
 
   const int64_t B = std::max<int64_t>(p.B, 1);
   plan.query_block = std::min<int64_t>(B, hints.query_block > 0 ? hints.query_block : 64);

@@ -35,6 +35,8 @@ bool vnni_available(DType dt);
 
 // Whether this CPU has AVX-512 BF16 (its float-to-bfloat16 conversion among others).
 bool cpu_has_avx512_bf16();
+// Whether this CPU has AMX with bfloat16 tiles.
+bool cpu_has_amx_bf16();
 
 // C (+)= A . B with A and B 16-bit of type dt and C float32.  B is in the VNNI
 // layout: element (k, n) of the logical K x N matrix at B[(k / 2) * ldb * 2 + n * 2 + k % 2]

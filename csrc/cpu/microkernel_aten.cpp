@@ -83,6 +83,11 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
+bool cpu_has_amx_bf16() {
+  static const bool has = leaf7().amx_bf16;
+  return has;
+}
+
 bool f32_available() {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
   return kX86;

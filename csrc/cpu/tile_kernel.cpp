@@ -179,6 +179,26 @@ inline float row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DT
   return hsum(acc);
 }
 
+// The pair dot products where this copy has them (make_plan asks for them only then).
+template <typename... A>
+inline void pair_scores_or_abort(A... a) {
+#if HEN_NATIVE_BF16
+  pair_scores(a...);
+#else
+  ((void)a, ...);
+  std::abort();
+#endif
+}
+template <typename... A>
+inline void pair_values_or_abort(A... a) {
+#if HEN_NATIVE_BF16
+  pair_values(a...);
+#else
+  ((void)a, ...);
+  std::abort();
+#endif
+}
+
 // --- per-thread scratch, grown on demand and reused across tiles ----------------------
 
 struct Scratch {
@@ -227,8 +247,17 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     std::memset(t + BM * D, 0, sizeof(float) * size_t((BMp - BM) * D));
     qw = t;
   }
-  // The hand-written bfloat16 score product takes the query split into pairs (split_pairs).
+  // The hand-written bfloat16 score products take the query split into pairs (split_pairs),
+  // or on the pair dot product, the bfloat16 query rows themselves.
+  const bool hand_scores_here = sp == Product::Hand || sp == Product::Bf16Pairs;
   const float* qhand = qw;
+  const uint16_t* qpairs = nullptr;
+  if (sp == Product::Bf16Pairs) {
+    uint16_t* t = grow(sc.q16, BM * D);
+    for (int64_t i = 0; i < BM; ++i)
+      std::memcpy(t + i * D, qsrc + es * size_t(i * p.query_row_stride), 2 * size_t(D));
+    qpairs = t;
+  }
   if (sp == Product::Hand && dt == DType::BF16) {
     float* t = grow(sc.qsplit, BM * D);
     split_pairs(qw, BM, D, t);
@@ -286,15 +315,16 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   std::fill(top, top + BMp, kNegInf);
   std::fill(top_index, top_index + BMp, int64_t(-1));
 
-  // One query on the hand-written score product: its scores along the rows (row_scores).
-  const bool one_query = BM == 1 && sp == Product::Hand;
+  // One query on a hand-written score product: its scores along the rows (row_scores).
+  const bool one_query = BM == 1 && hand_scores_here;
   const int64_t ldc = one_query ? 1 : BMp;
   float* c1 = grow(sc.c1, BN * BMp);
   float* c2 = weighted_l2 ? grow(sc.c2, BN * BMp) : nullptr;
   float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
-  // P in the value product's A operand: 16-bit for VNNI, else float.
-  float* pf = vp == Product::Vnni ? nullptr : grow(sc.pf, BMp * BN);
-  uint16_t* p16 = vp == Product::Vnni ? grow(sc.p16, BMp * BN) : nullptr;
+  // P in the value product's A operand: 16-bit for VNNI and the pair dot product, else float.
+  const bool p_16bit = vp == Product::Vnni || vp == Product::Bf16Pairs;
+  float* pf = p_16bit ? nullptr : grow(sc.pf, BMp * BN);
+  uint16_t* p16 = p_16bit ? grow(sc.p16, BMp * BN) : nullptr;
   const float neg_half_beta = -0.5f * beta;
   // Float rows for the float32 brgemm products of 16-bit inputs (the inputs themselves when float32).
   const bool float_tiles = sp == Product::F32 || vp == Product::F32;
@@ -319,11 +349,14 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     } else {
       // The next tile of this split, where it is a whole one read as stored.
       const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
-      by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn); });
+      if (sp == Product::Bf16Pairs)
+        pair_scores_or_abort(qpairs, qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn);
+      else
+        by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn); });
       if (!one_query)
         for (int64_t j = 0; j < BN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
     }
-    if (xn && sp != Product::Hand)  // (the hand-written product left them already)
+    if (xn && !hand_scores_here)  // (the hand-written products left them already)
       by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, BN, D, xn); });
     if (weighted_l2) {
       float* xsq = grow(sc.xsq, BN * D);
@@ -446,7 +479,10 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       // The next value tile towards L2 again, spread over this pass: prefetching in the score
       // pass alone leaves the memory idle here (measured: 3-19 % faster recall with both).
       const char* vnext = r0 + 2 * BN <= n_end ? vr + es * size_t(BN * ldvr) : nullptr;
-      by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext); });
+      if (vp == Product::Bf16Pairs)
+        pair_values_or_abort(p16, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext);
+      else
+        by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext); });
     }
   }
   if (sp == Product::Vnni || vp == Product::Vnni) mk::release_vnni();
