@@ -1,7 +1,7 @@
 """`make bench`: the CPU tables of docs/design.md §6, printed and written as JSON and Markdown.
 
     python -m hen_kernels.bench cpu [--out DIR] [--quick] [--repeats K] [--emulate-avx2] [--no-compile]
-                                    [--no-side] [--threads T] [--from-json PATH]
+                                    [--no-side] [--threads T] [--name STEM] [--from-json PATH]
 
 Every case times the fused kernel, ``hk.hopfield_update(..., backend=<fused>)``, against
 the peers of :mod:`hen_kernels.bench.cpu_peers` (plain PyTorch, SDPA's flash and math
@@ -487,8 +487,9 @@ def machine(backend: str) -> dict:
 
 
 def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_peer: bool = True,
-        side: bool = True) -> dict:
-    """Run every table, print progress and the report, write cpu.json and cpu.md (cpu_avx2.* when emulated)."""
+        side: bool = True, name: Optional[str] = None) -> dict:
+    """Run every table, print progress and the report, write cpu.json and cpu.md (cpu_avx2.* when
+    emulated; ``name``.* when given)."""
     backend = fused_backend()
     info = machine(backend)
     print(f"hen_kernels bench: {info['cpu']}, torch {info['torch']}, {info['torch_threads']} threads, "
@@ -524,18 +525,18 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_p
                              f"{after:.1f} after: other work on the machine, or a kernel that slows later "
                              "torch calls (raw OpenMP did, docs/design.md §7); the timings are suspect")
     info["load_average_end"] = common.load_average()
-    finish(report, out)
+    finish(report, out, name)
     return report
 
 
-def finish(report: dict, out: str) -> None:
+def finish(report: dict, out: str, name: Optional[str] = None) -> None:
     """The targets and ceiling fractions from the measurements, then cpu.{json,md} (cpu_avx2.* when
-    emulated).  ``--from-json`` calls it on a saved report: the Markdown again, nothing re-measured."""
+    emulated, ``name``.* when given).  ``--from-json`` calls it on a saved report: the Markdown again, nothing re-measured."""
     info = report["machine"]
     kernel = dict(kv.split("=", 1) for kv in info["cpu_info"].split() if "=" in kv)
     add_targets(report["rows"], report["ceilings"], kernel)
     md = markdown(report)
-    js, mdp = common.write_report(out, "cpu_avx2" if info["emulated"] else "cpu", report, md)
+    js, mdp = common.write_report(out, name or ("cpu_avx2" if info["emulated"] else "cpu"), report, md)
     print("\n" + md + f"\nwrote {js} and {mdp}")
 
 
@@ -548,12 +549,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-side", action="store_true", help="only the main table")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for every peer and the kernel (default: torch's own choice)")
+    p.add_argument("--name", metavar="STEM",
+                   help="write STEM.json and STEM.md instead (one table per kind of CPU: cpu_zen4, say)")
     p.add_argument("--from-json", metavar="PATH",
                    help="re-make the tables of a saved cpu.json or cpu_avx2.json (no measurement)")
     a = p.parse_args(argv)
     if a.from_json:
         with open(a.from_json) as f:
-            finish(json.load(f), a.out)
+            finish(json.load(f), a.out, a.name)
         return 0
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -564,5 +567,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="torchinductor_avx2_") as cache:
             env = dict(os.environ, **EMULATED_ENV, TORCHINDUCTOR_CACHE_DIR=cache)
             return subprocess.call([sys.executable, "-m", "hen_kernels.bench", "cpu", *args], env=env)
-    run(a.out, a.quick, a.repeats, not a.no_compile, not a.no_side)
+    run(a.out, a.quick, a.repeats, not a.no_compile, not a.no_side, a.name)
     return 0

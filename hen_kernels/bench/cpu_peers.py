@@ -183,7 +183,10 @@ def matrix_units(info: Dict[str, str], isa_flags: str) -> str:
     if info.get("vnni_bf16") != "1":
         return "no 16-bit matrix instructions used (bf16 widened to float32 products)"
     unit = "AMX" if "amx_bf16" in isa_flags.split() else "AVX-512 BF16"
-    return f"bf16 products on {unit} (oneDNN brgemm, VNNI operands)"
+    words = f"bf16 products on {unit} (oneDNN brgemm, VNNI operands)"
+    if info.get("bf16_pairs") == "1":
+        words += "; for few queries the kernel's own, on AVX-512 BF16's pair dot product"
+    return words
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
