@@ -1,11 +1,17 @@
-"""`python -m hen_kernels.bench cpu --quick` runs, and writes one sensible row per case."""
+"""`python -m hen_kernels.bench cpu --quick` (and `crossover --quick`) run, and write one sensible row per case."""
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from hen_kernels.bench import cpu as bench
+from hen_kernels.bench import crossover
+
+from .conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +86,25 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
         assert len(report["steps"]) and len(report["weighted"]) and len(report["l2_rule"])
         assert "## Multi-step retrieval" in md and "## Weighted similarity" in md
     assert "fused" in proc.stdout
+
+
+def test_crossover_quick_times_every_kind_of_product(tmp_path):
+    """`bench crossover --quick`: a cell per dtype, depth and query count, brgemm and every hand-written kind."""
+    require("cpu")
+    info = dict(kv.split("=", 1) for kv in torch.ops.hen_kernels.cpu_info().split() if "=" in kv)
+    if info.get("gemm") != "brgemm":
+        pytest.skip("this build has no brgemm to compare against")
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "hen_kernels.bench", "crossover", "--quick", "--repeats", "1",
+                           "--out", str(out), "--name", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "x.json").read_text())
+    cells = report["cells"]
+    assert len(cells) == 2 * len(crossover.DEPTHS) * len(crossover.QUERIES)
+    for c in cells:
+        dtype = getattr(torch, c["dtype"])
+        assert set(c["ms"]) == {"brgemm", *crossover.kinds(dtype, info)}
+        assert all(math.isfinite(v) and v > 0 for v in c["ms"].values())
+    md = (out / "x.md").read_text()
+    assert "## float32, hand" in md and "## bfloat16, hand" in md
+    assert ("## bfloat16, pairs" in md) == (info.get("bf16_pairs") == "1")

@@ -34,12 +34,12 @@ namespace {
 // in registers, keep them longer.  Without AMX, the pair dot product against oneDNN's
 // AVX-512 BF16 brgemm (which repacks every bank tile) wins longer the deeper the rows
 // (AMD EPYC Zen 4, both products: up to 4 queries at D = 64, 8 at D = 128, 16 from
-// D = 256 on; benchmarks/results/cpu_zen4.md).
+// D = 256 on; benchmarks/results/crossover_zen4.md, `python -m hen_kernels.bench crossover`).
 struct HandUpTo {
   int64_t score, value;
 };
 HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
-  if (vnni && pairs && !mk::cpu_has_amx_bf16()) {
+  if (vnni && pairs) {
     const int64_t q = D >= 256 ? 16 : D >= 128 ? 8 : 4;
     return {q, q};
   }
@@ -141,9 +141,13 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   const Product fast = vnni ? Product::Vnni : Product::F32;
   // The hand-written bfloat16 products on the pair dot product where the CPU has it: one
   // instruction multiplies and adds twice the pairs of a float32 FMA, with no widening.
+  // Measured faster on a CPU without AMX (EPYC Zen 4); on the AMX Xeons, not measured yet,
+  // the widened products measured there keep their place until `bench crossover` says
+  // otherwise (hints.gemm = Pairs forces the pairs).
   const bool pairs = kBf16Asm && plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && p.weights == nullptr &&
                      mk::cpu_has_avx512_bf16();
-  const Product hand = pairs && hints.gemm != G::Hand ? Product::Bf16Pairs : Product::Hand;
+  const bool pairs_first = pairs && (hints.gemm == G::Pairs || (hints.gemm == G::Auto && !mk::cpu_has_amx_bf16()));
+  const Product hand = pairs_first ? Product::Bf16Pairs : Product::Hand;
   if (hints.gemm == G::Pairs && !(kBf16Asm && mk::cpu_has_avx512_bf16()))
     throw std::invalid_argument("hints: this CPU (or this build) has no AVX-512 BF16 pair dot product");
   if (hints.gemm != G::Auto) {
@@ -154,7 +158,7 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
     // Few queries: a microkernel pads them to a whole vector (the score product) and
     // needs each bank tile repacked (16-bit values); the hand-written products read
     // the tile as stored.  Thresholds measured in benchmarks/results/cpu.md.
-    const HandUpTo up_to = hand_up_to(plan.isa, p.dtype, vnni, pairs, p.D);
+    const HandUpTo up_to = hand_up_to(plan.isa, p.dtype, vnni, hand == Product::Bf16Pairs, p.D);
     plan.score = p.B <= up_to.score ? hand : fast;
     plan.value = p.B <= up_to.value ? hand : fast;
   }

@@ -8,8 +8,9 @@
 // by queries, so the bank tile is read as stored, with no transpose or packing)
 // and the values O += P . V_tile.  They run on the platform's GEMM
 // microkernels (microkernel.h: oneDNN's brgemm through ATen, on AMX or
-// AVX-512 BF16 for 16-bit inputs) or, where those are absent, on hand-written
-// products (Product::Hand).  The softmax between them, the ℓ2 forms and the
+// AVX-512 BF16 for 16-bit inputs) or, where those are absent and for few queries,
+// on hand-written products (Product::Hand; bfloat16 on AVX-512 BF16's pair dot
+// product where the CPU has it, Product::Bf16Pairs).  The softmax between them, the ℓ2 forms and the
 // rules of docs/design.md §5.1 are the tile kernel's own (tile_kernel.cpp),
 // compiled once per instruction set.
 //

@@ -154,7 +154,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 3, device: Optional[str] = None) -> dict:
+def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 3, device: Optional[str] = None,
+        name: str = "nn") -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for case in cases(quick, dev):
@@ -167,11 +168,11 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 3, device: O
         dtype=str(_dtype(dev)).replace("torch.", ""),
         fused_backend=backends.resolve(None, check_inputs(x, x, 1.0, "dot")).name,
         repeats=repeats, quick=quick, load=common.load_average(),
-        command="python -m hen_kernels.bench nn" + (" --quick" if quick else ""),
+        command="python -m hen_kernels.bench nn" + (" --quick" if quick else "") + (f" --name {name}" if name != "nn" else ""),
         machine=common.host(), rows=rows,
     )
     md = markdown(report)
-    common.write_report(out, "nn", report, md)
+    common.write_report(out, name, report, md)
     print(md)
     return report
 
@@ -180,6 +181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = common.parser("nn", __doc__, "nn.json and nn.md", "tiny shapes (a smoke test)", 3,
                        "timed calls per measurement after a warm-up")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--name", metavar="STEM", default="nn",
+                    help="write STEM.json and STEM.md (one table per kind of machine: nn_zen4, say)")
     args = ap.parse_args(argv)
-    run(args.out, args.quick, args.repeats, args.device)
+    run(args.out, args.quick, args.repeats, args.device, args.name)
     return 0
