@@ -1,7 +1,7 @@
 """`make bench`: the CPU tables of docs/design.md §6, printed and written as JSON and Markdown.
 
     python -m hen_kernels.bench cpu [--out DIR] [--quick] [--repeats K] [--emulate-avx2] [--no-compile]
-                                    [--no-side] [--threads T] [--name STEM] [--from-json PATH]
+                                    [--no-side] [--threads T] [--only REGEX] [--name STEM] [--from-json PATH]
 
 Every case times the fused kernel, ``hk.hopfield_update(..., backend=<fused>)``, against
 the peers of :mod:`hen_kernels.bench.cpu_peers` (plain PyTorch, SDPA's flash and math
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -420,6 +421,7 @@ def markdown(report: dict) -> str:
         "of the same function (so that each finds the caches as it leaves them, not as a peer streaming half a GiB "
         "left them)"
         + (f" (--quick: N = {QUICK_N}, not the docs/design.md shapes)" if report["quick"] else "")
+        + (f" (--only {report['only']}: the other rows not run)" if report.get("only") else "")
         + "; each output checked against float32 plain PyTorch first (rel err; WRONG: off by more than "
         + ", ".join(f"{k} {v:g}" for k, v in CHECK_TOL.items()) + ")",
         f"- ceilings, same run, best of {report['repeats']} calls: float32 matmul ({c['matmul_shape'][0]}^3) {c['matmul_gflops']:.1f} GFLOP/s "
@@ -487,7 +489,7 @@ def machine(backend: str) -> dict:
 
 
 def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_peer: bool = True,
-        side: bool = True, name: Optional[str] = None) -> dict:
+        side: bool = True, name: Optional[str] = None, only: Optional[str] = None) -> dict:
     """Run every table, print progress and the report, write cpu.json and cpu.md (cpu_avx2.* when
     emulated; ``name``.* when given)."""
     backend = fused_backend()
@@ -498,19 +500,22 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_p
               "ceilings": peers.measure_ceilings(quick, repeats), "rows": [], "steps": [], "weighted": [],
               "l2_rule": []}
     n = QUICK_N if quick else None
+    keep = (lambda c: re.search(only, c.name) is not None) if only else (lambda c: True)
+    if only:
+        report["only"] = only
     try:
-        for case in cases(n):
+        for case in filter(keep, cases(n)):
             r = run_case(case, backend, repeats, compile_peer, 0.0 if quick else MIN_ROW_S)
             report["rows"].append(r)
             print(f"  {case.name:<44} fused {r['fused_ms']:9.2f} ms  " + "  ".join(
                 f"{k} {v['ratio']:.2f}x" for k, v in r["peers"].items() if v.get("ratio")), flush=True)
         if side:
-            for case in side_cases(n, ("dot",), DTYPES):
+            for case in filter(keep, side_cases(n, ("dot",), DTYPES)):
                 report["steps"].append(run_steps(case, backend, repeats, compile_peer, 0.0 if quick else MIN_ROW_S))
             if backend == "cpu":
-                for case in side_cases(n, ("dot", "l2"), DTYPES):
+                for case in filter(keep, side_cases(n, ("dot", "l2"), DTYPES)):
                     report["weighted"].append(run_weighted(case, backend, repeats))
-                for case in side_cases(n, ("l2",), DTYPES):
+                for case in filter(keep, side_cases(n, ("l2",), DTYPES)):
                     report["l2_rule"].append(run_l2_rule(case, backend, repeats))
             print("  side tables done", flush=True)
     finally:
@@ -549,6 +554,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-side", action="store_true", help="only the main table")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for every peer and the kernel (default: torch's own choice)")
+    p.add_argument("--only", metavar="REGEX",
+                   help="only the cases whose name matches (bulk-.*-float32, say); the header says so")
     p.add_argument("--name", metavar="STEM",
                    help="write STEM.json and STEM.md instead (one table per kind of CPU: cpu_zen4, say)")
     p.add_argument("--from-json", metavar="PATH",
@@ -567,5 +574,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="torchinductor_avx2_") as cache:
             env = dict(os.environ, **EMULATED_ENV, TORCHINDUCTOR_CACHE_DIR=cache)
             return subprocess.call([sys.executable, "-m", "hen_kernels.bench", "cpu", *args], env=env)
-    run(a.out, a.quick, a.repeats, not a.no_compile, not a.no_side, a.name)
+    run(a.out, a.quick, a.repeats, not a.no_compile, not a.no_side, a.name, a.only)
     return 0
