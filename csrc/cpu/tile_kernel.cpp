@@ -180,24 +180,11 @@ inline float row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DT
 }
 
 // The pair dot products where this copy has them (make_plan asks for them only then).
-template <typename... A>
-inline void pair_scores_or_abort(A... a) {
 #if HEN_NATIVE_BF16
-  pair_scores(a...);
+#define HEN_PAIR_PRODUCT(call) call
 #else
-  ((void)a, ...);
-  std::abort();
+#define HEN_PAIR_PRODUCT(call) std::abort()
 #endif
-}
-template <typename... A>
-inline void pair_values_or_abort(A... a) {
-#if HEN_NATIVE_BF16
-  pair_values(a...);
-#else
-  ((void)a, ...);
-  std::abort();
-#endif
-}
 
 // --- per-thread scratch, grown on demand and reused across tiles ----------------------
 
@@ -350,7 +337,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       // The next tile of this split, where it is a whole one read as stored.
       const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
       if (sp == Product::Bf16Pairs)
-        pair_scores_or_abort(qpairs, qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn);
+        HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn));
       else
         by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn); });
       if (!one_query)
@@ -480,7 +467,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       // pass alone leaves the memory idle here (measured: 3-19 % faster recall with both).
       const char* vnext = r0 + 2 * BN <= n_end ? vr + es * size_t(BN * ldvr) : nullptr;
       if (vp == Product::Bf16Pairs)
-        pair_values_or_abort(p16, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext);
+        HEN_PAIR_PRODUCT(pair_values(p16, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext));
       else
         by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext); });
     }
