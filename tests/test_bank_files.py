@@ -102,7 +102,12 @@ def test_append_save_load_is_bit_for_bit(tmp_path, storage, dtype, with_values):
         else:
             assert vals is None
         q = x[:2].clone()
-        assert torch.equal(back.update(q), bank.update(q)) or rel_err(back.update(q), bank.update(q)) < 1e-6
+        # Loaded with chunk_rows=9, the bank merges other partials than the original: float32
+        # rounding apart, except where a 16-bit bank's products run on 16-bit matrix paths (AMX,
+        # AVX-512 BF16), which round each chunk's softmax weights to the bank's dtype before the
+        # value product, as FlashAttention does (docs/design.md §5.1): then to that dtype's epsilon.
+        tol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+        assert torch.equal(back.update(q), bank.update(q)) or rel_err(back.update(q), bank.update(q)) < tol
         back.close()
     bank.close()
     assert not list(tmp_path.glob("*.tmp-*"))
