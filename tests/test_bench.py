@@ -10,6 +10,7 @@ import torch
 
 from hen_kernels.bench import cpu as bench
 from hen_kernels.bench import crossover
+from hen_kernels.bench.cpu_peers import cpu_info
 
 from .conftest import require
 
@@ -91,7 +92,7 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
 def test_crossover_quick_times_every_kind_of_product(tmp_path):
     """`bench crossover --quick`: a cell per dtype, depth and query count, brgemm and every hand-written kind."""
     require("cpu")
-    info = dict(kv.split("=", 1) for kv in torch.ops.hen_kernels.cpu_info().split() if "=" in kv)
+    info = cpu_info()
     if info.get("gemm") != "brgemm":
         pytest.skip("this build has no brgemm to compare against")
     out = tmp_path / "results"

@@ -142,6 +142,30 @@ constexpr int rows_per_block() {
   return W >= 16 ? (QI == 4 ? 4 : 8) : (QI == 4 ? 2 : QI == 2 ? 4 : 8);
 }
 
+// The end of a dot block: the QI x RJ accumulators (and RJ norm accumulators) reduced,
+// plus the depth past the last whole vector step k, one element at a time; q holds that
+// tail in float at its place in each row (split_pairs leaves it there too).
+template <DType DT, int QI, int RJ, bool kNorms>
+inline void finish_dots(vf* acc, vf* nacc, const float* q, int64_t D, int64_t k, const char* x, int64_t ldx,
+                        float* c, int64_t ldc, float* norms) {
+  float sums[QI * RJ];
+  reduce_lanes<QI * RJ>(acc, sums);
+  for (int a = 0; a < QI; ++a)
+    for (int b = 0; b < RJ; ++b) {
+      float t = sums[a * RJ + b];
+      for (int64_t kk = k; kk < D; ++kk) t += q[a * D + kk] * sf<DT>(x + b * ldx, kk);
+      c[b * ldc + a] = t;
+    }
+  if constexpr (kNorms) {
+    reduce_lanes<RJ>(nacc, norms);
+    for (int b = 0; b < RJ; ++b)
+      for (int64_t kk = k; kk < D; ++kk) {
+        const float v = sf<DT>(x + b * ldx, kk);
+        norms[b] += v * v;
+      }
+  }
+}
+
 // C[b * ldc + a] = <q_a, x_b> over the whole depth D, for QI queries (float rows of
 // q, stride D; for bfloat16 banks as split_pairs leaves them) and RJ bank rows of
 // dtype DT (byte stride ldx).
@@ -194,22 +218,7 @@ inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, flo
       for (int b = 0; b < RJ; ++b) acc[a * RJ + b] += qv * xv[b];
     }
   }
-  float sums[QI * RJ];
-  reduce_lanes<QI * RJ>(acc, sums);
-  for (int a = 0; a < QI; ++a)
-    for (int b = 0; b < RJ; ++b) {
-      float t = sums[a * RJ + b];
-      for (int64_t kk = k; kk < D; ++kk) t += q[a * D + kk] * sf<DT>(x + b * ldx, kk);
-      c[b * ldc + a] = t;
-    }
-  if constexpr (kNorms) {
-    reduce_lanes<RJ>(nacc, norms);
-    for (int b = 0; b < RJ; ++b)
-      for (int64_t kk = k; kk < D; ++kk) {
-        const float v = sf<DT>(x + b * ldx, kk);
-        norms[b] += v * v;
-      }
-  }
+  finish_dots<DT, QI, RJ, kNorms>(acc, nacc, q, D, k, x, ldx, c, ldc, norms);
 }
 
 template <DType DT, int QI>
@@ -384,22 +393,7 @@ HEN_BF16_PAIRS void pair_block(const uint16_t* q16, const float* qf, int64_t D, 
       for (int b = 0; b < RJ; ++b) dot_pairs(acc[a * RJ + b], qv, xv[b]);
     }
   }
-  float sums[QI * RJ];
-  reduce_lanes<QI * RJ>(acc, sums);
-  for (int a = 0; a < QI; ++a)
-    for (int b = 0; b < RJ; ++b) {
-      float t = sums[a * RJ + b];
-      for (int64_t kk = k; kk < D; ++kk) t += qf[a * D + kk] * sf<DType::BF16>(x + b * ldx, kk);
-      c[b * ldc + a] = t;
-    }
-  if constexpr (kNorms) {
-    reduce_lanes<RJ>(nacc, norms);
-    for (int b = 0; b < RJ; ++b)
-      for (int64_t kk = k; kk < D; ++kk) {
-        const float v = sf<DType::BF16>(x + b * ldx, kk);
-        norms[b] += v * v;
-      }
-  }
+  finish_dots<DType::BF16, QI, RJ, kNorms>(acc, nacc, qf, D, k, x, ldx, c, ldc, norms);
 }
 
 template <int QI>

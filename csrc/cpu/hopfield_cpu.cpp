@@ -48,13 +48,8 @@ HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
   return isa == Isa::Avx512 ? HandUpTo{8, 8} : HandUpTo{4, 4};
 }
 
-// Whether the AVX-512 copy of the tile kernel has the AVX-512 BF16 instructions, which it
-// writes as inline assembly (HEN_NATIVE_BF16 in simd.h: the same condition).
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 10)
-constexpr bool kBf16Asm = HEN_CPU_X86;
-#else
-constexpr bool kBf16Asm = false;
-#endif
+// Whether the AVX-512 copy of the tile kernel has the AVX-512 BF16 instructions.
+constexpr bool kBf16Asm = HEN_CPU_X86 && HEN_COMPILER_BF16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

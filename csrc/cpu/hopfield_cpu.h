@@ -10,7 +10,7 @@
 // microkernels (microkernel.h: oneDNN's brgemm through ATen, on AMX or
 // AVX-512 BF16 for 16-bit inputs) or, where those are absent and for few queries,
 // on hand-written products (Product::Hand; bfloat16 on AVX-512 BF16's pair dot
-// product where the CPU has it, Product::Bf16Pairs).  The softmax between them, the ℓ2 forms and the
+// product where the CPU has it and no AMX, Product::Bf16Pairs).  The softmax between them, the ℓ2 forms and the
 // rules of docs/design.md §5.1 are the tile kernel's own (tile_kernel.cpp),
 // compiled once per instruction set.
 //
@@ -30,6 +30,15 @@ namespace hen {
 
 // Instruction sets the tile kernel is compiled for, in increasing order.
 enum class Isa : int { Baseline = 1, Avx2 = 2, Avx512 = 3 };
+
+// Whether this compiler emits AVX-512 BF16 for the AVX-512 copy of the tile kernel (its
+// conversion in simd.h, its pair dot product in hand_products.h); make_plan asks for them
+// only then.
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 10)
+#define HEN_COMPILER_BF16 1
+#else
+#define HEN_COMPILER_BF16 0
+#endif
 // Who computes a tile product: the kernel's own code (hand_products.h: where brgemm
 // is absent, and for few queries), or the platform's microkernel (microkernel.h) in
 // float32 (16-bit inputs widened first) or on 16-bit VNNI operands; Bf16Pairs: the

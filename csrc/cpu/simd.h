@@ -221,7 +221,7 @@ inline void store_16(DType dt, uint16_t* dst, vf v) {
 // store_16 (to nearest even; the softmax weights are never subnormal), in one
 // instruction instead of seven.  Only where Plan::native_bf16 says the CPU has it;
 // inline assembly because this copy's instruction set (cpu/isa_begin.h) lacks it.
-#if HEN_ISA_LEVEL >= 3 && defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 10)
+#if HEN_ISA_LEVEL >= 3 && HEN_COMPILER_BF16
 #define HEN_NATIVE_BF16 1
 inline void store_bf16_native(uint16_t* dst, vf v) {
   __m256i r;

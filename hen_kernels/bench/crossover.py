@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from . import common
+from .cpu_peers import cpu_info
 
 DEPTHS = (64, 128, 256, 512, 1024)
 QUERIES = (1, 2, 4, 8, 16, 32)
@@ -36,13 +37,13 @@ def forced(q: torch.Tensor, x: torch.Tensor, kernel: str):
 
 
 def measure(quick: bool, repeats: int) -> dict:
-    info = dict(kv.split("=", 1) for kv in torch.ops.hen_kernels.cpu_info().split() if "=" in kv)
+    info = cpu_info()
     if info.get("gemm") != "brgemm":
         raise SystemExit("crossover: this build has no brgemm (not x86, or a torch without it): nothing to compare")
     report = {"machine": {"cpu": common.cpu_model(), "isa": common.isa(), "cpu_info": torch.ops.hen_kernels.cpu_info(),
                           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
               "quick": quick, "repeats": repeats, "cells": []}
-    elements = QUICK_ELEMENTS if quick else BANK_ELEMENTS
+    elements = report["bank_elements"] = QUICK_ELEMENTS if quick else BANK_ELEMENTS
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         for D in DEPTHS:
@@ -63,7 +64,7 @@ def markdown(report: dict) -> str:
     lines = ["# CPU kernel: brgemm time / hand-written time (above 1: the hand-written products win)", "",
              f"- machine: {m['cpu']} ({m['isa']}), torch {m['torch']} with {m['torch_threads']} threads",
              f"- kernel: {m['cpu_info']}",
-             f"- bank of {report['cells'][0]['N'] * DEPTHS[0]} elements, median of {report['repeats']} interleaved "
+             f"- bank of {report['bank_elements']} elements, median of {report['repeats']} interleaved "
              "calls, each after an untimed call of the same function" + (" (--quick)" if report["quick"] else ""),
              "- the planner's limits: `hand_up_to` in csrc/cpu/hopfield_cpu.cpp", ""]
     dtypes = sorted({c["dtype"] for c in report["cells"]}, key=lambda d: d != "float32")
