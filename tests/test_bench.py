@@ -1,6 +1,7 @@
 """`python -m hen_kernels.bench cpu --quick` (and `crossover --quick`) run, and write one sensible row per case."""
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
         assert math.isclose(r["fused_gbps"], case.bytes / (t * 1e-3) / 1e9, rel_tol=1e-9)
         assert r["fused_extra_mib"] is None or (math.isfinite(r["fused_extra_mib"]) and r["fused_extra_mib"] >= 0)
         assert r["fused_backend"] == m["fused_backend"]
+        # Every timed call is kept, the median is theirs, and so is the IQR.
+        calls = r["fused_times_ms"]
+        assert len(calls) == r["fused_calls"] and math.isclose(statistics.median(calls), t, rel_tol=1e-9)
+        q1, _, q3 = statistics.quantiles(calls, n=4)
+        assert math.isclose(r["fused_iqr"], (q3 - q1) / t, rel_tol=1e-9, abs_tol=1e-12)
         # Every peer the similarity allows was checked and timed (SDPA cannot express l2).
         want = {"plain", "sdpa", "sdpa_math"} if case.similarity != "l2" else {"plain"}
         assert want <= set(r["peers"])
@@ -76,12 +82,14 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
         # The fused kernel and plain PyTorch compute the same update.
         assert r["check_ok"] and 0 <= r["rel_err"] < bench.CHECK_TOL[case.dtype], (case.name, r["rel_err"])
 
+    r_by_name = {r["name"]: r for r in rows}
     table = [line for line in md.split("\n\n## ")[0].splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(expected)  # header + one row per case
     for case, line in zip(expected, table[1:]):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:6] == [case.regime, case.similarity, str(case.B), str(case.N), str(case.D), case.dtype]
         assert cells[-1] in ("yes", "NO")
+        assert cells[7] == f"{100 * r_by_name[case.name]['fused_iqr']:.0f}%"
     assert m["fused_backend_label"] in md
     if m["fused_backend"] == "cpu":  # the side tables: steps, weights, the l2 rule
         assert len(report["steps"]) and len(report["weighted"]) and len(report["l2_rule"])

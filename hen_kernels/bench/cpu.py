@@ -159,6 +159,14 @@ def _median_ms(times: List[float]) -> float:
     return statistics.median(times) * 1e3
 
 
+def iqr_over_median(times: List[float]) -> Optional[float]:
+    """(Q3 - Q1) / median of the calls; None for fewer than two."""
+    if len(times) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / statistics.median(times)
+
+
 # --- the main table ----------------------------------------------------------------
 
 def first_calls(fns: Dict[str, object]) -> Dict[str, float]:
@@ -233,7 +241,8 @@ def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compil
         ms = _median_ms(times)
         if name == "fused":
             row.update(fused_ms=ms, fused_gflops=case.flops / ms / 1e6, fused_gbps=case.bytes / ms / 1e6,
-                       fused_extra_mib=None if extra is None else extra / MIB, fused_calls=len(times))
+                       fused_extra_mib=None if extra is None else extra / MIB, fused_calls=len(times),
+                       fused_times_ms=[t * 1e3 for t in times], fused_iqr=iqr_over_median(times))
         elif name == "fused_fp32":
             row["own_fp32_ms"] = ms
         else:
@@ -387,6 +396,7 @@ COLUMNS = [  # (header, row -> cell); first five and last fixed (tests/test_benc
     ("D", lambda r: str(r["D"])),
     ("dtype", lambda r: r["dtype"]),
     ("fused ms", lambda r: num(r["fused_ms"], ".2f")),
+    ("IQR", lambda r: f"{100 * r['fused_iqr']:.0f}%" if r.get("fused_iqr") is not None else "-"),
     ("GFLOP/s", lambda r: num(r["fused_gflops"], ".1f")),
     ("GB/s", lambda r: num(r["fused_gbps"], ".2f")),
     ("of ceiling", lambda r: f"{100 * r['fraction']:.0f}% {'read' if r['ceiling'] == 'read' else 'matmul'}"),
@@ -435,6 +445,9 @@ def markdown(report: dict) -> str:
         "level before the call",
         f"- ¹ a peer over {SLOW_PEER_S:g} s and {SLOW_PEER_RATIO:g}x the kernel in its check call is timed once "
         "more, not at every repeat",
+        "- IQR: the interquartile range of the kernel's timed calls in the row over their median (each call's time "
+        "is in the JSON, `fused_times_ms`): how steady the machine was during the row; on these shared VMs 5-20 % "
+        "is common, and a row now and then runs disturbed throughout",
         "",
     ]
     lines += common.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in report["rows"]])
