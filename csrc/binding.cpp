@@ -173,9 +173,8 @@ PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, con
 }
 
 // The CPU side of partial_with_plan_hints (tests): kernel "auto", "brgemm",
-// "hand", "pairs" or "blas" (who computes the tile products: pairs is hand with bfloat16
-// on AVX-512 BF16's pair dot product, hand then widens to float32; blas is MKL's 16-bit
-// GEMM for 16-bit inputs, brgemm for the others), optionally ":avx512", ":avx2" or
+// "hand" or "pairs" (who computes the tile products: pairs is hand with bfloat16
+// on AVX-512 BF16's pair dot product, hand then widens to float32), optionally ":avx512", ":avx2" or
 // ":baseline" (the highest instruction set of the tile kernel), so that one
 // machine runs every path; query_block and splits as for CUDA.
 PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Tensor& memory,
@@ -193,11 +192,9 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
     hints.gemm = G::Hand;
   } else if (gemm == "pairs") {
     hints.gemm = G::Pairs;
-  } else if (gemm == "blas") {
-    hints.gemm = G::Blas;
   } else {
     TORCH_CHECK_VALUE(gemm == "auto", "hen_kernels::partial_with_plan_hints: on the CPU, kernel must be auto, brgemm, "
-                      "hand, pairs or blas, optionally with :avx512, :avx2 or :baseline, got ", k);
+                      "hand or pairs, optionally with :avx512, :avx2 or :baseline, got ", k);
   }
   if (isa == "avx512") {
     hints.isa = int(hen::Isa::Avx512);

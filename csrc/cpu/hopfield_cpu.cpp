@@ -114,7 +114,6 @@ std::string describe() {
   s += std::string(" vnni_bf16=") + (avx512 && mk::vnni_available(DType::BF16) ? "1" : "0");
   s += std::string(" vnni_f16=") + (avx512 && mk::vnni_available(DType::F16) ? "1" : "0");
   s += std::string(" bf16_pairs=") + (default_isa() == Isa::Avx512 && kBf16Asm && mk::cpu_has_avx512_bf16() ? "1" : "0");
-  s += std::string(" blas16=") + (mk::blas16_available(DType::BF16) ? "1" : "0");
   return s;
 }
 
@@ -134,20 +133,7 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   // to 16 bits would lose what they ask for.  VNNI pairs need an even D.
   const bool vnni = brgemm && plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.weights == nullptr &&
                     p.D % 2 == 0 && mk::vnni_available(p.dtype);
-  // 16-bit tiles as stored on the BLAS's 16-bit GEMM, which converts as it packs (from AVX2
-  // up: the baseline copy has no float16 stores for P).  Chosen by default only where it
-  // measured faster than widening each tile for the float32 brgemm: bfloat16 on AVX2 with
-  // rows of 1024 and more (EPYC Zen 4 with AVX2 forced, B = 64: 25-30 % faster from
-  // D = 1024, 4 % slower at D = 512, slower for the layer's D = 64).  Not for float16 (MKL's
-  // was 1.5-2.4x slower than widening) nor on AVX-512 (slower, measured with oneDNN held to
-  // AVX-512 without BF16).
-  const bool blas16 = p.dtype != DType::F32 && p.weights == nullptr && plan.isa >= Isa::Avx2 &&
-                      mk::blas16_available(p.dtype);
-  if (hints.gemm == G::Blas && !mk::blas16_available(p.dtype == DType::F32 ? DType::BF16 : p.dtype))
-    throw std::invalid_argument("hints: this torch build has no 16-bit BLAS GEMM (MKL) for this dtype");
-  const bool blas16_measured = plan.isa == Isa::Avx2 && p.dtype == DType::BF16 && p.D >= 1024;
-  const bool blas16_first = blas16 && (hints.gemm == G::Blas || (hints.gemm == G::Auto && !vnni && blas16_measured));
-  const Product fast = vnni && !blas16_first ? Product::Vnni : blas16_first ? Product::Blas16 : Product::F32;
+  const Product fast = vnni ? Product::Vnni : Product::F32;
   // The hand-written bfloat16 products on the pair dot product where the CPU has it: one
   // instruction multiplies and adds twice the pairs of a float32 FMA, with no widening.
   // Measured faster on a CPU without AMX (EPYC Zen 4); on the AMX Xeons, not measured yet,
@@ -159,10 +145,8 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   const Product hand = pairs_first ? Product::Bf16Pairs : Product::Hand;
   if (hints.gemm == G::Pairs && !(kBf16Asm && mk::cpu_has_avx512_bf16()))
     throw std::invalid_argument("hints: this CPU (or this build) has no AVX-512 BF16 pair dot product");
-  if ((hints.gemm == G::Blas && fast != Product::Blas16) && !brgemm)
-    throw std::invalid_argument("hints: this build has no brgemm (not x86, or a torch without it)");
   if (hints.gemm != G::Auto) {
-    plan.score = plan.value = hints.gemm == G::Brgemm || hints.gemm == G::Blas ? fast : hand;
+    plan.score = plan.value = hints.gemm == G::Brgemm ? fast : hand;
   } else if (!brgemm) {
     plan.score = plan.value = hand;
   } else {
@@ -184,11 +168,12 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
                      p.dtype == DType::BF16 && plan.isa == Isa::Avx512 && kBf16Asm && mk::cpu_has_avx512_bf16();
 
   const int64_t B = std::max<int64_t>(p.B, 1);
-  // AVX2 float32 products on deep rows: 32 queries a block ran 6-16 % faster than 64 from
-  // D = 512 on (EPYC Zen 4 with AVX2 forced, D = 512-2048; with AVX-512, 64 stays faster).
-  // Our reading, not measured apart: Q^T and the accumulator of 64 queries (1 MiB at
-  // D = 2048) beside the row tile overflow the L2 that oneDNN's AVX2 kernels stream them from.
-  const int64_t block = plan.isa == Isa::Avx2 && p.D >= 512 && plan.score == Product::F32 ? 32 : 64;
+  // AVX2 float32 products on rows of 2048 and more: 32 queries a block ran 1-10 % faster than
+  // 64 (EPYC Zen 4 with AVX2 forced, float32 and widened bf16, three runs each; at D = 512
+  // and 1024 64 was as fast or faster, with the tiles restrided as rows.h does).  Our
+  // reading, not measured apart: Q^T and the accumulator of 64 queries (1 MiB at D = 2048)
+  // fill the L2 the row tile is streamed through.
+  const int64_t block = plan.isa == Isa::Avx2 && p.D >= 2048 && plan.score == Product::F32 ? 32 : 64;
   plan.query_block = std::min<int64_t>(B, hints.query_block > 0 ? hints.query_block : block);
   // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).
   const bool wide = p.dtype == DType::F32 || plan.score == Product::F32 || plan.value == Product::F32;

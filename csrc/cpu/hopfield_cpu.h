@@ -42,17 +42,14 @@ enum class Isa : int { Baseline = 1, Avx2 = 2, Avx512 = 3 };
 // Who computes a tile product: the kernel's own code (hand_products.h: where brgemm
 // is absent, and for few queries), or the platform's microkernel (microkernel.h) in
 // float32 (16-bit inputs widened first) or on 16-bit VNNI operands; Bf16Pairs: the
-// kernel's own products on bfloat16 as stored, by AVX-512 BF16's pair dot product;
-// Blas16: 16-bit operands as stored, by the BLAS's 16-bit GEMM with float32 accumulation
-// (MKL's, which converts while it packs: for CPUs without 16-bit matrix instructions).
-enum class Product : int { Hand = 0, F32 = 1, Vnni = 2, Bf16Pairs = 3, Blas16 = 4 };
+// kernel's own products on bfloat16 as stored, by AVX-512 BF16's pair dot product.
+enum class Product : int { Hand = 0, F32 = 1, Vnni = 2, Bf16Pairs = 3 };
 
 // What a caller may force (tests, benchmarks); zero / Auto leave the choice to make_plan.
 struct PlanHints {
   // Pairs: the hand-written products, bfloat16 ones on the pair dot product (where the
-  // CPU has it; other dtypes and weighted calls as Hand).  Blas: Product::Blas16 for
-  // 16-bit unweighted calls (float32 and weighted ones as Brgemm).
-  enum class GemmChoice { Auto, Brgemm, Hand, Pairs, Blas } gemm = GemmChoice::Auto;
+  // CPU has it; other dtypes and weighted calls as Hand).
+  enum class GemmChoice { Auto, Brgemm, Hand, Pairs } gemm = GemmChoice::Auto;
   int isa = 0;  // highest instruction set to use (an Isa value), 0: the best this CPU has
   int64_t query_block = 0;
   int64_t splits = 0;

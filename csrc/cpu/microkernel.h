@@ -44,18 +44,6 @@ bool cpu_has_amx_bf16();
 void gemm_vnni(DType dt, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                const uint16_t* A, const uint16_t* B, float* C);
 
-// Whether the BLAS's 16-bit GEMM with float32 accumulation (MKL's cblas_gemm_bf16bf16f32
-// and cblas_gemm_f16f16f32, in the torch builds that link MKL) exists for `dt` and a
-// probe product came out right.  On a CPU without 16-bit matrix instructions it converts
-// the operands as it packs them, where the float32 brgemm needs a widened copy of each
-// tile first.  Decided once per process.
-bool blas16_available(DType dt);
-
-// C (+)= A . op(B), A and B 16-bit of type dt as stored (row-major), C float32;
-// op(B) = B^T (B is N x K) when trans_b.  Runs on the calling thread alone.
-void gemm_blas16(DType dt, bool trans_b, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
-                 bool add, const uint16_t* A, const uint16_t* B, float* C);
-
 // Hand the matrix unit's state back (AMX tile configuration) once a thread is
 // done with gemm_vnni for now, as PyTorch's flash attention does.
 void release_vnni();

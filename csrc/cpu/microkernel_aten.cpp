@@ -14,19 +14,6 @@
 
 #include "cpu/microkernel.h"
 
-// MKL's 16-bit GEMMs and its per-thread thread count, as libtorch_cpu exports them where
-// torch links MKL (LP64: int sizes).  Weak: a torch without MKL leaves them null, and
-// blas16_available says no.  The enums are CBLAS's (row-major 101, no-trans 111, trans 112).
-extern "C" {
-void cblas_gemm_bf16bf16f32(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // (mkl_service.h maps the lower-case name to it)
-}
-
 namespace hen {
 namespace mk {
 namespace cb = at::native::cpublas;
@@ -63,10 +50,9 @@ uint16_t to_bits(DType dt, float f) {
   return c10::Half(f).x;
 }
 
-// A 32 x 20 x 8 product of small integers (exact in 16 bits and in float32), B given
-// as `vnni` (the VNNI layout, gemm_vnni) or else transposed (gemm_blas16 with trans_b):
-// the answer must come back exactly, else that path is not used.
-bool probe(DType dt, bool vnni) {
+// A 32 x 20 x 8 product of small integers (exact in 16 bits and in float32):
+// the answer must come back exactly, else this path is not used.
+bool probe(DType dt) {
   constexpr int64_t M = 32, N = 20, K = 8;
   std::vector<float> a(M * K), b(K * N);
   for (int64_t i = 0; i < M * K; ++i) a[i] = float(i % 7) - 3.f;
@@ -74,16 +60,11 @@ bool probe(DType dt, bool vnni) {
   std::vector<uint16_t> a16(M * K), b16(K * N);
   for (int64_t i = 0; i < M * K; ++i) a16[i] = to_bits(dt, a[i]);
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n)
-      b16[vnni ? (k / 2) * N * 2 + n * 2 + k % 2 : n * K + k] = to_bits(dt, b[k * N + n]);
+    for (int64_t n = 0; n < N; ++n) b16[(k / 2) * N * 2 + n * 2 + k % 2] = to_bits(dt, b[k * N + n]);
   std::vector<float> c(M * N, 123.f);
   try {
-    if (vnni) {
-      gemm_vnni(dt, M, N, K, K, N, N, false, a16.data(), b16.data(), c.data());
-      release_vnni();
-    } else {
-      gemm_blas16(dt, true, M, N, K, K, K, N, false, a16.data(), b16.data(), c.data());
-    }
+    gemm_vnni(dt, M, N, K, K, N, N, false, a16.data(), b16.data(), c.data());
+    release_vnni();
   } catch (const std::exception&) {
     return false;
   }
@@ -94,12 +75,6 @@ bool probe(DType dt, bool vnni) {
       if (c[m * N + n] != want) return false;
     }
   return true;
-}
-
-using Blas16Gemm = decltype(&cblas_gemm_bf16bf16f32);
-Blas16Gemm blas16_gemm(DType dt) {
-  if (!kX86) return nullptr;  // (measured, and probed, on x86 only)
-  return dt == DType::BF16 ? &cblas_gemm_bf16bf16f32 : dt == DType::F16 ? &cblas_gemm_f16f16f32 : nullptr;
 }
 }  // namespace
 
@@ -159,28 +134,10 @@ void release_vnni() {
 bool vnni_available(DType dt) {
   if (!kX86 || dt == DType::F32) return false;
   // Both probes run once, on the first call, under the static's guard.
-  static const bool bf16 = cpu_has_16bit_matrix(DType::BF16) && probe(DType::BF16, true);
-  static const bool f16 = cpu_has_16bit_matrix(DType::F16) && probe(DType::F16, true);
+  static const bool bf16 = cpu_has_16bit_matrix(DType::BF16) && probe(DType::BF16);
+  static const bool f16 = cpu_has_16bit_matrix(DType::F16) && probe(DType::F16);
   // brgemm refuses the VNNI path whenever the user has switched oneDNN off.
   return (dt == DType::BF16 ? bf16 : f16) && at::globalContext().userEnabledMkldnn();
-}
-
-bool blas16_available(DType dt) {
-  static const bool bf16 = blas16_gemm(DType::BF16) != nullptr && probe(DType::BF16, false);
-  static const bool f16 = blas16_gemm(DType::F16) != nullptr && probe(DType::F16, false);
-  return dt == DType::BF16 ? bf16 : dt == DType::F16 ? f16 : false;
-}
-
-void gemm_blas16(DType dt, bool trans_b, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
-                 bool add, const uint16_t* A, const uint16_t* B, float* C) {
-  const Blas16Gemm gemm = blas16_gemm(dt);
-  TORCH_CHECK(gemm != nullptr, "hen_kernels: no 16-bit BLAS GEMM for this dtype in this torch build");
-  // One thread per call: the tile kernel already runs one tile per thread, and MKL left to
-  // itself may start its own team inside ours.
-  const int before = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-  gemm(101, 111, trans_b ? 112 : 111, int(M), int(N), int(K), 1.f, A, int(lda), B, int(ldb), add ? 1.f : 0.f, C,
-       int(ldc));
-  if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(before);
 }
 
 }  // namespace mk

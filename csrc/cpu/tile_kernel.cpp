@@ -245,14 +245,6 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       std::memcpy(t + i * D, qsrc + es * size_t(i * p.query_row_stride), 2 * size_t(D));
     qpairs = t;
   }
-  const uint16_t* qrows16 = nullptr;  // Blas16: the 16-bit query rows, zero rows to BMp
-  if (sp == Product::Blas16) {
-    uint16_t* t = grow(sc.q16, BMp * D);
-    for (int64_t i = 0; i < BM; ++i)
-      std::memcpy(t + i * D, qsrc + es * size_t(i * p.query_row_stride), 2 * size_t(D));
-    std::memset(t + BM * D, 0, 2 * size_t((BMp - BM) * D));
-    qrows16 = t;
-  }
   if (sp == Product::Hand && dt == DType::BF16) {
     float* t = grow(sc.qsplit, BM * D);
     split_pairs(qw, BM, D, t);
@@ -316,8 +308,8 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   float* c1 = grow(sc.c1, BN * BMp);
   float* c2 = weighted_l2 ? grow(sc.c2, BN * BMp) : nullptr;
   float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
-  // P in the value product's A operand: 16-bit for the 16-bit products, else float.
-  const bool p_16bit = vp == Product::Vnni || vp == Product::Bf16Pairs || vp == Product::Blas16;
+  // P in the value product's A operand: 16-bit for VNNI and the pair dot product, else float.
+  const bool p_16bit = vp == Product::Vnni || vp == Product::Bf16Pairs;
   float* pf = p_16bit ? nullptr : grow(sc.pf, BMp * BN);
   uint16_t* p16 = p_16bit ? grow(sc.p16, BMp * BN) : nullptr;
   const float neg_half_beta = -0.5f * beta;
@@ -333,7 +325,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     if (R < BN) xr = pad_rows(xr, ldr, es, R, BN, D, sc.xraw), ldr = D;
     const float* xf = reinterpret_cast<const float*>(xr);
     int64_t ldf = ldr;
-    if (float_tiles && dt != DType::F32) xf = float_rows(dt, xr, ldr, BN, D, sc.xf), ldf = D;
+    if (float_tiles && (dt != DType::F32 || restride_float_tile(ldr))) xf = float_rows(dt, xr, ldr, BN, D, sc.xf, ldf);
     auto xrow = [&](int64_t j) { return xr + es * size_t(j * ldr); };
 
     // 1. Score products: C1 = X . (w∘q)^T, and for weighted ℓ2 C2 = (X∘X) . w^T.
@@ -341,8 +333,6 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       mk::gemm_vnni(dt, BN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), q16, c1);
     } else if (sp == Product::F32) {
       mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
-    } else if (sp == Product::Blas16) {
-      mk::gemm_blas16(dt, true, BN, BMp, D, ldr, D, BMp, false, reinterpret_cast<const uint16_t*>(xr), qrows16, c1);
     } else {
       // The next tile of this split, where it is a whole one read as stored.
       const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
@@ -462,15 +452,13 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
         mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), BN, BN, Dv, Dv, true, p16, sc.vpack.data() + 2 * c0,
                       o + c0);
-    } else if (vp == Product::Blas16) {
-      mk::gemm_blas16(dt, false, BM, Dv, BN, BN, ldvr, Dv, true, p16, reinterpret_cast<const uint16_t*>(vr), o);
     } else if (vp == Product::F32) {
       const float* vf32 = reinterpret_cast<const float*>(vr);
       int64_t ldv = ldvr;
       if (values_are_memory) {
         vf32 = xf, ldv = ldf;
       } else if (dt != DType::F32) {
-        vf32 = float_rows(dt, vr, ldvr, BN, Dv, sc.vf_), ldv = Dv;
+        vf32 = float_rows(dt, vr, ldvr, BN, Dv, sc.vf_, ldv);
       }
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
         mk::gemm_f32(BM, std::min(kValueChunk, Dv - c0), BN, BN, ldv, Dv, true, pf, vf32 + c0, o + c0);

@@ -181,10 +181,7 @@ def cpu_info() -> Dict[str, str]:
 def matrix_units(info: Dict[str, str], isa_flags: str) -> str:
     """Which units the 16-bit products run on, in words, for the table's header."""
     if info.get("vnni_bf16") != "1":
-        words = "no 16-bit matrix instructions used (bf16 widened to float32 products"
-        if info.get("blas16") == "1" and info.get("isa") == "avx2":
-            words += "; with 1024 features and more, MKL's bf16 GEMM, which widens as it packs"
-        return words + ")"
+        return "no 16-bit matrix instructions used (bf16 widened to float32 products)"
     unit = "AMX" if "amx_bf16" in isa_flags.split() else "AVX-512 BF16"
     words = f"bf16 products on {unit} (oneDNN brgemm, VNNI operands)"
     if info.get("bf16_pairs") == "1":
