@@ -148,9 +148,15 @@ const char* pad_rows(const char* src, int64_t stride, size_t es, int64_t R, int6
 inline int64_t padded_stride(int64_t cols) { return cols % 256 == 0 ? cols + 16 : cols; }
 
 // Whether a float32 tile with rows `stride` floats apart is worth copying to padded_stride
-// rows for the float32 brgemm: with AVX2, from 1 KiB strides on (4-16 % faster at
-// D = 256-2048, copy included); with AVX-512 the copy cost more than it saved (7-9 %).
-inline bool restride_float_tile(int64_t stride) { return HEN_ISA_LEVEL == 2 && stride % 256 == 0; }
+// rows for the float32 brgemm products of a block of `queries` queries over `cols` features:
+// with AVX2, from 1 KiB strides on and only where the products outweigh the copy.
+// Measured (EPYC Zen 4 with AVX2 forced, copy included): B = 64 4-16 % faster at
+// D = 512-2048, B = 32 at D = 2048 9 % faster; but recall's B = 8 at D = 512 20 % slower
+// (memory-bound: the copy is another pass over the tile) and B = 16 or 32 at D = 512 4-10 %
+// slower.  With AVX-512 the copy cost more than it saved (7-9 % at B = 64).
+inline bool restride_float_tile(int64_t stride, int64_t queries, int64_t cols) {
+  return HEN_ISA_LEVEL == 2 && stride % 256 == 0 && queries * cols >= 64 * 512;
+}
 
 // `rows` rows of dtype dt as float rows, padded_stride(cols) apart (returned in ld_out).
 float* float_rows(DType dt, const char* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& buf,

@@ -325,7 +325,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     if (R < BN) xr = pad_rows(xr, ldr, es, R, BN, D, sc.xraw), ldr = D;
     const float* xf = reinterpret_cast<const float*>(xr);
     int64_t ldf = ldr;
-    if (float_tiles && (dt != DType::F32 || restride_float_tile(ldr))) xf = float_rows(dt, xr, ldr, BN, D, sc.xf, ldf);
+    if (float_tiles && (dt != DType::F32 || restride_float_tile(ldr, BM, D))) xf = float_rows(dt, xr, ldr, BN, D, sc.xf, ldf);
     auto xrow = [&](int64_t j) { return xr + es * size_t(j * ldr); };
 
     // 1. Score products: C1 = X . (w∘q)^T, and for weighted ℓ2 C2 = (X∘X) . w^T.
