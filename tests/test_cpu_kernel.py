@@ -130,8 +130,9 @@ def check_shape(kernel, dtype, sim, shape):
 @pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sim", SIMILARITIES)
-def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim):
-    b, n, d, dv = 37, 700, 48, 11
+@pytest.mark.parametrize("d,dv", [(48, 11), (256, 256)], ids=["D48", "D256"])  # 256: float tiles on padded rows
+def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim, d, dv):
+    b, n = 37, 700
     q, x, v = make((b, d), dtype, 3), make((n, d), dtype, 4), make((n, dv), dtype, 5)
     w = make((b, d), torch.float32, 6).abs()
     w[0, : d // 2] = 0  # a query that knows only half its pattern

@@ -10,9 +10,9 @@
 // microkernels (microkernel.h: oneDNN's brgemm through ATen, on AMX or
 // AVX-512 BF16 for 16-bit inputs) or, where those are absent and for few queries,
 // on hand-written products (Product::Hand; bfloat16 on AVX-512 BF16's pair dot
-// product where the CPU has it and no AMX, Product::Bf16Pairs).  The softmax between them, the ℓ2 forms and the
-// rules of docs/design.md §5.1 are the tile kernel's own (tile_kernel.cpp),
-// compiled once per instruction set.
+// product where the CPU has it and no AMX, Product::Bf16Pairs).  The softmax
+// between them, the ℓ2 forms and the rules of docs/design.md §5.1 are the tile
+// kernel's own (tile_kernel.cpp), compiled once per instruction set.
 //
 // Work is cut into independent tiles (leading index, query block, bank split).
 // The caller runs tiles on its own thread pool (the ATen binding uses

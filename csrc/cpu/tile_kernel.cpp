@@ -346,16 +346,14 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     if (xn && !hand_scores_here)  // (the hand-written products left them already)
       by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, BN, D, xn); });
     if (weighted_l2) {
-      float* xsq = grow(sc.xsq, BN * D);
-      for (int64_t j = 0; j < BN; ++j) {
-        float* t = xsq + j * D;
-        row_to_float(dt, xrow(j), t, D);
-        for (int64_t k = 0; k < D; ++k) t[k] *= t[k];
-      }
+      int64_t ldsq;  // rows padded_stride apart, as every float tile a product reads
+      float* xsq = float_rows(dt, xr, ldr, BN, D, sc.xsq, ldsq);
+      for (int64_t j = 0; j < BN; ++j)
+        for (int64_t k = 0; k < D; ++k) xsq[j * ldsq + k] *= xsq[j * ldsq + k];
       if (sp == Product::F32) {
-        mk::gemm_f32(BN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
+        mk::gemm_f32(BN, BMp, D, ldsq, BMp, BMp, false, xsq, wop, c2);
       } else {
-        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * D, BN, c2, ldc);
+        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * ldsq, BN, c2, ldc);
         if (!one_query)
           for (int64_t j = 0; j < BN; ++j) std::fill(c2 + j * BMp + BM, c2 + (j + 1) * BMp, 0.f);
       }

@@ -40,8 +40,7 @@ def measure(quick: bool, repeats: int) -> dict:
     info = cpu_info()
     if info.get("gemm") != "brgemm":
         raise SystemExit("crossover: this build has no brgemm (not x86, or a torch without it): nothing to compare")
-    report = {"machine": {"cpu": common.cpu_model(), "isa": common.isa(), "cpu_info": torch.ops.hen_kernels.cpu_info(),
-                          "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+    report = {"machine": dict(common.host(), cpu_info=torch.ops.hen_kernels.cpu_info()),
               "quick": quick, "repeats": repeats, "cells": []}
     elements = report["bank_elements"] = QUICK_ELEMENTS if quick else BANK_ELEMENTS
     gen = torch.Generator().manual_seed(0)
