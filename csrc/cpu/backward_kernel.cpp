@@ -197,9 +197,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
               s = c;
             } else {
               const vf sum = vq + (wts ? load(c2 + j * BMp + gq) : splat(xn[j]));
-              const LanePairs lp{q + gq * D, D, wts ? wts + gq * D : nullptr,
+              auto pairs = [&] {
+                return LanePairs{q + gq * D, D, wts ? wts + gq * D : nullptr,
                                  reinterpret_cast<const char*>(xf + j * ldf), 0};
-              const vf d2 = l2_distance_sq(sum, c, true, live, lp, D, DType::F32);
+              };
+              const vf d2 = l2_distance_sq(sum, c, true, live, pairs, D, DType::F32);
               s = sim == Similarity::L2 ? -vsqrt(d2) : splat(-0.5f) * d2;
             }
             const vf pj = exp_nonpositive(rounded(vb * s) - vl);

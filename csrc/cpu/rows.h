@@ -53,12 +53,16 @@ __attribute__((noinline)) vf recompute_flagged(vf d2, vi flag, int live, LanePai
 
 // docs/design.md §5.1 for one vector of pairs: d² = sum - 2c from the products
 // (sum = |q|²_w + |x|²_w), recomputed directly where it may have cancelled (when
-// `recompute`), and never below 0 (rounding may leave a tiny negative; NaN stays NaN).
-inline vf l2_distance_sq(vf sum, vf c, bool recompute, int live, LanePairs lp, int64_t D, DType xdt) {
+// `recompute`; `pairs()` gives their LanePairs), and never below 0 (rounding may leave
+// a tiny negative; NaN stays NaN).  The pairs are built only there: a LanePairs passed
+// by value was written to the stack for every vector (measured, layer regime, the same
+// bits: ℓ2 calls 7-11 % faster in bfloat16 and 3-5 % in float32 without).
+template <typename Pairs>
+inline vf l2_distance_sq(vf sum, vf c, bool recompute, int live, Pairs&& pairs, int64_t D, DType xdt) {
   vf d2 = sum - 2.f * c;
   const vi flag = d2 < splat(kL2DirectBelow) * sum;
   if (recompute && any(flag)) [[unlikely]]
-    d2 = recompute_flagged(d2, flag, live, lp, D, xdt);
+    d2 = recompute_flagged(d2, flag, live, pairs(), D, xdt);
   return d2 < vf{} ? vf{} : d2;
 }
 

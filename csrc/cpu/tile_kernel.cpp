@@ -73,7 +73,8 @@ struct ArgMax {
 // BN.  A NaN score shows in the exp pass instead: its weight, and so the column sum
 // and the running sum, are NaN (weights of finite scores are finite).
 template <bool kStore, typename Score>
-inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& score, vf& best, vi& best_j) {
+__attribute__((always_inline)) inline void column_scores(float* c, int64_t ldc, int64_t R, int64_t BN, Score&& score,
+                                                         vf& best, vi& best_j) {
   ArgMax am;
   int64_t j = 0;
   for (; j + ArgMax::U <= R; j += ArgMax::U)
@@ -143,7 +144,8 @@ inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf m
 // their max (NaN never wins) and its first row; written back in place when kStore
 // (else the exp pass recomputes them), -inf for the padding rows up to BN.
 template <bool kStore, typename Score>
-inline void row_scores(float* c, int64_t R, int64_t BN, Score&& score, float& best, int64_t& best_j) {
+__attribute__((always_inline)) inline void row_scores(float* c, int64_t R, int64_t BN, Score&& score, float& best,
+                                                      int64_t& best_j) {
   constexpr vi lane = even_lanes(std::make_index_sequence<W>{}) / 2;  // 0, 1, ..., W - 1
   ArgMax am;  // chain u, lane l: rows j + l of the vectors j it was given
   for (int64_t j = 0, u = 0; j < BN; j += W, u = (u + 1) % ArgMax::U) {
@@ -313,6 +315,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   float* pf = p_16bit ? nullptr : grow(sc.pf, BMp * BN);
   uint16_t* p16 = p_16bit ? grow(sc.p16, BMp * BN) : nullptr;
   const float neg_half_beta = -0.5f * beta;
+  // The ℓ2 score functions capture copies ([=]) of these locals: the score pass writes the
+  // scores back through memcpy, after which whatever is reached by reference may have changed.
+  const bool l2_direct = plan.l2_direct, root = sim == Similarity::L2;
   // Float rows for the float32 brgemm products of 16-bit inputs (the inputs themselves when float32).
   const bool float_tiles = sp == Product::F32 || vp == Product::F32;
 
@@ -326,7 +331,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     const float* xf = reinterpret_cast<const float*>(xr);
     int64_t ldf = ldr;
     if (float_tiles && (dt != DType::F32 || restride_float_tile(ldr, BM, D))) xf = float_rows(dt, xr, ldr, BN, D, sc.xf, ldf);
-    auto xrow = [&](int64_t j) { return xr + es * size_t(j * ldr); };
+    const int64_t xstep = int64_t(es) * ldr;  // bytes from one row of the tile as stored to the next
 
     // 1. Score products: C1 = X . (w∘q)^T, and for weighted ℓ2 C2 = (X∘X) . w^T.
     if (sp == Product::Vnni) {
@@ -373,12 +378,13 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
           row_scores<false>(c1, R, BN, [&](int64_t, vf c) { return c * vb; }, b, bj);
         } else {
           const vf vq = splat(qn[0]);
-          auto score = [&](int64_t j, vf c) __attribute__((always_inline)) {
-            const vf sum = vq + load((wts ? c2 : xn) + j);
+          const float* sums = wts ? c2 : xn;
+          auto score = [=](int64_t j, vf c) __attribute__((always_inline)) {  // copies: see l2_direct
+            const vf sum = vq + load(sums + j);
             const int live_rows = int(std::min<int64_t>(W, R - j));
-            const vf d2 = l2_distance_sq(sum, c, plan.l2_direct, live_rows,
-                                         LanePairs{q, 0, wts, xrow(j), int64_t(es) * ldr}, D, dt);
-            return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
+            const vf d2 = l2_distance_sq(sum, c, l2_direct, live_rows,
+                                         [&] { return LanePairs{q, 0, wts, xr + j * xstep, xstep}; }, D, dt);
+            return root ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
           };
           row_scores<true>(c1, R, BN, score, b, bj);
         }
@@ -391,10 +397,12 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       } else {
         const vf vq = load(qn + g);
         const float* wg = wts ? wts + g * D : nullptr;
-        auto score = [&](int64_t j, vf c) __attribute__((always_inline)) {
-          const vf sum = vq + (wts ? load(c2 + j * BMp + g) : splat(xn[j]));
-          const vf d2 = l2_distance_sq(sum, c, plan.l2_direct, live, LanePairs{q + g * D, D, wg, xrow(j), 0}, D, dt);
-          return sim == Similarity::L2 ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
+        const float* c2g = wts ? c2 + g : nullptr;
+        auto score = [=](int64_t j, vf c) __attribute__((always_inline)) {  // copies: see l2_direct
+          const vf sum = vq + (c2g ? load(c2g + j * BMp) : splat(xn[j]));
+          const vf d2 = l2_distance_sq(sum, c, l2_direct, live,
+                                       [&] { return LanePairs{q + g * D, D, wg, xr + j * xstep, 0}; }, D, dt);
+          return root ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
         };
         column_scores<true>(cg, BMp, R, BN, score, best, best_j);
       }
