@@ -451,12 +451,16 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     if (!values_are_memory && R < BN) vr = pad_rows(vr, ldvr, es, R, BN, Dv, sc.vraw), ldvr = Dv;
     constexpr int64_t kValueChunk = 512;  // output columns per product: the C block stays in L2
     if (vp == Product::Vnni) {
-      uint32_t* packed = reinterpret_cast<uint32_t*>(grow(sc.vpack, BN * Dv));
+      // Pair rows padded_stride apart, as the widened tiles' rows (rows.h): with rows a
+      // multiple of 1 KiB apart the bulk bf16 call (B = 64, D = 2048, EPYC Zen 4) took 1.14x
+      // the time (D = 1024: 1.09x, D = 256: no difference; in-process A/B, the same bits).
+      const int64_t ldp = padded_stride(Dv);
+      uint32_t* packed = reinterpret_cast<uint32_t*>(grow(sc.vpack, BN * ldp));
       for (int64_t j = 0; j < BN; j += 2)
         pack_pairs(reinterpret_cast<const uint16_t*>(vr + es * size_t(j * ldvr)),
-                   reinterpret_cast<const uint16_t*>(vr + es * size_t((j + 1) * ldvr)), Dv, packed + (j / 2) * Dv);
+                   reinterpret_cast<const uint16_t*>(vr + es * size_t((j + 1) * ldvr)), Dv, packed + (j / 2) * ldp);
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
-        mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), BN, BN, Dv, Dv, true, p16, sc.vpack.data() + 2 * c0,
+        mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), BN, BN, ldp, Dv, true, p16, sc.vpack.data() + 2 * c0,
                       o + c0);
     } else if (vp == Product::F32) {
       const float* vf32 = reinterpret_cast<const float*>(vr);
