@@ -118,6 +118,38 @@ def test_hopfield_equals_restatement(backend, similarity, heads, steps):
     _check(out, restate(m, stored, state, proj), backend)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_inference_reads_per_item_head_banks_in_place(backend, similarity, monkeypatch):
+    """Without gradients, per-item banks split into heads go to the kernel as views, one call per
+    head (never copied whole); the answers and the info are those of the one call over batch x heads
+    that runs with gradients, and hflayers' restatement."""
+    require(backend, 4 * 3 * 5, 9, 4 * 4) if backend != "torch" else None
+    m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=3, hidden_size=4, update_steps_max=2,
+                                  update_steps_eps=1e-6, similarity=similarity,
+                                  scaling=torch.tensor([0.7, 1.0, 1.3]), backend=backend), 21)
+    stored, state = make((4, 9, 8), torch.float32, 22), make((4, 5, 8), torch.float32, 23)
+    banks = []
+    real = hk.ops.hopfield_partial
+
+    def spy(query, memory, *args, **kwargs):
+        banks.append(memory)
+        return real(query, memory, *args, **kwargs)
+
+    monkeypatch.setattr(hk.ops, "hopfield_partial", spy)
+    with torch.no_grad():
+        out, info = m((stored, state, stored), return_info=True)
+    assert len(banks) == 3 and all(b.shape[:2] == (4, 1) and not b.is_contiguous() for b in banks)
+    banks.clear()
+    want, want_info = m((stored, state, stored), return_info=True)
+    assert len(banks) == 1 and banks[0].shape[:2] == (4, 3)
+    assert rel_err(out, want.detach()) < 1e-6
+    for got_f, want_f in zip(info, want_info):
+        assert got_f.shape == want_f.shape == (4, 3, 5)
+        assert rel_err(got_f.float(), want_f.float()) < 1e-6
+    _check(out, restate(m, stored, state, stored), backend)
+
+
 @pytest.mark.parametrize("static", ["stored", "state", "projection", "all"])
 def test_static_patterns_skip_their_projection(static):
     kw = dict(stored_pattern_as_static=static in ("stored", "all"), state_pattern_as_static=static in ("state", "all"),

@@ -50,9 +50,29 @@ class Setting(NamedTuple):
     dropout: float  # applied only in training, on the dense path
 
 
+def _merges_batch_and_heads(t: Tensor) -> bool:
+    """Whether (batch, heads, ...) flattens to (batch * heads, ...) as a view, without a copy."""
+    return t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
+
+
 def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor, group: HeadGroup, s: Setting,
            want_info: bool, raw: bool):
     shared = k.dim() < q.dim()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, beta))
+    if not shared and not needs_grad and not all(_merges_batch_and_heads(t) for t in (k, v)):
+        # Per-item banks split into heads are views with the heads interleaved in each row (the
+        # projection's (batch, S, heads * d) output): one call per head reads them in place, where
+        # one call over (batch * heads) would first copy both banks whole.  Measured (EPYC Zen 4,
+        # HopfieldPooling, 2-8 heads, the same outputs): forward 12-25 % faster.  Not with gradients:
+        # the heads' bank gradients would then be stacked (a copy per bank), and forward + backward
+        # measured -11 % to +8 %, no better than this VM's noise.
+        parts = [_fused(qh.unsqueeze(1), kh.unsqueeze(1), vh.unsqueeze(1), None, beta[h:h + 1], group, s,
+                        want_info, raw)
+                 for h, (qh, kh, vh) in enumerate(zip(q.unbind(1), k.unbind(1), v.unbind(1)))]
+        out = torch.cat([o for o, _ in parts], 1)
+        if not want_info:
+            return out, None
+        return out, HopfieldInfo(*(torch.cat(f, 1) for f in zip(*(i for _, i in parts))))
     if shared:  # one bank per head for the whole batch: the batch's queries become one long block per head
         b, h, lq, d = q.shape
         q = q.transpose(0, 1).reshape(h, b * lq, d)
