@@ -417,7 +417,7 @@ def markdown(report: dict) -> str:
         "",
         f"- machine: {m['cpu']} ({m['isa']}), {m['logical_cpus']} logical CPUs, torch {m['torch']} "
         f"with {m['torch_threads']} threads, Python {m['python']}, load average {m['load_average']} at the "
-        f"start and {m.get('load_average_end')} at the end",
+        f"start and {m.get('load_average_end')} at the end; allocator: {m.get('allocator', 'not recorded')}",
         f"- kernel: {m['cpu_info']}; {m['matrix_units']}"
         + (f"; EMULATED AVX2-only CPU: {emulated}" if emulated else ""),
         f"- fused: {m['fused_backend_label']}; peers (ratio = peer ms / fused ms, above 1: fused is faster): "

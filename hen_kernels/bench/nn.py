@@ -139,7 +139,9 @@ def markdown(report: dict) -> str:
         f"Fused backend: {report['fused_backend']}. Command: `{report['command']}`. "
         f"Median of {report['repeats']} calls; load average {report['load']}.",
         f"Host: {m['cpu']} ({m['isa']}), {m['logical_cpus']} logical CPUs, torch {m['torch']} with "
-        f"{m['torch_threads']} threads, triton {m['triton']}, Python {m['python']}.",
+        f"{m['torch_threads']} threads, triton {m['triton']}, Python {m['python']}; allocator: "
+        f"{m.get('allocator', 'not recorded')} (docs/nn.md: glibc's defaults make large temporaries "
+        "cost page faults at every call).",
         "",
     ]
     lines += common.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in report["rows"]],
