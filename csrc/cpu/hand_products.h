@@ -121,17 +121,54 @@ inline int fold_step(vf* v, int n) {
   return m;
 }
 
+// The lane of final vector `block` that holds the sum of accumulator block * W + a, or -1.
+template <int N>
+constexpr int lane_of(int block, int a) {
+  const LaneMap<N> m = fold_map<N>();
+  for (int l = 0; l < W; ++l)
+    if (m.acc[block * W + l] == block * W + a) return l;
+  return -1;
+}
+// Whether final vector `block` holds a whole run of sums, min(N, W) of them from block * W on.
+template <int N>
+constexpr bool whole_run(int block) {
+  for (int a = 0; a < (N < W ? N : W); ++a)
+    if (lane_of<N>(block, a) < 0) return false;
+  return true;
+}
+template <int N, size_t... a>
+constexpr vi run_order(int block, std::index_sequence<a...>) {
+  return vi{lane_of<N>(block, int(a) < N ? int(a) : 0)...};
+}
+// Final vector `block` into out: put in order and stored at once where it holds a whole
+// run, else lane by lane.  At short depths the lane-by-lane stores cost as much as the
+// products: one query against rows of 64 floats ran 5-10 % faster with the bank in cache,
+// 0-3 % from memory (EPYC Zen 4, in-process A/B, the same bits).
+template <int N, int block>
+__attribute__((always_inline)) inline void store_sums(vf v, float* out) {
+  static constexpr LaneMap<N> map = fold_map<N>();
+  if constexpr (whole_run<N>(block)) {
+    constexpr vi order = run_order<N>(block, std::make_index_sequence<W>{});
+    const vf s = __builtin_shuffle(v, order);
+    std::memcpy(out + block * W, &s, sizeof(float) * (N < W ? N : W));
+  } else {
+    for (int l = 0; l < W; ++l) out[map.acc[block * W + l]] = v[l];
+  }
+}
+template <int N, size_t... i>
+__attribute__((always_inline)) inline void store_all_sums(const vf* v, float* out, std::index_sequence<i...>) {
+  (store_sums<N, int(i)>(v[i], out), ...);
+}
+
 // out[i] = the sum of the lanes of v[i], for i < N (v is overwritten).
 template <int N>
 inline void reduce_lanes(vf* v, float* out) {
-  static constexpr LaneMap<N> map = fold_map<N>();
   int n = N;
   if constexpr (W >= 16) n = fold_step<8>(v, n);
   if constexpr (W >= 8) n = fold_step<4>(v, n);
   n = fold_step<2>(v, n);
   n = fold_step<1>(v, n);
-  for (int i = 0; i < n; ++i)
-    for (int l = 0; l < W; ++l) out[map.acc[i * W + l]] = v[i][l];
+  store_all_sums<N>(v, out, std::make_index_sequence<(N > W ? N / W : 1)>{});
 }
 
 // --- scores ---------------------------------------------------------------------------

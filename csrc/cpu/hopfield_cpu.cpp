@@ -188,6 +188,7 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   plan.splits = hints.splits > 0 ? hints.splits : std::clamp<int64_t>(want, 1, most);
   plan.rows_per_split = ceil_div(ceil_div(std::max<int64_t>(p.N, 1), plan.splits), plan.row_block) * plan.row_block;
   plan.splits = ceil_div(std::max<int64_t>(p.N, 1), plan.rows_per_split);
+  plan.workers = std::clamp<int64_t>(plan.tiles(p), 1, std::max(num_threads, 1));
   return plan;
 }
 

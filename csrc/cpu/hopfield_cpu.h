@@ -68,6 +68,7 @@ struct Plan {
   int64_t splits;          // bank splits per query block (1: no workspace, no combine)
   int64_t rows_per_split;  // a multiple of row_block
   int64_t query_blocks;    // ceil(B / query_block)
+  int64_t workers;         // threads taking tiles (run_tile guesses which one each takes next)
   int64_t tiles(const PartialParams& p) const { return p.L * query_blocks * splits; }
 };
 

@@ -321,6 +321,23 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   // Float rows for the float32 brgemm products of 16-bit inputs (the inputs themselves when float32).
   const bool float_tiles = sp == Product::F32 || vp == Product::F32;
 
+  // The first tile of the work item this thread most likely takes next, prefetched (by the
+  // hand-written products) during this split's last tile, whose own next tile is not there:
+  // items go out from one counter in order, so with every worker in step it is tile +
+  // workers.  Measured (EPYC Zen 4, one query against each of 128 banks of 2048 rows of
+  // 64 floats): 3-7 % faster.  A wrong guess costs one tile of reads.
+  const char* after_x = nullptr;
+  const char* after_v = nullptr;
+  if (const int64_t t = tile + plan.workers; t < plan.tiles(p)) {
+    const int64_t l_next = t / (plan.splits * qblocks);
+    const int64_t first = std::min(p.N, (t % plan.splits) * plan.rows_per_split);
+    if (first + BN <= std::min(p.N, first + plan.rows_per_split)) {  // a whole tile, read as stored
+      after_x = static_cast<const char*>(p.memory) +
+                es * size_t(l_next * p.memory_lead_stride + first * p.memory_row_stride);
+      after_v = static_cast<const char*>(p.values) +
+                es * size_t(l_next * p.values_lead_stride + first * p.values_row_stride);
+    }
+  }
   for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
     const int64_t R = std::min(BN, n_end - r0);
     // The bank tile as stored (xr, row stride ldr in elements of dt), padded to BN
@@ -339,8 +356,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     } else if (sp == Product::F32) {
       mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
     } else {
-      // The next tile of this split, where it is a whole one read as stored.
-      const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
+      // The next tile of this split, where it is a whole one read as stored (after its last
+      // tile: the next work item's first).
+      const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : r0 + BN >= n_end ? after_x : nullptr;
       if (sp == Product::Bf16Pairs)
         HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn));
       else
@@ -475,7 +493,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     } else {
       // The next value tile towards L2 again, spread over this pass: prefetching in the score
       // pass alone leaves the memory idle here (measured: 3-19 % faster recall with both).
-      const char* vnext = r0 + 2 * BN <= n_end ? vr + es * size_t(BN * ldvr) : nullptr;
+      const char* vnext = r0 + 2 * BN <= n_end ? vr + es * size_t(BN * ldvr) : r0 + BN >= n_end ? after_v : nullptr;
       if (vp == Product::Bf16Pairs)
         HEN_PAIR_PRODUCT(pair_values(p16, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext));
       else
