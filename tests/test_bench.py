@@ -94,6 +94,18 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     if m["fused_backend"] == "cpu":  # the side tables: steps, weights, the l2 rule
         assert len(report["steps"]) and len(report["weighted"]) and len(report["l2_rule"])
         assert "## Multi-step retrieval" in md and "## Weighted similarity" in md
+    # Many banks (leading dims as SDPA's heads): every shape and dtype, the kernel and each peer
+    # checked against float32 plain PyTorch before it is timed.
+    many = report["many_banks"]
+    assert [(r["B"], r["dtype"]) for r in many] == [(b, dt) for _, b, _, _ in bench.MANY_BANKS for dt in bench.DTYPES]
+    for r in many:
+        assert r["banks"] == 4 and r["N"] == bench.QUICK_N // 8
+        assert 0 <= r["rel_err"] < bench.CHECK_TOL[r["dtype"]], (r["name"], r["rel_err"])
+        assert math.isclose(r["gbps"], 4 * r["N"] * r["D"] * (4 if r["dtype"] == "float32" else 2) / r["fused_ms"] / 1e6)
+        assert set(r["peers"]) == set(bench.MANY_BANK_PEERS)
+        for p in r["peers"].values():
+            assert p["ok"] and math.isclose(p["ratio"], p["ms"] / r["fused_ms"], rel_tol=1e-9)
+    assert "## Many banks" in md
     assert "fused" in proc.stdout
 
 

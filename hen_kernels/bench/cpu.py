@@ -53,6 +53,10 @@ QUICK_N = 4096
 STEPS = 5
 # Cases of the smaller tables: (regime, B) among SHAPES.
 SIDE_SHAPES = (("recall", 8), ("layer", 64))
+# Many small banks, one per leading index (batch x heads), dot: (banks, B, N, D).  One query
+# each is attention decoding and HopfieldPooling's learned query; 16 each, per-item banks.
+MANY_BANKS = ((128, 1, 2048, 64), (64, 16, 2048, 64))
+MANY_BANK_PEERS = ("plain", "sdpa", "sdpa_math")
 EMULATED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                 "FAISS_OPT_LEVEL": "avx2", "HEN_KERNELS_CPU_ISA": "avx2", "HEN_BENCH_EMULATED": "avx2"}
 CHECK_TOL = {"float32": 1e-4, "bfloat16": 5e-2}  # a peer must agree with float32 this well to be timed
@@ -363,6 +367,37 @@ def run_l2_rule(case: Case, backend: str, repeats: int) -> dict:
                 target=L2_RULE_MAX_COST, met=cost <= L2_RULE_MAX_COST)
 
 
+def many_bank_cases(n: Optional[int], dtypes) -> List[Case]:
+    """MANY_BANKS as cases (``B`` the queries per bank; the bank count is in ``many_banks``)."""
+    return [Case("banks", "dot", dt, b, n or big_n, d) for _, b, big_n, d in MANY_BANKS for dt in dtypes]
+
+
+def many_banks(case: Case) -> int:
+    return next(L for L, b, _, d in MANY_BANKS if (b, d) == (case.B, case.D))
+
+
+def run_many_banks(case: Case, backend: str, repeats: int, quick: bool) -> dict:
+    """Banks of their own per leading index (q (L, B, D), X (L, N, D)): the fused kernel against
+    plain PyTorch and SDPA, which takes the leading index as its heads; each checked first."""
+    L = 4 if quick else many_banks(case)
+    dt = getattr(torch, case.dtype)
+    g = torch.Generator().manual_seed(L * case.N + case.B)
+    q, x = torch.randn(L, case.B, case.D, generator=g), torch.randn(L, case.N, case.D, generator=g)
+    want = peers.plain(q, x, 1.0 / math.sqrt(case.D), "dot")
+    q, x, beta = q.to(dt), x.to(dt), 1.0 / math.sqrt(case.D)
+    fns = {"fused": fused_call(q, x, beta, "dot", backend)}
+    fns.update(peers.peer_callables(q, x, beta, "dot", MANY_BANK_PEERS, None))
+    with torch.no_grad():
+        errors = {k: peers.rel_err(f().float(), want) for k, f in fns.items()}
+        measured = common.time_calls(fns, repeats, rewarm=True)
+    ms = {k: _median_ms(v[0]) for k, v in measured.items()}
+    tol = CHECK_TOL[case.dtype]
+    return dict(asdict(case), name=case.name, banks=L, fused_ms=ms["fused"], rel_err=errors["fused"],
+                gbps=L * case.bytes / ms["fused"] / 1e6,
+                peers={k: dict(ms=v, ratio=v / ms["fused"], rel_err=errors[k], ok=errors[k] <= tol)
+                       for k, v in ms.items() if k != "fused"})
+
+
 # --- the report ------------------------------------------------------------------------
 
 PEER_COLS = ("plain", "sdpa", "sdpa_math", "compile")
@@ -477,6 +512,16 @@ def markdown(report: dict) -> str:
                                         f"{100 * r['cost']:+.1f}%", num(r["on_pattern_ms"], ".2f"),
                                         num(r["on_pattern_without_ms"], ".2f"),
                                         f"{100 * r['on_pattern_cost']:+.1f}%", "yes" if r["met"] else "NO"])
+    if report.get("many_banks"):
+        lines += ["", "## Many banks, one per leading index (batch x heads; SDPA takes them as heads), dot", ""]
+        lines += common.table(
+            ["banks", "B", "N", "D", "dtype", "fused ms", "GB/s", "rel err"] + [f"vs {p}" for p in MANY_BANK_PEERS],
+            [[str(r["banks"]), str(r["B"]), str(r["N"]), str(r["D"]), r["dtype"], num(r["fused_ms"], ".2f"),
+              num(r["gbps"], ".1f"), num(r["rel_err"], ".1e")] +
+             [(common.ratio(r["peers"][p]["ratio"]) if r["peers"][p]["ok"] else "WRONG") if p in r["peers"] else "-"
+              for p in MANY_BANK_PEERS] for r in report["many_banks"]])
+        lines += ["", "GB/s: the banks' bytes / time (each bank read once).  One query per bank is attention "
+                  "decoding and HopfieldPooling's learned query: memory-bound, as the recall rows."]
     if report.get("warning"):
         lines.append("WARNING: " + report["warning"])
     if m["fused_is_reference"]:
@@ -511,7 +556,7 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_p
           f"fused = {info['fused_backend_label']}, {info['cpu_info']}", flush=True)
     report = {"machine": info, "quick": quick, "repeats": repeats,
               "ceilings": peers.measure_ceilings(quick, repeats), "rows": [], "steps": [], "weighted": [],
-              "l2_rule": []}
+              "l2_rule": [], "many_banks": []}
     n = QUICK_N if quick else None
     keep = (lambda c: re.search(only, c.name) is not None) if only else (lambda c: True)
     if only:
@@ -530,6 +575,8 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_p
                     report["weighted"].append(run_weighted(case, backend, repeats))
                 for case in filter(keep, side_cases(n, ("l2",), DTYPES)):
                     report["l2_rule"].append(run_l2_rule(case, backend, repeats))
+            for case in filter(keep, many_bank_cases(QUICK_N // 8 if quick else None, DTYPES)):
+                report["many_banks"].append(run_many_banks(case, backend, repeats, quick))
             print("  side tables done", flush=True)
     finally:
         release_bank()

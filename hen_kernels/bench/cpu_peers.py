@@ -77,18 +77,22 @@ def compiled(similarity: str, q: torch.Tensor, x: torch.Tensor) -> Callable:
 
 
 def _sdpa(backend) -> Callable:
+    """SDPA on q (..., B, D) and x (..., N, D), the leading dims (one bank each) as its heads."""
     from torch.nn.attention import sdpa_kernel
 
     def run(q, x, beta, mask):
+        q4, x4 = (t.reshape((1, -1) + t.shape[-2:]) for t in (q, x))
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q[None, None], x[None, None], x[None, None], attn_mask=mask,
-                                                  scale=beta)[0, 0]
+            out = F.scaled_dot_product_attention(q4, x4, x4, attn_mask=mask, scale=beta)
+        return out.reshape(q.shape[:-1] + out.shape[-1:])
     return run
 
 
 def l2sq_bias(x: torch.Tensor, beta: float, b: int) -> torch.Tensor:
-    """-beta/2 |x|², broadcast over the queries (expanded, not copied), in x's dtype."""
-    return (-0.5 * beta * (x.float() ** 2).sum(-1)).to(x.dtype).expand(1, 1, b, x.shape[0])
+    """-beta/2 |x|², broadcast over the queries (expanded, not copied), in x's dtype: (1, banks, b, N)."""
+    s = (-0.5 * beta * (x.float() ** 2).sum(-1)).to(x.dtype)
+    s = s.reshape(1, -1, 1, s.shape[-1])
+    return s.expand(1, s.shape[1], b, s.shape[-1])
 
 
 class FaissTop1:
@@ -119,7 +123,7 @@ def peer_callables(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: st
     """Zero-argument calls of the peers in ``which`` on these inputs (the update, or for faiss a top-1)."""
     from torch.nn.attention import SDPBackend
 
-    mask = l2sq_bias(x, beta, q.shape[0]) if similarity == "l2sq" else None
+    mask = l2sq_bias(x, beta, q.shape[-2]) if similarity == "l2sq" else None
     fns: Dict[str, Fn] = {}
     for name in which:
         if name == "plain":
