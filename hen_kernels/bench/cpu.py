@@ -7,8 +7,10 @@ Every case times the fused kernel, ``hk.hopfield_update(..., backend=<fused>)``,
 the peers of :mod:`hen_kernels.bench.cpu_peers` (plain PyTorch, SDPA's flash and math
 backends, torch.compile, FAISS top-1) on the same inputs, interleaved in one process,
 each first checked against a float32 computation.  Then: multi-step retrieval against
-5 chained calls of each peer, the weighted similarity's cost, and the cost of the ℓ2
-recompute of docs/design.md §5.1.  The machine's matmul and memory-read ceilings are
+5 chained calls of each peer, the weighted similarity's cost, the cost of the ℓ2
+recompute of docs/design.md §5.1, and many banks (leading dims) against SDPA
+(:mod:`hen_kernels.bench.cpu_side`; the cases and their timing rounds are
+:mod:`hen_kernels.bench.cpu_cases`).  The machine's matmul and memory-read ceilings are
 measured in the same run and each row says what fraction of its ceiling it reaches.
 
 ``--emulate-avx2`` runs the same tables in a child process that sees an AVX2-only CPU
@@ -21,182 +23,34 @@ Other code (``benchmarks/test_bench_cpu.py``, tests/test_bench.py) reuses :func:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict
+from typing import Dict, List, Optional
 
 import torch
 
-from .. import backends, ops
+from .. import ops
 from . import common, cpu_peers as peers
 from .common import DEFAULT_OUT, MIB, num
+# The cases and the smaller tables live in cpu_cases and cpu_side; their names are
+# re-exported here for the code that drives this table (tests, benchmarks/test_bench_cpu.py).
+from .cpu_cases import (BF16_OVER_FP32_TARGET, CHECK_TOL, DTYPES, L2_PLAIN_TARGET, MAX_ROUNDS,  # noqa: F401
+                        MIN_ROW_S, PLAIN_TARGETS, QUICK_N, SDPA_TARGETS, SHAPES, SIMILARITIES, SLOW_PEER_RATIO,
+                        SLOW_PEER_S, Case, bank, backend_label, case_inputs, cases, faiss_index, fused_backend,
+                        fused_call, iqr_over_median, median_ms, release_bank, time_sparing_slow_peers)
+from .cpu_side import (L2_RULE_MAX_COST, L2_RULE_REPEATS, MANY_BANK_PEERS, MANY_BANKS, STEPS,  # noqa: F401
+                       many_bank_cases, run_l2_rule, run_many_banks, run_steps, run_weighted, side_cases)
 
-# docs/design.md §6, CPU rows: required peer_time / fused_time.
-SDPA_TARGETS = {"recall": 1.2, "layer": 1.0, "bulk": 1.0}  # dot; l2sq (SDPA with the bias): 1.0 everywhere
-PLAIN_TARGETS = {"recall": 1.6, "layer": 1.3, "bulk": 0.95}  # dot and l2sq; l2: 2.0
-L2_PLAIN_TARGET = 2.0
-BF16_OVER_FP32_TARGET = 1.5  # where the CPU has bf16 matrix instructions
-L2_RULE_MAX_COST = 0.05  # §5.1 recompute: within 5% of the kernel without it, on random data
-L2_RULE_REPEATS = 21
-SHAPES = [("recall", 1, 262144, 512), ("recall", 8, 262144, 512),
-          ("layer", 64, 65536, 64), ("bulk", 64, 65536, 2048)]
-SIMILARITIES = ("dot", "l2sq", "l2")
-DTYPES = ("float32", "bfloat16")
-QUICK_N = 4096
-STEPS = 5
-# Cases of the smaller tables: (regime, B) among SHAPES.
-SIDE_SHAPES = (("recall", 8), ("layer", 64))
-# Many small banks, one per leading index (batch x heads), dot: (banks, B, N, D).  One query
-# each is attention decoding and HopfieldPooling's learned query; 16 each, per-item banks.
-MANY_BANKS = ((128, 1, 2048, 64), (64, 16, 2048, 64))
-MANY_BANK_PEERS = ("plain", "sdpa", "sdpa_math")
 EMULATED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                 "FAISS_OPT_LEVEL": "avx2", "HEN_KERNELS_CPU_ISA": "avx2", "HEN_BENCH_EMULATED": "avx2"}
-CHECK_TOL = {"float32": 1e-4, "bfloat16": 5e-2}  # a peer must agree with float32 this well to be timed
-SLOW_PEER_S, SLOW_PEER_RATIO = 2.0, 20.0  # a peer this slow (seconds, and x the kernel) is timed once
-# Short rows get more rounds, so that a burst of other work on this shared machine (a few
-# hundred ms) cannot own the median: at least MIN_ROW_S of rounds, at most MAX_ROUNDS.
-MIN_ROW_S, MAX_ROUNDS = 3.0, 25
-
-
-@dataclass(frozen=True)
-class Case:
-    regime: str
-    similarity: str
-    dtype: str
-    B: int
-    N: int
-    D: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.regime}-{self.similarity}-{self.dtype}-B{self.B}-N{self.N}-D{self.D}"
-
-    @property
-    def flops(self) -> int:  # docs/design.md §6: 4·B·N·D
-        return 4 * self.B * self.N * self.D
-
-    @property
-    def bytes(self) -> int:  # the bank read once, in its dtype
-        return self.N * self.D * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-
-    @property
-    def bound(self) -> str:
-        """Which ceiling applies: memory for recall, matmul for the others."""
-        return "read" if self.regime == "recall" else "matmul"
-
-
-def cases(n: Optional[int] = None, similarities=SIMILARITIES, dtypes=DTYPES) -> List[Case]:
-    """The §6 CPU cases, ordered so that cases sharing a bank are adjacent; ``n`` overrides N."""
-    return [Case(regime, s, dt, b, n or big_n, d) for regime, b, big_n, d in SHAPES
-            for dt in dtypes for s in similarities]
-
-
-def fused_backend() -> str:
-    """'cpu' when the csrc extension loaded, else 'torch' (the reference stands in)."""
-    return "cpu" if "cpu" in ops.available_backends() else "torch"
-
-
-def backend_label(backend: str) -> str:
-    if backend == "torch":
-        why = backends.BACKENDS["cpu"].unavailable_reason or "not chosen"
-        return f"torch (the REFERENCE, not a fused kernel: 'cpu' unavailable: {why})"
-    return backend
-
-
-# --- inputs: one bank at a time, reused by every case of that shape and dtype --------
-
-_BANK: dict = {}
-
-
-def bank(n: int, d: int, dtype: str) -> torch.Tensor:
-    """An (n, d) standard-normal bank in ``dtype``; banks of other shapes are dropped first."""
-    if (n, d, dtype) not in _BANK:
-        if not any(k[:2] == (n, d) for k in _BANK):
-            _BANK.clear()
-        for k in [k for k in _BANK if k[:2] == (n, d) and k[2] != "float32"]:
-            del _BANK[k]
-        common.trim_heap()
-        if (n, d, "float32") not in _BANK:
-            _BANK[(n, d, "float32")] = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 7919 + d))
-        _BANK[(n, d, dtype)] = _BANK[(n, d, "float32")].to(getattr(torch, dtype))
-    return _BANK[(n, d, dtype)]
-
-
-def release_bank() -> None:
-    _BANK.clear()
-    _FAISS.clear()
-    common.trim_heap()
-
-
-_FAISS: dict = {}
-
-
-def faiss_index(case: Case, x: torch.Tensor) -> Optional[peers.FaissTop1]:
-    key = (case.N, case.D, case.dtype, case.similarity == "dot")
-    if peers.faiss_unavailable() is not None:
-        return None
-    if key not in _FAISS:
-        _FAISS.clear()
-        _FAISS[key] = peers.FaissTop1(x, case.similarity)
-    return _FAISS[key]
-
-
-def case_inputs(case: Case) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """(query (B, D), bank (N, D), beta); beta = 1/sqrt(D) keeps dot scores of order one."""
-    q = torch.randn(case.B, case.D, generator=torch.Generator().manual_seed(case.B)).to(getattr(torch, case.dtype))
-    return q, bank(case.N, case.D, case.dtype), 1.0 / math.sqrt(case.D)
-
-
-def fused_call(q, x, beta, similarity, backend, **kw):
-    return lambda: ops.hopfield_update(q, x, beta, similarity=similarity, backend=backend, **kw)
-
-
-def _median_ms(times: List[float]) -> float:
-    return statistics.median(times) * 1e3
-
-
-def iqr_over_median(times: List[float]) -> Optional[float]:
-    """(Q3 - Q1) / median of the calls; None for fewer than two."""
-    if len(times) < 2:
-        return None
-    q1, _, q3 = statistics.quantiles(times, n=4)
-    return (q3 - q1) / statistics.median(times)
 
 
 # --- the main table ----------------------------------------------------------------
-
-def first_calls(fns: Dict[str, object]) -> Dict[str, float]:
-    """Seconds of one call of each function (a warm-up that says which peers are slow)."""
-    seconds = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        seconds[name] = time.perf_counter() - t0
-    return seconds
-
-
-def time_sparing_slow_peers(fns: Dict[str, object], repeats: int, seconds: Dict[str, float],
-                            min_row_s: float = MIN_ROW_S) -> common.Measured:
-    """common.time_calls, except that a peer far slower than the kernel in its first call
-    (``seconds``; bf16 matmuls without bf16 instructions take seconds) is timed once more,
-    not ``repeats`` times, and that short calls get more rounds (``min_row_s``)."""
-    slow = {k for k, t in seconds.items()
-            if not k.startswith("fused") and t > SLOW_PEER_S and t > SLOW_PEER_RATIO * seconds["fused"]}
-    round_s = 2 * sum(t for k, t in seconds.items() if k not in slow)  # each timed call follows an untimed one
-    rounds = min(max(repeats, math.ceil(min_row_s / max(round_s, 1e-9))), max(repeats, MAX_ROUNDS))
-    measured = common.time_calls({k: f for k, f in fns.items() if k not in slow}, rounds, rewarm=True)
-    if slow:
-        measured.update(common.time_calls({k: fns[k] for k in slow}, 1, warm_up=False))
-    return measured
-
 
 def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compile_peer: bool = True,
              min_row_s: float = MIN_ROW_S) -> dict:
@@ -242,7 +96,7 @@ def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compil
         if faiss_call is not None:
             measured.update(common.time_calls({"faiss": faiss_call}, repeats, rewarm=True))
     for name, (times, extra) in measured.items():
-        ms = _median_ms(times)
+        ms = median_ms(times)
         if name == "fused":
             row.update(fused_ms=ms, fused_gflops=case.flops / ms / 1e6, fused_gbps=case.bytes / ms / 1e6,
                        fused_extra_mib=None if extra is None else extra / MIB, fused_calls=len(times),
@@ -287,115 +141,6 @@ def add_targets(rows: List[dict], ceilings: dict, info: Dict[str, str]) -> None:
             key = "matmul_bf16_gflops" if bf16_units else "matmul_gflops"
             best = max(ceilings[key], ceilings.get(key + "_after", 0.0))
             r["ceiling"], r["fraction"] = key, r["fused_gflops"] / best
-
-
-# --- the smaller tables: multi-step retrieval, weights, the ℓ2 rule ------------------
-
-def side_cases(n: Optional[int], similarities, dtypes) -> List[Case]:
-    shapes = {(r, b): (big_n, d) for r, b, big_n, d in SHAPES}
-    return [Case(r, s, dt, b, n or shapes[(r, b)][0], shapes[(r, b)][1])
-            for r, b in SIDE_SHAPES for dt in dtypes for s in similarities]
-
-
-def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool, min_row_s: float = MIN_ROW_S) -> dict:
-    """STEPS-step retrieval (tol=None: every step taken) against STEPS chained calls of each peer."""
-    q, x, beta = case_inputs(case)
-    which = tuple(p for p in peers.UPDATE_PEERS if p in peers.PEERS[case.similarity]
-                  and (compile_peer or p != "compile"))
-    one = peers.peer_callables(q, x, beta, case.similarity, which, None)
-
-    def chain(step_peer):
-        def run():
-            s = q
-            for _ in range(STEPS):
-                s = peers.peer_callables(s, x, beta, case.similarity, (step_peer,), None)[step_peer]()
-            return s
-        return run
-
-    fns = {"fused": lambda: ops.hopfield_retrieve(q, x, beta, similarity=case.similarity, max_steps=STEPS,
-                                                  backend=backend).state,
-           "fused_one_step": fused_call(q, x, beta, case.similarity, backend)}
-    fns.update({name: chain(name) for name in one})
-    with torch.no_grad():
-        measured = time_sparing_slow_peers(fns, repeats, first_calls(fns), min_row_s)
-    ms = {k: _median_ms(v[0]) for k, v in measured.items()}
-    return dict(asdict(case), name=case.name, steps=STEPS, fused_ms=ms["fused"],
-                per_step_overhead=ms["fused"] / (STEPS * ms["fused_one_step"]),
-                peers={k: dict(ms=v, ratio=v / ms["fused"]) for k, v in ms.items() if not k.startswith("fused")})
-
-
-def run_weighted(case: Case, backend: str, repeats: int) -> dict:
-    """The weighted similarity (half the features known) against the unweighted kernel and plain PyTorch."""
-    q, x, beta = case_inputs(case)
-    w = torch.ones(case.B, case.D)
-    w[:, case.D // 2:] = 0.0
-    fns = {"weighted": fused_call(q, x, beta, case.similarity, backend, weights=w),
-           "unweighted": fused_call(q, x, beta, case.similarity, backend),
-           "plain_weighted": lambda: peers.plain_weighted(q, x, beta, case.similarity, w)}
-    with torch.no_grad():
-        err = peers.rel_err(fns["weighted"]().float(), fns["plain_weighted"]().float())
-        measured = common.time_calls(fns, repeats, rewarm=True)
-    ms = {k: _median_ms(v[0]) for k, v in measured.items()}
-    return dict(asdict(case), name=case.name, weighted_ms=ms["weighted"], unweighted_ms=ms["unweighted"],
-                cost=ms["weighted"] / ms["unweighted"], plain_weighted_ms=ms["plain_weighted"],
-                ratio=ms["plain_weighted"] / ms["weighted"], rel_err=err)
-
-
-def run_l2_rule(case: Case, backend: str, repeats: int) -> dict:
-    """The §5.1 recompute's cost: the kernel with it and without it (HEN_KERNELS_CPU_L2_DIRECT=0),
-    on random queries, and with every query on a stored pattern (one pair each recomputed)."""
-    q, x, beta = case_inputs(case)
-    on = x[torch.arange(case.B) * 7 % case.N].clone()
-
-    def without(qq):
-        def run():
-            os.environ["HEN_KERNELS_CPU_L2_DIRECT"] = "0"
-            try:
-                return ops.hopfield_update(qq, x, beta, similarity=case.similarity, backend=backend)
-            finally:
-                del os.environ["HEN_KERNELS_CPU_L2_DIRECT"]
-        return run
-
-    fns = {"random": fused_call(q, x, beta, case.similarity, backend), "random_without": without(q),
-           "on_pattern": fused_call(on, x, beta, case.similarity, backend), "on_pattern_without": without(on)}
-    with torch.no_grad():  # a few per cent between two versions of one kernel: more calls than the peers get
-        measured = common.time_calls(fns, max(repeats, L2_RULE_REPEATS))
-    ms = {k: _median_ms(v[0]) for k, v in measured.items()}
-    cost = ms["random"] / ms["random_without"] - 1
-    return dict(asdict(case), name=case.name, **{f"{k}_ms": v for k, v in ms.items()}, cost=cost,
-                on_pattern_cost=ms["on_pattern"] / ms["on_pattern_without"] - 1,
-                target=L2_RULE_MAX_COST, met=cost <= L2_RULE_MAX_COST)
-
-
-def many_bank_cases(n: Optional[int], dtypes) -> List[Case]:
-    """MANY_BANKS as cases (``B`` the queries per bank; the bank count is in ``many_banks``)."""
-    return [Case("banks", "dot", dt, b, n or big_n, d) for _, b, big_n, d in MANY_BANKS for dt in dtypes]
-
-
-def many_banks(case: Case) -> int:
-    return next(L for L, b, _, d in MANY_BANKS if (b, d) == (case.B, case.D))
-
-
-def run_many_banks(case: Case, backend: str, repeats: int, quick: bool) -> dict:
-    """Banks of their own per leading index (q (L, B, D), X (L, N, D)): the fused kernel against
-    plain PyTorch and SDPA, which takes the leading index as its heads; each checked first."""
-    L = 4 if quick else many_banks(case)
-    dt = getattr(torch, case.dtype)
-    g = torch.Generator().manual_seed(L * case.N + case.B)
-    q, x = torch.randn(L, case.B, case.D, generator=g), torch.randn(L, case.N, case.D, generator=g)
-    want = peers.plain(q, x, 1.0 / math.sqrt(case.D), "dot")
-    q, x, beta = q.to(dt), x.to(dt), 1.0 / math.sqrt(case.D)
-    fns = {"fused": fused_call(q, x, beta, "dot", backend)}
-    fns.update(peers.peer_callables(q, x, beta, "dot", MANY_BANK_PEERS, None))
-    with torch.no_grad():
-        errors = {k: peers.rel_err(f().float(), want) for k, f in fns.items()}
-        measured = common.time_calls(fns, repeats, rewarm=True)
-    ms = {k: _median_ms(v[0]) for k, v in measured.items()}
-    tol = CHECK_TOL[case.dtype]
-    return dict(asdict(case), name=case.name, banks=L, fused_ms=ms["fused"], rel_err=errors["fused"],
-                gbps=L * case.bytes / ms["fused"] / 1e6,
-                peers={k: dict(ms=v, ratio=v / ms["fused"], rel_err=errors[k], ok=errors[k] <= tol)
-                       for k, v in ms.items() if k != "fused"})
 
 
 # --- the report ------------------------------------------------------------------------

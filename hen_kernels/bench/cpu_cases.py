@@ -1,0 +1,165 @@
+"""The CPU table's cases and how each is timed: shapes, targets, banks, inputs, the timing rounds.
+
+:mod:`hen_kernels.bench.cpu` runs the main table from these, :mod:`hen_kernels.bench.cpu_side`
+the smaller ones; ``benchmarks/test_bench_cpu.py`` reuses them through :mod:`hen_kernels.bench.cpu`.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .. import backends, ops
+from . import common, cpu_peers as peers
+
+# docs/design.md §6, CPU rows: required peer_time / fused_time.
+SDPA_TARGETS = {"recall": 1.2, "layer": 1.0, "bulk": 1.0}  # dot; l2sq (SDPA with the bias): 1.0 everywhere
+PLAIN_TARGETS = {"recall": 1.6, "layer": 1.3, "bulk": 0.95}  # dot and l2sq; l2: 2.0
+L2_PLAIN_TARGET = 2.0
+BF16_OVER_FP32_TARGET = 1.5  # where the CPU has bf16 matrix instructions
+SHAPES = [("recall", 1, 262144, 512), ("recall", 8, 262144, 512),
+          ("layer", 64, 65536, 64), ("bulk", 64, 65536, 2048)]
+SIMILARITIES = ("dot", "l2sq", "l2")
+DTYPES = ("float32", "bfloat16")
+QUICK_N = 4096
+CHECK_TOL = {"float32": 1e-4, "bfloat16": 5e-2}  # a peer must agree with float32 this well to be timed
+SLOW_PEER_S, SLOW_PEER_RATIO = 2.0, 20.0  # a peer this slow (seconds, and x the kernel) is timed once
+# Short rows get more rounds, so that a burst of other work on this shared machine (a few
+# hundred ms) cannot own the median: at least MIN_ROW_S of rounds, at most MAX_ROUNDS.
+MIN_ROW_S, MAX_ROUNDS = 3.0, 25
+
+
+@dataclass(frozen=True)
+class Case:
+    regime: str
+    similarity: str
+    dtype: str
+    B: int
+    N: int
+    D: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.regime}-{self.similarity}-{self.dtype}-B{self.B}-N{self.N}-D{self.D}"
+
+    @property
+    def flops(self) -> int:  # docs/design.md §6: 4·B·N·D
+        return 4 * self.B * self.N * self.D
+
+    @property
+    def bytes(self) -> int:  # the bank read once, in its dtype
+        return self.N * self.D * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    @property
+    def bound(self) -> str:
+        """Which ceiling applies: memory for recall, matmul for the others."""
+        return "read" if self.regime == "recall" else "matmul"
+
+
+def cases(n: Optional[int] = None, similarities=SIMILARITIES, dtypes=DTYPES) -> List[Case]:
+    """The §6 CPU cases, ordered so that cases sharing a bank are adjacent; ``n`` overrides N."""
+    return [Case(regime, s, dt, b, n or big_n, d) for regime, b, big_n, d in SHAPES
+            for dt in dtypes for s in similarities]
+
+
+def fused_backend() -> str:
+    """'cpu' when the csrc extension loaded, else 'torch' (the reference stands in)."""
+    return "cpu" if "cpu" in ops.available_backends() else "torch"
+
+
+def backend_label(backend: str) -> str:
+    if backend == "torch":
+        why = backends.BACKENDS["cpu"].unavailable_reason or "not chosen"
+        return f"torch (the REFERENCE, not a fused kernel: 'cpu' unavailable: {why})"
+    return backend
+
+
+# --- inputs: one bank at a time, reused by every case of that shape and dtype --------
+
+_BANK: dict = {}
+
+
+def bank(n: int, d: int, dtype: str) -> torch.Tensor:
+    """An (n, d) standard-normal bank in ``dtype``; banks of other shapes are dropped first."""
+    if (n, d, dtype) not in _BANK:
+        if not any(k[:2] == (n, d) for k in _BANK):
+            _BANK.clear()
+        for k in [k for k in _BANK if k[:2] == (n, d) and k[2] != "float32"]:
+            del _BANK[k]
+        common.trim_heap()
+        if (n, d, "float32") not in _BANK:
+            _BANK[(n, d, "float32")] = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 7919 + d))
+        _BANK[(n, d, dtype)] = _BANK[(n, d, "float32")].to(getattr(torch, dtype))
+    return _BANK[(n, d, dtype)]
+
+
+def release_bank() -> None:
+    _BANK.clear()
+    _FAISS.clear()
+    common.trim_heap()
+
+
+_FAISS: dict = {}
+
+
+def faiss_index(case: Case, x: torch.Tensor) -> Optional[peers.FaissTop1]:
+    key = (case.N, case.D, case.dtype, case.similarity == "dot")
+    if peers.faiss_unavailable() is not None:
+        return None
+    if key not in _FAISS:
+        _FAISS.clear()
+        _FAISS[key] = peers.FaissTop1(x, case.similarity)
+    return _FAISS[key]
+
+
+def case_inputs(case: Case) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """(query (B, D), bank (N, D), beta); beta = 1/sqrt(D) keeps dot scores of order one."""
+    q = torch.randn(case.B, case.D, generator=torch.Generator().manual_seed(case.B)).to(getattr(torch, case.dtype))
+    return q, bank(case.N, case.D, case.dtype), 1.0 / math.sqrt(case.D)
+
+
+def fused_call(q, x, beta, similarity, backend, **kw):
+    return lambda: ops.hopfield_update(q, x, beta, similarity=similarity, backend=backend, **kw)
+
+
+def median_ms(times: List[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+def iqr_over_median(times: List[float]) -> Optional[float]:
+    """(Q3 - Q1) / median of the calls; None for fewer than two."""
+    if len(times) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / statistics.median(times)
+
+
+# --- the main table ----------------------------------------------------------------
+
+def first_calls(fns: Dict[str, object]) -> Dict[str, float]:
+    """Seconds of one call of each function (a warm-up that says which peers are slow)."""
+    seconds = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        seconds[name] = time.perf_counter() - t0
+    return seconds
+
+
+def time_sparing_slow_peers(fns: Dict[str, object], repeats: int, seconds: Dict[str, float],
+                            min_row_s: float = MIN_ROW_S) -> common.Measured:
+    """common.time_calls, except that a peer far slower than the kernel in its first call
+    (``seconds``; bf16 matmuls without bf16 instructions take seconds) is timed once more,
+    not ``repeats`` times, and that short calls get more rounds (``min_row_s``)."""
+    slow = {k for k, t in seconds.items()
+            if not k.startswith("fused") and t > SLOW_PEER_S and t > SLOW_PEER_RATIO * seconds["fused"]}
+    round_s = 2 * sum(t for k, t in seconds.items() if k not in slow)  # each timed call follows an untimed one
+    rounds = min(max(repeats, math.ceil(min_row_s / max(round_s, 1e-9))), max(repeats, MAX_ROUNDS))
+    measured = common.time_calls({k: f for k, f in fns.items() if k not in slow}, rounds, rewarm=True)
+    if slow:
+        measured.update(common.time_calls({k: fns[k] for k in slow}, 1, warm_up=False))
+    return measured

@@ -1,0 +1,132 @@
+"""The CPU bench's smaller tables: multi-step retrieval, the weighted similarity, the ℓ2 rule's
+cost, and many banks (leading dims) against SDPA."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict
+from typing import List, Optional
+
+import torch
+
+from .. import ops
+from . import common, cpu_peers as peers
+from .cpu_cases import (CHECK_TOL, MIN_ROW_S, SHAPES, Case, case_inputs, first_calls, fused_call, median_ms,
+                        time_sparing_slow_peers)
+
+L2_RULE_MAX_COST = 0.05  # §5.1 recompute: within 5% of the kernel without it, on random data
+L2_RULE_REPEATS = 21
+STEPS = 5
+# Cases of the smaller tables: (regime, B) among SHAPES.
+SIDE_SHAPES = (("recall", 8), ("layer", 64))
+# Many small banks, one per leading index (batch x heads), dot: (banks, B, N, D).  One query
+# each is attention decoding and HopfieldPooling's learned query; 16 each, per-item banks.
+MANY_BANKS = ((128, 1, 2048, 64), (64, 16, 2048, 64))
+MANY_BANK_PEERS = ("plain", "sdpa", "sdpa_math")
+
+
+def side_cases(n: Optional[int], similarities, dtypes) -> List[Case]:
+    shapes = {(r, b): (big_n, d) for r, b, big_n, d in SHAPES}
+    return [Case(r, s, dt, b, n or shapes[(r, b)][0], shapes[(r, b)][1])
+            for r, b in SIDE_SHAPES for dt in dtypes for s in similarities]
+
+
+def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool, min_row_s: float = MIN_ROW_S) -> dict:
+    """STEPS-step retrieval (tol=None: every step taken) against STEPS chained calls of each peer."""
+    q, x, beta = case_inputs(case)
+    which = tuple(p for p in peers.UPDATE_PEERS if p in peers.PEERS[case.similarity]
+                  and (compile_peer or p != "compile"))
+    one = peers.peer_callables(q, x, beta, case.similarity, which, None)
+
+    def chain(step_peer):
+        def run():
+            s = q
+            for _ in range(STEPS):
+                s = peers.peer_callables(s, x, beta, case.similarity, (step_peer,), None)[step_peer]()
+            return s
+        return run
+
+    fns = {"fused": lambda: ops.hopfield_retrieve(q, x, beta, similarity=case.similarity, max_steps=STEPS,
+                                                  backend=backend).state,
+           "fused_one_step": fused_call(q, x, beta, case.similarity, backend)}
+    fns.update({name: chain(name) for name in one})
+    with torch.no_grad():
+        measured = time_sparing_slow_peers(fns, repeats, first_calls(fns), min_row_s)
+    ms = {k: median_ms(v[0]) for k, v in measured.items()}
+    return dict(asdict(case), name=case.name, steps=STEPS, fused_ms=ms["fused"],
+                per_step_overhead=ms["fused"] / (STEPS * ms["fused_one_step"]),
+                peers={k: dict(ms=v, ratio=v / ms["fused"]) for k, v in ms.items() if not k.startswith("fused")})
+
+
+def run_weighted(case: Case, backend: str, repeats: int) -> dict:
+    """The weighted similarity (half the features known) against the unweighted kernel and plain PyTorch."""
+    q, x, beta = case_inputs(case)
+    w = torch.ones(case.B, case.D)
+    w[:, case.D // 2:] = 0.0
+    fns = {"weighted": fused_call(q, x, beta, case.similarity, backend, weights=w),
+           "unweighted": fused_call(q, x, beta, case.similarity, backend),
+           "plain_weighted": lambda: peers.plain_weighted(q, x, beta, case.similarity, w)}
+    with torch.no_grad():
+        err = peers.rel_err(fns["weighted"]().float(), fns["plain_weighted"]().float())
+        measured = common.time_calls(fns, repeats, rewarm=True)
+    ms = {k: median_ms(v[0]) for k, v in measured.items()}
+    return dict(asdict(case), name=case.name, weighted_ms=ms["weighted"], unweighted_ms=ms["unweighted"],
+                cost=ms["weighted"] / ms["unweighted"], plain_weighted_ms=ms["plain_weighted"],
+                ratio=ms["plain_weighted"] / ms["weighted"], rel_err=err)
+
+
+def run_l2_rule(case: Case, backend: str, repeats: int) -> dict:
+    """The §5.1 recompute's cost: the kernel with it and without it (HEN_KERNELS_CPU_L2_DIRECT=0),
+    on random queries, and with every query on a stored pattern (one pair each recomputed)."""
+    q, x, beta = case_inputs(case)
+    on = x[torch.arange(case.B) * 7 % case.N].clone()
+
+    def without(qq):
+        def run():
+            os.environ["HEN_KERNELS_CPU_L2_DIRECT"] = "0"
+            try:
+                return ops.hopfield_update(qq, x, beta, similarity=case.similarity, backend=backend)
+            finally:
+                del os.environ["HEN_KERNELS_CPU_L2_DIRECT"]
+        return run
+
+    fns = {"random": fused_call(q, x, beta, case.similarity, backend), "random_without": without(q),
+           "on_pattern": fused_call(on, x, beta, case.similarity, backend), "on_pattern_without": without(on)}
+    with torch.no_grad():  # a few per cent between two versions of one kernel: more calls than the peers get
+        measured = common.time_calls(fns, max(repeats, L2_RULE_REPEATS))
+    ms = {k: median_ms(v[0]) for k, v in measured.items()}
+    cost = ms["random"] / ms["random_without"] - 1
+    return dict(asdict(case), name=case.name, **{f"{k}_ms": v for k, v in ms.items()}, cost=cost,
+                on_pattern_cost=ms["on_pattern"] / ms["on_pattern_without"] - 1,
+                target=L2_RULE_MAX_COST, met=cost <= L2_RULE_MAX_COST)
+
+
+def many_bank_cases(n: Optional[int], dtypes) -> List[Case]:
+    """MANY_BANKS as cases (``B`` the queries per bank; the bank count is in ``many_banks``)."""
+    return [Case("banks", "dot", dt, b, n or big_n, d) for _, b, big_n, d in MANY_BANKS for dt in dtypes]
+
+
+def many_banks(case: Case) -> int:
+    return next(L for L, b, _, d in MANY_BANKS if (b, d) == (case.B, case.D))
+
+
+def run_many_banks(case: Case, backend: str, repeats: int, quick: bool) -> dict:
+    """Banks of their own per leading index (q (L, B, D), X (L, N, D)): the fused kernel against
+    plain PyTorch and SDPA, which takes the leading index as its heads; each checked first."""
+    L = 4 if quick else many_banks(case)
+    dt = getattr(torch, case.dtype)
+    g = torch.Generator().manual_seed(L * case.N + case.B)
+    q, x = torch.randn(L, case.B, case.D, generator=g), torch.randn(L, case.N, case.D, generator=g)
+    want = peers.plain(q, x, 1.0 / math.sqrt(case.D), "dot")
+    q, x, beta = q.to(dt), x.to(dt), 1.0 / math.sqrt(case.D)
+    fns = {"fused": fused_call(q, x, beta, "dot", backend)}
+    fns.update(peers.peer_callables(q, x, beta, "dot", MANY_BANK_PEERS, None))
+    with torch.no_grad():
+        errors = {k: peers.rel_err(f().float(), want) for k, f in fns.items()}
+        measured = common.time_calls(fns, repeats, rewarm=True)
+    ms = {k: median_ms(v[0]) for k, v in measured.items()}
+    tol = CHECK_TOL[case.dtype]
+    return dict(asdict(case), name=case.name, banks=L, fused_ms=ms["fused"], rel_err=errors["fused"],
+                gbps=L * case.bytes / ms["fused"] / 1e6,
+                peers={k: dict(ms=v, ratio=v / ms["fused"], rel_err=errors[k], ok=errors[k] <= tol)
+                       for k, v in ms.items() if k != "fused"})
