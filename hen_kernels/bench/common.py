@@ -29,7 +29,7 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
 # Process-wide settings that change what a large CPU allocation costs.  glibc hands a block
 # above its mmap threshold (32 MiB at most) back to the OS when it is freed, so the next call
 # that allocates one pays first-touch page faults again: with the threshold raised, HopfieldPooling
-# ran about 2x faster, the fused kernel and its reference alike (docs/nn.md).
+# ran up to 2x faster, the fused kernel and its reference alike (docs/nn.md).
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
                  "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 

@@ -320,8 +320,9 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_p
                     report["weighted"].append(run_weighted(case, backend, repeats))
                 for case in filter(keep, side_cases(n, ("l2",), DTYPES)):
                     report["l2_rule"].append(run_l2_rule(case, backend, repeats))
-            for case in filter(keep, many_bank_cases(QUICK_N // 8 if quick else None, DTYPES)):
-                report["many_banks"].append(run_many_banks(case, backend, repeats, quick))
+            rows, banks = (QUICK_N // 8, 4) if quick else (None, None)
+            for case in filter(keep, many_bank_cases(rows, DTYPES, banks)):
+                report["many_banks"].append(run_many_banks(case, backend, repeats))
             print("  side tables done", flush=True)
     finally:
         release_bank()

@@ -41,18 +41,20 @@ class Case:
     B: int
     N: int
     D: int
+    banks: int = 1  # one (B queries, N x D bank) problem per leading index (the many-banks table)
 
     @property
     def name(self) -> str:
-        return f"{self.regime}-{self.similarity}-{self.dtype}-B{self.B}-N{self.N}-D{self.D}"
+        lead = f"-L{self.banks}" if self.banks > 1 else ""
+        return f"{self.regime}-{self.similarity}-{self.dtype}{lead}-B{self.B}-N{self.N}-D{self.D}"
 
     @property
-    def flops(self) -> int:  # docs/design.md §6: 4·B·N·D
-        return 4 * self.B * self.N * self.D
+    def flops(self) -> int:  # docs/design.md §6: 4·B·N·D per bank
+        return 4 * self.banks * self.B * self.N * self.D
 
     @property
-    def bytes(self) -> int:  # the bank read once, in its dtype
-        return self.N * self.D * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+    def bytes(self) -> int:  # every bank read once, in its dtype
+        return self.banks * self.N * self.D * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
     @property
     def bound(self) -> str:

@@ -101,24 +101,20 @@ def run_l2_rule(case: Case, backend: str, repeats: int) -> dict:
                 target=L2_RULE_MAX_COST, met=cost <= L2_RULE_MAX_COST)
 
 
-def many_bank_cases(n: Optional[int], dtypes) -> List[Case]:
-    """MANY_BANKS as cases (``B`` the queries per bank; the bank count is in ``many_banks``)."""
-    return [Case("banks", "dot", dt, b, n or big_n, d) for _, b, big_n, d in MANY_BANKS for dt in dtypes]
+def many_bank_cases(n: Optional[int], dtypes, banks: Optional[int] = None) -> List[Case]:
+    """MANY_BANKS as cases; ``n`` and ``banks`` override N and the bank count (the quick run)."""
+    return [Case("banks", "dot", dt, b, n or big_n, d, banks or count)
+            for count, b, big_n, d in MANY_BANKS for dt in dtypes]
 
 
-def many_banks(case: Case) -> int:
-    return next(L for L, b, _, d in MANY_BANKS if (b, d) == (case.B, case.D))
-
-
-def run_many_banks(case: Case, backend: str, repeats: int, quick: bool) -> dict:
+def run_many_banks(case: Case, backend: str, repeats: int) -> dict:
     """Banks of their own per leading index (q (L, B, D), X (L, N, D)): the fused kernel against
     plain PyTorch and SDPA, which takes the leading index as its heads; each checked first."""
-    L = 4 if quick else many_banks(case)
-    dt = getattr(torch, case.dtype)
-    g = torch.Generator().manual_seed(L * case.N + case.B)
-    q, x = torch.randn(L, case.B, case.D, generator=g), torch.randn(L, case.N, case.D, generator=g)
-    want = peers.plain(q, x, 1.0 / math.sqrt(case.D), "dot")
-    q, x, beta = q.to(dt), x.to(dt), 1.0 / math.sqrt(case.D)
+    g = torch.Generator().manual_seed(case.banks * case.N + case.B)
+    q, x = (torch.randn(case.banks, rows, case.D, generator=g) for rows in (case.B, case.N))
+    beta = 1.0 / math.sqrt(case.D)
+    want = peers.plain(q, x, beta, "dot")
+    q, x = q.to(getattr(torch, case.dtype)), x.to(getattr(torch, case.dtype))
     fns = {"fused": fused_call(q, x, beta, "dot", backend)}
     fns.update(peers.peer_callables(q, x, beta, "dot", MANY_BANK_PEERS, None))
     with torch.no_grad():
@@ -126,7 +122,7 @@ def run_many_banks(case: Case, backend: str, repeats: int, quick: bool) -> dict:
         measured = common.time_calls(fns, repeats, rewarm=True)
     ms = {k: median_ms(v[0]) for k, v in measured.items()}
     tol = CHECK_TOL[case.dtype]
-    return dict(asdict(case), name=case.name, banks=L, fused_ms=ms["fused"], rel_err=errors["fused"],
-                gbps=L * case.bytes / ms["fused"] / 1e6,
+    return dict(asdict(case), name=case.name, fused_ms=ms["fused"], rel_err=errors["fused"],
+                gbps=case.bytes / ms["fused"] / 1e6,
                 peers={k: dict(ms=v, ratio=v / ms["fused"], rel_err=errors[k], ok=errors[k] <= tol)
                        for k, v in ms.items() if k != "fused"})
