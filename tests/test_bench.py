@@ -109,23 +109,36 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     assert "fused" in proc.stdout
 
 
-def test_crossover_quick_times_every_kind_of_product(tmp_path):
-    """`bench crossover --quick`: a cell per dtype, depth and query count, brgemm and every hand-written kind."""
+@pytest.mark.parametrize("emulate", [False, True], ids=["native", "avx2"])
+def test_crossover_quick_times_every_kind_of_product(tmp_path, emulate):
+    """`bench crossover --quick`: a cell per dtype, depth and query count, brgemm and every hand-written
+    kind; with --emulate-avx2, in a child that runs the AVX2 kernel and says so."""
     require("cpu")
     info = cpu_info()
     if info.get("gemm") != "brgemm":
         pytest.skip("this build has no brgemm to compare against")
+    if emulate and info.get("cpu_isa") not in ("avx2", "avx512"):
+        pytest.skip("this CPU runs no AVX2")
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "-m", "hen_kernels.bench", "crossover", "--quick", "--repeats", "1",
-                           "--out", str(out), "--name", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--out", str(out)] + (["--emulate-avx2"] if emulate else ["--name", "x"]),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((out / "x.json").read_text())
+    stem = "crossover_avx2" if emulate else "x"
+    report = json.loads((out / f"{stem}.json").read_text())
+    assert (report["machine"]["emulated"] is not None) == emulate
+    kernel = dict(kv.split("=", 1) for kv in report["machine"]["cpu_info"].split() if "=" in kv)
+    if emulate:
+        assert kernel["isa"] == "avx2" and kernel["bf16_pairs"] == "0"
+    else:
+        assert kernel["isa"] == info["isa"]
     cells = report["cells"]
     assert len(cells) == 2 * len(crossover.DEPTHS) * len(crossover.QUERIES)
     for c in cells:
         dtype = getattr(torch, c["dtype"])
-        assert set(c["ms"]) == {"brgemm", *crossover.kinds(dtype, info)}
+        assert set(c["ms"]) == {"brgemm", *crossover.kinds(dtype, kernel)}
         assert all(math.isfinite(v) and v > 0 for v in c["ms"].values())
-    md = (out / "x.md").read_text()
+    md = (out / f"{stem}.md").read_text()
     assert "## float32, hand" in md and "## bfloat16, hand" in md
-    assert ("## bfloat16, pairs" in md) == (info.get("bf16_pairs") == "1")
+    assert ("## bfloat16, pairs" in md) == (kernel["bf16_pairs"] == "1")
+    assert ("AVX2 EMULATED" in md) == emulate

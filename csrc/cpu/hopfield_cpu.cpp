@@ -28,13 +28,18 @@ HEN_DECLARE_TILE(avx512)
 
 namespace {
 // Queries up to which the hand-written products beat brgemm, score and value
-// product, by instruction set and operands (measured on AVX-512 + AMX, and with
-// AVX2 emulated there: benchmarks/results/cpu.md).  16-bit inputs on float32
-// microkernels pay for widening every tile, so the hand-written ones, which widen
-// in registers, keep them longer.  Without AMX, the pair dot product against oneDNN's
-// AVX-512 BF16 brgemm (which repacks every bank tile) wins longer the deeper the rows
-// (AMD EPYC Zen 4, both products: up to 4 queries at D = 64, 8 at D = 128, 16 from
-// D = 256 on; benchmarks/results/crossover_zen4.md, `python -m hen_kernels.bench crossover`).
+// product, by instruction set and operands.  16-bit inputs on float32 microkernels pay
+// for widening every tile, so the hand-written ones, which widen in registers, keep
+// them longer.  Without AMX, the pair dot product against oneDNN's AVX-512 BF16 brgemm
+// (which repacks every bank tile) wins longer the deeper the rows (AMD EPYC Zen 4, both
+// products: up to 4 queries at D = 64, 8 at D = 128, 16 from D = 256 on;
+// benchmarks/results/crossover_zen4.md, `python -m hen_kernels.bench crossover`).
+// AVX2 runs only on AMD EPYCs without AVX-512 (every Xeon we drew has AVX-512), so its
+// limits come from an EPYC: Zen 4 with AVX2 forced (crossover_zen4_avx2.md, `bench
+// crossover --emulate-avx2`, two runs): both dtypes up to 4 queries at D = 64 (8
+// queries ran 0.85-0.94x brgemm's speed), float32 8 from D = 128 on (1.11-1.60x at 8),
+// widened 16-bit 8 below D = 512 and 16 from there (1.08-1.10x at 16).  The AVX-512
+// limits without pairs were measured on a Xeon with AMX (benchmarks/results/cpu.md).
 struct HandUpTo {
   int64_t score, value;
 };
@@ -44,6 +49,10 @@ HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
     return {q, q};
   }
   if (vnni) return {4, 8};
+  if (isa == Isa::Avx2) {
+    const int64_t q = D < 128 ? 4 : dt == DType::F32 ? 8 : D < 512 ? 8 : 16;
+    return {q, q};
+  }
   if (dt != DType::F32) return {16, 16};
   return isa == Isa::Avx512 ? HandUpTo{8, 8} : HandUpTo{4, 4};
 }

@@ -11,6 +11,9 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -32,6 +35,35 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
 # ran up to 2x faster, the fused kernel and its reference alike (docs/nn.md).
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
                  "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+
+# What an AVX2-only CPU would run, on an AVX-512 machine: oneDNN, MKL, ATen's own kernels,
+# FAISS and the CPU kernel each capped at AVX2 (HEN_BENCH_EMULATED marks the child process).
+EMULATED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                "FAISS_OPT_LEVEL": "avx2", "HEN_KERNELS_CPU_ISA": "avx2", "HEN_BENCH_EMULATED": "avx2"}
+
+
+def emulated() -> Optional[str]:
+    """The AVX2 emulation settings when this process runs under them (for the report header), else None."""
+    if not os.environ.get("HEN_BENCH_EMULATED"):
+        return None
+    return ", ".join(f"{k}={v}" for k, v in EMULATED_ENV.items() if k != "HEN_BENCH_EMULATED")
+
+
+def rerun_emulated(program: str, argv: Optional[Sequence[str]]) -> int:
+    """Run ``python -m hen_kernels.bench program`` with the options ``argv`` (sys.argv when None) less
+    --emulate-avx2, in a child process that sees an AVX2-only CPU; its exit status."""
+    argv = [x for x in (sys.argv[1:] if argv is None else argv) if x not in ("--emulate-avx2", program)]
+    # Inductor's cache keys miss ATEN_CPU_CAPABILITY: kernels compiled for one instruction set
+    # were found by the other, giving wrong answers and crashes.  The child gets a cache of its own.
+    with tempfile.TemporaryDirectory(prefix="torchinductor_avx2_") as cache:
+        env = dict(os.environ, **EMULATED_ENV, TORCHINDUCTOR_CACHE_DIR=cache)
+        return subprocess.call([sys.executable, "-m", "hen_kernels.bench", program, *argv], env=env)
+
+
+def add_emulate_avx2(p: argparse.ArgumentParser, writes: str) -> None:
+    p.add_argument("--emulate-avx2", action="store_true",
+                   help=f"run in a child process that sees an AVX2-only CPU (EMULATED_ENV); writes {writes}")
+
 
 # --- the machine ---------------------------------------------------------------------
 

@@ -23,11 +23,7 @@ Other code (``benchmarks/test_bench_cpu.py``, tests/test_bench.py) reuses :func:
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict
 from typing import Dict, List, Optional
@@ -45,10 +41,6 @@ from .cpu_cases import (BF16_OVER_FP32_TARGET, CHECK_TOL, DTYPES, L2_PLAIN_TARGE
                         fused_call, iqr_over_median, median_ms, release_bank, time_sparing_slow_peers)
 from .cpu_side import (L2_RULE_MAX_COST, L2_RULE_REPEATS, MANY_BANK_PEERS, MANY_BANKS, STEPS,  # noqa: F401
                        many_bank_cases, run_l2_rule, run_many_banks, run_steps, run_weighted, side_cases)
-
-EMULATED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                "FAISS_OPT_LEVEL": "avx2", "HEN_KERNELS_CPU_ISA": "avx2", "HEN_BENCH_EMULATED": "avx2"}
-
 
 # --- the main table ----------------------------------------------------------------
 
@@ -287,8 +279,7 @@ def machine(backend: str) -> dict:
                 fused_is_reference=backend == "torch", memory_measured=common.memory_measured(),
                 cpu_info=" ".join(f"{k}={v}" for k, v in info.items()) or "n/a",
                 matrix_units=peers.matrix_units(info, host["isa"]),
-                emulated=", ".join(f"{k}={v}" for k, v in EMULATED_ENV.items() if k != "HEN_BENCH_EMULATED")
-                if os.environ.get("HEN_BENCH_EMULATED") else None)
+                emulated=common.emulated())
 
 
 def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_peer: bool = True,
@@ -354,8 +345,7 @@ def finish(report: dict, out: str, name: Optional[str] = None) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     p = common.parser("cpu", __doc__, "cpu.json and cpu.md", f"tiny shapes (N = {QUICK_N}): seconds, for tests",
                       5, "timed calls per measurement, after one warm-up")
-    p.add_argument("--emulate-avx2", action="store_true",
-                   help="run in a child process that sees an AVX2-only CPU; writes cpu_avx2.{json,md}")
+    common.add_emulate_avx2(p, "cpu_avx2.{json,md}")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer (minutes to compile)")
     p.add_argument("--no-side", action="store_true", help="only the main table")
     p.add_argument("--threads", type=int, default=0,
@@ -373,12 +363,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    if a.emulate_avx2 and not os.environ.get("HEN_BENCH_EMULATED"):
-        args = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--emulate-avx2", "cpu")]
-        # Inductor's cache keys miss ATEN_CPU_CAPABILITY: kernels compiled for one instruction set
-        # were found by the other, giving wrong answers and crashes.  The child gets a cache of its own.
-        with tempfile.TemporaryDirectory(prefix="torchinductor_avx2_") as cache:
-            env = dict(os.environ, **EMULATED_ENV, TORCHINDUCTOR_CACHE_DIR=cache)
-            return subprocess.call([sys.executable, "-m", "hen_kernels.bench", "cpu", *args], env=env)
+    if a.emulate_avx2 and not common.emulated():
+        return common.rerun_emulated("cpu", argv)
     run(a.out, a.quick, a.repeats, not a.no_compile, not a.no_side, a.name, a.only)
     return 0

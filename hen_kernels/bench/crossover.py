@@ -1,6 +1,6 @@
 """Where the CPU kernel's own products stop beating brgemm: the measurements behind `hand_up_to`.
 
-    python -m hen_kernels.bench crossover [--out DIR] [--quick] [--repeats K] [--name STEM]
+    python -m hen_kernels.bench crossover [--out DIR] [--quick] [--repeats K] [--emulate-avx2] [--name STEM]
 
 For each dtype, row depth D and query count B, the CPU kernel is timed with its tile
 products forced (``hen_kernels::partial_with_plan_hints``): oneDNN's brgemm for both
@@ -9,7 +9,9 @@ AVX-512 BF16's pair dot product, where the CPU has it).  Each cell is brgemm's t
 the hand-written one's (above 1: the hand-written products win), on a bank of 2^25
 elements (64 MiB in bfloat16), calls interleaved, median of ``--repeats``.
 csrc/cpu/hopfield_cpu.cpp's ``hand_up_to`` says which limits the planner uses; this
-table is how to check them on a new kind of CPU.  Writes crossover.{json,md} (or STEM.*).
+table is how to check them on a new kind of CPU.  Writes crossover.{json,md} (or STEM.*);
+``--emulate-avx2`` measures what an AVX2-only CPU would run (as ``bench cpu --emulate-avx2``)
+and writes crossover_avx2.{json,md}.
 """
 import statistics
 from typing import List, Optional
@@ -40,7 +42,7 @@ def measure(quick: bool, repeats: int) -> dict:
     info = cpu_info()
     if info.get("gemm") != "brgemm":
         raise SystemExit("crossover: this build has no brgemm (not x86, or a torch without it): nothing to compare")
-    report = {"machine": dict(common.host(), cpu_info=torch.ops.hen_kernels.cpu_info()),
+    report = {"machine": dict(common.host(), cpu_info=torch.ops.hen_kernels.cpu_info(), emulated=common.emulated()),
               "quick": quick, "repeats": repeats, "cells": []}
     elements = report["bank_elements"] = QUICK_ELEMENTS if quick else BANK_ELEMENTS
     gen = torch.Generator().manual_seed(0)
@@ -60,8 +62,11 @@ def measure(quick: bool, repeats: int) -> dict:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = ["# CPU kernel: brgemm time / hand-written time (above 1: the hand-written products win)", "",
-             f"- machine: {m['cpu']} ({m['isa']}), torch {m['torch']} with {m['torch_threads']} threads",
+    emulated = m.get("emulated")
+    lines = ["# CPU kernel: brgemm time / hand-written time (above 1: the hand-written products win)"
+             + (" — AVX2 EMULATED" if emulated else ""), "",
+             f"- machine: {m['cpu']} ({m['isa']}), torch {m['torch']} with {m['torch_threads']} threads"
+             + (f"; EMULATED AVX2-only CPU: {emulated}" if emulated else ""),
              f"- kernel: {m['cpu_info']}",
              f"- bank of {report['bank_elements']} elements, median of {report['repeats']} interleaved "
              "calls, each after an untimed call of the same function" + (" (--quick)" if report["quick"] else ""),
@@ -82,10 +87,13 @@ def markdown(report: dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = common.parser("crossover", __doc__, "crossover.json and crossover.md",
                       f"a bank of {QUICK_ELEMENTS} elements: seconds, for tests", 5, "timed calls per cell")
-    p.add_argument("--name", metavar="STEM", default="crossover", help="write STEM.json and STEM.md")
+    common.add_emulate_avx2(p, "crossover_avx2.{json,md}")
+    p.add_argument("--name", metavar="STEM", help="write STEM.json and STEM.md")
     a = p.parse_args(argv)
+    if a.emulate_avx2 and not common.emulated():
+        return common.rerun_emulated("crossover", argv)
     report = measure(a.quick, a.repeats)
     md = markdown(report)
-    js, mdp = common.write_report(a.out, a.name, report, md)
+    js, mdp = common.write_report(a.out, a.name or ("crossover_avx2" if common.emulated() else "crossover"), report, md)
     print("\n" + md + f"\nwrote {js} and {mdp}")
     return 0
