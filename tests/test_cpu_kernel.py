@@ -136,8 +136,13 @@ def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim, d
     q, x, v = make((b, d), dtype, 3), make((n, d), dtype, 4), make((n, dv), dtype, 5)
     w = make((b, d), torch.float32, 6).abs()
     w[0, : d // 2] = 0  # a query that knows only half its pattern
+    # One mask for every query (the ℓ2 tiles then sum w∘x∘x a row, not a product), and the
+    # same but for the last query of the first 5-query block and of the whole batch.
+    shared = w[0].expand(b, d).contiguous()
+    almost = shared.clone()
+    almost[[4, b - 1], d // 2] += 0.5
     beta = 0.7 if sim == "l2" else 1.0 / math.sqrt(d)
-    for weights in (None, w):
+    for weights in (None, w, shared, almost):
         ref = ref64(q, x, beta, sim, v, weights, offset=9)
         for qb, splits in ((0, 0), (5, 3), (64, 7)):
             p = hinted(q, x, beta, sim, kernel, v, weights, offset=9, query_block=qb, splits=splits)
@@ -198,6 +203,28 @@ def test_l2_near_and_far_from_the_origin(kernel, dtype, sim):
     ref = direct64(qf, far, beta, sim)
     assert rel_err(p.out, ref.out) <= 1e-5
     assert (p.lse.double() - ref.lse).abs().max() <= 1e-3 * ref.lse.abs().max().clamp_min(1)
+
+
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", ["l2", "l2sq"])
+def test_one_mask_for_every_query_on_stored_patterns(kernel, dtype, sim):
+    """HEN's occluded recall: cues on (and next to) stored patterns, the same half visible in each."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 64, generator=g).to(dtype)
+    rows = torch.tensor([5, 64, 299, 150, 0, 200, 7, 31, 100])
+    near = (x[rows].float() + 1e-3 * torch.randn(len(rows), 64, generator=g)).to(dtype)
+    hidden = torch.randn(len(rows), 32, generator=g).to(dtype)  # what the cue says where nobody looks
+    half = torch.cat([torch.ones(32), torch.zeros(32)])
+    for w_row in (half, torch.rand(64, generator=g) + 0.1):
+        w = w_row.expand(len(rows), 64).contiguous()
+        cues = [x[rows], near] + ([torch.cat([x[rows, :32], hidden], 1)] if w_row is half else [])
+        for i, q in enumerate(cues):
+            for beta in (0.3, 30.0):
+                p = hinted(q, x, beta, sim, kernel, weights=w)
+                check(p, ref64(q, x, beta, sim, weights=w), dtype)
+                if beta == 30.0 and i != 1:  # on its pattern where the weights look: that row
+                    assert torch.equal(p.top_index, rows)
 
 
 @pytest.mark.parametrize("kernel", kernels())

@@ -66,31 +66,41 @@ inline vf l2_distance_sq(vf sum, vf c, bool recompute, int live, Pairs&& pairs, 
   return d2 < vf{} ? vf{} : d2;
 }
 
-// out[j] = sum_d x_jd² in float32 for `rows` rows (a multiple of 8) of dtype DT, eight
-// rows at a time, reduced by the same folds whatever a row's place.
+// out[j] = sum_d w_d x_jd² (w_d = 1 without w) in float32 for `rows` rows (a multiple of 8)
+// of dtype DT, eight rows at a time, reduced by the same folds whatever a row's place.
 template <DType DT>
-void row_norms(const char* x, int64_t ldx, int64_t rows, int64_t D, float* out) {
+void row_norms(const char* x, int64_t ldx, int64_t rows, int64_t D, float* out, const float* w = nullptr) {
   for (int64_t j = 0; j < rows; j += 8) {
     vf acc[8];
     for (int b = 0; b < 8; ++b) acc[b] = vf{};
     int64_t k = 0;
     if constexpr (DT == DType::BF16)  // in pairs, as dot_block takes them
-      for (; k + 2 * W <= D; k += 2 * W)
+      if (!w)
+        for (; k + 2 * W <= D; k += 2 * W)
+          for (int b = 0; b < 8; ++b) {
+            vf e, o;
+            load_bf16_pairs(x + (j + b) * ldx, k, e, o);
+            acc[b] += e * e + o * o;
+          }
+    if (w)
+      for (; k + W <= D; k += W) {
+        const vf wk = load(w + k);
         for (int b = 0; b < 8; ++b) {
-          vf e, o;
-          load_bf16_pairs(x + (j + b) * ldx, k, e, o);
-          acc[b] += e * e + o * o;
+          const vf v = lf<DT>(x + (j + b) * ldx, k);
+          acc[b] += wk * v * v;
         }
-    for (; k + W <= D; k += W)
-      for (int b = 0; b < 8; ++b) {
-        const vf v = lf<DT>(x + (j + b) * ldx, k);
-        acc[b] += v * v;
       }
+    else
+      for (; k + W <= D; k += W)
+        for (int b = 0; b < 8; ++b) {
+          const vf v = lf<DT>(x + (j + b) * ldx, k);
+          acc[b] += v * v;
+        }
     reduce_lanes<8>(acc, out + j);
     for (int b = 0; b < 8; ++b)
       for (int64_t kk = k; kk < D; ++kk) {
         const float v = sf<DT>(x + (j + b) * ldx, kk);
-        out[j + b] += v * v;
+        out[j + b] += (w ? w[kk] : 1.f) * v * v;
       }
   }
 }

@@ -218,6 +218,13 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const Product sp = plan.score, vp = plan.value;
   const float* wts = p.weights ? p.weights + (l * p.B + b0) * D : nullptr;
   const bool weighted_l2 = l2 && wts;
+  // One set of weights for every query of the block (one mask for a batch of cues, as
+  // HEN's occluded recall): sum_d w_d x_d² is then one number a row, summed with the
+  // row norms, instead of a second product over every query and row.
+  bool shared_weights = weighted_l2;
+  for (int64_t i = 1; shared_weights && i < BM; ++i)
+    shared_weights = std::memcmp(wts, wts + i * D, sizeof(float) * size_t(D)) == 0;
+  const bool weight_product = weighted_l2 && !shared_weights;  // C2 = (X∘X) . w^T
   const char* mem = static_cast<const char*>(p.memory) + es * size_t(l * p.memory_lead_stride);
   const char* val = static_cast<const char*>(p.values) + es * size_t(l * p.values_lead_stride);
   const char* qsrc = static_cast<const char*>(p.query) + es * size_t(l * p.query_lead_stride + b0 * p.query_row_stride);
@@ -285,7 +292,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     for (int64_t k = 0; k < D; ++k)
       for (int64_t i = 0; i < BMp; ++i) t[k * BMp + i] = qw[i * D + k];
     qop = t;
-    if (weighted_l2) {
+    if (weight_product) {
       float* u = grow(sc.wop, D * BMp);
       for (int64_t k = 0; k < D; ++k)
         for (int64_t i = 0; i < BMp; ++i) u[k * BMp + i] = i < BM ? wts[i * D + k] : 0.f;
@@ -308,8 +315,10 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const bool one_query = BM == 1 && hand_scores_here;
   const int64_t ldc = one_query ? 1 : BMp;
   float* c1 = grow(sc.c1, BN * BMp);
-  float* c2 = weighted_l2 ? grow(sc.c2, BN * BMp) : nullptr;
-  float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
+  float* c2 = weight_product ? grow(sc.c2, BN * BMp) : nullptr;
+  // |x|²_w a row: left by the hand-written score products unweighted, else summed apart.
+  float* xn = l2 && !weight_product ? grow(sc.xn, BN) : nullptr;
+  float* xn_by_scores = wts ? nullptr : xn;
   // P in the value product's A operand: 16-bit for VNNI and the pair dot product, else float.
   const bool p_16bit = vp == Product::Vnni || vp == Product::Bf16Pairs;
   float* pf = p_16bit ? nullptr : grow(sc.pf, BMp * BN);
@@ -360,15 +369,17 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       // tile: the next work item's first).
       const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : r0 + BN >= n_end ? after_x : nullptr;
       if (sp == Product::Bf16Pairs)
-        HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn));
+        HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn_by_scores));
       else
-        by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn); });
+        by_dtype(dt, [&](auto DT) {
+          hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn_by_scores);
+        });
       if (!one_query)
         for (int64_t j = 0; j < BN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
     }
-    if (xn && !hand_scores_here)  // (the hand-written products left them already)
-      by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, BN, D, xn); });
-    if (weighted_l2) {
+    if (xn && (wts || !hand_scores_here))  // (else the hand-written products left them already)
+      by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, BN, D, xn, wts); });
+    if (weight_product) {
       int64_t ldsq;  // rows padded_stride apart, as every float tile a product reads
       float* xsq = float_rows(dt, xr, ldr, BN, D, sc.xsq, ldsq);
       for (int64_t j = 0; j < BN; ++j)
@@ -396,7 +407,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
           row_scores<false>(c1, R, BN, [&](int64_t, vf c) { return c * vb; }, b, bj);
         } else {
           const vf vq = splat(qn[0]);
-          const float* sums = wts ? c2 : xn;
+          const float* sums = c2 ? c2 : xn;
           auto score = [=](int64_t j, vf c) __attribute__((always_inline)) {  // copies: see l2_direct
             const vf sum = vq + load(sums + j);
             const int live_rows = int(std::min<int64_t>(W, R - j));
@@ -415,7 +426,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       } else {
         const vf vq = load(qn + g);
         const float* wg = wts ? wts + g * D : nullptr;
-        const float* c2g = wts ? c2 + g : nullptr;
+        const float* c2g = c2 ? c2 + g : nullptr;
         auto score = [=](int64_t j, vf c) __attribute__((always_inline)) {  // copies: see l2_direct
           const vf sum = vq + (c2g ? load(c2g + j * BMp) : splat(xn[j]));
           const vf d2 = l2_distance_sq(sum, c, l2_direct, live,
