@@ -229,6 +229,24 @@ def test_one_mask_for_every_query_on_stored_patterns(kernel, dtype, sim):
 
 @pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,d", [(9, 64), (40, 48), (1, 130)])
+def test_a_mask_on_the_dot_product_is_the_masked_cue_bit_for_bit(kernel, dtype, b, d):
+    """Σ w q x with w in {0, 1} is the dot product of the cue w∘q: the same products run on both
+    (a bfloat16 cue times a mask is a bfloat16, so the 16-bit products take it), one mask a
+    query or one for all."""
+    g = torch.Generator().manual_seed(5)
+    q, x = make((b, d), dtype, 21), make((700, d), dtype, 22)
+    for w in ((torch.rand(b, d, generator=g) < 0.5).float(), torch.arange(d).lt(d // 2).float().expand(b, d)):
+        cue = (q.float() * w).to(dtype)
+        for splits in (0, 3):
+            got = hinted(q, x, 0.3, "dot", kernel, weights=w.contiguous(), splits=splits)
+            want = hinted(cue, x, 0.3, "dot", kernel, splits=splits)
+            for a, e in zip(got, want):
+                assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sim", SIMILARITIES)
 def test_hard_retrieval_is_exact_on_every_path(kernel, dtype, sim):
     """At large beta the best row's weight is exactly 1 and the rest underflow: out is the pattern."""

@@ -62,6 +62,34 @@ constexpr bool kBf16Asm = HEN_CPU_X86 && HEN_COMPILER_BF16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether a weighted call's score product may take 16-bit operands: the weights are
+// float32, and w∘q rounded to 16 bits would lose what they ask for, unless every w∘q is
+// a bfloat16 itself (a 0/1 mask on a bfloat16 cue, as HEN's occluded recall; powers of
+// two).  For the ℓ2 forms each leading index also needs one row of weights for all its
+// queries: the tiles then add w∘x∘x up a row (tile_kernel.cpp); per-query weights need
+// X∘X times w^T, a float32 product.  (float16 cues: not taken, no CPU here has float16
+// VNNI to measure it on.)
+bool weighted_cue_is_16bit(const PartialParams& p) {
+  if (p.dtype != DType::BF16) return false;
+  for (int64_t l = 0; l < p.L; ++l)
+    for (int64_t i = 0; i < p.B; ++i) {
+      const float* w = p.weights + (l * p.B + i) * p.D;
+      if (p.similarity != Similarity::Dot && i > 0 && std::memcmp(w, w - i * p.D, sizeof(float) * size_t(p.D)) != 0)
+        return false;
+      const uint16_t* q = static_cast<const uint16_t*>(p.query) + l * p.query_lead_stride + i * p.query_row_stride;
+      for (int64_t k = 0; k < p.D; ++k) {
+        const uint32_t qbits = uint32_t(q[k]) << 16;
+        float qf, f;
+        std::memcpy(&qf, &qbits, 4);
+        f = w[k] * qf;  // as the tile computes w∘q
+        uint32_t bits;
+        std::memcpy(&bits, &f, 4);
+        if (bits & 0xffffu) return false;
+      }
+    }
+  return true;
+}
+
 Isa cpu_isa() {
 #if HEN_CPU_X86
   static const Isa isa = [] {
@@ -138,33 +166,38 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   const bool brgemm = mk::f32_available();
   if (hints.gemm == G::Brgemm && !brgemm)
     throw std::invalid_argument("hints: this build has no brgemm (not x86, or a torch without it)");
-  // Weighted products stay in float32: the weights are float32, and w∘q or x∘x rounded
-  // to 16 bits would lose what they ask for.  VNNI pairs need an even D.
-  const bool vnni = brgemm && plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.weights == nullptr &&
-                    p.D % 2 == 0 && mk::vnni_available(p.dtype);
-  const Product fast = vnni ? Product::Vnni : Product::F32;
+  // The value product, P . V, never sees the weights; a weighted score product takes
+  // 16-bit operands only where weighted_cue_is_16bit.  VNNI pairs need an even D.
+  const bool score16 = p.weights == nullptr || weighted_cue_is_16bit(p);
+  const bool vnni = brgemm && plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.D % 2 == 0 &&
+                    mk::vnni_available(p.dtype);
+  const Product fast_score = vnni && score16 ? Product::Vnni : Product::F32;
+  const Product fast_value = vnni ? Product::Vnni : Product::F32;
   // The hand-written bfloat16 products on the pair dot product where the CPU has it: one
   // instruction multiplies and adds twice the pairs of a float32 FMA, with no widening.
   // Measured faster on a CPU without AMX (EPYC Zen 4); on the AMX Xeons, not measured yet,
   // the widened products measured there keep their place until `bench crossover` says
   // otherwise (hints.gemm = Pairs forces the pairs).
-  const bool pairs = kBf16Asm && plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && p.weights == nullptr &&
-                     mk::cpu_has_avx512_bf16();
+  const bool pairs = kBf16Asm && plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && mk::cpu_has_avx512_bf16();
   const bool pairs_first = pairs && (hints.gemm == G::Pairs || (hints.gemm == G::Auto && !mk::cpu_has_amx_bf16()));
-  const Product hand = pairs_first ? Product::Bf16Pairs : Product::Hand;
+  const Product hand_score = pairs_first && score16 ? Product::Bf16Pairs : Product::Hand;
+  const Product hand_value = pairs_first ? Product::Bf16Pairs : Product::Hand;
   if (hints.gemm == G::Pairs && !(kBf16Asm && mk::cpu_has_avx512_bf16()))
     throw std::invalid_argument("hints: this CPU (or this build) has no AVX-512 BF16 pair dot product");
   if (hints.gemm != G::Auto) {
-    plan.score = plan.value = hints.gemm == G::Brgemm ? fast : hand;
+    plan.score = hints.gemm == G::Brgemm ? fast_score : hand_score;
+    plan.value = hints.gemm == G::Brgemm ? fast_value : hand_value;
   } else if (!brgemm) {
-    plan.score = plan.value = hand;
+    plan.score = hand_score, plan.value = hand_value;
   } else {
     // Few queries: a microkernel pads them to a whole vector (the score product) and
     // needs each bank tile repacked (16-bit values); the hand-written products read
     // the tile as stored.  Thresholds measured in benchmarks/results/cpu.md.
-    const HandUpTo up_to = hand_up_to(plan.isa, p.dtype, vnni, hand == Product::Bf16Pairs, p.D);
-    plan.score = p.B <= up_to.score ? hand : fast;
-    plan.value = p.B <= up_to.value ? hand : fast;
+    auto up_to = [&](Product fast, Product hand) {
+      return hand_up_to(plan.isa, p.dtype, fast == Product::Vnni, hand == Product::Bf16Pairs, p.D);
+    };
+    plan.score = p.B <= up_to(fast_score, hand_score).score ? hand_score : fast_score;
+    plan.value = p.B <= up_to(fast_value, hand_value).value ? hand_value : fast_value;
   }
 
   // HEN_KERNELS_CPU_L2_DIRECT=0 drops the §5.1 recompute of cancelled ℓ2 pairs: the

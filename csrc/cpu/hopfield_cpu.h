@@ -48,7 +48,8 @@ enum class Product : int { Hand = 0, F32 = 1, Vnni = 2, Bf16Pairs = 3 };
 // What a caller may force (tests, benchmarks); zero / Auto leave the choice to make_plan.
 struct PlanHints {
   // Pairs: the hand-written products, bfloat16 ones on the pair dot product (where the
-  // CPU has it; other dtypes and weighted calls as Hand).
+  // CPU has it; other dtypes as Hand, and a weighted score product whose w∘q is not
+  // 16-bit: weighted_cue_is_16bit in hopfield_cpu.cpp).
   enum class GemmChoice { Auto, Brgemm, Hand, Pairs } gemm = GemmChoice::Auto;
   int isa = 0;  // highest instruction set to use (an Isa value), 0: the best this CPU has
   int64_t query_block = 0;

@@ -192,7 +192,7 @@ inline float row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DT
 
 struct Scratch {
   std::vector<float> q, qw, qsplit, qn, qop, wop, xraw, vraw, xf, vf_, xsq, xn, c1, c2, pf, o, m, l, top;
-  std::vector<uint16_t> q16, p16, vpack;
+  std::vector<uint16_t> q16, qw16, p16, vpack;
   std::vector<int64_t> top_index;
 };
 
@@ -243,6 +243,19 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     std::memset(t + BM * D, 0, sizeof(float) * size_t((BMp - BM) * D));
     qw = t;
   }
+  // The 16-bit score products' query rows: the query's own, or with weights w∘q, which
+  // make_plan found exactly 16-bit (weighted_cue_is_16bit: bfloat16), so cut to its top half.
+  const char* q16rows = qsrc;
+  int64_t q16stride = p.query_row_stride;
+  if (wts && (sp == Product::Vnni || sp == Product::Bf16Pairs)) {
+    uint16_t* t = grow(sc.qw16, BM * D);
+    for (int64_t i = 0; i < BM * D; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, qw + i, 4);
+      t[i] = uint16_t(bits >> 16);
+    }
+    q16rows = reinterpret_cast<const char*>(t), q16stride = D;
+  }
   // The hand-written bfloat16 score products take the query split into pairs (split_pairs),
   // or on the pair dot product, the bfloat16 query rows themselves.
   const bool hand_scores_here = sp == Product::Hand || sp == Product::Bf16Pairs;
@@ -250,8 +263,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const uint16_t* qpairs = nullptr;
   if (sp == Product::Bf16Pairs) {
     uint16_t* t = grow(sc.q16, BM * D);
-    for (int64_t i = 0; i < BM; ++i)
-      std::memcpy(t + i * D, qsrc + es * size_t(i * p.query_row_stride), 2 * size_t(D));
+    for (int64_t i = 0; i < BM; ++i) std::memcpy(t + i * D, q16rows + 2 * size_t(i * q16stride), 2 * size_t(D));
     qpairs = t;
   }
   if (sp == Product::Hand && dt == DType::BF16) {
@@ -283,7 +295,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     uint16_t* t = grow(sc.q16, D * BMp);
     std::memset(t, 0, 2 * size_t(D * BMp));
     for (int64_t i = 0; i < BM; ++i) {
-      const uint16_t* r = reinterpret_cast<const uint16_t*>(qsrc + es * size_t(i * p.query_row_stride));
+      const uint16_t* r = reinterpret_cast<const uint16_t*>(q16rows + 2 * size_t(i * q16stride));
       for (int64_t k = 0; k < D; ++k) t[(k / 2) * BMp * 2 + i * 2 + (k & 1)] = r[k];
     }
     q16 = t;
