@@ -106,16 +106,16 @@ def test_cpu_steps(benchmark, case, who):
 WEIGHTED_CASES = bench.side_cases(_n(), ("dot", "l2"), bench.DTYPES)
 
 
-@pytest.mark.parametrize("who", ("weighted", "unweighted", "plain_weighted"))
+@pytest.mark.parametrize("who", ("mask", "per_query", "unweighted", "plain_mask"))
 @pytest.mark.parametrize("case", WEIGHTED_CASES, ids=[c.name for c in WEIGHTED_CASES])
 def test_cpu_weighted(benchmark, case, who):
     q, x, beta = bench.case_inputs(case)
-    w = torch.ones(case.B, case.D)
-    w[:, case.D // 2:] = 0.0
+    w = bench.weight_sets(case)
     backend = bench.fused_backend()
-    fn = {"weighted": bench.fused_call(q, x, beta, case.similarity, backend, weights=w),
+    fn = {"mask": bench.fused_call(q, x, beta, case.similarity, backend, weights=w["mask"]),
+          "per_query": bench.fused_call(q, x, beta, case.similarity, backend, weights=w["per_query"]),
           "unweighted": bench.fused_call(q, x, beta, case.similarity, backend),
-          "plain_weighted": lambda: peers.plain_weighted(q, x, beta, case.similarity, w)}[who]
+          "plain_mask": lambda: peers.plain_weighted(q, x, beta, case.similarity, w["mask"])}[who]
     with torch.no_grad():
         fn()
         benchmark.group = f"weighted-{case.name}"

@@ -94,6 +94,9 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     if m["fused_backend"] == "cpu":  # the side tables: steps, weights, the l2 rule
         assert len(report["steps"]) and len(report["weighted"]) and len(report["l2_rule"])
         assert "## Multi-step retrieval" in md and "## Weighted similarity" in md
+        for r in report["weighted"]:  # a shared mask and weights of each query's own, each checked
+            assert math.isclose(r["per_query_cost"], r["per_query_ms"] / r["unweighted_ms"], rel_tol=1e-9)
+            assert max(r["rel_err"], r["per_query_rel_err"]) <= bench.CHECK_TOL[r["dtype"]]
     # Many banks (leading dims as SDPA's heads): every shape and dtype, the kernel and each peer
     # checked against float32 plain PyTorch before it is timed.
     many = report["many_banks"]
