@@ -166,13 +166,9 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   const bool brgemm = mk::f32_available();
   if (hints.gemm == G::Brgemm && !brgemm)
     throw std::invalid_argument("hints: this build has no brgemm (not x86, or a torch without it)");
-  // The value product, P . V, never sees the weights; a weighted score product takes
-  // 16-bit operands only where weighted_cue_is_16bit.  VNNI pairs need an even D.
-  const bool score16 = p.weights == nullptr || weighted_cue_is_16bit(p);
+  // VNNI pairs need an even D.
   const bool vnni = brgemm && plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.D % 2 == 0 &&
                     mk::vnni_available(p.dtype);
-  const Product fast_score = vnni && score16 ? Product::Vnni : Product::F32;
-  const Product fast_value = vnni ? Product::Vnni : Product::F32;
   // The hand-written bfloat16 products on the pair dot product where the CPU has it: one
   // instruction multiplies and adds twice the pairs of a float32 FMA, with no widening.
   // Measured faster on a CPU without AMX (EPYC Zen 4); on the AMX Xeons, not measured yet,
@@ -180,6 +176,11 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   // otherwise (hints.gemm = Pairs forces the pairs).
   const bool pairs = kBf16Asm && plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && mk::cpu_has_avx512_bf16();
   const bool pairs_first = pairs && (hints.gemm == G::Pairs || (hints.gemm == G::Auto && !mk::cpu_has_amx_bf16()));
+  // The value product, P . V, never sees the weights; a weighted score product takes
+  // 16-bit operands only where weighted_cue_is_16bit (scanned only where they exist).
+  const bool score16 = p.weights == nullptr || ((vnni || pairs) && weighted_cue_is_16bit(p));
+  const Product fast_score = vnni && score16 ? Product::Vnni : Product::F32;
+  const Product fast_value = vnni ? Product::Vnni : Product::F32;
   const Product hand_score = pairs_first && score16 ? Product::Bf16Pairs : Product::Hand;
   const Product hand_value = pairs_first ? Product::Bf16Pairs : Product::Hand;
   if (hints.gemm == G::Pairs && !(kBf16Asm && mk::cpu_has_avx512_bf16()))
