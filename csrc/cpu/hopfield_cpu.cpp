@@ -193,7 +193,7 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   } else {
     // Few queries: a microkernel pads them to a whole vector (the score product) and
     // needs each bank tile repacked (16-bit values); the hand-written products read
-    // the tile as stored.  Thresholds measured in benchmarks/results/cpu.md.
+    // the tile as stored.  hand_up_to says where its thresholds were measured.
     auto up_to = [&](Product fast, Product hand) {
       return hand_up_to(plan.isa, p.dtype, fast == Product::Vnni, hand == Product::Bf16Pairs, p.D);
     };

@@ -219,8 +219,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const float* wts = p.weights ? p.weights + (l * p.B + b0) * D : nullptr;
   const bool weighted_l2 = l2 && wts;
   // One set of weights for every query of the block (one mask for a batch of cues, as
-  // HEN's occluded recall): sum_d w_d x_d² is then one number a row, summed with the
-  // row norms, instead of a second product over every query and row.
+  // HEN's occluded recall): sum_d w_d x_d² is then one number a row, summed as the row
+  // norms are (row_norms takes the weights), instead of a second product over every
+  // query and row.
   bool shared_weights = weighted_l2;
   for (int64_t i = 1; shared_weights && i < BM; ++i)
     shared_weights = std::memcmp(wts, wts + i * D, sizeof(float) * size_t(D)) == 0;
