@@ -353,15 +353,21 @@ def test_weights_match_the_reference(backend, similarity):
             q, x, v = make((2, b, d), dtype, 40), make((n, d), dtype, 41), make((n, 7), dtype, 42)
             w = make((2, b, d), torch.float32, 43).abs()
             w[0, 0, : (d + 1) // 2] = 0  # a query that knows only part of its pattern
+            # One 0/1 mask for every query of a leading index, another for the next: the CPU
+            # kernel's shared-weights and 16-bit-cue paths.
+            masks = torch.zeros(2, b, d)
+            masks[0, :, : (d + 1) // 2] = 1
+            masks[1, :, d // 2:] = 1
             beta = beta_for(similarity, d, 1.0)
-            ref = hk.hopfield_partial(q.double(), x.double(), beta, similarity=similarity, values=v.double(),
-                                      weights=w, backend="torch")
-            p = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v, weights=w, backend=backend)
-            check_numerics(p, ref, dtype, f"{dtype} B{b} N{n} D{d}")
-            cut = n // 3
-            parts = [hk.hopfield_partial(q, x[lo:hi], beta, similarity=similarity, values=v[lo:hi], weights=w,
-                                         offset=lo, backend=backend) for lo, hi in ((0, cut), (cut, n))]
-            check_numerics(hk.merge_partials(parts), ref, dtype, f"{dtype} merged B{b} N{n} D{d}")
+            for kind, ww in (("weights", w), ("masks", masks)):
+                ref = hk.hopfield_partial(q.double(), x.double(), beta, similarity=similarity, values=v.double(),
+                                          weights=ww, backend="torch")
+                p = hk.hopfield_partial(q, x, beta, similarity=similarity, values=v, weights=ww, backend=backend)
+                check_numerics(p, ref, dtype, f"{dtype} {kind} B{b} N{n} D{d}")
+                cut = n // 3
+                parts = [hk.hopfield_partial(q, x[lo:hi], beta, similarity=similarity, values=v[lo:hi], weights=ww,
+                                             offset=lo, backend=backend) for lo, hi in ((0, cut), (cut, n))]
+                check_numerics(hk.merge_partials(parts), ref, dtype, f"{dtype} {kind} merged B{b} N{n} D{d}")
 
 
 @pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
