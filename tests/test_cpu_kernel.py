@@ -137,7 +137,7 @@ def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim, d
     w = make((b, d), torch.float32, 6).abs()
     w[0, : d // 2] = 0  # a query that knows only half its pattern
     # One mask for every query (the ℓ2 tiles then sum w∘x∘x a row, not a product), and the
-    # same but for the last query of the first 5-query block and of the whole batch.
+    # same but for one query inside and the last of the batch (no shortcut then).
     shared = w[0].expand(b, d).contiguous()
     almost = shared.clone()
     almost[[4, b - 1], d // 2] += 0.5

@@ -62,20 +62,28 @@ constexpr bool kBf16Asm = HEN_CPU_X86 && HEN_COMPILER_BF16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Whether a weighted call's score product may take 16-bit operands: the weights are
-// float32, and w∘q rounded to 16 bits would lose what they ask for, unless every w∘q is
-// a bfloat16 itself (a 0/1 mask on a bfloat16 cue, as HEN's occluded recall; powers of
-// two).  For the ℓ2 forms each leading index also needs one row of weights for all its
-// queries: the tiles then add w∘x∘x up a row (tile_kernel.cpp); per-query weights need
-// X∘X times w^T, a float32 product.  (float16 cues: not taken, no CPU here has float16
-// VNNI to measure it on.)
+// Whether each leading index has one row of weights for all its queries (one mask for a
+// batch of cues, as HEN's occluded recall).  Weighted ℓ2 then needs sum_d w_d x_d² once a
+// bank row, summed as the row norms are, instead of the product X∘X times w^T over every
+// query and row (tile_kernel.cpp).
+bool weights_shared(const PartialParams& p) {
+  for (int64_t l = 0; l < p.L; ++l) {
+    const float* first = p.weights + l * p.B * p.D;
+    for (int64_t i = 1; i < p.B; ++i)
+      if (std::memcmp(first, first + i * p.D, sizeof(float) * size_t(p.D)) != 0) return false;
+  }
+  return true;
+}
+
+// Whether every w∘q of a bfloat16 call is itself a bfloat16 (a 0/1 mask on a bfloat16 cue,
+// powers of two): the weights are float32, and w∘q rounded to 16 bits would lose what they
+// ask for, so only then may a weighted score product take 16-bit operands.  (float16 cues:
+// not taken, no CPU here has float16 VNNI to measure it on.)
 bool weighted_cue_is_16bit(const PartialParams& p) {
   if (p.dtype != DType::BF16) return false;
   for (int64_t l = 0; l < p.L; ++l)
     for (int64_t i = 0; i < p.B; ++i) {
       const float* w = p.weights + (l * p.B + i) * p.D;
-      if (p.similarity != Similarity::Dot && i > 0 && std::memcmp(w, w - i * p.D, sizeof(float) * size_t(p.D)) != 0)
-        return false;
       const uint16_t* q = static_cast<const uint16_t*>(p.query) + l * p.query_lead_stride + i * p.query_row_stride;
       for (int64_t k = 0; k < p.D; ++k) {
         const uint32_t qbits = uint32_t(q[k]) << 16;
@@ -176,9 +184,13 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   // otherwise (hints.gemm = Pairs forces the pairs).
   const bool pairs = kBf16Asm && plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && mk::cpu_has_avx512_bf16();
   const bool pairs_first = pairs && (hints.gemm == G::Pairs || (hints.gemm == G::Auto && !mk::cpu_has_amx_bf16()));
+  const bool l2 = p.similarity != Similarity::Dot;
+  plan.shared_weights = p.weights != nullptr && l2 && weights_shared(p);
   // The value product, P . V, never sees the weights; a weighted score product takes
-  // 16-bit operands only where weighted_cue_is_16bit (scanned only where they exist).
-  const bool score16 = p.weights == nullptr || ((vnni || pairs) && weighted_cue_is_16bit(p));
+  // 16-bit operands only where weighted_cue_is_16bit (scanned only where they exist),
+  // and for ℓ2 only with shared weights (else X∘X times w^T is a float32 product).
+  const bool score16 = p.weights == nullptr ||
+                       ((vnni || pairs) && (!l2 || plan.shared_weights) && weighted_cue_is_16bit(p));
   const Product fast_score = vnni && score16 ? Product::Vnni : Product::F32;
   const Product fast_value = vnni ? Product::Vnni : Product::F32;
   const Product hand_score = pairs_first && score16 ? Product::Bf16Pairs : Product::Hand;

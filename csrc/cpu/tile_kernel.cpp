@@ -218,14 +218,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const Product sp = plan.score, vp = plan.value;
   const float* wts = p.weights ? p.weights + (l * p.B + b0) * D : nullptr;
   const bool weighted_l2 = l2 && wts;
-  // One set of weights for every query of the block (one mask for a batch of cues, as
-  // HEN's occluded recall): sum_d w_d x_d² is then one number a row, summed as the row
-  // norms are (row_norms takes the weights), instead of a second product over every
-  // query and row.
-  bool shared_weights = weighted_l2;
-  for (int64_t i = 1; shared_weights && i < BM; ++i)
-    shared_weights = std::memcmp(wts, wts + i * D, sizeof(float) * size_t(D)) == 0;
-  const bool weight_product = weighted_l2 && !shared_weights;  // C2 = (X∘X) . w^T
+  // C2 = (X∘X) . w^T, unless every query has the same weights (Plan::shared_weights): then
+  // sum_d w_d x_d² is one number a row, which row_norms sums as it sums |x|².
+  const bool weight_product = weighted_l2 && !plan.shared_weights;
   const char* mem = static_cast<const char*>(p.memory) + es * size_t(l * p.memory_lead_stride);
   const char* val = static_cast<const char*>(p.values) + es * size_t(l * p.values_lead_stride);
   const char* qsrc = static_cast<const char*>(p.query) + es * size_t(l * p.query_lead_stride + b0 * p.query_row_stride);
