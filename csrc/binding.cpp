@@ -241,6 +241,9 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
   b.out = out_f.data_ptr<float>(), b.lse = lse_f.data_ptr<float>();
   b.Lm = Lm;
+  // A 16-bit input's output gradient usually is 16-bit (the gradient of the cast to it):
+  // then the dP and dV products may take it as 16-bit operands without rounding it.
+  b.dout_16bit = p.dtype != hen::DType::F32 && dout_f.equal(dout_f.to(query.scalar_type()).to(at::kFloat));
   hen::BackwardPlan plan{};
   try {
     plan = hen::make_backward_plan(b, at::get_num_threads());

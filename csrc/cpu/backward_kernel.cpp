@@ -8,8 +8,12 @@
 //   2. dP^T = V_tile . dout^T, dt = P ∘ (dP - Δ), G from beta dt and s
 //   3. dV_tile += P^T-layout . dout,  dX_tile += G . (w∘q)  (ℓ2: - x ∘ (G . w)),
 //      dq += G^T . X_tile  (ℓ2: - rowsum(G) q, and w ∘ at the end)
-// Every product is a float32 brgemm; the column layout (rows x queries) makes the
-// dV and dX products read P and G as stored, and only dq needs G transposed.
+// The column layout (rows x queries) makes the dV and dX products read P and G as
+// stored, and only dq needs G transposed.  Products are float32 brgemms (16-bit
+// inputs widened), or with BackwardPlan::vnni 16-bit ones as the forward's: the
+// score product on the stored rows, dX and dq on G rounded to 16 bits (as
+// FlashAttention's backward rounds dS), and with BackwardPlan::dout16 dP and dV on
+// dout (then exactly 16-bit) and P rounded as the forward's value product rounds it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,8 +43,9 @@ namespace HEN_ISA_NS {
 namespace {
 
 struct BackScratch {
-  std::vector<float> q, qw, wr, qn, qop, wop, dout_t, dout_r, lse, delta, xf, vf_, xn, xsq, c1, c2, pp, g, gt, t,
-      dq, rowsum, dbeta;
+  std::vector<float> q, qw, wr, qn, qop, wop, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
+      gt, t, dq, rowsum, dbeta;
+  std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, xpack;
 };
 
 // rows x cols block of a (rows x ld) float matrix, transposed into (cols x rows), W x W at a time.
@@ -52,6 +57,19 @@ void transpose_block(const float* src, int64_t ld, int64_t rows, int64_t cols, f
       transpose(e);
       for (int i = 0; i < W; ++i) store(dst + (c0 + i) * ldd + r0, e[i]);
     }
+}
+
+// n floats as 16-bit dt, rounded to nearest even (store_16), the tail through a padded vector.
+void floats_to_16(DType dt, const float* src, int64_t n, uint16_t* dst) {
+  int64_t k = 0;
+  for (; k + W <= n; k += W) store_16(dt, dst + k, load(src + k));
+  if (k < n) {
+    float tail[W] = {};
+    uint16_t out[W];
+    std::memcpy(tail, src + k, sizeof(float) * size_t(n - k));
+    store_16(dt, out, load(tail));
+    std::memcpy(dst + k, out, 2 * size_t(n - k));
+  }
 }
 
 }  // namespace
@@ -74,6 +92,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
   float* dx = bp.dx + lm * p.N * D;
   float* dv = bp.dv + lm * p.N * Dv;
   const int64_t l_begin = bp.Lm == 1 ? 0 : lm, l_end = bp.Lm == 1 ? L : lm + 1;
+  // 16-bit products: scores, dX and dq (v16); dP and dV as well (d16, which implies v16).
+  const bool v16 = plan.vnni, d16 = plan.dout16;
+  // The bank tile in float where a float32 product reads it; the value tile likewise.
+  const bool float_x = !v16 || (!d16 && values_are_memory);
+  const bool float_v = !d16 && !values_are_memory;
 
   for (int64_t l = l_begin; l < l_end; ++l) {
     const float beta = p.beta[l];
@@ -97,9 +120,22 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         std::fill(wr, wr + BMp * D, 0.f);
         std::memcpy(wr, wts, sizeof(float) * size_t(BM * D));
       }
-      float* qop = grow(sc.qop, D * BMp);
-      for (int64_t k = 0; k < D; ++k)
-        for (int64_t i = 0; i < BMp; ++i) qop[k * BMp + i] = qw[i * D + k];
+      float* qop = nullptr;
+      uint16_t* qt16 = nullptr;  // Q^T, the 16-bit score product's B operand
+      uint16_t* qv16 = nullptr;  // Q, the 16-bit dX product's B operand
+      if (v16) {  // unweighted (make_backward_plan): the query rows as stored
+        uint16_t* q16 = grow(sc.q16, BMp * D);
+        std::memset(q16, 0, 2 * size_t(BMp * D));
+        for (int64_t i = 0; i < BM; ++i) std::memcpy(q16 + i * D, qsrc + es * size_t(i * p.query_row_stride), 2 * size_t(D));
+        qt16 = grow(sc.qt16, D * BMp);
+        vnni_transposed(q16, D, BMp, D, BMp, qt16);
+        qv16 = grow(sc.qv16, BMp * D);
+        vnni_rows(q16, D, BMp, D, D, qv16);
+      } else {
+        qop = grow(sc.qop, D * BMp);
+        for (int64_t k = 0; k < D; ++k)
+          for (int64_t i = 0; i < BMp; ++i) qop[k * BMp + i] = qw[i * D + k];
+      }
       float* wop = nullptr;
       if (wr) {
         wop = grow(sc.wop, D * BMp);
@@ -110,9 +146,21 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       float* dout_r = grow(sc.dout_r, BMp * Dv);
       std::fill(dout_r, dout_r + BMp * Dv, 0.f);
       std::memcpy(dout_r, dout_src, sizeof(float) * size_t(BM * Dv));
-      float* dout_t = grow(sc.dout_t, Dv * BMp);
-      for (int64_t d = 0; d < Dv; ++d)
-        for (int64_t i = 0; i < BMp; ++i) dout_t[d * BMp + i] = dout_r[i * Dv + d];
+      float* dout_t = nullptr;
+      uint16_t* doutt16 = nullptr;  // dout^T, the 16-bit dP product's B operand
+      uint16_t* doutv16 = nullptr;  // dout, the 16-bit dV product's B operand
+      if (d16) {  // dout is exactly 16-bit (BackwardParams::dout_16bit): no rounding here
+        uint16_t* o16 = grow(sc.dout16, BMp * Dv);
+        floats_to_16(dt, dout_r, BMp * Dv, o16);
+        doutt16 = grow(sc.doutt16, Dv * BMp);
+        vnni_transposed(o16, Dv, BMp, Dv, BMp, doutt16);
+        doutv16 = grow(sc.doutv16, BMp * Dv);
+        vnni_rows(o16, Dv, BMp, Dv, Dv, doutv16);
+      } else {
+        dout_t = grow(sc.dout_t, Dv * BMp);
+        for (int64_t d = 0; d < Dv; ++d)
+          for (int64_t i = 0; i < BMp; ++i) dout_t[d * BMp + i] = dout_r[i * Dv + d];
+      }
       float* qn = grow(sc.qn, BMp);
       float* lse = grow(sc.lse, BMp);
       float* delta = grow(sc.delta, BMp);
@@ -140,43 +188,52 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       vf dbeta_v[4] = {vf{}, vf{}, vf{}, vf{}};
 
       float* c1 = grow(sc.c1, BN * BMp);
-      float* pp = grow(sc.pp, BN * BMp);
+      float* pp = d16 ? nullptr : grow(sc.pp, BN * BMp);
+      uint16_t* p16 = d16 ? grow(sc.p16, BN * BMp) : nullptr;
       float* g = grow(sc.g, BN * BMp);
+      uint16_t* g16 = v16 ? grow(sc.g16, BN * BMp) : nullptr;
       float* gt = grow(sc.gt, BMp * BN);
       for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
         const int64_t R = std::min(BN, n_end - r0);
-        // The bank tile in float, padded to BN rows; the value tile likewise.
+        // The bank tile as stored (xr, rows ldr elements apart), padded to BN rows; xf: in
+        // float where a float32 product reads it.  xe: the rows the elementwise ℓ2 terms read.
         const char* xr = mem + es * size_t(r0 * p.memory_row_stride);
-        const float* xf = reinterpret_cast<const float*>(xr);
-        int64_t ldf = p.memory_row_stride;
-        if (dt != DType::F32 || R < BN) {
-          float* t = grow(sc.xf, BN * D);
-          for (int64_t j = 0; j < R; ++j) row_to_float(dt, xr + es * size_t(j * p.memory_row_stride), t + j * D, D);
-          std::fill(t + R * D, t + BN * D, 0.f);
-          xf = t, ldf = D;
+        int64_t ldr = p.memory_row_stride;
+        if (R < BN) xr = pad_rows(xr, ldr, es, R, BN, D, sc.xraw), ldr = D;
+        const float* xf = nullptr;
+        int64_t ldf = 0;
+        if (float_x) {
+          if (dt == DType::F32)
+            xf = reinterpret_cast<const float*>(xr), ldf = ldr;
+          else
+            xf = float_rows(dt, xr, ldr, BN, D, sc.xf, ldf);
         }
+        const char* xe = float_x ? reinterpret_cast<const char*>(xf) : xr;
+        const int64_t xe_step = float_x ? 4 * ldf : int64_t(es) * ldr;
+        const DType xe_dt = float_x ? DType::F32 : dt;
+        const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
+        int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
+        if (!values_are_memory && R < BN) vr = pad_rows(vr, ldvr, es, R, BN, Dv, sc.vraw), ldvr = Dv;
         const float* vfl = xf;
         int64_t ldv = ldf;
-        if (!values_are_memory) {
-          const char* vr = val + es * size_t(r0 * p.values_row_stride);
-          vfl = reinterpret_cast<const float*>(vr), ldv = p.values_row_stride;
-          if (dt != DType::F32 || R < BN) {
-            float* t = grow(sc.vf_, BN * Dv);
-            for (int64_t j = 0; j < R; ++j)
-              row_to_float(dt, vr + es * size_t(j * p.values_row_stride), t + j * Dv, Dv);
-            std::fill(t + R * Dv, t + BN * Dv, 0.f);
-            vfl = t, ldv = Dv;
-          }
+        if (float_v) {
+          if (dt == DType::F32)
+            vfl = reinterpret_cast<const float*>(vr), ldv = ldvr;
+          else
+            vfl = float_rows(dt, vr, ldvr, BN, Dv, sc.vf_, ldv);
         }
 
         // 1. Scores and weights, column-wise.
-        mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
+        if (v16)
+          mk::gemm_vnni(dt, BN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), qt16, c1);
+        else
+          mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
         float* xn = nullptr;
         float* c2 = nullptr;
         if (l2 && !wts) {
           xn = grow(sc.xn, BN);
-          row_norms<DType::F32>(reinterpret_cast<const char*>(xf), 4 * ldf, BN, D, xn);
-        } else if (l2) {
+          by_dtype(xe_dt, [&](auto DT) { row_norms<DT()>(xe, xe_step, BN, D, xn); });
+        } else if (l2) {  // weighted: float32 products only (make_backward_plan)
           float* xsq = grow(sc.xsq, BN * D);
           for (int64_t j = 0; j < BN; ++j)
             for (int64_t k = 0; k < D; ++k) xsq[j * D + k] = xf[j * ldf + k] * xf[j * ldf + k];
@@ -184,7 +241,10 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           mk::gemm_f32(BN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
         }
         // 2. dP^T = V . dout^T into g, then dt and G in place.
-        mk::gemm_f32(BN, BMp, Dv, ldv, BMp, BMp, false, vfl, dout_t, g);
+        if (d16)
+          mk::gemm_vnni(dt, BN, BMp, Dv, ldvr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(vr), doutt16, g);
+        else
+          mk::gemm_f32(BN, BMp, Dv, ldv, BMp, BMp, false, vfl, dout_t, g);
         for (int64_t gq = 0; gq < BMp; gq += W) {
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
@@ -197,11 +257,8 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
               s = c;
             } else {
               const vf sum = vq + (wts ? load(c2 + j * BMp + gq) : splat(xn[j]));
-              auto pairs = [&] {
-                return LanePairs{q + gq * D, D, wts ? wts + gq * D : nullptr,
-                                 reinterpret_cast<const char*>(xf + j * ldf), 0};
-              };
-              const vf d2 = l2_distance_sq(sum, c, true, live, pairs, D, DType::F32);
+              auto pairs = [&] { return LanePairs{q + gq * D, D, wts ? wts + gq * D : nullptr, xe + j * xe_step, 0}; };
+              const vf d2 = l2_distance_sq(sum, c, true, live, pairs, D, xe_dt);
               s = sim == Similarity::L2 ? -vsqrt(d2) : splat(-0.5f) * d2;
             }
             const vf pj = exp_nonpositive(rounded(vb * s) - vl);
@@ -210,7 +267,17 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             dbeta_v[j & 3] += pj == vf{} ? vf{} : dtj * s;
             vf gj = vb * dtj;
             if (sim == Similarity::L2) gj = s < vf{} ? -gj / s : vf{};  // 0: the subgradient at a stored pattern
-            store(pp + j * BMp + gq, pj);
+            if (d16)
+              store_16(dt, p16 + j * BMp + gq, pj);
+            else
+              store(pp + j * BMp + gq, pj);
+            if (v16) {
+              // G as the 16-bit products take it, in float too: the ℓ2 forms' rowsum and colsum
+              // terms then cancel against G . q and G^T . X as exactly as in float32 (with the
+              // float G, dX of a query next to its stored row was 1.4e-2 off, not 2e-3).
+              store_16(dt, g16 + j * BMp + gq, gj);
+              gj = load_as_float(dt, g16 + j * BMp + gq, 0);
+            }
             store(g + j * BMp + gq, gj);
           }
         }
@@ -220,8 +287,14 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         // The first query block writes these rows, the others add: dX and dV are N x D
         // and N x Dv, so neither a zero fill nor a first read of them is free.
         const bool add = !(l == l_begin && b0 == 0);
-        mk::gemm_f32(R, Dv, BMp, BMp, Dv, Dv, add, pp, dout_r, dvr);
-        mk::gemm_f32(R, D, BMp, BMp, D, D, add, g, qw, dxr);
+        if (d16)
+          mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, Dv, add, p16, doutv16, dvr);
+        else
+          mk::gemm_f32(R, Dv, BMp, BMp, Dv, Dv, add, pp, dout_r, dvr);
+        if (v16)
+          mk::gemm_vnni(dt, R, D, BMp, BMp, D, D, add, g16, qv16, dxr);
+        else
+          mk::gemm_f32(R, D, BMp, BMp, D, D, add, g, qw, dxr);
         if (l2) {
           // - x ∘ (G . w): the colsum of G when unweighted.
           if (wts) {
@@ -233,14 +306,28 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             for (int64_t j = 0; j < R; ++j) {
               float cs = 0.f;
               for (int64_t i = 0; i < BM; ++i) cs += g[j * BMp + i];
-              for (int64_t k = 0; k < D; ++k) dxr[j * D + k] -= cs * xf[j * ldf + k];
+              const vf vcs = splat(cs);
+              const char* xj = xe + j * xe_step;
+              float* dj = dxr + j * D;
+              int64_t k = 0;
+              for (; k + W <= D; k += W) store(dj + k, load(dj + k) - vcs * load_as_float(xe_dt, xj, k));
+              for (; k < D; ++k) dj[k] -= cs * scalar_to_float(xe_dt, xj, k);
             }
           }
           for (int64_t j = 0; j < BN; ++j)
             for (int64_t i = 0; i < BMp; i += W) store(rowsum + i, load(rowsum + i) + load(g + j * BMp + i));
         }
         transpose_block(g, BMp, BN, BMp, gt, BN);
-        mk::gemm_f32(BM, D, BN, BN, ldf, D, true, gt, xf, dq);
+        if (v16) {
+          uint16_t* gt16 = grow(sc.gt16, BM * BN);
+          floats_to_16(dt, gt, BM * BN, gt16);
+          const int64_t ldp = padded_stride(D);  // as the forward's value tiles (tile_kernel.cpp)
+          uint16_t* xp = grow(sc.xpack, BN * ldp);
+          vnni_rows(reinterpret_cast<const uint16_t*>(xr), ldr, BN, D, ldp, xp);
+          mk::gemm_vnni(dt, BM, D, BN, BN, ldp, D, true, gt16, xp, dq);
+        } else {
+          mk::gemm_f32(BM, D, BN, BN, ldf, D, true, gt, xf, dq);
+        }
       }
       // The query block's dq: - rowsum(G) q for the ℓ2 forms, then w ∘.
       float* dq_out = bp.dq + ((split * L + l) * p.B + b0) * D;
@@ -256,6 +343,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
     }
     bp.dbeta[split * L + l] = dbeta_l;
   }
+  if (v16) mk::release_vnni();
 }
 
 }  // namespace HEN_ISA_NS

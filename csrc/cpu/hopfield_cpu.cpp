@@ -263,8 +263,13 @@ BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
   const PartialParams& p = b.p;
   BackwardPlan plan{};
   plan.isa = default_isa();
+  // The forward's condition for its 16-bit products (make_plan).  With weights w∘q is
+  // not 16-bit in general, and weighted ℓ2 takes float32 products of X∘X anyway.
+  plan.vnni = plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.weights == nullptr && p.D % 2 == 0 &&
+              mk::vnni_available(p.dtype);
+  plan.dout16 = plan.vnni && b.dout_16bit && p.Dv % 2 == 0;
   plan.query_block = std::min<int64_t>(std::max<int64_t>(p.B, 1), 64);
-  plan.row_block = row_block(p.D, 4);
+  plan.row_block = row_block(p.D, plan.vnni ? 2 : 4);
   // Tiles own disjoint bank rows, so the bank is split even with many queries: dq and
   // dbeta get a slot per split, and the workspace grows with splits x L x B x D, never N.
   const int64_t want = ceil_div(4 * std::max(num_threads, 1), std::max<int64_t>(b.Lm, 1));

@@ -145,6 +145,21 @@ void pack_pairs(const uint16_t* r0, const uint16_t* r1, int64_t N, uint32_t* out
   for (; n < N; ++n) out[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
 }
 
+// A 16-bit (rows x cols) matrix with rows lds elements apart, rows even, as the VNNI B
+// operand of microkernel.h: rows 2i and 2i + 1 interleaved, ld pairs from one to the next.
+void vnni_rows(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t ld, uint16_t* dst) {
+  for (int64_t j = 0; j < rows; j += 2)
+    pack_pairs(src + j * lds, src + (j + 1) * lds, cols, reinterpret_cast<uint32_t*>(dst) + (j / 2) * ld);
+}
+
+// The transpose of a 16-bit (rows x cols) matrix with rows lds elements apart, cols even, as
+// the VNNI B operand: element (k, i) of the transpose at (k / 2) * 2 ld + 2 i + k % 2.  Columns
+// i >= rows of the image are the caller's (zero padding).
+void vnni_transposed(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t ld, uint16_t* dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < cols; ++k) dst[(k / 2) * ld * 2 + i * 2 + (k & 1)] = src[i * lds + k];
+}
+
 // Copy R rows (row stride `stride` elements of `es` bytes) into a dense tile of
 // `rows` rows, zero below R: a tail tile is padded, never computed by another path.
 const char* pad_rows(const char* src, int64_t stride, size_t es, int64_t R, int64_t rows, int64_t cols,

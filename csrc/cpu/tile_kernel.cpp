@@ -290,10 +290,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   if (sp == Product::Vnni) {  // (D/2, BMp, 2): the VNNI image of Q^T, straight from the 16-bit query rows
     uint16_t* t = grow(sc.q16, D * BMp);
     std::memset(t, 0, 2 * size_t(D * BMp));
-    for (int64_t i = 0; i < BM; ++i) {
-      const uint16_t* r = reinterpret_cast<const uint16_t*>(q16rows + 2 * size_t(i * q16stride));
-      for (int64_t k = 0; k < D; ++k) t[(k / 2) * BMp * 2 + i * 2 + (k & 1)] = r[k];
-    }
+    vnni_transposed(reinterpret_cast<const uint16_t*>(q16rows), q16stride, BM, D, BMp, t);
     q16 = t;
   } else if (sp == Product::F32) {  // (D, BMp): Q^T in float
     float* t = grow(sc.qop, D * BMp);
@@ -492,10 +489,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       // multiple of 1 KiB apart the bulk bf16 call (B = 64, D = 2048, EPYC Zen 4) took 1.14x
       // the time (D = 1024: 1.09x, D = 256: no difference; in-process A/B, the same bits).
       const int64_t ldp = padded_stride(Dv);
-      uint32_t* packed = reinterpret_cast<uint32_t*>(grow(sc.vpack, BN * ldp));
-      for (int64_t j = 0; j < BN; j += 2)
-        pack_pairs(reinterpret_cast<const uint16_t*>(vr + es * size_t(j * ldvr)),
-                   reinterpret_cast<const uint16_t*>(vr + es * size_t((j + 1) * ldvr)), Dv, packed + (j / 2) * ldp);
+      vnni_rows(reinterpret_cast<const uint16_t*>(vr), ldvr, BN, Dv, ldp, grow(sc.vpack, BN * ldp));
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
         mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), BN, BN, ldp, Dv, true, p16, sc.vpack.data() + 2 * c0,
                       o + c0);
