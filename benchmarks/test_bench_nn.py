@@ -4,7 +4,8 @@
     HEN_BENCH_QUICK=1 pytest benchmarks/test_bench_nn.py --benchmark-only   # tiny shapes
 
 "fused" runs the automatic backend with the fused backward; "reference" runs
-backend="torch".  Nothing here asserts on time.
+backend="torch"; "sdpa" runs PyTorch's scaled_dot_product_attention where the case
+is attention (the update with the dot product).  Nothing here asserts on time.
 """
 import os
 
@@ -17,11 +18,16 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = bench_nn.cases(os.environ.get("HEN_BENCH_QUICK", "") not in ("", "0"), DEVICE)
 
 
+BACKENDS = {"fused": None, "reference": "torch", "sdpa": bench_nn.SDPA}
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("which", ["fused", "reference"])
+@pytest.mark.parametrize("which", list(BACKENDS))
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_nn(benchmark, case, which, grad):
-    call = bench_nn.build(case, None if which == "fused" else "torch", DEVICE)
+    if which == "sdpa" and not bench_nn.has_sdpa_peer(case):
+        pytest.skip("SDPA expresses the update with the dot product only")
+    call = bench_nn.build(case, BACKENDS[which], DEVICE)
 
     def run():
         out = call(grad)

@@ -287,12 +287,20 @@ def test_bad_arguments_are_named():
         hk.nn.Hopfield(input_size=8, normalize_state_pattern=False)
 
 
-def test_bench_nn_quick_writes_the_table(tmp_path):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_bench_nn_quick_writes_the_table(tmp_path, dtype):
     from hen_kernels.bench import nn as bench_nn
 
-    report = bench_nn.run(out=str(tmp_path), quick=True, repeats=1, device="cpu")
+    report = bench_nn.run(out=str(tmp_path), quick=True, repeats=1, device="cpu", dtype=dtype)
+    assert report["dtype"] == (dtype or "float32")
     assert [r["name"] for r in report["rows"]] == [c.name for c in bench_nn.cases(True, torch.device("cpu"))]
     md = (tmp_path / "nn.md").read_text()
-    assert "fwd+bwd speedup" in md and all(r["name"] in md for r in report["rows"])
+    assert "fwd+bwd speedup" in md and "fwd+bwd vs sdpa" in md and all(r["name"] in md for r in report["rows"])
     for r in report["rows"]:
         assert r["fwd_fused_ms"] > 0 and r["fwd+bwd_reference_ms"] > 0
+        # SDPA computes the dot-product update: its gradients agree before it is timed.
+        if r["kind"] == "update" and r["similarity"] == "dot":
+            assert r["fwd+bwd_sdpa_ms"] > 0 and r["fwd+bwd_vs_sdpa"] > 0
+            assert r["sdpa_grad_rel_err"] <= (1e-5 if dtype is None else 2e-2)
+        else:
+            assert r["sdpa_grad_rel_err"] is None and r["fwd+bwd_vs_sdpa"] is None

@@ -1,16 +1,20 @@
 """Hopfield layers: forward and forward+backward time and peak memory, fused against the reference.
 
-    python -m hen_kernels.bench nn [--out DIR] [--quick] [--repeats K] [--device DEVICE]
+    python -m hen_kernels.bench nn [--out DIR] [--quick] [--repeats K] [--device DEVICE] [--dtype DTYPE]
 
 Each case runs twice with the same inputs: ``fused`` (the automatic backend,
 ``cpu`` on CPU tensors and ``triton`` / ``cuda`` on GPU ones, with the fused
 backward of ``hen_kernels.autograd``) and ``reference`` (``backend="torch"``:
 plain PyTorch that holds the B x N association matrix and lets autograd keep
-it for the backward).  Cases are at layer-regime shapes (docs/design.md §2, D <= 256):
+it for the backward); the functional update with the dot product also runs as
+PyTorch's ``scaled_dot_product_attention`` (SDPA: its fused flash kernels, forward
+and backward), the peer a user training attention would pick, its gradients
+compared with the fused ones before it is timed.  Cases are at layer-regime shapes (docs/design.md §2, D <= 256):
 the functional update, a ``HopfieldLayer`` lookup over a large learned bank
 and ``HopfieldPooling`` over long bags.  Memory is the peak resident memory
 above the level before the call on the CPU (VmHWM, as the cpu table), and
-``torch.cuda.max_memory_allocated`` above it on a GPU.  The table goes to
+``torch.cuda.max_memory_allocated`` above it on a GPU.  ``--dtype`` (default
+float32 on the CPU, bfloat16 on a GPU) is the dtype of inputs and parameters.  The table goes to
 ``benchmarks/results/nn.md`` (and ``nn.json``); nothing asserts on time.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import backends, ops
 from .. import nn as hnn
@@ -55,14 +60,24 @@ def cases(quick: bool, device: torch.device) -> List[Case]:
             Case("layer", "dot", 32, 64, 16384, 64), Case("pooling", "dot", 64, 2048, 2048, 64, 2)]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SDPA = "sdpa"  # build()'s name for the SDPA peer
+
+
 def _dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def build(case: Case, backend: Optional[str], device: torch.device):
-    """(module or None, inputs, call) for one case; ``call(grad)`` runs forward (+ backward when grad)."""
+def has_sdpa_peer(case: Case) -> bool:
+    """The update with the dot product is attention with the bank as keys and values."""
+    return case.kind == "update" and case.similarity == "dot"
+
+
+def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None):
+    """``call(grad)`` for one case: forward (+ backward when grad) by ``backend`` (None: automatic,
+    ``SDPA``: the SDPA peer of ``has_sdpa_peer`` cases); ``call.params`` hold the gradients after."""
     g = torch.Generator().manual_seed(0)
-    dt = _dtype(device)
+    dt = dtype or _dtype(device)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
@@ -73,6 +88,8 @@ def build(case: Case, backend: Optional[str], device: torch.device):
         params = [q, x]
 
         def forward():
+            if backend == SDPA:
+                return F.scaled_dot_product_attention(q[None, None], x[None, None], x[None, None], scale=beta)[0, 0]
             return ops.hopfield_update(q, x, beta, similarity=case.similarity, backend=backend)
     else:
         common = dict(input_size=case.dim, num_heads=case.heads, hidden_size=case.dim // case.heads,
@@ -102,12 +119,28 @@ def build(case: Case, backend: Optional[str], device: torch.device):
         out.float().square().mean().backward()
         return out
 
+    call.params = params
     return call
 
 
-def run_case(case: Case, device: torch.device, repeats: int) -> dict:
+def grad_rel_err(a, b) -> float:
+    """The largest relative difference (Frobenius) between the gradients two calls left."""
+    worst = 0.0
+    for p, r in zip(a.params, b.params):
+        ref = r.grad.double()
+        worst = max(worst, ((p.grad.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item())
+    return worst
+
+
+def run_case(case: Case, device: torch.device, repeats: int, dtype: Optional[torch.dtype] = None) -> dict:
     row = dict(asdict(case), name=case.name)
-    calls = {"fused": build(case, None, device), "reference": build(case, "torch", device)}
+    calls = {"fused": build(case, None, device, dtype), "reference": build(case, "torch", device, dtype)}
+    row["sdpa_grad_rel_err"] = None
+    if has_sdpa_peer(case):
+        calls[SDPA] = build(case, SDPA, device, dtype)
+        calls["fused"](True)
+        calls[SDPA](True)
+        row["sdpa_grad_rel_err"] = grad_rel_err(calls["fused"], calls[SDPA])
     for mode, grad in (("fwd", False), ("fwd+bwd", True)):
         fns = {who: (lambda c=c, grad=grad: c(grad)) for who, c in calls.items()}
         measured = common.time_calls(fns, repeats, device)
@@ -115,6 +148,8 @@ def run_case(case: Case, device: torch.device, repeats: int) -> dict:
             row[f"{mode}_{who}_ms"] = statistics.median(times) * 1e3
             row[f"{mode}_{who}_mib"] = None if extra is None else extra / MIB
         row[f"{mode}_speedup"] = row[f"{mode}_reference_ms"] / row[f"{mode}_fused_ms"]
+        sdpa_ms = row.get(f"{mode}_{SDPA}_ms")
+        row[f"{mode}_vs_sdpa"] = None if sdpa_ms is None else sdpa_ms / row[f"{mode}_fused_ms"]
     return row
 
 
@@ -128,6 +163,10 @@ COLUMNS = [  # (header, row -> cell)
     ("fwd+bwd speedup", lambda r: common.ratio(r["fwd+bwd_speedup"])),
     ("fwd+bwd fused MiB", lambda r: common.num(r["fwd+bwd_fused_mib"], ".1f")),
     ("fwd+bwd ref MiB", lambda r: common.num(r["fwd+bwd_reference_mib"], ".1f")),
+    ("fwd vs sdpa", lambda r: common.ratio(r.get("fwd_vs_sdpa"))),
+    ("fwd+bwd sdpa ms", lambda r: common.num(r.get("fwd+bwd_sdpa_ms"), ".1f")),
+    ("fwd+bwd vs sdpa", lambda r: common.ratio(r.get("fwd+bwd_vs_sdpa"))),
+    ("grads vs sdpa", lambda r: common.num(r.get("sdpa_grad_rel_err"), ".1e")),
 ]
 
 
@@ -152,25 +191,30 @@ def markdown(report: dict) -> str:
         "-h(heads).",
         "- MiB: peak memory above the level before the call (CPU: resident set, VmHWM; GPU: allocator peak).",
         "- reference = `backend=\"torch\"`: holds the B x N association matrix, and autograd keeps it for backward.",
+        "- sdpa: `torch.nn.functional.scaled_dot_product_attention(q, x, x, scale=beta)` (update-dot only; n/a "
+        "elsewhere), gradients of the same loss; vs sdpa = sdpa time / fused time; grads vs sdpa: the largest "
+        "relative difference between its gradients and the fused ones, before timing.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 3, device: Optional[str] = None,
-        name: str = "nn") -> dict:
+        name: str = "nn", dtype: Optional[str] = None) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = DTYPES[dtype] if dtype else _dtype(dev)
     rows = []
     for case in cases(quick, dev):
-        rows.append(run_case(case, dev, repeats))
+        rows.append(run_case(case, dev, repeats, dt))
         print(f"{case.name}: fwd {rows[-1]['fwd_speedup']:.2f}x, fwd+bwd {rows[-1]['fwd+bwd_speedup']:.2f}x",
               file=sys.stderr)
-    x = torch.zeros(2, 8, device=dev, dtype=_dtype(dev))
+    x = torch.zeros(2, 8, device=dev, dtype=dt)
     report = dict(
         device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else common.cpu_model()),
-        dtype=str(_dtype(dev)).replace("torch.", ""),
+        dtype=str(dt).replace("torch.", ""),
         fused_backend=backends.resolve(None, check_inputs(x, x, 1.0, "dot")).name,
         repeats=repeats, quick=quick, load=common.load_average(),
-        command="python -m hen_kernels.bench nn" + (" --quick" if quick else "") + (f" --name {name}" if name != "nn" else ""),
+        command="python -m hen_kernels.bench nn" + (" --quick" if quick else "") + (f" --name {name}" if name != "nn" else "")
+        + (f" --dtype {dtype}" if dtype else "") + (f" --repeats {repeats}" if repeats != 3 else ""),
         machine=common.host(), rows=rows,
     )
     md = markdown(report)
@@ -185,6 +229,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--name", metavar="STEM", default="nn",
                     help="write STEM.json and STEM.md (one table per kind of machine: nn_zen4, say)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="inputs' and parameters' dtype (default: float32 on the CPU, bfloat16 on a GPU)")
     args = ap.parse_args(argv)
-    run(args.out, args.quick, args.repeats, args.device, args.name)
+    run(args.out, args.quick, args.repeats, args.device, args.name, args.dtype)
     return 0
