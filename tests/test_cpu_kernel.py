@@ -368,9 +368,10 @@ def test_backward_op_with_values_being_the_memory_and_many_splits():
 @pytest.mark.parametrize("sim", SIMILARITIES)
 @pytest.mark.parametrize("values", ["memory", "own"])
 def test_backward_16bit_products_against_float32_ones(dtype, sim, values, monkeypatch):
-    """Where the forward takes 16-bit products, the backward takes them too (G rounded to 16 bits,
+    """Where the forward takes bfloat16 products, the backward takes them too (G rounded to 16 bits,
     P too for dV): within the 16-bit budget of float64 autograd, as the float32 products are
     (``torch.backends.mkldnn.enabled = False``: no 16-bit brgemm), and not bit for bit those.
+    float16 keeps the float32 products (G would overflow its range): bit for bit.
     Queries on stored patterns (the ℓ2 subgradient), several query blocks, a tail row tile."""
     key = "vnni_bf16" if dtype == torch.bfloat16 else "vnni_f16"
     if info().get(key) != "1":
@@ -387,13 +388,38 @@ def test_backward_16bit_products_against_float32_ones(dtype, sim, values, monkey
     beta = torch.tensor([0.4 if sim == "l2" else 0.15])
     dout = make((1, B, v.shape[-1]), torch.float32, 14).to(dtype).float()
     dlse = make((1, B), torch.float32, 15)
-    fast = backward_op(q, x, v, beta, sim, dout, dlse)
+    code = hk.constants.SIMILARITY_CODES[sim]
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    wide = backward_op(q, x, v, beta, sim, dout, dlse)
+    out, lse, _, _ = torch.ops.hen_kernels.partial(q, x, v, beta, code, 0, None)  # one forward for both
+
+    def backward():
+        return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse, code, None)
+
+    wide = backward()
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    fast = backward()
     want = grads64(q, x, v, beta, sim, dout, dlse)
     for name, f, w32, r in zip(("dq", "dx", "dv", "dbeta"), fast, wide, want):
         assert rel_err(w32, r) <= 1e-3, (name, rel_err(w32, r))  # 16-bit inputs, float32 products
         # bfloat16 G and P: at most 2e-3 measured; 1.4e-2 for ℓ2's dX when its colsum took the
         # float G while the product took the rounded one.
         assert rel_err(f, r) <= 5e-3, (name, rel_err(f, r))
-    assert not all(torch.equal(f, w32) for f, w32 in zip(fast, wide))
+    same = [torch.equal(f, w32) for f, w32 in zip(fast, wide)]
+    assert (not all(same)) if dtype == torch.bfloat16 else all(same)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_of_a_loss_scaled_gradient_stays_finite(dtype):
+    """A loss-scaled dout (AMP's GradScaler starts at 65536; float16 holds dout up to 65504, so
+    4096 there), dP = V . dout beyond float16's range: no overflow on any product path."""
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    q, x = make((1, 70, 32), dtype, 17), make((1, 500, 32), dtype, 18)
+    beta = torch.tensor([0.2])
+    dout = (make((1, 70, 32), torch.float32, 19) * (65536 if dtype == torch.bfloat16 else 4096)).to(dtype).float()
+    dlse = torch.zeros(1, 70)
+    got = backward_op(q, x, x, beta, "dot", dout, dlse)
+    want = grads64(q, x, x, beta, "dot", dout, dlse)
+    for name, g, r in zip(("dq", "dx", "dv", "dbeta"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, r) <= 5e-3, (name, rel_err(g, r))

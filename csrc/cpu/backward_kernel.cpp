@@ -10,7 +10,7 @@
 //      dq += G^T . X_tile  (ℓ2: - rowsum(G) q, and w ∘ at the end)
 // The column layout (rows x queries) makes the dV and dX products read P and G as
 // stored, and only dq needs G transposed.  Products are float32 brgemms (16-bit
-// inputs widened), or with BackwardPlan::vnni 16-bit ones as the forward's: the
+// inputs widened), or with BackwardPlan::vnni (bfloat16) 16-bit ones as the forward's: the
 // score product on the stored rows, dX and dq on G rounded to 16 bits (as
 // FlashAttention's backward rounds dS), and with BackwardPlan::dout16 dP and dV on
 // dout (then exactly 16-bit) and P rounded as the forward's value product rounds it.

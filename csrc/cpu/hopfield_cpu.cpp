@@ -263,9 +263,11 @@ BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
   const PartialParams& p = b.p;
   BackwardPlan plan{};
   plan.isa = default_isa();
-  // The forward's condition for its 16-bit products (make_plan).  With weights w∘q is
-  // not 16-bit in general, and weighted ℓ2 takes float32 products of X∘X anyway.
-  plan.vnni = plan.isa == Isa::Avx512 && p.dtype != DType::F32 && p.weights == nullptr && p.D % 2 == 0 &&
+  // The forward's condition for its 16-bit products (make_plan), for bfloat16 only: G is
+  // rounded to the dtype, and float16's range would not hold it (a loss-scaled gradient
+  // passes 65504).  With weights w∘q is not 16-bit in general, and weighted ℓ2 takes
+  // float32 products of X∘X anyway.
+  plan.vnni = plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && p.weights == nullptr && p.D % 2 == 0 &&
               mk::vnni_available(p.dtype);
   plan.dout16 = plan.vnni && b.dout_16bit && p.Dv % 2 == 0;
   plan.query_block = std::min<int64_t>(std::max<int64_t>(p.B, 1), 64);

@@ -90,8 +90,8 @@ void combine(const PartialParams& p, const Plan& plan, int64_t begin, int64_t en
 // the math): dV = P^T dout, dt = P ∘ (dout V^T - Δ), dbeta = Σ dt ∘ s, G from beta dt
 // and the similarity, dq = G X (ℓ2: - rowsum(G) q), dX = G^T q (ℓ2: - colsum(G) x),
 // weighted by `weights` as the forward is.  Products on the float32 microkernels
-// (16-bit inputs widened), so it needs brgemm, or where the forward's 16-bit ones run
-// and there are no weights, on those (BackwardPlan::vnni); tiles own disjoint bank rows
+// (16-bit inputs widened), so it needs brgemm, or for bfloat16 where the forward's 16-bit
+// ones run and there are no weights, on those (BackwardPlan::vnni); tiles own disjoint bank rows
 // (dX and dV without races), each leaves its dq and dbeta in its own workspace slot.
 struct BackwardParams {
   PartialParams p;     // the forward's inputs and shapes (its output pointers unused)
@@ -110,7 +110,7 @@ struct BackwardParams {
 struct BackwardPlan {
   Isa isa;
   // 16-bit products (VNNI, as the forward's) for the scores, dX and dq, with G rounded to
-  // 16 bits: a 16-bit dtype where the forward takes them, no weights, D even.
+  // 16 bits: bfloat16 where the forward takes them, no weights, D even.
   bool vnni;
   // dP and dV too, with P rounded: vnni, dout exactly 16-bit (dout_16bit) and Dv even.
   bool dout16;
