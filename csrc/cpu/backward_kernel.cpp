@@ -11,9 +11,10 @@
 // The column layout (rows x queries) makes the dV and dX products read P and G as
 // stored, and only dq needs G transposed.  Products are float32 brgemms (16-bit
 // inputs widened), or with BackwardPlan::vnni (bfloat16) 16-bit ones as the forward's: the
-// score product on the stored rows, dX and dq on G rounded to 16 bits (as
-// FlashAttention's backward rounds dS), and with BackwardPlan::dout16 dP and dV on
-// dout (then exactly 16-bit) and P rounded as the forward's value product rounds it.
+// score product on the stored rows, dX on G rounded to 16 bits (as FlashAttention's
+// backward rounds dS), dq on G split in two 16-bit parts (its sum nearly cancels), and
+// with BackwardPlan::dout16 dP and dV on dout (then exactly 16-bit) and P rounded as
+// the forward's value product rounds it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -44,8 +45,8 @@ namespace {
 
 struct BackScratch {
   std::vector<float> q, qw, wr, qn, qop, wop, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
-      gt, t, dq, rowsum, dbeta;
-  std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, xpack;
+      glo, gt, t, dq, rowsum, dbeta;
+  std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
 };
 
 // rows x cols block of a (rows x ld) float matrix, transposed into (cols x rows), W x W at a time.
@@ -192,6 +193,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       uint16_t* p16 = d16 ? grow(sc.p16, BN * BMp) : nullptr;
       float* g = grow(sc.g, BN * BMp);
       uint16_t* g16 = v16 ? grow(sc.g16, BN * BMp) : nullptr;
+      float* glo = v16 ? grow(sc.glo, BN * BMp) : nullptr;  // G - its 16-bit rounding
       float* gt = grow(sc.gt, BMp * BN);
       for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
         const int64_t R = std::min(BN, n_end - r0);
@@ -248,6 +250,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         for (int64_t gq = 0; gq < BMp; gq += W) {
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
+          vf gsum = vf{};
           for (int64_t j = 0; j < BN; ++j) {
             const vf c = load(c1 + j * BMp + gq);
             vf s;
@@ -271,15 +274,19 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
               store_16(dt, p16 + j * BMp + gq, pj);
             else
               store(pp + j * BMp + gq, pj);
+            gsum += gj;
             if (v16) {
-              // G as the 16-bit products take it, in float too: the ℓ2 forms' rowsum and colsum
-              // terms then cancel against G . q and G^T . X as exactly as in float32 (with the
-              // float G, dX of a query next to its stored row was 1.4e-2 off, not 2e-3).
+              // G as the 16-bit products take it, in float too: the ℓ2 colsum term then cancels
+              // against G . q as exactly as in float32 (with the float G, dX of a query next to
+              // its stored row was 1.4e-2 off, not 2e-3).  dq takes the remainder too, below.
               store_16(dt, g16 + j * BMp + gq, gj);
-              gj = load_as_float(dt, g16 + j * BMp + gq, 0);
+              const vf rounded_g = load_as_float(dt, g16 + j * BMp + gq, 0);
+              store(glo + j * BMp + gq, gj - rounded_g);
+              gj = rounded_g;
             }
             store(g + j * BMp + gq, gj);
           }
+          store(rowsum + gq, load(rowsum + gq) + gsum);  // of the float G: dq's products sum it whole
         }
         // 3. dV and dX rows of this tile (only its R real rows), dq of the query block.
         float* dvr = dv + r0 * Dv;
@@ -314,8 +321,6 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
               for (; k < D; ++k) dj[k] -= cs * scalar_to_float(xe_dt, xj, k);
             }
           }
-          for (int64_t j = 0; j < BN; ++j)
-            for (int64_t i = 0; i < BMp; i += W) store(rowsum + i, load(rowsum + i) + load(g + j * BMp + i));
         }
         transpose_block(g, BMp, BN, BMp, gt, BN);
         if (v16) {
@@ -325,6 +330,14 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           uint16_t* xp = grow(sc.xpack, BN * ldp);
           vnni_rows(reinterpret_cast<const uint16_t*>(xr), ldr, BN, D, ldp, xp);
           mk::gemm_vnni(dt, BM, D, BN, BN, ldp, D, true, gt16, xp, dq);
+          // dq = Σ_j G_j x_j sums terms that nearly cancel (Σ_j G_j is β dlse, often 0), so
+          // the rounding of G would enter as Σ_j (G_j - rounded G_j) x_j: for a bank far from the
+          // origin, dq was 1.9e-2 off (rows 3 + 0.3 N(0, 1)).  The remainder, rounded to 16 bits
+          // in turn, is a second product: G to ~2^-16 of itself, as float32 products take it.
+          transpose_block(glo, BMp, BN, BMp, gt, BN);
+          uint16_t* gtlo16 = grow(sc.gtlo16, BM * BN);
+          floats_to_16(dt, gt, BM * BN, gtlo16);
+          mk::gemm_vnni(dt, BM, D, BN, BN, ldp, D, true, gtlo16, xp, dq);
         } else {
           mk::gemm_f32(BM, D, BN, BN, ldf, D, true, gt, xf, dq);
         }

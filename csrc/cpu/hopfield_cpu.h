@@ -109,8 +109,8 @@ struct BackwardParams {
 
 struct BackwardPlan {
   Isa isa;
-  // 16-bit products (VNNI, as the forward's) for the scores, dX and dq, with G rounded to
-  // 16 bits: bfloat16 where the forward takes them, no weights, D even.
+  // 16-bit products (VNNI, as the forward's) for the scores, dX (G rounded to 16 bits) and
+  // dq (G in two 16-bit parts): bfloat16 where the forward takes them, no weights, D even.
   bool vnni;
   // dP and dV too, with P rounded: vnni, dout exactly 16-bit (dout_16bit) and Dv even.
   bool dout16;
