@@ -213,8 +213,9 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
   return run_cpu(query, memory, values, beta, similarity, offset, weights, hints);
 }
 
-// The backward of `partial` on the CPU (hen::run_backward_tile): (dq, dx, dv, dbeta) in
-// float32 from the upstream gradients of out and lse and the saved out and lse.
+// The backward of `partial` on the CPU (hen::run_backward_tile): dq and dbeta in float32,
+// dx and dv in the inputs' dtype, from the upstream gradients of out and lse and the saved
+// out and lse.
 // Refused with NotImplementedError where the build has no brgemm (the caller keeps
 // its own streaming backward).
 PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
@@ -232,10 +233,10 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   const at::Tensor dout_f = f32(dout, {p.L, p.B, p.Dv}, "dout"), out_f = f32(out, {p.L, p.B, p.Dv}, "out");
   const at::Tensor dlse_f = f32(dlse, {p.L, p.B}, "dlse"), lse_f = f32(lse, {p.L, p.B}, "lse");
   auto opts = r.query.options().dtype(at::kFloat);
+  auto bank_opts = r.query.options();  // dx and dv: the inputs' dtype
   if (p.L == 0 || p.B == 0 || p.N == 0)
-    return {at::zeros({p.L, p.B, p.D}, opts), at::zeros({Lm, p.N, p.D}, opts), at::zeros({Lm, p.N, p.Dv}, opts),
-            at::zeros({p.L}, opts)};
-  at::Tensor dx = at::empty({Lm, p.N, p.D}, opts), dv = at::empty({Lm, p.N, p.Dv}, opts);  // every row written
+    return {at::zeros({p.L, p.B, p.D}, opts), at::zeros({Lm, p.N, p.D}, bank_opts),
+            at::zeros({Lm, p.N, p.Dv}, bank_opts), at::zeros({p.L}, opts)};
   hen::BackwardParams b{};
   b.p = p;
   b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
@@ -252,9 +253,16 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   }
   at::Tensor dq = at::zeros({plan.splits, p.L, p.B, p.D}, opts), dbeta = at::zeros({plan.splits, p.L}, opts);
   b.dq = dq.data_ptr<float>(), b.dbeta = dbeta.data_ptr<float>();
-  b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
+  // Every row written.  Float32 rows where a row sums terms from several tiles, cast once.
+  at::Tensor dx = at::empty({Lm, p.N, p.D}, plan.direct16 ? bank_opts : opts);
+  at::Tensor dv = at::empty({Lm, p.N, p.Dv}, plan.direct16 ? bank_opts : opts);
+  if (plan.direct16) {
+    b.dx16 = reinterpret_cast<uint16_t*>(dx.data_ptr()), b.dv16 = reinterpret_cast<uint16_t*>(dv.data_ptr());
+  } else {
+    b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
+  }
   for_each_tile(plan.tiles(b), [&](int64_t t) { hen::run_backward_tile(b, plan, t); });
-  return {dq.sum(0), dx, dv, dbeta.sum(0)};
+  return {dq.sum(0), dx.to(bank_opts.dtype()), dv.to(bank_opts.dtype()), dbeta.sum(0)};
 }
 
 // Shapes only, for tracing (torch.compile's fake tensors reach Meta kernels).
@@ -263,8 +271,8 @@ PartialResult partial_backward_meta(const at::Tensor& dout, const at::Tensor& dl
                                     const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
                                     const std::optional<at::Tensor>& weights) {
   auto opts = query.options().dtype(at::kFloat);
-  return {at::empty(query.sizes(), opts), at::empty(memory.sizes(), opts), at::empty(values.sizes(), opts),
-          at::empty({query.size(0)}, opts)};
+  return {at::empty(query.sizes(), opts), at::empty(memory.sizes(), memory.options()),
+          at::empty(values.sizes(), values.options()), at::empty({query.size(0)}, opts)};
 }
 
 #ifdef HEN_WITH_CUDA

@@ -48,8 +48,11 @@ def _partial_backward(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tenso
 @_partial_backward.register_fake
 def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None):
     f32 = dict(dtype=torch.float32, device=query.device)
-    return (query.new_empty(query.shape, **f32), memory.new_empty(memory.shape, **f32),
-            values.new_empty(values.shape, **f32), beta.new_empty(beta.shape, **f32))
+    own = backends.BACKENDS[backend].bank_grads_in_input_dtype
+    return (query.new_empty(query.shape, **f32),
+            memory.new_empty(memory.shape, dtype=memory.dtype if own else torch.float32, device=query.device),
+            values.new_empty(values.shape, dtype=values.dtype if own else torch.float32, device=query.device),
+            beta.new_empty(beta.shape, **f32))
 
 
 _partial_backward.register_vmap(vmap_rules.looped_rule(_partial_backward))

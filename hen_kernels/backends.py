@@ -28,7 +28,8 @@ ENV_BACKEND = "HEN_KERNELS_BACKEND"
 # (query, memory, values, beta, similarity, offset, weights or None) -> Partial
 ForwardImpl = Callable[..., Partial]
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-# (dout, dlse, query, memory, values, beta, out, lse, similarity, weights or None) -> (dq, dx, dv, dbeta)
+# (dout, dlse, query, memory, values, beta, out, lse, similarity, weights or None) -> (dq, dx, dv, dbeta):
+# dq and dbeta in float32, dx and dv in float32 or, with Backend.bank_grads_in_input_dtype, the bank's dtype
 BackwardImpl = Callable[..., Grads]
 
 
@@ -38,15 +39,17 @@ class Backend:
     ``backward`` is None where the forward is plain differentiable PyTorch that
     autograd differentiates by itself (the reference).  ``dtypes`` are the input
     dtypes it computes (the kernels accumulate float32 inputs in float32; float64
-    is the reference's alone).
+    is the reference's alone).  ``bank_grads_in_input_dtype``: its backward returns dx
+    and dv in the bank's dtype (else float32), as the op's fake implementation must say.
     """
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
                  backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None,
-                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES):
+                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, bank_grads_in_input_dtype: bool = False):
         self.name = name
         self.device_types = device_types
         self.dtypes = dtypes
+        self.bank_grads_in_input_dtype = bank_grads_in_input_dtype
         self._forward = forward
         self.backward = backward
         self._load = load
@@ -199,11 +202,13 @@ def _cpu_has_brgemm() -> bool:
 
 def _cpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """The fused C++ backward (csrc/cpu/backward_kernel.cpp, on brgemm) where the build has it,
-    else the streaming path."""
+    else the streaming path; dx and dv in the bank's dtype either way (the C++ one writes
+    16-bit rows directly where it can: no float32 N x D gradient to allocate)."""
     if _cpu_has_brgemm():
         return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse,
                                                       SIMILARITY_CODES[similarity], weights)
-    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
+    dq, dx, dv, dbeta = _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
+    return dq, dx.to(x.dtype), dv.to(v.dtype), dbeta
 
 
 def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
@@ -224,7 +229,8 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None, dtypes=API_DTYPES),
-    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available),
+    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available,
+                   bank_grads_in_input_dtype=True),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",),

@@ -8,6 +8,9 @@ the hand-written products (bfloat16 widened to float32, and on AVX-512 BF16's pa
 dot product where the CPU has it), and the AVX-512, AVX2 and baseline copies of the tile kernel.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -347,7 +350,9 @@ def test_backward_op_matches_float64_autograd(dtype, sim, weighted, shared, dout
     want = grads64(q, x, v, beta, sim, dout, dlse, w)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for name, g, r in zip(("dq", "dx", "dv", "dbeta"), got, want):
-        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        # The bank's gradients in its dtype (16-bit rows written directly where a tile holds
+        # all of a row's terms: one query block and a bank per leading index, "own-bank").
+        assert g.dtype == (dtype if name in ("dx", "dv") else torch.float32) and g.shape == r.shape, name
         assert rel_err(g, r) <= tol, (name, rel_err(g, r))
 
 
@@ -400,7 +405,8 @@ def test_backward_16bit_products_against_float32_ones(dtype, sim, values, monkey
     fast = backward()
     want = grads64(q, x, v, beta, sim, dout, dlse)
     for name, f, w32, r in zip(("dq", "dx", "dv", "dbeta"), fast, wide, want):
-        assert rel_err(w32, r) <= 1e-3, (name, rel_err(w32, r))  # 16-bit inputs, float32 products
+        # 16-bit inputs, float32 products; dx and dv come back in the 16-bit dtype (its rounding: ~1.6e-3)
+        assert rel_err(w32, r) <= (3e-3 if name in ("dx", "dv") else 1e-3), (name, rel_err(w32, r))
         # bfloat16 G and P: at most 2e-3 measured; 1.4e-2 for ℓ2's dX when its colsum took the
         # float G while the product took the rounded one.
         assert rel_err(f, r) <= 5e-3, (name, rel_err(f, r))
@@ -445,3 +451,37 @@ def test_backward_of_a_loss_scaled_gradient_stays_finite(dtype):
     for name, g, r in zip(("dq", "dx", "dv", "dbeta"), got, want):
         assert torch.isfinite(g).all(), name
         assert rel_err(g, r) <= 5e-3, (name, rel_err(g, r))
+
+
+# Run in a fresh process: the backward's instruction set is read once (HEN_KERNELS_CPU_ISA).
+_LOWER_ISA_BACKWARD = """
+import torch, hen_kernels as hk
+from hen_kernels import reference
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for own in (True, False):  # own bank per leading index: 16-bit rows written directly
+        g = torch.Generator().manual_seed(3)
+        q = torch.randn(2, 5, 12, generator=g).to(dtype).requires_grad_()
+        x = torch.randn(*((2,) if own else ()), 40, 12, generator=g).to(dtype).requires_grad_()
+        got = torch.autograd.grad(hk.hopfield_update(q, x, 0.3, similarity="l2sq", backend="cpu").float().sum(), (q, x))
+        q64, x64 = (t.detach().double().requires_grad_() for t in (q, x))
+        want = torch.autograd.grad(reference.partial(q64, x64, 0.3, "l2sq").out.sum(), (q64, x64))
+        for a, b in zip(got, want):
+            assert a.dtype == dtype, (a.dtype, dtype)
+            err = ((a.double() - b).norm() / b.norm()).item()
+            assert err < (1e-4 if dtype == torch.float32 else 3e-2), (dtype, own, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_backward_on_lower_instruction_sets(isa):
+    """The backward on the AVX2 and baseline copies, every dtype (the baseline copy has no
+    float16 conversion: its 16-bit rows must not be asked of it)."""
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    if ISAS[isa] > ISAS[info()["cpu_isa"]]:
+        pytest.skip(f"this CPU has no {isa}")
+    env = dict(os.environ, HEN_KERNELS_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", _LOWER_ISA_BACKWARD], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -45,7 +45,7 @@ namespace {
 
 struct BackScratch {
   std::vector<float> q, qw, wr, qn, qop, wop, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
-      glo, gt, t, dq, rowsum, dbeta;
+      glo, gt, t, dq, rowsum, dxt, dvt, dbeta;
   std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
 };
 
@@ -90,8 +90,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
                                  p.values_row_stride == p.memory_row_stride && Dv == D;
   const char* mem = static_cast<const char*>(p.memory) + es * size_t(lm * p.memory_lead_stride);
   const char* val = static_cast<const char*>(p.values) + es * size_t(lm * p.values_lead_stride);
-  float* dx = bp.dx + lm * p.N * D;
-  float* dv = bp.dv + lm * p.N * Dv;
+  // dX and dV rows in float: the outputs themselves, or with direct16 a tile's worth,
+  // stored in the 16-bit dtype once complete.
+  const bool direct = plan.direct16;
+  float* dx = direct ? nullptr : bp.dx + lm * p.N * D;
+  float* dv = direct ? nullptr : bp.dv + lm * p.N * Dv;
   const int64_t l_begin = bp.Lm == 1 ? 0 : lm, l_end = bp.Lm == 1 ? L : lm + 1;
   // 16-bit products: scores, dX and dq (v16); dP and dV as well (d16, which implies v16).
   const bool v16 = plan.vnni, d16 = plan.dout16;
@@ -289,11 +292,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           store(rowsum + gq, load(rowsum + gq) + gsum);  // of the float G: dq's products sum it whole
         }
         // 3. dV and dX rows of this tile (only its R real rows), dq of the query block.
-        float* dvr = dv + r0 * Dv;
-        float* dxr = dx + r0 * D;
+        float* dvr = direct ? grow(sc.dvt, BN * Dv) : dv + r0 * Dv;
+        float* dxr = direct ? grow(sc.dxt, BN * D) : dx + r0 * D;
         // The first query block writes these rows, the others add: dX and dV are N x D
         // and N x Dv, so neither a zero fill nor a first read of them is free.
-        const bool add = !(l == l_begin && b0 == 0);
+        const bool add = !(l == l_begin && b0 == 0);  // (always false with direct16)
         if (d16)
           mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, Dv, add, p16, doutv16, dvr);
         else
@@ -321,6 +324,10 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
               for (; k < D; ++k) dj[k] -= cs * scalar_to_float(xe_dt, xj, k);
             }
           }
+        }
+        if (direct) {
+          floats_to_16(dt, dvr, R * Dv, bp.dv16 + (lm * p.N + r0) * Dv);
+          floats_to_16(dt, dxr, R * D, bp.dx16 + (lm * p.N + r0) * D);
         }
         transpose_block(g, BMp, BN, BMp, gt, BN);
         if (v16) {

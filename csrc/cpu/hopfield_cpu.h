@@ -102,8 +102,10 @@ struct BackwardParams {
   int64_t Lm;          // 1 (a bank shared by every leading index) or L
   float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
   float* dbeta;        // (splits, L)
-  float* dx;           // (Lm, N, D), written (not added to)
+  float* dx;           // (Lm, N, D), written (not added to); unused with BackwardPlan::direct16
   float* dv;           // (Lm, N, Dv)
+  uint16_t* dx16;      // (Lm, N, D) in the 16-bit input dtype, with BackwardPlan::direct16
+  uint16_t* dv16;      // (Lm, N, Dv)
   bool dout_16bit;     // every element of dout is exactly a value of the 16-bit input dtype
 };
 
@@ -114,6 +116,10 @@ struct BackwardPlan {
   bool vnni;
   // dP and dV too, with P rounded: vnni, dout exactly 16-bit (dout_16bit) and Dv even.
   bool dout16;
+  // dX and dV rows leave the tile in the 16-bit input dtype (dx16, dv16): each row gets all
+  // its terms in one tile (one query block, and a bank per leading index), so no float32
+  // N x D gradient is ever allocated (at 32 MiB each, glibc maps them afresh at every call).
+  bool direct16;
   int64_t query_block, row_block, splits, rows_per_split;
   int64_t tiles(const BackwardParams& b) const { return b.Lm * splits; }
 };
