@@ -73,6 +73,24 @@ void floats_to_16(DType dt, const float* src, int64_t n, uint16_t* dst) {
   }
 }
 
+// A (rows x cols) row-major 16-bit matrix's two VNNI images (rows.h), rows and cols even:
+// of its transpose (the B operand of a product over its columns) and of itself (over its rows).
+void vnni_images(const uint16_t* m, int64_t rows, int64_t cols, std::vector<uint16_t>& of_t_buf,
+                 std::vector<uint16_t>& of_m_buf, uint16_t*& of_t, uint16_t*& of_m) {
+  of_t = grow(of_t_buf, cols * rows);
+  vnni_transposed(m, cols, rows, cols, rows, of_t);
+  of_m = grow(of_m_buf, rows * cols);
+  vnni_rows(m, cols, rows, cols, cols, of_m);
+}
+
+// The (cols x rows) transpose of a row-major (rows x cols) float matrix, into buf.
+float* transposed(const float* m, int64_t rows, int64_t cols, std::vector<float>& buf) {
+  float* t = grow(buf, cols * rows);
+  for (int64_t k = 0; k < cols; ++k)
+    for (int64_t i = 0; i < rows; ++i) t[k * rows + i] = m[i * cols + k];
+  return t;
+}
+
 }  // namespace
 
 void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64_t tile) {
@@ -131,21 +149,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         uint16_t* q16 = grow(sc.q16, BMp * D);
         std::memset(q16, 0, 2 * size_t(BMp * D));
         for (int64_t i = 0; i < BM; ++i) std::memcpy(q16 + i * D, qsrc + es * size_t(i * p.query_row_stride), 2 * size_t(D));
-        qt16 = grow(sc.qt16, D * BMp);
-        vnni_transposed(q16, D, BMp, D, BMp, qt16);
-        qv16 = grow(sc.qv16, BMp * D);
-        vnni_rows(q16, D, BMp, D, D, qv16);
+        vnni_images(q16, BMp, D, sc.qt16, sc.qv16, qt16, qv16);
       } else {
-        qop = grow(sc.qop, D * BMp);
-        for (int64_t k = 0; k < D; ++k)
-          for (int64_t i = 0; i < BMp; ++i) qop[k * BMp + i] = qw[i * D + k];
+        qop = transposed(qw, BMp, D, sc.qop);
       }
-      float* wop = nullptr;
-      if (wr) {
-        wop = grow(sc.wop, D * BMp);
-        for (int64_t k = 0; k < D; ++k)
-          for (int64_t i = 0; i < BMp; ++i) wop[k * BMp + i] = wr[i * D + k];
-      }
+      const float* wop = wr ? transposed(wr, BMp, D, sc.wop) : nullptr;
       const float* dout_src = bp.dout + (l * p.B + b0) * Dv;
       float* dout_r = grow(sc.dout_r, BMp * Dv);
       std::fill(dout_r, dout_r + BMp * Dv, 0.f);
@@ -156,14 +164,9 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       if (d16) {  // dout is exactly 16-bit (BackwardParams::dout_16bit): no rounding here
         uint16_t* o16 = grow(sc.dout16, BMp * Dv);
         floats_to_16(dt, dout_r, BMp * Dv, o16);
-        doutt16 = grow(sc.doutt16, Dv * BMp);
-        vnni_transposed(o16, Dv, BMp, Dv, BMp, doutt16);
-        doutv16 = grow(sc.doutv16, BMp * Dv);
-        vnni_rows(o16, Dv, BMp, Dv, Dv, doutv16);
+        vnni_images(o16, BMp, Dv, sc.doutt16, sc.doutv16, doutt16, doutv16);
       } else {
-        dout_t = grow(sc.dout_t, Dv * BMp);
-        for (int64_t d = 0; d < Dv; ++d)
-          for (int64_t i = 0; i < BMp; ++i) dout_t[d * BMp + i] = dout_r[i * Dv + d];
+        dout_t = transposed(dout_r, BMp, Dv, sc.dout_t);
       }
       float* qn = grow(sc.qn, BMp);
       float* lse = grow(sc.lse, BMp);
