@@ -369,6 +369,32 @@ def test_backward_op_with_values_being_the_memory_and_many_splits():
             assert rel_err(g, r) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+@pytest.mark.parametrize("B", [1, 2, 4])
+@pytest.mark.parametrize("D", [33, 40])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-bank", "own-bank"])
+def test_backward_of_few_queries_matches_float64_autograd(dtype, sim, B, D, shared):
+    """Few queries take hand-written products (BackwardPlan::hand): a tail tile, odd and even
+    D, values apart, several leading indices, a query on a stored row (next to it for ℓ2)."""
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    L, N, Dv = 3, 300, 21
+    q = make((L, B, D), dtype, 21)
+    x = make((1 if shared else L, N, D), dtype, 22)
+    on = x[0, 7].float() + (0.05 * make((D,), torch.float32, 23) if sim == "l2" else 0)
+    q[0, 0] = on.to(dtype)
+    v = make((1 if shared else L, N, Dv), dtype, 24)
+    beta = torch.tensor([0.3, 0.5, 0.7]) if sim == "l2" else torch.tensor([0.2, 0.1, 0.3])
+    dout = make((L, B, Dv), torch.float32, 25).to(dtype).float()
+    dlse = make((L, B), torch.float32, 26)
+    got = backward_op(q, x, v, beta, sim, dout, dlse)
+    want = grads64(q, x, v, beta, sim, dout, dlse)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, g, r in zip(("dq", "dx", "dv", "dbeta"), got, want):
+        assert rel_err(g, r) <= tol, (name, rel_err(g, r))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("sim", SIMILARITIES)
 @pytest.mark.parametrize("values", ["memory", "own"])

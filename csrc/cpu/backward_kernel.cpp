@@ -44,7 +44,7 @@ namespace HEN_ISA_NS {
 namespace {
 
 struct BackScratch {
-  std::vector<float> q, qw, wr, qn, qop, wop, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
+  std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
       glo, gt, t, dq, rowsum, dxt, dvt, dbeta;
   std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
 };
@@ -83,6 +83,27 @@ void vnni_images(const uint16_t* m, int64_t rows, int64_t cols, std::vector<uint
   vnni_rows(m, cols, rows, cols, cols, of_m);
 }
 
+// out[j] (+)= Σ_i a[j * lda + i] b[i] for rows j < R, queries i < Q, b's rows n floats long:
+// the dV and dX products of few queries, one pass over each output row.
+void few_query_rows(const float* a, int64_t lda, int64_t Q, const float* b, int64_t n, int64_t R, bool add,
+                    float* out) {
+  for (int64_t j = 0; j < R; ++j) {
+    float* o = out + j * n;
+    const float* aj = a + j * lda;
+    int64_t k = 0;
+    for (; k + W <= n; k += W) {
+      vf acc = add ? load(o + k) : vf{};
+      for (int64_t i = 0; i < Q; ++i) acc += splat(aj[i]) * load(b + i * n + k);
+      store(o + k, acc);
+    }
+    for (; k < n; ++k) {
+      float t = add ? o[k] : 0.f;
+      for (int64_t i = 0; i < Q; ++i) t += aj[i] * b[i * n + k];
+      o[k] = t;
+    }
+  }
+}
+
 // The (cols x rows) transpose of a row-major (rows x cols) float matrix, into buf.
 float* transposed(const float* m, int64_t rows, int64_t cols, std::vector<float>& buf) {
   float* t = grow(buf, cols * rows);
@@ -115,10 +136,10 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
   float* dv = direct ? nullptr : bp.dv + lm * p.N * Dv;
   const int64_t l_begin = bp.Lm == 1 ? 0 : lm, l_end = bp.Lm == 1 ? L : lm + 1;
   // 16-bit products: scores, dX and dq (v16); dP and dV as well (d16, which implies v16).
-  const bool v16 = plan.vnni, d16 = plan.dout16;
+  const bool v16 = plan.vnni, d16 = plan.dout16, hand = plan.hand;
   // The bank tile in float where a float32 product reads it; the value tile likewise.
-  const bool float_x = !v16 || (!d16 && values_are_memory);
-  const bool float_v = !d16 && !values_are_memory;
+  const bool float_x = !hand && (!v16 || (!d16 && values_are_memory));
+  const bool float_v = !hand && !d16 && !values_are_memory;
 
   for (int64_t l = l_begin; l < l_end; ++l) {
     const float beta = p.beta[l];
@@ -150,7 +171,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         std::memset(q16, 0, 2 * size_t(BMp * D));
         for (int64_t i = 0; i < BM; ++i) std::memcpy(q16 + i * D, qsrc + es * size_t(i * p.query_row_stride), 2 * size_t(D));
         vnni_images(q16, BMp, D, sc.qt16, sc.qv16, qt16, qv16);
-      } else {
+      } else if (!hand) {
         qop = transposed(qw, BMp, D, sc.qop);
       }
       const float* wop = wr ? transposed(wr, BMp, D, sc.wop) : nullptr;
@@ -165,9 +186,25 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         uint16_t* o16 = grow(sc.dout16, BMp * Dv);
         floats_to_16(dt, dout_r, BMp * Dv, o16);
         vnni_images(o16, BMp, Dv, sc.doutt16, sc.doutv16, doutt16, doutv16);
-      } else {
+      } else if (!hand) {
         dout_t = transposed(dout_r, BMp, Dv, sc.dout_t);
       }
+      // The hand-written score products' operands: w∘q and dout rows, for a bfloat16 bank
+      // in split_pairs' layout (hand_products.h).
+      const float* qhand = qw;
+      const float* douthand = dout_r;
+      if (hand && dt == DType::BF16) {
+        float* t = grow(sc.qhand, BM * D);
+        split_pairs(qw, BM, D, t);
+        qhand = t;
+        float* u = grow(sc.douthand, BM * Dv);
+        split_pairs(dout_r, BM, Dv, u);
+        douthand = u;
+      }
+      // Hand-written score products fill the live columns only.
+      auto zero_padding = [&](float* c) {
+        for (int64_t j = 0; j < BN; ++j) std::fill(c + j * BMp + BM, c + (j + 1) * BMp, 0.f);
+      };
       float* qn = grow(sc.qn, BMp);
       float* lse = grow(sc.lse, BMp);
       float* delta = grow(sc.delta, BMp);
@@ -232,16 +269,20 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         }
 
         // 1. Scores and weights, column-wise.
-        if (v16)
+        if (hand) {
+          by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, BMp); });
+          zero_padding(c1);
+        } else if (v16) {
           mk::gemm_vnni(dt, BN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), qt16, c1);
-        else
+        } else {
           mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
+        }
         float* xn = nullptr;
         float* c2 = nullptr;
         if (l2 && !wts) {
           xn = grow(sc.xn, BN);
           by_dtype(xe_dt, [&](auto DT) { row_norms<DT()>(xe, xe_step, BN, D, xn); });
-        } else if (l2) {  // weighted: float32 products only (make_backward_plan)
+        } else if (l2) {  // weighted: float32 brgemm products only (make_backward_plan)
           float* xsq = grow(sc.xsq, BN * D);
           for (int64_t j = 0; j < BN; ++j)
             for (int64_t k = 0; k < D; ++k) xsq[j * D + k] = xf[j * ldf + k] * xf[j * ldf + k];
@@ -249,10 +290,14 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           mk::gemm_f32(BN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
         }
         // 2. dP^T = V . dout^T into g, then dt and G in place.
-        if (d16)
+        if (hand) {
+          by_dtype(dt, [&](auto DT) { hand_scores<DT()>(douthand, BM, Dv, vr, int64_t(es) * ldvr, BN, g, BMp); });
+          zero_padding(g);
+        } else if (d16) {
           mk::gemm_vnni(dt, BN, BMp, Dv, ldvr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(vr), doutt16, g);
-        else
+        } else {
           mk::gemm_f32(BN, BMp, Dv, ldv, BMp, BMp, false, vfl, dout_t, g);
+        }
         for (int64_t gq = 0; gq < BMp; gq += W) {
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
@@ -300,14 +345,19 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         // The first query block writes these rows, the others add: dX and dV are N x D
         // and N x Dv, so neither a zero fill nor a first read of them is free.
         const bool add = !(l == l_begin && b0 == 0);  // (always false with direct16)
-        if (d16)
-          mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, Dv, add, p16, doutv16, dvr);
-        else
-          mk::gemm_f32(R, Dv, BMp, BMp, Dv, Dv, add, pp, dout_r, dvr);
-        if (v16)
-          mk::gemm_vnni(dt, R, D, BMp, BMp, D, D, add, g16, qv16, dxr);
-        else
-          mk::gemm_f32(R, D, BMp, BMp, D, D, add, g, qw, dxr);
+        if (hand) {
+          few_query_rows(pp, BMp, BM, dout_r, Dv, R, add, dvr);
+          few_query_rows(g, BMp, BM, qw, D, R, add, dxr);
+        } else {
+          if (d16)
+            mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, Dv, add, p16, doutv16, dvr);
+          else
+            mk::gemm_f32(R, Dv, BMp, BMp, Dv, Dv, add, pp, dout_r, dvr);
+          if (v16)
+            mk::gemm_vnni(dt, R, D, BMp, BMp, D, D, add, g16, qv16, dxr);
+          else
+            mk::gemm_f32(R, D, BMp, BMp, D, D, add, g, qw, dxr);
+        }
         if (l2) {
           // - x ∘ (G . w): the colsum of G when unweighted.
           if (wts) {
@@ -333,7 +383,9 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           floats_to_16(dt, dxr, R * D, bp.dx16 + (lm * p.N + r0) * D);
         }
         transpose_block(g, BMp, BN, BMp, gt, BN);
-        if (v16) {
+        if (hand) {
+          by_dtype(dt, [&](auto DT) { hand_values<DT()>(gt, BN, BM, xr, int64_t(es) * ldr, BN, D, dq); });
+        } else if (v16) {
           uint16_t* gt16 = grow(sc.gt16, BM * BN);
           floats_to_16(dt, gt, BM * BN, gt16);
           const int64_t ldp = padded_stride(D);  // as the forward's value tiles (tile_kernel.cpp)

@@ -116,6 +116,10 @@ struct BackwardPlan {
   bool vnni;
   // dP and dV too, with P rounded: vnni, dout exactly 16-bit (dout_16bit) and Dv even.
   bool dout16;
+  // Few queries (up to 4, 2 where the bfloat16 VNNI products run; no weighted ℓ2): every product
+  // hand-written, over the rows as stored (hand_products.h), where a microkernel would pad the
+  // queries to a vector.
+  bool hand;
   // dX and dV rows leave the tile in the 16-bit input dtype (dx16, dv16): each row gets all
   // its terms in one tile (one query block, and a bank per leading index), so no float32
   // N x D gradient is ever allocated (at 32 MiB each, glibc maps them afresh at every call).
