@@ -268,15 +268,24 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             vfl = float_rows(dt, vr, ldvr, BN, Dv, sc.vf_, ldv);
         }
 
+        // out (BN x BMp) = a bank tile (X or V: `rows` as stored, or `fl` in float; K features)
+        // times the queries' operands transposed, by whichever product this tile takes.
+        auto rows_by_queries = [&](const float* hand_ops, bool use_vnni, const uint16_t* vnni_ops,
+                                   const float* f32_ops, const char* rows, int64_t ld_rows, const float* fl,
+                                   int64_t ld_fl, int64_t K, float* out) {
+          if (hand) {
+            by_dtype(dt, [&](auto DT) { hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, BN, out, BMp); });
+            zero_padding(out);
+          } else if (use_vnni) {
+            mk::gemm_vnni(dt, BN, BMp, K, ld_rows, BMp, BMp, false, reinterpret_cast<const uint16_t*>(rows), vnni_ops,
+                          out);
+          } else {
+            mk::gemm_f32(BN, BMp, K, ld_fl, BMp, BMp, false, fl, f32_ops, out);
+          }
+        };
+
         // 1. Scores and weights, column-wise.
-        if (hand) {
-          by_dtype(dt, [&](auto DT) { hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, BMp); });
-          zero_padding(c1);
-        } else if (v16) {
-          mk::gemm_vnni(dt, BN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), qt16, c1);
-        } else {
-          mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
-        }
+        rows_by_queries(qhand, v16, qt16, qop, xr, ldr, xf, ldf, D, c1);
         float* xn = nullptr;
         float* c2 = nullptr;
         if (l2 && !wts) {
@@ -290,14 +299,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           mk::gemm_f32(BN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
         }
         // 2. dP^T = V . dout^T into g, then dt and G in place.
-        if (hand) {
-          by_dtype(dt, [&](auto DT) { hand_scores<DT()>(douthand, BM, Dv, vr, int64_t(es) * ldvr, BN, g, BMp); });
-          zero_padding(g);
-        } else if (d16) {
-          mk::gemm_vnni(dt, BN, BMp, Dv, ldvr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(vr), doutt16, g);
-        } else {
-          mk::gemm_f32(BN, BMp, Dv, ldv, BMp, BMp, false, vfl, dout_t, g);
-        }
+        rows_by_queries(douthand, d16, doutt16, dout_t, vr, ldvr, vfl, ldv, Dv, g);
         for (int64_t gq = 0; gq < BMp; gq += W) {
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
