@@ -104,14 +104,6 @@ void few_query_rows(const float* a, int64_t lda, int64_t Q, const float* b, int6
   }
 }
 
-// The (cols x rows) transpose of a row-major (rows x cols) float matrix, into buf.
-float* transposed(const float* m, int64_t rows, int64_t cols, std::vector<float>& buf) {
-  float* t = grow(buf, cols * rows);
-  for (int64_t k = 0; k < cols; ++k)
-    for (int64_t i = 0; i < rows; ++i) t[k * rows + i] = m[i * cols + k];
-  return t;
-}
-
 }  // namespace
 
 void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64_t tile) {

@@ -160,6 +160,15 @@ void vnni_transposed(const uint16_t* src, int64_t lds, int64_t rows, int64_t col
     for (int64_t k = 0; k < cols; ++k) dst[(k / 2) * ld * 2 + i * 2 + (k & 1)] = src[i * lds + k];
 }
 
+// The (cols x rows) transpose of a row-major (rows x cols) float matrix, into buf: the float32
+// products' B operand of queries (Q^T, w^T, dout^T).
+float* transposed(const float* m, int64_t rows, int64_t cols, std::vector<float>& buf) {
+  float* t = grow(buf, cols * rows);
+  for (int64_t k = 0; k < cols; ++k)
+    for (int64_t i = 0; i < rows; ++i) t[k * rows + i] = m[i * cols + k];
+  return t;
+}
+
 // Copy R rows (row stride `stride` elements of `es` bytes) into a dense tile of
 // `rows` rows, zero below R: a tail tile is padded, never computed by another path.
 const char* pad_rows(const char* src, int64_t stride, size_t es, int64_t R, int64_t rows, int64_t cols,

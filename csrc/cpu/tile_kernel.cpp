@@ -293,10 +293,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     vnni_transposed(reinterpret_cast<const uint16_t*>(q16rows), q16stride, BM, D, BMp, t);
     q16 = t;
   } else if (sp == Product::F32) {  // (D, BMp): Q^T in float
-    float* t = grow(sc.qop, D * BMp);
-    for (int64_t k = 0; k < D; ++k)
-      for (int64_t i = 0; i < BMp; ++i) t[k * BMp + i] = qw[i * D + k];
-    qop = t;
+    qop = transposed(qw, BMp, D, sc.qop);  // qw is zero past BM
     if (weight_product) {
       float* u = grow(sc.wop, D * BMp);
       for (int64_t k = 0; k < D; ++k)
