@@ -1,4 +1,5 @@
 """Every kernel backend against the reference (docs/design.md §5)."""
+import itertools
 import os
 
 import pytest
@@ -145,6 +146,49 @@ def test_hard_retrieval_returns_the_exact_pattern(backend, dtype, similarity, d)
         assert torch.equal(r.top_index, rows)
         assert torch.equal(r.state, x[rows]), "hard retrieval must land exactly on the stored pattern"
         assert torch.all(r.converged) and torch.all(r.top_weight > 0.999)
+
+
+# A 16-bit value product rounds each weight by up to 2^-9 (bfloat16) or 2^-12 (float16) of itself.
+# Normalised by the softmax's own sum, the output moved by that fraction of the rows' distance from
+# the origin; normalised by the sum of the weights as rounded it stays a convex combination of the
+# rows (docs/design.md §5.1).  Bounds in units of the rows' spread: the kernels' errors under the
+# old normalisation were 2-8x above them (bf16 CPU, f16 Triton interpreter), now 7-30x below.
+CONVEX_BOUND = {torch.bfloat16: 2e-3, torch.float16: 1.2e-4}
+
+
+def convex_cases():
+    """Every backend, 16-bit dtype, similarity and shape; under the Triton interpreter, whose autotuner
+    runs every config of each new key (~10 s), three: both kernels, both dtypes, split banks."""
+    shapes = [(1, 600, 64), (5, 600, 64), (1, 600, 300), (1, 3000, 64), (70, 3000, 64)]
+    interpreted_cases = {((5, 600, 64), torch.float16, "dot"), ((5, 600, 64), torch.bfloat16, "l2"),
+                         ((1, 600, 300), torch.bfloat16, "l2sq")}
+    for backend, dtype, sim, shape in itertools.product(kernel_backends(), (torch.bfloat16, torch.float16),
+                                                        SIMILARITIES, shapes):
+        if interpreted(backend) and (shape, dtype, sim) not in interpreted_cases:
+            continue
+        yield pytest.param(backend, dtype, sim, shape, id="%s-%s-%s-B%d-N%d-D%d" % (backend, str(dtype)[6:], sim,
+                                                                                   *shape))
+
+
+@pytest.mark.parametrize("backend,dtype,similarity,shape", list(convex_cases()))
+def test_16bit_output_stays_a_convex_combination_far_from_the_origin(backend, dtype, similarity, shape):
+    """Rows at 16 +- 0.25 per feature, soft weights (scores spread by about 1): every element of out
+    within CONVEX_BOUND x 0.25 of float64's; lse from the exact sum.  One query, a few, two query
+    blocks; one bank split and several (the CPU splits N = 3000, Triton N = 600)."""
+    B, N, D = shape
+    require(backend, B, N, D)
+    spread = 0.25
+    x = (16 + make((N, D), torch.float64, 31, scale=spread)).to(dtype)
+    if similarity == "dot":
+        q, beta = make((B, D), dtype, 32), 4 / D ** 0.5
+    else:
+        q = (16 + make((B, D), torch.float64, 32, scale=spread)).to(dtype)
+        beta = 4.0 if similarity == "l2" else 11.3 / D ** 0.5
+    want = ref64(q, x, beta, similarity)
+    got = hk.hopfield_partial(q, x, beta, similarity=similarity, backend=backend)
+    off = (got.out.double() - want.out).abs().max().item() / spread
+    assert off <= CONVEX_BOUND[dtype], f"out off float64 by {off:.2e} x the rows' spread"
+    assert (got.lse.double() - want.lse).abs().max().item() <= 1e-5 * want.lse.abs().max().clamp_min(1).item()
 
 
 @pytest.mark.parametrize("backend", ["torch"] + kernel_backends())

@@ -217,6 +217,25 @@ inline void store_16(DType dt, uint16_t* dst, vf v) {
 #endif
 }
 
+// W floats as store_16 leaves them, widened back: the weights the value product
+// multiplies by, so that the kernel can normalise by their own sum.
+inline vf as_stored_16(DType dt, vf v) {
+  if (dt == DType::BF16) {
+    vu bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  }
+#if HEN_ISA_LEVEL >= 3
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#elif HEN_ISA_LEVEL == 2
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  std::abort();  // as store_16
+#endif
+}
+
 // W floats stored as bfloat16 by AVX-512 BF16's conversion: the same rounding as
 // store_16 (to nearest even; the softmax weights are never subnormal), in one
 // instruction instead of seven.  Only where Plan::native_bf16 says the CPU has it;

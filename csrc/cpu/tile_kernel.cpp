@@ -105,14 +105,27 @@ inline void put_weights(T* dst, vf v, DType dt) {
     store_16(dt, dst, v);
 }
 
+// The column sums of a weights pass: of the weights as computed (the softmax's sum, which
+// gives lse and weighs bank splits against each other) and of the weights as stored in P,
+// which the value product multiplies by.  16-bit P rounds each weight by up to 2^-9
+// (bfloat16) of itself, so O / exact would scale the output by the sum of those
+// roundings and move it off the bank's rows by that fraction of their offset from the
+// origin; O / stored keeps it a convex combination of them (docs/design.md §5.1).
+template <typename V>
+struct WeightSums {
+  V exact, stored;
+};
+
 // exp(scale * c - msub) for BN rows (a multiple of W) of one column group (c itself
 // without kScaled: the stored ℓ2 scores), written as rows of P (queries x BN rows,
 // float or 16-bit dt) for the `live` queries, W x W blocks transposed in registers;
 // returns the column sums.
 template <bool kScaled, bool kNative = false, typename T>
-inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf msub, int live, T* p, DType dt) {
+inline WeightSums<vf> column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf msub, int live, T* p,
+                                     DType dt) {
+  constexpr bool k16 = !std::is_same_v<T, float>;
   auto put = [&](T* dst, vf v) __attribute__((always_inline)) { put_weights<kNative>(dst, v, dt); };
-  vf acc = vf{};
+  vf acc = vf{}, acc_stored = vf{};
   vf e[W];
   for (int64_t j0 = 0; j0 < BN; j0 += W) {
     const float* src = c + j0 * ldc;
@@ -121,6 +134,10 @@ inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf m
       // The scores column_scores saw.
       e[jj] = exp_nonpositive((kScaled ? rounded(load(src) * scale) : load(src)) - msub);
       acc += e[jj];
+      if constexpr (k16) {
+        e[jj] = as_stored_16(dt, e[jj]);
+        acc_stored += e[jj];
+      }
     }
     transpose(e);
     T* dst = p + j0;
@@ -131,7 +148,7 @@ inline vf column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf m
       for (int i = 0; i < live; ++i, dst += BN) put(dst, e[i]);
     }
   }
-  return acc;
+  return {acc, k16 ? acc_stored : acc};
 }
 
 // --- the same for one query, its scores laid along the rows --------------------------
@@ -169,16 +186,21 @@ __attribute__((always_inline)) inline void row_scores(float* c, int64_t R, int64
 }
 
 // exp(scale * c - msub) (c itself without kScaled) for BN rows into P's one row;
-// returns their sum.
+// returns their sums (WeightSums).
 template <bool kScaled, bool kNative = false, typename T>
-inline float row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DType dt) {
-  vf acc = vf{};
+inline WeightSums<float> row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DType dt) {
+  constexpr bool k16 = !std::is_same_v<T, float>;
+  vf acc = vf{}, acc_stored = vf{};
   for (int64_t j = 0; j < BN; j += W) {
-    const vf e = exp_nonpositive((kScaled ? rounded(load(c + j) * scale) : load(c + j)) - msub);
+    vf e = exp_nonpositive((kScaled ? rounded(load(c + j) * scale) : load(c + j)) - msub);
     acc += e;
+    if constexpr (k16) {
+      e = as_stored_16(dt, e);
+      acc_stored += e;
+    }
     put_weights<kNative>(p + j, e, dt);
   }
-  return hsum(acc);
+  return {hsum(acc), k16 ? hsum(acc_stored) : hsum(acc)};
 }
 
 // The pair dot products where this copy has them (make_plan asks for them only then).
@@ -191,7 +213,7 @@ inline float row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DT
 // --- per-thread scratch, grown on demand and reused across tiles ----------------------
 
 struct Scratch {
-  std::vector<float> q, qw, qsplit, qn, qop, wop, xraw, vraw, xf, vf_, xsq, xn, c1, c2, pf, o, m, l, top;
+  std::vector<float> q, qw, qsplit, qn, qop, wop, xraw, vraw, xf, vf_, xsq, xn, c1, c2, pf, o, m, l, lstored, top;
   std::vector<uint16_t> q16, qw16, p16, vpack;
   std::vector<int64_t> top_index;
 };
@@ -306,10 +328,12 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   std::fill(o, o + BM * Dv, 0.f);
   float* m = grow(sc.m, BMp);
   float* lsum = grow(sc.l, BMp);
+  float* lstored = grow(sc.lstored, BMp);  // the sum of the weights as P holds them (WeightSums)
   float* top = grow(sc.top, BMp);
   int64_t* top_index = grow(sc.top_index, BMp);
   std::fill(m, m + BMp, kNegInf);
   std::fill(lsum, lsum + BMp, 0.f);
+  std::fill(lstored, lstored + BMp, 0.f);
   std::fill(top, top + BMp, kNegInf);
   std::fill(top_index, top_index + BMp, int64_t(-1));
 
@@ -442,27 +466,30 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       const vf msub = m_new == splat(kNegInf) ? vf{} : m_new;  // nothing finite yet: weights 0
       // The dot products times beta again, or the stored ℓ2 scores.
       const vf scale = splat(beta);
-      auto weights_into = [&](auto scaled) {
+      auto weights_into = [&](auto scaled) -> WeightSums<vf> {
         constexpr bool kScaled = decltype(scaled)::value;
         if (one_query) {  // lane 0 is the query
           const vf m0 = splat(msub[0]);
-          vf r = vf{};
+          WeightSums<float> r;
           if (!p16)
-            r[0] = row_weights<kScaled>(c1, BN, scale, m0, pf, dt);
+            r = row_weights<kScaled>(c1, BN, scale, m0, pf, dt);
           else if (HEN_NATIVE_BF16 && plan.native_bf16)
-            r[0] = row_weights<kScaled, true>(c1, BN, scale, m0, p16, dt);
+            r = row_weights<kScaled, true>(c1, BN, scale, m0, p16, dt);
           else
-            r[0] = row_weights<kScaled>(c1, BN, scale, m0, p16, dt);
-          return r;
+            r = row_weights<kScaled>(c1, BN, scale, m0, p16, dt);
+          WeightSums<vf> v{vf{}, vf{}};
+          v.exact[0] = r.exact, v.stored[0] = r.stored;
+          return v;
         }
         if (!p16) return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, pf + g * BN, dt);
         if (HEN_NATIVE_BF16 && plan.native_bf16)
           return column_weights<kScaled, true>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
         return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
       };
-      const vf sum = l2 ? weights_into(std::false_type{}) : weights_into(std::true_type{});
+      const WeightSums<vf> sum = l2 ? weights_into(std::false_type{}) : weights_into(std::true_type{});
       const vf rescale = exp_nonpositive(m_old - msub);
-      store(lsum + g, load(lsum + g) * rescale + sum);
+      store(lsum + g, load(lsum + g) * rescale + sum.exact);
+      store(lstored + g, load(lstored + g) * rescale + sum.stored);
       store(m + g, m_new);
       for (int i = 0; i < live; ++i) {
         if (rescale[i] != 1.f) {
@@ -517,8 +544,11 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     const int64_t row = l * p.B + b0 + i;
     const float* a = o + i * Dv;
     const float s = lsum[i];  // NaN once any weight was (see column_scores), as lsum * rescale + sum keeps it
+    // O normalised by the sum of the weights it was made of (WeightSums); lse and the
+    // split's own sum stay exact.
+    const float stored = lstored[i];
     if (plan.splits == 1) {
-      const float inv = s > 0.f ? 1.f / s : (std::isnan(s) ? NAN : 0.f);
+      const float inv = std::isnan(s) ? NAN : stored > 0.f ? 1.f / stored : 0.f;
       float* out = p.out + row * Dv;
       for (int64_t d = 0; d < Dv; ++d) out[d] = a[d] * inv;
       p.lse[row] = s > 0.f ? m[i] + std::log(s) : (std::isnan(s) ? NAN : kNegInf);
@@ -526,7 +556,13 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       p.top_index[row] = top_index[i];
     } else {
       const int64_t slot = (l * plan.splits + split) * p.B + b0 + i;
-      std::memcpy(ws.acc + slot * Dv, a, size_t(Dv) * 4);
+      float* acc = ws.acc + slot * Dv;
+      if (stored > 0.f && stored != s) {  // combine() divides by the exact sums
+        const float to_exact = s / stored;
+        for (int64_t d = 0; d < Dv; ++d) acc[d] = a[d] * to_exact;
+      } else {
+        std::memcpy(acc, a, size_t(Dv) * 4);
+      }
       ws.max[slot] = m[i];
       ws.sum[slot] = s;
       ws.top_score[slot] = top[i];
