@@ -88,6 +88,18 @@ def online_step(t, m_i, l_i, top_s, top_i, first_row):
 
 
 @triton.jit
+def stored_weights(p, v_ptr):
+    """The tile's weights p as the value product takes them, in the values' dtype, and the factor
+    sum(p) / sum(as taken) of each query, which the product's result is multiplied by.  A 16-bit P
+    rounds each weight by up to 2^-9 (bfloat16) of itself; so put back on the exact sum, each tile adds
+    its sum times a convex combination of its rows, and the output stays a convex combination of the
+    value rows wherever they sit, rather than scaled by the roundings' sum (docs/design.md §5.1)."""
+    pv = p.to(v_ptr.dtype.element_ty)
+    taken = tl.sum(pv.to(tl.float32), 1)
+    return pv, tl.where(taken > 0, tl.sum(p, 1) / tl.where(taken > 0, taken, 1.0), 1.0)
+
+
+@triton.jit
 def finish(m_i, l_i):
     """(1 / sum, lse) of a finished walk; an empty bank gives (0, -inf), a NaN query NaN in both."""
     inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), tl.where(l_i == l_i, 0.0, l_i))

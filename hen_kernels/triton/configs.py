@@ -115,6 +115,10 @@ def small_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, BD: int, BDV:
     # spills unless 8 warps share them and a bank tile stays within 2048 elements.
     if has_weights and (warps < 8 or bn * BD > 2048):
         return "weighted: needs 8 warps and BN x BD <= 2048"
+    # At BN x BD = 2048 the weighted kernel sits at 255 registers: with the value product's weights put
+    # back on their exact sum (common.stored_weights) the report saw 3 stages spill 8 B on sm_80.
+    if has_weights and arch == 80 and stages == 3 and bn * BD >= 2048:
+        return "weighted, sm_80, 3 stages: spilled in the report"
     return None
 
 
@@ -135,6 +139,10 @@ def tiled_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, has_weights: 
         return f"~{int(words)} registers of tiles per thread > {TILED_D_WORDS}"
     if arch == 80 and sim != 0 and BM == 64 and warps > 4:
         return "sm_80, ℓ2 forms, 64 queries: 8 warps spilled in the report"
+    # ptxas held these to 128 registers (two blocks per SM) and spilled 12-16 B in the report, once the
+    # value product's weights were put back on their exact sum (common.stored_weights).
+    if arch == 80 and sim != 0 and elt == 2 and bk == 32 and stages == 2:
+        return "sm_80, 16-bit ℓ2 forms, BK 32 at 2 stages: spilled in the report"
     return None
 
 

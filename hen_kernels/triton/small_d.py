@@ -23,7 +23,7 @@ import triton.language as tl
 import triton
 
 from . import configs
-from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist
+from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist, stored_weights
 
 KEY = ["D", "DV", "SIM", "SPLITS", "BM", "VALUES_ARE_MEMORY", "HAS_WEIGHTS", "PRECISION"]
 
@@ -108,7 +108,8 @@ def small_d_kernel(
                         mask=mask_n[:, None] & mask_v[None, :], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        pv, to_exact = stored_weights(p, v_ptr)
+        acc = acc * alpha[:, None] + to_exact[:, None] * tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
 
     slot = (lead * SPLITS + split) * B + rows_q
     if SPLITS == 1:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist
+from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist, stored_weights
 
 KEY = ["D", "DV", "SIM", "SPLITS", "BM", "HAS_WEIGHTS", "PRECISION"]
 
@@ -109,6 +109,7 @@ def tiled_d_kernel(
             t = l2_scores(d2, beta, SIM)
         t = tl.where(mask_n[None, :], t, float("-inf"))
         m_i, alpha, p, l_i, top_s, top_i = online_step(t, m_i, l_i, top_s, top_i, first + n0)
+        pv, to_exact = stored_weights(p, v_ptr)
         v_rows = v_base + rows_n[:, None].to(tl.int64) * v_row
         for d0 in range(0, DV, BDV):
             cols = d0 + tl.arange(0, BDV)
@@ -119,7 +120,7 @@ def tiled_d_kernel(
             a_ptrs = acc_base + cols[None, :]
             a_mask = mask_q[:, None] & mask_v[None, :]
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-            a = a * alpha[:, None] + tl.dot(p.to(vk.dtype), vk, input_precision=PRECISION)
+            a = a * alpha[:, None] + to_exact[:, None] * tl.dot(pv.to(vk.dtype), vk, input_precision=PRECISION)
             tl.store(a_ptrs, a, mask=a_mask)
         # The next tile reads these slices back through other threads of this program.
         tl.debug_barrier()
