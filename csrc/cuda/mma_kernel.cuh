@@ -33,6 +33,11 @@ constexpr int kMmaBlockQ = 64;
 
 HEN_HOST_DEVICE constexpr int mma_block_rows(int hd) { return hd <= 128 ? 64 : 32; }
 HEN_HOST_DEVICE constexpr int mma_pitch(int hd) { return hd + 8; }  // +16 bytes: conflict-free ldmatrix rows
+// The blocks per SM each instance's registers allow (the machine-code report: ~240 registers at head
+// dims 128 and 256, 150-170 at 64 and weighted 32, 120-128 unweighted at 32), given to ptxas as its
+// target: left to itself, it held the f16 d = 64 instance to 128 registers on sm_90 for a fourth block
+// and spilled 24 B there.
+HEN_HOST_DEVICE constexpr int mma_min_blocks(int hd, bool weighted) { return hd >= 128 ? 2 : hd == 32 && !weighted ? 4 : 3; }
 // Query-side tiles: the query; with weights, the hi and lo halves of w∘q and,
 // for the l2 forms, of w.
 HEN_HOST_DEVICE constexpr int mma_query_tiles(bool weighted, bool l2) { return weighted ? (l2 ? 4 : 2) : 1; }
@@ -106,6 +111,11 @@ HEN_DEVICE float unpack(uint32_t w, int half) {
   } else {
     return half_bits_to_float(b);
   }
+}
+// w as the 16-bit P of the value product holds it.
+template <bool BF16>
+HEN_DEVICE float as_stored(float w) {
+  return unpack<BF16>(pack2<BF16>(w, 0.f), 0);
 }
 // a and b as hi + lo, each half in the 16-bit type: together about 16 (bf16) or
 // 22 (f16) significant bits, where one rounding keeps 8 or 11.
@@ -196,7 +206,7 @@ HEN_DEVICE float direct_d2(const uint16_t* q_smem, const uint16_t* q_global, con
 }
 
 template <DType DT, int HD, bool W>
-HEN_GLOBAL void HEN_LAUNCH_BOUNDS(kMmaThreads)
+HEN_GLOBAL void HEN_LAUNCH_BOUNDS_MIN(kMmaThreads, mma_min_blocks(HD, W))
     mma_kernel(const PartialParams p, const LaunchArgs a, const Workspace ws) {
   static_assert(DT != DType::F32, "tensor-core path is for 16-bit inputs");
   using E = Elem<DT>;
@@ -268,6 +278,10 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS(kMmaThreads)
 
   // Rows g and g + 8 of the warp's 16: running max, this lane's part of the sum, top.
   float m[2] = {neg_inf(), neg_inf()}, lsum[2] = {0.f, 0.f}, ts[2] = {neg_inf(), neg_inf()};
+  // The sum of the weights as the value product's 16-bit P holds them: the output is normalised by
+  // it, so that it stays a convex combination of the value rows wherever they sit (docs/design.md
+  // §5.1); lse and the splits' weights keep the exact lsum.
+  float lstored[2] = {0.f, 0.f};
   int64_t ti[2] = {-1, -1};
   float o[DB][4];
   HEN_UNROLL
@@ -414,6 +428,7 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS(kMmaThreads)
       const float scale = exp_f(m[h] - mu);
       m[h] = m_new;
       lsum[h] *= scale;
+      lstored[h] *= scale;
       HEN_UNROLL
       for (int db = 0; db < DB; ++db) o[db][2 * h] *= scale, o[db][2 * h + 1] *= scale;
       HEN_UNROLL
@@ -423,6 +438,7 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS(kMmaThreads)
           const float w = exp_f(s[nb][2 * h + e] - mu);
           s[nb][2 * h + e] = w;
           lsum[h] += w;
+          lstored[h] += as_stored<kBF16>(w);
         }
       }
     }
@@ -458,6 +474,7 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS(kMmaThreads)
     HEN_UNROLL
     for (int off = 1; off <= 2; off <<= 1) {
       lsum[h] += shfl_xor(lsum[h], off);
+      lstored[h] += shfl_xor(lstored[h], off);
       const float ots = shfl_xor(ts[h], off);
       const int64_t oti = shfl_xor(ti[h], off);
       if (better(ots, oti, ts[h], ti[h])) ts[h] = ots, ti[h] = oti;
@@ -472,10 +489,10 @@ HEN_GLOBAL void HEN_LAUNCH_BOUNDS(kMmaThreads)
     float mult;
     if (a.splits == 1) {
       dst = p.out + (l * p.B + b) * p.Dv;
-      mult = inverse_sum(lsum[h]);
-    } else {
+      mult = is_nan(lsum[h]) ? quiet_nan() : inverse_sum(lstored[h]);
+    } else {  // on the exact sum, which the combine divides by
       dst = ws.acc + ((l * a.splits + tc.split) * p.B + b) * p.Dv;
-      mult = 1.f;
+      mult = lstored[h] > 0.f ? lsum[h] / lstored[h] : 1.f;
     }
     HEN_UNROLL
     for (int db = 0; db < DB; ++db) {
