@@ -217,13 +217,16 @@ inline void store_16(DType dt, uint16_t* dst, vf v) {
 #endif
 }
 
-// W floats as store_16 leaves them, widened back: the weights the value product
-// multiplies by, so that the kernel can normalise by their own sum.
+// W softmax weights (in [0, 1] or NaN) rounded to 16-bit dt and widened back: what
+// the value product multiplies by once stored (a value dt holds converts exactly), so
+// that the kernel can normalise by their own sum.  bfloat16 rounds half up, two
+// operations where store_16's ties-to-even takes five; a tie (one weight in 2^16)
+// moves by one ulp of bfloat16 either way.
 inline vf as_stored_16(DType dt, vf v) {
   if (dt == DType::BF16) {
     vu bits;
     std::memcpy(&bits, &v, sizeof bits);
-    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    bits = (bits + 0x8000u) & 0xffff0000u;
     std::memcpy(&v, &bits, sizeof v);
     return v;
   }
