@@ -261,12 +261,15 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         }
 
         // out (BN x BMp) = a bank tile (X or V: `rows` as stored, or `fl` in float; K features)
-        // times the queries' operands transposed, by whichever product this tile takes.
+        // times the queries' operands transposed, by whichever product this tile takes; the
+        // hand-written one also leaves the rows' |x|² in `norms` when given.
         auto rows_by_queries = [&](const float* hand_ops, bool use_vnni, const uint16_t* vnni_ops,
                                    const float* f32_ops, const char* rows, int64_t ld_rows, const float* fl,
-                                   int64_t ld_fl, int64_t K, float* out) {
+                                   int64_t ld_fl, int64_t K, float* out, float* norms = nullptr) {
           if (hand) {
-            by_dtype(dt, [&](auto DT) { hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, BN, out, BMp); });
+            by_dtype(dt, [&](auto DT) {
+              hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, BN, out, BMp, nullptr, norms);
+            });
             zero_padding(out);
           } else if (use_vnni) {
             mk::gemm_vnni(dt, BN, BMp, K, ld_rows, BMp, BMp, false, reinterpret_cast<const uint16_t*>(rows), vnni_ops,
@@ -277,13 +280,14 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         };
 
         // 1. Scores and weights, column-wise.
-        rows_by_queries(qhand, v16, qt16, qop, xr, ldr, xf, ldf, D, c1);
-        float* xn = nullptr;
+        // |x|² of the rows: from the hand-written score product's own loads, as the forward's
+        // (the tile is read once), else a pass of its own.
+        float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
+        rows_by_queries(qhand, v16, qt16, qop, xr, ldr, xf, ldf, D, c1, hand ? xn : nullptr);
         float* c2 = nullptr;
-        if (l2 && !wts) {
-          xn = grow(sc.xn, BN);
+        if (xn && !hand) {
           by_dtype(xe_dt, [&](auto DT) { row_norms<DT()>(xe, xe_step, BN, D, xn); });
-        } else if (l2) {  // weighted: float32 brgemm products only (make_backward_plan)
+        } else if (l2 && wts) {  // weighted: float32 brgemm products only (make_backward_plan)
           float* xsq = grow(sc.xsq, BN * D);
           for (int64_t j = 0; j < BN; ++j)
             for (int64_t k = 0; k < D; ++k) xsq[j * D + k] = xf[j * ldf + k] * xf[j * ldf + k];
