@@ -18,7 +18,7 @@ import torch
 
 import hen_kernels as hk
 from hen_kernels import reference, streaming
-from hen_kernels.constants import SIMILARITIES, TOLERANCE
+from hen_kernels.constants import CONVEX_BOUND, SIMILARITIES, TOLERANCE
 
 # ‖out − ref‖ / ‖ref‖ against float64, per input dtype (docs/design.md §5; one home:
 # hen_kernels.constants).  Float32 inputs run in IEEE float32 on every backend (the Triton
@@ -310,6 +310,40 @@ def case_weights(t: Target, quick: bool) -> Iterator[Result]:
         yield exact(f"weights {sim} hidden half", torch.equal(r.top_index, rows), "recalled the wrong rows")
 
 
+def far_from_the_origin(backend: str, device: str, dtype: torch.dtype, sim: str, b: int, n: int, d: int
+                        ) -> Tuple[float, float]:
+    """One 16-bit bank with rows at 16 +- 0.25 per feature, soft weights (scores spread by about 1):
+    (the largest error of out against float64 in units of the rows' spread, the largest error of lse
+    relative to max(1, |lse|)).  A convex combination of the rows keeps the first within CONVEX_BOUND
+    (docs/design.md §5.1); lse comes from the exact sum."""
+    spread = 0.25
+    x = (16 + make((n, d), torch.float64, 31, device, scale=spread)).to(dtype)
+    if sim == "dot":
+        q, beta = make((b, d), dtype, 32, device), 4 / d ** 0.5
+    else:
+        q = (16 + make((b, d), torch.float64, 32, device, scale=spread)).to(dtype)
+        beta = 4.0 if sim == "l2" else 11.3 / d ** 0.5
+    got = hk.hopfield_partial(q, x, beta, similarity=sim, backend=backend)
+    want = ref64(q, x, beta, sim)
+    off = (_cpu64(got.out) - want.out).abs().max().item() / spread
+    lse = ((_cpu64(got.lse) - want.lse).abs() / want.lse.abs().clamp_min(1)).max().item()
+    return off, lse
+
+
+def case_far_from_the_origin(t: Target, quick: bool) -> Iterator[Result]:
+    """16-bit banks far from the origin (far_from_the_origin): out within CONVEX_BOUND of the rows'
+    spread of float64's, element by element; float32 has no 16-bit weights to round and is not asked."""
+    if t.dtype not in CONVEX_BOUND:
+        return
+    shapes = ((1, 600), (5, 600)) if quick else ((1, 600), (5, 600), (70, 3000))
+    for b, n in ((5, 600),) if t.interpreted else shapes:  # ~4 s a call under Triton's interpreter
+        for sim in SIMILARITIES:
+            off, _ = far_from_the_origin(t.backend, t.device, t.dtype, sim, b, n, 64)
+            bound = CONVEX_BOUND[t.dtype]
+            yield Result(f"far from the origin {sim} B{b} N{n}", off, bound, off <= bound,
+                         "" if off <= bound else "out scaled off the rows (error in units of their spread)")
+
+
 CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("partial", case_partial),
     ("leading dims", case_values_and_leading_dims),
@@ -320,4 +354,5 @@ CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("energy", case_energy),
     ("edges", case_edges),
     ("weights", case_weights),
+    ("far from the origin", case_far_from_the_origin),
 ]
