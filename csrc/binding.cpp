@@ -49,13 +49,21 @@ struct Prepared {
 Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const at::Tensor& values_in,
                  const at::Tensor& beta_in, int64_t similarity, int64_t offset,
                  const std::optional<at::Tensor>& weights_in, c10::DeviceType device_type) {
-  TORCH_CHECK(query_in.dim() == 3 && memory_in.dim() == 3 && values_in.dim() == 3,
-              "hen_kernels::partial: expected query (L, B, D), memory (Lm, N, D), values (Lm, N, Dv)");
+  // A bank may come as (Lo, Li, N, D) with Lo * Li = L: a view whose two leading dims do not
+  // merge into one stride (PartialParams::lead_inner), read in place on the CPU.
+  const bool split_lead = memory_in.dim() == 4;
+  TORCH_CHECK(query_in.dim() == 3 && (memory_in.dim() == 3 || split_lead) && values_in.dim() == memory_in.dim(),
+              "hen_kernels::partial: expected query (L, B, D), memory (Lm, N, D) or (Lo, Li, N, D) with Lo * Li = L, "
+              "values likewise with Dv");
   const int64_t L = query_in.size(0), B = query_in.size(1), D = query_in.size(2);
-  const int64_t Lm = memory_in.size(0), N = memory_in.size(1), Dv = values_in.size(2);
-  TORCH_CHECK(memory_in.size(2) == D, "hen_kernels::partial: memory D ", memory_in.size(2), " != query D ", D);
+  const int64_t Lm = split_lead ? memory_in.size(0) * memory_in.size(1) : memory_in.size(0);
+  const int64_t N = memory_in.size(-2), Dv = values_in.size(-1);
+  TORCH_CHECK(memory_in.size(-1) == D, "hen_kernels::partial: memory D ", memory_in.size(-1), " != query D ", D);
+  TORCH_CHECK(!split_lead || Lm == L, "hen_kernels::partial: a (Lo, Li, N, D) memory needs Lo * Li = L = ", L,
+              ", got ", memory_in.sizes());
   TORCH_CHECK(Lm == 1 || Lm == L, "hen_kernels::partial: memory leading size must be 1 or ", L);
-  TORCH_CHECK(values_in.size(0) == Lm && values_in.size(1) == N, "hen_kernels::partial: values must be (Lm, N, Dv)");
+  TORCH_CHECK(values_in.sizes().slice(0, values_in.dim() - 1) == memory_in.sizes().slice(0, memory_in.dim() - 1),
+              "hen_kernels::partial: values must have memory's leading dims and N");
   TORCH_CHECK(query_in.scalar_type() == memory_in.scalar_type() && query_in.scalar_type() == values_in.scalar_type(),
               "hen_kernels::partial: query, memory and values must share a dtype");
   TORCH_CHECK(beta_in.dim() == 1 && beta_in.size(0) == L, "hen_kernels::partial: beta must be (L,)");
@@ -69,9 +77,14 @@ Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const 
 
   Prepared r;
   r.query = unit_stride_rows(query_in);
-  r.memory = unit_stride_rows(memory_in);
+  // The CUDA kernels take one leading stride: a split bank is copied for them.
+  auto bank = [&](const at::Tensor& t) {
+    return split_lead && device_type == c10::DeviceType::CUDA ? t.reshape({L, N, t.size(-1)}).contiguous()
+                                                               : unit_stride_rows(t);
+  };
+  r.memory = bank(memory_in);
   // Keep keys = values aliased so the kernel reads the bank once.
-  r.values = values_in.is_same(memory_in) ? r.memory : unit_stride_rows(values_in);
+  r.values = values_in.is_same(memory_in) ? r.memory : bank(values_in);
   r.beta = beta_in.to(at::kFloat).contiguous();
   if (weights_in.has_value()) {
     const at::Tensor& w = *weights_in;
@@ -99,8 +112,11 @@ Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const 
   p.similarity = static_cast<hen::Similarity>(similarity);
   p.L = L, p.B = B, p.N = N, p.D = D, p.Dv = Dv;
   p.query_lead_stride = r.query.stride(0), p.query_row_stride = r.query.stride(1);
-  p.memory_lead_stride = Lm == 1 ? 0 : r.memory.stride(0), p.memory_row_stride = r.memory.stride(1);
-  p.values_lead_stride = Lm == 1 ? 0 : r.values.stride(0), p.values_row_stride = r.values.stride(1);
+  p.lead_inner = r.memory.dim() == 4 ? r.memory.size(1) : 1;
+  p.memory_lead_stride = Lm == 1 ? 0 : r.memory.stride(0), p.memory_row_stride = r.memory.stride(-2);
+  p.values_lead_stride = Lm == 1 ? 0 : r.values.stride(0), p.values_row_stride = r.values.stride(-2);
+  p.memory_lead_inner_stride = p.lead_inner > 1 ? r.memory.stride(1) : 0;
+  p.values_lead_inner_stride = p.lead_inner > 1 ? r.values.stride(1) : 0;
   p.offset = offset;
   p.out = r.out.data_ptr<float>();
   p.lse = r.lse.data_ptr<float>();
@@ -224,7 +240,8 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
                                    const std::optional<at::Tensor>& weights) {
   const Prepared r = prepare(query, memory, values, beta, similarity, 0, weights, c10::DeviceType::CPU);
   const hen::PartialParams& p = r.p;
-  const int64_t Lm = memory.size(0);
+  const bool split_lead = r.memory.dim() == 4;  // dx and dv then laid out as memory and values
+  const int64_t Lm = split_lead ? p.L : memory.size(0);
   auto f32 = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
     TORCH_CHECK(t.sizes() == shape, "hen_kernels::cpu_partial_backward: ", name, " must be ", shape, ", got ", t.sizes());
     TORCH_CHECK(t.device().is_cpu(), "hen_kernels::cpu_partial_backward: ", name, " must be on the CPU");
@@ -235,8 +252,8 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   auto opts = r.query.options().dtype(at::kFloat);
   auto bank_opts = r.query.options();  // dx and dv: the inputs' dtype
   if (p.L == 0 || p.B == 0 || p.N == 0)
-    return {at::zeros({p.L, p.B, p.D}, opts), at::zeros({Lm, p.N, p.D}, bank_opts),
-            at::zeros({Lm, p.N, p.Dv}, bank_opts), at::zeros({p.L}, opts)};
+    return {at::zeros({p.L, p.B, p.D}, opts), at::zeros(memory.sizes(), bank_opts), at::zeros(values.sizes(), bank_opts),
+            at::zeros({p.L}, opts)};
   hen::BackwardParams b{};
   b.p = p;
   b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
@@ -245,6 +262,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   // A 16-bit input's output gradient usually is 16-bit (the gradient of the cast to it):
   // then the dP and dV products may take it as 16-bit operands without rounding it.
   b.dout_16bit = p.dtype != hen::DType::F32 && dout_f.equal(dout_f.to(query.scalar_type()).to(at::kFloat));
+  b.strided_grads = split_lead;
   hen::BackwardPlan plan{};
   try {
     plan = hen::make_backward_plan(b, at::get_num_threads());
@@ -253,16 +271,36 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   }
   at::Tensor dq = at::zeros({plan.splits, p.L, p.B, p.D}, opts), dbeta = at::zeros({plan.splits, p.L}, opts);
   b.dq = dq.data_ptr<float>(), b.dbeta = dbeta.data_ptr<float>();
-  // Every row written.  Float32 rows where a row sums terms from several tiles, cast once.
-  at::Tensor dx = at::empty({Lm, p.N, p.D}, plan.direct16 ? bank_opts : opts);
-  at::Tensor dv = at::empty({Lm, p.N, p.Dv}, plan.direct16 ? bank_opts : opts);
-  if (plan.direct16) {
-    b.dx16 = reinterpret_cast<uint16_t*>(dx.data_ptr()), b.dv16 = reinterpret_cast<uint16_t*>(dv.data_ptr());
+  // Every row written.  The gradients of a split bank are laid out as its views (empty_like
+  // keeps a dense layout), so that autograd hands them back through the user's transposes
+  // without a copy.  Float32 rows where a row sums terms from several tiles, cast once.
+  auto like = [&](const at::Tensor& t) {
+    return split_lead ? at::empty_like(t, bank_opts) : at::empty({Lm, p.N, t.size(-1)}, bank_opts);
+  };
+  auto strides = [&](const at::Tensor& t, int64_t& lead, int64_t& inner, int64_t& row) {
+    lead = t.stride(0), inner = split_lead ? t.stride(1) : 0, row = t.stride(-2);
+  };
+  at::Tensor dx, dv;
+  if (plan.direct) {
+    dx = like(r.memory), dv = like(r.values);
+    b.dx_rows = dx.data_ptr(), b.dv_rows = dv.data_ptr();
+    strides(dx, b.dx_lead_stride, b.dx_lead_inner_stride, b.dx_row_stride);
+    strides(dv, b.dv_lead_stride, b.dv_lead_inner_stride, b.dv_row_stride);
   } else {
+    dx = at::empty({Lm, p.N, p.D}, opts), dv = at::empty({Lm, p.N, p.Dv}, opts);
     b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
   }
   for_each_tile(plan.tiles(b), [&](int64_t t) { hen::run_backward_tile(b, plan, t); });
-  return {dq.sum(0), dx.to(bank_opts.dtype()), dv.to(bank_opts.dtype()), dbeta.sum(0)};
+  if (!plan.direct) {
+    auto cast = [&](const at::Tensor& g, const at::Tensor& bank_view) {
+      if (!split_lead) return g.to(bank_opts.dtype());
+      at::Tensor out = like(bank_view);
+      out.copy_(g.view(bank_view.sizes()));
+      return out;
+    };
+    dx = cast(dx, r.memory), dv = cast(dv, r.values);
+  }
+  return {dq.sum(0), dx, dv, dbeta.sum(0)};
 }
 
 // Shapes only, for tracing (torch.compile's fake tensors reach Meta kernels).

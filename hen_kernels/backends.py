@@ -41,15 +41,19 @@ class Backend:
     dtypes it computes (the kernels accumulate float32 inputs in float32; float64
     is the reference's alone).  ``bank_grads_in_input_dtype``: its backward returns dx
     and dv in the bank's dtype (else float32), as the op's fake implementation must say.
+    ``split_banks``: it reads a bank view (Lo, Li, N, D) in place (validation.py), and its
+    backward lays the bank gradients out as the view; the others get :meth:`Inputs.flat`.
     """
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
                  backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None,
-                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, bank_grads_in_input_dtype: bool = False):
+                 dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, bank_grads_in_input_dtype: bool = False,
+                 split_banks: bool = False):
         self.name = name
         self.device_types = device_types
         self.dtypes = dtypes
         self.bank_grads_in_input_dtype = bank_grads_in_input_dtype
+        self.split_banks = split_banks
         self._forward = forward
         self.backward = backward
         self._load = load
@@ -76,6 +80,7 @@ class Backend:
         return inp.query.dtype in self.dtypes
 
     def partial(self, inp: Inputs, offset: int = 0) -> Partial:
+        """The forward on inputs in this backend's form (``autograd.partial`` flattens split banks for the others)."""
         return self._forward(inp.query, inp.memory, inp.values, inp.beta, inp.similarity, offset, inp.weights)
 
 
@@ -191,6 +196,10 @@ def _triton_partial(q, x, v, beta, similarity, offset, weights):
 
 def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """PyTorch over bank chunks of bounded size: any device, any D (backward_cpu.py)."""
+    if x.dim() == 4:  # a split bank view (the CPU backend's, on a build without brgemm): as (L, N, D)
+        dq, dx, dv, dbeta = backward_cpu.partial_backward(dout, dlse, q, x.flatten(0, 1), v.flatten(0, 1), beta,
+                                                          out, lse, similarity, weights)
+        return dq, dx.view(x.shape), dv.view(v.shape), dbeta
     return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
 
 
@@ -230,7 +239,7 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None, dtypes=API_DTYPES),
     "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available,
-                   bank_grads_in_input_dtype=True),
+                   bank_grads_in_input_dtype=True, split_banks=True),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",),

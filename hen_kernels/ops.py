@@ -246,7 +246,8 @@ def energy(
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace("query", "state", 1)) from None
     lse = _computed(backends.resolve(backend, inp), inp).lse
-    e = streaming.energy_from_lse(inp.query, inp.memory, inp.beta, inp.similarity, lse, inp.weights)
+    flat = inp.flat()
+    e = streaming.energy_from_lse(flat.query, flat.memory, flat.beta, flat.similarity, lse, flat.weights)
     return e.to(torch.promote_types(state.dtype, torch.float32)).reshape(state.shape[:-1])
 
 

@@ -3,7 +3,12 @@
 Every backend receives ``query`` as (L, B, D), ``memory`` as (Lm, N, D) and
 ``values`` as (Lm, N, Dv) with Lm ∈ {1, L}, and ``beta`` as an (L,) float32
 tensor (float64 for float64 inputs), where L is the product of the query's
-leading dims.  Nothing is silently broadcast, truncated or cast: anything else
+leading dims.  One exception, for the backends that read it
+(``Backend.split_banks``): a bank view whose leading dims do not merge into one
+stride, as heads split from a projection's rows are ((batch, S, heads * d)
+viewed as (batch, heads, S, d)), comes as (Lo, Li, N, D) with Lo · Li = L, the
+same view, rather than a copy (:meth:`Inputs.flat` makes the copy for the
+others).  Nothing is silently broadcast, truncated or cast: anything else
 is refused here with an error that names the argument.  The one cast there is,
 torch.autocast's, follows the rule scaled_dot_product_attention follows
 (:func:`autocast_inputs`).
@@ -29,8 +34,8 @@ INT64_MAX = torch.iinfo(torch.int64).max
 
 class Inputs(NamedTuple):
     query: torch.Tensor  # (L, B, D)
-    memory: torch.Tensor  # (Lm, N, D)
-    values: torch.Tensor  # (Lm, N, Dv)
+    memory: torch.Tensor  # (Lm, N, D), or a view (Lo, Li, N, D) with Lo * Li = L (see the module docstring)
+    values: torch.Tensor  # (Lm, N, Dv), or (Lo, Li, N, Dv) as memory
     beta: torch.Tensor  # (L,) float32; float64 for float64 inputs
     similarity: str
     lead: torch.Size  # the query's leading dims, restored on the way out
@@ -39,6 +44,51 @@ class Inputs(NamedTuple):
     @property
     def bank_rows(self) -> int:
         return self.memory.shape[-2]
+
+    def flat(self) -> "Inputs":
+        """The same inputs with the banks (Lm, N, ·): a copy of a split bank view, else these."""
+        if self.memory.dim() == 3:  # (values too: _bank_views gives both the same form)
+            return self
+        num_lead = self.query.shape[0]
+        memory = self.memory.reshape(num_lead, *self.memory.shape[-2:])
+        values = memory if self.values is self.memory else self.values.reshape(num_lead, *self.values.shape[-2:])
+        return self._replace(memory=memory, values=values)  # (keys = values stay one tensor, copied once)
+
+
+def _bank_view(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """A (..., N, C) bank under the query's leading dims as (L, N, C) where they merge into one
+    stride (a view), as (Lo, Li, N, C) where they merge into two (a view), else as a copy (L, N, C)."""
+    rows = t.shape[-2:]
+    groups: list = []  # the leading dims merged where their strides allow: [size, stride] each
+    for size, stride in zip(t.shape[:len(lead)], t.stride()[:len(lead)]):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] == size * stride:
+            groups[-1] = [groups[-1][0] * size, stride]
+        else:
+            groups.append([size, stride])
+    if len(groups) == 2 and t.numel() > 0:
+        return t.view((groups[0][0], groups[1][0]) + rows)
+    return t.reshape((math.prod(lead),) + rows)
+
+
+def _bank_views(x: torch.Tensor, v: torch.Tensor, lead: torch.Size) -> tuple:
+    """memory and values as _bank_view gives them, in one form: where either is split (Lo, Li, N, ·),
+    both are, with the same (Lo, Li) (a one-stride bank splits as a view; one split otherwise is copied)."""
+    memory = _bank_view(x, lead)
+    if v is x:
+        return memory, memory
+    values = _bank_view(v, lead)
+    if memory.dim() == values.dim() == 3:
+        return memory, values
+    split = (memory if memory.dim() == 4 else values).shape[:2]
+
+    def as_split(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.shape[:2] == split:
+            return t
+        return t.reshape((-1,) + t.shape[-2:]).view(split + t.shape[-2:])
+
+    return as_split(memory), as_split(values)
 
 
 def _tensor(name: str, t: object) -> torch.Tensor:
@@ -227,10 +277,15 @@ def check_inputs(
     w = check_weights(weights, q)
     num_lead = math.prod(lead)
     lm = 1 if x.dim() == 2 else num_lead
+    if lm == 1:
+        memory = x.reshape(lm, n, d)
+        values = memory if v is x else v.reshape(lm, n, v.shape[-1])
+    else:
+        memory, values = _bank_views(x, v, lead)
     return Inputs(
         query=q.reshape(num_lead, b, d),
-        memory=x.reshape(lm, n, d),
-        values=v.reshape(lm, n, v.shape[-1]),
+        memory=memory,
+        values=values,
         beta=beta_vec,
         similarity=sim,
         lead=lead,

@@ -73,6 +73,17 @@ void floats_to_16(DType dt, const float* src, int64_t n, uint16_t* dst) {
   }
 }
 
+// R rows of n floats (n apart) into the output's rows (ld elements of dt apart, from dst),
+// in its dtype: BackwardPlan::direct.
+void store_rows(DType dt, const float* src, int64_t R, int64_t n, void* dst, int64_t ld) {
+  for (int64_t j = 0; j < R; ++j) {
+    if (dt == DType::F32)
+      std::memcpy(static_cast<float*>(dst) + j * ld, src + j * n, sizeof(float) * size_t(n));
+    else
+      floats_to_16(dt, src + j * n, n, static_cast<uint16_t*>(dst) + j * ld);
+  }
+}
+
 // A (rows x cols) row-major 16-bit matrix's two VNNI images (rows.h), rows and cols even:
 // of its transpose (the B operand of a product over its columns) and of itself (over its rows).
 void vnni_images(const uint16_t* m, int64_t rows, int64_t cols, std::vector<uint16_t>& of_t_buf,
@@ -118,12 +129,13 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
   const Similarity sim = p.similarity;
   const bool l2 = sim != Similarity::Dot;
   const bool values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
+                                 p.values_lead_inner_stride == p.memory_lead_inner_stride &&
                                  p.values_row_stride == p.memory_row_stride && Dv == D;
-  const char* mem = static_cast<const char*>(p.memory) + es * size_t(lm * p.memory_lead_stride);
-  const char* val = static_cast<const char*>(p.values) + es * size_t(lm * p.values_lead_stride);
-  // dX and dV rows in float: the outputs themselves, or with direct16 a tile's worth,
-  // stored in the 16-bit dtype once complete.
-  const bool direct = plan.direct16;
+  const char* mem = static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(lm));
+  const char* val = static_cast<const char*>(p.values) + es * size_t(p.values_lead(lm));
+  // dX and dV rows in float: the outputs themselves, or with BackwardPlan::direct a tile's
+  // worth, stored in the output's dtype and layout once complete.
+  const bool direct = plan.direct;
   float* dx = direct ? nullptr : bp.dx + lm * p.N * D;
   float* dv = direct ? nullptr : bp.dv + lm * p.N * Dv;
   const int64_t l_begin = bp.Lm == 1 ? 0 : lm, l_end = bp.Lm == 1 ? L : lm + 1;
@@ -342,7 +354,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         float* dxr = direct ? grow(sc.dxt, BN * D) : dx + r0 * D;
         // The first query block writes these rows, the others add: dX and dV are N x D
         // and N x Dv, so neither a zero fill nor a first read of them is free.
-        const bool add = !(l == l_begin && b0 == 0);  // (always false with direct16)
+        const bool add = !(l == l_begin && b0 == 0);  // (always false with direct)
         if (hand) {
           few_query_rows(pp, BMp, BM, dout_r, Dv, R, add, dvr);
           few_query_rows(g, BMp, BM, qw, D, R, add, dxr);
@@ -377,8 +389,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           }
         }
         if (direct) {
-          floats_to_16(dt, dvr, R * Dv, bp.dv16 + (lm * p.N + r0) * Dv);
-          floats_to_16(dt, dxr, R * D, bp.dx16 + (lm * p.N + r0) * D);
+          const size_t oes = dt == DType::F32 ? 4 : 2;
+          store_rows(dt, dvr, R, Dv, static_cast<char*>(bp.dv_rows) + oes * size_t(bp.dv_lead(lm) + r0 * bp.dv_row_stride),
+                     bp.dv_row_stride);
+          store_rows(dt, dxr, R, D, static_cast<char*>(bp.dx_rows) + oes * size_t(bp.dx_lead(lm) + r0 * bp.dx_row_stride),
+                     bp.dx_row_stride);
         }
         transpose_block(g, BMp, BN, BMp, gt, BN);
         if (hand) {

@@ -102,11 +102,21 @@ struct BackwardParams {
   int64_t Lm;          // 1 (a bank shared by every leading index) or L
   float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
   float* dbeta;        // (splits, L)
-  float* dx;           // (Lm, N, D), written (not added to); unused with BackwardPlan::direct16
+  float* dx;           // (Lm, N, D), written (not added to); unused with BackwardPlan::direct
   float* dv;           // (Lm, N, Dv)
-  uint16_t* dx16;      // (Lm, N, D) in the 16-bit input dtype, with BackwardPlan::direct16
-  uint16_t* dv16;      // (Lm, N, Dv)
+  // With BackwardPlan::direct: dX and dV in the inputs' dtype, rows and leading index at these
+  // strides (elements; the leading index split as p.lead_inner says), so that the gradient of
+  // a bank view (heads split from a projection) is laid out as the view and needs no copy.
+  void* dx_rows;
+  void* dv_rows;
+  int64_t dx_lead_stride, dx_lead_inner_stride, dx_row_stride;
+  int64_t dv_lead_stride, dv_lead_inner_stride, dv_row_stride;
   bool dout_16bit;     // every element of dout is exactly a value of the 16-bit input dtype
+  // True when dX and dV are views whose leading index does not merge into one stride.
+  bool strided_grads;
+
+  int64_t dx_lead(int64_t l) const { return p.lead_offset(l, dx_lead_stride, dx_lead_inner_stride); }
+  int64_t dv_lead(int64_t l) const { return p.lead_offset(l, dv_lead_stride, dv_lead_inner_stride); }
 };
 
 struct BackwardPlan {
@@ -120,10 +130,12 @@ struct BackwardPlan {
   // hand-written, over the rows as stored (hand_products.h), where a microkernel would pad the
   // queries to a vector.
   bool hand;
-  // dX and dV rows leave the tile in the 16-bit input dtype (dx16, dv16): each row gets all
-  // its terms in one tile (one query block, and a bank per leading index), so no float32
-  // N x D gradient is ever allocated (at 32 MiB each, glibc maps them afresh at every call).
-  bool direct16;
+  // dX and dV rows leave the tile in the inputs' dtype and the outputs' layout (dx_rows,
+  // dv_rows): each row gets all its terms in one tile (one query block, and a bank per
+  // leading index).  Taken for 16-bit inputs, so that no float32 N x D gradient is ever
+  // allocated (at 32 MiB each, glibc maps them afresh at every call), and for strided
+  // gradients (BackwardParams::strided_grads), written in place.
+  bool direct;
   int64_t query_block, row_block, splits, rows_per_split;
   int64_t tiles(const BackwardParams& b) const { return b.Lm * splits; }
 };

@@ -243,10 +243,11 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   // C2 = (X∘X) . w^T, unless every query has the same weights (Plan::shared_weights): then
   // sum_d w_d x_d² is one number a row, which row_norms sums as it sums |x|².
   const bool weight_product = weighted_l2 && !plan.shared_weights;
-  const char* mem = static_cast<const char*>(p.memory) + es * size_t(l * p.memory_lead_stride);
-  const char* val = static_cast<const char*>(p.values) + es * size_t(l * p.values_lead_stride);
+  const char* mem = static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(l));
+  const char* val = static_cast<const char*>(p.values) + es * size_t(p.values_lead(l));
   const char* qsrc = static_cast<const char*>(p.query) + es * size_t(l * p.query_lead_stride + b0 * p.query_row_stride);
   const bool values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
+                                 p.values_lead_inner_stride == p.memory_lead_inner_stride &&
                                  p.values_row_stride == p.memory_row_stride && Dv == D;
 
   // The query block, once per tile: q in float, the product operand qw (w∘q with
@@ -367,10 +368,8 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     const int64_t l_next = t / (plan.splits * qblocks);
     const int64_t first = std::min(p.N, (t % plan.splits) * plan.rows_per_split);
     if (first + BN <= std::min(p.N, first + plan.rows_per_split)) {  // a whole tile, read as stored
-      after_x = static_cast<const char*>(p.memory) +
-                es * size_t(l_next * p.memory_lead_stride + first * p.memory_row_stride);
-      after_v = static_cast<const char*>(p.values) +
-                es * size_t(l_next * p.values_lead_stride + first * p.values_row_stride);
+      after_x = static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(l_next) + first * p.memory_row_stride);
+      after_v = static_cast<const char*>(p.values) + es * size_t(p.values_lead(l_next) + first * p.values_row_stride);
     }
   }
   for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {

@@ -152,14 +152,18 @@ def case_partial(t: Target, quick: bool) -> Iterator[Result]:
 
 
 def case_values_and_leading_dims(t: Target, quick: bool) -> Iterator[Result]:
-    """values ≠ memory, a bank per leading index or shared, a beta per leading index, an offset."""
+    """values ≠ memory, a bank per leading index or shared, a beta per leading index, an offset, and
+    banks that are heads split from a projection's rows (two leading strides, read in place)."""
     tol = TOLERANCE[t.dtype]
     q = make((2, 3, 5, 33), t.dtype, 3, t.device)
     x_shared, x_own = make((70, 33), t.dtype, 4, t.device), make((2, 3, 70, 33), t.dtype, 5, t.device)
     v_shared, v_own = make((70, 11), t.dtype, 6, t.device), make((2, 3, 70, 11), t.dtype, 7, t.device)
+    x_heads = make((2, 70, 3, 33), t.dtype, 8, t.device).transpose(1, 2)  # (2, 3, 70, 33), a view
+    v_heads = make((2, 70, 3, 11), t.dtype, 9, t.device).transpose(1, 2)
     beta = torch.tensor([[0.05, 0.1, 0.2], [0.3, 0.02, 0.15]], device=t.device)
     for sim in SIMILARITIES:
-        for label, x, v in (("shared bank", x_shared, v_shared), ("own bank", x_own, v_own), ("values=None", x_own, None)):
+        for label, x, v in (("shared bank", x_shared, v_shared), ("own bank", x_own, v_own), ("values=None", x_own, None),
+                            ("heads split from rows", x_heads, v_heads)):
             p = hk.hopfield_partial(q, x, beta, similarity=sim, values=v, offset=7, backend=t.backend)
             ref = ref64(q, x, beta, sim, v, offset=7)
             yield compare_partial(f"leading dims {sim} {label}", p, ref, tol, scores64(q, x, beta, sim), offset=7)

@@ -22,8 +22,9 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import ops, reference, streaming
+from .. import backends, ops, reference, streaming
 from ..types import Partial
+from ..validation import check_inputs
 from .arguments import HeadGroup
 
 
@@ -55,17 +56,24 @@ def _merges_batch_and_heads(t: Tensor) -> bool:
     return t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
 
 
+def _copies_split_banks(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, s: Setting) -> bool:
+    """Whether the backend the ops pick here copies a bank view split into heads (``Backend.split_banks``)."""
+    return not backends.resolve(s.backend, check_inputs(q, k, beta, s.similarity, v)).split_banks
+
+
 def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor, group: HeadGroup, s: Setting,
            want_info: bool, raw: bool):
     shared = k.dim() < q.dim()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, beta))
-    if not shared and not needs_grad and not all(_merges_batch_and_heads(t) for t in (k, v)):
+    if (not shared and not needs_grad and not all(_merges_batch_and_heads(t) for t in (k, v))
+            and _copies_split_banks(q, k, v, beta, s)):
         # Per-item banks split into heads are views with the heads interleaved in each row (the
-        # projection's (batch, S, heads * d) output): one call per head reads them in place, where
-        # one call over (batch * heads) would first copy both banks whole.  Measured (EPYC Zen 4,
-        # HopfieldPooling, 2-8 heads, the same outputs): forward 12-25 % faster.  Not with gradients:
-        # the heads' bank gradients would then be stacked (a copy per bank), and forward + backward
-        # measured -11 % to +8 %, no better than this VM's noise.
+        # projection's (batch, S, heads * d) output).  The CPU kernel reads them in place, forward
+        # and backward (validation.py); for the other backends one call per head reads them in
+        # place, where one call over (batch * heads) would first copy both banks whole.  Measured
+        # (EPYC Zen 4, HopfieldPooling, 2-8 heads, the same outputs): forward 12-25 % faster.  Not
+        # with gradients: the heads' bank gradients would then be stacked (a copy per bank), and
+        # forward + backward measured -11 % to +8 %, no better than this VM's noise.
         parts = [_fused(qh.unsqueeze(1), kh.unsqueeze(1), vh.unsqueeze(1), None, beta[h:h + 1], group, s,
                         want_info, raw)
                  for h, (qh, kh, vh) in enumerate(zip(q.unbind(1), k.unbind(1), v.unbind(1)))]
