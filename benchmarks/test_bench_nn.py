@@ -37,3 +37,30 @@ def test_nn(benchmark, case, which, grad):
 
     benchmark.extra_info.update(device=str(DEVICE), backend=which)
     benchmark.pedantic(run, warmup_rounds=1, rounds=3)
+
+
+# Heads split from a projection's rows ((batch, S, heads * d) viewed as (batch, heads, S, d)): the op's
+# forward and backward on the views against the same after .contiguous(), the copy a one-stride backend
+# makes (and autograd's copy of the gradients back).  HopfieldPooling's per-bag banks.
+SPLIT = (8, 256, 2, 32) if os.environ.get("HEN_BENCH_QUICK", "") not in ("", "0") else (64, 2048, 2, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["view", "copy"])
+def test_split_bank_training_step(benchmark, layout, dtype):
+    import hen_kernels as hk
+
+    batch, s, heads, d = SPLIT
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(batch, s, heads * d, generator=g).to(DEVICE, dtype).requires_grad_()
+    q = torch.randn(batch, heads, 1, d, generator=g).to(DEVICE, dtype).requires_grad_()
+
+    def run():
+        bank = rows.view(batch, s, heads, d).transpose(1, 2)
+        out = hk.hopfield_update(q, bank if layout == "view" else bank.contiguous(), d ** -0.5)
+        out.float().square().sum().backward()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.extra_info.update(device=str(DEVICE), layout=layout)
+    benchmark.pedantic(run, warmup_rounds=1, rounds=5)

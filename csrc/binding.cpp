@@ -262,7 +262,6 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   // A 16-bit input's output gradient usually is 16-bit (the gradient of the cast to it):
   // then the dP and dV products may take it as 16-bit operands without rounding it.
   b.dout_16bit = p.dtype != hen::DType::F32 && dout_f.equal(dout_f.to(query.scalar_type()).to(at::kFloat));
-  b.strided_grads = split_lead;
   hen::BackwardPlan plan{};
   try {
     plan = hen::make_backward_plan(b, at::get_num_threads());
@@ -273,28 +272,34 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   b.dq = dq.data_ptr<float>(), b.dbeta = dbeta.data_ptr<float>();
   // Every row written.  The gradients of a split bank are laid out as its views (empty_like
   // keeps a dense layout), so that autograd hands them back through the user's transposes
-  // without a copy.  Float32 rows where a row sums terms from several tiles, cast once.
-  auto like = [&](const at::Tensor& t) {
-    return split_lead ? at::empty_like(t, bank_opts) : at::empty({Lm, p.N, t.size(-1)}, bank_opts);
+  // without a copy.  Float32 rows where a row sums terms from several tiles: 16-bit inputs
+  // then take a cast (into the views' layout: a copy).
+  auto like = [&](const at::Tensor& t, at::TensorOptions o) {
+    return split_lead ? at::empty_like(t, o) : at::empty({Lm, p.N, t.size(-1)}, o);
   };
+  // (A (Lm, N, ·) tensor's one leading stride as the pair p.lead_offset reads.)
   auto strides = [&](const at::Tensor& t, int64_t& lead, int64_t& inner, int64_t& row) {
-    lead = t.stride(0), inner = split_lead ? t.stride(1) : 0, row = t.stride(-2);
+    if (t.dim() == 4)
+      lead = t.stride(0), inner = t.stride(1);
+    else
+      lead = t.stride(0) * p.lead_inner, inner = t.stride(0);
+    row = t.stride(-2);
   };
-  at::Tensor dx, dv;
+  const bool in_layout = plan.direct || p.dtype == hen::DType::F32;  // the kernel writes the outputs themselves
+  at::Tensor dx = in_layout ? like(r.memory, bank_opts) : at::empty({Lm, p.N, p.D}, opts);
+  at::Tensor dv = in_layout ? like(r.values, bank_opts) : at::empty({Lm, p.N, p.Dv}, opts);
+  strides(dx, b.dx_lead_stride, b.dx_lead_inner_stride, b.dx_row_stride);
+  strides(dv, b.dv_lead_stride, b.dv_lead_inner_stride, b.dv_row_stride);
   if (plan.direct) {
-    dx = like(r.memory), dv = like(r.values);
     b.dx_rows = dx.data_ptr(), b.dv_rows = dv.data_ptr();
-    strides(dx, b.dx_lead_stride, b.dx_lead_inner_stride, b.dx_row_stride);
-    strides(dv, b.dv_lead_stride, b.dv_lead_inner_stride, b.dv_row_stride);
   } else {
-    dx = at::empty({Lm, p.N, p.D}, opts), dv = at::empty({Lm, p.N, p.Dv}, opts);
     b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
   }
   for_each_tile(plan.tiles(b), [&](int64_t t) { hen::run_backward_tile(b, plan, t); });
-  if (!plan.direct) {
+  if (!in_layout) {
     auto cast = [&](const at::Tensor& g, const at::Tensor& bank_view) {
       if (!split_lead) return g.to(bank_opts.dtype());
-      at::Tensor out = like(bank_view);
+      at::Tensor out = like(bank_view, bank_opts);
       out.copy_(g.view(bank_view.sizes()));
       return out;
     };

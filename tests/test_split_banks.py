@@ -64,7 +64,7 @@ def test_split_bank_views_match_the_reference(backend, similarity, dtype, case, 
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("similarity", SIMILARITIES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=["one-block", "many-blocks"])
 def test_split_bank_gradients_match_the_reference(backend, similarity, dtype, case):
     b, s, h, d, dv, nq = case

@@ -94,12 +94,12 @@ void vnni_images(const uint16_t* m, int64_t rows, int64_t cols, std::vector<uint
   vnni_rows(m, cols, rows, cols, cols, of_m);
 }
 
-// out[j] (+)= Σ_i a[j * lda + i] b[i] for rows j < R, queries i < Q, b's rows n floats long:
-// the dV and dX products of few queries, one pass over each output row.
+// out[j] (+)= Σ_i a[j * lda + i] b[i] for rows j < R (ldo apart), queries i < Q, b's rows n floats
+// long: the dV and dX products of few queries, one pass over each output row.
 void few_query_rows(const float* a, int64_t lda, int64_t Q, const float* b, int64_t n, int64_t R, bool add,
-                    float* out) {
+                    float* out, int64_t ldo) {
   for (int64_t j = 0; j < R; ++j) {
-    float* o = out + j * n;
+    float* o = out + j * ldo;
     const float* aj = a + j * lda;
     int64_t k = 0;
     for (; k + W <= n; k += W) {
@@ -133,11 +133,13 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
                                  p.values_row_stride == p.memory_row_stride && Dv == D;
   const char* mem = static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(lm));
   const char* val = static_cast<const char*>(p.values) + es * size_t(p.values_lead(lm));
-  // dX and dV rows in float: the outputs themselves, or with BackwardPlan::direct a tile's
-  // worth, stored in the output's dtype and layout once complete.
+  // dX and dV rows in float: the outputs themselves (rows ld_dx and ld_dv apart: a split bank's
+  // float32 gradients are written in its layout), or with BackwardPlan::direct a tile's worth,
+  // stored in the 16-bit dtype and the output's layout once complete.
   const bool direct = plan.direct;
-  float* dx = direct ? nullptr : bp.dx + lm * p.N * D;
-  float* dv = direct ? nullptr : bp.dv + lm * p.N * Dv;
+  float* dx = direct ? nullptr : bp.dx + bp.dx_lead(lm);
+  float* dv = direct ? nullptr : bp.dv + bp.dv_lead(lm);
+  const int64_t ld_dx = direct ? D : bp.dx_row_stride, ld_dv = direct ? Dv : bp.dv_row_stride;
   const int64_t l_begin = bp.Lm == 1 ? 0 : lm, l_end = bp.Lm == 1 ? L : lm + 1;
   // 16-bit products: scores, dX and dq (v16); dP and dV as well (d16, which implies v16).
   const bool v16 = plan.vnni, d16 = plan.dout16, hand = plan.hand;
@@ -350,23 +352,23 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           store(rowsum + gq, load(rowsum + gq) + gsum);  // of the float G: dq's products sum it whole
         }
         // 3. dV and dX rows of this tile (only its R real rows), dq of the query block.
-        float* dvr = direct ? grow(sc.dvt, BN * Dv) : dv + r0 * Dv;
-        float* dxr = direct ? grow(sc.dxt, BN * D) : dx + r0 * D;
+        float* dvr = direct ? grow(sc.dvt, BN * Dv) : dv + r0 * ld_dv;
+        float* dxr = direct ? grow(sc.dxt, BN * D) : dx + r0 * ld_dx;
         // The first query block writes these rows, the others add: dX and dV are N x D
         // and N x Dv, so neither a zero fill nor a first read of them is free.
         const bool add = !(l == l_begin && b0 == 0);  // (always false with direct)
         if (hand) {
-          few_query_rows(pp, BMp, BM, dout_r, Dv, R, add, dvr);
-          few_query_rows(g, BMp, BM, qw, D, R, add, dxr);
+          few_query_rows(pp, BMp, BM, dout_r, Dv, R, add, dvr, ld_dv);
+          few_query_rows(g, BMp, BM, qw, D, R, add, dxr, ld_dx);
         } else {
           if (d16)
-            mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, Dv, add, p16, doutv16, dvr);
+            mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, ld_dv, add, p16, doutv16, dvr);
           else
-            mk::gemm_f32(R, Dv, BMp, BMp, Dv, Dv, add, pp, dout_r, dvr);
+            mk::gemm_f32(R, Dv, BMp, BMp, Dv, ld_dv, add, pp, dout_r, dvr);
           if (v16)
-            mk::gemm_vnni(dt, R, D, BMp, BMp, D, D, add, g16, qv16, dxr);
+            mk::gemm_vnni(dt, R, D, BMp, BMp, D, ld_dx, add, g16, qv16, dxr);
           else
-            mk::gemm_f32(R, D, BMp, BMp, D, D, add, g, qw, dxr);
+            mk::gemm_f32(R, D, BMp, BMp, D, ld_dx, add, g, qw, dxr);
         }
         if (l2) {
           // - x ∘ (G . w): the colsum of G when unweighted.
@@ -374,14 +376,14 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             float* t = grow(sc.t, BN * D);
             mk::gemm_f32(R, D, BMp, BMp, D, D, false, g, wr, t);
             for (int64_t j = 0; j < R; ++j)
-              for (int64_t k = 0; k < D; ++k) dxr[j * D + k] -= xf[j * ldf + k] * t[j * D + k];
+              for (int64_t k = 0; k < D; ++k) dxr[j * ld_dx + k] -= xf[j * ldf + k] * t[j * D + k];
           } else {
             for (int64_t j = 0; j < R; ++j) {
               float cs = 0.f;
               for (int64_t i = 0; i < BM; ++i) cs += g[j * BMp + i];
               const vf vcs = splat(cs);
               const char* xj = xe + j * xe_step;
-              float* dj = dxr + j * D;
+              float* dj = dxr + j * ld_dx;
               int64_t k = 0;
               for (; k + W <= D; k += W) store(dj + k, load(dj + k) - vcs * load_as_float(xe_dt, xj, k));
               for (; k < D; ++k) dj[k] -= cs * scalar_to_float(xe_dt, xj, k);

@@ -279,8 +279,8 @@ BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
   plan.dout16 = plan.vnni && b.dout_16bit && p.Dv % 2 == 0;
   plan.query_block = std::min<int64_t>(std::max<int64_t>(p.B, 1), 64);
   // (float16 rows are stored by F16C's conversion: not in the baseline copy.)
-  const bool stores_16 = p.dtype == DType::BF16 || (p.dtype == DType::F16 && plan.isa >= Isa::Avx2);
-  plan.direct = (stores_16 || (p.dtype == DType::F32 && b.strided_grads)) && p.B <= plan.query_block && b.Lm == p.L;
+  plan.direct = (p.dtype == DType::BF16 || (p.dtype == DType::F16 && plan.isa >= Isa::Avx2)) &&
+                p.B <= plan.query_block && b.Lm == p.L;
   plan.row_block = row_block(p.D, plan.vnni ? 2 : 4);
   // Tiles own disjoint bank rows, so the bank is split even with many queries: dq and
   // dbeta get a slot per split, and the workspace grows with splits x L x B x D, never N.

@@ -102,18 +102,17 @@ struct BackwardParams {
   int64_t Lm;          // 1 (a bank shared by every leading index) or L
   float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
   float* dbeta;        // (splits, L)
-  float* dx;           // (Lm, N, D), written (not added to); unused with BackwardPlan::direct
-  float* dv;           // (Lm, N, Dv)
-  // With BackwardPlan::direct: dX and dV in the inputs' dtype, rows and leading index at these
-  // strides (elements; the leading index split as p.lead_inner says), so that the gradient of
-  // a bank view (heads split from a projection) is laid out as the view and needs no copy.
+  // dX and dV, written (not added to): float32 (dx, dv), or with BackwardPlan::direct in the
+  // 16-bit input dtype (dx_rows, dv_rows).  Rows and leading index at these strides (elements;
+  // the leading index split as p.lead_inner says), so that the gradient of a bank view (heads
+  // split from a projection) is laid out as the view: autograd then needs no copy of it.
+  float* dx;
+  float* dv;
   void* dx_rows;
   void* dv_rows;
   int64_t dx_lead_stride, dx_lead_inner_stride, dx_row_stride;
   int64_t dv_lead_stride, dv_lead_inner_stride, dv_row_stride;
   bool dout_16bit;     // every element of dout is exactly a value of the 16-bit input dtype
-  // True when dX and dV are views whose leading index does not merge into one stride.
-  bool strided_grads;
 
   int64_t dx_lead(int64_t l) const { return p.lead_offset(l, dx_lead_stride, dx_lead_inner_stride); }
   int64_t dv_lead(int64_t l) const { return p.lead_offset(l, dv_lead_stride, dv_lead_inner_stride); }
@@ -130,11 +129,9 @@ struct BackwardPlan {
   // hand-written, over the rows as stored (hand_products.h), where a microkernel would pad the
   // queries to a vector.
   bool hand;
-  // dX and dV rows leave the tile in the inputs' dtype and the outputs' layout (dx_rows,
-  // dv_rows): each row gets all its terms in one tile (one query block, and a bank per
-  // leading index).  Taken for 16-bit inputs, so that no float32 N x D gradient is ever
-  // allocated (at 32 MiB each, glibc maps them afresh at every call), and for strided
-  // gradients (BackwardParams::strided_grads), written in place.
+  // dX and dV rows leave the tile in the 16-bit input dtype (dx_rows, dv_rows): each row gets
+  // all its terms in one tile (one query block, and a bank per leading index), so no float32
+  // N x D gradient is ever allocated (at 32 MiB each, glibc maps them afresh at every call).
   bool direct;
   int64_t query_block, row_block, splits, rows_per_split;
   int64_t tiles(const BackwardParams& b) const { return b.Lm * splits; }
