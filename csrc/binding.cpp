@@ -49,13 +49,18 @@ struct Prepared {
 Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const at::Tensor& values_in,
                  const at::Tensor& beta_in, int64_t similarity, int64_t offset,
                  const std::optional<at::Tensor>& weights_in, c10::DeviceType device_type) {
-  // A bank may come as (Lo, Li, N, D) with Lo * Li = L: a view whose two leading dims do not
-  // merge into one stride (PartialParams::lead_inner), read in place on the CPU.
-  const bool split_lead = memory_in.dim() == 4;
-  TORCH_CHECK(query_in.dim() == 3 && (memory_in.dim() == 3 || split_lead) && values_in.dim() == memory_in.dim(),
-              "hen_kernels::partial: expected query (L, B, D), memory (Lm, N, D) or (Lo, Li, N, D) with Lo * Li = L, "
-              "values likewise with Dv");
-  const int64_t L = query_in.size(0), B = query_in.size(1), D = query_in.size(2);
+  // The query and the bank may come as (Lo, Li, ·, ·) with Lo * Li = L: views whose two leading
+  // dims do not merge into one stride (PartialParams::lead_inner), read in place on the CPU.
+  const bool split_lead = memory_in.dim() == 4, split_query = query_in.dim() == 4;
+  TORCH_CHECK((query_in.dim() == 3 || split_query) && (memory_in.dim() == 3 || split_lead) &&
+                  values_in.dim() == memory_in.dim(),
+              "hen_kernels::partial: expected query (L, B, D) or (Lo, Li, B, D), memory (Lm, N, D) or (Lo, Li, N, D) "
+              "with Lo * Li = L, values like memory with Dv");
+  TORCH_CHECK(!(split_lead && split_query) || memory_in.size(1) == query_in.size(1),
+              "hen_kernels::partial: a split query and bank must split L alike, got ", query_in.sizes(), " and ",
+              memory_in.sizes());
+  const int64_t L = split_query ? query_in.size(0) * query_in.size(1) : query_in.size(0);
+  const int64_t B = query_in.size(-2), D = query_in.size(-1);
   const int64_t Lm = split_lead ? memory_in.size(0) * memory_in.size(1) : memory_in.size(0);
   const int64_t N = memory_in.size(-2), Dv = values_in.size(-1);
   TORCH_CHECK(memory_in.size(-1) == D, "hen_kernels::partial: memory D ", memory_in.size(-1), " != query D ", D);
@@ -76,11 +81,11 @@ Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const 
                 t->device());
 
   Prepared r;
-  r.query = unit_stride_rows(query_in);
-  // The CUDA kernels take one leading stride: a split bank is copied for them.
+  // The CUDA kernels take one leading stride: a split query or bank is copied for them.
+  const bool cuda = device_type == c10::DeviceType::CUDA;
+  r.query = split_query && cuda ? query_in.reshape({L, B, D}).contiguous() : unit_stride_rows(query_in);
   auto bank = [&](const at::Tensor& t) {
-    return split_lead && device_type == c10::DeviceType::CUDA ? t.reshape({L, N, t.size(-1)}).contiguous()
-                                                               : unit_stride_rows(t);
+    return split_lead && cuda ? t.reshape({L, N, t.size(-1)}).contiguous() : unit_stride_rows(t);
   };
   r.memory = bank(memory_in);
   // Keep keys = values aliased so the kernel reads the bank once.
@@ -111,12 +116,23 @@ Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const 
   p.dtype = kernel_dtype(r.query.scalar_type());
   p.similarity = static_cast<hen::Similarity>(similarity);
   p.L = L, p.B = B, p.N = N, p.D = D, p.Dv = Dv;
-  p.query_lead_stride = r.query.stride(0), p.query_row_stride = r.query.stride(1);
-  p.lead_inner = r.memory.dim() == 4 ? r.memory.size(1) : 1;
-  p.memory_lead_stride = Lm == 1 ? 0 : r.memory.stride(0), p.memory_row_stride = r.memory.stride(-2);
-  p.values_lead_stride = Lm == 1 ? 0 : r.values.stride(0), p.values_row_stride = r.values.stride(-2);
-  p.memory_lead_inner_stride = p.lead_inner > 1 ? r.memory.stride(1) : 0;
-  p.values_lead_inner_stride = p.lead_inner > 1 ? r.values.stride(1) : 0;
+  p.lead_inner = r.memory.dim() == 4 ? r.memory.size(1) : r.query.dim() == 4 ? r.query.size(1) : 1;
+  // Each input's leading index as the pair lead_offset reads: a split view's two strides, or
+  // one stride s as (s * lead_inner, s); a shared bank's 0.
+  auto lead = [&](const at::Tensor& t, bool shared, int64_t& outer, int64_t& inner) {
+    if (shared)
+      outer = 0, inner = 0;
+    else if (t.dim() == 4)
+      outer = t.stride(0), inner = t.stride(1);
+    else
+      outer = t.stride(0) * p.lead_inner, inner = t.stride(0);
+  };
+  lead(r.query, false, p.query_lead_stride, p.query_lead_inner_stride);
+  lead(r.memory, Lm == 1, p.memory_lead_stride, p.memory_lead_inner_stride);
+  lead(r.values, Lm == 1, p.values_lead_stride, p.values_lead_inner_stride);
+  p.query_row_stride = r.query.stride(-2);
+  p.memory_row_stride = r.memory.stride(-2);
+  p.values_row_stride = r.values.stride(-2);
   p.offset = offset;
   p.out = r.out.data_ptr<float>();
   p.lse = r.lse.data_ptr<float>();
@@ -252,7 +268,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   auto opts = r.query.options().dtype(at::kFloat);
   auto bank_opts = r.query.options();  // dx and dv: the inputs' dtype
   if (p.L == 0 || p.B == 0 || p.N == 0)
-    return {at::zeros({p.L, p.B, p.D}, opts), at::zeros(memory.sizes(), bank_opts), at::zeros(values.sizes(), bank_opts),
+    return {at::zeros(query.sizes(), opts), at::zeros(memory.sizes(), bank_opts), at::zeros(values.sizes(), bank_opts),
             at::zeros({p.L}, opts)};
   hen::BackwardParams b{};
   b.p = p;
@@ -305,7 +321,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
     };
     dx = cast(dx, r.memory), dv = cast(dv, r.values);
   }
-  return {dq.sum(0), dx, dv, dbeta.sum(0)};
+  return {dq.sum(0).view(query.sizes()), dx, dv, dbeta.sum(0)};
 }
 
 // Shapes only, for tracing (torch.compile's fake tensors reach Meta kernels).

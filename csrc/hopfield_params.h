@@ -36,14 +36,14 @@ struct PartialParams {
   int64_t query_lead_stride, query_row_stride;
   int64_t memory_lead_stride, memory_row_stride;
   int64_t values_lead_stride, values_row_stride;
-  // A bank whose leading index is two dims that do not merge into one stride (heads
+  // A query or bank whose leading index is two dims that do not merge into one stride (heads
   // split from a projection's rows: (batch, S, heads * d) viewed as (batch, heads, S, d))
   // is read in place: index l is (l / lead_inner, l % lead_inner), its rows at
   // memory_lead_stride * (l / lead_inner) + memory_lead_inner_stride * (l % lead_inner).
   // lead_inner = 1 for one stride.  The CPU kernel only: the binding hands the CUDA
-  // kernels a bank with one stride (a copy).
+  // kernels inputs with one stride (a copy).
   int64_t lead_inner;
-  int64_t memory_lead_inner_stride, values_lead_inner_stride;
+  int64_t query_lead_inner_stride, memory_lead_inner_stride, values_lead_inner_stride;
   int64_t offset;  // global index of the chunk's first row, added to top_index
   // Outputs, contiguous: out (L, B, Dv); lse, top_score, top_index (L, B).
   float* out;
@@ -51,6 +51,7 @@ struct PartialParams {
   float* top_score;
   int64_t* top_index;
 
+  int64_t query_lead(int64_t l) const { return lead_offset(l, query_lead_stride, query_lead_inner_stride); }
   int64_t memory_lead(int64_t l) const { return lead_offset(l, memory_lead_stride, memory_lead_inner_stride); }
   int64_t values_lead(int64_t l) const { return lead_offset(l, values_lead_stride, values_lead_inner_stride); }
   int64_t lead_offset(int64_t l, int64_t outer, int64_t inner) const {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import glob
 import importlib.machinery
+import math
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -41,8 +42,8 @@ class Backend:
     dtypes it computes (the kernels accumulate float32 inputs in float32; float64
     is the reference's alone).  ``bank_grads_in_input_dtype``: its backward returns dx
     and dv in the bank's dtype (else float32), as the op's fake implementation must say.
-    ``split_banks``: it reads a bank view (Lo, Li, N, D) in place (validation.py), and its
-    backward lays the bank gradients out as the view; the others get :meth:`Inputs.flat`.
+    ``split_banks``: it reads query and bank views (Lo, Li, ·, ·) in place (validation.py), and
+    its backward lays the bank gradients out as the views; the others get :meth:`Inputs.flat`.
     """
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
@@ -137,7 +138,7 @@ def load_extension() -> Optional[str]:
 def _register_fake() -> None:
     @torch.library.register_fake("hen_kernels::partial")
     def _(query, memory, values, beta, similarity, offset, weights=None):
-        lead, b = query.shape[0], query.shape[1]
+        lead, b = math.prod(query.shape[:-2]), query.shape[-2]  # (a split query: (Lo, Li, B, D))
         f32 = dict(dtype=torch.float32, device=query.device)
         return (
             query.new_empty((lead, b, values.shape[-1]), **f32),
@@ -196,10 +197,10 @@ def _triton_partial(q, x, v, beta, similarity, offset, weights):
 
 def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None) -> Grads:
     """PyTorch over bank chunks of bounded size: any device, any D (backward_cpu.py)."""
-    if x.dim() == 4:  # a split bank view (the CPU backend's, on a build without brgemm): as (L, N, D)
-        dq, dx, dv, dbeta = backward_cpu.partial_backward(dout, dlse, q, x.flatten(0, 1), v.flatten(0, 1), beta,
-                                                          out, lse, similarity, weights)
-        return dq, dx.view(x.shape), dv.view(v.shape), dbeta
+    if q.dim() == 4 or x.dim() == 4:  # split views (the CPU backend's, on a build without brgemm): as (L, ·, ·)
+        flat = [t.flatten(0, -3) for t in (q, x, v)]
+        dq, dx, dv, dbeta = backward_cpu.partial_backward(dout, dlse, *flat, beta, out, lse, similarity, weights)
+        return dq.view(q.shape), dx.view(x.shape), dv.view(v.shape), dbeta
     return backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
 
 
@@ -256,7 +257,7 @@ def preference(device_type: str, inp: Inputs) -> tuple[str, ...]:
     if device_type == "cpu":
         return ("cpu", "torch")
     if device_type == "cuda":
-        recall = inp.query.shape[1] <= 64
+        recall = inp.query.shape[-2] <= 64
         return ("cuda", "triton", "torch") if recall else ("triton", "cuda", "torch")
     return ("torch",)
 

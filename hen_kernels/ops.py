@@ -37,7 +37,7 @@ from .validation import Inputs, autocast_dtype, autocast_inputs, check_inputs, c
 
 
 def _restore(p: Partial, inp: Inputs) -> Partial:
-    b = inp.query.shape[1]
+    b = inp.query.shape[-2]
     return Partial(
         out=p.out.reshape(inp.lead + (b, p.out.shape[-1])),
         lse=p.lse.reshape(inp.lead + (b,)),
@@ -203,6 +203,7 @@ def hopfield_retrieve(
     inp = check_inputs(query, memory, beta, similarity, values, weights=weights)
     max_steps, tol = check_steps(max_steps, tol)
     be = backends.resolve(backend, inp)
+    inp = inp._replace(query=inp.query.flatten(0, -3))  # the state fed back is (L, B, D): a split query as such
 
     def step(state: torch.Tensor) -> Partial:
         return _computed(be, inp._replace(query=state))

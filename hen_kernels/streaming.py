@@ -93,8 +93,9 @@ def retrieve(step: Step, query: torch.Tensor, *, value_dim: int, max_steps: int,
     for _ in range(max_steps):
         p = step(state)
         new = p.out.to(query.dtype)
-        if new.shape != state.shape:  # one step into a value space of another width: nothing to iterate
+        if new.shape[-1] != state.shape[-1]:  # one step into a value space of another width: nothing to iterate
             return Retrieval(new, steps + 1, torch.zeros_like(converged), p.lse, p.top_index, p.top_weight)
+        new = new.reshape(state.shape)  # (B, Dv) rows under the state's own leading dims
         delta = (new.to(p.out.dtype) - state.to(p.out.dtype)).abs().amax(-1)
         state = torch.where(active.unsqueeze(-1), new, state)
         if last is not None:

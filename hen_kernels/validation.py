@@ -4,11 +4,11 @@ Every backend receives ``query`` as (L, B, D), ``memory`` as (Lm, N, D) and
 ``values`` as (Lm, N, Dv) with Lm ∈ {1, L}, and ``beta`` as an (L,) float32
 tensor (float64 for float64 inputs), where L is the product of the query's
 leading dims.  One exception, for the backends that read it
-(``Backend.split_banks``): a bank view whose leading dims do not merge into one
-stride, as heads split from a projection's rows are ((batch, S, heads * d)
-viewed as (batch, heads, S, d)), comes as (Lo, Li, N, D) with Lo · Li = L, the
-same view, rather than a copy (:meth:`Inputs.flat` makes the copy for the
-others).  Nothing is silently broadcast, truncated or cast: anything else
+(``Backend.split_banks``): a query or bank view whose leading dims do not merge
+into one stride, as heads split from a projection's rows are ((batch, S,
+heads * d) viewed as (batch, heads, S, d)), comes as (Lo, Li, ·, ·) with
+Lo · Li = L, the same view, rather than a copy; then the other inputs come
+split alike (:meth:`Inputs.flat` makes the copies for the other backends).  Nothing is silently broadcast, truncated or cast: anything else
 is refused here with an error that names the argument.  The one cast there is,
 torch.autocast's, follows the rule scaled_dot_product_attention follows
 (:func:`autocast_inputs`).
@@ -35,6 +35,7 @@ INT64_MAX = torch.iinfo(torch.int64).max
 class Inputs(NamedTuple):
     query: torch.Tensor  # (L, B, D)
     memory: torch.Tensor  # (Lm, N, D), or a view (Lo, Li, N, D) with Lo * Li = L (see the module docstring)
+    # (query likewise: (L, B, D) or a view (Lo, Li, B, D), split as the banks are)
     values: torch.Tensor  # (Lm, N, Dv), or (Lo, Li, N, Dv) as memory
     beta: torch.Tensor  # (L,) float32; float64 for float64 inputs
     similarity: str
@@ -46,18 +47,18 @@ class Inputs(NamedTuple):
         return self.memory.shape[-2]
 
     def flat(self) -> "Inputs":
-        """The same inputs with the banks (Lm, N, ·): a copy of a split bank view, else these."""
-        if self.memory.dim() == 3:  # (values too: _bank_views gives both the same form)
+        """The same inputs with the query (L, B, D) and the banks (Lm, N, ·): a copy of a split view."""
+        if self.query.dim() == 3 and self.memory.dim() == 3:  # (values too: _lead_views gives both one form)
             return self
-        num_lead = self.query.shape[0]
-        memory = self.memory.reshape(num_lead, *self.memory.shape[-2:])
-        values = memory if self.values is self.memory else self.values.reshape(num_lead, *self.values.shape[-2:])
-        return self._replace(memory=memory, values=values)  # (keys = values stay one tensor, copied once)
+        query = self.query.flatten(0, -3)
+        memory = self.memory.flatten(0, -3)
+        values = memory if self.values is self.memory else self.values.flatten(0, -3)
+        return self._replace(query=query, memory=memory, values=values)  # (keys = values stay one tensor)
 
 
-def _bank_view(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
-    """A (..., N, C) bank under the query's leading dims as (L, N, C) where they merge into one
-    stride (a view), as (Lo, Li, N, C) where they merge into two (a view), else as a copy (L, N, C)."""
+def _lead_view(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """A (..., R, C) tensor under the query's leading dims as (L, R, C) where they merge into one
+    stride (a view), as (Lo, Li, R, C) where they merge into two (a view), else as a copy (L, R, C)."""
     rows = t.shape[-2:]
     groups: list = []  # the leading dims merged where their strides allow: [size, stride] each
     for size, stride in zip(t.shape[:len(lead)], t.stride()[:len(lead)]):
@@ -72,23 +73,20 @@ def _bank_view(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     return t.reshape((math.prod(lead),) + rows)
 
 
-def _bank_views(x: torch.Tensor, v: torch.Tensor, lead: torch.Size) -> tuple:
-    """memory and values as _bank_view gives them, in one form: where either is split (Lo, Li, N, ·),
-    both are, with the same (Lo, Li) (a one-stride bank splits as a view; one split otherwise is copied)."""
-    memory = _bank_view(x, lead)
-    if v is x:
-        return memory, memory
-    values = _bank_view(v, lead)
-    if memory.dim() == values.dim() == 3:
-        return memory, values
-    split = (memory if memory.dim() == 4 else values).shape[:2]
-
-    def as_split(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 4 and t.shape[:2] == split:
-            return t
-        return t.reshape((-1,) + t.shape[-2:]).view(split + t.shape[-2:])
-
-    return as_split(memory), as_split(values)
+def _lead_views(tensors: list, lead: torch.Size) -> list:
+    """``_lead_view`` of each, in one form: where any is split (Lo, Li, ·, ·), all are, with the same
+    (Lo, Li) (a one-stride tensor splits as a view; one split otherwise is copied).  A tensor given
+    twice (keys = values) stays one tensor."""
+    unique: list = []
+    for t in tensors:
+        if not any(t is u for u in unique):
+            unique.append(t)
+    views = [_lead_view(u, lead) for u in unique]
+    split = next((v.shape[:2] for v in views if v.dim() == 4), None)
+    if split is not None:
+        views = [v if v.dim() == 4 and v.shape[:2] == split else v.flatten(0, -3).view(split + v.shape[-2:])
+                 for v in views]
+    return [views[next(i for i, u in enumerate(unique) if u is t)] for t in tensors]
 
 
 def _tensor(name: str, t: object) -> torch.Tensor:
@@ -280,10 +278,11 @@ def check_inputs(
     if lm == 1:
         memory = x.reshape(lm, n, d)
         values = memory if v is x else v.reshape(lm, n, v.shape[-1])
+        query, = _lead_views([q], lead)
     else:
-        memory, values = _bank_views(x, v, lead)
+        query, memory, values = _lead_views([q, x, v], lead)
     return Inputs(
-        query=q.reshape(num_lead, b, d),
+        query=query,
         memory=memory,
         values=values,
         beta=beta_vec,
@@ -325,7 +324,7 @@ def check_scores(lse: torch.Tensor, inp: Inputs) -> None:
     if math.isfinite(float(lse.detach().sum(dtype=torch.float64))):
         return
     bad = ~torch.isfinite(lse.detach())
-    q = inp.query.detach()
+    q = inp.query.detach().flatten(0, -3)  # (L, B, D): a copy of a split query, here only
     finite = torch.isfinite(q).all(-1)
     if inp.weights is not None:
         finite &= torch.isfinite(inp.weights).all(-1)

@@ -38,7 +38,7 @@ def partial_rule(op: Callable) -> Callable:
         qd, md, vd, bd, _, _, wd = dims
         args = (query, memory, values, beta, similarity, offset, weights)
         k = info.batch_size
-        if md is not None or vd is not None or memory.shape[0] != 1:
+        if md is not None or vd is not None or memory.shape[0] != 1 or query.dim() - (qd is not None) != 3:
             return _looped(op, k, dims, args)
         q = _front(query, qd, k)
         lead, b = q.shape[1], q.shape[2]

@@ -1,7 +1,7 @@
-"""Banks split into heads: (batch, S, heads * d) viewed as (batch, heads, S, d), whose two leading
-dims do not merge into one stride.  Every backend gives the reference's answer and gradients on
-such views; the backends that read them in place (``Backend.split_banks``: the CPU kernel) copy
-no bank, forward or backward, and lay the bank gradients out as the views (validation.py)."""
+"""Queries and banks split into heads: (batch, S, heads * d) viewed as (batch, heads, S, d), whose two
+leading dims do not merge into one stride.  Every backend gives the reference's answer and gradients
+on such views; the backends that read them in place (``Backend.split_banks``: the CPU kernel) copy no
+bank, forward or backward, and lay the bank gradients out as the views (validation.py)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,7 +25,8 @@ def _split(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, s, heads, hd // heads).transpose(1, 2)
 
 
-def _inputs(case, dtype, seed, same_values, on_patterns=True):
+def _inputs(case, dtype, seed, same_values, on_patterns=True, split_query=True):
+    """q (split from query rows, or contiguous), x and v (split from rows and vals), rows, vals."""
     b, s, h, d, dv, nq = case
     rows = make((b, s, h * d), dtype, seed)
     vals = rows if same_values else make((b, s, h * dv), dtype, seed + 1)
@@ -34,6 +35,8 @@ def _inputs(case, dtype, seed, same_values, on_patterns=True):
     q = make((b, h, nq, d), dtype, seed + 2)
     if on_patterns:  # queries on stored patterns, recall's normal case
         q[:, :, : min(nq, s)] = x[:, :, : min(nq, s)]
+    if split_query:
+        q = _split(q.transpose(1, 2).reshape(b, nq, h * d), h)
     return q, x, v, rows, vals
 
 
@@ -41,17 +44,23 @@ def _inputs(case, dtype, seed, same_values, on_patterns=True):
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=["one-block", "many-blocks"])
-@pytest.mark.parametrize("form", ["values=memory", "values split", "values contiguous", "memory contiguous"])
+@pytest.mark.parametrize("form", ["values=memory", "values split", "values contiguous", "memory contiguous",
+                                  "query contiguous", "only the query split", "shared bank"])
 def test_split_bank_views_match_the_reference(backend, similarity, dtype, case, form):
-    """Either bank split or both (a contiguous one is split to match, as a view)."""
+    """Any of query, memory and values split (the others are split to match, as views)."""
     b, s, h, d, dv, nq = case
     require(backend, b * h * nq, s, d * 8)
     same_values = form == "values=memory"
-    q, x, v, _, _ = _inputs(case, dtype, 11, same_values)
+    q, x, v, _, _ = _inputs(case, dtype, 11, same_values, split_query=form != "query contiguous")
+    assert q.is_contiguous() == (form == "query contiguous")
     if form == "values contiguous":
         v = v.contiguous()
     elif form == "memory contiguous":
         x = x.contiguous()
+    elif form == "only the query split":
+        x, v = x.contiguous(), v.contiguous()
+    elif form == "shared bank":  # one (N, D) bank for every (batch, head)
+        x, v = x[0, 0], v[0, 0]
     beta = beta_for(similarity, d, 1.0)
     p = hk.hopfield_partial(q, x, beta, similarity=similarity, values=None if same_values else v, offset=5,
                             backend=backend)
@@ -71,17 +80,18 @@ def test_split_bank_gradients_match_the_reference(backend, similarity, dtype, ca
     require(backend, b * h * nq, s, d * 8)
     # (not on the patterns: ℓ2's float64 reference gradient is NaN there, test_autograd.py checks the kernels')
     q, _, _, rows, vals = _inputs(case, dtype, 12, False, on_patterns=similarity == "dot")
+    qrows = q.transpose(1, 2).reshape(b, nq, h * d)
     beta = beta_for(similarity, d, 1.0)
     g = torch.Generator().manual_seed(13)
     dout, dlse = torch.randn(b, h, nq, dv, generator=g), torch.randn(b, h, nq, generator=g)
     grads = {}
     for name, dt in ((backend, dtype), ("torch", torch.float64)):
-        args = [t.detach().to(dt).requires_grad_() for t in (q, rows, vals)]
-        p = hk.hopfield_partial(args[0], _split(args[1], h), beta, similarity=similarity,
+        args = [t.detach().to(dt).requires_grad_() for t in (qrows, rows, vals)]
+        p = hk.hopfield_partial(_split(args[0], h), _split(args[1], h), beta, similarity=similarity,
                                 values=_split(args[2], h), backend=name)
         loss = (p.out * dout.to(p.out.dtype)).sum() + (p.lse * dlse.to(p.lse.dtype)).sum()
         grads[name] = torch.autograd.grad(loss, args)
-    for what, got, want in zip(("query", "memory rows", "value rows"), grads[backend], grads["torch"]):
+    for what, got, want in zip(("query rows", "memory rows", "value rows"), grads[backend], grads["torch"]):
         assert got.dtype == dtype and got.shape == want.shape
         assert rel_err(got, want) < GRAD_TOLERANCE[dtype], what
 
@@ -160,7 +170,8 @@ def test_split_bank_views_are_read_in_place(backend, dtype, similarity):
     b, s, h, d, dv, nq = case
     require(backend)
     rows = make((b, s, h * d), dtype, 16).requires_grad_()
-    q = make((b, h, nq, d), dtype, 17).requires_grad_()
+    qrows = make((b, nq, h * d), dtype, 17).requires_grad_()
+    q = _split(qrows, h)
     with _BankCopies(rows.numel()) as seen:
         out = hk.hopfield_update(q, _split(rows, h), beta_for(similarity, d, 1.0), similarity=similarity,
                                  backend=backend)

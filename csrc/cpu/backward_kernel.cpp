@@ -154,7 +154,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       const int64_t BM = std::min(plan.query_block, p.B - b0), BMp = (BM + W - 1) / W * W;
       const float* wts = p.weights ? p.weights + (l * p.B + b0) * D : nullptr;
       const char* qsrc =
-          static_cast<const char*>(p.query) + es * size_t(l * p.query_lead_stride + b0 * p.query_row_stride);
+          static_cast<const char*>(p.query) + es * size_t(p.query_lead(l) + b0 * p.query_row_stride);
       // The query block's operands, zero-padded to BMp queries: q, qw = w∘q (the B
       // operand of the score and dX products), w, the transposed score operands,
       // dout both ways, |q|²_w, lse (+inf on padding: weight 0) and Δ.

@@ -84,7 +84,7 @@ bool weighted_cue_is_16bit(const PartialParams& p) {
   for (int64_t l = 0; l < p.L; ++l)
     for (int64_t i = 0; i < p.B; ++i) {
       const float* w = p.weights + (l * p.B + i) * p.D;
-      const uint16_t* q = static_cast<const uint16_t*>(p.query) + l * p.query_lead_stride + i * p.query_row_stride;
+      const uint16_t* q = static_cast<const uint16_t*>(p.query) + p.query_lead(l) + i * p.query_row_stride;
       for (int64_t k = 0; k < p.D; ++k) {
         const uint32_t qbits = uint32_t(q[k]) << 16;
         float qf, f;

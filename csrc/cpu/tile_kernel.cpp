@@ -245,7 +245,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const bool weight_product = weighted_l2 && !plan.shared_weights;
   const char* mem = static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(l));
   const char* val = static_cast<const char*>(p.values) + es * size_t(p.values_lead(l));
-  const char* qsrc = static_cast<const char*>(p.query) + es * size_t(l * p.query_lead_stride + b0 * p.query_row_stride);
+  const char* qsrc = static_cast<const char*>(p.query) + es * size_t(p.query_lead(l) + b0 * p.query_row_stride);
   const bool values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
                                  p.values_lead_inner_stride == p.memory_lead_inner_stride &&
                                  p.values_row_stride == p.memory_row_stride && Dv == D;
