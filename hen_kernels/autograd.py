@@ -97,7 +97,7 @@ class PartialFunction(torch.autograd.Function):
 
 def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
     """``backend.partial(inp, offset)``, differentiable: the one call the public ops make."""
-    if not backend.split_banks:
+    if not backend.reads_split(inp):
         inp = inp.flat()  # (a copy, differentiable, of a split bank view: the backward then needs no layout)
     if backend.backward is None or not needs_grad(inp):
         return backend.partial(inp, offset)

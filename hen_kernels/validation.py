@@ -4,7 +4,7 @@ Every backend receives ``query`` as (L, B, D), ``memory`` as (Lm, N, D) and
 ``values`` as (Lm, N, Dv) with Lm ∈ {1, L}, and ``beta`` as an (L,) float32
 tensor (float64 for float64 inputs), where L is the product of the query's
 leading dims.  One exception, for the backends that read it
-(``Backend.split_banks``): a query or bank view whose leading dims do not merge
+(``Backend.reads_split``): a query or bank view whose leading dims do not merge
 into one stride, as heads split from a projection's rows are ((batch, S,
 heads * d) viewed as (batch, heads, S, d)), comes as (Lo, Li, ·, ·) with
 Lo · Li = L, the same view, rather than a copy; then the other inputs come

@@ -13,6 +13,17 @@ from .conftest import SIMILARITIES, TOLERANCE, beta_for, kernel_backends, make, 
 
 GRAD_TOLERANCE = {dt: 4 * tol for dt, tol in TOLERANCE.items()}
 
+
+@pytest.fixture(autouse=True)
+def in_place_at_every_query_count(request, monkeypatch):
+    """The backends that read split views take them at any number of queries here (their default,
+    ``Backend.split_queries_max``, copies beyond a few), so every kernel path meets strided rows;
+    tests marked ``default_rule`` keep the default."""
+    if "default_rule" not in request.keywords:
+        for b in backends.BACKENDS.values():
+            if b.split_banks:
+                monkeypatch.setattr(b, "split_queries_max", 10**9)
+
 # (batch, S, heads, d, dv, queries per head): one query block with rows complete in a tile (the
 # CPU backward stores them straight into the view), and more queries than a block (float32 rows
 # summed over blocks, then laid out as the view); sizes off every block size.
@@ -160,7 +171,10 @@ class _BankCopies(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend", [b for b in backends.BACKENDS if backends.BACKENDS[b].split_banks])
+SPLIT_READERS = [b for b in backends.BACKENDS if backends.BACKENDS[b].split_banks]
+
+
+@pytest.mark.parametrize("backend", SPLIT_READERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("similarity", ["dot", "l2"])
 def test_split_bank_views_are_read_in_place(backend, dtype, similarity):
@@ -191,3 +205,20 @@ def test_the_op_refuses_a_split_bank_that_does_not_cover_the_queries():
     q, x = torch.randn(6, 2, 8), torch.randn(2, 4, 5, 8)
     with pytest.raises(RuntimeError, match="Lo \\* Li = L"):
         torch.ops.hen_kernels.partial(q, x, x, torch.ones(6), 0, 0, None)
+
+
+@pytest.mark.default_rule
+@pytest.mark.parametrize("backend", SPLIT_READERS)
+def test_split_views_are_copied_beyond_a_few_queries(backend):
+    """By default a split bank is read in place up to ``split_queries_max`` queries per leading index
+    (where that pays, backends.py) and copied beyond; the answers are the same either way."""
+    require(backend)
+    most = backends.BACKENDS[backend].split_queries_max
+    assert most >= 1
+    rows = make((2, 50, 2 * 8), torch.float32, 20)
+    for nq, copied in ((most, False), (most + 1, True)):
+        q = make((2, 2, nq, 8), torch.float32, 21)
+        with _BankCopies(rows.numel()) as seen:
+            out = hk.hopfield_update(q, _split(rows, 2), 0.5, backend=backend)
+        assert bool(seen.copies) == copied, nq
+        assert rel_err(out, ref64(q, _split(rows, 2).contiguous(), 0.5, "dot").out) < TOLERANCE[torch.float32]

@@ -57,8 +57,9 @@ def _merges_batch_and_heads(t: Tensor) -> bool:
 
 
 def _copies_split_banks(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, s: Setting) -> bool:
-    """Whether the backend the ops pick here copies a bank view split into heads (``Backend.split_banks``)."""
-    return not backends.resolve(s.backend, check_inputs(q, k, beta, s.similarity, v)).split_banks
+    """Whether the backend the ops pick here copies a bank view split into heads (``Backend.reads_split``)."""
+    inp = check_inputs(q, k, beta, s.similarity, v)
+    return not backends.resolve(s.backend, inp).reads_split(inp)
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor, group: HeadGroup, s: Setting,
@@ -69,7 +70,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor
             and _copies_split_banks(q, k, v, beta, s)):
         # Per-item banks split into heads are views with the heads interleaved in each row (the
         # projection's (batch, S, heads * d) output).  The CPU kernel reads them in place, forward
-        # and backward (validation.py); for the other backends one call per head reads them in
+        # and backward, for few queries (Backend.reads_split); otherwise one call per head reads them in
         # place, where one call over (batch * heads) would first copy both banks whole.  Measured
         # (EPYC Zen 4, HopfieldPooling, 2-8 heads, the same outputs): forward 12-25 % faster.  Not
         # with gradients: the heads' bank gradients would then be stacked (a copy per bank), and
