@@ -307,7 +307,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   strides(dx, b.dx_lead_stride, b.dx_lead_inner_stride, b.dx_row_stride);
   strides(dv, b.dv_lead_stride, b.dv_lead_inner_stride, b.dv_row_stride);
   if (plan.direct) {
-    b.dx_rows = dx.data_ptr(), b.dv_rows = dv.data_ptr();
+    b.dx16 = reinterpret_cast<uint16_t*>(dx.data_ptr()), b.dv16 = reinterpret_cast<uint16_t*>(dv.data_ptr());
   } else {
     b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
   }

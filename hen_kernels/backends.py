@@ -109,6 +109,7 @@ def _torch_partial(q, x, v, beta, similarity, offset, weights):
 # queries, 0.94-1.23x at 24, 0.95-1.02x from 32 to 512 (bf16 and float32).
 CPU_SPLIT_QUERIES_MAX = 16
 
+
 def _extension_path() -> Optional[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:

@@ -8,7 +8,8 @@ leading dims.  One exception, for the backends that read it
 into one stride, as heads split from a projection's rows are ((batch, S,
 heads * d) viewed as (batch, heads, S, d)), comes as (Lo, Li, ·, ·) with
 Lo · Li = L, the same view, rather than a copy; then the other inputs come
-split alike (:meth:`Inputs.flat` makes the copies for the other backends).  Nothing is silently broadcast, truncated or cast: anything else
+split alike (:meth:`Inputs.flat` makes the copies for the other backends).
+Nothing is silently broadcast, truncated or cast: anything else
 is refused here with an error that names the argument.  The one cast there is,
 torch.autocast's, follows the rule scaled_dot_product_attention follows
 (:func:`autocast_inputs`).
@@ -33,10 +34,9 @@ INT64_MAX = torch.iinfo(torch.int64).max
 
 
 class Inputs(NamedTuple):
-    query: torch.Tensor  # (L, B, D)
-    memory: torch.Tensor  # (Lm, N, D), or a view (Lo, Li, N, D) with Lo * Li = L (see the module docstring)
-    # (query likewise: (L, B, D) or a view (Lo, Li, B, D), split as the banks are)
-    values: torch.Tensor  # (Lm, N, Dv), or (Lo, Li, N, Dv) as memory
+    query: torch.Tensor  # (L, B, D), or a view (Lo, Li, B, D) with Lo * Li = L (see the module docstring)
+    memory: torch.Tensor  # (Lm, N, D), or (Lo, Li, N, D) split as the query (when either is split)
+    values: torch.Tensor  # (Lm, N, Dv), or (Lo, Li, N, Dv) likewise
     beta: torch.Tensor  # (L,) float32; float64 for float64 inputs
     similarity: str
     lead: torch.Size  # the query's leading dims, restored on the way out

@@ -73,15 +73,10 @@ void floats_to_16(DType dt, const float* src, int64_t n, uint16_t* dst) {
   }
 }
 
-// R rows of n floats (n apart) into the output's rows (ld elements of dt apart, from dst),
-// in its dtype: BackwardPlan::direct.
-void store_rows(DType dt, const float* src, int64_t R, int64_t n, void* dst, int64_t ld) {
-  for (int64_t j = 0; j < R; ++j) {
-    if (dt == DType::F32)
-      std::memcpy(static_cast<float*>(dst) + j * ld, src + j * n, sizeof(float) * size_t(n));
-    else
-      floats_to_16(dt, src + j * n, n, static_cast<uint16_t*>(dst) + j * ld);
-  }
+// R rows of n floats (n apart) as 16-bit dt into the output's rows (ld apart, from dst):
+// BackwardPlan::direct.
+void store_rows_16(DType dt, const float* src, int64_t R, int64_t n, uint16_t* dst, int64_t ld) {
+  for (int64_t j = 0; j < R; ++j) floats_to_16(dt, src + j * n, n, dst + j * ld);
 }
 
 // A (rows x cols) row-major 16-bit matrix's two VNNI images (rows.h), rows and cols even:
@@ -391,11 +386,8 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           }
         }
         if (direct) {
-          const size_t oes = dt == DType::F32 ? 4 : 2;
-          store_rows(dt, dvr, R, Dv, static_cast<char*>(bp.dv_rows) + oes * size_t(bp.dv_lead(lm) + r0 * bp.dv_row_stride),
-                     bp.dv_row_stride);
-          store_rows(dt, dxr, R, D, static_cast<char*>(bp.dx_rows) + oes * size_t(bp.dx_lead(lm) + r0 * bp.dx_row_stride),
-                     bp.dx_row_stride);
+          store_rows_16(dt, dvr, R, Dv, bp.dv16 + bp.dv_lead(lm) + r0 * bp.dv_row_stride, bp.dv_row_stride);
+          store_rows_16(dt, dxr, R, D, bp.dx16 + bp.dx_lead(lm) + r0 * bp.dx_row_stride, bp.dx_row_stride);
         }
         transpose_block(g, BMp, BN, BMp, gt, BN);
         if (hand) {

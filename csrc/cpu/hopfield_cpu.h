@@ -103,13 +103,13 @@ struct BackwardParams {
   float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
   float* dbeta;        // (splits, L)
   // dX and dV, written (not added to): float32 (dx, dv), or with BackwardPlan::direct in the
-  // 16-bit input dtype (dx_rows, dv_rows).  Rows and leading index at these strides (elements;
+  // 16-bit input dtype (dx16, dv16).  Rows and leading index at these strides (elements;
   // the leading index split as p.lead_inner says), so that the gradient of a bank view (heads
   // split from a projection) is laid out as the view: autograd then needs no copy of it.
   float* dx;
   float* dv;
-  void* dx_rows;
-  void* dv_rows;
+  uint16_t* dx16;
+  uint16_t* dv16;
   int64_t dx_lead_stride, dx_lead_inner_stride, dx_row_stride;
   int64_t dv_lead_stride, dv_lead_inner_stride, dv_row_stride;
   bool dout_16bit;     // every element of dout is exactly a value of the 16-bit input dtype
@@ -129,7 +129,7 @@ struct BackwardPlan {
   // hand-written, over the rows as stored (hand_products.h), where a microkernel would pad the
   // queries to a vector.
   bool hand;
-  // dX and dV rows leave the tile in the 16-bit input dtype (dx_rows, dv_rows): each row gets
+  // dX and dV rows leave the tile in the 16-bit input dtype (dx16, dv16): each row gets
   // all its terms in one tile (one query block, and a bank per leading index), so no float32
   // N x D gradient is ever allocated (at 32 MiB each, glibc maps them afresh at every call).
   bool direct;
