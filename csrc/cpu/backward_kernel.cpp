@@ -274,10 +274,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         // hand-written one also leaves the rows' |x|² in `norms` when given.
         auto rows_by_queries = [&](const float* hand_ops, bool use_vnni, const uint16_t* vnni_ops,
                                    const float* f32_ops, const char* rows, int64_t ld_rows, const float* fl,
-                                   int64_t ld_fl, int64_t K, float* out, float* norms = nullptr) {
+                                   int64_t ld_fl, int64_t K, float* out, float* norms = nullptr,
+                                   const char* next = nullptr) {
           if (hand) {
             by_dtype(dt, [&](auto DT) {
-              hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, BN, out, BMp, nullptr, norms);
+              hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, BN, out, BMp, next, norms);
             });
             zero_padding(out);
           } else if (use_vnni) {
@@ -292,7 +293,12 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         // |x|² of the rows: from the hand-written score product's own loads, as the forward's
         // (the tile is read once), else a pass of its own.
         float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
-        rows_by_queries(qhand, v16, qt16, qop, xr, ldr, xf, ldf, D, c1, hand ? xn : nullptr);
+        // The hand-written score product prefetches the next tile of this split (a whole one, as
+        // stored), as the forward's does.  Measured (EPYC Zen 4, ad-hoc, in-process, median of 25;
+        // one query against each of 128 banks of 2048 x 32): float32 17-20 % faster on rows a head
+        // apart (split views), 4-7 % on contiguous rows; bf16 0-4 %.
+        const char* x_next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
+        rows_by_queries(qhand, v16, qt16, qop, xr, ldr, xf, ldf, D, c1, hand ? xn : nullptr, x_next);
         float* c2 = nullptr;
         if (xn && !hand) {
           by_dtype(xe_dt, [&](auto DT) { row_norms<DT()>(xe, xe_step, BN, D, xn); });
