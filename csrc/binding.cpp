@@ -39,6 +39,15 @@ at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t 
 
 using PartialResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// A tensor's leading index as the stride pair PartialParams::lead_offset reads: a split view's
+// (Lo, Li, ·, ·) two strides, or one stride s as (s * lead_inner, s).
+void lead_strides(const at::Tensor& t, int64_t lead_inner, int64_t& outer, int64_t& inner) {
+  if (t.dim() == 4)
+    outer = t.stride(0), inner = t.stride(1);
+  else
+    outer = t.stride(0) * lead_inner, inner = t.stride(0);
+}
+
 // The op's arguments checked, made row-contiguous, and described to the
 // kernels; the outputs allocated on the inputs' device.
 struct Prepared {
@@ -117,19 +126,11 @@ Prepared prepare(const at::Tensor& query_in, const at::Tensor& memory_in, const 
   p.similarity = static_cast<hen::Similarity>(similarity);
   p.L = L, p.B = B, p.N = N, p.D = D, p.Dv = Dv;
   p.lead_inner = r.memory.dim() == 4 ? r.memory.size(1) : r.query.dim() == 4 ? r.query.size(1) : 1;
-  // Each input's leading index as the pair lead_offset reads: a split view's two strides, or
-  // one stride s as (s * lead_inner, s); a shared bank's 0.
-  auto lead = [&](const at::Tensor& t, bool shared, int64_t& outer, int64_t& inner) {
-    if (shared)
-      outer = 0, inner = 0;
-    else if (t.dim() == 4)
-      outer = t.stride(0), inner = t.stride(1);
-    else
-      outer = t.stride(0) * p.lead_inner, inner = t.stride(0);
-  };
-  lead(r.query, false, p.query_lead_stride, p.query_lead_inner_stride);
-  lead(r.memory, Lm == 1, p.memory_lead_stride, p.memory_lead_inner_stride);
-  lead(r.values, Lm == 1, p.values_lead_stride, p.values_lead_inner_stride);
+  lead_strides(r.query, p.lead_inner, p.query_lead_stride, p.query_lead_inner_stride);
+  lead_strides(r.memory, p.lead_inner, p.memory_lead_stride, p.memory_lead_inner_stride);
+  lead_strides(r.values, p.lead_inner, p.values_lead_stride, p.values_lead_inner_stride);
+  if (Lm == 1)  // a bank shared by every leading index
+    p.memory_lead_stride = p.memory_lead_inner_stride = p.values_lead_stride = p.values_lead_inner_stride = 0;
   p.query_row_stride = r.query.stride(-2);
   p.memory_row_stride = r.memory.stride(-2);
   p.values_row_stride = r.values.stride(-2);
@@ -293,19 +294,12 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   auto like = [&](const at::Tensor& t, at::TensorOptions o) {
     return split_lead ? at::empty_like(t, o) : at::empty({Lm, p.N, t.size(-1)}, o);
   };
-  // (A (Lm, N, ·) tensor's one leading stride as the pair p.lead_offset reads.)
-  auto strides = [&](const at::Tensor& t, int64_t& lead, int64_t& inner, int64_t& row) {
-    if (t.dim() == 4)
-      lead = t.stride(0), inner = t.stride(1);
-    else
-      lead = t.stride(0) * p.lead_inner, inner = t.stride(0);
-    row = t.stride(-2);
-  };
   const bool in_layout = plan.direct || p.dtype == hen::DType::F32;  // the kernel writes the outputs themselves
   at::Tensor dx = in_layout ? like(r.memory, bank_opts) : at::empty({Lm, p.N, p.D}, opts);
   at::Tensor dv = in_layout ? like(r.values, bank_opts) : at::empty({Lm, p.N, p.Dv}, opts);
-  strides(dx, b.dx_lead_stride, b.dx_lead_inner_stride, b.dx_row_stride);
-  strides(dv, b.dv_lead_stride, b.dv_lead_inner_stride, b.dv_row_stride);
+  lead_strides(dx, p.lead_inner, b.dx_lead_stride, b.dx_lead_inner_stride);
+  lead_strides(dv, p.lead_inner, b.dv_lead_stride, b.dv_lead_inner_stride);
+  b.dx_row_stride = dx.stride(-2), b.dv_row_stride = dv.stride(-2);
   if (plan.direct) {
     b.dx16 = reinterpret_cast<uint16_t*>(dx.data_ptr()), b.dv16 = reinterpret_cast<uint16_t*>(dv.data_ptr());
   } else {

@@ -57,6 +57,11 @@ struct PartialParams {
   int64_t lead_offset(int64_t l, int64_t outer, int64_t inner) const {
     return lead_inner <= 1 ? l * outer : (l / lead_inner) * outer + (l % lead_inner) * inner;
   }
+  // Keys = values (the same rows at the same strides): one load of each bank tile serves both products.
+  bool values_are_memory() const {
+    return values == memory && values_lead_stride == memory_lead_stride &&
+           values_lead_inner_stride == memory_lead_inner_stride && values_row_stride == memory_row_stride && Dv == D;
+  }
 };
 
 // When a plan splits the bank (flash-decoding), each split leaves its

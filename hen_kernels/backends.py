@@ -42,20 +42,20 @@ class Backend:
     dtypes it computes (the kernels accumulate float32 inputs in float32; float64
     is the reference's alone).  ``bank_grads_in_input_dtype``: its backward returns dx
     and dv in the bank's dtype (else float32), as the op's fake implementation must say.
-    ``split_banks``: it reads query and bank views (Lo, Li, ·, ·) in place (validation.py), and
-    its backward lays the bank gradients out as the views; it is handed them where
-    :meth:`reads_split` says so, copies (:meth:`Inputs.flat`) elsewhere.
+    ``split_queries_max``: up to this many queries per leading index it is handed query and
+    bank views (Lo, Li, ·, ·) as they are (validation.py) and reads them in place, its backward
+    laying the bank gradients out as the views; beyond, and where it is 0 (it cannot read them),
+    copies (:meth:`Inputs.flat`).
     """
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
                  backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None,
                  dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, bank_grads_in_input_dtype: bool = False,
-                 split_banks: bool = False, split_queries_max: int = 0):
+                 split_queries_max: int = 0):
         self.name = name
         self.device_types = device_types
         self.dtypes = dtypes
         self.bank_grads_in_input_dtype = bank_grads_in_input_dtype
-        self.split_banks = split_banks
         self.split_queries_max = split_queries_max
         self._forward = forward
         self.backward = backward
@@ -82,9 +82,13 @@ class Backend:
         """Whether it computes these inputs (their dtype)."""
         return inp.query.dtype in self.dtypes
 
+    @property
+    def split_banks(self) -> bool:
+        """Whether it reads split views at all."""
+        return self.split_queries_max > 0
+
     def reads_split(self, inp: Inputs) -> bool:
-        """Whether these inputs' split views go to it as they are: it reads them (``split_banks``) and
-        the queries per leading index are few enough for that to pay (``split_queries_max``)."""
+        """Whether these inputs' split views go to it as they are (few enough queries per leading index)."""
         return self.split_banks and inp.query.shape[-2] <= self.split_queries_max
 
     def partial(self, inp: Inputs, offset: int = 0) -> Partial:
@@ -257,7 +261,7 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None, dtypes=API_DTYPES),
     "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available,
-                   bank_grads_in_input_dtype=True, split_banks=True, split_queries_max=CPU_SPLIT_QUERIES_MAX),
+                   bank_grads_in_input_dtype=True, split_queries_max=CPU_SPLIT_QUERIES_MAX),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",),

@@ -123,9 +123,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
   const size_t es = dt == DType::F32 ? 4 : 2;
   const Similarity sim = p.similarity;
   const bool l2 = sim != Similarity::Dot;
-  const bool values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
-                                 p.values_lead_inner_stride == p.memory_lead_inner_stride &&
-                                 p.values_row_stride == p.memory_row_stride && Dv == D;
+  const bool values_are_memory = p.values_are_memory();
   const char* mem = static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(lm));
   const char* val = static_cast<const char*>(p.values) + es * size_t(p.values_lead(lm));
   // dX and dV rows in float: the outputs themselves (rows ld_dx and ld_dv apart: a split bank's

@@ -246,9 +246,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const char* mem = static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(l));
   const char* val = static_cast<const char*>(p.values) + es * size_t(p.values_lead(l));
   const char* qsrc = static_cast<const char*>(p.query) + es * size_t(p.query_lead(l) + b0 * p.query_row_stride);
-  const bool values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
-                                 p.values_lead_inner_stride == p.memory_lead_inner_stride &&
-                                 p.values_row_stride == p.memory_row_stride && Dv == D;
+  const bool values_are_memory = p.values_are_memory();
 
   // The query block, once per tile: q in float, the product operand qw (w∘q with
   // weights), |q|²_w, and the B operands of the brgemm score products.

@@ -175,8 +175,7 @@ const char* make_plan(const PartialParams& p, const DeviceInfo& dev, const PlanH
   plan.vector_loads = rows_aligned(p.query, p.query_lead_stride, p.query_row_stride, vec) &&
                       rows_aligned(p.memory, p.memory_lead_stride, p.memory_row_stride, vec) &&
                       rows_aligned(p.values, p.values_lead_stride, p.values_row_stride, vec);
-  plan.values_are_memory = p.values == p.memory && p.values_lead_stride == p.memory_lead_stride &&
-                           p.values_row_stride == p.memory_row_stride && p.Dv == p.D;
+  plan.values_are_memory = p.values_are_memory();
   plan.weighted = p.weights != nullptr;
   const bool l2 = p.similarity != Similarity::Dot;
   const int64_t width = p.D > p.Dv ? p.D : p.Dv;
