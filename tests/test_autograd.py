@@ -223,9 +223,12 @@ def test_triton_backward_splits_long_banks_and_many_queries():
         dout, dlse = torch.randn_like(p.out), torch.randn_like(p.lse)
         assert tb._splits(L, max(N, B), q.device)[0] > 1
         got = tb.partial_backward(dout, dlse, q, xs, vs, beta, p.out, p.lse, "l2sq")
-        want = backward_cpu.partial_backward(dout, dlse, q, xs, vs, beta, p.out, p.lse, "l2sq")
-        for g, w in zip(got, want):
-            assert rel_err(g, w) < 1e-5
+        # Against float64, not another float32 code: dbeta sums N·B terms of both signs, and
+        # two float32 summation orders differed by 1.3e-5 on a CI machine (by 1e-7 here).
+        args64 = (t.double() for t in (dout, dlse, q, xs, vs, beta, p.out, p.lse))
+        want = backward_cpu.partial_backward(*args64, "l2sq")
+        for name, g, w in zip(("dq", "dx", "dv", "dbeta"), got, want):
+            assert rel_err(g, w) < GRAD_TOLERANCE[torch.float32], (name, rel_err(g, w))
 
 
 def test_backward_memory_does_not_hold_the_score_matrix():
