@@ -72,3 +72,11 @@ BETA_LEVELS = [1e-3, 1.0, 4.0]
 
 def beta_for(similarity: str, d: int, level: float) -> float:
     return level if similarity == "l2" else level / d**0.5
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_generator():
+    """A test that draws from torch's global generator draws the same numbers whatever ran before it:
+    a failure found in one order of the suite is found again alone (one such, an ill-conditioned sum
+    of unseeded gradients, failed on a CI machine and passed here)."""
+    torch.manual_seed(0)

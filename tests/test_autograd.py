@@ -47,7 +47,7 @@ def test_streaming_backward_equals_autograd_float64(similarity, shared):
     q, x, v, beta = _inputs((3, 5, 6), 11, 4, torch.float64, shared, seed=2)
     beta_l = (beta * _beta_level(similarity, 6)).detach().expand(3).requires_grad_()
     p = reference.partial(q, x, beta_l, similarity, v)
-    dout, dlse = torch.randn_like(p.out), torch.randn_like(p.lse)
+    dout, dlse = make(p.out.shape, torch.float64, 3), make(p.lse.shape, torch.float64, 4)
     want = torch.autograd.grad((p.out * dout).sum() + (p.lse * dlse).sum(), (q, x, v, beta_l))
     xs, vs = (x.detach().unsqueeze(0), v.detach().unsqueeze(0)) if shared else (x.detach(), v.detach())
     got = backward_cpu.partial_backward(dout, dlse, q.detach(), xs, vs, beta_l.detach(), p.out.detach(),
@@ -70,7 +70,7 @@ def test_streaming_backward_with_weights_equals_autograd_float64(similarity, sha
     w = _weights((3, 5, 6), 13)
     beta_l = (beta * _beta_level(similarity, 6)).detach().expand(3).requires_grad_()
     p = reference.partial(q, x, beta_l, similarity, v, weights=w)
-    dout, dlse = torch.randn_like(p.out), torch.randn_like(p.lse)
+    dout, dlse = make(p.out.shape, torch.float64, 14), make(p.lse.shape, torch.float64, 15)
     want = torch.autograd.grad((p.out * dout).sum() + (p.lse * dlse).sum(), (q, x, v, beta_l))
     xs, vs = (x.detach().unsqueeze(0), v.detach().unsqueeze(0)) if shared else (x.detach(), v.detach())
     got = backward_cpu.partial_backward(dout, dlse, q.detach(), xs, vs, beta_l.detach(), p.out.detach(),
@@ -220,11 +220,12 @@ def test_triton_backward_splits_long_banks_and_many_queries():
         xs, vs = (x.unsqueeze(0), v.unsqueeze(0)) if shared else (x, v)
         beta = (beta * 0.25).float().expand(L).contiguous()
         p = reference.partial(q, xs, beta, "l2sq", vs)
-        dout, dlse = torch.randn_like(p.out), torch.randn_like(p.lse)
+        dout, dlse = make(p.out.shape, torch.float32, 11), make(p.lse.shape, torch.float32, 12)
         assert tb._splits(L, max(N, B), q.device)[0] > 1
         got = tb.partial_backward(dout, dlse, q, xs, vs, beta, p.out, p.lse, "l2sq")
-        # Against float64, not another float32 code: dbeta sums N·B terms of both signs, and
-        # two float32 summation orders differed by 1.3e-5 on a CI machine (by 1e-7 here).
+        # Against float64, not another float32 code, on seeded upstream gradients: dbeta sums N·B
+        # terms of both signs (here 50-400 times their sum in magnitude), and with unseeded ones
+        # two float32 summation orders once differed by 1.3e-5.
         args64 = (t.double() for t in (dout, dlse, q, xs, vs, beta, p.out, p.lse))
         want = backward_cpu.partial_backward(*args64, "l2sq")
         for name, g, w in zip(("dq", "dx", "dv", "dbeta"), got, want):
