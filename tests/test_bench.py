@@ -145,3 +145,21 @@ def test_crossover_quick_times_every_kind_of_product(tmp_path, emulate):
     assert "## float32, hand" in md and "## bfloat16, hand" in md
     assert ("## bfloat16, pairs" in md) == (kernel["bf16_pairs"] == "1")
     assert ("AVX2 EMULATED" in md) == emulate
+
+
+def test_short_calls_get_rounds_for_the_seconds_asked_not_for_a_first_call_estimate():
+    """time_calls keeps taking rounds until min_s has passed (at least `repeats`, at most `max_repeats`)."""
+    import time
+
+    from hen_kernels.bench import common
+
+    def nap():
+        time.sleep(0.01)
+
+    def calls(**kw):
+        return common.time_calls({"nap": nap}, 2, warm_up=False, **kw)["nap"][0]
+
+    assert len(calls()) == 2
+    rounds = calls(min_s=0.1, max_repeats=50)  # ~10 of 10 ms; fewer where the machine is busy
+    assert 2 < len(rounds) <= 11 and sum(rounds[:-1]) < 0.1
+    assert len(calls(min_s=10.0, max_repeats=4)) == 4

@@ -182,7 +182,8 @@ Measured = Dict[str, Tuple[List[float], Optional[int]]]
 
 
 def time_calls(fns: Dict[str, Callable[[], object]], repeats: int, device: Optional[torch.device] = None,
-               warm_up: bool = True, rewarm: bool = False) -> Measured:
+               warm_up: bool = True, rewarm: bool = False, min_s: float = 0.0,
+               max_repeats: Optional[int] = None) -> Measured:
     """Per name: (seconds per timed call, peak extra bytes or None).
 
     Extra bytes are the peak above the level before the call: on the CPU the
@@ -193,7 +194,9 @@ def time_calls(fns: Dict[str, Callable[[], object]], repeats: int, device: Optio
     function, so each finds the caches and thread pools as it leaves them, not as
     the previous function did (a peer streaming half a GiB evicts a layer-sized
     bank that the call after it then reads from memory, and the call after that
-    one finds it cached).
+    one finds it cached).  ``min_s``: on the CPU, rounds go on past ``repeats``
+    until they have taken that many seconds, up to ``max_repeats`` rounds (the
+    clock, not an estimate from first calls, which run cold and slow).
     """
     if device is not None and device.type == "cuda":
         return _time_calls_cuda(fns, repeats)
@@ -205,7 +208,10 @@ def time_calls(fns: Dict[str, Callable[[], object]], repeats: int, device: Optio
     trim_heap()
     times: Dict[str, List[float]] = {k: [] for k in fns}
     extra: Dict[str, List[int]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    most = max(repeats, max_repeats or repeats)
+    start, rounds = time.perf_counter(), 0
+    while rounds < repeats or (rounds < most and time.perf_counter() - start < min_s):
+        rounds += 1
         for k, fn in fns.items():
             if rewarm:
                 fn()  # its result is dropped at once

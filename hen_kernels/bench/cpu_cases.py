@@ -159,9 +159,8 @@ def time_sparing_slow_peers(fns: Dict[str, object], repeats: int, seconds: Dict[
     not ``repeats`` times, and that short calls get more rounds (``min_row_s``)."""
     slow = {k for k, t in seconds.items()
             if not k.startswith("fused") and t > SLOW_PEER_S and t > SLOW_PEER_RATIO * seconds["fused"]}
-    round_s = 2 * sum(t for k, t in seconds.items() if k not in slow)  # each timed call follows an untimed one
-    rounds = min(max(repeats, math.ceil(min_row_s / max(round_s, 1e-9))), max(repeats, MAX_ROUNDS))
-    measured = common.time_calls({k: f for k, f in fns.items() if k not in slow}, rounds, rewarm=True)
+    measured = common.time_calls({k: f for k, f in fns.items() if k not in slow}, repeats, rewarm=True,
+                                 min_s=min_row_s, max_repeats=MAX_ROUNDS)
     if slow:
         measured.update(common.time_calls({k: fns[k] for k in slow}, 1, warm_up=False))
     return measured
