@@ -177,10 +177,10 @@ def test_update_values_default_to_memory_and_beta_per_head(backend):
     x = make((30, 8), torch.float32, 6).requires_grad_()
     beta = torch.tensor([0.3, 0.7], requires_grad=True)
     grads = {}
-    for b in ("torch", backend):
-        out = hk.hopfield_update(q, x, beta, similarity="l2sq", backend=b)
-        grads[b] = torch.autograd.grad(out.square().sum(), (q, x, beta))
-    for got, want in zip(grads[backend], grads["torch"]):
+    for b, args in (("torch", [t.detach().double().requires_grad_() for t in (q, x, beta)]), (backend, (q, x, beta))):
+        out = hk.hopfield_update(*args, similarity="l2sq", backend=b)
+        grads[b] = torch.autograd.grad(out.square().sum(), args)
+    for got, want in zip(grads[backend], grads["torch"]):  # against the reference in float64
         assert rel_err(got, want) < GRAD_TOLERANCE[torch.float32]
 
 
@@ -190,8 +190,8 @@ def test_retrieve_and_energy_are_differentiable(backend):
     q0 = make((6, 8), torch.float32, 7)
     x = make((20, 8), torch.float32, 8)
     grads = {}
-    for b in ("torch", backend):
-        q, xx = q0.clone().requires_grad_(), x.clone().requires_grad_()
+    for b, dt in (("torch", torch.float64), (backend, torch.float32)):  # the reference in float64
+        q, xx = q0.to(dt).requires_grad_(), x.to(dt).requires_grad_()
         r = hk.hopfield_retrieve(q, xx, 0.5, similarity="dot", max_steps=3, backend=b)
         e = hk.energy(r.state, xx, 0.5, backend=b)
         grads[b] = torch.autograd.grad(r.state.sum() + e.sum(), (q, xx))
