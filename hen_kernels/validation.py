@@ -8,7 +8,8 @@ leading dims.  One exception, for the backends that read it
 into one stride, as heads split from a projection's rows are ((batch, S,
 heads * d) viewed as (batch, heads, S, d)), comes as (Lo, Li, ·, ·) with
 Lo · Li = L, the same view, rather than a copy; then the other inputs come
-split alike (:meth:`Inputs.flat` makes the copies for the other backends).
+split alike, except a bank shared by every leading index, which stays (1, N, ·)
+(:meth:`Inputs.flat` makes the copies for the other backends).
 Nothing is silently broadcast, truncated or cast: anything else
 is refused here with an error that names the argument.  The one cast there is,
 torch.autocast's, follows the rule scaled_dot_product_attention follows
@@ -35,7 +36,7 @@ INT64_MAX = torch.iinfo(torch.int64).max
 
 class Inputs(NamedTuple):
     query: torch.Tensor  # (L, B, D), or a view (Lo, Li, B, D) with Lo * Li = L (see the module docstring)
-    memory: torch.Tensor  # (Lm, N, D), or (Lo, Li, N, D) split as the query (when either is split)
+    memory: torch.Tensor  # (Lm, N, D), or (Lo, Li, N, D) split as the query (when either is split and Lm = L)
     values: torch.Tensor  # (Lm, N, Dv), or (Lo, Li, N, Dv) likewise
     beta: torch.Tensor  # (L,) float32; float64 for float64 inputs
     similarity: str
@@ -77,16 +78,12 @@ def _lead_views(tensors: list, lead: torch.Size) -> list:
     """``_lead_view`` of each, in one form: where any is split (Lo, Li, ·, ·), all are, with the same
     (Lo, Li) (a one-stride tensor splits as a view; one split otherwise is copied).  A tensor given
     twice (keys = values) stays one tensor."""
-    unique: list = []
-    for t in tensors:
-        if not any(t is u for u in unique):
-            unique.append(t)
-    views = [_lead_view(u, lead) for u in unique]
-    split = next((v.shape[:2] for v in views if v.dim() == 4), None)
+    views = {id(t): _lead_view(t, lead) for t in tensors}  # (the tensors live on: ids stay theirs)
+    split = next((v.shape[:2] for v in views.values() if v.dim() == 4), None)
     if split is not None:
-        views = [v if v.dim() == 4 and v.shape[:2] == split else v.flatten(0, -3).view(split + v.shape[-2:])
-                 for v in views]
-    return [views[next(i for i, u in enumerate(unique) if u is t)] for t in tensors]
+        views = {k: v if v.dim() == 4 and v.shape[:2] == split else v.flatten(0, -3).view(split + v.shape[-2:])
+                 for k, v in views.items()}
+    return [views[id(t)] for t in tensors]
 
 
 def _tensor(name: str, t: object) -> torch.Tensor:
