@@ -80,7 +80,14 @@ def _cpuinfo(key: str) -> Optional[str]:
 
 
 def cpu_model() -> str:
-    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
+    """The CPU's name, with its x86 family and model where /proc/cpuinfo gives them.
+
+    The name alone can hide a generation: these VMs' "AMD EPYC" has been a Zen 4
+    and a Zen 5 (family 26), whose AVX-512 units differ in width.
+    """
+    name = _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def isa() -> str:
