@@ -2,7 +2,7 @@
 
     hen demo [--quick] [--out DIR] ...           store real photos, recall them from damaged images and captions
     hen experiment NAME [--quick] [--out DIR]    one of the paper's experiments (table1, fig2, fig3, table2,
-                                                 uniqueness, or all), written as Markdown + PNG under DIR
+                                                 uniqueness, masking, or all), written as Markdown + PNG under DIR
     hen info                                     backends, codecs and data found on this machine
     hen check [--quick] [--json PATH] ...        every backend on this machine against the float64 reference
                                                  (= python -m hen_kernels.check); exits 1 on any failure

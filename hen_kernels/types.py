@@ -34,7 +34,7 @@ class Partial(NamedTuple):
         return torch.exp(self.top_score - self.lse)
 
     def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The updated state, cast to ``dtype`` (float32 when None)."""
+        """The updated state, cast to ``dtype``; when None, as accumulated (float32; float64 for float64 inputs)."""
         return self.out if dtype is None else self.out.to(dtype)
 
 
@@ -44,7 +44,8 @@ class Retrieval(NamedTuple):
     * ``state`` (..., B, Dv): the last state, in the query's dtype;
     * ``steps`` (..., B) int64: updates taken (a query stops once it meets ``tol``);
     * ``converged`` (..., B) bool: whether its last step moved it by at most ``tol`` (0 without);
-    * ``lse`` (..., B) float32: log Σ exp(beta·sim) of its last update;
+    * ``lse`` (..., B) float32 (float64 for float64 inputs, as below): log Σ exp(beta·sim) of its
+      last update;
     * ``top_index`` (..., B) int64 and ``top_weight`` (..., B) float32: the best row of the
       last update and its softmax weight (≈ 1 inside one pattern's basin).
     """

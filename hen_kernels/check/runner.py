@@ -213,7 +213,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="check only this backend (repeatable; default: every available one)")
     p.add_argument("--device", action="append", choices=DEVICES, help="check only this device (repeatable)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPE_NAMES.values()),
-                   help="check only this dtype (repeatable; default: all three)")
+                   help="check only this dtype (repeatable; default: all four, float64 where a backend takes it)")
     p.add_argument("--case", action="append", choices=[name for name, _ in CASES],
                    help="run only this group of cases (repeatable; default: all)")
     p.add_argument("--json", metavar="PATH", help="also write every result as JSON to PATH")
