@@ -33,7 +33,8 @@ namespace {
 // them longer.  Without AMX, the pair dot product against oneDNN's AVX-512 BF16 brgemm
 // (which repacks every bank tile) wins longer the deeper the rows (AMD EPYC Zen 4, both
 // products: up to 4 queries at D = 64, 8 at D = 128, 16 from D = 256 on;
-// benchmarks/results/crossover_zen4.md, `python -m hen_kernels.bench crossover`).
+// benchmarks/results/crossover_zen4.md, `python -m hen_kernels.bench crossover`; they
+// hold within 10 % on a Zen 5, crossover_zen5.md).
 // AVX2 runs only on AMD EPYCs without AVX-512 (every Xeon we drew has AVX-512), so its
 // limits come from an EPYC: Zen 4 with AVX2 forced (crossover_zen4_avx2.md, `bench
 // crossover --emulate-avx2`, two runs): both dtypes up to 4 queries at D = 64 (8
