@@ -138,7 +138,7 @@ Isa default_isa() {
 // scored by the same microkernel call shape wherever it sits: about 128 KiB of bank
 // per tile, 64 to 256 rows (a multiple of every vector width and of the VNNI pair).
 int64_t row_block(int64_t D, int64_t operand_bytes) {
-  int64_t rows = 64;
+  int64_t rows = kRowQuantum;
   while (rows < 256 && 2 * rows * D * operand_bytes <= 128 * 1024) rows *= 2;
   return rows;
 }

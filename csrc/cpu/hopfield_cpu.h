@@ -56,6 +56,10 @@ struct PlanHints {
   int64_t splits = 0;
 };
 
+// Row tiles, tails included, compute a multiple of this many rows: a multiple of every
+// vector width and of the VNNI pair, and the smallest row_block.
+constexpr int64_t kRowQuantum = 64;
+
 // How the work is cut and computed: chosen from the shape, the dtype, the CPU
 // and the thread count (see make_plan).
 struct Plan {
@@ -66,7 +70,8 @@ struct Plan {
   bool native_bf16;        // bfloat16 P by AVX-512 BF16's own conversion (the CPU has it)
   bool shared_weights;     // weighted ℓ2, one row of weights for every query of each leading index
   int64_t query_block;     // queries sharing one pass over a bank tile
-  int64_t row_block;       // bank rows per tile: fixed per (D, dtype, products), never by N
+  int64_t row_block;       // bank rows per tile: fixed per (D, dtype, products), never by N;
+                           // a tail tile computes its rows rounded up to kRowQuantum
   int64_t splits;          // bank splits per query block (1: no workspace, no combine)
   int64_t rows_per_split;  // a multiple of row_block
   int64_t query_blocks;    // ceil(B / query_block)

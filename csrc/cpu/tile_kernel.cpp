@@ -10,8 +10,8 @@
 //   2. softmax  over each column (W queries per vector): max, argmax, exp, sums, and
 //               the weights written transposed, P (queries x rows)
 //   3. values   O += P . V_tile            (brgemm or vector FMAs)
-// Every row is scored by the same operations wherever it sits (tails are padded
-// to a whole tile, never computed by another path), so equal rows score equally
+// Every row is scored by the same operations wherever it sits (a tail tile is padded
+// to a multiple of kRowQuantum rows, never computed by another path), so equal rows score equally
 // and the argmax keeps the first: docs/design.md §5.1.
 #include <algorithm>
 #include <cmath>
@@ -372,47 +372,50 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   }
   for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
     const int64_t R = std::min(BN, n_end - r0);
-    // The bank tile as stored (xr, row stride ldr in elements of dt), padded to BN
+    // The rows this tile computes: a tail only its own, rounded up to kRowQuantum (the
+    // microkernels score each row alike for any number of rows: the tie tests hold them to it).
+    const int64_t TN = R < BN ? (R + kRowQuantum - 1) / kRowQuantum * kRowQuantum : BN;
+    // The bank tile as stored (xr, row stride ldr in elements of dt), padded to TN
     // rows at the tail; xf: the same rows in float where a float32 product needs them.
     const char* xr = mem + es * size_t(r0 * p.memory_row_stride);
     int64_t ldr = p.memory_row_stride;
-    if (R < BN) xr = pad_rows(xr, ldr, es, R, BN, D, sc.xraw), ldr = D;
+    if (R < TN) xr = pad_rows(xr, ldr, es, R, TN, D, sc.xraw), ldr = D;
     const float* xf = reinterpret_cast<const float*>(xr);
     int64_t ldf = ldr;
-    if (float_tiles && (dt != DType::F32 || restride_float_tile(ldr, BM, D))) xf = float_rows(dt, xr, ldr, BN, D, sc.xf, ldf);
+    if (float_tiles && (dt != DType::F32 || restride_float_tile(ldr, BM, D))) xf = float_rows(dt, xr, ldr, TN, D, sc.xf, ldf);
     const int64_t xstep = int64_t(es) * ldr;  // bytes from one row of the tile as stored to the next
 
     // 1. Score products: C1 = X . (w∘q)^T, and for weighted ℓ2 C2 = (X∘X) . w^T.
     if (sp == Product::Vnni) {
-      mk::gemm_vnni(dt, BN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), q16, c1);
+      mk::gemm_vnni(dt, TN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), q16, c1);
     } else if (sp == Product::F32) {
-      mk::gemm_f32(BN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
+      mk::gemm_f32(TN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
     } else {
       // The next tile of this split, where it is a whole one read as stored (after its last
       // tile: the next work item's first).
       const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : r0 + BN >= n_end ? after_x : nullptr;
       if (sp == Product::Bf16Pairs)
-        HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn_by_scores));
+        HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, TN, c1, ldc, next, xn_by_scores));
       else
         by_dtype(dt, [&](auto DT) {
-          hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, BN, c1, ldc, next, xn_by_scores);
+          hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, TN, c1, ldc, next, xn_by_scores);
         });
       if (!one_query)
-        for (int64_t j = 0; j < BN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
+        for (int64_t j = 0; j < TN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
     }
     if (xn && (wts || !hand_scores_here))  // (else the hand-written products left them already)
-      by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, BN, D, xn, wts); });
+      by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, TN, D, xn, wts); });
     if (weight_product) {
       int64_t ldsq;  // rows padded_stride apart, as every float tile a product reads
-      float* xsq = float_rows(dt, xr, ldr, BN, D, sc.xsq, ldsq);
-      for (int64_t j = 0; j < BN; ++j)
+      float* xsq = float_rows(dt, xr, ldr, TN, D, sc.xsq, ldsq);
+      for (int64_t j = 0; j < TN; ++j)
         for (int64_t k = 0; k < D; ++k) xsq[j * ldsq + k] *= xsq[j * ldsq + k];
       if (sp == Product::F32) {
-        mk::gemm_f32(BN, BMp, D, ldsq, BMp, BMp, false, xsq, wop, c2);
+        mk::gemm_f32(TN, BMp, D, ldsq, BMp, BMp, false, xsq, wop, c2);
       } else {
-        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * ldsq, BN, c2, ldc);
+        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * ldsq, TN, c2, ldc);
         if (!one_query)
-          for (int64_t j = 0; j < BN; ++j) std::fill(c2 + j * BMp + BM, c2 + (j + 1) * BMp, 0.f);
+          for (int64_t j = 0; j < TN; ++j) std::fill(c2 + j * BMp + BM, c2 + (j + 1) * BMp, 0.f);
       }
     }
 
@@ -427,7 +430,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
         int64_t bj;
         if (!l2) {
           const vf vb = splat(beta);
-          row_scores<false>(c1, R, BN, [&](int64_t, vf c) { return c * vb; }, b, bj);
+          row_scores<false>(c1, R, TN, [&](int64_t, vf c) { return c * vb; }, b, bj);
         } else {
           const vf vq = splat(qn[0]);
           const float* sums = c2 ? c2 : xn;
@@ -438,14 +441,14 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
                                          [&] { return LanePairs{q, 0, wts, xr + j * xstep, xstep}; }, D, dt);
             return root ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
           };
-          row_scores<true>(c1, R, BN, score, b, bj);
+          row_scores<true>(c1, R, TN, score, b, bj);
         }
         best = splat(kNegInf), best_j = vi{};
         best[0] = b, best_j[0] = int32_t(bj);
       } else if (!l2) {
         const vf vb = splat(beta);
         // The exp pass recomputes c * beta: no score tile is written back.
-        column_scores<false>(cg, BMp, R, BN, [&](int64_t, vf c) { return c * vb; }, best, best_j);
+        column_scores<false>(cg, BMp, R, TN, [&](int64_t, vf c) { return c * vb; }, best, best_j);
       } else {
         const vf vq = load(qn + g);
         const float* wg = wts ? wts + g * D : nullptr;
@@ -456,7 +459,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
                                        [&] { return LanePairs{q + g * D, D, wg, xr + j * xstep, 0}; }, D, dt);
           return root ? -beta * vsqrt(d2) : splat(neg_half_beta) * d2;
         };
-        column_scores<true>(cg, BMp, R, BN, score, best, best_j);
+        column_scores<true>(cg, BMp, R, TN, score, best, best_j);
       }
       const vf m_old = load(m + g);
       const vf m_new = vmax(m_old, best);
@@ -469,19 +472,19 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
           const vf m0 = splat(msub[0]);
           WeightSums<float> r;
           if (!p16)
-            r = row_weights<kScaled>(c1, BN, scale, m0, pf, dt);
+            r = row_weights<kScaled>(c1, TN, scale, m0, pf, dt);
           else if (HEN_NATIVE_BF16 && plan.native_bf16)
-            r = row_weights<kScaled, true>(c1, BN, scale, m0, p16, dt);
+            r = row_weights<kScaled, true>(c1, TN, scale, m0, p16, dt);
           else
-            r = row_weights<kScaled>(c1, BN, scale, m0, p16, dt);
+            r = row_weights<kScaled>(c1, TN, scale, m0, p16, dt);
           WeightSums<vf> v{vf{}, vf{}};
           v.exact[0] = r.exact, v.stored[0] = r.stored;
           return v;
         }
-        if (!p16) return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, pf + g * BN, dt);
+        if (!p16) return column_weights<kScaled>(cg, BMp, TN, scale, msub, live, pf + g * TN, dt);
         if (HEN_NATIVE_BF16 && plan.native_bf16)
-          return column_weights<kScaled, true>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
-        return column_weights<kScaled>(cg, BMp, BN, scale, msub, live, p16 + g * BN, dt);
+          return column_weights<kScaled, true>(cg, BMp, TN, scale, msub, live, p16 + g * TN, dt);
+        return column_weights<kScaled>(cg, BMp, TN, scale, msub, live, p16 + g * TN, dt);
       };
       const WeightSums<vf> sum = l2 ? weights_into(std::false_type{}) : weights_into(std::true_type{});
       const vf rescale = exp_nonpositive(m_old - msub);
@@ -503,16 +506,16 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     // 3. Value products: O += P . V, V the same tile when values are the memory.
     const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
     int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
-    if (!values_are_memory && R < BN) vr = pad_rows(vr, ldvr, es, R, BN, Dv, sc.vraw), ldvr = Dv;
+    if (!values_are_memory && R < TN) vr = pad_rows(vr, ldvr, es, R, TN, Dv, sc.vraw), ldvr = Dv;
     constexpr int64_t kValueChunk = 512;  // output columns per product: the C block stays in L2
     if (vp == Product::Vnni) {
       // Pair rows padded_stride apart, as the widened tiles' rows (rows.h): with rows a
       // multiple of 1 KiB apart the bulk bf16 call (B = 64, D = 2048, EPYC Zen 4) took 1.14x
       // the time (D = 1024: 1.09x, D = 256: no difference; in-process A/B, the same bits).
       const int64_t ldp = padded_stride(Dv);
-      vnni_rows(reinterpret_cast<const uint16_t*>(vr), ldvr, BN, Dv, ldp, grow(sc.vpack, BN * ldp));
+      vnni_rows(reinterpret_cast<const uint16_t*>(vr), ldvr, TN, Dv, ldp, grow(sc.vpack, TN * ldp));
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
-        mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), BN, BN, ldp, Dv, true, p16, sc.vpack.data() + 2 * c0,
+        mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), TN, TN, ldp, Dv, true, p16, sc.vpack.data() + 2 * c0,
                       o + c0);
     } else if (vp == Product::F32) {
       const float* vf32 = reinterpret_cast<const float*>(vr);
@@ -520,18 +523,18 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       if (values_are_memory) {
         vf32 = xf, ldv = ldf;
       } else if (dt != DType::F32) {
-        vf32 = float_rows(dt, vr, ldvr, BN, Dv, sc.vf_, ldv);
+        vf32 = float_rows(dt, vr, ldvr, TN, Dv, sc.vf_, ldv);
       }
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
-        mk::gemm_f32(BM, std::min(kValueChunk, Dv - c0), BN, BN, ldv, Dv, true, pf, vf32 + c0, o + c0);
+        mk::gemm_f32(BM, std::min(kValueChunk, Dv - c0), TN, TN, ldv, Dv, true, pf, vf32 + c0, o + c0);
     } else {
       // The next value tile towards L2 again, spread over this pass: prefetching in the score
       // pass alone leaves the memory idle here (measured: 3-19 % faster recall with both).
       const char* vnext = r0 + 2 * BN <= n_end ? vr + es * size_t(BN * ldvr) : r0 + BN >= n_end ? after_v : nullptr;
       if (vp == Product::Bf16Pairs)
-        HEN_PAIR_PRODUCT(pair_values(p16, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext));
+        HEN_PAIR_PRODUCT(pair_values(p16, TN, BM, vr, int64_t(es) * ldvr, TN, Dv, o, vnext));
       else
-        by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, BN, BM, vr, int64_t(es) * ldvr, BN, Dv, o, vnext); });
+        by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, TN, BM, vr, int64_t(es) * ldvr, TN, Dv, o, vnext); });
     }
   }
   if (sp == Product::Vnni || vp == Product::Vnni) mk::release_vnni();
