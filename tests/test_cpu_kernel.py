@@ -133,7 +133,9 @@ def check_shape(kernel, dtype, sim, shape):
 @pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sim", SIMILARITIES)
-@pytest.mark.parametrize("d,dv", [(48, 11), (256, 256)], ids=["D48", "D256"])  # 256: float tiles on padded rows
+# 256: float tiles on padded rows; 44 and 27: a last partial vector of the rows and of the
+# values (finish_dots' and value_columns_rest's TailStep) on every vector width but the baseline's.
+@pytest.mark.parametrize("d,dv", [(48, 11), (44, 27), (256, 256)], ids=["D48", "D44", "D256"])
 def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim, d, dv):
     b, n = 37, 700
     q, x, v = make((b, d), dtype, 3), make((n, d), dtype, 4), make((n, dv), dtype, 5)
@@ -155,12 +157,13 @@ def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim, d
 @pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("sim", SIMILARITIES)
 @pytest.mark.parametrize("nq", [40, 1])  # one query: its scores laid along the rows (row_scores)
-def test_identical_rows_tie_to_the_smallest_index_anywhere(kernel, sim, nq):
+@pytest.mark.parametrize("d", [16, 7, 37])  # 7, 37: rows that end in a partial vector (TailStep)
+def test_identical_rows_tie_to_the_smallest_index_anywhere(kernel, sim, nq, d):
     """docs/design.md §5.1: one score per row whatever its place in a tile, split or chunk."""
     g = torch.Generator().manual_seed(0)
-    row = torch.randn(1, 16, generator=g)
-    q = (row + 0.1 * torch.randn(40, 16, generator=g))[:nq]
-    x = torch.randn(600, 16, generator=g) * 0.01  # far from every query: the repeated row wins
+    row = torch.randn(1, d, generator=g)
+    q = (row + 0.1 * torch.randn(40, d, generator=g))[:nq]
+    x = torch.randn(600, d, generator=g) * 0.01  # far from every query: the repeated row wins
     pos = torch.tensor([3, 64, 65, 200, 255, 256, 299, 511, 599])
     x[pos] = row
     beta = 1.0

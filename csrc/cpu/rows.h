@@ -96,12 +96,22 @@ void row_norms(const char* x, int64_t ldx, int64_t rows, int64_t D, float* out, 
           const vf v = lf<DT>(x + (j + b) * ldx, k);
           acc[b] += v * v;
         }
-    reduce_lanes<8>(acc, out + j);
-    for (int b = 0; b < 8; ++b)
-      for (int64_t kk = k; kk < D; ++kk) {
-        const float v = sf<DT>(x + (j + b) * ldx, kk);
-        out[j + b] += (w ? w[kk] : 1.f) * v * v;
+    if (k < D) {  // the rest as finish_dots takes it
+      const TailStep t(D, k);
+      if (w) {
+        const vf wk = t.floats(w);
+        for (int b = 0; b < 8; ++b) {
+          const vf v = t.row(DT, x + (j + b) * ldx);
+          acc[b] += wk * v * v;
+        }
+      } else {
+        for (int b = 0; b < 8; ++b) {
+          const vf v = t.row(DT, x + (j + b) * ldx);
+          acc[b] += v * v;
+        }
       }
+    }
+    reduce_lanes<8>(acc, out + j);
   }
 }
 

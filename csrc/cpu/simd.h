@@ -185,12 +185,85 @@ inline vf load_as_float(DType dt, const void* row, int64_t k) {
 #endif
 }
 
+// --- the last, partial vector of a row ----------------------------------------------
+
+// Lanes i < n set: the lanes a partial step reads and writes.
+template <size_t... i>
+constexpr vi lane_numbers(std::index_sequence<i...>) {
+  return vi{int(i)...};
+}
+inline vi first_lanes(int n) { return lane_numbers(std::make_index_sequence<W>{}) < n; }
+
+// The first n (1 <= n <= W) floats from p, the other lanes 0; nothing past p[n - 1] is read,
+// so a row's last partial vector takes the same operations as its whole ones.
+inline vf load_first(const float* p, int n) {
+#if HEN_ISA_LEVEL >= 3
+  return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+#elif HEN_ISA_LEVEL == 2
+  return _mm256_maskload_ps(p, __m256i(first_lanes(n)));
+#else
+  vf v = vf{};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+// The first n lanes of v into p[0, n).
+inline void store_first(float* p, vf v, int n) {
+#if HEN_ISA_LEVEL >= 3
+  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), v);
+#elif HEN_ISA_LEVEL == 2
+  _mm256_maskstore_ps(p, __m256i(first_lanes(n)), v);
+#else
+  for (int i = 0; i < n; ++i) p[i] = v[i];
+#endif
+}
+
 // n elements of a row of dtype dt into floats.
 inline void row_to_float(DType dt, const void* row, float* dst, int64_t n) {
   int64_t k = 0;
   for (; k + W <= n; k += W) store(dst + k, load_as_float(dt, row, k));
   for (; k < n; ++k) dst[k] = scalar_to_float(dt, row, k);
 }
+
+// load_as_float for elements k .. k + n - 1 (1 <= n <= W) of a row, the other lanes 0;
+// nothing past element k + n - 1 is read (rows shorter than a vector).
+inline vf load_as_float_first(DType dt, const void* row, int64_t k, int n) {
+  if (dt == DType::F32) return load_first(static_cast<const float*>(row) + k, n);
+  const uint16_t* s = static_cast<const uint16_t*>(row) + k;
+#if HEN_ISA_LEVEL >= 3
+  const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), s);
+  if (dt == DType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+#else
+  uint16_t part[W] = {};  // (no 16-bit masked load below AVX-512)
+  for (int i = 0; i < n; ++i) part[i] = s[i];
+  return load_as_float(dt, part, 0);
+#endif
+}
+
+// The step that ends a row of D elements whose first k are done (0 < D - k < W), the same
+// for every row: one whole vector ending at the row's end where the row holds one (lanes
+// W - n .. W - 1 are the row's last n elements, the lanes before zeroed), else the first n
+// lanes of a masked load.  (A masked load that crosses a cache line ran several times
+// slower than a plain one on an AMD Zen 5: with rows of 15 or 24 floats every or every
+// other row's last vector crosses one.)
+struct TailStep {
+  int64_t at;  // the element in lane 0
+  int n;       // elements left
+  bool whole;  // one whole vector ending at the row's end
+  TailStep(int64_t D, int64_t k) : at(D >= W ? D - W : k), n(int(D - k)), whole(D >= W) {}
+  // The n elements of a row of dtype dt, in their lanes, the other lanes 0.
+  vf row(DType dt, const void* r) const {
+    if (!whole) return load_as_float_first(dt, r, at, n);
+    return lane_numbers(std::make_index_sequence<W>{}) >= W - n ? load_as_float(dt, r, at) : vf{};
+  }
+  vf floats(const float* p) const { return row(DType::F32, p); }
+  // An accumulator row's lanes, the done ones included where whole (a product of the zero
+  // lanes above adds 0 to them), and back.
+  vf load_acc(const float* p) const { return whole ? load(p + at) : load_first(p + at, n); }
+  void store_acc(float* p, vf v) const { whole ? store(p + at, v) : store_first(p + at, v, n); }
+};
 
 // W floats stored as 16-bit dt, rounded to nearest even (finite and NaN inputs;
 // the weights of the softmax are all this path stores).

@@ -163,7 +163,7 @@ inline WeightSums<vf> column_weights(const float* c, int64_t ldc, int64_t BN, vf
 template <bool kStore, typename Score>
 __attribute__((always_inline)) inline void row_scores(float* c, int64_t R, int64_t BN, Score&& score, float& best,
                                                       int64_t& best_j) {
-  constexpr vi lane = even_lanes(std::make_index_sequence<W>{}) / 2;  // 0, 1, ..., W - 1
+  constexpr vi lane = lane_numbers(std::make_index_sequence<W>{});
   ArgMax am;  // chain u, lane l: rows j + l of the vectors j it was given
   for (int64_t j = 0, u = 0; j < BN; j += W, u = (u + 1) % ArgMax::U) {
     const vf cj = load(c + j);
