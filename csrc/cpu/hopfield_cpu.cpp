@@ -41,21 +41,29 @@ namespace {
 // queries ran 0.85-0.94x brgemm's speed), float32 8 from D = 128 on (1.11-1.60x at 8),
 // widened 16-bit 8 below D = 512 and 16 from there (1.08-1.10x at 16).  The AVX-512
 // limits without pairs were measured on a Xeon with AMX (benchmarks/results/cpu.md).
+// Short rows: the hand-written products reduce every query-row sum across a vector, a
+// cost per pair that the depth no longer hides.  On a Zen 5 (crossover_zen5.md and
+// crossover_zen5_avx2.md, from D = 16) 4 queries below D = 32 ran 0.68-0.90x brgemm's
+// speed on every ISA and dtype (2 queries 0.91-1.26x), and AVX-512 float32 8 queries
+// below D = 64 0.55-0.93x (4 queries 0.98x at D = 32, 1.48x at 48).  Those limits hold
+// for every CPU here, the Xeons' included, where short rows were not measured.
 struct HandUpTo {
   int64_t score, value;
 };
 HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
+  auto limit = [D](int64_t q) { return D < 32 ? std::min<int64_t>(q, 2) : q; };
   if (vnni && pairs) {
-    const int64_t q = D >= 256 ? 16 : D >= 128 ? 8 : 4;
+    const int64_t q = limit(D >= 256 ? 16 : D >= 128 ? 8 : 4);
     return {q, q};
   }
-  if (vnni) return {4, 8};
+  if (vnni) return {limit(4), limit(8)};
   if (isa == Isa::Avx2) {
-    const int64_t q = D < 128 ? 4 : dt == DType::F32 ? 8 : D < 512 ? 8 : 16;
+    const int64_t q = limit(D < 128 ? 4 : dt == DType::F32 ? 8 : D < 512 ? 8 : 16);
     return {q, q};
   }
-  if (dt != DType::F32) return {16, 16};
-  return isa == Isa::Avx512 ? HandUpTo{8, 8} : HandUpTo{4, 4};
+  if (dt != DType::F32) return {limit(16), limit(16)};
+  const int64_t q = limit(isa == Isa::Avx512 ? (D < 64 ? 4 : 8) : 4);
+  return {q, q};
 }
 
 // Whether the AVX-512 copy of the tile kernel has the AVX-512 BF16 instructions.

@@ -21,7 +21,7 @@ import torch
 from . import common
 from .cpu_peers import cpu_info
 
-DEPTHS = (64, 128, 256, 512, 1024)
+DEPTHS = (16, 24, 32, 48, 64, 128, 256, 512, 1024)  # 24, 48: rows that end in a partial vector
 QUERIES = (1, 2, 4, 8, 16, 32)
 BANK_ELEMENTS = 2 ** 25
 QUICK_ELEMENTS = 2 ** 16
