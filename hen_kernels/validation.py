@@ -275,7 +275,8 @@ def check_inputs(
     if lm == 1:
         memory = x.reshape(lm, n, d)
         values = memory if v is x else v.reshape(lm, n, v.shape[-1])
-        query, = _lead_views([q], lead)
+        # (a (B, D) query, the common case, skips _lead_views' bookkeeping: 6 of ~80 µs a small call)
+        query = q.unsqueeze(0) if not lead else _lead_views([q], lead)[0]
     else:
         query, memory, values = _lead_views([q, x, v], lead)
     return Inputs(
