@@ -245,9 +245,7 @@ inline vf load_as_float_first(DType dt, const void* row, int64_t k, int n) {
 // The step that ends a row of D elements whose first k are done (0 < D - k < W), the same
 // for every row: one whole vector ending at the row's end where the row holds one (lanes
 // W - n .. W - 1 are the row's last n elements, the lanes before zeroed), else the first n
-// lanes of a masked load.  (A masked load that crosses a cache line ran several times
-// slower than a plain one on an AMD Zen 5: with rows of 15 or 24 floats every or every
-// other row's last vector crosses one.)
+// lanes of a masked load (below AVX-512, 16-bit rows have no masked load: a copy).
 struct TailStep {
   int64_t at;  // the element in lane 0
   int n;       // elements left
