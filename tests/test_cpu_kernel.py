@@ -133,8 +133,8 @@ def check_shape(kernel, dtype, sim, shape):
 @pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sim", SIMILARITIES)
-# 256: float tiles on padded rows; 44 and 27: a last partial vector of the rows and of the
-# values (finish_dots' and value_columns_rest's TailStep) on every vector width but the baseline's.
+# 256: float tiles on padded rows; 44 and 27: rows (on every vector width but the baseline's) and
+# value rows that end in a partial vector (finish_dots' and value_columns_rest's TailStep).
 @pytest.mark.parametrize("d,dv", [(48, 11), (44, 27), (256, 256)], ids=["D48", "D44", "D256"])
 def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim, d, dv):
     b, n = 37, 700

@@ -194,8 +194,8 @@ constexpr vi lane_numbers(std::index_sequence<i...>) {
 }
 inline vi first_lanes(int n) { return lane_numbers(std::make_index_sequence<W>{}) < n; }
 
-// The first n (1 <= n <= W) floats from p, the other lanes 0; nothing past p[n - 1] is read,
-// so a row's last partial vector takes the same operations as its whole ones.
+// The first n (1 <= n <= W) floats from p, the other lanes 0; nothing past p[n - 1] is read
+// (rows shorter than a vector: TailStep).
 inline vf load_first(const float* p, int n) {
 #if HEN_ISA_LEVEL >= 3
   return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
