@@ -82,6 +82,7 @@ HAS_CUDA = $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() 
 bench: install
 	$(PY) -m hen_kernels.bench cpu --out $(RESULTS)
 	$(PY) -m hen_kernels.bench crossover --out $(RESULTS)
+	$(PY) -m hen_kernels.bench shapes --out $(RESULTS)
 	$(PY) -m hen_kernels.bench bank --out $(RESULTS)
 	$(PY) -m hen_kernels.bench nn --out $(RESULTS)
 	$(MAKE) --no-print-directory bench-static

@@ -1,4 +1,5 @@
-"""`python -m hen_kernels.bench cpu --quick` (and `crossover --quick`) run, and write one sensible row per case."""
+"""`python -m hen_kernels.bench cpu --quick` (and `crossover --quick`, `shapes --quick`) run, and write one sensible row
+per case."""
 import json
 import math
 import statistics
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from hen_kernels.bench import cpu as bench
-from hen_kernels.bench import crossover
+from hen_kernels.bench import crossover, shapes
 from hen_kernels.bench.cpu_peers import cpu_info
 
 from .conftest import require
@@ -145,6 +146,28 @@ def test_crossover_quick_times_every_kind_of_product(tmp_path, emulate):
     assert "## float32, hand" in md and "## bfloat16, hand" in md
     assert ("## bfloat16, pairs" in md) == (kernel["bf16_pairs"] == "1")
     assert ("AVX2 EMULATED" in md) == emulate
+
+
+def test_shapes_quick_times_every_case_against_sdpa(tmp_path):
+    """`bench shapes --quick`: a row per case and dtype, the public call and SDPA each checked against
+    float32, their ratio as timed, and every row in the table whatever its ratio."""
+    require("cpu")
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "hen_kernels.bench", "shapes", "--quick", "--repeats", "1",
+                           "--out", str(out), "--name", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "x.json").read_text())
+    rows = report["rows"]
+    assert [(r["group"], r["H"], r["B"], r["D"], r["dtype"]) for r in rows] == [
+        (g, h, b, d, dt) for g, h, b, _, d in shapes.CASES for dt in bench.DTYPES]
+    for r, (_, _, _, n, _) in zip(rows, [c for c in shapes.CASES for _ in bench.DTYPES]):
+        assert r["N"] == max(64, n // shapes.QUICK_DIVISOR)
+        assert set(r["rel_err"]) == {"fused", "sdpa"}
+        assert all(0 <= e < bench.CHECK_TOL[r["dtype"]] for e in r["rel_err"].values()), r
+        assert math.isclose(r["ratio"], r["sdpa_ms"] / r["fused_ms"], rel_tol=1e-9)
+        assert all(c >= 1 for c in r["calls_per_sample"].values())
+    md = (out / "x.md").read_text()
+    assert md.count("\n| ") == 1 + len(rows)  # the header and one line per row
 
 
 def test_short_calls_get_rounds_for_the_seconds_asked_not_for_a_first_call_estimate():

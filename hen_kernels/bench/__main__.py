@@ -1,4 +1,4 @@
-"""python -m hen_kernels.bench [cpu|bank|nn|gpu|static|crossover] [--out DIR] [options]: run one benchmark program."""
+"""python -m hen_kernels.bench [cpu|bank|nn|gpu|static|crossover|shapes] [--out DIR] [options]: run one benchmark program."""
 import importlib
 import sys
 from typing import List, Optional

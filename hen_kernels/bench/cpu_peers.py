@@ -16,6 +16,7 @@ the way its documentation suggests, in the inputs' dtype:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -76,13 +77,15 @@ def compiled(similarity: str, q: torch.Tensor, x: torch.Tensor) -> Callable:
     return _COMPILED[key]
 
 
-def _sdpa(backend) -> Callable:
-    """SDPA on q (..., B, D) and x (..., N, D), the leading dims (one bank each) as its heads."""
+def sdpa_runner(backend=None) -> Callable:
+    """SDPA on q (..., B, D) and x (..., N, D), the leading dims (one bank each) as its heads, on
+    ``backend`` (an SDPBackend), or with none forced, as a user calls it (sdpa_kernel's context
+    costs ~20 µs a call: nothing at the main table's sizes, most of a call on a small bank)."""
     from torch.nn.attention import sdpa_kernel
 
     def run(q, x, beta, mask):
         q4, x4 = (t.reshape((1, -1) + t.shape[-2:]) for t in (q, x))
-        with sdpa_kernel([backend]):
+        with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q4, x4, x4, attn_mask=mask, scale=beta)
         return out.reshape(q.shape[:-1] + out.shape[-1:])
     return run
@@ -129,10 +132,10 @@ def peer_callables(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: st
         if name == "plain":
             fns[name] = lambda: plain(q, x, beta, similarity)
         elif name == "sdpa":
-            run = _sdpa(SDPBackend.FLASH_ATTENTION)
+            run = sdpa_runner(SDPBackend.FLASH_ATTENTION)
             fns[name] = lambda run=run: run(q, x, beta, mask)
         elif name == "sdpa_math":
-            run = _sdpa(SDPBackend.MATH)
+            run = sdpa_runner(SDPBackend.MATH)
             fns[name] = lambda run=run: run(q, x, beta, mask)
         elif name == "compile":
             fn = compiled(similarity, q, x)

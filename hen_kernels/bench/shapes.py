@@ -1,0 +1,133 @@
+"""Shapes off the main table's grid: the fused update against SDPA on small banks, short rows and many banks.
+
+    python -m hen_kernels.bench shapes [--out DIR] [--quick] [--repeats K] [--emulate-avx2] [--name STEM]
+
+`bench cpu` times three regimes at sizes where the products decide.  A layer may instead
+hold a few hundred patterns, rows of 15-48 features, or many small banks as heads; there
+the fixed costs of a call (the Python checks, handing work to the threads, merging bank
+splits) and rows that end in a partial vector decide.  Each case times the public call,
+``hk.hopfield_update`` with its checks, against ``scaled_dot_product_attention`` called as a
+user calls it (no backend forced: PyTorch takes its CPU flash kernel for these inputs) on the
+same inputs (keys = values = the bank, leading dims as SDPA's heads), each first checked
+against float32 plain PyTorch.  A timed sample is a block of calls of one function in a row, long
+enough for about 2 ms (single sub-millisecond calls right after another shape's measure
+the switch more than the call); the functions take turns; median of ``--repeats``
+samples.  The cases are fixed below, not chosen by their results, and the table keeps
+the rows where SDPA is faster.  Writes shapes.{json,md} (or STEM.*); ``--emulate-avx2`` as
+``bench cpu --emulate-avx2``, writing shapes_avx2.{json,md}.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import List, Optional
+
+import torch
+
+from . import common, cpu_peers as peers
+from .cpu_cases import CHECK_TOL, DTYPES, backend_label, fused_backend, fused_call
+
+# (group, banks H, queries B, rows N, depth D); H > 1: one bank per leading index.
+CASES = (
+    ("small bank", 1, 1, 2000, 64),
+    ("small bank", 1, 8, 2000, 64),
+    ("small bank", 1, 64, 1000, 64),
+    ("small bank", 1, 64, 300, 64),
+    ("short rows", 1, 1, 200000, 15),
+    ("short rows", 1, 4, 200000, 16),
+    ("short rows", 1, 4, 200000, 24),
+    ("short rows", 1, 64, 50000, 17),
+    ("short rows", 1, 16, 50000, 48),
+    ("many banks", 8, 128, 4096, 64),
+    ("many banks", 12, 197, 197, 64),
+    ("many banks", 32, 8, 2048, 16),
+)
+QUICK_DIVISOR = 50  # --quick: N / 50 rows (at least 64)
+BLOCK_S = 2e-3      # a timed sample: calls in a row for about this long
+
+
+def case_inputs(h: int, b: int, n: int, d: int, dtype: str, quick: bool):
+    n = max(64, n // QUICK_DIVISOR) if quick else n
+    gen = torch.Generator().manual_seed(h * 1_000_003 + b * 1009 + n * 31 + d)
+    lead = (h,) if h > 1 else ()
+    q = torch.randn(lead + (b, d), generator=gen).to(getattr(torch, dtype))
+    x = torch.randn(lead + (n, d), generator=gen).to(getattr(torch, dtype))
+    return q, x, 1.0 / math.sqrt(d)
+
+
+def blocked(fn, calls: int):
+    def run():
+        for _ in range(calls):
+            fn()
+    return run
+
+
+def calls_per_block(fn) -> int:
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return max(1, math.ceil(BLOCK_S / max(time.perf_counter() - t0, 1e-7)))
+
+
+def measure(quick: bool, repeats: int) -> dict:
+    backend = fused_backend()
+    report = {"machine": dict(common.host(), cpu_info=torch.ops.hen_kernels.cpu_info() if backend == "cpu" else None,
+                              emulated=common.emulated()),
+              "backend": backend_label(backend), "quick": quick, "repeats": repeats, "rows": []}
+    for group, h, b, n, d in CASES:
+        for dtype in DTYPES:
+            q, x, beta = case_inputs(h, b, n, d, dtype, quick)
+            sdpa = peers.sdpa_runner()
+            fns = {"fused": fused_call(q, x, beta, "dot", backend), "sdpa": lambda: sdpa(q, x, beta, None)}
+            want = peers.plain(q.float(), x.float(), beta, "dot")
+            errs = {k: peers.rel_err(fn(), want) for k, fn in fns.items()}
+            for k, e in errs.items():
+                if not e < CHECK_TOL[dtype]:
+                    raise SystemExit(f"shapes: {k} on {group} H{h} B{b} N{x.shape[-2]} D{d} {dtype} is {e:.2e} "
+                                     f"off float32 (tolerance {CHECK_TOL[dtype]:.0e}): not timed")
+            calls = {k: calls_per_block(fn) for k, fn in fns.items()}
+            times = common.time_calls({k: blocked(fn, calls[k]) for k, fn in fns.items()}, repeats)
+            ms = {k: statistics.median(t) / calls[k] * 1e3 for k, (t, _) in times.items()}
+            row = {"group": group, "H": h, "B": b, "N": x.shape[-2], "D": d, "dtype": dtype,
+                   "fused_ms": ms["fused"], "sdpa_ms": ms["sdpa"], "ratio": ms["sdpa"] / ms["fused"],
+                   "calls_per_sample": calls, "rel_err": errs}
+            report["rows"].append(row)
+            print(f"  {group:<10} H {h:2d} B {b:3d} N {row['N']:6d} D {d:3d} {dtype:<8}  fused {ms['fused']:8.3f} ms"
+                  f"  sdpa {ms['sdpa']:8.3f} ms  {row['ratio']:.2f}x", flush=True)
+    return report
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    emulated = m.get("emulated")
+    lines = ["# Off the grid: `hopfield_update` against SDPA (above 1: hen_kernels is faster)"
+             + (" — AVX2 EMULATED" if emulated else ""), "",
+             f"- machine: {m['cpu']} ({m['isa']}), torch {m['torch']} with {m['torch_threads']} threads"
+             + (f"; EMULATED AVX2-only CPU: {emulated}" if emulated else ""),
+             f"- kernel: {m['cpu_info']}; fused backend: {report['backend']}",
+             "- the public call with its checks against `scaled_dot_product_attention` with no backend forced "
+             "(keys = values = the bank, banks as heads), both checked against float32 first; a sample is a "
+             "block of calls in a row "
+             f"(about {BLOCK_S * 1e3:.0f} ms), the two take turns, median of {report['repeats']} samples"
+             + (" (--quick)" if report["quick"] else ""), ""]
+    rows = [[r["group"], str(r["H"]), str(r["B"]), str(r["N"]), str(r["D"]), r["dtype"],
+             f"{r['fused_ms']:.3f}", f"{r['sdpa_ms']:.3f}", common.ratio(r["ratio"])] for r in report["rows"]]
+    lines += common.table(["case", "banks", "B", "N", "D", "dtype", "hen_kernels ms", "SDPA ms", "SDPA / ours"], rows,
+                          ["---", "---:", "---:", "---:", "---:", "---", "---:", "---:", "---:"])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = common.parser("shapes", __doc__, "shapes.json and shapes.md",
+                      f"N / {QUICK_DIVISOR} rows: seconds, for tests", 15, "timed samples per case and function")
+    common.add_emulate_avx2(p, "shapes_avx2.{json,md}")
+    p.add_argument("--name", metavar="STEM", help="write STEM.json and STEM.md")
+    a = p.parse_args(argv)
+    if a.emulate_avx2 and not common.emulated():
+        return common.rerun_emulated("shapes", argv)
+    report = measure(a.quick, a.repeats)
+    md = markdown(report)
+    js, mdp = common.write_report(a.out, a.name or ("shapes_avx2" if common.emulated() else "shapes"), report, md)
+    print("\n" + md + f"\nwrote {js} and {mdp}")
+    return 0
