@@ -249,9 +249,10 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   // workspace grows with splits x B x Dv, never with N.  A bank of fewer rows still
   // gets a split a thread, of one row tile or more, where a query block's products over
   // it come to 4 million multiply-adds: at 500-1000 rows and 4-16 million of them two
-  // splits ran 1.2-1.6x faster than one on two threads (EPYC Zen 5, in-process A/B, blocks
-  // of 10 calls, median of 15, four runs); at 0.5-2.5 million 0.71-1.35x (0.71x: a bank
-  // of 300 rows, one whole row tile and a short one).
+  // splits ran 1.06-1.56x faster than one on two threads (float32 and bf16, D = 64-256;
+  // EPYC Zen 5, in-process A/B, blocks of 10 calls, median of 15, three runs); forced at
+  // 0.5-2.5 million, 0.71-1.35x (0.71x: a bank of 300 rows, one whole row tile and a
+  // short one).
   const int64_t threads = std::max(num_threads, 1);
   const int64_t want = ceil_div(4 * threads, query_tiles);
   const int64_t whole_tiles = ceil_div(p.N, plan.row_block);
