@@ -299,6 +299,34 @@ def parser(program: str, doc: str, writes: str, quick: str, repeats: int, repeat
     return p
 
 
+def cpu_table_head(title: str, machine: dict, kernel: str) -> List[str]:
+    """A CPU table's first lines: its title (marked when its AVX2 run was emulated), the machine, the kernel."""
+    emulated_env = machine.get("emulated")
+    return [title + (" — AVX2 EMULATED" if emulated_env else ""), "",
+            f"- machine: {machine['cpu']} ({machine['isa']}), torch {machine['torch']} with "
+            f"{machine['torch_threads']} threads"
+            + (f"; EMULATED AVX2-only CPU: {emulated_env}" if emulated_env else ""),
+            f"- kernel: {kernel}"]
+
+
+def run_cpu_table(program: str, doc: str, quick: str, repeats: int, repeats_help: str,
+                  measure: Callable[[bool, int], dict], markdown: Callable[[dict], str],
+                  argv: Optional[Sequence[str]]) -> int:
+    """main() of a CPU program with --out, --quick, --repeats, --emulate-avx2 and --name: measure,
+    write PROGRAM.{json,md} (PROGRAM_avx2.* when emulated, STEM.* with --name), print the table."""
+    p = parser(program, doc, f"{program}.json and {program}.md", quick, repeats, repeats_help)
+    add_emulate_avx2(p, f"{program}_avx2.{{json,md}}")
+    p.add_argument("--name", metavar="STEM", help="write STEM.json and STEM.md")
+    a = p.parse_args(argv)
+    if a.emulate_avx2 and not emulated():
+        return rerun_emulated(program, argv)
+    report = measure(a.quick, a.repeats)
+    md = markdown(report)
+    js, mdp = write_report(a.out, a.name or (f"{program}_avx2" if emulated() else program), report, md)
+    print("\n" + md + f"\nwrote {js} and {mdp}")
+    return 0
+
+
 # --- the report files ----------------------------------------------------------------
 
 def _finite(v):

@@ -61,16 +61,11 @@ def measure(quick: bool, repeats: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
-    emulated = m.get("emulated")
-    lines = ["# CPU kernel: brgemm time / hand-written time (above 1: the hand-written products win)"
-             + (" — AVX2 EMULATED" if emulated else ""), "",
-             f"- machine: {m['cpu']} ({m['isa']}), torch {m['torch']} with {m['torch_threads']} threads"
-             + (f"; EMULATED AVX2-only CPU: {emulated}" if emulated else ""),
-             f"- kernel: {m['cpu_info']}",
-             f"- bank of {report['bank_elements']} elements, median of {report['repeats']} interleaved "
-             "calls, each after an untimed call of the same function" + (" (--quick)" if report["quick"] else ""),
-             "- the planner's limits: `hand_up_to` in csrc/cpu/hopfield_cpu.cpp", ""]
+    title = "# CPU kernel: brgemm time / hand-written time (above 1: the hand-written products win)"
+    lines = common.cpu_table_head(title, report["machine"], report["machine"]["cpu_info"])
+    lines += [f"- bank of {report['bank_elements']} elements, median of {report['repeats']} interleaved "
+              "calls, each after an untimed call of the same function" + (" (--quick)" if report["quick"] else ""),
+              "- the planner's limits: `hand_up_to` in csrc/cpu/hopfield_cpu.cpp", ""]
     dtypes = sorted({c["dtype"] for c in report["cells"]}, key=lambda d: d != "float32")
     for dtype in dtypes:
         cells = [c for c in report["cells"] if c["dtype"] == dtype]
@@ -85,15 +80,5 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = common.parser("crossover", __doc__, "crossover.json and crossover.md",
-                      f"a bank of {QUICK_ELEMENTS} elements: seconds, for tests", 5, "timed calls per cell")
-    common.add_emulate_avx2(p, "crossover_avx2.{json,md}")
-    p.add_argument("--name", metavar="STEM", help="write STEM.json and STEM.md")
-    a = p.parse_args(argv)
-    if a.emulate_avx2 and not common.emulated():
-        return common.rerun_emulated("crossover", argv)
-    report = measure(a.quick, a.repeats)
-    md = markdown(report)
-    js, mdp = common.write_report(a.out, a.name or ("crossover_avx2" if common.emulated() else "crossover"), report, md)
-    print("\n" + md + f"\nwrote {js} and {mdp}")
-    return 0
+    return common.run_cpu_table("crossover", __doc__, f"a bank of {QUICK_ELEMENTS} elements: seconds, for tests", 5,
+                                "timed calls per cell", measure, markdown, argv)

@@ -99,18 +99,14 @@ def measure(quick: bool, repeats: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
-    emulated = m.get("emulated")
-    lines = ["# Off the grid: `hopfield_update` against SDPA (above 1: hen_kernels is faster)"
-             + (" — AVX2 EMULATED" if emulated else ""), "",
-             f"- machine: {m['cpu']} ({m['isa']}), torch {m['torch']} with {m['torch_threads']} threads"
-             + (f"; EMULATED AVX2-only CPU: {emulated}" if emulated else ""),
-             f"- kernel: {m['cpu_info']}; fused backend: {report['backend']}",
-             "- the public call with its checks against `scaled_dot_product_attention` with no backend forced "
-             "(keys = values = the bank, banks as heads), both checked against float32 first; a sample is a "
-             "block of calls in a row "
-             f"(about {BLOCK_S * 1e3:.0f} ms), the two take turns, median of {report['repeats']} samples"
-             + (" (--quick)" if report["quick"] else ""), ""]
+    lines = common.cpu_table_head("# Off the grid: `hopfield_update` against SDPA (above 1: hen_kernels is faster)",
+                                  report["machine"],
+                                  f"{report['machine']['cpu_info']}; fused backend: {report['backend']}")
+    lines += ["- the public call with its checks against `scaled_dot_product_attention` with no backend forced "
+              "(keys = values = the bank, banks as heads), both checked against float32 first; a sample is a "
+              "block of calls in a row "
+              f"(about {BLOCK_S * 1e3:.0f} ms), the two take turns, median of {report['repeats']} samples"
+              + (" (--quick)" if report["quick"] else ""), ""]
     rows = [[r["group"], str(r["H"]), str(r["B"]), str(r["N"]), str(r["D"]), r["dtype"],
              f"{r['fused_ms']:.3f}", f"{r['sdpa_ms']:.3f}", common.ratio(r["ratio"])] for r in report["rows"]]
     lines += common.table(["case", "banks", "B", "N", "D", "dtype", "hen_kernels ms", "SDPA ms", "SDPA / ours"], rows,
@@ -119,15 +115,5 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = common.parser("shapes", __doc__, "shapes.json and shapes.md",
-                      f"N / {QUICK_DIVISOR} rows: seconds, for tests", 15, "timed samples per case and function")
-    common.add_emulate_avx2(p, "shapes_avx2.{json,md}")
-    p.add_argument("--name", metavar="STEM", help="write STEM.json and STEM.md")
-    a = p.parse_args(argv)
-    if a.emulate_avx2 and not common.emulated():
-        return common.rerun_emulated("shapes", argv)
-    report = measure(a.quick, a.repeats)
-    md = markdown(report)
-    js, mdp = common.write_report(a.out, a.name or ("shapes_avx2" if common.emulated() else "shapes"), report, md)
-    print("\n" + md + f"\nwrote {js} and {mdp}")
-    return 0
+    return common.run_cpu_table("shapes", __doc__, f"N / {QUICK_DIVISOR} rows: seconds, for tests", 15,
+                                "timed samples per case and function", measure, markdown, argv)
