@@ -188,33 +188,38 @@ template <DType DT, int QI, int RJ, bool kNorms>
 inline void finish_dots(vf* acc, vf* nacc, const float* q, int64_t D, int64_t k, const char* x, int64_t ldx,
                         float* c, int64_t ldc, float* norms, const char* next) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
-  // The lines of elements [from, to) of the same rows of the next tile towards L2, as the
-  // block's own steps do for theirs: without, rows of 15 floats (no whole step) and of 24
-  // (a line in three left) ran 2.9x and 1.45x slower (one query, EPYC Zen 5, ad-hoc).
-  auto prefetch = [&](int64_t from, int64_t to) __attribute__((always_inline)) {
-    if (next)
-      for (int b = 0; b < RJ; ++b) {
-        __builtin_prefetch(next + b * ldx + from * es, 0, 2);
-        __builtin_prefetch(next + b * ldx + to * es - 1, 0, 2);
-      }
-  };
+  constexpr int64_t line = 64 / (W * es) > 0 ? 64 / (W * es) : 1;  // k-steps per cache line
   auto step = [&](auto&& row, auto&& query) __attribute__((always_inline)) {
     vf xv[RJ];
     for (int b = 0; b < RJ; ++b) xv[b] = row(x + b * ldx);
     if constexpr (kNorms)
       for (int b = 0; b < RJ; ++b) nacc[b] += xv[b] * xv[b];
     for (int a = 0; a < QI; ++a) {
-      const vf qv = query(q + a * D);
+      vf qv = query(q + a * D);
+#if defined(__x86_64__) || defined(__i386__)
+      // Keep qv in a register: GCC would otherwise fold a fresh load into every
+      // FMA, and the load ports, not the FMA units, would set the pace.
+      if constexpr (RJ > 1) asm("" : "+v"(qv));
+#endif
       for (int b = 0; b < RJ; ++b) acc[a * RJ + b] += qv * xv[b];
     }
   };
   for (; k + W <= D; k += W) {
-    prefetch(k, k + W);
+    // The same rows of the next tile towards L2, one line per row every `line` steps:
+    // walking many short rows at once, the hardware prefetchers fall behind.
+    if (next && (k / W) % line == 0)
+      for (int b = 0; b < RJ; ++b) __builtin_prefetch(next + b * ldx + k * es, 0, 2);
     step([&](const char* r) { return lf<DT>(r, k); }, [&](const float* r) { return load(r + k); });
   }
   if (k < D) {
     const TailStep t(D, k);
-    prefetch(t.at, D);
+    // Both ends of the tail's span: without, rows of 15 floats (no whole step) and of 24 (a
+    // line in three left) ran 2.9x and 1.45x slower (one query, EPYC Zen 5, ad-hoc).
+    if (next)
+      for (int b = 0; b < RJ; ++b) {
+        __builtin_prefetch(next + b * ldx + t.at * es, 0, 2);
+        __builtin_prefetch(next + b * ldx + D * es - 1, 0, 2);
+      }
     step([&](const char* r) { return t.row(DT, r); }, [&](const float* r) { return t.floats(r); });
   }
   float sums[QI * RJ];
@@ -233,7 +238,6 @@ template <DType DT, int QI, int RJ, bool kNorms>
 inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, float* c, int64_t ldc,
                       const char* next, float* norms) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
-  constexpr int64_t line = 64 / (W * es) > 0 ? 64 / (W * es) : 1;  // k-steps per cache line
   vf acc[QI * RJ];
   vf nacc[RJ];
   for (int i = 0; i < QI * RJ; ++i) acc[i] = vf{};
@@ -257,26 +261,7 @@ inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, flo
       }
     }
   }
-  for (; k + W <= D; k += W) {
-    // The same rows of the next tile towards L2, one line per row every `line` steps:
-    // walking many short rows at once, the hardware prefetchers fall behind.
-    if (next && (k / W) % line == 0)
-      for (int b = 0; b < RJ; ++b) __builtin_prefetch(next + b * ldx + k * es, 0, 2);
-    vf xv[RJ];
-    for (int b = 0; b < RJ; ++b) xv[b] = lf<DT>(x + b * ldx, k);
-    if constexpr (kNorms)
-      for (int b = 0; b < RJ; ++b) nacc[b] += xv[b] * xv[b];
-    for (int a = 0; a < QI; ++a) {
-      vf qv = load(q + a * D + k);
-#if defined(__x86_64__) || defined(__i386__)
-      // Keep qv in a register: GCC would otherwise fold a fresh load into every
-      // FMA, and the load ports, not the FMA units, would set the pace.
-      if constexpr (RJ > 1) asm("" : "+v"(qv));
-#endif
-      for (int b = 0; b < RJ; ++b) acc[a * RJ + b] += qv * xv[b];
-    }
-  }
-  finish_dots<DT, QI, RJ, kNorms>(acc, nacc, q, D, k, x, ldx, c, ldc, norms, next);
+  finish_dots<DT, QI, RJ, kNorms>(acc, nacc, q, D, k, x, ldx, c, ldc, norms, next);  // the W-steps and the tail
 }
 
 template <DType DT, int QI>
