@@ -240,7 +240,10 @@ inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, flo
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   vf acc[QI * RJ];
   vf nacc[RJ];
+  // Unrolled, so that GCC keeps the accumulators in registers rather than memset them on the stack.
+#pragma GCC unroll 64
   for (int i = 0; i < QI * RJ; ++i) acc[i] = vf{};
+#pragma GCC unroll 64
   for (int b = 0; b < RJ; ++b) nacc[b] = vf{};
   int64_t k = 0;
   if constexpr (DT == DType::BF16) {  // q split by split_pairs
@@ -302,32 +305,83 @@ inline void prefetch_span(const char* row, int64_t from, int64_t to) {
 // Output vectors per pass for QI queries: enough independent FMA chains (QI x C >= 8)
 // to cover the FMA latency, within the register file (32 vectors on AVX-512, 16 below).
 template <int QI>
-constexpr int value_columns() {
+constexpr int columns_per_pass() {
   return W >= 16 ? (QI == 4 ? 4 : 8) : (QI == 4 ? 2 : 4);
 }
 
-// Columns d .. Dv - 1 of acc[i][:] += sum_j P[i][j] * v_j[:] (weight(i, j) = P[i][j] as a
-// float), one vector of columns at a time, the last partial one a TailStep: what is left
-// after the wider passes of accumulate_values and pair_accumulate_values.
-template <DType DT, int QI, typename Weight>
-inline void value_columns_rest(Weight&& weight, const char* v, int64_t ldv, int64_t rows, int64_t Dv, float* acc,
-                               int64_t ldacc, int64_t d) {
-  auto pass = [&](auto&& load_acc, auto&& row, auto&& store_acc) __attribute__((always_inline)) {
-    vf a[QI];
-    for (int i = 0; i < QI; ++i) a[i] = load_acc(acc + i * ldacc);
-    for (int64_t j = 0; j < rows; ++j) {
-      const vf vv = row(v + j * ldv);
-      for (int i = 0; i < QI; ++i) a[i] += splat(weight(i, j)) * vv;
+// One pass over the rows for NC vectors of columns of acc[i][:] += sum_j P[i][j] * v_j[:]
+// (weight(i, j) = P[i][j] as a float; row(r, c) and the acc lambdas give vector c of the
+// pass; prefetch(j) sends the pass's span of row j of the next tile towards L2).  Fewer
+// than 8 accumulators would leave the FMA latency, not its throughput, to set the pace
+// (one query and one vector: a 4-cycle chain a row), so RS sets of them take interleaved
+// rows and are summed at the end.
+template <int QI, int NC, typename Weight, typename LoadAcc, typename Row, typename StoreAcc, typename Prefetch>
+__attribute__((always_inline)) inline void value_pass(Weight&& weight, const char* v, int64_t ldv, int64_t rows,
+                                                      float* acc, int64_t ldacc, LoadAcc&& load_acc, Row&& row,
+                                                      StoreAcc&& store_acc, Prefetch&& prefetch) {
+  constexpr int RS = QI * NC >= 8 ? 1 : 8 / (QI * NC);
+  vf a[RS][QI][NC];
+#pragma GCC unroll 8
+  for (int i = 0; i < QI; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      a[0][i][c] = load_acc(acc + i * ldacc, c);
+#pragma GCC unroll 8
+      for (int r = 1; r < RS; ++r) a[r][i][c] = vf{};  // (unrolled: else a memset of a stack copy)
     }
-    for (int i = 0; i < QI; ++i) store_acc(acc + i * ldacc, a[i]);
+  auto add_row = [&](int r, int64_t j) __attribute__((always_inline)) {
+    prefetch(j);
+    vf vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = row(v + j * ldv, c);
+    for (int i = 0; i < QI; ++i) {
+      const vf w = splat(weight(i, j));
+      for (int c = 0; c < NC; ++c) a[r][i][c] += w * vv[c];
+    }
   };
-  for (; d + W <= Dv; d += W)
-    pass([&](const float* p) { return load(p + d); }, [&](const char* r) { return lf<DT>(r, d); },
-         [&](float* p, vf x) { store(p + d, x); });
+  int64_t j = 0;
+  for (; j + RS <= rows; j += RS)
+    for (int r = 0; r < RS; ++r) add_row(r, j + r);
+  for (; j < rows; ++j) add_row(0, j);
+  for (int i = 0; i < QI; ++i)
+    for (int c = 0; c < NC; ++c) {
+      for (int r = 1; r < RS; ++r) a[0][i][c] += a[r][i][c];
+      store_acc(acc + i * ldacc, c, a[0][i][c]);
+    }
+}
+
+// Columns d .. Dv - 1 of acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows`
+// value rows of dtype DT: the whole vectors in passes of C = columns_per_pass<QI>(), then 4,
+// 2 and 1, the last partial one a TailStep.  (Until 2026-12 what C did not cover went one
+// vector a pass, a single FMA chain for one query: the op ran 1.2-1.7x slower with one to
+// four queries on rows of 32-96 elements, EPYC Zen 5, one thread, six alternating runs.)  `next`: the following tile of value rows (same layout), prefetched by the
+// C-wide passes only (the narrower ones ran 0-12 % slower with it on rows of 32-96
+// elements, keys = values or not: EPYC Zen 5, one thread, in-process A/B).
+template <DType DT, int QI, typename Weight>
+inline void value_columns(Weight&& weight, const char* v, int64_t ldv, int64_t rows, int64_t Dv, float* acc,
+                          int64_t ldacc, int64_t d, const char* next) {
+  constexpr int C = columns_per_pass<QI>();
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  auto whole = [&](auto nc) __attribute__((always_inline)) {
+    constexpr int NC = decltype(nc)::value;
+    if constexpr (NC <= C)
+      for (; d + NC * W <= Dv; d += NC * W)
+        value_pass<QI, NC>(
+            weight, v, ldv, rows, acc, ldacc, [&](const float* p, int c) { return load(p + d + c * W); },
+            [&](const char* r, int c) { return lf<DT>(r, d + c * W); },
+            [&](float* p, int c, vf x) { store(p + d + c * W, x); },
+            [&](int64_t j) {
+              if (NC == C && next) prefetch_span(next + j * ldv, es * d, es * (d + NC * W));
+            });
+  };
+  whole(std::integral_constant<int, C>{});
+  if constexpr (C != 4) whole(std::integral_constant<int, 4>{});
+  whole(std::integral_constant<int, 2>{});
+  whole(std::integral_constant<int, 1>{});
   if (d < Dv) {
     const TailStep t(Dv, d);
-    pass([&](const float* p) { return t.load_acc(p); }, [&](const char* r) { return t.row(DT, r); },
-         [&](float* p, vf x) { t.store_acc(p, x); });
+    value_pass<QI, 1>(weight, v, ldv, rows, acc, ldacc, [&](const float* p, int) { return t.load_acc(p); },
+                      [&](const char* r, int) { return t.row(DT, r); },
+                      [&](float* p, int, vf x) { t.store_acc(p, x); }, [](int64_t) {});
   }
 }
 
@@ -336,8 +390,7 @@ inline void value_columns_rest(Weight&& weight, const char* v, int64_t ldv, int6
 template <DType DT, int QI>
 void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
                        float* acc, int64_t ldacc, const char* next = nullptr) {
-  constexpr int C = value_columns<QI>();
-  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
+  constexpr int C = columns_per_pass<QI>();
   int64_t d = 0;
   if constexpr (DT == DType::BF16) {  // the same sums over j, widened in pairs
     constexpr int H = C / 2;          // 2W-column blocks per pass
@@ -370,23 +423,7 @@ void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, 
         }
     }
   }
-  for (; d + C * W <= Dv; d += C * W) {
-    vf a[QI][C];
-    for (int i = 0; i < QI; ++i)
-      for (int c = 0; c < C; ++c) a[i][c] = load(acc + i * ldacc + d + c * W);
-    for (int64_t j = 0; j < rows; ++j) {
-      if (next) prefetch_span(next + j * ldv, es * d, es * (d + C * W));
-      vf vv[C];
-      for (int c = 0; c < C; ++c) vv[c] = lf<DT>(v + j * ldv, d + c * W);
-      for (int i = 0; i < QI; ++i) {
-        const vf w = splat(p[i * ldp + j]);
-        for (int c = 0; c < C; ++c) a[i][c] += w * vv[c];
-      }
-    }
-    for (int i = 0; i < QI; ++i)
-      for (int c = 0; c < C; ++c) store(acc + i * ldacc + d + c * W, a[i][c]);
-  }
-  value_columns_rest<DT, QI>([&](int i, int64_t j) { return p[i * ldp + j]; }, v, ldv, rows, Dv, acc, ldacc, d);
+  value_columns<DT, QI>([&](int i, int64_t j) { return p[i * ldp + j]; }, v, ldv, rows, Dv, acc, ldacc, d, next);
 }
 
 template <DType DT>
@@ -432,7 +469,9 @@ HEN_BF16_PAIRS void pair_block(const uint16_t* q16, const float* qf, int64_t D, 
                        int64_t ldc, const char* next, float* norms) {
   vf acc[QI * RJ];
   vf nacc[RJ];
+#pragma GCC unroll 64
   for (int i = 0; i < QI * RJ; ++i) acc[i] = vf{};
+#pragma GCC unroll 64
   for (int b = 0; b < RJ; ++b) nacc[b] = vf{};
   int64_t k = 0;
   for (; k + 2 * W <= D; k += 2 * W) {  // one cache line of each row per step
@@ -552,8 +591,8 @@ void pair_accumulate_values(const uint16_t* p, int64_t ldp, const char* v, int64
   d = pair_values_pass<QI, 1>(p, ldp, v, ldv, rows, Dv, acc, ldacc, next, d);
   // The last Dv mod 2W columns: the same products, widened (a bfloat16 weight is exact in float).
   const char* pb = reinterpret_cast<const char*>(p);
-  value_columns_rest<DType::BF16, QI>([&](int i, int64_t j) { return sf<DType::BF16>(pb + 2 * i * ldp, j); }, v, ldv,
-                                      rows, Dv, acc, ldacc, d);
+  value_columns<DType::BF16, QI>([&](int i, int64_t j) { return sf<DType::BF16>(pb + 2 * i * ldp, j); }, v, ldv,
+                                 rows, Dv, acc, ldacc, d, next);
 }
 
 // hand_values for bfloat16 values and P on the pair dot product (`rows` even: whole tiles).
