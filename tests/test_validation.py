@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hen_kernels as hk
-from hen_kernels import Partial, reference
+from hen_kernels import Partial, reference, validation
 
 D, N, B = 4, 5, 3
 LEAD = (2,)  # the default query's leading dims
@@ -534,6 +534,27 @@ def test_no_grad_context_ignores_requires_grad():
     with torch.no_grad():
         out = hk.hopfield_update(q, b["memory"], 1.0)
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("backend", hk.available_backends())
+def test_float_beta_from_inference_mode_does_not_reach_a_call_with_grad(backend):
+    # A float beta's tensor is made once and shared by later calls (validation._float_beta);
+    # one made under inference_mode is an inference tensor, which autograd refuses to save.
+    b = _base()
+    with torch.inference_mode():
+        hk.hopfield_update(b["query"], b["memory"], 1.75, backend=backend)
+    x = b["memory"].clone().requires_grad_()
+    hk.hopfield_update(b["query"], x, 1.75, backend=backend).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_float_beta_tensors_stay_bounded_and_unchanged():
+    b = _base()
+    for i in range(200):  # a sweep of beta: the shared tensors are capped, each call gets its own value
+        out = hk.hopfield_update(b["query"], b["memory"], 0.5 + i / 100)
+    assert len(validation._FLOAT_BETAS) <= validation._FLOAT_BETAS_MAX
+    ref = hk.hopfield_update(b["query"], b["memory"], torch.tensor(0.5 + 199 / 100))  # (a tensor beta: not shared)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 # --- gaps found in review, now refused by name -----------------------------------------
