@@ -42,16 +42,20 @@ namespace {
 // widened 16-bit 8 below D = 512 and 16 from there (1.08-1.10x at 16).  The AVX-512
 // limits without pairs were measured on a Xeon with AMX (benchmarks/results/cpu.md).
 // Short rows: the hand-written products reduce every query-row sum across a vector, a
-// cost per pair that the depth no longer hides.  On a Zen 5 (crossover_zen5.md and
-// crossover_zen5_avx2.md, from D = 16) 4 queries below D = 32 ran 0.68-0.90x brgemm's
-// speed on every ISA and dtype (2 queries 0.91-1.26x), and AVX-512 float32 8 queries
-// below D = 64 0.55-0.93x (4 queries 0.98x at D = 32, 1.48x at 48).  Those limits hold
-// for every CPU here, the Xeons' included, where short rows were not measured.
+// cost per pair that the depth no longer hides: rows of fewer than two vectors (D < 32
+// on AVX-512, 16 on AVX2) take at most 2 queries.  On a Zen 5 (crossover_zen5.md and
+// crossover_zen5_avx2.md, from D = 16, at 9d45bff, two runs each) 4 queries at D = 16
+// and 24 ran 0.77-1.05x brgemm's speed on AVX-512, and on AVX2 (16-bit: widened)
+// 0.92-1.09x at D = 16 and 1.04-1.36x at 24; AVX-512 float32 8 queries at D = 32 and 48
+// 0.94-1.11x, kept at 4 below D = 64 (before 9d45bff's value passes, 0.55-0.93x; and 4
+// queries below D = 32 0.68-0.90x on every ISA).  Those limits hold for every CPU here,
+// the Xeons' included, where short rows were not measured.
 struct HandUpTo {
   int64_t score, value;
 };
 HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
-  auto limit = [D](int64_t q) { return D < 32 ? std::min<int64_t>(q, 2) : q; };
+  const int64_t two_vectors = isa == Isa::Avx512 ? 32 : isa == Isa::Avx2 ? 16 : 8;
+  auto limit = [D, two_vectors](int64_t q) { return D < two_vectors ? std::min<int64_t>(q, 2) : q; };
   if (vnni && pairs) {
     const int64_t q = limit(D >= 256 ? 16 : D >= 128 ? 8 : 4);
     return {q, q};
