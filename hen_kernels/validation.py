@@ -178,6 +178,8 @@ def check_beta(beta: object, lead: torch.Size, device: torch.device,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """beta as an (L,) tensor of ``dtype`` (float32; float64 for float64 inputs) on ``device``."""
     numel = math.prod(lead)
+    if type(beta) is float:  # (the common case, before the slower ABC check of numbers.Real)
+        return _float_beta(check_beta_value(beta), numel, device, dtype)
     if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, torch.Tensor)):
         raise TypeError(f"beta: expected a float > 0 or a floating tensor, got {type(beta).__name__}")
     if not isinstance(beta, torch.Tensor):
@@ -248,52 +250,55 @@ def check_inputs(
 ) -> Inputs:
     q = _tensor("query", query)
     x = _tensor("memory", memory)
-    if q.dim() < 2:
-        raise ValueError(f"query: expected shape (..., B, D), got {tuple(q.shape)}")
-    if q.shape[-1] == 0:
+    # (shape, dtype and device read once: each read builds a Python object, on every call)
+    qs, xs, dtype, device = q.shape, x.shape, q.dtype, q.device
+    if len(qs) < 2:
+        raise ValueError(f"query: expected shape (..., B, D), got {tuple(qs)}")
+    if qs[-1] == 0:
         raise ValueError("query: expected a feature dim D >= 1, got D = 0")
-    lead, (b, d) = q.shape[:-2], q.shape[-2:]
-    if x.dim() != 2 and x.dim() != q.dim():
+    lead, (b, d) = qs[:-2], qs[-2:]
+    if len(xs) != 2 and len(xs) != len(qs):
         raise ValueError(
-            f"memory: expected shape (N, {d}) or {tuple(lead) + ('N', d)} to match query {tuple(q.shape)}, "
-            f"got {tuple(x.shape)}"
+            f"memory: expected shape (N, {d}) or {tuple(lead) + ('N', d)} to match query {tuple(qs)}, "
+            f"got {tuple(xs)}"
         )
-    if x.shape[-1] != d:
-        raise ValueError(f"memory: expected last dim {d} (the query's D), got shape {tuple(x.shape)}")
-    if x.dim() > 2 and x.shape[:-2] != lead:
+    if xs[-1] != d:
+        raise ValueError(f"memory: expected last dim {d} (the query's D), got shape {tuple(xs)}")
+    if len(xs) > 2 and xs[:-2] != lead:
         raise ValueError(
-            f"memory: expected leading dims {tuple(lead)} (the query's), got {tuple(x.shape[:-2])}; "
+            f"memory: expected leading dims {tuple(lead)} (the query's), got {tuple(xs[:-2])}; "
             "pass an (N, D) bank to share it across leading dims"
         )
-    if x.dtype != q.dtype:
-        raise TypeError(f"memory: expected dtype {q.dtype} (the query's), got {x.dtype}")
-    if x.device != q.device:
-        raise ValueError(f"memory: expected device {q.device} (the query's), got {x.device}")
-    n = x.shape[-2]
+    if x.dtype != dtype:
+        raise TypeError(f"memory: expected dtype {dtype} (the query's), got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"memory: expected device {device} (the query's), got {x.device}")
+    n = xs[-2]
     if n == 0 and not allow_empty_bank:
         raise ValueError("memory: the bank is empty (N = 0); an update needs at least one stored pattern")
     if values is None:
         v = x
     else:
         v = _tensor("values", values)
-        if v.dim() != x.dim() or v.shape[:-1] != x.shape[:-1]:
+        vs = v.shape
+        if len(vs) != len(xs) or vs[:-1] != xs[:-1]:
             raise ValueError(
-                f"values: expected shape {tuple(x.shape[:-1]) + ('Dv',)} (memory's leading dims and N), "
-                f"got {tuple(v.shape)}"
+                f"values: expected shape {tuple(xs[:-1]) + ('Dv',)} (memory's leading dims and N), "
+                f"got {tuple(vs)}"
             )
-        if v.shape[-1] == 0:
+        if vs[-1] == 0:
             raise ValueError("values: expected a value dim Dv >= 1, got Dv = 0")
-        if v.dtype != q.dtype:
-            raise TypeError(f"values: expected dtype {q.dtype} (the query's), got {v.dtype}")
-        if v.device != q.device:
-            raise ValueError(f"values: expected device {q.device} (the query's), got {v.device}")
+        if v.dtype != dtype:
+            raise TypeError(f"values: expected dtype {dtype} (the query's), got {v.dtype}")
+        if v.device != device:
+            raise ValueError(f"values: expected device {device} (the query's), got {v.device}")
     sim = check_similarity(similarity)
-    beta_vec = check_beta(beta, lead, q.device, torch.float64 if q.dtype == torch.float64 else torch.float32)
+    beta_vec = check_beta(beta, lead, device, torch.float64 if dtype == torch.float64 else torch.float32)
     w = check_weights(weights, q)
     num_lead = math.prod(lead)
-    lm = 1 if x.dim() == 2 else num_lead
+    lm = 1 if len(xs) == 2 else num_lead
     if lm == 1:
-        memory = x.unsqueeze(0) if x.dim() == 2 else x.reshape(lm, n, d)
+        memory = x.unsqueeze(0) if len(xs) == 2 else x.reshape(lm, n, d)
         values = memory if v is x else v.unsqueeze(0) if v.dim() == 2 else v.reshape(lm, n, v.shape[-1])
         # (a (B, D) query, the common case, skips _lead_views' bookkeeping: 6 of ~80 µs a small call)
         query = q.unsqueeze(0) if not lead else _lead_views([q], lead)[0]
