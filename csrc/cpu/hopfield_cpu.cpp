@@ -148,9 +148,9 @@ Isa default_isa() {
 
 // Bank rows per tile, from the row size alone (never from N or B), so that a row is
 // scored by the same microkernel call shape wherever it sits: about 128 KiB of bank
-// per tile, 64 to 256 rows (a multiple of every vector width and of the VNNI pair).
+// per tile, 64 to 256 rows (multiples of kRowQuantum).
 int64_t row_block(int64_t D, int64_t operand_bytes) {
-  int64_t rows = kRowQuantum;
+  int64_t rows = 64;
   while (rows < 256 && 2 * rows * D * operand_bytes <= 128 * 1024) rows *= 2;
   return rows;
 }
