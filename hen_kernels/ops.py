@@ -134,7 +134,8 @@ def hopfield_update(
     query, memory, values = autocast_inputs(query, memory, values)
     inp = check_inputs(query, memory, beta, similarity, values, weights=weights)
     p = _computed(backends.resolve(backend, inp), inp)
-    return p.out.to(query.dtype).reshape(query.shape[:-1] + (p.out.shape[-1],))
+    out = p.out if p.out.dtype == query.dtype else p.out.to(query.dtype)  # (a no-op .to still dispatches)
+    return out.reshape(query.shape[:-1] + (out.shape[-1],))
 
 
 def merge_partials(partials: Sequence[Partial]) -> Partial:
