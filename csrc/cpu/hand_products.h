@@ -353,9 +353,10 @@ __attribute__((always_inline)) inline void value_pass(Weight&& weight, const cha
 // value rows of dtype DT: the whole vectors in passes of C = columns_per_pass<QI>(), then 4,
 // 2 and 1, the last partial one a TailStep.  (Until 2026-12 what C did not cover went one
 // vector a pass, a single FMA chain for one query: the op ran 1.2-1.7x slower with one to
-// four queries on rows of 32-96 elements, EPYC Zen 5, one thread, six alternating runs.)  `next`: the following tile of value rows (same layout), prefetched by the
-// C-wide passes only (the narrower ones ran 0-12 % slower with it on rows of 32-96
-// elements, keys = values or not: EPYC Zen 5, one thread, in-process A/B).
+// four queries on rows of 32-96 elements, EPYC Zen 5, one thread, six alternating runs.)
+// `next`: the following tile of value rows (same layout), prefetched by the C-wide passes
+// only (the narrower ones ran 0-12 % slower with it on rows of 32-96 elements, keys =
+// values or not: EPYC Zen 5, one thread, in-process A/B).
 template <DType DT, int QI, typename Weight>
 inline void value_columns(Weight&& weight, const char* v, int64_t ldv, int64_t rows, int64_t Dv, float* acc,
                           int64_t ldacc, int64_t d, const char* next) {
