@@ -352,7 +352,7 @@ __attribute__((always_inline)) inline void value_pass(Weight&& weight, const cha
 // Columns d .. Dv - 1 of acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows`
 // value rows of dtype DT: the whole vectors in passes of C = columns_per_pass<QI>(), then 4,
 // 2 and 1, the last partial one a TailStep.  (Until 2026-12 what C did not cover went one
-// vector a pass, a single FMA chain for one query: the op ran 1.2-1.7x slower with one to
+// vector a pass, a single FMA chain for one query: the op ran 1.1-1.7x slower with one to
 // four queries on rows of 32-96 elements, EPYC Zen 5, one thread, six alternating runs.)
 // `next`: the following tile of value rows (same layout), prefetched by the C-wide passes
 // only (the narrower ones ran 0-12 % slower with it on rows of 32-96 elements, keys =
@@ -364,19 +364,18 @@ inline void value_columns(Weight&& weight, const char* v, int64_t ldv, int64_t r
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   auto whole = [&](auto nc) __attribute__((always_inline)) {
     constexpr int NC = decltype(nc)::value;
-    if constexpr (NC <= C)
-      for (; d + NC * W <= Dv; d += NC * W)
-        value_pass<QI, NC>(
-            weight, v, ldv, rows, acc, ldacc, [&](const float* p, int c) { return load(p + d + c * W); },
-            [&](const char* r, int c) { return lf<DT>(r, d + c * W); },
-            [&](float* p, int c, vf x) { store(p + d + c * W, x); },
-            [&](int64_t j) {
-              if (NC == C && next) prefetch_span(next + j * ldv, es * d, es * (d + NC * W));
-            });
+    for (; d + NC * W <= Dv; d += NC * W)
+      value_pass<QI, NC>(
+          weight, v, ldv, rows, acc, ldacc, [&](const float* p, int c) { return load(p + d + c * W); },
+          [&](const char* r, int c) { return lf<DT>(r, d + c * W); },
+          [&](float* p, int c, vf x) { store(p + d + c * W, x); },
+          [&](int64_t j) {
+            if (NC == C && next) prefetch_span(next + j * ldv, es * d, es * (d + NC * W));
+          });
   };
   whole(std::integral_constant<int, C>{});
-  if constexpr (C != 4) whole(std::integral_constant<int, 4>{});
-  whole(std::integral_constant<int, 2>{});
+  if constexpr (C > 4) whole(std::integral_constant<int, 4>{});
+  if constexpr (C > 2) whole(std::integral_constant<int, 2>{});
   whole(std::integral_constant<int, 1>{});
   if (d < Dv) {
     const TailStep t(Dv, d);
