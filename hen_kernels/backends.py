@@ -125,6 +125,7 @@ def _extension_path() -> Optional[str]:
 
 _EXTENSION_ERROR: Optional[str] = None
 _EXTENSION_TRIED = False
+_UPDATE_OP = None  # hen_kernels::update (binding.cpp update_cpu; fast_update) once the extension has loaded
 
 
 def load_extension() -> Optional[str]:
@@ -153,10 +154,16 @@ def load_extension() -> Optional[str]:
         return _EXTENSION_ERROR
     _register_fake()
     vmap_rules.register_partial("hen_kernels::partial")
+    global _UPDATE_OP
+    _UPDATE_OP = torch.ops.hen_kernels.update.default
     return None
 
 
 def _register_fake() -> None:
+    @torch.library.register_fake("hen_kernels::update")
+    def _(query, memory, values, beta, similarity):
+        return []  # declined: fake tensors take the general path, which has its fake partial
+
     @torch.library.register_fake("hen_kernels::partial")
     def _(query, memory, values, beta, similarity, offset, weights=None):
         lead, b = math.prod(query.shape[:-2]), query.shape[-2]  # (a split query: (Lo, Li, B, D))
@@ -313,6 +320,38 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
             "float64 in float64) or leave backend=None"
         )
     return b
+
+
+def fast_update(query: object, memory: object, values: object, beta: float, similarity: object,
+                backend: Optional[str]) -> Optional[torch.Tensor]:
+    """``hopfield_update``'s plain CPU case in one C++ call, or None where the general path must answer.
+
+    The plain case is what ``resolve`` sends to the "cpu" backend anyway, with nothing for
+    Python to do around it: CPU tensors, a float beta, no weights, the "cpu" backend asked for
+    or chosen (none asked for, here or in $HEN_KERNELS_BACKEND), no graph to record, no
+    autocast, no tracing.  The C++ side checks the rest (dtypes, shapes,
+    a finite lse) and declines rather than raising, so every check and message stays in
+    :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general
+    path: the same bits.
+    """
+    op = _UPDATE_OP
+    if (
+        op is None
+        or type(similarity) is not str
+        or not isinstance(query, torch.Tensor)
+        or not isinstance(memory, torch.Tensor)
+        or not (query.is_cpu and memory.is_cpu)
+        or (values is not None and not (isinstance(values, torch.Tensor) and values.is_cpu))
+        or (backend != "cpu" and (backend is not None or ENV_BACKEND in os.environ))
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return None
+    code = SIMILARITY_CODES.get(similarity)
+    if code is None:
+        return None
+    out = op(query, memory, values, beta, code)
+    return out[0] if out else None
 
 
 # The C++ ops are registered when the package is imported (torch.ops.hen_kernels.partial exists

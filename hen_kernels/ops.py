@@ -131,6 +131,10 @@ def hopfield_update(
         >>> hk.hopfield_update(s, x, beta=8.0).shape
         torch.Size([4, 64])
     """
+    if type(beta) is float and weights is None:
+        out = backends.fast_update(query, memory, values, beta, similarity, backend)
+        if out is not None:
+            return out
     query, memory, values = autocast_inputs(query, memory, values)
     inp = check_inputs(query, memory, beta, similarity, values, weights=weights)
     p = _computed(backends.resolve(backend, inp), inp)

@@ -40,7 +40,12 @@ namespace {
 // crossover --emulate-avx2`, two runs): both dtypes up to 4 queries at D = 64 (8
 // queries ran 0.85-0.94x brgemm's speed), float32 8 from D = 128 on (1.11-1.60x at 8),
 // widened 16-bit 8 below D = 512 and 16 from there (1.08-1.10x at 16).  The AVX-512
-// limits without pairs were measured on a Xeon with AMX (benchmarks/results/cpu.md).
+// limits without pairs were measured on a Xeon with AMX (benchmarks/results/cpu.md), and
+// hold on another (family 6, model 167; crossover.md, at 3bc7bbd): float32 hand-written
+// products 1.05-1.12x brgemm's speed at 8 queries from D = 128, 0.86-0.93x at 16; bf16
+// both forced hand-written 0.98-1.42x at 4 queries from D = 32, 0.64-0.85x at 8; the mixed plan
+// at 6 and 8 queries (AMX scores, hand-written values) ran 1.16-1.42x faster than either
+// forced, D = 64-1024 (in-process, median of 7; ad-hoc).
 // Short rows: the hand-written products reduce every query-row sum across a vector, a
 // cost per pair that the depth no longer hides: rows of fewer than two vectors (D < 32
 // on AVX-512, 16 on AVX2) take at most 2 queries.  On a Zen 5 (crossover_zen5.md and
@@ -192,9 +197,10 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
                     mk::vnni_available(p.dtype);
   // The hand-written bfloat16 products on the pair dot product where the CPU has it: one
   // instruction multiplies and adds twice the pairs of a float32 FMA, with no widening.
-  // Measured faster on a CPU without AMX (EPYC Zen 4); on the AMX Xeons, not measured yet,
-  // the widened products measured there keep their place until `bench crossover` says
-  // otherwise (hints.gemm = Pairs forces the pairs).
+  // Measured faster on a CPU without AMX (EPYC Zen 4); on a Xeon with AMX (family 6, model
+  // 167; benchmarks/results/crossover.md) the widened products were faster in 48 of 54 cells,
+  // and where the planner runs them (up to 4 queries) the pairs took 0.82-1.24x their time,
+  // so they stay off where there is AMX (hints.gemm = Pairs forces them).
   const bool pairs = kBf16Asm && plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && mk::cpu_has_avx512_bf16();
   const bool pairs_first = pairs && (hints.gemm == G::Pairs || (hints.gemm == G::Auto && !mk::cpu_has_amx_bf16()));
   const bool l2 = p.similarity != Similarity::Dot;

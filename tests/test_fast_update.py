@@ -1,0 +1,158 @@
+"""``hopfield_update``'s one-call CPU path (backends.fast_update, binding.cpp update_cpu).
+
+The plain case (CPU tensors, a float beta, no weights, no graph, no autocast) skips
+Python's checks and views: it must answer with the general path's bits, and decline
+(an empty list from the op) wherever the general path has something to check, compute
+or raise, so that every message keeps its one home in validation.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hen_kernels as hk
+from hen_kernels import backends
+from hen_kernels.constants import SIMILARITY_CODES
+
+from .conftest import DTYPES, SIMILARITIES, make, require
+
+pytestmark = pytest.mark.usefixtures("_cpu_backend")
+
+
+@pytest.fixture
+def _cpu_backend(monkeypatch):
+    require("cpu")
+    monkeypatch.delenv("HEN_KERNELS_BACKEND", raising=False)
+
+
+def op(query, memory, values=None, beta=0.5, similarity="dot"):
+    return torch.ops.hen_kernels.update.default(query, memory, values, beta, SIMILARITY_CODES[similarity])
+
+
+def general(query, memory, beta, **kw):
+    """The general path: a tensor beta is not the plain case."""
+    return hk.hopfield_update(query, memory, torch.tensor(beta), **kw)
+
+
+def _forbid_general(monkeypatch):
+    def refuse(*args, **kw):
+        raise AssertionError("the plain case reached the general path")
+
+    monkeypatch.setattr(backends, "resolve", refuse)
+
+
+# (query shape, bank shape, values' last dim or None for keys = values): shared and per-leading
+# banks, N and D off every block size.
+SHAPES = [
+    ((3, 24), (197, 24), None),
+    ((1, 64), (2000, 64), None),
+    ((2, 5, 17), (300, 17), None),
+    ((4, 9, 33), (4, 130, 33), 20),
+    ((70, 16), (75, 16), 7),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_plain_call_is_one_call_with_the_general_paths_bits(shape, similarity, dtype, monkeypatch):
+    qs, xs, dv = shape
+    x = make(xs, dtype, 1)
+    v = None if dv is None else make(xs[:-1] + (dv,), dtype, 2)
+    q = make(qs, dtype, 3)
+    q[..., 0, :] = x[..., 0, :]  # a query on a stored pattern, recall's normal case
+    want = general(q, x, 0.7, similarity=similarity, values=v)
+    _forbid_general(monkeypatch)
+    got = hk.hopfield_update(q, x, 0.7, similarity=similarity, values=v)
+    assert got.dtype == q.dtype and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert torch.equal(hk.hopfield_update(q, x, 0.7, similarity=similarity, values=v, backend="cpu"), want)
+
+
+def test_strided_inputs_and_values_that_are_the_memory(monkeypatch):
+    x = make((40, 130), torch.float32, 1)[:, ::2]  # rows 2 elements apart: copied to unit stride
+    q = make((6, 65), torch.float32, 2)
+    want = general(q, x, 1.3)
+    _forbid_general(monkeypatch)
+    assert torch.equal(hk.hopfield_update(q, x, 1.3), want)
+    assert torch.equal(hk.hopfield_update(q, x, 1.3, values=x), want)
+    assert torch.equal(hk.hopfield_update(q.t().contiguous().t(), x, 1.3), want)
+
+
+def _declined_cases():
+    q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
+    nan_q = q.clone()
+    nan_q[1, 2] = float("nan")
+    return {
+        "float64": lambda: op(q.double(), x.double()),
+        "dtypes differ": lambda: op(q, x.bfloat16()),
+        "empty bank": lambda: op(q, x[:0]),
+        "no queries": lambda: op(q[:0], x),
+        "depths differ": lambda: op(q, x[:, :7]),
+        "values rows differ": lambda: op(q, x, values=x[:9]),
+        "4-d query": lambda: op(q[None, None], x),
+        "2-d query, 3-d bank": lambda: op(q, x[None]),
+        "leading sizes differ": lambda: op(q.expand(2, 3, 8), x.expand(3, 10, 8)),
+        "beta 0": lambda: op(q, x, beta=0.0),
+        "beta nan": lambda: op(q, x, beta=float("nan")),
+        "beta past float32": lambda: op(q, x, beta=1e39),
+        "scores past float32": lambda: op(q, x, beta=3e38),  # lse inf: the general path raises
+        "nan query": lambda: op(nan_q, x),  # lse nan: the general path answers NaN for that row
+        "needs grad": lambda: op(q.requires_grad_(), x),
+        "sparse": lambda: op(q.to_sparse(), x),
+        "meta": lambda: op(q.to("meta"), x.to("meta")),
+    }
+
+
+@pytest.mark.parametrize("case", list(_declined_cases()))
+def test_declines_whatever_the_general_path_must_check_or_compute(case):
+    assert _declined_cases()[case]() == []
+
+
+def test_declines_under_autocast():
+    q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert op(q, x) == []
+    assert len(op(q, x)) == 1
+
+
+def test_declined_calls_answer_and_raise_as_the_general_path(monkeypatch):
+    q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
+    q[1, 2] = float("nan")
+    out = hk.hopfield_update(q, x, 0.5)
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    with pytest.raises(ValueError, match="^beta:"):
+        hk.hopfield_update(q, x, 3e38)
+    with pytest.raises(ValueError, match="^memory:"):
+        hk.hopfield_update(q, x[:0], 0.5)
+
+
+def test_an_asked_backend_or_the_environment_steers_past_it(monkeypatch):
+    q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
+
+    def refuse(*args, **kw):
+        raise AssertionError("fast path taken")
+
+    monkeypatch.setattr(backends, "_UPDATE_OP", refuse)
+    want = hk.hopfield_update(q, x, 0.5, backend="torch")
+    monkeypatch.setenv("HEN_KERNELS_BACKEND", "torch")
+    assert torch.equal(hk.hopfield_update(q, x, 0.5), want)
+    monkeypatch.delenv("HEN_KERNELS_BACKEND")
+    with pytest.raises(AssertionError, match="fast path taken"):  # (the patch does reach the plain case)
+        hk.hopfield_update(q, x, 0.5)
+
+
+def test_fake_tensors_are_declined():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert op(torch.empty(3, 8), torch.empty(10, 8)) == []
+
+
+def test_a_graph_is_recorded_where_inputs_need_grad():
+    q = make((3, 8), torch.float32, 0).requires_grad_()
+    x = make((10, 8), torch.float32, 1)
+    out = hk.hopfield_update(q, x, 0.5)
+    assert out.grad_fn is not None
+    with torch.no_grad():
+        assert len(op(q, x)) == 1
