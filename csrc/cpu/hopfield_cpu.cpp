@@ -44,8 +44,8 @@ namespace {
 // hold on another (family 6, model 167; crossover.md, at 3bc7bbd): float32 hand-written
 // products 1.05-1.12x brgemm's speed at 8 queries from D = 128, 0.86-0.93x at 16; bf16
 // both forced hand-written 0.98-1.42x at 4 queries from D = 32, 0.64-0.85x at 8; the mixed plan
-// at 6 and 8 queries (AMX scores, hand-written values) ran 1.16-1.42x faster than either
-// forced, D = 64-1024 (in-process, median of 7; ad-hoc).
+// at 6 and 8 queries (AMX scores, hand-written values) ran 1.16-1.41x faster than the
+// better forced kind, D = 64-1024 (in-process, median of 7; ad-hoc).
 // Short rows: the hand-written products reduce every query-row sum across a vector, a
 // cost per pair that the depth no longer hides: rows of fewer than two vectors (D < 32
 // on AVX-512, 16 on AVX2) take at most 2 queries.  On a Zen 5 (crossover_zen5.md and
