@@ -6,7 +6,9 @@ normalised inputs of :mod:`hen_kernels.validation` (query (L, B, D), memory
 upstream gradients of ``out`` and ``lse`` into (dq, dx, dv, dbeta), float32,
 from the inputs and the saved ``out`` and ``lse`` alone (no B x N matrix is
 kept between the passes; :mod:`hen_kernels.autograd` wires it in).  Callers
-never name a kernel: they reach a backend through :func:`resolve`.
+never name a kernel: they reach a backend through :func:`resolve`, or, for
+``hopfield_update``'s plain CPU case, through :func:`fast_update`, which runs
+what ``resolve`` would pick there in one C++ call or declines.
 """
 from __future__ import annotations
 
