@@ -80,3 +80,53 @@ def _seeded_global_generator():
     a failure found in one order of the suite is found again alone (one such, an ill-conditioned sum
     of unseeded gradients, failed on a CI machine and passed here)."""
     torch.manual_seed(0)
+
+
+# ---- the interpreted Triton cases: a sample by default ------------------------------------------------
+#
+# Under TRITON_INTERPRET=1 a Triton case costs seconds (numpy per program), and the full cross products
+# of shapes, dtypes, similarities and paths took ~60 % of the suite on these CPUs.  The default run keeps,
+# for each test function, interpreted Triton cases that hold every value of every parameter at least
+# once, and every combination of the parameters the test names in ``@pytest.mark.interpreter_cross``
+# (the ones that choose a kernel path); the other cases are marked slow: ``-m slow`` runs them, and a GPU,
+# where nothing is interpreted, runs every case by default.
+
+
+def _is_interpreted_triton(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return interpreted("triton") and (params.get("backend") == "triton" or item.module.__name__.endswith("test_triton"))
+
+
+def covering_sample(cases: list) -> set:
+    """Indices of a subset of ``cases`` (dicts: parameter name -> hashable value) that holds every
+    (name, value) the whole list holds: greedy, the case with most values not yet held first, ties to
+    the earlier case."""
+    held = [set(c.items()) for c in cases]
+    todo = set().union(*held) if held else set()
+    kept = set()
+    while todo:
+        best = max(range(len(cases)), key=lambda i: (len(held[i] & todo), -i))
+        kept.add(best)
+        todo -= held[best]
+    return kept
+
+
+def _case(item) -> dict:
+    params = {k: repr(v) for k, v in getattr(getattr(item, "callspec", None), "params", {}).items() if k != "backend"}
+    cross = item.get_closest_marker("interpreter_cross")
+    if cross is not None:
+        params["+".join(cross.args)] = tuple(params.pop(name) for name in cross.args)
+    return params
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the marks added here
+def pytest_collection_modifyitems(config, items):
+    groups = {}
+    for item in items:
+        if _is_interpreted_triton(item) and item.get_closest_marker("slow") is None:
+            groups.setdefault((item.module.__name__, item.originalname), []).append(item)
+    for group in groups.values():
+        kept = covering_sample([_case(item) for item in group])
+        for i, item in enumerate(group):
+            if i not in kept:
+                item.add_marker(pytest.mark.slow)

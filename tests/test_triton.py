@@ -96,6 +96,7 @@ PATH_IDS = ["small-d", "small-d-values", "tiled-d", "tiled-dv"]
 )
 @pytest.mark.parametrize("shape", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("min_split_rows", [32, 10**9], ids=["split", "whole"])
+@pytest.mark.interpreter_cross("shape", "min_split_rows")
 def test_every_kernel_path(monkeypatch, similarity, dtype, shape, min_split_rows):
     _path(monkeypatch, similarity, dtype, shape, min_split_rows, weighted=False)
 
@@ -104,6 +105,7 @@ def test_every_kernel_path(monkeypatch, similarity, dtype, shape, min_split_rows
                          ids=str)
 @pytest.mark.parametrize("shape", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("min_split_rows", [32, 10**9], ids=["split", "whole"])
+@pytest.mark.interpreter_cross("shape", "min_split_rows")
 def test_weights_on_every_kernel_path(monkeypatch, similarity, dtype, shape, min_split_rows):
     """Per-query feature weights (issue 14.1), zero weights included, fused into both kernels, split or not."""
     _path(monkeypatch, similarity, dtype, shape, min_split_rows, weighted=True)
@@ -140,6 +142,7 @@ def _far_bank(n, d, seed):
 @pytest.mark.parametrize("d", [40, 300], ids=["small-d", "tiled-d"])
 @pytest.mark.parametrize("min_split_rows", [32, 10**9], ids=["split", "whole"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weights"])
+@pytest.mark.interpreter_cross("d", "min_split_rows", "weighted")
 def test_l2_direct_recompute_on_every_path(monkeypatch, similarity, d, min_split_rows, weighted):
     """docs/design.md §5.1: queries on and next to stored patterns, and a bank far from the origin, meet the
     float32 tolerance on every kernel path (the expanded form alone misses it by orders of magnitude)."""

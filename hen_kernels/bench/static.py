@@ -116,7 +116,7 @@ def run(subset: str, archs: List[int], jobs: int, out: str, with_pruned: bool, c
         so = None
     if so:
         try:
-            cuda_rows = static_cuda.report(so, archs)
+            cuda_rows = static_cuda.report(so, archs, jobs)
         except (OSError, subprocess.CalledProcessError) as e:
             print(f"bench static: the CUDA kernels of {so} could not be read: {common.short_error(e)}")
     report = dict(machine=common.host(), ptxas=_ptxas_version(), subset=subset, archs=archs,

@@ -13,13 +13,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import io
 import os
 import re
 import subprocess
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise ImportError("hen_kernels.bench.static_compile compiles kernels, which triton's interpreter cannot: "
@@ -96,6 +97,8 @@ CLASSES = {  # SASS opcode classes the report counts (regex on the opcode with i
 _CLASS_RX = {k: re.compile(rf"(?:{v})(?:\.|$)") if "TF32" not in k else re.compile(v) for k, v in CLASSES.items()}
 _INS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _PRED = re.compile(r"^@!?U?P[0-9T]+\s+")
+_FUNC = re.compile(r"\s*Function : (\S+)")
+_HEX = re.compile(r"0x([0-9a-f]+)")
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "16": 2, "U8": 1, "S8": 1}
 
 
@@ -108,16 +111,19 @@ def sass(path: str, arch: Optional[int] = None) -> Dict[str, tuple]:
     funcs: Dict[str, tuple] = collections.OrderedDict()
     cur = None
     for line in text.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            cur = funcs.setdefault(m.group(1), ([], set()))
+        if ";" not in line:  # an instruction's encoding, a header or a brace: the library's SASS is ~10^6 lines
+            m = _FUNC.match(line) if "Function :" in line else None
+            if m:
+                cur = funcs.setdefault(m.group(1), ([], set()))
             continue
         m = _INS.match(line)
         if m and cur is not None:
-            addr, body = int(m.group(1), 16), _PRED.sub("", m.group(2))
-            op = body.split()[0] if body else ""
+            addr, body = int(m.group(1), 16), m.group(2)
+            if body.startswith("@"):
+                body = _PRED.sub("", body)
+            op = body.split(None, 1)[0] if body else ""
             cur[0].append((addr, op))
-            t = re.search(r"0x([0-9a-f]+)", body) if op.startswith("BRA") else None
+            t = _HEX.search(body) if op.startswith("BRA") else None
             if t and int(t.group(1), 16) < addr:
                 cur[1].add((int(t.group(1), 16), addr))
     return {k: (ins, sorted(lp, key=lambda r: r[1] - r[0])) for k, (ins, lp) in funcs.items()}
@@ -138,12 +144,16 @@ def res_usage(path: str, arch: Optional[int] = None) -> Dict[str, Dict[str, int]
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _classes_of(op: str) -> Tuple[str, ...]:
+    return tuple(name for name, rx in _CLASS_RX.items() if rx.match(op))
+
+
 def classify(ins: Sequence[tuple]) -> Dict[str, int]:
     c = collections.Counter()
-    for _, op in ins:
-        for name, rx in _CLASS_RX.items():
-            if rx.match(op):
-                c[name] += 1
+    for op, n in collections.Counter(op for _, op in ins).items():
+        for name in _classes_of(op):
+            c[name] += n
     return {k: c[k] for k in CLASSES if c[k]}
 
 
