@@ -94,7 +94,8 @@ def _seeded_global_generator():
 
 def _is_interpreted_triton(item) -> bool:
     params = getattr(getattr(item, "callspec", None), "params", {})
-    return interpreted("triton") and (params.get("backend") == "triton" or item.module.__name__.endswith("test_triton"))
+    module = getattr(getattr(item, "module", None), "__name__", "")
+    return interpreted("triton") and (params.get("backend") == "triton" or module.endswith("test_triton"))
 
 
 def covering_sample(cases: list) -> set:
@@ -124,7 +125,7 @@ def pytest_collection_modifyitems(config, items):
     groups = {}
     for item in items:
         if _is_interpreted_triton(item) and item.get_closest_marker("slow") is None:
-            groups.setdefault((item.module.__name__, item.originalname), []).append(item)
+            groups.setdefault((item.module.__name__, getattr(item, "originalname", item.name)), []).append(item)
     for group in groups.values():
         kept = covering_sample([_case(item) for item in group])
         for i, item in enumerate(group):
