@@ -269,7 +269,8 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None, dtypes=API_DTYPES),
-    "cpu": Backend("cpu", ("cpu",), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available,
+    # Meta tensors (shapes only, as for a model built on the meta device) take the op's fake implementation.
+    "cpu": Backend("cpu", ("cpu", "meta"), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available,
                    bank_grads_in_input_dtype=True, split_queries_max=CPU_SPLIT_QUERIES_MAX),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
@@ -284,7 +285,7 @@ def preference(device_type: str, inp: Inputs) -> tuple[str, ...]:
     CUDA: the C++ split-bank kernel for the recall regime (few queries), Triton
     elsewhere.  Provisional until measured on a GPU (benchmarks/results/).
     """
-    if device_type == "cpu":
+    if device_type in ("cpu", "meta"):
         return ("cpu", "torch")
     if device_type == "cuda":
         recall = inp.query.shape[-2] <= 64

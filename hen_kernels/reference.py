@@ -25,6 +25,7 @@ import torch
 
 from .constants import L2_DIRECT_BELOW, SIMILARITIES
 from .streaming import energy_from_lse
+from .tracing import is_tracing
 from .types import Beta, Partial
 
 
@@ -36,11 +37,6 @@ def _beta_column(beta: Beta, dtype: torch.dtype, device: torch.device) -> torch.
     """beta shaped (..., 1, 1) so it scales a (..., B, N) score matrix."""
     b = torch.as_tensor(beta, dtype=dtype, device=device)
     return b.reshape(b.shape + (1, 1))
-
-
-def _eager() -> bool:
-    """True outside torch.compile and functorch transforms (vmap, grad): data-dependent shapes allowed."""
-    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 # Bound on the (pairs, D) float64 temporaries of the direct recompute: 2^22 elements = 32 MiB.
@@ -122,7 +118,7 @@ def similarity(query: torch.Tensor, memory: torch.Tensor, kind: str,
         x_sq = w @ (x * x).transpose(-1, -2)
         cross = (w * q) @ x.transpose(-1, -2)
     sq = q_sq + x_sq - 2 * cross
-    if _eager():  # under vmap or compile the centred float64 expansion alone (exact to float32) serves
+    if not is_tracing():  # traced (vmap, compile, fake tensors): the centred float64 expansion alone (exact to float32)
         sq = _recompute_near_pairs(sq, q, x, w, q_sq + x_sq)
     sq = sq.clamp_min(0)  # rounding may still leave a tiny negative
     s = -sq.sqrt() if kind == "l2" else -0.5 * sq

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .constants import KERNEL_DTYPES, SIMILARITIES
+from .tracing import is_tracing
 
 # What the kernels take (and a MemoryBank stores); float64 is the reference's alone (docs/design.md §4).
 FLOAT_DTYPES = KERNEL_DTYPES
@@ -104,9 +105,6 @@ def check_similarity(similarity: object) -> str:
     return similarity
 
 
-def _is_tracing() -> bool:
-    """Under torch.compile or a functorch transform (vmap, grad): no data-dependent checks."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -163,7 +161,7 @@ _FLOAT_BETAS_MAX = 64
 
 
 def _float_beta(b: float, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    if _is_tracing():
+    if is_tracing():
         return torch.full((numel,), b, dtype=dtype, device=device)
     key = (b, numel, device, dtype, torch.is_inference_mode_enabled())
     t = _FLOAT_BETAS.get(key)
@@ -199,7 +197,7 @@ def check_beta(beta: object, lead: torch.Size, device: torch.device,
             f"beta: expected a shape broadcastable to the query's leading dims {tuple(lead)}, got {tuple(beta.shape)}"
         )
     b = beta.detach()
-    if not _is_tracing() and b.device.type != "meta":
+    if not is_tracing() and b.device.type != "meta":
         if not bool(((b > 0) & torch.isfinite(b)).all()):
             raise ValueError("beta: expected every entry finite and > 0")
         if b.dtype == torch.float64 and dtype != torch.float64 and bool((b > FLOAT32_MAX).any()):
@@ -233,7 +231,7 @@ def check_weights(weights: object, query: torch.Tensor) -> Optional[torch.Tensor
             "(gradients to query, memory, values and beta are supported)"
         )
     w = weights.detach()
-    if not _is_tracing() and w.device.type != "meta" and not bool(((w >= 0) & torch.isfinite(w)).all()):
+    if not is_tracing() and w.device.type != "meta" and not bool(((w >= 0) & torch.isfinite(w)).all()):
         raise ValueError("weights: expected every entry finite and >= 0")
     return weights
 
@@ -340,7 +338,7 @@ def check_scores(lse: torch.Tensor, inp: Inputs) -> None:
     (docs/design.md §4); the check costs one reduction over lse and, only when it
     fires, one over the query.  Skipped under torch.compile and functorch transforms.
     """
-    if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or _is_tracing():
+    if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or is_tracing():
         return
     # One reduction and one read in the common case: a finite sum means every lse is finite
     # (a sum of finite lse that overflows sends it to the exact test below, which finds none).

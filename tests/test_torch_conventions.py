@@ -88,6 +88,64 @@ def test_autocast_computes_mixed_dtypes_like_sdpa(backend):
     assert rel_err(out, _ref64(q, x.bfloat16(), 0.25, "dot")) <= TOLERANCE[torch.bfloat16]
 
 
+# --- shapes without data: meta tensors and FakeTensorMode, as SDPA takes them ---------------------------
+
+def _shapes_and_dtypes(result):
+    parts = result if isinstance(result, tuple) else (result,)
+    return [(tuple(t.shape), t.dtype) for t in parts]
+
+
+def _calls(q, x, v, beta, similarity):
+    """The public functions a shape-propagating tool (a meta-device model, torch.export's fake tracing,
+    a FLOP counter) would run: each returns tensors only."""
+    return {
+        "update": lambda: hk.hopfield_update(q, x, beta, similarity=similarity, values=v),
+        "partial": lambda: tuple(hk.hopfield_partial(q, x, beta, similarity=similarity, values=v)),
+        "energy": lambda: hk.energy(q, x, beta, similarity=similarity),
+        "retrieve": lambda: tuple(hk.hopfield_retrieve(q, x, beta, similarity=similarity, max_steps=3)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_meta_and_fake_tensors_give_the_real_calls_shapes_and_dtypes(similarity, dtype):
+    """No data is read (beta's range, the lse check, the reference's exact ℓ2 recompute are data-dependent):
+    the answer's shapes and dtypes are the real call's, and the float beta cache keeps no fake tensor."""
+    require("cpu")
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    shapes = [(2, 3, 5, 16), (2, 3, 40, 16), (2, 3, 40, 7)]
+    real = [make(s, dtype, seed) for seed, s in enumerate(shapes)]
+    for beta in (0.25, torch.tensor(0.25), torch.full((2, 3), 0.25)):
+        want = {k: _shapes_and_dtypes(f()) for k, f in _calls(*real, beta, similarity).items()}
+        meta_beta = beta.to("meta") if isinstance(beta, torch.Tensor) and beta.dim() else beta
+        meta = {k: f() for k, f in _calls(*(t.to("meta") for t in real), meta_beta, similarity).items()}
+        assert {k: _shapes_and_dtypes(r) for k, r in meta.items()} == want
+        assert all(t.device.type == "meta" for r in meta.values() for t in (r if isinstance(r, tuple) else (r,)))
+        with FakeTensorMode() as mode:
+            fake_in = [mode.from_tensor(t) for t in real]
+            fake_beta = mode.from_tensor(beta) if isinstance(beta, torch.Tensor) else beta
+            fake = {k: f() for k, f in _calls(*fake_in, fake_beta, similarity).items()}
+        assert {k: _shapes_and_dtypes(r) for k, r in fake.items()} == want
+        assert all(isinstance(t, FakeTensor) for r in fake.values() for t in (r if isinstance(r, tuple) else (r,)))
+    after = hk.hopfield_update(real[0], real[1], 0.25, similarity=similarity)
+    assert not isinstance(after, FakeTensor) and torch.isfinite(after.float()).all()
+
+
+@pytest.mark.parametrize("layer", ["Hopfield", "HopfieldLayer", "HopfieldPooling"])
+def test_layers_built_on_the_meta_device_and_under_fake_tensors(layer):
+    require("cpu")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = getattr(hk.nn, layer)(16)
+    want = real(make((3, 5, 16), torch.float32, 0)).shape
+    with torch.device("meta"):
+        y = getattr(hk.nn, layer)(16)(torch.randn(3, 5, 16))
+    assert y.shape == want and y.device.type == "meta"
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert real(torch.randn(3, 5, 16)).shape == want
+
+
 def test_autocast_leaves_the_references_scores_in_float32():
     """Inside the ops autocast is off: the reference's matmuls do not round scores to bf16 again."""
     q, x = make((8, 64), torch.float32, 8), make((500, 64), torch.float32, 9)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hen_kernels as hk
-from hen_kernels import Partial, reference, validation
+from hen_kernels import Partial, backends, reference, validation
 
 D, N, B = 4, 5, 3
 LEAD = (2,)  # the default query's leading dims
@@ -573,14 +573,21 @@ def test_0d_beta_on_unreadable_device_is_refused(fn_name):
         _call(fn_name, {"beta": torch.tensor(1.0, device="meta")})
 
 
-def test_unsupported_device_with_tensor_beta_is_refused():
+@pytest.fixture
+def meta_unserved(monkeypatch):
+    """A device type no backend serves: meta, taken from the cpu backend (whose op gives meta tensors their
+    shapes) for the test."""
+    monkeypatch.setattr(backends.BACKENDS["cpu"], "device_types", ("cpu",))
+
+
+def test_unsupported_device_with_tensor_beta_is_refused(meta_unserved):
     b = _base()
     q, x = b["query"].to("meta"), b["memory"].to("meta")
     with pytest.raises(ValueError, match=r"^(query|beta):"):
         hk.hopfield_update(q, x, torch.ones(LEAD, device="meta"))
 
 
-def test_unsupported_device_with_float_beta_is_refused():
+def test_unsupported_device_with_float_beta_is_refused(meta_unserved):
     b = _base()
     with pytest.raises(ValueError, match=_named("query")):
         hk.hopfield_update(b["query"].to("meta"), b["memory"].to("meta"), 1.0)
