@@ -23,6 +23,7 @@ import torch
 
 from . import backward_cpu, reference, vmap_rules
 from .constants import KERNEL_DTYPES, SIMILARITY_CODES
+from .tracing import is_tracing
 from .types import Partial
 from .validation import API_DTYPES, Inputs
 
@@ -346,8 +347,7 @@ def fast_update(query: object, memory: object, values: object, beta: float, simi
         or not (query.is_cpu and memory.is_cpu)
         or (values is not None and not (isinstance(values, torch.Tensor) and values.is_cpu))
         or (backend != "cpu" and (backend is not None or ENV_BACKEND in os.environ))
-        or torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
+        or is_tracing()
     ):
         return None
     code = SIMILARITY_CODES.get(similarity)
