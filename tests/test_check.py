@@ -35,6 +35,16 @@ def test_quick_check_passes_on_the_kernels_here():
     assert "| backend | device | dtype |" in text and "all cases pass" in text
 
 
+def test_the_check_with_no_device_filter_measures_only_devices_with_data():
+    """`hen check` as a user runs it: every device the cpu backend serves, meta left out (the cpu backend
+    gives meta tensors their shapes, tests/test_torch_conventions.py; there are no numbers to measure)."""
+    if not backends.BACKENDS["cpu"].available():
+        pytest.skip("the cpu backend is not built")
+    report = check.run(quick=True, only_backends=["cpu"])
+    assert report.ok, check_run.render(report)
+    assert {r.device for r in report.rows} == {"cpu"}
+
+
 def _fake(monkeypatch, forward):
     """Register backend "fake" on CPU tensors with the given forward (reference arguments)."""
     b = backends.Backend("fake", ("cpu",), forward=forward, backward=None)

@@ -99,6 +99,8 @@ def targets(only_backends: Optional[Sequence[str]], only_devices: Optional[Seque
             notes.append(f"{name}: not checked: {b.unavailable_reason}")
             continue
         for device in b.device_types:
+            if device == "meta":  # shapes without numbers (tests/test_torch_conventions.py): nothing to measure
+                continue
             if (only_devices and device not in only_devices) or (device == "cuda" and not torch.cuda.is_available()):
                 continue
             pairs.append((name, device))
