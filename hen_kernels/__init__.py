@@ -10,6 +10,10 @@ from .ops import (
 from .bank import MemoryBank
 from . import nn
 from .types import Partial, Retrieval
+from . import workarounds
+
+# Before the first call of any of its functions, ours or the user's, can run on many threads at once.
+workarounds.settle_mkl_vml_dispatch()
 
 __all__ = [
     "MemoryBank",
