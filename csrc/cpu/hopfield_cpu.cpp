@@ -247,11 +247,23 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   // and 1024 64 was as fast or faster, with the tiles restrided as rows.h does).  Our
   // reading, not measured apart: Q^T and the accumulator of 64 queries (1 MiB at D = 2048)
   // fill the L2 the row tile is streamed through.
-  const int64_t block = plan.isa == Isa::Avx2 && p.D >= 2048 && plan.score == Product::F32 ? 32 : 64;
-  plan.query_block = std::min<int64_t>(B, hints.query_block > 0 ? hints.query_block : block);
   // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).
   const bool wide = p.dtype == DType::F32 || plan.score == Product::F32 || plan.value == Product::F32;
   plan.row_block = row_block(p.D, wide ? 4 : 2);
+  // 16-bit products on the matrix units over rows of at most 128 (attention layers: ViT's 197
+  // tokens a head of 64): 128 queries a block where that still leaves four tiles or more a
+  // thread.  Each block calls both microkernels once a row tile, and at these depths the calls
+  // are short, so fewer blocks pay fewer of their fixed costs (oneDNN's kernel lookup, AMX
+  // tile set-up, V repacked in VNNI pairs); the bits are the same.  Fewer tiles than that, or
+  // blocks between 64 and 128, lost to 64 (a late thread's last tile; brgemm on 80 queries),
+  // and D = 256-512 gained nothing: benchmarks/PERFORMANCE.md §5.8.
+  const bool short_vnni_rows = plan.score == Product::Vnni && plan.value == Product::Vnni && p.D <= 128 &&
+                               p.Dv <= 128;
+  const int64_t long_block_tiles = std::max<int64_t>(p.L, 1) * ceil_div(B, 128);
+  const int64_t block = plan.isa == Isa::Avx2 && p.D >= 2048 && plan.score == Product::F32  ? 32
+                        : short_vnni_rows && long_block_tiles >= 4 * std::max(num_threads, 1) ? 128
+                                                                                               : 64;
+  plan.query_block = std::min<int64_t>(B, hints.query_block > 0 ? hints.query_block : block);
   plan.query_blocks = ceil_div(p.B, plan.query_block);
   const int64_t query_tiles = std::max<int64_t>(p.L * ceil_div(B, plan.query_block), 1);
   // Splitting the bank gives every thread several tiles even with few queries (the
