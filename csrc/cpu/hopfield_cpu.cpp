@@ -242,15 +242,15 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
                      p.dtype == DType::BF16 && plan.isa == Isa::Avx512 && kBf16Asm && mk::cpu_has_avx512_bf16();
 
   const int64_t B = std::max<int64_t>(p.B, 1);
+  // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).
+  const bool wide = p.dtype == DType::F32 || plan.score == Product::F32 || plan.value == Product::F32;
+  plan.row_block = row_block(p.D, wide ? 4 : 2);
   // AVX2 float32 products on rows of 2048 and more: 32 queries a block ran 1-10 % faster than
   // 64 (EPYC Zen 4 with AVX2 forced, float32 and widened bf16, three runs each; at D = 512
   // and 1024 64 was as fast or faster, with the tiles restrided as rows.h does).  Our
   // reading, not measured apart: Q^T and the accumulator of 64 queries (1 MiB at D = 2048)
   // fill the L2 the row tile is streamed through.
-  // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).
-  const bool wide = p.dtype == DType::F32 || plan.score == Product::F32 || plan.value == Product::F32;
-  plan.row_block = row_block(p.D, wide ? 4 : 2);
-  // 16-bit products on the matrix units over rows of at most 128 (attention layers: ViT's 197
+  // 16-bit products on the matrix units over rows of at most 128 elements (attention: ViT's 197
   // tokens a head of 64): 128 queries a block where that still leaves four tiles or more a
   // thread.  Each block calls both microkernels once a row tile, and at these depths the calls
   // are short, so fewer blocks pay fewer of their fixed costs (oneDNN's kernel lookup, AMX
