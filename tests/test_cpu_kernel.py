@@ -134,8 +134,9 @@ def check_shape(kernel, dtype, sim, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sim", SIMILARITIES)
 # 256: float tiles on padded rows; 44 and 27: rows (on every vector width but the baseline's) and
-# value rows that end in a partial vector (finish_dots' and value_columns_rest's TailStep).
-@pytest.mark.parametrize("d,dv", [(48, 11), (44, 27), (256, 256)], ids=["D48", "D44", "D256"])
+# value rows that end in a partial vector (finish_dots' and value_columns_rest's TailStep); 33: an
+# odd depth, which the VNNI products take from tiles given a zero column.
+@pytest.mark.parametrize("d,dv", [(48, 11), (44, 27), (256, 256), (33, 21)], ids=["D48", "D44", "D256", "D33"])
 def test_every_path_takes_weights_values_splits_and_blocks(kernel, dtype, sim, d, dv):
     b, n = 37, 700
     q, x, v = make((b, d), dtype, 3), make((n, d), dtype, 4), make((n, dv), dtype, 5)

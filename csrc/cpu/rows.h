@@ -202,13 +202,19 @@ float* transposed(const float* m, int64_t rows, int64_t cols, std::vector<float>
   return t;
 }
 
-// Copy R rows (row stride `stride` elements of `es` bytes) into a dense tile of
-// `rows` rows, zero below R: a tail tile is padded, never computed by another path.
+// Copy R rows of `cols` elements (row stride `stride` elements of `es` bytes) into a tile
+// of `rows` rows `ld` >= cols apart (ld 0: cols), zero below R and right of cols: a tail
+// tile is padded, never computed by another path, and an odd depth is made even for the
+// VNNI products (a zero pair element adds nothing).
 const char* pad_rows(const char* src, int64_t stride, size_t es, int64_t R, int64_t rows, int64_t cols,
-                     std::vector<float>& buf) {
-  char* d = reinterpret_cast<char*>(grow(buf, int64_t((es * size_t(rows * cols) + 3) / 4)));
-  for (int64_t j = 0; j < R; ++j) std::memcpy(d + es * size_t(j * cols), src + es * size_t(j * stride), es * size_t(cols));
-  std::memset(d + es * size_t(R * cols), 0, es * size_t((rows - R) * cols));
+                     std::vector<float>& buf, int64_t ld = 0) {
+  if (ld == 0) ld = cols;
+  char* d = reinterpret_cast<char*>(grow(buf, int64_t((es * size_t(rows * ld) + 3) / 4)));
+  for (int64_t j = 0; j < R; ++j) {
+    std::memcpy(d + es * size_t(j * ld), src + es * size_t(j * stride), es * size_t(cols));
+    std::memset(d + es * size_t(j * ld + cols), 0, es * size_t(ld - cols));
+  }
+  std::memset(d + es * size_t(R * ld), 0, es * size_t((rows - R) * ld));
   return d;
 }
 

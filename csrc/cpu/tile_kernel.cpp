@@ -308,9 +308,12 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const float* qop = nullptr;
   const float* wop = nullptr;
   const uint16_t* q16 = nullptr;
-  if (sp == Product::Vnni) {  // (D/2, BMp, 2): the VNNI image of Q^T, straight from the 16-bit query rows
-    uint16_t* t = grow(sc.q16, D * BMp);
-    std::memset(t, 0, 2 * size_t(D * BMp));
+  // The score product's depth: D, or D + 1 where the VNNI pairs need it even (the bank tile
+  // then gets a zero column below, and Q^T a zero row here).
+  const int64_t Dk = sp == Product::Vnni ? (D + 1) / 2 * 2 : D;
+  if (sp == Product::Vnni) {  // (Dk/2, BMp, 2): the VNNI image of Q^T, straight from the 16-bit query rows
+    uint16_t* t = grow(sc.q16, Dk * BMp);
+    std::memset(t, 0, 2 * size_t(Dk * BMp));
     vnni_transposed(reinterpret_cast<const uint16_t*>(q16rows), q16stride, BM, D, BMp, t);
     q16 = t;
   } else if (sp == Product::F32) {  // (D, BMp): Q^T in float
@@ -379,7 +382,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     // rows at the tail; xf: the same rows in float where a float32 product needs them.
     const char* xr = mem + es * size_t(r0 * p.memory_row_stride);
     int64_t ldr = p.memory_row_stride;
-    if (R < TN) xr = pad_rows(xr, ldr, es, R, TN, D, sc.xraw), ldr = D;
+    if (R < TN || Dk > D) xr = pad_rows(xr, ldr, es, R, TN, D, sc.xraw, Dk), ldr = Dk;
     const float* xf = reinterpret_cast<const float*>(xr);
     int64_t ldf = ldr;
     if (float_tiles && (dt != DType::F32 || restride_float_tile(ldr, BM, D))) xf = float_rows(dt, xr, ldr, TN, D, sc.xf, ldf);
@@ -387,7 +390,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
 
     // 1. Score products: C1 = X . (w∘q)^T, and for weighted ℓ2 C2 = (X∘X) . w^T.
     if (sp == Product::Vnni) {
-      mk::gemm_vnni(dt, TN, BMp, D, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), q16, c1);
+      mk::gemm_vnni(dt, TN, BMp, Dk, ldr, BMp, BMp, false, reinterpret_cast<const uint16_t*>(xr), q16, c1);
     } else if (sp == Product::F32) {
       mk::gemm_f32(TN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
     } else {
@@ -530,7 +533,12 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     } else {
       // The next value tile towards L2 again, spread over this pass: prefetching in the score
       // pass alone leaves the memory idle here (measured: 3-19 % faster recall with both).
-      const char* vnext = r0 + 2 * BN <= n_end ? vr + es * size_t(BN * ldvr) : r0 + BN >= n_end ? after_v : nullptr;
+      // (From the rows as stored: vr may be the copy an odd depth made.)
+      const char* stored = values_are_memory ? mem : val;
+      const int64_t stride = values_are_memory ? p.memory_row_stride : p.values_row_stride;
+      const char* vnext = r0 + 2 * BN <= n_end ? stored + es * size_t((r0 + BN) * stride)
+                          : r0 + BN >= n_end   ? after_v
+                                               : nullptr;
       if (vp == Product::Bf16Pairs)
         HEN_PAIR_PRODUCT(pair_values(p16, TN, BM, vr, int64_t(es) * ldvr, TN, Dv, o, vnext));
       else
