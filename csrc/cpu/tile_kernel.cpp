@@ -118,13 +118,13 @@ struct WeightSums {
 
 // exp(scale * c - msub) for BN rows (a multiple of W) of one column group (c itself
 // without kScaled: the stored ℓ2 scores), written as rows of P (queries x BN rows,
-// float or 16-bit dt) for the `live` queries, W x W blocks transposed in registers;
-// returns the column sums.
-template <bool kScaled, bool kNative = false, typename T>
-inline WeightSums<vf> column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf msub, int live, T* p,
-                                     DType dt) {
+// float or 16-bit kDt) for the `live` queries, W x W blocks transposed in registers;
+// returns the column sums.  kDt is a template argument so that no dtype test sits in the
+// unrolled loop (with one there, GCC kept both roundings' code in it and spilled the sums).
+template <bool kScaled, DType kDt, bool kNative, typename T>
+inline WeightSums<vf> column_weights(const float* c, int64_t ldc, int64_t BN, vf scale, vf msub, int live, T* p) {
   constexpr bool k16 = !std::is_same_v<T, float>;
-  auto put = [&](T* dst, vf v) __attribute__((always_inline)) { put_weights<kNative>(dst, v, dt); };
+  auto put = [&](T* dst, vf v) __attribute__((always_inline)) { put_weights<kNative>(dst, v, kDt); };
   vf acc = vf{}, acc_stored = vf{};
   vf e[W];
   for (int64_t j0 = 0; j0 < BN; j0 += W) {
@@ -135,7 +135,7 @@ inline WeightSums<vf> column_weights(const float* c, int64_t ldc, int64_t BN, vf
       e[jj] = exp_nonpositive((kScaled ? rounded(load(src) * scale) : load(src)) - msub);
       acc += e[jj];
       if constexpr (k16) {
-        e[jj] = as_stored_16(dt, e[jj]);
+        e[jj] = as_stored_16(kDt, e[jj]);
         acc_stored += e[jj];
       }
     }
@@ -187,18 +187,18 @@ __attribute__((always_inline)) inline void row_scores(float* c, int64_t R, int64
 
 // exp(scale * c - msub) (c itself without kScaled) for BN rows into P's one row;
 // returns their sums (WeightSums).
-template <bool kScaled, bool kNative = false, typename T>
-inline WeightSums<float> row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p, DType dt) {
+template <bool kScaled, DType kDt, bool kNative, typename T>
+inline WeightSums<float> row_weights(const float* c, int64_t BN, vf scale, vf msub, T* p) {
   constexpr bool k16 = !std::is_same_v<T, float>;
   vf acc = vf{}, acc_stored = vf{};
   for (int64_t j = 0; j < BN; j += W) {
     vf e = exp_nonpositive((kScaled ? rounded(load(c + j) * scale) : load(c + j)) - msub);
     acc += e;
     if constexpr (k16) {
-      e = as_stored_16(dt, e);
+      e = as_stored_16(kDt, e);
       acc_stored += e;
     }
-    put_weights<kNative>(p + j, e, dt);
+    put_weights<kNative>(p + j, e, kDt);
   }
   return {hsum(acc), k16 ? hsum(acc_stored) : hsum(acc)};
 }
@@ -469,25 +469,25 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       const vf msub = m_new == splat(kNegInf) ? vf{} : m_new;  // nothing finite yet: weights 0
       // The dot products times beta again, or the stored ℓ2 scores.
       const vf scale = splat(beta);
-      auto weights_into = [&](auto scaled) -> WeightSums<vf> {
-        constexpr bool kScaled = decltype(scaled)::value;
+      // P's dtype (kDt: float, or 16-bit rounded by the CPU's own conversion where kNative).
+      auto weights_pass = [&](auto scaled, auto dtype, auto native, auto* dst) -> WeightSums<vf> {
+        constexpr bool kScaled = decltype(scaled)::value, kNative = decltype(native)::value;
+        constexpr DType kDt = decltype(dtype)::value;
         if (one_query) {  // lane 0 is the query
-          const vf m0 = splat(msub[0]);
-          WeightSums<float> r;
-          if (!p16)
-            r = row_weights<kScaled>(c1, TN, scale, m0, pf, dt);
-          else if (HEN_NATIVE_BF16 && plan.native_bf16)
-            r = row_weights<kScaled, true>(c1, TN, scale, m0, p16, dt);
-          else
-            r = row_weights<kScaled>(c1, TN, scale, m0, p16, dt);
+          const WeightSums<float> r = row_weights<kScaled, kDt, kNative>(c1, TN, scale, splat(msub[0]), dst);
           WeightSums<vf> v{vf{}, vf{}};
           v.exact[0] = r.exact, v.stored[0] = r.stored;
           return v;
         }
-        if (!p16) return column_weights<kScaled>(cg, BMp, TN, scale, msub, live, pf + g * TN, dt);
-        if (HEN_NATIVE_BF16 && plan.native_bf16)
-          return column_weights<kScaled, true>(cg, BMp, TN, scale, msub, live, p16 + g * TN, dt);
-        return column_weights<kScaled>(cg, BMp, TN, scale, msub, live, p16 + g * TN, dt);
+        return column_weights<kScaled, kDt, kNative>(cg, BMp, TN, scale, msub, live, dst + g * TN);
+      };
+      auto weights_into = [&](auto scaled) -> WeightSums<vf> {
+        using std::false_type, std::true_type;
+        if (!p16) return weights_pass(scaled, std::integral_constant<DType, DType::F32>{}, false_type{}, pf);
+        if (dt == DType::F16) return weights_pass(scaled, std::integral_constant<DType, DType::F16>{}, false_type{}, p16);
+        constexpr std::integral_constant<DType, DType::BF16> bf16{};
+        if (HEN_NATIVE_BF16 && plan.native_bf16) return weights_pass(scaled, bf16, true_type{}, p16);
+        return weights_pass(scaled, bf16, false_type{}, p16);
       };
       const WeightSums<vf> sum = l2 ? weights_into(std::false_type{}) : weights_into(std::true_type{});
       const vf rescale = exp_nonpositive(m_old - msub);
