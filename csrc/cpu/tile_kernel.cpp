@@ -483,9 +483,11 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       };
       auto weights_into = [&](auto scaled) -> WeightSums<vf> {
         using std::false_type, std::true_type;
-        if (!p16) return weights_pass(scaled, std::integral_constant<DType, DType::F32>{}, false_type{}, pf);
-        if (dt == DType::F16) return weights_pass(scaled, std::integral_constant<DType, DType::F16>{}, false_type{}, p16);
+        constexpr std::integral_constant<DType, DType::F32> f32{};
+        constexpr std::integral_constant<DType, DType::F16> f16{};
         constexpr std::integral_constant<DType, DType::BF16> bf16{};
+        if (!p16) return weights_pass(scaled, f32, false_type{}, pf);
+        if (dt == DType::F16) return weights_pass(scaled, f16, false_type{}, p16);
         if (HEN_NATIVE_BF16 && plan.native_bf16) return weights_pass(scaled, bf16, true_type{}, p16);
         return weights_pass(scaled, bf16, false_type{}, p16);
       };
