@@ -186,3 +186,19 @@ def test_short_calls_get_rounds_for_the_seconds_asked_not_for_a_first_call_estim
     rounds = calls(min_s=0.1, max_repeats=50)  # ~10 of 10 ms; fewer where the machine is busy
     assert 2 < len(rounds) <= 11 and sum(rounds[:-1]) < 0.1
     assert len(calls(min_s=10.0, max_repeats=4)) == 4
+
+
+def test_a_matmul_ceiling_too_slow_at_full_side_is_measured_at_the_small_side(monkeypatch):
+    """bfloat16 without 16-bit matrix instructions (--emulate-avx2) multiplies at 0.2-0.4 GFLOP/s:
+    its ceiling falls back to the quick side, and the header says at which side it was measured."""
+    from hen_kernels.bench import cpu_peers as peers
+
+    assert peers.matmul_side(torch.float32, quick=True) == peers.QUICK_MATMUL_N
+    monkeypatch.setattr(peers, "LONGEST_MATMUL_S", 0.0)  # every call counts as too slow
+    assert peers.matmul_side(torch.bfloat16, quick=False) == peers.QUICK_MATMUL_N
+    monkeypatch.setattr(peers, "LONGEST_MATMUL_S", float("inf"))
+    assert peers.matmul_side(torch.bfloat16, quick=False) == peers.MATMUL_N
+
+    same = {"matmul_shape": [2048] * 3, "matmul_bf16_shape": [2048] * 3}
+    assert bench.bf16_side(same) == "" and bench.bf16_side({"matmul_shape": [2048] * 3}) == ""
+    assert bench.bf16_side(dict(same, matmul_bf16_shape=[512] * 3)).startswith("(512^3: at 2048^3")

@@ -182,6 +182,14 @@ COLUMNS = [  # (header, row -> cell); first five and last fixed (tests/test_benc
 ]
 
 
+def bf16_side(ceilings: dict) -> str:
+    """The bfloat16 matmul's side in the header where it differs from float32's (cpu_peers.matmul_side)."""
+    n16 = ceilings.get("matmul_bf16_shape", ceilings["matmul_shape"])[0]
+    if n16 == ceilings["matmul_shape"][0]:
+        return ""
+    return f"({n16}^3: at {ceilings['matmul_shape'][0]}^3 a call would take over {peers.LONGEST_MATMUL_S:g} s) "
+
+
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["ceilings"]
     emulated = m.get("emulated")
@@ -208,7 +216,8 @@ def markdown(report: dict) -> str:
         + "; each output checked against float32 plain PyTorch first (rel err; WRONG: off by more than "
         + ", ".join(f"{k} {v:g}" for k, v in CHECK_TOL.items()) + ")",
         f"- ceilings, same run, best of {report['repeats']} calls: float32 matmul ({c['matmul_shape'][0]}^3) {c['matmul_gflops']:.1f} GFLOP/s "
-        f"({c['matmul_gflops_after']:.1f} after the cases), bfloat16 matmul {c['matmul_bf16_gflops']:.1f} "
+        f"({c['matmul_gflops_after']:.1f} after the cases), bfloat16 matmul "
+        f"{bf16_side(c)}{c['matmul_bf16_gflops']:.1f} "
         f"({c.get('matmul_bf16_gflops_after', float('nan')):.1f} after) "
         f"GFLOP/s, memory read {c['read_gbps']:.2f} GB/s ({c['read_mib']} MiB sum); recall rows against the "
         "read ceiling (bank bytes / time), layer and bulk rows against the matmul of the products they run "
@@ -327,7 +336,8 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 5, compile_p
     # A kernel that leaves threads spinning (raw OpenMP did, docs/design.md §7) slows every later
     # torch call, the peers included; measure the matmul again to catch it.
     c["matmul_gflops_after"] = after = peers.matmul_gflops(torch.float32, quick, repeats)
-    c["matmul_bf16_gflops_after"] = peers.matmul_gflops(torch.bfloat16, quick, repeats)
+    c["matmul_bf16_gflops_after"] = peers.matmul_gflops(torch.bfloat16, quick, repeats,
+                                                        c["matmul_bf16_shape"][0])
     if max(after, c["matmul_gflops"]) > 2 * min(after, c["matmul_gflops"]):
         report["warning"] = (f"torch matmul ran at {c['matmul_gflops']:.1f} GFLOP/s before the cases and "
                              f"{after:.1f} after: other work on the machine, or a kernel that slows later "

@@ -159,22 +159,43 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def matmul_gflops(dtype: torch.dtype, quick: bool, repeats: int) -> float:
-    n = 512 if quick else 2048
+# The matmul ceiling's side, and the side it falls back to where a call at that side would take
+# over LONGEST_MATMUL_S: bfloat16 on a CPU without 16-bit matrix instructions (or with them
+# masked, --emulate-avx2) multiplies at 0.2-0.4 GFLOP/s, 40-90 s a 2048^3 call, twelve of
+# them a run, for a ceiling the table then does not use (it takes float32's there).
+MATMUL_N, QUICK_MATMUL_N = 2048, 512
+LONGEST_MATMUL_S = 2.0
+
+
+def matmul_side(dtype: torch.dtype, quick: bool) -> int:
+    """The side of the square matmul that measures ``dtype``'s ceiling: MATMUL_N (QUICK_MATMUL_N with
+    --quick), or QUICK_MATMUL_N where one call of that side would take over LONGEST_MATMUL_S."""
+    if quick:
+        return QUICK_MATMUL_N
+    a, b = torch.randn(QUICK_MATMUL_N, QUICK_MATMUL_N).to(dtype), torch.randn(QUICK_MATMUL_N, QUICK_MATMUL_N).to(dtype)
+    a @ b
+    t0 = time.perf_counter()
+    a @ b
+    scaled = (time.perf_counter() - t0) * (MATMUL_N / QUICK_MATMUL_N) ** 3
+    return QUICK_MATMUL_N if scaled > LONGEST_MATMUL_S else MATMUL_N
+
+
+def matmul_gflops(dtype: torch.dtype, quick: bool, repeats: int, n: Optional[int] = None) -> float:
+    n = n or matmul_side(dtype, quick)
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     return 2 * n ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
 def measure_ceilings(quick: bool, repeats: int) -> dict:
-    """float32 and bfloat16 matmul GFLOP/s and memory read GB/s (a sum over a buffer larger than the
-    caches), each the best of its calls."""
+    """float32 and bfloat16 matmul GFLOP/s (and the side each was measured at) and memory read
+    GB/s (a sum over a buffer larger than the caches), each the best of its calls."""
     buf = torch.randn((16 if quick else 512) * MIB // 4)
     t_rd = best_seconds(buf.sum, repeats)
-    n = 512 if quick else 2048
-    return {"matmul_gflops": matmul_gflops(torch.float32, quick, repeats),
-            "matmul_bf16_gflops": matmul_gflops(torch.bfloat16, quick, repeats),
-            "matmul_shape": [n, n, n], "read_gbps": buf.numel() * 4 / t_rd / 1e9,
-            "read_mib": buf.numel() * 4 // MIB}
+    n, n16 = matmul_side(torch.float32, quick), matmul_side(torch.bfloat16, quick)
+    return {"matmul_gflops": matmul_gflops(torch.float32, quick, repeats, n),
+            "matmul_bf16_gflops": matmul_gflops(torch.bfloat16, quick, repeats, n16),
+            "matmul_shape": [n, n, n], "matmul_bf16_shape": [n16, n16, n16],
+            "read_gbps": buf.numel() * 4 / t_rd / 1e9, "read_mib": buf.numel() * 4 // MIB}
 
 
 def cpu_info() -> Dict[str, str]:
