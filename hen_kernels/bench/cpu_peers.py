@@ -167,12 +167,16 @@ MATMUL_N, QUICK_MATMUL_N = 2048, 512
 LONGEST_MATMUL_S = 2.0
 
 
+def square_operands(n: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+
+
 def matmul_side(dtype: torch.dtype, quick: bool) -> int:
     """The side of the square matmul that measures ``dtype``'s ceiling: MATMUL_N (QUICK_MATMUL_N with
     --quick), or QUICK_MATMUL_N where one call of that side would take over LONGEST_MATMUL_S."""
     if quick:
         return QUICK_MATMUL_N
-    a, b = torch.randn(QUICK_MATMUL_N, QUICK_MATMUL_N).to(dtype), torch.randn(QUICK_MATMUL_N, QUICK_MATMUL_N).to(dtype)
+    a, b = square_operands(QUICK_MATMUL_N, dtype)
     a @ b
     t0 = time.perf_counter()
     a @ b
@@ -182,7 +186,7 @@ def matmul_side(dtype: torch.dtype, quick: bool) -> int:
 
 def matmul_gflops(dtype: torch.dtype, quick: bool, repeats: int, n: Optional[int] = None) -> float:
     n = n or matmul_side(dtype, quick)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = square_operands(n, dtype)
     return 2 * n ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
