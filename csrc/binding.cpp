@@ -250,20 +250,19 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
   return run_cpu(query, memory, values, beta, similarity, offset, weights, hints);
 }
 
-// hopfield_update's plain case in one call from Python (backends.py, fast_update): CPU tensors
-// of one kernel dtype, a (B, D) or (L, B, D) query against an (N, D) bank or one per leading
-// index, a float beta, no weights, no autograd graph, no autocast.  The general path's Python
-// checks, views and reductions cost 27-107 µs a call on an Intel Xeon (30-45 on an EPYC Zen 5)
-// around an op of 7-180 µs on small banks, where SDPA's one C++ call then won; this path
-// costs 1-6 µs over the op (Xeon, one and two threads, ad-hoc timing of blocks of calls).
-// Anything else, and a result with an lse that is not finite (NaN or overflowing scores), comes
-// back as no tensor: the general path then checks, computes and raises as it always has, so
-// every message keeps its one home (validation.py) and this path only ever answers as it would.
-std::vector<at::Tensor> update_cpu(const at::Tensor& query, const at::Tensor& memory,
-                                   const std::optional<at::Tensor>& values_in, double beta, int64_t similarity) {
+// The plain case's inputs as run_cpu takes them: CPU tensors of one kernel dtype, a (B, D) or
+// (L, B, D) query against an (N, D) bank or one per leading index, a float beta, no weights, no
+// autograd graph, no autocast; or nothing, where the general path must answer (update_cpu and
+// retrieve_cpu decline then).
+struct PlainCall {
+  at::Tensor q3, x3, v3, beta;  // (L, B, D), (L or 1, N, D), (L or 1, N, Dv), (L,) float32
+  int64_t query_dims, L, B, D, Dv;
+};
+std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& memory,
+                                    const std::optional<at::Tensor>& values_in, double beta, int64_t similarity) {
   const at::Tensor& values = values_in.has_value() ? *values_in : memory;
   const at::ScalarType dt = query.scalar_type();
-  if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return {};
+  if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return std::nullopt;
   const bool grad = at::GradMode::is_enabled();
   // Tensors seen through Python dispatch (fake, functional, batched) take the general path.
   const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::FuncTorchBatched,
@@ -271,29 +270,103 @@ std::vector<at::Tensor> update_cpu(const at::Tensor& query, const at::Tensor& me
   for (const at::Tensor* t : {&query, &memory, &values})
     if (!t->defined() || t->layout() != at::kStrided || !t->is_cpu() || t->scalar_type() != dt ||
         (grad && t->requires_grad()) || t->key_set().has_any(wrapped))
-      return {};
-  if (at::autocast::is_autocast_enabled(at::kCPU)) return {};
-  if (!(beta > 0 && beta <= std::numeric_limits<float>::max()) || similarity < 0 || similarity > 2) return {};
+      return std::nullopt;
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return std::nullopt;
+  if (!(beta > 0 && beta <= std::numeric_limits<float>::max()) || similarity < 0 || similarity > 2)
+    return std::nullopt;
   const int64_t qd = query.dim(), xd = memory.dim();
-  if ((qd != 2 && qd != 3) || (xd != 2 && xd != qd) || values.dim() != xd) return {};
+  if ((qd != 2 && qd != 3) || (xd != 2 && xd != qd) || values.dim() != xd) return std::nullopt;
   const int64_t L = qd == 3 ? query.size(0) : 1, B = query.size(-2), D = query.size(-1);
   const int64_t N = memory.size(-2), Dv = values.size(-1);
-  if (L == 0 || B == 0 || D == 0 || N == 0 || Dv == 0 || memory.size(-1) != D) return {};
-  if (xd == 3 && (memory.size(0) != L || values.size(0) != L)) return {};
-  if (values.size(-2) != N) return {};
+  if (L == 0 || B == 0 || D == 0 || N == 0 || Dv == 0 || memory.size(-1) != D) return std::nullopt;
+  if (xd == 3 && (memory.size(0) != L || values.size(0) != L)) return std::nullopt;
+  if (values.size(-2) != N) return std::nullopt;
 
   auto leading = [](const at::Tensor& t) { return t.dim() == 2 ? t.unsqueeze(0) : t; };
-  const at::Tensor q3 = leading(query), x3 = leading(memory);
+  const at::Tensor x3 = leading(memory);
   const at::Tensor v3 = values.is_same(memory) ? x3 : leading(values);  // keys = values read once
   const at::Tensor b = at::full({L}, beta, query.options().dtype(at::kFloat));
-  const PartialResult r = run_cpu(q3, x3, v3, b, similarity, 0, std::nullopt, hen::PlanHints{});
-  const at::Tensor& lse = std::get<1>(r);
+  return PlainCall{leading(query), x3, v3, b, qd, L, B, D, Dv};
+}
+
+// Whether every lse is finite: else (NaN or overflowing scores) the general path checks and answers.
+bool all_finite(const at::Tensor& lse) {
   const float* l = lse.data_ptr<float>();
   for (int64_t i = 0; i < lse.numel(); ++i)
-    if (!std::isfinite(l[i])) return {};
+    if (!std::isfinite(l[i])) return false;
+  return true;
+}
+
+// hopfield_update's plain case in one call from Python (backends.py, fast_update): plain_call's
+// inputs.  The general path's Python checks, views and reductions cost 27-107 µs a call on an Intel
+// Xeon (30-45 on an EPYC Zen 5) around an op of 7-180 µs on small banks, where SDPA's one C++ call
+// then won; this path costs 1-6 µs over the op (Xeon, one and two threads, ad-hoc timing of blocks
+// of calls).  Anything else, and a result with an lse that is not finite (NaN or overflowing
+// scores), comes back as no tensor: the general path then checks, computes and raises as it always
+// has, so every message keeps its one home (validation.py) and this path only ever answers as it would.
+std::vector<at::Tensor> update_cpu(const at::Tensor& query, const at::Tensor& memory,
+                                   const std::optional<at::Tensor>& values_in, double beta, int64_t similarity) {
+  const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity);
+  if (!c) return {};
+  const PartialResult r = run_cpu(c->q3, c->x3, c->v3, c->beta, similarity, 0, std::nullopt, hen::PlanHints{});
+  if (!all_finite(std::get<1>(r))) return {};
   at::Tensor out = std::get<0>(r);
-  if (dt != at::kFloat) out = out.to(dt);
-  return {qd == 2 ? out.view({B, Dv}) : out};
+  if (query.scalar_type() != at::kFloat) out = out.to(query.scalar_type());
+  return {c->query_dims == 2 ? out.view({c->B, c->Dv}) : out};
+}
+
+// hopfield_retrieve's plain case (backends.py, fast_retrieve): streaming.retrieve's loop over
+// update_cpu's steps, the same tensor operations in the same order, so the same bits, without
+// the general path's Python around every step (which cost 1.1-2.6x five single calls over five
+// steps on banks of 1024-16384 rows, Xeon).  [state, steps, converged, lse, top_index,
+// top_weight] as Retrieval holds them, or [] (also for max_steps < 1, a tol that is negative or
+// not finite, and more than one step into values of another width: the general path says why).
+std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& memory,
+                                     const std::optional<at::Tensor>& values_in, double beta, int64_t similarity,
+                                     int64_t max_steps, std::optional<double> tol) {
+  if (max_steps < 1 || (tol.has_value() && !(std::isfinite(*tol) && *tol >= 0))) return {};
+  const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity);
+  if (!c || (max_steps > 1 && c->Dv != c->D)) return {};
+  const at::ScalarType dt = query.scalar_type();
+  const at::TensorOptions lead = query.options();
+  at::Tensor state = c->q3;
+  at::Tensor active = at::ones({c->L, c->B}, lead.dtype(at::kBool));
+  at::Tensor converged = at::zeros_like(active), steps = at::zeros({c->L, c->B}, lead.dtype(at::kLong));
+  at::Tensor lse, top_score, top_index;  // of each query's last update
+  const double stop_at = tol.value_or(0.0);
+  for (int64_t step = 0; step < max_steps; ++step) {
+    const PartialResult r = run_cpu(state, c->x3, c->v3, c->beta, similarity, 0, std::nullopt, hen::PlanHints{});
+    const auto& [out, step_lse, step_top, step_index] = r;
+    if (!all_finite(step_lse)) return {};
+    const at::Tensor next = out.to(dt);
+    if (c->Dv != c->D) {  // one step into a value space of another width: nothing to iterate
+      state = next, steps = steps + 1, lse = step_lse, top_score = step_top, top_index = step_index;
+      break;
+    }
+    // Without tol every query stays active to the end: the wheres below would keep each step's
+    // answer whole, and only the last step's delta is read (converged).
+    if (!tol.has_value() && step + 1 < max_steps) {
+      state = next;
+      continue;
+    }
+    const at::Tensor delta = (next.to(out.scalar_type()) - state.to(out.scalar_type())).abs().amax(-1);
+    state = at::where(active.unsqueeze(-1), next, state);
+    const bool first = !lse.defined();
+    lse = first ? step_lse : at::where(active, step_lse, lse);
+    top_score = first ? step_top : at::where(active, step_top, top_score);
+    top_index = first ? step_index : at::where(active, step_index, top_index);
+    steps = tol.has_value() ? steps + active.to(at::kLong) : at::full_like(steps, max_steps);
+    const at::Tensor done = active & (delta <= stop_at);
+    converged = at::where(active, done, converged);
+    if (tol.has_value()) {
+      active = active & ~done;
+      if (!active.any().item<bool>()) break;
+    }
+  }
+  const at::Tensor top_weight = at::exp(top_score - lse);
+  if (c->query_dims == 3) return {state, steps, converged, lse, top_index, top_weight};
+  return {state.view({c->B, state.size(-1)}), steps.view({c->B}), converged.view({c->B}), lse.view({c->B}),
+          top_index.view({c->B}), top_weight.view({c->B})};
 }
 
 // The backward of `partial` on the CPU (hen::run_backward_tile): dq and dbeta in float32,
@@ -486,6 +559,10 @@ TORCH_LIBRARY(hen_kernels, m) {
       "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta)");
   // hopfield_update's plain CPU case (update_cpu): [out], or [] where the general path must answer.
   m.def("update(Tensor query, Tensor memory, Tensor? values, float beta, int similarity) -> Tensor[]");
+  // hopfield_retrieve's plain CPU case (retrieve_cpu): Retrieval's fields, or [] as update.
+  m.def(
+      "retrieve(Tensor query, Tensor memory, Tensor? values, float beta, int similarity, int max_steps, "
+      "float? tol) -> Tensor[]");
   m.def("cpu_info() -> str", &cpu_info);
   m.def("cuda_info() -> str", &cuda_info);
   m.def("cuda_ptxas() -> str", &cuda_ptxas);
@@ -498,7 +575,10 @@ TORCH_LIBRARY_IMPL(hen_kernels, CPU, m) {
 }
 // Every backend key (sparse, quantized, meta, CUDA tensors too): update_cpu declines what is not
 // a dense CPU tensor, where a CPU-only kernel would make the dispatcher raise instead.
-TORCH_LIBRARY_IMPL(hen_kernels, CompositeExplicitAutograd, m) { m.impl("update", &update_cpu); }
+TORCH_LIBRARY_IMPL(hen_kernels, CompositeExplicitAutograd, m) {
+  m.impl("update", &update_cpu);
+  m.impl("retrieve", &retrieve_cpu);
+}
 TORCH_LIBRARY_IMPL(hen_kernels, Meta, m) { m.impl("cpu_partial_backward", &partial_backward_meta); }
 #ifdef HEN_WITH_CUDA
 TORCH_LIBRARY_IMPL(hen_kernels, CUDA, m) {

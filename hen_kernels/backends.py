@@ -7,8 +7,9 @@ upstream gradients of ``out`` and ``lse`` into (dq, dx, dv, dbeta), float32,
 from the inputs and the saved ``out`` and ``lse`` alone (no B x N matrix is
 kept between the passes; :mod:`hen_kernels.autograd` wires it in).  Callers
 never name a kernel: they reach a backend through :func:`resolve`, or, for
-``hopfield_update``'s plain CPU case, through :func:`fast_update`, which runs
-what ``resolve`` would pick there in one C++ call or declines.
+``hopfield_update``'s and ``hopfield_retrieve``'s plain CPU case, through
+:func:`fast_update` and :func:`fast_retrieve`, which run what ``resolve`` would
+pick there in one C++ call or decline.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from . import backward_cpu, reference, vmap_rules
 from .constants import KERNEL_DTYPES, SIMILARITY_CODES
 from .tracing import is_tracing
-from .types import Partial
+from .types import Partial, Retrieval
 from .validation import API_DTYPES, Inputs
 
 ENV_BACKEND = "HEN_KERNELS_BACKEND"
@@ -129,6 +130,7 @@ def _extension_path() -> Optional[str]:
 _EXTENSION_ERROR: Optional[str] = None
 _EXTENSION_TRIED = False
 _UPDATE_OP = None  # hen_kernels::update (binding.cpp update_cpu; fast_update) once the extension has loaded
+_RETRIEVE_OP = None  # hen_kernels::retrieve (binding.cpp retrieve_cpu; fast_retrieve), likewise
 
 
 def load_extension() -> Optional[str]:
@@ -157,8 +159,9 @@ def load_extension() -> Optional[str]:
         return _EXTENSION_ERROR
     _register_fake()
     vmap_rules.register_partial("hen_kernels::partial")
-    global _UPDATE_OP
+    global _UPDATE_OP, _RETRIEVE_OP
     _UPDATE_OP = torch.ops.hen_kernels.update.default
+    _RETRIEVE_OP = torch.ops.hen_kernels.retrieve.default
     return None
 
 
@@ -166,6 +169,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("hen_kernels::update")
     def _(query, memory, values, beta, similarity):
         return []  # declined: fake tensors take the general path, which has its fake partial
+
+    @torch.library.register_fake("hen_kernels::retrieve")
+    def _(query, memory, values, beta, similarity, max_steps, tol):
+        return []  # declined, as update
 
     @torch.library.register_fake("hen_kernels::partial")
     def _(query, memory, values, beta, similarity, offset, weights=None):
@@ -326,22 +333,20 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
     return b
 
 
-def fast_update(query: object, memory: object, values: object, beta: float, similarity: object,
-                backend: Optional[str]) -> Optional[torch.Tensor]:
-    """``hopfield_update``'s plain CPU case in one C++ call, or None where the general path must answer.
+def _plain_cpu_code(query: object, memory: object, values: object, similarity: object,
+                    backend: Optional[str]) -> Optional[int]:
+    """The similarity's code where this call is the plain CPU case as Python sees it, else None.
 
     The plain case is what ``resolve`` sends to the "cpu" backend anyway, with nothing for
-    Python to do around it: CPU tensors, a float beta, no weights, the "cpu" backend asked for
-    or chosen (none asked for, here or in $HEN_KERNELS_BACKEND), no graph to record, no
-    autocast, no tracing.  The C++ side checks the rest (dtypes, shapes,
+    Python to do around it: CPU tensors, a float beta and no weights (the callers' test), the
+    "cpu" backend asked for or chosen (none asked for, here or in $HEN_KERNELS_BACKEND), no
+    graph to record, no autocast, no tracing.  The C++ side checks the rest (dtypes, shapes,
     a finite lse) and declines rather than raising, so every check and message stays in
-    :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general
-    path: the same bits.
+    :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general path:
+    the same bits.
     """
-    op = _UPDATE_OP
     if (
-        op is None
-        or type(similarity) is not str
+        type(similarity) is not str
         or not isinstance(query, torch.Tensor)
         or not isinstance(memory, torch.Tensor)
         or not (query.is_cpu and memory.is_cpu)
@@ -350,11 +355,34 @@ def fast_update(query: object, memory: object, values: object, beta: float, simi
         or is_tracing()
     ):
         return None
-    code = SIMILARITY_CODES.get(similarity)
+    return SIMILARITY_CODES.get(similarity)
+
+
+def fast_update(query: object, memory: object, values: object, beta: float, similarity: object,
+                backend: Optional[str]) -> Optional[torch.Tensor]:
+    """``hopfield_update``'s plain CPU case (:func:`_plain_cpu_code`) in one C++ call, or None."""
+    op = _UPDATE_OP
+    code = None if op is None else _plain_cpu_code(query, memory, values, similarity, backend)
     if code is None:
         return None
     out = op(query, memory, values, beta, code)
     return out[0] if out else None
+
+
+def fast_retrieve(query: object, memory: object, values: object, beta: float, similarity: object,
+                  backend: Optional[str], max_steps: int, tol: Optional[float]) -> Optional[Retrieval]:
+    """``hopfield_retrieve``'s plain CPU case: every step in one C++ call, or None.
+
+    :func:`_plain_cpu_code`'s case with an int ``max_steps`` and a float or None ``tol``
+    (the callers' test); the C++ side declines steps, tolerances and widths that
+    ``check_steps`` and ``streaming.retrieve`` would refuse, so their messages keep their home.
+    """
+    op = _RETRIEVE_OP
+    code = None if op is None else _plain_cpu_code(query, memory, values, similarity, backend)
+    if code is None:
+        return None
+    r = op(query, memory, values, beta, code, max_steps, tol)
+    return Retrieval(*r) if r else None
 
 
 # The C++ ops are registered when the package is imported (torch.ops.hen_kernels.partial exists

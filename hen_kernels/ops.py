@@ -204,6 +204,11 @@ def hopfield_retrieve(
         (..., B) float32 and ``top_index`` (..., B) int64 of the last update taken.
         Queries never influence each other: a NaN query leaves every other intact.
     """
+    if type(beta) is float and weights is None and type(max_steps) is int and type(tol) in (float, int, type(None)):
+        r = backends.fast_retrieve(query, memory, values, beta, similarity, backend, max_steps,
+                                   None if tol is None else float(tol))
+        if r is not None:
+            return r
     query, memory, values = autocast_inputs(query, memory, values)
     inp = check_inputs(query, memory, beta, similarity, values, weights=weights)
     max_steps, tol = check_steps(max_steps, tol)

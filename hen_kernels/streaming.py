@@ -90,12 +90,18 @@ def retrieve(step: Step, query: torch.Tensor, *, value_dim: int, max_steps: int,
     steps = torch.zeros(lead, dtype=torch.int64, device=query.device)
     stop_at = 0.0 if tol is None else float(tol)
     last: Optional[Partial] = None
-    for _ in range(max_steps):
+    for i in range(max_steps):
         p = step(state)
         new = p.out.to(query.dtype)
         if new.shape[-1] != state.shape[-1]:  # one step into a value space of another width: nothing to iterate
             return Retrieval(new, steps + 1, torch.zeros_like(converged), p.lse, p.top_index, p.top_weight)
         new = new.reshape(state.shape)  # (B, Dv) rows under the state's own leading dims
+        if tol is None and i + 1 < max_steps:
+            # Every query stays active to the end: the bookkeeping below would keep each step's
+            # answer whole, and only the last step's delta is read (binding.cpp retrieve_cpu, the
+            # plain CPU case's copy of this loop, skips the same).
+            state = new
+            continue
         delta = (new.to(p.out.dtype) - state.to(p.out.dtype)).abs().amax(-1)
         state = torch.where(active.unsqueeze(-1), new, state)
         if last is not None:
@@ -106,7 +112,7 @@ def retrieve(step: Step, query: torch.Tensor, *, value_dim: int, max_steps: int,
                 torch.where(active, p.top_index, last.top_index),
             )
         last = p
-        steps = steps + active.to(torch.int64)
+        steps = steps + active.to(torch.int64) if tol is not None else torch.full_like(steps, max_steps)
         done = active & (delta <= stop_at)
         converged = torch.where(active, done, converged)
         if tol is not None:

@@ -1,4 +1,5 @@
-"""``hopfield_update``'s one-call CPU path (backends.fast_update, binding.cpp update_cpu).
+"""``hopfield_update``'s and ``hopfield_retrieve``'s one-call CPU paths (backends.fast_update and
+fast_retrieve, binding.cpp update_cpu and retrieve_cpu).
 
 The plain case (CPU tensors, a float beta, no weights, no graph, no autocast) skips
 Python's checks and views: it must answer with the general path's bits, and decline
@@ -52,15 +53,21 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("similarity", SIMILARITIES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_plain_call_is_one_call_with_the_general_paths_bits(shape, similarity, dtype, monkeypatch):
+def shaped(shape, dtype):
+    """(query, memory, values or None) for one of SHAPES, the first query on a stored pattern."""
     qs, xs, dv = shape
     x = make(xs, dtype, 1)
     v = None if dv is None else make(xs[:-1] + (dv,), dtype, 2)
     q = make(qs, dtype, 3)
-    q[..., 0, :] = x[..., 0, :]  # a query on a stored pattern, recall's normal case
+    q[..., 0, :] = x[..., 0, :]  # recall's normal case
+    return q, x, v
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_plain_call_is_one_call_with_the_general_paths_bits(shape, similarity, dtype, monkeypatch):
+    q, x, v = shaped(shape, dtype)
     want = general(q, x, 0.7, similarity=similarity, values=v)
     _forbid_general(monkeypatch)
     got = hk.hopfield_update(q, x, 0.7, similarity=similarity, values=v)
@@ -79,41 +86,42 @@ def test_strided_inputs_and_values_that_are_the_memory(monkeypatch):
     assert torch.equal(hk.hopfield_update(q.t().contiguous().t(), x, 1.3), want)
 
 
-def _declined_cases():
+def _declined_cases(call):
     q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
     nan_q = q.clone()
     nan_q[1, 2] = float("nan")
     return {
-        "float64": lambda: op(q.double(), x.double()),
-        "dtypes differ": lambda: op(q, x.bfloat16()),
-        "empty bank": lambda: op(q, x[:0]),
-        "no queries": lambda: op(q[:0], x),
-        "depths differ": lambda: op(q, x[:, :7]),
-        "values rows differ": lambda: op(q, x, values=x[:9]),
-        "4-d query": lambda: op(q[None, None], x),
-        "2-d query, 3-d bank": lambda: op(q, x[None]),
-        "leading sizes differ": lambda: op(q.expand(2, 3, 8), x.expand(3, 10, 8)),
-        "beta 0": lambda: op(q, x, beta=0.0),
-        "beta nan": lambda: op(q, x, beta=float("nan")),
-        "beta past float32": lambda: op(q, x, beta=1e39),
-        "scores past float32": lambda: op(q, x, beta=3e38),  # lse inf: the general path raises
-        "nan query": lambda: op(nan_q, x),  # lse nan: the general path answers NaN for that row
-        "needs grad": lambda: op(q.requires_grad_(), x),
-        "sparse": lambda: op(q.to_sparse(), x),
-        "meta": lambda: op(q.to("meta"), x.to("meta")),
+        "float64": lambda: call(q.double(), x.double()),
+        "dtypes differ": lambda: call(q, x.bfloat16()),
+        "empty bank": lambda: call(q, x[:0]),
+        "no queries": lambda: call(q[:0], x),
+        "depths differ": lambda: call(q, x[:, :7]),
+        "values rows differ": lambda: call(q, x, values=x[:9]),
+        "4-d query": lambda: call(q[None, None], x),
+        "2-d query, 3-d bank": lambda: call(q, x[None]),
+        "leading sizes differ": lambda: call(q.expand(2, 3, 8), x.expand(3, 10, 8)),
+        "beta 0": lambda: call(q, x, beta=0.0),
+        "beta nan": lambda: call(q, x, beta=float("nan")),
+        "beta past float32": lambda: call(q, x, beta=1e39),
+        "scores past float32": lambda: call(q, x, beta=3e38),  # lse inf: the general path raises
+        "nan query": lambda: call(nan_q, x),  # lse nan: the general path answers NaN for that row
+        "needs grad": lambda: call(q.requires_grad_(), x),
+        "sparse": lambda: call(q.to_sparse(), x),
+        "meta": lambda: call(q.to("meta"), x.to("meta")),
     }
 
 
-@pytest.mark.parametrize("case", list(_declined_cases()))
-def test_declines_whatever_the_general_path_must_check_or_compute(case):
-    assert _declined_cases()[case]() == []
+@pytest.mark.parametrize("case", list(_declined_cases(op)))
+@pytest.mark.parametrize("call", ["update", "retrieve"])
+def test_declines_whatever_the_general_path_must_check_or_compute(call, case):
+    assert _declined_cases({"update": op, "retrieve": retrieve_op}[call])[case]() == []
 
 
 def test_declines_under_autocast():
     q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert op(q, x) == []
-    assert len(op(q, x)) == 1
+        assert op(q, x) == [] and retrieve_op(q, x) == []
+    assert len(op(q, x)) == 1 and len(retrieve_op(q, x)) == 6
 
 
 def test_declined_calls_answer_and_raise_as_the_general_path(monkeypatch):
@@ -147,6 +155,7 @@ def test_fake_tensors_are_declined():
 
     with FakeTensorMode():
         assert op(torch.empty(3, 8), torch.empty(10, 8)) == []
+        assert retrieve_op(torch.empty(3, 8), torch.empty(10, 8)) == []
 
 
 def test_a_graph_is_recorded_where_inputs_need_grad():
@@ -156,3 +165,86 @@ def test_a_graph_is_recorded_where_inputs_need_grad():
     assert out.grad_fn is not None
     with torch.no_grad():
         assert len(op(q, x)) == 1
+
+
+# --- hopfield_retrieve ---------------------------------------------------------------------
+
+def retrieve_op(query, memory, values=None, beta=0.5, similarity="dot", max_steps=3, tol=None):
+    return torch.ops.hen_kernels.retrieve.default(query, memory, values, beta, SIMILARITY_CODES[similarity],
+                                                 max_steps, tol)
+
+
+# (max_steps, tol): one step, every query to the end, and queries that stop at different steps.
+STEPS = [(1, None), (4, None), (6, 0.0), (8, 1e-3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_plain_retrieval_is_one_call_with_the_general_paths_bits(shape, similarity, dtype, monkeypatch):
+    q, x, v = shaped(shape, dtype)
+    steps = STEPS if v is None else STEPS[:1]  # more steps need Dv = D (general path's message below)
+    want = {s: hk.hopfield_retrieve(q, x, torch.tensor(0.7), similarity=similarity, values=v, max_steps=s[0],
+                                    tol=s[1]) for s in steps}
+    with monkeypatch.context() as m:
+        _forbid_general(m)
+        for (max_steps, tol), w in want.items():
+            got = hk.hopfield_retrieve(q, x, 0.7, similarity=similarity, values=v, max_steps=max_steps, tol=tol)
+            assert type(got) is hk.Retrieval
+            for field, a, b in zip(hk.Retrieval._fields, got, w):
+                assert a.dtype == b.dtype and a.shape == b.shape, field
+                assert torch.equal(a, b), field
+    if v is not None:
+        with pytest.raises(ValueError, match="^values: multi-step"):
+            hk.hopfield_retrieve(q, x, 0.7, similarity=similarity, values=v, max_steps=2)
+
+
+def test_queries_that_stop_at_different_steps_keep_their_own_last_update(monkeypatch):
+    x = make((64, 16), torch.float32, 1)
+    q = make((6, 16), torch.float32, 2) * 0.3
+    q[0] = x[5]  # on a stored pattern: still from the first step
+    want = hk.hopfield_retrieve(q, x, torch.tensor(2.0), max_steps=12, tol=1e-4)
+    assert want.steps.unique().numel() > 1  # the case this test is for
+    _forbid_general(monkeypatch)
+    got = hk.hopfield_retrieve(q, x, 2.0, max_steps=12, tol=1e-4)
+    for field, a, b in zip(hk.Retrieval._fields, got, want):
+        assert torch.equal(a, b), field
+
+
+@pytest.mark.parametrize("case", ["no steps", "tol below 0", "tol nan", "tol inf", "steps into another width"])
+def test_retrieval_declines_steps_and_tolerances_the_general_path_refuses(case):
+    q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
+    kw = {"no steps": dict(max_steps=0), "tol below 0": dict(tol=-1e-3), "tol nan": dict(tol=float("nan")),
+          "tol inf": dict(tol=float("inf")), "steps into another width": dict(values=x[:, :5], max_steps=2)}[case]
+    assert retrieve_op(q, x, **kw) == []
+    assert len(retrieve_op(q, x)) == 6
+
+
+def test_declined_retrievals_answer_and_raise_as_the_general_path():
+    q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
+    with pytest.raises(ValueError, match="^max_steps:"):
+        hk.hopfield_retrieve(q, x, 0.5, max_steps=0)
+    with pytest.raises(TypeError, match="^max_steps:"):
+        hk.hopfield_retrieve(q, x, 0.5, max_steps=2.0)
+    with pytest.raises(ValueError, match="^tol:"):
+        hk.hopfield_retrieve(q, x, 0.5, tol=float("nan"))
+    with pytest.raises(ValueError, match="^beta:"):
+        hk.hopfield_retrieve(q, x, 3e38)
+    q[1, 2] = float("nan")
+    r = hk.hopfield_retrieve(q, x, 0.5, max_steps=3)
+    assert r.state[1].isnan().all() and r.state[[0, 2]].isfinite().all()
+
+
+def test_an_asked_backend_or_the_environment_steers_retrieval_past_it(monkeypatch):
+    q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
+
+    def refuse(*args, **kw):
+        raise AssertionError("fast path taken")
+
+    monkeypatch.setattr(backends, "_RETRIEVE_OP", refuse)
+    want = hk.hopfield_retrieve(q, x, 0.5, max_steps=3, backend="torch")
+    monkeypatch.setenv("HEN_KERNELS_BACKEND", "torch")
+    assert torch.equal(hk.hopfield_retrieve(q, x, 0.5, max_steps=3).state, want.state)
+    monkeypatch.delenv("HEN_KERNELS_BACKEND")
+    with pytest.raises(AssertionError, match="fast path taken"):  # (the patch does reach the plain case)
+        hk.hopfield_retrieve(q, x, 0.5, max_steps=3)
