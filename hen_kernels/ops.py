@@ -204,7 +204,10 @@ def hopfield_retrieve(
         (..., B) float32 and ``top_index`` (..., B) int64 of the last update taken.
         Queries never influence each other: a NaN query leaves every other intact.
     """
-    if type(beta) is float and weights is None and type(max_steps) is int and type(tol) in (float, int, type(None)):
+    # The plain case's steps and tolerance as the op's int64 and double take them, exactly (else the general path).
+    plain_steps = type(max_steps) is int and 0 < max_steps < 2**63
+    plain_tol = tol is None or type(tol) is float or (type(tol) is int and 0 <= tol <= 2**53)
+    if type(beta) is float and weights is None and plain_steps and plain_tol:
         r = backends.fast_retrieve(query, memory, values, beta, similarity, backend, max_steps,
                                    None if tol is None else float(tol))
         if r is not None:

@@ -212,6 +212,34 @@ def test_queries_that_stop_at_different_steps_keep_their_own_last_update(monkeyp
         assert torch.equal(a, b), field
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["fast", "general"])
+def test_a_retrieval_without_tol_is_its_chain_of_updates(plain):
+    # Both paths skip the bookkeeping of the steps before the last (tol=None): held here to
+    # what those steps mean, not to each other.
+    x = make((90, 12), torch.bfloat16, 1)
+    q = make((5, 12), torch.bfloat16, 2)
+    beta = 1.5 if plain else torch.tensor(1.5)
+    r = hk.hopfield_retrieve(q, x, beta, max_steps=4)
+    s = q
+    for _ in range(4):
+        prev, s = s, hk.hopfield_update(s, x, 1.5)
+    last = hk.hopfield_partial(prev, x, 1.5)
+    assert torch.equal(r.state, s) and torch.equal(r.steps, torch.full((5,), 4))
+    assert torch.equal(r.converged, (s.float() - prev.float()).abs().amax(-1) <= 0)
+    assert torch.equal(r.lse, last.lse) and torch.equal(r.top_index, last.top_index)
+    assert torch.equal(r.top_weight, last.top_weight)
+
+
+def test_steps_and_tolerances_past_the_ops_types_take_the_general_path():
+    q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
+    r = hk.hopfield_retrieve(q, x, 0.5, max_steps=2**70, tol=1e-2)  # stops once every query converged
+    assert r.converged.all()
+    with pytest.raises(ValueError, match="^max_steps:"):
+        hk.hopfield_retrieve(q, x, 0.5, max_steps=-2**70)
+    with pytest.raises(TypeError, match="^query:"):
+        hk.hopfield_retrieve(q.tolist(), x, 0.5, tol=10**400)
+
+
 @pytest.mark.parametrize("case", ["no steps", "tol below 0", "tol nan", "tol inf", "steps into another width"])
 def test_retrieval_declines_steps_and_tolerances_the_general_path_refuses(case):
     q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
