@@ -328,10 +328,10 @@ std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& 
   const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity);
   if (!c || (max_steps > 1 && c->Dv != c->D)) return {};
   const at::ScalarType dt = query.scalar_type();
-  const at::TensorOptions lead = query.options();
+  const at::TensorOptions opts = query.options();
   at::Tensor state = c->q3;
-  at::Tensor active = at::ones({c->L, c->B}, lead.dtype(at::kBool));
-  at::Tensor converged = at::zeros_like(active), steps = at::zeros({c->L, c->B}, lead.dtype(at::kLong));
+  at::Tensor active = at::ones({c->L, c->B}, opts.dtype(at::kBool));
+  at::Tensor converged = at::zeros_like(active), steps = at::zeros({c->L, c->B}, opts.dtype(at::kLong));
   at::Tensor lse, top_score, top_index;  // of each query's last update
   const double stop_at = tol.value_or(0.0);
   for (int64_t step = 0; step < max_steps; ++step) {
