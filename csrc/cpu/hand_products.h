@@ -186,7 +186,7 @@ constexpr int rows_per_block() {
 // (split_pairs leaves it there too).
 template <DType DT, int QI, int RJ, bool kNorms>
 inline void finish_dots(vf* acc, vf* nacc, const float* q, int64_t D, int64_t k, const char* x, int64_t ldx,
-                        float* c, int64_t ldc, float* norms, const char* next) {
+                        float* c, int64_t ldc, float* norms, int64_t ldn, const char* next) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   constexpr int64_t line = 64 / (W * es) > 0 ? 64 / (W * es) : 1;  // k-steps per cache line
   auto step = [&](auto&& row, auto&& query) __attribute__((always_inline)) {
@@ -226,17 +226,21 @@ inline void finish_dots(vf* acc, vf* nacc, const float* q, int64_t D, int64_t k,
   reduce_lanes<QI * RJ>(acc, sums);
   for (int a = 0; a < QI; ++a)
     for (int b = 0; b < RJ; ++b) c[b * ldc + a] = sums[a * RJ + b];
-  if constexpr (kNorms) reduce_lanes<RJ>(nacc, norms);
+  if constexpr (kNorms) {
+    float n[RJ];
+    reduce_lanes<RJ>(nacc, n);
+    for (int b = 0; b < RJ; ++b) norms[b * ldn] = n[b];
+  }
 }
 
 // C[b * ldc + a] = <q_a, x_b> over the whole depth D, for QI queries (float rows of
 // q, stride D; for bfloat16 banks as split_pairs leaves them) and RJ bank rows of
 // dtype DT (byte stride ldx).
-// With kNorms, also norms[b] = |x_b|² from the same loads (the ℓ2 forms), reduced
+// With kNorms, also norms[b * ldn] = |x_b|² from the same loads (the ℓ2 forms), reduced
 // the way row_norms reduces them.
 template <DType DT, int QI, int RJ, bool kNorms>
 inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, float* c, int64_t ldc,
-                      const char* next, float* norms) {
+                      const char* next, float* norms, int64_t ldn) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   vf acc[QI * RJ];
   vf nacc[RJ];
@@ -264,19 +268,22 @@ inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, flo
       }
     }
   }
-  finish_dots<DT, QI, RJ, kNorms>(acc, nacc, q, D, k, x, ldx, c, ldc, norms, next);  // the W-steps and the tail
+  finish_dots<DT, QI, RJ, kNorms>(acc, nacc, q, D, k, x, ldx, c, ldc, norms, ldn, next);  // the W-steps and the tail
 }
 
 template <DType DT, int QI>
 void dot_rows(const float* q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c, int64_t ldc,
               const char* next, float* norms) {
   constexpr int RJ = rows_per_block<QI>();
-  for (int64_t j = 0; j < rows; j += RJ) {
+  // A block's RJ rows are `lane` rows apart, not neighbours: the tile is read as RJ
+  // streams, each through its own pages, and more of it is in flight at once.
+  const int64_t lane = rows / RJ;
+  for (int64_t j = 0; j < lane; ++j) {
     const char* nx = next ? next + j * ldx : nullptr;
     if (norms)
-      dot_block<DT, QI, RJ, true>(q, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, norms + j);
+      dot_block<DT, QI, RJ, true>(q, D, x + j * ldx, lane * ldx, c + j * ldc, lane * ldc, nx, norms + j, lane);
     else
-      dot_block<DT, QI, RJ, false>(q, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, nullptr);
+      dot_block<DT, QI, RJ, false>(q, D, x + j * ldx, lane * ldx, c + j * ldc, lane * ldc, nx, nullptr, 0);
   }
 }
 
@@ -466,7 +473,7 @@ inline vf load_raw(const void* p) {
 // (stride D), qf the same in float for the last D mod 2W elements.
 template <int QI, int RJ, bool kNorms>
 HEN_BF16_PAIRS void pair_block(const uint16_t* q16, const float* qf, int64_t D, const char* x, int64_t ldx, float* c,
-                       int64_t ldc, const char* next, float* norms) {
+                               int64_t ldc, const char* next, float* norms, int64_t ldn) {
   vf acc[QI * RJ];
   vf nacc[RJ];
 #pragma GCC unroll 64
@@ -486,19 +493,20 @@ HEN_BF16_PAIRS void pair_block(const uint16_t* q16, const float* qf, int64_t D, 
       for (int b = 0; b < RJ; ++b) dot_pairs(acc[a * RJ + b], qv, xv[b]);
     }
   }
-  finish_dots<DType::BF16, QI, RJ, kNorms>(acc, nacc, qf, D, k, x, ldx, c, ldc, norms, next);
+  finish_dots<DType::BF16, QI, RJ, kNorms>(acc, nacc, qf, D, k, x, ldx, c, ldc, norms, ldn, next);
 }
 
 template <int QI>
 void pair_rows(const uint16_t* q16, const float* qf, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
                int64_t ldc, const char* next, float* norms) {
   constexpr int RJ = QI == 4 ? 4 : 8;  // QI x RJ accumulators and RJ rows within 32 registers
-  for (int64_t j = 0; j < rows; j += RJ) {
+  const int64_t lane = rows / RJ;  // as dot_rows
+  for (int64_t j = 0; j < lane; ++j) {
     const char* nx = next ? next + j * ldx : nullptr;
     if (norms)
-      pair_block<QI, RJ, true>(q16, qf, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, norms + j);
+      pair_block<QI, RJ, true>(q16, qf, D, x + j * ldx, lane * ldx, c + j * ldc, lane * ldc, nx, norms + j, lane);
     else
-      pair_block<QI, RJ, false>(q16, qf, D, x + j * ldx, ldx, c + j * ldc, ldc, nx, nullptr);
+      pair_block<QI, RJ, false>(q16, qf, D, x + j * ldx, lane * ldx, c + j * ldc, lane * ldc, nx, nullptr, 0);
   }
 }
 
