@@ -190,6 +190,12 @@ def bf16_side(ceilings: dict) -> str:
     return f"({n16}^3: at {ceilings['matmul_shape'][0]}^3 a call would take over {peers.LONGEST_MATMUL_S:g} s) "
 
 
+def read_way(ceilings: dict) -> str:
+    """How the read ceiling was read (older reports: a sum only)."""
+    way = ceilings.get("read_way")
+    return f"{way}, the fastest of a sum and matrix-vector products" if way else "sum"
+
+
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["ceilings"]
     emulated = m.get("emulated")
@@ -219,7 +225,7 @@ def markdown(report: dict) -> str:
         f"({c['matmul_gflops_after']:.1f} after the cases), bfloat16 matmul "
         f"{bf16_side(c)}{c['matmul_bf16_gflops']:.1f} "
         f"({c.get('matmul_bf16_gflops_after', float('nan')):.1f} after) "
-        f"GFLOP/s, memory read {c['read_gbps']:.2f} GB/s ({c['read_mib']} MiB sum); recall rows against the "
+        f"GFLOP/s, memory read {c['read_gbps']:.2f} GB/s ({c['read_mib']} MiB, {read_way(c)}); recall rows against the "
         "read ceiling (bank bytes / time), layer and bulk rows against the matmul of the products they run "
         "(bfloat16 where the kernel has bf16 matrix instructions, else float32; the better of its two "
         "measurements)",
