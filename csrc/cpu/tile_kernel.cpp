@@ -508,6 +508,13 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       }
     }
 
+    // The microkernels' score products read the bank from memory as its rows come: the
+    // next tile goes towards L2 beforehand, while the value products run on this one.
+    if (!hand_scores_here) {
+      const char* nx = r0 + 2 * BN <= n_end ? mem + es * size_t((r0 + BN) * p.memory_row_stride)
+                                            : r0 + BN >= n_end ? after_x : nullptr;
+      if (nx) prefetch_tile(nx, es * p.memory_row_stride, BN, es * D);
+    }
     // 3. Value products: O += P . V, V the same tile when values are the memory.
     const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
     int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
