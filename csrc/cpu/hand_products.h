@@ -319,10 +319,11 @@ inline void prefetch_tile(const char* x, int64_t ldx, int64_t rows, int64_t byte
 }
 
 // Output vectors per pass for QI queries: enough independent FMA chains (QI x C >= 8)
-// to cover the FMA latency, within the register file (32 vectors on AVX-512, 16 below).
+// to cover the FMA latency, within the register file (32 vectors on AVX-512, 16 below;
+// eight queries, bfloat16 on AVX-512 only: 16 accumulators and the widened row).
 template <int QI>
 constexpr int columns_per_pass() {
-  return W >= 16 ? (QI == 4 ? 4 : 8) : (QI == 4 ? 2 : 4);
+  return W >= 16 ? (QI == 8 ? 2 : QI == 4 ? 4 : 8) : (QI == 4 ? 2 : 4);
 }
 
 // One pass over the rows for NC vectors of columns of acc[i][:] += sum_j P[i][j] * v_j[:]
@@ -447,6 +448,12 @@ void hand_values(const float* p, int64_t ldp, int64_t Q, const char* v, int64_t 
                  float* acc, const char* next = nullptr) {
   int64_t i = 0;
   auto first = [&](auto p) { return i == 0 ? p : nullptr; };
+  // bfloat16 rows widened once for eight queries, not once for each four: eight recall
+  // queries (262144 x 512, Xeon with AMX; the fastest of 9 calls, 4 alternating rounds)
+  // 38.8-43.6 ms against 44.1-62.1, the same bits.
+  if constexpr (DT == DType::BF16 && W >= 16)
+    for (; i + 8 <= Q; i += 8)
+      accumulate_values<DT, 8>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
   for (; i + 4 <= Q; i += 4) accumulate_values<DT, 4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
   for (; i + 2 <= Q; i += 2) accumulate_values<DT, 2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
   for (; i < Q; ++i) accumulate_values<DT, 1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
