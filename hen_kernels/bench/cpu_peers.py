@@ -194,6 +194,11 @@ def matmul_gflops(dtype: torch.dtype, quick: bool, repeats: int, n: Optional[int
 READ_GEMV_ROWS = (2048, 8192)
 
 
+def read_buffer(quick: bool) -> torch.Tensor:
+    """The read ceiling's buffer: float32, larger than the caches."""
+    return torch.randn((16 if quick else 512) * MIB // 4)
+
+
 def read_ceiling(buf: torch.Tensor, repeats: int) -> Tuple[float, str]:
     """GB/s reading buf once, the best of a sum (one stream a thread) and matrix-vector
     products over it (the BLAS reads several rows at once: on the Xeon of cpu.md 30-33 GB/s
@@ -210,7 +215,7 @@ def read_ceiling(buf: torch.Tensor, repeats: int) -> Tuple[float, str]:
 def measure_ceilings(quick: bool, repeats: int) -> dict:
     """float32 and bfloat16 matmul GFLOP/s (and the side each was measured at) and memory read
     GB/s (read_ceiling over a buffer larger than the caches), each the best of its calls."""
-    buf = torch.randn((16 if quick else 512) * MIB // 4)
+    buf = read_buffer(quick)
     read_gbps, read_way = read_ceiling(buf, repeats)
     n, n16 = matmul_side(torch.float32, quick), matmul_side(torch.bfloat16, quick)
     return {"matmul_gflops": matmul_gflops(torch.float32, quick, repeats, n),
