@@ -387,6 +387,11 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     int64_t ldf = ldr;
     if (float_tiles && (dt != DType::F32 || restride_float_tile(ldr, BM, D))) xf = float_rows(dt, xr, ldr, TN, D, sc.xf, ldf);
     const int64_t xstep = int64_t(es) * ldr;  // bytes from one row of the tile as stored to the next
+    // The next tile of this split as stored, where it is a whole one (after its last tile:
+    // the next work item's first), for the prefetches.
+    const char* next_x = r0 + 2 * BN <= n_end ? mem + es * size_t((r0 + BN) * p.memory_row_stride)
+                         : r0 + BN >= n_end  ? after_x
+                                             : nullptr;
 
     // 1. Score products: C1 = X . (w∘q)^T, and for weighted ℓ2 C2 = (X∘X) . w^T.
     if (sp == Product::Vnni) {
@@ -394,9 +399,8 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     } else if (sp == Product::F32) {
       mk::gemm_f32(TN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
     } else {
-      // The next tile of this split, where it is a whole one read as stored (after its last
-      // tile: the next work item's first).
-      const char* next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : r0 + BN >= n_end ? after_x : nullptr;
+      // (Rows ldr apart: a tile padded to another stride prefetches nothing.)
+      const char* next = ldr == p.memory_row_stride ? next_x : nullptr;
       if (sp == Product::Bf16Pairs)
         HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, TN, c1, ldc, next, xn_by_scores));
       else
@@ -510,11 +514,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
 
     // The microkernels' score products read the bank from memory as its rows come: the
     // next tile goes towards L2 beforehand, while the value products run on this one.
-    if (!hand_scores_here) {
-      const char* nx = r0 + 2 * BN <= n_end ? mem + es * size_t((r0 + BN) * p.memory_row_stride)
-                                            : r0 + BN >= n_end ? after_x : nullptr;
-      if (nx) prefetch_tile(nx, es * p.memory_row_stride, BN, es * D);
-    }
+    if (!hand_scores_here && next_x) prefetch_tile(next_x, es * p.memory_row_stride, BN, es * D);
     // 3. Value products: O += P . V, V the same tile when values are the memory.
     const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
     int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
