@@ -47,20 +47,24 @@ namespace {
 // at 6 and 8 queries (AMX scores, hand-written values) ran 1.16-1.41x faster than the
 // better forced kind, D = 64-1024 (in-process, median of 7; ad-hoc).
 // Short rows: the hand-written products reduce every query-row sum across a vector, a
-// cost per pair that the depth no longer hides: rows of fewer than two vectors (D < 32
-// on AVX-512, 16 on AVX2) take at most 2 queries.  On a Zen 5 (crossover_zen5.md and
-// crossover_zen5_avx2.md, from D = 16, at 9d45bff, two runs each) 4 queries at D = 16
-// and 24 ran 0.77-1.05x brgemm's speed on AVX-512, and on AVX2 (16-bit: widened)
-// 0.92-1.09x at D = 16 and 1.04-1.36x at 24; AVX-512 float32 8 queries at D = 32 and 48
-// 0.94-1.11x, kept at 4 below D = 64 (before 9d45bff's value passes, 0.55-0.93x; and 4
-// queries below D = 32 0.68-0.90x on every ISA).  Those limits hold for every CPU here,
-// the Xeons' included, where short rows were not measured.
+// cost per pair that the depth no longer hides: rows shorter than 32 elements (two
+// AVX-512 vectors, four AVX2 ones) take at most 2 queries.  On a Zen 5 (crossover_zen5.md,
+// from D = 16, at 9d45bff, two runs) 4 queries at D = 16 and 24 ran 0.77-1.05x brgemm's
+// speed on AVX-512; AVX-512 float32 8 queries at D = 32 and 48 0.94-1.11x, kept at 4
+// below D = 64 (before 9d45bff's value passes, 0.55-0.93x; and 4 queries below D = 32
+// 0.68-0.90x on every ISA).  AVX2 on a real AVX2-only CPU (EPYC Zen 3, family 25 model 1;
+// crossover_zen3.md, three runs, and 3 and 4 queries at D = 16-32 over 200000 and 10^6
+// rows, ad-hoc): 4 queries at D = 16 0.76-0.94x, 16-bit (widened) at D = 24 0.83-0.95x,
+// 3 queries below D = 32 0.86-1.04x, at D = 32 0.96-1.31x.  Zen 5 with AVX2 forced had
+// 4 queries at D = 24 at 1.04-1.36x (crossover_zen5_avx2.md), the wider core's, not an
+// AVX2-only CPU's.  Those limits hold for every CPU here, the Xeons' included, where short
+// rows were not measured.
 struct HandUpTo {
   int64_t score, value;
 };
 HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
-  const int64_t two_vectors = isa == Isa::Avx512 ? 32 : isa == Isa::Avx2 ? 16 : 8;
-  auto limit = [D, two_vectors](int64_t q) { return D < two_vectors ? std::min<int64_t>(q, 2) : q; };
+  const int64_t short_rows = isa == Isa::Baseline ? 8 : 32;
+  auto limit = [D, short_rows](int64_t q) { return D < short_rows ? std::min<int64_t>(q, 2) : q; };
   if (vnni && pairs) {
     const int64_t q = limit(D >= 256 ? 16 : D >= 128 ? 8 : 4);
     return {q, q};
