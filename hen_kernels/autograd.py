@@ -19,12 +19,14 @@ it; the ops it calls have their own vmap rules (:mod:`hen_kernels.vmap_rules`).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends, vmap_rules
+from .tracing import is_tracing
 from .types import Partial
 from .validation import Inputs
 
@@ -35,14 +37,16 @@ def needs_grad(inp: Inputs) -> bool:
     )
 
 
-# The backend travels by name: a custom op's arguments must be tensors or plain values.
-@torch.library.custom_op("hen_kernels::partial_backward", mutates_args=())
-def _partial_backward(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tensor, memory: torch.Tensor,
-                      values: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                      similarity: str, backend: str, weights: Optional[torch.Tensor] = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _partial_backward_impl(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tensor, memory: torch.Tensor,
+                           values: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           similarity: str, backend: str, weights: Optional[torch.Tensor] = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return backends.BACKENDS[backend].backward(dout, dlse, query, memory, values, beta, out, lse, similarity,
                                                weights)
+
+
+# The backend travels by name: a custom op's arguments must be tensors or plain values.
+_partial_backward = torch.library.custom_op("hen_kernels::partial_backward", mutates_args=())(_partial_backward_impl)
 
 
 @_partial_backward.register_fake
@@ -83,7 +87,10 @@ class PartialFunction(torch.autograd.Function):
         q, x, v, beta, out, lse, weights = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
         dlse = torch.zeros_like(lse) if dlse is None else dlse
-        dq, dx, dv, dbeta = _partial_backward(
+        # The custom op is for what traces (torch.compile, vmap, fake tensors); on data its
+        # dispatch layers cost more than a small backward itself (docs/nn.md "Benchmarks").
+        backward = _partial_backward if is_tracing() else _partial_backward_impl
+        dq, dx, dv, dbeta = backward(
             dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse, ctx.similarity, ctx.backend, weights)
         need = ctx.needs_input_grad
         return (
@@ -93,6 +100,12 @@ class PartialFunction(torch.autograd.Function):
             dbeta.to(beta.dtype) if need[3] else None,
             None, None, None, None,
         )
+
+
+# Function.apply binds its arguments to forward's signature at every call (a Function with a
+# setup_context); inspect reads a __signature__ where there is one instead of rebuilding it
+# from the code each time, which took 40 of the ~250 µs a small call with gradients took.
+PartialFunction.forward.__signature__ = inspect.signature(PartialFunction.forward)
 
 
 def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
