@@ -149,8 +149,9 @@ def test_crossover_quick_times_every_kind_of_product(tmp_path, emulate):
 
 
 def test_shapes_quick_times_every_case_against_sdpa(tmp_path):
-    """`bench shapes --quick`: a row per case and dtype, the public call and SDPA each checked against
-    float32, their ratio as timed, and every row in the table whatever its ratio."""
+    """`bench shapes --quick`: a row per case and dtype, the public call and SDPA (forward, and a
+    training step's gradients) each checked against float32, their ratios as timed, and every row
+    in the table whatever its ratio."""
     require("cpu")
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "-m", "hen_kernels.bench", "shapes", "--quick", "--repeats", "1",
@@ -166,8 +167,21 @@ def test_shapes_quick_times_every_case_against_sdpa(tmp_path):
         assert all(0 <= e < bench.CHECK_TOL[r["dtype"]] for e in r["rel_err"].values()), r
         assert math.isclose(r["ratio"], r["sdpa_ms"] / r["fused_ms"], rel_tol=1e-9)
         assert all(c >= 1 for c in r["calls_per_sample"].values())
+        assert set(r["grad_rel_err"]) == {"fused", "sdpa"}
+        assert 0 <= r["grad_rel_err"]["fused"] < bench.CHECK_TOL[r["dtype"]] and r["grad_rel_err"]["sdpa"] >= 0, r
+        assert math.isclose(r["train_ratio"], r["train_sdpa_ms"] / r["train_fused_ms"], rel_tol=1e-9)
+        assert all(c >= 1 for c in r["train_calls_per_sample"].values())
     md = (out / "x.md").read_text()
     assert md.count("\n| ") == 1 + len(rows)  # the header and one line per row
+
+
+def test_shapes_refuses_to_time_an_answer_or_gradient_off_float32():
+    want = torch.linspace(1, 2, 64)
+    assert shapes.checked({"ok": lambda: want + 1e-6}, want, "float32", "case")["ok"] < 1e-5
+    with pytest.raises(SystemExit, match="fused on case .* off float32"):
+        shapes.checked({"sdpa": lambda: want, "fused": lambda: want * 1.01}, want, "float32", "case")
+    # a peer's gradients are reported, not judged, where it is not among the judged
+    assert shapes.checked({"sdpa": lambda: want * 1.01}, want, "float32", "case", judged=("fused",))["sdpa"] > 1e-3
 
 
 def test_short_calls_get_rounds_for_the_seconds_asked_not_for_a_first_call_estimate():

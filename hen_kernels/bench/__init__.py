@@ -11,8 +11,8 @@ process and writes its table as JSON and Markdown under benchmarks/results/:
 - ``gpu``: the GPU rows of §6 in bf16 against SDPA and FlexAttention (gpu.{json,md}, roofline.png);
 - ``crossover``: the CPU kernel's hand-written tile products against brgemm by depth and query count,
   the measurements behind the planner's ``hand_up_to`` (crossover.{json,md});
-- ``shapes``: the public update against SDPA off the main table's grid: small banks, short rows, many banks
-  (shapes.{json,md});
+- ``shapes``: the public update against SDPA off the main table's grid: small banks, short rows, many banks,
+  forward and as a training step (shapes.{json,md});
 - ``static``: the machine-code report, every Triton kernel compiled for sm_80 and sm_90 without a GPU and
   the built CUDA C++ kernels read from the extension (static/static.{json,md}).
 
