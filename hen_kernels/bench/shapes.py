@@ -86,8 +86,9 @@ def training_step(update, q: torch.Tensor, x: torch.Tensor):
     return run
 
 
-def timed(fns: dict, repeats: int) -> dict:
-    """ms per call of each function: blocks of calls in a row, taking turns, median of ``repeats``."""
+def timed(fns: dict, repeats: int) -> tuple:
+    """(ms per call, calls per sample) of each function: blocks of calls in a row, taking turns, median of
+    ``repeats``."""
     calls = {k: calls_per_block(fn) for k, fn in fns.items()}
     times = common.time_calls({k: blocked(fn, calls[k]) for k, fn in fns.items()}, repeats)
     return {k: statistics.median(t) / calls[k] * 1e3 for k, (t, _) in times.items()}, calls
