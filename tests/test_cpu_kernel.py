@@ -378,6 +378,29 @@ def test_backward_op_matches_float64_autograd(dtype, sim, weighted, shared, dout
         assert rel_err(g, r) <= tol, (name, rel_err(g, r))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [40, 300, 450])
+@pytest.mark.parametrize("B", [8, 64])
+def test_backward_of_a_small_bank_split_into_one_tile_a_thread(dtype, N, B):
+    """One bank of fewer rows than two tiles a thread: make_backward_plan cuts it into tiles of
+    about N / threads rows (four threads here: splits of 16-112 rows, the last one short)."""
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    q, x = make((1, B, 64), dtype, 11), make((1, N, 64), dtype, 12)
+    beta = torch.tensor([0.125])
+    dout, dlse = make((1, B, 64), torch.float32, 13), make((1, B), torch.float32, 14)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        got = backward_op(q, x, x, beta, "dot", dout, dlse)
+    finally:
+        torch.set_num_threads(threads)
+    want = grads64(q, x, x, beta, "dot", dout, dlse)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, g, r in zip(("dq", "dx", "dv", "dbeta"), got, want):
+        assert rel_err(g, r) <= tol, (name, rel_err(g, r))
+
+
 def test_backward_op_with_values_being_the_memory_and_many_splits():
     if info()["gemm"] != "brgemm":
         pytest.skip("the CPU backward op needs brgemm")
