@@ -383,7 +383,7 @@ def test_backward_op_matches_float64_autograd(dtype, sim, weighted, shared, dout
 @pytest.mark.parametrize("B", [8, 64])
 def test_backward_of_a_small_bank_split_into_one_tile_a_thread(dtype, N, B):
     """One bank of fewer rows than two tiles a thread: make_backward_plan cuts it into tiles of
-    about N / threads rows (four threads here: splits of 16-112 rows, the last one short)."""
+    about N / threads rows (four threads here: splits of 16-128 rows, the last one short)."""
     if info()["gemm"] != "brgemm":
         pytest.skip("the CPU backward op needs brgemm")
     q, x = make((1, B, 64), dtype, 11), make((1, N, 64), dtype, 12)
