@@ -15,7 +15,8 @@ with ``requires_grad``, e.g. a per-head parameter).  ``top_score`` and
 
 The Function follows torch.func's conventions (a ``setup_context``, a generated
 vmap rule), so ``torch.func.grad``, ``vjp``, ``jacrev`` and ``vmap`` compose with
-it; the ops it calls have their own vmap rules (:mod:`hen_kernels.vmap_rules`).
+it; the ops it calls have their own vmap rules (:mod:`hen_kernels.vmap_rules`).  It has no forward-mode
+derivative (jvp): a call that carries tangents never reaches it (``backends.carries_tangents``).
 """
 from __future__ import annotations
 

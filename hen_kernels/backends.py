@@ -21,6 +21,7 @@ import os
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from . import backward_cpu, reference, vmap_rules
 from .constants import KERNEL_DTYPES, SIMILARITY_CODES
@@ -305,11 +306,24 @@ def available_backends() -> List[str]:
     return [name for name, b in BACKENDS.items() if b.available()]
 
 
+def carries_tangents(inp: Inputs) -> bool:
+    """Whether forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) carries a
+    tangent on an input.  The kernels' ops have no forward derivative, and PyTorch runs an op without one
+    by dropping the tangents without a word (a zero jvp); the reference is plain PyTorch, which has them."""
+    if forward_ad._current_level < 0:  # no dual level entered: no tangent anywhere (the common case, for free)
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None
+               for t in (inp.query, inp.memory, inp.values, inp.beta, inp.weights))
+
+
 def resolve(backend: Optional[str], inp: Inputs) -> Backend:
-    """The backend for these inputs: the one asked for, else $HEN_KERNELS_BACKEND, else the fastest."""
+    """The backend for these inputs: the one asked for, else $HEN_KERNELS_BACKEND, else the fastest;
+    the reference wherever forward-mode AD carries a tangent (:func:`carries_tangents`)."""
     device_type = inp.query.device.type
     asked = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
     source = "backend" if backend is not None else ENV_BACKEND
+    if carries_tangents(inp) and asked in (None, "torch"):
+        return BACKENDS["torch"]
     if asked is None:
         for name in preference(device_type, inp):
             if BACKENDS[name].serves(device_type) and BACKENDS[name].takes(inp):
@@ -330,6 +344,11 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
             f"got {str(inp.query.dtype).replace('torch.', '')}; use backend='torch' (the reference computes "
             "float64 in float64) or leave backend=None"
         )
+    if b.backward is not None and carries_tangents(inp):
+        raise NotImplementedError(
+            f"{source}: {asked!r} has no forward-mode derivative (torch.func.jvp, jacfwd, torch.autograd.forward_ad "
+            "tangents); leave backend=None or use backend='torch': the reference computes it"
+        )
     return b
 
 
@@ -340,9 +359,9 @@ def _plain_cpu_code(query: object, memory: object, values: object, similarity: o
     The plain case is what ``resolve`` sends to the "cpu" backend anyway, with nothing for
     Python to do around it: CPU tensors, a float beta and no weights (the callers' test), the
     "cpu" backend asked for or chosen (none asked for, here or in $HEN_KERNELS_BACKEND), no
-    graph to record, no autocast, no tracing.  The C++ side checks the rest (dtypes, shapes,
-    a finite lse) and declines rather than raising, so every check and message stays in
-    :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general path:
+    graph to record, no autocast, no tracing, no forward-mode dual level.  The C++ side checks
+    the rest (dtypes, shapes, a finite lse) and declines rather than raising, so every check
+    and message stays in :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general path:
     the same bits.
     """
     if (
@@ -353,6 +372,7 @@ def _plain_cpu_code(query: object, memory: object, values: object, similarity: o
         or (values is not None and not (isinstance(values, torch.Tensor) and values.is_cpu))
         or (backend != "cpu" and (backend is not None or ENV_BACKEND in os.environ))
         or is_tracing()
+        or forward_ad._current_level >= 0  # a dual level: tangents may ride on the inputs (carries_tangents)
     ):
         return None
     return SIMILARITY_CODES.get(similarity)

@@ -20,7 +20,10 @@ Conventions shared by every op here:
   float32 bank), the math runs as always (float32 accumulation, float32 Partials),
   and tensors returned "in the query's dtype" come back in the autocast dtype.
 * Differentiable in ``query``, ``memory``, ``values`` and a ``beta`` tensor, also under
-  ``torch.func`` (grad, vjp, jacrev, vmap) and ``torch.compile``.
+  ``torch.func`` (grad, vjp, jacrev, vmap) and ``torch.compile``.  Forward mode (``jvp``,
+  ``jacfwd``, ``torch.autograd.forward_ad``): a call whose inputs carry tangents runs the
+  reference (the kernels have no forward derivative; it holds B x N scores); an asked kernel
+  backend refuses it with ``NotImplementedError``.
 * Errors: ``TypeError``/``ValueError`` naming the argument; a beta·sim that leaves the
   float32 range is refused by ``beta``'s name rather than returned as NaN.
 """

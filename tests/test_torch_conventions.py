@@ -65,6 +65,64 @@ def test_vmap_over_queries_banks_and_per_sample_grads(backend, similarity, capfd
     assert rel_err(per_sample, want) < 4 * TOLERANCE[torch.float32]
 
 
+# --- forward mode: torch.func.jvp, jacfwd, torch.autograd.forward_ad ---------------------
+
+def _forward_calls(beta, similarity):
+    """Every public op as a function of (query, memory), returning one tensor."""
+    return {
+        "update": lambda q, x: hk.hopfield_update(q, x, beta, similarity=similarity),
+        "partial out": lambda q, x: hk.hopfield_partial(q, x, beta, similarity=similarity).out,
+        "partial lse": lambda q, x: hk.hopfield_partial(q, x, beta, similarity=similarity).lse,
+        "energy": lambda q, x: hk.energy(q, x, beta, similarity=similarity),
+        "retrieve": lambda q, x: hk.hopfield_retrieve(q, x, beta, similarity=similarity, max_steps=3).state,
+    }
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("beta", ["float", "tensor"])
+def test_forward_mode_tangents_are_computed_not_dropped(beta, similarity):
+    """The kernels' ops have no forward derivative, and PyTorch runs such an op by dropping the
+    tangents (a zero jvp, without a word): a call that carries tangents takes the reference."""
+    q, x = make((3, 8), torch.float32, 1), make((20, 8), torch.float32, 2)
+    if similarity != "l2":  # (-‖x - s‖ has no derivative on a stored pattern: the reference's is NaN there)
+        q[0] = x[4]  # recall's normal case
+    tq, tx = make((3, 8), torch.float32, 3), make((20, 8), torch.float32, 4)
+    b = 0.5 if beta == "float" else torch.tensor(0.5)
+    for name, f in _forward_calls(b, similarity).items():
+        out, got = torch.func.jvp(f, (q, x), (tq, tx))
+        out64, want = torch.func.jvp(f, (q.double(), x.double()), (tq.double(), tx.double()))
+        assert want.norm() > 0, name
+        assert rel_err(out, out64) < 4 * TOLERANCE[torch.float32], name
+        assert rel_err(got, want) < 4 * TOLERANCE[torch.float32], name
+        with torch.autograd.forward_ad.dual_level():
+            dual = f(torch.autograd.forward_ad.make_dual(q, tq), torch.autograd.forward_ad.make_dual(x, tx))
+            assert rel_err(torch.autograd.forward_ad.unpack_dual(dual).tangent, want) < 4 * TOLERANCE[torch.float32]
+
+
+def test_jacfwd_is_jacrev():
+    q, x = make((2, 8), torch.float32, 5), make((30, 8), torch.float32, 6)
+
+    def f(q):
+        return hk.hopfield_update(q, x, 0.7)
+
+    torch.testing.assert_close(torch.func.jacfwd(f)(q), torch.func.jacrev(f)(q))
+
+
+def test_forward_mode_refused_by_name_on_an_asked_kernel(monkeypatch):
+    q, x, t = make((3, 8), torch.float32, 1), make((20, 8), torch.float32, 2), make((3, 8), torch.float32, 3)
+    for backend in kernel_backends():
+        require(backend, 3, 20, 8)
+        with pytest.raises(NotImplementedError, match=f"^backend: '{backend}' has no forward-mode derivative"):
+            torch.func.jvp(lambda q: hk.hopfield_update(q, x, 0.5, backend=backend), (q,), (t,))
+        monkeypatch.setenv("HEN_KERNELS_BACKEND", backend)
+        with pytest.raises(NotImplementedError, match="^HEN_KERNELS_BACKEND: .* no forward-mode derivative"):
+            torch.func.jvp(lambda q: hk.hopfield_update(q, x, 0.5), (q,), (t,))
+        monkeypatch.delenv("HEN_KERNELS_BACKEND")
+        with torch.autograd.forward_ad.dual_level():  # no tangent on these inputs: the kernel still serves
+            assert torch.equal(hk.hopfield_update(q, x, 0.5, backend=backend),
+                               hk.hopfield_update(q, x, 0.5, backend=backend, weights=torch.ones(3, 8)))
+
+
 # --- torch.autocast: as scaled_dot_product_attention ----------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
