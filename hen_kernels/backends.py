@@ -359,9 +359,10 @@ def _plain_cpu_code(query: object, memory: object, values: object, similarity: o
     The plain case is what ``resolve`` sends to the "cpu" backend anyway, with nothing for
     Python to do around it: CPU tensors, a float beta and no weights (the callers' test), the
     "cpu" backend asked for or chosen (none asked for, here or in $HEN_KERNELS_BACKEND), no
-    graph to record, no autocast, no tracing, no forward-mode dual level.  The C++ side checks
-    the rest (dtypes, shapes, a finite lse) and declines rather than raising, so every check
-    and message stays in :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general path:
+    autocast, no tracing, no forward-mode dual level.  The C++ side checks the rest (dtypes,
+    shapes, a finite lse; a graph to record: update records it with its own autograd
+    function, retrieve declines) and declines rather than raising, so every check and message
+    stays in :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general path:
     the same bits.
     """
     if (

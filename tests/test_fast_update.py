@@ -1,10 +1,11 @@
 """``hopfield_update``'s and ``hopfield_retrieve``'s one-call CPU paths (backends.fast_update and
 fast_retrieve, binding.cpp update_cpu and retrieve_cpu).
 
-The plain case (CPU tensors, a float beta, no weights, no graph, no autocast) skips
-Python's checks and views: it must answer with the general path's bits, and decline
-(an empty list from the op) wherever the general path has something to check, compute
-or raise, so that every message keeps its one home in validation.py.
+The plain case (CPU tensors, a float beta, no weights, no autocast; for retrieve no
+graph, for update a graph recorded in C++) skips Python's checks, views and
+autograd.Function: it must answer with the general path's bits, gradients included, and
+decline (an empty list from the op) wherever the general path has something to check,
+compute or raise, so that every message keeps its one home in validation.py.
 """
 from __future__ import annotations
 
@@ -106,16 +107,27 @@ def _declined_cases(call):
         "beta past float32": lambda: call(q, x, beta=1e39),
         "scores past float32": lambda: call(q, x, beta=3e38),  # lse inf: the general path raises
         "nan query": lambda: call(nan_q, x),  # lse nan: the general path answers NaN for that row
-        "needs grad": lambda: call(q.requires_grad_(), x),
         "sparse": lambda: call(q.to_sparse(), x),
         "meta": lambda: call(q.to("meta"), x.to("meta")),
     }
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["no graph", "graph"])
 @pytest.mark.parametrize("case", list(_declined_cases(op)))
 @pytest.mark.parametrize("call", ["update", "retrieve"])
-def test_declines_whatever_the_general_path_must_check_or_compute(call, case):
-    assert _declined_cases({"update": op, "retrieve": retrieve_op}[call])[case]() == []
+def test_declines_whatever_the_general_path_must_check_or_compute(call, case, graph):
+    def needing_grad(*args, **kw):  # the same cases with a graph to record (update's autograd kernel)
+        args = [a.detach().requires_grad_() if a.is_floating_point() and not a.is_sparse else a for a in args]
+        return {"update": op, "retrieve": retrieve_op}[call](*args, **kw)
+
+    assert _declined_cases(needing_grad if graph else {"update": op, "retrieve": retrieve_op}[call])[case]() == []
+
+
+def test_retrieval_declines_a_graph():
+    q, x = make((3, 8), torch.float32, 0).requires_grad_(), make((10, 8), torch.float32, 1)
+    assert retrieve_op(q, x) == []
+    with torch.no_grad():
+        assert len(retrieve_op(q, x)) == 6
 
 
 def test_declines_under_autocast():
@@ -125,11 +137,14 @@ def test_declines_under_autocast():
     assert len(op(q, x)) == 1 and len(retrieve_op(q, x)) == 6
 
 
-def test_declined_calls_answer_and_raise_as_the_general_path(monkeypatch):
+@pytest.mark.parametrize("graph", [False, True], ids=["no graph", "graph"])
+def test_declined_calls_answer_and_raise_as_the_general_path(graph):
     q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
     q[1, 2] = float("nan")
+    q.requires_grad_(graph)
     out = hk.hopfield_update(q, x, 0.5)
     assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    assert (out.grad_fn is not None) == graph
     with pytest.raises(ValueError, match="^beta:"):
         hk.hopfield_update(q, x, 3e38)
     with pytest.raises(ValueError, match="^memory:"):
@@ -157,6 +172,71 @@ def test_fake_tensors_are_declined():
     with FakeTensorMode():
         assert op(torch.empty(3, 8), torch.empty(10, 8)) == []
         assert retrieve_op(torch.empty(3, 8), torch.empty(10, 8)) == []
+
+
+def _gradients(q, x, v, beta, similarity, dout, needs=("query", "memory", "values")):
+    """The update's output and the gradients of <out, dout> for the inputs named in ``needs``."""
+    leaves = {"query": q, "memory": x, "values": v}
+    leaves = {k: t.detach().clone().requires_grad_(k in needs) if t is not None else None for k, t in leaves.items()}
+    out = hk.hopfield_update(leaves["query"], leaves["memory"], beta, similarity=similarity, values=leaves["values"])
+    out.backward(dout)
+    return [out.detach()] + [None if t is None else t.grad for t in leaves.values()]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_plain_call_with_a_graph_has_the_general_paths_gradient_bits(shape, similarity, dtype, monkeypatch):
+    q, x, v = shaped(shape, dtype)
+    dout = make(q.shape[:-1] + ((x if v is None else v).shape[-1],), dtype, 9)
+    want = _gradients(q, x, v, torch.tensor(0.7), similarity, dout)
+    assert want[2].abs().sum() > 0  # (a gradient to compare; a query's may round to 0 on a one-hot softmax)
+    _forbid_general(monkeypatch)
+    got = _gradients(q, x, v, 0.7, similarity, dout)
+    for name, a, b in zip(("out", "query", "memory", "values"), got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("needs", [("query",), ("memory",), ("values",), ("memory", "values")], ids=str)
+def test_plain_call_with_a_graph_gives_gradients_to_what_needs_them(needs, monkeypatch):
+    q, x, v = shaped(SHAPES[3], torch.float32)
+    dout = make(q.shape[:-1] + (v.shape[-1],), torch.float32, 9)
+    want = _gradients(q, x, v, torch.tensor(0.7), "l2sq", dout, needs)
+    _forbid_general(monkeypatch)
+    got = _gradients(q, x, v, 0.7, "l2sq", dout, needs)
+    for name, a, b in zip(("query", "memory", "values"), got[1:], want[1:]):
+        assert (a is None) == (name not in needs) == (b is None), name
+        assert a is None or torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("beta", [0.5, "tensor"], ids=["plain", "general"])
+def test_double_backward_fails_when_taken_not_silently(beta):
+    # create_graph leaves the kernels' gradient without a graph: taken again, it must raise, not
+    # count as a constant (here the q² term would hide that: its gradient has a graph).
+    q, x = make((3, 8), torch.float32, 0).requires_grad_(), make((10, 8), torch.float32, 1)
+    out = hk.hopfield_update(q, x, torch.tensor(0.5) if beta == "tensor" else beta)
+    (g,) = torch.autograd.grad(out.square().sum() + q.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
+def test_in_place_changes_to_the_output_as_the_general_path(monkeypatch):
+    # float32: the saved output changed, so backward refuses; bfloat16: a cast, free to change.
+    x = make((10, 8), torch.float32, 1)
+    for beta in (0.5, torch.tensor(0.5)):
+        for q in (make((3, 8), torch.float32, 0), make((2, 3, 8), torch.float32, 0)):
+            out = hk.hopfield_update(q.requires_grad_(), x, beta)
+            out.mul_(2)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+        q = make((3, 8), torch.bfloat16, 0).requires_grad_()
+        out = hk.hopfield_update(q, x.bfloat16(), beta)
+        out.mul_(2)
+        out.sum().backward()
+        assert q.grad is not None
 
 
 def test_a_graph_is_recorded_where_inputs_need_grad():

@@ -317,8 +317,10 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   }
 }
 
+bool backward_available() { return mk::f32_available(); }
+
 BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
-  if (!mk::f32_available())
+  if (!backward_available())
     throw std::invalid_argument("the CPU backward needs brgemm (not x86, or a torch without it)");
   const PartialParams& p = b.p;
   BackwardPlan plan{};

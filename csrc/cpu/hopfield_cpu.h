@@ -147,6 +147,8 @@ struct BackwardPlan {
 
 // Throws std::invalid_argument where the build has no brgemm (the caller keeps its own backward).
 BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads);
+// Whether this build has the backward (make_backward_plan does not throw for want of brgemm).
+bool backward_available();
 void run_backward_tile(const BackwardParams& b, const BackwardPlan& plan, int64_t tile);
 
 // What this build and CPU run with: "isa=avx512 gemm=brgemm vnni_bf16=1 vnni_f16=0"
