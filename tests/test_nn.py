@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import hen_kernels as hk
 from hen_kernels import backends
+from hen_kernels.nn import association
 
 from .conftest import SIMILARITIES, kernel_backends, make, rel_err, require
 
@@ -125,8 +126,9 @@ def test_inference_reads_per_item_head_banks_in_place(backend, similarity, monke
     """Without gradients, per-item banks split into heads go to the kernel as views: in one call where
     the backend reads such views in place (Backend.split_banks), else one call per head (never copied
     whole); the answers and the info are those of the one call over batch x heads that runs with
-    gradients, and hflayers' restatement."""
+    gradients, and hflayers' restatement.  (Per head only above SPLIT_HEADS_MIN_BANK_BYTES a head: 0 here.)"""
     require(backend, 4 * 3 * 5, 9, 4 * 4) if backend != "torch" else None
+    monkeypatch.setattr(association, "SPLIT_HEADS_MIN_BANK_BYTES", 0)
     m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=3, hidden_size=4, update_steps_max=2,
                                   update_steps_eps=1e-6, similarity=similarity,
                                   scaling=torch.tensor([0.7, 1.0, 1.3]), backend=backend), 21)
@@ -153,6 +155,25 @@ def test_inference_reads_per_item_head_banks_in_place(backend, similarity, monke
         assert got_f.shape == want_f.shape == (4, 3, 5)
         assert rel_err(got_f.float(), want_f.float()) < 1e-6
     _check(out, restate(m, stored, state, stored), backend)
+
+
+@pytest.mark.parametrize("bank_bytes", [0, 1 << 40], ids=["large banks", "small banks"])
+def test_small_per_item_head_banks_are_copied_into_one_call(bank_bytes, monkeypatch):
+    """Below SPLIT_HEADS_MIN_BANK_BYTES a head, one call over batch x heads (its copy of the banks
+    costs less than a call per head); the same answers either way."""
+    monkeypatch.delenv("HEN_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(association, "_copies_split_banks", lambda *a: True)  # (a backend that would copy)
+    monkeypatch.setattr(association, "SPLIT_HEADS_MIN_BANK_BYTES", bank_bytes)
+    m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=3, hidden_size=4, scaling=torch.tensor([0.7, 1.0, 1.3])),
+                   21)
+    stored, state = make((4, 9, 8), torch.float32, 22), make((4, 5, 8), torch.float32, 23)
+    calls = []
+    real = hk.ops.hopfield_partial
+    monkeypatch.setattr(hk.ops, "hopfield_partial", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        out = m((stored, state, stored))
+    assert len(calls) == (3 if bank_bytes == 0 else 1)
+    _check(out, restate(m, stored, state, stored), "cpu")
 
 
 @pytest.mark.parametrize("static", ["stored", "state", "projection", "all"])

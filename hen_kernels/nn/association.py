@@ -51,6 +51,16 @@ class Setting(NamedTuple):
     dropout: float  # applied only in training, on the dense path
 
 
+# A call per head saves copying the banks whole but costs a call's fixed Python (~0.15-0.3 ms on
+# the EPYC Zen 3: checks, dispatch, the cat), about what copying 1 MiB costs on these VMs: below
+# that many bank bytes a head, the copy is the cheaper of the two.
+SPLIT_HEADS_MIN_BANK_BYTES = 1 << 20
+
+
+def _bank_bytes_per_head(k: Tensor, v: Tensor) -> int:
+    return (k.numel() * k.element_size() + v.numel() * v.element_size()) // max(k.shape[1], 1)
+
+
 def _merges_batch_and_heads(t: Tensor) -> bool:
     """Whether (batch, heads, ...) flattens to (batch * heads, ...) as a view, without a copy."""
     return t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
@@ -67,12 +77,13 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor
     shared = k.dim() < q.dim()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, beta))
     if (not shared and not needs_grad and not all(_merges_batch_and_heads(t) for t in (k, v))
-            and _copies_split_banks(q, k, v, beta, s)):
+            and _bank_bytes_per_head(k, v) >= SPLIT_HEADS_MIN_BANK_BYTES and _copies_split_banks(q, k, v, beta, s)):
         # Per-item banks split into heads are views with the heads interleaved in each row (the
         # projection's (batch, S, heads * d) output).  The CPU kernel reads them in place, forward
         # and backward, for few queries (Backend.reads_split); otherwise one call per head reads them in
         # place, where one call over (batch * heads) would first copy both banks whole.  Measured
-        # (EPYC Zen 4, HopfieldPooling, 2-8 heads, the same outputs): forward 12-25 % faster.  Not
+        # (EPYC Zen 4, HopfieldPooling, 2-8 heads, the same outputs): forward 12-25 % faster; on
+        # small banks the calls cost more than the copy (SPLIT_HEADS_MIN_BANK_BYTES).  Not
         # with gradients: the heads' bank gradients would then be stacked (a copy per bank), and
         # forward + backward measured -11 % to +8 %, no better than this VM's noise.
         parts = [_fused(qh.unsqueeze(1), kh.unsqueeze(1), vh.unsqueeze(1), None, beta[h:h + 1], group, s,
