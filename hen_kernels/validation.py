@@ -61,6 +61,8 @@ class Inputs(NamedTuple):
 def _lead_view(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
     """A (..., R, C) tensor under the query's leading dims as (L, R, C) where they merge into one
     stride (a view), as (Lo, Li, R, C) where they merge into two (a view), else as a copy (L, R, C)."""
+    if len(lead) == 1:  # (L, R, C) already: no reshape to dispatch (a few µs of a small call, three times)
+        return t
     rows = t.shape[-2:]
     groups: list = []  # the leading dims merged where their strides allow: [size, stride] each
     for size, stride in zip(t.shape[:len(lead)], t.stride()[:len(lead)]):
