@@ -108,6 +108,24 @@ def test_jacfwd_is_jacrev():
     torch.testing.assert_close(torch.func.jacfwd(f)(q), torch.func.jacrev(f)(q))
 
 
+def test_linearize_and_hessian():
+    """linearize traces with make_fx (no data to read: tracing.is_tracing); a hessian takes forward mode
+    over reverse mode, which the fused backward refuses (no jvp): the reference computes it."""
+    q, x, t = make((3, 8), torch.float32, 1), make((10, 8), torch.float32, 2), make((3, 8), torch.float32, 3)
+    _, jvp_fn = torch.func.linearize(lambda a: hk.hopfield_update(a, x, 0.5), q)
+    _, want = torch.func.jvp(lambda a: hk.hopfield_update(a, x.double(), 0.5), (q.double(),), (t.double(),))
+    assert rel_err(jvp_fn(t), want) < 4 * TOLERANCE[torch.float32]
+
+    def energy_like(backend):
+        return lambda a: hk.hopfield_update(a, x, 0.5, backend=backend).square().sum()
+
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.hessian(energy_like(None))(q[:1])
+    h = torch.func.hessian(energy_like("torch"))(q[:1])
+    h64 = torch.func.hessian(lambda a: hk.hopfield_update(a, x.double(), 0.5).square().sum())(q[:1].double())
+    assert rel_err(h, h64) < 4 * TOLERANCE[torch.float32]
+
+
 def test_forward_mode_refused_by_name_on_an_asked_kernel(monkeypatch):
     q, x, t = make((3, 8), torch.float32, 1), make((20, 8), torch.float32, 2), make((3, 8), torch.float32, 3)
     for backend in kernel_backends():
