@@ -16,9 +16,8 @@ with ``requires_grad``, e.g. a per-head parameter).  ``top_score`` and
 The Function follows torch.func's conventions (a ``setup_context``, a generated
 vmap rule), so ``torch.func.grad``, ``vjp``, ``jacrev`` and ``vmap`` compose with
 it; the ops it calls have their own vmap rules (:mod:`hen_kernels.vmap_rules`).  It has no forward-mode
-derivative (jvp): a call that carries tangents never reaches it (``backends.carries_tangents``), and forward
-mode over its backward (``torch.func.hessian``) raises torch's NotImplementedError for a missing ``jvp`` (a
-``jvp`` of our own, with a better message, would stop Dynamo from tracing the Function).
+derivative (jvp): a call that may carry tangents never reaches it (``backends.carries_tangents``, also under
+``torch.func.hessian``, forward mode over reverse mode).
 """
 from __future__ import annotations
 

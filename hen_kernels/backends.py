@@ -21,6 +21,8 @@ import os
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from . import backward_cpu, reference, vmap_rules
@@ -307,11 +309,16 @@ def available_backends() -> List[str]:
 
 
 def carries_tangents(inp: Inputs) -> bool:
-    """Whether forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) carries a
-    tangent on an input.  The kernels' ops have no forward derivative, and PyTorch runs an op without one
-    by dropping the tangents without a word (a zero jvp); the reference is plain PyTorch, which has them."""
+    """Whether forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``hessian``, ``torch.autograd.forward_ad``)
+    may carry a tangent on an input.  The kernels' ops have no forward derivative, and PyTorch runs an op
+    without one by dropping the tangents without a word (a zero jvp); the reference is plain PyTorch, which
+    has them.  Any torch.func forward-mode transform counts: inside an inner grad (hessian's jacfwd over
+    jacrev) its tangents ride a level that ``unpack_dual`` does not see, and reach the fused backward."""
     if forward_ad._current_level < 0:  # no dual level entered: no tangent anywhere (the common case, for free)
         return False
+    if torch._C._are_functorch_transforms_active() and any(
+            i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        return True
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None
                for t in (inp.query, inp.memory, inp.values, inp.beta, inp.weights))
 

@@ -21,7 +21,7 @@ Conventions shared by every op here:
   and tensors returned "in the query's dtype" come back in the autocast dtype.
 * Differentiable in ``query``, ``memory``, ``values`` and a ``beta`` tensor, also under
   ``torch.func`` (grad, vjp, jacrev, vmap) and ``torch.compile``.  Forward mode (``jvp``,
-  ``jacfwd``, ``torch.autograd.forward_ad``): a call whose inputs carry tangents runs the
+  ``jacfwd``, ``hessian``, ``torch.autograd.forward_ad``): a call whose inputs carry tangents runs the
   reference (the kernels have no forward derivative; it holds B x N scores); an asked kernel
   backend refuses it with ``NotImplementedError``.
 * Errors: ``TypeError``/``ValueError`` naming the argument; a beta·sim that leaves the
