@@ -239,6 +239,18 @@ def test_in_place_changes_to_the_output_as_the_general_path(monkeypatch):
         assert q.grad is not None
 
 
+@pytest.mark.parametrize("changed", ["query", "memory"])
+@pytest.mark.parametrize("beta", [0.5, "tensor"], ids=["plain", "general"])
+def test_inputs_changed_in_place_before_backward_are_caught(beta, changed):
+    q, x = make((3, 8), torch.float32, 0).requires_grad_(), make((10, 8), torch.float32, 1).requires_grad_()
+    q2, x2 = q * 1, x * 1  # (non-leaf: free to change in place)
+    out = hk.hopfield_update(q2, x2, torch.tensor(0.5) if beta == "tensor" else beta)
+    with torch.no_grad():
+        (q2 if changed == "query" else x2).add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_a_graph_is_recorded_where_inputs_need_grad():
     q = make((3, 8), torch.float32, 0).requires_grad_()
     x = make((10, 8), torch.float32, 1)
