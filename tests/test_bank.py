@@ -137,13 +137,12 @@ def test_streams_in_chunks_and_merges_incrementally(tmp_path, monkeypatch):
 
 
 def test_default_chunk_rows_comes_from_a_memory_budget(tmp_path):
-    bank = MemoryBank(512, value_dim=128, storage="host")
-    assert bank.chunk_rows == CHUNK_BYTES["cpu"] // ((512 + 128) * 4)
     disk = new_bank(tmp_path, "disk", 512, dtype=torch.bfloat16)
     assert disk.chunk_rows == CHUNK_BYTES["cpu"] // (512 * 2)
-    dev = MemoryBank(4)
-    dev.add(torch.zeros(10, 4))
-    assert dev.chunk_rows == 10  # a resident bank: one kernel call, the kernel streams it
+    for storage in ("device", "host"):  # (host rows on a CPU device are the kernel's operand as they lie)
+        resident = MemoryBank(4, storage=storage)
+        resident.add(torch.zeros(10, 4))
+        assert resident.chunk_rows == 10  # one kernel call, the kernel streams it
 
 
 def test_top_index_counts_from_the_first_add_and_ids_are_returned(tmp_path):

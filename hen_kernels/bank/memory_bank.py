@@ -48,8 +48,9 @@ class MemoryBank:
     - ``value_dim``: width of the stored values; None stores none (values are the patterns).
     - ``storage``: ``"device"``, ``"host"`` or ``"disk"`` (:mod:`.storage`); ``path``, for disk
       only, names a new bank file (``MemoryBank.load(path, storage="disk")`` opens an existing one).
-    - ``chunk_rows``: rows per kernel call; None picks the whole bank for device storage and a
-      chunk of about 64 MiB (CPU) or 256 MiB (CUDA) otherwise.  Results do not depend on it
+    - ``chunk_rows``: rows per kernel call; None picks the whole bank for device storage, and for
+      host storage on a CPU device (the same memory), and a chunk of about 64 MiB (CPU disk
+      banks) or 256 MiB (CUDA) otherwise.  Results do not depend on it
       beyond float rounding (docs/design.md §5).
     - ``similarity``, ``beta``: defaults for queries, saved with the bank.
     - ``backend``: passed to :func:`hen_kernels.hopfield_partial` (None picks the fastest).
@@ -156,7 +157,9 @@ class MemoryBank:
         """Rows per kernel call in the next query."""
         if self._chunk_rows is not None:
             return self._chunk_rows
-        if self._storage == "device":
+        # Rows the kernel reads where they lie: one call, which streams them itself (on the CPU, host rows
+        # are such rows: in chunks of 64 MiB the calls and merges cost 1.28-1.32x one call, docs/memory_bank.md).
+        if self._storage == "device" or (self._storage == "host" and self._device.type == "cpu"):
             return max(1, len(self))
         return max(1, CHUNK_BYTES[self._device.type] // self.row_bytes)
 

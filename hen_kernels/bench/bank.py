@@ -15,7 +15,8 @@ Three regimes:
   mapped, let alone read, inside the limit), streamed by
   ``MemoryBank.load(path, storage="disk")``; rows per second, GB/s and peak
   resident memory, cold (page cache of the file dropped first) and warm.
-- ``host bank (CPU)``: the same streaming over a bank in memory against one
+- ``host bank (CPU)``: the same streaming over a bank in memory, in chunks of 64 MiB
+  (``chunk_rows`` set: by default a host bank on a CPU device is one call), against one
   ``hk.hopfield_update`` over the whole tensor: the cost of chunking and merging.
 """
 from __future__ import annotations
@@ -193,7 +194,8 @@ def disk_bank_cpu(quick: bool, limit_mib: Optional[int] = None, dim: int = 512) 
 def host_bank_cpu(quick: bool, repeats: int) -> List[dict]:
     n, d = (16384 if quick else 262144), 512
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
-    bank = MemoryBank(d, storage="host")
+    # 64 MiB chunks, as a disk bank's windows (a host bank on a CPU device is one call by default)
+    bank = MemoryBank(d, storage="host", chunk_rows=CHUNK_BYTES["cpu"] // (d * 4))
     bank.add(x)
     rows = []
     for b in (1, 8):
