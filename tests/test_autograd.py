@@ -4,13 +4,10 @@ import torch
 
 import hen_kernels as hk
 from hen_kernels import backward_cpu, reference
+from hen_kernels.constants import GRAD_TOLERANCE
 
-from .conftest import SIMILARITIES, TOLERANCE, kernel_backends, make, rel_err, require
+from .conftest import SIMILARITIES, kernel_backends, make, rel_err, require
 from .pending import backend_params
-
-# Gradients are a longer chain than the forward (two products, the softmax
-# Jacobian): allow a few times the forward's error budget.
-GRAD_TOLERANCE = {dt: 4 * tol for dt, tol in TOLERANCE.items()}
 
 
 def _inputs(shape_q, n, dv, dtype, shared, seed, requires_grad=True):

@@ -2,8 +2,8 @@
 
 Each way a kernel can break the contract is planted in a fake backend built on
 the reference, and the check must fail it: an error above tolerance, a NaN that
-leaks into other queries, a chunk offset ignored by top_index, an extension
-built against another torch.
+leaks into other queries, a chunk offset ignored by top_index, a wrong
+gradient, an extension built against another torch.
 """
 import json
 import subprocess
@@ -100,6 +100,21 @@ def test_a_chunk_offset_ignored_by_top_index_fails(monkeypatch):
     report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32],
                        only_cases=["leading dims", "chunked merge", "edges"])
     assert {"leading", "merge", "one-row"} <= _failed_cases(report)
+
+
+@pytest.mark.parametrize("broken", ["query", "bank", "values", "beta"])
+def test_a_wrong_gradient_fails(broken, monkeypatch):
+    def backward(*args, **kw):
+        grads = list(backends._streaming_backward(*args, **kw))
+        i = ("query", "bank", "values", "beta").index(broken)
+        grads[i] = grads[i] * 1.001  # above every dtype's GRAD_TOLERANCE but bfloat16's
+        return tuple(grads)
+
+    b = backends.Backend("fake", ("cpu",), forward=_reference, backward=backward)
+    monkeypatch.setitem(backends.BACKENDS, "fake", b)
+    report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32], only_cases=["gradients"])
+    failed = {r.case for row in report.rows for r in row.failures}
+    assert failed and all(c.endswith(f": {broken}") for c in failed)
 
 
 def test_a_raising_backend_fails_without_stopping_the_check(monkeypatch):

@@ -8,10 +8,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hen_kernels as hk
 from hen_kernels import backends
+from hen_kernels.constants import GRAD_TOLERANCE
 
 from .conftest import SIMILARITIES, TOLERANCE, beta_for, kernel_backends, make, ref64, rel_err, require
 
-GRAD_TOLERANCE = {dt: 4 * tol for dt, tol in TOLERANCE.items()}
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import torch
 
 import hen_kernels as hk
 from hen_kernels import reference, streaming
-from hen_kernels.constants import CONVEX_BOUND, SIMILARITIES, TOLERANCE
+from hen_kernels.constants import CONVEX_BOUND, GRAD_TOLERANCE, SIMILARITIES, TOLERANCE
 
 # ‖out − ref‖ / ‖ref‖ against float64, per input dtype (docs/design.md §5; one home:
 # hen_kernels.constants).  Float32 inputs run in IEEE float32 on every backend (the Triton
@@ -348,6 +348,44 @@ def case_far_from_the_origin(t: Target, quick: bool) -> Iterator[Result]:
                          "" if off <= bound else "out scaled off the rows (error in units of their spread)")
 
 
+def _gradients(q, x, v, beta, sim, dout, backend) -> Tuple[torch.Tensor, ...]:
+    """Gradients of <update(q, x, values=v), dout> for q, x, v and a beta tensor, by autograd through ``backend``."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, x, v)]
+    if isinstance(beta, torch.Tensor):
+        beta = beta.detach().clone().requires_grad_()
+        leaves.append(beta)
+    out = hk.hopfield_update(leaves[0], leaves[1], beta, similarity=sim, values=leaves[2], backend=backend)
+    return torch.autograd.grad(out, leaves, dout)
+
+
+def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
+    """The fused backward (what hk.nn trains with): gradients for the queries, the bank, the values
+    and a beta tensor, against float64 autograd through the reference, within GRAD_TOLERANCE.  A float
+    beta and a beta per leading index (two paths to the kernels on the CPU); queries on stored patterns,
+    except for "l2", which has no derivative there."""
+    shapes = ((3, 17, 3), (17, 129, 64)) if quick else ((3, 17, 3), (17, 129, 64), (64, 300, 64), (5, 1000, 129))
+    tol = GRAD_TOLERANCE[t.dtype]
+    for b, n, d in shapes:
+        if t.too_big(2 * b, n, d):
+            continue
+        for sim in SIMILARITIES:
+            q, x, v = make((2, b, d), t.dtype, 40, t.device), make((n, d), t.dtype, 41, t.device), make(
+                (n, 11), t.dtype, 42, t.device)
+            if sim != "l2":
+                q[:, 0] = x[0]  # recall's normal case
+            dout = make((2, b, 11), t.dtype, 43, t.device)
+            level = beta_for(sim, d, 1.0)
+            per_index = torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32))
+            for label, beta in (("float beta", level), ("beta per index", per_index)):
+                got = _gradients(q, x, v, beta.to(t.device) if label != "float beta" else beta, sim, dout, t.backend)
+                want = _gradients(*(_cpu64(a) for a in (q, x, v)), _cpu64(beta) if label != "float beta" else beta,
+                                  sim, _cpu64(dout), "torch")
+                for name, g, w in zip(("query", "bank", "values", "beta"), got, want):
+                    err = rel_err(g, w)
+                    ok = err <= tol and bool(torch.isfinite(g).all())
+                    yield Result(f"gradients {sim} B{b} N{n} D{d} {label}: {name}", err, tol, ok)
+
+
 CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("partial", case_partial),
     ("leading dims", case_values_and_leading_dims),
@@ -359,4 +397,5 @@ CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("edges", case_edges),
     ("weights", case_weights),
     ("far from the origin", case_far_from_the_origin),
+    ("gradients", case_gradients),
 ]
