@@ -10,8 +10,12 @@ it for the backward); the functional update with the dot product also runs as
 PyTorch's ``scaled_dot_product_attention`` (SDPA: its fused flash kernels, forward
 and backward), the peer a user training attention would pick, its gradients
 compared with the fused ones before it is timed.  Cases are at layer-regime shapes (docs/design.md §2, D <= 256):
-the functional update, a ``HopfieldLayer`` lookup over a large learned bank
-and ``HopfieldPooling`` over long bags.  Memory is the peak resident memory
+the functional update, a ``HopfieldLayer`` lookup over a large learned bank,
+``HopfieldPooling`` over long bags, and ``attention``: ``Hopfield`` set up to
+compute what ``torch.nn.MultiheadAttention`` computes (no pattern norms; q, k,
+v and out projections; beta = 1/√(head dim)) on a batch of short sequences,
+against MHA holding the same weights (SDPA inside: the layer a user of
+attention would otherwise train), their input gradients compared first.  Memory is the peak resident memory
 above the level before the call on the CPU (VmHWM, as the cpu table), and
 ``torch.cuda.max_memory_allocated`` above it on a GPU.  ``--dtype`` (default
 float32 on the CPU, bfloat16 on a GPU) is the dtype of inputs and parameters.  The table goes to
@@ -52,12 +56,13 @@ class Case:
 def cases(quick: bool, device: torch.device) -> List[Case]:
     if quick:
         return [Case("update", "dot", 64, 0, 512, 32), Case("layer", "l2", 4, 16, 256, 32, 2),
-                Case("pooling", "dot", 8, 128, 128, 32, 2)]
+                Case("pooling", "dot", 8, 128, 128, 32, 2), Case("attention", "dot", 2, 16, 16, 32, 2)]
     if device.type == "cuda":
         return [Case("update", s, 16384, 0, 16384, d) for s in ("dot", "l2") for d in (64, 128)] + [
             Case("layer", "dot", 64, 256, 16384, 128, 2), Case("pooling", "dot", 256, 4096, 4096, 128, 2)]
     return [Case("update", "dot", 1024, 0, 32768, 64), Case("update", "l2", 1024, 0, 32768, 64),
-            Case("layer", "dot", 32, 64, 16384, 64), Case("pooling", "dot", 64, 2048, 2048, 64, 2)]
+            Case("layer", "dot", 32, 64, 16384, 64), Case("pooling", "dot", 64, 2048, 2048, 64, 2),
+            Case("attention", "dot", 8, 64, 64, 64, 4), Case("attention", "dot", 32, 128, 128, 128, 8)]
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,8 +74,26 @@ def _dtype(device: torch.device) -> torch.dtype:
 
 
 def has_sdpa_peer(case: Case) -> bool:
-    """The update with the dot product is attention with the bank as keys and values."""
-    return case.kind == "update" and case.similarity == "dot"
+    """The update with the dot product is attention with the bank as keys and values; the attention
+    case's peer is MultiheadAttention (SDPA inside)."""
+    return case.kind == "attention" or (case.kind == "update" and case.similarity == "dot")
+
+
+# Hopfield without the pattern norms hflayers adds by default: MultiheadAttention's computation.
+AS_MHA = {f"normalize_{p}{a}": False for p in ("stored_pattern", "state_pattern", "pattern_projection")
+          for a in ("", "_affine")}
+
+
+def mha_with_weights_of(module: hnn.Hopfield) -> torch.nn.MultiheadAttention:
+    """nn.MultiheadAttention holding ``module``'s projections (q, k, v packed as MHA packs them)."""
+    p = module.q_proj.weight
+    mha = torch.nn.MultiheadAttention(p.shape[1], module.num_heads, batch_first=True, device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([module.q_proj.bias, module.k_proj.bias, module.v_proj.bias]))
+        mha.out_proj.weight.copy_(module.out_proj.weight)
+        mha.out_proj.bias.copy_(module.out_proj.bias)
+    return mha
 
 
 def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None):
@@ -82,6 +105,7 @@ def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optio
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
 
+    compared = None  # the tensors whose gradients grad_rel_err compares (None: params)
     if case.kind == "update":
         q, x = rnd(case.batch, case.dim), rnd(case.bank, case.dim)
         beta = 1.0 if case.similarity == "l2" else case.dim ** -0.5
@@ -91,6 +115,17 @@ def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optio
             if backend == SDPA:
                 return F.scaled_dot_product_attention(q[None, None], x[None, None], x[None, None], scale=beta)[0, 0]
             return ops.hopfield_update(q, x, beta, similarity=case.similarity, backend=backend)
+    elif case.kind == "attention":
+        torch.manual_seed(0)
+        module = hnn.Hopfield(input_size=case.dim, num_heads=case.heads, hidden_size=case.dim // case.heads,
+                              similarity=case.similarity, backend=None if backend == SDPA else backend, **AS_MHA)
+        module = module.to(device=device, dtype=dt)
+        inp = rnd(case.batch, case.length, case.dim)
+        layer = mha_with_weights_of(module) if backend == SDPA else module
+        params, compared = list(layer.parameters()) + [inp], [inp]
+
+        def forward():
+            return layer(inp, inp, inp, need_weights=False)[0] if backend == SDPA else layer(inp)
     else:
         common = dict(input_size=case.dim, num_heads=case.heads, hidden_size=case.dim // case.heads,
                       similarity=case.similarity, backend=backend)
@@ -120,12 +155,13 @@ def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optio
         return out
 
     call.params = params
+    call.compared = params if compared is None else compared
     return call
 
 
 def grad_rel_err(a, b) -> float:
     """The largest relative difference (Frobenius) between the gradients two calls left."""
-    return max(peers.rel_err(p.grad, r.grad) for p, r in zip(a.params, b.params))
+    return max(peers.rel_err(p.grad, r.grad) for p, r in zip(a.compared, b.compared))
 
 
 def run_case(case: Case, device: torch.device, repeats: int, dtype: Optional[torch.dtype] = None) -> dict:
@@ -187,9 +223,11 @@ def markdown(report: dict) -> str:
         "-h(heads).",
         "- MiB: peak memory above the level before the call (CPU: resident set, VmHWM; GPU: allocator peak).",
         "- reference = `backend=\"torch\"`: holds the B x N association matrix, and autograd keeps it for backward.",
-        "- sdpa: `torch.nn.functional.scaled_dot_product_attention(q, x, x, scale=beta)` (update-dot only; n/a "
-        "elsewhere), gradients of the same loss; vs sdpa = sdpa time / fused time; grads vs sdpa: the largest "
-        "relative difference between its gradients and the fused ones, before timing.",
+        "- sdpa: `torch.nn.functional.scaled_dot_product_attention(q, x, x, scale=beta)` for update-dot, "
+        "`torch.nn.MultiheadAttention` with the layer's weights (SDPA inside) for attention (`Hopfield` without "
+        "pattern norms: MHA's computation); n/a elsewhere; gradients of the same loss; vs sdpa = sdpa time / fused "
+        "time; grads vs sdpa: the largest relative difference between its gradients and the fused ones (attention: "
+        "the input's), before timing.",
     ]
     return "\n".join(lines) + "\n"
 
