@@ -5,7 +5,8 @@
 
 "fused" runs the automatic backend with the fused backward; "reference" runs
 backend="torch"; "sdpa" runs PyTorch's scaled_dot_product_attention where the case
-is attention (the update with the dot product).  Nothing here asserts on time.
+is attention (the update with the dot product), and nn.MultiheadAttention (SDPA inside)
+for the attention case.  Nothing here asserts on time.
 """
 import os
 
@@ -26,7 +27,7 @@ BACKENDS = {"fused": None, "reference": "torch", "sdpa": bench_nn.SDPA}
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_nn(benchmark, case, which, grad):
     if which == "sdpa" and not bench_nn.has_sdpa_peer(case):
-        pytest.skip("SDPA expresses the update with the dot product only")
+        pytest.skip("SDPA expresses the update with the dot product and attention only")
     call = bench_nn.build(case, BACKENDS[which], DEVICE)
 
     def run():
