@@ -314,12 +314,26 @@ bool all_finite(const at::Tensor& lse) {
 // scores), comes back as no tensor: the general path then checks, computes and raises as it always
 // has, so every message keeps its one home (validation.py) and this path only ever answers as it would.
 // With an input that requires grad, update_autograd runs the same through UpdateFunction.
+//
+// plain_forward is both paths' forward: out (float32) in the call's shape and lse, or nothing
+// where an lse is not finite.  out is shaped below ADInplaceOrView, so it is no autograd view:
+// UpdateFunction may return and save it as it is (autograd forbids changing in place a view made
+// inside a custom Function; the general path's output may be changed so).
+struct PlainForward {
+  at::Tensor out, lse;
+};
+std::optional<PlainForward> plain_forward(const PlainCall& c, int64_t similarity) {
+  const auto [out, lse, top_score, top_index] =
+      run_cpu(c.q3, c.x3, c.v3, c.beta, similarity, 0, std::nullopt, hen::PlanHints{});
+  if (!all_finite(lse)) return std::nullopt;
+  at::AutoDispatchBelowADInplaceOrView below;
+  return PlainForward{c.query_dims == 2 ? out.view({c.B, c.Dv}) : out, lse};
+}
+
 std::vector<at::Tensor> update_plain(const PlainCall& c, at::ScalarType dtype, int64_t similarity) {
-  const PartialResult r = run_cpu(c.q3, c.x3, c.v3, c.beta, similarity, 0, std::nullopt, hen::PlanHints{});
-  if (!all_finite(std::get<1>(r))) return {};
-  at::Tensor out = std::get<0>(r);
-  if (dtype != at::kFloat) out = out.to(dtype);
-  return {c.query_dims == 2 ? out.view({c.B, c.Dv}) : out};
+  const std::optional<PlainForward> f = plain_forward(c, similarity);
+  if (!f) return {};
+  return {dtype == at::kFloat ? f->out : f->out.to(dtype)};
 }
 
 std::vector<at::Tensor> update_cpu(const at::Tensor& query, const at::Tensor& memory,
@@ -465,20 +479,12 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& query,
                                                 const at::Tensor& memory, const at::Tensor& values,
                                                 const PlainCall& c, int64_t similarity) {
-    const auto [out, lse, top_score, top_index] =
-        run_cpu(c.q3, c.x3, c.v3, c.beta, similarity, 0, std::nullopt, hen::PlanHints{});
-    if (!all_finite(lse)) throw NotFinite{};
-    // The output is no view (autograd forbids modifying in place a view made inside a custom
-    // Function; the general path's output may be): shaped below ADInplaceOrView.  So that a change
-    // in place to a float32 output is seen, as the general path sees it (its saved out is the
-    // output's base), that output itself is saved.
-    at::Tensor shaped;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      shaped = c.query_dims == 2 ? out.view({c.B, c.Dv}) : out;
-    }
-    const at::Tensor result = query.scalar_type() == at::kFloat ? shaped : shaped.to(query.scalar_type());
-    ctx->save_for_backward({c.q3, c.x3, c.v3, c.beta, shaped, lse});
+    const std::optional<PlainForward> f = plain_forward(c, similarity);
+    if (!f) throw NotFinite{};
+    // A float32 output is saved itself, so that a change to it in place is seen at backward, as the
+    // general path sees it (its saved out is the output's base).
+    const at::Tensor result = query.scalar_type() == at::kFloat ? f->out : f->out.to(query.scalar_type());
+    ctx->save_for_backward({c.q3, c.x3, c.v3, c.beta, f->out, f->lse});
     ctx->saved_data["similarity"] = similarity;
     ctx->saved_data["query_sizes"] = query.sizes().vec();
     ctx->saved_data["memory_sizes"] = memory.sizes().vec();

@@ -329,7 +329,8 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
     device_type = inp.query.device.type
     asked = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
     source = "backend" if backend is not None else ENV_BACKEND
-    if carries_tangents(inp) and asked in (None, "torch"):
+    tangents = carries_tangents(inp)
+    if tangents and asked in (None, "torch"):
         return BACKENDS["torch"]
     if asked is None:
         for name in preference(device_type, inp):
@@ -351,7 +352,7 @@ def resolve(backend: Optional[str], inp: Inputs) -> Backend:
             f"got {str(inp.query.dtype).replace('torch.', '')}; use backend='torch' (the reference computes "
             "float64 in float64) or leave backend=None"
         )
-    if b.backward is not None and carries_tangents(inp):
+    if tangents:  # (asked for a kernel by name: the reference returned above)
         raise NotImplementedError(
             f"{source}: {asked!r} has no forward-mode derivative (torch.func.jvp, jacfwd, torch.autograd.forward_ad "
             "tangents); leave backend=None or use backend='torch': the reference computes it"
@@ -369,8 +370,8 @@ def _plain_cpu_code(query: object, memory: object, values: object, similarity: o
     autocast, no tracing, no forward-mode dual level.  The C++ side checks the rest (dtypes,
     shapes, a finite lse; a graph to record: update records it with its own autograd
     function, retrieve declines) and declines rather than raising, so every check and message
-    stays in :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general path:
-    the same bits.
+    stays in :mod:`hen_kernels.validation`.  The same op, plan and thread count as the general
+    path: the same bits.
     """
     if (
         type(similarity) is not str

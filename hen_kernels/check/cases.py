@@ -375,11 +375,12 @@ def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
                 q[:, 0] = x[0]  # recall's normal case
             dout = make((2, b, 11), t.dtype, 43, t.device)
             level = beta_for(sim, d, 1.0)
-            per_index = torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32))
+            per_index = torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32),
+                                     device=t.device)
             for label, beta in (("float beta", level), ("beta per index", per_index)):
-                got = _gradients(q, x, v, beta.to(t.device) if label != "float beta" else beta, sim, dout, t.backend)
-                want = _gradients(*(_cpu64(a) for a in (q, x, v)), _cpu64(beta) if label != "float beta" else beta,
-                                  sim, _cpu64(dout), "torch")
+                got = _gradients(q, x, v, beta, sim, dout, t.backend)
+                beta64 = _cpu64(beta) if isinstance(beta, torch.Tensor) else beta
+                want = _gradients(*(_cpu64(a) for a in (q, x, v)), beta64, sim, _cpu64(dout), "torch")
                 for name, g, w in zip(("query", "bank", "values", "beta"), got, want):
                     err = rel_err(g, w)
                     ok = err <= tol and bool(torch.isfinite(g).all())
