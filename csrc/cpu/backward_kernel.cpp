@@ -201,8 +201,8 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         douthand = u;
       }
       // Hand-written score products fill the live columns only.
-      auto zero_padding = [&](float* c) {
-        for (int64_t j = 0; j < BN; ++j) std::fill(c + j * BMp + BM, c + (j + 1) * BMp, 0.f);
+      auto zero_padding = [&](float* c, int64_t rows) {
+        for (int64_t j = 0; j < rows; ++j) std::fill(c + j * BMp + BM, c + (j + 1) * BMp, 0.f);
       };
       float* qn = grow(sc.qn, BMp);
       float* lse = grow(sc.lse, BMp);
@@ -239,35 +239,38 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       float* gt = grow(sc.gt, BMp * BN);
       for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
         const int64_t R = std::min(BN, n_end - r0);
-        // The bank tile as stored (xr, rows ldr elements apart), padded to BN rows; xf: in
+        // The rows this tile computes: a tail only its own, rounded up to kRowQuantum, as the
+        // forward's (a bank of 64 rows of 16 features went through tiles of 256: 4x the work).
+        const int64_t TN = R < BN ? (R + kRowQuantum - 1) / kRowQuantum * kRowQuantum : BN;
+        // The bank tile as stored (xr, rows ldr elements apart), padded to TN rows; xf: in
         // float where a float32 product reads it.  xe: the rows the elementwise ℓ2 terms read.
         const char* xr = mem + es * size_t(r0 * p.memory_row_stride);
         int64_t ldr = p.memory_row_stride;
-        if (R < BN) xr = pad_rows(xr, ldr, es, R, BN, D, sc.xraw), ldr = D;
+        if (R < TN) xr = pad_rows(xr, ldr, es, R, TN, D, sc.xraw), ldr = D;
         const float* xf = nullptr;
         int64_t ldf = 0;
         if (float_x) {
           if (dt == DType::F32)
             xf = reinterpret_cast<const float*>(xr), ldf = ldr;
           else
-            xf = float_rows(dt, xr, ldr, BN, D, sc.xf, ldf);
+            xf = float_rows(dt, xr, ldr, TN, D, sc.xf, ldf);
         }
         const char* xe = float_x ? reinterpret_cast<const char*>(xf) : xr;
         const int64_t xe_step = float_x ? 4 * ldf : int64_t(es) * ldr;
         const DType xe_dt = float_x ? DType::F32 : dt;
         const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
         int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
-        if (!values_are_memory && R < BN) vr = pad_rows(vr, ldvr, es, R, BN, Dv, sc.vraw), ldvr = Dv;
+        if (!values_are_memory && R < TN) vr = pad_rows(vr, ldvr, es, R, TN, Dv, sc.vraw), ldvr = Dv;
         const float* vfl = xf;
         int64_t ldv = ldf;
         if (float_v) {
           if (dt == DType::F32)
             vfl = reinterpret_cast<const float*>(vr), ldv = ldvr;
           else
-            vfl = float_rows(dt, vr, ldvr, BN, Dv, sc.vf_, ldv);
+            vfl = float_rows(dt, vr, ldvr, TN, Dv, sc.vf_, ldv);
         }
 
-        // out (BN x BMp) = a bank tile (X or V: `rows` as stored, or `fl` in float; K features)
+        // out (TN x BMp) = a bank tile (X or V: `rows` as stored, or `fl` in float; K features)
         // times the queries' operands transposed, by whichever product this tile takes; the
         // hand-written one also leaves the rows' |x|² in `norms` when given.
         auto rows_by_queries = [&](const float* hand_ops, bool use_vnni, const uint16_t* vnni_ops,
@@ -276,21 +279,21 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
                                    const char* next = nullptr) {
           if (hand) {
             by_dtype(dt, [&](auto DT) {
-              hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, BN, out, BMp, next, norms);
+              hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, TN, out, BMp, next, norms);
             });
-            zero_padding(out);
+            zero_padding(out, TN);
           } else if (use_vnni) {
-            mk::gemm_vnni(dt, BN, BMp, K, ld_rows, BMp, BMp, false, reinterpret_cast<const uint16_t*>(rows), vnni_ops,
+            mk::gemm_vnni(dt, TN, BMp, K, ld_rows, BMp, BMp, false, reinterpret_cast<const uint16_t*>(rows), vnni_ops,
                           out);
           } else {
-            mk::gemm_f32(BN, BMp, K, ld_fl, BMp, BMp, false, fl, f32_ops, out);
+            mk::gemm_f32(TN, BMp, K, ld_fl, BMp, BMp, false, fl, f32_ops, out);
           }
         };
 
         // 1. Scores and weights, column-wise.
         // |x|² of the rows: from the hand-written score product's own loads, as the forward's
         // (the tile is read once), else a pass of its own.
-        float* xn = l2 && !wts ? grow(sc.xn, BN) : nullptr;
+        float* xn = l2 && !wts ? grow(sc.xn, TN) : nullptr;
         // The hand-written score product prefetches the next tile of this split (a whole one, as
         // stored), as the forward's does.  Measured (EPYC Zen 4, ad-hoc, in-process, median of 25;
         // one query against each of 128 banks of 2048 x 32): float32 17-20 % faster on rows a head
@@ -299,13 +302,13 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         rows_by_queries(qhand, v16, qt16, qop, xr, ldr, xf, ldf, D, c1, hand ? xn : nullptr, x_next);
         float* c2 = nullptr;
         if (xn && !hand) {
-          by_dtype(xe_dt, [&](auto DT) { row_norms<DT()>(xe, xe_step, BN, D, xn); });
+          by_dtype(xe_dt, [&](auto DT) { row_norms<DT()>(xe, xe_step, TN, D, xn); });
         } else if (l2 && wts) {  // weighted: float32 brgemm products only (make_backward_plan)
-          float* xsq = grow(sc.xsq, BN * D);
-          for (int64_t j = 0; j < BN; ++j)
+          float* xsq = grow(sc.xsq, TN * D);
+          for (int64_t j = 0; j < TN; ++j)
             for (int64_t k = 0; k < D; ++k) xsq[j * D + k] = xf[j * ldf + k] * xf[j * ldf + k];
           c2 = grow(sc.c2, BN * BMp);
-          mk::gemm_f32(BN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
+          mk::gemm_f32(TN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
         }
         // 2. dP^T = V . dout^T into g, then dt and G in place.
         rows_by_queries(douthand, d16, doutt16, dout_t, vr, ldvr, vfl, ldv, Dv, g);
@@ -313,7 +316,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
           vf gsum = vf{};
-          for (int64_t j = 0; j < BN; ++j) {
+          for (int64_t j = 0; j < TN; ++j) {
             const vf c = load(c1 + j * BMp + gq);
             vf s;
             if (j >= R) {
@@ -393,26 +396,26 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           store_rows_16(dt, dvr, R, Dv, bp.dv16 + bp.dv_lead(lm) + r0 * bp.dv_row_stride, bp.dv_row_stride);
           store_rows_16(dt, dxr, R, D, bp.dx16 + bp.dx_lead(lm) + r0 * bp.dx_row_stride, bp.dx_row_stride);
         }
-        transpose_block(g, BMp, BN, BMp, gt, BN);
+        transpose_block(g, BMp, TN, BMp, gt, TN);
         if (hand) {
-          by_dtype(dt, [&](auto DT) { hand_values<DT()>(gt, BN, BM, xr, int64_t(es) * ldr, BN, D, dq); });
+          by_dtype(dt, [&](auto DT) { hand_values<DT()>(gt, TN, BM, xr, int64_t(es) * ldr, TN, D, dq); });
         } else if (v16) {
-          uint16_t* gt16 = grow(sc.gt16, BM * BN);
-          floats_to_16(dt, gt, BM * BN, gt16);
+          uint16_t* gt16 = grow(sc.gt16, BM * TN);
+          floats_to_16(dt, gt, BM * TN, gt16);
           const int64_t ldp = padded_stride(D);  // as the forward's value tiles (tile_kernel.cpp)
-          uint16_t* xp = grow(sc.xpack, BN * ldp);
-          vnni_rows(reinterpret_cast<const uint16_t*>(xr), ldr, BN, D, ldp, xp);
-          mk::gemm_vnni(dt, BM, D, BN, BN, ldp, D, true, gt16, xp, dq);
+          uint16_t* xp = grow(sc.xpack, TN * ldp);
+          vnni_rows(reinterpret_cast<const uint16_t*>(xr), ldr, TN, D, ldp, xp);
+          mk::gemm_vnni(dt, BM, D, TN, TN, ldp, D, true, gt16, xp, dq);
           // dq = Σ_j G_j x_j sums terms that nearly cancel (Σ_j G_j is β dlse, often 0), so
           // the rounding of G would enter as Σ_j (G_j - rounded G_j) x_j: for a bank far from the
           // origin, dq was 1.9e-2 off (rows 3 + 0.3 N(0, 1)).  The remainder, rounded to 16 bits
           // in turn, is a second product: G to ~2^-16 of itself, as float32 products take it.
-          transpose_block(glo, BMp, BN, BMp, gt, BN);
-          uint16_t* gtlo16 = grow(sc.gtlo16, BM * BN);
-          floats_to_16(dt, gt, BM * BN, gtlo16);
-          mk::gemm_vnni(dt, BM, D, BN, BN, ldp, D, true, gtlo16, xp, dq);
+          transpose_block(glo, BMp, TN, BMp, gt, TN);
+          uint16_t* gtlo16 = grow(sc.gtlo16, BM * TN);
+          floats_to_16(dt, gt, BM * TN, gtlo16);
+          mk::gemm_vnni(dt, BM, D, TN, TN, ldp, D, true, gtlo16, xp, dq);
         } else {
-          mk::gemm_f32(BM, D, BN, BN, ldf, D, true, gt, xf, dq);
+          mk::gemm_f32(BM, D, TN, TN, ldf, D, true, gt, xf, dq);
         }
       }
       // The query block's dq: - rowsum(G) q for the ℓ2 forms, then w ∘.
