@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import hen_kernels as hk
 from hen_kernels import backends
+from hen_kernels.bench.nn import AS_MHA
 from hen_kernels.nn import association
 
 from .conftest import SIMILARITIES, kernel_backends, make, rel_err, require
@@ -253,6 +254,46 @@ def test_module_gradients_fused_equal_reference(backend):
     assert "scaling" in grads[backend] and grads[backend]["scaling"].abs().sum() > 0
     for name, g in grads["torch"].items():
         assert rel_err(grads[backend][name], g) < 1e-4, name
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_self_association_packs_the_projections_and_honours_their_hooks(batch_first, bias):
+    """One input for all three roles, without pattern norms: q, k and v come from one product of
+    the stacked weights (Hopfield._packable).  It must equal the re-statement, in values and
+    gradients, and step aside for a projection that is hooked or replaced (a LoRA-style
+    subclass): those must see their own call."""
+    kw = dict(input_size=8, num_heads=2, hidden_size=4, pattern_size=3, input_bias=bias, batch_first=batch_first,
+              **AS_MHA)
+    m = _randomise(hk.nn.Hopfield(**kw), 31)
+    assert m._packable()
+    x = make((3, 5, 8), torch.float32, 32).requires_grad_()
+    layout = (lambda t: t) if batch_first else (lambda t: t.transpose(0, 1))
+    out = layout(m(layout(x)))
+    want = restate(m, x, x, x)
+    _check(out, want, "torch")
+    g_out = torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))
+    g_want = torch.autograd.grad(want.square().sum(), [x] + list(m.parameters()))
+    for g, r in zip(g_out, g_want):  # (k's bias has a zero gradient: softmax ignores a shift of all scores)
+        assert (g - r).abs().max() <= 1e-5 * max(float(r.abs().max()), 1.0)
+
+    shift = m.v_proj.register_forward_hook(lambda mod, inp, y: y + 1.0)  # a hook that changes v
+    assert not m._packable()
+    hooked = layout(m(layout(x)))
+    shift.remove()
+
+    class Adapter(torch.nn.Linear):  # a subclass with its own forward, as LoRA wrappers are
+        def forward(self, t):
+            return super().forward(t) + 1.0
+
+    adapted = hk.nn.Hopfield(**kw)
+    adapted.load_state_dict(m.state_dict())
+    adapted.v_proj = Adapter(8, 6, bias=bias)
+    adapted.v_proj.load_state_dict(m.v_proj.state_dict())
+    assert not adapted._packable()
+    for got in (hooked, layout(adapted(layout(x)))):
+        assert rel_err(got, out) > 1e-2  # the shifted v reached the answer
+        _check(got, hooked, "torch")
 
 
 def test_batch_first_false_is_a_transpose():

@@ -287,11 +287,37 @@ class Hopfield(nn.Module):
         through_k = self.k_proj(proj)  # (..., S, heads * hidden_size)
         return _heads(through_k if self.v_proj is None else self.v_proj(through_k), self.num_heads)
 
+    def _packable(self) -> bool:
+        """Whether q, k and v of one input may come from one product with the three projections' weights
+        stacked, as nn.MultiheadAttention's packed in-projection: each a plain nn.Linear with no hook
+        (a hook, or a subclass such as a LoRA adapter, must see its own call), nothing between input and
+        projection."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if (self.pattern_projection_as_connected or any(type(p) is not nn.Linear for p in projs)
+                or any(n is not None for n in (self.norm_stored_pattern, self.norm_state_pattern,
+                                               self.norm_pattern_projection))):
+            return False
+        if len({p.bias is None for p in projs}) != 1 or len({p.weight.dtype for p in projs}) != 1:
+            return False
+        hooks = nn.modules.module
+        return not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                    or any(p._forward_hooks or p._forward_pre_hooks for p in projs))
+
     def _patterns(self, stored: Tensor, state: Tensor, proj: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q, k, v in Hopfield space, the bias and zero patterns appended to k and v."""
-        q = self._project(state, self.norm_state_pattern, self.q_proj)
-        k = self._project(stored, self.norm_stored_pattern, self.k_proj)
-        v = self._projection_values(proj)
+        if stored is state and state is proj and self._packable():
+            # Self-association: one product of the stacked weights, not three of one third the width.
+            # Measured (EPYC Zen 3, ad-hoc, median of 9 blocks, two runs): 32 x 128 tokens, width 128,
+            # 8 heads, a training step 28.6-27.5 ms against 33.0-31.8; 8 x 64, width 64, forward 0.75
+            # against 0.81 ms.
+            projs = (self.q_proj, self.k_proj, self.v_proj)
+            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+            qkv = nn.functional.linear(state, torch.cat([p.weight for p in projs]), bias)
+            q, k, v = (_heads(t, self.num_heads) for t in qkv.split([p.out_features for p in projs], -1))
+        else:
+            q = self._project(state, self.norm_state_pattern, self.q_proj)
+            k = self._project(stored, self.norm_stored_pattern, self.k_proj)
+            v = self._projection_values(proj)
         if self.norm_hopfield_space is not None:
             q, k = self.norm_hopfield_space(q), self.norm_hopfield_space(k)
         extra_k, extra_v = [], []
@@ -326,11 +352,14 @@ class Hopfield(nn.Module):
         (count, width), one set for the whole batch.  ``mode``: "out" (batch, heads, L, pattern_size) and
         the info, "raw" the association matrix, "values" the projected values."""
         like = self.scaling
-        checked = []
+        checked, seen = [], {}  # one input given for several roles stays one tensor (_patterns packs it)
         for t, role in zip(patterns, roles):
             if role is not None:
-                t = A.check_pattern(t, role, self.batch_first, like)
-                t = t if self.batch_first else t.transpose(0, 1)
+                key = (id(t), role.width)
+                if key not in seen:
+                    c = A.check_pattern(t, role, self.batch_first, like)
+                    seen[key] = c if self.batch_first else c.transpose(0, 1)
+                t = seen[key]
             checked.append(t)
         batched = [(r, t) for t, r in zip(checked, roles) if r is not None]
         A.check_same([(r, t.shape[0]) for r, t in batched], "batch")
