@@ -43,9 +43,17 @@ namespace HEN_ISA_NS {
 
 namespace {
 
+// A query and a bank row of this tile close enough that their ℓ2 terms are taken as differences
+// (run_backward_tile, step 2), with their G.
+struct NearPair {
+  int64_t row, query;
+  float g;
+};
+
 struct BackScratch {
-  std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
+  std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, centre, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
       glo, gt, t, dq, rowsum, dxt, dvt, dbeta;
+  std::vector<NearPair> near;
   std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
 };
 
@@ -207,6 +215,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       float* qn = grow(sc.qn, BMp);
       float* lse = grow(sc.lse, BMp);
       float* delta = grow(sc.delta, BMp);
+      // dbeta = Σ_j dt_j s_j, and Σ_j dt_j is dlse (Δ's definition): so Σ_j dt_j (s_j - c) + dlse c
+      // for any c.  Scores c = lse / beta apart (a bank far from the query: |s| ~ 64 for l2sq on
+      // 64 features) made the float32 rounding of Δ, common to every dt_j, come back |c| times;
+      // from c, the terms are the spread of the scores.  partial_backward_cpu adds dlse c once.
+      float* centre = grow(sc.centre, BMp);
       for (int64_t i = 0; i < BMp; ++i) {
         const bool live = i < BM;
         qn[i] = 0.f;
@@ -223,6 +236,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           t -= bp.dlse[l * p.B + b0 + i];
         }
         delta[i] = t;
+        centre[i] = live ? lse[i] / beta : 0.f;
       }
       float* dq = grow(sc.dq, BMp * D);
       std::fill(dq, dq + BMp * D, 0.f);
@@ -239,6 +253,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       float* gt = grow(sc.gt, BMp * BN);
       for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
         const int64_t R = std::min(BN, n_end - r0);
+        sc.near.clear();
         // The rows this tile computes: a tail only its own, rounded up to kRowQuantum, as the
         // forward's (a bank of 64 rows of 16 features went through tiles of 256: 4x the work).
         const int64_t TN = R < BN ? (R + kRowQuantum - 1) / kRowQuantum * kRowQuantum : BN;
@@ -315,10 +330,12 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         for (int64_t gq = 0; gq < BMp; gq += W) {
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
+          const vf vc = load(centre + gq);
           vf gsum = vf{};
           for (int64_t j = 0; j < TN; ++j) {
             const vf c = load(c1 + j * BMp + gq);
             vf s;
+            FlaggedLanes near;
             if (j >= R) {
               s = splat(kNegInf);
             } else if (!l2) {
@@ -326,15 +343,29 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             } else {
               const vf sum = vq + (wts ? load(c2 + j * BMp + gq) : splat(xn[j]));
               auto pairs = [&] { return LanePairs{q + gq * D, D, wts ? wts + gq * D : nullptr, xe + j * xe_step, 0}; };
-              const vf d2 = l2_distance_sq(sum, c, true, live, pairs, D, xe_dt);
+              const vf d2 = l2_distance_sq(sum, c, true, live, pairs, D, xe_dt, &near);
               s = sim == Similarity::L2 ? -vsqrt(d2) : splat(-0.5f) * d2;
             }
             const vf pj = exp_nonpositive(rounded(vb * s) - vl);
             const vf dtj = pj * (load(g + j * BMp + gq) - vd);
             // Padding rows (s = -inf) and underflowed weights contribute nothing (not 0 * inf).
-            dbeta_v[j & 3] += pj == vf{} ? vf{} : dtj * s;
+            dbeta_v[j & 3] += pj == vf{} ? vf{} : dtj * (s - vc);
             vf gj = vb * dtj;
             if (sim == Similarity::L2) gj = s < vf{} ? -gj / s : vf{};  // 0: the subgradient at a stored pattern
+            // dX and dq sum G_ij (q_i - x_j) and G_ij (x_j - q_i) as G . q - colsum(G) x and G^T . X - rowsum(G) q:
+            // for a query on or next to a stored row, that row's G_ij x_j and G_ij q_i cancel, to float32's
+            // rounding of |G_ij| |x|, which was 1e-2 of dq and dX with every query on a stored row (l2sq,
+            // 256 x 64, beta 0.4; the float32 reference 2e-7).  Such pairs (d² cancelled in the product:
+            // §5.1's test) leave the products and are summed as differences after them.
+            if (near.any) [[unlikely]] {
+              float gl[W];
+              int nl[W];
+              store(gl, gj);
+              std::memcpy(nl, &near.lanes, sizeof nl);
+              for (int t = 0; t < live; ++t)
+                if (nl[t] && gl[t] != 0.f) sc.near.push_back({j, gq + t, gl[t]}), gl[t] = 0.f;
+              gj = load(gl);
+            }
             if (d16)
               store_16(dt, p16 + j * BMp + gq, pj);
             else
@@ -390,6 +421,18 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
               for (; k + W <= D; k += W) store(dj + k, load(dj + k) - vcs * load_as_float(xe_dt, xj, k));
               for (; k < D; ++k) dj[k] -= cs * scalar_to_float(xe_dt, xj, k);
             }
+          }
+        }
+        for (const NearPair& np : sc.near) {  // the near pairs' terms as differences (step 2)
+          const float* qi = q + np.query * D;
+          const float* wi = wts ? wts + np.query * D : nullptr;
+          const char* xj = xe + np.row * xe_step;
+          float* dxj = dxr + np.row * ld_dx;
+          float* dqi = dq + np.query * D;
+          for (int64_t k = 0; k < D; ++k) {
+            const float diff = qi[k] - scalar_to_float(xe_dt, xj, k);
+            dxj[k] += np.g * (wi ? wi[k] : 1.f) * diff;
+            dqi[k] -= np.g * diff;
           }
         }
         if (direct) {

@@ -56,13 +56,21 @@ __attribute__((noinline)) vf recompute_flagged(vf d2, vi flag, int live, LanePai
 // `recompute`; `pairs()` gives their LanePairs), and never below 0 (rounding may leave
 // a tiny negative; NaN stays NaN).  The pairs are built only there: a LanePairs passed
 // by value was written to the stack for every vector (measured, layer regime, the same
-// bits: ℓ2 calls 7-11 % faster in bfloat16 and 3-5 % in float32 without).
+// bits: ℓ2 calls 7-11 % faster in bfloat16 and 3-5 % in float32 without).  `flagged`, when
+// given, is set to the recomputed lanes where there are any (the backward's near pairs).
+struct FlaggedLanes {
+  vi lanes;
+  bool any = false;
+};
 template <typename Pairs>
-inline vf l2_distance_sq(vf sum, vf c, bool recompute, int live, Pairs&& pairs, int64_t D, DType xdt) {
+inline vf l2_distance_sq(vf sum, vf c, bool recompute, int live, Pairs&& pairs, int64_t D, DType xdt,
+                         FlaggedLanes* flagged = nullptr) {
   vf d2 = sum - 2.f * c;
   const vi flag = d2 < splat(kL2DirectBelow) * sum;
-  if (recompute && any(flag)) [[unlikely]]
+  if (recompute && any(flag)) [[unlikely]] {
     d2 = recompute_flagged(d2, flag, live, pairs(), D, xdt);
+    if (flagged) flagged->lanes = flag, flagged->any = true;
+  }
   return d2 < vf{} ? vf{} : d2;
 }
 
