@@ -465,11 +465,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
     };
     dx = cast(dx, r.memory), dv = cast(dv, r.values);
   }
-  // The tiles summed dt (s - lse / beta) (run_backward_tile): dlse lse / beta back, with the same
-  // float32 quotients, summed in float64.
-  const at::Tensor centre = lse_f / r.beta.to(at::kFloat).view({p.L, 1});
-  const at::Tensor centre_terms = (dlse_f.to(at::kDouble) * centre.to(at::kDouble)).sum(1).to(at::kFloat);
-  return {dq.sum(0).view(query.sizes()), dx, dv, dbeta.sum(0) + centre_terms};
+  return {dq.sum(0).view(query.sizes()), dx, dv, dbeta.sum(0)};
 }
 
 // hopfield_update's plain case with an autograd graph to record (update_autograd): forward by

@@ -449,7 +449,7 @@ def test_backward_of_queries_on_stored_rows(dtype, sim, B, beta, weighted):
     """Each query on a stored row (ℓ2: next to it), the softmax mostly there: that row's term of dq
     and dX is G_j (x_j - q), near 0.  Formed as G . q - colsum(G) x, it was float32's rounding of
     |G_j| |x_j|: 1e-2 of dq and dX, up to 1.4x for one query; the near pairs are summed as
-    differences now.  dbeta: Σ dt (s - c) + dlse c (run_backward_tile)."""
+    differences now."""
     if info()["gemm"] != "brgemm":
         pytest.skip("the CPU backward op needs brgemm")
     N, D, Dv = 64, 64, 5

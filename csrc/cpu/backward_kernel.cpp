@@ -51,7 +51,7 @@ struct NearPair {
 };
 
 struct BackScratch {
-  std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, centre, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
+  std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
       glo, gt, t, dq, rowsum, dxt, dvt, dbeta;
   std::vector<NearPair> near;
   std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
@@ -215,11 +215,6 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       float* qn = grow(sc.qn, BMp);
       float* lse = grow(sc.lse, BMp);
       float* delta = grow(sc.delta, BMp);
-      // dbeta = Σ_j dt_j s_j, and Σ_j dt_j is dlse (Δ's definition): so Σ_j dt_j (s_j - c) + dlse c
-      // for any c.  Scores c = lse / beta apart (a bank far from the query: |s| ~ 64 for l2sq on
-      // 64 features) made the float32 rounding of Δ, common to every dt_j, come back |c| times;
-      // from c, the terms are the spread of the scores.  partial_backward_cpu adds dlse c once.
-      float* centre = grow(sc.centre, BMp);
       for (int64_t i = 0; i < BMp; ++i) {
         const bool live = i < BM;
         qn[i] = 0.f;
@@ -236,7 +231,6 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           t -= bp.dlse[l * p.B + b0 + i];
         }
         delta[i] = t;
-        centre[i] = live ? lse[i] / beta : 0.f;
       }
       float* dq = grow(sc.dq, BMp * D);
       std::fill(dq, dq + BMp * D, 0.f);
@@ -330,7 +324,6 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         for (int64_t gq = 0; gq < BMp; gq += W) {
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
-          const vf vc = load(centre + gq);
           vf gsum = vf{};
           for (int64_t j = 0; j < TN; ++j) {
             const vf c = load(c1 + j * BMp + gq);
@@ -349,7 +342,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             const vf pj = exp_nonpositive(rounded(vb * s) - vl);
             const vf dtj = pj * (load(g + j * BMp + gq) - vd);
             // Padding rows (s = -inf) and underflowed weights contribute nothing (not 0 * inf).
-            dbeta_v[j & 3] += pj == vf{} ? vf{} : dtj * (s - vc);
+            dbeta_v[j & 3] += pj == vf{} ? vf{} : dtj * s;
             vf gj = vb * dtj;
             if (sim == Similarity::L2) gj = s < vf{} ? -gj / s : vf{};  // 0: the subgradient at a stored pattern
             // dX and dq sum G_ij (q_i - x_j) and G_ij (x_j - q_i) as G . q - colsum(G) x and G^T . X - rowsum(G) q:
