@@ -107,9 +107,25 @@ def partial_backward(
         g = grad_coefficients(bcol * dt, s, similarity)
         if l2_type:
             xr = xc - centre
-            dqc = g @ xr - g.sum(-1, keepdim=True) * qr
-            dxc = g.transpose(-1, -2) @ (qr if w is None else w * qr)  # (L, C, D)
-            dxc -= (g.sum(-2).unsqueeze(-1) if w is None else g.transpose(-1, -2) @ w) * xr
+            # Each query's heaviest row (the stored row it sits on, in recall) leaves dq's products,
+            # and each row's heaviest query dX's: their G (x - q) is a difference, where the product
+            # and the rowsum / colsum term cancelled to the rounding of |G| |x - centre| (dq 2e-2 off
+            # float64 with every query on a stored row and a gradient for lse; the CPU kernel and the
+            # Triton one do the same).
+            xl = xr.expand(L, -1, -1)
+            best_row = p.argmax(-1, keepdim=True)  # (L, B, 1)
+            g_row = g.gather(-1, best_row)
+            gq = g.scatter(-1, best_row, 0.0)
+            x_best = xl.gather(1, best_row.expand(L, B, D))
+            dqc = gq @ xr - gq.sum(-1, keepdim=True) * qr + g_row * (x_best - qr)
+            best_query = p.argmax(-2, keepdim=True)  # (L, 1, C)
+            g_col = g.gather(-2, best_query).transpose(-1, -2)  # (L, C, 1)
+            gx = g.scatter(-2, best_query, 0.0)
+            at = best_query.transpose(-1, -2).expand(L, n1 - n0, D)
+            near = qr.gather(1, at) - xl
+            dxc = gx.transpose(-1, -2) @ (qr if w is None else w * qr)  # (L, C, D)
+            dxc -= (gx.sum(-2).unsqueeze(-1) if w is None else gx.transpose(-1, -2) @ w) * xr
+            dxc += g_col * (near if w is None else w.gather(1, at) * near)
         else:
             dqc = g @ xc
             dxc = g.transpose(-1, -2) @ wq  # (L, C, D)

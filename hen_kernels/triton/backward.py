@@ -131,7 +131,17 @@ def dq_kernel(
         if SIM == DOT:
             acc += tl.dot(g.to(x.dtype), x, input_precision=PRECISION)
         else:
+            # Each query's heaviest row of the tile (the stored row it sits on, in recall) leaves the
+            # product: its G (x - q) is a difference taken here, where the product and the rowsum term
+            # cancelled to the rounding of |G| |x - centre| (dq 5e-2 off with a gradient for lse).
+            best = tl.argmax(p, 1)
+            at_best = tl.arange(0, BN)[None, :] == best[:, None]
+            g_best = tl.sum(tl.where(at_best, g, 0.0), 1)
+            g = tl.where(at_best, 0.0, g)
             acc += tl.dot(g.to(x.dtype), (xf - centre[None, :]).to(x.dtype), input_precision=PRECISION)
+            x_best = tl.load(x_base + (n0 + best).to(tl.int64)[:, None] * x_row + cols_d[None, :],
+                             mask=((n0 + best) < n_end)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc += g_best[:, None] * (x_best - qf)
         g_rows += tl.sum(g, 1)
         db += tl.sum(dt * s, 1)
     if SIM != DOT:
@@ -213,8 +223,16 @@ def dkv_kernel(
             if SIM == DOT:
                 acc_x += tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PRECISION)
             else:
+                # Each row's heaviest query leaves the product, as in dq_kernel: G (q - x) as a difference.
+                best = tl.argmax(p, 0)
+                at_best = tl.arange(0, BM)[:, None] == best[None, :]
+                g_best = tl.sum(tl.where(at_best, g, 0.0), 0)
+                g = tl.where(at_best, 0.0, g)
                 acc_x += tl.dot(tl.trans(g.to(q.dtype)), (qf - centre[None, :]).to(q.dtype),
                                 input_precision=PRECISION)
+                q_best = tl.load(q_ptr + lead * q_lead + (m0 + best).to(tl.int64)[:, None] * q_row + cols_d[None, :],
+                                 mask=((m0 + best) < m_end)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                acc_x += g_best[:, None] * (q_best - xf)
             g_cols += tl.sum(g, 0)
     if SIM != DOT:
         acc_x -= g_cols[:, None] * (xf - centre[None, :])
