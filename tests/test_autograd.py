@@ -207,6 +207,28 @@ def test_l2_gradient_at_a_stored_pattern_is_finite(backend):
     assert torch.isfinite(gq).all() and torch.isfinite(gx).all()
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("similarity", ["l2sq", "l2"])
+def test_gradients_with_every_query_on_a_stored_row(backend, similarity):
+    """Recall's normal case with a gradient for lse (a merge of chunks passes one back): each query on its
+    own stored row (l2: next to it), beta 0.4 on 64 features, so the softmax sits mostly there.  That
+    row's terms of dq and dX are G (x - q), near 0; formed as products minus rowsum / colsum terms they
+    cancelled to the rounding of |G| |x| (CPU 2e-2, Triton 5e-2 off float64)."""
+    require(backend, 16, 64, 64)
+    x, v = make((64, 64), torch.float32, 60), make((64, 11), torch.float32, 61)
+    rows = x[torch.randperm(64, generator=torch.Generator().manual_seed(62))[:16]]
+    q = (rows + (0.05 * make((16, 64), torch.float32, 63) if similarity == "l2" else 0)).reshape(2, 8, 64)
+    dout, dlse = make((2, 8, 11), torch.float32, 64), make((2, 8), torch.float32, 65)
+    beta = torch.tensor([0.4, 0.2])
+    grads = {}
+    for name, dt in ((backend, torch.float32), ("torch", torch.float64)):
+        leaves = [t.to(dt).requires_grad_() for t in (q, x, v, beta)]
+        p = hk.hopfield_partial(leaves[0], leaves[1], leaves[3], similarity=similarity, values=leaves[2], backend=name)
+        grads[name] = torch.autograd.grad((p.out, p.lse), leaves, (dout.to(dt), dlse.to(dt)))
+    for what, g, r in zip(("dq", "dx", "dv", "dbeta"), grads[backend], grads["torch"]):
+        assert rel_err(g, r) <= GRAD_TOLERANCE[torch.float32], (what, rel_err(g, r))
+
+
 def test_triton_backward_splits_long_banks_and_many_queries():
     """Shapes that make both Triton kernels split their walked range (workspace + sum path)."""
     require("triton", 2, 1100, 16)
