@@ -213,7 +213,7 @@ def test_gradients_with_every_query_on_a_stored_row(backend, similarity):
     """Recall's normal case with a gradient for lse (a merge of chunks passes one back): each query on its
     own stored row (l2: next to it), beta 0.4 on 64 features, so the softmax sits mostly there.  That
     row's terms of dq and dX are G (x - q), near 0; formed as products minus rowsum / colsum terms they
-    cancelled to the rounding of |G| |x| (CPU 2e-2, Triton 5e-2 off float64)."""
+    cancelled to the rounding of |G| |x| (CPU 2e-2, Triton 4.8e-2 off float64 on hen check's case)."""
     require(backend, 16, 64, 64)
     x, v = make((64, 64), torch.float32, 60), make((64, 11), torch.float32, 61)
     rows = x[torch.randperm(64, generator=torch.Generator().manual_seed(62))[:16]]

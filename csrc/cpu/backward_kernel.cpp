@@ -347,8 +347,8 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             if (sim == Similarity::L2) gj = s < vf{} ? -gj / s : vf{};  // 0: the subgradient at a stored pattern
             // dX and dq sum G_ij (q_i - x_j) and G_ij (x_j - q_i) as G . q - colsum(G) x and G^T . X - rowsum(G) q:
             // for a query on or next to a stored row, that row's G_ij x_j and G_ij q_i cancel, to float32's
-            // rounding of |G_ij| |x|, which was 1e-2 of dq and dX with every query on a stored row (l2sq,
-            // 256 x 64, beta 0.4; the float32 reference 2e-7).  Such pairs (d² cancelled in the product:
+            // rounding of |G_ij| |x|, which was 1e-2 of dq and dX with every query on a stored row and a
+            // gradient for lse (l2sq, 256 x 64, beta 0.4; the float32 reference 2e-7).  Such pairs (d² cancelled in the product:
             // §5.1's test) leave the products and are summed as differences after them.
             if (near.any) [[unlikely]] {
               float gl[W];
