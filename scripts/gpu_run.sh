@@ -10,7 +10,8 @@
 # 550) less what the later stages keep for themselves, and skipped with a line when nothing is left:
 #   wheels       .whl/*.whl installed offline (pip --no-index --find-links .whl) into /tmp/hen_site
 #   check-quick  python -m hen_kernels.check --quick (`hen check`): the reference and Triton on the GPU
-#   build        the extension with the CUDA kernels (sm_80, sm_90) against the machine's own torch
+#   build        the extension with the CUDA kernels (sm_80, sm_90) against the machine's own torch,
+#                in the background while check-quick runs
 #   check-cuda   python -m hen_kernels.check --backend cuda: the CUDA kernels just built
 #   test         pytest on the test files that exercise the GPU, most important first
 #   bench-quick  python -m hen_kernels.bench gpu --quick: every regime at shrunken shapes
@@ -115,10 +116,19 @@ gpu_run() {
       | tee -a "$SUMMARY"
   fi
 
+  # The build (CPU cores) runs beside check-quick (mostly the GPU and Triton's compiler): the machine
+  # has 16 cores, and the lease is short.  Its output is shown once it is done.
+  local build_pid="" build_log=/tmp/hen_build.log
+  if wants build; then
+    stage build 300 150 env CMAKE_ARGS="-DHEN_CUDA=ON ${CMAKE_ARGS:-}" "$PY" setup.py -q build_ext --inplace \
+      >"$build_log" 2>&1 &
+    build_pid=$!
+  fi
   # Later stages keep their minimum: the build ~150 s, the quick tables ~90 s.
   wants check && stage check-quick 120 330 "$PY" -m hen_kernels.check --quick --json "$OUT_DIR/check-quick.json"
   if wants build; then
-    stage build 300 150 env CMAKE_ARGS="-DHEN_CUDA=ON ${CMAKE_ARGS:-}" "$PY" setup.py -q build_ext --inplace
+    wait "$build_pid" || status=1
+    cat "$build_log"
     "$PY" -c "import torch, hen_kernels as hk; from hen_kernels import backends; r = backends.load_extension(); \
 print('backends:', hk.available_backends(), '| extension:', r or 'loaded', '| cuda:', \
 backends.BACKENDS['cuda'].unavailable_reason or torch.ops.hen_kernels.cuda_info())"
