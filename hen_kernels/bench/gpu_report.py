@@ -40,7 +40,8 @@ def evaluate(report: dict) -> List[dict]:
                     if bm["kind"] in ("reference", "sdpa", "flex") and _ok_ms(bm) is not None:
                         row["ratios"][blab] = bm["ms"] / ms
             sdpa = {k: v for k, v in row["ratios"].items() if k.startswith("sdpa:")}
-            best = max(sdpa, key=sdpa.get) if sdpa else None
+            # ratios are SDPA's ms over ours: the fastest SDPA backend has the smallest
+            best = min(sdpa, key=sdpa.get) if sdpa else None
             row["best_sdpa"] = best
             t = row["targets"]
 
