@@ -25,7 +25,7 @@ import torch
 
 from .constants import L2_DIRECT_BELOW, SIMILARITIES
 from .streaming import energy_from_lse
-from .tracing import is_tracing
+from .tracing import cannot_read
 from .types import Beta, Partial
 
 
@@ -118,7 +118,9 @@ def similarity(query: torch.Tensor, memory: torch.Tensor, kind: str,
         x_sq = w @ (x * x).transpose(-1, -2)
         cross = (w * q) @ x.transpose(-1, -2)
     sq = q_sq + x_sq - 2 * cross
-    if not is_tracing():  # traced (vmap, compile, fake tensors): the centred float64 expansion alone (exact to float32)
+    # traced (vmap, compile, fake tensors) or captured in a CUDA graph: the centred float64 expansion alone
+    # (exact to float32); the recompute's shapes depend on the data
+    if not cannot_read(q.device):
         sq = _recompute_near_pairs(sq, q, x, w, q_sq + x_sq)
     sq = sq.clamp_min(0)  # rounding may still leave a tiny negative
     s = -sq.sqrt() if kind == "l2" else -0.5 * sq

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .tracing import cannot_read
 from .types import Beta, Partial, Retrieval
 
 Step = Callable[[torch.Tensor], Partial]
@@ -117,7 +118,8 @@ def retrieve(step: Step, query: torch.Tensor, *, value_dim: int, max_steps: int,
         converged = torch.where(active, done, converged)
         if tol is not None:
             active = active & ~done
-            if not bool(active.any()):
+            # (the early stop reads a flag back: under a graph capture every step runs, masked)
+            if not cannot_read(active.device) and not bool(active.any()):
                 break
     assert last is not None
     return Retrieval(

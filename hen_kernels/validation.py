@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .constants import KERNEL_DTYPES, SIMILARITIES
-from .tracing import is_tracing
+from .tracing import cannot_read
 
 # What the kernels take (and a MemoryBank stores); float64 is the reference's alone (docs/design.md §4).
 FLOAT_DTYPES = KERNEL_DTYPES
@@ -163,7 +163,8 @@ _FLOAT_BETAS_MAX = 64
 
 
 def _float_beta(b: float, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    if is_tracing():
+    # Not kept when made under a graph capture either: its fill would only run at the graph's replay.
+    if cannot_read(device):
         return torch.full((numel,), b, dtype=dtype, device=device)
     key = (b, numel, device, dtype, torch.is_inference_mode_enabled())
     t = _FLOAT_BETAS.get(key)
@@ -197,7 +198,7 @@ def check_beta(beta: object, lead: torch.Size, device: torch.device,
             f"beta: expected a shape broadcastable to the query's leading dims {tuple(lead)}, got {tuple(bs)}"
         )
     b = beta.detach()
-    if not is_tracing() and b.device.type != "meta" and b.numel():
+    if not cannot_read(b.device) and b.device.type != "meta" and b.numel():
         # One reduction, two reads (a NaN makes both NaN, and fails the test): a third of the ops
         # of testing each entry, where beta is a small per-head tensor on every call of a layer.
         lo, hi = (float(t) for t in torch.aminmax(b))
@@ -234,7 +235,7 @@ def check_weights(weights: object, query: torch.Tensor) -> Optional[torch.Tensor
             "(gradients to query, memory, values and beta are supported)"
         )
     w = weights.detach()
-    if not is_tracing() and w.device.type != "meta" and not bool(((w >= 0) & torch.isfinite(w)).all()):
+    if not cannot_read(w.device) and w.device.type != "meta" and not bool(((w >= 0) & torch.isfinite(w)).all()):
         raise ValueError("weights: expected every entry finite and >= 0")
     return weights
 
@@ -339,9 +340,10 @@ def check_scores(lse: torch.Tensor, inp: Inputs) -> None:
     best score > -inf, lse <= the best score + log N): then the softmax would be NaN or
     the chunk would read as empty.  Queries holding NaN or inf keep their NaN answer
     (docs/design.md §4); the check costs one reduction over lse and, only when it
-    fires, one over the query.  Skipped under torch.compile and functorch transforms.
+    fires, one over the query.  Skipped under torch.compile, functorch transforms and CUDA graph
+    capture (tracing.cannot_read).
     """
-    if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or is_tracing():
+    if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or cannot_read(lse.device):
         return
     # One reduction and one read in the common case: a finite sum means every lse is finite
     # (a sum of finite lse that overflows sends it to the exact test below, which finds none).

@@ -51,3 +51,48 @@ def test_compiled_weighted_call_matches_eager(backend):
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, x, w)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that bring a tensor's value to the host: on CUDA each synchronizes, which a
+    graph capture refuses (cudaErrorStreamCaptureUnsupported), and a capture only runs work at replay."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.is_nonzero.default)
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_a_graph_capture_reads_no_value(monkeypatch, backend):
+    """Under a CUDA graph capture (here pretended, on CPU tensors) the calls read nothing back: the value
+    checks (beta, weights, every lse finite), the reference's exact ℓ2 recompute and retrieve's early stop
+    stand aside, as under torch.compile; and a float beta's tensor, made under the capture, is not kept."""
+    require(backend)
+    from hen_kernels import tracing, validation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=g, requires_grad=True)
+    q = x.detach()[:5].clone().requires_grad_()  # on stored rows: the ℓ2 recompute's case
+    w = torch.rand(5, 8, generator=g) + 0.5
+    beta = torch.tensor(0.7, requires_grad=True)
+    eager = hk.hopfield_retrieve(q.detach(), x.detach(), 0.25, max_steps=4, tol=1e-3, backend=backend)
+    monkeypatch.setattr(tracing, "_capturing", lambda device: True)
+    cached = dict(validation._FLOAT_BETAS)
+    with _HostReads() as reads:
+        p = hk.hopfield_partial(q, x, beta, similarity="l2", weights=w, backend=backend)
+        (p.out.square().sum() + p.lse.sum()).backward()
+        r = hk.hopfield_retrieve(q.detach(), x.detach(), 0.25, max_steps=4, tol=1e-3, backend=backend)
+        hk.hopfield_update(q.detach(), x.detach(), 0.3125, backend=backend)  # a float beta not seen before
+    assert reads.seen == [], f"values read back under a capture: {reads.seen}"
+    assert validation._FLOAT_BETAS == cached, "a float beta's tensor made under a capture was kept"
+    assert q.grad is not None and beta.grad is not None
+    torch.testing.assert_close(r.state, eager.state)  # every step run, masked: the same answer
+    assert torch.equal(r.steps, eager.steps)
