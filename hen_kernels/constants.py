@@ -21,6 +21,12 @@ REGISTER_TILE_MAX_DIM = 256
 # program still walks several tiles.
 MIN_SPLIT_ROWS = 4 * 128
 
+# How the Triton kernels pick a config on a GPU (hen_kernels/triton/configs.py): "all" compiles and times
+# every config the rules keep, once per launch key; "first" runs the first one untimed (`hen check` and the
+# test suite, where compiling them all first took minutes on the H200).
+AUTOTUNE_ENV = "HEN_TRITON_AUTOTUNE"
+AUTOTUNE_MODES = ("all", "first")
+
 # docs/design.md §5.1: where the expanded ℓ2 form |q|² + |x|² - 2 q·x falls below this
 # fraction of |q|² + |x|², it may have lost more than a few bits to cancellation, and the
 # kernels recompute d² directly as Σ w (q - x)².  csrc/hopfield_params.h kL2DirectBelow

@@ -13,7 +13,9 @@
 #   build        the extension with the CUDA kernels (sm_80, sm_90) against the machine's own torch,
 #                in the background while check-quick runs
 #   check-cuda   python -m hen_kernels.check --backend cuda: the CUDA kernels just built
-#   test         pytest on the test files that exercise the GPU, most important first
+#   test         pytest on the test files that exercise the GPU, most important first (each Triton launch
+#                key runs the first config its rules keep: HEN_TRITON_AUTOTUNE=first, tests/conftest.py)
+#   test-configs pytest -m slow -k test_every_kept_config: every kept config of each Triton kernel, once
 #   bench-quick  python -m hen_kernels.bench gpu --quick: every regime at shrunken shapes
 #   bench        the full GPU table with the time left (its --budget), if any is left
 # Everything goes to $OUT (the device tool's; /tmp/hen_gpu elsewhere), at most 8 files: run.log
@@ -90,8 +92,8 @@ dry_run() {
   [ "$bytes" -lt $((64 * 1048576)) ] || status=1
   wants check && { stage check-quick-cpu 120 0 "$PY" -m hen_kernels.check --quick --device cpu \
     --json "$OUT_DIR/check-quick.json"; }
-  echo "plan on the GPU: wheels, check-quick (<=120 s), build (<=300 s), check-cuda (<=120 s), test (<=200 s)," \
-       "bench-quick (<=120 s), bench (what is left)"
+  echo "plan on the GPU: wheels, check-quick (<=150 s) beside build (<=300 s), check-cuda (<=120 s), test (<=200 s)," \
+       "test-configs (<=120 s), bench-quick (<=120 s), bench (what is left)"
   echo "gpu_run --dry-run: exit $status"
   return $status
 }
@@ -125,7 +127,7 @@ gpu_run() {
     build_pid=$!
   fi
   # Later stages keep their minimum: the build ~150 s, the quick tables ~90 s.
-  wants check && stage check-quick 120 330 "$PY" -m hen_kernels.check --quick --json "$OUT_DIR/check-quick.json"
+  wants check && stage check-quick 150 330 "$PY" -m hen_kernels.check --quick --json "$OUT_DIR/check-quick.json"
   if wants build; then
     wait "$build_pid" || status=1
     cat "$build_log"
@@ -136,6 +138,8 @@ backends.BACKENDS['cuda'].unavailable_reason or torch.ops.hen_kernels.cuda_info(
   wants check && stage check-cuda 120 150 "$PY" -m hen_kernels.check --backend cuda --json "$OUT_DIR/check-cuda.json"
   # shellcheck disable=SC2086
   wants test && stage test 200 90 "$PY" -m pytest -q -p no:cacheprovider -rfEs $GPU_TESTS
+  wants test && stage test-configs 120 90 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m slow \
+    -k test_every_kept_config tests/test_triton.py
   if wants bench; then
     stage bench-quick 120 0 "$PY" -m hen_kernels.bench gpu --quick --out "$RES/quick"
     left=$((BUDGET - (SECONDS - START) - 20))

@@ -128,6 +128,50 @@ def test_a_raising_backend_fails_without_stopping_the_check(monkeypatch):
     assert all("kernel launch failed" in r.note for r in row.failures)
 
 
+def test_a_time_limit_keeps_the_cases_already_checked(monkeypatch, capsys):
+    """scripts/gpu_run.sh stops a check with SIGINT at its limit: the cases finished so far are reported (the
+    H200's first run lost 115 s of them), the row says it was cut short, and the check fails."""
+    calls = []
+
+    def slow(*args, **kw):
+        calls.append(1)
+        if len(calls) > 12:
+            raise KeyboardInterrupt
+        return _reference(*args, **kw)
+
+    _fake(monkeypatch, slow)
+    report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32, torch.float16])
+    row, = report.rows
+    assert row.interrupted and row.results and not row.failures and not report.ok
+    assert any("after" in p and "not checked: fake cpu float16" in p for p in report.problems)
+    assert "(interrupted)" in check_run.render(report)
+    assert check_run.to_json(report)["rows"][0]["interrupted"] is True
+
+
+def test_autotune_mode_is_set_for_the_run_and_checked(monkeypatch):
+    from hen_kernels.constants import AUTOTUNE_ENV
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "all")  # (recorded, so the values main() sets are undone after the test)
+    monkeypatch.delenv(AUTOTUNE_ENV)
+    _fake(monkeypatch, _reference)
+    assert check.main(["--quick", "--backend", "fake", "--dtype", "float32", "--case", "edges", "-q"]) == 0
+    assert check_run.os.environ[AUTOTUNE_ENV] == "first"
+    assert check.main(["--quick", "--backend", "fake", "--dtype", "float32", "--case", "edges", "-q",
+                       "--autotune", "all"]) == 0
+    assert check_run.os.environ[AUTOTUNE_ENV] == "all"
+    pytest.importorskip("triton")
+    from hen_kernels.triton import configs
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "fastest")
+    with pytest.raises(ValueError, match="HEN_TRITON_AUTOTUNE: expected one of all, first"):
+        configs.autotune_mode()
+    rules = [None, None, "too big", None]
+    monkeypatch.setenv(AUTOTUNE_ENV, "first")
+    assert configs._keep(["a", "b", "c", "d"], rules) == ["a"]
+    monkeypatch.setenv(AUTOTUNE_ENV, "all")
+    assert configs._keep(["a", "b", "c", "d"], rules) == ["a", "b", "d"]
+
+
 def test_main_exits_1_on_a_failure_and_writes_json(monkeypatch, tmp_path, capsys):
     _fake(monkeypatch, lambda *a, **k: _reference(*a, **k)._replace(lse=_reference(*a, **k).lse + 1))
     out = tmp_path / "check.json"

@@ -218,3 +218,61 @@ def test_pruning_never_leaves_the_autotuner_empty():
     reasons = [configs.small_d_rule(c, 80, 4, 64, 256, 256, False, True, "tf32x3", 1) for c in cfgs]
     assert all(reasons), "both configs are too big for sm_80 here"
     assert configs._keep(cfgs, reasons) == [cfgs[1]]
+
+
+# (kernel, its autotuner's module attribute, B, N, D, similarity): one launch each, split where it can be
+_EVERY_CONFIG = [("small_d", "small_d_kernel", 64, 3000, 128, "l2"), ("tiled_d", "tiled_d_kernel", 16, 3000, 512, "dot"),
+                 ("backward", "dq_kernel", 64, 1000, 64, "l2"), ("backward", "dkv_kernel", 64, 1000, 64, "l2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, tuner, B, N, D, similarity", _EVERY_CONFIG, ids=[c[1] for c in _EVERY_CONFIG])
+def test_every_kept_config(monkeypatch, module, tuner, B, N, D, similarity):
+    """On a GPU, every config the rules keep for a launch gives the reference's answer, not only the one
+    autotuning picks (the suite runs the first: tests/conftest.py).  The interpreter's lists are run whole."""
+    require("triton")
+    if triton_launch.INTERPRET:
+        pytest.skip("under the interpreter each kernel has one or two configs, and the suite runs them all")
+    import importlib
+
+    from hen_kernels.constants import AUTOTUNE_ENV
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "first")  # the other kernels of the call: one config each
+    kernel = getattr(importlib.import_module(f"hen_kernels.triton.{module}"), tuner)
+    q = make((B, D), torch.bfloat16, 1).cuda().requires_grad_()
+    x = make((N, D), torch.bfloat16, 2).cuda().requires_grad_()
+    beta = 0.5 if similarity == "l2" else 0.5 / D**0.5
+
+    def run():
+        q.grad = x.grad = None
+        p = hk.hopfield_partial(q, x, beta, similarity=similarity, backend="triton")
+        if module == "backward":
+            (p.out.float().square().sum() + p.lse.sum()).backward()
+        return p
+
+    # One call through the rules, to learn what they keep for this launch (only the first of them is run).
+    kept, prune = [], kernel.early_config_prune
+
+    def spy(cfgs, nargs, **kw):
+        monkeypatch.setenv(AUTOTUNE_ENV, "all")
+        kept.extend(prune(cfgs, nargs, **kw))
+        monkeypatch.setenv(AUTOTUNE_ENV, "first")
+        return kept[:1]
+
+    monkeypatch.setattr(kernel, "early_config_prune", spy)
+    monkeypatch.setattr(kernel, "cache", {})
+    run()
+    assert kept, "the rules kept no config"
+    q64, x64 = q.detach().double().requires_grad_(), x.detach().double().requires_grad_()
+    ref = hk.hopfield_partial(q64, x64, beta, similarity=similarity, backend="torch")
+    (ref.out.square().sum() + ref.lse.sum()).backward()
+    everything = list(kernel.configs)
+    for cfg in kept:
+        monkeypatch.setattr(kernel, "configs", [cfg])  # one config: run as it is, untimed
+        p = run()
+        what = f"{tuner} {cfg}"
+        assert rel_err(p.out, ref.out.detach()) <= TOLERANCE[torch.bfloat16], what
+        if module == "backward":
+            assert rel_err(q.grad, q64.grad) <= 4 * TOLERANCE[torch.bfloat16], what
+            assert rel_err(x.grad, x64.grad) <= 4 * TOLERANCE[torch.bfloat16], what
+    monkeypatch.setattr(kernel, "configs", everything)

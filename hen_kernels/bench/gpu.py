@@ -64,7 +64,7 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, regimes: Sequence[str] = RE
         print(msg, flush=True)
 
     fused, unavailable = fused_backends()
-    limited = limit_autotuning(1) if quick and "triton" in fused else []
+    limited = limit_autotuning() if quick and "triton" in fused else []
     todo = cases(quick, regimes)
     report = {"machine": machine(), "quick": quick, "regimes": list(regimes), "repeats": repeats, "budget_s": budget,
               "fused_backends": fused, "unavailable": unavailable, "autotune_limited": limited,

@@ -5,6 +5,7 @@ run beside them.  Measuring is gpu_measure's; the table, gpu_report's.
 from __future__ import annotations
 
 import gc
+import os
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -12,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import backends, ops
+from ..constants import AUTOTUNE_ENV
 
 DTYPE = torch.bfloat16
 ELEM = 2  # bytes per bf16 element
@@ -143,19 +145,10 @@ def fused_backends() -> Tuple[List[str], Dict[str, str]]:
     return names, why
 
 
-def limit_autotuning(n: int) -> List[str]:
-    """Keep only the first ``n`` configs of each Triton kernel's autotuner (--quick: compile less)."""
-    done = []
-    try:
-        from ..triton import small_d, tiled_d
-    except Exception:  # noqa: BLE001 - triton unusable: nothing to limit
-        return done
-    for mod, name in ((small_d, "small_d_kernel"), (tiled_d, "tiled_d_kernel")):
-        tuner = getattr(mod, name, None)
-        if tuner is not None and isinstance(getattr(tuner, "configs", None), list):
-            tuner.configs = tuner.configs[:n]
-            done.append(name)
-    return done
+def limit_autotuning() -> List[str]:
+    """Each Triton kernel runs the first config its rules keep, untimed (--quick: compile less)."""
+    os.environ[AUTOTUNE_ENV] = "first"
+    return ["small_d_kernel", "tiled_d_kernel", "dq_kernel", "dkv_kernel"]
 
 
 def triton_plan(case: GpuCase) -> Optional[dict]:

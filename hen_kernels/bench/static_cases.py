@@ -81,7 +81,7 @@ def forward_cases(arch: int, dt: str, sim: str, B: int, N: int, D: int, Dv: int,
 def combine_cases(arch: int, splits: int, Dv: int, regime: str) -> List[Case]:
     cx = combine_constexprs(splits, Dv)
     args = dict(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", ts_ptr="*fp32", ti_ptr="*i64", out_ptr="*fp32",
-                lse_ptr="*fp32", top_s_ptr="*fp32", top_i_ptr="*i64", B=64, DV=Dv)
+                lse_ptr="*fp32", top_s_ptr="*fp32", top_i_ptr="*i64", B=64, DV=Dv, n_splits=splits)
     # launch.py passes no num_warps / num_stages: the JIT defaults (4, 3).
     label = dict(regime=regime, dtype="fp32", D=Dv, DV=Dv, SPLITS=splits, BS=cx["BS"], BDV=cx["BDV"])
     return [Case("combine", combine_kernel, args, cx, 4, 3, label)]
@@ -102,10 +102,10 @@ def backward_cases(arch: int, which: str, dt: str, sim: str, B: int, N: int, D: 
                 q_lead=B * D, q_row=D, x_lead=0, x_row=D, v_lead=0, v_row=Dv)
     if which == "dq":
         args.update(dq_ptr="*fp32", dbeta_ptr="*fp32")
-        extra = dict(SPLITS=1)
+        extra = {}
     else:
         args.update(dx_ptr="*fp32", dv_ptr="*fp32", L=L)
-        extra = dict(SPLITS=1, SHARED=L > 1)
+        extra = dict(SHARED=L > 1)
     out = []
     for i, cfg in enumerate(kernel.configs):
         if configs_wanted is not None and i not in configs_wanted:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ import hen_kernels as hk
 from hen_kernels import backends, build_info
 from hen_kernels.bench import common
 from hen_kernels.check.cases import CASES, DTYPES, Result, Target
+from hen_kernels.constants import AUTOTUNE_ENV, AUTOTUNE_MODES
 
 DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in DTYPES}
 DEVICES = ("cpu", "cuda")
@@ -36,6 +38,7 @@ class Row:
     dtype: str
     results: List[Result] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: bool = False  # stopped by a time limit: the results so far, not every case
 
     @property
     def failures(self) -> List[Result]:
@@ -70,6 +73,7 @@ def machine() -> dict:
     info["backends"] = hk.available_backends()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["triton_autotune"] = os.environ.get(AUTOTUNE_ENV, "all")
     path = backends._extension_path()
     info["extension"] = path
     info["extension_build"] = build_info.read(path) if path else None
@@ -109,8 +113,10 @@ def targets(only_backends: Optional[Sequence[str]], only_devices: Optional[Seque
     return pairs, notes
 
 
-def run_target(t: Target, quick: bool, log=None, only_cases: Optional[Sequence[str]] = None) -> Row:
-    row = Row(t.backend, t.device, DTYPE_NAMES[t.dtype])
+def run_target(t: Target, quick: bool, log=None, only_cases: Optional[Sequence[str]] = None,
+               row: Optional[Row] = None) -> Row:
+    """Every case of ``t``, into ``row`` as they finish (what an interrupt leaves is reported)."""
+    row = row or Row(t.backend, t.device, DTYPE_NAMES[t.dtype])
     start = time.monotonic()
     for name, case in CASES:
         if only_cases and name not in only_cases:
@@ -119,6 +125,8 @@ def run_target(t: Target, quick: bool, log=None, only_cases: Optional[Sequence[s
             row.results.extend(case(t, quick))
         except Exception as e:  # a kernel that raises fails its case; the other cases still run
             row.results.append(Result(f"{name}: raised", math.inf, 0.0, False, common.short_error(e)))
+        finally:
+            row.seconds = time.monotonic() - start
     if t.device == "cuda":
         torch.cuda.synchronize()
     row.seconds = time.monotonic() - start
@@ -146,10 +154,15 @@ def run(quick: bool = False, only_backends: Optional[Sequence[str]] = None,
                 untaken.setdefault(DTYPE_NAMES[dt], set()).add(b)
     try:
         for t in todo:
-            rows.append(run_target(t, quick, log, only_cases))
+            rows.append(Row(t.backend, t.device, DTYPE_NAMES[t.dtype]))
+            run_target(t, quick, log, only_cases, rows[-1])
     except KeyboardInterrupt:  # a time limit (scripts/gpu_run.sh): report what was checked
+        rows[-1].interrupted = True
         left = [f"{t.backend} {t.device} {DTYPE_NAMES[t.dtype]}" for t in todo[len(rows):]]
-        problems.append(f"interrupted: not checked: {', '.join(left)}")
+        problems.append(f"interrupted: {rows[-1].backend} {rows[-1].device} {rows[-1].dtype} after "
+                        f"{len(rows[-1].results)} cases" + (f"; not checked: {', '.join(left)}" if left else ""))
+        if not rows[-1].results:
+            rows.pop()
     for name, names in sorted(untaken.items()):
         notes.append(f"{name}: not checked on {', '.join(sorted(names))}: the backend does not take it")
     return Report(machine(), rows, problems, notes, time.monotonic() - start)
@@ -167,8 +180,9 @@ def table(report: Report) -> str:
             continue
         err = "exact" if w.tolerance == 0 and w.ok else _fmt(w.error)
         tol = "exact" if w.tolerance == 0 else _fmt(w.tolerance)
+        verdict = "pass" if not row.failures else f"FAIL ({len(row.failures)})"
         lines.append([row.backend, row.device, row.dtype, str(len(row.results)), err, tol, w.case,
-                      "pass" if not row.failures else f"FAIL ({len(row.failures)})", f"{row.seconds:.1f}"])
+                      verdict + (" (interrupted)" if row.interrupted else ""), f"{row.seconds:.1f}"])
     head = ["backend", "device", "dtype", "cases", "max error", "tolerance", "nearest its tolerance", "result", "s"]
     return "\n".join(common.table(head, lines, ["---", "---", "---", "---:", "---:", "---:", "---", "---", "---:"]))
 
@@ -177,7 +191,8 @@ def render(report: Report) -> str:
     m = report.machine
     out = [f"hen check: hen_kernels {m['hen_kernels']}, torch {m['torch']}, triton {m['triton']}, "
            f"Python {m['python']}",
-           f"CPU: {m['cpu']} ({m['isa']}); GPU: {m.get('gpu', 'none visible')}",
+           f"CPU: {m['cpu']} ({m['isa']}); GPU: {m.get('gpu', 'none visible')}"
+           + (f" (Triton autotuning: {m['triton_autotune']})" if m.get("triton_autotune") else ""),
            f"backends: {', '.join(m['backends'])}; extension: {m['extension'] or 'not built'}"
            + (f" (built against torch {m['extension_build'].get('torch')})" if m.get("extension_build") else ""),
            "error: ‖got − ref‖ / ‖ref‖ against the float64 reference (docs/design.md §5); each row shows "
@@ -200,7 +215,7 @@ def to_json(report: Report) -> dict:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
     rows = [{"backend": r.backend, "device": r.device, "dtype": r.dtype, "seconds": r.seconds, "ok": not r.failures,
-             "results": [{k: clean(v) for k, v in asdict(x).items()} for x in r.results]} for r in report.rows]
+             "interrupted": r.interrupted, "results": [{k: clean(v) for k, v in asdict(x).items()} for x in r.results]} for r in report.rows]
     return {"ok": report.ok, "machine": report.machine, "rows": rows, "problems": report.problems,
             "notes": report.notes, "seconds": report.seconds}
 
@@ -219,12 +234,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--case", action="append", choices=[name for name, _ in CASES],
                    help="run only this group of cases (repeatable; default: all)")
     p.add_argument("--json", metavar="PATH", help="also write every result as JSON to PATH")
+    p.add_argument("--autotune", choices=AUTOTUNE_MODES, default=None, help=(
+        f"Triton's autotuning on a GPU: 'first' runs the first config the rules keep, untimed; 'all' times every "
+        f"one, compiling up to 24 per launch shape first (default: ${AUTOTUNE_ENV}, else 'first')"))
     p.add_argument("-q", "--quiet", action="store_true", help="print the table only, no progress lines")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
+    # Correctness, not speed: each kept config is correct; compiling all of them first took minutes on a GPU.
+    os.environ[AUTOTUNE_ENV] = a.autotune or os.environ.get(AUTOTUNE_ENV, "first")
     by_name = {v: k for k, v in DTYPE_NAMES.items()}
     dtypes = [by_name[n] for n in a.dtype] if a.dtype else list(DTYPES)
 

@@ -64,7 +64,8 @@ def _tile(q, x, v, dout, lse, delta, beta, q_sq, x_sq, q_rows, x_rows, mask_q, m
     return p, dt, tl.where(valid, s, 0.0), g
 
 
-KEY_DQ = ["D", "DV", "SIM", "SPLITS", "VALUES_ARE_MEMORY", "PRECISION"]
+# Tuned once per padded width, not per D or bank size (the split count is the grid's, read at run time).
+KEY_DQ = ["BD", "BDV", "SIM", "VALUES_ARE_MEMORY", "PRECISION"]
 
 
 @autotune(configs.BACKWARD, key=KEY_DQ, prune=configs.prune_backward)
@@ -73,7 +74,7 @@ def dq_kernel(
     q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dbeta_ptr,
     B, N, D, DV, rows_per_split,
     q_lead, q_row, x_lead, x_row, v_lead, v_row,
-    SIM: tl.constexpr, SPLITS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    SIM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     VALUES_ARE_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -147,12 +148,12 @@ def dq_kernel(
     if SIM != DOT:
         acc -= g_rows[:, None] * (qf - centre[None, :])
 
-    slot = (lead * SPLITS + split) * B + rows_q
+    slot = (lead * tl.num_programs(1) + split) * B + rows_q
     tl.store(dq_ptr + slot[:, None] * D + cols_d[None, :], acc, mask=mask_q[:, None] & mask_d[None, :])
     tl.store(dbeta_ptr + slot, db, mask=mask_q)
 
 
-KEY_DKV = ["D", "DV", "SIM", "SPLITS", "SHARED", "VALUES_ARE_MEMORY", "PRECISION"]
+KEY_DKV = ["BD", "BDV", "SIM", "SHARED", "VALUES_ARE_MEMORY", "PRECISION"]
 
 
 @autotune(configs.BACKWARD, key=KEY_DKV, prune=configs.prune_backward)
@@ -161,7 +162,7 @@ def dkv_kernel(
     q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, dx_ptr, dv_ptr,
     L, B, N, D, DV, rows_per_split,
     q_lead, q_row, x_lead, x_row, v_lead, v_row,
-    SIM: tl.constexpr, SPLITS: tl.constexpr, SHARED: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    SIM: tl.constexpr, SHARED: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     VALUES_ARE_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -237,7 +238,7 @@ def dkv_kernel(
     if SIM != DOT:
         acc_x -= g_cols[:, None] * (xf - centre[None, :])
 
-    slot = (bank * SPLITS + split) * N + rows_n
+    slot = (bank * tl.num_programs(1) + split) * N + rows_n
     tl.store(dx_ptr + slot[:, None] * D + cols_d[None, :], acc_x, mask=mask_n[:, None] & mask_d[None, :])
     tl.store(dv_ptr + slot[:, None] * DV + cols_v[None, :], acc_v, mask=mask_n[:, None] & mask_v[None, :])
 
@@ -294,13 +295,12 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
     dq = torch.empty((L, sq, B, D), **f32)
     dbeta = torch.empty((L, sq, B), **f32)
     grid = lambda meta: (triton.cdiv(B, meta["BM"]), sq, L)  # noqa: E731
-    dq_kernel[grid](q, x, v, beta, dout, lse, delta, dq, dbeta, B=B, N=N, rows_per_split=rows_n,
-                    SPLITS=sq, **common)
+    dq_kernel[grid](q, x, v, beta, dout, lse, delta, dq, dbeta, B=B, N=N, rows_per_split=rows_n, **common)
 
     sk, rows_b = _splits(Lm * triton.cdiv(N, 64), B, q.device)
     dx = torch.empty((Lm, sk, N, D), **f32)
     dv = torch.empty((Lm, sk, N, Dv), **f32)
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), sk, Lm)  # noqa: E731
     dkv_kernel[grid](q, x, v, beta, dout, lse, delta, dx, dv, L=L, B=B, N=N, rows_per_split=rows_b,
-                     SPLITS=sk, SHARED=Lm == 1 and L > 1, **common)
+                     SHARED=Lm == 1 and L > 1, **common)
     return dq.sum(1), dx.sum(1), dv.sum(1), dbeta.sum((1, 2))

@@ -21,18 +21,18 @@ NO_ROW = tl.constexpr(9223372036854775807)
 def combine_kernel(
     acc_ptr, m_ptr, l_ptr, ts_ptr, ti_ptr,
     out_ptr, lse_ptr, top_s_ptr, top_i_ptr,
-    B, DV,
-    SPLITS: tl.constexpr, BS: tl.constexpr, BDV: tl.constexpr,
+    B, DV, n_splits,
+    BS: tl.constexpr, BDV: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # lead * B + b
     lead = row // B
     b = row % B
-    base = lead * SPLITS * B + b  # split s of this query sits at base + s * B
+    base = lead * n_splits * B + b  # split s of this query sits at base + s * B
 
     m_all = tl.full([], float("-inf"), tl.float32)
-    for s0 in range(0, SPLITS, BS):
+    for s0 in range(0, n_splits, BS):
         splits = s0 + tl.arange(0, BS)
-        m = tl.load(m_ptr + base + splits * B, mask=splits < SPLITS, other=float("-inf"))
+        m = tl.load(m_ptr + base + splits * B, mask=splits < n_splits, other=float("-inf"))
         m_all = tl.maximum(m_all, tl.max(m, 0))
     m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
 
@@ -40,9 +40,9 @@ def combine_kernel(
     mask_v = cols < DV
     total = tl.zeros([], tl.float64)
     out = tl.zeros([BDV], tl.float64)
-    for s0 in range(0, SPLITS, BS):
+    for s0 in range(0, n_splits, BS):
         splits = s0 + tl.arange(0, BS)
-        mask_s = splits < SPLITS
+        mask_s = splits < n_splits
         slot = base + splits * B
         m = tl.load(m_ptr + slot, mask=mask_s, other=float("-inf"))
         s = tl.load(l_ptr + slot, mask=mask_s, other=0.0)
@@ -59,9 +59,9 @@ def combine_kernel(
         tl.store(lse_ptr + row, lse)
         best = tl.full([], float("-inf"), tl.float32)
         first = tl.full([], NO_ROW, tl.int64)
-        for s0 in range(0, SPLITS, BS):
+        for s0 in range(0, n_splits, BS):
             splits = s0 + tl.arange(0, BS)
-            mask_s = splits < SPLITS
+            mask_s = splits < n_splits
             ts = tl.load(ts_ptr + base + splits * B, mask=mask_s, other=float("-inf"))
             ti = tl.load(ti_ptr + base + splits * B, mask=mask_s, other=-1)
             chunk_best = tl.max(ts, 0)

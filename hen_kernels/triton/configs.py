@@ -21,10 +21,12 @@ GPU to say; until then they stay.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional
 
 import triton
 
+from ..constants import AUTOTUNE_ENV, AUTOTUNE_MODES
 from .common import INTERPRET
 
 # Per-architecture limits (CUDA occupancy calculator terms): registers, shared memory per SM and the
@@ -191,10 +193,20 @@ def _arch(t) -> int:
     return 90 if major >= 9 else 80
 
 
+def autotune_mode() -> str:
+    """constants.AUTOTUNE_ENV's mode: a GPU's first call of each launch key compiles and times every config
+    the rules keep (up to 24, ~1-3 s of ptxas each), or runs the first untimed."""
+    mode = os.environ.get(AUTOTUNE_ENV, "all")
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{AUTOTUNE_ENV}: expected one of {', '.join(AUTOTUNE_MODES)}, got {mode!r}")
+    return mode
+
+
 def _keep(configs, reasons) -> List[triton.Config]:
     kept = [c for c, r in zip(configs, reasons) if r is None]
     # Never leave the autotuner empty-handed: the least demanding config still runs (slowly).
-    return kept or [min(configs, key=lambda c: (sum(c.kwargs.values()), c.num_stages, -c.num_warps))]
+    kept = kept or [min(configs, key=lambda c: (sum(c.kwargs.values()), c.num_stages, -c.num_warps))]
+    return kept[:1] if autotune_mode() == "first" else kept
 
 
 def prune_small_d(configs, named_args, **kw) -> List[triton.Config]:

@@ -83,7 +83,7 @@ def constexprs(p: dict, dtype: torch.dtype, sim_code: int, D: int, Dv: int, valu
                has_weights: bool, interpret: bool = INTERPRET) -> dict:
     """The compile-time arguments of the plan's kernel, as the launcher passes them (the machine-code
     report compiles the same ones: hen_kernels/bench/static_cases.py)."""
-    cx = dict(SIM=sim_code, SPLITS=p["splits"], BM=p["BM"], HAS_WEIGHTS=has_weights,
+    cx = dict(SIM=sim_code, SPLIT=int(p["splits"] > 1), BM=p["BM"], HAS_WEIGHTS=has_weights,
               UPCAST=interpret and dtype == torch.bfloat16, PRECISION=p["precision"])
     if p["kernel"] == "small_d":
         cx.update(BD=_pow2(D), BDV=_pow2(Dv), VALUES_ARE_MEMORY=values_are_memory)
@@ -91,7 +91,8 @@ def constexprs(p: dict, dtype: torch.dtype, sim_code: int, D: int, Dv: int, valu
 
 
 def combine_constexprs(splits: int, Dv: int) -> dict:
-    return dict(SPLITS=splits, BS=min(_pow2(splits, 2), configs.COMBINE_BS), BDV=configs.combine_bdv(Dv))
+    # (the split count itself is a run-time argument: one compile serves every bank size)
+    return dict(BS=min(_pow2(splits, 2), configs.COMBINE_BS), BDV=configs.combine_bdv(Dv))
 
 
 def launch(q: torch.Tensor, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, sim_code: int,
@@ -137,5 +138,5 @@ def launch(q: torch.Tensor, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
     kernel[grid](q, x, v, w, beta, acc, m, s, ts, ti, **args)
     if S > 1:
         cx = combine_constexprs(S, Dv)
-        combine_kernel[(L * B, triton.cdiv(Dv, cx["BDV"]))](acc, m, s, ts, ti, out, lse, top_s, top_i, B, Dv, **cx)
+        combine_kernel[(L * B, triton.cdiv(Dv, cx["BDV"]))](acc, m, s, ts, ti, out, lse, top_s, top_i, B, Dv, S, **cx)
     return out, lse, top_s, top_i

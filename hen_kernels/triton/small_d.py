@@ -6,11 +6,12 @@ tiles of BN rows.  Each bank tile is loaded once and used for both products
 the stored patterns unless separate values are given.  The query block, the
 accumulator (BM x Dv) and the running max / sum / top live in registers.
 
-With SPLITS > 1 the bank is cut into SPLITS contiguous ranges, one program per
-(query block, range): this is how the recall regime (few queries, huge N)
-gets enough programs to fill the GPU, flash-decoding style.  Each program
-then leaves an unnormalised partial (accumulator, max, sum, top) in a
-workspace that ``combine.py`` merges.
+With SPLIT the bank is cut into contiguous ranges, one program per (query
+block, range; the grid's second axis, so their number is a run-time value and
+one compile serves every bank size): this is how the recall regime (few
+queries, huge N) gets enough programs to fill the GPU, flash-decoding style.
+Each program then leaves an unnormalised partial (accumulator, max, sum, top)
+in a workspace that ``combine.py`` merges.
 
 Feature weights (HAS_WEIGHTS, docs/design.md §5.1): the score product takes
 w∘q as its query, in float32 at PRECISION (16-bit tensor-core operands would
@@ -25,7 +26,8 @@ import triton
 from . import configs
 from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist, stored_weights
 
-KEY = ["D", "DV", "SIM", "SPLITS", "BM", "VALUES_ARE_MEMORY", "HAS_WEIGHTS", "PRECISION"]
+# Tuned once per padded width and kind of launch, not per D or bank size (docs/design.md §6.1).
+KEY = ["BD", "BDV", "SIM", "SPLIT", "BM", "VALUES_ARE_MEMORY", "HAS_WEIGHTS", "PRECISION"]
 
 
 @autotune(configs.SMALL_D, key=KEY, prune=configs.prune_small_d)
@@ -35,7 +37,7 @@ def small_d_kernel(
     out_ptr, m_ptr, l_ptr, top_s_ptr, top_i_ptr,
     B, N, D, DV, rows_per_split, offset,
     q_lead, q_row, x_lead, x_row, v_lead, v_row, w_lead, w_row,
-    SIM: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    SIM: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     VALUES_ARE_MEMORY: tl.constexpr, HAS_WEIGHTS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BN: tl.constexpr,
 ):
@@ -111,8 +113,8 @@ def small_d_kernel(
         pv, to_exact = stored_weights(p, v_ptr)
         acc = acc * alpha[:, None] + to_exact[:, None] * tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
 
-    slot = (lead * SPLITS + split) * B + rows_q
-    if SPLITS == 1:
+    slot = (lead * tl.num_programs(1) + split) * B + rows_q
+    if not SPLIT:
         # Final answer: normalise here (an empty bank leaves out = 0 and lse = -inf).
         inv, lse = finish(m_i, l_i)
         acc = acc * inv[:, None]

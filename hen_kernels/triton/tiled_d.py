@@ -13,7 +13,7 @@ bank read (benchmarks/PERFORMANCE.md §4.2; the machine-code report shows it as
 the accumulator loads and stores of the inner loop).  No B x N score matrix
 ever exists.
 
-With SPLITS > 1 (few queries) the bank is cut across programs as in
+With SPLIT (few queries) the bank is cut across programs as in
 ``small_d.py`` and ``combine.py`` merges the partials.  Feature weights as in
 ``small_d.py``: w∘q and ⟨w, x∘x⟩ per BK slice, from the slice's one load.
 """
@@ -25,7 +25,7 @@ import triton.language as tl
 from . import configs
 from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist, stored_weights
 
-KEY = ["D", "DV", "SIM", "SPLITS", "BM", "HAS_WEIGHTS", "PRECISION"]
+KEY = ["D", "DV", "SIM", "SPLIT", "BM", "HAS_WEIGHTS", "PRECISION"]
 
 
 @autotune(configs.TILED_D, key=KEY, prune=configs.prune_tiled_d, reset_to_zero=["acc_ptr"])
@@ -35,7 +35,7 @@ def tiled_d_kernel(
     acc_ptr, m_ptr, l_ptr, top_s_ptr, top_i_ptr,
     B, N, D, DV, rows_per_split, offset,
     q_lead, q_row, x_lead, x_row, v_lead, v_row, w_lead, w_row,
-    SIM: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    SIM: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
 ):
@@ -50,7 +50,7 @@ def tiled_d_kernel(
     w_rows = w_ptr + lead * w_lead + rows_q.to(tl.int64) * w_row
     x_base = x_ptr + lead * x_lead
     v_base = v_ptr + lead * v_lead
-    slot = (lead * SPLITS + split) * B + rows_q
+    slot = (lead * tl.num_programs(1) + split) * B + rows_q
     acc_base = acc_ptr + slot[:, None] * DV
 
     q_sq = tl.zeros([BM], tl.float32)
@@ -125,7 +125,7 @@ def tiled_d_kernel(
         # The next tile reads these slices back through other threads of this program.
         tl.debug_barrier()
 
-    if SPLITS == 1:
+    if not SPLIT:
         inv, lse = finish(m_i, l_i)
         for d0 in range(0, DV, BDV):
             cols = d0 + tl.arange(0, BDV)
