@@ -276,3 +276,17 @@ def test_every_kept_config(monkeypatch, module, tuner, B, N, D, similarity):
             assert rel_err(q.grad, q64.grad) <= 4 * TOLERANCE[torch.bfloat16], what
             assert rel_err(x.grad, x64.grad) <= 4 * TOLERANCE[torch.bfloat16], what
     monkeypatch.setattr(kernel, "configs", everything)
+
+
+def test_autotuning_choices_are_kept_on_disk_on_a_gpu(monkeypatch):
+    """On a GPU a later process reads each launch key's choice back instead of timing every config again
+    (docs/design.md §6.1); under the interpreter the CPU timer's choices are not worth keeping."""
+    from hen_kernels.triton import common
+
+    seen = []
+    monkeypatch.setattr(common.triton, "autotune", lambda **kw: seen.append(kw) or (lambda fn: fn))
+    for interpret in (False, True):
+        monkeypatch.setattr(common, "INTERPRET", interpret)
+        common.autotune([configs._cfg(4, 1, BN=16)], key=["N"], prune=configs.prune_small_d)
+    assert seen[0].get("cache_results") is True and "prune_configs_by" in seen[0]
+    assert not seen[1].get("cache_results") and "do_bench" in seen[1]

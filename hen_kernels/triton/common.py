@@ -120,9 +120,15 @@ def cpu_do_bench(fn, quantiles=None, **_):
 
 def autotune(configs, key, prune=None, **kwargs):
     """triton.autotune, with a CPU timer under the interpreter (triton's default needs a GPU) and
-    ``prune(configs, named_args, **kwargs)`` dropping the configs the target cannot run well."""
+    ``prune(configs, named_args, **kwargs)`` dropping the configs the target cannot run well.
+
+    On a GPU each choice is kept on disk beside Triton's compiled kernels (``cache_results``, keyed by
+    triton, the target, the kernel's source, the key and the configs timed): the next process with the
+    same launch key reads it instead of compiling and timing every config again."""
     if INTERPRET:
         kwargs["do_bench"] = cpu_do_bench
-    elif prune is not None:
-        kwargs["prune_configs_by"] = {"early_config_prune": prune}
+    else:
+        kwargs.setdefault("cache_results", True)
+        if prune is not None:
+            kwargs["prune_configs_by"] = {"early_config_prune": prune}
     return triton.autotune(configs=configs, key=key, **kwargs)
