@@ -4,7 +4,7 @@
 #   make wheels-gpu                  # once, on a CPU machine: .whl/ (ignored by git)
 #   run(command="scripts/gpu_run.sh", carry=[".whl"], timeout_s=600)
 #
-#   scripts/gpu_run.sh [--dry-run] [STAGE...]      STAGE: check build test bench (default: all four)
+#   scripts/gpu_run.sh [--dry-run] [STAGE...]      STAGE: check build test bench cpu (default: the first four)
 #
 # Stages, in this order, each given what is left of the budget (HEN_GPU_BUDGET seconds, default
 # 550) less what the later stages keep for themselves, and skipped with a line when nothing is left:
@@ -20,6 +20,9 @@
 #   test-configs pytest -m slow -k test_every_kept_config: every kept config of each Triton kernel, once
 #   bench-quick  python -m hen_kernels.bench gpu --quick: every regime at shrunken shapes
 #   bench        the full GPU table with the time left (its --budget), if any is left
+#   cpu          (only when named) the host CPU's tables (bench shapes, nn on the CPU, cpu), on its last two
+#                cores with 2 threads, beside the GPU stages once the build is done: that host has been an
+#                Intel Xeon with AMX (issue 15 wants its rows); under benchmarks/results/<gpu>/host-cpu/
 # Everything goes to $OUT (the device tool's; /tmp/hen_gpu elsewhere), at most 8 files: run.log
 # (every stage's output), summary.txt (one line per stage), check-quick.json, check-cuda.json,
 # results.tar.gz (benchmarks/results/<gpu>/) and gpu.md.  Exits non-zero when any stage failed.
@@ -43,8 +46,8 @@ STAGES=""
 for a in "$@"; do
   case $a in
     --dry-run) DRY=1 ;;
-    check|build|test|bench) STAGES="$STAGES $a" ;;
-    *) echo "gpu_run: unknown argument $a (expected --dry-run, check, build, test, bench)" >&2; exit 2 ;;
+    check|build|test|bench|cpu) STAGES="$STAGES $a" ;;
+    *) echo "gpu_run: unknown argument $a (expected --dry-run, check, build, test, bench, cpu)" >&2; exit 2 ;;
   esac
 done
 STAGES=" ${STAGES:-check build test bench} "
@@ -74,6 +77,22 @@ stage() {
   echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$SUMMARY"
   [ "$rc" -eq 0 ] || status=1
   return "$rc"
+}
+
+# cpu_tables DIR CORES END: the host's CPU tables one after another, each stopped at second END of the run.
+cpu_tables() {
+  local dir=$1 cores=$2 end=$3 left args
+  mkdir -p "$dir"
+  for args in "shapes --name shapes_host" "nn --device cpu --name nn_host --repeats 5" \
+              "nn --device cpu --dtype bfloat16 --name nn_host_bf16 --repeats 5" "cpu --no-compile --threads 2 --name cpu_host"; do
+    left=$((end - SECONDS))
+    if [ "$left" -lt 30 ]; then echo "== cpu tables: no time left for bench $args"; break; fi
+    echo "== cpu tables: bench $args (at most $left s, cores $cores)"
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=2 timeout --signal=INT --kill-after=10 "$left" taskset -c "$cores" \
+      "$PY" -m hen_kernels.bench $args --out "$dir"
+    echo "== cpu tables: bench ${args%% *} exit $?"
+  done
 }
 
 dry_run() {
@@ -128,6 +147,15 @@ gpu_run() {
       >"$build_log" 2>&1 &
     build_pid=$!
   fi
+  # The CPU tables start as soon as the build is done (they need the extension), beside whatever runs then.
+  local cpu_pid=""
+  if wants cpu; then
+    local n; n=$(nproc)
+    ( while [ -n "$build_pid" ] && kill -0 "$build_pid" 2>/dev/null; do sleep 2; done
+      cpu_tables "$RES/host-cpu" "$((n - 2)),$((n - 1))" $((START + BUDGET - 30)) ) >/tmp/hen_cpu_tables.log 2>&1 &
+    cpu_pid=$!
+    echo "== cpu tables: on cores $((n - 2)),$((n - 1)) once the build is done (their log comes at the end)"
+  fi
   # Correctness first: check-quick keeps time for check-cuda and the tests when they are wanted; the tables
   # get what is left.
   local keep_checks=$(( $(wants test && echo 200 || echo 0) + $(wants check && echo 90 || echo 0) ))
@@ -151,6 +179,11 @@ backends.BACKENDS['cuda'].unavailable_reason or torch.ops.hen_kernels.cuda_info(
     stage bench $((left > 0 ? left : 0)) 0 "$PY" -m hen_kernels.bench gpu --out "$RES" --budget $((left - 30))
   fi
 
+  if [ -n "$cpu_pid" ]; then
+    wait "$cpu_pid"
+    cp /tmp/hen_cpu_tables.log "$RES/host-cpu/log.txt"
+    cat /tmp/hen_cpu_tables.log
+  fi
   for f in "$RES/gpu.md" "$RES/quick/gpu.md"; do
     [ -f "$f" ] && { cp "$f" "$OUT_DIR/gpu.md"; break; }
   done
