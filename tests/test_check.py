@@ -151,13 +151,18 @@ def test_a_time_limit_keeps_the_cases_already_checked(monkeypatch, capsys):
 def test_autotune_mode_is_set_for_the_run_and_checked(monkeypatch):
     from hen_kernels.constants import AUTOTUNE_ENV
 
-    monkeypatch.setenv(AUTOTUNE_ENV, "all")  # (recorded, so the values main() sets are undone after the test)
+    monkeypatch.setenv(AUTOTUNE_ENV, "all")  # (recorded, so that a value main() leaves behind is undone)
     monkeypatch.delenv(AUTOTUNE_ENV)
-    _fake(monkeypatch, _reference)
-    assert check.main(["--quick", "--backend", "fake", "--dtype", "float32", "--case", "edges", "-q"]) == 0
-    assert check_run.os.environ[AUTOTUNE_ENV] == "first"
-    assert check.main(["--quick", "--backend", "fake", "--dtype", "float32", "--case", "edges", "-q",
-                       "--autotune", "all"]) == 0
+    seen = []
+    _fake(monkeypatch, lambda *a, **k: seen.append(check_run.os.environ.get(AUTOTUNE_ENV)) or _reference(*a, **k))
+    args = ["--quick", "--backend", "fake", "--dtype", "float32", "--case", "edges", "-q"]
+    assert check.main(args) == 0 and set(seen) == {"first"}
+    assert AUTOTUNE_ENV not in check_run.os.environ, "the check's setting outlived it"
+    seen.clear()
+    monkeypatch.setenv(AUTOTUNE_ENV, "all")
+    assert check.main(args) == 0 and set(seen) == {"all"}
+    seen.clear()
+    assert check.main(args + ["--autotune", "first"]) == 0 and set(seen) == {"first"}
     assert check_run.os.environ[AUTOTUNE_ENV] == "all"
     pytest.importorskip("triton")
     from hen_kernels.triton import configs

@@ -243,15 +243,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
-    # Correctness, not speed: each kept config is correct; compiling all of them first took minutes on a GPU.
-    os.environ[AUTOTUNE_ENV] = a.autotune or os.environ.get(AUTOTUNE_ENV, "first")
     by_name = {v: k for k, v in DTYPE_NAMES.items()}
     dtypes = [by_name[n] for n in a.dtype] if a.dtype else list(DTYPES)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    report = run(a.quick, a.backend, a.device, dtypes, None if a.quiet else log, a.case)
+    # Correctness, not speed: each kept config is correct; compiling all of them first took minutes on a GPU.
+    # (for the check only: a caller's own later calls keep their setting)
+    before = os.environ.get(AUTOTUNE_ENV)
+    os.environ[AUTOTUNE_ENV] = a.autotune or before or "first"
+    try:
+        report = run(a.quick, a.backend, a.device, dtypes, None if a.quiet else log, a.case)
+    finally:
+        if before is None:
+            del os.environ[AUTOTUNE_ENV]
+        else:
+            os.environ[AUTOTUNE_ENV] = before
     print(render(report), flush=True)
     if a.json:
         with open(a.json, "w") as f:
