@@ -61,7 +61,8 @@ MAKE_DEVICE = {"device": "cpu"}
 def make(shape, dtype, seed, scale=1.0):
     """Standard-normal data, drawn on the CPU (the same numbers on every device), then moved."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(MAKE_DEVICE["device"])
+    draw = torch.randn(shape, generator=g, dtype=torch.float64, device="cpu")  # (whatever the default device)
+    return (draw * scale).to(dtype).to(MAKE_DEVICE["device"])
 
 
 def ref64(query, memory, beta, similarity, values=None, offset=0):
@@ -79,6 +80,30 @@ BETA_LEVELS = [1e-3, 1.0, 4.0]
 
 def beta_for(similarity: str, d: int, level: float) -> float:
     return level if similarity == "l2" else level / d**0.5
+
+
+@pytest.fixture(autouse=True)
+def _inputs_on_the_backends_device(request):
+    """A test run for a GPU backend (cuda, compiled Triton) makes its tensors on the GPU: `make` puts its draws
+    there, and, where a GPU is visible, so does every factory call without a device (torch's default device)
+    -- a backend refuses tensors on a device it does not serve."""
+    params = getattr(request.node, "callspec", None)
+    backend = params.params.get("backend") if params else None
+    on_gpu = module_on_gpu(request.module) if backend is None else device_of(backend) == "cuda"
+    MAKE_DEVICE["device"] = "cuda" if on_gpu else "cpu"
+    try:
+        if on_gpu and torch.cuda.is_available():
+            with torch.device("cuda"):
+                yield
+        else:
+            yield
+    finally:
+        MAKE_DEVICE["device"] = "cpu"
+
+
+def module_on_gpu(module) -> bool:
+    """Whether a module's tests without a backend parameter run a GPU backend (tests/test_triton.py says so)."""
+    return device_of(getattr(module, "GPU_BACKEND", "torch")) == "cuda"
 
 
 @pytest.fixture(autouse=True)

@@ -10,24 +10,13 @@ from hen_kernels import backends, streaming
 from hen_kernels.check.cases import far_from_the_origin
 from hen_kernels.constants import CONVEX_BOUND
 
-from .conftest import (BETA_LEVELS, DTYPES, MAKE_DEVICE, SIMILARITIES, TOLERANCE, beta_for, device_of,
+from .conftest import (BETA_LEVELS, DTYPES, MAKE_DEVICE, SIMILARITIES, TOLERANCE, beta_for,
                        interpreted, kernel_backends, make, ref64, rel_err, require)
 from .pending import backend_params, marks
 
 # Not multiples of any block size, plus the edges: B = 1, N = 1, D = 1 and D up to 4096.
 SHAPES = [(1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (5, 70, 300), (5, 300, 4096),
           (2, 3000, 512)]
-
-
-@pytest.fixture(autouse=True)
-def _inputs_on_the_backends_device(request):
-    """The shared cases below run every backend on its own device: `make` puts the
-    data where the test's backend runs (the GPU for cuda and compiled Triton)."""
-    params = getattr(request.node, "callspec", None)
-    backend = params.params.get("backend") if params else None
-    MAKE_DEVICE["device"] = device_of(backend) if backend else "cpu"
-    yield
-    MAKE_DEVICE["device"] = "cpu"
 
 
 def test_cpu_extension_is_built():

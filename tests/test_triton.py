@@ -6,9 +6,10 @@ import torch
 
 import hen_kernels as hk
 
-from .conftest import SIMILARITIES, TOLERANCE, make, rel_err, require
+from .conftest import MAKE_DEVICE, SIMILARITIES, TOLERANCE, make, rel_err, require
 
 triton_launch = pytest.importorskip("hen_kernels.triton.launch")
+GPU_BACKEND = "triton"  # every test here runs it: on a GPU, tensors are made there (tests/conftest.py)
 from hen_kernels.triton import configs  # noqa: E402
 
 
@@ -127,14 +128,19 @@ def _path(monkeypatch, similarity, dtype, shape, min_split_rows, weighted):
     check(p, direct64(q, x, beta, similarity, v, w, offset=11), dtype)
 
 
+def _randn(g, *shape):
+    """float64 draws from the CPU generator ``g``, on the device the tests' tensors go to."""
+    return torch.randn(shape, generator=g, dtype=torch.float64, device="cpu").to(MAKE_DEVICE["device"])
+
+
 def _far_bank(n, d, seed):
     """‖x‖ ≈ 1e4, rows ≈ 0.1 apart, queries 1e-3 from rows 0, n // 2 and n - 1 (float32): every pair's expanded
     d² cancels to float32 noise, the direct form is exact."""
     g = torch.Generator().manual_seed(seed)
-    centre = torch.randn(d, generator=g, dtype=torch.float64)
-    x = centre * 1e4 / centre.norm() + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5
-    rows = torch.tensor([0, n // 2, n - 1])
-    q = x[rows] + 1e-3 * torch.randn(3, d, generator=g, dtype=torch.float64) / d**0.5
+    centre = _randn(g, d)
+    x = centre * 1e4 / centre.norm() + 0.1 * _randn(g, n, d) / d**0.5
+    rows = torch.tensor([0, n // 2, n - 1], device=x.device)
+    q = x[rows] + 1e-3 * _randn(g, 3, d) / d**0.5
     return q.float(), x.float(), rows
 
 
@@ -170,10 +176,9 @@ def test_ties_across_tiles_splits_and_the_combine(monkeypatch, similarity, dtype
     monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", 16)
     monkeypatch.setattr(triton_launch, "_sm_count", lambda device: 64)
     g = torch.Generator().manual_seed(9)
-    best = torch.randn(1, d, generator=g, dtype=torch.float64)
-    x = torch.cat([-best + torch.randn(37, d, generator=g, dtype=torch.float64), best.repeat(500, 1),
-                   -best + torch.randn(5, d, generator=g, dtype=torch.float64)]).to(dtype)
-    q = (2 * best + 0.3 * torch.randn(5, d, generator=g, dtype=torch.float64)).to(dtype)
+    best = _randn(g, 1, d)
+    x = torch.cat([-best + _randn(g, 37, d), best.repeat(500, 1), -best + _randn(g, 5, d)]).to(dtype)
+    q = (2 * best + 0.3 * _randn(g, 5, d)).to(dtype)
     beta = 1.0 if similarity == "l2" else 1.0 / d**0.5
     plan = triton_launch.plan(1, 5, x.shape[0], d, d, q.device, dtype)
     assert plan["splits"] > configs.COMBINE_BS
@@ -205,6 +210,8 @@ def test_backward_near_stored_patterns():
 
 def test_autotuner_times_configs_under_the_interpreter():
     require("triton")
+    if not triton_launch.INTERPRET:
+        pytest.skip("a GPU times the configs with triton's own do_bench (tests/conftest.py runs the first only)")
     from hen_kernels.triton.small_d import small_d_kernel
 
     assert len(small_d_kernel.configs) >= 2
