@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._device import _device_constructors  # the factories `with torch.device(...)` places
 
 from hen_kernels import backends, constants, reference
 from hen_kernels.constants import TOLERANCE  # noqa: F401  (re-exported: docs/design.md §5 error budgets)
@@ -93,12 +94,32 @@ def _inputs_on_the_backends_device(request):
     MAKE_DEVICE["device"] = "cuda" if on_gpu else "cpu"
     try:
         if on_gpu and torch.cuda.is_available():
-            with torch.device("cuda"):
+            with MadeOn("cuda"):
                 yield
         else:
             yield
     finally:
         MAKE_DEVICE["device"] = "cpu"
+
+
+class MadeOn(torch.overrides.TorchFunctionMode):
+    """torch's default device (as `with torch.device(...)`), except that a draw from a CPU generator is made on
+    the CPU and then moved: the same numbers as on a CPU machine, where the device would refuse the generator."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device = torch.device(device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.get("device") is None and func in _device_constructors():
+            g = kwargs.get("generator")
+            if g is None or g.device.type == self.device.type:
+                kwargs["device"] = self.device
+            else:
+                grad = kwargs.pop("requires_grad", False)
+                return func(*args, **kwargs).to(self.device).requires_grad_(grad)
+        return func(*args, **kwargs)
 
 
 def module_on_gpu(module) -> bool:
