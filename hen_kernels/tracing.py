@@ -4,8 +4,9 @@ aot_function) no tensor's values can be read, so the checks that read them (beta
 finite) and the data-dependent shapes of the reference's exact ℓ2 recompute are skipped; the ops' fake
 implementations give the shapes.
 
-A CUDA stream capturing a graph (torch.cuda.graph, make_graphed_callables) also hides values: reading one back synchronizes, which the capture refuses
-(cudaErrorStreamCaptureUnsupported), and work issued there only runs at replay.  ``cannot_read`` covers both."""
+A CUDA stream capturing a graph (torch.cuda.graph, make_graphed_callables) also hides values: reading one
+back synchronizes, which the capture refuses (cudaErrorStreamCaptureUnsupported), and work issued there
+only runs at replay.  ``cannot_read`` covers both."""
 import torch
 
 _MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)

@@ -84,7 +84,8 @@ cpu_tables() {
   local dir=$1 cores=$2 end=$3 left args
   mkdir -p "$dir"
   for args in "shapes --name shapes_host" "nn --device cpu --name nn_host --repeats 5" \
-              "nn --device cpu --dtype bfloat16 --name nn_host_bf16 --repeats 5" "cpu --no-compile --threads 2 --name cpu_host"; do
+              "nn --device cpu --dtype bfloat16 --name nn_host_bf16 --repeats 5" \
+              "cpu --no-compile --threads 2 --name cpu_host"; do
     left=$((end - SECONDS))
     if [ "$left" -lt 30 ]; then echo "== cpu tables: no time left for bench $args"; break; fi
     echo "== cpu tables: bench $args (at most $left s, cores $cores)"
@@ -168,7 +169,8 @@ gpu_run() {
 print('backends:', hk.available_backends(), '| extension:', r or 'loaded', '| cuda:', \
 backends.BACKENDS['cuda'].unavailable_reason or torch.ops.hen_kernels.cuda_info())"
   fi
-  wants check && stage check-cuda 90 "$(wants test && echo 200 || echo 0)" "$PY" -m hen_kernels.check --backend cuda --json "$OUT_DIR/check-cuda.json"
+  wants check && stage check-cuda 90 "$(wants test && echo 200 || echo 0)" "$PY" -m hen_kernels.check --backend cuda \
+    --json "$OUT_DIR/check-cuda.json"
   # shellcheck disable=SC2086
   wants test && stage test 200 0 "$PY" -m pytest -q -p no:cacheprovider -rfEs $GPU_TESTS
   wants test && stage test-configs 120 0 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m slow \

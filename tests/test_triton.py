@@ -228,7 +228,8 @@ def test_pruning_never_leaves_the_autotuner_empty():
 
 
 # (kernel, its autotuner's module attribute, B, N, D, similarity): one launch each, split where it can be
-_EVERY_CONFIG = [("small_d", "small_d_kernel", 64, 3000, 128, "l2"), ("tiled_d", "tiled_d_kernel", 16, 3000, 512, "dot"),
+_EVERY_CONFIG = [("small_d", "small_d_kernel", 64, 3000, 128, "l2"),
+                 ("tiled_d", "tiled_d_kernel", 16, 3000, 512, "dot"),
                  ("backward", "dq_kernel", 64, 1000, 64, "l2"), ("backward", "dkv_kernel", 64, 1000, 64, "l2")]
 
 

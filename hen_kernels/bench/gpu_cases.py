@@ -5,8 +5,8 @@ run beside them.  Measuring is gpu_measure's; the table, gpu_report's.
 from __future__ import annotations
 
 import gc
-import os
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 

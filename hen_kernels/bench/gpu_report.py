@@ -136,8 +136,8 @@ def markdown(report: dict) -> str:
         f"- fused backends timed: {fused}" + (f" (left out: {left})" if left else ""),
         f"- median of CUDA-event timings after a warm-up (Triton: after autotuning); at least "
         f"{report['repeats']} calls per timing; no L2 flush between calls (recall and bulk banks exceed L2)"
-        + ("; --quick: shrunken shapes and Triton autotuning cut to the first config its rules keep: NOT the docs/design.md shapes, "
-           "timings not representative" if report["quick"] else ""),
+        + ("; --quick: shrunken shapes and Triton autotuning cut to the first config its rules keep: "
+           "NOT the docs/design.md shapes, timings not representative" if report["quick"] else ""),
     ]
     if c:
         lines.append(

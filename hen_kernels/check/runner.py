@@ -215,7 +215,8 @@ def to_json(report: Report) -> dict:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
     rows = [{"backend": r.backend, "device": r.device, "dtype": r.dtype, "seconds": r.seconds, "ok": not r.failures,
-             "interrupted": r.interrupted, "results": [{k: clean(v) for k, v in asdict(x).items()} for x in r.results]} for r in report.rows]
+             "interrupted": r.interrupted,
+             "results": [{k: clean(v) for k, v in asdict(x).items()} for x in r.results]} for r in report.rows]
     return {"ok": report.ok, "machine": report.machine, "rows": rows, "problems": report.problems,
             "notes": report.notes, "seconds": report.seconds}
 
