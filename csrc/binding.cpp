@@ -4,11 +4,13 @@
 // the checks here guard the op when it is called directly.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorUtils.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -252,19 +254,24 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
   return run_cpu(query, memory, values, beta, similarity, offset, weights, hints);
 }
 
-// The plain case's inputs as run_cpu takes them: CPU tensors of one kernel dtype, a (B, D) or
-// (L, B, D) query against an (N, D) bank or one per leading index, a float beta, no weights, no
-// autocast, and an autograd graph to record only where `with_graph` (update's, whose backward
-// this file has: UpdateFunction); or nothing, where the general path must answer (update and
-// retrieve decline then).
+// The plain case's inputs as run_cpu takes them: CPU tensors of one kernel dtype, a (..., B, D)
+// query against an (N, D) bank or one per leading index (the query's leading sizes), a float beta,
+// no weights, no autocast, and an autograd graph to record only where `with_graph` (update's, whose
+// backward this file has: UpdateFunction); or nothing, where the general path must answer (update
+// and retrieve decline then).  Leading dims are flattened as the general path flattens them
+// (validation.py _lead_view, Inputs.flat): a view where their strides merge into one, a copy where
+// they do not (heads split from a projection's rows) and the call has more than
+// `split_queries_max` queries per leading index; with fewer, the general path reads such views in
+// place (backends.py Backend.reads_split) and this one declines.
 struct PlainCall {
   at::Tensor q3, x3, v3, beta;  // (L, B, D), (L or 1, N, D), (L or 1, N, Dv), (L,) float32
-  int64_t query_dims, L, B, D, Dv;
+  std::vector<int64_t> lead;    // the query's leading sizes, restored on the outputs
+  int64_t L, B, D, Dv;
   bool graph;  // grad mode is on and an input requires grad
 };
 std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& memory,
                                     const std::optional<at::Tensor>& values_in, double beta, int64_t similarity,
-                                    bool with_graph = false) {
+                                    int64_t split_queries_max, bool with_graph = false) {
   const at::Tensor& values = values_in.has_value() ? *values_in : memory;
   const at::ScalarType dt = query.scalar_type();
   if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return std::nullopt;
@@ -284,18 +291,36 @@ std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& m
   if (!(beta > 0 && beta <= std::numeric_limits<float>::max()) || similarity < 0 || similarity > 2)
     return std::nullopt;
   const int64_t qd = query.dim(), xd = memory.dim();
-  if ((qd != 2 && qd != 3) || (xd != 2 && xd != qd) || values.dim() != xd) return std::nullopt;
-  const int64_t L = qd == 3 ? query.size(0) : 1, B = query.size(-2), D = query.size(-1);
+  if (qd < 2 || (xd != 2 && xd != qd) || values.dim() != xd) return std::nullopt;
+  const at::IntArrayRef lead = query.sizes().slice(0, qd - 2);
+  const int64_t L = c10::multiply_integers(lead), B = query.size(-2), D = query.size(-1);
   const int64_t N = memory.size(-2), Dv = values.size(-1);
   if (L == 0 || B == 0 || D == 0 || N == 0 || Dv == 0 || memory.size(-1) != D) return std::nullopt;
-  if (xd == 3 && (memory.size(0) != L || values.size(0) != L)) return std::nullopt;
+  if (xd > 2 && (memory.sizes().slice(0, xd - 2) != lead || values.sizes().slice(0, xd - 2) != lead))
+    return std::nullopt;
   if (values.size(-2) != N) return std::nullopt;
 
-  auto leading = [](const at::Tensor& t) { return t.dim() == 2 ? t.unsqueeze(0) : t; };
-  const at::Tensor x3 = leading(memory);
+  // (L or 1, R, C): a (R, C) tensor gains a leading dim, others are reshaped (a copy where their
+  // leading dims do not merge into one stride, as the general path copies them).
+  auto merges = [&](const at::Tensor& t) {
+    const std::array<int64_t, 3> shape{L, t.size(-2), t.size(-1)};
+    return t.dim() == 2 || at::detail::computeStride(t.sizes(), t.strides(), shape).has_value();
+  };
+  if (B <= split_queries_max && !(merges(query) && merges(memory) && merges(values))) return std::nullopt;
+  auto leading = [&](const at::Tensor& t) {
+    return t.dim() == 2 ? t.unsqueeze(0) : t.reshape({L, t.size(-2), t.size(-1)});
+  };
+  const at::Tensor q3 = leading(query), x3 = leading(memory);
   const at::Tensor v3 = values.is_same(memory) ? x3 : leading(values);  // keys = values read once
   const at::Tensor b = at::full({L}, beta, query.options().dtype(at::kFloat));
-  return PlainCall{leading(query), x3, v3, b, qd, L, B, D, Dv, graph};
+  return PlainCall{q3, x3, v3, b, lead.vec(), L, B, D, Dv, graph};
+}
+
+// An (L, B, ...) result in the query's leading sizes: (lead..., B, ...).
+at::Tensor with_lead(const PlainCall& c, const at::Tensor& t) {
+  std::vector<int64_t> shape = c.lead;
+  shape.insert(shape.end(), t.sizes().begin() + 1, t.sizes().end());
+  return t.view(shape);
 }
 
 // Whether every lse is finite: else (NaN or overflowing scores) the general path checks and answers.
@@ -327,7 +352,7 @@ std::optional<PlainForward> plain_forward(const PlainCall& c, int64_t similarity
       run_cpu(c.q3, c.x3, c.v3, c.beta, similarity, 0, std::nullopt, hen::PlanHints{});
   if (!all_finite(lse)) return std::nullopt;
   at::AutoDispatchBelowADInplaceOrView below;
-  return PlainForward{c.query_dims == 2 ? out.view({c.B, c.Dv}) : out, lse};
+  return PlainForward{with_lead(c, out), lse};
 }
 
 std::vector<at::Tensor> update_plain(const PlainCall& c, at::ScalarType dtype, int64_t similarity) {
@@ -337,8 +362,9 @@ std::vector<at::Tensor> update_plain(const PlainCall& c, at::ScalarType dtype, i
 }
 
 std::vector<at::Tensor> update_cpu(const at::Tensor& query, const at::Tensor& memory,
-                                   const std::optional<at::Tensor>& values_in, double beta, int64_t similarity) {
-  const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity);
+                                   const std::optional<at::Tensor>& values_in, double beta, int64_t similarity,
+                                   int64_t split_queries_max) {
+  const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity, split_queries_max);
   return c ? update_plain(*c, query.scalar_type(), similarity) : std::vector<at::Tensor>{};
 }
 
@@ -350,9 +376,9 @@ std::vector<at::Tensor> update_cpu(const at::Tensor& query, const at::Tensor& me
 // not finite, and more than one step into values of another width: the general path says why).
 std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& memory,
                                      const std::optional<at::Tensor>& values_in, double beta, int64_t similarity,
-                                     int64_t max_steps, std::optional<double> tol) {
+                                     int64_t max_steps, std::optional<double> tol, int64_t split_queries_max) {
   if (max_steps < 1 || (tol.has_value() && !(std::isfinite(*tol) && *tol >= 0))) return {};
-  const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity);
+  const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity, split_queries_max);
   if (!c || (max_steps > 1 && c->Dv != c->D)) return {};
   const at::ScalarType dt = query.scalar_type();
   const at::TensorOptions opts = query.options();
@@ -391,9 +417,8 @@ std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& 
     }
   }
   const at::Tensor top_weight = at::exp(top_score - lse);
-  if (c->query_dims == 3) return {state, steps, converged, lse, top_index, top_weight};
-  return {state.view({c->B, state.size(-1)}), steps.view({c->B}), converged.view({c->B}), lse.view({c->B}),
-          top_index.view({c->B}), top_weight.view({c->B})};
+  return {with_lead(*c, state), with_lead(*c, steps), with_lead(*c, converged), with_lead(*c, lse),
+          with_lead(*c, top_index), with_lead(*c, top_weight)};
 }
 
 // The backward of `partial` on the CPU (hen::run_backward_tile): dq and dbeta in float32,
@@ -524,8 +549,9 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
 // the plain case records a graph, else update_cpu's path below autograd.
 std::vector<at::Tensor> update_autograd(const at::Tensor& query, const at::Tensor& memory,
                                         const std::optional<at::Tensor>& values_in, double beta,
-                                        int64_t similarity) {
-  const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity, /*with_graph=*/true);
+                                        int64_t similarity, int64_t split_queries_max) {
+  const std::optional<PlainCall> c =
+      plain_call(query, memory, values_in, beta, similarity, split_queries_max, /*with_graph=*/true);
   if (!c) return {};
   if (!c->graph) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -655,11 +681,14 @@ TORCH_LIBRARY(hen_kernels, m) {
       "Tensor out, Tensor lse, int similarity, Tensor? weights=None) "
       "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta)");
   // hopfield_update's plain CPU case (update_cpu): [out], or [] where the general path must answer.
-  m.def("update(Tensor query, Tensor memory, Tensor? values, float beta, int similarity) -> Tensor[]");
+  // split_queries_max: the CPU backend's (backends.py), up to which it reads split views in place.
+  m.def(
+      "update(Tensor query, Tensor memory, Tensor? values, float beta, int similarity, int split_queries_max) "
+      "-> Tensor[]");
   // hopfield_retrieve's plain CPU case (retrieve_cpu): Retrieval's fields, or [] as update.
   m.def(
       "retrieve(Tensor query, Tensor memory, Tensor? values, float beta, int similarity, int max_steps, "
-      "float? tol) -> Tensor[]");
+      "float? tol, int split_queries_max) -> Tensor[]");
   m.def("cpu_info() -> str", &cpu_info);
   m.def("cuda_info() -> str", &cuda_info);
   m.def("cuda_ptxas() -> str", &cuda_ptxas);

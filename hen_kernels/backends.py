@@ -170,11 +170,11 @@ def load_extension() -> Optional[str]:
 
 def _register_fake() -> None:
     @torch.library.register_fake("hen_kernels::update")
-    def _(query, memory, values, beta, similarity):
+    def _(query, memory, values, beta, similarity, split_queries_max):
         return []  # declined: fake tensors take the general path, which has its fake partial
 
     @torch.library.register_fake("hen_kernels::retrieve")
-    def _(query, memory, values, beta, similarity, max_steps, tol):
+    def _(query, memory, values, beta, similarity, max_steps, tol, split_queries_max):
         return []  # declined, as update
 
     @torch.library.register_fake("hen_kernels::partial")
@@ -394,7 +394,7 @@ def fast_update(query: object, memory: object, values: object, beta: float, simi
     code = None if op is None else _plain_cpu_code(query, memory, values, similarity, backend)
     if code is None:
         return None
-    out = op(query, memory, values, beta, code)
+    out = op(query, memory, values, beta, code, BACKENDS["cpu"].split_queries_max)
     return out[0] if out else None
 
 
@@ -410,7 +410,7 @@ def fast_retrieve(query: object, memory: object, values: object, beta: float, si
     code = None if op is None else _plain_cpu_code(query, memory, values, similarity, backend)
     if code is None:
         return None
-    r = op(query, memory, values, beta, code, max_steps, tol)
+    r = op(query, memory, values, beta, code, max_steps, tol, BACKENDS["cpu"].split_queries_max)
     return Retrieval(*r) if r else None
 
 

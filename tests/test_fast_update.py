@@ -28,7 +28,8 @@ def _cpu_backend(monkeypatch):
 
 
 def op(query, memory, values=None, beta=0.5, similarity="dot"):
-    return torch.ops.hen_kernels.update.default(query, memory, values, beta, SIMILARITY_CODES[similarity])
+    return torch.ops.hen_kernels.update.default(query, memory, values, beta, SIMILARITY_CODES[similarity],
+                                               backends.BACKENDS["cpu"].split_queries_max)
 
 
 def general(query, memory, beta, **kw):
@@ -44,7 +45,7 @@ def _forbid_general(monkeypatch):
 
 
 # (query shape, bank shape, values' last dim or None for keys = values): shared and per-leading
-# banks, N and D off every block size.
+# banks, N and D off every block size, one to three leading dims (SDPA's (batch, heads, ...)).
 SHAPES = [
     ((3, 24), (197, 24), None),
     ((1, 64), (2000, 64), None),
@@ -52,6 +53,9 @@ SHAPES = [
     ((4, 9, 33), (4, 130, 33), 20),
     ((3, 6, 16), (3, 130, 16), None),
     ((70, 16), (75, 16), 7),
+    ((2, 3, 5, 17), (300, 17), None),
+    ((2, 2, 9, 33), (2, 2, 130, 33), 20),
+    ((2, 1, 3, 4, 16), (2, 1, 3, 50, 16), None),
 ]
 
 
@@ -88,6 +92,54 @@ def test_strided_inputs_and_values_that_are_the_memory(monkeypatch):
     assert torch.equal(hk.hopfield_update(q.t().contiguous().t(), x, 1.3), want)
 
 
+def _projection(dtype, b, s, heads, d, seed):
+    """A (batch, S, heads * d) projection's output: a leaf, split into heads by ``_heads``."""
+    return make((b, s, heads * d), dtype, seed)
+
+
+def _heads(t, heads):
+    """(batch, heads, S, d) views, heads a row apart in each token: batch and heads do not merge into one stride."""
+    b, s, hd = t.shape
+    return t.view(b, s, heads, hd // heads).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("queries", [3, 40], ids=["few", "many"])
+def test_heads_split_from_a_projection(queries, dtype, monkeypatch):
+    """SDPA's usual inputs, (batch, heads, L, d) views of projections.  With more queries than the CPU backend
+    reads such views in place (Backend.split_queries_max) the general path copies them, and so does the plain
+    path, with the same bits, gradients included; with fewer the general path reads them in place and the plain
+    path declines."""
+    base = [_projection(dtype, 2, n, 3, d, seed) for n, d, seed in ((queries, 16, 1), (70, 16, 2), (70, 8, 3))]
+    q, k, v = (_heads(t, 3) for t in base)
+    few = queries <= backends.BACKENDS["cpu"].split_queries_max
+    assert (op(q, k, v) == []) == few
+    dout = make((2, 3, queries, 8), dtype, 4)
+
+    def gradients(beta):
+        leaves = [t.detach().clone().requires_grad_() for t in base]
+        out = hk.hopfield_update(*(_heads(t, 3) for t in leaves[:2]), beta, values=_heads(leaves[2], 3))
+        out.backward(dout)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    want = gradients(torch.tensor(0.7))
+    if not few:
+        _forbid_general(monkeypatch)
+    got = gradients(0.7)
+    for name, a, b in zip(("out", "query", "memory", "values"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+def test_split_heads_read_in_place_are_declined_at_any_count(monkeypatch):
+    """The bound is the backend's: raised (as tests/test_split_banks.py raises it), the plain path declines more."""
+    q, k = _heads(_projection(torch.float32, 2, 40, 3, 16, 1), 3), _heads(_projection(torch.float32, 2, 70, 3, 16, 2), 3)
+    assert len(op(q, k)) == 1
+    monkeypatch.setattr(backends.BACKENDS["cpu"], "split_queries_max", 10**9)
+    assert op(q, k) == []
+    assert op(q.contiguous(), k.contiguous()) != []  # (merged leading dims: a view, never a copy)
+
+
 def _declined_cases(call):
     q, x = make((3, 8), torch.float32, 0), make((10, 8), torch.float32, 1)
     nan_q = q.clone()
@@ -99,7 +151,7 @@ def _declined_cases(call):
         "no queries": lambda: call(q[:0], x),
         "depths differ": lambda: call(q, x[:, :7]),
         "values rows differ": lambda: call(q, x, values=x[:9]),
-        "4-d query": lambda: call(q[None, None], x),
+        "4-d query, 3-d bank": lambda: call(q[None, None], x[None]),
         "2-d query, 3-d bank": lambda: call(q, x[None]),
         "leading sizes differ": lambda: call(q.expand(2, 3, 8), x.expand(3, 10, 8)),
         "beta 0": lambda: call(q, x, beta=0.0),
@@ -264,7 +316,7 @@ def test_a_graph_is_recorded_where_inputs_need_grad():
 
 def retrieve_op(query, memory, values=None, beta=0.5, similarity="dot", max_steps=3, tol=None):
     return torch.ops.hen_kernels.retrieve.default(query, memory, values, beta, SIMILARITY_CODES[similarity],
-                                                 max_steps, tol)
+                                                 max_steps, tol, backends.BACKENDS["cpu"].split_queries_max)
 
 
 # (max_steps, tol): one step, every query to the end, and queries that stop at different steps.

@@ -169,12 +169,59 @@ def test_small_per_item_head_banks_are_copied_into_one_call(bank_bytes, monkeypa
                    21)
     stored, state = make((4, 9, 8), torch.float32, 22), make((4, 5, 8), torch.float32, 23)
     calls = []
-    real = hk.ops.hopfield_partial
-    monkeypatch.setattr(hk.ops, "hopfield_partial", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for name in ("hopfield_partial", "hopfield_update"):  # (a head's one beta takes update's plain case)
+        real = getattr(hk.ops, name)
+        monkeypatch.setattr(hk.ops, name, lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
         out = m((stored, state, stored))
     assert len(calls) == (3 if bank_bytes == 0 else 1)
     _check(out, restate(m, stored, state, stored), "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["attention", "layer", "pooling"])
+def test_one_beta_for_every_head_takes_the_updates_plain_case_with_the_same_bits(kind, dtype, monkeypatch):
+    """Only the output wanted, one beta for all heads, nothing differentiating it: one hopfield_update call (its
+    one-C++-call CPU case) instead of hopfield_partial; the same kernel, so the same outputs and gradients to the
+    bit.  Per-head betas, a trainable one, or info wanted keep hopfield_partial."""
+    require("cpu")
+    monkeypatch.delenv("HEN_KERNELS_BACKEND", raising=False)
+    torch.manual_seed(0)
+    common = dict(input_size=16, num_heads=2, hidden_size=8)
+    m = {"attention": lambda: hk.nn.Hopfield(**common), "layer": lambda: hk.nn.HopfieldLayer(quantity=40, **common),
+         "pooling": lambda: hk.nn.HopfieldPooling(quantity=3, **common)}[kind]()
+    m = _randomise(m, 2).to(dtype)
+    inp = make((3, 20, 16), dtype, 1)
+
+    def run(partial_only: bool):
+        calls = []
+        with monkeypatch.context() as mp:
+            real = hk.ops.hopfield_partial
+            mp.setattr(hk.ops, "hopfield_partial", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+            if partial_only:
+                mp.setattr(association, "_shared_float", lambda beta: None)
+            m.zero_grad()
+            x = inp.detach().clone().requires_grad_()
+            out = m(x)
+            out.float().square().sum().backward()
+        grads = [x.grad] + [p.grad for p in m.parameters()]
+        return calls, out.detach(), grads
+
+    calls, out, grads = run(False)
+    assert calls == []
+    want_calls, want, want_grads = run(True)
+    assert want_calls and torch.equal(out, want)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+    assert len(run(False)[0]) == 0
+    with torch.no_grad():
+        m.scaling.copy_(torch.tensor([0.3, 0.4]))
+    assert run(False)[0]  # a beta per head: hopfield_partial
+
+
+def test_a_trainable_beta_keeps_its_gradient():
+    m = hk.nn.Hopfield(input_size=16, num_heads=2, hidden_size=8, trainable_scaling=True)
+    m(make((3, 20, 16), torch.float32, 1)).square().sum().backward()
+    assert m.scaling.grad is not None and m.scaling.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("static", ["stored", "state", "projection", "all"])

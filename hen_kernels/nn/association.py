@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends, ops, reference, streaming
+from ..tracing import is_tracing
 from ..types import Partial
 from ..validation import check_inputs
 from .arguments import HeadGroup
@@ -93,14 +94,20 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor
         if not want_info:
             return out, None
         return out, HopfieldInfo(*(torch.cat(f, 1) for f in zip(*(i for _, i in parts))))
+    b, h, lq, d = q.shape
     if shared:  # one bank per head for the whole batch: the batch's queries become one long block per head
-        b, h, lq, d = q.shape
         q = q.transpose(0, 1).reshape(h, b * lq, d)
     kw = dict(similarity=s.similarity, backend=s.backend)
     state, steps = q, None
     if group.steps > 0:
         r = ops.hopfield_retrieve(q, k, beta, max_steps=group.steps, tol=group.eps, **kw)
         state, steps = r.state, r.steps + 1
+    shared_beta = None if want_info else _shared_float(beta)
+    if shared_beta is not None:
+        # Only the output wanted and one beta for every head: hopfield_update's plain case, one C++ call
+        # on the CPU (backends.fast_update), where hopfield_partial's Python checks and views cost about
+        # 150 µs of a small layer's call.  The same op and plan: the same bits.
+        return _unshare(ops.hopfield_update(state, k, shared_beta, values=v, **kw), None, shared, b, h, lq)
     p = ops.hopfield_partial(state, k, beta, values=v, **kw)
     out, info = p.out.to(q.dtype), None
     if want_info:
@@ -109,11 +116,25 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor
         with torch.no_grad():
             energy = streaming.energy_from_lse(state, k, beta, s.similarity, p.lse).float()
         info = HopfieldInfo(p.top_weight.detach().float(), p.top_index, energy, steps)
-    if shared:
-        out = out.reshape(h, b, lq, out.shape[-1]).transpose(0, 1)
-        if info is not None:
-            info = HopfieldInfo(*(f.reshape(h, b, lq).transpose(0, 1) for f in info))
+    return _unshare(out, info, shared, b, h, lq) if shared else (out, info)
+
+
+def _unshare(out: Tensor, info: Optional[HopfieldInfo], shared: bool, b: int, h: int, lq: int):
+    """A shared bank's (heads, batch * L, ·) results back in (batch, heads, L, ·)."""
+    if not shared:
+        return out, info
+    out = out.reshape(h, b, lq, out.shape[-1]).transpose(0, 1)
+    if info is not None:
+        info = HopfieldInfo(*(f.reshape(h, b, lq).transpose(0, 1) for f in info))
     return out, info
+
+
+def _shared_float(beta: Tensor) -> Optional[float]:
+    """``beta`` (heads,) as one float where every head has the same and nothing differentiates it, else None."""
+    if beta.device.type != "cpu" or (beta.requires_grad and torch.is_grad_enabled()) or is_tracing():
+        return None
+    values = beta.tolist()
+    return values[0] if values and all(x == values[0] for x in values) else None
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor, group: HeadGroup, s: Setting,
