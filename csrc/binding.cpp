@@ -261,8 +261,8 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
 // and retrieve decline then).  Leading dims are flattened as the general path flattens them
 // (validation.py _lead_view, Inputs.flat): a view where their strides merge into one, a copy where
 // they do not (heads split from a projection's rows) and the call has more than
-// `split_queries_max` queries per leading index; with fewer, the general path reads such views in
-// place (backends.py Backend.reads_split) and this one declines.
+// `split_queries_max` queries per leading index; with fewer, the general path may read such views
+// in place (backends.py Backend.reads_split, where they merge into two strides) and this one declines.
 struct PlainCall {
   at::Tensor q3, x3, v3, beta;  // (L, B, D), (L or 1, N, D), (L or 1, N, Dv), (L,) float32
   std::vector<int64_t> lead;    // the query's leading sizes, restored on the outputs
@@ -557,8 +557,13 @@ std::vector<at::Tensor> update_autograd(const at::Tensor& query, const at::Tenso
     at::AutoDispatchBelowADInplaceOrView below;
     return update_plain(*c, query.scalar_type(), similarity);
   }
+  // A query that is also the bank (self-association) enters as an alias of its own, as in the general
+  // path (autograd.py partial): autograd then sums its gradient as dq + (dx + dv) on both paths, where
+  // one tensor in all three places summed (dq + dx) + dv (4.8e-7 apart in float32).
+  const at::Tensor& values = values_in.has_value() ? *values_in : memory;
+  const at::Tensor q_in = query.is_same(memory) || query.is_same(values) ? query.alias() : query;
   try {
-    return UpdateFunction::apply(query, memory, values_in.has_value() ? *values_in : memory, *c, similarity);
+    return UpdateFunction::apply(q_in, memory, values, *c, similarity);
   } catch (const UpdateFunction::NotFinite&) {
     return {};
   }

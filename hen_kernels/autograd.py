@@ -116,5 +116,9 @@ def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
         inp = inp.flat()  # (a copy, differentiable, of a split bank view: the backward then needs no layout)
     if backend.backward is None or not needs_grad(inp):
         return backend.partial(inp, offset)
-    return Partial(*PartialFunction.apply(inp.query, inp.memory, inp.values, inp.beta, inp.similarity,
+    # A query that is also the bank (self-association) enters as its own alias, so that autograd sums its
+    # gradient as dq + (dx + dv) however the inputs' views came out (one tensor in all three places summed
+    # (dq + dx) + dv); binding.cpp's UpdateFunction does the same, and the two paths keep the same bits.
+    query = inp.query.view_as(inp.query) if inp.query is inp.memory or inp.query is inp.values else inp.query
+    return Partial(*PartialFunction.apply(query, inp.memory, inp.values, inp.beta, inp.similarity,
                                           backend, offset, inp.weights))

@@ -29,7 +29,7 @@ from . import backward_cpu, reference, vmap_rules
 from .constants import KERNEL_DTYPES, SIMILARITY_CODES
 from .tracing import is_tracing
 from .types import Partial, Retrieval
-from .validation import API_DTYPES, Inputs
+from .validation import API_DTYPES, FLOAT32_MAX, Inputs
 
 ENV_BACKEND = "HEN_KERNELS_BACKEND"
 
@@ -385,6 +385,21 @@ def _plain_cpu_code(query: object, memory: object, values: object, similarity: o
     ):
         return None
     return SIMILARITY_CODES.get(similarity)
+
+
+def plain_beta(beta: torch.Tensor) -> Optional[float]:
+    """A beta tensor (one per head, say) as the one float the plain case takes, or None: a CPU tensor whose
+    entries are one finite value > 0 (else the general path checks it, with its own message), which nothing
+    differentiates (no gradient to record, no tangent), outside tracing and autocast (under which the
+    general path casts and the op would return the autocast dtype)."""
+    if (beta.device.type != "cpu" or (beta.requires_grad and torch.is_grad_enabled()) or is_tracing()
+            or forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu")):
+        return None
+    values = beta.reshape(-1).tolist()
+    first = values[0] if values else None
+    if first is None or not 0 < first <= FLOAT32_MAX or any(v != first for v in values):
+        return None
+    return first
 
 
 def fast_update(query: object, memory: object, values: object, beta: float, similarity: object,

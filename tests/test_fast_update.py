@@ -131,6 +131,29 @@ def test_heads_split_from_a_projection(queries, dtype, monkeypatch):
         assert torch.equal(a, b), name
 
 
+SELF_VIEWS = {"2-d": ((40, 8), lambda t: t), "3-d": ((2, 40, 8), lambda t: t),
+              "ones lead": ((40, 8), lambda t: t.view(1, 1, 40, 8)),
+              "split heads": ((2, 40, 24), lambda t: _heads(t, 3))}
+
+
+@pytest.mark.parametrize("values", ["memory", "own"])
+@pytest.mark.parametrize("view", SELF_VIEWS)
+def test_self_association_has_the_general_paths_gradient_bits(view, values, monkeypatch):
+    """The query is the bank (one tensor in two or three places): its gradient is dq + (dx + dv) on both paths."""
+    shape, as_query = SELF_VIEWS[view]
+    base = make(shape, torch.float32, 1)
+
+    def gradient(beta):
+        leaf = base.detach().clone().requires_grad_()
+        q = as_query(leaf)
+        hk.hopfield_update(q, q, beta, values=None if values == "memory" else q * 2).square().sum().backward()
+        return leaf.grad
+
+    want = gradient(torch.tensor(0.7))
+    _forbid_general(monkeypatch)
+    assert torch.equal(gradient(0.7), want)
+
+
 def test_split_heads_read_in_place_are_declined_at_any_count(monkeypatch):
     """The bound is the backend's: raised (as tests/test_split_banks.py raises it), the plain path declines more."""
     q, k = _heads(_projection(torch.float32, 2, 40, 3, 16, 1), 3), _heads(_projection(torch.float32, 2, 70, 3, 16, 2), 3)
@@ -421,3 +444,24 @@ def test_an_asked_backend_or_the_environment_steers_retrieval_past_it(monkeypatc
     monkeypatch.delenv("HEN_KERNELS_BACKEND")
     with pytest.raises(AssertionError, match="fast path taken"):  # (the patch does reach the plain case)
         hk.hopfield_retrieve(q, x, 0.5, max_steps=3)
+
+
+# --- one beta for every head (the layers, hen_kernels/nn/association.py) ------------------------------
+
+def test_a_beta_tensor_is_one_float_only_where_nothing_else_needs_the_tensor():
+    """backends.plain_beta: one finite value > 0 in every entry, nothing differentiating it (a gradient to
+    record, a forward-mode tangent), no tracing, no autocast; anything else is left to the general path."""
+    assert backends.plain_beta(torch.tensor([0.5, 0.5])) == 0.5
+    assert backends.plain_beta(torch.tensor(0.25)) == 0.25  # (0-d)
+    assert backends.plain_beta(torch.tensor([0.3, 0.3], dtype=torch.bfloat16)) == float(torch.tensor(0.3).bfloat16())
+    for other in ([0.5, 0.4], [0.0, 0.0], [-1.0], [float("nan")], [float("inf")], [1e39], []):
+        assert backends.plain_beta(torch.tensor(other, dtype=torch.float64)) is None, other
+    trained = torch.tensor([0.5, 0.5], requires_grad=True)
+    assert backends.plain_beta(trained) is None
+    with torch.no_grad():
+        assert backends.plain_beta(trained) == 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert backends.plain_beta(torch.tensor([0.5])) is None
+    with torch.autograd.forward_ad.dual_level():
+        assert backends.plain_beta(torch.tensor([0.5])) is None
+    assert backends.plain_beta(torch.tensor([0.5], device="meta")) is None

@@ -199,7 +199,7 @@ def test_one_beta_for_every_head_takes_the_updates_plain_case_with_the_same_bits
             real = hk.ops.hopfield_partial
             mp.setattr(hk.ops, "hopfield_partial", lambda *a, **kw: calls.append(1) or real(*a, **kw))
             if partial_only:
-                mp.setattr(association, "_shared_float", lambda beta: None)
+                mp.setattr(backends, "plain_beta", lambda beta: None)
             m.zero_grad()
             x = inp.detach().clone().requires_grad_()
             out = m(x)
@@ -216,6 +216,19 @@ def test_one_beta_for_every_head_takes_the_updates_plain_case_with_the_same_bits
     with torch.no_grad():
         m.scaling.copy_(torch.tensor([0.3, 0.4]))
     assert run(False)[0]  # a beta per head: hopfield_partial
+
+
+def test_a_float32_state_meets_bfloat16_patterns_under_autocast_as_without_the_plain_case(monkeypatch):
+    """Static float32 state patterns against patterns projected to bfloat16 by autocast: the association's
+    output keeps the state's dtype (hopfield_update would answer in the autocast dtype)."""
+    m = hk.nn.Hopfield(input_size=16, num_heads=2, hidden_size=16, state_pattern_as_static=True,
+                       disable_out_projection=True).eval()
+    x = make((3, 20, 16), torch.float32, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        monkeypatch.setattr(backends, "plain_beta", lambda beta: None)
+        want = m(x)
+    assert out.dtype == want.dtype == torch.float32 and torch.equal(out, want)
 
 
 def test_a_trainable_beta_keeps_its_gradient():

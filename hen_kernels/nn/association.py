@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends, ops, reference, streaming
-from ..tracing import is_tracing
 from ..types import Partial
 from ..validation import check_inputs
 from .arguments import HeadGroup
@@ -102,11 +101,12 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor
     if group.steps > 0:
         r = ops.hopfield_retrieve(q, k, beta, max_steps=group.steps, tol=group.eps, **kw)
         state, steps = r.state, r.steps + 1
-    shared_beta = None if want_info else _shared_float(beta)
+    shared_beta = None if want_info else backends.plain_beta(beta)
     if shared_beta is not None:
-        # Only the output wanted and one beta for every head: hopfield_update's plain case, one C++ call
-        # on the CPU (backends.fast_update), where hopfield_partial's Python checks and views cost about
-        # 150 µs of a small layer's call.  The same op and plan: the same bits.
+        # Only the output wanted and one beta for every head: hopfield_update, whose plain CPU case is one
+        # C++ call (backends.fast_update) where hopfield_partial's Python checks and views cost about 150 µs
+        # of a small layer's call; the same op and plan, so the same bits.  (Heads split from a projection
+        # with few queries, read in place by the general path, stay on it: no faster, no slower.)
         return _unshare(ops.hopfield_update(state, k, shared_beta, values=v, **kw), None, shared, b, h, lq)
     p = ops.hopfield_partial(state, k, beta, values=v, **kw)
     out, info = p.out.to(q.dtype), None
@@ -127,14 +127,6 @@ def _unshare(out: Tensor, info: Optional[HopfieldInfo], shared: bool, b: int, h:
     if info is not None:
         info = HopfieldInfo(*(f.reshape(h, b, lq).transpose(0, 1) for f in info))
     return out, info
-
-
-def _shared_float(beta: Tensor) -> Optional[float]:
-    """``beta`` (heads,) as one float where every head has the same and nothing differentiates it, else None."""
-    if beta.device.type != "cpu" or (beta.requires_grad and torch.is_grad_enabled()) or is_tracing():
-        return None
-    values = beta.tolist()
-    return values[0] if values and all(x == values[0] for x in values) else None
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor, group: HeadGroup, s: Setting,
