@@ -84,7 +84,8 @@ def sdpa_runner(backend=None) -> Callable:
     from torch.nn.attention import sdpa_kernel
 
     def run(q, x, beta, mask):
-        q4, x4 = (t.reshape((1, -1) + t.shape[-2:]) for t in (q, x))
+        # (batch, heads, ·, ·) inputs as they are: SDPA reads split heads in place, a reshape would copy them
+        q4, x4 = (t if t.dim() == 4 else t.reshape((1, -1) + t.shape[-2:]) for t in (q, x))
         with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q4, x4, x4, attn_mask=mask, scale=beta)
         return out.reshape(q.shape[:-1] + out.shape[-1:])

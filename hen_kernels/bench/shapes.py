@@ -8,7 +8,8 @@ the fixed costs of a call (the Python checks, handing work to the threads, mergi
 splits) and rows that end in a partial vector decide.  Each case times the public call,
 ``hk.hopfield_update`` with its checks, against ``scaled_dot_product_attention`` called as a
 user calls it (no backend forced: PyTorch takes its CPU flash kernel for these inputs) on the
-same inputs (keys = values = the bank, leading dims as SDPA's heads), each first checked
+same inputs (keys = values = the bank, leading dims as SDPA's heads; the "split heads" cases are
+(batch, heads, ·, D) views of projections, as an attention layer hands them), each first checked
 against float32 plain PyTorch.  A timed sample is a block of calls of one function in a row, long
 enough for about 2 ms (single sub-millisecond calls right after another shape's measure
 the switch more than the call); the functions take turns; median of ``--repeats``
@@ -32,7 +33,9 @@ from .. import ops
 from . import common, cpu_peers as peers
 from .cpu_cases import CHECK_TOL, DTYPES, backend_label, fused_backend, fused_call
 
-# (group, banks H, queries B, rows N, depth D); H > 1: one bank per leading index.
+# (group, banks H, queries B, rows N, depth D); H > 1: one bank per leading index; H a pair (batch,
+# heads): SDPA's usual inputs, (batch, heads, ·, D) views of (batch, ·, heads * D) projections, whose
+# batch and head dims do not merge into one stride (a bank per sequence and head).
 CASES = (
     ("small bank", 1, 1, 2000, 64),
     ("small bank", 1, 8, 2000, 64),
@@ -46,6 +49,8 @@ CASES = (
     ("many banks", 8, 128, 4096, 64),
     ("many banks", 12, 197, 197, 64),
     ("many banks", 32, 8, 2048, 16),
+    ("split heads", (4, 8), 64, 256, 32),
+    ("split heads", (4, 8), 1, 1024, 32),
 )
 QUICK_DIVISOR = 50  # --quick: N / 50 rows (at least 64)
 BLOCK_S = 2e-3      # a timed sample: calls in a row for about this long
@@ -53,7 +58,13 @@ BLOCK_S = 2e-3      # a timed sample: calls in a row for about this long
 
 def case_inputs(h: int, b: int, n: int, d: int, dtype: str, quick: bool):
     n = max(64, n // QUICK_DIVISOR) if quick else n
-    gen = torch.Generator().manual_seed(h * 1_000_003 + b * 1009 + n * 31 + d)
+    gen = torch.Generator().manual_seed(math.prod(h if isinstance(h, tuple) else (h,)) * 1_000_003 + b * 1009
+                                        + n * 31 + d)
+    if isinstance(h, tuple):
+        (batch, heads), dt = h, getattr(torch, dtype)
+        q, x = (torch.randn((batch, rows, heads * d), generator=gen).to(dt).view(batch, rows, heads, d).transpose(1, 2)
+                for rows in (b, n))
+        return q, x, 1.0 / math.sqrt(d)
     lead = (h,) if h > 1 else ()
     q = torch.randn(lead + (b, d), generator=gen).to(getattr(torch, dtype))
     x = torch.randn(lead + (n, d), generator=gen).to(getattr(torch, dtype))
@@ -105,6 +116,11 @@ def checked(fns: dict, want: torch.Tensor, dtype: str, what: str, judged=("fused
     return errs
 
 
+def banks(h):
+    """A case's banks as its row holds them: the count, or "batch x heads" of split views."""
+    return f"{h[0]}x{h[1]}" if isinstance(h, tuple) else h
+
+
 def measure(quick: bool, repeats: int) -> dict:
     backend = fused_backend()
     report = {"machine": dict(common.host(), cpu_info=torch.ops.hen_kernels.cpu_info() if backend == "cpu" else None,
@@ -114,7 +130,7 @@ def measure(quick: bool, repeats: int) -> dict:
         for dtype in DTYPES:
             q, x, beta = case_inputs(h, b, n, d, dtype, quick)
             sdpa = peers.sdpa_runner()
-            what = f"{group} H{h} B{b} N{x.shape[-2]} D{d} {dtype}"
+            what = f"{group} H{banks(h)} B{b} N{x.shape[-2]} D{d} {dtype}"
             fns = {"fused": fused_call(q, x, beta, "dot", backend), "sdpa": lambda: sdpa(q, x, beta, None)}
             errs = checked(fns, peers.plain(q.float(), x.float(), beta, "dot"), dtype, what)
             ms, calls = timed(fns, repeats)
@@ -125,14 +141,14 @@ def measure(quick: bool, repeats: int) -> dict:
             # (5.4e-2 over 200000 rows of 15 on the EPYC Zen 3): reported in the table, not refused.
             grad_errs = checked(steps, want, dtype, what + " (gradients)", judged=("fused",))
             train_ms, train_calls = timed(steps, repeats)
-            row = {"group": group, "H": h, "B": b, "N": x.shape[-2], "D": d, "dtype": dtype,
+            row = {"group": group, "H": banks(h), "B": b, "N": x.shape[-2], "D": d, "dtype": dtype,
                    "fused_ms": ms["fused"], "sdpa_ms": ms["sdpa"], "ratio": ms["sdpa"] / ms["fused"],
                    "calls_per_sample": calls, "rel_err": errs,
                    "train_fused_ms": train_ms["fused"], "train_sdpa_ms": train_ms["sdpa"],
                    "train_ratio": train_ms["sdpa"] / train_ms["fused"], "train_calls_per_sample": train_calls,
                    "grad_rel_err": grad_errs}
             report["rows"].append(row)
-            print(f"  {group:<10} H {h:2d} B {b:3d} N {row['N']:6d} D {d:3d} {dtype:<8}  fused {ms['fused']:8.3f} ms"
+            print(f"  {group:<11} H {str(row['H']):>4} B {b:3d} N {row['N']:6d} D {d:3d} {dtype:<8}  fused {ms['fused']:8.3f} ms"
                   f"  sdpa {ms['sdpa']:8.3f} ms  {row['ratio']:.2f}x;  training {train_ms['fused']:8.3f} ms"
                   f" / {train_ms['sdpa']:8.3f} ms  {row['train_ratio']:.2f}x", flush=True)
     return report
