@@ -254,17 +254,31 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
   return run_cpu(query, memory, values, beta, similarity, offset, weights, hints);
 }
 
+// The (size, stride) groups of t's leading dims (all but its last two) merged where their strides allow,
+// size-1 dims skipped: validation.py _lead_view's groups.
+std::vector<std::array<int64_t, 2>> lead_groups(const at::Tensor& t) {
+  std::vector<std::array<int64_t, 2>> g;
+  for (int64_t i = 0; i + 2 < t.dim(); ++i) {
+    const int64_t size = t.size(i), stride = t.stride(i);
+    if (size == 1) continue;
+    if (!g.empty() && g.back()[1] == size * stride)
+      g.back() = {g.back()[0] * size, stride};
+    else
+      g.push_back({size, stride});
+  }
+  return g;
+}
+
 // The plain case's inputs as run_cpu takes them: CPU tensors of one kernel dtype, a (..., B, D)
 // query against an (N, D) bank or one per leading index (the query's leading sizes), a float beta,
 // no weights, no autocast, and an autograd graph to record only where `with_graph` (update's, whose
 // backward this file has: UpdateFunction); or nothing, where the general path must answer (update
-// and retrieve decline then).  Leading dims are flattened as the general path flattens them
-// (validation.py _lead_view, Inputs.flat): a view where their strides merge into one, a copy where
-// they do not (heads split from a projection's rows) and the call has more than
-// `split_queries_max` queries per leading index; with fewer, the general path may read such views
-// in place (backends.py Backend.reads_split, where they merge into two strides) and this one declines.
+// and retrieve decline then).  Leading dims take the general path's forms, so that the kernel sees
+// the same tensors: views where their strides merge into one, split views (Lo, Li, ., .) where into
+// two and the call has at most `split_queries_max` queries per leading index, copies otherwise.
 struct PlainCall {
-  at::Tensor q3, x3, v3, beta;  // (L, B, D), (L or 1, N, D), (L or 1, N, Dv), (L,) float32
+  // (L, B, D), (L or 1, N, D), (L or 1, N, Dv), (L,) float32; or split views (Lo, Li, ., .) of few queries
+  at::Tensor q3, x3, v3, beta;
   std::vector<int64_t> lead;    // the query's leading sizes, restored on the outputs
   int64_t L, B, D, Dv;
   bool graph;  // grad mode is on and an input requires grad
@@ -300,18 +314,36 @@ std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& m
     return std::nullopt;
   if (values.size(-2) != N) return std::nullopt;
 
-  // (L or 1, R, C): a (R, C) tensor gains a leading dim, others are reshaped (a copy where their
-  // leading dims do not merge into one stride, as the general path copies them).
-  auto merges = [&](const at::Tensor& t) {
-    const std::array<int64_t, 3> shape{L, t.size(-2), t.size(-1)};
-    return t.dim() == 2 || at::detail::computeStride(t.sizes(), t.strides(), shape).has_value();
+  // Leading dims as the general path shapes them (validation.py _lead_view, _lead_views; then
+  // Inputs.flat beyond split_queries_max queries, backends.py Backend.reads_split).
+  std::optional<std::array<int64_t, 2>> split;  // (Lo, Li) of the first tensor split in two
+  auto form = [&](const at::Tensor& t) {
+    if (t.dim() == 2) return t.unsqueeze(0);
+    if (t.dim() == 3) return t;
+    const std::vector<std::array<int64_t, 2>> g = lead_groups(t);
+    if (g.size() != 2) return t.reshape({L, t.size(-2), t.size(-1)});  // a view for one group, else a copy
+    if (!split) split = std::array<int64_t, 2>{g[0][0], g[1][0]};
+    return t.view({g[0][0], g[1][0], t.size(-2), t.size(-1)});
   };
-  if (B <= split_queries_max && !(merges(query) && merges(memory) && merges(values))) return std::nullopt;
-  auto leading = [&](const at::Tensor& t) {
-    return t.dim() == 2 ? t.unsqueeze(0) : t.reshape({L, t.size(-2), t.size(-1)});
-  };
-  const at::Tensor q3 = leading(query), x3 = leading(memory);
-  const at::Tensor v3 = values.is_same(memory) ? x3 : leading(values);  // keys = values read once
+  at::Tensor q3 = form(query), x3 = form(memory);
+  at::Tensor v3 = values.is_same(memory) ? x3 : form(values);  // keys = values read once
+  if (split) {
+    // Every tensor with the query's leading dims split alike (a one-stride view as a view, another split
+    // as a copy); the kernel reads them in place for few queries, and more take them flat (a copy).
+    const auto [lo, li] = *split;
+    auto alike = [&](const at::Tensor& t) {
+      return t.dim() == 4 && t.size(0) == lo && t.size(1) == li ? t
+                                                                : t.flatten(0, -3).view({lo, li, t.size(-2), t.size(-1)});
+    };
+    auto flat = [](const at::Tensor& t) { return t.dim() == 4 ? t.flatten(0, 1) : t; };
+    auto each = [&](auto&& f) {
+      const bool same = v3.is_same(x3);
+      q3 = f(q3);
+      if (xd > 2) x3 = f(x3), v3 = same ? x3 : f(v3);  // (an (N, D) bank is every index's: left whole)
+    };
+    each(alike);
+    if (B > split_queries_max) each(flat);
+  }
   const at::Tensor b = at::full({L}, beta, query.options().dtype(at::kFloat));
   return PlainCall{q3, x3, v3, b, lead.vec(), L, B, D, Dv, graph};
 }
@@ -379,7 +411,8 @@ std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& 
                                      int64_t max_steps, std::optional<double> tol, int64_t split_queries_max) {
   if (max_steps < 1 || (tol.has_value() && !(std::isfinite(*tol) && *tol >= 0))) return {};
   const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity, split_queries_max);
-  if (!c || (max_steps > 1 && c->Dv != c->D)) return {};
+  // (split views read in place: the loop's states are (L, B, D); the general path answers those)
+  if (!c || c->q3.dim() == 4 || (max_steps > 1 && c->Dv != c->D)) return {};
   const at::ScalarType dt = query.scalar_type();
   const at::TensorOptions opts = query.options();
   at::Tensor state = c->q3;
@@ -521,7 +554,7 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
                                                  torch::autograd::variable_list grads) {
     const torch::autograd::variable_list s = ctx->get_saved_variables();
     const at::Tensor &q3 = s[0], &x3 = s[1], &v3 = s[2], &beta = s[3], &lse = s[5];
-    const at::Tensor out = s[4].reshape({q3.size(0), q3.size(1), v3.size(2)});
+    const at::Tensor out = s[4].reshape({lse.size(0), lse.size(1), v3.size(-1)});  // (L, B, Dv)
     const auto [dq, dx, dv, dbeta] =
         partial_backward_cpu(grads[0].reshape(out.sizes()), at::zeros_like(lse), q3, x3, v3, beta, out, lse,
                              ctx->saved_data["similarity"].toInt(), std::nullopt);

@@ -105,30 +105,54 @@ def _heads(t, heads):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("queries", [3, 40], ids=["few", "many"])
-def test_heads_split_from_a_projection(queries, dtype, monkeypatch):
-    """SDPA's usual inputs, (batch, heads, L, d) views of projections.  With more queries than the CPU backend
-    reads such views in place (Backend.split_queries_max) the general path copies them, and so does the plain
-    path, with the same bits, gradients included; with fewer the general path reads them in place and the plain
-    path declines."""
+@pytest.mark.parametrize("bank", ["split", "shared"])
+def test_heads_split_from_a_projection(bank, queries, dtype, monkeypatch):
+    """SDPA's usual inputs, (batch, heads, L, d) views of projections: the plain path hands the kernel what the
+    general path hands it (split views read in place up to the backend's split_queries_max queries, copies
+    beyond), so the same bits, gradients included."""
     base = [_projection(dtype, 2, n, 3, d, seed) for n, d, seed in ((queries, 16, 1), (70, 16, 2), (70, 8, 3))]
-    q, k, v = (_heads(t, 3) for t in base)
-    few = queries <= backends.BACKENDS["cpu"].split_queries_max
-    assert (op(q, k, v) == []) == few
+    if bank == "shared":
+        base[1:] = [make((70, 16), dtype, 2), make((70, 8), dtype, 3)]
+    as_input = [lambda t: _heads(t, 3)] + [(lambda t: t) if bank == "shared" else (lambda t: _heads(t, 3))] * 2
+    assert len(op(*(f(t) for f, t in zip(as_input, base)))) == 1
     dout = make((2, 3, queries, 8), dtype, 4)
 
     def gradients(beta):
         leaves = [t.detach().clone().requires_grad_() for t in base]
-        out = hk.hopfield_update(*(_heads(t, 3) for t in leaves[:2]), beta, values=_heads(leaves[2], 3))
+        q, k, v = (f(t) for f, t in zip(as_input, leaves))
+        out = hk.hopfield_update(q, k, beta, values=v)
         out.backward(dout)
         return [out.detach()] + [t.grad for t in leaves]
 
     want = gradients(torch.tensor(0.7))
-    if not few:
-        _forbid_general(monkeypatch)
+    _forbid_general(monkeypatch)
     got = gradients(0.7)
     for name, a, b in zip(("out", "query", "memory", "values"), got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bound", [0, 10**9], ids=["always copied", "always in place"])
+def test_split_heads_follow_the_backends_bound(bound, monkeypatch):
+    """The bound is the backend's (tests/test_split_banks.py moves it): both paths follow it alike."""
+    monkeypatch.setattr(backends.BACKENDS["cpu"], "split_queries_max", bound)
+    q, k = _heads(_projection(torch.float32, 2, 40, 3, 16, 1), 3), _heads(_projection(torch.float32, 2, 70, 3, 16, 2), 3)
+    want = general(q, k, 0.7)
+    _forbid_general(monkeypatch)
+    assert torch.equal(hk.hopfield_update(q, k, 0.7), want)
+
+
+def test_leading_dims_in_three_strides_are_copied():
+    """Leading dims that merge into neither one stride nor two: a copy on both paths, whatever the count."""
+    x = make((4, 3, 2, 5, 8), torch.float32, 1).permute(2, 1, 0, 3, 4)
+    q = make((2, 3, 4, 6, 8), torch.float32, 2)
+    assert torch.equal(op(q, x)[0], general(q, x, 0.5))
+
+
+def test_a_retrieval_over_split_views_read_in_place_is_the_general_paths():
+    q, k = _heads(_projection(torch.float32, 2, 3, 3, 16, 1), 3), _heads(_projection(torch.float32, 2, 70, 3, 16, 2), 3)
+    assert retrieve_op(q, k) == []
+    assert len(retrieve_op(q.contiguous(), k.contiguous())) == 6
 
 
 SELF_VIEWS = {"2-d": ((40, 8), lambda t: t), "3-d": ((2, 40, 8), lambda t: t),
@@ -152,15 +176,6 @@ def test_self_association_has_the_general_paths_gradient_bits(view, values, monk
     want = gradient(torch.tensor(0.7))
     _forbid_general(monkeypatch)
     assert torch.equal(gradient(0.7), want)
-
-
-def test_split_heads_read_in_place_are_declined_at_any_count(monkeypatch):
-    """The bound is the backend's: raised (as tests/test_split_banks.py raises it), the plain path declines more."""
-    q, k = _heads(_projection(torch.float32, 2, 40, 3, 16, 1), 3), _heads(_projection(torch.float32, 2, 70, 3, 16, 2), 3)
-    assert len(op(q, k)) == 1
-    monkeypatch.setattr(backends.BACKENDS["cpu"], "split_queries_max", 10**9)
-    assert op(q, k) == []
-    assert op(q.contiguous(), k.contiguous()) != []  # (merged leading dims: a view, never a copy)
 
 
 def _declined_cases(call):
