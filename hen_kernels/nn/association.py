@@ -105,8 +105,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor
     if shared_beta is not None:
         # Only the output wanted and one beta for every head: hopfield_update, whose plain CPU case is one
         # C++ call (backends.fast_update) where hopfield_partial's Python checks and views cost about 150 µs
-        # of a small layer's call; the same op and plan, so the same bits.  (Heads split from a projection
-        # with few queries, read in place by the general path, stay on it: no faster, no slower.)
+        # of a small layer's call; the same op, views and plan, so the same bits.
         return _unshare(ops.hopfield_update(state, k, shared_beta, values=v, **kw), None, shared, b, h, lq)
     p = ops.hopfield_partial(state, k, beta, values=v, **kw)
     out, info = p.out.to(q.dtype), None
