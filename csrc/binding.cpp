@@ -289,9 +289,12 @@ std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& m
   const at::Tensor& values = values_in.has_value() ? *values_in : memory;
   const at::ScalarType dt = query.scalar_type();
   if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return std::nullopt;
-  // Tensors seen through Python dispatch (fake, functional, batched) take the general path.
+  // Tensors seen through Python dispatch (fake, functional, batched) take the general path, and so do
+  // negative views and zero tensors: this kernel runs before the fallbacks that would materialise them,
+  // and their data is not their values (a conj().imag bank was read un-negated).
   const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::FuncTorchBatched,
-                                     c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchGradWrapper});
+                                     c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchGradWrapper,
+                                     c10::DispatchKey::Negative, c10::DispatchKey::ZeroTensor});
   bool requires_grad = false;
   for (const at::Tensor* t : {&query, &memory, &values}) {
     if (!t->defined() || t->layout() != at::kStrided || !t->is_cpu() || t->scalar_type() != dt ||

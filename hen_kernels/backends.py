@@ -402,6 +402,11 @@ def plain_beta(beta: torch.Tensor) -> Optional[float]:
     return first
 
 
+def _split_bound() -> int:
+    """The CPU backend's split_queries_max as the ops' int argument (a float or an unbounded value moved there)."""
+    return int(min(BACKENDS["cpu"].split_queries_max, 2**62))
+
+
 def fast_update(query: object, memory: object, values: object, beta: float, similarity: object,
                 backend: Optional[str]) -> Optional[torch.Tensor]:
     """``hopfield_update``'s plain CPU case (:func:`_plain_cpu_code`) in one C++ call, or None."""
@@ -409,7 +414,7 @@ def fast_update(query: object, memory: object, values: object, beta: float, simi
     code = None if op is None else _plain_cpu_code(query, memory, values, similarity, backend)
     if code is None:
         return None
-    out = op(query, memory, values, beta, code, BACKENDS["cpu"].split_queries_max)
+    out = op(query, memory, values, beta, code, _split_bound())
     return out[0] if out else None
 
 
@@ -425,7 +430,7 @@ def fast_retrieve(query: object, memory: object, values: object, beta: float, si
     code = None if op is None else _plain_cpu_code(query, memory, values, similarity, backend)
     if code is None:
         return None
-    r = op(query, memory, values, beta, code, max_steps, tol, BACKENDS["cpu"].split_queries_max)
+    r = op(query, memory, values, beta, code, max_steps, tol, _split_bound())
     return Retrieval(*r) if r else None
 
 

@@ -142,6 +142,32 @@ def test_split_heads_follow_the_backends_bound(bound, monkeypatch):
     assert torch.equal(hk.hopfield_update(q, k, 0.7), want)
 
 
+@pytest.mark.parametrize("bank", ["negative view", "zero tensor"])
+@pytest.mark.parametrize("graph", [False, True], ids=["no graph", "graph"])
+def test_banks_whose_data_are_not_their_values_answer_as_their_values(bank, graph):
+    """A negative view (``conj().imag`` of a complex tensor) and a zero tensor: their data is not their values
+    until a fallback materialises them, which runs after update's Autograd kernel (the plain path then
+    declines; it read a negative view un-negated, and a zero tensor's missing data crashed)."""
+    q = make((4, 8), torch.float32, 1)
+    x = make((10, 8), torch.float32, 2)
+    k = torch._neg_view(x) if bank == "negative view" else torch._efficientzerotensor(x.shape)
+    if graph:
+        q.requires_grad_()
+    want = hk.hopfield_update(q, k.clone(), 0.7)  # (materialised: an ordinary tensor)
+    assert torch.equal(hk.hopfield_update(q, k, 0.7), want)
+    assert torch.equal(hk.hopfield_update(q, k, torch.tensor(0.7)), want)
+    if not graph:
+        assert torch.equal(hk.hopfield_retrieve(q, k, 0.7, max_steps=2).state,
+                           hk.hopfield_retrieve(q, k.clone(), 0.7, max_steps=2).state)
+
+
+def test_a_conjugate_imaginary_part_is_negated():
+    q = make((4, 1), torch.float32, 1)
+    k = torch.complex(make((10,), torch.float32, 2), make((10,), torch.float32, 3)).conj().imag.unsqueeze(-1)
+    assert k.is_neg()
+    assert torch.equal(hk.hopfield_update(q, k, 0.7), hk.hopfield_update(q, k.clone(), 0.7))
+
+
 def test_leading_dims_in_three_strides_are_copied():
     """Leading dims that merge into neither one stride nor two: a copy on both paths, whatever the count."""
     x = make((4, 3, 2, 5, 8), torch.float32, 1).permute(2, 1, 0, 3, 4)
