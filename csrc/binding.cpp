@@ -496,8 +496,12 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_NOT_IMPLEMENTED(false, "hen_kernels::cpu_partial_backward: ", e.what());
   }
-  at::Tensor dq = at::zeros({plan.splits, p.L, p.B, p.D}, opts), dbeta = at::zeros({plan.splits, p.L}, opts);
-  b.dq = dq.data_ptr<float>(), b.dbeta = dbeta.data_ptr<float>();
+  at::Tensor dq = at::zeros({plan.splits, p.L, p.B, p.D}, opts);
+  // Σ dt s, Σ dt, Σ P s, Σ P (BackwardParams::dbeta)
+  at::Tensor dbeta_terms = at::empty({4, plan.splits, p.L, p.B}, opts);
+  b.dq = dq.data_ptr<float>();
+  b.dbeta = dbeta_terms[0].data_ptr<float>(), b.dt_sum = dbeta_terms[1].data_ptr<float>();
+  b.ps_sum = dbeta_terms[2].data_ptr<float>(), b.p_sum = dbeta_terms[3].data_ptr<float>();
   // Every row written.  The gradients of a split bank are laid out as its views (empty_like
   // keeps a dense layout), so that autograd hands them back through the user's transposes
   // without a copy.  Float32 rows where a row sums terms from several tiles: 16-bit inputs
@@ -526,7 +530,10 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
     };
     dx = cast(dx, r.memory), dv = cast(dv, r.values);
   }
-  return {dq.sum(0).view(query.sizes()), dx, dv, dbeta.sum(0)};
+  // backward_cpu.py dbeta_from_terms (its docstring says why), here on the op's own terms.
+  const at::Tensor t = dbeta_terms.sum(1, false, at::kDouble);  // (4, L, B)
+  const at::Tensor dbeta = ((t[0] - (t[1] / t[3] - dlse_f) * t[2]) / t[3]).sum(-1).to(at::kFloat);
+  return {dq.sum(0).view(query.sizes()), dx, dv, dbeta};
 }
 
 // hopfield_update's plain case with an autograd graph to record (update_autograd): forward by

@@ -9,7 +9,7 @@ matrix is ever held whole:
     dP    = dout Vᵀ
     dt    = P ∘ (dP - Δ),            Δ_b = dout_b · out_b - dlse_b
     dV    = Pᵀ dout
-    dbeta = Σ_{b,n} dt ∘ s           (s = sim, per leading index)
+    dbeta = Σ_{b,n} dt ∘ s           (s = sim, per leading index; see dbeta_from_terms)
     ds    = beta · dt
 
 and the similarity's chain rule, written with one matrix G per chunk and the
@@ -56,6 +56,22 @@ def grad_coefficients(ds: torch.Tensor, s: torch.Tensor, similarity: str) -> tor
     return ds
 
 
+def dbeta_from_terms(dts: torch.Tensor, dt_sum: torch.Tensor, ps_sum: torch.Tensor, p_sum: torch.Tensor,
+                     dlse: torch.Tensor) -> torch.Tensor:
+    """dbeta (L,) from each query's Σ dt s, Σ dt, Σ P s and Σ P (L, B), free of dt's common-mode error.
+
+    Δ comes from ``out`` rather than Σ P dP, and P from the saved lse: both off by float32's rounding, so
+    every dt of a query carries a common -P err (err = Δ - Σ P dP / Σ P + dlse), which Σ dt s gathers as
+    -err Σ P s, with Σ dt = Σ P (Σ P dP / Σ P - Δ) as its witness: with P* = P / Σ P, exact weights,
+
+        dbeta = Σ_b (Σ dt s - (Σ dt / Σ P - dlse) Σ P s) / Σ P
+
+    A one-hot softmax (true dbeta ~0) returned eps |dout| |v| |s| otherwise, 7.7e-4 where the reference
+    gave 1e-88 (benchmarks/PERFORMANCE.md §5.16).  The CPU kernel (csrc/binding.cpp, partial_backward_cpu)
+    and Triton's return the same four terms."""
+    return ((dts - (dt_sum / p_sum - dlse) * ps_sum) / p_sum).sum(-1)
+
+
 def partial_backward(
     dout: torch.Tensor,
     dlse: torch.Tensor,
@@ -92,7 +108,8 @@ def partial_backward(
     qr = None if centre is None else qf - centre
 
     dq = torch.zeros((L, B, D), dtype=f32, device=q.device)
-    dbeta = torch.zeros((L,), dtype=f32, device=q.device)
+    # dbeta's terms per query (L, B): Σ dt s, Σ dt, Σ P s and Σ P (dbeta_from_terms)
+    dts, dt_sum, ps_sum, p_sum = (torch.zeros((L, B), dtype=f32, device=q.device) for _ in range(4))
     step = rows or chunk_rows(L, B, N)
     if step < N or N == 0:
         dx = torch.zeros((Lm, N, D), dtype=f32, device=q.device)
@@ -103,7 +120,10 @@ def partial_backward(
         s = reference.similarity(qf, xc, similarity, w)  # (L, B, C)
         p = torch.exp(bcol * s - lse_col)
         dt = p * (dout @ (vc - v_centre).transpose(-1, -2) - delta.unsqueeze(-1))
-        dbeta += (dt * s).sum((-1, -2))
+        dts += (dt * s).sum(-1)
+        dt_sum += dt.sum(-1)
+        ps_sum += (p * s).sum(-1)
+        p_sum += p.sum(-1)
         g = grad_coefficients(bcol * dt, s, similarity)
         if l2_type:
             xr = xc - centre
@@ -138,4 +158,4 @@ def partial_backward(
         else:
             dx[:, n0:n1] = dxc
             dv[:, n0:n1] = dvc
-    return dq, dx, dv, dbeta
+    return dq, dx, dv, dbeta_from_terms(dts, dt_sum, ps_sum, p_sum, dlse.to(f32))

@@ -251,6 +251,33 @@ def test_triton_backward_splits_long_banks_and_many_queries():
             assert rel_err(g, w) < GRAD_TOLERANCE[torch.float32], (name, rel_err(g, w))
 
 
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("backend", kernel_backends() + ["streaming"])
+def test_dbeta_of_a_one_hot_softmax_is_zero(backend, similarity):
+    """Every query on a stored row with a sharp beta: the softmax is one-hot, dt ~0 everywhere, the true dbeta
+    ~1e-80.  Δ taken from ``out`` differs from Σ P dP by float32's rounding; uncorrected, that gave every query
+    eps |dout| |v| |s| (7.7e-4 on the CPU op) where the reference's autograd gives 0 (backward_cpu.py
+    dbeta_from_terms)."""
+    L, B, N, D, Dv = 1, 8, 64, 64, 12
+    require("cpu" if backend == "streaming" else backend, B, N, D)
+    x, v = make((N, D), torch.float32, 1) + 2.0, make((N, Dv), torch.float32, 2) + 3.0
+    q = x[torch.arange(B) * 7][None]
+    if similarity != "dot":  # (next to the rows: the top score is not 0, so an error there would show)
+        q = q + 0.1 * make(q.shape, torch.float32, 4)
+    beta = torch.tensor([4.0 if similarity == "dot" else 40.0])
+    dout, dlse = make((L, B, Dv), torch.float32, 3), torch.zeros(L, B)
+    p = reference.partial(q, x[None], beta, similarity, v[None])
+    assert p.top_weight.min() == 1.0  # (one-hot in float32)
+    if backend == "streaming":
+        dbeta = backward_cpu.partial_backward(dout, dlse, q, x[None], v[None], beta, p.out, p.lse, similarity)[3]
+    else:
+        leaves = [t.clone().requires_grad_() for t in (q, x, v, beta)]
+        got = hk.hopfield_partial(leaves[0], leaves[1], leaves[3], similarity=similarity, values=leaves[2],
+                                  backend=backend)
+        dbeta = torch.autograd.grad((got.out, got.lse), leaves[3], (dout, dlse))[0]
+    assert dbeta.abs().max() < 1e-9, dbeta
+
+
 def test_backward_memory_does_not_hold_the_score_matrix():
     """The streaming path's temporaries are bounded by CHUNK_ELEMENTS, not by N."""
     assert backward_cpu.chunk_rows(4, 1024, 10**7) * 4 * 1024 <= backward_cpu.CHUNK_ELEMENTS

@@ -338,6 +338,17 @@ def grads64(q, x, v, beta, sim, dout, dlse, weights=None):
     return torch.autograd.grad(loss, (q64, x64, v64, b64))
 
 
+def dbeta_scale(q, x, v, beta, sim, dout, dlse, weights=None) -> float:
+    """Σ |dt s| in float64: the size of the terms dbeta sums.  Their sum can cancel far below it (queries of
+    both signs), and float32 sums them to a few ulps of it, not of the sum: the scale dbeta is judged at."""
+    q64, x64, v64, b64 = (t.double() for t in (q, x, v, beta))
+    s = reference.similarity(q64, x64, sim, None if weights is None else weights.double())
+    p = torch.softmax(b64.view(-1, 1, 1) * s, -1)
+    dp = dout.double() @ v64.transpose(-1, -2)
+    dt = p * (dp - (p * dp).sum(-1, keepdim=True) + dlse.double().unsqueeze(-1))
+    return (dt * s).abs().sum().item()
+
+
 def backward_op(q, x, v, beta, sim, dout, dlse, weights=None):
     """The op on (L, B, D) inputs, with out and lse from the forward op."""
     code = hk.constants.SIMILARITY_CODES[sim]
@@ -462,8 +473,11 @@ def test_backward_of_queries_on_stored_rows(dtype, sim, B, beta, weighted):
     got = backward_op(q, x, v, betas, sim, dout, dlse, w)
     want = grads64(q, x, v, betas, sim, dout, dlse, w)
     tol = hk.constants.GRAD_TOLERANCE[dtype]
-    for name, g, r in zip(("dq", "dx", "dv", "dbeta"), got, want):
+    for name, g, r in zip(("dq", "dx", "dv"), got, want):
         assert rel_err(g, r) <= tol, (name, rel_err(g, r))
+    # (dbeta: 0.067 summed from 8 queries' terms of about 10 at beta 0.2, l2: float32 gets it to ~1e-6)
+    scale = max(abs(want[3].item()), dbeta_scale(q, x, v, betas, sim, dout, dlse, w))
+    assert abs(got[3].item() - want[3].item()) <= tol * scale, (got[3], want[3], scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

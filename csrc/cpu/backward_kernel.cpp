@@ -52,7 +52,7 @@ struct NearPair {
 
 struct BackScratch {
   std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
-      glo, gt, t, dq, rowsum, dxt, dvt, dbeta;
+      glo, gt, t, dq, rowsum, dxt, dvt, dts, dtsum, pssum, psum;
   std::vector<NearPair> near;
   std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
 };
@@ -150,7 +150,6 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
 
   for (int64_t l = l_begin; l < l_end; ++l) {
     const float beta = p.beta[l];
-    float dbeta_l = 0.f;
     for (int64_t b0 = 0; b0 < p.B; b0 += plan.query_block) {
       const int64_t BM = std::min(plan.query_block, p.B - b0), BMp = (BM + W - 1) / W * W;
       const float* wts = p.weights ? p.weights + (l * p.B + b0) * D : nullptr;
@@ -236,7 +235,12 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       std::fill(dq, dq + BMp * D, 0.f);
       float* rowsum = grow(sc.rowsum, BMp);
       std::fill(rowsum, rowsum + BMp, 0.f);
-      vf dbeta_v[4] = {vf{}, vf{}, vf{}, vf{}};
+      // Per query, over this split's rows: Σ dt s, Σ dt, Σ P s and Σ P (BackwardParams::dbeta).
+      float* dts = grow(sc.dts, BMp);
+      float* dtsum = grow(sc.dtsum, BMp);
+      float* pssum = grow(sc.pssum, BMp);
+      float* psum = grow(sc.psum, BMp);
+      for (float* t : {dts, dtsum, pssum, psum}) std::fill(t, t + BMp, 0.f);
 
       float* c1 = grow(sc.c1, BN * BMp);
       float* pp = d16 ? nullptr : grow(sc.pp, BN * BMp);
@@ -324,7 +328,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         for (int64_t gq = 0; gq < BMp; gq += W) {
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
-          vf gsum = vf{};
+          vf gsum = vf{}, dts_v = vf{}, dt_v = vf{}, ps_v = vf{}, p_v = vf{};
           for (int64_t j = 0; j < TN; ++j) {
             const vf c = load(c1 + j * BMp + gq);
             vf s;
@@ -342,7 +346,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             const vf pj = exp_nonpositive(rounded(vb * s) - vl);
             const vf dtj = pj * (load(g + j * BMp + gq) - vd);
             // Padding rows (s = -inf) and underflowed weights contribute nothing (not 0 * inf).
-            dbeta_v[j & 3] += pj == vf{} ? vf{} : dtj * s;
+            const auto none = pj == vf{};
+            dts_v += none ? vf{} : dtj * s;
+            ps_v += none ? vf{} : pj * s;
+            dt_v += dtj;
+            p_v += pj;
             vf gj = vb * dtj;
             if (sim == Similarity::L2) gj = s < vf{} ? -gj / s : vf{};  // 0: the subgradient at a stored pattern
             // dX and dq sum G_ij (q_i - x_j) and G_ij (x_j - q_i) as G . q - colsum(G) x and G^T . X - rowsum(G) q:
@@ -376,6 +384,10 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             store(g + j * BMp + gq, gj);
           }
           store(rowsum + gq, load(rowsum + gq) + gsum);  // of the float G: dq's products sum it whole
+          store(dts + gq, load(dts + gq) + dts_v);
+          store(dtsum + gq, load(dtsum + gq) + dt_v);
+          store(pssum + gq, load(pssum + gq) + ps_v);
+          store(psum + gq, load(psum + gq) + p_v);
         }
         // 3. dV and dX rows of this tile (only its R real rows), dq of the query block.
         float* dvr = direct ? grow(sc.dvt, BN * Dv) : dv + r0 * ld_dv;
@@ -461,12 +473,12 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           float t = dq[i * D + k] - (l2 ? rowsum[i] * q[i * D + k] : 0.f);
           dq_out[i * D + k] = wts ? wts[i * D + k] * t : t;
         }
-      const vf db = (dbeta_v[0] + dbeta_v[1]) + (dbeta_v[2] + dbeta_v[3]);
-      float lanes[W];
-      store(lanes, db);
-      for (int i = 0; i < W; ++i) dbeta_l += lanes[i];
+      const int64_t slot = (split * L + l) * p.B + b0;
+      std::memcpy(bp.dbeta + slot, dts, sizeof(float) * size_t(BM));
+      std::memcpy(bp.dt_sum + slot, dtsum, sizeof(float) * size_t(BM));
+      std::memcpy(bp.ps_sum + slot, pssum, sizeof(float) * size_t(BM));
+      std::memcpy(bp.p_sum + slot, psum, sizeof(float) * size_t(BM));
     }
-    bp.dbeta[split * L + l] = dbeta_l;
   }
   if (v16) mk::release_vnni();
 }

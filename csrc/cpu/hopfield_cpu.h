@@ -109,7 +109,13 @@ struct BackwardParams {
   const float* lse;    // (L, B)
   int64_t Lm;          // 1 (a bank shared by every leading index) or L
   float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
-  float* dbeta;        // (splits, L)
+  // dbeta's per-query terms, (splits, L, B) each, summed by the caller: Σ dt s, Σ dt, Σ P s and Σ P
+  // (dt's common-mode error, Δ taken from out rather than Σ P dP, enters Σ dt s as that error times
+  // Σ P s and Σ dt as the error itself, so the caller takes it out: binding.cpp partial_backward_cpu).
+  float* dbeta;
+  float* dt_sum;
+  float* ps_sum;
+  float* p_sum;
   // dX and dV, written (not added to): float32 (dx, dv), or with BackwardPlan::direct in the
   // 16-bit input dtype (dx16, dv16).  Rows and leading index at these strides (elements;
   // the leading index split as p.lead_inner says), so that the gradient of a bank view (heads

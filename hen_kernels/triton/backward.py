@@ -9,7 +9,8 @@ streaming PyTorch path, its docstring derives them): with Δ = rowsum(dout ∘ o
 
 * ``dq_kernel``: one program per (query block, bank range, leading index)
   walks its bank range in BN-row tiles and accumulates dq = G X (- rowsum(G) q
-  for l2, l2sq) and dbeta = Σ dt ∘ s for its rows, in registers.
+  for l2, l2sq) and dbeta's terms (Σ dt ∘ s, Σ dt, Σ P ∘ s, Σ P per query:
+  ``backward_cpu.dbeta_from_terms``) for its rows, in registers.
 * ``dkv_kernel``: one program per (bank tile, query range, bank leading
   index) keeps its X and V tiles in registers and walks the queries (every
   leading index when the bank is shared by all of them), accumulating
@@ -33,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backward_cpu
 from ..constants import MIN_SPLIT_ROWS, REGISTER_TILE_MAX_DIM, SIMILARITY_CODES
 from . import configs
 from .common import DOT, INTERPRET, L2, autotune, l2_direct, l2_scores, sq_dist
@@ -102,7 +104,10 @@ def dq_kernel(
 
     acc = tl.zeros([BM, BD], tl.float32)
     g_rows = tl.zeros([BM], tl.float32)
-    db = tl.zeros([BM], tl.float32)
+    db = tl.zeros([BM], tl.float32)  # dbeta's terms: Σ dt s, Σ dt, Σ P s, Σ P (backward_cpu.dbeta_from_terms)
+    dt_sum = tl.zeros([BM], tl.float32)
+    ps_sum = tl.zeros([BM], tl.float32)
+    p_sum = tl.zeros([BM], tl.float32)
     n_begin = split * rows_per_split
     n_end = tl.minimum(n_begin + rows_per_split, N)
     x_base = x_ptr + lead * x_lead
@@ -145,12 +150,19 @@ def dq_kernel(
             acc += g_best[:, None] * (x_best - qf)
         g_rows += tl.sum(g, 1)
         db += tl.sum(dt * s, 1)
+        dt_sum += tl.sum(dt, 1)
+        ps_sum += tl.sum(p * s, 1)
+        p_sum += tl.sum(p, 1)
     if SIM != DOT:
         acc -= g_rows[:, None] * (qf - centre[None, :])
 
     slot = (lead * tl.num_programs(1) + split) * B + rows_q
     tl.store(dq_ptr + slot[:, None] * D + cols_d[None, :], acc, mask=mask_q[:, None] & mask_d[None, :])
+    terms = tl.num_programs(2).to(tl.int64) * tl.num_programs(1) * B  # the workspace's (L, splits, B) per term
     tl.store(dbeta_ptr + slot, db, mask=mask_q)
+    tl.store(dbeta_ptr + terms + slot, dt_sum, mask=mask_q)
+    tl.store(dbeta_ptr + 2 * terms + slot, ps_sum, mask=mask_q)
+    tl.store(dbeta_ptr + 3 * terms + slot, p_sum, mask=mask_q)
 
 
 KEY_DKV = ["BD", "BDV", "SIM", "SHARED", "VALUES_ARE_MEMORY", "PRECISION"]
@@ -293,9 +305,9 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
 
     sq, rows_n = _splits(L * triton.cdiv(B, 64), N, q.device)
     dq = torch.empty((L, sq, B, D), **f32)
-    dbeta = torch.empty((L, sq, B), **f32)
+    dbeta_terms = torch.empty((4, L, sq, B), **f32)
     grid = lambda meta: (triton.cdiv(B, meta["BM"]), sq, L)  # noqa: E731
-    dq_kernel[grid](q, x, v, beta, dout, lse, delta, dq, dbeta, B=B, N=N, rows_per_split=rows_n, **common)
+    dq_kernel[grid](q, x, v, beta, dout, lse, delta, dq, dbeta_terms, B=B, N=N, rows_per_split=rows_n, **common)
 
     sk, rows_b = _splits(Lm * triton.cdiv(N, 64), B, q.device)
     dx = torch.empty((Lm, sk, N, D), **f32)
@@ -303,4 +315,5 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), sk, Lm)  # noqa: E731
     dkv_kernel[grid](q, x, v, beta, dout, lse, delta, dx, dv, L=L, B=B, N=N, rows_per_split=rows_b,
                      SHARED=Lm == 1 and L > 1, **common)
-    return dq.sum(1), dx.sum(1), dv.sum(1), dbeta.sum((1, 2))
+    dbeta = backward_cpu.dbeta_from_terms(*dbeta_terms.sum(2), dlse.to(torch.float32))
+    return dq.sum(1), dx.sum(1), dv.sum(1), dbeta
