@@ -335,8 +335,8 @@ std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& m
     // as a copy); the kernel reads them in place for few queries, and more take them flat (a copy).
     const auto [lo, li] = *split;
     auto alike = [&](const at::Tensor& t) {
-      return t.dim() == 4 && t.size(0) == lo && t.size(1) == li ? t
-                                                                : t.flatten(0, -3).view({lo, li, t.size(-2), t.size(-1)});
+      if (t.dim() == 4 && t.size(0) == lo && t.size(1) == li) return t;
+      return t.flatten(0, -3).view({lo, li, t.size(-2), t.size(-1)});
     };
     auto flat = [](const at::Tensor& t) { return t.dim() == 4 ? t.flatten(0, 1) : t; };
     auto each = [&](auto&& f) {

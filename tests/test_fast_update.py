@@ -136,7 +136,8 @@ def test_heads_split_from_a_projection(bank, queries, dtype, monkeypatch):
 def test_split_heads_follow_the_backends_bound(bound, monkeypatch):
     """The bound is the backend's (tests/test_split_banks.py moves it): both paths follow it alike."""
     monkeypatch.setattr(backends.BACKENDS["cpu"], "split_queries_max", bound)
-    q, k = _heads(_projection(torch.float32, 2, 40, 3, 16, 1), 3), _heads(_projection(torch.float32, 2, 70, 3, 16, 2), 3)
+    q = _heads(_projection(torch.float32, 2, 40, 3, 16, 1), 3)
+    k = _heads(_projection(torch.float32, 2, 70, 3, 16, 2), 3)
     want = general(q, k, 0.7)
     _forbid_general(monkeypatch)
     assert torch.equal(hk.hopfield_update(q, k, 0.7), want)

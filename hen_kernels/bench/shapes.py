@@ -148,8 +148,8 @@ def measure(quick: bool, repeats: int) -> dict:
                    "train_ratio": train_ms["sdpa"] / train_ms["fused"], "train_calls_per_sample": train_calls,
                    "grad_rel_err": grad_errs}
             report["rows"].append(row)
-            print(f"  {group:<11} H {str(row['H']):>4} B {b:3d} N {row['N']:6d} D {d:3d} {dtype:<8}  fused {ms['fused']:8.3f} ms"
-                  f"  sdpa {ms['sdpa']:8.3f} ms  {row['ratio']:.2f}x;  training {train_ms['fused']:8.3f} ms"
+            print(f"  {group:<11} H {str(row['H']):>4} B {b:3d} N {row['N']:6d} D {d:3d} {dtype:<8}"
+                  f"  fused {ms['fused']:8.3f} ms  sdpa {ms['sdpa']:8.3f} ms  {row['ratio']:.2f}x;  training {train_ms['fused']:8.3f} ms"
                   f" / {train_ms['sdpa']:8.3f} ms  {row['train_ratio']:.2f}x", flush=True)
     return report
 
