@@ -457,9 +457,10 @@ std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& 
           with_lead(*c, top_index), with_lead(*c, top_weight)};
 }
 
-// The backward of `partial` on the CPU (hen::run_backward_tile): dq and dbeta in float32,
-// dx and dv in the inputs' dtype, from the upstream gradients of out and lse and the saved
-// out and lse.
+// The backward of `partial` on the CPU (hen::run_backward_tile): dq in float32, dx and dv in the
+// inputs' dtype, and dbeta's terms (4, L, B) float32 (Σ dt s, Σ dt, Σ P s, Σ P a query: dbeta is
+// backward_cpu.py dbeta_from_terms of them), from the upstream gradients of out and lse and the
+// saved out and lse.
 // Refused with NotImplementedError where the build has no brgemm (the caller keeps
 // its own streaming backward).
 PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
@@ -481,7 +482,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   auto bank_opts = r.query.options();  // dx and dv: the inputs' dtype
   if (p.L == 0 || p.B == 0 || p.N == 0)
     return {at::zeros(query.sizes(), opts), at::zeros(memory.sizes(), bank_opts), at::zeros(values.sizes(), bank_opts),
-            at::zeros({p.L}, opts)};
+            at::zeros({4, p.L, p.B}, opts)};
   hen::BackwardParams b{};
   b.p = p;
   b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
@@ -530,10 +531,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
     };
     dx = cast(dx, r.memory), dv = cast(dv, r.values);
   }
-  // backward_cpu.py dbeta_from_terms (its docstring says why), here on the op's own terms.
-  const at::Tensor t = dbeta_terms.sum(1, false, at::kDouble);  // (4, L, B)
-  const at::Tensor dbeta = ((t[0] - (t[1] / t[3] - dlse_f) * t[2]) / t[3]).sum(-1).to(at::kFloat);
-  return {dq.sum(0).view(query.sizes()), dx, dv, dbeta};
+  return {dq.sum(0).view(query.sizes()), dx, dv, dbeta_terms.sum(1)};
 }
 
 // hopfield_update's plain case with an autograd graph to record (update_autograd): forward by
@@ -618,8 +616,9 @@ PartialResult partial_backward_meta(const at::Tensor& dout, const at::Tensor& dl
                                     const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
                                     const std::optional<at::Tensor>& weights) {
   auto opts = query.options().dtype(at::kFloat);
+  const int64_t L = c10::multiply_integers(query.sizes().slice(0, query.dim() - 2));  // (a split query: Lo x Li)
   return {at::empty(query.sizes(), opts), at::empty(memory.sizes(), memory.options()),
-          at::empty(values.sizes(), values.options()), at::empty({query.size(0)}, opts)};
+          at::empty(values.sizes(), values.options()), at::empty({4, L, query.size(-2)}, opts)};
 }
 
 #ifdef HEN_WITH_CUDA
@@ -727,7 +726,7 @@ TORCH_LIBRARY(hen_kernels, m) {
   m.def(
       "cpu_partial_backward(Tensor dout, Tensor dlse, Tensor query, Tensor memory, Tensor values, Tensor beta, "
       "Tensor out, Tensor lse, int similarity, Tensor? weights=None) "
-      "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta)");
+      "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta_terms)");
   // hopfield_update's plain CPU case (update_cpu): [out], or [] where the general path must answer.
   // split_queries_max: the CPU backend's (backends.py), up to which it reads split views in place.
   m.def(

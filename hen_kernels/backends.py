@@ -256,8 +256,9 @@ def _cpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
     else the streaming path; dx and dv in the bank's dtype either way (the C++ one writes
     16-bit rows directly where it can: no float32 N x D gradient to allocate)."""
     if _cpu_has_brgemm():
-        return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse,
-                                                      SIMILARITY_CODES[similarity], weights)
+        dq, dx, dv, terms = torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse,
+                                                                   SIMILARITY_CODES[similarity], weights)
+        return dq, dx, dv, backward_cpu.dbeta_from_terms(*terms, dlse.to(torch.float32))
     dq, dx, dv, dbeta = _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
     return dq, dx.to(x.dtype), dv.to(v.dtype), dbeta
 

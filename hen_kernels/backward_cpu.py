@@ -67,9 +67,11 @@ def dbeta_from_terms(dts: torch.Tensor, dt_sum: torch.Tensor, ps_sum: torch.Tens
         dbeta = Σ_b (Σ dt s - (Σ dt / Σ P - dlse) Σ P s) / Σ P
 
     A one-hot softmax (true dbeta ~0) returned eps |dout| |v| |s| otherwise, 7.7e-4 where the reference
-    gave 1e-88 (benchmarks/PERFORMANCE.md §5.16).  The CPU kernel (csrc/binding.cpp, partial_backward_cpu)
-    and Triton's return the same four terms."""
-    return ((dts - (dt_sum / p_sum - dlse) * ps_sum) / p_sum).sum(-1)
+    gave 1e-88 (benchmarks/PERFORMANCE.md §5.16).  The CPU op (hen_kernels::cpu_partial_backward) and
+    Triton's kernel return the same four terms.  A query with no rows (an empty bank: Σ P = 0) adds 0."""
+    rows = p_sum > 0
+    safe = torch.where(rows, p_sum, torch.ones_like(p_sum))
+    return torch.where(rows, (dts - (dt_sum / safe - dlse) * ps_sum) / safe, torch.zeros_like(dts)).sum(-1)
 
 
 def partial_backward(

@@ -282,6 +282,15 @@ def test_dbeta_of_a_one_hot_softmax_is_zero(backend, similarity):
     assert dbeta.abs().max() < 1e-12 * size, (dbeta, size)
 
 
+def test_the_streaming_backward_of_an_empty_bank_is_zero():
+    """No rows: every query's Σ P is 0, and dbeta's correction must add nothing (it divided 0 by 0)."""
+    q, dout = make((1, 3, 8), torch.float32, 1), make((1, 3, 8), torch.float32, 2)
+    empty = torch.zeros(1, 0, 8)
+    grads = backward_cpu.partial_backward(dout, make((1, 3), torch.float32, 3), q, empty, empty, torch.tensor([0.5]),
+                                          torch.zeros(1, 3, 8), torch.full((1, 3), float("-inf")), "dot")
+    assert torch.equal(grads[0], torch.zeros_like(q)) and torch.equal(grads[3], torch.zeros(1))
+
+
 def test_backward_memory_does_not_hold_the_score_matrix():
     """The streaming path's temporaries are bounded by CHUNK_ELEMENTS, not by N."""
     assert backward_cpu.chunk_rows(4, 1024, 10**7) * 4 * 1024 <= backward_cpu.CHUNK_ELEMENTS

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hen_kernels as hk
-from hen_kernels import backends, reference
+from hen_kernels import backends, backward_cpu, reference
 
 from .conftest import SIMILARITIES, TOLERANCE, make, rel_err, require
 
@@ -349,11 +349,19 @@ def dbeta_scale(q, x, v, beta, sim, dout, dlse, weights=None) -> float:
     return (dt * s).abs().sum().item()
 
 
+def with_dbeta(grads, dlse):
+    """The op's (dq, dx, dv, dbeta's terms) as (dq, dx, dv, dbeta)."""
+    dq, dx, dv, terms = grads
+    assert terms.shape == (4,) + dlse.shape
+    return dq, dx, dv, backward_cpu.dbeta_from_terms(*terms, dlse)
+
+
 def backward_op(q, x, v, beta, sim, dout, dlse, weights=None):
-    """The op on (L, B, D) inputs, with out and lse from the forward op."""
+    """The op on (L, B, D) inputs, with out and lse from the forward op; dbeta from its terms."""
     code = hk.constants.SIMILARITY_CODES[sim]
     out, lse, _, _ = torch.ops.hen_kernels.partial(q, x, v, beta, code, 0, weights)
-    return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse, code, weights)
+    return with_dbeta(torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse, code, weights),
+                      dlse)
 
 
 # The gradient of a 16-bit output reaches the op as that dtype's values in float32 (the
@@ -509,7 +517,8 @@ def test_backward_16bit_products_against_float32_ones(dtype, sim, values, monkey
     out, lse, _, _ = torch.ops.hen_kernels.partial(q, x, v, beta, code, 0, None)  # one forward for both
 
     def backward():
-        return torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse, code, None)
+        return with_dbeta(torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse, code, None),
+                          dlse)
 
     wide = backward()
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)

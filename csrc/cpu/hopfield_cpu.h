@@ -111,7 +111,7 @@ struct BackwardParams {
   float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
   // dbeta's per-query terms, (splits, L, B) each, summed by the caller: Σ dt s, Σ dt, Σ P s and Σ P
   // (dt's common-mode error, Δ taken from out rather than Σ P dP, enters Σ dt s as that error times
-  // Σ P s and Σ dt as the error itself, so the caller takes it out: binding.cpp partial_backward_cpu).
+  // Σ P s and Σ dt as the error itself, so the caller takes it out: backward_cpu.py dbeta_from_terms).
   float* dbeta;
   float* dt_sum;
   float* ps_sum;

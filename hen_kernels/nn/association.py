@@ -115,7 +115,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor
         with torch.no_grad():
             energy = streaming.energy_from_lse(state, k, beta, s.similarity, p.lse).float()
         info = HopfieldInfo(p.top_weight.detach().float(), p.top_index, energy, steps)
-    return _unshare(out, info, shared, b, h, lq) if shared else (out, info)
+    return _unshare(out, info, shared, b, h, lq)
 
 
 def _unshare(out: Tensor, info: Optional[HopfieldInfo], shared: bool, b: int, h: int, lq: int):
