@@ -17,20 +17,44 @@ from typing import Optional, Sequence
 DEFAULT_OUT = "results/hen"
 
 
-def _ints(s: str):
-    return [int(x) for x in s.split(",") if x]
+def _checked(parse, check):
+    """An argparse type: ``parse`` the string (a ValueError there: argparse's "invalid int value"), then ``check``
+    it with the experiments' own check, so `hen` refuses before running anything what they would refuse."""
+    def convert(s: str):
+        value = parse(s)
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def _strs(s: str):
-    return [x for x in s.split(",") if x]
+def _list(parse, check):
+    """An argparse type: a comma-separated, non-empty list, each item as ``_checked(parse, check)``."""
+    one = _checked(parse, check)
+
+    def convert(s: str):
+        values = [one(x) for x in s.split(",") if x]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
+        return values
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def _floats(s: str):
-    return [float(x) for x in s.split(",") if x]
+# What each experiment takes beyond --quick, --out and --taef2 (an option none of those asked for takes is refused,
+# not ignored), by the name of its run() argument.
+TAKES = {"table1": ("codecs", "sizes", "n_queries", "beta"), "fig2": ("codecs", "n_bank", "n_queries", "betas"),
+         "fig3": ("codecs", "n_bank"), "table2": ("codecs", "distractors", "beta"),
+         "uniqueness": ("codecs", "distractors", "beta"), "masking": ("n_bank", "n_queries", "betas")}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .hen.experiments import EXPERIMENTS
+    from .hen.experiments.common import MIN_BANK, check_betas, check_codec_names, check_count
 
     ap = argparse.ArgumentParser(prog="hen", description="Hopfield Encoding Networks on hen_kernels")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -42,14 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name", choices=EXPERIMENTS + ("all",))
     e.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     e.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for a smoke test")
-    e.add_argument("--codecs", type=_strs, help="comma-separated: image, taef2, diffusers:PATH")
+    e.add_argument("--codecs", type=_list(str, lambda n: check_codec_names([n])[0]),
+                   help="comma-separated: image, taef2, diffusers:PATH (each must load; by default those found)")
     e.add_argument("--taef2", dest="taef2_path", help="folder with the TAEF2 weights (default $HEN_TAEF2_DIR)")
-    e.add_argument("--sizes", type=_ints, help="table1: bank sizes, e.g. 6000,10000,15000,70000")
-    e.add_argument("--distractors", type=_ints, help="table2: distractor counts; uniqueness: the first one")
-    e.add_argument("--n-queries", type=int, help="table1, fig2: number of queries")
-    e.add_argument("--n-bank", type=int, help="fig2: bank size; fig3: number of images")
-    e.add_argument("--betas", type=_floats, help="fig2: betas to sweep")
-    e.add_argument("--beta", type=float, help="table1, table2, uniqueness: beta")
+    e.add_argument("--sizes", type=_list(int, lambda v: check_count("sizes", v, MIN_BANK)),
+                   help="table1: bank sizes, e.g. 6000,10000,15000,70000")
+    e.add_argument("--distractors", type=_list(int, lambda v: check_count("distractors", v, 0)),
+                   help="table2: distractor counts; uniqueness: the first one")
+    e.add_argument("--n-queries", type=_checked(int, lambda v: check_count("n_queries", v)),
+                   help="table1, fig2, masking: number of queries (at most the images they are drawn from)")
+    e.add_argument("--n-bank", type=_checked(int, lambda v: check_count("n_bank", v, MIN_BANK)),
+                   help="fig2, masking: bank size; fig3: number of images")
+    e.add_argument("--betas", type=_list(float, lambda v: check_betas([v])[0]), help="fig2, masking: betas to sweep")
+    e.add_argument("--beta", type=_checked(float, lambda v: check_betas([v])[0]),
+                   help="table1, table2, uniqueness: beta")
     sub.add_parser("info", help="what this machine has: backends, TAEF2 weights, Fashion-MNIST, text encoders")
     # Parsed by hen_kernels.check itself (main() hands it the arguments first): listed here for --help.
     c = sub.add_parser("check", add_help=False, help="check every backend on this machine against the reference "
@@ -60,30 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _experiment(args, command: str) -> int:
     from .hen import experiments
+    from .hen.experiments.common import UsageError, available_codecs
 
     names = experiments.EXPERIMENTS if args.name == "all" else (args.name,)
+    for opt in dict.fromkeys(k for t in TAKES.values() for k in t):
+        if getattr(args, opt) is not None and not any(opt in TAKES[n] for n in names):
+            takers = ", ".join(n for n in experiments.EXPERIMENTS if opt in TAKES[n])
+            raise UsageError(f"--{opt.replace('_', '-')}: {args.name} does not take it ({takers} do)")
     for name in names:
+        if name == "masking" and args.name == "all" and not available_codecs(None, args.taef2_path, ("taef2",)):
+            print("skipping experiment masking: it measures TAEF2 only")  # asked for by name, it refuses
+            continue
         run = experiments.get(name)
-        kw = dict(quick=args.quick, taef2_path=args.taef2_path, command=command)
-        if args.codecs:
-            kw["codecs"] = args.codecs
-        if args.beta is not None and name in ("table1", "table2", "uniqueness"):
-            kw["beta"] = args.beta
-        if name == "table1":
-            kw.update(sizes=args.sizes, n_queries=args.n_queries)
-        elif name == "fig2":
-            kw.update(n_bank=args.n_bank, n_queries=args.n_queries)
-            if args.betas:
-                kw["betas"] = args.betas
-        elif name == "fig3":
-            kw.update(n=args.n_bank)
-        elif name == "table2":
-            kw.update(distractors=args.distractors)
-        elif name == "uniqueness":
-            kw.update(distractors=args.distractors[0] if args.distractors else None)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        kw = {k: getattr(args, k) for k in TAKES[name] if getattr(args, k) is not None}
+        if name == "fig3" and "n_bank" in kw:
+            kw["n"] = kw.pop("n_bank")
+        if name == "uniqueness" and "distractors" in kw:
+            kw["distractors"] = kw["distractors"][0]
         print(f"== experiment {name} -> {args.out}")
-        run(Path(args.out), **kw)
+        run(Path(args.out), quick=args.quick, taef2_path=args.taef2_path, command=command, **kw)
         print(f"wrote {Path(args.out) / (name + '.md')}")
     return 0
 
@@ -134,6 +159,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args, argv)
+    except ValueError as e:
+        from .hen.experiments.common import UsageError
+
+        if not isinstance(e, UsageError):  # a bug, not a request refused: its traceback
+            raise
+        print(f"hen {args.cmd}: error: {e}", file=sys.stderr)  # as argparse reports a bad option
+        return 2
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
         if top not in HEN_EXTRA:

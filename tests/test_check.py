@@ -241,3 +241,16 @@ def test_module_entry_point_runs_without_pytest_or_the_hen_packages():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| torch | cpu | bfloat16 |" in r.stdout and "all cases pass" in r.stdout
+
+
+def test_an_unwritable_json_path_is_refused_before_the_run(monkeypatch, tmp_path, capsys):
+    """The JSON is written after the run, which takes minutes: a bad path must not waste them (or end in a
+    traceback after "all cases pass")."""
+    def no_run(*a, **k):
+        raise AssertionError("the check ran before its --json path was checked")
+
+    monkeypatch.setattr(check_run, "run", no_run)
+    for path in (tmp_path / "missing" / "x.json", tmp_path):
+        with pytest.raises(SystemExit) as e:
+            check.main(["--quick", "--json", str(path)])
+        assert e.value.code == 2 and "--json" in capsys.readouterr().err

@@ -62,3 +62,48 @@ def test_a_missing_hen_package_names_the_extra(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run", needs_skimage)
     assert cli.main(["info"]) == 1
     assert "pip install 'hen_kernels[hen]'" in capsys.readouterr().err
+
+
+def _exit_code(argv):
+    """What `hen ARGV` exits with: argparse's errors raise SystemExit(2), main's own return 2."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("argv", [
+    ["table1", "--n-queries", "-5"], ["table1", "--sizes", "0"], ["table1", "--sizes", ","],
+    ["table1", "--codecs", "tae"], ["table1", "--beta", "-1"], ["fig2", "--betas", "1,nan"],
+    ["fig2", "--n-bank", "2"], ["fig2", "--beta", "5"], ["fig3", "--sizes", "150"], ["masking", "--codecs", "taef2"],
+    ["all", "--n-queries", "0"]])
+def test_experiment_options_are_refused_before_running(argv, monkeypatch, tmp_path, capsys):
+    from hen_kernels.hen import experiments
+
+    def no_run(name):
+        raise AssertionError(f"experiment {name} ran with a bad option")
+
+    monkeypatch.setattr(experiments, "get", no_run)
+    assert _exit_code(["experiment", *argv, "--quick", "--out", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_each_experiment_gets_the_options_it_takes(monkeypatch, tmp_path):
+    from hen_kernels.hen import experiments
+
+    got = {}
+    monkeypatch.setattr(experiments, "get", lambda name: lambda out, **kw: got.setdefault(name, kw))
+    for argv in (["masking", "--n-bank", "50", "--n-queries", "5", "--betas", "200"],
+                 ["fig3", "--n-bank", "60"], ["uniqueness", "--distractors", "7,9", "--beta", "30"]):
+        assert cli.main(["experiment", *argv, "--out", str(tmp_path)]) == 0
+    assert got["masking"]["n_bank"] == 50 and got["masking"]["n_queries"] == 5 and got["masking"]["betas"] == [200.0]
+    assert got["fig3"]["n"] == 60 and (got["uniqueness"]["distractors"], got["uniqueness"]["beta"]) == (7, 30.0)
+    assert "codecs" not in got["masking"]  # by default every experiment picks its own codecs
+
+
+def test_a_codec_asked_for_that_cannot_load_is_an_error(tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["experiment", "table1", "--quick", "--codecs", "taef2", "--taef2", str(tmp_path / "none"), "--sizes", "150",
+            "--out", str(out)]
+    assert _exit_code(argv) == 2
+    assert "codec taef2 cannot load" in capsys.readouterr().err and not out.exists()  # no table without it

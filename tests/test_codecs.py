@@ -188,3 +188,48 @@ def test_pixel_text(photos):
     d = torch.cdist(z, z)
     assert (d + torch.eye(len(caps)) * 1e9).min() > 0.5  # every caption renders differently
     assert enc.name == "pixel-image"
+
+
+class _ConvCodec(codecs._NeuralCodec):
+    """A tiny neural codec whose weights come from a seed: two of them share a name, as two AutoencoderKL do."""
+
+    name = "conv"
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.enc, self.dec = torch.nn.Conv2d(3, 2, 8, stride=8), torch.nn.ConvTranspose2d(2, 3, 8, stride=8)
+
+    def _encode_batch(self, x):
+        return self.enc(x)
+
+    def _decode_batch(self, z):
+        return self.dec(z)
+
+
+def test_the_latent_cache_keeps_apart_codecs_with_other_weights(tmp_path, monkeypatch):
+    from hen_kernels.hen.experiments.common import cached_encode
+
+    monkeypatch.setenv("HEN_CACHE_DIR", str(tmp_path))
+    a, b = _ConvCodec(0), _ConvCodec(1)
+    assert a.cache_tag != b.cache_tag and a.cache_tag == _ConvCodec(0).cache_tag
+    imgs = torch.rand(5, 3, 16, 16)
+    za, zb = cached_encode(a, imgs, "x", progress=False), cached_encode(b, imgs, "x", progress=False)
+    assert torch.equal(za, a.encode(imgs)) and torch.equal(zb, b.encode(imgs))  # b got its own latents, not a's
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_neural_codecs_take_grey_or_their_own_channel_count_as_documented():
+    c = _ConvCodec(0)
+    assert c.encode(torch.rand(1, 1, 16, 16)).shape == (1, 8)
+    for ch in (2, 4):
+        c.image_shape = None
+        with pytest.raises(ValueError, match="takes 1 or 3 channels"):
+            c.encode(torch.rand(1, ch, 16, 16))
+    assert "other channel counts are refused" in codecs.__doc__ and "channel count:" not in codecs.__doc__
+
+
+def test_load_photos_refuses_an_unknown_name():
+    # it skips photos that need a download; a misspelt name was skipped with them, silently
+    with pytest.raises(ValueError, match="chelsae"):
+        load_photos(16, names=["astronaut", "chelsae"])

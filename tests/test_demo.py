@@ -60,3 +60,18 @@ def test_png_written(quick_run):
     out, _, _ = quick_run
     img = imread(out / "recall.png")
     assert img.ndim == 3 and img.shape[0] > 300 and img.std() > 10
+
+
+@pytest.mark.parametrize("argv", [["--size", "12", "--distractors", "-3"], ["--size", "0", "--distractors", "0"],
+                                  ["--quick", "--beta", "0"], ["--quick", "--beta", "nan"],
+                                  ["--quick", "--codecs", "image,pixels"]])
+def test_hen_demo_checks_every_value_before_any_work(argv, tmp_path, capsys):
+    # `hen demo` parses with the hen parser and hands demo.run its namespace, --size and --distractors filled in
+    from hen_kernels import cli
+
+    out = tmp_path / "out"
+    codecs = [] if "--codecs" in argv else ["--codecs", "image"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", *argv, *codecs, "--out", str(out)])
+    assert e.value.code == 2 and "hen demo: error:" in capsys.readouterr().err
+    assert not out.exists()

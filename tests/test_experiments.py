@@ -98,3 +98,48 @@ def test_text_experiments_quick(tmp_path):
 def test_unknown_experiment():
     with pytest.raises(ValueError, match="experiment"):
         experiments.get("table9")
+
+
+def test_fig2_quick_sweeps_fewer_betas_and_clamps_the_queries(tmp_path, capsys):
+    # 40 queries of a 20-image bank: at most one per image (the KMN sweep once reshaped by the number asked for)
+    experiments.get("fig2")(tmp_path, quick=True, n_bank=20, n_queries=40, n_decode=4, codecs=["image"],
+                            kinds=["quarter"])
+    data = json.loads((tmp_path / "fig2.json").read_text())
+    assert data["n_queries"] == 20 and "using 20" in capsys.readouterr().out
+    assert sorted({r["beta"] for r in data["rows"]}) == [1.0, 30.0, 1000.0]  # BETAS[::3], not all eight
+
+
+@pytest.mark.parametrize("name, kw", [("table1", dict(n_queries=-5)), ("table1", dict(sizes=[0])),
+                                      ("table1", dict(beta=float("nan"))), ("fig2", dict(betas=[-1.0])),
+                                      ("fig3", dict(n=1)), ("table2", dict(distractors=[-1])),
+                                      ("masking", dict(n_queries=0)), ("table1", dict(codecs=["tae"])),
+                                      ("masking", dict(codecs=["image"]))])
+def test_bad_arguments_are_refused_before_any_work(name, kw, tmp_path, monkeypatch):
+    import importlib
+
+    from hen_kernels.hen.experiments.common import UsageError
+
+    def no_work(*a, **k):
+        raise AssertionError("data loaded before the arguments were checked")
+
+    for mod in ("table1", "fig2", "fig3", "masking"):
+        monkeypatch.setattr(importlib.import_module(f"hen_kernels.hen.experiments.{mod}"), "load_fashion_mnist", no_work)
+    monkeypatch.setattr(importlib.import_module("hen_kernels.hen.experiments.text"), "caption_data", no_work)
+    with pytest.raises(UsageError):
+        experiments.get(name)(tmp_path / "out", quick=True, **kw)
+
+
+def test_only_codecs_asked_for_must_load(tmp_path, capsys):
+    from hen_kernels.hen.experiments.common import UsageError, available_codecs
+
+    assert available_codecs(None, tmp_path) == ["image"]  # the default set skips TAEF2 without its weights
+    assert "skipping codec taef2" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="taef2 cannot load"):
+        available_codecs(["image", "taef2"], tmp_path)
+
+
+def test_fashion_mnist_refuses_a_negative_n():
+    from hen_kernels.hen.data import load_fashion_mnist
+
+    with pytest.raises(ValueError, match="n: expected an int >= 0"):
+        load_fashion_mnist(n=-5)  # once: all but the last 5

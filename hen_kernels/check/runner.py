@@ -239,7 +239,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         f"Triton's autotuning on a GPU: 'first' runs the first config the rules keep, untimed; 'all' times every "
         f"one, compiling up to 24 per launch shape first (default: ${AUTOTUNE_ENV}, else 'first')"))
     p.add_argument("-q", "--quiet", action="store_true", help="print the table only, no progress lines")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.json:  # before the run, which can take minutes: the JSON is written only after it
+        folder = os.path.dirname(os.path.abspath(a.json))
+        if os.path.isdir(a.json):
+            p.error(f"--json: {a.json!r} is a folder; expected a file path")
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            p.error(f"--json: cannot write {a.json!r}: {folder!r} is not a writable folder")
+    return a
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

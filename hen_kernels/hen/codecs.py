@@ -13,7 +13,8 @@ Image codecs share one interface (:class:`ImageCodec`):
 - :class:`TAEF2Codec`: TAEF2 (:mod:`hen_kernels.hen.taef2`), weights from a folder, a file,
   a hub id, ``$HEN_TAEF2_DIR`` or the hub cache (``madebyollin/taef2``, downloaded when allowed).
 
-Neural codecs take any image size and channel count: grey images are repeated to RGB
+Neural codecs take any image size, and images with the model's channel count (3 for TAEF2)
+or grey ones (other channel counts are refused): grey images are repeated to RGB
 (and averaged back after decoding), and sides are edge-padded up to the codec's
 downsampling factor (and cropped back), so a 28 x 28 Fashion-MNIST image becomes a
 32 x 32 RGB input (TAEF2: a 32 x 4 x 4 = 512-number latent).  The padding is split
@@ -33,6 +34,7 @@ Text encoders share ``encode(texts) -> (N, D)`` (:class:`TextEncoder`):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -180,6 +182,16 @@ class IdentityCodec(ImageCodec):
         return images  # hidden pixels weigh 0 in the similarity; encode_masked zeroed them
 
 
+def _weights_digest(modules) -> str:
+    """16 hex digits of a hash of every parameter and buffer of ``modules`` (names, dtypes, shapes, bytes)."""
+    h = hashlib.blake2b(digest_size=8)
+    for m in modules:
+        for k, t in m.state_dict().items():
+            h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 class _NeuralCodec(ImageCodec):
     """Shared plumbing: batching, channels (grey <-> RGB), padding to the downsampling factor."""
 
@@ -194,6 +206,7 @@ class _NeuralCodec(ImageCodec):
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
         self._latent_shape: Optional[Tuple[int, ...]] = None
+        self._digest: Optional[str] = None  # of the weights, for cache_tag
 
     # subclasses: raw model calls on (b, in_channels, Hp, Wp) in [0, 1] and back
     def _encode_batch(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +219,11 @@ class _NeuralCodec(ImageCodec):
 
     @property
     def cache_tag(self) -> str:
-        return f"{self.name}-c" if self.padding == "centre" else self.name  # caches before centring padded "end"
+        """The name, the padding and a digest of the weights: two models of one class (two ``AutoencoderKL``,
+        TAEF2 from two files) share a name, and their latents must never share a cache entry."""
+        if self._digest is None:  # once per codec: hashing a large model takes a while
+            self._digest = _weights_digest(v for _, v in sorted(vars(self).items()) if isinstance(v, torch.nn.Module))
+        return f"{self.name}-{self.padding}-{self._digest}"
 
     def _pads(self) -> Tuple[int, int, int, int]:
         """(left, right, top, bottom) replicate padding up to multiples of ``factor``: split evenly

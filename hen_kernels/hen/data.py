@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..nn.arguments import check_int
+
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -111,6 +113,7 @@ def load_fashion_mnist(split: str = "all", n: Optional[int] = None) -> Tuple[tor
     """
     if split not in ("train", "test", "all"):
         raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}")
+    check_int("n", n, 0, optional=True)  # a negative n would slice from the end: all but the last |n|
     d = _fashion_dir()
     parts = ("train", "test") if split == "all" else (split,)
     if split == "all" and n is not None and n <= 60000:
@@ -155,12 +158,16 @@ def load_photos(size: int = 64, names: Optional[Sequence[str]] = None,
     """(names, images (P, 3, size, size) in [0, 1], captions) for every photo that loads offline.
 
     Photos are centre-cropped to a square and resized with anti-aliasing.  Those that need a
-    download (scikit-image fetches some with pooch) are skipped.
+    download (scikit-image fetches some with pooch) are skipped; a name not in
+    :data:`PHOTO_CAPTIONS` raises ValueError.
     """
     import skimage.data
     from skimage.transform import resize
 
     wanted = list(PHOTO_CAPTIONS) if names is None else list(names)
+    unknown = [n for n in wanted if n not in PHOTO_CAPTIONS]
+    if unknown:  # before loading: the loop below skips a photo that fails, which would hide a misspelt name
+        raise ValueError(f"names: expected some of {tuple(PHOTO_CAPTIONS)}, got unknown {unknown}")
     got_names, imgs, skipped = [], [], []
     sk_samples = None
     for name in wanted:

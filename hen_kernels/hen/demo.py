@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..validation import check_beta_value
 from . import metrics
 from .codecs import IdentityCodec, PixelTextEncoder, SentenceEncoder, TAEF2Codec
 from .data import load_photos, occlude, visible_mask
@@ -54,21 +55,37 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+CODECS = ("image", "taef2")
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hen demo", description=__doc__.splitlines()[0])
     add_arguments(ap)
+    return ap
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = _parser()
     return finish_args(ap, ap.parse_args(argv))
 
 
 def finish_args(ap, args):
+    """Fills the defaults that depend on --quick and refuses bad values (``ap.error``: exit 2), before any work."""
     if args.size is None:
         args.size = 32 if args.quick else 64
     if args.distractors is None:
         args.distractors = 40 if args.quick else 200
     if args.size < 8 or args.size % 8:
-        ap.error("--size: expected a multiple of 8, at least 8")
+        ap.error(f"--size: expected a multiple of 8, at least 8, got {args.size}")
     if args.distractors < 0:
-        ap.error("--distractors: expected an integer >= 0")
+        ap.error(f"--distractors: expected an integer >= 0, got {args.distractors}")
+    try:
+        check_beta_value(args.beta)
+    except ValueError as e:
+        ap.error(f"--{e}")
+    unknown = [c for c in args.codecs.split(",") if c and c not in CODECS]
+    if unknown or not args.codecs.strip(","):
+        ap.error(f"--codecs: expected some of {', '.join(CODECS)}, got {args.codecs!r}")
     return args
 
 
@@ -92,8 +109,7 @@ def distractors(photos: torch.Tensor, n: int, rng: np.random.Generator) -> torch
 
 
 def run(args: argparse.Namespace) -> List[dict]:
-    if not hasattr(args, "quick") or args.size is None or args.distractors is None:
-        args = finish_args(argparse.ArgumentParser(prog="hen demo"), args)
+    args = finish_args(_parser(), args)  # always: `hen demo` parses with its own parser and comes here
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,17 +125,15 @@ def run(args: argparse.Namespace) -> List[dict]:
           f"each with a caption; backends {ops.available_backends()}")
 
     codecs = []
-    for c in (x for x in args.codecs.split(",") if x):
+    for c in (x for x in args.codecs.split(",") if x):  # finish_args refused any other name
         if c == "image":
             codecs.append(IdentityCodec())
-        elif c == "taef2":
+        else:
             try:
                 codecs.append(TAEF2Codec())
             except FileNotFoundError as e:
                 print(f"skipping taef2: {e}")
                 continue
-        else:
-            raise SystemExit(f"--codecs: unknown codec {c!r} (expected image, taef2)")
     queries = {k: occlude(photos, k, seed=args.seed) for k in KINDS}
     half_mask = visible_mask(tuple(photos.shape[-2:]), "half")
     expected = torch.arange(p)

@@ -44,22 +44,75 @@ def cached_encode(codec, images: torch.Tensor, key: Optional[str], progress: boo
     return z
 
 
+class UsageError(ValueError):
+    """An experiment's request refused before any result is written (a bad option, a codec asked for that cannot
+    load): ``hen experiment`` prints it as a usage error, exit 2, without a traceback."""
+
+
+def check_codec_names(names: Sequence[str]) -> List[str]:
+    """``names`` if each is one ``make_codec`` takes (image, taef2, diffusers:PATH), else UsageError."""
+    names = list(names)
+    bad = [n for n in names if n not in ("image", "taef2") and not (n.startswith("diffusers:") and n[10:])]
+    if bad or not names:
+        raise UsageError(f"codecs: expected some of image, taef2, diffusers:PATH, got {names}")
+    return names
+
+
+# The smallest bank table1 and fig2 take: their KMN baseline's radius is the median pairwise distance, the
+# diagonal's zeros included, and that is 0 (which KMN refuses) for 1 or 2 images.
+MIN_BANK = 3
+
+
+def check_count(name: str, value: Optional[int], minimum: int = 1) -> Optional[int]:
+    """An optional int >= minimum (None: the experiment's default), as UsageError."""
+    from ...nn.arguments import check_int
+
+    try:
+        return check_int(name, value, minimum, optional=True)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def check_betas(betas: Sequence[float]) -> List[float]:
+    from ...validation import check_beta_value
+
+    try:
+        return [check_beta_value(b) for b in betas]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def clamp_queries(experiment: str, n_queries: int, n_images: int) -> int:
+    """At most ``n_images`` queries (each is a distinct stored image), saying so when fewer than asked."""
+    if n_queries > n_images:
+        print(f"{experiment}: {n_queries} queries asked, but the queries are drawn from {n_images} images: "
+              f"using {n_images}")
+    return min(n_queries, n_images)
+
+
 def codec_by_name(name: str, taef2_path=None):
     from ..codecs import make_codec
 
-    return make_codec(name, taef2_path=taef2_path)
+    try:
+        return make_codec(name, taef2_path=taef2_path)
+    except FileNotFoundError as e:  # weights or a model folder asked for: results without it would mislead
+        raise UsageError(f"codec {name!r} cannot load: {e}") from None
 
 
-def available_codecs(names: Sequence[str], taef2_path=None) -> List[str]:
-    """Those of ``names`` that can run here (TAEF2 needs its weights, downloaded if allowed); prints why one is
-    left out."""
+def available_codecs(names: Optional[Sequence[str]], taef2_path=None,
+                     default: Sequence[str] = ("image", "taef2")) -> List[str]:
+    """The codecs to run.  ``names`` None: those of ``default`` that can run here (TAEF2 needs its weights,
+    downloaded if allowed), printing why one is left out.  Codecs named by the caller must all run: one that
+    cannot raises UsageError, so no table is written without it."""
     from ..taef2 import find_taef2, missing_message
 
     out = []
-    for n in names:
+    for n in check_codec_names(default if names is None else names):
         if n == "taef2":
             where, why = find_taef2(taef2_path, download=True)
             if where is None:
+                if names is not None:
+                    raise UsageError(f"codec taef2 cannot load: {missing_message(taef2_path, why)}")
                 print(f"skipping codec taef2: {missing_message(taef2_path, why)}")
                 continue
         out.append(n)

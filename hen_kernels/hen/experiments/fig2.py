@@ -20,29 +20,32 @@ from .. import metrics
 from ..data import load_fashion_mnist, occlude, visible_mask
 from ..layer import HEN
 from ..kmn import KMN
-from .common import available_codecs, cached_encode, codec_by_name, markdown_table, plt, write_results
+from .common import (MIN_BANK, available_codecs, cached_encode, check_betas, check_count, clamp_queries, codec_by_name,
+                     markdown_table, plt, write_results)
 
 BETAS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 SIMILARITIES = ("dot", "l2")
 
 
 def run(out: Path, *, quick: bool = False, n_bank: Optional[int] = None, n_queries: Optional[int] = None,
-        n_decode: Optional[int] = None, betas: Sequence[float] = BETAS,
+        n_decode: Optional[int] = None, betas: Optional[Sequence[float]] = None,
         kinds: Sequence[str] = ("quarter", "half", "bottom, masked"),
-        codecs: Sequence[str] = ("image", "taef2"), max_steps: int = 100, seed: int = 0, taef2_path=None,
+        codecs: Optional[Sequence[str]] = None, max_steps: int = 100, seed: int = 0, taef2_path=None,
         command: str = "hen experiment fig2") -> Dict:
     from tqdm.auto import tqdm
 
-    n_bank = n_bank or (150 if quick else 2000)
-    n_queries = n_queries or (30 if quick else 300)
-    n_decode = n_decode or (10 if quick else 100)
-    if betas is None:
-        betas = BETAS[::3] if quick else BETAS
+    # checked before any work (the KMN sweep at the end reshapes by these numbers)
+    n_bank = check_count("n_bank", n_bank, MIN_BANK) or (150 if quick else 2000)
+    n_queries = check_count("n_queries", n_queries) or (30 if quick else 300)
+    n_decode = check_count("n_decode", n_decode) or (10 if quick else 100)
+    betas = check_betas(betas) if betas else list(BETAS[::3] if quick else BETAS)
+    codecs = available_codecs(codecs, taef2_path)
     images, _ = load_fashion_mnist(n=n_bank)
+    n_bank = len(images)  # at most the 70,000 there are
+    n_queries = clamp_queries("fig2", n_queries, n_bank)
     g = torch.Generator().manual_seed(seed)
     qidx = torch.randperm(n_bank, generator=g)[:n_queries]
     targets = images[qidx]
-    codecs = available_codecs(codecs, taef2_path)
     rows: List[Dict] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(codecs) * len(kinds) * len(SIMILARITIES) * len(betas), desc="fig2", unit="recall")

@@ -16,18 +16,18 @@ import numpy as np
 
 from .. import metrics
 from ..data import load_fashion_mnist, occlude
-from .common import available_codecs, cached_encode, codec_by_name, markdown_table, plt, write_results
+from .common import available_codecs, cached_encode, check_count, codec_by_name, markdown_table, plt, write_results
 
 
 def run(out: Path, *, quick: bool = False, n: Optional[int] = None, kind: str = "half",
-        codecs: Sequence[str] = ("image", "taef2"), seed: int = 0, taef2_path=None,
+        codecs: Optional[Sequence[str]] = None, seed: int = 0, taef2_path=None,
         command: str = "hen experiment fig3") -> Dict:
     from tqdm.auto import tqdm
 
-    n = n or (150 if quick else 2000)
+    n = check_count("n", n, 2) or (150 if quick else 2000)  # 2: the cross distribution needs a pair
+    codecs = available_codecs(codecs, taef2_path)
     images, _ = load_fashion_mnist(n=n)
     queries = occlude(images, kind, seed=seed)
-    codecs = available_codecs(codecs, taef2_path)
     rows, hists = [], {}
     t0 = time.perf_counter()
     for cname in tqdm(codecs, desc="fig3", unit="codec"):

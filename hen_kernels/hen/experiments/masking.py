@@ -32,7 +32,8 @@ from ..codecs import ImageCodec, TAEF2Codec
 from ..data import HALVES, load_fashion_mnist, occlude, visible_mask
 from ..layer import HEN
 from ..masks import FILLS
-from .common import available_codecs, cached_encode, markdown_table, write_results
+from .common import (UsageError, available_codecs, cached_encode, check_betas, check_count, clamp_queries,
+                     markdown_table, write_results)
 
 BETAS = (10.0, 30.0, 100.0, 200.0)
 BETA = 200.0
@@ -59,19 +60,21 @@ def run(out: Path, *, quick: bool = False, first: int = 54000, n_bank: Optional[
         taef2_path=None, command: str = "hen experiment masking") -> Dict:
     from tqdm.auto import tqdm
 
-    n_bank = n_bank or (300 if quick else 6000)
-    n_queries = n_queries or (40 if quick else 1000)
+    # checked before any work
+    n_bank = check_count("n_bank", n_bank) or (300 if quick else 6000)
+    n_queries = clamp_queries("masking", check_count("n_queries", n_queries) or (40 if quick else 1000), n_bank)
+    betas = check_betas(betas)
+    if list(codecs) != ["taef2"]:
+        raise UsageError(f"codecs: this experiment measures TAEF2's masked queries only; got {list(codecs)}")
+    available_codecs(["taef2"], taef2_path)  # TAEF2 asked for by name: raises if its weights cannot load
     train, _ = load_fashion_mnist("train")
     if not 0 <= first <= len(train) - n_bank:
-        raise ValueError(f"first: expected 0 <= first <= {len(train) - n_bank} (training images only), got {first}")
+        raise UsageError(f"first, n_bank: expected 0 <= first and first + n_bank <= {len(train)} (training "
+                         f"images only), got first {first}, n_bank {n_bank}")
     bank_img = train[first:first + n_bank]
     g = torch.Generator().manual_seed(seed)
     qidx = torch.randperm(n_bank, generator=g)[:n_queries]
     targets = bank_img[qidx]
-    if "taef2" not in codecs:
-        raise ValueError(f"codecs: this experiment measures TAEF2's masked queries; got {list(codecs)}")
-    if not available_codecs(["taef2"], taef2_path):
-        return dict(rows=[])
     rows: List[Dict] = []
     t0 = time.perf_counter()
     plan = [(p, h, f) for p in ("centre", "end") for h in halves for f in fills]

@@ -39,7 +39,8 @@ from .. import metrics
 from ..data import HALVES, QUERY_KINDS, load_fashion_mnist, occlude, visible_mask
 from ..layer import HEN
 from ..kmn import KMN
-from .common import available_codecs, cached_encode, codec_by_name, markdown_table, plt, write_results
+from .common import (MIN_BANK, available_codecs, cached_encode, check_betas, check_count, clamp_queries, codec_by_name,
+                     markdown_table, plt, write_results)
 
 SIZES = (6000, 10000, 15000, 70000)
 QUICK_SIZES = (150, 300)
@@ -70,14 +71,17 @@ def hidden_part(kind: str) -> str:
 
 
 def run(out: Path, *, quick: bool = False, sizes: Optional[Sequence[int]] = None, n_queries: Optional[int] = None,
-        n_decode: Optional[int] = None, codecs: Sequence[str] = ("image", "taef2"), beta: float = BETA,
+        n_decode: Optional[int] = None, codecs: Optional[Sequence[str]] = None, beta: float = BETA,
         max_steps: int = 100, kmn_max: Optional[int] = None, seed: int = 0, taef2_path=None,
         kinds: Sequence[str] = KINDS, command: str = "hen experiment table1") -> Dict:
     from tqdm.auto import tqdm
 
-    sizes = list(sizes or (QUICK_SIZES if quick else SIZES))
-    n_queries = n_queries or (40 if quick else 1000)
-    n_decode = n_decode or (20 if quick else 200)
+    # checked before any work: a bad number fails late (an empty bank) or silently (randperm(...)[:-5])
+    sizes = [check_count("sizes", s, MIN_BANK) for s in sizes] if sizes else list(QUICK_SIZES if quick else SIZES)
+    n_queries = check_count("n_queries", n_queries) or (40 if quick else 1000)
+    n_decode = check_count("n_decode", n_decode) or (20 if quick else 200)
+    beta = check_betas([beta])[0]
+    codecs = available_codecs(codecs, taef2_path)
     kmn_max = kmn_max if kmn_max is not None else (150 if quick else 6000)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -85,11 +89,10 @@ def run(out: Path, *, quick: bool = False, sizes: Optional[Sequence[int]] = None
     images, labels = load_fashion_mnist(n=max(sizes))
     sizes = [min(s, len(images)) for s in sizes]
     g = torch.Generator().manual_seed(seed)
-    qidx = torch.randperm(min(sizes), generator=g)[:n_queries]
+    qidx = torch.randperm(min(sizes), generator=g)[:clamp_queries("table1", n_queries, min(sizes))]
     targets = images[qidx]
     queries = {k: occlude(targets, hidden_part(k), seed=seed) for k in kinds}
     masks = {k: visible_mask(tuple(images.shape[-2:]), hidden_part(k)) for k in kinds if k in MASKED}
-    codecs = available_codecs(codecs, taef2_path)
     rows: List[Dict] = []
     t_all = time.perf_counter()
     bar = tqdm(total=len(codecs) * len(sizes) * len(kinds), desc="table1", unit="recall")

@@ -27,8 +27,8 @@ from .. import metrics
 from ..codecs import PixelTextEncoder, SentenceEncoder
 from ..data import fashion_captions, load_fashion_mnist, load_photos
 from ..layer import HEN
-from .common import (available_codecs, cached_encode, codec_by_name, image_grid, markdown_table, plt,
-                     write_results)
+from .common import (available_codecs, cached_encode, check_betas, check_count, codec_by_name, image_grid,
+                     markdown_table, plt, write_results)
 
 SIZE = 28
 BETA = 200.0
@@ -62,15 +62,17 @@ def caption_data(n_distractors: int):
 
 
 def run_table2(out: Path, *, quick: bool = False, distractors: Optional[Sequence[int]] = None,
-               codecs: Sequence[str] = ("image", "taef2"), texts: Sequence[str] = ("minilm", "pixel"),
+               codecs: Optional[Sequence[str]] = None, texts: Sequence[str] = ("minilm", "pixel"),
                beta: float = BETA, max_steps: int = 100, taef2_path=None,
                command: str = "hen experiment table2") -> Dict:
     from tqdm.auto import tqdm
 
-    distractors = list(distractors or ((0, 100) if quick else (0, 1000, 5000, 10000)))
+    distractors = ([check_count("distractors", d, 0) for d in distractors] if distractors
+                   else [0, 100] if quick else [0, 1000, 5000, 10000])
+    beta = check_betas([beta])[0]
+    codecs = available_codecs(codecs, taef2_path)
     names, images, captions = caption_data(max(distractors))
     p = len(names)
-    codecs = available_codecs(codecs, taef2_path)
     rows, grids, misses = [], {}, {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(codecs) * len(texts) * len(distractors), desc="table2", unit="recall")
@@ -128,16 +130,18 @@ def one_step_weight(hen: HEN, text_latents: torch.Tensor) -> torch.Tensor:
 
 
 def run_uniqueness(out: Path, *, quick: bool = False, distractors: Optional[int] = None,
-                   codecs: Sequence[str] = ("taef2", "image"), texts: Sequence[str] = ("pixel", "minilm"),
+                   codecs: Optional[Sequence[str]] = None, texts: Sequence[str] = ("pixel", "minilm"),
                    beta: float = BETA, max_steps: int = 100, taef2_path=None,
                    command: str = "hen experiment uniqueness") -> Dict:
     from tqdm.auto import tqdm
 
+    distractors = check_count("distractors", distractors, 0)
     distractors = distractors if distractors is not None else (100 if quick else 1000)
+    beta = check_betas([beta])[0]
+    codecs = available_codecs(codecs, taef2_path, default=("taef2", "image"))
     names, images, captions = caption_data(distractors)
     p = len(names)
     pairs = [(i, i + 1) for i in range(0, p - 1, 2)][: (3 if quick else 100)]
-    codecs = available_codecs(codecs, taef2_path)
     rows, label_rows, pics = [], [], {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(codecs) * len(texts) * (len(pairs) + 1), desc="uniqueness", unit="bank")
