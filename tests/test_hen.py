@@ -164,6 +164,109 @@ def test_images_are_checked_by_name():
     assert r.index.shape == (0,) and r.images.shape == (0, 1, 8, 8)
 
 
+
+def _captioned(n=20, text_dim=5):
+    """A small identity-codec HEN whose memories carry text latents of ``text_dim`` columns."""
+    torch.manual_seed(0)
+    imgs, tl = torch.rand(n, 1, 4, 4), torch.randn(n, text_dim)
+    hen = HEN(codecs.IdentityCodec(), beta=50.0)
+    hen.store(imgs, text_latents=tl)
+    return hen, imgs, tl
+
+
+def test_text_latents_are_checked_by_name():
+    hen, imgs, tl = _captioned()
+    for bad in (torch.randn(2, 1), torch.randn(2, 3), torch.randn(5)):  # (2, 1) used to broadcast silently
+        with pytest.raises(ValueError, match=r"text_latents: expected a \(N, 5\) tensor"):
+            hen.recall_text(text_latents=bad)
+    with pytest.raises(TypeError, match="text_latents: expected a floating dtype"):
+        hen.recall_text(text_latents=torch.ones(2, 5, dtype=torch.int64))
+    nan = tl[:3].clone()
+    nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="text_latents: expected finite values, row 1 holds NaN"):
+        hen.recall_text(text_latents=nan)
+    with pytest.raises(ValueError, match=r"text_latents: expected a \(2, 5\) tensor"):
+        hen.store(imgs[:2], text_latents=torch.randn(2, 1))
+    with pytest.raises(ValueError, match=r"text_latents: expected a \(2, 5\) tensor"):
+        hen.store(imgs[:2], text_latents=tl[:3])
+    with pytest.raises(ValueError, match="text_latents: expected finite values, row 1 holds NaN"):
+        hen.store(imgs[:3], text_latents=nan)
+    assert len(hen) == len(imgs)
+    assert torch.equal(hen.recall_text(text_latents=tl[:4], decode=False).index, torch.arange(4))
+
+
+def test_a_failed_first_store_changes_nothing():
+    good, imgs, tl = _captioned()
+    bad = tl.clone()
+    bad[3, 0] = float("nan")
+    hen = HEN(codecs.IdentityCodec(), beta=50.0)
+    with pytest.raises(ValueError, match="text_latents: expected finite values, row 3 holds NaN"):
+        hen.store(imgs, text_latents=bad)
+    assert hen.bank is None and hen.image_norm is None and hen.text_norm is None and not hen.has_text
+    hen.store(imgs, text_latents=tl)  # the retry fits the good data, as a fresh HEN does
+    torch.testing.assert_close(hen.text_norm.mean, good.text_norm.mean, rtol=0, atol=0)
+    torch.testing.assert_close(hen.bank.read()[0], good.bank.read()[0], rtol=0, atol=0)
+    plain = HEN(codecs.IdentityCodec(), beta=50.0)
+    with pytest.raises(ValueError, match="text_latents"):
+        plain.store(imgs, text_latents=tl[:5])  # 5 captions for 20 images
+    assert plain.bank is None and not plain.has_text
+    assert torch.equal(plain.store(imgs), torch.arange(len(imgs)))  # a store without captions is still possible
+    assert not plain.has_text and plain.row_dim == imgs[0].numel()
+
+
+def test_stored_latents_refuses_rows_it_does_not_hold():
+    hen, imgs, _ = _captioned(5, 3)
+    with pytest.raises(IndexError, match="got -1 .*no row matched"):  # was row 0, through clamp_min(0)
+        hen.stored_latents(torch.tensor([-1]))
+    with pytest.raises(IndexError, match=r"expected row numbers in \[0, 5\), got 5"):
+        hen.stored_latents(torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match="index"):
+        hen.stored_latents(torch.tensor([0.0]))
+    torch.testing.assert_close(hen.stored_latents(torch.tensor([4, 0])), imgs[[4, 0]].reshape(2, -1),
+                               atol=1e-5, rtol=0)
+
+
+class _NoEncode(codecs.IdentityCodec):
+    def encode(self, images, *, progress=None):
+        raise AssertionError("the arguments should have been refused before anything was encoded")
+
+
+@pytest.mark.parametrize("kw, arg", [
+    (dict(similarity="cosine"), "similarity"), (dict(dtype=torch.float64), "dtype"), (dict(storage="disk"), "path"),
+    (dict(storage="tape"), "storage"), (dict(device="meta"), "device"), (dict(backend="nope"), "backend"),
+    (dict(chunk_rows=0), "chunk_rows"), (dict(path="bank.safetensors"), "path"),
+    pytest.param(dict(device="cuda"), "device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_constructor_checks_the_bank_arguments(kw, arg):
+    with pytest.raises((ValueError, TypeError), match=arg):
+        HEN(_NoEncode(), beta=50.0, **kw)
+
+
+def test_images_and_their_latents_are_not_both_taken():
+    hen, imgs, tl = _captioned()
+    lat = imgs.reshape(len(imgs), -1)
+    with pytest.raises(ValueError, match="queries, latents: give queries or latents, not both"):
+        hen.recall(imgs[:3], latents=lat[5:8])
+    with pytest.raises(ValueError, match="images, latents: give images or latents, not both"):
+        hen.store(imgs[:2], latents=lat[:1], text_latents=tl[:1])
+    with pytest.raises(ValueError, match="texts, text_latents: give texts or text_latents, not both"):
+        hen.store(imgs[:2], ["a", "b"], text_latents=tl[:2])
+    with pytest.raises(ValueError, match="texts, text_latents: give texts or text_latents, not both"):
+        hen.recall_text(["a"], text_latents=tl[:1])
+    assert len(hen) == len(imgs)
+
+
+def test_nearest_of_no_queries_is_empty():
+    hen, imgs, _ = _captioned(5, 3)
+    lat = imgs.reshape(len(imgs), -1)
+    for w in (None, torch.ones(0, lat.shape[1])):
+        got = hen.nearest(lat[:0], w)
+        assert got.shape == (0,) and got.dtype == torch.int64
+    assert torch.equal(hen.nearest(lat), torch.arange(5))
+    with pytest.raises(ValueError, match="latent_weights"):
+        hen.nearest(lat[:2], torch.ones(3, lat.shape[1]))  # one row of weights per query
+
 @needs_fashion
 def test_fashion_grows_and_bank_storage(tmp_path):
     x, _ = load_fashion_mnist(n=400)

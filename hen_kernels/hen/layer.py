@@ -51,7 +51,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..backends import resolve
 from ..bank import MemoryBank
+from ..bank._checks import check_path, check_rows
+from ..validation import check_inputs, check_similarity
 from .codecs import ImageCodec, TextEncoder
 
 
@@ -120,7 +123,8 @@ class HEN:
     - ``max_steps``, ``tol``: each query stops once max|s_new - s| <= tol.
     - ``normalize``: False stores the codec's latents as they are (no centring or scaling).
     - ``batch_size``: queries per retrieve call (a batch stops when all its queries have), an int >= 1.
-    - ``dtype``, ``device``, ``storage``, ``path``, ``chunk_rows``, ``backend``: the bank's.
+    - ``dtype``, ``device``, ``storage``, ``path``, ``chunk_rows``, ``backend``: the bank's, checked here
+      (the bank itself is built by the first ``store``).
     """
 
     def __init__(self, codec: ImageCodec, *, text_encoder: Optional[TextEncoder] = None, beta: float,
@@ -142,18 +146,29 @@ class HEN:
                 raise ValueError(f"{arg}: expected an int >= 1, got {v!r}")
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf):
             raise ValueError(f"tol: expected None or a finite float >= 0, got {tol!r}")
+        self._bank_kw = dict(dtype=dtype, device=device, storage=storage, path=path, chunk_rows=chunk_rows,
+                             similarity=similarity, beta=float(beta), backend=backend)
+        # The bank is built by the first store(), after every image is encoded (minutes with a neural codec):
+        # a throwaway one-column bank runs the bank's own checks of dtype, device, storage, chunk_rows and
+        # similarity now, and resolve() those of the backend for that dtype and device.  A disk bank's file is
+        # created only by store(), so here its path is only checked to be one.
+        disk = storage == "disk"
+        probe = MemoryBank(1, **{**self._bank_kw, "storage": "host" if disk else storage,
+                                 "path": None if disk else path})
+        if disk:
+            check_path("path", path)
+        z = torch.zeros(1, 1, dtype=probe.dtype, device=probe.device)
+        resolve(backend, check_inputs(z, z, float(beta), similarity))
         self.codec = codec
         self.text_encoder = text_encoder
         self.beta = float(beta)
-        self.similarity = similarity
+        self.similarity = check_similarity(similarity)
         self.max_steps = int(max_steps)
         self.tol = tol
         self.normalize = bool(normalize)
         self.text_weight = float(text_weight)
         self.batch_size = int(batch_size)
         self.progress = progress
-        self._bank_kw = dict(dtype=dtype, device=device, storage=storage, path=path, chunk_rows=chunk_rows,
-                             similarity=similarity, beta=self.beta, backend=backend)
         self.bank: Optional[MemoryBank] = None
         self.image_norm: Optional[PartNorm] = None
         self.text_norm: Optional[PartNorm] = None
@@ -188,47 +203,74 @@ class HEN:
               latents: Optional[torch.Tensor] = None, text_latents: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encode and store images (and their captions); returns the bank ids.
 
-        ``latents`` / ``text_latents`` give already-encoded parts (the experiments cache them).
-        The first call fixes the normalisation and whether memories carry a text part.
+        ``latents`` / ``text_latents`` give already-encoded parts (the experiments cache them), instead
+        of ``images`` / ``texts``, not with them.  The first call fixes the normalisation and whether
+        memories carry a text part.  Everything is checked before anything is fitted or stored, so a
+        call that raises leaves the HEN as it was.
         """
+        _one_of("images", images, "latents", latents)
+        _one_of("texts", texts, "text_latents", text_latents)
+        first = self.bank is None
+        if not first and (texts is not None or text_latents is not None) != self.has_text:
+            raise ValueError("texts: every store call must give captions, or none, like the first one")
+
+        def check_captions(n: int) -> None:
+            if texts is not None and len(texts) != n:
+                raise ValueError(f"texts: expected {n} captions (one per image), got {len(texts)}")
+
         if latents is None:
             if images is None:
                 raise ValueError("images: pass images or latents")
+            if isinstance(images, torch.Tensor):  # before the images' encoding, which may take minutes
+                check_captions(len(images))
             latents = self.encode_images(images)
-        if text_latents is None and texts is not None:
-            if len(texts) != len(latents):
-                raise ValueError(f"texts: expected {len(latents)} captions (one per image), got {len(texts)}")
-            text_latents = self.encode_texts(texts)
         if not isinstance(latents, torch.Tensor) or latents.ndim != 2 or len(latents) == 0:
             raise ValueError(f"latents: expected a non-empty (N, D) tensor, got "
                              f"{tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
-        if self.bank is not None:
-            self._check_latents(latents)
-        elif not bool(torch.isfinite(latents).all()):
-            raise ValueError("latents: expected finite values")
-        if self.bank is None:
-            self.image_norm = PartNorm.fit(latents, 1.0, self.normalize)
-            self.image_dim = latents.shape[1]
-            if text_latents is not None:
-                self.text_norm = PartNorm.fit(text_latents, self.text_weight, self.normalize)
-                self.text_dim = text_latents.shape[1]
-            self.bank = MemoryBank(self.row_dim, **self._bank_kw)
-        if (text_latents is not None) != self.has_text:
-            raise ValueError("texts: every store call must give captions, or none, like the first one")
-        rows = self.image_norm.forward(latents)
-        if self.has_text:
-            if len(text_latents) != len(rows):
-                raise ValueError(f"text_latents: expected {len(rows)} rows, got {len(text_latents)}")
-            t = self.text_norm.forward(text_latents)
-            rows = torch.cat([rows, self.image_norm.pad(rows), t, self.text_norm.pad(t)], 1)
-        return self.bank.add(rows.to(self.bank.dtype).to(self.bank.device))
+        if texts is not None:
+            check_captions(len(latents))
+            text_latents = self.encode_texts(texts)
+        latents = _check_part("latents", latents, None if first else self.image_dim)
+        if text_latents is not None:
+            text_latents = _check_part("text_latents", text_latents, None if first else self.text_dim, len(latents))
+        if first:  # fitted into locals: kept only once the rows are known to be storable
+            image_norm = PartNorm.fit(latents, 1.0, self.normalize)
+            text_norm = None if text_latents is None else PartNorm.fit(text_latents, self.text_weight, self.normalize)
+        else:
+            image_norm, text_norm = self.image_norm, self.text_norm
+        rows = image_norm.forward(latents)
+        if text_norm is not None:
+            t = text_norm.forward(text_latents)
+            rows = torch.cat([rows, image_norm.pad(rows), t, text_norm.pad(t)], 1)
+        dtype = self._bank_kw["dtype"]
+        # (finite latents can still overflow the bank's dtype: refused here, before a first call builds the bank)
+        rows = check_rows("latents", rows.to(dtype), rows.shape[1], dtype)
+        if first:
+            bank = MemoryBank(rows.shape[1], **self._bank_kw)
+            ids = bank.add(rows.to(bank.device))
+            self.bank, self.image_norm, self.text_norm = bank, image_norm, text_norm
+            self.image_dim, self.text_dim = latents.shape[1], 0 if text_latents is None else text_latents.shape[1]
+            return ids
+        return self.bank.add(rows.to(self.bank.device))
 
     def stored_latents(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The image latents of stored rows (all, or ``index``), in the codec's space."""
+        """The image latents of stored rows (all, or ``index``: row numbers in [0, len(self))), in the codec's space.
+
+        A negative index is refused, not read from the end: the kernels' ``top_index`` is -1 where no row
+        matched, and reading it as "the last row" would hand back a stored image as if it had been recalled.
+        """
         self._require_bank()
+        if index is not None:
+            index = torch.as_tensor(index)
+            if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+                raise TypeError(f"index: expected integer row numbers, got {index.dtype}")
+            out = index[(index < 0) | (index >= len(self))]
+            if out.numel():
+                raise IndexError(f"index: expected row numbers in [0, {len(self)}), got {int(out[0])}"
+                                 + (" (a top_index of -1: no row matched)" if int(out[0]) == -1 else ""))
         rows, _ = self.bank.read()
         if index is not None:
-            rows = rows[index.clamp_min(0)]
+            rows = rows[index]
         return self.image_norm.inverse(rows[:, :self.image_dim])
 
     # --- recalling ------------------------------------------------------------------
@@ -284,12 +326,14 @@ class HEN:
             q = torch.cat([q, self.image_norm.pad(q), torch.zeros(len(q), self.text_dim + 1)], 1)
         return q
 
-    def image_weights(self, latent_weights: torch.Tensor) -> torch.Tensor:
+    def image_weights(self, latent_weights: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
         """(B, row_dim) float32 weights of a masked image query: the codec's latent weights rescaled to
-        mean 1 over the image part, 0 for the pads and the text part (module docstring)."""
+        mean 1 over the image part, 0 for the pads and the text part (module docstring).  ``rows``: the
+        number of queries they weigh, one row each."""
         w = latent_weights.float()
-        if w.ndim != 2 or w.shape[1] != self.image_dim:
-            raise ValueError(f"latent_weights: expected (B, {self.image_dim}), got {tuple(w.shape)}")
+        if w.ndim != 2 or w.shape[1] != self.image_dim or (rows is not None and len(w) != rows):
+            raise ValueError(f"latent_weights: expected ({'B' if rows is None else rows}, {self.image_dim}) "
+                             f"(one row per query), got {tuple(w.shape)}")
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError("latent_weights: expected finite weights >= 0")
         total = w.sum(1, keepdim=True)
@@ -304,7 +348,7 @@ class HEN:
         """Normalised query rows for caption latents: ``[0; t]`` (the paper's §3.2), with its pads."""
         if not self.has_text:
             raise ValueError("texts: the stored memories carry no text part; store images with texts=...")
-        t = self.text_norm.forward(text_latents)
+        t = self.text_norm.forward(_check_part("text_latents", text_latents, self.text_dim))
         return torch.cat([torch.zeros(len(t), self.image_dim + 1), t, self.text_norm.pad(t)], 1)
 
     def recall(self, queries: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, *,
@@ -318,6 +362,7 @@ class HEN:
         from ``codec.encode_masked``) give queries already encoded.
         """
         self._require_bank()
+        _one_of("queries", queries, "latents", latents)
         if latents is None:
             if queries is None:
                 raise ValueError("queries: pass images or latents")
@@ -328,9 +373,7 @@ class HEN:
         elif mask is not None:
             raise ValueError("mask: give the images with mask=, or latents with latent_weights=, not latents and mask")
         latents = self._check_latents(latents)
-        weights = None if latent_weights is None else self.image_weights(latent_weights)
-        if weights is not None and len(weights) != len(latents):
-            raise ValueError(f"latent_weights: expected {len(latents)} rows (one per query), got {len(weights)}")
+        weights = None if latent_weights is None else self.image_weights(latent_weights, len(latents))
         return self._run(self.image_query(latents), decode, "recall", weights)
 
     def nearest(self, latents: torch.Tensor, latent_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -338,7 +381,9 @@ class HEN:
         perfectly sharp one-step recall would return."""
         self._require_bank()
         q = self.image_query(self._check_latents(latents))
-        w = None if latent_weights is None else self.image_weights(latent_weights)
+        w = None if latent_weights is None else self.image_weights(latent_weights, len(q))
+        if not len(q):  # no queries: an empty answer, as recall() gives
+            return torch.zeros(0, dtype=torch.int64)
         out = []
         for i in range(0, len(q), self.batch_size):
             kw = {} if w is None else dict(weights=w[i:i + self.batch_size].to(self.bank.device))
@@ -348,17 +393,13 @@ class HEN:
         return torch.cat(out)
 
     def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 2 or latents.shape[1] != self.image_dim:
-            raise ValueError(f"latents: expected a (N, {self.image_dim}) tensor, "
-                             f"got {tuple(getattr(latents, 'shape', ())) or type(latents).__name__}")
-        if not bool(torch.isfinite(latents).all()):
-            raise ValueError("latents: expected finite values (a query image with NaN or inf?)")
-        return latents
+        return _check_part("latents", latents, self.image_dim)
 
     def recall_text(self, texts: Optional[Sequence[str]] = None, *, text_latents: Optional[torch.Tensor] = None,
                     decode: bool = True) -> Recall:
         """Hetero-association: recall the images stored with these captions."""
         self._require_bank()
+        _one_of("texts", texts, "text_latents", text_latents)
         if text_latents is None:
             if texts is None:
                 raise ValueError("texts: pass captions or text_latents")
@@ -369,3 +410,26 @@ class HEN:
         return (f"HEN(codec={self.codec.name!r}, text_encoder={getattr(self.text_encoder, 'name', None)!r}, "
                 f"beta={self.beta:g}, similarity={self.similarity!r}, stored={len(self)}, "
                 f"dim={self.image_dim}+{self.text_dim})")
+
+
+def _one_of(name: str, value: object, other: str, other_value: object) -> None:
+    """Refuse two ways of giving the same input: one would be silently ignored."""
+    if value is not None and other_value is not None:
+        raise ValueError(f"{name}, {other}: give {name} or {other}, not both")
+
+
+def _check_part(name: str, t: object, width: Optional[int], rows: Optional[int] = None) -> torch.Tensor:
+    """A part's latents: a floating (N, width) tensor (any width >= 1 when None; N = ``rows`` when given),
+    finite, since one NaN row would give every query a NaN score."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 2 or (t.shape[1] != width if width is not None else t.shape[1] == 0) or (
+            rows is not None and len(t) != rows):
+        raise ValueError(f"{name}: expected a ({'N' if rows is None else rows}, {'D' if width is None else width}) "
+                         f"tensor, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+    bad = ~torch.isfinite(t).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: expected finite values, row {int(bad.nonzero()[0, 0])} holds NaN or inf")
+    return t
