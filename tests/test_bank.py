@@ -378,6 +378,20 @@ def test_add_and_query_checks_name_the_argument():
         no_values.add(torch.zeros(1, 4), torch.zeros(1, 4))
 
 
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("value_dim", [None, 2])
+def test_read_returns_rows_the_bank_does_not_share(tmp_path, storage, value_dim):
+    x = make((4, 3), torch.float32, 35)
+    bank = new_bank(tmp_path, storage, 3, value_dim=value_dim)
+    bank.add(x, None if value_dim is None else make((4, 2), torch.float32, 36))
+    p, v = bank.read()
+    p[0] = float("nan")  # the caller's copy: past add()'s finite check, if it were the bank's
+    if v is not None:
+        v[0] = -100.0
+    assert torch.equal(bank.read()[0], x) and (v is None or not bank.read()[1].eq(-100.0).any())
+    bank.close()
+
+
 # --- disk storage -------------------------------------------------------------------
 
 def test_disk_bank_lives_in_its_file(tmp_path, monkeypatch):

@@ -420,6 +420,61 @@ def test_damaged_rows_are_not_given_a_fresh_checksum(tmp_path):
     assert path.read_bytes() == bytes(flipped)
 
 
+def test_a_host_bank_loaded_unverified_does_not_save_damaged_rows(tmp_path):
+    path, good = _saved(tmp_path)
+    flipped = bytearray(good)
+    flipped[DATA_OFFSET + 5] ^= 0x40
+    path.write_bytes(bytes(flipped))
+    for storage in ("host", "device"):
+        bank = MemoryBank.load(path, storage=storage, verify=False)  # loads, as asked
+        bank.add(make((1, 8), torch.float32, 31))
+        with pytest.raises(BankFileError, match="sha256.*verify=False"):
+            bank.save(tmp_path / "copy.hkb")
+        with pytest.raises(BankFileError, match="sha256"):
+            bank.save(path)
+    assert not (tmp_path / "copy.hkb").exists() and path.read_bytes() == bytes(flipped)
+    path.write_bytes(good)
+    MemoryBank.load(path, storage="host", verify=False).save(tmp_path / "copy.hkb")  # undamaged rows save
+    assert MemoryBank.load(tmp_path / "copy.hkb").read()[0].equal(MemoryBank.load(path).read()[0])
+
+
+# Edits of a live bank that no header may hold: metadata's dict edited in place, and attributes set
+# behind their setters' checks (the page is checked as it is written, whatever the way in).
+HEADER_BREAKERS = [
+    (TypeError, lambda b: b.metadata.__setitem__("n", 5)),
+    (ValueError, lambda b: b.metadata.__setitem__("count", "1")),
+    (ValueError, lambda b: setattr(b, "_beta", float("inf"))),
+    (ValueError, lambda b: setattr(b, "_similarity", "cosine")),
+]
+
+
+def test_changed_similarity_beta_or_metadata_are_checked_before_a_header_is_written(tmp_path):
+    x = make((3, 4), torch.float32, 37)
+    bank = MemoryBank(4, beta=1.0, metadata={"user": "u"})
+    for name, value, err in [("beta", 0.0, ValueError), ("beta", -2.0, ValueError), ("beta", "1", TypeError),
+                             ("similarity", "cosine", ValueError), ("metadata", {"n": 5}, TypeError),
+                             ("metadata", {"count": "1"}, ValueError)]:
+        with pytest.raises(err, match=name):
+            setattr(bank, name, value)
+    assert (bank.beta, bank.similarity, bank.metadata) == (1.0, "dot", {"user": "u"})
+    bank.add(x)
+    saved = tmp_path / "saved.hkb"
+    bank.save(saved)
+    good = saved.read_bytes()
+    for k, (err, edit) in enumerate(HEADER_BREAKERS):
+        disk = MemoryBank(4, storage="disk", path=tmp_path / f"disk{k}.hkb", beta=1.0)
+        disk.add(x)
+        before = (tmp_path / f"disk{k}.hkb").read_bytes()
+        host = MemoryBank.load(saved, storage="host")
+        edit(disk)
+        edit(host)
+        for write in (lambda: disk.add(x), disk.flush, disk.close, lambda: host.save(saved)):
+            with pytest.raises(err):
+                write()
+        assert (tmp_path / f"disk{k}.hkb").read_bytes() == before and saved.read_bytes() == good
+        assert len(MemoryBank.load(tmp_path / f"disk{k}.hkb")) == 3 and len(MemoryBank.load(saved)) == 3
+
+
 def test_save_does_not_replace_a_bank_another_writer_holds(tmp_path):
     path = tmp_path / "live.hkb"
     writer = MemoryBank(4, storage="disk", path=path)

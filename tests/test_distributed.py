@@ -1,5 +1,6 @@
 """ShardedMemoryBank over gloo with 2 and 3 CPU processes: every rank gets one bank's answer."""
 import datetime
+import json
 import os
 import traceback
 
@@ -11,6 +12,7 @@ import torch.multiprocessing as mp
 import hen_kernels as hk
 from hen_kernels import reference
 from hen_kernels.bank import ShardedMemoryBank, shard_path
+from hen_kernels.bank.file_format import HEADER_ROOM, header_bytes
 
 from .conftest import SIMILARITIES, TOLERANCE, beta_for, make, ref64, rel_err
 
@@ -108,6 +110,49 @@ def _checks(rank: int, world: int, tmp: str) -> None:
         tiny.add(x[: rank + 1])
     with pytest.raises(ValueError, match="bank: the bank is empty on every rank"):
         ShardedMemoryBank(d).update(q, 1.0)
+
+    _many_adds_save_and_load(rank, world, tmp)
+
+
+def _many_adds_save_and_load(rank: int, world: int, tmp: str) -> None:
+    """~300 adds outgrew the header page when shard records held the runs (now beside the shard)."""
+    x = make((world * 400, 4), torch.float32, 6)
+    bank = ShardedMemoryBank(4, storage="host", beta=1.0)
+    for i in range(400):  # a row per rank and add: a run each
+        bank.add(x[world * i: world * (i + 1)])
+    path = os.path.join(tmp, "many-{rank}.hkb")
+    bank.save(path)
+    back = ShardedMemoryBank.load(path, storage="host")
+    q = x[::97] + 0.1
+    assert torch.equal(back.partial(q).top_index, hk.hopfield_partial(q, x, 1.0).top_index)
+    assert back._runs == bank._runs and len(bank._runs) == 400
+    os.remove(shard_path(path, rank) + ".runs")
+    with pytest.raises(FileNotFoundError, match="global row ids"):
+        ShardedMemoryBank.load(path, storage="host")
+    # a shard saved before the runs moved out of the record still loads
+    small = ShardedMemoryBank(4, storage="host")
+    for i in range(3):
+        small.add(x[world * i: world * (i + 1)])
+    old = {"rank": rank, "world_size": world, "count": len(small), "runs": small._runs}
+    small.local.metadata["hen_kernels.shard"] = json.dumps(old, separators=(",", ":"))
+    small.local.save(shard_path(path, rank))
+    assert ShardedMemoryBank.load(path, storage="host")._runs == small._runs == [(i, world * i + rank, 1)
+                                                                                 for i in range(3)]
+
+    # runs that continue one another are one run (here only rank 0 adds)
+    disk = ShardedMemoryBank(4, storage="disk", path=os.path.join(tmp, "live-{rank}.hkb"))
+    for i in range(3):
+        disk.add_local(x[i: i + 1] if rank == 0 else x[:0])
+    assert len(disk._runs) == (1 if rank == 0 else 0)
+    # a save whose record does not fit leaves the shard as it was: it still adds, and closes
+    page = header_bytes(4, None, torch.float32, 10 ** 6, "dot", None, "0" * 64, {"notes": ""})
+    disk.local.metadata["notes"] = "x" * (HEADER_ROOM - len(page.rstrip(b" ")) + 8)  # room for no record
+    with pytest.raises(ValueError, match="metadata: the header needs"):
+        disk.save(os.path.join(tmp, "full-{rank}.hkb"))
+    assert "hen_kernels.shard" not in disk.local.metadata
+    assert not os.path.exists(shard_path(os.path.join(tmp, "full-{rank}.hkb"), rank) + ".runs")
+    disk.add(x[:2])
+    disk.close()
 
 
 def _worker(rank: int, world: int, init_file: str, tmp: str, errors) -> None:

@@ -34,6 +34,8 @@ from typing import Dict, Mapping, NamedTuple, Optional
 import torch
 
 from ..constants import SIMILARITIES
+from ..validation import check_similarity
+from ._checks import check_beta_default
 
 FORMAT = "hen_kernels.MemoryBank"
 FORMAT_VERSION = "2"
@@ -138,9 +140,15 @@ def _page_sha(header: dict) -> str:
 
 def header_bytes(dim: int, value_dim: Optional[int], dtype: torch.dtype, count: int, similarity: str,
                  beta: Optional[float], sha256: str, metadata: Mapping[str, str]) -> bytes:
-    """The DATA_OFFSET-byte header page of a version-2 file (ValueError naming metadata if it does not fit)."""
+    """The DATA_OFFSET-byte header page of a version-2 file (ValueError naming metadata if it does not fit).
+
+    Every writer builds its page here, so similarity, beta and metadata (public attributes a caller
+    may have changed since the constructor checked them) are checked here too: a page that
+    parse_header would refuse is never written.
+    """
+    similarity, beta = check_similarity(similarity), check_beta_default(beta)
+    meta = check_metadata(metadata)  # a copy: the format's own keys go after the user's
     width = dim + (value_dim or 0)
-    meta = dict(metadata)
     meta.update(
         format=FORMAT, version=FORMAT_VERSION, dim=str(dim),
         value_dim="none" if value_dim is None else str(value_dim),

@@ -8,7 +8,8 @@
 - :func:`read_info` reads and checks the header page (:mod:`.file_format`);
 - :func:`stream_rows` reads the committed rows in bounded pieces and hashes them;
 - :func:`write_atomically` (``save``) and :func:`create_exclusive` (a new disk
-  bank) never leave a half-written file under the bank's name.
+  bank) never leave a half-written file under the bank's name;
+  :func:`replaced_on_success` does the same for a small file saved alongside.
 
 Nothing is ever unpickled.
 """
@@ -267,6 +268,26 @@ def write_atomically(path: str, count: int, row_bytes: int, rows_cpu: Callable[[
         raise
     finally:
         bar.close()
+
+
+@contextlib.contextmanager
+def replaced_on_success(path: str, data: bytes):
+    """``data`` written and fsynced under a temporary name, renamed over ``path`` once the block ends
+    without an error (removed otherwise): a file that must change only if another file's save does."""
+    tmp = _tmp_name(path)
+    remove_stale_tmp(path)
+    try:
+        with open(tmp, "wb") as f:
+            _write_all(f, memoryview(data))
+            f.flush()
+            os.fsync(f.fileno())
+        yield
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _exists_error(path: str) -> ValueError:

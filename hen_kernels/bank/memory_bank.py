@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -29,7 +29,7 @@ from ..types import Beta, Partial, Retrieval
 from ..validation import check_beta, check_similarity, check_steps, check_weights
 from ._checks import (PathLike, check_beta_default, check_device, check_dtype, check_int, check_path, check_rows,
                       progress_bar)
-from .file_format import MIB, BankFileError, FileInfo, check_metadata, header_bytes, itemsize
+from .file_format import EMPTY_SHA, MIB, BankFileError, FileInfo, check_metadata, header_bytes, itemsize
 from .file_io import check_digest, drain, open_regular, read_info, stream_rows, write_atomically
 from .storage import DiskStore, MemoryStore, chunks, open_disk
 
@@ -86,12 +86,14 @@ class MemoryBank:
             raise ValueError(f"storage: expected one of {STORAGES}, got {storage!r}")
         self._storage = storage
         self._chunk_rows = None if chunk_rows is None else check_int("chunk_rows", chunk_rows, 1)
-        self.similarity = check_similarity(similarity)
-        self.beta = check_beta_default(beta)
+        self.similarity = similarity
+        self.beta = beta
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend: expected a str or None, got {type(backend).__name__}")
         self.backend = backend
-        self.metadata = check_metadata(metadata)
+        self.metadata = metadata
+        # Why the rows must not be saved (damage load(verify=False) let in), or None
+        self._damage: Optional[BankFileError] = None
         if storage == "disk":
             if path is None:
                 raise ValueError("path: storage='disk' needs the path of the bank file")
@@ -114,6 +116,33 @@ class MemoryBank:
         return self.similarity, self.beta, self.metadata
 
     # --- properties ---------------------------------------------------------------
+
+    # similarity, beta and metadata are public and saved with the bank: checked as the constructor
+    # checks them when set (header_bytes checks them again when a page is written: metadata's dict
+    # may be edited in place).
+    @property
+    def similarity(self) -> str:
+        return self._similarity
+
+    @similarity.setter
+    def similarity(self, value: str) -> None:
+        self._similarity = check_similarity(value)
+
+    @property
+    def beta(self) -> Optional[float]:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: Optional[float]) -> None:
+        self._beta = check_beta_default(value)
+
+    @property
+    def metadata(self) -> Dict[str, str]:
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: Optional[Mapping[str, str]]) -> None:
+        self._metadata = check_metadata(value)
 
     @property
     def dim(self) -> int:
@@ -329,15 +358,22 @@ class MemoryBank:
         if isinstance(store, DiskStore) and os.path.exists(path) and os.path.samefile(path, store.path):
             store.flush()
             return
+        if self._damage is not None:  # a save must not give damaged rows a fresh checksum
+            raise BankFileError(f"{self._damage} (loaded with verify=False); not saved")
         n = len(self)
+
+        def page(sha256: str) -> bytes:
+            return header_bytes(self._dim, self._value_dim, self._dtype, n, self.similarity, self.beta, sha256,
+                                self.metadata)
+
+        page(EMPTY_SHA)  # a header that cannot be written refuses before any row is
 
         def header(sha256: str) -> bytes:
             if isinstance(store, DiskStore) and sha256 != store.data_sha256:
                 # loaded with verify=False: a save must not give damaged rows a fresh checksum
                 raise BankFileError(f"{store.path}: corrupted: the sha256 of its rows, {sha256}, does not match "
                                     f"the header's {store.data_sha256}; not saved")
-            return header_bytes(self._dim, self._value_dim, self._dtype, n, self.similarity, self.beta, sha256,
-                                self.metadata)
+            return page(sha256)
 
         write_atomically(path, n, self.row_bytes, store.rows_cpu, header, progress)
 
@@ -401,8 +437,12 @@ class MemoryBank:
                     hasher = stop.value
                     break
                 bank._store.append(rows[:, : info.dim], None if info.value_dim is None else rows[:, info.dim:])
-            if verify:
+            try:
                 check_digest(info, hasher.hexdigest())
+            except BankFileError as e:
+                if verify:
+                    raise
+                bank._damage = e  # the rows were hashed anyway: remember, so that save refuses them
             return bank
         except BaseException:
             if disk:

@@ -22,6 +22,7 @@ the collectives run on the bank's device.  See ``docs/memory_bank.md`` for
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import List, Optional, Tuple
@@ -33,15 +34,34 @@ from .. import ops, streaming
 from ..types import Beta, Partial, Retrieval
 from ..validation import check_steps
 from ._checks import PathLike, check_path, progress_bar
+from .file_format import BankFileError
+from .file_io import open_regular, replaced_on_success
 from .memory_bank import MemoryBank
 
 SHARD_KEY = "hen_kernels.shard"
+RUNS_SUFFIX = ".runs"  # the file beside a saved shard that holds its rows' global ids
 
 
 def shard_path(path: PathLike, rank: int) -> str:
     """This rank's file for ``path``: ``path`` with ``{rank}`` filled in, else ``path.rank<r>``."""
     p = check_path("path", path)
     return p.format(rank=rank) if "{rank}" in p else f"{p}.rank{rank}"
+
+
+def _read_runs(shard: str, sha256: str) -> list:
+    """The runs :meth:`ShardedMemoryBank.save` wrote beside ``shard``, checked against its record's sha256."""
+    path = shard + RUNS_SUFFIX
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path: {path!r} is missing: it holds the global row ids of the shard {shard!r} "
+                                "and goes with it") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise BankFileError(f"{path}: not the row ids saved with {shard!r}: its sha256 does not match the "
+                            "shard's record (damaged, or a save was interrupted between the two files)")
+    return json.loads(data)
 
 
 class ShardedMemoryBank:
@@ -105,11 +125,13 @@ class ShardedMemoryBank:
         if info["world_size"] != world or info["rank"] != rank:
             raise ValueError(f"path: {mine!r} is shard {info['rank']} of {info['world_size']}, "
                              f"but this is rank {rank} of {world}")
-        if sum(r[2] for r in info["runs"]) != len(local):
+        # Shards saved before the runs moved beside them hold the runs in the record itself.
+        runs = info["runs"] if "runs" in info else _read_runs(mine, info["runs_sha256"])
+        if sum(r[2] for r in runs) != len(local):
             raise ValueError(f"path: {mine!r} holds {len(local)} rows but its shard record counts "
-                             f"{sum(r[2] for r in info['runs'])}: rows were added after ShardedMemoryBank.save")
+                             f"{sum(r[2] for r in runs)}: rows were added after ShardedMemoryBank.save")
         self = cls(local.dim, group=group, _local=local)
-        self._runs = [tuple(r) for r in info["runs"]]
+        self._runs = [tuple(r) for r in runs]
         self._count = info["count"]
         counts = self._gather_ints([self._count])
         if any(c[0] != self._count for c in counts):
@@ -117,13 +139,29 @@ class ShardedMemoryBank:
         return self
 
     def save(self, path: PathLike, *, progress: Optional[bool] = None) -> None:
-        """Each rank saves its shard atomically to :func:`shard_path` (``path``, rank) (collective)."""
+        """Each rank saves its shard atomically to :func:`shard_path` (``path``, rank), and its rows' global
+        ids (runs) beside it, to that path + ``".runs"`` (collective)."""
+        mine = shard_path(path, self.rank)
+        # The runs grow with every add and the header page does not: they go to a file of their own,
+        # which the record in the header names by its sha256.
+        runs = json.dumps(self._runs, separators=(",", ":")).encode("ascii")
         record = json.dumps({"rank": self.rank, "world_size": self.world_size, "count": self._count,
-                             "runs": self._runs}, separators=(",", ":"))
+                             "runs_sha256": hashlib.sha256(runs).hexdigest()}, separators=(",", ":"))
         # Kept in the shard's metadata (a disk shard rewrites its header on every add); load checks
         # it against the rows, so a shard changed after the save is refused rather than misnumbered.
-        self.local.metadata[SHARD_KEY] = record
-        self.local.save(shard_path(path, self.rank), progress=progress)
+        metadata = self.local.metadata
+        before = metadata.get(SHARD_KEY)
+        metadata[SHARD_KEY] = record
+        try:
+            with replaced_on_success(mine + RUNS_SUFFIX, runs):  # renamed only once the shard is saved
+                self.local.save(mine, progress=progress)
+        except BaseException:
+            # a failed save leaves the record it replaced: a disk shard writes its header from it
+            if before is None:
+                del metadata[SHARD_KEY]
+            else:
+                metadata[SHARD_KEY] = before
+            raise
         self._barrier()
 
     # --- collectives ----------------------------------------------------------------

@@ -74,9 +74,11 @@ class MemoryStore:
         return self.p[a:b], None if self.v is None else self.v[a:b]
 
     def rows_cpu(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) as a CPU tensor the store does not share (read() hands it to the caller)."""
         p, v = self.view(a, b)
-        rows = p if v is None else torch.cat([p, v], 1)
-        return rows.to("cpu").contiguous()
+        if v is None:
+            return p.to("cpu", copy=True)  # on the CPU, to() alone would return the store's own rows
+        return torch.cat([p, v], 1).to("cpu")
 
     def flush(self) -> None:
         pass
@@ -259,6 +261,7 @@ class DiskStore:
         return self.split(self.window(a, b))
 
     def rows_cpu(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) as a CPU tensor of their own (not the memory map's)."""
         return self.window(a, b).clone()
 
     def flush(self) -> None:
