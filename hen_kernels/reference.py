@@ -43,6 +43,29 @@ def _beta_column(beta: Beta, dtype: torch.dtype, device: torch.device) -> torch.
 _DIRECT_ELEMENTS = 1 << 22
 
 
+def _pair_sums(q: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor], idx: torch.Tensor,
+               kind: str) -> torch.Tensor:
+    """Σ_d w (q - x)² (``kind`` an ℓ2 form) or Σ_d w q x (``"dot"``) for the pairs ``idx`` (pairs,
+    len(lead) + 2) of (..., b, n), q (..., B, D), x (..., N, D) and w expanded to the same leading dims.
+
+    Each pair is summed alone, the same way wherever its row sits, so identical rows give identical sums.
+    """
+    step = max(1, _DIRECT_ELEMENTS // q.shape[-1])
+    parts = []
+    for i in range(0, idx.shape[0], step):
+        at = idx[i:i + step].unbind(-1)
+        qa, xa = q[at[:-1]], x[at[:-2] + at[-1:]]
+        t = qa * xa if kind == "dot" else (qa - xa) * (qa - xa)
+        parts.append((t if w is None else w[at[:-1]] * t).sum(-1))
+    return torch.cat(parts)
+
+
+def _expanded(q: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor]):
+    lead = torch.broadcast_shapes(q.shape[:-2], x.shape[:-2])
+    return (lead, q.expand(lead + q.shape[-2:]), x.expand(lead + x.shape[-2:]),
+            None if w is None else w.expand(lead + w.shape[-2:]))
+
+
 def _recompute_near_pairs(sq: torch.Tensor, q: torch.Tensor, x: torch.Tensor, w: Optional[torch.Tensor],
                           scale: torch.Tensor) -> torch.Tensor:
     """``sq`` with Σ w (q - x)² recomputed directly for the pairs where the expansion may have cancelled.
@@ -54,18 +77,9 @@ def _recompute_near_pairs(sq: torch.Tensor, q: torch.Tensor, x: torch.Tensor, w:
     near = sq < L2_DIRECT_BELOW * scale
     if sq.device.type == "meta" or not bool(near.any()):
         return sq
-    lead = torch.broadcast_shapes(q.shape[:-2], x.shape[:-2])
-    qe = q.expand(lead + q.shape[-2:])
-    xe = x.expand(lead + x.shape[-2:])
-    we = None if w is None else w.expand(lead + w.shape[-2:])
+    lead, qe, xe, we = _expanded(q, x, w)
     idx = near.expand(lead + near.shape[-2:]).nonzero()  # (pairs, len(lead) + 2): (..., b, n)
-    step = max(1, _DIRECT_ELEMENTS // q.shape[-1])
-    parts = []
-    for i in range(0, idx.shape[0], step):
-        at = idx[i:i + step].unbind(-1)
-        diff = qe[at[:-1]] - xe[at[:-2] + at[-1:]]
-        parts.append(((diff * diff) if we is None else (we[at[:-1]] * diff * diff)).sum(-1))
-    return sq.expand(lead + sq.shape[-2:]).index_put(tuple(idx.unbind(-1)), torch.cat(parts))
+    return sq.expand(lead + sq.shape[-2:]).index_put(tuple(idx.unbind(-1)), _pair_sums(qe, xe, we, idx, "l2"))
 
 
 def centre(rows: torch.Tensor) -> torch.Tensor:
@@ -145,6 +159,51 @@ def _empty_partial(query: torch.Tensor, dv: int, dtype: torch.dtype) -> Partial:
     )
 
 
+def _top(t: torch.Tensor, query: torch.Tensor, memory: torch.Tensor, beta: Beta, kind: str,
+         weights: Optional[torch.Tensor]):
+    """The best score of each query and its row, by the kernels' rule (docs/design.md §5.1): the first of
+    equal maxima, NaN never best, and no row (-1, score -inf) for a query with nothing above -inf (a NaN query)."""
+    ranked = torch.where(torch.isnan(t), torch.full_like(t, -math.inf), t)
+    top_score, top_index = ranked.max(-1)  # max documents the first of equal maxima
+    if t.dtype == torch.float64 and not cannot_read(t.device):
+        top_score, top_index = _settle_ties(ranked, top_score, top_index, query, memory, beta, kind, weights)
+    return top_score, torch.where(torch.isneginf(top_score), torch.full_like(top_index, -1), top_index)
+
+
+def _settle_ties(ranked: torch.Tensor, top_score: torch.Tensor, top_index: torch.Tensor, query: torch.Tensor,
+                 memory: torch.Tensor, beta: Beta, kind: str, weights: Optional[torch.Tensor]):
+    """The best rows of float64 scores, from the candidates scored again one pair at a time.
+
+    A float64 matmul sums in an order that depends on where a row sits in its tile, so identical
+    rows may score a rounding apart and the later one win (rounding to float32 hides this for the
+    other dtypes).  Every row within a generous bound of that rounding of the best, where a query
+    has more than one, is scored again by :func:`_pair_sums`, which treats every row alike.
+    """
+    q, x = query.to(torch.float64), memory.to(torch.float64)
+    w = None if weights is None else weights.to(torch.float64)
+    qn = torch.linalg.vector_norm(q if w is None else w * q, dim=-1)  # (..., B)
+    xn = torch.linalg.vector_norm(x, dim=-1).amax(-1, keepdim=True)  # (..., 1)
+    b = _beta_column(beta, torch.float64, q.device).squeeze(-1).abs()  # (..., 1)
+    # A sum of D products rounds by at most D·eps of Σ|terms| ≤ (|q| + |x|)²: 8x that covers both scores of a
+    # pair; the square root of "l2" moves a distance by at most the root of its square's error.
+    sq_err = 8 * (q.shape[-1] + 2) * torch.finfo(torch.float64).eps * (qn + xn) ** 2
+    slack = b * (sq_err.sqrt() if kind == "l2" else sq_err)
+    near = (ranked >= (top_score - slack).unsqueeze(-1)) & ~torch.isneginf(ranked)
+    several = near.sum(-1) > 1
+    if not bool(several.any()):
+        return top_score, top_index
+    lead, qe, xe, we = _expanded(q, x, w)
+    near = (near & several.unsqueeze(-1)).expand(lead + near.shape[-2:])
+    idx = near.nonzero()
+    sums = _pair_sums(qe, xe, we, idx, kind)
+    be = _beta_column(beta, torch.float64, q.device).expand(lead + near.shape[-2:])[tuple(idx.unbind(-1))]
+    direct = be * (sums if kind == "dot" else -sums.sqrt() if kind == "l2" else -0.5 * sums)
+    again = torch.full(near.shape, -math.inf, dtype=torch.float64, device=q.device)
+    again = again.index_put(tuple(idx.unbind(-1)), direct)
+    best, at = again.max(-1)
+    return torch.where(several, best, top_score), torch.where(several, at, top_index)
+
+
 def partial(
     query: torch.Tensor,
     memory: torch.Tensor,
@@ -162,9 +221,7 @@ def partial(
         return _empty_partial(query.expand(lead + query.shape[-2:]), values.shape[-1], dt)
     t = scores(query, memory, beta, similarity, weights, exact=True)
     lse = torch.logsumexp(t, dim=-1)
-    # argmax documents the first of equal maxima: ties go to the smallest row (docs/design.md §5.1).
-    top_index = t.argmax(dim=-1)
-    top_score = t.gather(-1, top_index.unsqueeze(-1)).squeeze(-1)
+    top_score, top_index = _top(t, query, memory, beta, similarity, weights)
     p = torch.exp(t - lse.unsqueeze(-1))
     out = p @ values.to(dt)
     return Partial(out=out, lse=lse, top_score=top_score, top_index=top_index + offset)

@@ -17,7 +17,8 @@ class Partial(NamedTuple):
     * ``out`` (..., B, Dv): the update normalised within the chunk;
     * ``lse`` (..., B): log Σ exp(beta·sim) over the chunk (``-inf`` for an empty chunk);
     * ``top_score`` (..., B): the best beta·sim;
-    * ``top_index`` (..., B) int64: its global row (the smallest among equal scores; -1 when empty).
+    * ``top_index`` (..., B) int64: its global row (the smallest among equal scores; -1 when empty, or when
+      no score beats -inf, as for a query holding NaN, whose ``top_score`` is then -inf).
 
     Float fields are float32 (float64 for float64 inputs) whatever the input dtype.
     Partials of disjoint chunks merge exactly with :func:`hen_kernels.merge_partials`.

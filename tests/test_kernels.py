@@ -186,6 +186,9 @@ def test_nan_query_leaves_other_queries_intact(backend, similarity):
     torch.testing.assert_close(p.out[keep], clean.out[keep], rtol=0, atol=0)
     torch.testing.assert_close(p.lse[keep], clean.lse[keep], rtol=0, atol=0)
     assert torch.isnan(p.out[2]).all() and torch.isnan(p.lse[2])
+    # NaN never wins: no row, on every backend alike (the reference's argmax once said row 0).
+    assert p.top_index[2] == -1 and torch.isneginf(p.top_score[2])
+    assert torch.equal(p.top_index[keep], clean.top_index[keep])
     r = hk.hopfield_retrieve(q_bad, x, beta, similarity=similarity, max_steps=4, tol=1e-6, backend=backend)
     r_clean = hk.hopfield_retrieve(q, x, beta, similarity=similarity, max_steps=4, tol=1e-6, backend=backend)
     torch.testing.assert_close(r.state[keep], r_clean.state[keep], rtol=0, atol=0)

@@ -85,6 +85,33 @@ def test_merge_ties_go_to_the_smaller_row():
     assert reference.partial(q, x, 1.0, "dot").top_index.item() == 0
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_identical_rows_tie_to_the_first_wherever_they_sit(similarity, dtype, weighted):
+    """Copies of a row at every offset in a tile: the first wins (docs/design.md §5.1).  A float64 matmul
+    rounds a row's product by where it sits, so copies scored a rounding apart and a later one won."""
+    g = torch.Generator().manual_seed(64037)
+    base = torch.randn(12, 64, generator=g, dtype=torch.float64)
+    x = base[torch.randint(0, 12, (257,), generator=g)]
+    q = torch.cat([x[torch.randint(0, 257, (6,), generator=g)], base[:4] + 0.05 * torch.randn(4, 64, generator=g)])
+    w = torch.rand(q.shape, generator=g) + 0.5 if weighted else None
+    p = reference.partial(q.to(dtype), x.to(dtype), beta_for(similarity, 64, 1.0), similarity, weights=w)
+    first = [int((x == x[i]).all(1).nonzero()[0]) for i in p.top_index.tolist()]
+    assert p.top_index.tolist() == first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_a_nan_query_has_no_best_row(similarity, dtype):
+    """As the kernels answer it: NaN never wins, so no row (-1) and score -inf; argmax alone said row 0."""
+    q, x = make((3, 8), dtype, 12), make((20, 8), dtype, 13)
+    q[1, 2] = float("nan")
+    p = reference.partial(q, x, 0.5, similarity)
+    assert p.top_index[1] == -1 and torch.isneginf(p.top_score[1])
+    assert torch.equal(p.top_index[[0, 2]], reference.partial(q[[0, 2]], x, 0.5, similarity).top_index)
+
+
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 def test_energy_formula(similarity):
     q, x = make((5, 6), torch.float64, 10), make((9, 6), torch.float64, 11)
