@@ -617,8 +617,9 @@ PartialResult partial_backward_meta(const at::Tensor& dout, const at::Tensor& dl
                                     const std::optional<at::Tensor>& weights) {
   auto opts = query.options().dtype(at::kFloat);
   const int64_t L = c10::multiply_integers(query.sizes().slice(0, query.dim() - 2));  // (a split query: Lo x Li)
-  return {at::empty(query.sizes(), opts), at::empty(memory.sizes(), memory.options()),
-          at::empty(values.sizes(), values.options()), at::empty({4, L, query.size(-2)}, opts)};
+  // A split bank's (Lo, Li, N, ·) gradients come laid out as its views (partial_backward_cpu).
+  auto bank = [](const at::Tensor& t) { return t.dim() == 4 ? at::empty_like(t) : at::empty(t.sizes(), t.options()); };
+  return {at::empty(query.sizes(), opts), bank(memory), bank(values), at::empty({4, L, query.size(-2)}, opts)};
 }
 
 #ifdef HEN_WITH_CUDA

@@ -55,10 +55,17 @@ _partial_backward = torch.library.custom_op("hen_kernels::partial_backward", mut
 def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None):
     f32 = dict(dtype=torch.float32, device=query.device)
     own = backends.BACKENDS[backend].bank_grads_in_input_dtype
-    return (query.new_empty(query.shape, **f32),
-            memory.new_empty(memory.shape, dtype=memory.dtype if own else torch.float32, device=query.device),
-            values.new_empty(values.shape, dtype=values.dtype if own else torch.float32, device=query.device),
-            beta.new_empty(beta.shape, **f32))
+
+    def bank_grad(t: torch.Tensor) -> torch.Tensor:
+        dt = t.dtype if own else torch.float32
+        # The CPU op lays a split bank's (Lo, Li, N, D) gradients out as the views themselves (empty_like), so
+        # that autograd hands them back through the user's transposes without a copy; a compiled backward
+        # reads them by the strides said here, so they must be the op's own.
+        if own and t.dim() == 4:
+            return torch.empty_like(t, dtype=dt, device=query.device)
+        return t.new_empty(t.shape, dtype=dt, device=query.device)
+
+    return query.new_empty(query.shape, **f32), bank_grad(memory), bank_grad(values), beta.new_empty(beta.shape, **f32)
 
 
 _partial_backward.register_vmap(vmap_rules.looped_rule(_partial_backward))

@@ -96,3 +96,54 @@ def test_a_graph_capture_reads_no_value(monkeypatch, backend):
     assert q.grad is not None and beta.grad is not None
     torch.testing.assert_close(r.state, eager.state)  # every step run, masked: the same answer
     assert torch.equal(r.steps, eager.steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [False, True])
+def test_the_backward_fake_has_the_ops_strides(split, dtype):
+    """A compiled backward reads the bank gradients by the fake's strides: they must be the op's own.  Heads
+    split from a projection are read in place, and the CPU op lays their gradients out as the views; the fake
+    said contiguous, so inductor's size asserts failed (and without them the gradients were wrong)."""
+    require("cpu")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hen_kernels import backends
+
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = 2, 3, 20, 8
+    qkv = torch.randn(b, n, 3 * h * d, generator=g).to(dtype)
+    q, x, v = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in qkv.split(h * d, -1))  # (b, h, n, d) views
+    q = q[:, :, :4]  # few queries: the split bank is read in place
+    if not split:
+        q, x, v = (t.reshape(b * h, t.shape[2], d) for t in (q, x, v))
+    inp = hk.validation.check_inputs(q, x, 0.4, "dot", v)  # as the autograd path hands them on (autograd.py)
+    if split:
+        assert inp.memory.dim() == 4, "the split bank was copied: this test no longer sees its layout"
+    p = backends.BACKENDS["cpu"].partial(inp, 0)
+    args = (torch.randn(p.out.shape, generator=g), torch.zeros(p.lse.shape), inp.query, inp.memory, inp.values,
+            inp.beta, p.out, p.lse)
+    for op, tail in ((torch.ops.hen_kernels.partial_backward, ("dot", "cpu")),  # its fake
+                     (torch.ops.hen_kernels.cpu_partial_backward, (0, None))):  # the C++ op and its Meta kernel
+        real = op(*args, *tail)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*(mode.from_tensor(a) for a in args), *tail)
+        for r, f in zip(real, fake):
+            assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
+
+
+@pytest.mark.slow
+def test_a_compiled_training_step_of_a_multi_head_layer_matches_eager():
+    """Inductor, end to end, over the split heads the test above checks the strides of (about 20 s)."""
+    require("cpu")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = hk.nn.Hopfield(input_size=16, num_heads=2)
+    x = torch.randn(3, 5, 16)
+    grads = []
+    for f in (layer, torch.compile(layer)):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        f(xi).square().sum().backward()
+        grads.append([xi.grad] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
