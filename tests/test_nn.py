@@ -237,6 +237,40 @@ def test_a_trainable_beta_keeps_its_gradient():
     assert m.scaling.grad is not None and m.scaling.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("scaling", [None, 0.1])
+def test_a_float64_module_holds_its_configured_beta_exactly(scaling):
+    """Made float32, then .double(): beta is the configured value in float64, not float32's rounding of it
+    (which put a float64 layer 1.7e-7 off nn.MultiheadAttention); a beta set since keeps what it holds."""
+    m = hk.nn.Hopfield(input_size=16, num_heads=2, scaling=scaling).double()
+    want = 1 / math.sqrt(8) if scaling is None else scaling
+    assert m.scaling.dtype == torch.float64 and m.scaling.tolist() == [want, want]
+    pooling = hk.nn.HopfieldPooling(input_size=16, num_heads=2, scaling=0.1).double()
+    assert pooling.hopfield.scaling.tolist() == [0.1] * 2
+    m = hk.nn.Hopfield(input_size=16, num_heads=2)
+    with torch.no_grad():
+        m.scaling.fill_(0.3)
+    assert m.double().scaling.tolist() == [torch.tensor(0.3).item()] * 2  # float32's 0.3, as set
+
+
+@pytest.mark.parametrize("hook", ["backward", "backward_pre", "global_backward"])
+def test_a_backward_hook_on_a_projection_sees_its_own_call(hook):
+    """Self-association packs the three projections into one product only where no hook would miss its
+    module's call: backward hooks were not looked at, so they never fired."""
+    m = hk.nn.Hopfield(input_size=16, num_heads=2, **AS_MHA)
+    fired = []
+    if hook == "global_backward":
+        handle = torch.nn.modules.module.register_module_full_backward_hook(
+            lambda mod, gin, gout: fired.append(mod) if mod is m.k_proj else None)
+    else:
+        register = getattr(m.k_proj, f"register_full_{hook}_hook")
+        handle = register(lambda mod, *grads: fired.append(mod))
+    try:
+        m(make((2, 5, 16), torch.float32, 1).requires_grad_()).sum().backward()
+    finally:
+        handle.remove()
+    assert fired == [m.k_proj]
+
+
 @pytest.mark.parametrize("static", ["stored", "state", "projection", "all"])
 def test_static_patterns_skip_their_projection(static):
     kw = dict(stored_pattern_as_static=static in ("stored", "all"), state_pattern_as_static=static in ("state", "all"),

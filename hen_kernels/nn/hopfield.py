@@ -248,6 +248,19 @@ class Hopfield(nn.Module):
         return Setting(self.similarity, self.backend, self.scaling, A.head_groups(self._steps, self._eps),
                        self.dropout)
 
+    def _apply(self, fn, recurse=True):
+        # A beta still at its configured value keeps that value at the new precision: made in float32, a module
+        # made float64 by .double() would carry float32's rounding of 1/sqrt(d) (1.7e-8 relative), as no
+        # nn.MultiheadAttention in float64 does.  A beta that was trained or set keeps what it holds.
+        before = self.scaling.detach()
+        configured = torch.tensor(self._scaling_init, dtype=torch.float64)
+        at_init = not before.is_meta and torch.equal(before.cpu(), configured.to(before.dtype))
+        out = super()._apply(fn, recurse)
+        if at_init and not self.scaling.is_meta and self.scaling.dtype != before.dtype:
+            with torch.no_grad():
+                self.scaling.copy_(configured)
+        return out
+
     def reset_parameters(self) -> None:
         """hflayers' initialisation: projections and bias patterns N(0, 0.02²), biases 0, LayerNorm identity.
 
@@ -289,9 +302,9 @@ class Hopfield(nn.Module):
 
     def _packable(self) -> bool:
         """Whether q, k and v of one input may come from one product with the three projections' weights
-        stacked, as nn.MultiheadAttention's packed in-projection: each a plain nn.Linear with no hook
-        (a hook, or a subclass such as a LoRA adapter, must see its own call), nothing between input and
-        projection."""
+        stacked, as nn.MultiheadAttention's packed in-projection: each a plain nn.Linear with no hook, forward
+        or backward (a hook, or a subclass such as a LoRA adapter, must see its own call), nothing between
+        input and projection."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if (self.pattern_projection_as_connected or any(type(p) is not nn.Linear for p in projs)
                 or any(n is not None for n in (self.norm_stored_pattern, self.norm_state_pattern,
@@ -301,7 +314,9 @@ class Hopfield(nn.Module):
             return False
         hooks = nn.modules.module
         return not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                    or any(p._forward_hooks or p._forward_pre_hooks for p in projs))
+                    or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
+                    or any(p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks
+                           for p in projs))
 
     def _patterns(self, stored: Tensor, state: Tensor, proj: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q, k, v in Hopfield space, the bias and zero patterns appended to k and v."""
