@@ -154,6 +154,21 @@ def _many_adds_save_and_load(rank: int, world: int, tmp: str) -> None:
     disk.add(x[:2])
     disk.close()
 
+    # one shard changed after the save: every rank raises, that one its own error and the others naming it
+    # (they once waited in a collective for the rank that had raised, then failed with gloo's error)
+    stale = os.path.join(tmp, "stale-{rank}.hkb")
+    bank = ShardedMemoryBank(4, storage="host")
+    bank.add(x[:2 * world])
+    bank.save(stale)
+    if rank == world - 1:
+        shard = hk.MemoryBank.load(shard_path(stale, rank))
+        shard.add(x[:1])
+        shard.save(shard_path(stale, rank))
+    dist.barrier()
+    match = "rows were added after" if rank == world - 1 else f"the shard of rank {world - 1} .* did not load"
+    with pytest.raises(ValueError, match=match):
+        ShardedMemoryBank.load(stale, storage="host")
+
 
 def _worker(rank: int, world: int, init_file: str, tmp: str, errors) -> None:
     # A bounded timeout: a rank that fails must not leave the others waiting for half an hour.

@@ -106,16 +106,9 @@ class ShardedMemoryBank:
         self._count = sum(c[0] for c in counts)
         return self
 
-    @classmethod
-    def load(cls, path: PathLike, *, group: Optional[dist.ProcessGroup] = None, **load_kw) -> "ShardedMemoryBank":
-        """Each rank loads :func:`shard_path` (``path``, rank), written by :meth:`save` (collective).
-
-        ``load_kw`` go to :meth:`MemoryBank.load` (storage, device, chunk_rows, verify, ...).
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ShardedMemoryBank.load: torch.distributed is not initialised")
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        mine = shard_path(path, rank)
+    @staticmethod
+    def _load_shard(mine: str, rank: int, world: int, load_kw: dict):
+        """This rank's shard, its runs and its record, checked against the rows it holds."""
         local = MemoryBank.load(mine, **load_kw)
         record = local.metadata.get(SHARD_KEY)
         if record is None:
@@ -130,6 +123,32 @@ class ShardedMemoryBank:
         if sum(r[2] for r in runs) != len(local):
             raise ValueError(f"path: {mine!r} holds {len(local)} rows but its shard record counts "
                              f"{sum(r[2] for r in runs)}: rows were added after ShardedMemoryBank.save")
+        return local, runs, info
+
+    @classmethod
+    def load(cls, path: PathLike, *, group: Optional[dist.ProcessGroup] = None, **load_kw) -> "ShardedMemoryBank":
+        """Each rank loads :func:`shard_path` (``path``, rank), written by :meth:`save` (collective).
+
+        ``load_kw`` go to :meth:`MemoryBank.load` (storage, device, chunk_rows, verify, ...).
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ShardedMemoryBank.load: torch.distributed is not initialised")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        # Every rank learns whether every shard loaded before any goes on: a rank that raised alone would
+        # leave the others in the size check's collective, to fail there with the process group's error.
+        error = None
+        try:
+            local, runs, info = cls._load_shard(shard_path(path, rank), rank, world, load_kw)
+        except Exception as e:  # (not BaseException: an interrupt is not for the other ranks to report)
+            error = e
+        said: List[Optional[str]] = [None] * world
+        dist.all_gather_object(said, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        if error is not None:
+            raise error
+        failed = [(r, m) for r, m in enumerate(said) if m is not None]
+        if failed:
+            raise ValueError(f"path: the shard of rank {failed[0][0]} of {path!r} did not load ({failed[0][1]})"
+                             + (f", and {len(failed) - 1} more" if len(failed) > 1 else ""))
         self = cls(local.dim, group=group, _local=local)
         self._runs = [tuple(r) for r in runs]
         self._count = info["count"]
