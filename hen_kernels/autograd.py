@@ -34,8 +34,13 @@ from .validation import Inputs
 
 
 def needs_grad(inp: Inputs) -> bool:
-    return torch.is_grad_enabled() and any(
-        t.requires_grad for t in (inp.query, inp.memory, inp.values, inp.beta)
+    # Under a functorch transform the tensors here are wrappers whose requires_grad speaks for their own level
+    # only: in grad(vmap(f)), or a backward through vmap, the batched input reads False while the level outside
+    # differentiates it, and the raw op (no autograd kernel) handed back a zero gradient.  There the
+    # differentiable path, always.
+    return torch.is_grad_enabled() and (
+        any(t.requires_grad for t in (inp.query, inp.memory, inp.values, inp.beta))
+        or torch._C._are_functorch_transforms_active()
     )
 
 
@@ -127,5 +132,11 @@ def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
     # gradient as dq + (dx + dv) however the inputs' views came out (one tensor in all three places summed
     # (dq + dx) + dv); binding.cpp's UpdateFunction does the same, and the two paths keep the same bits.
     query = inp.query.view_as(inp.query) if inp.query is inp.memory or inp.query is inp.values else inp.query
-    return Partial(*PartialFunction.apply(query, inp.memory, inp.values, inp.beta, inp.similarity,
+    values = inp.values
+    if values is inp.memory and torch.compiler.is_compiling():
+        # Dynamo refuses one tensor twice among an autograd.Function's inputs (fullgraph=True raised): an alias,
+        # whose data and strides are the bank's, so the kernels still read keys = values once (they compare
+        # pointers and strides); eager calls keep the one tensor.
+        values = values.view_as(values)
+    return Partial(*PartialFunction.apply(query, inp.memory, values, inp.beta, inp.similarity,
                                           backend, offset, inp.weights))

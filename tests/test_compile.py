@@ -53,6 +53,26 @@ def test_compiled_weighted_call_matches_eager(backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_compiled_fullgraph_with_gradients_and_keys_as_values(backend):
+    """Keys = values (values omitted) with gradients: dynamo refused the bank given twice to the autograd
+    Function (fullgraph=True raised 'duplicate tensor input')."""
+    require(backend)
+    torch._dynamo.reset()
+
+    def f(q, x):
+        return hk.hopfield_update(q, x, 0.7, backend=backend).square().sum()
+
+    q, x = torch.randn(3, 8), torch.randn(20, 8)
+    grads = []
+    for g in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        qi, xi = q.clone().requires_grad_(), x.clone().requires_grad_()
+        g(qi, xi).backward()
+        grads.append((qi.grad, xi.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the ops that bring a tensor's value to the host: on CUDA each synchronizes, which a
     graph capture refuses (cudaErrorStreamCaptureUnsupported), and a capture only runs work at replay."""

@@ -65,6 +65,32 @@ def test_vmap_over_queries_banks_and_per_sample_grads(backend, similarity, capfd
     assert rel_err(per_sample, want) < 4 * TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_from_outside_a_vmap_reach_the_vmapped_inputs(backend, similarity):
+    """grad(vmap(f)), and a backward through a vmapped call: the batched inputs' wrappers read
+    requires_grad False at the vmap's level, and the kernels' raw op (no autograd kernel) gave a zero
+    gradient (torch.func.grad) or none at all (.backward()) for every vmapped input, without a word."""
+    require(backend, 4 * 3, 20, 8 * 4)
+    qs, xs = make((4, 3, 8), torch.float32, 3), make((4, 20, 8), torch.float32, 5)
+    betas, w = torch.tensor([0.3, 0.5, 0.7, 0.9]), make((4, 3, 8), torch.float32, 6)
+
+    def loss(q, x, b):
+        out = torch.vmap(lambda q, x, b: hk.hopfield_update(q, x, b, similarity=similarity, backend=backend))(q, x, b)
+        return (out * w.to(out.dtype)).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(qs, xs, betas)
+    args64 = [t.double().requires_grad_() for t in (qs, xs, betas)]
+    want = torch.autograd.grad((_ref64(args64[0], args64[1], args64[2], similarity) * w).sum(),
+                               args64)
+    for g, g64 in zip(got, want):
+        assert rel_err(g, g64) < 4 * TOLERANCE[torch.float32]
+    leaves = [t.clone().requires_grad_() for t in (qs, xs, betas)]
+    loss(*leaves).backward()
+    for t, g64 in zip(leaves, want):
+        assert t.grad is not None and rel_err(t.grad, g64) < 4 * TOLERANCE[torch.float32]
+
+
 # --- forward mode: torch.func.jvp, jacfwd, torch.autograd.forward_ad ---------------------
 
 def _forward_calls(beta, similarity):
