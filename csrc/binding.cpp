@@ -572,15 +572,25 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
     };
     torch::autograd::variable_list g{shaped(dq, "query_sizes", 0), shaped(dx, "memory_sizes", 1),
                                      shaped(dv, "values_sizes", 2), at::Tensor(), at::Tensor()};
-    // create_graph: the kernels record nothing, so a second derivative would come out as zero. As
-    // @once_differentiable does for the general path, it fails instead, when it is taken.
-    if (at::GradMode::is_enabled() && grads[0].requires_grad()) {
-      for (at::Tensor& t : g)
-        if (t.defined()) t = t.detach().requires_grad_(true);
-      auto error = std::make_shared<torch::autograd::DelayedError>(
-          "trying to differentiate twice hen_kernels' fused update backward (double backward is not supported)",
-          static_cast<int64_t>(g.size()));
-      g = error->apply(std::move(g));
+    // create_graph: the kernels record nothing, so a second derivative would come out as zero. It fails
+    // instead, when it is taken, as autograd.py's refuse_second_derivative has it for the general path: the
+    // error node also takes every saved input and incoming gradient that requires grad, so it lies on each
+    // path back to them (with the gradients alone, torch.autograd.grad never ran it: a silent zero).
+    if (at::GradMode::is_enabled()) {
+      torch::autograd::variable_list inputs;
+      for (const at::Tensor& t : g)
+        inputs.push_back(t.defined() ? t.detach() : at::Tensor());
+      const size_t n = inputs.size();
+      for (const at::Tensor& t : {grads[0], q3, x3, v3})
+        if (t.defined() && t.requires_grad()) inputs.push_back(t);
+      if (inputs.size() > n) {
+        auto error = std::make_shared<torch::autograd::DelayedError>(
+            "trying to differentiate twice hen_kernels' fused backward (double backward is not supported; "
+            "backend='torch' has it)",
+            static_cast<int64_t>(inputs.size()));
+        g = error->apply(std::move(inputs));
+        g.resize(n);
+      }
     }
     return g;
   }

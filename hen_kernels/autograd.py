@@ -25,7 +25,6 @@ import inspect
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import backends, vmap_rules
 from .tracing import is_tracing
@@ -96,24 +95,67 @@ class PartialFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(top_score, top_index)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dlse, _dts, _dti):
         q, x, v, beta, out, lse, weights = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else dout
-        dlse = torch.zeros_like(lse) if dlse is None else dlse
-        # The custom op is for what traces (torch.compile, vmap, fake tensors); on data its
-        # dispatch layers cost more than a small backward itself (docs/nn.md "Benchmarks").
-        backward = _partial_backward if is_tracing() else _partial_backward_impl
-        dq, dx, dv, dbeta = backward(
-            dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse, ctx.similarity, ctx.backend, weights)
-        need = ctx.needs_input_grad
-        return (
-            dq.to(q.dtype) if need[0] else None,
-            dx.to(x.dtype) if need[1] else None,
-            dv.to(v.dtype) if need[2] else None,
-            dbeta.to(beta.dtype) if need[3] else None,
-            None, None, None, None,
-        )
+        with torch.no_grad():
+            dout = torch.zeros_like(out) if dout is None else dout
+            dlse = torch.zeros_like(lse) if dlse is None else dlse
+            # The custom op is for what traces (torch.compile, vmap, fake tensors); on data its
+            # dispatch layers cost more than a small backward itself (docs/nn.md "Benchmarks").
+            backward = _partial_backward if is_tracing() else _partial_backward_impl
+            dq, dx, dv, dbeta = backward(
+                dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse, ctx.similarity, ctx.backend, weights)
+            need = ctx.needs_input_grad
+            grads = (dq.to(q.dtype) if need[0] else None, dx.to(x.dtype) if need[1] else None,
+                     dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None)
+        return refuse_second_derivative(grads, (q, x, v, beta, weights, dout, dlse)) + (None,) * 4  # (dout, dlse last)
+
+
+TWICE = (b"trying to differentiate twice hen_kernels' fused backward (double backward is not supported; "
+         b"backend='torch' has it)")
+
+
+def refuse_second_derivative(grads: tuple, sources: tuple) -> tuple:
+    """``grads`` as they are, or, under create_graph, through a node that raises once they are differentiated.
+
+    The node also takes every source that requires grad (the inputs, the incoming gradients), so it lies on
+    each path from these gradients back to them.  once_differentiable gives it the gradients' detached
+    copies alone: torch.autograd.grad, which runs only the nodes on paths to the inputs it is asked about,
+    then skipped it and took the kernels' second-order term as zero, silently (a gradient penalty, hvp).
+    """
+    if not torch.is_grad_enabled():
+        return grads
+    given = [g for g in grads if g is not None]
+    if torch._C._are_functorch_transforms_active():
+        # The wrappers' requires_grad speaks for their own level, and DelayedError reads its inputs' data,
+        # which vmap forbids: an autograd.Function, which the transforms lift level by level, takes them all.
+        ties = (t for t in sources if isinstance(t, torch.Tensor))
+        wrapped = iter(_SecondDerivative.apply(len(given), *given, *ties))
+        return tuple(None if g is None else next(wrapped) for g in grads)
+    live = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not live:
+        return grads
+    wrapped = iter(torch._C._functions.DelayedError(TWICE, len(given) + len(live))(*given, *live)[:len(given)])
+    return tuple(None if g is None else next(wrapped) for g in grads)
+
+
+class _SecondDerivative(torch.autograd.Function):
+    """Its first ``n`` inputs, as they are (the others only tie it to their graphs); differentiated, it raises
+    (refuse_second_derivative under torch.func)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(n, *tensors):
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(TWICE.decode())
 
 
 # Function.apply binds its arguments to forward's signature at every call (a Function with a

@@ -338,6 +338,16 @@ def test_double_backward_fails_when_taken_not_silently(beta):
     (g,) = torch.autograd.grad(out.square().sum() + q.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.sum().backward()
+    # torch.autograd.grad runs only the nodes on paths to the inputs asked for: the error node lay off them
+    # (it held the gradients' detached copies alone) and the second derivative came back without the
+    # kernels' term, silently; so did the double-backward jvp/hvp of torch.autograd.functional
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(g.sum(), q)
+    f = lambda q: hk.hopfield_update(q, x, torch.tensor(0.5) if beta == "tensor" else beta).square().sum()  # noqa
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.functional.hvp(f, q.detach(), torch.ones(3, 8))
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # (the wrappers' requires_grad said False)
+        torch.func.grad(lambda q: torch.func.grad(f)(q).sum())(q.detach())
 
 
 def test_in_place_changes_to_the_output_as_the_general_path(monkeypatch):
