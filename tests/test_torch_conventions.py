@@ -91,6 +91,32 @@ def test_gradients_from_outside_a_vmap_reach_the_vmapped_inputs(backend, similar
         assert t.grad is not None and rel_err(t.grad, g64) < 4 * TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("in_dim", [0, 1])
+def test_vmap_over_a_layer_with_per_sample_masks(in_dim):
+    """Per-sample padding masks are a vmapped layer's normal case: the fully-masked check read the
+    mask's values, which vmap forbids (it raised for every masked call); it now reads them beneath
+    the transform, so a sample with every stored pattern masked is still refused, by name."""
+    m = hk.nn.Hopfield(input_size=8, num_heads=2, batch_first=True)
+    params = dict(m.named_parameters())
+    stored, state = make((4, 5, 8), torch.float32, 1), make((4, 3, 8), torch.float32, 2)
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    mask[:, -1], mask[2, :3] = True, True
+
+    def one(s, p, padding):
+        inputs = ((s[None], p[None], s[None]),)
+        return torch.func.functional_call(m, params, inputs, {"stored_pattern_padding_mask": padding[None]})[0]
+
+    def batched(t):
+        return t.movedim(0, in_dim)
+    got = torch.vmap(one, in_dims=in_dim)(batched(stored), batched(state), batched(mask))
+    torch.testing.assert_close(got, torch.stack([one(stored[i], state[i], mask[i]) for i in range(4)]))
+    grads = torch.vmap(torch.func.grad(lambda s, p, k: one(s, p, k).square().sum()))(stored, state, mask)
+    assert torch.isfinite(grads).all() and grads.abs().sum() > 0
+    mask[1] = True
+    with pytest.raises(ValueError, match="every stored pattern is masked for one state pattern of a vmapped"):
+        torch.vmap(one, in_dims=in_dim)(batched(stored), batched(state), batched(mask))
+
+
 # --- forward mode: torch.func.jvp, jacfwd, torch.autograd.forward_ad ---------------------
 
 def _forward_calls(beta, similarity):

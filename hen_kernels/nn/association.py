@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import backends, ops, reference, streaming
+from .. import backends, ops, reference, streaming, tracing
 from ..types import Partial
 from ..validation import check_inputs
 from .arguments import HeadGroup
@@ -232,15 +232,22 @@ def additive_mask(padding: Optional[Tensor], association: Optional[Tensor], shap
 
 
 def refuse_fully_masked(bias: Optional[Tensor]) -> None:
-    """A state pattern whose every stored pattern is masked has no softmax: refuse it rather than return NaN."""
+    """A state pattern whose every stored pattern is masked has no softmax: refuse it rather than return NaN.
+
+    Under vmap the check reads the mask beneath the transform (per-sample masks are a vmap's normal case)."""
     if bias is None or bias.device.type == "meta":
         return
-    blocked = torch.isneginf(bias).all(-1)
+    plain, patterns = tracing.beneath_transforms(bias, -1)
+    if plain is None:
+        return
+    blocked = torch.isneginf(plain).all(patterns)
     if bool(blocked.any()):
-        b, h, l = (int(i) for i in blocked.nonzero()[0])
+        where = tuple(int(i) for i in blocked.nonzero()[0])
+        at = ("batch item {}, head {}, state pattern {}".format(*where) if plain is bias
+              else f"one state pattern of a vmapped sample (index {where} beneath the vmap)")
         raise ValueError(
-            "stored_pattern_padding_mask / association_mask: every stored pattern is masked for "
-            f"batch item {b}, head {h}, state pattern {l}; a softmax over no pattern is undefined (hflayers returns "
-            "NaN there). Leave at least one stored pattern unmasked, or build the module with "
-            "add_zero_association=True so the zero pattern is always there to attend to."
+            f"stored_pattern_padding_mask / association_mask: every stored pattern is masked for {at}; a "
+            "softmax over no pattern is undefined (hflayers returns NaN there). Leave at least one stored pattern "
+            "unmasked, or build the module with add_zero_association=True so the zero pattern is always there "
+            "to attend to."
         )
