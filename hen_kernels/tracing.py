@@ -15,13 +15,13 @@ from torch._C import _functorch as functorch
 _MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
 
 
-def _shapes_only() -> bool:
-    # torch.compile, fake tensors, make_fx: no values anywhere, not even beneath functorch's wrappers
-    return torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(m) is not None for m in _MODES)
+def _shape_modes() -> bool:
+    # fake tensors, make_fx: no values anywhere, not even beneath functorch's wrappers
+    return any(torch._C._get_dispatch_mode(m) is not None for m in _MODES)
 
 
 def is_tracing() -> bool:
-    return _shapes_only() or torch._C._are_functorch_transforms_active()
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _shape_modes()
 
 
 def _capturing(device: torch.device) -> bool:
@@ -36,15 +36,16 @@ def cannot_read(device: torch.device) -> bool:
 
 def beneath_transforms(t: torch.Tensor, dim: int) -> Tuple[Optional[torch.Tensor], int]:
     """The plain tensor beneath ``t``'s functorch wrappers (vmap, grad) and where ``t``'s dimension ``dim``
-    sits in it, or ``None`` where no values exist (torch.compile, fake tensors, CUDA graph capture).
+    sits in it, or ``None`` where no values exist (fake tensors, make_fx, CUDA graph capture).
 
     A check that refuses bad values (a fully masked row, say) can then still run under vmap, on every
     sample at once, where reading a batched tensor's values raises: each vmap level adds one dimension,
-    at its ``bdim``, to the tensor beneath it."""
-    if _shapes_only() or _capturing(t.device):
+    at its ``bdim``, to the tensor beneath it.  Under torch.compile the check reads ``t`` as it is
+    (dynamo breaks the graph there and runs the check eagerly)."""
+    if _shape_modes() or _capturing(t.device):
         return None, dim
     dim %= t.dim()
-    while functorch.is_functorch_wrapped_tensor(t):
+    while torch._C._are_functorch_transforms_active() and functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t) and functorch.maybe_get_bdim(t) <= dim:
             dim += 1
         t = functorch.get_unwrapped(t)

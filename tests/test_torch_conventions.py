@@ -117,6 +117,17 @@ def test_vmap_over_a_layer_with_per_sample_masks(in_dim):
         torch.vmap(one, in_dims=in_dim)(batched(stored), batched(state), batched(mask))
 
 
+def test_a_fully_masked_state_pattern_is_refused_under_torch_compile():
+    """The check reads the mask; under torch.compile dynamo breaks the graph there and runs it (a
+    version that skipped it while compiling returned NaN)."""
+    m = hk.nn.Hopfield(input_size=8, num_heads=2, batch_first=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1] = True
+    compiled = torch.compile(lambda s, p, k: m((s, p, s), stored_pattern_padding_mask=k), backend="eager")
+    with pytest.raises(ValueError, match="every stored pattern is masked for batch item 1"):
+        compiled(make((2, 5, 8), torch.float32, 1), make((2, 3, 8), torch.float32, 2), mask)
+
+
 # --- forward mode: torch.func.jvp, jacfwd, torch.autograd.forward_ad ---------------------
 
 def _forward_calls(beta, similarity):
