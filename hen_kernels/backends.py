@@ -324,14 +324,22 @@ def carries_tangents(inp: Inputs) -> bool:
                for t in (inp.query, inp.memory, inp.values, inp.beta, inp.weights))
 
 
+def compiling_a_transform() -> bool:
+    """Whether torch.compile is tracing a torch.func transform (grad, vmap, ...): there dynamo drops an
+    autograd.Function's backward (pytorch/pytorch#193279; autograd.partial), so the automatic choice is the
+    reference, plain PyTorch, which it differentiates right."""
+    return torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def resolve(backend: Optional[str], inp: Inputs) -> Backend:
     """The backend for these inputs: the one asked for, else $HEN_KERNELS_BACKEND, else the fastest;
-    the reference wherever forward-mode AD carries a tangent (:func:`carries_tangents`)."""
+    the reference wherever forward-mode AD carries a tangent (:func:`carries_tangents`) and where
+    torch.compile traces a torch.func transform (:func:`compiling_a_transform`)."""
     device_type = inp.query.device.type
     asked = backend if backend is not None else os.environ.get(ENV_BACKEND) or None
     source = "backend" if backend is not None else ENV_BACKEND
     tangents = carries_tangents(inp)
-    if tangents and asked in (None, "torch"):
+    if (tangents or compiling_a_transform()) and asked in (None, "torch"):
         return BACKENDS["torch"]
     if asked is None:
         for name in preference(device_type, inp):
