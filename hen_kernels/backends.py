@@ -325,10 +325,11 @@ def carries_tangents(inp: Inputs) -> bool:
 
 
 def compiling_a_transform() -> bool:
-    """Whether torch.compile is tracing a torch.func transform (grad, vmap, ...): there dynamo drops an
-    autograd.Function's backward (pytorch/pytorch#193279; autograd.partial), so the automatic choice is the
-    reference, plain PyTorch, which it differentiates right."""
-    return torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    """Whether torch.compile is tracing a torch.func transform (grad, vmap, ...) with gradients on: there dynamo
+    drops an autograd.Function's backward (pytorch/pytorch#193279; autograd.partial), so the automatic choice is
+    the reference, plain PyTorch, which it differentiates right.  (Which transforms differentiate cannot be
+    read while dynamo traces; with gradients off, under torch.no_grad, a compiled vmap keeps the kernel.)"""
+    return torch.compiler.is_compiling() and torch.is_grad_enabled() and torch._C._are_functorch_transforms_active()
 
 
 def resolve(backend: Optional[str], inp: Inputs) -> Backend:

@@ -40,9 +40,12 @@ def beneath_transforms(t: torch.Tensor, dim: int) -> Tuple[Optional[torch.Tensor
 
     A check that refuses bad values (a fully masked row, say) can then still run under vmap, on every
     sample at once, where reading a batched tensor's values raises: each vmap level adds one dimension,
-    at its ``bdim``, to the tensor beneath it.  Under torch.compile the check reads ``t`` as it is
-    (dynamo breaks the graph there and runs the check eagerly)."""
-    if _shape_modes() or _capturing(t.device):
+    at its ``bdim``, to the tensor beneath it.  Under torch.compile without a transform the check reads ``t``
+    as it is (dynamo breaks the graph there, once, and runs the check eagerly)."""
+    if torch.compiler.is_compiling():
+        if not torch._C._are_functorch_transforms_active():
+            return t, dim
+    elif _shape_modes() or _capturing(t.device):
         return None, dim
     dim %= t.dim()
     while torch._C._are_functorch_transforms_active() and functorch.is_functorch_wrapped_tensor(t):

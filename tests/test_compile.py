@@ -199,3 +199,21 @@ def test_compiled_torch_func_transforms_match_eager(backend, transform):
     want = fn(q)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(compiled, want)
+
+
+def test_a_compiled_vmap_without_gradients_keeps_the_kernel():
+    """Only a transform traced with gradients on takes the reference (above): a compiled vmap under
+    torch.no_grad, inference, calls the kernel's op (the reference, B x N scores, ran 6x slower)."""
+    require("cpu")
+    torch._dynamo.reset()
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    fn, _ = _transforms(None)["vmap"]
+    q = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fn, backend=keep, fullgraph=True)(q), fn(q))
+    assert any("hen_kernels.partial" in code for code in graphs)

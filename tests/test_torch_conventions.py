@@ -115,6 +115,8 @@ def test_vmap_over_a_layer_with_per_sample_masks(in_dim):
     mask[1] = True
     with pytest.raises(ValueError, match="every stored pattern is masked for one state pattern of a vmapped"):
         torch.vmap(one, in_dims=in_dim)(batched(stored), batched(state), batched(mask))
+    with pytest.raises(ValueError, match="every stored pattern is masked for batch item 0, head 0"):  # grad's wrap
+        torch.func.grad(lambda s: one(s, state[1], mask[1]).sum())(stored[1])
 
 
 def test_a_fully_masked_state_pattern_is_refused_under_torch_compile():

@@ -243,8 +243,10 @@ def refuse_fully_masked(bias: Optional[Tensor]) -> None:
     blocked = torch.isneginf(plain).all(patterns)
     if bool(blocked.any()):
         where = tuple(int(i) for i in blocked.nonzero()[0])
-        at = ("batch item {}, head {}, state pattern {}".format(*where) if plain is bias
-              else f"one state pattern of a vmapped sample (index {where} beneath the vmap)")
+        # (vmap levels add dims beneath the transform, in front or at each level's batch dim; grad's add none)
+        at = ("batch item {}, head {}, state pattern {}".format(*where) if plain.dim() == bias.dim()
+              else f"one state pattern of a vmapped call (index {where} beneath the vmap, its batch dims "
+                   "included; under vmap's chunk_size, within the chunk)")
         raise ValueError(
             f"stored_pattern_padding_mask / association_mask: every stored pattern is masked for {at}; a "
             "softmax over no pattern is undefined (hflayers returns NaN there). Leave at least one stored pattern "
