@@ -92,6 +92,7 @@ class PartialFunction(torch.autograd.Function):
         ctx.save_for_backward(q, x, v, beta, out, lse, weights)
         ctx.similarity = similarity
         ctx.backend = backend.name
+        ctx.keys_are_values = x is v
         ctx.mark_non_differentiable(top_score, top_index)
 
     @staticmethod
@@ -108,6 +109,12 @@ class PartialFunction(torch.autograd.Function):
             need = ctx.needs_input_grad
             grads = (dq.to(q.dtype) if need[0] else None, dx.to(x.dtype) if need[1] else None,
                      dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None)
+            if ctx.keys_are_values and need[1]:
+                # One bank as keys and values: its gradient summed here, into dX's fresh buffer, rather than by
+                # autograd into a new bank-sized tensor (page faults: binding.cpp's UpdateFunction does the same);
+                # the same sum in the same dtype.  Out of place where something traces (vmap's wrappers).
+                total = grads[1] + grads[2] if is_tracing() else grads[1].add_(grads[2])
+                grads = (grads[0], total, None, grads[3])
         return refuse_second_derivative(grads, (q, x, v, beta, weights, dout, dlse)) + (None,) * 4  # (dout, dlse last)
 
 
