@@ -191,14 +191,12 @@ def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
     return Partial(*apply(query, inp.memory, values, inp.beta, inp.similarity, backend, offset, inp.weights))
 
 
-def _apply_eagerly(*args) -> tuple:
-    return PartialFunction.apply(*args)
-
-
 # Dynamo tracing a torch.func transform (torch.compile(torch.func.grad(f))) reads requires_grad False on the
 # transform's wrappers, inlines the Function's forward as plain code and drops its backward: the raw op has no
 # derivative, and the gradient came back zero, without a word (pytorch/pytorch#193279).  The automatic choice
 # takes the reference there (backends.resolve); a kernel asked for by name runs eagerly, behind a graph break.
-_apply_eagerly = torch.compiler.disable(_apply_eagerly, reason=(
+@torch.compiler.disable(reason=(
     "hen_kernels: a kernel asked for by name under a torch.func transform that torch.compile traces runs eagerly "
     "(dynamo would drop its backward, pytorch/pytorch#193279); backend=None takes the reference there"))
+def _apply_eagerly(*args) -> tuple:
+    return PartialFunction.apply(*args)
