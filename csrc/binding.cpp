@@ -460,14 +460,17 @@ std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& 
 // The backward of `partial` on the CPU (hen::run_backward_tile): dq in float32, dx and dv in the
 // inputs' dtype, and dbeta's terms (4, L, B) float32 (Σ dt s, Σ dt, Σ P s, Σ P a query: dbeta is
 // backward_cpu.py dbeta_from_terms of them), from the upstream gradients of out and lse and the
-// saved out and lse.
+// saved out and lse.  With sum_bank_grads, keys = values: memory is read as the values too (`values`
+// unread), dx is the bank's one gradient, dX + dV summed in float32 and rounded once, and dv is empty.
 // Refused with NotImplementedError where the build has no brgemm (the caller keeps
 // its own streaming backward).
 PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
                                    const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
                                    const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
-                                   const std::optional<at::Tensor>& weights) {
-  const Prepared r = prepare(query, memory, values, beta, similarity, 0, weights, c10::DeviceType::CPU);
+                                   const std::optional<at::Tensor>& weights, bool sum_bank_grads) {
+  const bool summed = sum_bank_grads;
+  const Prepared r = prepare(query, memory, summed ? memory : values, beta, similarity, 0, weights,
+                             c10::DeviceType::CPU);
   const hen::PartialParams& p = r.p;
   const bool split_lead = r.memory.dim() == 4;  // dx and dv then laid out as memory and values
   const int64_t Lm = split_lead ? p.L : memory.size(0);
@@ -481,8 +484,8 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   auto opts = r.query.options().dtype(at::kFloat);
   auto bank_opts = r.query.options();  // dx and dv: the inputs' dtype
   if (p.L == 0 || p.B == 0 || p.N == 0)
-    return {at::zeros(query.sizes(), opts), at::zeros(memory.sizes(), bank_opts), at::zeros(values.sizes(), bank_opts),
-            at::zeros({4, p.L, p.B}, opts)};
+    return {at::zeros(query.sizes(), opts), at::zeros(memory.sizes(), bank_opts),
+            summed ? at::empty({0}, bank_opts) : at::zeros(values.sizes(), bank_opts), at::zeros({4, p.L, p.B}, opts)};
   hen::BackwardParams b{};
   b.p = p;
   b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
@@ -491,6 +494,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   // A 16-bit input's output gradient usually is 16-bit (the gradient of the cast to it):
   // then the dP and dV products may take it as 16-bit operands without rounding it.
   b.dout_16bit = p.dtype != hen::DType::F32 && dout_f.equal(dout_f.to(query.scalar_type()).to(at::kFloat));
+  b.bank_grad_summed = summed;
   hen::BackwardPlan plan{};
   try {
     plan = hen::make_backward_plan(b, at::get_num_threads());
@@ -512,14 +516,21 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   };
   const bool in_layout = plan.direct || p.dtype == hen::DType::F32;  // the kernel writes the outputs themselves
   at::Tensor dx = in_layout ? like(r.memory, bank_opts) : at::empty({Lm, p.N, p.D}, opts);
-  at::Tensor dv = in_layout ? like(r.values, bank_opts) : at::empty({Lm, p.N, p.Dv}, opts);
+  at::Tensor dv = summed      ? at::empty({0}, bank_opts)
+                 : in_layout ? like(r.values, bank_opts)
+                             : at::empty({Lm, p.N, p.Dv}, opts);
   lead_strides(dx, p.lead_inner, b.dx_lead_stride, b.dx_lead_inner_stride);
-  lead_strides(dv, p.lead_inner, b.dv_lead_stride, b.dv_lead_inner_stride);
-  b.dx_row_stride = dx.stride(-2), b.dv_row_stride = dv.stride(-2);
+  b.dx_row_stride = dx.stride(-2);
+  if (!summed) {
+    lead_strides(dv, p.lead_inner, b.dv_lead_stride, b.dv_lead_inner_stride);
+    b.dv_row_stride = dv.stride(-2);
+  }
   if (plan.direct) {
-    b.dx16 = reinterpret_cast<uint16_t*>(dx.data_ptr()), b.dv16 = reinterpret_cast<uint16_t*>(dv.data_ptr());
+    b.dx16 = reinterpret_cast<uint16_t*>(dx.data_ptr());
+    if (!summed) b.dv16 = reinterpret_cast<uint16_t*>(dv.data_ptr());
   } else {
-    b.dx = dx.data_ptr<float>(), b.dv = dv.data_ptr<float>();
+    b.dx = dx.data_ptr<float>();
+    if (!summed) b.dv = dv.data_ptr<float>();
   }
   for_each_tile(plan.tiles(b), [&](int64_t t) { hen::run_backward_tile(b, plan, t); });
   if (!in_layout) {
@@ -529,7 +540,8 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
       out.copy_(g.view(bank_view.sizes()));
       return out;
     };
-    dx = cast(dx, r.memory), dv = cast(dv, r.values);
+    dx = cast(dx, r.memory);
+    if (!summed) dv = cast(dv, r.values);
   }
   return {dq.sum(0).view(query.sizes()), dx, dv, dbeta_terms.sum(1)};
 }
@@ -562,24 +574,22 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const torch::autograd::variable_list s = ctx->get_saved_variables();
+    // Keys = values (one bank in both places): the kernel writes the bank's one gradient, dX + dV, rather
+    // than two bank-sized ones for autograd to sum into a third (a few queries' backward is bound by those
+    // writes, and the fresh tensor's page faults were 40 % of a training step on one query over 200000 rows).
+    const bool keys_are_values = ctx->saved_data["keys_are_values"].toBool();
     const at::Tensor &q3 = s[0], &x3 = s[1], &v3 = s[2], &beta = s[3], &lse = s[5];
     const at::Tensor out = s[4].reshape({lse.size(0), lse.size(1), v3.size(-1)});  // (L, B, Dv)
     const auto [dq, dx, dv, dbeta] =
         partial_backward_cpu(grads[0].reshape(out.sizes()), at::zeros_like(lse), q3, x3, v3, beta, out, lse,
-                             ctx->saved_data["similarity"].toInt(), std::nullopt);
+                             ctx->saved_data["similarity"].toInt(), std::nullopt, keys_are_values);
     auto shaped = [&](const at::Tensor& g, const char* sizes, size_t input) {
       return ctx->needs_input_grad(input) ? g.to(q3.scalar_type()).reshape(ctx->saved_data[sizes].toIntVector())
                                           : at::Tensor();
     };
     torch::autograd::variable_list g{shaped(dq, "query_sizes", 0), shaped(dx, "memory_sizes", 1),
-                                     shaped(dv, "values_sizes", 2), at::Tensor(), at::Tensor()};
-    // Keys = values (one bank in both places): the bank's gradient summed here, in place into dX's fresh
-    // buffer, rather than by autograd into a new bank-sized tensor (its page faults were 40 % of a training
-    // step on one query over 200000 rows); the same sum in the same dtype, so the same bits.
-    if (ctx->saved_data["keys_are_values"].toBool() && g[1].defined() && g[2].defined()) {
-      g[1].add_(g[2]);
-      g[2] = at::Tensor();
-    }
+                                     keys_are_values ? at::Tensor() : shaped(dv, "values_sizes", 2), at::Tensor(),
+                                     at::Tensor()};
     // create_graph: the kernels record nothing, so a second derivative would come out as zero. It fails
     // instead, when it is taken, as autograd.py's refuse_second_derivative has it for the general path: the
     // error node also takes every saved input and incoming gradient that requires grad, so it lies on each
@@ -632,12 +642,13 @@ std::vector<at::Tensor> update_autograd(const at::Tensor& query, const at::Tenso
 PartialResult partial_backward_meta(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
                                     const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
                                     const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
-                                    const std::optional<at::Tensor>& weights) {
+                                    const std::optional<at::Tensor>& weights, bool sum_bank_grads) {
   auto opts = query.options().dtype(at::kFloat);
   const int64_t L = c10::multiply_integers(query.sizes().slice(0, query.dim() - 2));  // (a split query: Lo x Li)
   // A split bank's (Lo, Li, N, ·) gradients come laid out as its views (partial_backward_cpu).
   auto bank = [](const at::Tensor& t) { return t.dim() == 4 ? at::empty_like(t) : at::empty(t.sizes(), t.options()); };
-  return {at::empty(query.sizes(), opts), bank(memory), bank(values), at::empty({4, L, query.size(-2)}, opts)};
+  const at::Tensor dv = sum_bank_grads ? at::empty({0}, values.options()) : bank(values);
+  return {at::empty(query.sizes(), opts), bank(memory), dv, at::empty({4, L, query.size(-2)}, opts)};
 }
 
 #ifdef HEN_WITH_CUDA
@@ -744,7 +755,7 @@ TORCH_LIBRARY(hen_kernels, m) {
   // The CPU backward of `partial` (partial_backward_cpu; autograd.py owns hen_kernels::partial_backward).
   m.def(
       "cpu_partial_backward(Tensor dout, Tensor dlse, Tensor query, Tensor memory, Tensor values, Tensor beta, "
-      "Tensor out, Tensor lse, int similarity, Tensor? weights=None) "
+      "Tensor out, Tensor lse, int similarity, Tensor? weights=None, bool sum_bank_grads=False) "
       "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta_terms)");
   // hopfield_update's plain CPU case (update_cpu): [out], or [] where the general path must answer.
   // split_queries_max: the CPU backend's (backends.py), up to which it reads split views in place.

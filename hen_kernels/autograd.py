@@ -46,9 +46,11 @@ def needs_grad(inp: Inputs) -> bool:
 def _partial_backward_impl(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tensor, memory: torch.Tensor,
                            values: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            similarity: str, backend: str, weights: Optional[torch.Tensor] = None,
+                           sum_bank_grads: bool = False,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backend's backward (backends.BackwardImpl); sum_bank_grads: keys = values, dx the bank's one gradient."""
     return backends.BACKENDS[backend].backward(dout, dlse, query, memory, values, beta, out, lse, similarity,
-                                               weights)
+                                               weights, sum_bank_grads)
 
 
 # The backend travels by name: a custom op's arguments must be tensors or plain values.
@@ -56,7 +58,7 @@ _partial_backward = torch.library.custom_op("hen_kernels::partial_backward", mut
 
 
 @_partial_backward.register_fake
-def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None):
+def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None, sum_bank_grads=False):
     f32 = dict(dtype=torch.float32, device=query.device)
     own = backends.BACKENDS[backend].bank_grads_in_input_dtype
 
@@ -69,7 +71,8 @@ def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, we
             return torch.empty_like(t, dtype=dt, device=query.device)
         return t.new_empty(t.shape, dtype=dt, device=query.device)
 
-    return query.new_empty(query.shape, **f32), bank_grad(memory), bank_grad(values), beta.new_empty(beta.shape, **f32)
+    dv = bank_grad(values) if not sum_bank_grads else values.new_empty(0, dtype=values.dtype if own else torch.float32)
+    return query.new_empty(query.shape, **f32), bank_grad(memory), dv, beta.new_empty(beta.shape, **f32)
 
 
 _partial_backward.register_vmap(vmap_rules.looped_rule(_partial_backward))
@@ -104,17 +107,14 @@ class PartialFunction(torch.autograd.Function):
             # The custom op is for what traces (torch.compile, vmap, fake tensors); on data its
             # dispatch layers cost more than a small backward itself (docs/nn.md "Benchmarks").
             backward = _partial_backward if is_tracing() else _partial_backward_impl
-            dq, dx, dv, dbeta = backward(
-                dout.contiguous(), dlse.contiguous(), q, x, v, beta, out, lse, ctx.similarity, ctx.backend, weights)
+            # One bank as keys and values: the backend returns its one gradient (dX + dV), rather than two
+            # bank-sized ones for autograd to sum into a third (binding.cpp's UpdateFunction does the same).
+            summed = ctx.keys_are_values
+            dq, dx, dv, dbeta = backward(dout.contiguous(), dlse.contiguous(), q, x, x if summed else v, beta, out,
+                                         lse, ctx.similarity, ctx.backend, weights, summed)
             need = ctx.needs_input_grad
             grads = (dq.to(q.dtype) if need[0] else None, dx.to(x.dtype) if need[1] else None,
-                     dv.to(v.dtype) if need[2] else None, dbeta.to(beta.dtype) if need[3] else None)
-            if ctx.keys_are_values and need[1]:
-                # One bank as keys and values: its gradient summed here, into dX's fresh buffer, rather than by
-                # autograd into a new bank-sized tensor (page faults: binding.cpp's UpdateFunction does the same);
-                # the same sum in the same dtype.  Out of place where something traces (vmap's wrappers).
-                total = grads[1] + grads[2] if is_tracing() else grads[1].add_(grads[2])
-                grads = (grads[0], total, None, grads[3])
+                     dv.to(v.dtype) if need[2] and not summed else None, dbeta.to(beta.dtype) if need[3] else None)
         return refuse_second_derivative(grads, (q, x, v, beta, weights, dout, dlse)) + (None,) * 4  # (dout, dlse last)
 
 

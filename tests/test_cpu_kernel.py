@@ -398,6 +398,36 @@ def test_backward_op_matches_float64_autograd(dtype, sim, weighted, shared, dout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sim", SIMILARITIES)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-bank", "own-bank"])
+@pytest.mark.parametrize("B", [1, 3, 37])  # the hand-written products (1 and 3 queries in float32), brgemm's
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_backward_op_sums_the_gradient_of_one_bank_as_keys_and_values(dtype, sim, shared, B, weighted):
+    """sum_bank_grads: the bank is the values too, and dx is its one gradient, dX + dV (dv empty); dq and
+    dbeta's terms are the unsummed call's, bit for bit."""
+    if info()["gemm"] != "brgemm":
+        pytest.skip("the CPU backward op needs brgemm")
+    L, N, D = 2, 300, 24
+    q, x = make((L, B, D), dtype, 21), make((1 if shared else L, N, D), dtype, 22)
+    beta = torch.tensor([0.3, 0.7]) if sim == "l2" else torch.tensor([0.2, 0.1])
+    w = make((L, B, D), torch.float32, 23).abs() if weighted else None
+    dout, dlse = make((L, B, D), torch.float32, 24), make((L, B), torch.float32, 25)
+    code = hk.constants.SIMILARITY_CODES[sim]
+    out, lse, _, _ = torch.ops.hen_kernels.partial(q, x, x, beta, code, 0, w)
+    apart = torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, x, beta, out, lse, code, w)
+    # `values` unread when summed: an unrelated tensor of the bank's shape stands in for it.
+    summed = torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, torch.full_like(x, float("nan")), beta,
+                                                        out, lse, code, w, True)
+    assert summed[2].numel() == 0 and summed[1].dtype == dtype and summed[1].shape == x.shape
+    assert torch.equal(summed[0], apart[0]) and torch.equal(summed[3], apart[3])
+    want = grads64(q, x, x, beta, sim, dout, dlse, w)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert rel_err(summed[1], want[1] + want[2]) <= tol
+    # In float32, as the two gradients apart summed (their roundings apart); bf16 rounds the sum once.
+    assert rel_err(summed[1], apart[1].float() + apart[2].float()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N", [40, 300, 450])
 @pytest.mark.parametrize("B", [8, 64])
 def test_backward_of_a_small_bank_split_into_one_tile_a_thread(dtype, N, B):

@@ -97,22 +97,28 @@ void vnni_images(const uint16_t* m, int64_t rows, int64_t cols, std::vector<uint
   vnni_rows(m, cols, rows, cols, cols, of_m);
 }
 
-// out[j] (+)= Σ_i a[j * lda + i] b[i] for rows j < R (ldo apart), queries i < Q, b's rows n floats
-// long: the dV and dX products of few queries, one pass over each output row.
-void few_query_rows(const float* a, int64_t lda, int64_t Q, const float* b, int64_t n, int64_t R, bool add,
-                    float* out, int64_t ldo) {
+// out[j] (+)= Σ_i a[j * lda + i] b[i] (+ Σ_i a2[j * lda + i] b2[i] where a2 is given) for rows j < R
+// (ldo apart), queries i < Q, b's and b2's rows n floats long: the dV and dX products of few
+// queries (both at once where keys = values), one pass over each output row.
+void few_query_rows(const float* a, const float* a2, int64_t lda, int64_t Q, const float* b, const float* b2,
+                    int64_t n, int64_t R, bool add, float* out, int64_t ldo) {
   for (int64_t j = 0; j < R; ++j) {
     float* o = out + j * ldo;
     const float* aj = a + j * lda;
+    const float* a2j = a2 ? a2 + j * lda : nullptr;
     int64_t k = 0;
     for (; k + W <= n; k += W) {
       vf acc = add ? load(o + k) : vf{};
       for (int64_t i = 0; i < Q; ++i) acc += splat(aj[i]) * load(b + i * n + k);
+      if (a2j)
+        for (int64_t i = 0; i < Q; ++i) acc += splat(a2j[i]) * load(b2 + i * n + k);
       store(o + k, acc);
     }
     for (; k < n; ++k) {
       float t = add ? o[k] : 0.f;
       for (int64_t i = 0; i < Q; ++i) t += aj[i] * b[i * n + k];
+      if (a2j)
+        for (int64_t i = 0; i < Q; ++i) t += a2j[i] * b2[i * n + k];
       o[k] = t;
     }
   }
@@ -137,10 +143,10 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
   // dX and dV rows in float: the outputs themselves (rows ld_dx and ld_dv apart: a split bank's
   // float32 gradients are written in its layout), or with BackwardPlan::direct a tile's worth,
   // stored in the 16-bit dtype and the output's layout once complete.
-  const bool direct = plan.direct;
+  const bool direct = plan.direct, summed = bp.bank_grad_summed;
   float* dx = direct ? nullptr : bp.dx + bp.dx_lead(lm);
-  float* dv = direct ? nullptr : bp.dv + bp.dv_lead(lm);
-  const int64_t ld_dx = direct ? D : bp.dx_row_stride, ld_dv = direct ? Dv : bp.dv_row_stride;
+  float* dv = direct || summed ? nullptr : bp.dv + bp.dv_lead(lm);
+  const int64_t ld_dx = direct ? D : bp.dx_row_stride, ld_dv = summed ? ld_dx : direct ? Dv : bp.dv_row_stride;
   const int64_t l_begin = bp.Lm == 1 ? 0 : lm, l_end = bp.Lm == 1 ? L : lm + 1;
   // 16-bit products: scores, dX and dq (v16); dP and dV as well (d16, which implies v16).
   const bool v16 = plan.vnni, d16 = plan.dout16, hand = plan.hand;
@@ -390,23 +396,26 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           store(psum + gq, load(psum + gq) + p_v);
         }
         // 3. dV and dX rows of this tile (only its R real rows), dq of the query block.
-        float* dvr = direct ? grow(sc.dvt, BN * Dv) : dv + r0 * ld_dv;
         float* dxr = direct ? grow(sc.dxt, BN * D) : dx + r0 * ld_dx;
+        float* dvr = summed ? dxr : direct ? grow(sc.dvt, BN * Dv) : dv + r0 * ld_dv;
         // The first query block writes these rows, the others add: dX and dV are N x D
-        // and N x Dv, so neither a zero fill nor a first read of them is free.
+        // and N x Dv, so neither a zero fill nor a first read of them is free.  Summed, dX's
+        // product adds to the dV product's rows.
         const bool add = !(l == l_begin && b0 == 0);  // (always false with direct)
-        if (hand) {
-          few_query_rows(pp, BMp, BM, dout_r, Dv, R, add, dvr, ld_dv);
-          few_query_rows(g, BMp, BM, qw, D, R, add, dxr, ld_dx);
+        if (hand && summed) {
+          few_query_rows(pp, g, BMp, BM, dout_r, qw, D, R, add, dxr, ld_dx);
+        } else if (hand) {
+          few_query_rows(pp, nullptr, BMp, BM, dout_r, nullptr, Dv, R, add, dvr, ld_dv);
+          few_query_rows(g, nullptr, BMp, BM, qw, nullptr, D, R, add, dxr, ld_dx);
         } else {
           if (d16)
             mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, ld_dv, add, p16, doutv16, dvr);
           else
             mk::gemm_f32(R, Dv, BMp, BMp, Dv, ld_dv, add, pp, dout_r, dvr);
           if (v16)
-            mk::gemm_vnni(dt, R, D, BMp, BMp, D, ld_dx, add, g16, qv16, dxr);
+            mk::gemm_vnni(dt, R, D, BMp, BMp, D, ld_dx, add || summed, g16, qv16, dxr);
           else
-            mk::gemm_f32(R, D, BMp, BMp, D, ld_dx, add, g, qw, dxr);
+            mk::gemm_f32(R, D, BMp, BMp, D, ld_dx, add || summed, g, qw, dxr);
         }
         if (l2) {
           // - x ∘ (G . w): the colsum of G when unweighted.
@@ -441,7 +450,8 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           }
         }
         if (direct) {
-          store_rows_16(dt, dvr, R, Dv, bp.dv16 + bp.dv_lead(lm) + r0 * bp.dv_row_stride, bp.dv_row_stride);
+          if (!summed)
+            store_rows_16(dt, dvr, R, Dv, bp.dv16 + bp.dv_lead(lm) + r0 * bp.dv_row_stride, bp.dv_row_stride);
           store_rows_16(dt, dxr, R, D, bp.dx16 + bp.dx_lead(lm) + r0 * bp.dx_row_stride, bp.dx_row_stride);
         }
         transpose_block(g, BMp, TN, BMp, gt, TN);

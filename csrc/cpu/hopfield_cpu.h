@@ -127,6 +127,10 @@ struct BackwardParams {
   int64_t dx_lead_stride, dx_lead_inner_stride, dx_row_stride;
   int64_t dv_lead_stride, dv_lead_inner_stride, dv_row_stride;
   bool dout_16bit;     // every element of dout is exactly a value of the 16-bit input dtype
+  // Keys = values (p.values_are_memory()): dX holds dX + dV, the bank's one gradient, and dv, dv16
+  // are unused.  The bank-sized output is written once, not twice and then summed: a few queries'
+  // backward is bound by those writes.
+  bool bank_grad_summed;
 
   int64_t dx_lead(int64_t l) const { return p.lead_offset(l, dx_lead_stride, dx_lead_inner_stride); }
   int64_t dv_lead(int64_t l) const { return p.lead_offset(l, dv_lead_stride, dv_lead_inner_stride); }
