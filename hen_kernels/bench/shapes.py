@@ -86,15 +86,20 @@ def calls_per_block(fn) -> int:
 
 
 def training_step(update, q: torch.Tensor, x: torch.Tensor):
-    """``update(q, x)`` forward, the loss mean(out²), and its gradients for q and x (copies that
-    require them); the call returns both gradients, flattened into one float32 vector."""
+    """(step, gradients): ``step()`` runs ``update(q, x)`` forward, the loss mean(out²), and its gradients
+    for q and x (copies that require them), what is timed; ``gradients()`` runs a step and returns both
+    gradients flattened into one float32 vector, what is checked (its copies of bank-sized gradients,
+    page faults and all, took as long as the step itself over 32 banks of 1024 x 32: not timed)."""
     qg, xg = (t.detach().clone().requires_grad_(True) for t in (q, x))
 
-    def run():
+    def step():
         qg.grad = xg.grad = None
         update(qg, xg).float().square().mean().backward()
+
+    def gradients():
+        step()
         return torch.cat([qg.grad.float().flatten(), xg.grad.float().flatten()])
-    return run
+    return step, gradients
 
 
 def timed(fns: dict, repeats: int) -> tuple:
@@ -136,11 +141,12 @@ def measure(quick: bool, repeats: int) -> dict:
             ms, calls = timed(fns, repeats)
             steps = {"fused": training_step(lambda a, b: ops.hopfield_update(a, b, beta, backend=backend), q, x),
                      "sdpa": training_step(lambda a, b: sdpa(a, b, beta, None), q, x)}
-            want = training_step(lambda a, b: peers.plain(a, b, beta, "dot"), q.float(), x.float())()
+            want = training_step(lambda a, b: peers.plain(a, b, beta, "dot"), q.float(), x.float())[1]()
             # SDPA's bfloat16 gradients over long banks were off by more than the forward's tolerance
             # (5.4e-2 over 200000 rows of 15 on the EPYC Zen 3): reported in the table, not refused.
-            grad_errs = checked(steps, want, dtype, what + " (gradients)", judged=("fused",))
-            train_ms, train_calls = timed(steps, repeats)
+            grad_errs = checked({k: g for k, (_, g) in steps.items()}, want, dtype, what + " (gradients)",
+                                judged=("fused",))
+            train_ms, train_calls = timed({k: s for k, (s, _) in steps.items()}, repeats)
             row = {"group": group, "H": banks(h), "B": b, "N": x.shape[-2], "D": d, "dtype": dtype,
                    "fused_ms": ms["fused"], "sdpa_ms": ms["sdpa"], "ratio": ms["sdpa"] / ms["fused"],
                    "calls_per_sample": calls, "rel_err": errs,
