@@ -460,15 +460,27 @@ std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& 
 // The backward of `partial` on the CPU (hen::run_backward_tile): dq in float32, dx and dv in the
 // inputs' dtype, and dbeta's terms (4, L, B) float32 (Σ dt s, Σ dt, Σ P s, Σ P a query: dbeta is
 // backward_cpu.py dbeta_from_terms of them), from the upstream gradients of out and lse and the
-// saved out and lse.  With sum_bank_grads, keys = values: memory is read as the values too (`values`
-// unread), dx is the bank's one gradient, dX + dV summed in float32 and rounded once, and dv is empty.
+// saved out and lse.  bank_grads: "apart" (dx and dv), "summed" (keys = values: memory is read as the
+// values too, `values` unread; dx is the bank's one gradient, dX + dV summed in float32 and rounded once,
+// dv empty) or "none" (a bank that needs no gradient: dx and dv empty, the bank only read).
 // Refused with NotImplementedError where the build has no brgemm (the caller keeps
 // its own streaming backward).
+hen::BankGrads parse_bank_grads(c10::string_view s) {
+  if (s == "apart") return hen::BankGrads::Apart;
+  if (s == "summed") return hen::BankGrads::Summed;
+  TORCH_CHECK(s == "none",
+              "hen_kernels::cpu_partial_backward: bank_grads must be \"apart\", \"summed\" or \"none\", got \"",
+              std::string(s), "\"");
+  return hen::BankGrads::None;
+}
+
 PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
                                    const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
                                    const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
-                                   const std::optional<at::Tensor>& weights, bool sum_bank_grads) {
-  const bool summed = sum_bank_grads;
+                                   const std::optional<at::Tensor>& weights, c10::string_view bank_grads) {
+  const hen::BankGrads mode = parse_bank_grads(bank_grads);
+  const bool summed = mode == hen::BankGrads::Summed, with_dx = mode != hen::BankGrads::None;
+  const bool with_dv = mode == hen::BankGrads::Apart;
   const Prepared r = prepare(query, memory, summed ? memory : values, beta, similarity, 0, weights,
                              c10::DeviceType::CPU);
   const hen::PartialParams& p = r.p;
@@ -483,9 +495,10 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   const at::Tensor dlse_f = f32(dlse, {p.L, p.B}, "dlse"), lse_f = f32(lse, {p.L, p.B}, "lse");
   auto opts = r.query.options().dtype(at::kFloat);
   auto bank_opts = r.query.options();  // dx and dv: the inputs' dtype
+  auto none = [&] { return at::empty({0}, bank_opts); };  // a gradient not asked for (each its own: no aliases)
   if (p.L == 0 || p.B == 0 || p.N == 0)
-    return {at::zeros(query.sizes(), opts), at::zeros(memory.sizes(), bank_opts),
-            summed ? at::empty({0}, bank_opts) : at::zeros(values.sizes(), bank_opts), at::zeros({4, p.L, p.B}, opts)};
+    return {at::zeros(query.sizes(), opts), with_dx ? at::zeros(memory.sizes(), bank_opts) : none(),
+            with_dv ? at::zeros(values.sizes(), bank_opts) : none(), at::zeros({4, p.L, p.B}, opts)};
   hen::BackwardParams b{};
   b.p = p;
   b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
@@ -494,7 +507,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   // A 16-bit input's output gradient usually is 16-bit (the gradient of the cast to it):
   // then the dP and dV products may take it as 16-bit operands without rounding it.
   b.dout_16bit = p.dtype != hen::DType::F32 && dout_f.equal(dout_f.to(query.scalar_type()).to(at::kFloat));
-  b.bank_grad_summed = summed;
+  b.bank_grads = mode;
   hen::BackwardPlan plan{};
   try {
     plan = hen::make_backward_plan(b, at::get_num_threads());
@@ -515,33 +528,31 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
     return split_lead ? at::empty_like(t, o) : at::empty({Lm, p.N, t.size(-1)}, o);
   };
   const bool in_layout = plan.direct || p.dtype == hen::DType::F32;  // the kernel writes the outputs themselves
-  at::Tensor dx = in_layout ? like(r.memory, bank_opts) : at::empty({Lm, p.N, p.D}, opts);
-  at::Tensor dv = summed      ? at::empty({0}, bank_opts)
-                 : in_layout ? like(r.values, bank_opts)
-                             : at::empty({Lm, p.N, p.Dv}, opts);
-  lead_strides(dx, p.lead_inner, b.dx_lead_stride, b.dx_lead_inner_stride);
-  b.dx_row_stride = dx.stride(-2);
-  if (!summed) {
-    lead_strides(dv, p.lead_inner, b.dv_lead_stride, b.dv_lead_inner_stride);
-    b.dv_row_stride = dv.stride(-2);
-  }
-  if (plan.direct) {
-    b.dx16 = reinterpret_cast<uint16_t*>(dx.data_ptr());
-    if (!summed) b.dv16 = reinterpret_cast<uint16_t*>(dv.data_ptr());
-  } else {
-    b.dx = dx.data_ptr<float>();
-    if (!summed) b.dv = dv.data_ptr<float>();
-  }
+  // The kernel's output for one gradient (as BackwardParams says it), or an empty one not asked for.
+  auto grad = [&](bool wanted, const at::Tensor& bank, float*& f, uint16_t*& h, int64_t& lead, int64_t& inner,
+                  int64_t& row) {
+    if (!wanted) return none();
+    at::Tensor g = in_layout ? like(bank, bank_opts) : at::empty({Lm, p.N, bank.size(-1)}, opts);
+    lead_strides(g, p.lead_inner, lead, inner);
+    row = g.stride(-2);
+    if (plan.direct)
+      h = reinterpret_cast<uint16_t*>(g.data_ptr());
+    else
+      f = g.data_ptr<float>();
+    return g;
+  };
+  at::Tensor dx = grad(with_dx, r.memory, b.dx, b.dx16, b.dx_lead_stride, b.dx_lead_inner_stride, b.dx_row_stride);
+  at::Tensor dv = grad(with_dv, r.values, b.dv, b.dv16, b.dv_lead_stride, b.dv_lead_inner_stride, b.dv_row_stride);
   for_each_tile(plan.tiles(b), [&](int64_t t) { hen::run_backward_tile(b, plan, t); });
   if (!in_layout) {
     auto cast = [&](const at::Tensor& g, const at::Tensor& bank_view) {
+      if (g.numel() == 0) return none();
       if (!split_lead) return g.to(bank_opts.dtype());
       at::Tensor out = like(bank_view, bank_opts);
       out.copy_(g.view(bank_view.sizes()));
       return out;
     };
-    dx = cast(dx, r.memory);
-    if (!summed) dv = cast(dv, r.values);
+    dx = cast(dx, r.memory), dv = cast(dv, r.values);
   }
   return {dq.sum(0).view(query.sizes()), dx, dv, dbeta_terms.sum(1)};
 }
@@ -574,15 +585,18 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const torch::autograd::variable_list s = ctx->get_saved_variables();
-    // Keys = values (one bank in both places): the kernel writes the bank's one gradient, dX + dV, rather
-    // than two bank-sized ones for autograd to sum into a third (a few queries' backward is bound by those
-    // writes, and the fresh tensor's page faults were 40 % of a training step on one query over 200000 rows).
+    // The bank gradients the kernel writes (a few queries' backward is bound by those bank-sized writes, and
+    // a fresh tensor's page faults were 40 % of a training step on one query over 200000 rows): none for a
+    // frozen bank; for keys = values (one bank in both places) its one gradient, dX + dV, rather than two
+    // for autograd to sum into a third.  As backends.py's bank_grads_wanted decides.
     const bool keys_are_values = ctx->saved_data["keys_are_values"].toBool();
+    const bool need_x = ctx->needs_input_grad(1), need_v = ctx->needs_input_grad(2);
+    const char* bank_grads = !need_x && !need_v ? "none" : keys_are_values ? "summed" : "apart";
     const at::Tensor &q3 = s[0], &x3 = s[1], &v3 = s[2], &beta = s[3], &lse = s[5];
     const at::Tensor out = s[4].reshape({lse.size(0), lse.size(1), v3.size(-1)});  // (L, B, Dv)
     const auto [dq, dx, dv, dbeta] =
         partial_backward_cpu(grads[0].reshape(out.sizes()), at::zeros_like(lse), q3, x3, v3, beta, out, lse,
-                             ctx->saved_data["similarity"].toInt(), std::nullopt, keys_are_values);
+                             ctx->saved_data["similarity"].toInt(), std::nullopt, bank_grads);
     auto shaped = [&](const at::Tensor& g, const char* sizes, size_t input) {
       return ctx->needs_input_grad(input) ? g.to(q3.scalar_type()).reshape(ctx->saved_data[sizes].toIntVector())
                                           : at::Tensor();
@@ -642,13 +656,15 @@ std::vector<at::Tensor> update_autograd(const at::Tensor& query, const at::Tenso
 PartialResult partial_backward_meta(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
                                     const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
                                     const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
-                                    const std::optional<at::Tensor>& weights, bool sum_bank_grads) {
+                                    const std::optional<at::Tensor>& weights, c10::string_view bank_grads) {
   auto opts = query.options().dtype(at::kFloat);
   const int64_t L = c10::multiply_integers(query.sizes().slice(0, query.dim() - 2));  // (a split query: Lo x Li)
   // A split bank's (Lo, Li, N, ·) gradients come laid out as its views (partial_backward_cpu).
   auto bank = [](const at::Tensor& t) { return t.dim() == 4 ? at::empty_like(t) : at::empty(t.sizes(), t.options()); };
-  const at::Tensor dv = sum_bank_grads ? at::empty({0}, values.options()) : bank(values);
-  return {at::empty(query.sizes(), opts), bank(memory), dv, at::empty({4, L, query.size(-2)}, opts)};
+  const hen::BankGrads mode = parse_bank_grads(bank_grads);
+  auto none = [&] { return at::empty({0}, memory.options()); };
+  return {at::empty(query.sizes(), opts), mode == hen::BankGrads::None ? none() : bank(memory),
+          mode == hen::BankGrads::Apart ? bank(values) : none(), at::empty({4, L, query.size(-2)}, opts)};
 }
 
 #ifdef HEN_WITH_CUDA
@@ -755,7 +771,7 @@ TORCH_LIBRARY(hen_kernels, m) {
   // The CPU backward of `partial` (partial_backward_cpu; autograd.py owns hen_kernels::partial_backward).
   m.def(
       "cpu_partial_backward(Tensor dout, Tensor dlse, Tensor query, Tensor memory, Tensor values, Tensor beta, "
-      "Tensor out, Tensor lse, int similarity, Tensor? weights=None, bool sum_bank_grads=False) "
+      "Tensor out, Tensor lse, int similarity, Tensor? weights=None, str bank_grads=\"apart\") "
       "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta_terms)");
   // hopfield_update's plain CPU case (update_cpu): [out], or [] where the general path must answer.
   // split_queries_max: the CPU backend's (backends.py), up to which it reads split views in place.

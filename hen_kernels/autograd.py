@@ -46,11 +46,11 @@ def needs_grad(inp: Inputs) -> bool:
 def _partial_backward_impl(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tensor, memory: torch.Tensor,
                            values: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            similarity: str, backend: str, weights: Optional[torch.Tensor] = None,
-                           sum_bank_grads: bool = False,
+                           bank_grads: str = "apart",
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backend's backward (backends.BackwardImpl); sum_bank_grads: keys = values, dx the bank's one gradient."""
+    """The backend's backward (backends.BackwardImpl: bank_grads "apart", "summed" or "none")."""
     return backends.BACKENDS[backend].backward(dout, dlse, query, memory, values, beta, out, lse, similarity,
-                                               weights, sum_bank_grads)
+                                               weights, bank_grads)
 
 
 # The backend travels by name: a custom op's arguments must be tensors or plain values.
@@ -58,7 +58,7 @@ _partial_backward = torch.library.custom_op("hen_kernels::partial_backward", mut
 
 
 @_partial_backward.register_fake
-def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None, sum_bank_grads=False):
+def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None, bank_grads="apart"):
     f32 = dict(dtype=torch.float32, device=query.device)
     own = backends.BACKENDS[backend].bank_grads_in_input_dtype
 
@@ -71,8 +71,11 @@ def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, we
             return torch.empty_like(t, dtype=dt, device=query.device)
         return t.new_empty(t.shape, dtype=dt, device=query.device)
 
-    dv = bank_grad(values) if not sum_bank_grads else values.new_empty(0, dtype=values.dtype if own else torch.float32)
-    return query.new_empty(query.shape, **f32), bank_grad(memory), dv, beta.new_empty(beta.shape, **f32)
+    def none() -> torch.Tensor:  # a gradient not asked for
+        return memory.new_empty(0, dtype=memory.dtype if own else torch.float32)
+
+    return (query.new_empty(query.shape, **f32), none() if bank_grads == "none" else bank_grad(memory),
+            bank_grad(values) if bank_grads == "apart" else none(), beta.new_empty(beta.shape, **f32))
 
 
 _partial_backward.register_vmap(vmap_rules.looped_rule(_partial_backward))
@@ -107,14 +110,16 @@ class PartialFunction(torch.autograd.Function):
             # The custom op is for what traces (torch.compile, vmap, fake tensors); on data its
             # dispatch layers cost more than a small backward itself (docs/nn.md "Benchmarks").
             backward = _partial_backward if is_tracing() else _partial_backward_impl
-            # One bank as keys and values: the backend returns its one gradient (dX + dV), rather than two
-            # bank-sized ones for autograd to sum into a third (binding.cpp's UpdateFunction does the same).
-            summed = ctx.keys_are_values
-            dq, dx, dv, dbeta = backward(dout.contiguous(), dlse.contiguous(), q, x, x if summed else v, beta, out,
-                                         lse, ctx.similarity, ctx.backend, weights, summed)
             need = ctx.needs_input_grad
+            # Only the bank gradients wanted: none for a frozen bank, one (dX + dV) for a bank that is keys and
+            # values, rather than two for autograd to sum into a third.
+            bank_grads = backends.bank_grads_wanted(ctx.keys_are_values, need[1], need[2])
+            dq, dx, dv, dbeta = backward(dout.contiguous(), dlse.contiguous(), q, x,
+                                         x if bank_grads == "summed" else v, beta, out, lse, ctx.similarity,
+                                         ctx.backend, weights, bank_grads)
             grads = (dq.to(q.dtype) if need[0] else None, dx.to(x.dtype) if need[1] else None,
-                     dv.to(v.dtype) if need[2] and not summed else None, dbeta.to(beta.dtype) if need[3] else None)
+                     dv.to(v.dtype) if need[2] and bank_grads == "apart" else None,
+                     dbeta.to(beta.dtype) if need[3] else None)
         return refuse_second_derivative(grads, (q, x, v, beta, weights, dout, dlse)) + (None,) * 4  # (dout, dlse last)
 
 

@@ -36,18 +36,30 @@ ENV_BACKEND = "HEN_KERNELS_BACKEND"
 # (query, memory, values, beta, similarity, offset, weights or None) -> Partial
 ForwardImpl = Callable[..., Partial]
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-# (dout, dlse, query, memory, values, beta, out, lse, similarity, weights or None, sum_bank_grads) ->
+# (dout, dlse, query, memory, values, beta, out, lse, similarity, weights or None, bank_grads) ->
 # (dq, dx, dv, dbeta): dq and dbeta in float32, dx and dv in float32 or, with
-# Backend.bank_grads_in_input_dtype, the bank's dtype.  sum_bank_grads (keys = values: memory is read as
-# the values too): dx is the bank's one gradient, dX + dV summed in float32, and dv is empty.
+# Backend.bank_grads_in_input_dtype, the bank's dtype.  bank_grads: "apart", dx and dv;
+# "summed" (keys = values: memory is read as the values too), dx the bank's one gradient, dX + dV summed in
+# float32, and dv empty; "none" (a bank that needs no gradient), dx and dv empty.
 BackwardImpl = Callable[..., Grads]
 
 
-def summed_bank_grads(grads: Grads) -> Grads:
-    """(dq, dx, dv, dbeta) with the bank's gradients summed (BackwardImpl's sum_bank_grads), for the
-    backward paths that compute dX and dV apart."""
+def bank_grads_wanted(keys_are_values: bool, need_memory: bool, need_values: bool) -> str:
+    """The bank gradients a backward is asked for (BackwardImpl's bank_grads): a few queries' backward
+    is bound by the bank-sized writes, so none for a frozen bank, and one for a bank that is keys and values
+    (binding.cpp's UpdateFunction decides the same)."""
+    return "none" if not (need_memory or need_values) else "summed" if keys_are_values else "apart"
+
+
+def bank_grads_of(grads: Grads, bank_grads: str) -> Grads:
+    """(dq, dx, dv, dbeta) computed apart, as ``bank_grads`` asks for them: the backward paths that
+    always compute dX and dV."""
     dq, dx, dv, dbeta = grads
-    return dq, dx.to(torch.float32) + dv.to(torch.float32), dv.new_empty(0), dbeta
+    if bank_grads == "summed":
+        return dq, dx.to(torch.float32) + dv.to(torch.float32), dv.new_empty(0), dbeta
+    if bank_grads == "none":
+        return dq, dx.new_empty(0), dv.new_empty(0), dbeta
+    return grads
 
 
 class Backend:
@@ -246,16 +258,16 @@ def _triton_partial(q, x, v, beta, similarity, offset, weights):
 # --- backward: recomputed from the saved lse -------------------------------------------
 
 def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None,
-                        sum_bank_grads: bool = False) -> Grads:
+                        bank_grads: str = "apart") -> Grads:
     """PyTorch over bank chunks of bounded size: any device, any D (backward_cpu.py)."""
-    v = x if sum_bank_grads else v
+    v = x if bank_grads == "summed" else v
     if q.dim() == 4 or x.dim() == 4:  # split views (the CPU backend's, on a build without brgemm): as (L, ·, ·)
         flat = [t.flatten(0, -3) for t in (q, x, v)]
         dq, dx, dv, dbeta = backward_cpu.partial_backward(dout, dlse, *flat, beta, out, lse, similarity, weights)
         grads = dq.view(q.shape), dx.view(x.shape), dv.view(v.shape), dbeta
     else:
         grads = backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
-    return summed_bank_grads(grads) if sum_bank_grads else grads
+    return bank_grads_of(grads, bank_grads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,23 +277,23 @@ def _cpu_has_brgemm() -> bool:
 
 
 def _cpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None,
-                  sum_bank_grads: bool = False) -> Grads:
+                  bank_grads: str = "apart") -> Grads:
     """The fused C++ backward (csrc/cpu/backward_kernel.cpp, on brgemm) where the build has it,
     else the streaming path; dx and dv in the bank's dtype either way (the C++ one writes
-    16-bit rows directly where it can: no float32 N x D gradient to allocate; with sum_bank_grads,
-    one bank-sized gradient, not two and their sum)."""
+    16-bit rows directly where it can: no float32 N x D gradient to allocate; and only the bank
+    gradients ``bank_grads`` asks for)."""
     if _cpu_has_brgemm():
         dq, dx, dv, terms = torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse,
                                                                    SIMILARITY_CODES[similarity], weights,
-                                                                   sum_bank_grads)
+                                                                   bank_grads)
         return dq, dx, dv, backward_cpu.dbeta_from_terms(*terms, dlse.to(torch.float32))
     dq, dx, dv, dbeta = _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights,
-                                            sum_bank_grads)
+                                            bank_grads)
     return dq, dx.to(x.dtype), dv.to(v.dtype), dbeta
 
 
 def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None,
-                  sum_bank_grads: bool = False) -> Grads:
+                  bank_grads: str = "apart") -> Grads:
     """The fused Triton kernels where they serve these tensors and dims, else the streaming path.
 
     Which dims the fused kernels take is theirs to say (``triton.backward.serves``, from
@@ -293,10 +305,10 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
         from .triton import backward as triton_backward
 
         if triton_backward.serves(q.dtype, q.shape[-1], v.shape[-1]):
-            grads = triton_backward.partial_backward(dout, dlse, q, x, x if sum_bank_grads else v, beta, out, lse,
-                                                     similarity)
-            return summed_bank_grads(grads) if sum_bank_grads else grads
-    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights, sum_bank_grads)
+            grads = triton_backward.partial_backward(dout, dlse, q, x, x if bank_grads == "summed" else v, beta, out,
+                                                     lse, similarity)
+            return bank_grads_of(grads, bank_grads)
+    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights, bank_grads)
 
 
 BACKENDS: Dict[str, Backend] = {

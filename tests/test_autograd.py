@@ -182,6 +182,41 @@ def test_update_values_default_to_memory_and_beta_per_head(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("beta_kind", ["float", "tensor"])  # on the CPU: the one C++ call, and the general path
+@pytest.mark.parametrize("values", ["memory", "own"])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-bank", "trained-bank"])
+def test_the_backward_is_asked_only_for_the_bank_gradients_wanted(backend, beta_kind, values, frozen, monkeypatch):
+    """A frozen bank asks for no bank gradient, one bank as keys and values for one (dX + dV), others for
+    both (backends.bank_grads_wanted); every gradient taken matches the reference's in float64."""
+    require(backend, 8, 30, 16)
+    from hen_kernels import backends
+
+    asked = []
+    real = backends.BACKENDS[backend].backward
+
+    def spy(*args):
+        asked.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(backends.BACKENDS[backend], "backward", spy)
+    q0, x0, v0 = make((2, 4, 8), torch.float32, 9), make((30, 8), torch.float32, 10), make((30, 5), torch.float32, 11)
+    beta = 0.4 if beta_kind == "float" else torch.tensor([0.3, 0.4])
+    grads = {}
+    for b, dt in ((backend, torch.float32), ("torch", torch.float64)):
+        q = q0.to(dt).requires_grad_()
+        x = x0.to(dt).requires_grad_(not frozen)
+        v = x if values == "memory" else v0.to(dt).requires_grad_(not frozen)
+        out = hk.hopfield_update(q, x, beta, similarity="l2sq", values=v, backend=b)
+        wrt = [q] if frozen else [q, x] if values == "memory" else [q, x, v]
+        grads[b] = torch.autograd.grad(out.square().sum(), wrt)
+    want = "none" if frozen else "summed" if values == "memory" else "apart"
+    # The plain CPU call (float beta) records its graph in C++ (binding.cpp's UpdateFunction, deciding alike).
+    assert asked == ([] if backend == "cpu" and beta_kind == "float" else [want])
+    for got, ref in zip(grads[backend], grads["torch"]):
+        assert rel_err(got, ref) < GRAD_TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_retrieve_and_energy_are_differentiable(backend):
     require(backend, 6, 20, 8 * 4)
     q0 = make((6, 8), torch.float32, 7)

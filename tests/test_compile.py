@@ -118,10 +118,10 @@ def test_a_graph_capture_reads_no_value(monkeypatch, backend):
     assert torch.equal(r.steps, eager.steps)
 
 
-@pytest.mark.parametrize("summed", [False, True], ids=["dx-dv", "keys-are-values"])
+@pytest.mark.parametrize("bank_grads", ["apart", "summed", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split", [False, True])
-def test_the_backward_fake_has_the_ops_strides(split, dtype, summed):
+def test_the_backward_fake_has_the_ops_strides(split, dtype, bank_grads):
     """A compiled backward reads the bank gradients by the fake's strides: they must be the op's own.  Heads
     split from a projection are read in place, and the CPU op lays their gradients out as the views; the fake
     said contiguous, so inductor's size asserts failed (and without them the gradients were wrong)."""
@@ -143,10 +143,10 @@ def test_the_backward_fake_has_the_ops_strides(split, dtype, summed):
     p = backends.BACKENDS["cpu"].partial(inp, 0)
     args = (torch.randn(p.out.shape, generator=g), torch.zeros(p.lse.shape), inp.query, inp.memory, inp.values,
             inp.beta, p.out, p.lse)
-    if summed:  # keys = values: the bank's one gradient, dv empty
+    if bank_grads == "summed":  # keys = values: the bank's one gradient, dv empty
         args = args[:4] + (inp.memory,) + args[5:]
-    for op, tail in ((torch.ops.hen_kernels.partial_backward, ("dot", "cpu", None, summed)),  # its fake
-                     (torch.ops.hen_kernels.cpu_partial_backward, (0, None, summed))):  # the C++ op and its Meta kernel
+    for op, tail in ((torch.ops.hen_kernels.partial_backward, ("dot", "cpu", None, bank_grads)),  # its fake
+                     (torch.ops.hen_kernels.cpu_partial_backward, (0, None, bank_grads))):  # C++ op, Meta kernel
         real = op(*args, *tail)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*(mode.from_tensor(a) for a in args), *tail)

@@ -402,9 +402,10 @@ def test_backward_op_matches_float64_autograd(dtype, sim, weighted, shared, dout
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-bank", "own-bank"])
 @pytest.mark.parametrize("B", [1, 3, 37])  # the hand-written products (1 and 3 queries in float32), brgemm's
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
-def test_backward_op_sums_the_gradient_of_one_bank_as_keys_and_values(dtype, sim, shared, B, weighted):
-    """sum_bank_grads: the bank is the values too, and dx is its one gradient, dX + dV (dv empty); dq and
-    dbeta's terms are the unsummed call's, bit for bit."""
+def test_backward_op_writes_the_bank_gradients_asked_for(dtype, sim, shared, B, weighted):
+    """bank_grads "summed": the bank is the values too, and dx is its one gradient, dX + dV (dv empty);
+    "none": a frozen bank, no bank gradient (dx and dv empty).  dq and dbeta's terms are the "apart" call's,
+    bit for bit, either way."""
     if info()["gemm"] != "brgemm":
         pytest.skip("the CPU backward op needs brgemm")
     L, N, D = 2, 300, 24
@@ -414,17 +415,22 @@ def test_backward_op_sums_the_gradient_of_one_bank_as_keys_and_values(dtype, sim
     dout, dlse = make((L, B, D), torch.float32, 24), make((L, B), torch.float32, 25)
     code = hk.constants.SIMILARITY_CODES[sim]
     out, lse, _, _ = torch.ops.hen_kernels.partial(q, x, x, beta, code, 0, w)
-    apart = torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, x, beta, out, lse, code, w)
+    op = torch.ops.hen_kernels.cpu_partial_backward
+    apart = op(dout, dlse, q, x, x, beta, out, lse, code, w, "apart")
     # `values` unread when summed: an unrelated tensor of the bank's shape stands in for it.
-    summed = torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, torch.full_like(x, float("nan")), beta,
-                                                        out, lse, code, w, True)
+    summed = op(dout, dlse, q, x, torch.full_like(x, float("nan")), beta, out, lse, code, w, "summed")
+    frozen = op(dout, dlse, q, x, x, beta, out, lse, code, w, "none")
     assert summed[2].numel() == 0 and summed[1].dtype == dtype and summed[1].shape == x.shape
-    assert torch.equal(summed[0], apart[0]) and torch.equal(summed[3], apart[3])
+    assert frozen[1].numel() == 0 and frozen[2].numel() == 0
+    for got in (summed, frozen):
+        assert torch.equal(got[0], apart[0]) and torch.equal(got[3], apart[3])
     want = grads64(q, x, x, beta, sim, dout, dlse, w)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert rel_err(summed[1], want[1] + want[2]) <= tol
     # In float32, as the two gradients apart summed (their roundings apart); bf16 rounds the sum once.
     assert rel_err(summed[1], apart[1].float() + apart[2].float()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(RuntimeError, match="bank_grads must be"):
+        op(dout, dlse, q, x, x, beta, out, lse, code, w, "both")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

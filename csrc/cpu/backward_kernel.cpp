@@ -143,9 +143,10 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
   // dX and dV rows in float: the outputs themselves (rows ld_dx and ld_dv apart: a split bank's
   // float32 gradients are written in its layout), or with BackwardPlan::direct a tile's worth,
   // stored in the 16-bit dtype and the output's layout once complete.
-  const bool direct = plan.direct, summed = bp.bank_grad_summed;
-  float* dx = direct ? nullptr : bp.dx + bp.dx_lead(lm);
-  float* dv = direct || summed ? nullptr : bp.dv + bp.dv_lead(lm);
+  const bool direct = plan.direct, summed = bp.bank_grads == BankGrads::Summed;
+  const bool bank_grads = bp.bank_grads != BankGrads::None;
+  float* dx = direct || !bank_grads ? nullptr : bp.dx + bp.dx_lead(lm);
+  float* dv = direct || summed || !bank_grads ? nullptr : bp.dv + bp.dv_lead(lm);
   const int64_t ld_dx = direct ? D : bp.dx_row_stride, ld_dv = summed ? ld_dx : direct ? Dv : bp.dv_row_stride;
   const int64_t l_begin = bp.Lm == 1 ? 0 : lm, l_end = bp.Lm == 1 ? L : lm + 1;
   // 16-bit products: scores, dX and dq (v16); dP and dV as well (d16, which implies v16).
@@ -398,13 +399,15 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           store(psum + gq, load(psum + gq) + p_v);
         }
         // 3. dV and dX rows of this tile (only its R real rows), dq of the query block.
-        float* dxr = direct ? grow(sc.dxt, BN * D) : dx + r0 * ld_dx;
-        float* dvr = summed ? dxr : direct ? grow(sc.dvt, BN * Dv) : dv + r0 * ld_dv;
+        float* dxr = !bank_grads ? nullptr : direct ? grow(sc.dxt, BN * D) : dx + r0 * ld_dx;
+        float* dvr = summed ? dxr : !bank_grads ? nullptr : direct ? grow(sc.dvt, BN * Dv) : dv + r0 * ld_dv;
         // The first query block writes these rows, the others add: dX and dV are N x D
         // and N x Dv, so neither a zero fill nor a first read of them is free.  Summed, dX's
         // product adds to the dV product's rows.
         const bool add = !(l == l_begin && b0 == 0);  // (always false with direct)
-        if (hand && summed) {
+        if (!bank_grads) {
+          // a frozen bank: no rows to write
+        } else if (hand && summed) {
           few_query_rows(pp, g, BMp, BM, dout_r, qw, D, R, add, dxr, ld_dx);
         } else if (hand) {
           few_query_rows(pp, nullptr, BMp, BM, dout_r, nullptr, Dv, R, add, dvr, ld_dv);
@@ -419,7 +422,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           else
             mk::gemm_f32(R, D, BMp, BMp, D, ld_dx, add || summed, g, qw, dxr);
         }
-        if (l2) {
+        if (l2 && bank_grads) {
           // - x ∘ (G . w): the colsum of G when unweighted.
           if (wts) {
             float* t = grow(sc.t, BN * D);
@@ -443,15 +446,15 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           const float* qi = q + np.query * D;
           const float* wi = wts ? wts + np.query * D : nullptr;
           const char* xj = xe + np.row * xe_step;
-          float* dxj = dxr + np.row * ld_dx;
+          float* dxj = dxr ? dxr + np.row * ld_dx : nullptr;
           float* dqi = dq + np.query * D;
           for (int64_t k = 0; k < D; ++k) {
             const float diff = qi[k] - scalar_to_float(xe_dt, xj, k);
-            dxj[k] += np.g * (wi ? wi[k] : 1.f) * diff;
+            if (dxj) dxj[k] += np.g * (wi ? wi[k] : 1.f) * diff;
             dqi[k] -= np.g * diff;
           }
         }
-        if (direct) {
+        if (direct && bank_grads) {
           if (!summed)
             store_rows_16(dt, dvr, R, Dv, bp.dv16 + bp.dv_lead(lm) + r0 * bp.dv_row_stride, bp.dv_row_stride);
           store_rows_16(dt, dxr, R, D, bp.dx16 + bp.dx_lead(lm) + r0 * bp.dx_row_stride, bp.dx_row_stride);

@@ -101,6 +101,8 @@ void combine(const PartialParams& p, const Plan& plan, int64_t begin, int64_t en
 // (16-bit inputs widened), so it needs brgemm, or for bfloat16 where the forward's 16-bit
 // ones run and there are no weights, on those (BackwardPlan::vnni); tiles own disjoint bank rows
 // (dX and dV without races), each leaves its dq and dbeta in its own workspace slot.
+enum class BankGrads { Apart, Summed, None };
+
 struct BackwardParams {
   PartialParams p;     // the forward's inputs and shapes (its output pointers unused)
   const float* dout;   // (L, B, Dv)
@@ -127,10 +129,11 @@ struct BackwardParams {
   int64_t dx_lead_stride, dx_lead_inner_stride, dx_row_stride;
   int64_t dv_lead_stride, dv_lead_inner_stride, dv_row_stride;
   bool dout_16bit;     // every element of dout is exactly a value of the 16-bit input dtype
-  // Keys = values (p.values_are_memory()): dX holds dX + dV, the bank's one gradient, and dv, dv16
-  // are unused.  The bank-sized output is written once, not twice and then summed: a few queries'
-  // backward is bound by those writes.
-  bool bank_grad_summed;
+  // Which bank gradients to write: a few queries' backward is bound by those bank-sized writes.
+  // Summed: keys = values (p.values_are_memory()), dx holds dX + dV, the bank's one gradient, and
+  // dv, dv16 are unused (written once, not twice and then summed).  None: a bank that needs no
+  // gradient (frozen), dx, dv, dx16, dv16 all unused: dq and dbeta alone.
+  BankGrads bank_grads;
 
   int64_t dx_lead(int64_t l) const { return p.lead_offset(l, dx_lead_stride, dx_lead_inner_stride); }
   int64_t dv_lead(int64_t l) const { return p.lead_offset(l, dv_lead_stride, dv_lead_inner_stride); }
