@@ -87,18 +87,19 @@ class PartialFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, x, v, beta, similarity, backend, offset, weights):
+    def forward(q, x, v, beta, similarity, backend, offset, weights, keys_are_values):
         inp = Inputs(q, x, v, beta, similarity, torch.Size([q.shape[0]]), weights)
         return tuple(backend.partial(inp, offset))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, x, v, beta, similarity, backend, _offset, weights = inputs
+        # keys_are_values: v is x (or, under torch.compile, an alias of it: `partial`), one bank
+        q, x, v, beta, similarity, backend, _offset, weights, keys_are_values = inputs
         out, lse, top_score, top_index = output
         ctx.save_for_backward(q, x, v, beta, out, lse, weights)
         ctx.similarity = similarity
         ctx.backend = backend.name
-        ctx.keys_are_values = x is v
+        ctx.keys_are_values = keys_are_values
         ctx.mark_non_differentiable(top_score, top_index)
 
     @staticmethod
@@ -120,7 +121,8 @@ class PartialFunction(torch.autograd.Function):
             grads = (dq.to(q.dtype) if need[0] else None, dx.to(x.dtype) if need[1] else None,
                      dv.to(v.dtype) if need[2] and bank_grads == "apart" else None,
                      dbeta.to(beta.dtype) if need[3] else None)
-        return refuse_second_derivative(grads, (q, x, v, beta, weights, dout, dlse)) + (None,) * 4  # (dout, dlse last)
+        # (similarity, backend, offset, weights, keys_are_values; dout and dlse last in the refusal's inputs)
+        return refuse_second_derivative(grads, (q, x, v, beta, weights, dout, dlse)) + (None,) * 5
 
 
 TWICE = (b"trying to differentiate twice hen_kernels' fused backward (double backward is not supported; "
@@ -187,13 +189,15 @@ def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
     # (dq + dx) + dv); binding.cpp's UpdateFunction does the same, and the two paths keep the same bits.
     query = inp.query.view_as(inp.query) if inp.query is inp.memory or inp.query is inp.values else inp.query
     values = inp.values
-    if values is inp.memory and torch.compiler.is_compiling():
+    keys_are_values = values is inp.memory
+    if keys_are_values and torch.compiler.is_compiling():
         # Dynamo refuses one tensor twice among an autograd.Function's inputs (fullgraph=True raised): an alias,
         # whose data and strides are the bank's, so the kernels still read keys = values once (they compare
         # pointers and strides); eager calls keep the one tensor.
         values = values.view_as(values)
     apply = _apply_eagerly if backends.compiling_a_transform() else PartialFunction.apply
-    return Partial(*apply(query, inp.memory, values, inp.beta, inp.similarity, backend, offset, inp.weights))
+    return Partial(*apply(query, inp.memory, values, inp.beta, inp.similarity, backend, offset, inp.weights,
+                          keys_are_values))
 
 
 # Dynamo tracing a torch.func transform (torch.compile(torch.func.grad(f))) reads requires_grad False on the
