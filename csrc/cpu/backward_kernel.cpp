@@ -97,30 +97,59 @@ void vnni_images(const uint16_t* m, int64_t rows, int64_t cols, std::vector<uint
   vnni_rows(m, cols, rows, cols, cols, of_m);
 }
 
-// out[j] (+)= Σ_i a[j * lda + i] b[i] (+ Σ_i a2[j * lda + i] b2[i] where a2 is given) for rows j < R
-// (ldo apart), queries i < Q, b's and b2's rows n floats long: the dV and dX products of few
-// queries (both at once where keys = values), one pass over each output row.
-void few_query_rows(const float* a, const float* a2, int64_t lda, int64_t Q, const float* b, const float* b2,
-                    int64_t n, int64_t R, bool add, float* out, int64_t ldo) {
+// out[j] (+)= Σ_i a[i * lda + j] b[i] (+ Σ_i a2[i * lda + j] b2[i] with kTwo) for rows j < R (ldo
+// apart), queries i < Q (a and a2 queries x rows), b's and b2's rows n floats long: the dV and dX
+// products of few queries (both at once where keys = values), one pass over each output row.  Q and
+// kTwo at compile time keep a row's coefficients in registers (read in the depth loop, they were
+// reloaded after every store to the row: 4 queries 5-10 % slower with AVX2).
+template <int Q, bool kTwo>
+void few_query_rows_of(const float* a, const float* a2, int64_t lda, const float* b, const float* b2, int64_t n,
+                       int64_t R, bool add, float* out, int64_t ldo) {
   for (int64_t j = 0; j < R; ++j) {
+    vf ca[Q], ca2[Q];
+#pragma GCC unroll 4
+    for (int i = 0; i < Q; ++i) {
+      ca[i] = splat(a[i * lda + j]);
+      if constexpr (kTwo) ca2[i] = splat(a2[i * lda + j]);
+    }
     float* o = out + j * ldo;
-    const float* aj = a + j * lda;
-    const float* a2j = a2 ? a2 + j * lda : nullptr;
     int64_t k = 0;
     for (; k + W <= n; k += W) {
       vf acc = add ? load(o + k) : vf{};
-      for (int64_t i = 0; i < Q; ++i) acc += splat(aj[i]) * load(b + i * n + k);
-      if (a2j)
-        for (int64_t i = 0; i < Q; ++i) acc += splat(a2j[i]) * load(b2 + i * n + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < Q; ++i) {
+        acc += ca[i] * load(b + i * n + k);
+        if constexpr (kTwo) acc += ca2[i] * load(b2 + i * n + k);
+      }
       store(o + k, acc);
     }
     for (; k < n; ++k) {
       float t = add ? o[k] : 0.f;
-      for (int64_t i = 0; i < Q; ++i) t += aj[i] * b[i * n + k];
-      if (a2j)
-        for (int64_t i = 0; i < Q; ++i) t += a2j[i] * b2[i * n + k];
+      for (int i = 0; i < Q; ++i) {
+        t += a[i * lda + j] * b[i * n + k];
+        if constexpr (kTwo) t += a2[i * lda + j] * b2[i * n + k];
+      }
       o[k] = t;
     }
+  }
+}
+
+// few_query_rows_of for Q <= kBackwardHandQueriesMax queries; a2 and b2 null: one product.
+void few_query_rows(const float* a, const float* a2, int64_t lda, int64_t Q, const float* b, const float* b2,
+                    int64_t n, int64_t R, bool add, float* out, int64_t ldo) {
+  static_assert(kBackwardHandQueriesMax == 4, "few_query_rows instantiates 1 to 4 queries");
+  auto run = [&](auto q) {
+    constexpr int kQ = decltype(q)::value;
+    if (a2)
+      few_query_rows_of<kQ, true>(a, a2, lda, b, b2, n, R, add, out, ldo);
+    else
+      few_query_rows_of<kQ, false>(a, nullptr, lda, b, nullptr, n, R, add, out, ldo);
+  };
+  switch (Q) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    default: return run(std::integral_constant<int, 4>{});
   }
 }
 
@@ -214,12 +243,6 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         split_pairs(dout_r, BM, Dv, u);
         douthand = u;
       }
-      // Hand-written score products fill the live columns only (BM < W: one vector a row).  A vector
-      // store a row: a fill of the few padding floats was a memset call a row, 8 % of one query's backward.
-      const vi live_lanes = first_lanes(int(BM));
-      auto zero_padding = [&](float* c, int64_t rows) {
-        for (int64_t j = 0; j < rows; ++j) store(c + j * BMp, live_lanes ? load(c + j * BMp) : vf{});
-      };
       float* qn = grow(sc.qn, BMp);
       float* lse = grow(sc.lse, BMp);
       float* delta = grow(sc.delta, BMp);
@@ -292,18 +315,18 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             vfl = float_rows(dt, vr, ldvr, TN, Dv, sc.vf_, ldv);
         }
 
-        // out (TN x BMp) = a bank tile (X or V: `rows` as stored, or `fl` in float; K features)
-        // times the queries' operands transposed, by whichever product this tile takes; the
-        // hand-written one also leaves the rows' |x|² in `norms` when given.
+        // out = a bank tile (X or V: `rows` as stored, or `fl` in float; K features) times the
+        // queries' operands transposed, by whichever product this tile takes: TN x BMp (rows x
+        // queries), or the hand-written one's BM x TN (queries x rows: the few queries' lanes would be
+        // mostly padding), which also leaves the rows' |x|² in `norms` when given.
         auto rows_by_queries = [&](const float* hand_ops, bool use_vnni, const uint16_t* vnni_ops,
                                    const float* f32_ops, const char* rows, int64_t ld_rows, const float* fl,
                                    int64_t ld_fl, int64_t K, float* out, float* norms = nullptr,
                                    const char* next = nullptr) {
           if (hand) {
             by_dtype(dt, [&](auto DT) {
-              hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, TN, out, BMp, next, norms);
+              hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, TN, out, 1, TN, next, norms);
             });
-            zero_padding(out, TN);
           } else if (use_vnni) {
             mk::gemm_vnni(dt, TN, BMp, K, ld_rows, BMp, BMp, false, reinterpret_cast<const uint16_t*>(rows), vnni_ops,
                           out);
@@ -334,53 +357,99 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         }
         // 2. dP^T = V . dout^T into g, then dt and G in place.
         rows_by_queries(douthand, d16, doutt16, dout_t, vr, ldvr, vfl, ldv, Dv, g);
-        for (int64_t gq = 0; gq < BMp; gq += W) {
+        const vf vb = splat(beta);
+        // One vector of (query, row) pairs, its lanes queries (rows x queries tiles) or rows (queries x
+        // rows): the score from the product c (ℓ2: from sum = |q|²_w + |x|²_w and c, §5.1's recompute
+        // taking the lanes below `live` that `pairs` gives, flagged in `near`), ...
+        auto score = [&](vf c, vf sum, int live, auto&& pairs, FlaggedLanes& near) {
+          if (!l2) return c;
+          const vf d2 = l2_distance_sq(sum, c, true, live, pairs, D, xe_dt, &near);
+          return sim == Similarity::L2 ? -vsqrt(d2) : splat(-0.5f) * d2;
+        };
+        // ... then P (into pj), dt and G (returned) from the score, lse, Δ and dP, dbeta's terms summed.
+        struct Sums {
+          vf g{}, dts{}, dt{}, ps{}, p{};
+        };
+        auto weights = [&](vf s, vf vl, vf vd, vf dp, vf& pj, Sums& sums) {
+          pj = exp_nonpositive(rounded(vb * s) - vl);
+          const vf dtj = pj * (dp - vd);
+          // Padding rows (s = -inf) and underflowed weights contribute nothing (not 0 * inf).
+          const auto none = pj == vf{};
+          sums.dts += none ? vf{} : dtj * s;
+          sums.ps += none ? vf{} : pj * s;
+          sums.dt += dtj;
+          sums.p += pj;
+          const vf gj = vb * dtj;
+          if (sim != Similarity::L2) return gj;
+          return s < vf{} ? -gj / s : vf{};  // 0: the subgradient at a stored pattern
+        };
+        // dX and dq sum G_ij (q_i - x_j) and G_ij (x_j - q_i) as G . q - colsum(G) x and G^T . X - rowsum(G) q:
+        // for a query on or next to a stored row, that row's G_ij x_j and G_ij q_i cancel, to float32's
+        // rounding of |G_ij| |x|, which was 1e-2 of dq and dX with every query on a stored row and a
+        // gradient for lse (l2sq, 256 x 64, beta 0.4; the float32 reference 2e-7).  Such pairs (d² cancelled
+        // in the product: §5.1's test) leave the products and are summed as differences after them:
+        // G of the flagged lanes below `live` out of gj, into sc.near (pair_of(lane, G): their NearPair).
+        auto take_near = [&](vf gj, const FlaggedLanes& near, int live, auto&& pair_of) {
+          float gl[W];
+          int nl[W];
+          store(gl, gj);
+          std::memcpy(nl, &near.lanes, sizeof nl);
+          for (int t = 0; t < live; ++t)
+            if (nl[t] && gl[t] != 0.f) sc.near.push_back(pair_of(t, gl[t])), gl[t] = 0.f;
+          return load(gl);
+        };
+        if (hand) {  // queries x rows: W rows of one query a vector
+          for (int64_t i = 0; i < BM; ++i) {
+            const vf vq = splat(qn[i]), vl = splat(lse[i]), vd = splat(delta[i]);
+            Sums sums;
+            for (int64_t j0 = 0; j0 < TN; j0 += W) {  // (TN a multiple of kRowQuantum, so of W)
+              const int live = int(std::clamp<int64_t>(R - j0, 0, W));
+              FlaggedLanes near;
+              vf s = splat(kNegInf);
+              if (live > 0) {
+                const vf sum = l2 ? vq + load(xn + j0) : vf{};
+                auto pairs = [&] {
+                  return LanePairs{q + i * D, 0, wts ? wts + i * D : nullptr, xe + j0 * xe_step, xe_step};
+                };
+                s = score(load(c1 + i * TN + j0), sum, live, pairs, near);
+                if (live < W) s = first_lanes(live) ? s : splat(kNegInf);  // the padding rows
+              }
+              vf pj;
+              vf gj = weights(s, vl, vd, load(g + i * TN + j0), pj, sums);
+              if (near.any) [[unlikely]]
+                gj = take_near(gj, near, live, [&](int t, float gt_) { return NearPair{j0 + t, i, gt_}; });
+              store(pp + i * TN + j0, pj);
+              sums.g += gj;
+              store(g + i * TN + j0, gj);
+            }
+            rowsum[i] += hsum(sums.g);  // of the float G: dq's products sum it whole
+            dts[i] += hsum(sums.dts);
+            dtsum[i] += hsum(sums.dt);
+            pssum[i] += hsum(sums.ps);
+            psum[i] += hsum(sums.p);
+          }
+        }
+        for (int64_t gq = 0; gq < BMp && !hand; gq += W) {  // rows x queries: W queries of one row a vector
           const int live = int(std::min<int64_t>(W, BM - gq));
-          const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq), vb = splat(beta);
-          vf gsum = vf{}, dts_v = vf{}, dt_v = vf{}, ps_v = vf{}, p_v = vf{};
+          const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq);
+          Sums sums;
           for (int64_t j = 0; j < TN; ++j) {
-            const vf c = load(c1 + j * BMp + gq);
-            vf s;
             FlaggedLanes near;
-            if (j >= R) {
-              s = splat(kNegInf);
-            } else if (!l2) {
-              s = c;
-            } else {
-              const vf sum = vq + (wts ? load(c2 + j * BMp + gq) : splat(xn[j]));
+            vf s = splat(kNegInf);
+            if (j < R) {
+              const vf sum = l2 ? vq + (wts ? load(c2 + j * BMp + gq) : splat(xn[j])) : vf{};
               auto pairs = [&] { return LanePairs{q + gq * D, D, wts ? wts + gq * D : nullptr, xe + j * xe_step, 0}; };
-              const vf d2 = l2_distance_sq(sum, c, true, live, pairs, D, xe_dt, &near);
-              s = sim == Similarity::L2 ? -vsqrt(d2) : splat(-0.5f) * d2;
+              s = score(load(c1 + j * BMp + gq), sum, live, pairs, near);
             }
-            const vf pj = exp_nonpositive(rounded(vb * s) - vl);
-            const vf dtj = pj * (load(g + j * BMp + gq) - vd);
-            // Padding rows (s = -inf) and underflowed weights contribute nothing (not 0 * inf).
-            const auto none = pj == vf{};
-            dts_v += none ? vf{} : dtj * s;
-            ps_v += none ? vf{} : pj * s;
-            dt_v += dtj;
-            p_v += pj;
-            vf gj = vb * dtj;
-            if (sim == Similarity::L2) gj = s < vf{} ? -gj / s : vf{};  // 0: the subgradient at a stored pattern
-            // dX and dq sum G_ij (q_i - x_j) and G_ij (x_j - q_i) as G . q - colsum(G) x and G^T . X - rowsum(G) q:
-            // for a query on or next to a stored row, that row's G_ij x_j and G_ij q_i cancel, to float32's
-            // rounding of |G_ij| |x|, which was 1e-2 of dq and dX with every query on a stored row and a
-            // gradient for lse (l2sq, 256 x 64, beta 0.4; the float32 reference 2e-7).  Such pairs (d² cancelled in the product:
-            // §5.1's test) leave the products and are summed as differences after them.
-            if (near.any) [[unlikely]] {
-              float gl[W];
-              int nl[W];
-              store(gl, gj);
-              std::memcpy(nl, &near.lanes, sizeof nl);
-              for (int t = 0; t < live; ++t)
-                if (nl[t] && gl[t] != 0.f) sc.near.push_back({j, gq + t, gl[t]}), gl[t] = 0.f;
-              gj = load(gl);
-            }
+            vf pj;
+            vf gj = weights(s, vl, vd, load(g + j * BMp + gq), pj, sums);
+            if (near.any) [[unlikely]]
+              gj = take_near(gj, near, live, [&](int t, float gt_) { return NearPair{j, gq + t, gt_}; });
             if (d16)
               store_16(dt, p16 + j * BMp + gq, pj);
             else
               store(pp + j * BMp + gq, pj);
-            gsum += gj;
+            sums.g += gj;
             if (v16) {
               // G as the 16-bit products take it, in float too: the ℓ2 colsum term then cancels
               // against G . q as exactly as in float32 (with the float G, dX of a query next to
@@ -392,11 +461,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             }
             store(g + j * BMp + gq, gj);
           }
-          store(rowsum + gq, load(rowsum + gq) + gsum);  // of the float G: dq's products sum it whole
-          store(dts + gq, load(dts + gq) + dts_v);
-          store(dtsum + gq, load(dtsum + gq) + dt_v);
-          store(pssum + gq, load(pssum + gq) + ps_v);
-          store(psum + gq, load(psum + gq) + p_v);
+          store(rowsum + gq, load(rowsum + gq) + sums.g);  // of the float G: dq's products sum it whole
+          store(dts + gq, load(dts + gq) + sums.dts);
+          store(dtsum + gq, load(dtsum + gq) + sums.dt);
+          store(pssum + gq, load(pssum + gq) + sums.ps);
+          store(psum + gq, load(psum + gq) + sums.p);
         }
         // 3. dV and dX rows of this tile (only its R real rows), dq of the query block.
         float* dxr = !bank_grads ? nullptr : direct ? grow(sc.dxt, BN * D) : dx + r0 * ld_dx;
@@ -408,10 +477,10 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         if (!bank_grads) {
           // a frozen bank: no rows to write
         } else if (hand && summed) {
-          few_query_rows(pp, g, BMp, BM, dout_r, qw, D, R, add, dxr, ld_dx);
+          few_query_rows(pp, g, TN, BM, dout_r, qw, D, R, add, dxr, ld_dx);
         } else if (hand) {
-          few_query_rows(pp, nullptr, BMp, BM, dout_r, nullptr, Dv, R, add, dvr, ld_dv);
-          few_query_rows(g, nullptr, BMp, BM, qw, nullptr, D, R, add, dxr, ld_dx);
+          few_query_rows(pp, nullptr, TN, BM, dout_r, nullptr, Dv, R, add, dvr, ld_dv);
+          few_query_rows(g, nullptr, TN, BM, qw, nullptr, D, R, add, dxr, ld_dx);
         } else {
           if (d16)
             mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, ld_dv, add, p16, doutv16, dvr);
@@ -432,7 +501,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           } else {
             for (int64_t j = 0; j < R; ++j) {
               float cs = 0.f;
-              for (int64_t i = 0; i < BM; ++i) cs += g[j * BMp + i];
+              for (int64_t i = 0; i < BM; ++i) cs += hand ? g[i * TN + j] : g[j * BMp + i];
               const vf vcs = splat(cs);
               const char* xj = xe + j * xe_step;
               float* dj = dxr + j * ld_dx;
@@ -459,10 +528,10 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             store_rows_16(dt, dvr, R, Dv, bp.dv16 + bp.dv_lead(lm) + r0 * bp.dv_row_stride, bp.dv_row_stride);
           store_rows_16(dt, dxr, R, D, bp.dx16 + bp.dx_lead(lm) + r0 * bp.dx_row_stride, bp.dx_row_stride);
         }
-        transpose_block(g, BMp, TN, BMp, gt, TN);
-        if (hand) {
-          by_dtype(dt, [&](auto DT) { hand_values<DT()>(gt, TN, BM, xr, int64_t(es) * ldr, TN, D, dq); });
+        if (hand) {  // G is queries x rows already
+          by_dtype(dt, [&](auto DT) { hand_values<DT()>(g, TN, BM, xr, int64_t(es) * ldr, TN, D, dq); });
         } else if (v16) {
+          transpose_block(g, BMp, TN, BMp, gt, TN);
           uint16_t* gt16 = grow(sc.gt16, BM * TN);
           floats_to_16(dt, gt, BM * TN, gt16);
           const int64_t ldp = padded_stride(D);  // as the forward's value tiles (tile_kernel.cpp)
@@ -478,6 +547,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           floats_to_16(dt, gt, BM * TN, gtlo16);
           mk::gemm_vnni(dt, BM, D, TN, TN, ldp, D, true, gtlo16, xp, dq);
         } else {
+          transpose_block(g, BMp, TN, BMp, gt, TN);
           mk::gemm_f32(BM, D, TN, TN, ldf, D, true, gt, xf, dq);
         }
       }

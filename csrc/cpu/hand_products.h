@@ -186,7 +186,7 @@ constexpr int rows_per_block() {
 // (split_pairs leaves it there too).
 template <DType DT, int QI, int RJ, bool kNorms>
 inline void finish_dots(vf* acc, vf* nacc, const float* q, int64_t D, int64_t k, const char* x, int64_t ldx,
-                        float* c, int64_t ldc, float* norms, int64_t ldn, const char* next) {
+                        float* c, int64_t ldc, int64_t ldq, float* norms, int64_t ldn, const char* next) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   constexpr int64_t line = 64 / (W * es) > 0 ? 64 / (W * es) : 1;  // k-steps per cache line
   auto step = [&](auto&& row, auto&& query) __attribute__((always_inline)) {
@@ -225,7 +225,7 @@ inline void finish_dots(vf* acc, vf* nacc, const float* q, int64_t D, int64_t k,
   float sums[QI * RJ];
   reduce_lanes<QI * RJ>(acc, sums);
   for (int a = 0; a < QI; ++a)
-    for (int b = 0; b < RJ; ++b) c[b * ldc + a] = sums[a * RJ + b];
+    for (int b = 0; b < RJ; ++b) c[b * ldc + a * ldq] = sums[a * RJ + b];
   if constexpr (kNorms) {
     float n[RJ];
     reduce_lanes<RJ>(nacc, n);
@@ -233,13 +233,13 @@ inline void finish_dots(vf* acc, vf* nacc, const float* q, int64_t D, int64_t k,
   }
 }
 
-// C[b * ldc + a] = <q_a, x_b> over the whole depth D, for QI queries (float rows of
+// C[b * ldc + a * ldq] = <q_a, x_b> over the whole depth D, for QI queries (float rows of
 // q, stride D; for bfloat16 banks as split_pairs leaves them) and RJ bank rows of
 // dtype DT (byte stride ldx).
 // With kNorms, also norms[b * ldn] = |x_b|² from the same loads (the ℓ2 forms), reduced
 // the way row_norms reduces them.
 template <DType DT, int QI, int RJ, bool kNorms>
-inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, float* c, int64_t ldc,
+inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, float* c, int64_t ldc, int64_t ldq,
                       const char* next, float* norms, int64_t ldn) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   vf acc[QI * RJ];
@@ -268,12 +268,12 @@ inline void dot_block(const float* q, int64_t D, const char* x, int64_t ldx, flo
       }
     }
   }
-  finish_dots<DT, QI, RJ, kNorms>(acc, nacc, q, D, k, x, ldx, c, ldc, norms, ldn, next);  // the W-steps and the tail
+  finish_dots<DT, QI, RJ, kNorms>(acc, nacc, q, D, k, x, ldx, c, ldc, ldq, norms, ldn, next);  // W-steps, the tail
 }
 
 template <DType DT, int QI>
 void dot_rows(const float* q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c, int64_t ldc,
-              const char* next, float* norms) {
+              int64_t ldq, const char* next, float* norms) {
   constexpr int RJ = rows_per_block<QI>();
   // A block's RJ rows are `lane` rows apart, not neighbours: the tile is read as RJ
   // streams, each through its own pages, and more of it is in flight at once.
@@ -281,25 +281,28 @@ void dot_rows(const float* q, int64_t D, const char* x, int64_t ldx, int64_t row
   for (int64_t j = 0; j < lane; ++j) {
     const char* nx = next ? next + j * ldx : nullptr;
     if (norms)
-      dot_block<DT, QI, RJ, true>(q, D, x + j * ldx, lane * ldx, c + j * ldc, lane * ldc, nx, norms + j, lane);
+      dot_block<DT, QI, RJ, true>(q, D, x + j * ldx, lane * ldx, c + j * ldc, lane * ldc, ldq, nx, norms + j, lane);
     else
-      dot_block<DT, QI, RJ, false>(q, D, x + j * ldx, lane * ldx, c + j * ldc, lane * ldc, nx, nullptr, 0);
+      dot_block<DT, QI, RJ, false>(q, D, x + j * ldx, lane * ldx, c + j * ldc, lane * ldc, ldq, nx, nullptr, 0);
   }
 }
 
-// C[j * ldc + i] = <q_i, x_j> for `rows` bank rows (a multiple of 8: a whole tile, so no
+// C[j * ldc + i * ldq] = <q_i, x_j> for `rows` bank rows (a multiple of 8: a whole tile, so no
 // row is reduced another way) and Q queries (float rows, stride D; split_pairs'
-// layout for a bfloat16 bank, made once per query block by the caller); `next`: the
-// following tile (same layout) to prefetch, or null; `norms`: where to leave |x_j|², or null.
+// layout for a bfloat16 bank, made once per query block by the caller): rows x queries
+// (ldq 1) or queries x rows (ldc 1); `next`: the following tile (same layout) to
+// prefetch, or null; `norms`: where to leave |x_j|², or null.
 template <DType DT>
 void hand_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
-                 int64_t ldc, const char* next = nullptr, float* norms = nullptr) {
+                 int64_t ldc, int64_t ldq, const char* next = nullptr, float* norms = nullptr) {
   int64_t i = 0;
   // Only the first query group prefetches and takes the norms: the others find the tile in cache.
   auto first = [&](auto p) { return i == 0 ? p : nullptr; };
-  for (; i + 4 <= Q; i += 4) dot_rows<DT, 4>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
-  for (; i + 2 <= Q; i += 2) dot_rows<DT, 2>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
-  for (; i < Q; ++i) dot_rows<DT, 1>(q + i * D, D, x, ldx, rows, c + i, ldc, first(next), first(norms));
+  for (; i + 4 <= Q; i += 4)
+    dot_rows<DT, 4>(q + i * D, D, x, ldx, rows, c + i * ldq, ldc, ldq, first(next), first(norms));
+  for (; i + 2 <= Q; i += 2)
+    dot_rows<DT, 2>(q + i * D, D, x, ldx, rows, c + i * ldq, ldc, ldq, first(next), first(norms));
+  for (; i < Q; ++i) dot_rows<DT, 1>(q + i * D, D, x, ldx, rows, c + i * ldq, ldc, ldq, first(next), first(norms));
 }
 
 // --- values ---------------------------------------------------------------------------
@@ -509,7 +512,7 @@ HEN_BF16_PAIRS void pair_block(const uint16_t* q16, const float* qf, int64_t D, 
       for (int b = 0; b < RJ; ++b) dot_pairs(acc[a * RJ + b], qv, xv[b]);
     }
   }
-  finish_dots<DType::BF16, QI, RJ, kNorms>(acc, nacc, qf, D, k, x, ldx, c, ldc, norms, ldn, next);
+  finish_dots<DType::BF16, QI, RJ, kNorms>(acc, nacc, qf, D, k, x, ldx, c, ldc, 1, norms, ldn, next);
 }
 
 template <int QI>

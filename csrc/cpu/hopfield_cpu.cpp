@@ -343,7 +343,7 @@ BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
   // even at one query (3.4-4.7 / 5.9-6.3 / 6.3-8.4 against 3.3-5.0 / 6.1-6.8 / 6.8-9.4), faster at four.
   // From D = 16 up the hand-written products keep the measurements above (one query at 16: 4.9-5.3
   // against 6.2-6.4).
-  const int64_t hand_up_to = vnni ? 2 : 4;
+  const int64_t hand_up_to = vnni ? 2 : kBackwardHandQueriesMax;
   plan.hand = p.B <= hand_up_to && p.D >= 16 && !(p.weights != nullptr && p.similarity != Similarity::Dot);
   plan.vnni = vnni && !plan.hand;
   plan.dout16 = plan.vnni && b.dout_16bit && p.Dv % 2 == 0;

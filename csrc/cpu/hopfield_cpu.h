@@ -62,6 +62,8 @@ struct PlanHints {
 // 197 x 197 x 64 and 8 of 64 x 90 x 64 ran 1.14-1.26x faster at 16, AVX-512 and AVX2
 // forced, float32 and bf16; EPYC Zen 5, in-process A/B, median of 21).
 constexpr int64_t kRowQuantum = 16;
+// The most queries a backward tile takes by hand-written products (make_backward_plan).
+constexpr int kBackwardHandQueriesMax = 4;
 
 // How the work is cut and computed: chosen from the shape, the dtype, the CPU
 // and the thread count (see make_plan).

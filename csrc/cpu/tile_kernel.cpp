@@ -405,7 +405,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
         HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, TN, c1, ldc, next, xn_by_scores));
       else
         by_dtype(dt, [&](auto DT) {
-          hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, TN, c1, ldc, next, xn_by_scores);
+          hand_scores<DT()>(qhand, BM, D, xr, int64_t(es) * ldr, TN, c1, ldc, 1, next, xn_by_scores);
         });
       if (!one_query)
         for (int64_t j = 0; j < TN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
@@ -420,7 +420,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       if (sp == Product::F32) {
         mk::gemm_f32(TN, BMp, D, ldsq, BMp, BMp, false, xsq, wop, c2);
       } else {
-        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * ldsq, TN, c2, ldc);
+        hand_scores<DType::F32>(wts, BM, D, reinterpret_cast<const char*>(xsq), 4 * ldsq, TN, c2, ldc, 1);
         if (!one_query)
           for (int64_t j = 0; j < TN; ++j) std::fill(c2 + j * BMp + BM, c2 + (j + 1) * BMp, 0.f);
       }
