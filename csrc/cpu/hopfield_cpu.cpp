@@ -331,20 +331,19 @@ BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
   // float32 products of X∘X anyway.
   const bool vnni = plan.isa == Isa::Avx512 && p.dtype == DType::BF16 && p.weights == nullptr && p.D % 2 == 0 &&
                     mk::vnni_available(p.dtype);
-  // Few queries: the hand-written products, where the microkernels pad them to a vector.  Measured
-  // (EPYC Zen 4, in-process A/B of the backward op; 128 banks of 2048 x 32, 65536 x 64, 16384 x 512):
-  // float32 1.49-2.67x faster at one query, 1.11-1.55x at four, 0.48-1.04x at eight; against the
-  // bfloat16 VNNI products 1.31-1.60x at one, 1.01-1.46x at two, 0.86-1.10x at four.
-  // Rows shorter than 16 features fill no AVX-512 vector and leave the hand-written products a
-  // masked tail on every row: the microkernels there (thirtieth session, EPYC Zen 4, float32, one
-  // process, plans alternating, 200000 rows, glibc's mmap threshold raised; ms for one backward): one
-  // query at D = 8 / 14 / 15: 3.7-5.5 / 5.3-5.6 / 6.4-7.6 against 6.8-6.9 / 10.1-11.5 / 10.3-11.4, four
-  // queries 4.1-4.8 / 5.9-6.5 / 6.2-7.0 against 8.4-9.8 / 11.2-11.3 / 12.5-13.0; with AVX2 forced,
-  // even at one query (3.4-4.7 / 5.9-6.3 / 6.3-8.4 against 3.3-5.0 / 6.1-6.8 / 6.8-9.4), faster at four.
-  // From D = 16 up the hand-written products keep the measurements above (one query at 16: 4.9-5.3
-  // against 6.2-6.4).
-  const int64_t hand_up_to = vnni ? 2 : kBackwardHandQueriesMax;
-  plan.hand = p.B <= hand_up_to && p.D >= 16 && !(p.weights != nullptr && p.similarity != Similarity::Dot);
+  // Few queries: the hand-written products, where the microkernels pad them to a vector.  Their tiles
+  // are queries x rows (backward_kernel.cpp), and the limits were measured with those (thirty-first
+  // session, EPYC Zen 4; the backward op, a build taking them for up to 8 queries at any depth against
+  // this one, alternating processes, median of 7, 2M / max(D, 16) rows): at D >= 32 up to 4 queries
+  // the same as before (float32 at 8: 0.68-1.01x the microkernels); bfloat16 against the VNNI
+  // products 1.34-1.65x faster at 4 queries (the earlier hand-written path: 0.86-1.10x), 0.76-0.95x
+  // at 8.  Rows shorter than 16 features fill no AVX-512 vector: there the hand-written products
+  // are 1.9-3.1x faster at one query, 1.2-1.7x at two, 0.5-0.8x at four (float32 and bfloat16, D = 8
+  // and 15; with AVX2 forced 1.8-2.7x, 1.3-1.7x and 0.7-0.9x).  AMX keeps the earlier limit of 2 for
+  // the VNNI products: not measured since.
+  const bool amx = vnni && mk::cpu_has_amx_bf16();
+  const int64_t hand_up_to = p.D < 16 || amx ? 2 : kBackwardHandQueriesMax;
+  plan.hand = p.B <= hand_up_to && !(p.weights != nullptr && p.similarity != Similarity::Dot);
   plan.vnni = vnni && !plan.hand;
   plan.dout16 = plan.vnni && b.dout_16bit && p.Dv % 2 == 0;
   plan.query_block = std::min<int64_t>(std::max<int64_t>(p.B, 1), 64);
