@@ -53,10 +53,10 @@ def bank_grads_wanted(keys_are_values: bool, need_memory: bool, need_values: boo
 
 def bank_grads_of(grads: Grads, bank_grads: str) -> Grads:
     """(dq, dx, dv, dbeta) computed apart, as ``bank_grads`` asks for them: the backward paths that
-    always compute dX and dV."""
+    always compute dX and dV (in float32, so the sum is float32's)."""
     dq, dx, dv, dbeta = grads
     if bank_grads == "summed":
-        return dq, dx.to(torch.float32) + dv.to(torch.float32), dv.new_empty(0), dbeta
+        return dq, dx + dv, dv.new_empty(0), dbeta
     if bank_grads == "none":
         return dq, dx.new_empty(0), dv.new_empty(0), dbeta
     return grads
