@@ -214,8 +214,9 @@ PartialResult partial_cpu(const at::Tensor& query, const at::Tensor& memory, con
 }
 
 // The CPU side of partial_with_plan_hints (tests): kernel "auto", "brgemm",
-// "hand" or "pairs" (who computes the tile products: pairs is hand with bfloat16
-// on AVX-512 BF16's pair dot product, hand then widens to float32), optionally ":avx512", ":avx2" or
+// "hand", "pairs" or "lanes" (who computes the tile products: pairs is hand with bfloat16
+// on AVX-512 BF16's pair dot product, hand then widens to float32; lanes is hand with the
+// scores taken by lane_scores), optionally ":avx512", ":avx2" or
 // ":baseline" (the highest instruction set of the tile kernel), so that one
 // machine runs every path; query_block and splits as for CUDA.
 PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Tensor& memory,
@@ -233,9 +234,11 @@ PartialResult partial_with_plan_hints_cpu(const at::Tensor& query, const at::Ten
     hints.gemm = G::Hand;
   } else if (gemm == "pairs") {
     hints.gemm = G::Pairs;
+  } else if (gemm == "lanes") {
+    hints.gemm = G::Lanes;
   } else {
     TORCH_CHECK_VALUE(gemm == "auto", "hen_kernels::partial_with_plan_hints: on the CPU, kernel must be auto, brgemm, "
-                      "hand or pairs, optionally with :avx512, :avx2 or :baseline, got ", k);
+                      "hand, pairs or lanes, optionally with :avx512, :avx2 or :baseline, got ", k);
   }
   if (isa == "avx512") {
     hints.isa = int(hen::Isa::Avx512);

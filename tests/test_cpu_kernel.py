@@ -5,7 +5,8 @@ tests/test_kernels.py holds the automatic choice to the reference; here
 ``hen_kernels::partial_with_plan_hints`` forces each path on this one machine:
 the brgemm microkernels (16-bit on AMX / AVX-512 BF16 where the CPU has them),
 the hand-written products (bfloat16 widened to float32, and on AVX-512 BF16's pair
-dot product where the CPU has it), and the AVX-512, AVX2 and baseline copies of the tile kernel.
+dot product where the CPU has it; the scores as dot products or with the bank tile turned,
+lane_scores), and the AVX-512, AVX2 and baseline copies of the tile kernel.
 """
 import math
 import os
@@ -40,7 +41,8 @@ def kernels(full_only=False):
     if backends.BACKENDS["cpu"].unavailable_reason is not None:
         return ["auto"]  # every test skips, saying why
     best = info()["cpu_isa"]
-    gemms = ["auto", "brgemm", "hand"] if info()["gemm"] == "brgemm" else ["hand"]
+    # lanes: the hand-written products with the scores of lane_scores (the bank tile turned)
+    gemms = ["auto", "brgemm", "hand", "lanes"] if info()["gemm"] == "brgemm" else ["hand", "lanes"]
     if info().get("bf16_pairs") == "1":  # bfloat16 on AVX-512 BF16's pair dot product
         gemms.append("pairs")
     paths = [f"{g}:{best}" for g in gemms]
@@ -175,7 +177,8 @@ def test_a_query_gets_the_same_bits_in_any_query_block(kernel, dtype):
 
 @pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("sim", SIMILARITIES)
-@pytest.mark.parametrize("nq", [40, 1])  # one query: its scores laid along the rows (row_scores)
+# 1 and 3 queries: each query's scores laid along the rows (row_scores), one or several a tile
+@pytest.mark.parametrize("nq", [40, 3, 1])
 @pytest.mark.parametrize("d", [16, 7, 37])  # 7, 37: rows that end in a partial vector (TailStep)
 def test_identical_rows_tie_to_the_smallest_index_anywhere(kernel, sim, nq, d):
     """docs/design.md §5.1: one score per row whatever its place in a tile, split or chunk."""
@@ -286,13 +289,14 @@ def test_hard_retrieval_is_exact_on_every_path(kernel, dtype, sim):
 
 @pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("sim", SIMILARITIES)
-def test_nan_query_stays_in_its_lane(kernel, sim):
-    q, x = make((20, 40), torch.float32, 15), make((500, 40), torch.float32, 16)
+@pytest.mark.parametrize("nq", [20, 3])  # 3: each query's scores along the rows, its state its own
+def test_nan_query_stays_in_its_lane(kernel, sim, nq):
+    q, x = make((nq, 40), torch.float32, 15), make((500, 40), torch.float32, 16)
     clean = hinted(q, x, 0.2, sim, kernel, splits=3)
     bad = q.clone()
     bad[2, 7] = float("nan")
     p = hinted(bad, x, 0.2, sim, kernel, splits=3)
-    keep = torch.arange(20) != 2
+    keep = torch.arange(nq) != 2
     assert torch.equal(p.out[keep], clean.out[keep]) and torch.equal(p.lse[keep], clean.lse[keep])
     assert torch.isnan(p.out[2]).all() and torch.isnan(p.lse[2])
 

@@ -79,6 +79,32 @@ HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
   return {q, q};
 }
 
+// Whether the lane score products (Product::Lanes: the bank tile turned, W rows a vector)
+// beat both the dot products and the microkernels: short rows and a few queries, where the
+// dot products spend most on reducing each sum across a vector and the microkernels pad
+// the queries to one.  Measured on an EPYC Zen 4 (8 banks of 8192 rows, D = 8-64, 1-16
+// queries, each path forced, in-process, median of 9): the better other path's time over
+// the lanes', AVX-512 float32 1.05-1.7x at 2-8 queries below D = 32 (one query: 1.34x at
+// D = 8, 0.91-1.0x at D = 16-24), 1.05-1.25x at 4-8 queries of D = 32 (0.98x at 2), 0.96-1.03x
+// at D = 48; bfloat16 (against the pair and the AVX-512 BF16 products) 1.5-1.65x at 1-4
+// queries of D = 8, 1.2-1.6x at 2-4 of D = 16-24, 1.1-1.2x at 4 of D = 32-48, 0.83x at 4 of
+// D = 64, 0.75-1.0x at 8 queries; float16 (no 16-bit microkernel here) 1.0-2.2x at 1-8
+// queries below D = 32, 1.0-1.2x at 4-8 of D = 32-48.  AVX2 forced (W = 8: the turn costs
+// twice as much a row): 1.2-1.8x at 1-4 queries of D = 8, 1.1-1.4x at 4 queries of D = 16-24,
+// 0.95x at 2 of D = 16 (3 not measured), 0.4-0.8x from D = 32 on.  Where the CPU has AMX
+// its 16-bit microkernels keep their queries (not measured against it).
+bool lanes_win(Isa isa, DType dt, bool amx16, int64_t D, int64_t B) {
+  if (isa == Isa::Avx2) return D < 32 && B <= 4 && (B >= 3 || D < 16);
+  if (isa != Isa::Avx512 || amx16) return false;
+  const int64_t most = dt == DType::BF16 ? 4 : 8;
+  const int64_t fewest = dt == DType::F16 ? (D < 32 ? 1 : D < 64 ? 4 : most + 1)
+                         : D < 16         ? 1
+                         : D < 32         ? 2
+                         : D < (dt == DType::F32 ? 48 : 64) ? 4
+                                                            : most + 1;
+  return B >= fewest && B <= most;
+}
+
 // Whether the AVX-512 copy of the tile kernel has the AVX-512 BF16 instructions.
 constexpr bool kBf16Asm = HEN_CPU_X86 && HEN_COMPILER_BF16;
 
@@ -219,7 +245,9 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   const Product hand_value = pairs_first ? Product::Bf16Pairs : Product::Hand;
   if (hints.gemm == G::Pairs && !(kBf16Asm && mk::cpu_has_avx512_bf16()))
     throw std::invalid_argument("hints: this CPU (or this build) has no AVX-512 BF16 pair dot product");
-  if (hints.gemm != G::Auto) {
+  if (hints.gemm == G::Lanes) {
+    plan.score = Product::Lanes, plan.value = Product::Hand;
+  } else if (hints.gemm != G::Auto) {
     plan.score = hints.gemm == G::Brgemm ? fast_score : hand_score;
     plan.value = hints.gemm == G::Brgemm ? fast_value : hand_value;
   } else if (!brgemm) {
@@ -233,6 +261,12 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
     };
     plan.score = p.B <= up_to(fast_score, hand_score).score ? hand_score : fast_score;
     plan.value = p.B <= up_to(fast_value, hand_value).value ? hand_value : fast_value;
+    if (lanes_win(plan.isa, p.dtype, vnni && mk::cpu_has_amx_bf16(), p.D, p.B)) {
+      plan.score = Product::Lanes;
+      // 16-bit values widened for a float32 microkernel lost to the hand-written ones behind
+      // the lane scores: 1.2-2x (float16 on AVX-512, bfloat16 with AVX2 forced; D = 8-32).
+      if (plan.value == Product::F32 && p.dtype != DType::F32) plan.value = Product::Hand;
+    }
   }
 
   // HEN_KERNELS_CPU_L2_DIRECT=0 drops the §5.1 recompute of cancelled ℓ2 pairs: the

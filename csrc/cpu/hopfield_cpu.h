@@ -42,15 +42,18 @@ enum class Isa : int { Baseline = 1, Avx2 = 2, Avx512 = 3 };
 // Who computes a tile product: the kernel's own code (hand_products.h: where brgemm
 // is absent, and for few queries), or the platform's microkernel (microkernel.h) in
 // float32 (16-bit inputs widened first) or on 16-bit VNNI operands; Bf16Pairs: the
-// kernel's own products on bfloat16 as stored, by AVX-512 BF16's pair dot product.
-enum class Product : int { Hand = 0, F32 = 1, Vnni = 2, Bf16Pairs = 3 };
+// kernel's own products on bfloat16 as stored, by AVX-512 BF16's pair dot product; Lanes
+// (scores only): the kernel's own, the bank tile turned so that a vector holds W rows
+// (short rows, where a dot product spends more on its reduction than on its sum).
+enum class Product : int { Hand = 0, F32 = 1, Vnni = 2, Bf16Pairs = 3, Lanes = 4 };
 
 // What a caller may force (tests, benchmarks); zero / Auto leave the choice to make_plan.
 struct PlanHints {
   // Pairs: the hand-written products, bfloat16 ones on the pair dot product (where the
   // CPU has it; other dtypes as Hand, and a weighted score product whose w∘q is not
-  // 16-bit: weighted_cue_is_16bit in hopfield_cpu.cpp).
-  enum class GemmChoice { Auto, Brgemm, Hand, Pairs } gemm = GemmChoice::Auto;
+  // 16-bit: weighted_cue_is_16bit in hopfield_cpu.cpp).  Lanes: the lane score products
+  // and the hand-written value products, at any depth.
+  enum class GemmChoice { Auto, Brgemm, Hand, Pairs, Lanes } gemm = GemmChoice::Auto;
   int isa = 0;  // highest instruction set to use (an Isa value), 0: the best this CPU has
   int64_t query_block = 0;
   int64_t splits = 0;
