@@ -5,10 +5,11 @@
 //
 // One tile: a query block (up to 64 queries, padded to the vector width W) against
 // one split of the bank, walked in row tiles of plan.row_block rows:
-//   1. scores   C = X_tile . Q^T          (bank rows x queries; brgemm or dot blocks)
+//   1. scores   C = X_tile . Q^T          (bank rows x queries: brgemm or dot blocks; or
+//               queries x rows for a few queries: dot blocks or lane_scores)
 //               ℓ2: d² = |q|²_w + |x|²_w - 2 C, recomputed directly where it cancels
-//   2. softmax  over each column (W queries per vector): max, argmax, exp, sums, and
-//               the weights written transposed, P (queries x rows)
+//   2. softmax  over each column (W queries per vector) or each query's row (W rows per
+//               vector): max, argmax, exp, sums, and the weights P (queries x rows)
 //   3. values   O += P . V_tile            (brgemm or vector FMAs)
 // Every row is scored by the same operations wherever it sits (a tail tile is padded
 // to a multiple of kRowQuantum rows, never computed by another path), so equal rows score equally
