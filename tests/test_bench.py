@@ -140,10 +140,10 @@ def test_crossover_quick_times_every_kind_of_product(tmp_path, emulate):
     assert len(cells) == 2 * len(crossover.DEPTHS) * len(crossover.QUERIES)
     for c in cells:
         dtype = getattr(torch, c["dtype"])
-        assert set(c["ms"]) == {"brgemm", *crossover.kinds(dtype, kernel)}
+        assert set(c["ms"]) == {"brgemm", *crossover.kinds(dtype, kernel, c["D"])}
         assert all(math.isfinite(v) and v > 0 for v in c["ms"].values())
     md = (out / f"{stem}.md").read_text()
-    assert "## float32, hand" in md and "## bfloat16, hand" in md
+    assert "## float32, hand" in md and "## bfloat16, hand" in md and "## float32, lanes" in md
     assert ("## bfloat16, pairs" in md) == (kernel["bf16_pairs"] == "1")
     assert ("AVX2 EMULATED" in md) == emulate
 

@@ -348,17 +348,25 @@ void lane_rows(const float* q, int64_t D, const float* xt, int64_t rows, float* 
 }
 
 // C[i * ldq + j] = <q_i, x_j> for `rows` bank rows (a multiple of W) of dtype DT (byte stride
-// ldx) and Q queries (float rows, stride D); xt: room for D x rows floats; `norms`: where
-// to leave |x_j|² (the same order of sums), or null.
+// ldx) and Q queries (float rows, stride D); xt: room for D x rows floats; `next`: the
+// following tile (same layout) to prefetch, or null; `norms`: where to leave |x_j|² (the
+// same order of sums), or null.
 template <DType DT>
 void lane_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
-                 int64_t ldq, float* xt, float* norms = nullptr) {
+                 int64_t ldq, float* xt, const char* next = nullptr, float* norms = nullptr) {
+  constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   for (int64_t j0 = 0; j0 < rows; j0 += W)
     for (int64_t k0 = 0; k0 < D; k0 += W) {
       const int n = int(std::min<int64_t>(W, D - k0));
       vf e[W];
       for (int jj = 0; jj < W; ++jj) {
         const char* r = x + (j0 + jj) * ldx;
+        // The same row of the next tile towards L2, the lines these elements start and end in: a
+        // bank streamed from memory ran 1.5x slower without (one of 2^20 rows of 32 floats, 4 queries).
+        if (next) {
+          __builtin_prefetch(next + (j0 + jj) * ldx + k0 * es, 0, 2);
+          __builtin_prefetch(next + (j0 + jj) * ldx + (k0 + n) * es - 1, 0, 2);
+        }
         e[jj] = n == W ? lf<DT>(r, k0) : load_as_float_first(DT, r, k0, n);
       }
       transpose(e);

@@ -82,17 +82,19 @@ HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
 // Whether the lane score products (Product::Lanes: the bank tile turned, W rows a vector)
 // beat both the dot products and the microkernels: short rows and a few queries, where the
 // dot products spend most on reducing each sum across a vector and the microkernels pad
-// the queries to one.  Measured on an EPYC Zen 4 (8 banks of 8192 rows, D = 8-64, 1-16
-// queries, each path forced, in-process, median of 9): the better other path's time over
-// the lanes', AVX-512 float32 1.05-1.7x at 2-8 queries below D = 32 (one query: 1.34x at
-// D = 8, 0.91-1.0x at D = 16-24), 1.05-1.25x at 4-8 queries of D = 32 (0.98x at 2), 0.96-1.03x
-// at D = 48; bfloat16 (against the pair and the AVX-512 BF16 products) 1.5-1.65x at 1-4
-// queries of D = 8, 1.2-1.6x at 2-4 of D = 16-24, 1.1-1.2x at 4 of D = 32-48, 0.83x at 4 of
-// D = 64, 0.75-1.0x at 8 queries; float16 (no 16-bit microkernel here) 1.0-2.2x at 1-8
-// queries below D = 32, 1.0-1.2x at 4-8 of D = 32-48.  AVX2 forced (W = 8: the turn costs
-// twice as much a row): 1.2-1.8x at 1-4 queries of D = 8, 1.1-1.4x at 4 queries of D = 16-24,
-// 0.95x at 2 of D = 16 (3 not measured), 0.4-0.8x from D = 32 on.  Where the CPU has AMX
-// its 16-bit microkernels keep their queries (not measured against it).
+// the queries to one.  Measured on an EPYC Zen 4, each path forced, in two regimes: one
+// bank of 2^25 elements streamed from memory (benchmarks/results/crossover_zen4.md, `bench
+// crossover`: lanes against hand-written dot products, both with hand-written values) and 8
+// banks of 8192 rows held in cache (ad-hoc, in-process, median of 9: PERFORMANCE.md §5.19).
+// AVX-512 float32: 2-8 queries below D = 32 (1.2-2.3x the dot products at 4-8, 0.94-1.4x at
+// 2; one query 1.2-1.3x at D = 8, 0.87-0.91x from D = 16), 4-8 at D = 32 (2 queries
+// 0.73-0.98x); bfloat16 (against the pair and the AVX-512 BF16 products too): 1-4 queries at
+// D = 8 (1.1-1.8x), 2-4 below D = 32 (1.1-1.6x), 4 below D = 64 (1.1-1.2x; 0.75-0.9x at D =
+// 64), never 8 (0.75-1.0x against brgemm); float16 (no 16-bit microkernel here) 1.0-2.2x at
+// 1-8 queries below D = 32, 1.0-1.2x at 4-8 below D = 64.  AVX2 forced (W = 8: the turn
+// costs twice as much a row), in cache: 1.2-1.8x at 1-4 queries of D = 8, 1.1-1.4x at 4 of
+// D = 16-24, 0.95x at 2 of D = 16 (3 not measured), 0.4-0.8x from D = 32 on.  Where the CPU
+// has AMX its 16-bit microkernels keep their queries (not measured against it).
 bool lanes_win(Isa isa, DType dt, bool amx16, int64_t D, int64_t B) {
   if (isa == Isa::Avx2) return D < 32 && B <= 4 && (B >= 3 || D < 16);
   if (isa != Isa::Avx512 || amx16) return false;

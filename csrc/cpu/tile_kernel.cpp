@@ -413,7 +413,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       // (Rows ldr apart: a tile padded to another stride prefetches nothing.)
       const char* next = ldr == p.memory_row_stride ? next_x : nullptr;
       if (sp == Product::Lanes)
-        by_dtype(dt, [&](auto DT) { lane_scores<DT()>(qw, BM, D, xr, int64_t(es) * ldr, TN, c1, ldq, xt, xn_by_scores); });
+        by_dtype(dt, [&](auto DT) {
+          lane_scores<DT()>(qw, BM, D, xr, int64_t(es) * ldr, TN, c1, ldq, xt, next, xn_by_scores);
+        });
       else if (sp == Product::Bf16Pairs)
         HEN_PAIR_PRODUCT(pair_scores(qpairs, qw, BM, D, xr, int64_t(es) * ldr, TN, c1, ldc, ldq, next, xn_by_scores));
       else

@@ -1,14 +1,15 @@
-"""Where the CPU kernel's own products stop beating brgemm: the measurements behind `hand_up_to`.
+"""Where the CPU kernel's own products stop beating brgemm: the measurements behind `hand_up_to` and `lanes_win`.
 
     python -m hen_kernels.bench crossover [--out DIR] [--quick] [--repeats K] [--emulate-avx2] [--name STEM]
 
 For each dtype, row depth D and query count B, the CPU kernel is timed with its tile
 products forced (``hen_kernels::partial_with_plan_hints``): oneDNN's brgemm for both
 products, and each hand-written kind this CPU runs (``hand``; bfloat16 also ``pairs``,
-AVX-512 BF16's pair dot product, where the CPU has it).  Each cell is brgemm's time over
+AVX-512 BF16's pair dot product, where the CPU has it; up to D = 64, ``lanes``: the
+scores with the bank tile turned, lane_scores).  Each cell is brgemm's time over
 the hand-written one's (above 1: the hand-written products win), on a bank of 2^25
 elements (64 MiB in bfloat16), calls interleaved, median of ``--repeats``.
-csrc/cpu/hopfield_cpu.cpp's ``hand_up_to`` says which limits the planner uses; this
+csrc/cpu/hopfield_cpu.cpp's ``hand_up_to`` and ``lanes_win`` say which limits the planner uses; this
 table is how to check them on a new kind of CPU.  Writes crossover.{json,md} (or STEM.*);
 ``--emulate-avx2`` measures what an AVX2-only CPU would run (as ``bench cpu --emulate-avx2``)
 and writes crossover_avx2.{json,md}.
@@ -21,15 +22,17 @@ import torch
 from . import common
 from .cpu_peers import cpu_info
 
-DEPTHS = (16, 24, 32, 48, 64, 128, 256, 512, 1024)  # 24, 48: rows that end in a partial vector
+DEPTHS = (8, 16, 24, 32, 48, 64, 128, 256, 512, 1024)  # 8, 24, 48: rows that end in a partial vector
+LANES_DEPTH_MAX = 64  # the lane products' sums grow a vector of work per element of depth: short rows only
 QUERIES = (1, 2, 4, 8, 16, 32)
 BANK_ELEMENTS = 2 ** 25
 QUICK_ELEMENTS = 2 ** 16
 
 
-def kinds(dtype: torch.dtype, info: dict) -> List[str]:
-    """The hand-written product kinds this CPU runs for ``dtype``."""
-    return ["hand", "pairs"] if dtype == torch.bfloat16 and info.get("bf16_pairs") == "1" else ["hand"]
+def kinds(dtype: torch.dtype, info: dict, D: int) -> List[str]:
+    """The hand-written product kinds this CPU runs for ``dtype`` at depth ``D``."""
+    pairs = ["pairs"] if dtype == torch.bfloat16 and info.get("bf16_pairs") == "1" else []
+    return ["hand"] + pairs + (["lanes"] if D <= LANES_DEPTH_MAX else [])
 
 
 def forced(q: torch.Tensor, x: torch.Tensor, kernel: str):
@@ -51,7 +54,7 @@ def measure(quick: bool, repeats: int) -> dict:
             x = torch.randn(elements // D, D, generator=gen).to(dtype)
             for B in QUERIES:
                 q = x[:B] + 0.01  # near stored rows, as in recall
-                fns = {"brgemm": forced(q, x, "brgemm"), **{k: forced(q, x, k) for k in kinds(dtype, info)}}
+                fns = {"brgemm": forced(q, x, "brgemm"), **{k: forced(q, x, k) for k in kinds(dtype, info, D)}}
                 ms = {k: statistics.median(t) * 1e3 for k, (t, _) in common.time_calls(fns, repeats, rewarm=True).items()}
                 cell = {"dtype": str(dtype).replace("torch.", ""), "D": D, "B": B, "N": x.shape[0], "ms": ms}
                 report["cells"].append(cell)
@@ -65,16 +68,17 @@ def markdown(report: dict) -> str:
     lines = common.cpu_table_head(title, report["machine"], report["machine"]["cpu_info"])
     lines += [f"- bank of {report['bank_elements']} elements, median of {report['repeats']} interleaved "
               "calls, each after an untimed call of the same function" + (" (--quick)" if report["quick"] else ""),
-              "- the planner's limits: `hand_up_to` in csrc/cpu/hopfield_cpu.cpp", ""]
+              "- the planner's limits: `hand_up_to` and `lanes_win` in csrc/cpu/hopfield_cpu.cpp", ""]
     dtypes = sorted({c["dtype"] for c in report["cells"]}, key=lambda d: d != "float32")
     for dtype in dtypes:
         cells = [c for c in report["cells"] if c["dtype"] == dtype]
-        for kind in [k for k in cells[0]["ms"] if k != "brgemm"]:
+        for kind in dict.fromkeys(k for c in cells for k in c["ms"] if k != "brgemm"):
             lines += [f"## {dtype}, {kind}", ""]
             rows = []
             for D in DEPTHS:
-                row = {c["B"]: c["ms"]["brgemm"] / c["ms"][kind] for c in cells if c["D"] == D}
-                rows.append([str(D)] + [common.ratio(row.get(B)) for B in QUERIES])
+                row = {c["B"]: c["ms"]["brgemm"] / c["ms"][kind] for c in cells if c["D"] == D and kind in c["ms"]}
+                if row:
+                    rows.append([str(D)] + [common.ratio(row.get(B)) for B in QUERIES])
             lines += common.table(["D"] + [f"B = {B}" for B in QUERIES], rows) + [""]
     return "\n".join(lines)
 
