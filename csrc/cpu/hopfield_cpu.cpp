@@ -92,11 +92,12 @@ HandUpTo hand_up_to(Isa isa, DType dt, bool vnni, bool pairs, int64_t D) {
 // D = 8 (1.1-1.8x), 2-4 below D = 32 (1.1-1.6x), 4 below D = 64 (1.1-1.2x; 0.75-0.9x at D =
 // 64), never 8 (0.75-1.0x against brgemm); float16 (no 16-bit microkernel here) 1.0-2.2x at
 // 1-8 queries below D = 32, 1.0-1.2x at 4-8 below D = 64.  AVX2 forced (W = 8: the turn
-// costs twice as much a row), in cache: 1.2-1.8x at 1-4 queries of D = 8, 1.1-1.4x at 4 of
-// D = 16-24, 0.95x at 2 of D = 16 (3 not measured), 0.4-0.8x from D = 32 on.  Where the CPU
-// has AMX its 16-bit microkernels keep their queries (not measured against it).
+// costs twice as much a row; crossover_zen4_avx2.md and in cache): 1.05-1.45x at 2-4 queries
+// of D = 8, 1.1-1.35x at 4 of D = 16, 0.95-1.25x at 4 of D = 24 (3 not measured); one query
+// 0.94-1.2x, 2 of D = 16 0.88-1.05x, 0.4-0.8x from D = 32 on in cache.  Where the CPU has
+// AMX its 16-bit microkernels keep their queries (not measured against it).
 bool lanes_win(Isa isa, DType dt, bool amx16, int64_t D, int64_t B) {
-  if (isa == Isa::Avx2) return D < 32 && B <= 4 && (B >= 3 || D < 16);
+  if (isa == Isa::Avx2) return B <= 4 && ((B >= 3 && D < 32) || (B == 2 && D < 16));
   if (isa != Isa::Avx512 || amx16) return false;
   const int64_t most = dt == DType::BF16 ? 4 : 8;
   const int64_t fewest = dt == DType::F16 ? (D < 32 ? 1 : D < 64 ? 4 : most + 1)
