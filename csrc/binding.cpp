@@ -278,9 +278,10 @@ std::vector<std::array<int64_t, 2>> lead_groups(const at::Tensor& t) {
 // backward this file has: UpdateFunction); or nothing, where the general path must answer (update
 // and retrieve decline then).  Leading dims take the general path's forms, so that the kernel sees
 // the same tensors: views where their strides merge into one, split views (Lo, Li, ., .) where into
-// two and the call has at most `split_queries_max` queries per leading index, copies otherwise.
+// two (with a graph to record, only at most `split_queries_max` queries per leading index; 0: never),
+// copies otherwise.
 struct PlainCall {
-  // (L, B, D), (L or 1, N, D), (L or 1, N, Dv), (L,) float32; or split views (Lo, Li, ., .) of few queries
+  // (L, B, D), (L or 1, N, D), (L or 1, N, Dv), (L,) float32; or split views (Lo, Li, ., .)
   at::Tensor q3, x3, v3, beta;
   std::vector<int64_t> lead;    // the query's leading sizes, restored on the outputs
   int64_t L, B, D, Dv;
@@ -321,7 +322,7 @@ std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& m
   if (values.size(-2) != N) return std::nullopt;
 
   // Leading dims as the general path shapes them (validation.py _lead_view, _lead_views; then
-  // Inputs.flat beyond split_queries_max queries, backends.py Backend.reads_split).
+  // Inputs.flat where backends.py Backend.reads_split says so).
   std::optional<std::array<int64_t, 2>> split;  // (Lo, Li) of the first tensor split in two
   auto form = [&](const at::Tensor& t) {
     if (t.dim() == 2) return t.unsqueeze(0);
@@ -348,7 +349,7 @@ std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& m
       if (xd > 2) x3 = f(x3), v3 = same ? x3 : f(v3);  // (an (N, D) bank is every index's: left whole)
     };
     each(alike);
-    if (B > split_queries_max) each(flat);
+    if (split_queries_max == 0 || (graph && B > split_queries_max)) each(flat);
   }
   const at::Tensor b = at::full({L}, beta, query.options().dtype(at::kFloat));
   return PlainCall{q3, x3, v3, b, lead.vec(), L, B, D, Dv, graph};

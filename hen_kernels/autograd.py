@@ -180,7 +180,7 @@ PartialFunction.forward.__signature__ = inspect.signature(PartialFunction.forwar
 
 def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
     """``backend.partial(inp, offset)``, differentiable: the one call the public ops make."""
-    if not backend.reads_split(inp):
+    if not backend.reads_split(inp, needs_grad(inp)):
         inp = inp.flat()  # (a copy, differentiable, of a split bank view: the backward then needs no layout)
     if backend.backward is None or not needs_grad(inp):
         return backend.partial(inp, offset)

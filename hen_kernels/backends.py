@@ -70,10 +70,11 @@ class Backend:
     dtypes it computes (the kernels accumulate float32 inputs in float32; float64
     is the reference's alone).  ``bank_grads_in_input_dtype``: its backward returns dx
     and dv in the bank's dtype (else float32), as the op's fake implementation must say.
-    ``split_queries_max``: up to this many queries per leading index it is handed query and
-    bank views (Lo, Li, ·, ·) as they are (validation.py) and reads them in place, its backward
-    laying the bank gradients out as the views; beyond, and where it is 0 (it cannot read them),
-    copies (:meth:`Inputs.flat`).
+    ``split_queries_max``: where it is above 0 the backend reads query and bank views (Lo, Li,
+    ·, ·) in place (validation.py): a forward alone at any number of queries, and where autograd
+    records a graph up to this many queries per leading index, its backward laying the bank
+    gradients out as the views; beyond, and where it is 0 (it cannot read them), copies
+    (:meth:`Inputs.flat`).
     """
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
@@ -115,9 +116,10 @@ class Backend:
         """Whether it reads split views at all."""
         return self.split_queries_max > 0
 
-    def reads_split(self, inp: Inputs) -> bool:
-        """Whether these inputs' split views go to it as they are (few enough queries per leading index)."""
-        return self.split_banks and inp.query.shape[-2] <= self.split_queries_max
+    def reads_split(self, inp: Inputs, with_graph: bool) -> bool:
+        """Whether these inputs' split views go to it as they are: always for a forward alone, and with an
+        autograd graph (``with_graph``) for few enough queries per leading index."""
+        return self.split_banks and (not with_graph or inp.query.shape[-2] <= self.split_queries_max)
 
     def partial(self, inp: Inputs, offset: int = 0) -> Partial:
         """The forward on inputs in this backend's form (``autograd.partial`` flattens split banks for the others)."""
@@ -133,12 +135,15 @@ def _torch_partial(q, x, v, beta, similarity, offset, weights):
 # --- cpu: the fused C++ kernel in csrc/, registered as hen_kernels::partial ----------
 
 # Queries per leading index up to which the CPU kernel reads split views (heads split from a
-# projection's rows) in place rather than after a copy.  With few queries a call streams the bank
-# once, and copying the bank (and its gradient back) costs about as much as the call; with many,
-# the products dominate and the backward runs faster on contiguous tiles than on rows a head apart
-# (float32: 1.3-1.6x on the op alone).  Measured (EPYC Zen 4, ad-hoc, interleaved, median of 15; a
-# training step of the op on 16 banks of 2048 x (2 x 32)): in place 1.09-1.41x faster up to 16
-# queries, 0.94-1.23x at 24, 0.95-1.02x from 32 to 512 (bf16 and float32).
+# projection's rows) in place rather than after a copy when autograd records a graph.  With few
+# queries a call streams the bank once, and copying the bank (and its gradient back) costs about as
+# much as the call; with many, the products dominate and the backward runs faster on contiguous
+# tiles than on rows a head apart (float32: 1.3-1.6x on the op alone).  Measured (EPYC Zen 4,
+# ad-hoc, interleaved, median of 15; a training step of the op on 16 banks of 2048 x (2 x 32)): in
+# place 1.09-1.41x faster up to 16 queries, 0.94-1.23x at 24, 0.95-1.02x from 32 to 512 (bf16 and
+# float32).  A forward alone reads them in place at any count: the op over SDPA's (batch, heads, L,
+# d) views of one packed projection, 17-4096 queries a head, d 16-1024, ran 0.97-2.2x the time with
+# the copies (EPYC Zen 4, AVX-512 and AVX2 forced, float32 and bf16; PERFORMANCE.md §5.19).
 CPU_SPLIT_QUERIES_MAX = 16
 
 

@@ -209,16 +209,19 @@ def test_the_op_refuses_a_split_bank_that_does_not_cover_the_queries():
 
 @pytest.mark.default_rule
 @pytest.mark.parametrize("backend", SPLIT_READERS)
-def test_split_views_are_copied_beyond_a_few_queries(backend):
-    """By default a split bank is read in place up to ``split_queries_max`` queries per leading index
-    (where that pays, backends.py) and copied beyond; the answers are the same either way."""
+def test_split_views_are_copied_only_for_the_backward_of_many_queries(backend):
+    """By default a split bank is read in place: by a forward alone at any number of queries, and where autograd
+    records a graph up to ``split_queries_max`` queries per leading index (where that pays, backends.py),
+    copied beyond; the answers are the same either way."""
     require(backend)
     most = backends.BACKENDS[backend].split_queries_max
     assert most >= 1
     rows = make((2, 50, 2 * 8), torch.float32, 20)
-    for nq, copied in ((most, False), (most + 1, True)):
+    for nq, graph, copied in ((most, True, False), (most + 1, True, True), (most + 1, False, False),
+                              (4 * most, False, False)):
         q = make((2, 2, nq, 8), torch.float32, 21)
+        bank = rows.clone().requires_grad_(graph)
         with _BankCopies(rows.numel()) as seen:
-            out = hk.hopfield_update(q, _split(rows, 2), 0.5, backend=backend)
-        assert bool(seen.copies) == copied, nq
-        assert rel_err(out, ref64(q, _split(rows, 2).contiguous(), 0.5, "dot").out) < TOLERANCE[torch.float32]
+            out = hk.hopfield_update(q, _split(bank, 2), 0.5, backend=backend)
+        assert bool(seen.copies) == copied, (nq, graph)
+        assert rel_err(out.detach(), ref64(q, _split(rows, 2).contiguous(), 0.5, "dot").out) < TOLERANCE[torch.float32]

@@ -69,7 +69,7 @@ def _merges_batch_and_heads(t: Tensor) -> bool:
 def _copies_split_banks(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, s: Setting) -> bool:
     """Whether the backend the ops pick here copies a bank view split into heads (``Backend.reads_split``)."""
     inp = check_inputs(q, k, beta, s.similarity, v)
-    return not backends.resolve(s.backend, inp).reads_split(inp)
+    return not backends.resolve(s.backend, inp).reads_split(inp, with_graph=False)
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor, group: HeadGroup, s: Setting,
@@ -79,8 +79,8 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], beta: Tensor
     if (not shared and not needs_grad and not all(_merges_batch_and_heads(t) for t in (k, v))
             and _bank_bytes_per_head(k, v) >= SPLIT_HEADS_MIN_BANK_BYTES and _copies_split_banks(q, k, v, beta, s)):
         # Per-item banks split into heads are views with the heads interleaved in each row (the
-        # projection's (batch, S, heads * d) output).  The CPU kernel reads them in place, forward
-        # and backward, for few queries (Backend.reads_split); otherwise one call per head reads them in
+        # projection's (batch, S, heads * d) output).  The CPU kernel reads them in place
+        # (Backend.reads_split); for a backend that would copy them, one call per head reads them in
         # place, where one call over (batch * heads) would first copy both banks whole.  Measured
         # (EPYC Zen 4, HopfieldPooling, 2-8 heads, the same outputs): forward 12-25 % faster; on
         # small banks the calls cost more than the copy (SPLIT_HEADS_MIN_BANK_BYTES).  Not
