@@ -476,12 +476,13 @@ def test_backward_op_with_values_being_the_memory_and_many_splits():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("sim", SIMILARITIES)
 @pytest.mark.parametrize("B", [1, 2, 4])
-@pytest.mark.parametrize("D", [8, 15, 33, 40])
+@pytest.mark.parametrize("D", [8, 15, 16, 24, 33, 40])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-bank", "own-bank"])
 def test_backward_of_few_queries_matches_float64_autograd(dtype, sim, B, D, shared):
-    """Few queries take hand-written products (BackwardPlan::hand; short rows up to 2 queries): a tail
-    tile, odd and even D, values apart, several leading indices, a query on a stored row (next to it
-    for ℓ2)."""
+    """Few queries take hand-written products (BackwardPlan::hand; short rows up to 2 queries), from 2
+    queries on rows of fewer than 32 elements (17 with AVX2) by lane_scores (lanes_x, lanes_v: Dv = 21
+    takes them where D does not): a tail tile, odd and even D, values apart, several leading indices, a
+    query on a stored row (next to it for ℓ2)."""
     if info()["gemm"] != "brgemm":
         pytest.skip("the CPU backward op needs brgemm")
     L, N, Dv = 3, 300, 21

@@ -51,7 +51,7 @@ struct NearPair {
 };
 
 struct BackScratch {
-  std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, c1, c2, pp, g,
+  std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, xt, c1, c2, pp, g,
       glo, gt, t, dq, rowsum, dxt, dvt, dts, dtsum, pssum, psum;
   std::vector<NearPair> near;
   std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
@@ -319,11 +319,16 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         // queries' operands transposed, by whichever product this tile takes: TN x BMp (rows x
         // queries), or the hand-written one's BM x TN (queries x rows: the few queries' lanes would be
         // mostly padding), which also leaves the rows' |x|² in `norms` when given.
-        auto rows_by_queries = [&](const float* hand_ops, bool use_vnni, const uint16_t* vnni_ops,
-                                   const float* f32_ops, const char* rows, int64_t ld_rows, const float* fl,
-                                   int64_t ld_fl, int64_t K, float* out, float* norms = nullptr,
+        auto rows_by_queries = [&](const float* hand_ops, bool lanes, const float* lane_ops, bool use_vnni,
+                                   const uint16_t* vnni_ops, const float* f32_ops, const char* rows, int64_t ld_rows,
+                                   const float* fl, int64_t ld_fl, int64_t K, float* out, float* norms = nullptr,
                                    const char* next = nullptr) {
-          if (hand) {
+          if (lanes) {  // (the w∘q and dout rows in float: lane_scores takes no split pairs)
+            by_dtype(dt, [&](auto DT) {
+              lane_scores<DT()>(lane_ops, BM, K, rows, int64_t(es) * ld_rows, TN, out, TN, grow(sc.xt, K * TN), next,
+                                norms);
+            });
+          } else if (hand) {
             by_dtype(dt, [&](auto DT) {
               hand_scores<DT()>(hand_ops, BM, K, rows, int64_t(es) * ld_rows, TN, out, 1, TN, next, norms);
             });
@@ -344,7 +349,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         // one query against each of 128 banks of 2048 x 32): float32 17-20 % faster on rows a head
         // apart (split views), 4-7 % on contiguous rows; bf16 0-4 %.
         const char* x_next = r0 + 2 * BN <= n_end ? xr + es * size_t(BN * ldr) : nullptr;
-        rows_by_queries(qhand, v16, qt16, qop, xr, ldr, xf, ldf, D, c1, hand ? xn : nullptr, x_next);
+        rows_by_queries(qhand, plan.lanes_x, qw, v16, qt16, qop, xr, ldr, xf, ldf, D, c1, hand ? xn : nullptr, x_next);
         float* c2 = nullptr;
         if (xn && !hand) {
           by_dtype(xe_dt, [&](auto DT) { row_norms<DT()>(xe, xe_step, TN, D, xn); });
@@ -356,7 +361,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           mk::gemm_f32(TN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
         }
         // 2. dP^T = V . dout^T into g, then dt and G in place.
-        rows_by_queries(douthand, d16, doutt16, dout_t, vr, ldvr, vfl, ldv, Dv, g);
+        rows_by_queries(douthand, plan.lanes_v, dout_r, d16, doutt16, dout_t, vr, ldvr, vfl, ldv, Dv, g);
         const vf vb = splat(beta);
         // One vector of (query, row) pairs, its lanes queries (rows x queries tiles) or rows (queries x
         // rows): the score from the product c (ℓ2: from sum = |q|²_w + |x|²_w and c, §5.1's recompute

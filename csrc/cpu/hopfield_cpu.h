@@ -155,6 +155,9 @@ struct BackwardPlan {
   // hand-written, over the rows as stored (hand_products.h), where a microkernel would pad the
   // queries to a vector.
   bool hand;
+  // The hand-written products over the bank rows (scores, K = D) and the value rows (dP, K = Dv)
+  // by lane_scores (hand_products.h): rows too short for a dot product's reduction to pay.
+  bool lanes_x, lanes_v;
   // dX and dV rows leave the tile in the 16-bit input dtype (dx16, dv16): each row gets
   // all its terms in one tile (one query block, and a bank per leading index), so no float32
   // N x D gradient is ever allocated (at 32 MiB each, glibc maps them afresh at every call).
