@@ -32,9 +32,10 @@ RETRIEVE_TOLERANCE = 1e-4
 BETA_LEVELS = (1e-3, 1.0, 4.0)
 QUICK_BETA_LEVELS = (1e-3, 4.0)
 
-# B, N, D: not multiples of any block size, plus the edges (B = N = D = 1) and D up to 4096.
+# B, N, D: not multiples of any block size, plus the edges (B = N = D = 1) and D up to 4096; (4, 300, 20):
+# a few queries on short rows (the CPU kernel's lane score products, its queries x rows softmax).
 SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (5, 70, 300), (5, 300, 4096),
-          (2, 3000, 512))
+          (2, 3000, 512), (4, 300, 20))
 QUICK_SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (5, 70, 300), (2, 1000, 512))
 
 # Triton's interpreter (TRITON_INTERPRET=1, Triton on CPU tensors) takes ~1 s per 1e5 of
