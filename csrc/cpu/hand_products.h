@@ -375,13 +375,17 @@ void lane_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ld
     }
     for (int64_t k0 = 0; k0 < D; k0 += W) {
       const int n = int(std::min<int64_t>(W, D - k0));
+      // A last partial step of a row of W elements or more: the W elements ending at its end, whose last
+      // n lanes are the ones wanted (a masked load costs more, and below AVX-512 a 16-bit one is a copy).
+      const bool ending = n < W && D >= W;
+      const int skip = ending ? W - n : 0;
       vf e[W];
       for (int jj = 0; jj < W; ++jj) {
         const char* r = x + (j0 + jj) * ldx;
-        e[jj] = n == W ? lf<DT>(r, k0) : load_as_float_first(DT, r, k0, n);
+        e[jj] = n == W || ending ? lf<DT>(r, k0 - skip) : load_as_float_first(DT, r, k0, n);
       }
       transpose(e);
-      for (int kk = 0; kk < n; ++kk) store(xt + (k0 + kk) * rows + j0, e[kk]);
+      for (int kk = 0; kk < n; ++kk) store(xt + (k0 + kk) * rows + j0, e[skip + kk]);
     }
   }
   if (norms)
