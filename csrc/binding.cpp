@@ -278,8 +278,8 @@ std::vector<std::array<int64_t, 2>> lead_groups(const at::Tensor& t) {
 // backward this file has: UpdateFunction); or nothing, where the general path must answer (update
 // and retrieve decline then).  Leading dims take the general path's forms, so that the kernel sees
 // the same tensors: views where their strides merge into one, split views (Lo, Li, ., .) where into
-// two (with a graph to record, only at most `split_queries_max` queries per leading index; 0: never),
-// copies otherwise.
+// two (with a graph to record, or for retrieve's loop of (L, B, D) states (`flat_beyond_max`), only at
+// most `split_queries_max` queries per leading index; 0: never), copies otherwise.
 struct PlainCall {
   // (L, B, D), (L or 1, N, D), (L or 1, N, Dv), (L,) float32; or split views (Lo, Li, ., .)
   at::Tensor q3, x3, v3, beta;
@@ -289,7 +289,8 @@ struct PlainCall {
 };
 std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& memory,
                                     const std::optional<at::Tensor>& values_in, double beta, int64_t similarity,
-                                    int64_t split_queries_max, bool with_graph = false) {
+                                    int64_t split_queries_max, bool with_graph = false,
+                                    bool flat_beyond_max = false) {
   const at::Tensor& values = values_in.has_value() ? *values_in : memory;
   const at::ScalarType dt = query.scalar_type();
   if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return std::nullopt;
@@ -349,7 +350,7 @@ std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& m
       if (xd > 2) x3 = f(x3), v3 = same ? x3 : f(v3);  // (an (N, D) bank is every index's: left whole)
     };
     each(alike);
-    if (split_queries_max == 0 || (graph && B > split_queries_max)) each(flat);
+    if (split_queries_max == 0 || ((graph || flat_beyond_max) && B > split_queries_max)) each(flat);
   }
   const at::Tensor b = at::full({L}, beta, query.options().dtype(at::kFloat));
   return PlainCall{q3, x3, v3, b, lead.vec(), L, B, D, Dv, graph};
@@ -417,8 +418,10 @@ std::vector<at::Tensor> retrieve_cpu(const at::Tensor& query, const at::Tensor& 
                                      const std::optional<at::Tensor>& values_in, double beta, int64_t similarity,
                                      int64_t max_steps, std::optional<double> tol, int64_t split_queries_max) {
   if (max_steps < 1 || (tol.has_value() && !(std::isfinite(*tol) && *tol >= 0))) return {};
-  const std::optional<PlainCall> c = plain_call(query, memory, values_in, beta, similarity, split_queries_max);
-  // (split views read in place: the loop's states are (L, B, D); the general path answers those)
+  const std::optional<PlainCall> c =
+      plain_call(query, memory, values_in, beta, similarity, split_queries_max, false, /*flat_beyond_max=*/true);
+  // (split views read in place, up to split_queries_max queries: the loop's states are (L, B, D); the
+  // general path answers those, its bits the same as on copies)
   if (!c || c->q3.dim() == 4 || (max_steps > 1 && c->Dv != c->D)) return {};
   const at::ScalarType dt = query.scalar_type();
   const at::TensorOptions opts = query.options();

@@ -182,6 +182,18 @@ def test_a_retrieval_over_split_views_read_in_place_is_the_general_paths():
     assert len(retrieve_op(q.contiguous(), k.contiguous())) == 6
 
 
+def test_a_retrieval_over_split_views_of_many_queries_is_one_call_on_copies():
+    """Beyond split_queries_max queries a head retrieve's loop takes copies, as before a forward alone read split
+    views in place at any count: one C++ call, the general path's bits."""
+    most = backends.BACKENDS["cpu"].split_queries_max
+    q = _heads(_projection(torch.float32, 2, most + 4, 3, 16, 1), 3)
+    k = _heads(_projection(torch.float32, 2, 70, 3, 16, 2), 3)
+    got = retrieve_op(q, k)
+    assert len(got) == 6
+    want = hk.hopfield_retrieve(q, k, torch.tensor(0.5), max_steps=3)
+    assert torch.equal(got[0], want.state)
+
+
 SELF_VIEWS = {"2-d": ((40, 8), lambda t: t), "3-d": ((2, 40, 8), lambda t: t),
               "ones lead": ((40, 8), lambda t: t.view(1, 1, 40, 8)),
               "split heads": ((2, 40, 24), lambda t: _heads(t, 3))}

@@ -40,6 +40,10 @@ namespace HEN_ISA_NS {
 #include "cpu/hand_products.h"
 #include "cpu/rows.h"
 
+// Tiles compute a multiple of kRowQuantum rows, W rows a vector where the scores lie along the rows
+// (row_scores, lane_scores).
+static_assert(kRowQuantum % W == 0, "a row tile must be whole vectors of rows");
+
 namespace {
 
 // --- the softmax over a score tile held column-wise (rows x queries) -------------------
