@@ -322,11 +322,11 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         auto rows_by_queries = [&](const float* hand_ops, bool lanes, const float* lane_ops, bool use_vnni,
                                    const uint16_t* vnni_ops, const float* f32_ops, const char* rows, int64_t ld_rows,
                                    const float* fl, int64_t ld_fl, int64_t K, float* out, float* norms = nullptr,
-                                   const char* next = nullptr) {
+                                   const char* next = nullptr, bool turned = false) {
           if (lanes) {  // (the w∘q and dout rows in float: lane_scores takes no split pairs)
             by_dtype(dt, [&](auto DT) {
               lane_scores<DT()>(lane_ops, BM, K, rows, int64_t(es) * ld_rows, TN, out, TN, grow(sc.xt, K * TN), next,
-                                norms);
+                                norms, turned);
             });
           } else if (hand) {
             by_dtype(dt, [&](auto DT) {
@@ -361,7 +361,9 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           mk::gemm_f32(TN, BMp, D, D, BMp, BMp, false, xsq, wop, c2);
         }
         // 2. dP^T = V . dout^T into g, then dt and G in place.
-        rows_by_queries(douthand, plan.lanes_v, dout_r, d16, doutt16, dout_t, vr, ldvr, vfl, ldv, Dv, g);
+        // (keys = values: the tile the score product turned, not turned again)
+        rows_by_queries(douthand, plan.lanes_v, dout_r, d16, doutt16, dout_t, vr, ldvr, vfl, ldv, Dv, g, nullptr,
+                        nullptr, plan.lanes_x && values_are_memory);
         const vf vb = splat(beta);
         // One vector of (query, row) pairs, its lanes queries (rows x queries tiles) or rows (queries x
         // rows): the score from the product c (ℓ2: from sum = |q|²_w + |x|²_w and c, §5.1's recompute

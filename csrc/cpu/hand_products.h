@@ -348,15 +348,16 @@ void lane_rows(const float* q, int64_t D, const float* xt, int64_t rows, float* 
 }
 
 // C[i * ldq + j] = <q_i, x_j> for `rows` bank rows (a multiple of W) of dtype DT (byte stride
-// ldx) and Q queries (float rows, stride D); xt: room for D x rows floats; `next`: the
-// following tile (same layout) to prefetch, or null; `norms`: where to leave |x_j|² (the
-// same order of sums), or null.
+// ldx) and Q queries (float rows, stride D); xt: room for D x rows floats, holding this tile
+// turned already where `turned` (the same rows scored twice: keys = values in the backward);
+// `next`: the following tile (same layout) to prefetch, or null; `norms`: where to leave
+// |x_j|² (the same order of sums), or null.
 template <DType DT>
 void lane_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ldx, int64_t rows, float* c,
-                 int64_t ldq, float* xt, const char* next = nullptr, float* norms = nullptr) {
+                 int64_t ldq, float* xt, const char* next = nullptr, float* norms = nullptr, bool turned = false) {
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   const int64_t bytes = D * es;
-  for (int64_t j0 = 0; j0 < rows; j0 += W) {
+  for (int64_t j0 = 0; j0 < rows && !turned; j0 += W) {
     // The same W rows of the next tile towards L2, each line they touch once (one span where the rows
     // are contiguous): a bank streamed from memory ran 1.5x slower without (one bank of 2^20 rows of
     // 32 floats, 4 queries); a prefetch for each end of each W elements of each row cost 4-12 % on

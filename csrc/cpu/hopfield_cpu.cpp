@@ -381,11 +381,13 @@ BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads) {
   const bool amx = vnni && mk::cpu_has_amx_bf16();
   const int64_t hand_up_to = p.D < 16 || amx ? 2 : kBackwardHandQueriesMax;
   plan.hand = p.B <= hand_up_to && !(p.weights != nullptr && p.similarity != Similarity::Dot);
-  // Their score and dP products by lane_scores where a product's rows are short (thirty-second session,
-  // EPYC Zen 4, a training step of 8 banks of 2^16 / D rows on one thread, alternating processes, the
-  // faster of two; forward unchanged): AVX-512 2-4 queries below 32 elements 1.04-1.38x faster (one
-  // query 0.83-1.09x; D = 32-48 0.77-1.12x); AVX2 forced 2-4 queries of 16 elements 1.03-1.21x, D = 24
-  // and 31 0.79-1.06x.  (Rows shorter than 16 at 3-4 queries, on lanes: 0.70-1.09x, so still 2.)
+  // Their score and dP products by lane_scores where a product's rows are short, keys = values turned
+  // once (thirty-second session, EPYC Zen 4, a training step of 8 banks of 2^16 / D rows, the forward
+  // unchanged, builds in alternating processes, median of 4-5 rounds, two threads): AVX-512 2 queries
+  // 1.00-1.14x faster, 4 queries 1.10-1.37x (D = 16-31); AVX2 forced 2 queries of 8-16 elements
+  // 1.00-1.19x, 4 of 16 1.16x.  On one thread before the turn was shared: one query 0.83-1.09x, D =
+  // 32-48 0.77-1.12x, AVX2 D = 24 and 31 0.79-1.06x; rows shorter than 16 at 3-4 queries on lanes
+  // 0.70-1.09x against the microkernels, so the hand-written limit there stays 2.
   const int64_t lane_depth = plan.isa == Isa::Avx512 ? 32 : plan.isa == Isa::Avx2 ? 17 : 0;
   plan.lanes_x = plan.hand && p.B >= 2 && p.D < lane_depth;
   plan.lanes_v = plan.hand && p.B >= 2 && p.Dv < lane_depth;
