@@ -231,14 +231,16 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       } else if (!hand) {
         dout_t = transposed(dout_r, BMp, Dv, sc.dout_t);
       }
-      // The hand-written score products' operands: w∘q and dout rows, for a bfloat16 bank
-      // in split_pairs' layout (hand_products.h).
+      // The hand-written dot products' operands: w∘q and dout rows, for a bfloat16 bank in
+      // split_pairs' layout (hand_products.h); the lane products take them as they are.
       const float* qhand = qw;
       const float* douthand = dout_r;
-      if (hand && dt == DType::BF16) {
+      if (hand && dt == DType::BF16 && !plan.lanes_x) {
         float* t = grow(sc.qhand, BM * D);
         split_pairs(qw, BM, D, t);
         qhand = t;
+      }
+      if (hand && dt == DType::BF16 && !plan.lanes_v) {
         float* u = grow(sc.douthand, BM * Dv);
         split_pairs(dout_r, BM, Dv, u);
         douthand = u;
