@@ -408,6 +408,46 @@ std::vector<at::Tensor> update_cpu(const at::Tensor& query, const at::Tensor& me
   return c ? update_plain(*c, query.scalar_type(), similarity) : std::vector<at::Tensor>{};
 }
 
+// Hopfield's self-association for inference (nn/hopfield.py, Hopfield._plain_self_association;
+// backends.py, fast_self_association) in one call: the torch calls its general path makes, in that
+// order (the product of the stacked q, k, v weights, the heads as views of it, update_cpu, the heads'
+// copy back into rows, the out projection), without the Python between them.  On a small layer that
+// Python was about a third of a call (8 x 64 tokens of 64, 4 heads: perf, EPYC Zen 4), where
+// nn.MultiheadAttention's inference fast path is one native op.  [out] (batch, L, width), or [] where
+// update_cpu declines or where a graph would be recorded: the general path then answers, as it would have.
+std::vector<at::Tensor> self_association_cpu(const at::Tensor& input, at::TensorList in_weights,
+                                             at::TensorList in_biases, const std::optional<at::Tensor>& out_weight,
+                                             const std::optional<at::Tensor>& out_bias, int64_t heads, double beta,
+                                             int64_t similarity, int64_t split_queries_max) {
+  if (input.dim() != 3 || !input.is_cpu() || input.layout() != at::kStrided || heads < 1 || in_weights.size() != 3 ||
+      !(in_biases.empty() || in_biases.size() == 3))
+    return {};
+  std::vector<at::Tensor> params(in_weights.begin(), in_weights.end());
+  params.insert(params.end(), in_biases.begin(), in_biases.end());
+  for (const auto* t : {&out_weight, &out_bias})
+    if (t->has_value()) params.push_back(**t);
+  if (at::GradMode::is_enabled()) {
+    bool graph = input.requires_grad();
+    for (const at::Tensor& t : params) graph = graph || t.requires_grad();
+    if (graph) return {};
+  }
+  std::vector<int64_t> widths;
+  for (const at::Tensor& w : in_weights) {
+    if (w.dim() != 2 || w.size(0) % heads != 0) return {};
+    widths.push_back(w.size(0));
+  }
+  const at::Tensor qkv = at::linear(input, at::cat(in_weights),
+                                    in_biases.empty() ? std::optional<at::Tensor>() : at::cat(in_biases));
+  const std::vector<at::Tensor> parts = qkv.split_with_sizes(widths, -1);
+  auto head = [&](const at::Tensor& t) { return t.unflatten(-1, {heads, t.size(-1) / heads}).transpose(-2, -3); };
+  const std::vector<at::Tensor> out =
+      update_cpu(head(parts[0]), head(parts[1]), head(parts[2]), beta, similarity, split_queries_max);
+  if (out.empty()) return {};
+  const at::Tensor rows = out[0].transpose(-3, -2);  // (batch, L, heads, dv)
+  const at::Tensor joined = rows.reshape({rows.size(0), rows.size(1), rows.size(2) * rows.size(3)});
+  return {out_weight.has_value() ? at::linear(joined, *out_weight, out_bias) : joined};
+}
+
 // hopfield_retrieve's plain case (backends.py, fast_retrieve): streaming.retrieve's loop over
 // update_cpu's steps, the same tensor operations in the same order, so the same bits, without
 // the general path's Python around every step (which cost 1.1-2.6x five single calls over five
@@ -789,6 +829,10 @@ TORCH_LIBRARY(hen_kernels, m) {
   m.def(
       "retrieve(Tensor query, Tensor memory, Tensor? values, float beta, int similarity, int max_steps, "
       "float? tol, int split_queries_max) -> Tensor[]");
+  // Hopfield's self-association for inference (self_association_cpu): [out], or [] as update.
+  m.def(
+      "self_association(Tensor input, Tensor[] in_weights, Tensor[] in_biases, Tensor? out_weight, "
+      "Tensor? out_bias, int heads, float beta, int similarity, int split_queries_max) -> Tensor[]");
   m.def("cpu_info() -> str", &cpu_info);
   m.def("cuda_info() -> str", &cuda_info);
   m.def("cuda_ptxas() -> str", &cuda_ptxas);
@@ -804,6 +848,7 @@ TORCH_LIBRARY_IMPL(hen_kernels, CPU, m) {
 TORCH_LIBRARY_IMPL(hen_kernels, CompositeExplicitAutograd, m) {
   m.impl("update", &update_cpu);
   m.impl("retrieve", &retrieve_cpu);
+  m.impl("self_association", &self_association_cpu);
 }
 TORCH_LIBRARY_IMPL(hen_kernels, Autograd, m) { m.impl("update", &update_autograd); }
 TORCH_LIBRARY_IMPL(hen_kernels, Meta, m) { m.impl("cpu_partial_backward", &partial_backward_meta); }

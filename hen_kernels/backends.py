@@ -18,7 +18,7 @@ import glob
 import importlib.machinery
 import math
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch._C._functorch import TransformType
@@ -160,6 +160,7 @@ _EXTENSION_ERROR: Optional[str] = None
 _EXTENSION_TRIED = False
 _UPDATE_OP = None  # hen_kernels::update (binding.cpp update_cpu; fast_update) once the extension has loaded
 _RETRIEVE_OP = None  # hen_kernels::retrieve (binding.cpp retrieve_cpu; fast_retrieve), likewise
+_SELF_ASSOCIATION_OP = None  # hen_kernels::self_association (self_association_cpu; fast_self_association), likewise
 
 
 def load_extension() -> Optional[str]:
@@ -188,9 +189,10 @@ def load_extension() -> Optional[str]:
         return _EXTENSION_ERROR
     _register_fake()
     vmap_rules.register_partial("hen_kernels::partial")
-    global _UPDATE_OP, _RETRIEVE_OP
+    global _UPDATE_OP, _RETRIEVE_OP, _SELF_ASSOCIATION_OP
     _UPDATE_OP = torch.ops.hen_kernels.update.default
     _RETRIEVE_OP = torch.ops.hen_kernels.retrieve.default
+    _SELF_ASSOCIATION_OP = torch.ops.hen_kernels.self_association.default
     return None
 
 
@@ -201,6 +203,10 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("hen_kernels::retrieve")
     def _(query, memory, values, beta, similarity, max_steps, tol, split_queries_max):
+        return []  # declined, as update
+
+    @torch.library.register_fake("hen_kernels::self_association")
+    def _(input, in_weights, in_biases, out_weight, out_bias, heads, beta, similarity, split_queries_max):
         return []  # declined, as update
 
     @torch.library.register_fake("hen_kernels::partial")
@@ -479,6 +485,27 @@ def fast_retrieve(query: object, memory: object, values: object, beta: float, si
         return None
     r = op(query, memory, values, beta, code, max_steps, tol, _split_bound())
     return Retrieval(*r) if r else None
+
+
+def fast_self_association(x: torch.Tensor, in_projections: Sequence[torch.nn.Linear],
+                          out_projection: Optional[torch.nn.Linear], heads: int, beta: float, similarity: object,
+                          backend: Optional[str]) -> Optional[torch.Tensor]:
+    """``nn.Hopfield``'s forward of one (batch, L, width) input for inference in one C++ call, or None.
+
+    The caller's case (``Hopfield._plain_self_association``: q, k and v from one product of the
+    stacked ``in_projections``, nothing between, one float beta, nothing to differentiate) where
+    :func:`_plain_cpu_code` has it plain; the C++ side declines where ``hopfield_update``'s would, or
+    where a graph would be recorded, and the general path then answers.
+    """
+    op = _SELF_ASSOCIATION_OP
+    code = None if op is None else _plain_cpu_code(x, x, None, similarity, backend)
+    if code is None:
+        return None
+    biases = [] if in_projections[0].bias is None else [p.bias for p in in_projections]
+    out = op(x, [p.weight for p in in_projections], biases,
+             None if out_projection is None else out_projection.weight,
+             None if out_projection is None else out_projection.bias, heads, beta, code, _split_bound())
+    return out[0] if out else None
 
 
 # The C++ ops are registered when the package is imported (torch.ops.hen_kernels.partial exists

@@ -390,6 +390,88 @@ def test_self_association_packs_the_projections_and_honours_their_hooks(batch_fi
         _check(got, hooked, "torch")
 
 
+def _fast_answers(monkeypatch):
+    """Records, per call of backends.fast_self_association, whether it answered (a tensor) or declined (None)."""
+    answered = []
+    real = backends.fast_self_association
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        answered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(backends, "fast_self_association", spy)
+    return answered
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("shape", ["batch_first", "seq_first", "no_out_projection", "no_bias_one_head_tanh"])
+def test_inference_of_one_input_is_one_call_with_the_general_paths_bits(shape, similarity, dtype, monkeypatch):
+    """A forward of one tensor with nothing to differentiate (nn.MultiheadAttention's inference fast path's case)
+    runs as one C++ call (binding.cpp self_association_cpu): the general path's torch calls in its order, so
+    its output to the bit, and the re-statement's in float32."""
+    require("cpu")
+    monkeypatch.delenv("HEN_KERNELS_BACKEND", raising=False)
+    kw = dict(input_size=12, num_heads=3, hidden_size=5, pattern_size=3, similarity=similarity, **AS_MHA)
+    kw.update({"batch_first": {}, "seq_first": dict(batch_first=False),
+               "no_out_projection": dict(disable_out_projection=True),
+               "no_bias_one_head_tanh": dict(input_bias=False, num_heads=1, association_activation="tanh")}[shape])
+    m = _randomise(hk.nn.Hopfield(**kw), 41).to(dtype).eval()
+    x = make((3, 21, 12), dtype, 42)  # 21 tokens: no multiple of a row tile
+    layout = (lambda t: t.transpose(0, 1)) if shape == "seq_first" else (lambda t: t)
+    answered = _fast_answers(monkeypatch)
+    with torch.no_grad():
+        out = layout(m(layout(x)))
+        assert answered == [True]
+        monkeypatch.setattr(backends, "_SELF_ASSOCIATION_OP", None)  # (the general path)
+        want = layout(m(layout(x)))
+    assert answered == [True, False] and out.dtype == dtype and torch.equal(out, want)
+    if dtype == torch.float32:
+        _check(out, restate(m, x, x, x), "torch")
+
+
+def test_inference_in_one_call_steps_aside_for_what_it_does_not_do(monkeypatch):
+    """Gradients to record, a trainable beta under autograd, hooks, pattern norms, update steps, dropout in
+    training, masks and info: the general path answers (it alone records, calls hooks, applies the rest)."""
+    require("cpu")
+    monkeypatch.delenv("HEN_KERNELS_BACKEND", raising=False)
+    kw = dict(input_size=8, num_heads=2, **AS_MHA)
+    x = make((2, 6, 8), torch.float32, 43)
+    answered = _fast_answers(monkeypatch)
+
+    def fast(m, *args, **kwargs):
+        answered.clear()
+        m(*args, **kwargs)
+        return any(answered)
+
+    m = _randomise(hk.nn.Hopfield(**kw), 44).eval()
+    with torch.no_grad():
+        assert fast(m, x)
+        assert not fast(m, x, return_info=True)
+        assert not fast(m, x, stored_pattern_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
+        assert not fast(m, x, association_mask=torch.zeros(6, 6, dtype=torch.bool))
+    assert not fast(m, x)  # the parameters require grad and grad mode is on: a graph to record
+    assert not fast(m, x.requires_grad_())
+    fired = []
+    handle = m.out_proj.register_forward_hook(lambda mod, inp, out: fired.append(mod))
+    with torch.no_grad():
+        assert not fast(m, x) and fired == [m.out_proj]
+    handle.remove()
+    for other in (dict(trainable_scaling=True), dict(update_steps_max=2), dict(concat_bias_pattern=True),
+                  dict(add_zero_association=True), dict(normalize_hopfield_space=True)):
+        m = _randomise(hk.nn.Hopfield(**{**kw, **other}), 45).eval()
+        with torch.no_grad():
+            assert fast(m, x) == ("trainable_scaling" in other), other  # (no_grad: a trainable beta is plain)
+    m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=2), 46).eval()  # hflayers' default pattern norms
+    with torch.no_grad():
+        assert not fast(m, x)
+    m = _randomise(hk.nn.Hopfield(dropout=0.5, **kw), 47)
+    with torch.no_grad():
+        assert not fast(m, x)  # training mode with dropout to apply
+        assert fast(m.eval(), x)
+
+
 def test_batch_first_false_is_a_transpose():
     a = _randomise(hk.nn.Hopfield(input_size=8, num_heads=2), 17)
     b = hk.nn.Hopfield(input_size=8, num_heads=2, batch_first=False)

@@ -65,6 +65,10 @@ def cases(quick: bool, device: torch.device) -> List[Case]:
             Case("attention", "dot", 8, 64, 64, 64, 4), Case("attention", "dot", 32, 128, 128, 128, 8)]
 
 
+# Rounds of calls go on past --repeats until they have taken this long (up to MAX_ROUNDS): a median of 3-5
+# calls of half a millisecond moved 20-30 % from run to run on these VMs.
+MIN_ROUNDS_S = 1.0
+MAX_ROUNDS = 101
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SDPA = "sdpa"  # build()'s name for the SDPA peer
 
@@ -106,6 +110,7 @@ def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optio
         return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
 
     compared = None  # the tensors whose gradients grad_rel_err compares (None: params)
+    modules: List[torch.nn.Module] = []  # set to eval for the forward alone, to train for forward + backward
     if case.kind == "update":
         q, x = rnd(case.batch, case.dim), rnd(case.bank, case.dim)
         beta = 1.0 if case.similarity == "l2" else case.dim ** -0.5
@@ -122,7 +127,7 @@ def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optio
         module = module.to(device=device, dtype=dt)
         inp = rnd(case.batch, case.length, case.dim)
         layer = mha_with_weights_of(module) if backend == SDPA else module
-        params, compared = list(layer.parameters()) + [inp], [inp]
+        params, compared, modules = list(layer.parameters()) + [inp], [inp], [layer]
 
         def forward():
             return layer(inp, inp, inp, need_weights=False)[0] if backend == SDPA else layer(inp)
@@ -138,7 +143,7 @@ def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optio
             module = hnn.HopfieldPooling(quantity=1, **common)
             inp = rnd(case.batch, case.length, case.dim)
         module = module.to(device=device, dtype=dt)
-        params = list(module.parameters())
+        params, modules = list(module.parameters()), [module]
 
         def forward():
             return module(inp)
@@ -156,6 +161,7 @@ def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optio
 
     call.params = params
     call.compared = params if compared is None else compared
+    call.modules = modules
     return call
 
 
@@ -164,7 +170,8 @@ def grad_rel_err(a, b) -> float:
     return max(peers.rel_err(p.grad, r.grad) for p, r in zip(a.compared, b.compared))
 
 
-def run_case(case: Case, device: torch.device, repeats: int, dtype: Optional[torch.dtype] = None) -> dict:
+def run_case(case: Case, device: torch.device, repeats: int, dtype: Optional[torch.dtype] = None,
+             min_s: float = MIN_ROUNDS_S) -> dict:
     row = dict(asdict(case), name=case.name)
     calls = {"fused": build(case, None, device, dtype), "reference": build(case, "torch", device, dtype)}
     row["sdpa_grad_rel_err"] = None
@@ -174,8 +181,13 @@ def run_case(case: Case, device: torch.device, repeats: int, dtype: Optional[tor
         calls[SDPA](True)
         row["sdpa_grad_rel_err"] = grad_rel_err(calls["fused"], calls[SDPA])
     for mode, grad in (("fwd", False), ("fwd+bwd", True)):
+        # The forward alone is inference: modules in eval mode, where nn.MultiheadAttention takes its fused fast
+        # path (one native op) when its conditions hold; training mode for forward + backward.
+        for c in calls.values():
+            for m in c.modules:
+                m.train(grad)
         fns = {who: (lambda c=c, grad=grad: c(grad)) for who, c in calls.items()}
-        measured = common.time_calls(fns, repeats, device)
+        measured = common.time_calls(fns, repeats, device, min_s=min_s, max_repeats=MAX_ROUNDS)
         for who, (times, extra) in measured.items():
             row[f"{mode}_{who}_ms"] = statistics.median(times) * 1e3
             row[f"{mode}_{who}_mib"] = None if extra is None else extra / MIB
@@ -208,7 +220,9 @@ def markdown(report: dict) -> str:
         f"# Hopfield layers: fused vs reference ({report['device']}, {report['dtype']})",
         "",
         f"Fused backend: {report['fused_backend']}. Command: `{report['command']}`. "
-        f"Median of {report['repeats']} calls; load average {report['load']}.",
+        f"Median of {report['repeats']} calls or more (rounds go on for at least {report.get('min_rounds_s', 0)} s, "
+        f"up to {MAX_ROUNDS}); the forward alone with the modules in eval mode (inference: MultiheadAttention's "
+        f"fused fast path), forward + backward in train mode; load average {report['load']}.",
         f"Host: {m['cpu']} ({m['isa']}), {m['logical_cpus']} logical CPUs, torch {m['torch']} with "
         f"{m['torch_threads']} threads, triton {m['triton']}, Python {m['python']}; allocator: "
         f"{m.get('allocator', 'not recorded')} (docs/nn.md: glibc's defaults make large temporaries "
@@ -238,7 +252,7 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 3, device: O
     dt = DTYPES[dtype] if dtype else _dtype(dev)
     rows = []
     for case in cases(quick, dev):
-        rows.append(run_case(case, dev, repeats, dt))
+        rows.append(run_case(case, dev, repeats, dt, 0.0 if quick else MIN_ROUNDS_S))
         print(f"{case.name}: fwd {rows[-1]['fwd_speedup']:.2f}x, fwd+bwd {rows[-1]['fwd+bwd_speedup']:.2f}x",
               file=sys.stderr)
     x = torch.zeros(2, 8, device=dev, dtype=dt)
@@ -246,7 +260,7 @@ def run(out: str = DEFAULT_OUT, quick: bool = False, repeats: int = 3, device: O
         device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else common.cpu_model()),
         dtype=str(dt).replace("torch.", ""),
         fused_backend=backends.resolve(None, check_inputs(x, x, 1.0, "dot")).name,
-        repeats=repeats, quick=quick, load=common.load_average(),
+        repeats=repeats, min_rounds_s=0.0 if quick else MIN_ROUNDS_S, quick=quick, load=common.load_average(),
         command="python -m hen_kernels.bench nn" + (" --quick" if quick else "") + (f" --name {name}" if name != "nn" else "")
         + (f" --dtype {dtype}" if dtype else "") + (f" --repeats {repeats}" if repeats != 3 else ""),
         machine=common.host(), rows=rows,

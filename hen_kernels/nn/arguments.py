@@ -9,6 +9,7 @@ so a wrong width or batch says ``input[1] (state patterns)`` and ``(batch, L,
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -126,7 +127,8 @@ class HeadGroup(NamedTuple):
     eps: float
 
 
-def head_groups(steps: Sequence[int], eps: Sequence[float]) -> Tuple[HeadGroup, ...]:
+@functools.lru_cache(maxsize=64)  # called at every forward with the module's (steps, eps) tuples
+def head_groups(steps: Tuple[int, ...], eps: Tuple[float, ...]) -> Tuple[HeadGroup, ...]:
     groups: dict = {}
     for h, key in enumerate(zip(steps, eps)):
         groups.setdefault(key, []).append(h)

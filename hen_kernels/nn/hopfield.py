@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .. import backends
 from ..validation import check_similarity
 from . import arguments as A
 from .arguments import Role
@@ -23,7 +24,21 @@ Patterns = Union[Tensor, Tuple[Tensor, Tensor, Tensor]]
 
 def _heads(t: Tensor, heads: int) -> Tensor:
     """(..., S, heads * d) -> (..., heads, S, d)."""
-    return t.reshape(t.shape[:-1] + (heads, t.shape[-1] // heads)).movedim(-2, -3)
+    return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(-2, -3)
+
+
+def _bare_linear(p: object) -> bool:
+    """A plain nn.Linear with no hook of its own, forward or backward: one that may run inside a stacked product
+    or in C++ (a hook, or a subclass such as a LoRA adapter, must see its own call)."""
+    return type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks or p._backward_hooks
+                                         or p._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether a hook is registered for every module (nn.modules.module.register_module_forward_hook, ...)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
 class Hopfield(nn.Module):
@@ -302,21 +317,14 @@ class Hopfield(nn.Module):
 
     def _packable(self) -> bool:
         """Whether q, k and v of one input may come from one product with the three projections' weights
-        stacked, as nn.MultiheadAttention's packed in-projection: each a plain nn.Linear with no hook, forward
-        or backward (a hook, or a subclass such as a LoRA adapter, must see its own call), nothing between
-        input and projection."""
+        stacked, as nn.MultiheadAttention's packed in-projection: each a bare nn.Linear (_bare_linear),
+        nothing between input and projection."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if (self.pattern_projection_as_connected or any(type(p) is not nn.Linear for p in projs)
+        if (self.pattern_projection_as_connected or not all(_bare_linear(p) for p in projs) or _global_hooks()
                 or any(n is not None for n in (self.norm_stored_pattern, self.norm_state_pattern,
                                                self.norm_pattern_projection))):
             return False
-        if len({p.bias is None for p in projs}) != 1 or len({p.weight.dtype for p in projs}) != 1:
-            return False
-        hooks = nn.modules.module
-        return not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                    or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
-                    or any(p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks
-                           for p in projs))
+        return len({p.bias is None for p in projs}) == 1 and len({p.weight.dtype for p in projs}) == 1
 
     def _patterns(self, stored: Tensor, state: Tensor, proj: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q, k, v in Hopfield space, the bias and zero patterns appended to k and v."""
@@ -417,12 +425,40 @@ class Hopfield(nn.Module):
         return padding, association
 
     def _finish(self, out: Tensor) -> Tensor:
-        out = out.movedim(-3, -2)  # (batch, L, heads, d)
+        out = out.transpose(-3, -2)  # (batch, L, heads, d)
         out = out.reshape(out.shape[:-2] + (out.shape[-2] * out.shape[-1],))
         if self.out_proj is not None:
             out = self.out_proj(out)
+        return self._outward(out)
+
+    def _outward(self, out: Tensor) -> Tensor:
+        """(batch, L, width) in the module's layout, its activation applied."""
         out = out if self.batch_first else out.transpose(0, 1)
         return out if self._activation is None else self._activation(out)
+
+    def _plain_self_association(self, input: Tensor) -> Optional[Tensor]:
+        """The forward of one input tensor for inference in one C++ call (backends.fast_self_association), or
+        None where the general path must answer.  Its case: q, k and v from one stacked product (_packable),
+        no bias or zero pattern, no norm in Hopfield space, no update steps, no dropout to apply, the out
+        projection (if any) a bare nn.Linear, one float beta for every head (backends.plain_beta) and, the C++
+        side checks, nothing to differentiate.  The torch calls of the general path in its order, so the same
+        bits (tests/test_nn.py); what nn.MultiheadAttention's inference fast path is to MHA."""
+        out_proj = self.out_proj
+        if (any(self._steps) or self.bias_k is not None or self.add_zero_association
+                or self.norm_hopfield_space is not None or (self.training and self.dropout > 0)
+                or (out_proj is not None and not _bare_linear(out_proj)) or not self._packable()):
+            return None
+        roles = self._roles(single=True)
+        if len({r.width for r in roles}) != 1:
+            return None  # (the general path says which width the input lacks)
+        beta = backends.plain_beta(self.scaling)
+        if beta is None:
+            return None
+        x = A.check_pattern(input, roles[0], self.batch_first, self.scaling)
+        out = backends.fast_self_association(x if self.batch_first else x.transpose(0, 1),
+                                             (self.q_proj, self.k_proj, self.v_proj), out_proj, self.num_heads,
+                                             beta, self.similarity, self.backend)
+        return None if out is None else self._outward(out)
 
     def _split_input(self, input: object) -> Tuple[List[Tensor], List[Role]]:
         if isinstance(input, Tensor):
@@ -441,6 +477,11 @@ class Hopfield(nn.Module):
         ``association_mask`` (L, S) or (batch * num_heads, L, S): bool (True = blocked) or float (added to
         the scores).  With ``return_info`` also a :class:`HopfieldInfo` of (batch, heads, L) tensors.
         """
+        if (isinstance(input, Tensor) and stored_pattern_padding_mask is None and association_mask is None
+                and not return_info):
+            out = self._plain_self_association(input)
+            if out is not None:
+                return out
         patterns, roles = self._split_input(input)
         out, info = self._associate(patterns, roles, stored_pattern_padding_mask, association_mask,
                                     want_info=return_info)
