@@ -6,10 +6,14 @@ so its code runs with only the import changed, plus ``similarity`` (``"dot"``,
 ``"l2"``, ``"l2sq"``), ``trainable_scaling`` and ``backend``;
 ``load_hflayers_state_dict`` loads a trained hflayers model.
 ``HopfieldNetwork`` is the plain recurrent network over a stored bank.
-Every association without a mask runs through :func:`hen_kernels.hopfield_partial`
-/ :func:`hen_kernels.hopfield_retrieve`, so the forward is the fused kernel of the
-chosen backend and the backward its fused backward (no B x N matrix is kept for
-training); ``docs/nn.md`` lists every default and every difference from hflayers.
+Every association without a mask runs through :func:`hen_kernels.hopfield_update`,
+:func:`hen_kernels.hopfield_partial` or :func:`hen_kernels.hopfield_retrieve`, so the
+forward is the fused kernel of the chosen backend and the backward its fused backward
+(no B x N matrix is kept for training); on the CPU, ``Hopfield``'s forward of one input
+for inference, with q, k and v from one stacked product and no pattern norms (as
+``nn.MultiheadAttention`` computes), is one C++ call, projections included
+(``Hopfield._plain_self_association``); ``docs/nn.md`` lists every
+default and every difference from hflayers.
 
 Modules by role: ``hopfield`` (the Hopfield module), ``wrappers`` (HopfieldLayer,
 HopfieldPooling), ``network`` (HopfieldNetwork), ``association`` (fused and dense
