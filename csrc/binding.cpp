@@ -419,6 +419,8 @@ std::vector<at::Tensor> self_association_cpu(const at::Tensor& input, at::Tensor
                                              at::TensorList in_biases, const std::optional<at::Tensor>& out_weight,
                                              const std::optional<at::Tensor>& out_bias, int64_t heads, double beta,
                                              int64_t similarity, int64_t split_queries_max) {
+  TORCH_CHECK(out_weight.has_value() || !out_bias.has_value(),
+              "hen_kernels::self_association: an out_bias needs its out_weight");
   if (input.dim() != 3 || !input.is_cpu() || input.layout() != at::kStrided || heads < 1 || in_weights.size() != 3 ||
       !(in_biases.empty() || in_biases.size() == 3))
     return {};
@@ -440,15 +442,13 @@ std::vector<at::Tensor> self_association_cpu(const at::Tensor& input, at::Tensor
                                     in_biases.empty() ? std::optional<at::Tensor>() : at::cat(in_biases));
   const std::vector<at::Tensor> parts = qkv.split_with_sizes(widths, -1);
   auto head = [&](const at::Tensor& t) { return t.unflatten(-1, {heads, t.size(-1) / heads}).transpose(-2, -3); };
-  const std::optional<PlainCall> c =
-      plain_call(head(parts[0]), head(parts[1]), head(parts[2]), beta, similarity, split_queries_max);
-  const std::optional<PlainForward> f = c ? plain_forward(*c, similarity) : std::nullopt;
-  if (!f) return {};
-  // The float32 (batch, heads, L, dv) out into (batch, L, heads * dv) rows of the input's dtype in one pass,
-  // where update_cpu's cast and the general path's copy of the heads into rows make two: the same roundings.
-  const int64_t batch = input.size(0), length = input.size(1), dv = widths[2] / heads;
-  at::Tensor joined = at::empty({batch, length, heads * dv}, input.options());
-  joined.view({batch, length, heads, dv}).transpose(1, 2).copy_(f->out);
+  const std::vector<at::Tensor> out =
+      update_cpu(head(parts[0]), head(parts[1]), head(parts[2]), beta, similarity, split_queries_max);
+  if (out.empty()) return {};
+  // As the general path's reshape: a copy, or a view where the heads merge into rows without one (one value a
+  // head, say), whose strides the out projection's product then reads (in 16 bits, to other roundings).
+  const at::Tensor rows = out[0].transpose(-3, -2);  // (batch, L, heads, dv)
+  const at::Tensor joined = rows.reshape({rows.size(0), rows.size(1), rows.size(2) * rows.size(3)});
   return {out_weight.has_value() ? at::linear(joined, *out_weight, out_bias) : joined};
 }
 

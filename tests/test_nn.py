@@ -406,7 +406,8 @@ def _fast_answers(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("similarity", SIMILARITIES)
-@pytest.mark.parametrize("shape", ["batch_first", "seq_first", "no_out_projection", "no_bias_one_head_tanh"])
+@pytest.mark.parametrize("shape", ["batch_first", "seq_first", "no_out_projection", "no_bias_one_head_tanh",
+                                   "one_value_a_head_seq_first"])
 def test_inference_of_one_input_is_one_call_with_the_general_paths_bits(shape, similarity, dtype, monkeypatch):
     """A forward of one tensor with nothing to differentiate (nn.MultiheadAttention's inference fast path's case)
     runs as one C++ call (binding.cpp self_association_cpu): the general path's torch calls in its order, so
@@ -416,10 +417,12 @@ def test_inference_of_one_input_is_one_call_with_the_general_paths_bits(shape, s
     kw = dict(input_size=12, num_heads=3, hidden_size=5, pattern_size=3, similarity=similarity, **AS_MHA)
     kw.update({"batch_first": {}, "seq_first": dict(batch_first=False),
                "no_out_projection": dict(disable_out_projection=True),
-               "no_bias_one_head_tanh": dict(input_bias=False, num_heads=1, association_activation="tanh")}[shape])
+               "no_bias_one_head_tanh": dict(input_bias=False, num_heads=1, association_activation="tanh"),
+               # (the heads' rows merge without a copy: the out projection reads them strided, to other 16-bit bits)
+               "one_value_a_head_seq_first": dict(pattern_size=1, batch_first=False)}[shape])
     m = _randomise(hk.nn.Hopfield(**kw), 41).to(dtype).eval()
     x = make((3, 21, 12), dtype, 42)  # 21 tokens: no multiple of a row tile
-    layout = (lambda t: t.transpose(0, 1)) if shape == "seq_first" else (lambda t: t)
+    layout = (lambda t: t.transpose(0, 1)) if shape.endswith("seq_first") else (lambda t: t)
     answered = _fast_answers(monkeypatch)
     with torch.no_grad():
         out = layout(m(layout(x)))
@@ -458,6 +461,15 @@ def test_inference_in_one_call_steps_aside_for_what_it_does_not_do(monkeypatch):
     with torch.no_grad():
         assert not fast(m, x) and fired == [m.out_proj]
     handle.remove()
+    for name in ("q_proj", "out_proj"):  # a forward replaced on the instance, as accelerate's hooks do
+        lin = getattr(m, name)
+        lin.forward = lambda t, lin=lin: torch.nn.Linear.forward(lin, t) * 2.0
+        with torch.no_grad():
+            assert not fast(m, x)
+            doubled = m(x)
+        del lin.forward
+        with torch.no_grad():
+            assert fast(m, x) and rel_err(doubled, m(x)) > 1e-2, name  # the replaced forward reached the answer
     for other in (dict(trainable_scaling=True), dict(update_steps_max=2), dict(concat_bias_pattern=True),
                   dict(add_zero_association=True), dict(normalize_hopfield_space=True)):
         m = _randomise(hk.nn.Hopfield(**{**kw, **other}), 45).eval()

@@ -28,10 +28,11 @@ def _heads(t: Tensor, heads: int) -> Tensor:
 
 
 def _bare_linear(p: object) -> bool:
-    """A plain nn.Linear with no hook of its own, forward or backward: one that may run inside a stacked product
-    or in C++ (a hook, or a subclass such as a LoRA adapter, must see its own call)."""
-    return type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks or p._backward_hooks
-                                         or p._backward_pre_hooks)
+    """A plain nn.Linear with no hook of its own, forward or backward, and its class's forward: one that may run
+    inside a stacked product or in C++ (a hook, a subclass such as a LoRA adapter, or a forward replaced on the
+    instance, as accelerate's offloading hooks do, must see its own call)."""
+    return type(p) is nn.Linear and "forward" not in p.__dict__ and not (
+        p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks)
 
 
 def _global_hooks() -> bool:
