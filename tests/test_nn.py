@@ -482,6 +482,9 @@ def test_inference_in_one_call_steps_aside_for_what_it_does_not_do(monkeypatch):
     with torch.no_grad():
         assert not fast(m, x)  # training mode with dropout to apply
         assert fast(m.eval(), x)
+        w, b = m.q_proj.weight, m.q_proj.bias
+        with pytest.raises(RuntimeError, match="an out_bias needs its out_weight"):
+            torch.ops.hen_kernels.self_association(x, [w, w, w], [], None, b, 2, 0.5, 0, 16)
 
 
 def test_batch_first_false_is_a_transpose():
