@@ -487,24 +487,22 @@ def fast_retrieve(query: object, memory: object, values: object, beta: float, si
     return Retrieval(*r) if r else None
 
 
-def fast_self_association(x: torch.Tensor, in_projections: Sequence[torch.nn.Linear],
-                          out_projection: Optional[torch.nn.Linear], heads: int, beta: float, similarity: object,
-                          backend: Optional[str]) -> Optional[torch.Tensor]:
+def fast_self_association(x: torch.Tensor, in_weights: Sequence[torch.Tensor], in_biases: Sequence[torch.Tensor],
+                          out_weight: Optional[torch.Tensor], out_bias: Optional[torch.Tensor], heads: int,
+                          beta: float, similarity: object, backend: Optional[str]) -> Optional[torch.Tensor]:
     """``nn.Hopfield``'s forward of one (batch, L, width) input for inference in one C++ call, or None.
 
     The caller's case (``Hopfield._plain_self_association``: q, k and v from one product of the
-    stacked ``in_projections``, nothing between, one float beta, nothing to differentiate) where
-    :func:`_plain_cpu_code` has it plain; the C++ side declines where ``hopfield_update``'s would, or
-    where a graph would be recorded, and the general path then answers.
+    stacked ``in_weights`` (and ``in_biases``, or none), nothing between, the out projection's
+    weight and bias or None, one float beta, nothing to differentiate) where :func:`_plain_cpu_code`
+    has it plain; the C++ side declines where ``hopfield_update``'s would, or where a graph would be
+    recorded, and the general path then answers.
     """
     op = _SELF_ASSOCIATION_OP
     code = None if op is None else _plain_cpu_code(x, x, None, similarity, backend)
     if code is None:
         return None
-    biases = [] if in_projections[0].bias is None else [p.bias for p in in_projections]
-    out = op(x, [p.weight for p in in_projections], biases,
-             None if out_projection is None else out_projection.weight,
-             None if out_projection is None else out_projection.bias, heads, beta, code, _split_bound())
+    out = op(x, in_weights, in_biases, out_weight, out_bias, heads, beta, code, _split_bound())
     return out[0] if out else None
 
 

@@ -316,16 +316,18 @@ class Hopfield(nn.Module):
         through_k = self.k_proj(proj)  # (..., S, heads * hidden_size)
         return _heads(through_k if self.v_proj is None else self.v_proj(through_k), self.num_heads)
 
-    def _packable(self) -> bool:
-        """Whether q, k and v of one input may come from one product with the three projections' weights
-        stacked, as nn.MultiheadAttention's packed in-projection: each a bare nn.Linear (_bare_linear),
-        nothing between input and projection."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
+    def _packable(self, projs: Optional[Tuple[object, object, object]] = None) -> bool:
+        """Whether q, k and v of one input may come from one product with the three projections' (``projs``,
+        default the module's) weights stacked, as nn.MultiheadAttention's packed in-projection: each a bare
+        nn.Linear (_bare_linear), nothing between input and projection."""
+        projs = projs or (self.q_proj, self.k_proj, self.v_proj)
         if (self.pattern_projection_as_connected or not all(_bare_linear(p) for p in projs) or _global_hooks()
                 or any(n is not None for n in (self.norm_stored_pattern, self.norm_state_pattern,
                                                self.norm_pattern_projection))):
             return False
-        return len({p.bias is None for p in projs}) == 1 and len({p.weight.dtype for p in projs}) == 1
+        # (nn.Linear's own dict: p.weight and p.bias go through Module.__getattr__, six lookups a call here)
+        held = [p._parameters for p in projs]
+        return len({h["bias"] is None for h in held}) == 1 and len({h["weight"].dtype for h in held}) == 1
 
     def _patterns(self, stored: Tensor, state: Tensor, proj: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q, k, v in Hopfield space, the bias and zero patterns appended to k and v."""
@@ -444,10 +446,10 @@ class Hopfield(nn.Module):
         projection (if any) a bare nn.Linear, one float beta for every head (backends.plain_beta) and, the C++
         side checks, nothing to differentiate.  The torch calls of the general path in its order, so the same
         bits (tests/test_nn.py); what nn.MultiheadAttention's inference fast path is to MHA."""
-        out_proj = self.out_proj
+        projs, out_proj = (self.q_proj, self.k_proj, self.v_proj), self.out_proj
         if (any(self._steps) or self.bias_k is not None or self.add_zero_association
                 or self.norm_hopfield_space is not None or (self.training and self.dropout > 0)
-                or (out_proj is not None and not _bare_linear(out_proj)) or not self._packable()):
+                or (out_proj is not None and not _bare_linear(out_proj)) or not self._packable(projs)):
             return None
         roles = self._roles(single=True)
         if len({r.width for r in roles}) != 1:
@@ -456,9 +458,12 @@ class Hopfield(nn.Module):
         if beta is None:
             return None
         x = A.check_pattern(input, roles[0], self.batch_first, self.scaling)
-        out = backends.fast_self_association(x if self.batch_first else x.transpose(0, 1),
-                                             (self.q_proj, self.k_proj, self.v_proj), out_proj, self.num_heads,
-                                             beta, self.similarity, self.backend)
+        held = [p._parameters for p in projs]  # (as _packable reads them)
+        out_held = {} if out_proj is None else out_proj._parameters
+        out = backends.fast_self_association(
+            x if self.batch_first else x.transpose(0, 1), [h["weight"] for h in held],
+            [] if held[0]["bias"] is None else [h["bias"] for h in held], out_held.get("weight"),
+            out_held.get("bias"), self.num_heads, beta, self.similarity, self.backend)
         return None if out is None else self._outward(out)
 
     def _split_input(self, input: object) -> Tuple[List[Tensor], List[Role]]:
