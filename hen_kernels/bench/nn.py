@@ -220,8 +220,8 @@ def markdown(report: dict) -> str:
         f"# Hopfield layers: fused vs reference ({report['device']}, {report['dtype']})",
         "",
         f"Fused backend: {report['fused_backend']}. Command: `{report['command']}`. "
-        f"Median of {report['repeats']} calls or more (rounds go on for at least {report.get('min_rounds_s', 0)} s, "
-        f"up to {MAX_ROUNDS}); the forward alone with the modules in eval mode (inference: MultiheadAttention's "
+        f"Median of {report['repeats']} calls or more (on the CPU rounds go on for at least "
+        f"{report.get('min_rounds_s', 0)} s, up to {MAX_ROUNDS}); the forward alone with the modules in eval mode (inference: MultiheadAttention's "
         f"fused fast path), forward + backward in train mode; load average {report['load']}.",
         f"Host: {m['cpu']} ({m['isa']}), {m['logical_cpus']} logical CPUs, torch {m['torch']} with "
         f"{m['torch_threads']} threads, triton {m['triton']}, Python {m['python']}; allocator: "
