@@ -408,24 +408,31 @@ std::vector<at::Tensor> update_cpu(const at::Tensor& query, const at::Tensor& me
   return c ? update_plain(*c, query.scalar_type(), similarity) : std::vector<at::Tensor>{};
 }
 
-// Hopfield's self-association for inference (nn/hopfield.py, Hopfield._plain_self_association;
-// backends.py, fast_self_association) in one call: the torch calls its general path makes, in that
-// order (the product of the stacked q, k, v weights, the heads as views of it, update_cpu, the heads'
-// copy back into rows, the out projection), without the Python between them.  On a small layer that
-// Python was about a third of a call (8 x 64 tokens of 64, 4 heads: perf, EPYC Zen 4), where
-// nn.MultiheadAttention's inference fast path is one native op.  [out] (batch, L, width), or [] where
-// update_cpu declines or where a graph would be recorded: the general path then answers, as it would have.
+// Hopfield's forward of one input for inference (nn/hopfield.py, Hopfield._plain_self_association;
+// backends.py, fast_self_association) in one call: the torch calls its general path makes, in its order
+// (the product of the stacked q, k, v weights where no role has a pattern norm (`packed`), else each role's
+// LayerNorm where it has one and its own projection; the heads as views, update_cpu, the heads back into
+// rows, the out projection), without the Python between them: about 80 of a 380 µs call on a small layer
+// (8 x 64 tokens of 64, 4 heads, EPYC Zen 4), where nn.MultiheadAttention's inference fast path is one
+// native op.  Roles in the order q, k, v; norm_eps[r] < 0: role r has no norm.  [out] (batch, L, width), or
+// [] where update_cpu declines or where a graph would be recorded: the general path then answers.
 std::vector<at::Tensor> self_association_cpu(const at::Tensor& input, at::TensorList in_weights,
-                                             at::TensorList in_biases, const std::optional<at::Tensor>& out_weight,
+                                             const c10::List<std::optional<at::Tensor>>& in_biases,
+                                             const c10::List<std::optional<at::Tensor>>& norm_weights,
+                                             const c10::List<std::optional<at::Tensor>>& norm_biases,
+                                             at::ArrayRef<double> norm_eps, bool packed,
+                                             const std::optional<at::Tensor>& out_weight,
                                              const std::optional<at::Tensor>& out_bias, int64_t heads, double beta,
                                              int64_t similarity, int64_t split_queries_max) {
   TORCH_CHECK(out_weight.has_value() || !out_bias.has_value(),
               "hen_kernels::self_association: an out_bias needs its out_weight");
   if (input.dim() != 3 || !input.is_cpu() || input.layout() != at::kStrided || heads < 1 || in_weights.size() != 3 ||
-      !(in_biases.empty() || in_biases.size() == 3))
+      in_biases.size() != 3 || norm_weights.size() != 3 || norm_biases.size() != 3 || norm_eps.size() != 3)
     return {};
   std::vector<at::Tensor> params(in_weights.begin(), in_weights.end());
-  params.insert(params.end(), in_biases.begin(), in_biases.end());
+  for (const auto* list : {&in_biases, &norm_weights, &norm_biases})
+    for (const std::optional<at::Tensor>& t : *list)
+      if (t.has_value()) params.push_back(*t);
   for (const auto* t : {&out_weight, &out_bias})
     if (t->has_value()) params.push_back(**t);
   if (at::GradMode::is_enabled()) {
@@ -438,9 +445,24 @@ std::vector<at::Tensor> self_association_cpu(const at::Tensor& input, at::Tensor
     if (w.dim() != 2 || w.size(0) % heads != 0) return {};
     widths.push_back(w.size(0));
   }
-  const at::Tensor qkv = at::linear(input, at::cat(in_weights),
-                                    in_biases.empty() ? std::optional<at::Tensor>() : at::cat(in_biases));
-  const std::vector<at::Tensor> parts = qkv.split_with_sizes(widths, -1);
+  std::vector<at::Tensor> parts;
+  if (packed) {
+    std::vector<at::Tensor> biases;
+    for (const std::optional<at::Tensor>& b : in_biases)
+      if (b.has_value()) biases.push_back(*b);
+    if (!biases.empty() && biases.size() != 3) return {};
+    if (norm_eps[0] >= 0 || norm_eps[1] >= 0 || norm_eps[2] >= 0) return {};
+    const at::Tensor qkv =
+        at::linear(input, at::cat(in_weights), biases.empty() ? std::optional<at::Tensor>() : at::cat(biases));
+    parts = qkv.split_with_sizes(widths, -1);
+  } else {
+    for (size_t r = 0; r < 3; ++r) {
+      const at::Tensor normed =
+          norm_eps[r] < 0 ? input
+                          : at::layer_norm(input, {input.size(-1)}, norm_weights[r], norm_biases[r], norm_eps[r]);
+      parts.push_back(at::linear(normed, in_weights[r], in_biases[r]));
+    }
+  }
   auto head = [&](const at::Tensor& t) { return t.unflatten(-1, {heads, t.size(-1) / heads}).transpose(-2, -3); };
   const std::vector<at::Tensor> out =
       update_cpu(head(parts[0]), head(parts[1]), head(parts[2]), beta, similarity, split_queries_max);
@@ -835,8 +857,9 @@ TORCH_LIBRARY(hen_kernels, m) {
       "float? tol, int split_queries_max) -> Tensor[]");
   // Hopfield's self-association for inference (self_association_cpu): [out], or [] as update.
   m.def(
-      "self_association(Tensor input, Tensor[] in_weights, Tensor[] in_biases, Tensor? out_weight, "
-      "Tensor? out_bias, int heads, float beta, int similarity, int split_queries_max) -> Tensor[]");
+      "self_association(Tensor input, Tensor[] in_weights, Tensor?[] in_biases, Tensor?[] norm_weights, "
+      "Tensor?[] norm_biases, float[] norm_eps, bool packed, Tensor? out_weight, Tensor? out_bias, int heads, "
+      "float beta, int similarity, int split_queries_max) -> Tensor[]");
   m.def("cpu_info() -> str", &cpu_info);
   m.def("cuda_info() -> str", &cuda_info);
   m.def("cuda_ptxas() -> str", &cuda_ptxas);

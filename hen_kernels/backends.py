@@ -206,7 +206,8 @@ def _register_fake() -> None:
         return []  # declined, as update
 
     @torch.library.register_fake("hen_kernels::self_association")
-    def _(input, in_weights, in_biases, out_weight, out_bias, heads, beta, similarity, split_queries_max):
+    def _(input, in_weights, in_biases, norm_weights, norm_biases, norm_eps, packed, out_weight, out_bias, heads, beta,
+          similarity, split_queries_max):
         return []  # declined, as update
 
     @torch.library.register_fake("hen_kernels::partial")
@@ -487,22 +488,25 @@ def fast_retrieve(query: object, memory: object, values: object, beta: float, si
     return Retrieval(*r) if r else None
 
 
-def fast_self_association(x: torch.Tensor, in_weights: Sequence[torch.Tensor], in_biases: Sequence[torch.Tensor],
+def fast_self_association(x: torch.Tensor, in_weights: Sequence[torch.Tensor],
+                          in_biases: Sequence[Optional[torch.Tensor]], norm_weights: Sequence[Optional[torch.Tensor]],
+                          norm_biases: Sequence[Optional[torch.Tensor]], norm_eps: Sequence[float], packed: bool,
                           out_weight: Optional[torch.Tensor], out_bias: Optional[torch.Tensor], heads: int,
                           beta: float, similarity: object, backend: Optional[str]) -> Optional[torch.Tensor]:
     """``nn.Hopfield``'s forward of one (batch, L, width) input for inference in one C++ call, or None.
 
-    The caller's case (``Hopfield._plain_self_association``: q, k and v from one product of the
-    stacked ``in_weights`` (and ``in_biases``, or none), nothing between, the out projection's
-    weight and bias or None, one float beta, nothing to differentiate) where :func:`_plain_cpu_code`
-    has it plain; the C++ side declines where ``hopfield_update``'s would, or where a graph would be
-    recorded, and the general path then answers.
+    The caller's case (``Hopfield._plain_self_association``: q, k and v, in that order, from the
+    ``in_weights`` and ``in_biases``, stacked into one product where ``packed``, else each after its
+    LayerNorm (``norm_eps`` < 0: none); the out projection's weight and bias or None; one float beta;
+    nothing to differentiate) where :func:`_plain_cpu_code` has it plain; the C++ side declines where
+    ``hopfield_update``'s would, or where a graph would be recorded, and the general path then answers.
     """
     op = _SELF_ASSOCIATION_OP
     code = None if op is None else _plain_cpu_code(x, x, None, similarity, backend)
     if code is None:
         return None
-    out = op(x, in_weights, in_biases, out_weight, out_bias, heads, beta, code, _split_bound())
+    out = op(x, in_weights, in_biases, norm_weights, norm_biases, norm_eps, packed, out_weight, out_bias, heads,
+             beta, code, _split_bound())
     return out[0] if out else None
 
 

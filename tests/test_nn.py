@@ -407,11 +407,11 @@ def _fast_answers(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("shape", ["batch_first", "seq_first", "no_out_projection", "no_bias_one_head_tanh",
-                                   "one_value_a_head_seq_first"])
+                                   "one_value_a_head_seq_first", "hflayers_norms", "one_norm_seq_first"])
 def test_inference_of_one_input_is_one_call_with_the_general_paths_bits(shape, similarity, dtype, monkeypatch):
-    """A forward of one tensor with nothing to differentiate (nn.MultiheadAttention's inference fast path's case)
-    runs as one C++ call (binding.cpp self_association_cpu): the general path's torch calls in its order, so
-    its output to the bit, and the re-statement's in float32."""
+    """A forward of one tensor with nothing to differentiate (nn.MultiheadAttention's inference fast path's case,
+    and hflayers' with its pattern norms) runs as one C++ call (binding.cpp self_association_cpu): the general
+    path's torch calls in its order, so its output to the bit, and the re-statement's in float32."""
     require("cpu")
     monkeypatch.delenv("HEN_KERNELS_BACKEND", raising=False)
     kw = dict(input_size=12, num_heads=3, hidden_size=5, pattern_size=3, similarity=similarity, **AS_MHA)
@@ -419,7 +419,9 @@ def test_inference_of_one_input_is_one_call_with_the_general_paths_bits(shape, s
                "no_out_projection": dict(disable_out_projection=True),
                "no_bias_one_head_tanh": dict(input_bias=False, num_heads=1, association_activation="tanh"),
                # (the heads' rows merge without a copy: the out projection reads them strided, to other 16-bit bits)
-               "one_value_a_head_seq_first": dict(pattern_size=1, batch_first=False)}[shape])
+               "one_value_a_head_seq_first": dict(pattern_size=1, batch_first=False),
+               "hflayers_norms": {k: True for k in AS_MHA},  # hflayers' defaults: each role's LayerNorm, affine
+               "one_norm_seq_first": dict(normalize_state_pattern=True, batch_first=False)}[shape])
     m = _randomise(hk.nn.Hopfield(**kw), 41).to(dtype).eval()
     x = make((3, 21, 12), dtype, 42)  # 21 tokens: no multiple of a row tile
     layout = (lambda t: t.transpose(0, 1)) if shape.endswith("seq_first") else (lambda t: t)
@@ -477,14 +479,23 @@ def test_inference_in_one_call_steps_aside_for_what_it_does_not_do(monkeypatch):
             assert fast(m, x) == ("trainable_scaling" in other), other  # (no_grad: a trainable beta is plain)
     m = _randomise(hk.nn.Hopfield(input_size=8, num_heads=2), 46).eval()  # hflayers' default pattern norms
     with torch.no_grad():
-        assert not fast(m, x)
+        assert fast(m, x)
+        handle = m.norm_stored_pattern.register_forward_pre_hook(lambda mod, inp: fired.append(mod))
+        assert not fast(m, x) and fired[-1] is m.norm_stored_pattern
+        handle.remove()
+        m.norm_pattern_projection = torch.nn.LayerNorm(8, elementwise_affine=False, bias=False)
+        assert fast(m, x)
+        m.norm_pattern_projection = torch.nn.LayerNorm(4)  # another width: the general path raises, as before
+        with pytest.raises(RuntimeError):
+            fast(m, x)
     m = _randomise(hk.nn.Hopfield(dropout=0.5, **kw), 47)
     with torch.no_grad():
         assert not fast(m, x)  # training mode with dropout to apply
         assert fast(m.eval(), x)
         w, b = m.q_proj.weight, m.q_proj.bias
         with pytest.raises(RuntimeError, match="an out_bias needs its out_weight"):
-            torch.ops.hen_kernels.self_association(x, [w, w, w], [], None, b, 2, 0.5, 0, 16)
+            torch.ops.hen_kernels.self_association(x, [w, w, w], [b, b, b], [None] * 3, [None] * 3, [-1.0] * 3,
+                                                   True, None, b, 2, 0.5, 0, 16)
 
 
 def test_batch_first_false_is_a_transpose():

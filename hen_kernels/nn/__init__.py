@@ -10,8 +10,8 @@ Every association without a mask runs through :func:`hen_kernels.hopfield_update
 :func:`hen_kernels.hopfield_partial` or :func:`hen_kernels.hopfield_retrieve`, so the
 forward is the fused kernel of the chosen backend and the backward its fused backward
 (no B x N matrix is kept for training); on the CPU, ``Hopfield``'s forward of one input
-for inference, with q, k and v from one stacked product and no pattern norms (as
-``nn.MultiheadAttention`` computes), is one C++ call, projections included
+for inference (what ``nn.MultiheadAttention`` computes, or that with hflayers' pattern
+norms) is one C++ call, norms and projections included
 (``Hopfield._plain_self_association``); ``docs/nn.md`` lists every
 default and every difference from hflayers.
 

@@ -27,12 +27,16 @@ def _heads(t: Tensor, heads: int) -> Tensor:
     return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(-2, -3)
 
 
+def _bare(m: object, kind: type) -> bool:
+    """A module of exactly ``kind`` with no hook of its own, forward or backward, and its class's forward: one
+    that may run inside a stacked product or in C++ (a hook, a subclass such as a LoRA adapter, or a forward
+    replaced on the instance, as accelerate's offloading hooks do, must see its own call)."""
+    return type(m) is kind and "forward" not in m.__dict__ and not (
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def _bare_linear(p: object) -> bool:
-    """A plain nn.Linear with no hook of its own, forward or backward, and its class's forward: one that may run
-    inside a stacked product or in C++ (a hook, a subclass such as a LoRA adapter, or a forward replaced on the
-    instance, as accelerate's offloading hooks do, must see its own call)."""
-    return type(p) is nn.Linear and "forward" not in p.__dict__ and not (
-        p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks)
+    return _bare(p, nn.Linear)
 
 
 def _global_hooks() -> bool:
@@ -441,28 +445,36 @@ class Hopfield(nn.Module):
 
     def _plain_self_association(self, input: Tensor) -> Optional[Tensor]:
         """The forward of one input tensor for inference in one C++ call (backends.fast_self_association), or
-        None where the general path must answer.  Its case: q, k and v from one stacked product (_packable),
-        no bias or zero pattern, no norm in Hopfield space, no update steps, no dropout to apply, the out
+        None where the general path must answer.  Its case: q, k and v from bare nn.Linear projections of the
+        input (stacked where _packable, else each after its pattern norm, a bare nn.LayerNorm, where it has
+        one), no bias or zero pattern, no norm in Hopfield space, no update steps, no dropout to apply, the out
         projection (if any) a bare nn.Linear, one float beta for every head (backends.plain_beta) and, the C++
         side checks, nothing to differentiate.  The torch calls of the general path in its order, so the same
         bits (tests/test_nn.py); what nn.MultiheadAttention's inference fast path is to MHA."""
         projs, out_proj = (self.q_proj, self.k_proj, self.v_proj), self.out_proj
+        norms = (self.norm_state_pattern, self.norm_stored_pattern, self.norm_pattern_projection)  # (q, k, v)
         if (any(self._steps) or self.bias_k is not None or self.add_zero_association
-                or self.norm_hopfield_space is not None or (self.training and self.dropout > 0)
-                or (out_proj is not None and not _bare_linear(out_proj)) or not self._packable(projs)):
+                or self.pattern_projection_as_connected or self.norm_hopfield_space is not None
+                or (self.training and self.dropout > 0) or not all(_bare_linear(p) for p in projs)
+                or (out_proj is not None and not _bare_linear(out_proj)) or _global_hooks()):
             return None
         roles = self._roles(single=True)
-        if len({r.width for r in roles}) != 1:
+        width = roles[0].width
+        if any(r.width != width for r in roles) or not all(
+                n is None or (_bare(n, nn.LayerNorm) and tuple(n.normalized_shape) == (width,)) for n in norms):
             return None  # (the general path says which width the input lacks)
         beta = backends.plain_beta(self.scaling)
         if beta is None:
             return None
         x = A.check_pattern(input, roles[0], self.batch_first, self.scaling)
-        held = [p._parameters for p in projs]  # (as _packable reads them)
+        # (the modules' own dicts: p.weight and p.bias go through Module.__getattr__, a lookup each)
+        held = [p._parameters for p in projs]
+        normed = [{} if n is None else n._parameters for n in norms]
         out_held = {} if out_proj is None else out_proj._parameters
         out = backends.fast_self_association(
-            x if self.batch_first else x.transpose(0, 1), [h["weight"] for h in held],
-            [] if held[0]["bias"] is None else [h["bias"] for h in held], out_held.get("weight"),
+            x if self.batch_first else x.transpose(0, 1), [h["weight"] for h in held], [h["bias"] for h in held],
+            [h.get("weight") for h in normed], [h.get("bias") for h in normed],
+            [-1.0 if n is None else float(n.eps) for n in norms], self._packable(projs), out_held.get("weight"),
             out_held.get("bias"), self.num_heads, beta, self.similarity, self.backend)
         return None if out is None else self._outward(out)
 
