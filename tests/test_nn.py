@@ -437,8 +437,10 @@ def test_inference_of_one_input_is_one_call_with_the_general_paths_bits(shape, s
 
 
 def test_inference_in_one_call_steps_aside_for_what_it_does_not_do(monkeypatch):
-    """Gradients to record, a trainable beta under autograd, hooks, pattern norms, update steps, dropout in
-    training, masks and info: the general path answers (it alone records, calls hooks, applies the rest)."""
+    """Gradients to record, hooks (on a projection, a pattern norm or the out projection), a forward replaced on
+    an instance, update steps, bias and zero patterns, a norm in Hopfield space, dropout in training, masks and
+    info: the general path answers (it alone records, calls hooks, applies the rest); pattern norms themselves
+    and a trainable beta under no_grad take the one call."""
     require("cpu")
     monkeypatch.delenv("HEN_KERNELS_BACKEND", raising=False)
     kw = dict(input_size=8, num_heads=2, **AS_MHA)
