@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/hopfield_cpu.h"
+#include "cpu/microkernel.h"
 #ifdef HEN_WITH_CUDA
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -810,6 +811,10 @@ std::string cpu_info() {
   return info;
 }
 
+// For tests: the distinct shapes the CPU kernels have handed to ATen's brgemm, or -1 where
+// HEN_KERNELS_COUNT_BRGEMM_SHAPES=1 was not set (hen::mk::brgemm_shapes_seen).
+int64_t brgemm_shapes_seen() { return hen::mk::brgemm_shapes_seen(); }
+
 // What CUDA code this build holds: "archs=800,900 cuda=13.0", or "none".
 std::string cuda_info() {
 #ifdef HEN_WITH_CUDA
@@ -861,6 +866,7 @@ TORCH_LIBRARY(hen_kernels, m) {
       "Tensor?[] norm_biases, float[] norm_eps, bool packed, Tensor? out_weight, Tensor? out_bias, int heads, "
       "float beta, int similarity, int split_queries_max) -> Tensor[]");
   m.def("cpu_info() -> str", &cpu_info);
+  m.def("brgemm_shapes_seen() -> int", &brgemm_shapes_seen);
   m.def("cuda_info() -> str", &cuda_info);
   m.def("cuda_ptxas() -> str", &cuda_ptxas);
 }

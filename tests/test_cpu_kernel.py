@@ -8,6 +8,7 @@ the hand-written products (bfloat16 widened to float32, and on AVX-512 BF16's pa
 dot product where the CPU has it; the scores as dot products or with the bank tile turned,
 lane_scores), and the AVX-512, AVX2 and baseline copies of the tile kernel.
 """
+import json
 import math
 import os
 import subprocess
@@ -647,3 +648,48 @@ def test_backward_on_lower_instruction_sets(isa):
     proc = subprocess.run([sys.executable, "-c", _LOWER_ISA_BACKWARD], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# Run in a fresh process: the shapes are counted only where HEN_KERNELS_COUNT_BRGEMM_SHAPES=1 was
+# set before the first product.  Two threads, so that the planner cuts every length alike anywhere.
+_SHAPES_OVER_LENGTHS = """
+import json, torch, hen_kernels as hk
+torch.set_num_threads(2)
+seen = torch.ops.hen_kernels.brgemm_shapes_seen
+counts = {}
+for dtype in (torch.float32, torch.bfloat16):
+    for grad in (False, True):
+        before = seen()
+        for length in range(1, 301):
+            x = torch.randn(2, 4, length, 16).to(dtype).requires_grad_(grad)
+            out = hk.hopfield_update(x, x, 0.25, values=x, backend="cpu")
+            if grad:
+                out.float().sum().backward()
+        counts["%s %s" % (str(dtype)[6:], "backward" if grad else "forward")] = seen() - before
+print(json.dumps(counts))
+"""
+
+
+def test_sequence_lengths_meet_a_few_dozen_brgemm_shapes():
+    """ATen compiles and keeps a brgemm per distinct shape and thread for the process's life, so
+    every new sequence length that met new shapes cost a compile and memory.  The products take
+    their queries in steps of 8 and a tail's rows in steps of 16 (hopfield_cpu.h, brgemm_queries):
+    self-attention over the lengths 1-300 met 340-343 forward shapes before and 678-838 more in
+    the backward; 78-100 and 4-98 now (AVX-512, and AVX2 forced, where bfloat16 widened to float32
+    meets float32's shapes)."""
+    if info()["gemm"] != "brgemm":
+        pytest.skip("this build has no brgemm")
+    env = dict(os.environ, HEN_KERNELS_COUNT_BRGEMM_SHAPES="1")
+    # The copy the CPU runs by default: the baseline one (4 lanes, x86 with brgemm only where
+    # forced) pads queries to 4 and met 174 forward shapes.
+    env.pop("HEN_KERNELS_CPU_ISA", None)
+    proc = subprocess.run([sys.executable, "-c", _SHAPES_OVER_LENGTHS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = json.loads(proc.stdout)
+    assert counts["float32 forward"] > 0, counts  # counted, and the products were brgemm's
+    assert max(counts.values()) <= 150, counts
+
+
+def test_brgemm_shapes_are_not_counted_unless_asked():
+    assert torch.ops.hen_kernels.brgemm_shapes_seen() == -1

@@ -52,7 +52,7 @@ struct NearPair {
 
 struct BackScratch {
   std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, xt, c1, c2, pp, g,
-      glo, gt, t, dq, rowsum, dxt, dvt, dts, dtsum, pssum, psum;
+      glo, gt, t, tail, dq, rowsum, dxt, dvt, dts, dtsum, pssum, psum;
   std::vector<NearPair> near;
   std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
 };
@@ -188,6 +188,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
     const float beta = p.beta[l];
     for (int64_t b0 = 0; b0 < p.B; b0 += plan.query_block) {
       const int64_t BM = std::min(plan.query_block, p.B - b0), BMp = (BM + W - 1) / W * W;
+      const int64_t BMv = brgemm_queries(BM, W);  // the dq product's rows
       const float* wts = p.weights ? p.weights + (l * p.B + b0) * D : nullptr;
       const char* qsrc =
           static_cast<const char*>(p.query) + es * size_t(p.query_lead(l) + b0 * p.query_row_stride);
@@ -491,20 +492,34 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           few_query_rows(pp, nullptr, TN, BM, dout_r, nullptr, Dv, R, add, dvr, ld_dv);
           few_query_rows(g, nullptr, TN, BM, qw, nullptr, D, R, add, dxr, ld_dx);
         } else {
-          if (d16)
-            mk::gemm_vnni(dt, R, Dv, BMp, BMp, Dv, ld_dv, add, p16, doutv16, dvr);
-          else
-            mk::gemm_f32(R, Dv, BMp, BMp, Dv, ld_dv, add, pp, dout_r, dvr);
-          if (v16)
-            mk::gemm_vnni(dt, R, D, BMp, BMp, D, ld_dx, add || summed, g16, qv16, dxr);
-          else
-            mk::gemm_f32(R, D, BMp, BMp, D, ld_dx, add || summed, g, qw, dxr);
+          // The products take TN rows, as the forward's (a brgemm per tail length would grow
+          // ATen's kernel cache: hopfield_cpu.h, brgemm_queries); rows past R, where they would
+          // run past the output, go to a tile of their own, R of them then written or added.
+          auto rows = [&](float* out, int64_t ld, int64_t cols, bool add_to, auto&& product) {
+            if (direct || R == TN) return product(out, ld, add_to);
+            float* t = grow(sc.tail, TN * cols);
+            product(t, cols, false);
+            for (int64_t j = 0; j < R; ++j)
+              for (int64_t k = 0; k < cols; ++k) out[j * ld + k] = add_to ? out[j * ld + k] + t[j * cols + k] : t[j * cols + k];
+          };
+          rows(dvr, ld_dv, Dv, add, [&](float* c, int64_t ldc, bool a) {
+            if (d16)
+              mk::gemm_vnni(dt, TN, Dv, BMp, BMp, Dv, ldc, a, p16, doutv16, c);
+            else
+              mk::gemm_f32(TN, Dv, BMp, BMp, Dv, ldc, a, pp, dout_r, c);
+          });
+          rows(dxr, ld_dx, D, add || summed, [&](float* c, int64_t ldc, bool a) {
+            if (v16)
+              mk::gemm_vnni(dt, TN, D, BMp, BMp, D, ldc, a, g16, qv16, c);
+            else
+              mk::gemm_f32(TN, D, BMp, BMp, D, ldc, a, g, qw, c);
+          });
         }
         if (l2 && bank_grads) {
           // - x ∘ (G . w): the colsum of G when unweighted.
           if (wts) {
             float* t = grow(sc.t, BN * D);
-            mk::gemm_f32(R, D, BMp, BMp, D, D, false, g, wr, t);
+            mk::gemm_f32(TN, D, BMp, BMp, D, D, false, g, wr, t);
             for (int64_t j = 0; j < R; ++j)
               for (int64_t k = 0; k < D; ++k) dxr[j * ld_dx + k] -= xf[j * ldf + k] * t[j * D + k];
           } else {
@@ -540,24 +555,24 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         if (hand) {  // G is queries x rows already
           by_dtype(dt, [&](auto DT) { hand_values<DT()>(g, TN, BM, xr, int64_t(es) * ldr, TN, D, dq); });
         } else if (v16) {
-          transpose_block(g, BMp, TN, BMp, gt, TN);
-          uint16_t* gt16 = grow(sc.gt16, BM * TN);
-          floats_to_16(dt, gt, BM * TN, gt16);
+          transpose_block(g, BMp, TN, BMp, gt, TN);  // (zero past BM: the padding's weights are 0)
+          uint16_t* gt16 = grow(sc.gt16, BMv * TN);
+          floats_to_16(dt, gt, BMv * TN, gt16);
           const int64_t ldp = padded_stride(D);  // as the forward's value tiles (tile_kernel.cpp)
           uint16_t* xp = grow(sc.xpack, TN * ldp);
           vnni_rows(reinterpret_cast<const uint16_t*>(xr), ldr, TN, D, ldp, xp);
-          mk::gemm_vnni(dt, BM, D, TN, TN, ldp, D, true, gt16, xp, dq);
+          mk::gemm_vnni(dt, BMv, D, TN, TN, ldp, D, true, gt16, xp, dq);
           // dq = Σ_j G_j x_j sums terms that nearly cancel (Σ_j G_j is β dlse, often 0), so
           // the rounding of G would enter as Σ_j (G_j - rounded G_j) x_j: for a bank far from the
           // origin, dq was 1.9e-2 off (rows 3 + 0.3 N(0, 1)).  The remainder, rounded to 16 bits
           // in turn, is a second product: G to ~2^-16 of itself, as float32 products take it.
           transpose_block(glo, BMp, TN, BMp, gt, TN);
-          uint16_t* gtlo16 = grow(sc.gtlo16, BM * TN);
-          floats_to_16(dt, gt, BM * TN, gtlo16);
-          mk::gemm_vnni(dt, BM, D, TN, TN, ldp, D, true, gtlo16, xp, dq);
+          uint16_t* gtlo16 = grow(sc.gtlo16, BMv * TN);
+          floats_to_16(dt, gt, BMv * TN, gtlo16);
+          mk::gemm_vnni(dt, BMv, D, TN, TN, ldp, D, true, gtlo16, xp, dq);
         } else {
           transpose_block(g, BMp, TN, BMp, gt, TN);
-          mk::gemm_f32(BM, D, TN, TN, ldf, D, true, gt, xf, dq);
+          mk::gemm_f32(BMv, D, TN, TN, ldf, D, true, gt, xf, dq);
         }
       }
       // The query block's dq: - rowsum(G) q for the ℓ2 forms, then w ∘.

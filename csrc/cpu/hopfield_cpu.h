@@ -20,6 +20,7 @@
 // partial in the Workspace and `combine` merges them, as flash-decoding does.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -65,6 +66,20 @@ struct PlanHints {
 // 197 x 197 x 64 and 8 of 64 x 90 x 64 ran 1.14-1.26x faster at 16, AVX-512 and AVX2
 // forced, float32 and bf16; EPYC Zen 5, in-process A/B, median of 21).
 constexpr int64_t kRowQuantum = 16;
+
+// The queries a brgemm takes where they are its rows (M): a query block's BM rounded up to 8
+// (to the vector width W where that is less; BMp, the block's padded width, is never less).
+// ATen compiles a brgemm per distinct shape and keeps it, per thread, for the process's life
+// (70-90 KB each), so products shaped by each block's own count (and the backward's by each
+// tail's own rows) met new shapes at new sequence lengths: self-attention over the lengths
+// 1-300 met 343 forward shapes and 678-838 more in the backward, and a first pass over them
+// took 1.5-2.1x the later ones; now 78-100 and 4-98 shapes, 1.1-1.3x (tests/test_cpu_kernel.py).
+// Padding to 16 cost up to 8 % (a block of 40 queries, a last block of 1): PERFORMANCE.md §5.21.
+constexpr int64_t kBrgemmQueryQuantum = 8;
+inline int64_t brgemm_queries(int64_t BM, int64_t W) {
+  const int64_t q = std::min<int64_t>(W, kBrgemmQueryQuantum);
+  return (BM + q - 1) / q * q;
+}
 // The most queries a backward tile takes by hand-written products (make_backward_plan).
 constexpr int kBackwardHandQueriesMax = 4;
 

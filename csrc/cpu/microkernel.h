@@ -44,6 +44,13 @@ bool cpu_has_amx_bf16();
 void gemm_vnni(DType dt, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                const uint16_t* A, const uint16_t* B, float* C);
 
+// The distinct shapes (dtype, M, N, K, leading dimensions, add) this process has handed to
+// gemm_f32 and gemm_vnni, or -1 where they are not counted: only with
+// HEN_KERNELS_COUNT_BRGEMM_SHAPES=1 in the environment (read once).  ATen compiles and keeps a
+// kernel per shape and thread for the process's life, so the tests hold the tile kernels to a
+// bounded set of shapes (hopfield_cpu.h, brgemm_queries).
+int64_t brgemm_shapes_seen();
+
 // Hand the matrix unit's state back (AMX tile configuration) once a thread is
 // done with gemm_vnni for now, as PyTorch's flash attention does.
 void release_vnni();

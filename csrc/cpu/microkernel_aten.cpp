@@ -4,8 +4,13 @@
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <array>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <mutex>
+#include <set>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -76,7 +81,37 @@ bool probe(DType dt) {
     }
   return true;
 }
+bool counting_shapes() {
+  static const bool on = [] {
+    const char* e = std::getenv("HEN_KERNELS_COUNT_BRGEMM_SHAPES");
+    return e && std::strcmp(e, "1") == 0;
+  }();
+  return on;
+}
+
+struct ShapeLog {
+  std::mutex mu;
+  std::set<std::array<int64_t, 8>> seen;
+};
+ShapeLog& shape_log() {
+  static ShapeLog log;
+  return log;
+}
+
+void count_shape(int64_t dt, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add) {
+  if (!counting_shapes()) return;
+  ShapeLog& log = shape_log();
+  std::lock_guard<std::mutex> lock(log.mu);
+  log.seen.insert({dt, M, N, K, lda, ldb, ldc, int64_t(add)});
+}
 }  // namespace
+
+int64_t brgemm_shapes_seen() {
+  if (!counting_shapes()) return -1;
+  ShapeLog& log = shape_log();
+  std::lock_guard<std::mutex> lock(log.mu);
+  return int64_t(log.seen.size());
+}
 
 bool cpu_has_avx512_bf16() {
   static const bool has = leaf7().avx512_bf16;
@@ -99,6 +134,7 @@ bool f32_available() {
 void gemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const float* A,
               const float* B, float* C) {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
+  count_shape(int64_t(DType::F32), M, N, K, lda, ldb, ldc, add);
   cb::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
 #else
   (void)M, (void)N, (void)K, (void)lda, (void)ldb, (void)ldc, (void)add, (void)A, (void)B, (void)C;
@@ -108,6 +144,7 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t
 
 void gemm_vnni(DType dt, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                const uint16_t* A, const uint16_t* B, float* C) {
+  count_shape(int64_t(dt), M, N, K, lda, ldb, ldc, add);
   if (dt == DType::BF16) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
     cb::brgemm(M, N, K, lda, ldb, ldc, add, reinterpret_cast<const at::BFloat16*>(A),

@@ -236,6 +236,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   const int64_t b0 = qb * plan.query_block;
   const int64_t BM = std::min(plan.query_block, p.B - b0);
   const int64_t BMp = (BM + W - 1) / W * W;
+  const int64_t BMv = brgemm_queries(BM, W);  // the value product's queries where a microkernel takes it
   const int64_t n_begin = std::min(p.N, split * plan.rows_per_split);
   const int64_t n_end = std::min(p.N, n_begin + plan.rows_per_split);
   const int64_t D = p.D, Dv = p.Dv, BN = plan.row_block;
@@ -334,7 +335,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
   }
 
   float* o = grow(sc.o, BMp * Dv);
-  std::fill(o, o + BM * Dv, 0.f);
+  std::fill(o, o + BMv * Dv, 0.f);
   float* m = grow(sc.m, BMp);
   float* lsum = grow(sc.l, BMp);
   float* lstored = grow(sc.lstored, BMp);  // the sum of the weights as P holds them (WeightSums)
@@ -552,6 +553,9 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
     if (!values_are_memory && R < TN) vr = pad_rows(vr, ldvr, es, R, TN, Dv, sc.vraw), ldvr = Dv;
     constexpr int64_t kValueChunk = 512;  // output columns per product: the C block stays in L2
+    // The microkernels take BMv queries: the padding's weights 0 (the softmax writes BM rows).
+    if (vp == Product::Vnni) std::fill(p16 + BM * TN, p16 + BMv * TN, uint16_t(0));
+    if (vp == Product::F32) std::fill(pf + BM * TN, pf + BMv * TN, 0.f);
     if (vp == Product::Vnni) {
       // Pair rows padded_stride apart, as the widened tiles' rows (rows.h): with rows a
       // multiple of 1 KiB apart the bulk bf16 call (B = 64, D = 2048, EPYC Zen 4) took 1.14x
@@ -559,7 +563,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       const int64_t ldp = padded_stride(Dv);
       vnni_rows(reinterpret_cast<const uint16_t*>(vr), ldvr, TN, Dv, ldp, grow(sc.vpack, TN * ldp));
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
-        mk::gemm_vnni(dt, BM, std::min(kValueChunk, Dv - c0), TN, TN, ldp, Dv, true, p16, sc.vpack.data() + 2 * c0,
+        mk::gemm_vnni(dt, BMv, std::min(kValueChunk, Dv - c0), TN, TN, ldp, Dv, true, p16, sc.vpack.data() + 2 * c0,
                       o + c0);
     } else if (vp == Product::F32) {
       const float* vf32 = reinterpret_cast<const float*>(vr);
@@ -570,7 +574,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
         vf32 = float_rows(dt, vr, ldvr, TN, Dv, sc.vf_, ldv);
       }
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
-        mk::gemm_f32(BM, std::min(kValueChunk, Dv - c0), TN, TN, ldv, Dv, true, pf, vf32 + c0, o + c0);
+        mk::gemm_f32(BMv, std::min(kValueChunk, Dv - c0), TN, TN, ldv, Dv, true, pf, vf32 + c0, o + c0);
     } else {
       // The next value tile towards L2 again, spread over this pass: prefetching in the score
       // pass alone leaves the memory idle here (measured: 3-19 % faster recall with both).
