@@ -70,7 +70,7 @@ constexpr int64_t kRowQuantum = 16;
 // The queries a brgemm takes where they are its rows (M): a query block's BM rounded up to 8
 // (to the vector width W where that is less; BMp, the block's padded width, is never less).
 // ATen compiles a brgemm per distinct shape and keeps it, per thread, for the process's life
-// (70-90 KB each), so products shaped by each block's own count (and the backward's by each
+// (40-90 KB each), so products shaped by each block's own count (and the backward's by each
 // tail's own rows) met new shapes at new sequence lengths: self-attention over the lengths
 // 1-300 met 343 forward shapes and 678-838 more in the backward, and a first pass over them
 // took 1.5-2.1x the later ones; now 78-100 and 4-98 shapes, 1.1-1.3x (tests/test_cpu_kernel.py).
