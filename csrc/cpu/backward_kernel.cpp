@@ -492,27 +492,32 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           few_query_rows(pp, nullptr, TN, BM, dout_r, nullptr, Dv, R, add, dvr, ld_dv);
           few_query_rows(g, nullptr, TN, BM, qw, nullptr, D, R, add, dxr, ld_dx);
         } else {
-          // The products take TN rows, as the forward's (a brgemm per tail length would grow
-          // ATen's kernel cache: hopfield_cpu.h, brgemm_queries); rows past R, where they would
-          // run past the output, go to a tile of their own, R of them then written or added.
+          // The products take whole kRowQuantum rows, as the forward's (a brgemm per tail length
+          // would grow ATen's kernel cache: hopfield_cpu.h, brgemm_queries): a tail's last, partial
+          // quantum goes to a tile of its own, its real rows then written or added to the gradients.
           auto rows = [&](float* out, int64_t ld, int64_t cols, bool add_to, auto&& product) {
-            if (direct || R == TN) return product(out, ld, add_to);
-            float* t = grow(sc.tail, TN * cols);
-            product(t, cols, false);
-            for (int64_t j = 0; j < R; ++j)
-              for (int64_t k = 0; k < cols; ++k) out[j * ld + k] = add_to ? out[j * ld + k] + t[j * cols + k] : t[j * cols + k];
+            if (direct || R == TN) return product(0, TN, out, ld, add_to);
+            const int64_t whole = R / kRowQuantum * kRowQuantum;
+            if (whole > 0) product(0, whole, out, ld, add_to);
+            float* t = grow(sc.tail, kRowQuantum * cols);
+            product(whole, kRowQuantum, t, cols, false);
+            for (int64_t j = whole; j < R; ++j) {
+              float* o = out + j * ld;
+              const float* tj = t + (j - whole) * cols;
+              for (int64_t k = 0; k < cols; ++k) o[k] = add_to ? o[k] + tj[k] : tj[k];
+            }
           };
-          rows(dvr, ld_dv, Dv, add, [&](float* c, int64_t ldc, bool a) {
+          rows(dvr, ld_dv, Dv, add, [&](int64_t r, int64_t M, float* c, int64_t ldc, bool a) {
             if (d16)
-              mk::gemm_vnni(dt, TN, Dv, BMp, BMp, Dv, ldc, a, p16, doutv16, c);
+              mk::gemm_vnni(dt, M, Dv, BMp, BMp, Dv, ldc, a, p16 + r * BMp, doutv16, c);
             else
-              mk::gemm_f32(TN, Dv, BMp, BMp, Dv, ldc, a, pp, dout_r, c);
+              mk::gemm_f32(M, Dv, BMp, BMp, Dv, ldc, a, pp + r * BMp, dout_r, c);
           });
-          rows(dxr, ld_dx, D, add || summed, [&](float* c, int64_t ldc, bool a) {
+          rows(dxr, ld_dx, D, add || summed, [&](int64_t r, int64_t M, float* c, int64_t ldc, bool a) {
             if (v16)
-              mk::gemm_vnni(dt, TN, D, BMp, BMp, D, ldc, a, g16, qv16, c);
+              mk::gemm_vnni(dt, M, D, BMp, BMp, D, ldc, a, g16 + r * BMp, qv16, c);
             else
-              mk::gemm_f32(TN, D, BMp, BMp, D, ldc, a, g, qw, c);
+              mk::gemm_f32(M, D, BMp, BMp, D, ldc, a, g + r * BMp, qw, c);
           });
         }
         if (l2 && bank_grads) {
