@@ -675,7 +675,7 @@ def test_sequence_lengths_meet_a_few_dozen_brgemm_shapes():
     every new sequence length that met new shapes cost a compile and memory.  The products take
     their queries in steps of 8 and a tail's rows in steps of 16 (hopfield_cpu.h, brgemm_queries):
     self-attention over the lengths 1-300 met 340-343 forward shapes before and 678-838 more in
-    the backward; 78-100 and 4-98 now (AVX-512, and AVX2 forced, where bfloat16 widened to float32
+    the backward; 78-100 and 7-102 now (AVX-512, and AVX2 forced, where bfloat16 widened to float32
     meets float32's shapes)."""
     if info()["gemm"] != "brgemm":
         pytest.skip("this build has no brgemm")

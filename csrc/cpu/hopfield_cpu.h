@@ -73,7 +73,7 @@ constexpr int64_t kRowQuantum = 16;
 // (40-90 KB each), so products shaped by each block's own count (and the backward's by each
 // tail's own rows) met new shapes at new sequence lengths: self-attention over the lengths
 // 1-300 met 343 forward shapes and 678-838 more in the backward, and a first pass over them
-// took 1.5-2.1x the later ones; now 78-100 and 4-98 shapes, 1.1-1.3x (tests/test_cpu_kernel.py).
+// took 1.5-2.1x the later ones; now 78-100 and 7-102 shapes, 1.1-1.3x (tests/test_cpu_kernel.py).
 // Padding to 16 cost up to 8 % (a block of 40 queries, a last block of 1): PERFORMANCE.md §5.21.
 constexpr int64_t kBrgemmQueryQuantum = 8;
 inline int64_t brgemm_queries(int64_t BM, int64_t W) {
