@@ -688,8 +688,11 @@ def test_sequence_lengths_meet_a_few_dozen_brgemm_shapes():
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = json.loads(proc.stdout)
     assert counts["float32 forward"] > 0, counts  # counted, and the products were brgemm's
-    assert max(counts.values()) <= 150, counts
+    assert max(counts.values()) <= 120, counts
 
 
 def test_brgemm_shapes_are_not_counted_unless_asked():
-    assert torch.ops.hen_kernels.brgemm_shapes_seen() == -1
+    env = {k: v for k, v in os.environ.items() if k != "HEN_KERNELS_COUNT_BRGEMM_SHAPES"}
+    code = "import torch, hen_kernels; print(torch.ops.hen_kernels.brgemm_shapes_seen())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "-1", (proc.stdout, proc.stderr[-2000:])

@@ -560,7 +560,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         if (hand) {  // G is queries x rows already
           by_dtype(dt, [&](auto DT) { hand_values<DT()>(g, TN, BM, xr, int64_t(es) * ldr, TN, D, dq); });
         } else if (v16) {
-          transpose_block(g, BMp, TN, BMp, gt, TN);  // (zero past BM: the padding's weights are 0)
+          transpose_block(g, BMp, TN, BMp, gt, TN);  // (past BM the padding's rows: 0, never read)
           uint16_t* gt16 = grow(sc.gt16, BMv * TN);
           floats_to_16(dt, gt, BMv * TN, gt16);
           const int64_t ldp = padded_stride(D);  // as the forward's value tiles (tile_kernel.cpp)
