@@ -494,18 +494,18 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         } else {
           // The products take whole kRowQuantum rows, as the forward's (a brgemm per tail length
           // would grow ATen's kernel cache: hopfield_cpu.h, brgemm_queries): a tail's last, partial
-          // quantum goes to a tile of its own, its real rows then written or added to the gradients.
+          // quantum goes through a tile of its own, its real rows copied in (where added to) and
+          // back, so that brgemm adds them as it adds the others.
           auto rows = [&](float* out, int64_t ld, int64_t cols, bool add_to, auto&& product) {
             if (direct || R == TN) return product(0, TN, out, ld, add_to);
             const int64_t whole = R / kRowQuantum * kRowQuantum;
             if (whole > 0) product(0, whole, out, ld, add_to);
             float* t = grow(sc.tail, kRowQuantum * cols);
-            product(whole, kRowQuantum, t, cols, false);
-            for (int64_t j = whole; j < R; ++j) {
-              float* o = out + j * ld;
-              const float* tj = t + (j - whole) * cols;
-              for (int64_t k = 0; k < cols; ++k) o[k] = add_to ? o[k] + tj[k] : tj[k];
-            }
+            const size_t row_bytes = sizeof(float) * size_t(cols);
+            if (add_to)
+              for (int64_t j = whole; j < R; ++j) std::memcpy(t + (j - whole) * cols, out + j * ld, row_bytes);
+            product(whole, kRowQuantum, t, cols, add_to);
+            for (int64_t j = whole; j < R; ++j) std::memcpy(out + j * ld, t + (j - whole) * cols, row_bytes);
           };
           rows(dvr, ld_dv, Dv, add, [&](int64_t r, int64_t M, float* c, int64_t ldc, bool a) {
             if (d16)
