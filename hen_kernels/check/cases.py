@@ -350,16 +350,18 @@ def case_far_from_the_origin(t: Target, quick: bool) -> Iterator[Result]:
 
 
 def _gradients(q, x, v, beta, sim, dout, backend, dlse=None) -> Tuple[torch.Tensor, ...]:
-    """Gradients of <update(q, x, values=v), dout> for q, x, v and a beta tensor, by autograd through ``backend``;
-    with ``dlse``, of <out, dout> + <lse, dlse> of ``hopfield_partial`` (what a merge of chunks passes back)."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, x, v)]
+    """Gradients of <update(q, x, values=v), dout> for q, x, v (v None: the bank is the values too, one
+    gradient for it) and a beta tensor, by autograd through ``backend``; with ``dlse``, of <out, dout> +
+    <lse, dlse> of ``hopfield_partial`` (what a merge of chunks passes back)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, x, v) if t is not None]
+    values = leaves[2] if v is not None else None
     if isinstance(beta, torch.Tensor):
         beta = beta.detach().clone().requires_grad_()
         leaves.append(beta)
     if dlse is None:
-        out = hk.hopfield_update(leaves[0], leaves[1], beta, similarity=sim, values=leaves[2], backend=backend)
+        out = hk.hopfield_update(leaves[0], leaves[1], beta, similarity=sim, values=values, backend=backend)
         return torch.autograd.grad(out, leaves, dout)
-    p = hk.hopfield_partial(leaves[0], leaves[1], beta, similarity=sim, values=leaves[2], backend=backend)
+    p = hk.hopfield_partial(leaves[0], leaves[1], beta, similarity=sim, values=values, backend=backend)
     return torch.autograd.grad((p.out, p.lse), leaves, (dout.to(p.out.dtype), dlse))
 
 
@@ -382,6 +384,18 @@ def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
             per_index = torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32),
                                      device=t.device)
             yield from _gradient_results(t, q, x, v, dout, sim, level, per_index, f"B{b} N{n} D{d}")
+    # The bank as the values too (one gradient for it, the CPU backward's summed rows), more queries than
+    # one of its query blocks and a bank of 96 rows and a partial 16-row quantum (its tail's two paths).
+    b, n, d = 70, 100, 32
+    if not t.too_big(2 * b, n, d):
+        for sim in ("dot", "l2sq"):
+            q, x = make((2, b, d), t.dtype, 50, t.device), make((n, d), t.dtype, 51, t.device)
+            q[:, 0] = x[0]
+            dout = make((2, b, d), t.dtype, 52, t.device)
+            level = beta_for(sim, d, 1.0)
+            per_index = torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32),
+                                     device=t.device)
+            yield from _gradient_results(t, q, x, None, dout, sim, level, per_index, f"B{b} N{n} D{d} keys = values")
     # Every query on its own stored row (l2: next to it), the softmax mostly there, and a gradient for lse
     # (a merge of chunks passes one back): the ℓ2 forms' dq and dX are then sums whose largest terms
     # cancel (the CPU backward sums such pairs as differences).
@@ -408,7 +422,8 @@ def _gradient_results(t: Target, q, x, v, dout, sim: str, level: float, per_inde
         got = _gradients(q, x, v, beta, sim, dout, t.backend, dlse)
         beta64 = _cpu64(beta) if isinstance(beta, torch.Tensor) else beta
         want = _gradients(*(_cpu64(a) for a in (q, x, v)), beta64, sim, _cpu64(dout), "torch", dlse64)
-        for name, g, w in zip(("query", "bank", "values", "beta"), got, want):
+        names = ("query", "bank", "values", "beta") if v is not None else ("query", "bank", "beta")
+        for name, g, w in zip(names, got, want):
             err = rel_err(g, w)
             ok = err <= tol and bool(torch.isfinite(g).all())
             yield Result(f"gradients {sim} {shape} {label}: {name}", err, tol, ok)
