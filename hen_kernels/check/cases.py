@@ -365,6 +365,11 @@ def _gradients(q, x, v, beta, sim, dout, backend, dlse=None) -> Tuple[torch.Tens
     return torch.autograd.grad((p.out, p.lse), leaves, (dout.to(p.out.dtype), dlse))
 
 
+def _beta_per_index(t: Target, level: float) -> torch.Tensor:
+    """A beta for each of the two leading indices the gradient cases use: level and half of it."""
+    return torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+
+
 def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
     """The fused backward (what hk.nn trains with): gradients for the queries, the bank, the values
     and a beta tensor, against float64 autograd through the reference, within GRAD_TOLERANCE.  A float
@@ -381,8 +386,7 @@ def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
                 q[:, 0] = x[0]  # recall's normal case
             dout = make((2, b, 11), t.dtype, 43, t.device)
             level = beta_for(sim, d, 1.0)
-            per_index = torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32),
-                                     device=t.device)
+            per_index = _beta_per_index(t, level)
             yield from _gradient_results(t, q, x, v, dout, sim, level, per_index, f"B{b} N{n} D{d}")
     # The bank as the values too (one gradient for it, the CPU backward's summed rows), more queries than
     # one of its query blocks and a bank of 96 rows and a partial 16-row quantum (its tail's two paths).
@@ -393,8 +397,7 @@ def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
             q[:, 0] = x[0]
             dout = make((2, b, d), t.dtype, 52, t.device)
             level = beta_for(sim, d, 1.0)
-            per_index = torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32),
-                                     device=t.device)
+            per_index = _beta_per_index(t, level)
             yield from _gradient_results(t, q, x, None, dout, sim, level, per_index, f"B{b} N{n} D{d} keys = values")
     # Every query on its own stored row (l2: next to it), the softmax mostly there, and a gradient for lse
     # (a merge of chunks passes one back): the ℓ2 forms' dq and dX are then sums whose largest terms
@@ -410,7 +413,7 @@ def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
     for sim in ("l2sq", "l2"):
         near = rows + (0.05 * make((2 * b, d), torch.float32, 48, t.device) if sim == "l2" else 0)
         q = near.to(t.dtype).reshape(2, b, d)
-        per_index = torch.tensor([0.4, 0.2], dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+        per_index = _beta_per_index(t, 0.4)
         yield from _gradient_results(t, q, x, v, dout, sim, 0.4, per_index, f"B{b} N{n} D{d} on stored rows", dlse)
 
 
