@@ -137,8 +137,15 @@ def similarity(query: torch.Tensor, memory: torch.Tensor, kind: str,
     if not cannot_read(q.device):
         sq = _recompute_near_pairs(sq, q, x, w, q_sq + x_sq)
     sq = sq.clamp_min(0)  # rounding may still leave a tiny negative
-    s = -sq.sqrt() if kind == "l2" else -0.5 * sq
+    s = -_distance(sq) if kind == "l2" else -0.5 * sq
     return s.to(query.dtype)
+
+
+def _distance(sq: torch.Tensor) -> torch.Tensor:
+    """sqrt(sq) with the zero subgradient where sq = 0 (a query on a stored pattern), as the fused backwards
+    take it: sqrt's own derivative there is inf, and inf times the zero derivative of sq made NaN gradients."""
+    away = sq != 0  # NaN (a NaN query) stays NaN
+    return torch.where(away, torch.where(away, sq, 1.0).sqrt(), 0.0)
 
 
 def scores(query: torch.Tensor, memory: torch.Tensor, beta: Beta, kind: str,

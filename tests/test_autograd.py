@@ -240,6 +240,12 @@ def test_l2_gradient_at_a_stored_pattern_is_finite(backend):
     out = hk.hopfield_update(q, x, 2.0, similarity="l2", backend=backend)
     gq, gx = torch.autograd.grad(out.sum(), (q, x))
     assert torch.isfinite(gq).all() and torch.isfinite(gx).all()
+    # the reference takes the same subgradient (float64 modules and backend="torch" train through it)
+    x64 = x.detach().double().requires_grad_()
+    q64 = x64.detach()[:3].clone().requires_grad_()
+    out64 = hk.hopfield_update(q64, x64, 2.0, similarity="l2", backend="torch")
+    for got, want in zip((gq, gx), torch.autograd.grad(out64.sum(), (q64, x64))):
+        assert rel_err(got, want) < GRAD_TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
