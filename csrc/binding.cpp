@@ -364,7 +364,9 @@ at::Tensor with_lead(const PlainCall& c, const at::Tensor& t) {
   return t.view(shape);
 }
 
-// Whether every lse is finite: else (NaN or overflowing scores) the general path checks and answers.
+// Whether every lse is finite: else (a NaN query, a bank holding inf or NaN, overflowing scores: the
+// kernel's lse is NaN wherever its out is not finite, hen::non_finite) the general path checks, names the
+// cause and answers (validation.check_scores).
 bool all_finite(const at::Tensor& lse) {
   const float* l = lse.data_ptr<float>();
   for (int64_t i = 0; i < lse.numel(); ++i)
@@ -376,9 +378,9 @@ bool all_finite(const at::Tensor& lse) {
 // inputs.  The general path's Python checks, views and reductions cost 27-107 µs a call on an Intel
 // Xeon (30-45 on an EPYC Zen 5) around an op of 7-180 µs on small banks, where SDPA's one C++ call
 // then won; this path costs 1-6 µs over the op (Xeon, one and two threads, ad-hoc timing of blocks
-// of calls).  Anything else, and a result with an lse that is not finite (NaN or overflowing
-// scores), comes back as no tensor: the general path then checks, computes and raises as it always
-// has, so every message keeps its one home (validation.py) and this path only ever answers as it would.
+// of calls).  Anything else, and a result with an lse that is not finite (a NaN query, overflowing
+// scores, a bank holding inf or NaN), comes back as no tensor: the general path then checks, computes
+// and raises as it always has, so every message keeps its one home (validation.py) and this path only ever answers as it would.
 // With an input that requires grad, update_autograd runs the same through UpdateFunction.
 //
 // plain_forward is both paths' forward: out (float32) in the call's shape and lse, or nothing

@@ -332,40 +332,69 @@ def check_offset(offset: object, rows: int = 1) -> int:
     return int(offset)
 
 
-def check_scores(lse: torch.Tensor, inp: Inputs) -> None:
-    """Refuse, by beta's name, a result whose scores left the float32 range.
+def check_scores(lse: torch.Tensor, out: torch.Tensor, inp: Inputs) -> None:
+    """Refuse a result that finite queries would get as NaN or inf, naming its cause.
 
-    beta·sim is formed in float32 (float64 for float64 inputs).  From finite inputs a
-    non-empty chunk's lse is finite unless some |beta·sim| exceeded the range (lse >= the
-    best score > -inf, lse <= the best score + log N): then the softmax would be NaN or
-    the chunk would read as empty.  Queries holding NaN or inf keep their NaN answer
-    (docs/design.md §4); the check costs one reduction over lse and, only when it
-    fires, one over the query.  Skipped under torch.compile, functorch transforms and CUDA graph
-    capture (tracing.cannot_read).
+    From a finite query and a finite bank a non-empty chunk's lse is finite unless some
+    |beta·sim| exceeded the float32 range (lse >= the best score > -inf, lse <= the best
+    score + log N), and its out is a convex combination of finite value rows.  So where a
+    finite query's lse or out is not finite, either the bank holds inf or NaN (named:
+    ``memory`` or ``values``; a row scored -inf still adds 0 · inf = NaN to every query's
+    out, so one such row poisons every answer), or beta·sim overflowed (named ``beta``), or
+    values near the range's end summed past it (named ``values``).
+    Queries holding NaN or inf keep their NaN answer (docs/design.md §4).  The check costs
+    two reductions (over lse and out: a small part of the bank's read) and, only when it
+    fires, one over the query and one over the bank.  Skipped under torch.compile, functorch
+    transforms and CUDA graph capture (tracing.cannot_read).
     """
     if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or cannot_read(lse.device):
         return
-    # One reduction and one read in the common case: a finite sum means every lse is finite
-    # (a sum of finite lse that overflows sends it to the exact test below, which finds none).
+    # Two reductions and one read in the common case: a finite sum means every element is finite
+    # (a sum of finite values that overflows sends it to the exact test below, which finds none).
     # In lse's own dtype: a float64 sum cost 3 of the ~40 µs a call on a small bank takes.
     # (detached only where it records a graph: each op through the dispatcher is ~1 µs here)
-    if math.isfinite(float((lse.detach() if lse.requires_grad else lse).sum())):
+    lse_d = lse.detach() if lse.requires_grad else lse
+    out_d = out.detach() if out.requires_grad else out
+    if math.isfinite(float(lse_d.sum() + out_d.sum())):
         return
-    bad = ~torch.isfinite(lse.detach())
     q = inp.query.detach().flatten(0, -3)  # (L, B, D): a copy of a split query, here only
     finite = torch.isfinite(q).all(-1)
     if inp.weights is not None:
         finite &= torch.isfinite(inp.weights).all(-1)
-    culprits = (bad.reshape(finite.shape) & finite).nonzero()  # none: NaN only where queries hold NaN/inf
-    if culprits.numel():
-        first = tuple(int(i) for i in culprits[0])
-        big = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
+    bad = ~torch.isfinite(lse_d).reshape(finite.shape) | ~torch.isfinite(out_d).all(-1).reshape(finite.shape)
+    bad &= finite
+    culprits = bad.nonzero()  # none: NaN only where queries hold NaN/inf
+    if not culprits.numel():
+        return
+    for name, bank in (("memory", inp.memory), ("values", inp.values)):
+        rows = ~torch.isfinite(bank.detach().flatten(0, -3)).all(-1)  # (Lm, N)
+        if bool(rows.any()):
+            first = tuple(int(i) for i in rows.nonzero()[0])
+            raise ValueError(
+                f"{name}: expected finite rows, got {int(rows.sum())} row(s) holding inf or NaN, the first at "
+                f"(leading index, row) {first}; every query's softmax reads every row (a row scored -inf "
+                f"still adds 0 · inf), so {culprits.shape[0]} finite query row(s) would be answered with NaN"
+            )
+    first = tuple(int(i) for i in culprits[0])
+    wide = q.dtype == torch.float64
+    big = torch.finfo(torch.float64 if wide else torch.float32).max
+    # A kernel sums the weighted value rows before it divides by the weights' sum: up to N times the
+    # largest entry, which only values near the range's end can take past it (the CPU kernel's lse is
+    # then NaN too, as for any out that is not finite).
+    largest = float(inp.values.detach().abs().amax())
+    if largest * inp.bank_rows >= big:
         raise ValueError(
-            f"beta: beta·sim leaves the {'float64' if q.dtype == torch.float64 else 'float32'} range "
-            f"(|beta·sim| > {big:.3e}) for {culprits.shape[0]} finite query row(s), the first at "
-            f"(leading index, row) {first}; the softmax would be NaN there.  Lower beta or rescale the "
-            "query and memory (or the bank holds inf/NaN rows)"
+            f"values: entries up to {largest:.3e} over {inp.bank_rows} rows can take the softmax's weighted "
+            f"sum past the {'float64' if wide else 'float32'} range (the kernels sum it before they divide); "
+            f"{culprits.shape[0]} finite query row(s) would be answered with inf or NaN, the first at "
+            f"(leading index, row) {first}.  Rescale the values"
         )
+    raise ValueError(
+        f"beta: beta·sim leaves the {'float64' if wide else 'float32'} range "
+        f"(|beta·sim| > {big:.3e}) for {culprits.shape[0]} finite query row(s), the first at "
+        f"(leading index, row) {first}; the softmax would be NaN there.  Lower beta or rescale the "
+        "query and memory"
+    )
 
 
 def check_steps(max_steps: object, tol: object) -> tuple[int, Optional[float]]:

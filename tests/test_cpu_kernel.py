@@ -318,6 +318,27 @@ def test_nan_bank_row_reaches_every_query(kernel, dtype, sim):
         assert torch.isnan(want.lse).all()
 
 
+@pytest.mark.parametrize("kernel", kernels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_an_out_that_is_not_finite_has_a_nan_lse(kernel, dtype, splits):
+    """A bank entry of inf in a row scored -inf leaves every lse finite yet adds 0 · inf = NaN to every
+    out, and values near the float32 maximum overflow the unnormalised sum: the kernel's lse is NaN
+    wherever its out is not finite (split or not), so that a check of lse alone (the one-call paths')
+    finds every such answer."""
+    q, x = make((20, 40), dtype, 19), make((700, 40), dtype, 20)
+    q[:, 5] = -q[:, 5].abs() - 0.5
+    for row in (0, 333, 699):
+        bad = x.clone()
+        bad[row, 5] = float("inf")  # scored -inf against every query
+        p = hinted(q, bad, 0.2, "dot", kernel, splits=splits)
+        assert torch.isfinite(p.top_score).all(), row  # the row itself never wins
+        assert torch.isnan(p.out).any(-1).all() and torch.isnan(p.lse).all(), row
+    huge = torch.full((700, 8), 3e38, dtype=dtype)
+    p = hinted(q, x, 1e-3, "dot", kernel, values=huge, splits=splits)
+    assert (~torch.isfinite(p.out)).any(-1).all() and torch.isnan(p.lse).all()
+
+
 def test_hints_are_checked_by_name():
     q, x = torch.randn(2, 8), torch.randn(5, 8)
     for bad in ("fast", "brgemm:avx9", "hand:", "portable"):

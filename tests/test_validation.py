@@ -18,6 +18,8 @@ import torch
 import hen_kernels as hk
 from hen_kernels import Partial, backends, reference, validation
 
+from .conftest import require
+
 D, N, B = 4, 5, 3
 LEAD = (2,)  # the default query's leading dims
 
@@ -35,6 +37,12 @@ def _base() -> dict:
         memory=torch.randn(N, D, generator=g),
         beta=1.5,
     )
+
+
+def _with_entry(t: torch.Tensor, row: int, col: int, value: float) -> torch.Tensor:
+    t = t.clone()
+    t[..., row, col] = value
+    return t
 
 
 def _named(arg: str) -> str:
@@ -118,6 +126,8 @@ COMMON = [
     ("l2-scores-overflow-from-large-entries",
      {"query": lambda b: b["query"] * 1e20, "memory": lambda b: b["memory"] * 1e20, "similarity": "l2sq"},
      ValueError, "beta"),
+    # a bank row holding NaN makes every lse NaN; the message names the bank, not beta
+    ("memory-nan-row", {"memory": lambda b: _with_entry(b["memory"], 3, 1, math.nan)}, ValueError, "memory"),
     ("beta-nan", {"beta": math.nan}, ValueError, "beta"),
     ("beta-bool", {"beta": True}, TypeError, "beta"),
     ("beta-str", {"beta": "1.0"}, TypeError, "beta"),
@@ -186,6 +196,44 @@ def _cases():
 def test_bad_input_names_the_argument(fn_name, overrides, exc, arg):
     with pytest.raises(exc, match=_named(arg)):
         _call(fn_name, overrides)
+
+
+@pytest.mark.parametrize("fn_name", ["update", "partial", "retrieve"])
+@pytest.mark.parametrize("similarity", ["dot", "l2", "l2sq"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", None])
+@pytest.mark.parametrize("bad", ["memory-inf", "values-inf", "values-nan"])
+def test_a_bank_row_holding_inf_is_refused_by_name(fn_name, similarity, backend, bad):
+    """A row scored -inf (an inf entry against queries of the other sign) leaves every lse finite, yet adds
+    0 · inf = NaN to every query's out: each backend and path refuses it, naming the bank (the CPU one-call
+    paths and the general path alike), where the fused path had answered NaN and the reference had named beta."""
+    require(backend or "torch", B, N, D)
+    args = _base()
+    args["query"][..., 1] = -args["query"][..., 1].abs()
+    if bad == "memory-inf":
+        args["memory"] = _with_entry(args["memory"], 3, 1, math.inf)
+    else:
+        args["values"] = _with_entry(torch.randn(N, 3), 3, 2, math.inf if bad == "values-inf" else math.nan)
+    query, memory, beta = args.pop("query"), args.pop("memory"), args.pop("beta")
+    with pytest.raises(ValueError, match=_named(bad.split("-")[0])):
+        FUNCS[fn_name](query, memory, beta, similarity=similarity, backend=backend, **args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", None])
+def test_values_whose_weighted_sum_overflows_are_refused_by_name(backend):
+    """Value entries near the float32 maximum: the kernel sums the weighted rows before it divides,
+    so the sum can overflow where the answer would not (it answered inf)."""
+    require(backend or "torch", B, N, D)
+    args = _base()
+    values = torch.full((N, 3), 3e38)
+    with pytest.raises(ValueError, match=_named("values")):
+        hk.hopfield_update(args["query"], args["memory"], 1e-3, values=values, backend=backend)
+
+
+def test_a_nan_query_beside_a_finite_bank_keeps_its_nan_answer_alone():
+    args = _base()
+    args["query"][..., 0, 2] = math.nan
+    out = hk.hopfield_update(args["query"], args["memory"], args["beta"])
+    assert out[..., 0, :].isnan().all() and torch.isfinite(out[..., 1:, :]).all()
 
 
 def test_table_covers_every_public_function():

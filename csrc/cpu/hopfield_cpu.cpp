@@ -473,7 +473,10 @@ void combine(const PartialParams& p, const Plan& plan, int64_t begin, int64_t en
           const float* a = ws.acc + k * Dv + d0;
           for (int64_t d = 0; d < n; ++d) acc[d] += w * a[d];
         }
-        for (int64_t d = 0; d < n; ++d) o[d0 + d] = float(acc[d]);
+        for (int64_t d = 0; d < n; ++d) {
+          o[d0 + d] = float(acc[d]);
+          nan |= non_finite(o[d0 + d]);  // the lse of an out that is not finite is NaN (non_finite)
+        }
       }
     }
     p.lse[row] = nan ? NAN : (sum > 0.0 ? float(m + std::log(sum)) : neg_inf);

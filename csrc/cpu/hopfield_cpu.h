@@ -23,11 +23,22 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "hopfield_params.h"
 
 namespace hen {
+
+// 1 where v is inf or NaN (its exponent bits all ones), else 0: an integer test, so that a loop
+// OR-ing it over a row stays a vector loop.  The CPU kernel's lse is NaN wherever its out row holds
+// one (a bank holding inf adds 0 * inf = NaN even from a row scored -inf), so that checking lse
+// finds every answer that is not finite (binding.cpp, all_finite; validation.check_scores).
+inline uint32_t non_finite(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
 
 // Instruction sets the tile kernel is compiled for, in increasing order.
 enum class Isa : int { Baseline = 1, Avx2 = 2, Avx512 = 3 };

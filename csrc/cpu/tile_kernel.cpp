@@ -603,8 +603,12 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     if (plan.splits == 1) {
       const float inv = std::isnan(s) ? NAN : stored > 0.f ? 1.f / stored : 0.f;
       float* out = p.out + row * Dv;
-      for (int64_t d = 0; d < Dv; ++d) out[d] = a[d] * inv;
-      p.lse[row] = s > 0.f ? m[i] + std::log(s) : (std::isnan(s) ? NAN : kNegInf);
+      uint32_t bad = 0;
+      for (int64_t d = 0; d < Dv; ++d) {
+        out[d] = a[d] * inv;
+        bad |= non_finite(out[d]);
+      }
+      p.lse[row] = bad || std::isnan(s) ? NAN : s > 0.f ? m[i] + std::log(s) : kNegInf;
       p.top_score[row] = top[i];
       p.top_index[row] = top_index[i];
     } else {

@@ -232,6 +232,21 @@ def case_nan_isolation(t: Target, quick: bool) -> Iterator[Result]:
                          not bool(r.converged[2]))
 
 
+def case_inf_bank(t: Target, quick: bool) -> Iterator[Result]:
+    """A bank row holding inf, scored -inf against every query (so every lse stays finite), still adds
+    0 · inf = NaN to every answer: the call is refused naming ``memory``, never answered with NaN."""
+    q, x = make((6, 40), t.dtype, 17, t.device), make((500, 40), t.dtype, 18, t.device)
+    q[:, 7] = -q[:, 7].abs() - 0.5
+    x[321, 7] = float("inf")
+    for sim in SIMILARITIES:
+        try:
+            out = hk.hopfield_update(q, x, beta_for(sim, 40, 1.0), similarity=sim, backend=t.backend)
+            yield exact(f"inf bank row {sim} refused", False,
+                        f"answered ({int(torch.isnan(out).any(-1).sum())} of 6 rows NaN), not refused")
+        except ValueError as e:
+            yield exact(f"inf bank row {sim} refused", str(e).startswith("memory:"), f"refused naming another: {e}")
+
+
 def case_hard_retrieval(t: Target, quick: bool) -> Iterator[Result]:
     """At beta 1e2 and 1e4, queries near stored rows land exactly on those rows."""
     n = 300
@@ -437,6 +452,7 @@ CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("leading dims", case_values_and_leading_dims),
     ("chunked merge", case_chunked_merge),
     ("NaN isolation", case_nan_isolation),
+    ("inf bank row", case_inf_bank),
     ("hard retrieval", case_hard_retrieval),
     ("multi-step retrieval", case_multi_step),
     ("energy", case_energy),
