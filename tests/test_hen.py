@@ -214,6 +214,27 @@ def test_a_failed_first_store_changes_nothing():
     assert not plain.has_text and plain.row_dim == imgs[0].numel()
 
 
+def test_captioned_rows_past_the_first_stores_radius_are_refused():
+    """With captions every stored part must have the norm R its pad gives it, so that a query lacking a
+    part sees that part drop out of the ranking.  R comes from the first store: after a first store of
+    one row, a later row with pad 0 made recall return row 0 for 49 of 50 stored images.  Such rows are
+    refused now, leaving the HEN as it was; a first store that samples the data takes the rest."""
+    g = torch.Generator().manual_seed(5)
+    imgs, caps = torch.rand(50, 1, 5, 5, generator=g), torch.randn(50, 8, generator=g)
+    hen = HEN(codecs.IdentityCodec(), beta=200.0)
+    hen.store(imgs[:1], text_latents=caps[:1])
+    with pytest.raises(ValueError, match=r"^images: 49 row\(s\) lie past the norm pad's radius .* its 1 row"):
+        hen.store(imgs[1:], text_latents=caps[1:])
+    assert len(hen.bank) == 1
+    with pytest.raises(ValueError, match="^text_latents: 49 row"):
+        hen.store(latents=hen.stored_latents().expand(49, -1), text_latents=caps[1:])
+    sampled = HEN(codecs.IdentityCodec(), beta=200.0)
+    sampled.store(imgs[:25], text_latents=caps[:25])
+    sampled.store(imgs[25:], text_latents=caps[25:])
+    assert torch.equal(sampled.recall(imgs, decode=False).index, torch.arange(50))
+    assert torch.equal(sampled.recall_text(text_latents=caps, decode=False).index, torch.arange(50))
+
+
 def test_stored_latents_refuses_rows_it_does_not_hold():
     hen, imgs, _ = _captioned(5, 3)
     with pytest.raises(IndexError, match="got -1 .*no row matched"):  # was row 0, through clamp_min(0)

@@ -41,7 +41,8 @@ later steps run the unweighted kernels.  Rescaling the weights recalls more at b
 Step 1 makes beta mean the same thing across codecs (a beta sweep compares like with
 like) and makes the zero of a query's missing part the *mean* pattern.  The statistics
 are kept (``image_norm``, ``text_norm``) and reused by later ``store`` calls, so a bank
-can grow (a later row longer than R gets pad 0).
+can grow; with captions a later row longer than R is refused (``PartNorm.check_within``:
+without its full pad it would rank wrongly), so the first store should be a sample of the data.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class PartNorm:
     scale: float
     weight: float = 1.0
     radius: float = 0.0
+    fitted_rows: int = 0  # how many rows the statistics were fitted on (the first store's)
 
     @classmethod
     def fit(cls, z: torch.Tensor, weight: float = 1.0, enabled: bool = True) -> "PartNorm":
@@ -76,7 +78,24 @@ class PartNorm:
             scale = float((z - mean).pow(2).sum(1).mean().sqrt())
             norm = cls(mean, scale if scale > 0 else 1.0, weight)
         norm.radius = 1.5 * float(norm.forward(z).norm(dim=1).max()) + 1e-6
+        norm.fitted_rows = len(z)
         return norm
+
+    def check_within(self, name: str, x: torch.Tensor) -> None:
+        """Refuse normalised rows x longer than R: with pad 0 they would not have norm R, so a query lacking
+        this part would not see it drop out of the ranking (a first store of 1-3 rows made R small enough
+        that most later rows passed it, and recall then missed 49 of 50 stored images)."""
+        norms = x.norm(dim=1)
+        over = (norms > self.radius).nonzero().flatten()
+        if over.numel():
+            i = int(over[0])
+            raise ValueError(
+                f"{name}: {over.numel()} row(s) lie past the norm pad's radius R = {self.radius:.4g} that the "
+                f"first store fitted on its {self.fitted_rows} row(s) (1.5 x their largest normalised norm), the "
+                f"first row {i} at {float(norms[i]):.4g}; stored, they would rank wrongly against queries that "
+                "lack a part.  Make the first store a sample of the data (its statistics are kept), or store "
+                "these in a HEN of their own"
+            )
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1): the norm pad (R² - ‖x‖²)^½ of normalised rows x (0 past R)."""
@@ -241,6 +260,9 @@ class HEN:
         rows = image_norm.forward(latents)
         if text_norm is not None:
             t = text_norm.forward(text_latents)
+            if not first:
+                image_norm.check_within("latents" if images is None else "images", rows)
+                text_norm.check_within("text_latents" if texts is None else "texts", t)
             rows = torch.cat([rows, image_norm.pad(rows), t, text_norm.pad(t)], 1)
         dtype = self._bank_kw["dtype"]
         # (finite latents can still overflow the bank's dtype: refused here, before a first call builds the bank)
