@@ -475,6 +475,28 @@ def test_changed_similarity_beta_or_metadata_are_checked_before_a_header_is_writ
         assert len(MemoryBank.load(tmp_path / f"disk{k}.hkb")) == 3 and len(MemoryBank.load(saved)) == 3
 
 
+@pytest.mark.parametrize("change", ["beta", "similarity", "metadata"])
+def test_a_read_only_bank_refuses_to_drop_changed_header_fields(tmp_path, change):
+    """Saved to its own file (or flushed), a read-only disk bank can write nothing: with its similarity,
+    beta or metadata changed that raises, where the save had returned and the change was lost."""
+    path = tmp_path / "b.hkb"
+    bank = MemoryBank(4, beta=1.0, metadata={"user": "u"})
+    bank.add(make((3, 4), torch.float32, 38))
+    bank.save(path)
+    before = path.read_bytes()
+    ro = MemoryBank.load(path, storage="disk", read_only=True)
+    ro.save(path)  # nothing changed: nothing to write, no error
+    ro.flush()
+    setattr(ro, change, {"beta": 7.0, "similarity": "l2", "metadata": {"note": "x"}}[change])
+    for write in (lambda: ro.save(path), ro.flush):
+        with pytest.raises(ValueError, match=r"^bank: .* is read-only \(it was opened with read_only=True\)"):
+            write()
+    ro.save(tmp_path / "elsewhere.hkb")  # another path takes the change
+    assert getattr(MemoryBank.load(tmp_path / "elsewhere.hkb"), change) == getattr(ro, change)
+    ro.close()
+    assert path.read_bytes() == before
+
+
 def test_save_does_not_replace_a_bank_another_writer_holds(tmp_path):
     path = tmp_path / "live.hkb"
     writer = MemoryBank(4, storage="disk", path=path)

@@ -356,6 +356,7 @@ class MemoryBank:
             raise ValueError(f"path: {path!r} is a directory, expected a file name")
         store = self._store
         if isinstance(store, DiskStore) and os.path.exists(path) and os.path.samefile(path, store.path):
+            store.check_meta_writable("save to its own file")
             store.flush()
             return
         if self._damage is not None:  # a save must not give damaged rows a fresh checksum
@@ -454,7 +455,10 @@ class MemoryBank:
 
     def flush(self) -> None:
         """Disk storage: fsync the file (adds survive a power loss after this; a killed process never
-        loses a returned add), rewriting the header if similarity, beta or metadata changed."""
+        loses a returned add), rewriting the header if similarity, beta or metadata changed (a read-only
+        disk bank whose similarity, beta or metadata changed raises: it cannot write them)."""
+        if isinstance(self._store, DiskStore):
+            self._store.check_meta_writable("flush")
         self._store.flush()
 
     def close(self) -> None:

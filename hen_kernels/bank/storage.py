@@ -150,6 +150,7 @@ class DiskStore:
         self._committed_sha = info.sha256  # the data's sha256 that the header on disk holds
         self._hasher = hasher  # sha256 over the committed data; None until needed (after load(verify=False))
         self._meta_fn = meta_fn  # () -> (similarity, beta, metadata) for the header
+        self._file_meta = (info.similarity, info.beta, dict(info.metadata))  # as the file holds them at open
         self._fd: Optional[int] = fd
         # the header page on disk, as last read or written: flush rewrites it only when it changes
         self._page: Optional[bytes] = None if read_only_reason else os.pread(fd, DATA_OFFSET, 0)
@@ -195,6 +196,16 @@ class DiskStore:
     def _header(self, count: int, sha256: str) -> bytes:
         similarity, beta, metadata = self._meta_fn()
         return header_bytes(self.dim, self.value_dim, self.dtype, count, similarity, beta, sha256, metadata)
+
+    def check_meta_writable(self, what: str) -> None:
+        """Refuse ``what`` (a save to this file, a flush) where the bank's similarity, beta or metadata
+        changed and this store cannot write them: a read-only store would otherwise drop them silently."""
+        similarity, beta, metadata = self._meta_fn()
+        if self.read_only_reason is not None and (similarity, beta, dict(metadata)) != self._file_meta:
+            raise ValueError(
+                f"bank: {what}: the disk bank {self.path!r} is read-only ({self.read_only_reason}), so its changed "
+                "similarity, beta or metadata cannot be written there; save it to another path"
+            )
 
     def _refuse_writes(self) -> None:
         if self.read_only_reason is not None:
