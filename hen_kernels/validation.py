@@ -260,9 +260,10 @@ def check_inputs(
         raise ValueError("query: expected a feature dim D >= 1, got D = 0")
     lead, (b, d) = qs[:-2], qs[-2:]
     if len(xs) != 2 and len(xs) != len(qs):
+        per_lead = "(" + ", ".join([str(n) for n in lead] + ["N", str(d)]) + ")"
         raise ValueError(
-            f"memory: expected shape (N, {d}) or {tuple(lead) + ('N', d)} to match query {tuple(qs)}, "
-            f"got {tuple(xs)}"
+            f"memory: expected shape (N, {d})" + (f" or {per_lead}" if lead else "")
+            + f" to match query {tuple(qs)}, got {tuple(xs)}"
         )
     if xs[-1] != d:
         raise ValueError(f"memory: expected last dim {d} (the query's D), got shape {tuple(xs)}")

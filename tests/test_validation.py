@@ -236,6 +236,15 @@ def test_a_nan_query_beside_a_finite_bank_keeps_its_nan_answer_alone():
     assert out[..., 0, :].isnan().all() and torch.isfinite(out[..., 1:, :]).all()
 
 
+def test_a_bank_of_the_wrong_rank_is_told_the_shapes_it_may_have():
+    with pytest.raises(ValueError) as e:
+        hk.hopfield_update(torch.randn(5, 8), torch.randn(8), 0.5)
+    assert str(e.value) == "memory: expected shape (N, 8) to match query (5, 8), got (8,)"
+    with pytest.raises(ValueError) as e:
+        hk.hopfield_update(torch.randn(2, 5, 8), torch.randn(8), 0.5)
+    assert str(e.value) == "memory: expected shape (N, 8) or (2, N, 8) to match query (2, 5, 8), got (8,)"
+
+
 def test_table_covers_every_public_function():
     ids = {fn for fn, *_ in (p.values for p in _cases())}
     assert ids == set(FUNCS)
