@@ -2,6 +2,7 @@
 import datetime
 import json
 import os
+import shutil
 import traceback
 
 import pytest
@@ -170,13 +171,13 @@ def _many_adds_save_and_load(rank: int, world: int, tmp: str) -> None:
         ShardedMemoryBank.load(stale, storage="host")
 
 
-def _worker(rank: int, world: int, init_file: str, tmp: str, errors) -> None:
+def _worker(rank: int, world: int, init_file: str, tmp: str, errors, checks=_checks, timeout: int = 60) -> None:
     # A bounded timeout: a rank that fails must not leave the others waiting for half an hour.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=timeout))
     torch.set_num_threads(1)
     try:
-        _checks(rank, world, tmp)
+        checks(rank, world, tmp)
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
@@ -184,17 +185,136 @@ def _worker(rank: int, world: int, init_file: str, tmp: str, errors) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_bank_equals_one_bank(tmp_path, world):
+def _spawn(tmp_path, world: int, checks=_checks, timeout: int = 60) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), errors), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), errors, checks, timeout),
+                 nprocs=world, join=True)
     except Exception as e:
         msgs = []
         while not errors.empty():
             msgs.append(errors.get())
         pytest.fail("\n".join(msgs) or str(e))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_bank_equals_one_bank(tmp_path, world):
+    _spawn(tmp_path, world)
+
+
+def _copy_shard(src: str, dst: str, rank: int) -> None:
+    for suffix in ("", ".runs"):
+        shutil.copy(shard_path(src, rank) + suffix, shard_path(dst, rank) + suffix)
+
+
+def _mixed_saves(rank: int, world: int, tmp: str) -> None:
+    x = make((10, 4), torch.float32, 7)
+    a = ShardedMemoryBank(4, storage="host")
+    a.add(x)  # rank 0: ids 0-4, rank 1: ids 5-9
+    b = ShardedMemoryBank(4, storage="host")
+    b.add_local(x[:8] if rank == 0 else x[8:])  # rank 0: ids 0-7, rank 1: ids 8-9
+    c = ShardedMemoryBank(4, storage="host")
+    c.add(x + 1.0)  # a's layout, other rows
+    saves = {name: os.path.join(tmp, f"{name}-{{rank}}.hkb") for name in "abc"}
+    for name, bank in zip("abc", (a, b, c)):
+        bank.save(saves[name])
+    # each rank's shard from another save: every rank refuses the mix with the same error
+    for mix, match in ((("a", "b"), r"no shard holds ids 5-7 \(rank 0's file .*ab-0.hkb' ends at id 4, rank 1's"),
+                       (("b", "a"), r"ids 5-7 are held twice \(by rank 0's file .*ba-0.hkb' and rank 1's"),
+                       (("a", "c"), r"come from different saves: rank 0's file .*ac-0.hkb' from one, rank 1's")):
+        path = os.path.join(tmp, "".join(mix) + "-{rank}.hkb")
+        _copy_shard(saves[mix[rank]], path, rank)
+        dist.barrier()
+        with pytest.raises(ValueError, match=match):
+            ShardedMemoryBank.load(path, storage="disk")
+    # the refused loads closed their shards: each loads again, here or from one save's files copied
+    back = ShardedMemoryBank.load(saves["a"], storage="disk")
+    assert len(back) == 10 and back._runs == a._runs
+    back.close()
+    copied = os.path.join(tmp, "ab-{rank}.hkb")
+    _copy_shard(saves["a"], copied, rank)
+    assert torch.equal(ShardedMemoryBank.load(copied, storage="host").update(x[:3], 1.0), a.update(x[:3], 1.0))
+
+
+def test_load_refuses_shards_of_different_saves(tmp_path):
+    _spawn(tmp_path, 2, _mixed_saves, timeout=20)
+
+
+def _failed_saves(rank: int, world: int, tmp: str) -> None:
+    x, q = make((6, 4), torch.float32, 8), make((2, 4), torch.float32, 9)
+    bank = ShardedMemoryBank(4, storage="host", beta=1.0)
+    bank.add(x)
+    before = bank.update(q)
+    # rank 1's header cannot hold its metadata and the shard's record: checked before any rank writes,
+    # so every rank raises and no file is written anywhere (the others once hung in save's barrier)
+    page = header_bytes(4, None, torch.float32, 10 ** 6, "dot", 1.0, "0" * 64, {"notes": ""})
+    if rank == 1:
+        bank.local.metadata["notes"] = "x" * (HEADER_ROOM - len(page.rstrip(b" ")) + 8)
+    folder = os.path.join(tmp, "full")
+    os.makedirs(folder, exist_ok=True)
+    match = "metadata: the header needs" if rank == 1 else "the shard of rank 1 .* cannot be saved .*no rank wrote"
+    with pytest.raises(ValueError, match=match):
+        bank.save(os.path.join(folder, "s-{rank}.hkb"))
+    dist.barrier()
+    assert os.listdir(folder) == []
+    assert "hen_kernels.shard" not in bank.local.metadata
+    # the bank is still usable on every rank: it answers, adds, and saves once the metadata fits
+    assert torch.equal(bank.update(q), before)
+    bank.add(x[:2])
+    bank.local.metadata.pop("notes", None)
+    path = os.path.join(tmp, "ok-{rank}.hkb")
+    bank.save(path)
+    assert torch.equal(ShardedMemoryBank.load(path, storage="host").update(q), bank.update(q))
+
+    # a write that fails on rank 1 alone (say, a full disk): every rank raises; rank 0's new shard and
+    # rank 1's old one are from different saves, and load refuses them (here the sizes differ)
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    bank.add(x[2:4])
+    if rank == 1:
+        bank.local.save = full_disk
+    match = "No space left" if rank == 1 else "the shard of rank 1 .* was not saved .*No space left"
+    with pytest.raises(OSError if rank == 1 else ValueError, match=match):
+        bank.save(path)
+    assert "hen_kernels.shard" in bank.local.metadata  # the previous save's record, as it was
+    with pytest.raises(ValueError, match=r"disagree on the bank's size: \[10, 8\]"):
+        ShardedMemoryBank.load(path, storage="host")
+    if rank == 1:
+        del bank.local.save
+    bank.save(path)
+    back = ShardedMemoryBank.load(path, storage="host")
+    assert len(back) == len(bank) == 10 and torch.equal(back.update(q), bank.update(q))
+
+
+def test_failed_save_raises_on_every_rank(tmp_path):
+    _spawn(tmp_path, 2, _failed_saves, timeout=20)
+
+
+def _different_rows(rank: int, world: int, tmp: str) -> None:
+    x, v = make((9, 6), torch.float32, 10), make((9, 3), torch.float32, 11)
+    bank = ShardedMemoryBank(6, value_dim=3, storage="host")
+    one_bit = x.clone()
+    one_bit[4, 2] = torch.nextafter(one_bit[4, 2], torch.tensor(10.0))
+    swapped = x[[1, 0] + list(range(2, 9))]
+    for name, p, vv in (("patterns", x + rank, v), ("patterns", one_bit if rank else x, v),
+                        ("patterns", swapped if rank else x, v), ("values", x, v * (1 + rank))):
+        with pytest.raises(ValueError, match=rf"{name}: add is collective .* the rows of rank\(s\) \[1\] differ"):
+            bank.add(p, vv)
+        assert len(bank) == 0 and len(bank.local) == 0
+    # the same rows, whatever their strides, are taken
+    ids = bank.add(x.t().contiguous().t() if rank else x, v)
+    assert torch.equal(ids, torch.arange(9)) and len(bank) == 9
+    half = ShardedMemoryBank(5, dtype=torch.float16, storage="host")
+    xh = make((7, 6), torch.float16, 12)
+    half.add(xh[:, 1:] if rank else xh[:, 1:].contiguous())
+    q = make((2, 6), torch.float32, 13)
+    assert rel_err(bank.update(q, 0.5), ref64(q, x, 0.5, "dot", v).out) <= TOLERANCE[torch.float32]
+
+
+def test_add_refuses_different_rows_per_rank(tmp_path):
+    _spawn(tmp_path, 2, _different_rows, timeout=20)
 
 
 def test_needs_an_initialised_process_group():

@@ -34,7 +34,7 @@ from .. import ops, streaming
 from ..types import Beta, Partial, Retrieval
 from ..validation import check_steps
 from ._checks import PathLike, check_path, progress_bar
-from .file_format import BankFileError
+from .file_format import EMPTY_SHA, BankFileError, header_bytes
 from .file_io import open_regular, replaced_on_success
 from .memory_bank import MemoryBank
 
@@ -62,6 +62,80 @@ def _read_runs(shard: str, sha256: str) -> list:
         raise BankFileError(f"{path}: not the row ids saved with {shard!r}: its sha256 does not match the "
                             "shard's record (damaged, or a save was interrupted between the two files)")
     return json.loads(data)
+
+
+def _exchange(error: Optional[BaseException], payload, group) -> list:
+    """Every rank's (error message or None, payload), in rank order: one all_gather_object."""
+    said: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(said, (None if error is None else f"{type(error).__name__}: {error}", payload), group=group)
+    return said
+
+
+def _raise_if_any_failed(error: Optional[BaseException], said: list, failed_msg) -> None:
+    """A rank that failed raises its own error; the others a ValueError naming the first rank that failed
+    (``failed_msg(rank, its message)``), so that every rank raises, and none waits in a later collective."""
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, (m, _) in enumerate(said) if m is not None]
+    if failed:
+        raise ValueError(failed_msg(*failed[0]) + (f"; and {len(failed) - 1} more rank(s) failed" if len(failed) > 1
+                                                   else ""))
+
+
+def _ids(a: int, b: int) -> str:
+    return f"id {a}" if b == a + 1 else f"ids {a}-{b - 1}"
+
+
+def _check_shards(path: PathLike, shards: list) -> None:
+    """The shards every rank loaded are one save's: the same size and save, and their runs tile [0, count)."""
+    counts = [s[1] for s in shards]
+    if any(c != counts[0] for c in counts):
+        raise ValueError(f"path: the shards of {path!r} disagree on the bank's size: {counts}")
+    count, files = counts[0], [s[0] for s in shards]
+    spans = sorted((gs, n, r) for r, s in enumerate(shards) for gs, n in s[3])
+    problems, end, owner = [], 0, None
+    for gs, n, r in spans:
+        if gs > end:
+            after = "" if owner is None else f"rank {owner}'s file {files[owner]!r} ends at id {end - 1}, "
+            problems.append(f"no shard holds {_ids(end, gs)} ({after}rank {r}'s file {files[r]!r} goes on at id {gs})")
+        elif gs < end:
+            problems.append(f"{_ids(gs, min(end, gs + n))} are held twice (by rank {owner}'s file "
+                            f"{files[owner]!r} and rank {r}'s file {files[r]!r})")
+        if gs + n > end:
+            end, owner = gs + n, r
+    if end < count:
+        after = "" if owner is None else f" (rank {owner}'s file {files[owner]!r} ends at id {end - 1})"
+        problems.append(f"no shard holds {_ids(end, count)}{after}")
+    elif end > count:
+        problems.append(f"rank {owner}'s file {files[owner]!r} holds {_ids(count, end)}, beyond the bank's "
+                        f"{count} rows")
+    if problems:
+        raise ValueError(f"path: the shards of {path!r} do not hold each id of the bank's {count} rows once: "
+                         + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+                         + " (shards from different saves?)")
+    saves = [s[2] for s in shards]
+    if any(t != saves[0] for t in saves):
+        other = next(r for r, t in enumerate(saves) if t != saves[0])
+        raise ValueError(f"path: the shards of {path!r} come from different saves: rank 0's file {files[0]!r} "
+                         f"from one, rank {other}'s file {files[other]!r} from another (a save that failed on "
+                         "some rank, or files copied from several saves); load the shards of one save")
+
+
+def _fingerprint(t: Optional[torch.Tensor]) -> List[int]:
+    """Two int64 checksums of the rows' bits: their sum, and their sum weighted by row number (rows swapped
+    change it). Integer sums wrap mod 2**64 and do not depend on the order of summation, so equal rows
+    give equal checksums on every rank and device, at a small part of the cost of checking the rows finite."""
+    if t is None or t.shape[0] == 0:
+        return [0, 0]
+    row_bytes = t.shape[1] * t.element_size()
+    word = next(w for w in (torch.int64, torch.int32, torch.int16) if row_bytes % w.itemsize == 0)
+    try:
+        bits = t.view(word)
+    except RuntimeError:  # a view whose strides do not allow it: a copy
+        bits = t.contiguous().view(word)
+    rows = bits.sum(dim=1, dtype=word).to(torch.int64)  # wraps in the word's width: exact, order-free
+    weights = torch.arange(1, t.shape[0] + 1, dtype=torch.int64, device=rows.device)
+    return [int(rows.sum()), int((rows * weights).sum())]
 
 
 class ShardedMemoryBank:
@@ -123,6 +197,11 @@ class ShardedMemoryBank:
         if sum(r[2] for r in runs) != len(local):
             raise ValueError(f"path: {mine!r} holds {len(local)} rows but its shard record counts "
                              f"{sum(r[2] for r in runs)}: rows were added after ShardedMemoryBank.save")
+        at = 0
+        for ls, gs, n in runs:  # save writes runs that follow one another through the local rows
+            if ls != at or n <= 0 or gs < 0:
+                raise BankFileError(f"{mine}: its runs {runs[:8]}... do not cover its rows in order")
+            at += n
         return local, runs, info
 
     @classmethod
@@ -134,54 +213,107 @@ class ShardedMemoryBank:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedMemoryBank.load: torch.distributed is not initialised")
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        # Every rank learns whether every shard loaded before any goes on: a rank that raised alone would
-        # leave the others in the size check's collective, to fail there with the process group's error.
-        error = None
+        # Every rank learns whether every shard loaded, and each shard's size, save and global ids, in one
+        # collective before any goes on: a rank that raised alone would leave the others in the next
+        # collective, to fail there with the process group's error; and shards that do not make one bank
+        # together (say, from different saves) are refused by every rank with the same error.
+        error, local, payload = None, None, None
         try:
-            local, runs, info = cls._load_shard(shard_path(path, rank), rank, world, load_kw)
+            mine = shard_path(path, rank)
+            local, runs, info = cls._load_shard(mine, rank, world, load_kw)
+            payload = (mine, info["count"], info.get("save"), [(r[1], r[2]) for r in runs])
         except Exception as e:  # (not BaseException: an interrupt is not for the other ranks to report)
             error = e
-        said: List[Optional[str]] = [None] * world
-        dist.all_gather_object(said, None if error is None else f"{type(error).__name__}: {error}", group=group)
-        if error is not None:
-            raise error
-        failed = [(r, m) for r, m in enumerate(said) if m is not None]
-        if failed:
-            raise ValueError(f"path: the shard of rank {failed[0][0]} of {path!r} did not load ({failed[0][1]})"
-                             + (f", and {len(failed) - 1} more" if len(failed) > 1 else ""))
+        said = _exchange(error, payload, group)
+        try:
+            _raise_if_any_failed(error, said, lambda r, m: f"path: the shard of rank {r} of {path!r} did not "
+                                                           f"load ({m})")
+            _check_shards(path, [p for _, p in said])
+        except BaseException:
+            if local is not None:
+                local.close()
+            raise
         self = cls(local.dim, group=group, _local=local)
         self._runs = [tuple(r) for r in runs]
         self._count = info["count"]
-        counts = self._gather_ints([self._count])
-        if any(c[0] != self._count for c in counts):
-            raise ValueError(f"path: the shards of {path!r} disagree on the bank's size: {[c[0] for c in counts]}")
         return self
 
     def save(self, path: PathLike, *, progress: Optional[bool] = None) -> None:
         """Each rank saves its shard atomically to :func:`shard_path` (``path``, rank), and its rows' global
-        ids (runs) beside it, to that path + ``".runs"`` (collective)."""
-        mine = shard_path(path, self.rank)
+        ids (runs) beside it, to that path + ``".runs"`` (collective).
+
+        Every rank first checks what it can (the path, that the shard's header has room for its record);
+        if any rank fails that, no rank writes and every rank raises. A write that fails on some rank
+        (an OSError, say) also makes every rank raise; the shards written meanwhile are from another save
+        than the others, which :meth:`load` refuses. A failed save leaves the bank as it was, on every rank.
+        """
         # The runs grow with every add and the header page does not: they go to a file of their own,
-        # which the record in the header names by its sha256.
-        runs = json.dumps(self._runs, separators=(",", ":")).encode("ascii")
-        record = json.dumps({"rank": self.rank, "world_size": self.world_size, "count": self._count,
-                             "runs_sha256": hashlib.sha256(runs).hexdigest()}, separators=(",", ":"))
-        # Kept in the shard's metadata (a disk shard rewrites its header on every add); load checks
-        # it against the rows, so a shard changed after the save is refused rather than misnumbered.
+        # which the record in the header names by its sha256. The record names the save too (an id
+        # drawn by rank 0), so that load refuses shards from different saves.
         metadata = self.local.metadata
         before = metadata.get(SHARD_KEY)
-        metadata[SHARD_KEY] = record
+        runs = json.dumps(self._runs, separators=(",", ":")).encode("ascii")
+
+        def record(save_id: str) -> str:
+            return json.dumps({"rank": self.rank, "world_size": self.world_size, "count": self._count,
+                               "save": save_id, "runs_sha256": hashlib.sha256(runs).hexdigest()},
+                              separators=(",", ":"))
+
+        def restore() -> None:  # a failed save leaves the record it replaced: a disk shard writes its header from it
+            if before is None:
+                metadata.pop(SHARD_KEY, None)
+            else:
+                metadata[SHARD_KEY] = before
+
+        # Kept in the shard's metadata (a disk shard rewrites its header on every add); load checks
+        # it against the rows, so a shard changed after the save is refused rather than misnumbered.
+        error, mine = None, None
+        try:
+            mine = shard_path(path, self.rank)
+            metadata[SHARD_KEY] = record("0" * 16)  # as long as the real one
+            self._check_saveable(mine)
+        except Exception as e:  # (not BaseException: an interrupt is not for the other ranks to report)
+            error = e
+        said = _exchange(error, os.urandom(8).hex(), group=self.group)
+        try:
+            _raise_if_any_failed(error, said, lambda r, m: f"path: the shard of rank {r} of {path!r} cannot be "
+                                                           f"saved ({m}); no rank wrote its shard")
+        except BaseException:
+            restore()
+            raise
+        metadata[SHARD_KEY] = record(said[0][1])
         try:
             with replaced_on_success(mine + RUNS_SUFFIX, runs):  # renamed only once the shard is saved
                 self.local.save(mine, progress=progress)
+        except Exception as e:
+            error = e
         except BaseException:
-            # a failed save leaves the record it replaced: a disk shard writes its header from it
-            if before is None:
-                del metadata[SHARD_KEY]
-            else:
-                metadata[SHARD_KEY] = before
+            restore()
             raise
-        self._barrier()
+        said = _exchange(error, None, group=self.group)  # also the barrier: every shard is written
+        try:
+            _raise_if_any_failed(error, said, lambda r, m: f"path: the shard of rank {r} of {path!r} was not "
+                                                           f"saved ({m}); the other ranks' shards were: load "
+                                                           "refuses this mix of saves, save again")
+        except BaseException:
+            restore()
+            raise
+
+    def _check_saveable(self, mine: str) -> None:
+        """What can fail in this rank's save, checked before any rank writes: the path, and the header page."""
+        local = self.local
+        if os.path.isdir(mine):
+            raise ValueError(f"path: {mine!r} is a directory, expected a file name")
+        folder = os.path.dirname(os.path.abspath(mine))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"path: no directory {folder!r} to save the shard {mine!r} in")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"path: the directory {folder!r} is not writable: cannot save {mine!r} there")
+        if local._damage is not None:
+            raise BankFileError(f"{local._damage} (loaded with verify=False); not saved")
+        # the page the shard's save writes, here with an empty bank's checksum (the same length)
+        header_bytes(local.dim, local.value_dim, local.dtype, len(local), local.similarity, local.beta, EMPTY_SHA,
+                     local.metadata)
 
     # --- collectives ----------------------------------------------------------------
 
@@ -198,9 +330,6 @@ class ShardedMemoryBank:
     def _gather_ints(self, values: List[int]) -> List[List[int]]:
         t = torch.tensor(values, dtype=torch.int64, device=self._comm_device)
         return [g.tolist() for g in self._gather(t)]
-
-    def _barrier(self) -> None:
-        self._gather_ints([0])  # a barrier that works on every backend and device
 
     def _check_same_layout(self) -> None:
         b = self.local
@@ -244,10 +373,17 @@ class ShardedMemoryBank:
         """
         p, v = self.local._check_rows(patterns, values)
         m = p.shape[0]
-        sizes = self._gather_ints([m])
-        if any(s[0] != m for s in sizes):
+        # the counts and checksums of the rows (exact, cheap: integer sums of their bits), in one collective
+        every = self._gather_ints([m] + _fingerprint(p) + _fingerprint(v))
+        if any(e[0] != m for e in every):
             raise ValueError(f"patterns: add is collective and every rank must pass the same rows; "
-                             f"the ranks passed {[s[0] for s in sizes]} rows (use add_local for per-rank rows)")
+                             f"the ranks passed {[e[0] for e in every]} rows (use add_local for per-rank rows)")
+        for name, a, b in (("patterns", 1, 3), ("values", 3, 5)):
+            differ = [r for r, e in enumerate(every) if e[a:b] != every[0][a:b]]
+            if differ:
+                raise ValueError(f"{name}: add is collective and every rank must pass the same rows; the rows "
+                                 f"of rank(s) {differ} differ from rank 0's (their checksums do not match; "
+                                 "use add_local for per-rank rows)")
         a, b = self.rank * m // self.world_size, (self.rank + 1) * m // self.world_size
         base = self._count
         self._append_local(p[a:b], None if v is None else v[a:b], base + a)
