@@ -491,9 +491,9 @@ class Hopfield(nn.Module):
                 association_mask: Optional[Tensor] = None, return_info: bool = False):
         """Associate ``input`` (one tensor, or (stored, state, projection)); see the class docstring for shapes.
 
-        ``stored_pattern_padding_mask`` (batch, S), bool: True = ignore that stored pattern.
-        ``association_mask`` (L, S) or (batch * num_heads, L, S): bool (True = blocked) or float (added to
-        the scores).  With ``return_info`` also a :class:`HopfieldInfo` of (batch, heads, L) tensors.
+        ``stored_pattern_padding_mask`` (batch, S), bool or uint8: True (nonzero) = ignore that stored pattern.
+        ``association_mask`` (L, S) or (batch * num_heads, L, S): bool or uint8 (True, nonzero = blocked) or
+        float (added to the scores).  With ``return_info`` also a :class:`HopfieldInfo` of (batch, heads, L) tensors.
         """
         if (isinstance(input, Tensor) and stored_pattern_padding_mask is None and association_mask is None
                 and not return_info):
