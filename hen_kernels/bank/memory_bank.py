@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -94,6 +95,8 @@ class MemoryBank:
         self.metadata = metadata
         # Why the rows must not be saved (damage load(verify=False) let in), or None
         self._damage: Optional[BankFileError] = None
+        # adds from several threads take turns: each reads the count its ids start at and moves it
+        self._adding = threading.Lock()
         if storage == "disk":
             if path is None:
                 raise ValueError("path: storage='disk' needs the path of the bank file")
@@ -228,9 +231,10 @@ class MemoryBank:
     def add(self, patterns: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Append rows; returns their ids (int64, CPU), the global row numbers ``top_index`` reports."""
         p, v = self._check_rows(patterns, values)
-        start = len(self)
-        if p.shape[0]:
-            self._store.append(p, v)
+        with self._adding:
+            start = len(self)
+            if p.shape[0]:
+                self._store.append(p, v)
         return torch.arange(start, start + p.shape[0], dtype=torch.int64)
 
     def read(self, start: int = 0, stop: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -470,6 +474,12 @@ class MemoryBank:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __reduce__(self):
+        # (pickle's own error named a hash object inside; spawn-started DataLoader workers meet this)
+        how = (f"it holds its file {self.path!r} open: open it there with MemoryBank.load(path, storage='disk')"
+               if self.path is not None else "its rows live in this process: save() it and MemoryBank.load it there")
+        raise TypeError(f"MemoryBank: a bank cannot be pickled into another process; {how}")
 
     def __del__(self) -> None:
         store = getattr(self, "_store", None)

@@ -23,6 +23,8 @@ import contextlib
 import hashlib
 import mmap
 import os
+import threading
+import weakref
 from typing import Iterator, Optional, Tuple, Union
 
 import torch
@@ -146,7 +148,15 @@ class DiskStore:
         self.width, self.row_bytes, self.data_offset = info.width, info.row_bytes, info.data_offset
         self.count = info.count
         self.where = torch.device("cpu")  # its rows reach a device from host memory maps
-        self.read_only_reason = read_only_reason
+        self._read_only_reason = read_only_reason
+        # A forked child shares the open file and the writer's lock with its parent: it must not write
+        # (its adds would take the parent's ids), and the prefetch thread did not survive the fork.
+        self._pid = os.getpid()
+        # close() waits for the reads in flight (windows, prefetches, appends) and refuses new ones: it
+        # closes the fd, whose number a new file would otherwise take under a read about to map it.
+        self._in_flight = 0
+        self._closing = False
+        self._use = threading.Condition()
         self._committed_sha = info.sha256  # the data's sha256 that the header on disk holds
         self._hasher = hasher  # sha256 over the committed data; None until needed (after load(verify=False))
         self._meta_fn = meta_fn  # () -> (similarity, beta, metadata) for the header
@@ -155,11 +165,34 @@ class DiskStore:
         # the header page on disk, as last read or written: flush rewrites it only when it changes
         self._page: Optional[bytes] = None if read_only_reason else os.pread(fd, DATA_OFFSET, 0)
         self._prefetcher: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._prefetch_lock = threading.Lock()  # one prefetch at a time, also from queries on several threads
+        _STORES.add(self)
         self._prefetched: Optional[concurrent.futures.Future] = None
+
+    @property
+    def read_only_reason(self) -> Optional[str]:
+        if self._read_only_reason is None and os.getpid() != self._pid:
+            return (f"it was opened for writing by process {self._pid}, and this process (a fork of it) shares "
+                    "that open file and its writer's lock: its adds would take the parent's ids")
+        return self._read_only_reason
 
     @property
     def read_only(self) -> bool:
         return self.read_only_reason is not None
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[int]:
+        """The open fd, held open until the block ends (close() waits for it); ValueError once closed."""
+        with self._use:
+            if self._fd is None or self._closing:
+                raise ValueError(f"bank: the disk bank {self.path!r} is closed")
+            self._in_flight += 1
+        try:
+            yield self._fd
+        finally:
+            with self._use:
+                self._in_flight -= 1
+                self._use.notify_all()
 
     @classmethod
     def create(cls, path: str, dim: int, value_dim: Optional[int], dtype: torch.dtype, meta_fn) -> "DiskStore":
@@ -218,6 +251,10 @@ class DiskStore:
         written so far are a tail that readers ignore); killed after, it holds every new row.
         """
         self._refuse_writes()
+        with self._using():
+            self._append(p, v)
+
+    def _append(self, p: torch.Tensor, v: Optional[torch.Tensor]) -> None:
         m = p.shape[0]
         self._header(self.count + m, EMPTY_SHA)  # a header that cannot grow refuses before any row is written
         h = self._data_hasher().copy()
@@ -247,7 +284,8 @@ class DiskStore:
         start = self.data_offset + a * self.row_bytes
         base = start - start % mmap.ALLOCATIONGRANULARITY
         length = (b - a) * self.row_bytes + (start - base)
-        mm = mmap.mmap(self.fd, length, access=mmap.ACCESS_COPY, offset=base)
+        with self._using() as fd:  # (the map keeps a file of its own: it outlives close)
+            mm = mmap.mmap(fd, length, access=mmap.ACCESS_COPY, offset=base)
         # The tensor keeps the map alive; the map is unmapped when the last view of it dies.
         return torch.frombuffer(mm, dtype=self.dtype, count=(b - a) * self.width,
                                 offset=start - base).view(b - a, self.width)
@@ -256,14 +294,15 @@ class DiskStore:
         """Start reading rows [a, b) into the page cache on a helper thread (fadvise WILLNEED blocks
         while it submits the reads; the kernel of the current chunk runs meanwhile, without the GIL).
         At most one prefetch is outstanding."""
-        if not hasattr(os, "posix_fadvise") or self._fd is None or (b - a) * self.row_bytes < PREFETCH_MIN_BYTES:
+        if not hasattr(os, "posix_fadvise") or (b - a) * self.row_bytes < PREFETCH_MIN_BYTES:
             return
-        if self._prefetcher is None:
-            self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hen-bank-prefetch")
-        if self._prefetched is not None:
-            self._prefetched.result()
-        start, length = self.data_offset + a * self.row_bytes, (b - a) * self.row_bytes
-        self._prefetched = self._prefetcher.submit(_fadvise_willneed, self._fd, start, length)
+        with contextlib.suppress(ValueError), self._using() as fd, self._prefetch_lock:  # closed: none
+            if self._prefetcher is None:
+                self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hen-bank-prefetch")
+            if self._prefetched is not None:
+                self._prefetched.result()
+            start, length = self.data_offset + a * self.row_bytes, (b - a) * self.row_bytes
+            self._prefetched = self._prefetcher.submit(_fadvise_willneed, fd, start, length)
 
     def split(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return rows[:, : self.dim], None if self.value_dim is None else rows[:, self.dim:]
@@ -285,6 +324,9 @@ class DiskStore:
             os.fsync(self._fd)
 
     def close(self) -> None:
+        with self._use:  # new reads refused from here; those in flight finish first
+            self._closing = True
+            self._use.wait_for(lambda: self._in_flight == 0)
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True)
             self._prefetcher, self._prefetched = None, None
@@ -297,6 +339,21 @@ class DiskStore:
 
 
 Store = Union[MemoryStore, DiskStore]
+
+# Every open DiskStore, so that a forked child starts each with fresh locks (one held by another thread
+# at the fork would never be released there) and no prefetch thread (none runs there: a prefetch would
+# wait for it forever, as DataLoader workers of a bank the parent had queried did).
+_STORES: "weakref.WeakSet[DiskStore]" = weakref.WeakSet()
+
+
+def _fresh_after_fork() -> None:
+    for store in list(_STORES):
+        store._use, store._in_flight, store._prefetch_lock = threading.Condition(), 0, threading.Lock()
+        store._prefetcher, store._prefetched = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_after_fork)
 
 
 def chunks(store: Store, rows: int, device: torch.device) -> Iterator[Chunk]:
