@@ -74,14 +74,16 @@ class Backend:
     ·, ·) in place (validation.py): a forward alone at any number of queries, and where autograd
     records a graph up to this many queries per leading index, its backward laying the bank
     gradients out as the views; beyond, and where it is 0 (it cannot read them), copies
-    (:meth:`Inputs.flat`).
+    (:meth:`Inputs.flat`).  ``lse_marks_out``: its lse is NaN wherever its out row is not finite
+    (the CPU kernel's), so validation.check_scores need not read out.
     """
 
     def __init__(self, name: str, device_types: tuple[str, ...], *, forward: ForwardImpl,
                  backward: Optional[BackwardImpl], load: Optional[Callable[[], Optional[str]]] = None,
                  dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, bank_grads_in_input_dtype: bool = False,
-                 split_queries_max: int = 0):
+                 split_queries_max: int = 0, lse_marks_out: bool = False):
         self.name = name
+        self.lse_marks_out = lse_marks_out
         self.device_types = device_types
         self.dtypes = dtypes
         self.bank_grads_in_input_dtype = bank_grads_in_input_dtype
@@ -327,7 +329,7 @@ BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), forward=_torch_partial, backward=None, dtypes=API_DTYPES),
     # Meta tensors (shapes only, as for a model built on the meta device) take the op's fake implementation.
     "cpu": Backend("cpu", ("cpu", "meta"), forward=_extension_partial, backward=_cpu_backward, load=_cpu_available,
-                   bank_grads_in_input_dtype=True, split_queries_max=CPU_SPLIT_QUERIES_MAX),
+                   bank_grads_in_input_dtype=True, split_queries_max=CPU_SPLIT_QUERIES_MAX, lse_marks_out=True),
     "cuda": Backend("cuda", ("cuda",), forward=_extension_partial, backward=_gpu_backward, load=_cuda_available),
     # Under TRITON_INTERPRET=1 Triton runs on CPU tensors (how the tests check it without a GPU).
     "triton": Backend("triton", ("cuda", "cpu") if _interpreting_triton() else ("cuda",),

@@ -333,7 +333,7 @@ def check_offset(offset: object, rows: int = 1) -> int:
     return int(offset)
 
 
-def check_scores(lse: torch.Tensor, out: torch.Tensor, inp: Inputs) -> None:
+def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs) -> None:
     """Refuse a result that finite queries would get as NaN or inf, naming its cause.
 
     From a finite query and a finite bank a non-empty chunk's lse is finite unless some
@@ -343,9 +343,10 @@ def check_scores(lse: torch.Tensor, out: torch.Tensor, inp: Inputs) -> None:
     ``memory`` or ``values``; a row scored -inf still adds 0 · inf = NaN to every query's
     out, so one such row poisons every answer), or beta·sim overflowed (named ``beta``), or
     values near the range's end summed past it (named ``values``).
-    Queries holding NaN or inf keep their NaN answer (docs/design.md §4).  The check costs
-    two reductions (over lse and out: a small part of the bank's read) and, only when it
-    fires, one over the query and one over the bank.  Skipped under torch.compile, functorch
+    Queries holding NaN or inf keep their NaN answer (docs/design.md §4).  ``out`` None: the
+    backend's lse is NaN wherever its out is not finite (``Backend.lse_marks_out``: the CPU
+    kernel's), so lse alone tells.  The check costs a reduction over lse (and out) and, only when
+    it fires, one over the query and one over the bank.  Skipped under torch.compile, functorch
     transforms and CUDA graph capture (tracing.cannot_read).
     """
     if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or cannot_read(lse.device):
@@ -355,14 +356,16 @@ def check_scores(lse: torch.Tensor, out: torch.Tensor, inp: Inputs) -> None:
     # In lse's own dtype: a float64 sum cost 3 of the ~40 µs a call on a small bank takes.
     # (detached only where it records a graph: each op through the dispatcher is ~1 µs here)
     lse_d = lse.detach() if lse.requires_grad else lse
-    out_d = out.detach() if out.requires_grad else out
-    if math.isfinite(float(lse_d.sum() + out_d.sum())):
+    out_d = None if out is None else out.detach() if out.requires_grad else out
+    if math.isfinite(float(lse_d.sum() if out_d is None else lse_d.sum() + out_d.sum())):
         return
     q = inp.query.detach().flatten(0, -3)  # (L, B, D): a copy of a split query, here only
     finite = torch.isfinite(q).all(-1)
     if inp.weights is not None:
         finite &= torch.isfinite(inp.weights).all(-1)
-    bad = ~torch.isfinite(lse_d).reshape(finite.shape) | ~torch.isfinite(out_d).all(-1).reshape(finite.shape)
+    bad = ~torch.isfinite(lse_d).reshape(finite.shape)
+    if out_d is not None:
+        bad |= ~torch.isfinite(out_d).all(-1).reshape(finite.shape)
     bad &= finite
     culprits = bad.nonzero()  # none: NaN only where queries hold NaN/inf
     if not culprits.numel():
