@@ -61,7 +61,7 @@ def _autocast_off(device_type: str):
 def _computed(be: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
     with _autocast_off(inp.query.device.type):
         p = autograd.partial(be, inp, offset)
-    check_scores(p.lse, None if be.lse_marks_out else p.out, inp)
+    check_scores(p.lse, None if be.lse_marks_out else p.out, inp, p.top_score)
     return p
 
 

@@ -333,7 +333,8 @@ def check_offset(offset: object, rows: int = 1) -> int:
     return int(offset)
 
 
-def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs) -> None:
+def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs,
+                 top_score: Optional[torch.Tensor] = None) -> None:
     """Refuse a result that finite queries would get as NaN or inf, naming its cause.
 
     From a finite query and a finite bank a non-empty chunk's lse is finite unless some
@@ -385,8 +386,11 @@ def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs) ->
     # A kernel sums the weighted value rows before it divides by the weights' sum: up to N times the
     # largest entry, which only values near the range's end can take past it (the CPU kernel's lse is
     # then NaN too, as for any out that is not finite).
+    # (a best score that is not finite: beta·sim overflowed, whatever the values)
+    scores_overflowed = top_score is not None and bool(
+        (~torch.isfinite(top_score.detach()).reshape(finite.shape) & bad).any())
     largest = float(inp.values.detach().abs().amax())
-    if largest * inp.bank_rows >= big:
+    if not scores_overflowed and largest * inp.bank_rows >= big:
         raise ValueError(
             f"values: entries up to {largest:.3e} over {inp.bank_rows} rows can take the softmax's weighted "
             f"sum past the {'float64' if wide else 'float32'} range (the kernels sum it before they divide); "

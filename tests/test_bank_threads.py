@@ -1,5 +1,7 @@
 """A MemoryBank shared by threads and by forked processes (a server's request threads, DataLoader workers):
 adds take turns, close waits for the reads in flight, a fork's child reads but never writes a disk bank."""
+import copy
+import faulthandler
 import multiprocessing
 import pickle
 import threading
@@ -123,9 +125,54 @@ def test_a_forked_child_reads_a_disk_bank_and_never_writes_it(tmp_path):
     assert len(stored) == 15 and bool((stored[10:] == 2.0).all())
 
 
+def test_a_bank_in_memory_pickles_and_a_disk_bank_says_how_to_reach_it(tmp_path):
+    rows = make((10, 64), torch.float32, 75)
+    bank = _bank(tmp_path, "host")
+    bank.add(rows)
+    for twin in (pickle.loads(pickle.dumps(bank)), copy.deepcopy(bank)):
+        assert torch.equal(twin.read()[0], rows) and torch.equal(twin.add(rows), torch.arange(10, 20))
+    disk = _bank(tmp_path, "disk")
+    with pytest.raises(TypeError, match="^MemoryBank: a disk bank cannot be pickled or copied; it holds its file"):
+        pickle.dumps(disk)
+
+
+def test_close_from_inside_its_own_read_raises_instead_of_waiting_for_itself(tmp_path):
+    """(a signal handler that closes the bank amid an add on the same thread had waited forever)"""
+    bank = _bank(tmp_path, "disk")
+    bank.add(make((10, 64), torch.float32, 76))
+    faulthandler.dump_traceback_later(60, exit=True)  # a regression waits forever: end the run, saying where
+    try:
+        with bank._store._using():
+            with pytest.raises(RuntimeError, match="would wait for itself"):
+                bank.close()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    bank.close()
+
+
+def _child_flush_and_add(bank, out):
+    torch.set_num_threads(1)
+    try:
+        bank.flush()  # nothing changed since the parent's flush: no error
+        bank.add(torch.ones(2, 64))
+        out.put("added")
+    except ValueError as e:
+        out.put(str(e))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform")
 @pytest.mark.parametrize("storage", ["host", "disk"])
-def test_a_bank_says_how_to_reach_it_from_another_process_instead_of_pickling(tmp_path, storage):
+def test_a_fork_amid_another_threads_add_leaves_the_child_free_to_act(tmp_path, storage):
+    """A fork while another thread held the add lock: the child's add had waited forever for it.  And a
+    child's flush of a header its parent had rewritten raised as if something had changed."""
+    ctx = multiprocessing.get_context("fork")
     bank = _bank(tmp_path, storage)
-    with pytest.raises(TypeError, match="^MemoryBank: a bank cannot be pickled into another process; "
-                                        + ("it holds its file" if storage == "disk" else "its rows live")):
-        pickle.dumps(bank)
+    bank.metadata = {"note": "x"}
+    bank.flush()
+    out = ctx.Queue()
+    with bank._adding:  # as another thread's add holds it
+        child = ctx.Process(target=_child_flush_and_add, args=(bank, out))
+        child.start()
+    said = out.get(timeout=60)
+    child.join(60)
+    assert said == "added" if storage == "host" else "a fork of it" in said

@@ -334,6 +334,11 @@ def test_an_out_that_is_not_finite_has_a_nan_lse(kernel, dtype, splits):
         p = hinted(q, bad, 0.2, "dot", kernel, splits=splits)
         assert torch.isfinite(p.top_score).all(), row  # the row itself never wins
         assert torch.isnan(p.out).any(-1).all() and torch.isnan(p.lse).all(), row
+    # a split whose rows all score -inf: combine() skips it, and had dropped its NaN with it
+    halves = make((1024, 40), dtype, 21)
+    halves[512:, 5] = float("inf")
+    p = hinted(q, halves, 0.2, "dot", kernel, splits=2 * splits)
+    assert torch.isnan(p.lse).all() and torch.isnan(p.out).any(-1).all()
     huge = torch.full((700, 8), 3e38, dtype=dtype)
     p = hinted(q, x, 1e-3, "dot", kernel, values=huge, splits=splits)
     assert (~torch.isfinite(p.out)).any(-1).all() and torch.isnan(p.lse).all()

@@ -227,6 +227,9 @@ def test_values_whose_weighted_sum_overflows_are_refused_by_name(backend):
     values = torch.full((N, 3), 3e38)
     with pytest.raises(ValueError, match=_named("values")):
         hk.hopfield_update(args["query"], args["memory"], 1e-3, values=values, backend=backend)
+    # large values that would have summed within range, beta·sim past it: beta is named, not the values
+    with pytest.raises(ValueError, match=_named("beta")):
+        hk.hopfield_update(args["query"] * 1e20, args["memory"] * 1e20, 1.0, values=values / 3, backend=backend)
 
 
 def test_a_nan_query_beside_a_finite_bank_keeps_its_nan_answer_alone():

@@ -614,14 +614,23 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     } else {
       const int64_t slot = (l * plan.splits + split) * p.B + b0 + i;
       float* acc = ws.acc + slot * Dv;
+      uint32_t bad = 0;
       if (stored > 0.f && stored != s) {  // combine() divides by the exact sums
         const float to_exact = s / stored;
-        for (int64_t d = 0; d < Dv; ++d) acc[d] = a[d] * to_exact;
+        for (int64_t d = 0; d < Dv; ++d) {
+          acc[d] = a[d] * to_exact;
+          bad |= non_finite(acc[d]);
+        }
       } else {
-        std::memcpy(acc, a, size_t(Dv) * 4);
+        for (int64_t d = 0; d < Dv; ++d) {
+          acc[d] = a[d];
+          bad |= non_finite(acc[d]);
+        }
       }
       ws.max[slot] = m[i];
-      ws.sum[slot] = s;
+      // A split whose rows all scored -inf is skipped by combine(), its accumulator with it: a NaN sum
+      // makes the query's lse NaN there too (non_finite), as a bank holding inf does in one pass.
+      ws.sum[slot] = bad ? NAN : s;
       ws.top_score[slot] = top[i];
       ws.top_index[slot] = top_index[i];
     }

@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 import threading
+import weakref
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -38,6 +39,20 @@ STORAGES = ("device", "host", "disk")
 # Default chunk sizes, from a memory budget per chunk buffer: on CUDA two device
 # buffers (and, for a disk bank, two pinned staging buffers) are in flight.
 CHUNK_BYTES = {"cpu": 64 * MIB, "cuda": 256 * MIB}
+
+
+# Every bank, so that a forked child gets each add lock anew (one held by another thread at the fork would
+# never be released there).
+_BANKS: "weakref.WeakSet[MemoryBank]" = weakref.WeakSet()
+
+
+def _fresh_add_locks_after_fork() -> None:
+    for bank in list(_BANKS):
+        bank._adding = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_add_locks_after_fork)
 
 
 class MemoryBank:
@@ -97,6 +112,7 @@ class MemoryBank:
         self._damage: Optional[BankFileError] = None
         # adds from several threads take turns: each reads the count its ids start at and moves it
         self._adding = threading.Lock()
+        _BANKS.add(self)
         if storage == "disk":
             if path is None:
                 raise ValueError("path: storage='disk' needs the path of the bank file")
@@ -475,11 +491,20 @@ class MemoryBank:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __reduce__(self):
-        # (pickle's own error named a hash object inside; spawn-started DataLoader workers meet this)
-        how = (f"it holds its file {self.path!r} open: open it there with MemoryBank.load(path, storage='disk')"
-               if self.path is not None else "its rows live in this process: save() it and MemoryBank.load it there")
-        raise TypeError(f"MemoryBank: a bank cannot be pickled into another process; {how}")
+    def __getstate__(self):
+        # A disk bank's open file cannot travel (pickle's own error named a hash object inside; spawn-started
+        # DataLoader workers meet this); a bank in memory pickles and deep-copies with its rows, its lock anew.
+        if isinstance(self._store, DiskStore):
+            raise TypeError(f"MemoryBank: a disk bank cannot be pickled or copied; it holds its file {self.path!r} "
+                            "open: open it there with MemoryBank.load(path, storage='disk')")
+        state = self.__dict__.copy()
+        del state["_adding"]
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._adding = threading.Lock()
+        _BANKS.add(self)
 
     def __del__(self) -> None:
         store = getattr(self, "_store", None)

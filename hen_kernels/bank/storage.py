@@ -154,7 +154,7 @@ class DiskStore:
         self._pid = os.getpid()
         # close() waits for the reads in flight (windows, prefetches, appends) and refuses new ones: it
         # closes the fd, whose number a new file would otherwise take under a read about to map it.
-        self._in_flight = 0
+        self._in_flight: dict = {}  # thread id -> its reads in flight
         self._closing = False
         self._use = threading.Condition()
         self._committed_sha = info.sha256  # the data's sha256 that the header on disk holds
@@ -183,15 +183,18 @@ class DiskStore:
     @contextlib.contextmanager
     def _using(self) -> Iterator[int]:
         """The open fd, held open until the block ends (close() waits for it); ValueError once closed."""
+        me = threading.get_ident()
         with self._use:
             if self._fd is None or self._closing:
                 raise ValueError(f"bank: the disk bank {self.path!r} is closed")
-            self._in_flight += 1
+            self._in_flight[me] = self._in_flight.get(me, 0) + 1
         try:
             yield self._fd
         finally:
             with self._use:
-                self._in_flight -= 1
+                self._in_flight[me] -= 1
+                if not self._in_flight[me]:
+                    del self._in_flight[me]
                 self._use.notify_all()
 
     @classmethod
@@ -277,7 +280,8 @@ class DiskStore:
             raise
         write_page(self.fd, page)
         self.count += m
-        self._hasher, self._committed_sha, self._page = h, h.hexdigest(), page
+        self._hasher, self._committed_sha = h, h.hexdigest()
+        self._committed(page)
 
     def window(self, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) as a (b - a, width) tensor over a private memory map of just those bytes."""
@@ -317,22 +321,35 @@ class DiskStore:
     def flush(self) -> None:
         """Write the header again if the bank's similarity, beta or metadata changed; fsync."""
         if self._fd is not None and not self.read_only:
-            page = self._header(self.count, self.data_sha256)
-            if page != self._page:
-                write_page(self._fd, page)
-                self._page = page
-            os.fsync(self._fd)
+            with self._using() as fd:
+                self._flush(fd)
+
+    def _flush(self, fd: int) -> None:
+        page = self._header(self.count, self.data_sha256)
+        if page != self._page:
+            write_page(fd, page)
+            self._committed(page)
+        os.fsync(fd)
+
+    def _committed(self, page: bytes) -> None:
+        """The header page now on disk, and the similarity, beta and metadata it holds."""
+        similarity, beta, metadata = self._meta_fn()
+        self._page, self._file_meta = page, (similarity, beta, dict(metadata))
 
     def close(self) -> None:
         with self._use:  # new reads refused from here; those in flight finish first
+            if threading.get_ident() in self._in_flight:  # (a signal handler, say, amid this thread's add)
+                raise RuntimeError(f"bank: close() of the disk bank {self.path!r} from inside one of its own reads "
+                                   "or adds on this thread would wait for itself; close it after that returns")
             self._closing = True
-            self._use.wait_for(lambda: self._in_flight == 0)
+            self._use.wait_for(lambda: not self._in_flight)
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True)
             self._prefetcher, self._prefetched = None, None
         if self._fd is not None:
             try:
-                self.flush()
+                if not self.read_only:
+                    self._flush(self._fd)
             finally:
                 os.close(self._fd)
                 self._fd = None
@@ -348,7 +365,7 @@ _STORES: "weakref.WeakSet[DiskStore]" = weakref.WeakSet()
 
 def _fresh_after_fork() -> None:
     for store in list(_STORES):
-        store._use, store._in_flight, store._prefetch_lock = threading.Condition(), 0, threading.Lock()
+        store._use, store._in_flight, store._prefetch_lock = threading.Condition(), {}, threading.Lock()
         store._prefetcher, store._prefetched = None, None
 
 
