@@ -377,7 +377,8 @@ class MemoryBank:
         store = self._store
         if isinstance(store, DiskStore) and os.path.exists(path) and os.path.samefile(path, store.path):
             store.check_meta_writable("save to its own file")
-            store.flush()
+            with self._adding:
+                store.flush()
             return
         if self._damage is not None:  # a save must not give damaged rows a fresh checksum
             raise BankFileError(f"{self._damage} (loaded with verify=False); not saved")
@@ -479,7 +480,8 @@ class MemoryBank:
         disk bank whose similarity, beta or metadata changed raises: it cannot write them)."""
         if isinstance(self._store, DiskStore):
             self._store.check_meta_writable("flush")
-        self._store.flush()
+        with self._adding:  # (a header written beside an add's commit could count the rows before it)
+            self._store.flush()
 
     def close(self) -> None:
         """Disk storage: flush and close the file; the bank is unusable afterwards."""
