@@ -317,6 +317,26 @@ def test_add_refuses_different_rows_per_rank(tmp_path):
     _spawn(tmp_path, 2, _different_rows, timeout=20)
 
 
+def _one_shard_refuses(rank: int, world: int, tmp: str) -> None:
+    bank = ShardedMemoryBank(8, storage="host", value_dim=2)
+    x, v = torch.randn(20, 8, generator=torch.Generator().manual_seed(rank)), torch.randn(20, 2)
+    if rank == 1:  # finite rows whose values, on this rank alone, sum past the float32 range
+        x.zero_()
+        v.fill_(1e38)
+    bank.add_local(x, v)
+    q = torch.randn(4, 8, generator=torch.Generator().manual_seed(9))
+    want = "^values: " if rank == 1 else r"^bank: the shard of rank 1 refused this query"
+    for call in (lambda: bank.update(q, 1.0), lambda: bank.partial(q, 1.0)):
+        with pytest.raises(ValueError, match=want):
+            call()
+    bank.add(torch.ones(2, 8), torch.ones(2, 2))  # every rank goes on: the next collective meets them all
+
+
+def test_a_shard_that_refuses_a_query_makes_every_rank_raise(tmp_path):
+    """The refusing rank had raised alone, leaving the others in the gather until the group's timeout."""
+    _spawn(tmp_path, 2, _one_shard_refuses, timeout=20)
+
+
 def test_needs_an_initialised_process_group():
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")

@@ -301,13 +301,16 @@ class MemoryBank:
                     bar.update(1)
         finally:
             gen.close()
-        if running is None:  # an empty bank: the merge identity
-            empty = torch.empty((0, self._dim), dtype=self._dtype, device=self._device)
-            values = None if self._value_dim is None else torch.empty(
-                (0, self._value_dim), dtype=self._dtype, device=self._device)
-            running = streaming.to_float64(ops.hopfield_partial(
-                query, empty, beta, similarity=similarity, values=values, weights=weights, backend=self.backend))
-        return running
+        return self._empty_partial(query, beta, similarity, weights) if running is None else running
+
+    def _empty_partial(self, query: torch.Tensor, beta: Beta, similarity: str,
+                       weights: Optional[torch.Tensor] = None) -> Partial:
+        """The merge identity (an empty bank's Partial) for these queries, in float64."""
+        empty = torch.empty((0, self._dim), dtype=self._dtype, device=self._device)
+        values = None if self._value_dim is None else torch.empty(
+            (0, self._value_dim), dtype=self._dtype, device=self._device)
+        return streaming.to_float64(ops.hopfield_partial(
+            query, empty, beta, similarity=similarity, values=values, weights=weights, backend=self.backend))
 
     def _require_rows(self) -> None:
         if len(self) == 0:

@@ -64,6 +64,10 @@ def _read_runs(shard: str, sha256: str) -> list:
     return json.loads(data)
 
 
+# top_index of a shard whose rank refused a query (kernels give -1 or a row, never this)
+REFUSED = -2
+
+
 def _exchange(error: Optional[BaseException], payload, group) -> list:
     """Every rank's (error message or None, payload), in rank order: one all_gather_object."""
     said: list = [None] * dist.get_world_size(group)
@@ -416,10 +420,27 @@ class ShardedMemoryBank:
 
     def _partial(self, query: torch.Tensor, beta: Beta, similarity: Optional[str], weights: Optional[torch.Tensor],
                  bar=None) -> Partial:
-        """The global Partial, rounded once: shards' out and lse travel and merge in float64 (§5.1)."""
-        p = self.local._partial(*self.local._check_query(query, beta, similarity, weights), bar)
-        p = Partial(p.out, p.lse, p.top_score, self._to_global(p.top_index))
+        """The global Partial, rounded once: shards' out and lse travel and merge in float64 (§5.1).
+
+        A shard whose rows make its rank refuse the query (check_scores: beta·sim or the values past
+        the float32 range there, say) still takes part in the gather, with top_index REFUSED: every rank
+        then raises, where the others had waited in the gather for the process group's timeout.
+        """
+        args = self.local._check_query(query, beta, similarity, weights)  # the same on every rank
+        error = None
+        try:
+            p = self.local._partial(*args, bar)
+            p = Partial(p.out, p.lse, p.top_score, self._to_global(p.top_index))
+        except ValueError as e:
+            error = e
+            p = self.local._empty_partial(*args)
+            p = p._replace(top_index=torch.full_like(p.top_index, REFUSED))
         shards = list(zip(*(self._gather(field) for field in p)))
+        if error is not None:
+            raise error
+        refused = [r for r, fields in enumerate(shards) if bool((fields[3] == REFUSED).any())]
+        if refused:
+            raise ValueError(f"bank: the shard of rank {refused[0]} refused this query (that rank raised why)")
         return streaming.round_partial(ops.merge_partials([Partial(*fields) for fields in shards]))
 
     def partial(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
