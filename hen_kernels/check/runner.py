@@ -224,8 +224,8 @@ def to_json(report: Report) -> dict:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hen check", description=(
         "Check every available backend on every device against the float64 reference: every dtype and "
-        "similarity, chunked merges, NaN isolation, multi-step retrieval, feature weights. Prints a table "
-        "and exits 1 on any failure."))
+        "similarity, chunked merges, NaN isolation, inf bank rows refused, multi-step retrieval, feature weights. "
+        "Prints a table and exits 1 on any failure."))
     p.add_argument("--quick", action="store_true", help="fewer and smaller shapes (under a minute on a CPU)")
     p.add_argument("--backend", action="append", choices=sorted(backends.BACKENDS),
                    help="check only this backend (repeatable; default: every available one)")
