@@ -332,6 +332,25 @@ def _one_shard_refuses(rank: int, world: int, tmp: str) -> None:
     bank.add(torch.ones(2, 8), torch.ones(2, 2))  # every rank goes on: the next collective meets them all
 
 
+def _one_rank_passes_bad_rows(rank: int, world: int, tmp: str) -> None:
+    bank = ShardedMemoryBank(4, storage="host")
+    good = torch.ones(3, 4)
+    bad = good.clone()
+    bad[1, 2] = float("nan")
+    rows = bad if rank == 1 else good
+    want = "^patterns: expected finite" if rank == 1 else r"^patterns: the rows of rank 1 were refused there"
+    for call in (bank.add, bank.add_local):
+        with pytest.raises(ValueError, match=want):
+            call(rows)
+    assert len(bank) == 0
+    assert torch.equal(bank.add(good), torch.arange(3))  # every rank goes on to the next collective
+
+
+def test_rows_refused_on_one_rank_make_every_rank_raise(tmp_path):
+    """One rank's bad rows had raised there before the add's collective, leaving the others waiting in it."""
+    _spawn(tmp_path, 2, _one_rank_passes_bad_rows, timeout=20)
+
+
 def test_a_shard_that_refuses_a_query_makes_every_rank_raise(tmp_path):
     """The refusing rank had raised alone, leaving the others in the gather until the group's timeout."""
     _spawn(tmp_path, 2, _one_shard_refuses, timeout=20)

@@ -375,10 +375,11 @@ class ShardedMemoryBank:
 
         Returns the rows' global ids (int64, CPU).
         """
-        p, v = self.local._check_rows(patterns, values)
-        m = p.shape[0]
+        p, v, error = self._rows_or_error(patterns, values)
+        m = -1 if p is None else p.shape[0]
         # the counts and checksums of the rows (exact, cheap: integer sums of their bits), in one collective
         every = self._gather_ints([m] + _fingerprint(p) + _fingerprint(v))
+        self._raise_if_refused(error, [e[0] for e in every], "add")
         if any(e[0] != m for e in every):
             raise ValueError(f"patterns: add is collective and every rank must pass the same rows; "
                              f"the ranks passed {[e[0] for e in every]} rows (use add_local for per-rank rows)")
@@ -399,12 +400,30 @@ class ShardedMemoryBank:
 
         Returns this rank's rows' global ids (int64, CPU).
         """
-        p, v = self.local._check_rows(patterns, values)
-        sizes = [s[0] for s in self._gather_ints([p.shape[0]])]
+        p, v, error = self._rows_or_error(patterns, values)
+        sizes = [s[0] for s in self._gather_ints([-1 if p is None else p.shape[0]])]
+        self._raise_if_refused(error, sizes, "add_local")
         start = self._count + sum(sizes[: self.rank])
         self._append_local(p, v, start)
         self._count += sum(sizes)
         return torch.arange(start, start + p.shape[0], dtype=torch.int64)
+
+    def _rows_or_error(self, patterns, values):
+        """The checked rows, or the error that refused them on this rank: it travels as a count of -1 in the
+        add's collective, so that every rank raises (one raising alone left the others in that collective)."""
+        try:
+            return (*self.local._check_rows(patterns, values), None)
+        except (TypeError, ValueError) as e:
+            return None, None, e
+
+    @staticmethod
+    def _raise_if_refused(error: Optional[BaseException], counts: List[int], call: str) -> None:
+        if error is not None:
+            raise error
+        refused = [r for r, c in enumerate(counts) if c < 0]
+        if refused:
+            raise ValueError(f"patterns: the rows of rank {refused[0]} were refused there (that rank raised why); "
+                             f"{call} is collective, so no rank added its rows")
 
     def _to_global(self, index: torch.Tensor) -> torch.Tensor:
         """Local row -> global id through the runs (monotonic, so ties still go to the smaller row)."""
