@@ -298,8 +298,10 @@ def _different_rows(rank: int, world: int, tmp: str) -> None:
     one_bit = x.clone()
     one_bit[4, 2] = torch.nextafter(one_bit[4, 2], torch.tensor(10.0))
     swapped = x[[1, 0] + list(range(2, 9))]
+    features = x[:, [2, 3, 0, 1, 4, 5]]  # whole 8-byte words swapped within each row: features in another order
     for name, p, vv in (("patterns", x + rank, v), ("patterns", one_bit if rank else x, v),
-                        ("patterns", swapped if rank else x, v), ("values", x, v * (1 + rank))):
+                        ("patterns", swapped if rank else x, v), ("patterns", features if rank else x, v),
+                        ("values", x, v * (1 + rank))):
         with pytest.raises(ValueError, match=rf"{name}: add is collective .* the rows of rank\(s\) \[1\] differ"):
             bank.add(p, vv)
         assert len(bank) == 0 and len(bank.local) == 0

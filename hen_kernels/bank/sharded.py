@@ -126,9 +126,10 @@ def _check_shards(path: PathLike, shards: list) -> None:
 
 
 def _fingerprint(t: Optional[torch.Tensor]) -> List[int]:
-    """Two int64 checksums of the rows' bits: their sum, and their sum weighted by row number (rows swapped
-    change it). Integer sums wrap mod 2**64 and do not depend on the order of summation, so equal rows
-    give equal checksums on every rank and device, at a small part of the cost of checking the rows finite."""
+    """Two int64 checksums of the rows' bits: each row's words weighted by column (entries swapped within a
+    row change it: features in another order on some rank), summed, and summed weighted by row number (rows
+    swapped change it). Integer sums wrap and do not depend on the order of summation, so equal rows give
+    equal checksums on every rank and device, at a small part of the cost of checking the rows finite."""
     if t is None or t.shape[0] == 0:
         return [0, 0]
     row_bytes = t.shape[1] * t.element_size()
@@ -137,7 +138,8 @@ def _fingerprint(t: Optional[torch.Tensor]) -> List[int]:
         bits = t.view(word)
     except RuntimeError:  # a view whose strides do not allow it: a copy
         bits = t.contiguous().view(word)
-    rows = bits.sum(dim=1, dtype=word).to(torch.int64)  # wraps in the word's width: exact, order-free
+    columns = torch.arange(1, bits.shape[1] + 1, dtype=word, device=bits.device)
+    rows = (bits * columns).sum(dim=1, dtype=word).to(torch.int64)  # wraps in the word's width: order-free
     weights = torch.arange(1, t.shape[0] + 1, dtype=torch.int64, device=rows.device)
     return [int(rows.sum()), int((rows * weights).sum())]
 
