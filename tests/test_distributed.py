@@ -353,6 +353,32 @@ def test_rows_refused_on_one_rank_make_every_rank_raise(tmp_path):
     _spawn(tmp_path, 2, _one_rank_passes_bad_rows, timeout=20)
 
 
+def _read_only_shard(rank: int, world: int, tmp: str) -> None:
+    path = os.path.join(tmp, "b-{rank}.hkb")
+    bank = ShardedMemoryBank(8, storage="host")
+    bank.add(torch.ones(20, 8))
+    bank.save(path)
+    bank.close()
+    dist.barrier()
+    back = ShardedMemoryBank.load(path, storage="disk")
+    if rank == 1:  # (as open_disk marks a file it cannot write; a chmod does not stop root)
+        back.local._store._read_only_reason = "the file is not writable"
+    mine = shard_path(path, rank)
+    with open(mine, "rb") as f:
+        before = f.read()
+    want = "^bank: save to its own file: .* is read-only" if rank == 1 else "^path: the shard of rank 1 .* no rank wrote"
+    with pytest.raises(ValueError, match=want):
+        back.save(path)
+    back.close()
+    with open(mine, "rb") as f:
+        assert f.read() == before  # refused before any rank wrote
+    assert len(ShardedMemoryBank.load(path, storage="host")) == 20
+
+
+def test_a_read_only_shard_refuses_the_save_before_any_rank_writes(tmp_path):
+    _spawn(tmp_path, 2, _read_only_shard, timeout=20)
+
+
 def test_a_shard_that_refuses_a_query_makes_every_rank_raise(tmp_path):
     """The refusing rank had raised alone, leaving the others in the gather until the group's timeout."""
     _spawn(tmp_path, 2, _one_shard_refuses, timeout=20)

@@ -37,6 +37,7 @@ from ._checks import PathLike, check_path, progress_bar
 from .file_format import EMPTY_SHA, BankFileError, header_bytes
 from .file_io import open_regular, replaced_on_success
 from .memory_bank import MemoryBank
+from .storage import DiskStore
 
 SHARD_KEY = "hen_kernels.shard"
 RUNS_SUFFIX = ".runs"  # the file beside a saved shard that holds its rows' global ids
@@ -320,6 +321,9 @@ class ShardedMemoryBank:
             raise PermissionError(f"path: the directory {folder!r} is not writable: cannot save {mine!r} there")
         if local._damage is not None:
             raise BankFileError(f"{local._damage} (loaded with verify=False); not saved")
+        store = local._store
+        if isinstance(store, DiskStore) and os.path.exists(mine) and os.path.samefile(mine, store.path):
+            store.check_meta_writable("save to its own file")  # a read-only shard cannot take the new record
         # the page the shard's save writes, here with an empty bank's checksum (the same length)
         header_bytes(local.dim, local.value_dim, local.dtype, len(local), local.similarity, local.beta, EMPTY_SHA,
                      local.metadata)
