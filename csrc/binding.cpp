@@ -380,7 +380,8 @@ bool all_finite(const at::Tensor& lse) {
 // then won; this path costs 1-6 µs over the op (Xeon, one and two threads, ad-hoc timing of blocks
 // of calls).  Anything else, and a result with an lse that is not finite (a NaN query, overflowing
 // scores, a bank holding inf or NaN), comes back as no tensor: the general path then checks, computes
-// and raises as it always has, so every message keeps its one home (validation.py) and this path only ever answers as it would.
+// and raises as it always has, so every message keeps its one home (validation.py) and this path
+// only ever answers as it would.
 // With an input that requires grad, update_autograd runs the same through UpdateFunction.
 //
 // plain_forward is both paths' forward: out (float32) in the call's shape and lse, or nothing

@@ -352,8 +352,9 @@ def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs,
     """
     if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or cannot_read(lse.device):
         return
-    # Two reductions and one read in the common case: a finite sum means every element is finite
-    # (a sum of finite values that overflows sends it to the exact test below, which finds none).
+    # One reduction (two where out is read) and one read in the common case: a finite sum means every
+    # element is finite (a sum of finite values that overflows sends it to the exact test below, which
+    # finds none).
     # In lse's own dtype: a float64 sum cost 3 of the ~40 µs a call on a small bank takes.
     # (detached only where it records a graph: each op through the dispatcher is ~1 µs here)
     lse_d = lse.detach() if lse.requires_grad else lse
@@ -385,8 +386,8 @@ def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs,
     big = torch.finfo(torch.float64 if wide else torch.float32).max
     # A kernel sums the weighted value rows before it divides by the weights' sum: up to N times the
     # largest entry, which only values near the range's end can take past it (the CPU kernel's lse is
-    # then NaN too, as for any out that is not finite).
-    # (a best score that is not finite: beta·sim overflowed, whatever the values)
+    # then NaN too, as for any out that is not finite).  A best score that is not finite says that
+    # beta·sim overflowed, whatever the values.
     scores_overflowed = top_score is not None and bool(
         (~torch.isfinite(top_score.detach()).reshape(finite.shape) & bad).any())
     largest = float(inp.values.detach().abs().amax())

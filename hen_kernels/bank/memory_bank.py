@@ -375,23 +375,16 @@ class MemoryBank:
         writes its header and fsyncs.
         """
         path = check_path("path", path)
-        if os.path.isdir(path):
-            raise ValueError(f"path: {path!r} is a directory, expected a file name")
         store = self._store
-        if isinstance(store, DiskStore) and os.path.exists(path) and os.path.samefile(path, store.path):
-            store.check_meta_writable("save to its own file")
+        if self._save_checks(path):
             with self._adding:
                 store.flush()
             return
-        if self._damage is not None:  # a save must not give damaged rows a fresh checksum
-            raise BankFileError(f"{self._damage} (loaded with verify=False); not saved")
         n = len(self)
 
         def page(sha256: str) -> bytes:
             return header_bytes(self._dim, self._value_dim, self._dtype, n, self.similarity, self.beta, sha256,
                                 self.metadata)
-
-        page(EMPTY_SHA)  # a header that cannot be written refuses before any row is
 
         def header(sha256: str) -> bytes:
             if isinstance(store, DiskStore) and sha256 != store.data_sha256:
@@ -401,6 +394,23 @@ class MemoryBank:
             return page(sha256)
 
         write_atomically(path, n, self.row_bytes, store.rows_cpu, header, progress)
+
+    def _save_checks(self, path: str) -> bool:
+        """What a save to ``path`` checks before it writes anything (ShardedMemoryBank.save runs them on every
+        rank before any rank writes); True where ``path`` is this disk bank's own file, whose save writes
+        only its header."""
+        if os.path.isdir(path):
+            raise ValueError(f"path: {path!r} is a directory, expected a file name")
+        store = self._store
+        own = isinstance(store, DiskStore) and os.path.exists(path) and os.path.samefile(path, store.path)
+        if own:
+            store.check_meta_writable("save to its own file")
+        elif self._damage is not None:  # a save must not give damaged rows a fresh checksum
+            raise BankFileError(f"{self._damage} (loaded with verify=False); not saved")
+        # a header that cannot be written refuses before any row is (the checksum's length is fixed)
+        header_bytes(self._dim, self._value_dim, self._dtype, len(self), self.similarity, self.beta, EMPTY_SHA,
+                     self.metadata)
+        return own
 
     @classmethod
     def load(

@@ -34,10 +34,9 @@ from .. import ops, streaming
 from ..types import Beta, Partial, Retrieval
 from ..validation import check_steps
 from ._checks import PathLike, check_path, progress_bar
-from .file_format import EMPTY_SHA, BankFileError, header_bytes
+from .file_format import BankFileError
 from .file_io import open_regular, replaced_on_success
 from .memory_bank import MemoryBank
-from .storage import DiskStore
 
 SHARD_KEY = "hen_kernels.shard"
 RUNS_SUFFIX = ".runs"  # the file beside a saved shard that holds its rows' global ids
@@ -310,23 +309,14 @@ class ShardedMemoryBank:
             raise
 
     def _check_saveable(self, mine: str) -> None:
-        """What can fail in this rank's save, checked before any rank writes: the path, and the header page."""
-        local = self.local
-        if os.path.isdir(mine):
-            raise ValueError(f"path: {mine!r} is a directory, expected a file name")
+        """What can fail in this rank's save, checked before any rank writes: the folder, and the shard's own
+        save checks (its path, a read-only shard's own file, damaged rows, the header page with its record)."""
         folder = os.path.dirname(os.path.abspath(mine))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"path: no directory {folder!r} to save the shard {mine!r} in")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(f"path: the directory {folder!r} is not writable: cannot save {mine!r} there")
-        if local._damage is not None:
-            raise BankFileError(f"{local._damage} (loaded with verify=False); not saved")
-        store = local._store
-        if isinstance(store, DiskStore) and os.path.exists(mine) and os.path.samefile(mine, store.path):
-            store.check_meta_writable("save to its own file")  # a read-only shard cannot take the new record
-        # the page the shard's save writes, here with an empty bank's checksum (the same length)
-        header_bytes(local.dim, local.value_dim, local.dtype, len(local), local.similarity, local.beta, EMPTY_SHA,
-                     local.metadata)
+        self.local._save_checks(mine)
 
     # --- collectives ----------------------------------------------------------------
 
