@@ -3,8 +3,8 @@
     pytest benchmarks/test_bench_nn.py --benchmark-only            # the `bench nn` shapes for this device
     HEN_BENCH_QUICK=1 pytest benchmarks/test_bench_nn.py --benchmark-only   # tiny shapes
 
-"fused" runs the automatic backend with the fused backward; "reference" runs
-backend="torch"; "sdpa" runs PyTorch's scaled_dot_product_attention where the case
+"fused" runs the automatic backend with the fused backward; "dense" plain PyTorch
+holding the association matrix (bench/nn.py says how); "sdpa" runs PyTorch's scaled_dot_product_attention where the case
 is attention (the update with the dot product), and nn.MultiheadAttention (SDPA inside)
 for the attention case.  Nothing here asserts on time.
 """
@@ -19,7 +19,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = bench_nn.cases(os.environ.get("HEN_BENCH_QUICK", "") not in ("", "0"), DEVICE)
 
 
-BACKENDS = {"fused": None, "reference": "torch", "sdpa": bench_nn.SDPA}
+BACKENDS = {"fused": None, "dense": bench_nn.DENSE, "sdpa": bench_nn.SDPA}
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])

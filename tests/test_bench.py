@@ -78,7 +78,8 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
             assert "own_fp32_ms" not in r
         for target in r["targets"]:
             assert target["met"] in (True, False, None)
-        assert r["met"] == all(x["met"] is not False for x in r["targets"])
+        oks = [x["met"] for x in r["targets"]]
+        assert r["met"] is (False if False in oks else None if None in oks else True)
         assert 0 < r["fraction"]
         # The fused kernel and plain PyTorch compute the same update.
         assert r["check_ok"] and 0 <= r["rel_err"] < bench.CHECK_TOL[case.dtype], (case.name, r["rel_err"])

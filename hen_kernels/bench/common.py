@@ -263,6 +263,17 @@ def ratio(v: Optional[float], fmt: str = ".2f") -> str:
     return "n/a" if v is None else format(v, fmt) + "x"
 
 
+def verdict(oks) -> Optional[bool]:
+    """A row's verdict from its targets' (True: met, False: missed, None: unverified, e.g. the peer's
+    answer failed its check): any miss is a miss, then any unverified target leaves the row unverified."""
+    oks = list(oks)
+    return False if False in oks else (None if None in oks else True)
+
+
+def met_cell(m: Optional[bool]) -> str:
+    return "yes" if m is True else ("NO" if m is False else "unverified")
+
+
 def short_error(e: BaseException) -> str:
     """An exception on one line, at most 400 characters: fit for a table cell or a log."""
     msg = " ".join(str(e).split())

@@ -4,7 +4,9 @@ Each peer is what an engineer choosing a CPU library would reach for, written
 the way its documentation suggests, in the inputs' dtype:
 
 * ``plain``: ``softmax(beta * sim(X, s)) @ X``, matmul, softmax, matmul, with the
-  B x N scores in memory (the ℓ2 forms from the expansion |s|² + |x|² - 2 s.x);
+  B x N scores in memory (the ℓ2 forms from the expansion |s|² + |x|² - 2 s.x, in
+  float32 scores with the bank's |x|² computed once, untimed, as SDPA's bias is;
+  beta on the query for dot);
 * ``sdpa`` / ``sdpa_math``: ``scaled_dot_product_attention`` with keys = values = X,
   on its fused CPU flash kernel (oneDNN brgemm, AMX where present) and on the math
   backend; ``l2sq`` is SDPA with the additive bias -beta/2 |x|² (the -|s|²/2 term
@@ -38,28 +40,49 @@ PEERS = {
 UPDATE_PEERS = ("plain", "sdpa", "sdpa_math", "compile")  # peers that return the updated state
 
 
-def plain_scores(q: torch.Tensor, x: torch.Tensor, similarity: str) -> torch.Tensor:
-    """sim(x_n, s_b) as a user would write it, in the inputs' dtype."""
-    dots = q @ x.transpose(-1, -2)
+def squared_norms(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """|t|² of each row, reduced without the N x D temporary that ``(t * t).sum(-1)`` makes."""
+    return torch.linalg.vector_norm(t, dim=-1, keepdim=keepdim).square()
+
+
+def bank_squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """|x_n|² in float32, computed once per bank outside the timed calls (as SDPA's l2sq bias is): a
+    user recalling from a fixed bank keeps them, and a 16-bit |x|² (or its norm squared) is off by
+    one rounding of 2^-8 relative, which the expansion's cancellation turns into a wrong answer at
+    D = 2048 (0.11 relative where the check allows 0.05)."""
+    return squared_norms(x.float())
+
+
+def plain_logits(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str,
+                 x_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """beta * sim(x_n, s_b) as a user would write it: dot in the inputs' dtype, beta on the query (as SDPA
+    does: one pass over the B x N scores fewer); the ℓ2 forms from the expansion |s|² + |x|² - 2 s.x with
+    the bank's norms ``x_sq`` (bank_squared_norms) and the query's in float32, so the scores are float32."""
     if similarity == "dot":
-        return dots
-    sq = (q * q).sum(-1, keepdim=True) + (x * x).sum(-1) - 2 * dots
-    return -0.5 * sq if similarity == "l2sq" else -sq.clamp_min(0).sqrt()
+        return (beta * q) @ x.transpose(-1, -2)
+    if x_sq is None:
+        x_sq = bank_squared_norms(x)
+    sq = squared_norms(q.float(), keepdim=True) + x_sq.unsqueeze(-2) - 2 * (q @ x.transpose(-1, -2))
+    return (-0.5 * beta) * sq if similarity == "l2sq" else -beta * sq.clamp_min(0).sqrt()
 
 
-def plain(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str) -> torch.Tensor:
-    return torch.softmax(beta * plain_scores(q, x, similarity), -1) @ x
+def plain(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str,
+          x_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.softmax(plain_logits(q, x, beta, similarity, x_sq), -1).to(x.dtype) @ x
 
 
 def plain_weighted(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str, w: torch.Tensor) -> torch.Tensor:
-    """The weighted similarity of docs/design.md §4 written plainly (float32 weights)."""
-    qf, xf = q.float(), x.float()
+    """The weighted similarity of docs/design.md §4 written plainly: the score product in the bank's dtype
+    (the float32 weights meet the query first, w∘q rounded once to a 16-bit bank's dtype); the ℓ2 forms'
+    Σ_d w_d x_d² as the float32 product (X∘X) w^T, the one N x D temporary their expansion needs."""
+    wq = (w * q.float()).to(x.dtype)
     if similarity == "dot":
-        s = (qf * w) @ xf.T
+        s = (beta * wq) @ x.mT
     else:
-        sq = (w * qf * qf).sum(-1, keepdim=True) + w @ (xf * xf).T - 2 * (w * qf) @ xf.T
-        s = -0.5 * sq if similarity == "l2sq" else -sq.clamp_min(0).sqrt()
-    return (torch.softmax(beta * s, -1) @ xf).to(q.dtype)
+        sq = ((w * q.float() * q.float()).sum(-1, keepdim=True) + (x.float().square() @ w.mT).mT
+              - 2 * (wq @ x.mT))
+        s = (-0.5 * beta) * sq if similarity == "l2sq" else -beta * sq.clamp_min(0).sqrt()
+    return (torch.softmax(s, -1).to(x.dtype) @ x).to(q.dtype)
 
 
 _COMPILED: Dict[tuple, Callable] = {}
@@ -73,7 +96,8 @@ def compiled(similarity: str, q: torch.Tensor, x: torch.Tensor) -> Callable:
     if key not in _COMPILED:
         torch._dynamo.reset()
         _COMPILED.clear()
-        _COMPILED[key] = torch.compile(lambda q, x, beta: plain(q, x, beta, similarity), dynamic=False)
+        _COMPILED[key] = torch.compile(lambda q, x, beta, x_sq=None: plain(q, x, beta, similarity, x_sq),
+                                       dynamic=False)
     return _COMPILED[key]
 
 
@@ -94,7 +118,7 @@ def sdpa_runner(backend=None) -> Callable:
 
 def l2sq_bias(x: torch.Tensor, beta: float, b: int) -> torch.Tensor:
     """-beta/2 |x|², broadcast over the queries (expanded, not copied), in x's dtype: (1, banks, b, N)."""
-    s = (-0.5 * beta * (x.float() ** 2).sum(-1)).to(x.dtype)
+    s = (-0.5 * beta * bank_squared_norms(x)).to(x.dtype)
     s = s.reshape(1, -1, 1, s.shape[-1])
     return s.expand(1, s.shape[1], b, s.shape[-1])
 
@@ -128,10 +152,11 @@ def peer_callables(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: st
     from torch.nn.attention import SDPBackend
 
     mask = l2sq_bias(x, beta, q.shape[-2]) if similarity == "l2sq" else None
+    x_sq = None if similarity == "dot" else bank_squared_norms(x)  # once per bank, untimed
     fns: Dict[str, Fn] = {}
     for name in which:
         if name == "plain":
-            fns[name] = lambda: plain(q, x, beta, similarity)
+            fns[name] = lambda: plain(q, x, beta, similarity, x_sq)
         elif name == "sdpa":
             run = sdpa_runner(SDPBackend.FLASH_ATTENTION)
             fns[name] = lambda run=run: run(q, x, beta, mask)
@@ -140,7 +165,7 @@ def peer_callables(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: st
             fns[name] = lambda run=run: run(q, x, beta, mask)
         elif name == "compile":
             fn = compiled(similarity, q, x)
-            fns[name] = lambda fn=fn: fn(q, x, beta)
+            fns[name] = lambda fn=fn: fn(q, x, beta, x_sq)
         elif name == "faiss" and faiss_index is not None:
             fns[name] = lambda: faiss_index(q)
     return fns

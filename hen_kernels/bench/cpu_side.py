@@ -77,14 +77,17 @@ def run_weighted(case: Case, backend: str, repeats: int) -> dict:
            "unweighted": fused_call(q, x, beta, case.similarity, backend),
            "plain_mask": lambda: peers.plain_weighted(q, x, beta, case.similarity, w["mask"])}
     with torch.no_grad():
-        err = {k: peers.rel_err(fns[k]().float(), peers.plain_weighted(q, x, beta, case.similarity, w[k]).float())
-               for k in w}
+        # each against the float32 computation, the plain peer too (in a 16-bit dtype it rounds as it goes)
+        want = {k: peers.plain_weighted(q.float(), x.float(), beta, case.similarity, w[k]) for k in w}
+        err = {k: peers.rel_err(fns[k]().float(), want[k]) for k in w}
+        err["plain_mask"] = peers.rel_err(fns["plain_mask"]().float(), want["mask"])
         measured = common.time_calls(fns, repeats, rewarm=True)
     ms = {k: median_ms(v[0]) for k, v in measured.items()}
     return dict(asdict(case), name=case.name, weighted_ms=ms["mask"], per_query_ms=ms["per_query"],
                 unweighted_ms=ms["unweighted"], cost=ms["mask"] / ms["unweighted"],
                 per_query_cost=ms["per_query"] / ms["unweighted"], plain_weighted_ms=ms["plain_mask"],
-                ratio=ms["plain_mask"] / ms["mask"], rel_err=err["mask"], per_query_rel_err=err["per_query"])
+                ratio=ms["plain_mask"] / ms["mask"], rel_err=err["mask"], per_query_rel_err=err["per_query"],
+                plain_rel_err=err["plain_mask"])
 
 
 def run_l2_rule(case: Case, backend: str, repeats: int) -> dict:

@@ -75,8 +75,7 @@ def evaluate(report: dict) -> List[dict]:
                 v = None if one is None else ms / (case.steps * one)
                 row["one_step_ms"] = one
                 target(f"T steps / ({case.steps} x 1 step) <= 1.05", v, None if v is None else v <= 1.05)
-            oks = [x["met"] for x in t]
-            row["met"] = False if False in oks else (None if None in oks else True)
+            row["met"] = common.verdict(x["met"] for x in t)
             rows.append(row)
     return rows
 
@@ -87,10 +86,6 @@ def _target_cell(t: dict) -> str:
     v = t["value"]
     shown = f"{v:.0%}" if "%" in t["text"] else f"{v:.2f}"
     return f"{t['text']}: {shown}"
-
-
-def _met(m: Optional[bool]) -> str:
-    return "yes" if m is True else ("NO" if m is False else "n/a")
 
 
 COLUMNS = [  # (header, row -> cell)
@@ -109,7 +104,7 @@ COLUMNS = [  # (header, row -> cell)
         f" ({r['best_sdpa'][5:].split('_')[0]})" if r["best_sdpa"] else "")),
     ("vs flex", lambda r: ratio(r["ratios"].get("flex"))),
     ("target", lambda r: "; ".join(_target_cell(t) for t in r["targets"])),
-    ("met", lambda r: _met(r["met"])),
+    ("met", lambda r: common.met_cell(r["met"])),
 ]
 BASELINES = ["torch"] + ["sdpa:" + s for s in SDPA] + ["flex"]
 
