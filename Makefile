@@ -5,6 +5,7 @@
 #   make test    build and run the test suite
 #   make demo    a small recall demo on real photos
 #   make bench   the benchmark tables (benchmarks/results/)
+#   make sanitize   the C++ kernels' tests under AddressSanitizer and UBSan (scripts/sanitize.sh)
 #   make wheels-gpu   the wheels the GPU machine lacks, into .whl/ (scripts/gpu_run.sh installs them)
 #
 # On a machine whose python already has torch (the GPU machines), use
@@ -48,7 +49,7 @@ DEPS_STAMP := $(VENV)/.hen-deps
 EXT_STAMP := $(VENV)/.hen-ext
 EXT_SOURCES := setup.py pyproject.toml CMakeLists.txt $(shell find csrc cmake build_backend -type f)
 
-.PHONY: install test demo bench bench-gpu bench-static clean fashion-mnist wheels-gpu
+.PHONY: install test sanitize demo bench bench-gpu bench-static clean fashion-mnist wheels-gpu
 
 install: $(EXT_STAMP)
 
@@ -63,6 +64,10 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 
 test: install fashion-mnist
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The C++ kernels under ASan and UBSan, in a copy of the tree (build/sanitize; README "Backends").
+sanitize: install
+	scripts/sanitize.sh
 
 demo: install fashion-mnist
 	$(PY) -m hen_kernels.cli demo

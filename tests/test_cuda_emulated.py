@@ -6,6 +6,7 @@ machines without a GPU; tests/test_cuda.py runs the same op on a device."""
 import concurrent.futures
 import os
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -41,7 +42,9 @@ def emulator(tmp_path_factory):
         pytest.skip("no C++ compiler to build the CUDA emulator")
     out = tmp_path_factory.mktemp("cuda_emu")
     emu = sorted(os.path.join(CSRC, "emu", n) for n in os.listdir(os.path.join(CSRC, "emu")) if n.endswith(".cpp"))
-    flags = ["-std=c++17", "-O1", "-DHEN_CUDA_EMULATE", f"-I{CSRC}"]
+    # HEN_EMU_CXXFLAGS: extra compile and link flags (scripts/sanitize.sh passes the sanitizers').
+    extra = shlex.split(os.environ.get("HEN_EMU_CXXFLAGS", ""))
+    flags = ["-std=c++17", "-O1", "-DHEN_CUDA_EMULATE", f"-I{CSRC}", *extra]
     units = [(src, ["-x", "c++"]) for src in cuda_sources()] + [(src, []) for src in emu]
     objects = [str(out / f"{i}.o") for i in range(len(units))]
     with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
@@ -50,7 +53,7 @@ def emulator(tmp_path_factory):
         for (src, _), r in zip(units, runs):
             assert r.returncode == 0, f"{src}:\n{r.stderr[-4000:]}"
     exe = str(out / "emulate_test")
-    subprocess.run([cxx, *objects, "-o", exe], check=True, capture_output=True, text=True)
+    subprocess.run([cxx, *extra, *objects, "-o", exe], check=True, capture_output=True, text=True)
     return exe
 
 
