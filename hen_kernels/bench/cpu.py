@@ -216,7 +216,8 @@ def markdown(report: dict) -> str:
         f"- kernel: {m['cpu_info']}; {m['matrix_units']}"
         + (f"; EMULATED AVX2-only CPU: {emulated}" if emulated else ""),
         f"- fused: {m['fused_backend_label']}; peers (ratio = peer ms / fused ms, above 1: fused is faster): "
-        "plain `softmax(beta*sim)@X` (beta on the query for dot; the ℓ2 forms' norms by vector_norm), SDPA flash "
+        "plain `softmax(beta*sim)@X` (beta on the query for dot; the ℓ2 forms by the expansion in float32 "
+        "scores, the bank's |x|^2 computed once, untimed, as SDPA's bias is), SDPA flash "
         "and math backends (l2sq: with the bias -beta/2 |x|^2; SDPA's flash kernel ran one query on one thread "
         "(131072 x 512 float32 on an EPYC Zen 4: 32 ms on one thread, 34-38 on two; eight queries 56-66 and "
         "44-47 ms): what a user calling it gets, and the B = 1 recall ratios grow with the core count), torch.compile(plain) (compiled before its first timed "
