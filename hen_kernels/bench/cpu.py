@@ -83,12 +83,7 @@ def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compil
                     row["peers"][name] = {"rel_err": err, "ok": ok}
             del got
             timed[name] = fn  # a peer that fails its check is still timed, and marked
-        # FAISS's own OpenMP and BLAS thread pools spin on after each call and slowed whatever ran
-        # next (the kernel's layer call: 3.7 -> 5.9 ms), so it is timed apart, after the rest.
-        faiss_call = timed.pop("faiss", None)
-        measured = time_sparing_slow_peers(timed, repeats, seconds, min_row_s)
-        if faiss_call is not None:
-            measured.update(common.time_calls({"faiss": faiss_call}, repeats, rewarm=True))
+        measured = time_sparing_slow_peers(timed, repeats, seconds, min_row_s)  # FAISS and compile apart
     for name, (times, extra) in measured.items():
         ms = median_ms(times)
         if name == "fused":
@@ -221,8 +216,10 @@ def markdown(report: dict) -> str:
         "and math backends (l2sq: with the bias -beta/2 |x|^2; SDPA's flash kernel ran one query on one thread "
         "(131072 x 512 float32 on an EPYC Zen 4: 32 ms on one thread, 34-38 on two; eight queries 56-66 and "
         "44-47 ms): what a user calling it gets, and the B = 1 recall ratios grow with the core count), torch.compile(plain) (compiled before its first timed "
-        "call), FAISS exact top-1 (time, taken after the interleaved rounds: its thread "
-        "pools spin on after each call and slowed the next call; how often its top-1 equals top_index); "
+        "call), FAISS exact top-1 (its time; how often its top-1 equals top_index); compile and FAISS are "
+        "timed after the interleaved rounds, each in rounds of its own: FAISS's thread pools spin on after each "
+        "call, and with the compiled code in the rounds every other call ran up to 2x slower (cpu_cases.py, "
+        "APART_PEERS); "
         "\"own fp32\": the kernel on the float32 bank the bf16 one was rounded from, timed in the same "
         "interleaved rounds as the bf16 call",
         f"- median of {report['repeats']} or more interleaved calls after a warm-up (short rows: at least "
