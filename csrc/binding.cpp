@@ -157,13 +157,31 @@ struct WorkspaceTensors {
   hen::Workspace ws{};
 };
 
+// A calling thread keeps its last workspace (up to kKeptWorkspaceBytes) for its next call.  Allocated
+// and freed within every call, it was the free that let glibc trim the heap's top (brk) where a peer
+// had just freed its large buffers: the munmap, inside the kernel's call, made layer-sized calls (64 x
+// 65536 x 64 float32, EPYC Zen 4) take 9-17 ms instead of 6 in a process that also ran plain PyTorch
+// and torch.compile (PERFORMANCE.md §5.22; MALLOC_TRIM_THRESHOLD_ raised: 6 ms).
+constexpr int64_t kKeptWorkspaceBytes = int64_t(16) << 20;
+
+at::Tensor workspace_slab(int64_t numel, const at::TensorOptions& opts) {
+  thread_local at::Tensor kept[2];  // float32, int64
+  at::Tensor& slab = kept[opts.dtype() == at::kLong ? 1 : 0];
+  if (numel * int64_t(opts.dtype().itemsize()) > kKeptWorkspaceBytes) return at::empty({numel}, opts);
+  if (!slab.defined() || slab.numel() < numel) slab = at::empty({numel}, opts);
+  return slab.narrow(0, 0, numel);
+}
+
 WorkspaceTensors make_workspace(const Prepared& r, int64_t splits) {
   WorkspaceTensors w;
   if (splits <= 1) return w;
   const hen::PartialParams& p = r.p;
-  w.acc = at::empty({p.L, splits, p.B, p.Dv}, r.out.options());
-  w.stats = at::empty({3, p.L, splits, p.B}, r.out.options());
-  w.index = at::empty({p.L, splits, p.B}, r.top_index.options());
+  const int64_t acc = p.L * splits * p.B * p.Dv, stats = 3 * p.L * splits * p.B;
+  const int64_t stats_at = (acc + 15) / 16 * 16;  // on its own cache line, as a tensor of its own was
+  const at::Tensor f32 = workspace_slab(stats_at + stats, r.out.options());
+  w.acc = f32.narrow(0, 0, acc).view({p.L, splits, p.B, p.Dv});
+  w.stats = f32.narrow(0, stats_at, stats).view({3, p.L, splits, p.B});
+  w.index = workspace_slab(p.L * splits * p.B, r.top_index.options()).view({p.L, splits, p.B});
   w.ws.acc = w.acc.data_ptr<float>();
   w.ws.max = w.stats[0].data_ptr<float>();
   w.ws.sum = w.stats[1].data_ptr<float>();
