@@ -166,9 +166,8 @@ def first_calls(fns: Dict[str, object]) -> Dict[str, float]:
 # 25 rounds, each call after an untimed one; the kernel's median: 12.2 ms in rounds with plain, SDPA's math
 # backend and compile, 9.4 with plain and compile, 10.8 with SDPA and compile, against 5.8-6.0 with plain,
 # SDPA and its math backend, or with compile alone; six processes of the first kind all slow, five of the
-# second, four fast), which had the table show SDPA ahead where it is not.  Apart, the kernel's layer calls
-# still run slow in some processes (one of those five; the row in two of four `--only` runs with
-# --no-compile): a disturbance not understood yet (PERFORMANCE.md §5.22).
+# second, four fast), which had the table show SDPA ahead where it is not.  (Most of that was glibc trimming
+# the heap inside the kernel's call, which the kernel no longer invites: PERFORMANCE.md §5.22.)
 APART_PEERS = ("compile", "faiss")
 
 
