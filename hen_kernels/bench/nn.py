@@ -115,7 +115,7 @@ def build(case: Case, backend: Optional[str], device: torch.device, dtype: Optio
         return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
 
     # A padding mask that blocks nothing sends the modules down their dense path (DENSE).
-    dense_mask = torch.zeros(case.batch, case.bank, dtype=torch.bool, device=device)
+    dense_mask = torch.zeros(case.batch, case.bank, dtype=torch.bool, device=device) if backend == DENSE else None
     compared = None  # the tensors whose gradients grad_rel_err compares (None: params)
     modules: List[torch.nn.Module] = []  # set to eval for the forward alone, to train for forward + backward
     if case.kind == "update":
@@ -191,16 +191,13 @@ def run_case(case: Case, device: torch.device, repeats: int, dtype: Optional[tor
              min_s: float = MIN_ROUNDS_S) -> dict:
     row = dict(asdict(case), name=case.name)
     calls = {"fused": build(case, None, device, dtype), DENSE: build(case, DENSE, device, dtype)}
-    # the dense peer computes what the kernel does: its gradients are compared before it is timed
-    calls["fused"](True)
-    calls[DENSE](True)
-    row["dense_grad_rel_err"] = grad_rel_err(calls["fused"], calls[DENSE])
-    row["sdpa_grad_rel_err"] = None
     if has_sdpa_peer(case):
         calls[SDPA] = build(case, SDPA, device, dtype)
-        calls["fused"](True)
-        calls[SDPA](True)
-        row["sdpa_grad_rel_err"] = grad_rel_err(calls["fused"], calls[SDPA])
+    # each peer computes what the kernel does: its gradients are compared with the fused ones before timing
+    for c in calls.values():
+        c(True)
+    row["dense_grad_rel_err"] = grad_rel_err(calls["fused"], calls[DENSE])
+    row["sdpa_grad_rel_err"] = grad_rel_err(calls["fused"], calls[SDPA]) if SDPA in calls else None
     for mode, grad in (("fwd", False), ("fwd+bwd", True)):
         # The forward alone is inference: modules in eval mode, where nn.MultiheadAttention takes its fused fast
         # path (one native op) when its conditions hold; training mode for forward + backward.
