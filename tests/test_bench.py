@@ -112,6 +112,25 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
             assert p["ok"] and math.isclose(p["ratio"], p["ms"] / r["fused_ms"], rel_tol=1e-9)
     assert "## Many banks" in md
     assert "fused" in proc.stdout
+    # The picture of the table (matplotlib is a test dependency): written, a PNG, shown in the Markdown.
+    assert report["plot"] == "cpu.png", report.get("plot_error")
+    assert (out / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](cpu.png)" in md
+
+
+def test_the_picture_marks_each_peer_with_its_target_and_verdict():
+    """cpu_plot.row_points: a point per timed peer and for the own-float32 target, each with its target
+    and verdict; a peer whose answer failed its check is marked so, not left out."""
+    from hen_kernels.bench import cpu_plot
+
+    row = {"peers": {"plain": {"ratio": 1.4, "ok": True}, "sdpa": {"ratio": 0.9, "ok": False},
+                     "compile": {"ratio": 2.5, "ok": True}, "faiss": {"ratio": 3.0, "ok": True}},
+           "targets": [{"peer": "SDPA", "ratio": 0.9, "target": 1.2, "met": None},
+                       {"peer": "plain", "ratio": 1.4, "target": 2.0, "met": False},
+                       {"peer": "own fp32", "ratio": 1.6, "target": 1.5, "met": True}]}
+    got = {p[0]: p[1:] for p in cpu_plot.row_points(row)}
+    assert got == {"sdpa": (0.9, 1.2, None, False), "plain": (1.4, 2.0, False, True),
+                   "compile": (2.5, None, None, True), "own fp32": (1.6, 1.5, True, True)}
 
 
 @pytest.mark.parametrize("emulate", [False, True], ids=["native", "avx2"])

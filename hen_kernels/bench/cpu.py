@@ -1,4 +1,4 @@
-"""`make bench`: the CPU tables of docs/design.md §6, printed and written as JSON and Markdown.
+"""`make bench`: the CPU tables of docs/design.md §6, printed and written as JSON, Markdown and a picture.
 
     python -m hen_kernels.bench cpu [--out DIR] [--quick] [--repeats K] [--emulate-avx2] [--no-compile]
                                     [--no-side] [--threads T] [--only REGEX] [--name STEM] [--from-json PATH]
@@ -11,11 +11,12 @@ each first checked against a float32 computation.  Then: multi-step retrieval ag
 recompute of docs/design.md §5.1, and many banks (leading dims) against SDPA
 (:mod:`hen_kernels.bench.cpu_side`; the cases and their timing rounds are
 :mod:`hen_kernels.bench.cpu_cases`).  The machine's matmul and memory-read ceilings are
-measured in the same run and each row says what fraction of its ceiling it reaches.
+measured in the same run and each row says what fraction of its ceiling it reaches;
+:mod:`hen_kernels.bench.cpu_plot` draws the table beside it (cpu.png).
 
 ``--emulate-avx2`` runs the same tables in a child process that sees an AVX2-only CPU
 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY, FAISS_OPT_LEVEL and
-the kernel's HEN_KERNELS_CPU_ISA) and writes cpu_avx2.{json,md}.
+the kernel's HEN_KERNELS_CPU_ISA) and writes cpu_avx2.{json,md,png}.
 
 Other code (``benchmarks/test_bench_cpu.py``, tests/test_bench.py) reuses :func:`cases`,
 :func:`case_inputs` and :func:`run_case`.
@@ -23,6 +24,7 @@ Other code (``benchmarks/test_bench_cpu.py``, tests/test_bench.py) reuses :func:
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import asdict
@@ -31,7 +33,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import ops
-from . import common, cpu_peers as peers
+from . import common, cpu_plot, cpu_peers as peers
 from .common import DEFAULT_OUT, MIB, num
 # The cases and the smaller tables live in cpu_cases and cpu_side; their names are
 # re-exported here for the code that drives this table (tests, benchmarks/test_bench_cpu.py).
@@ -253,6 +255,10 @@ def markdown(report: dict) -> str:
     unverified = sum(r["met"] is None for r in report["rows"])
     lines += ["", f"{met} of {len(report['rows'])} rows meet every target" +
               (f" ({unverified} unverified: a peer's answer failed its check)." if unverified else ".")]
+    if report.get("plot"):
+        lines += ["", f"![the rows against their peers and ceilings]({report['plot']})"]
+    elif report.get("plot_error"):
+        lines += ["", f"(no picture: {report['plot_error']})"]
     if report.get("steps"):
         lines += ["", f"## Multi-step retrieval ({STEPS} steps) against {STEPS} chained calls of each peer", ""]
         lines += _side_table(report["steps"], ["fused ms", "fused / (5 x one step)"] +
@@ -378,15 +384,24 @@ def finish(report: dict, out: str, name: Optional[str] = None) -> None:
     info = report["machine"]
     kernel = dict(kv.split("=", 1) for kv in info["cpu_info"].split() if "=" in kv)
     add_targets(report["rows"], report["ceilings"], kernel)
+    stem = name or ("cpu_avx2" if info["emulated"] else "cpu")
+    report["plot"] = None
+    report.pop("plot_error", None)
+    try:
+        os.makedirs(out, exist_ok=True)
+        cpu_plot.draw(os.path.join(out, stem + ".png"), report)
+        report["plot"] = stem + ".png"
+    except Exception as e:  # noqa: BLE001 - a picture must not cost the tables (no matplotlib, say)
+        report["plot_error"] = common.short_error(e)
     md = markdown(report)
-    js, mdp = common.write_report(out, name or ("cpu_avx2" if info["emulated"] else "cpu"), report, md)
-    print("\n" + md + f"\nwrote {js} and {mdp}")
+    js, mdp = common.write_report(out, stem, report, md)
+    print("\n" + md + f"\nwrote {js}, {mdp}" + (f" and {report['plot']}" if report["plot"] else ""))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = common.parser("cpu", __doc__, "cpu.json and cpu.md", f"tiny shapes (N = {QUICK_N}): seconds, for tests",
+    p = common.parser("cpu", __doc__, "cpu.json, cpu.md and cpu.png", f"tiny shapes (N = {QUICK_N}): seconds, for tests",
                       5, "timed calls per measurement, after one warm-up")
-    common.add_emulate_avx2(p, "cpu_avx2.{json,md}")
+    common.add_emulate_avx2(p, "cpu_avx2.{json,md,png}")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer (minutes to compile)")
     p.add_argument("--no-side", action="store_true", help="only the main table")
     p.add_argument("--threads", type=int, default=0,
@@ -394,9 +409,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", metavar="REGEX",
                    help="only the cases whose name matches (bulk-.*-float32, say); the header says so")
     p.add_argument("--name", metavar="STEM",
-                   help="write STEM.json and STEM.md instead (one table per kind of CPU: cpu_zen4, say)")
+                   help="write STEM.json, STEM.md and STEM.png instead (one table per kind of CPU: cpu_zen4, say)")
     p.add_argument("--from-json", metavar="PATH",
-                   help="re-make the tables of a saved cpu.json or cpu_avx2.json (no measurement)")
+                   help="re-make the tables and the picture of a saved cpu.json or cpu_avx2.json (no measurement)")
     a = p.parse_args(argv)
     if a.from_json:
         with open(a.from_json) as f:
