@@ -5,9 +5,11 @@
 Each program times the fused kernels against baselines run in the same
 process and writes its table as JSON and Markdown under benchmarks/results/:
 
-- ``cpu``: the CPU rows of §6, fused update against plain PyTorch (cpu.{json,md});
+- ``cpu``: the CPU rows of §6, fused update against plain PyTorch, SDPA, torch.compile and FAISS
+  (cpu.{json,md}, cpu.png);
 - ``bank``: streamed MemoryBank updates: host bank on a GPU, disk bank, host bank on the CPU (bank.{json,md});
-- ``nn``: Hopfield layers, forward and forward+backward, fused against the reference (nn.{json,md});
+- ``nn``: Hopfield layers, forward and forward+backward, fused against dense plain PyTorch and SDPA /
+  MultiheadAttention (nn.{json,md});
 - ``gpu``: the GPU rows of §6 in bf16 against SDPA and FlexAttention (gpu.{json,md}, roofline.png);
 - ``crossover``: the CPU kernel's hand-written tile products against brgemm by depth and query count,
   the measurements behind the planner's ``hand_up_to`` (crossover.{json,md});

@@ -1,4 +1,4 @@
-"""Hopfield layers: forward and forward+backward time and peak memory, fused against the reference.
+"""Hopfield layers: forward and forward+backward time and peak memory, fused against dense PyTorch and SDPA.
 
     python -m hen_kernels.bench nn [--out DIR] [--quick] [--repeats K] [--device DEVICE] [--dtype DTYPE]
 
@@ -44,7 +44,7 @@ from .common import DEFAULT_OUT, MIB
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # "update" | "layer" | "pooling"
+    kind: str  # "update" | "layer" | "pooling" | "attention"
     similarity: str
     batch: int  # queries (update), batch (layer, pooling)
     length: int  # state patterns per batch item (layer), bag length (pooling); unused for update

@@ -8,7 +8,8 @@ feature weights.  Prints one table
 (backend x device x dtype: max error against tolerance, pass or fail) and exits
 1 on any failure; ``--quick`` runs fewer, smaller shapes.  Needs no pytest.
 
-The tolerances (docs/design.md §5) live here, in :data:`TOLERANCE`.
+The tolerances (docs/design.md §5) are :data:`TOLERANCE`, defined in ``hen_kernels.constants`` and
+re-exported here.
 """
 from .cases import TOLERANCE, Result, Target
 from .runner import Report, main, run
