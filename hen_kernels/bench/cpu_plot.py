@@ -88,7 +88,6 @@ def draw(path: str, report: dict) -> None:
     ax.set_yticks(ys)
     ax.set_yticklabels([row_label(r) for r in rows], fontsize=7)
     ax.grid(True, axis="x", which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="lower right")
     ax.xaxis.label.set_size(7)
 
     fractions = [100 * r.get("fraction", 0.0) for r in rows]
@@ -98,6 +97,8 @@ def draw(path: str, report: dict) -> None:
     axc.set_xlabel("% of ceiling (grey: read, orange: matmul)", fontsize=7)
     axc.grid(True, axis="x", alpha=0.25)
     fig.suptitle(title(report), fontsize=8)
-    fig.tight_layout()
+    # Below the axes, where no row's points can sit under it.
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
