@@ -31,9 +31,10 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
 
 # Process-wide settings that change what a large CPU allocation costs.  glibc hands a block
 # above its mmap threshold (32 MiB at most) back to the OS when it is freed, so the next call
-# that allocates one pays first-touch page faults again: with the threshold raised, HopfieldPooling
-# ran up to 2x faster, the fused kernel and its reference alike (docs/nn.md).
-ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
+# that allocates one pays first-touch page faults again: with the mmap and trim thresholds raised,
+# HopfieldPooling ran 2-3x faster, the fused layer and its dense peer alike (docs/nn.md); jemalloc
+# (LD_PRELOAD) only with MALLOC_CONF keeping its freed pages.
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX", "MALLOC_CONF",
                  "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 
 # What an AVX2-only CPU would run, on an AVX-512 machine: oneDNN, MKL, ATen's own kernels,
