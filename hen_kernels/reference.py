@@ -183,8 +183,10 @@ def _settle_ties(ranked: torch.Tensor, top_score: torch.Tensor, top_index: torch
 
     A float64 matmul sums in an order that depends on where a row sits in its tile, so identical
     rows may score a rounding apart and the later one win (rounding to float32 hides this for the
-    other dtypes).  Every row within a generous bound of that rounding of the best, where a query
-    has more than one, is scored again by :func:`_pair_sums`, which treats every row alike.
+    other dtypes).  Every row within a generous bound of that rounding of the best is scored again
+    by :func:`_pair_sums`, which treats every row alike: the best row too where it is alone, since
+    its twin may sit in another chunk, and merge_partials can break the tie by row only if both
+    chunks' top scores were summed the same way.
     """
     q, x = query.to(torch.float64), memory.to(torch.float64)
     w = None if weights is None else weights.to(torch.float64)
@@ -196,11 +198,11 @@ def _settle_ties(ranked: torch.Tensor, top_score: torch.Tensor, top_index: torch
     sq_err = 8 * (q.shape[-1] + 2) * torch.finfo(torch.float64).eps * (qn + xn) ** 2
     slack = b * (sq_err.sqrt() if kind == "l2" else sq_err)
     near = (ranked >= (top_score - slack).unsqueeze(-1)) & ~torch.isneginf(ranked)
-    several = near.sum(-1) > 1
-    if not bool(several.any()):
+    scored = near.any(-1)  # every query with a finite best: alone or not, its best is summed again
+    if not bool(scored.any()):
         return top_score, top_index
     lead, qe, xe, we = _expanded(q, x, w)
-    near = (near & several.unsqueeze(-1)).expand(lead + near.shape[-2:])
+    near = (near & scored.unsqueeze(-1)).expand(lead + near.shape[-2:])
     idx = near.nonzero()
     sums = _pair_sums(qe, xe, we, idx, kind)
     be = _beta_column(beta, torch.float64, q.device).expand(lead + near.shape[-2:])[tuple(idx.unbind(-1))]
@@ -208,7 +210,7 @@ def _settle_ties(ranked: torch.Tensor, top_score: torch.Tensor, top_index: torch
     again = torch.full(near.shape, -math.inf, dtype=torch.float64, device=q.device)
     again = again.index_put(tuple(idx.unbind(-1)), direct)
     best, at = again.max(-1)
-    return torch.where(several, best, top_score), torch.where(several, at, top_index)
+    return torch.where(scored, best, top_score), torch.where(scored, at, top_index)
 
 
 def partial(

@@ -205,3 +205,14 @@ def test_every_backend_matches_the_float64_definition(backend):
     checked: list = []
     run()
     assert len(checked) >= len(drawn) // 10, f"only {len(checked)} of {len(drawn)} drawn cases were checked"
+
+
+def test_twins_in_different_chunks_tie_to_the_first_in_float64():
+    """A case the search found with 1500 examples (the default run draws 100): float64, weighted ℓ2 over a
+    bank far from the origin, duplicated rows cut into three chunks.  Each chunk's best row was its
+    only candidate, so the reference kept its matmul score, and two twins in different chunks scored a
+    rounding apart: the merge took the later one.  Every chunk's best is now summed one pair at a time."""
+    c = Case(lead=(), shared=False, b=1, n=46, d=64, dv=1, dtype=torch.float64, similarity="l2",
+             beta_level=0.001, beta_per_lead=False, queries="random", duplicates=True, shift=100.0,
+             weighted=True, cuts=(12, 27), offset=0, seed=5624)
+    check(c, "torch")
