@@ -7,6 +7,9 @@ weights.  The restatement is the definition, in float64, B x N x D (small shapes
 Cases that involve a rule a backend's kernels do not follow yet (tests/pending.py)
 are not checked on that backend; tests/test_kernels.py holds those as strict xfails.
 Bounded: a fixed number of derandomised examples per backend, well under two minutes.
+Two searches more at the CPU kernel's tile edges (query blocks, hand-written products against
+brgemm, row tiles, splits): the forward against the same definition, and the fused backward
+against float64 autograd through the reference.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import hen_kernels as hk  # noqa: E402
-from hen_kernels.constants import KERNEL_DTYPES, SIMILARITIES, TOLERANCE  # noqa: E402
+from hen_kernels import reference  # noqa: E402
+from hen_kernels.constants import GRAD_TOLERANCE, KERNEL_DTYPES, SIMILARITIES, TOLERANCE  # noqa: E402
 
-from .conftest import device_of, interpreted, kernel_backends, require  # noqa: E402
+from .conftest import device_of, interpreted, kernel_backends, rel_err, require  # noqa: E402
 from .pending import is_pending  # noqa: E402
 
 # Examples per backend: under the interpreter each new Triton shape is autotuned (seconds a case).
@@ -216,3 +220,110 @@ def test_twins_in_different_chunks_tie_to_the_first_in_float64():
              beta_level=0.001, beta_per_lead=False, queries="random", duplicates=True, shift=100.0,
              weighted=True, cuts=(12, 27), offset=0, seed=5624)
     check(c, "torch")
+
+
+# The CPU kernel's edges: query blocks (16 / 64 / 128), hand-written products against brgemm (a few
+# queries), row tiles (64-256 rows) and bank splits, which the small shapes above never reach.
+EDGE_B = [1, 2, 4, 5, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 127, 129, 200]
+EDGE_D = [1, 7, 16, 17, 32, 64, 65, 128, 129, 256, 300, 512]
+EDGE_N = [63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 513, 1000, 2049, 4097]
+EDGE_WORK = 12_000_000  # B x N x D of the float64 restatement's temporaries
+
+
+@st.composite
+def edge_cases(draw):
+    similarity = draw(st.sampled_from(SIMILARITIES))
+    b, d = draw(st.sampled_from(EDGE_B)), draw(st.sampled_from(EDGE_D))
+    budget = max(1, EDGE_WORK // (2 * b * d))
+    n = draw(st.one_of(st.integers(1, min(5000, budget)), st.sampled_from([x for x in EDGE_N if x <= budget] or [1])))
+    return Case(lead=draw(st.sampled_from([(), (), (2,)])), shared=draw(st.booleans()), b=b, n=n, d=d,
+                dv=draw(st.one_of(st.none(), st.sampled_from([1, 3, 16, 33, 64]))),
+                dtype=draw(st.sampled_from(list(KERNEL_DTYPES))), similarity=similarity,
+                beta_level=draw(st.sampled_from([1e-3, 0.3, 1.0, 4.0])), beta_per_lead=draw(st.booleans()),
+                queries=draw(st.sampled_from(["random", "random", "on", "near", "next to"])),
+                duplicates=draw(st.sampled_from([False, False, True])),
+                shift=draw(st.sampled_from([0.0, 1e2])) if similarity != "dot" else 0.0,
+                weighted=draw(st.sampled_from([False, False, True])),
+                cuts=tuple(sorted(set(draw(st.lists(st.integers(1, max(1, n - 1)), max_size=3))))) if n > 1 else (),
+                offset=draw(st.sampled_from([0, 1000, 2**31 + 3])), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def test_the_cpu_kernel_at_its_tile_edges_matches_the_float64_definition():
+    """The check above at the shapes where the CPU kernel changes its plan (3922 cases of this search
+    passed when it was written; the default run draws 300)."""
+    require("cpu")
+    checked = []
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(c=edge_cases())
+    def run(c: Case) -> None:
+        if any(is_pending("cpu", f) for f in c.features()):
+            return
+        check(c, "cpu")
+        checked.append(c)
+
+    run()
+    assert len(checked) >= 100
+
+
+@st.composite
+def gradient_cases(draw):
+    same = draw(st.booleans())
+    d = draw(st.sampled_from([1, 2, 7, 15, 16, 17, 32, 63, 64, 65, 128, 129, 256]))
+    return dict(b=draw(st.sampled_from([1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64, 65, 129])), d=d,
+                n=draw(st.sampled_from([1, 2, 15, 63, 64, 65, 255, 256, 257, 1000, 2049])),
+                lead=draw(st.sampled_from([(), (2,), (3,)])), same=same,
+                dv=d if same else draw(st.sampled_from([1, 5, 16, 64, 65])), shared=draw(st.booleans()),
+                similarity=draw(st.sampled_from(SIMILARITIES)),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _partial_grads(backend, similarity, q, x, v, beta, dout, dlse):
+    args = [t.detach().clone().requires_grad_() for t in (q, x) + (() if v is None else (v,)) + (beta,)]
+    p = hk.hopfield_partial(args[0], args[1], args[-1], similarity=similarity,
+                            values=None if v is None else args[2], backend=backend)
+    return torch.autograd.grad((p.out * dout).sum() + (p.lse * dlse).sum(), args)
+
+
+def test_the_cpu_backward_at_its_tile_edges_matches_float64_autograd():
+    """Forward and fused backward of random queries (a saturated softmax is tests/pending.py's
+    saturated_grad) against float64 autograd through the reference.  dbeta is one sum over every query
+    and row whose terms cancel by up to 2000x here: its error is bounded by the terms' rounding."""
+    require("cpu")
+    checked = []
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(c=gradient_cases())
+    def run(c: dict) -> None:
+        lead, b, n, d, dv = c["lead"], c["b"], c["n"], c["d"], c["dv"]
+        if (lead[0] if lead else 1) * b * n * max(d, dv) > 8_000_000:
+            return
+        g = torch.Generator().manual_seed(c["seed"])
+        f64 = torch.float64
+        x = torch.randn((n, d) if c["shared"] else lead + (n, d), generator=g, dtype=f64).to(c["dtype"])
+        q = torch.randn(lead + (b, d), generator=g, dtype=f64).to(c["dtype"])
+        v = None if c["same"] else torch.randn(x.shape[:-1] + (dv,), generator=g, dtype=f64).to(c["dtype"])
+        beta = torch.tensor(1.0 if c["similarity"] == "l2" else d ** -0.5, dtype=f64)
+        # both sides see the same incoming gradients: rounding them would move dbeta's cancelling sum
+        dout = torch.randn(lead + (b, dv), generator=g).double()
+        dlse = torch.randn(lead + (b,), generator=g).double()
+        want = _partial_grads(None, c["similarity"], q.double(), x.double(), None if v is None else v.double(),
+                              beta, dout, dlse)
+        got = _partial_grads("cpu", c["similarity"], q, x, v, beta.float(), dout.float(), dlse.float())
+        s = reference.similarity(q.double(), x.double(), c["similarity"])
+        t = (beta * s).requires_grad_()
+        vals = x.double() if v is None else v.double()
+        (dt,) = torch.autograd.grad(((torch.softmax(t, -1) @ vals) * dout).sum() + (torch.logsumexp(t, -1) * dlse).sum(), t)
+        terms = float((dt * s).abs().sum())
+        tol = GRAD_TOLERANCE[c["dtype"]]
+        for name, gg, w in zip(("query", "memory") + (() if v is None else ("values",)) + ("beta",), got, want):
+            assert torch.isfinite(gg).all(), (c, name)
+            if name == "beta":
+                err = abs(float(gg) - float(w))
+                assert err <= tol * abs(float(w)) + 16 * torch.finfo(c["dtype"]).eps * terms, (c, err, float(w), terms)
+            else:
+                assert rel_err(gg, w) < tol, (c, name, rel_err(gg, w))
+        checked.append(c)
+
+    run()
+    assert len(checked) >= 100
