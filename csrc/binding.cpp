@@ -161,13 +161,18 @@ struct WorkspaceTensors {
 // and freed within every call, it was the free that let glibc trim the heap's top (brk) where a peer
 // had just freed its large buffers: the munmap, inside the kernel's call, made layer-sized calls (64 x
 // 65536 x 64 float32, EPYC Zen 4) take 9-17 ms instead of 6 in a process that also ran plain PyTorch
-// and torch.compile (PERFORMANCE.md §5.22; MALLOC_TRIM_THRESHOLD_ raised: 6 ms).
+// and torch.compile (PERFORMANCE.md §5.22; MALLOC_TRIM_THRESHOLD_ raised: 6 ms).  CPU tensors only: run_cuda
+// shares make_workspace, and its workspace comes from the caching allocator, which knows the stream a
+// block is used on (a kept slab would hand a host buffer to a device kernel, or a device buffer still in
+// use by one launch to the next).
 constexpr int64_t kKeptWorkspaceBytes = int64_t(16) << 20;
 
 at::Tensor workspace_slab(int64_t numel, const at::TensorOptions& opts) {
+  if (!opts.device().is_cpu() || numel * int64_t(opts.dtype().itemsize()) > kKeptWorkspaceBytes) {
+    return at::empty({numel}, opts);
+  }
   thread_local at::Tensor kept[2];  // float32, int64
   at::Tensor& slab = kept[opts.dtype() == at::kLong ? 1 : 0];
-  if (numel * int64_t(opts.dtype().itemsize()) > kKeptWorkspaceBytes) return at::empty({numel}, opts);
   if (!slab.defined() || slab.numel() < numel) slab = at::empty({numel}, opts);
   return slab.narrow(0, 0, numel);
 }

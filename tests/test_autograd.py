@@ -90,7 +90,8 @@ def test_streaming_backward_far_from_the_origin(similarity):
     v = torch.randn(40, 8, generator=g)
     beta = torch.tensor([2.0 if similarity == "l2" else 4.0])
     dout, dlse = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, generator=g)
-    want = _grads(None, similarity, q.double(), x.double(), v.double(), beta.double(), dout.double(), dlse.double())
+    want = partial_grads(None, similarity, q.double(), x.double(), v.double(), beta.double(), dout.double(),
+                         dlse.double())
     p = reference.partial(q, x, beta, similarity, v)
     got = backward_cpu.partial_backward(dout, dlse, q, x.unsqueeze(0), v.unsqueeze(0), beta, p.out, p.lse, similarity)
     for name, gg, ww in zip(("query", "memory", "values", "beta"), got, want):
@@ -133,12 +134,14 @@ def _spy_triton_backward(monkeypatch):
     return calls
 
 
-def _grads(backend, similarity, q, x, v, beta, dout, dlse):
-    args = [t.detach().requires_grad_() for t in (q, x, v, beta)]
+def partial_grads(backend, similarity, q, x, v, beta, dout, dlse):
+    """Gradients of Σ out·dout + Σ lse·dlse for q, x, v (left out when None: values = memory) and beta."""
+    args = [t.detach().requires_grad_() for t in (q, x) + (() if v is None else (v,)) + (beta,)]
+    values = None if v is None else args[2]
     if backend is None:  # ground truth: autograd through the reference in float64
-        p = reference.partial(args[0], args[1], args[3], similarity, args[2])
+        p = reference.partial(args[0], args[1], args[-1], similarity, values)
     else:
-        p = hk.hopfield_partial(args[0], args[1], args[3], similarity=similarity, values=args[2], backend=backend)
+        p = hk.hopfield_partial(args[0], args[1], args[-1], similarity=similarity, values=values, backend=backend)
     loss = (p.out * dout).sum() + (p.lse * dlse).sum()
     return torch.autograd.grad(loss, args)
 
@@ -156,9 +159,9 @@ def test_fused_backward_matches_reference(backend, similarity, dtype, shape, mon
     g = torch.Generator().manual_seed(4)
     dout = torch.randn(shape_q[:-1] + (dv,), generator=g)
     dlse = torch.randn(shape_q[:-1], generator=g)
-    want = _grads(None, similarity, q.double(), x.double(), v.double(), beta.double(), dout.double(),
+    want = partial_grads(None, similarity, q.double(), x.double(), v.double(), beta.double(), dout.double(),
                   dlse.double())
-    got = _grads(backend, similarity, q, x, v, beta, dout, dlse)
+    got = partial_grads(backend, similarity, q, x, v, beta, dout, dlse)
     assert calls == ([1] if backend == "triton" else [])  # the fused kernel, not a fallback
     for name, gg, w in zip(("query", "memory", "values", "beta"), got, want):
         assert gg.dtype == (beta.dtype if name == "beta" else dtype)

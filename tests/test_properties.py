@@ -30,6 +30,7 @@ from hen_kernels.constants import GRAD_TOLERANCE, KERNEL_DTYPES, SIMILARITIES, T
 
 from .conftest import device_of, interpreted, kernel_backends, rel_err, require  # noqa: E402
 from .pending import is_pending  # noqa: E402
+from .test_autograd import partial_grads  # noqa: E402
 
 # Examples per backend: under the interpreter each new Triton shape is autotuned (seconds a case).
 EXAMPLES = {"torch": 100, "cpu": 200, "cuda": 200, "triton": 6}
@@ -278,13 +279,6 @@ def gradient_cases(draw):
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), seed=draw(st.integers(0, 2**31 - 1)))
 
 
-def _partial_grads(backend, similarity, q, x, v, beta, dout, dlse):
-    args = [t.detach().clone().requires_grad_() for t in (q, x) + (() if v is None else (v,)) + (beta,)]
-    p = hk.hopfield_partial(args[0], args[1], args[-1], similarity=similarity,
-                            values=None if v is None else args[2], backend=backend)
-    return torch.autograd.grad((p.out * dout).sum() + (p.lse * dlse).sum(), args)
-
-
 def test_the_cpu_backward_at_its_tile_edges_matches_float64_autograd():
     """Forward and fused backward of random queries (a saturated softmax is tests/pending.py's
     saturated_grad) against float64 autograd through the reference.  dbeta is one sum over every query
@@ -307,9 +301,9 @@ def test_the_cpu_backward_at_its_tile_edges_matches_float64_autograd():
         # both sides see the same incoming gradients: rounding them would move dbeta's cancelling sum
         dout = torch.randn(lead + (b, dv), generator=g).double()
         dlse = torch.randn(lead + (b,), generator=g).double()
-        want = _partial_grads(None, c["similarity"], q.double(), x.double(), None if v is None else v.double(),
+        want = partial_grads(None, c["similarity"], q.double(), x.double(), None if v is None else v.double(),
                               beta, dout, dlse)
-        got = _partial_grads("cpu", c["similarity"], q, x, v, beta.float(), dout.float(), dlse.float())
+        got = partial_grads("cpu", c["similarity"], q, x, v, beta.float(), dout.float(), dlse.float())
         s = reference.similarity(q.double(), x.double(), c["similarity"])
         t = (beta * s).requires_grad_()
         vals = x.double() if v is None else v.double()
