@@ -10,6 +10,7 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
@@ -412,14 +413,14 @@ bool all_finite(const at::Tensor& lse) {
 // UpdateFunction may return and save it as it is (autograd forbids changing in place a view made
 // inside a custom Function; the general path's output may be changed so).
 struct PlainForward {
-  at::Tensor out, lse;
+  at::Tensor out, lse, top_index;
 };
 std::optional<PlainForward> plain_forward(const PlainCall& c, int64_t similarity) {
   const auto [out, lse, top_score, top_index] =
       run_cpu(c.q3, c.x3, c.v3, c.beta, similarity, 0, std::nullopt, hen::PlanHints{});
   if (!all_finite(lse)) return std::nullopt;
   at::AutoDispatchBelowADInplaceOrView below;
-  return PlainForward{with_lead(c, out), lse};
+  return PlainForward{with_lead(c, out), lse, top_index};
 }
 
 std::vector<at::Tensor> update_plain(const PlainCall& c, at::ScalarType dtype, int64_t similarity) {
@@ -574,10 +575,89 @@ hen::BankGrads parse_bank_grads(c10::string_view s) {
   return hen::BankGrads::None;
 }
 
+// backward_cpu.py settle_top_rows, for the CPU op where its tiles did not (BackwardPlan::settle_in_tiles):
+// each query's top row, which left the tiles' products, into dq (L, B, D) and the bank's gradient as the tiles
+// wrote it (b.dx or b.dx16, at b's strides), with dt = dlse Σ P less the other rows' dt, from the tiles'
+// terms summed (5, L, B).  Plain loops over the queries with a top row: ATen's indexing ops cost 100-500
+// µs a call here, 4x a small layer's whole backward.
+void settle_top_rows(const hen::BackwardParams& b, float* dq, const float* terms, const int64_t* top) {
+  const hen::PartialParams& p = b.p;
+  const int64_t L = p.L, B = p.B, N = p.N, D = p.D;
+  const size_t es = p.dtype == hen::DType::F32 ? 4 : 2;
+  // A row's n elements in float: a float32 row itself, a 16-bit one widened into dst (the dtype's switch
+  // outside the loop: per element it was 3 ns a feature).
+  auto widen = [&](const void* row, int64_t n, float* dst) -> const float* {
+    if (p.dtype == hen::DType::F32) return static_cast<const float*>(row);
+    const uint16_t* h = static_cast<const uint16_t*>(row);
+    if (p.dtype == hen::DType::BF16)
+      for (int64_t k = 0; k < n; ++k) dst[k] = float(c10::BFloat16(h[k], c10::BFloat16::from_bits()));
+    else
+      for (int64_t k = 0; k < n; ++k) dst[k] = float(c10::Half(h[k], c10::Half::from_bits()));
+    return dst;
+  };
+  const float *dt_sum = terms + L * B, *p_sum = terms + 3 * L * B, *dt_top = terms + 4 * L * B;
+  // A 16-bit dX row that several queries top takes their changes summed and is rounded once: the changes
+  // wait in `change`, (row key, its offset) in `at_rows`; a float32 row takes each change at once.
+  const bool with_dx = b.bank_grads != hen::BankGrads::None, rows16 = with_dx && b.dx16;
+  std::vector<std::pair<int64_t, int64_t>> at_rows;
+  std::vector<float> change, qf(static_cast<size_t>(D)), xf(static_cast<size_t>(D)), ones(static_cast<size_t>(D), 1.f);
+  const bool dot = p.similarity == hen::Similarity::Dot, l2 = p.similarity == hen::Similarity::L2;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t lb = l * B + i, row = top[lb];
+      if (row < 0 || row >= N) continue;
+      const float* __restrict x =
+          widen(static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(l) + row * p.memory_row_stride), D,
+                xf.data());
+      const float* __restrict q =
+          widen(static_cast<const char*>(p.query) + es * size_t(p.query_lead(l) + i * p.query_row_stride), D,
+                qf.data());
+      const float* __restrict w = p.weights ? p.weights + lb * D : ones.data();
+      float coef = p.beta[l] * (b.dlse[lb] * p_sum[lb] - (dt_sum[lb] - dt_top[lb]));  // the pair's G
+      if (l2) {
+        float d2 = 0.f;
+        for (int64_t k = 0; k < D; ++k) d2 += w[k] * (q[k] - x[k]) * (q[k] - x[k]);
+        coef = d2 > 0.f ? coef / std::sqrt(d2) : 0.f;  // -coef / s with s = -sqrt(d2); 0 at a stored row
+      }
+      if (coef == 0.f) continue;
+      float* __restrict dqi = dq + lb * D;
+      if (dot)
+        for (int64_t k = 0; k < D; ++k) dqi[k] += coef * w[k] * x[k];
+      else
+        for (int64_t k = 0; k < D; ++k) dqi[k] += coef * w[k] * (x[k] - q[k]);
+      if (!with_dx) continue;
+      const int64_t lm = b.Lm > 1 ? l : 0;
+      if (rows16) {
+        at_rows.emplace_back(lm * N + row, int64_t(change.size()));
+        change.resize(change.size() + size_t(D), 0.f);
+      }
+      float* __restrict to = rows16 ? change.data() + change.size() - size_t(D)
+                                    : b.dx + b.dx_lead(lm) + row * b.dx_row_stride;
+      if (dot)
+        for (int64_t k = 0; k < D; ++k) to[k] += coef * w[k] * q[k];
+      else
+        for (int64_t k = 0; k < D; ++k) to[k] += coef * w[k] * (q[k] - x[k]);
+    }
+  std::sort(at_rows.begin(), at_rows.end());
+  for (size_t g = 0; g < at_rows.size();) {
+    const int64_t key = at_rows[g].first;
+    std::fill(xf.begin(), xf.end(), 0.f);
+    for (; g < at_rows.size() && at_rows[g].first == key; ++g)
+      for (int64_t k = 0; k < D; ++k) xf[size_t(k)] += change[size_t(at_rows[g].second + k)];
+    uint16_t* r = b.dx16 + b.dx_lead(key / N) + key % N * b.dx_row_stride;
+    const float* had = widen(r, D, qf.data());
+    for (int64_t k = 0; k < D; ++k) {
+      const float v = had[k] + xf[size_t(k)];
+      r[k] = p.dtype == hen::DType::BF16 ? c10::BFloat16(v).x : c10::Half(v).x;
+    }
+  }
+}
+
 PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
                                    const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
                                    const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
-                                   const std::optional<at::Tensor>& weights, c10::string_view bank_grads) {
+                                   const std::optional<at::Tensor>& weights, c10::string_view bank_grads,
+                                   const std::optional<at::Tensor>& top) {
   const hen::BankGrads mode = parse_bank_grads(bank_grads);
   const bool summed = mode == hen::BankGrads::Summed, with_dx = mode != hen::BankGrads::None;
   const bool with_dv = mode == hen::BankGrads::Apart;
@@ -593,6 +673,10 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   };
   const at::Tensor dout_f = f32(dout, {p.L, p.B, p.Dv}, "dout"), out_f = f32(out, {p.L, p.B, p.Dv}, "out");
   const at::Tensor dlse_f = f32(dlse, {p.L, p.B}, "dlse"), lse_f = f32(lse, {p.L, p.B}, "lse");
+  if (top)
+    TORCH_CHECK(top->numel() == p.L * p.B && top->scalar_type() == at::kLong && top->device().is_cpu(),
+                "hen_kernels::cpu_partial_backward: top must be ", p.L * p.B, " int64 rows on the CPU (one a query), got ",
+                top->sizes(), " ", top->scalar_type());
   auto opts = r.query.options().dtype(at::kFloat);
   auto bank_opts = r.query.options();  // dx and dv: the inputs' dtype
   auto none = [&] { return at::empty({0}, bank_opts); };  // a gradient not asked for (each its own: no aliases)
@@ -603,6 +687,8 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   b.p = p;
   b.dout = dout_f.data_ptr<float>(), b.dlse = dlse_f.data_ptr<float>();
   b.out = out_f.data_ptr<float>(), b.lse = lse_f.data_ptr<float>();
+  const at::Tensor top_rows = top ? top->contiguous() : at::Tensor();
+  b.top = top ? top_rows.data_ptr<int64_t>() : nullptr;
   b.Lm = Lm;
   // A 16-bit input's output gradient usually is 16-bit (the gradient of the cast to it):
   // then the dP and dV products may take it as 16-bit operands without rounding it.
@@ -615,11 +701,12 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
     TORCH_CHECK_NOT_IMPLEMENTED(false, "hen_kernels::cpu_partial_backward: ", e.what());
   }
   at::Tensor dq = at::zeros({plan.splits, p.L, p.B, p.D}, opts);
-  // Σ dt s, Σ dt, Σ P s, Σ P (BackwardParams::dbeta)
-  at::Tensor dbeta_terms = at::empty({4, plan.splits, p.L, p.B}, opts);
+  // Σ dt s, Σ dt, Σ P s, Σ P (BackwardParams::dbeta), and the top row's dt in them (BackwardParams::top)
+  at::Tensor dbeta_terms = at::empty({top ? 5 : 4, plan.splits, p.L, p.B}, opts);
   b.dq = dq.data_ptr<float>();
   b.dbeta = dbeta_terms[0].data_ptr<float>(), b.dt_sum = dbeta_terms[1].data_ptr<float>();
   b.ps_sum = dbeta_terms[2].data_ptr<float>(), b.p_sum = dbeta_terms[3].data_ptr<float>();
+  b.dt_top = top ? dbeta_terms[4].data_ptr<float>() : nullptr;
   // Every row written.  The gradients of a split bank are laid out as its views (empty_like
   // keeps a dense layout), so that autograd hands them back through the user's transposes
   // without a copy.  Float32 rows where a row sums terms from several tiles: 16-bit inputs
@@ -644,6 +731,10 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   at::Tensor dx = grad(with_dx, r.memory, b.dx, b.dx16, b.dx_lead_stride, b.dx_lead_inner_stride, b.dx_row_stride);
   at::Tensor dv = grad(with_dv, r.values, b.dv, b.dv16, b.dv_lead_stride, b.dv_lead_inner_stride, b.dv_row_stride);
   for_each_tile(plan.tiles(b), [&](int64_t t) { hen::run_backward_tile(b, plan, t); });
+  at::Tensor dq_all = dq.sum(0), terms = dbeta_terms.sum(1);
+  if (top && !plan.settle_in_tiles)  // (before the cast below: a float32 row there)
+    settle_top_rows(b, dq_all.data_ptr<float>(), terms.data_ptr<float>(), b.top);
+  if (top) terms = terms.narrow(0, 0, 4);
   if (!in_layout) {
     auto cast = [&](const at::Tensor& g, const at::Tensor& bank_view) {
       if (g.numel() == 0) return none();
@@ -654,7 +745,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
     };
     dx = cast(dx, r.memory), dv = cast(dv, r.values);
   }
-  return {dq.sum(0).view(query.sizes()), dx, dv, dbeta_terms.sum(1)};
+  return {dq_all.view(query.sizes()), dx, dv, terms};
 }
 
 // hopfield_update's plain case with an autograd graph to record (update_autograd): forward by
@@ -673,7 +764,7 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
     // A float32 output is saved itself, so that a change to it in place is seen at backward, as the
     // general path sees it (its saved out is the output's base).
     const at::Tensor result = query.scalar_type() == at::kFloat ? f->out : f->out.to(query.scalar_type());
-    ctx->save_for_backward({c.q3, c.x3, c.v3, c.beta, f->out, f->lse});
+    ctx->save_for_backward({c.q3, c.x3, c.v3, c.beta, f->out, f->lse, f->top_index});
     ctx->saved_data["similarity"] = similarity;
     ctx->saved_data["query_sizes"] = query.sizes().vec();
     ctx->saved_data["memory_sizes"] = memory.sizes().vec();
@@ -696,7 +787,7 @@ struct UpdateFunction : public torch::autograd::Function<UpdateFunction> {
     const at::Tensor out = s[4].reshape({lse.size(0), lse.size(1), v3.size(-1)});  // (L, B, Dv)
     const auto [dq, dx, dv, dbeta] =
         partial_backward_cpu(grads[0].reshape(out.sizes()), at::zeros_like(lse), q3, x3, v3, beta, out, lse,
-                             ctx->saved_data["similarity"].toInt(), std::nullopt, bank_grads);
+                             ctx->saved_data["similarity"].toInt(), std::nullopt, bank_grads, s[6]);
     auto shaped = [&](const at::Tensor& g, const char* sizes, size_t input) {
       return ctx->needs_input_grad(input) ? g.to(q3.scalar_type()).reshape(ctx->saved_data[sizes].toIntVector())
                                           : at::Tensor();
@@ -756,7 +847,8 @@ std::vector<at::Tensor> update_autograd(const at::Tensor& query, const at::Tenso
 PartialResult partial_backward_meta(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
                                     const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
                                     const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
-                                    const std::optional<at::Tensor>& weights, c10::string_view bank_grads) {
+                                    const std::optional<at::Tensor>& weights, c10::string_view bank_grads,
+                                    const std::optional<at::Tensor>& /*top*/) {
   auto opts = query.options().dtype(at::kFloat);
   const int64_t L = c10::multiply_integers(query.sizes().slice(0, query.dim() - 2));  // (a split query: Lo x Li)
   // A split bank's (Lo, Li, N, ·) gradients come laid out as its views (partial_backward_cpu).
@@ -875,7 +967,8 @@ TORCH_LIBRARY(hen_kernels, m) {
   // The CPU backward of `partial` (partial_backward_cpu; autograd.py owns hen_kernels::partial_backward).
   m.def(
       "cpu_partial_backward(Tensor dout, Tensor dlse, Tensor query, Tensor memory, Tensor values, Tensor beta, "
-      "Tensor out, Tensor lse, int similarity, Tensor? weights=None, str bank_grads=\"apart\") "
+      "Tensor out, Tensor lse, int similarity, Tensor? weights=None, str bank_grads=\"apart\", "
+      "Tensor? top=None) "
       "-> (Tensor dq, Tensor dx, Tensor dv, Tensor dbeta_terms)");
   // hopfield_update's plain CPU case (update_cpu): [out], or [] where the general path must answer.
   // split_queries_max: the CPU backend's (backends.py), up to which it reads split views in place.

@@ -3,8 +3,8 @@
 A backend without a backward (the reference) is plain differentiable PyTorch
 and is left to PyTorch's autograd: it is the specification the fused gradients
 are tested against.  Every other backend's Partial goes through
-:class:`PartialFunction`, which saves only the inputs, ``out`` (L, B, Dv) and
-``lse`` (L, B), never a B x N matrix, so training memory does not grow with the
+:class:`PartialFunction`, which saves only the inputs, ``out`` (L, B, Dv), ``lse`` (L, B) and
+``top_index`` (L, B), never a B x N matrix, so training memory does not grow with the
 bank.  Its backward is the custom op ``hen_kernels::partial_backward`` (with a
 fake implementation, so ``torch.compile`` traces through it), which runs the
 backward that :mod:`hen_kernels.backends` gives the forward's backend.
@@ -46,11 +46,12 @@ def needs_grad(inp: Inputs) -> bool:
 def _partial_backward_impl(dout: torch.Tensor, dlse: torch.Tensor, query: torch.Tensor, memory: torch.Tensor,
                            values: torch.Tensor, beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            similarity: str, backend: str, weights: Optional[torch.Tensor] = None,
-                           bank_grads: str = "apart",
+                           bank_grads: str = "apart", top: Optional[torch.Tensor] = None,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backend's backward (backends.BackwardImpl: bank_grads "apart", "summed" or "none")."""
+    """The backend's backward (backends.BackwardImpl: bank_grads "apart", "summed" or "none"; top each
+    query's top row)."""
     return backends.BACKENDS[backend].backward(dout, dlse, query, memory, values, beta, out, lse, similarity,
-                                               weights, bank_grads)
+                                               weights, bank_grads, top)
 
 
 # The backend travels by name: a custom op's arguments must be tensors or plain values.
@@ -58,7 +59,8 @@ _partial_backward = torch.library.custom_op("hen_kernels::partial_backward", mut
 
 
 @_partial_backward.register_fake
-def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None, bank_grads="apart"):
+def _(dout, dlse, query, memory, values, beta, out, lse, similarity, backend, weights=None, bank_grads="apart",
+      top=None):
     f32 = dict(dtype=torch.float32, device=query.device)
     own = backends.BACKENDS[backend].bank_grads_in_input_dtype
 
@@ -94,9 +96,11 @@ class PartialFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         # keys_are_values: v is x (or, under torch.compile, an alias of it: `partial`), one bank
-        q, x, v, beta, similarity, backend, _offset, weights, keys_are_values = inputs
+        q, x, v, beta, similarity, backend, offset, weights, keys_are_values = inputs
         out, lse, top_score, top_index = output
-        ctx.save_for_backward(q, x, v, beta, out, lse, weights)
+        # Each query's top row of this bank, whose dt the backward takes as a difference of its own
+        # (backward_cpu.top_row_gaps): B integers, where the softmax's weights would be B x N.
+        ctx.save_for_backward(q, x, v, beta, out, lse, weights, top_index - offset if offset else top_index)
         ctx.similarity = similarity
         ctx.backend = backend.name
         ctx.keys_are_values = keys_are_values
@@ -104,7 +108,7 @@ class PartialFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse, _dts, _dti):
-        q, x, v, beta, out, lse, weights = ctx.saved_tensors
+        q, x, v, beta, out, lse, weights, top = ctx.saved_tensors
         with torch.no_grad():
             dout = torch.zeros_like(out) if dout is None else dout
             dlse = torch.zeros_like(lse) if dlse is None else dlse
@@ -117,7 +121,7 @@ class PartialFunction(torch.autograd.Function):
             bank_grads = backends.bank_grads_wanted(ctx.keys_are_values, need[1], need[2])
             dq, dx, dv, dbeta = backward(dout.contiguous(), dlse.contiguous(), q, x,
                                          x if bank_grads == "summed" else v, beta, out, lse, ctx.similarity,
-                                         ctx.backend, weights, bank_grads)
+                                         ctx.backend, weights, bank_grads, top)
             grads = (dq.to(q.dtype) if need[0] else None, dx.to(x.dtype) if need[1] else None,
                      dv.to(v.dtype) if need[2] and bank_grads == "apart" else None,
                      dbeta.to(beta.dtype) if need[3] else None)

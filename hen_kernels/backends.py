@@ -40,7 +40,8 @@ Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 # (dq, dx, dv, dbeta): dq and dbeta in float32, dx and dv in float32 or, with
 # Backend.bank_grads_in_input_dtype, the bank's dtype.  bank_grads: "apart", dx and dv;
 # "summed" (keys = values: memory is read as the values too), dx the bank's one gradient, dX + dV summed in
-# float32, and dv empty; "none" (a bank that needs no gradient), dx and dv empty.
+# float32, and dv empty; "none" (a bank that needs no gradient), dx and dv empty.  top: (L, B) int64, each
+# query's top row of this bank (the forward's top_index less its offset; backward_cpu.top_row_gaps), or None.
 BackwardImpl = Callable[..., Grads]
 
 
@@ -272,15 +273,17 @@ def _triton_partial(q, x, v, beta, similarity, offset, weights):
 # --- backward: recomputed from the saved lse -------------------------------------------
 
 def _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None,
-                        bank_grads: str = "apart") -> Grads:
+                        bank_grads: str = "apart", top=None) -> Grads:
     """PyTorch over bank chunks of bounded size: any device, any D (backward_cpu.py)."""
     v = x if bank_grads == "summed" else v
     if q.dim() == 4 or x.dim() == 4:  # split views (the CPU backend's, on a build without brgemm): as (L, ·, ·)
         flat = [t.flatten(0, -3) for t in (q, x, v)]
-        dq, dx, dv, dbeta = backward_cpu.partial_backward(dout, dlse, *flat, beta, out, lse, similarity, weights)
+        top = None if top is None else top.reshape(out.shape[:-1])
+        dq, dx, dv, dbeta = backward_cpu.partial_backward(dout, dlse, *flat, beta, out, lse, similarity, weights,
+                                                          top)
         grads = dq.view(q.shape), dx.view(x.shape), dv.view(v.shape), dbeta
     else:
-        grads = backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights)
+        grads = backward_cpu.partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights, top)
     return bank_grads_of(grads, bank_grads)
 
 
@@ -291,7 +294,7 @@ def _cpu_has_brgemm() -> bool:
 
 
 def _cpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None,
-                  bank_grads: str = "apart") -> Grads:
+                  bank_grads: str = "apart", top=None) -> Grads:
     """The fused C++ backward (csrc/cpu/backward_kernel.cpp, on brgemm) where the build has it,
     else the streaming path; dx and dv in the bank's dtype either way (the C++ one writes
     16-bit rows directly where it can: no float32 N x D gradient to allocate; and only the bank
@@ -299,15 +302,15 @@ def _cpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
     if _cpu_has_brgemm():
         dq, dx, dv, terms = torch.ops.hen_kernels.cpu_partial_backward(dout, dlse, q, x, v, beta, out, lse,
                                                                    SIMILARITY_CODES[similarity], weights,
-                                                                   bank_grads)
+                                                                   bank_grads, top)
         return dq, dx, dv, backward_cpu.dbeta_from_terms(*terms, dlse.to(torch.float32))
     dq, dx, dv, dbeta = _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights,
-                                            bank_grads)
+                                            bank_grads, top)
     return dq, dx.to(x.dtype), dv.to(v.dtype), dbeta
 
 
 def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=None,
-                  bank_grads: str = "apart") -> Grads:
+                  bank_grads: str = "apart", top=None) -> Grads:
     """The fused Triton kernels where they serve these tensors and dims, else the streaming path.
 
     Which dims the fused kernels take is theirs to say (``triton.backward.serves``, from
@@ -320,9 +323,9 @@ def _gpu_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, weights=
 
         if triton_backward.serves(q.dtype, q.shape[-1], v.shape[-1]):
             grads = triton_backward.partial_backward(dout, dlse, q, x, x if bank_grads == "summed" else v, beta, out,
-                                                     lse, similarity)
+                                                     lse, similarity, top)
             return bank_grads_of(grads, bank_grads)
-    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights, bank_grads)
+    return _streaming_backward(dout, dlse, q, x, v, beta, out, lse, similarity, weights, bank_grads, top)
 
 
 BACKENDS: Dict[str, Backend] = {

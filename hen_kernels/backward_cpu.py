@@ -25,6 +25,18 @@ query's feature weights w (all ones without ``weights``; ∘ is the elementwise 
 centred on the queries' mean (:func:`reference.centre`): a bank far from the origin
 does not cancel there.  So does dP - Δ = dout·(v - out) + dlse, taken about the mean
 of ``out`` (Σ P = 1): values far from the origin do not cancel either.
+
+Δ comes from ``out``, as flash attention's backward takes it, and is off by float32's
+rounding of |dout| |v|: every dt of a query shares that error (dbeta_from_terms takes it out
+of dbeta).  Where one row holds nearly all of a query's weight (a query on a stored row:
+recall's normal case) that row's true dt, and with it dq and the row's dX, are nearly 0, and
+the error was all of them (3.3x their size off, 6e10x at 256 features; PERFORMANCE.md §5.24).
+So each query's top row (the forward's ``top_index``, given as ``top``) leaves the products:
+its dt enters dbeta's terms as P (dout·(v_top - out) + dlse) (:func:`top_row_gaps`, the
+difference taken first, Δ's error in it as in the others), and dq and dX as dlse Σ P less the
+other rows' dt (:func:`settle_top_rows`, after the pass): Σ_j dt_j = dlse Σ P exactly, and the
+others' errors are in proportion to their weights.
+
 ``weights`` get no gradient (docs/design.md §5.1).  The Triton kernel in ``triton/backward.py`` computes the same
 quantities tile by tile; this module is the CPU path and the fallback for shapes
 the kernel does not serve.  The similarity itself comes from
@@ -74,6 +86,86 @@ def dbeta_from_terms(dts: torch.Tensor, dt_sum: torch.Tensor, ps_sum: torch.Tens
     return torch.where(rows, (dts - (dt_sum / safe - dlse) * ps_sum) / safe, torch.zeros_like(dts)).sum(-1)
 
 
+def _top_rows(bank: torch.Tensor, top: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's top row of ``bank`` (Lm, N, ·) as (L, B, ·) in ``dtype`` (row 0 where it has none), and
+    whether it has one: ``top`` (L, B) inside [0, N).  N > 0."""
+    L, B = top.shape
+    n, d = bank.shape[-2:]
+    hit = (top >= 0) & (top < n)
+    at = torch.where(hit, top, torch.zeros_like(top))
+    return bank.expand(L, n, d).gather(1, at.unsqueeze(-1).expand(L, B, d)).to(dtype), hit
+
+
+def top_row_gaps(dout: torch.Tensor, dlse: torch.Tensor, out: torch.Tensor, v: torch.Tensor,
+                 top: torch.Tensor) -> torch.Tensor:
+    """dP - Δ of each query's top row (L, B), as dout·(v_top - out) + dlse: the difference taken first.
+
+    v (Lm, N, Dv) with Lm in {1, L}; top (L, B) rows of v, a row outside [0, N) (the forward's -1: no
+    row) giving 0; in dout's dtype.  The Triton wrapper takes it too; the C++ backward computes the same
+    per query block."""
+    if v.shape[-2] == 0:
+        return torch.zeros(top.shape, dtype=dout.dtype, device=dout.device)
+    v_top, hit = _top_rows(v, top, dout.dtype)
+    gap = (dout * (v_top - out.to(dout.dtype))).sum(-1) + dlse.to(dout.dtype)
+    return torch.where(hit, gap, torch.zeros_like(gap))
+
+
+def top_row_scores(q: torch.Tensor, x: torch.Tensor, top: torch.Tensor, similarity: str,
+                   weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """sim(q, x_top) of each query and its top row (L, B), summed pair by pair in q's float dtype (float32 for
+    16-bit q); 0 where ``top`` is outside [0, N).  q (L, B, D), x (Lm, N, D), weights (L, B, D) or None."""
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if x.shape[-2] == 0:
+        return torch.zeros(top.shape, dtype=f, device=q.device)
+    x_top, hit = _top_rows(x, top, f)
+    qf, w = q.to(f), None if weights is None else weights.to(f)
+    if similarity == "dot":
+        s = (qf * x_top if w is None else w * qf * x_top).sum(-1)
+    else:
+        d2 = ((qf - x_top) ** 2 if w is None else w * (qf - x_top) ** 2).sum(-1)
+        s = -0.5 * d2 if similarity == "l2sq" else -d2.sqrt()
+    return torch.where(hit, s, torch.zeros_like(s))
+
+
+def settle_top_rows(dq: torch.Tensor, dx: Optional[torch.Tensor], others: torch.Tensor, p_sum: torch.Tensor,
+                    dlse: torch.Tensor, q: torch.Tensor, x: torch.Tensor, beta: torch.Tensor, similarity: str,
+                    weights: Optional[torch.Tensor], top: torch.Tensor) -> None:
+    """Each query's top row into dq and its row of dX (in place), with dt = dlse Σ P - ``others``.
+
+    ``others`` (L, B): the sum of the query's other rows' dt; p_sum (L, B) Σ P.  dq (L, B, D) float;
+    dx the bank's gradient, (*lead, N, D) with lead flattening to Lm in {1, L} (a split bank's views: any
+    strides; any dtype, a 16-bit row rounded once), or None (not asked for); q (L, B, D), x (Lm, N, D),
+    beta (L,), top (L, B) rows of x (outside [0, N), the forward's -1 for no row: left alone)."""
+    L, B, D = q.shape
+    N = x.shape[-2]
+    if N == 0 or L * B == 0:
+        return
+    f = dq.dtype
+    x_top, hit = _top_rows(x, top, f)
+    qf = q.to(f)
+    w = None if weights is None else weights.to(f)
+    g = beta.to(f).reshape(L, 1) * (dlse.to(f) * p_sum - others)  # the pair's G (module docstring)
+    if similarity == "l2":
+        s = top_row_scores(q, x, top, similarity, weights).to(f)
+        g = torch.where(s < 0, -g / torch.where(s < 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    g = torch.where(hit, g, torch.zeros_like(g)).unsqueeze(-1)
+    to_q = x_top if similarity == "dot" else x_top - qf  # dq's term of the pair, and dX's (q or q - x)
+    to_x = qf if similarity == "dot" else qf - x_top
+    dq += g * (to_q if w is None else w * to_q)
+    if dx is None or dx.numel() == 0:
+        return
+    change = (g * (to_x if w is None else w * to_x)).reshape(L * B, D)
+    lead = dx.shape[:-2]
+    lm = torch.arange(L, device=q.device).repeat_interleave(B) if x.shape[0] > 1 else torch.zeros(
+        L * B, dtype=torch.long, device=q.device)
+    key = lm * N + top.reshape(-1)
+    key, at = key[hit.reshape(-1)], change[hit.reshape(-1)]
+    rows_hit, pos = torch.unique(key, return_inverse=True)  # a row several queries top: its changes summed
+    summed = torch.zeros((rows_hit.numel(), D), dtype=f, device=q.device).index_add_(0, pos, at)
+    index = tuple(torch.unravel_index(rows_hit // N, lead)) + (rows_hit % N,)
+    dx[index] = (dx[index].to(f) + summed).to(dx.dtype)
+
+
 def partial_backward(
     dout: torch.Tensor,
     dlse: torch.Tensor,
@@ -85,14 +177,16 @@ def partial_backward(
     lse: torch.Tensor,
     similarity: str,
     weights: Optional[torch.Tensor] = None,
+    top: Optional[torch.Tensor] = None,
     rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dx, dv, dbeta) in float32 (float64 for float64 q) for the normalised inputs of :mod:`validation`.
 
     q (L, B, D), x (Lm, N, D), v (Lm, N, Dv) with Lm in {1, L}, beta (L,);
     ``weights`` (L, B, D) or None; out (L, B, Dv) and lse (L, B) as the forward
-    returned them; dout and dlse their upstream gradients.  ``rows`` overrides
-    the chunk length (tests).
+    returned them; dout and dlse their upstream gradients; ``top`` (L, B) each
+    query's top row of this bank (the forward's top_index less its offset) or None.
+    ``rows`` overrides the chunk length (tests).
     """
     f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
     L, B, D = q.shape
@@ -110,8 +204,10 @@ def partial_backward(
     qr = None if centre is None else qf - centre
 
     dq = torch.zeros((L, B, D), dtype=f32, device=q.device)
-    # dbeta's terms per query (L, B): Σ dt s, Σ dt, Σ P s and Σ P (dbeta_from_terms)
-    dts, dt_sum, ps_sum, p_sum = (torch.zeros((L, B), dtype=f32, device=q.device) for _ in range(4))
+    # dbeta's terms per query (L, B): Σ dt s, Σ dt, Σ P s and Σ P (dbeta_from_terms), and the top row's dt
+    # in them (settle_top_rows)
+    dts, dt_sum, ps_sum, p_sum, dt_top = (torch.zeros((L, B), dtype=f32, device=q.device) for _ in range(5))
+    gap = None if top is None else top_row_gaps(dout, dlse, out, v, top).unsqueeze(-1)
     step = rows or chunk_rows(L, B, N)
     if step < N or N == 0:
         dx = torch.zeros((Lm, N, D), dtype=f32, device=q.device)
@@ -122,11 +218,21 @@ def partial_backward(
         s = reference.similarity(qf, xc, similarity, w)  # (L, B, C)
         p = torch.exp(bcol * s - lse_col)
         dt = p * (dout @ (vc - v_centre).transpose(-1, -2) - delta.unsqueeze(-1))
+        dt_g = dt  # dt as the products take it: 0 at the top rows (settle_top_rows)
+        if top is not None:
+            local = top.unsqueeze(-1) - n0
+            hit = (local >= 0) & (local < n1 - n0)
+            at = torch.where(hit, local, torch.zeros_like(local))
+            kept = dt.gather(-1, at)  # (a query whose top row is in another chunk: its row `at` as it was)
+            here = torch.where(hit, p.gather(-1, at) * gap, torch.zeros_like(gap))
+            dt = dt.scatter(-1, at, torch.where(hit, here, kept))
+            dt_g = dt.scatter(-1, at, torch.where(hit, torch.zeros_like(here), kept))
+            dt_top += here.squeeze(-1)
         dts += (dt * s).sum(-1)
         dt_sum += dt.sum(-1)
         ps_sum += (p * s).sum(-1)
         p_sum += p.sum(-1)
-        g = grad_coefficients(bcol * dt, s, similarity)
+        g = grad_coefficients(bcol * dt_g, s, similarity)
         if l2_type:
             xr = xc - centre
             # Each query's heaviest row (the stored row it sits on, in recall) leaves dq's products,
@@ -160,4 +266,7 @@ def partial_backward(
         else:
             dx[:, n0:n1] = dxc
             dv[:, n0:n1] = dvc
-    return dq, dx, dv, dbeta_from_terms(dts, dt_sum, ps_sum, p_sum, dlse.to(f32))
+    dlse = dlse.to(f32)
+    if top is not None:
+        settle_top_rows(dq, dx, dt_sum - dt_top, p_sum, dlse, qf, x, beta, similarity, w, top)
+    return dq, dx, dv, dbeta_from_terms(dts, dt_sum, ps_sum, p_sum, dlse)

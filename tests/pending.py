@@ -12,8 +12,8 @@ Features:
   l2_far     ℓ2/ℓ2sq on a bank far from the origin (‖x‖ ≈ 1e4, patterns 0.1 apart)
   ties       identical rows: the smallest global row, whatever the chunking and block position
   weights    per-query feature weights (issue 14), forward and backward, against the reference
-  saturated_grad  gradients of a saturated softmax (queries on stored rows, P of their row ≈ 1): the
-             query gradient no worse than the float32 reference's
+  saturated_grad  gradients of a saturated softmax (queries on or next to stored rows, P of their row 1
+             to float32's precision): every gradient within the gradient tolerance of float64 autograd
 """
 from __future__ import annotations
 
@@ -24,16 +24,7 @@ FEATURES = ("l2_near", "l2sq_near", "l2_far", "ties", "weights", "saturated_grad
 # The CUDA kernels are checked on the CPU emulator (tests/test_cuda_emulated.py), not yet on a GPU.
 # An entry reads
 #   "cpu": {"ties": "scores of identical rows depend on their block position (issue 13.3)"}
-_SATURATED = ("dt = P (dP - delta) with delta = dout . out, as flash attention's backward takes it, cancels against "
-              "dP of the dominant row to float32's rounding of |dout| |v|, where the reference's float32 autograd "
-              "takes delta from P and dP and cancels exactly (PERFORMANCE.md §5.23)")
-PENDING: dict[str, dict[str, str]] = {
-    "cpu": {"saturated_grad": "the C++ backward: " + _SATURATED},
-    # The Triton backward takes delta the same way; the cuda backend's forward takes the Triton backward
-    # or the streaming one (backward_cpu.py, which fails this on the CPU too).  Not yet run on a GPU.
-    "triton": {"saturated_grad": "the Triton backward: " + _SATURATED},
-    "cuda": {"saturated_grad": "the Triton or the streaming backward: " + _SATURATED},
-}
+PENDING: dict[str, dict[str, str]] = {}
 
 
 def marks(backend: str, feature: str) -> list:

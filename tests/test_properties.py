@@ -280,8 +280,8 @@ def gradient_cases(draw):
 
 
 def test_the_cpu_backward_at_its_tile_edges_matches_float64_autograd():
-    """Forward and fused backward of random queries (a saturated softmax is tests/pending.py's
-    saturated_grad) against float64 autograd through the reference.  dbeta is one sum over every query
+    """Forward and fused backward of random queries (a saturated softmax is test_autograd's
+    test_saturated_softmax_gradients_match_float64) against float64 autograd through the reference.  dbeta is one sum over every query
     and row whose terms cancel by up to 2000x here: its error is bounded by the terms' rounding."""
     require("cpu")
     checked = []

@@ -5,7 +5,8 @@
 // and one split of its rows.  For each query block, each row tile of the split:
 //   1. scores  S^T = X_tile . Q^T (bank rows x queries), the ℓ2 forms with the
 //              §5.1 recompute, P = exp(beta s - lse)
-//   2. dP^T = V_tile . dout^T, dt = P ∘ (dP - Δ), G from beta dt and s
+//   2. dP^T = V_tile . dout^T, dt = P ∘ (dP - Δ), G from beta dt and s (a query's top row
+//      leaves the products: BackwardParams::top)
 //   3. dV_tile += P^T-layout . dout,  dX_tile += G . (w∘q)  (ℓ2: - x ∘ (G . w)),
 //      dq += G^T . X_tile  (ℓ2: - rowsum(G) q, and w ∘ at the end)
 // The column layout (rows x queries) makes the dV and dX products read P and G as
@@ -52,7 +53,9 @@ struct NearPair {
 
 struct BackScratch {
   std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, xt, c1, c2, pp, g,
-      glo, gt, t, tail, dq, rowsum, dxt, dvt, dts, dtsum, pssum, psum;
+      glo, gt, t, tail, dq, rowsum, dxt, dvt, dts, dtsum, pssum, psum, gap, dttop, vtop, top_row;
+  std::vector<int64_t> top;
+  std::vector<uint64_t> top_at;
   std::vector<NearPair> near;
   std::vector<uint16_t> q16, qt16, qv16, dout16, doutt16, doutv16, p16, g16, gt16, gtlo16, xpack;
 };
@@ -249,6 +252,12 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       float* qn = grow(sc.qn, BMp);
       float* lse = grow(sc.lse, BMp);
       float* delta = grow(sc.delta, BMp);
+      // Each query's top row if in this split (else -1), its dP - Δ as a difference, and its dt as dbeta's
+      // terms take it (BackwardParams::top).
+      int64_t* top = grow(sc.top, BMp);
+      float* gap = grow(sc.gap, BMp);
+      float* dttop = grow(sc.dttop, BMp);
+      std::fill(dttop, dttop + BMp, 0.f);
       for (int64_t i = 0; i < BMp; ++i) {
         const bool live = i < BM;
         qn[i] = 0.f;
@@ -265,6 +274,21 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           t -= bp.dlse[l * p.B + b0 + i];
         }
         delta[i] = t;
+        top[i] = -1;
+        const int64_t row = live && bp.top ? bp.top[l * p.B + b0 + i] : -1;
+        if (row >= n_begin && row < n_end) {
+          const float* o = bp.out + (l * p.B + b0 + i) * Dv;
+          const char* vrow = val + es * size_t(row * p.values_row_stride);
+          const float* vt = reinterpret_cast<const float*>(vrow);
+          if (dt != DType::F32) row_to_float(dt, vrow, grow(sc.vtop, Dv), Dv), vt = sc.vtop.data();
+          vf acc{};
+          int64_t d = 0;
+          for (; d + W <= Dv; d += W) acc += load(dout_src + i * Dv + d) * (load(vt + d) - load(o + d));
+          float u = hsum(acc);
+          for (; d < Dv; ++d) u += dout_src[i * Dv + d] * (vt[d] - o[d]);
+          top[i] = row;
+          gap[i] = u + bp.dlse[l * p.B + b0 + i];
+        }
       }
       float* dq = grow(sc.dq, BMp * D);
       std::fill(dq, dq + BMp * D, 0.f);
@@ -287,6 +311,21 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       for (int64_t r0 = n_begin; r0 < n_end; r0 += BN) {
         const int64_t R = std::min(BN, n_end - r0);
         sc.near.clear();
+        // Per row of the tile, the vectors of W queries (bits) holding a query it is the top row of: the
+        // rows x queries loop below patches those alone (tested for every row and vector, the patch took
+        // 40 % of a 128-query backward over 128 rows, where nearly every row is some query's top).
+        // Each query's top row within the tile as a float (exact: a tile's rows number < 2^24; -1: not here),
+        // for the vector compare that patches its lanes.
+        static_assert(kBackwardQueryBlockMax <= 64 * W, "a row's query vectors as the bits of a uint64_t");
+        uint64_t* top_at = grow(sc.top_at, BN);
+        std::fill(top_at, top_at + BN, uint64_t(0));
+        float* top_row = grow(sc.top_row, BMp);
+        bool any_top = false;
+        for (int64_t i = 0; i < BMp; ++i) {
+          const bool here = i < BM && top[i] >= r0 && top[i] < r0 + R;
+          top_row[i] = here ? float(top[i] - r0) : -1.f;
+          if (here) top_at[top[i] - r0] |= uint64_t(1) << (i / W), any_top = true;
+        }
         // The rows this tile computes: a tail only its own, rounded up to kRowQuantum, as the
         // forward's (a bank of 64 rows of 16 features went through tiles of 256: 4x the work).
         const int64_t TN = R < BN ? (R + kRowQuantum - 1) / kRowQuantum * kRowQuantum : BN;
@@ -424,8 +463,21 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
                 s = score(load(c1 + i * TN + j0), sum, live, pairs, near);
                 if (live < W) s = first_lanes(live) ? s : splat(kNegInf);  // the padding rows
               }
-              vf pj;
-              vf gj = weights(s, vl, vd, load(g + i * TN + j0), pj, sums);
+              vf pj, dp = load(g + i * TN + j0), di = vd;
+              const bool at_top = top[i] >= r0 + j0 && top[i] < r0 + j0 + live;
+              if (at_top) [[unlikely]] {  // dP - Δ there: the gap (BackwardParams::top)
+                float dpl[W], dl[W];
+                store(dpl, dp), store(dl, vd);
+                dpl[top[i] - r0 - j0] = gap[i], dl[top[i] - r0 - j0] = 0.f;
+                dp = load(dpl), di = load(dl);
+              }
+              vf gj = weights(s, vl, di, dp, pj, sums);
+              if (at_top) [[unlikely]] {  // its dt into dttop, its G out of the products
+                float gl[W], pl[W];
+                store(gl, gj), store(pl, pj);
+                dttop[i] += pl[top[i] - r0 - j0] * gap[i], gl[top[i] - r0 - j0] = 0.f;
+                gj = load(gl);
+              }
               if (near.any) [[unlikely]]
                 gj = take_near(gj, near, live, [&](int t, float gt_) { return NearPair{j0 + t, i, gt_}; });
               store(pp + i * TN + j0, pj);
@@ -442,6 +494,8 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
         for (int64_t gq = 0; gq < BMp && !hand; gq += W) {  // rows x queries: W queries of one row a vector
           const int live = int(std::min<int64_t>(W, BM - gq));
           const vf vq = load(qn + gq), vl = load(lse + gq), vd = load(delta + gq);
+          const vf vtop = load(top_row + gq), vgap = load(gap + gq);
+          vf vdttop{};
           Sums sums;
           for (int64_t j = 0; j < TN; ++j) {
             FlaggedLanes near;
@@ -451,8 +505,18 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
               auto pairs = [&] { return LanePairs{q + gq * D, D, wts ? wts + gq * D : nullptr, xe + j * xe_step, 0}; };
               s = score(load(c1 + j * BMp + gq), sum, live, pairs, near);
             }
-            vf pj;
-            vf gj = weights(s, vl, vd, load(g + j * BMp + gq), pj, sums);
+            vf pj, dp = load(g + j * BMp + gq), dj = vd;
+            const bool at_top = any_top && (top_at[j] >> (gq / W) & 1);
+            vi mine{};  // the lanes whose top row this is: dP - Δ is their gap, and no G (BackwardParams::top)
+            if (at_top) [[unlikely]] {
+              mine = vtop == splat(float(j));
+              dp = mine ? vgap : dp, dj = mine ? vf{} : vd;
+            }
+            vf gj = weights(s, vl, dj, dp, pj, sums);
+            if (at_top) [[unlikely]] {
+              vdttop += mine ? pj * vgap : vf{};
+              gj = mine ? vf{} : gj;
+            }
             if (near.any) [[unlikely]]
               gj = take_near(gj, near, live, [&](int t, float gt_) { return NearPair{j, gq + t, gt_}; });
             if (d16)
@@ -471,6 +535,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
             }
             store(g + j * BMp + gq, gj);
           }
+          store(dttop + gq, load(dttop + gq) + vdttop);
           store(rowsum + gq, load(rowsum + gq) + sums.g);  // of the float G: dq's products sum it whole
           store(dts + gq, load(dts + gq) + sums.dts);
           store(dtsum + gq, load(dtsum + gq) + sums.dt);
@@ -580,6 +645,28 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           mk::gemm_f32(BMv, D, TN, TN, ldf, D, true, gt, xf, dq);
         }
       }
+      if (plan.settle_in_tiles) {  // binding.cpp settle_top_rows, for this block: the split is the bank
+        for (int64_t i = 0; i < BM; ++i) {
+          if (top[i] < 0) continue;
+          const float* wi = wts ? wts + i * D : nullptr;
+          const float* qi = q + i * D;
+          const char* xrow = mem + es * size_t(top[i] * p.memory_row_stride);
+          const float* x = reinterpret_cast<const float*>(xrow);
+          if (dt != DType::F32) row_to_float(dt, xrow, grow(sc.vtop, D), D), x = sc.vtop.data();
+          // dt = dlse Σ P less the other rows' dt: the pair's G (BackwardParams::top)
+          float coef = beta * (bp.dlse[l * p.B + b0 + i] * psum[i] - (dtsum[i] - dttop[i]));
+          if (sim == Similarity::L2) {
+            float d2 = 0.f;
+            for (int64_t k = 0; k < D; ++k) d2 += (wi ? wi[k] : 1.f) * (qi[k] - x[k]) * (qi[k] - x[k]);
+            coef = d2 > 0.f ? coef / std::sqrt(d2) : 0.f;
+          }
+          float* dqi = dq + i * D;  // (w ∘ below)
+          for (int64_t k = 0; k < D; ++k) dqi[k] += coef * (l2 ? x[k] - qi[k] : x[k]);
+          if (!dx) continue;
+          float* dxj = dx + top[i] * ld_dx;
+          for (int64_t k = 0; k < D; ++k) dxj[k] += coef * (wi ? wi[k] : 1.f) * (l2 ? qi[k] - x[k] : qi[k]);
+        }
+      }
       // The query block's dq: - rowsum(G) q for the ℓ2 forms, then w ∘.
       float* dq_out = bp.dq + ((split * L + l) * p.B + b0) * D;
       for (int64_t i = 0; i < BM; ++i)
@@ -592,6 +679,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
       std::memcpy(bp.dt_sum + slot, dtsum, sizeof(float) * size_t(BM));
       std::memcpy(bp.ps_sum + slot, pssum, sizeof(float) * size_t(BM));
       std::memcpy(bp.p_sum + slot, psum, sizeof(float) * size_t(BM));
+      if (bp.top) std::memcpy(bp.dt_top + slot, dttop, sizeof(float) * size_t(BM));
     }
   }
   if (v16) mk::release_vnni();

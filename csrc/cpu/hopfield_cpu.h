@@ -93,6 +93,8 @@ inline int64_t brgemm_queries(int64_t BM, int64_t W) {
 }
 // The most queries a backward tile takes by hand-written products (make_backward_plan).
 constexpr int kBackwardHandQueriesMax = 4;
+// The backward's query block: its queries' operands and per-query sums are one tile's scratch.
+constexpr int64_t kBackwardQueryBlockMax = 64;
 
 // How the work is cut and computed: chosen from the shape, the dtype, the CPU
 // and the thread count (see make_plan).
@@ -140,6 +142,12 @@ struct BackwardParams {
   const float* dlse;   // (L, B)
   const float* out;    // (L, B, Dv) as the forward returned it
   const float* lse;    // (L, B)
+  // (L, B) or null: each query's top row of the bank (the forward's top_index; one outside [0, N): none).
+  // That pair leaves the dq and dX products: its dt enters dbeta's terms as P (dout·(v_top - out) + dlse),
+  // the difference taken first (also written to dt_top), and dq and dX as dlse Σ P less the other rows'
+  // dt, once all are summed (BackwardPlan::settle_in_tiles, else binding.cpp's settle_top_rows): where
+  // the softmax saturates on that row, dP - Δ of two products is all rounding (backward_cpu.py).
+  const int64_t* top;
   int64_t Lm;          // 1 (a bank shared by every leading index) or L
   float* dq;           // (splits, L, B, D): one slot per split, summed by the caller
   // dbeta's per-query terms, (splits, L, B) each, summed by the caller: Σ dt s, Σ dt, Σ P s and Σ P
@@ -149,6 +157,7 @@ struct BackwardParams {
   float* dt_sum;
   float* ps_sum;
   float* p_sum;
+  float* dt_top;  // (splits, L, B) with top: the top row's dt as the terms above took it (0: not in the split)
   // dX and dV, written (not added to): float32 (dx, dv), or with BackwardPlan::direct in the
   // 16-bit input dtype (dx16, dv16).  Rows and leading index at these strides (elements;
   // the leading index split as p.lead_inner says), so that the gradient of a bank view (heads
@@ -189,6 +198,10 @@ struct BackwardPlan {
   // N x D gradient is ever allocated (at 32 MiB each, glibc maps them afresh at every call).
   bool direct;
   int64_t query_block, row_block, splits, rows_per_split;
+  // Each query's top row (BackwardParams::top) settled by the tile that has it, at the end of its query
+  // block, while its rows are hot: one split (a query's dt excess is whole there) and float dX rows.
+  // Else binding.cpp's settle_top_rows does it after the tiles.
+  bool settle_in_tiles;
   int64_t tiles(const BackwardParams& b) const { return b.Lm * splits; }
 };
 

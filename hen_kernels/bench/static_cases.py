@@ -98,7 +98,7 @@ def backward_cases(arch: int, which: str, dt: str, sim: str, B: int, N: int, D: 
     elt = torch.empty((), dtype=dtype).element_size()
     kernel = backward.dq_kernel if which == "dq" else backward.dkv_kernel
     args = dict(q_ptr=PTR[dt], x_ptr=PTR[dt], v_ptr=PTR[dt], beta_ptr="*fp32", dout_ptr="*fp32", lse_ptr="*fp32",
-                delta_ptr="*fp32", B=B, N=N, D=D, DV=Dv, rows_per_split=N if which == "dq" else B,
+                delta_ptr="*fp32", top_ptr="*i32", gap_ptr="*fp32", B=B, N=N, D=D, DV=Dv, rows_per_split=N if which == "dq" else B,
                 q_lead=B * D, q_row=D, x_lead=0, x_row=D, v_lead=0, v_row=Dv)
     if which == "dq":
         args.update(dq_ptr="*fp32", dbeta_ptr="*fp32")

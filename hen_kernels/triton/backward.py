@@ -5,7 +5,10 @@ here recompute each score tile from the inputs and turn it into the softmax
 weights with the saved lse, P = exp(beta · sim - lse), so no B x N matrix is
 ever stored.  The formulas are those of ``hen_kernels/backward_cpu.py`` (the
 streaming PyTorch path, its docstring derives them): with Δ = rowsum(dout ∘ out)
-- dlse, dt = P ∘ (dout Vᵀ - Δ), G = beta·dt (dot, l2sq) or -beta·dt / s (l2).
+- dlse, dt = P ∘ (dout Vᵀ - Δ), G = beta·dt (dot, l2sq) or -beta·dt / s (l2); each
+query's top row leaves the products, its dt taken as P · gap in dbeta's terms
+(``backward_cpu.top_row_gaps``), and the wrapper adds it to dq and dX after the kernels
+(``backward_cpu.settle_top_rows``).
 
 * ``dq_kernel``: one program per (query block, bank range, leading index)
   walks its bank range in BN-row tiles and accumulates dq = G X (- rowsum(G) q
@@ -42,7 +45,7 @@ from .launch import _pow2, _sm_count, fp32_precision
 
 
 @triton.jit
-def _tile(q, x, v, dout, lse, delta, beta, q_sq, x_sq, q_rows, x_rows, mask_q, mask_n, D,
+def _tile(q, x, v, dout, lse, delta, top, gap, beta, q_sq, x_sq, q_rows, x_rows, rows_n, mask_q, mask_n, D,
           SIM: tl.constexpr, PRECISION: tl.constexpr):
     """Recompute one (BM, BN) tile: P, dt, s and the chain-rule coefficients G (all float32)."""
     dot = tl.dot(q, tl.trans(x), input_precision=PRECISION)
@@ -56,8 +59,12 @@ def _tile(q, x, v, dout, lse, delta, beta, q_sq, x_sq, q_rows, x_rows, mask_q, m
     t = tl.where(valid, s * beta, float("-inf"))
     p = tl.exp(t - lse[:, None])
     dp = tl.dot(dout.to(v.dtype), tl.trans(v), input_precision=PRECISION)
-    dt = tl.where(valid, p * (dp - delta[:, None]), 0.0)
-    ds = dt * beta
+    # A query's top row: dP - Δ as its gap, a difference taken first, for dbeta's terms, and no G (the
+    # wrapper's backward_cpu.settle_top_rows gives it one): a saturated softmax's dt there is nearly 0,
+    # and dP - Δ of two products only the rounding of |dout| |v|.
+    at_top = rows_n[None, :] == top[:, None]
+    dt = tl.where(valid, p * tl.where(at_top, gap[:, None], dp - delta[:, None]), 0.0)
+    ds = tl.where(at_top, 0.0, dt) * beta
     if SIM == L2:
         neg = s < 0
         g = tl.where(neg, -ds / tl.where(neg, s, 1.0), 0.0)
@@ -73,7 +80,7 @@ KEY_DQ = ["BD", "BDV", "SIM", "VALUES_ARE_MEMORY", "PRECISION"]
 @autotune(configs.BACKWARD, key=KEY_DQ, prune=configs.prune_backward)
 @triton.jit
 def dq_kernel(
-    q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dbeta_ptr,
+    q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, top_ptr, gap_ptr, dq_ptr, dbeta_ptr,
     B, N, D, DV, rows_per_split,
     q_lead, q_row, x_lead, x_row, v_lead, v_row,
     SIM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
@@ -101,6 +108,8 @@ def dq_kernel(
     dout = tl.load(dout_ptr + row[:, None] * DV + cols_v[None, :], mask=mask_q[:, None] & mask_v[None, :], other=0.0)
     lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
     delta = tl.load(delta_ptr + row, mask=mask_q, other=0.0)
+    top = tl.load(top_ptr + row, mask=mask_q, other=-1)
+    gap = tl.load(gap_ptr + row, mask=mask_q, other=0.0)
 
     acc = tl.zeros([BM, BD], tl.float32)
     g_rows = tl.zeros([BM], tl.float32)
@@ -132,8 +141,8 @@ def dq_kernel(
             if UPCAST:
                 v = v.to(tl.float32)
         xf = x.to(tl.float32)
-        p, dt, s, g = _tile(q, x, v, dout, lse, delta, beta, q_sq, tl.sum(xf * xf, 1), q_rows, x_rows,
-                            mask_q, mask_n, D, SIM, PRECISION)
+        p, dt, s, g = _tile(q, x, v, dout, lse, delta, top, gap, beta, q_sq, tl.sum(xf * xf, 1), q_rows, x_rows,
+                            rows_n, mask_q, mask_n, D, SIM, PRECISION)
         if SIM == DOT:
             acc += tl.dot(g.to(x.dtype), x, input_precision=PRECISION)
         else:
@@ -171,7 +180,7 @@ KEY_DKV = ["BD", "BDV", "SIM", "SHARED", "VALUES_ARE_MEMORY", "PRECISION"]
 @autotune(configs.BACKWARD, key=KEY_DKV, prune=configs.prune_backward)
 @triton.jit
 def dkv_kernel(
-    q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, dx_ptr, dv_ptr,
+    q_ptr, x_ptr, v_ptr, beta_ptr, dout_ptr, lse_ptr, delta_ptr, top_ptr, gap_ptr, dx_ptr, dv_ptr,
     L, B, N, D, DV, rows_per_split,
     q_lead, q_row, x_lead, x_row, v_lead, v_row,
     SIM: tl.constexpr, SHARED: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
@@ -230,8 +239,10 @@ def dkv_kernel(
                            mask=mask_q[:, None] & mask_v[None, :], other=0.0)
             lse = tl.load(lse_ptr + row, mask=mask_q, other=0.0)
             delta = tl.load(delta_ptr + row, mask=mask_q, other=0.0)
-            p, dt, s, g = _tile(q, x, v, dout, lse, delta, beta, tl.sum(qf * qf, 1), x_sq, q_rows, x_rows,
-                                mask_q, mask_n, D, SIM, PRECISION)
+            top = tl.load(top_ptr + row, mask=mask_q, other=-1)
+            gap = tl.load(gap_ptr + row, mask=mask_q, other=0.0)
+            p, dt, s, g = _tile(q, x, v, dout, lse, delta, top, gap, beta, tl.sum(qf * qf, 1), x_sq, q_rows,
+                                x_rows, rows_n, mask_q, mask_n, D, SIM, PRECISION)
             acc_v += tl.dot(tl.trans(p.to(v.dtype)), dout.to(v.dtype), input_precision=PRECISION)
             if SIM == DOT:
                 acc_x += tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PRECISION)
@@ -278,8 +289,8 @@ def constexprs(dtype: torch.dtype, sim_code: int, D: int, Dv: int, values_are_me
                 UPCAST=interpret and dtype == torch.bfloat16, PRECISION=precision)
 
 
-def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
-    """(dq, dx, dv, dbeta) in float32; shapes as in ``backward_cpu.partial_backward``."""
+def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, top=None):
+    """(dq, dx, dv, dbeta) in float32; shapes and ``top`` as in ``backward_cpu.partial_backward``."""
     L, B, D = q.shape
     Lm, N, Dv = v.shape
     precision = fp32_precision()
@@ -291,6 +302,9 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
     f32 = dict(dtype=torch.float32, device=q.device)
     dout = dout.to(torch.float32).contiguous()
     delta = ((dout * out.to(torch.float32)).sum(-1) - dlse.to(torch.float32)).contiguous()
+    rows = torch.full((L, B), -1, dtype=torch.int64, device=q.device) if top is None else top.reshape(L, B)
+    gap = backward_cpu.top_row_gaps(dout, dlse, out, v, rows).contiguous()
+    rows32 = rows.to(torch.int32).contiguous()  # (a row index fits: rows_n is int32 too; half the registers)
     lse = lse.to(torch.float32).contiguous()
     beta = beta.to(torch.float32).contiguous()
     if L == 0 or B == 0 or N == 0:
@@ -307,13 +321,22 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str):
     dq = torch.empty((L, sq, B, D), **f32)
     dbeta_terms = torch.empty((4, L, sq, B), **f32)
     grid = lambda meta: (triton.cdiv(B, meta["BM"]), sq, L)  # noqa: E731
-    dq_kernel[grid](q, x, v, beta, dout, lse, delta, dq, dbeta_terms, B=B, N=N, rows_per_split=rows_n, **common)
+    dq_kernel[grid](q, x, v, beta, dout, lse, delta, rows32, gap, dq, dbeta_terms, B=B, N=N, rows_per_split=rows_n,
+                    **common)
 
     sk, rows_b = _splits(Lm * triton.cdiv(N, 64), B, q.device)
     dx = torch.empty((Lm, sk, N, D), **f32)
     dv = torch.empty((Lm, sk, N, Dv), **f32)
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), sk, Lm)  # noqa: E731
-    dkv_kernel[grid](q, x, v, beta, dout, lse, delta, dx, dv, L=L, B=B, N=N, rows_per_split=rows_b,
+    dkv_kernel[grid](q, x, v, beta, dout, lse, delta, rows32, gap, dx, dv, L=L, B=B, N=N, rows_per_split=rows_b,
                      SHARED=Lm == 1 and L > 1, **common)
-    dbeta = backward_cpu.dbeta_from_terms(*dbeta_terms.sum(2), dlse.to(torch.float32))
-    return dq.sum(1), dx.sum(1), dv.sum(1), dbeta
+    dts, dt_sum, ps_sum, p_sum = dbeta_terms.sum(2)
+    dlse = dlse.to(torch.float32)
+    dq, dx = dq.sum(1), dx.sum(1)
+    if top is not None:
+        # the top row's dt in the terms, P gap, with P from this score (an accumulator of it in dq_kernel
+        # spilled at D = 128 under triton 3.6; the kernels' own P differs by a rounding, times gap)
+        s_top = backward_cpu.top_row_scores(q, x, rows, similarity, None)
+        top_dt = torch.exp(beta.reshape(L, 1) * s_top - lse) * gap
+        backward_cpu.settle_top_rows(dq, dx, dt_sum - top_dt, p_sum, dlse, q, x, beta, similarity, None, rows)
+    return dq, dx, dv.sum(1), backward_cpu.dbeta_from_terms(dts, dt_sum, ps_sum, p_sum, dlse)
