@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 import hen_kernels as hk
-from hen_kernels import reference, streaming
+from hen_kernels import backends, reference, streaming
 from hen_kernels.constants import CONVEX_BOUND, GRAD_TOLERANCE, SIMILARITIES, TOLERANCE
 
 # ‖out − ref‖ / ‖ref‖ against float64, per input dtype (docs/design.md §5; one home:
@@ -432,6 +432,26 @@ def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
         yield from _gradient_results(t, q, x, v, dout, sim, 0.4, per_index, f"B{b} N{n} D{d} on stored rows", dlse)
 
 
+def case_saturated_gradients(t: Target, quick: bool) -> Iterator[Result]:
+    """Queries on stored rows (l2: 0.01 a feature from them) with a beta that gives each its own row a weight of
+    1 to float32's precision, not to float64's: the true gradients of the query and of its row are tiny, and
+    the error of a backward that takes Δ from ``out`` was all of them (3x to 1e13x their size;
+    benchmarks/PERFORMANCE.md §5.24).  Not float16 (as above), and for the fused backwards only: a backend without
+    one is PyTorch's autograd through its forward, and the reference's own float32 autograd is 0.8 of them off."""
+    b, n, d = 5, 1000, 64
+    if backends.BACKENDS[t.backend].backward is None or t.dtype == torch.float16 or t.too_big(2 * b, n, d):
+        return
+    x, v = make((n, d), t.dtype, 60, t.device), make((n, 11), t.dtype, 61, t.device)
+    rows = x[torch.randperm(n, generator=torch.Generator().manual_seed(62))[:2 * b].to(x.device)].float()
+    dout = make((2, b, 11), t.dtype, 63, t.device)
+    for sim, level, off in (("dot", 0.5, 0.0), ("l2", 3.0, 0.01)):
+        q = (rows + off * make((2 * b, d), torch.float32, 64, t.device)).to(t.dtype).reshape(2, b, d)
+        per_index = _beta_per_index(t, level)
+        yield from _gradient_results(t, q, x, v, dout, sim, level, per_index, f"B{b} N{n} D{d} saturated")
+        yield from _gradient_results(t, q, x, None, make((2, b, d), t.dtype, 65, t.device), sim, level, per_index,
+                                     f"B{b} N{n} D{d} saturated, keys = values")
+
+
 def _gradient_results(t: Target, q, x, v, dout, sim: str, level: float, per_index: torch.Tensor,
                       shape: str, dlse: Optional[torch.Tensor] = None) -> Iterator[Result]:
     tol = GRAD_TOLERANCE[t.dtype]
@@ -460,4 +480,5 @@ CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("weights", case_weights),
     ("far from the origin", case_far_from_the_origin),
     ("gradients", case_gradients),
+    ("saturated gradients", case_saturated_gradients),
 ]
