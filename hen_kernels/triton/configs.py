@@ -172,6 +172,9 @@ def backward_rule(cfg: triton.Config, arch: int, elt: int, BD: int, BDV: int, VA
     if kernel == "dq":
         if bm == 16 and BD >= 128:
             return "dq: 16-query blocks at D >= 128 got an 8-32 B stack frame from triton 3.6's ptxas (the GPU's)"
+        if bm == 32 and warps == 4 and BD >= 128:
+            return ("dq: 32-query blocks on 4 warps at D >= 128 spill 8-16 B under triton 3.6 since each query's top "
+                    "row leaves the products (248-255 registers before)")
         words = ((bm * BD + bm * BDV + bm * BD * e + 4 * bm * bn) / threads
                  + _rows_per_warp(bm, warps) * (BD + BDV + bn) * e / 32 * split)
         limit = DQ_WORDS
