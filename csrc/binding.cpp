@@ -575,84 +575,6 @@ hen::BankGrads parse_bank_grads(c10::string_view s) {
   return hen::BankGrads::None;
 }
 
-// backward_cpu.py settle_top_rows, for the CPU op where its tiles did not (BackwardPlan::settle_in_tiles):
-// each query's top row, which left the tiles' products, into dq (L, B, D) and the bank's gradient as the tiles
-// wrote it (b.dx or b.dx16, at b's strides), with dt = dlse Σ P less the other rows' dt, from the tiles'
-// terms summed (5, L, B).  Plain loops over the queries with a top row: ATen's indexing ops cost 100-500
-// µs a call here, 4x a small layer's whole backward.
-void settle_top_rows(const hen::BackwardParams& b, float* dq, const float* terms, const int64_t* top) {
-  const hen::PartialParams& p = b.p;
-  const int64_t L = p.L, B = p.B, N = p.N, D = p.D;
-  const size_t es = p.dtype == hen::DType::F32 ? 4 : 2;
-  // A row's n elements in float: a float32 row itself, a 16-bit one widened into dst (the dtype's switch
-  // outside the loop: per element it was 3 ns a feature).
-  auto widen = [&](const void* row, int64_t n, float* dst) -> const float* {
-    if (p.dtype == hen::DType::F32) return static_cast<const float*>(row);
-    const uint16_t* h = static_cast<const uint16_t*>(row);
-    if (p.dtype == hen::DType::BF16)
-      for (int64_t k = 0; k < n; ++k) dst[k] = float(c10::BFloat16(h[k], c10::BFloat16::from_bits()));
-    else
-      for (int64_t k = 0; k < n; ++k) dst[k] = float(c10::Half(h[k], c10::Half::from_bits()));
-    return dst;
-  };
-  const float *dt_sum = terms + L * B, *p_sum = terms + 3 * L * B, *dt_top = terms + 4 * L * B;
-  // A 16-bit dX row that several queries top takes their changes summed and is rounded once: the changes
-  // wait in `change`, (row key, its offset) in `at_rows`; a float32 row takes each change at once.
-  const bool with_dx = b.bank_grads != hen::BankGrads::None, rows16 = with_dx && b.dx16;
-  std::vector<std::pair<int64_t, int64_t>> at_rows;
-  std::vector<float> change, qf(static_cast<size_t>(D)), xf(static_cast<size_t>(D)), ones(static_cast<size_t>(D), 1.f);
-  const bool dot = p.similarity == hen::Similarity::Dot, l2 = p.similarity == hen::Similarity::L2;
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t i = 0; i < B; ++i) {
-      const int64_t lb = l * B + i, row = top[lb];
-      if (row < 0 || row >= N) continue;
-      const float* __restrict x =
-          widen(static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(l) + row * p.memory_row_stride), D,
-                xf.data());
-      const float* __restrict q =
-          widen(static_cast<const char*>(p.query) + es * size_t(p.query_lead(l) + i * p.query_row_stride), D,
-                qf.data());
-      const float* __restrict w = p.weights ? p.weights + lb * D : ones.data();
-      float coef = p.beta[l] * (b.dlse[lb] * p_sum[lb] - (dt_sum[lb] - dt_top[lb]));  // the pair's G
-      if (l2) {
-        float d2 = 0.f;
-        for (int64_t k = 0; k < D; ++k) d2 += w[k] * (q[k] - x[k]) * (q[k] - x[k]);
-        coef = d2 > 0.f ? coef / std::sqrt(d2) : 0.f;  // -coef / s with s = -sqrt(d2); 0 at a stored row
-      }
-      if (coef == 0.f) continue;
-      float* __restrict dqi = dq + lb * D;
-      if (dot)
-        for (int64_t k = 0; k < D; ++k) dqi[k] += coef * w[k] * x[k];
-      else
-        for (int64_t k = 0; k < D; ++k) dqi[k] += coef * w[k] * (x[k] - q[k]);
-      if (!with_dx) continue;
-      const int64_t lm = b.Lm > 1 ? l : 0;
-      if (rows16) {
-        at_rows.emplace_back(lm * N + row, int64_t(change.size()));
-        change.resize(change.size() + size_t(D), 0.f);
-      }
-      float* __restrict to = rows16 ? change.data() + change.size() - size_t(D)
-                                    : b.dx + b.dx_lead(lm) + row * b.dx_row_stride;
-      if (dot)
-        for (int64_t k = 0; k < D; ++k) to[k] += coef * w[k] * q[k];
-      else
-        for (int64_t k = 0; k < D; ++k) to[k] += coef * w[k] * (q[k] - x[k]);
-    }
-  std::sort(at_rows.begin(), at_rows.end());
-  for (size_t g = 0; g < at_rows.size();) {
-    const int64_t key = at_rows[g].first;
-    std::fill(xf.begin(), xf.end(), 0.f);
-    for (; g < at_rows.size() && at_rows[g].first == key; ++g)
-      for (int64_t k = 0; k < D; ++k) xf[size_t(k)] += change[size_t(at_rows[g].second + k)];
-    uint16_t* r = b.dx16 + b.dx_lead(key / N) + key % N * b.dx_row_stride;
-    const float* had = widen(r, D, qf.data());
-    for (int64_t k = 0; k < D; ++k) {
-      const float v = had[k] + xf[size_t(k)];
-      r[k] = p.dtype == hen::DType::BF16 ? c10::BFloat16(v).x : c10::Half(v).x;
-    }
-  }
-}
-
 PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& query,
                                    const at::Tensor& memory, const at::Tensor& values, const at::Tensor& beta,
                                    const at::Tensor& out, const at::Tensor& lse, int64_t similarity,
@@ -733,7 +655,7 @@ PartialResult partial_backward_cpu(const at::Tensor& dout, const at::Tensor& dls
   for_each_tile(plan.tiles(b), [&](int64_t t) { hen::run_backward_tile(b, plan, t); });
   at::Tensor dq_all = dq.sum(0), terms = dbeta_terms.sum(1);
   if (top && !plan.settle_in_tiles)  // (before the cast below: a float32 row there)
-    settle_top_rows(b, dq_all.data_ptr<float>(), terms.data_ptr<float>(), b.top);
+    hen::settle_top_rows(b, plan, dq_all.data_ptr<float>(), terms.data_ptr<float>());
   if (top) terms = terms.narrow(0, 0, 4);
   if (!in_layout) {
     auto cast = [&](const at::Tensor& g, const at::Tensor& bank_view) {

@@ -112,18 +112,15 @@ def top_row_gaps(dout: torch.Tensor, dlse: torch.Tensor, out: torch.Tensor, v: t
 
 def top_row_scores(q: torch.Tensor, x: torch.Tensor, top: torch.Tensor, similarity: str,
                    weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """sim(q, x_top) of each query and its top row (L, B), summed pair by pair in q's float dtype (float32 for
-    16-bit q); 0 where ``top`` is outside [0, N).  q (L, B, D), x (Lm, N, D), weights (L, B, D) or None."""
+    """sim(q, x_top) of each query and its top row (L, B) by :func:`reference.similarity`, one pair at a time,
+    in q's float dtype (float32 for 16-bit q); 0 where ``top`` is outside [0, N).  q (L, B, D), x (Lm, N, D),
+    weights (L, B, D) or None."""
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     if x.shape[-2] == 0:
         return torch.zeros(top.shape, dtype=f, device=q.device)
     x_top, hit = _top_rows(x, top, f)
-    qf, w = q.to(f), None if weights is None else weights.to(f)
-    if similarity == "dot":
-        s = (qf * x_top if w is None else w * qf * x_top).sum(-1)
-    else:
-        d2 = ((qf - x_top) ** 2 if w is None else w * (qf - x_top) ** 2).sum(-1)
-        s = -0.5 * d2 if similarity == "l2sq" else -d2.sqrt()
+    w = None if weights is None else weights.unsqueeze(-2)
+    s = reference.similarity(q.to(f).unsqueeze(-2), x_top.unsqueeze(-2), similarity, w)[..., 0, 0]
     return torch.where(hit, s, torch.zeros_like(s))
 
 

@@ -53,7 +53,7 @@ struct NearPair {
 
 struct BackScratch {
   std::vector<float> q, qw, wr, qn, qop, wop, qhand, douthand, dout_t, dout_r, lse, delta, xraw, vraw, xf, vf_, xn, xsq, xt, c1, c2, pp, g,
-      glo, gt, t, tail, dq, rowsum, dxt, dvt, dts, dtsum, pssum, psum, gap, dttop, vtop, top_row;
+      glo, gt, t, tail, dq, rowsum, dxt, dvt, dts, dtsum, pssum, psum, gap, dttop, rowf, top_row;
   std::vector<int64_t> top;
   std::vector<uint64_t> top_at;
   std::vector<NearPair> near;
@@ -154,6 +154,25 @@ void few_query_rows(const float* a, const float* a2, int64_t lda, int64_t Q, con
     case 3: return run(std::integral_constant<int, 3>{});
     default: return run(std::integral_constant<int, 4>{});
   }
+}
+
+// One query's top row into its dq row and that bank row's dX (BackwardParams::top): the pair's dt is dlse Σ P
+// less the other rows' dt, `others` (Σ_j dt_j = dlse Σ P), its G beta dt (l2: over sqrt(d²); 0 at a stored
+// row).  q, x (the top row) and w (null: unweighted) in float; dq takes w ∘ only with `weigh_dq` (a tile's
+// dq takes it at the end); dx null: no bank gradient.
+void add_top_pair(Similarity sim, int64_t D, const float* q, const float* x, const float* w, float beta,
+                  float dlse_p_sum, float others, bool weigh_dq, float* dq, float* dx) {
+  float g = beta * (dlse_p_sum - others);
+  if (sim == Similarity::L2) {
+    float d2 = 0.f;
+    for (int64_t k = 0; k < D; ++k) d2 += (w ? w[k] : 1.f) * (q[k] - x[k]) * (q[k] - x[k]);
+    g = d2 > 0.f ? g / std::sqrt(d2) : 0.f;
+  }
+  if (g == 0.f) return;
+  const bool dot = sim == Similarity::Dot;
+  for (int64_t k = 0; k < D; ++k) dq[k] += g * (weigh_dq && w ? w[k] : 1.f) * (dot ? x[k] : x[k] - q[k]);
+  if (dx)
+    for (int64_t k = 0; k < D; ++k) dx[k] += g * (w ? w[k] : 1.f) * (dot ? q[k] : q[k] - x[k]);
 }
 
 }  // namespace
@@ -280,7 +299,7 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           const float* o = bp.out + (l * p.B + b0 + i) * Dv;
           const char* vrow = val + es * size_t(row * p.values_row_stride);
           const float* vt = reinterpret_cast<const float*>(vrow);
-          if (dt != DType::F32) row_to_float(dt, vrow, grow(sc.vtop, Dv), Dv), vt = sc.vtop.data();
+          if (dt != DType::F32) row_to_float(dt, vrow, grow(sc.rowf, Dv), Dv), vt = sc.rowf.data();
           vf acc{};
           int64_t d = 0;
           for (; d + W <= Dv; d += W) acc += load(dout_src + i * Dv + d) * (load(vt + d) - load(o + d));
@@ -645,26 +664,14 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
           mk::gemm_f32(BMv, D, TN, TN, ldf, D, true, gt, xf, dq);
         }
       }
-      if (plan.settle_in_tiles) {  // binding.cpp settle_top_rows, for this block: the split is the bank
+      if (plan.settle_in_tiles) {  // settle_top_rows, for this block: the split is the bank
         for (int64_t i = 0; i < BM; ++i) {
           if (top[i] < 0) continue;
-          const float* wi = wts ? wts + i * D : nullptr;
-          const float* qi = q + i * D;
           const char* xrow = mem + es * size_t(top[i] * p.memory_row_stride);
           const float* x = reinterpret_cast<const float*>(xrow);
-          if (dt != DType::F32) row_to_float(dt, xrow, grow(sc.vtop, D), D), x = sc.vtop.data();
-          // dt = dlse Σ P less the other rows' dt: the pair's G (BackwardParams::top)
-          float coef = beta * (bp.dlse[l * p.B + b0 + i] * psum[i] - (dtsum[i] - dttop[i]));
-          if (sim == Similarity::L2) {
-            float d2 = 0.f;
-            for (int64_t k = 0; k < D; ++k) d2 += (wi ? wi[k] : 1.f) * (qi[k] - x[k]) * (qi[k] - x[k]);
-            coef = d2 > 0.f ? coef / std::sqrt(d2) : 0.f;
-          }
-          float* dqi = dq + i * D;  // (w ∘ below)
-          for (int64_t k = 0; k < D; ++k) dqi[k] += coef * (l2 ? x[k] - qi[k] : x[k]);
-          if (!dx) continue;
-          float* dxj = dx + top[i] * ld_dx;
-          for (int64_t k = 0; k < D; ++k) dxj[k] += coef * (wi ? wi[k] : 1.f) * (l2 ? qi[k] - x[k] : qi[k]);
+          if (dt != DType::F32) row_to_float(dt, xrow, grow(sc.rowf, D), D), x = sc.rowf.data();
+          add_top_pair(sim, D, q + i * D, x, wts ? wts + i * D : nullptr, beta, bp.dlse[l * p.B + b0 + i] * psum[i],
+                       dtsum[i] - dttop[i], false, dq + i * D, dx ? dx + top[i] * ld_dx : nullptr);
         }
       }
       // The query block's dq: - rowsum(G) q for the ℓ2 forms, then w ∘.
@@ -683,6 +690,51 @@ void run_backward_tile(const BackwardParams& bp, const BackwardPlan& plan, int64
     }
   }
   if (v16) mk::release_vnni();
+}
+
+void settle_top_rows(const BackwardParams& bp, float* dq, const float* terms) {
+  const PartialParams& p = bp.p;
+  const int64_t L = p.L, B = p.B, N = p.N, D = p.D;
+  const DType dt = p.dtype;
+  const size_t es = dt == DType::F32 ? 4 : 2;
+  const float *dt_sum = terms + L * B, *p_sum = terms + 3 * L * B, *dt_top = terms + 4 * L * B;
+  const bool with_dx = bp.bank_grads != BankGrads::None, rows16 = with_dx && bp.dx16;
+  // A 16-bit dX row that several queries top takes their changes summed and is rounded once: the changes
+  // wait in `change`, (row key, offset) in `at_rows`; a float32 row takes each change at once.
+  std::vector<std::pair<int64_t, int64_t>> at_rows;
+  std::vector<float> change, qf(static_cast<size_t>(D)), xf(static_cast<size_t>(D));
+  auto as_float = [&](const char* row, std::vector<float>& buf) {
+    if (dt == DType::F32) return reinterpret_cast<const float*>(row);
+    row_to_float(dt, row, buf.data(), D);
+    return static_cast<const float*>(buf.data());
+  };
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t lb = l * B + i, row = bp.top[lb];
+      if (row < 0 || row >= N) continue;
+      const float* x = as_float(static_cast<const char*>(p.memory) + es * size_t(p.memory_lead(l) + row * p.memory_row_stride), xf);
+      const float* q = as_float(static_cast<const char*>(p.query) + es * size_t(p.query_lead(l) + i * p.query_row_stride), qf);
+      const int64_t lm = bp.Lm > 1 ? l : 0;
+      float* to = nullptr;
+      if (rows16) {
+        at_rows.emplace_back(lm * N + row, int64_t(change.size()));
+        change.resize(change.size() + size_t(D), 0.f);
+        to = change.data() + change.size() - size_t(D);
+      } else if (with_dx) {
+        to = bp.dx + bp.dx_lead(lm) + row * bp.dx_row_stride;
+      }
+      add_top_pair(p.similarity, D, q, x, p.weights ? p.weights + lb * D : nullptr, p.beta[l],
+                   bp.dlse[lb] * p_sum[lb], dt_sum[lb] - dt_top[lb], true, dq + lb * D, to);
+    }
+  std::sort(at_rows.begin(), at_rows.end());
+  for (size_t g = 0; g < at_rows.size();) {
+    const int64_t key = at_rows[g].first;
+    uint16_t* r = bp.dx16 + bp.dx_lead(key / N) + key % N * bp.dx_row_stride;
+    row_to_float(dt, r, xf.data(), D);
+    for (; g < at_rows.size() && at_rows[g].first == key; ++g)
+      for (int64_t k = 0; k < D; ++k) xf[size_t(k)] += change[size_t(at_rows[g].second + k)];
+    floats_to_16(dt, xf.data(), D, r);
+  }
 }
 
 }  // namespace HEN_ISA_NS

@@ -18,6 +18,7 @@ namespace hen {
   namespace ns {                                                                 \
   void run_tile(const PartialParams&, const Plan&, int64_t, const Workspace&);   \
   void run_backward_tile(const BackwardParams&, const BackwardPlan&, int64_t);   \
+  void settle_top_rows(const BackwardParams&, float*, const float*);             \
   }
 HEN_DECLARE_TILE(baseline)
 #if HEN_CPU_X86
@@ -431,6 +432,16 @@ void run_backward_tile(const BackwardParams& b, const BackwardPlan& plan, int64_
     case Isa::Avx2: avx2::run_backward_tile(b, plan, tile); return;
 #endif
     default: baseline::run_backward_tile(b, plan, tile); return;
+  }
+}
+
+void settle_top_rows(const BackwardParams& b, const BackwardPlan& plan, float* dq, const float* terms) {
+  switch (plan.isa) {
+#if HEN_CPU_X86
+    case Isa::Avx512: avx512::settle_top_rows(b, dq, terms); return;
+    case Isa::Avx2: avx2::settle_top_rows(b, dq, terms); return;
+#endif
+    default: baseline::settle_top_rows(b, dq, terms); return;
   }
 }
 

@@ -145,7 +145,7 @@ struct BackwardParams {
   // (L, B) or null: each query's top row of the bank (the forward's top_index; one outside [0, N): none).
   // That pair leaves the dq and dX products: its dt enters dbeta's terms as P (dout·(v_top - out) + dlse),
   // the difference taken first (also written to dt_top), and dq and dX as dlse Σ P less the other rows'
-  // dt, once all are summed (BackwardPlan::settle_in_tiles, else binding.cpp's settle_top_rows): where
+  // dt, once all are summed (BackwardPlan::settle_in_tiles, else settle_top_rows): where
   // the softmax saturates on that row, dP - Δ of two products is all rounding (backward_cpu.py).
   const int64_t* top;
   int64_t Lm;          // 1 (a bank shared by every leading index) or L
@@ -200,7 +200,7 @@ struct BackwardPlan {
   int64_t query_block, row_block, splits, rows_per_split;
   // Each query's top row (BackwardParams::top) settled by the tile that has it, at the end of its query
   // block, while its rows are hot: one split (a query's dt excess is whole there) and float dX rows.
-  // Else binding.cpp's settle_top_rows does it after the tiles.
+  // Else settle_top_rows does it after the tiles.
   bool settle_in_tiles;
   int64_t tiles(const BackwardParams& b) const { return b.Lm * splits; }
 };
@@ -210,6 +210,9 @@ BackwardPlan make_backward_plan(const BackwardParams& b, int num_threads);
 // Whether this build has the backward (make_backward_plan does not throw for want of brgemm).
 bool backward_available();
 void run_backward_tile(const BackwardParams& b, const BackwardPlan& plan, int64_t tile);
+// Each query's top row (BackwardParams::top) into dq (L, B, D, summed over the splits) and the bank's
+// gradient, from the tiles' terms summed (5, L, B), where they did not (BackwardPlan::settle_in_tiles).
+void settle_top_rows(const BackwardParams& b, const BackwardPlan& plan, float* dq, const float* terms);
 
 // What this build and CPU run with: "isa=avx512 gemm=brgemm vnni_bf16=1 vnni_f16=0"
 // (after HEN_KERNELS_CPU_ISA, see hopfield_cpu.cpp), for logs, benchmarks and tests.
