@@ -187,6 +187,28 @@ def test_ties_across_tiles_splits_and_the_combine(monkeypatch, similarity, dtype
     check(p, direct64(q, x, beta, similarity, offset=1000), dtype)
 
 
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("shape", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("min_split_rows", [32, 10**9], ids=["split", "whole"])
+@pytest.mark.interpreter_cross("shape", "min_split_rows")
+def test_a_query_whose_other_weights_underflow_gets_its_stored_row(monkeypatch, similarity, shape, min_split_rows):
+    """docs/design.md §5 (hard retrieval returns the exact pattern) on every kernel path, values of their
+    own included, in float32, whose value product a GPU takes at tf32x3: 1·v keeps ~22 of v's 24 bits
+    there (tests/tensor_cores.py emulates it under the interpreter; the first GPU run found it)."""
+    require("triton")
+    monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", min_split_rows)
+    _, n, d, dv = shape
+    x = make((n, d), torch.float32, 12)
+    v = x if dv == d else make((n, dv), torch.float32, 13)
+    rows = torch.tensor([0, 17, n // 2, n - 1], device=x.device)
+    q = x[rows] + make((4, d), torch.float32, 14, scale=0.01)
+    p = hk.hopfield_partial(q, x, 1e3, similarity=similarity, values=None if dv == d else v, offset=11,
+                            backend="triton")
+    assert (triton_launch.plan(1, 4, n, d, dv, q.device, torch.float32)["splits"] > 1) == (min_split_rows == 32)
+    assert torch.equal(p.top_index, rows + 11)
+    assert torch.equal(p.out, v[rows]), (p.out - v[rows]).abs().max().item()
+
+
 def test_backward_near_stored_patterns():
     """The fused backward recomputes the forward's P with the same ℓ2 rule: patterns 0.01 apart and queries 3e-3
     from them (d² ~ 1e-4 against ‖x‖² ~ 30).  The softmax nearly saturates here (top weight 0.94-0.99 at beta 3e3),

@@ -24,7 +24,8 @@ import triton.language as tl
 import triton
 
 from . import configs
-from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist, stored_weights
+from .common import (DOT, autotune, exact_top_rows, finish, l2_direct, l2_scores, online_step, sq_dist,
+                     stored_weights)
 
 # Tuned once per padded width and kind of launch, not per D or bank size (docs/design.md §6.1).
 KEY = ["BD", "BDV", "SIM", "SPLIT", "BM", "VALUES_ARE_MEMORY", "HAS_WEIGHTS", "PRECISION"]
@@ -120,8 +121,10 @@ def small_d_kernel(
         acc = acc * inv[:, None]
         tl.store(m_ptr + slot, lse, mask=mask_q)
     else:
+        inv = tl.full([BM], 1.0, tl.float32)  # the split's partial stays unnormalised
         tl.store(m_ptr + slot, m_i, mask=mask_q)
         tl.store(l_ptr + slot, l_i, mask=mask_q)
     tl.store(out_ptr + slot[:, None] * DV + cols_v[None, :], acc, mask=mask_q[:, None] & mask_v[None, :])
+    exact_top_rows(out_ptr + slot * DV, inv, top_i, first, v_base, v_row, DV, mask_q, BM, PRECISION)
     tl.store(top_s_ptr + slot, top_s, mask=mask_q)
     tl.store(top_i_ptr + slot, top_i, mask=mask_q)

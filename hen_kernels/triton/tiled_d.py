@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import DOT, autotune, finish, l2_direct, l2_scores, online_step, sq_dist, stored_weights
+from .common import (DOT, autotune, exact_top_rows, finish, l2_direct, l2_scores, online_step, sq_dist,
+                     stored_weights)
 
 KEY = ["D", "DV", "SIM", "SPLIT", "BM", "HAS_WEIGHTS", "PRECISION"]
 
@@ -133,6 +134,10 @@ def tiled_d_kernel(
             a_mask = mask_q[:, None] & (cols < DV)[None, :]
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             tl.store(a_ptrs, a * inv[:, None], mask=a_mask)
+    else:
+        inv = tl.full([BM], 1.0, tl.float32)  # the split's partial stays unnormalised
+    exact_top_rows(acc_ptr + slot * DV, inv, top_i, first, v_base, v_row, DV, mask_q, BM, PRECISION)
+    if not SPLIT:
         tl.store(m_ptr + slot, lse, mask=mask_q)
     else:
         tl.store(m_ptr + slot, m_i, mask=mask_q)
