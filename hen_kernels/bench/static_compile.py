@@ -167,18 +167,24 @@ def global_bytes(ins: Sequence[tuple], threads: int, store: bool = False) -> int
     return total
 
 
-def hot_loop(ins: Sequence[tuple], ranges: List[tuple]) -> Optional[tuple]:
-    """The innermost loop holding tensor-core instructions, else the innermost loop, else None."""
-    for r in ranges:
-        if any(r[0] <= a <= r[1] and op.startswith(("HMMA", "HGMMA")) for a, op in ins):
-            return r
-    return ranges[0] if ranges else None
+def _mma_count(ins: Sequence[tuple], r: tuple) -> int:
+    return sum(r[0] <= a <= r[1] and op.startswith(("HMMA", "HGMMA")) for a, op in ins)
 
 
 def outer_loop(ins: Sequence[tuple], ranges: List[tuple]) -> Optional[tuple]:
-    """The outermost loop holding tensor-core instructions: a forward kernel's walk over the bank."""
-    mma = [r for r in ranges if any(r[0] <= a <= r[1] and op.startswith(("HMMA", "HGMMA")) for a, op in ins)]
-    return max(mma, key=lambda r: r[1] - r[0]) if mma else None
+    """A forward kernel's walk over the bank: the loop holding the most tensor-core instructions, those of
+    its nested loops included (the epilogue's loop, triton/common.py exact_top_rows, holds a few)."""
+    mma = [r for r in ranges if _mma_count(ins, r)]
+    return max(mma, key=lambda r: (_mma_count(ins, r), r[1] - r[0])) if mma else None
+
+
+def hot_loop(ins: Sequence[tuple], ranges: List[tuple]) -> Optional[tuple]:
+    """The innermost loop holding tensor-core instructions within outer_loop, else the innermost loop, else None."""
+    outer = outer_loop(ins, ranges)
+    for r in ranges:
+        if outer and outer[0] <= r[0] and r[1] <= outer[1] and _mma_count(ins, r):
+            return r
+    return ranges[0] if ranges else None
 
 
 def own_instructions(ins: Sequence[tuple], r: tuple, ranges: List[tuple]) -> list:
@@ -188,15 +194,20 @@ def own_instructions(ins: Sequence[tuple], r: tuple, ranges: List[tuple]) -> lis
 
 
 def loop_ops(ir: str, op: str = r"tt\.load") -> List[int]:
-    """Count ops matching ``op`` in TTIR/TTGIR text by scf.for nesting depth: [outside loops, in 1 loop, ...]."""
-    stack, counts = [], collections.Counter()
+    """Count ops matching ``op`` in TTIR/TTGIR text by scf.for nesting depth: [outside loops, in 1 loop, ...],
+    the loops being the first top-level scf.for and those nested in it (small_d's bank loop; the loop of
+    its epilogue, triton/common.py exact_top_rows, comes after it and is left out)."""
+    stack, counts, top_level_loops = [], collections.Counter(), 0
     rx = re.compile(rf"= {op}\b")
     for line in ir.splitlines():
         code = line.split(" loc(")[0]
-        if rx.search(code):
-            counts[stack.count("for")] += 1
+        depth = stack.count("for")
+        if rx.search(code) and (depth == 0 or top_level_loops == 1):
+            counts[depth] += 1
         net = code.count("{") - code.count("}")
         for _ in range(net):
+            if "scf.for" in code and depth == 0:
+                top_level_loops += 1
             stack.append("for" if "scf.for" in code else "other")
         for _ in range(-net):
             if stack:
