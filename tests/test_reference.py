@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hen_kernels import reference, streaming
+from hen_kernels.constants import TOLERANCE, output_tolerance
 
 from .conftest import BETA_LEVELS, SIMILARITIES, beta_for, make, rel_err
 
@@ -51,6 +52,26 @@ def test_reference_float32_close_to_float64(similarity, level, shape):
     assert rel_err(p32.out, p64.out) <= 1e-5
     assert rel_err(p32.lse, p64.lse) <= 1e-5
     assert torch.equal(p32.top_index, p64.top_index)
+
+
+@pytest.mark.parametrize("similarity", ["l2", "l2sq"])
+def test_the_float32_floor_is_what_rounding_the_exact_logits_costs(similarity):
+    """constants.output_tolerance: at large logits (5 x 300 x 4096, beta level 4: |t| ~ 350) rounding the
+    exact logits once to float32 moves the output by a sixteenth of the floor or more (2.4e-6 and 5.2e-6
+    here, where 1e-5 alone leaves room for two such roundings), and the floor holds that and the float32
+    reference."""
+    b, n, d = 5, 300, 4096
+    q, x = make((b, d), torch.float32, 1).double(), make((n, d), torch.float32, 2).double()
+    beta = beta_for(similarity, d, 4.0)
+    exact = reference.partial(q, x, beta, similarity)
+    t = beta * reference.similarity(q, x, similarity)
+    once = torch.softmax(t.float().double(), -1) @ x
+    floor = output_tolerance(torch.float32, exact.lse)
+    rounded_once = rel_err(once, exact.out)
+    assert floor / 16 <= rounded_once <= floor
+    assert rel_err(reference.partial(q.float(), x.float(), beta, similarity).out, exact.out) <= floor
+    assert output_tolerance(torch.float32, exact.lse / 100) == TOLERANCE[torch.float32]
+    assert output_tolerance(torch.bfloat16, exact.lse) == TOLERANCE[torch.bfloat16]
 
 
 def test_partial_fields_and_offset():
