@@ -5,7 +5,9 @@ whose answer depends on how a GPU splits float32 operands passed here and failed
 (benchmarks/results/nvidia-h200/run3: a one-hot weight row times the stored rows did not give the
 stored row back).  ``emulate()`` makes the interpreter's float32 products do what the GPU does:
 
-* "tf32": the tensor core reads 10 of an operand's 23 mantissa bits and drops the rest;
+* "tf32": the tensor core keeps 10 of an operand's 23 mantissa bits; the emulation drops the rest
+  (rounding them instead changes the same 25 % of the elements of 1·v under tf32x3, measured: the
+  misses do not hang on which the hardware does);
 * "tf32x3" (triton's F32DotTC pass): each operand a is rounded to tf32 (cvt.rna: to nearest, ties
   away from zero) as big, small = a - big in float32, and the answer is
   big·big + nan-to-zero(small·big + big·small), each of the three a tf32 product.
