@@ -172,10 +172,11 @@ def _mma_count(ins: Sequence[tuple], r: tuple) -> int:
 
 
 def outer_loop(ins: Sequence[tuple], ranges: List[tuple]) -> Optional[tuple]:
-    """A forward kernel's walk over the bank: the loop holding the most tensor-core instructions, those of
-    its nested loops included (the epilogue's loop, triton/common.py exact_top_rows, holds a few)."""
+    """A forward kernel's walk over the bank: the first loop in program order holding tensor-core instructions
+    (the widest of those starting there).  The epilogue's loop (triton/common.py exact_top_rows) comes after
+    it, and ptxas's branches can make a range that spans the bank loop's end and that loop."""
     mma = [r for r in ranges if _mma_count(ins, r)]
-    return max(mma, key=lambda r: (_mma_count(ins, r), r[1] - r[0])) if mma else None
+    return min(mma, key=lambda r: (r[0], r[0] - r[1])) if mma else None
 
 
 def hot_loop(ins: Sequence[tuple], ranges: List[tuple]) -> Optional[tuple]:

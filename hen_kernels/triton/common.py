@@ -99,36 +99,48 @@ def stored_weights(p, v_ptr):
     return pv, tl.where(taken > 0, tl.sum(p, 1) / tl.where(taken > 0, taken, 1.0), 1.0)
 
 
-# Output columns per step of exact_top_rows: the narrowest tensor-core product.
-TOP_ROW_COLUMNS = tl.constexpr(16)
+# Query rows and output columns per step of exact_top_rows: the smallest tensor-core product.
+TOP_ROW_TILE = tl.constexpr(16)
 
 
 @triton.jit
-def exact_top_rows(out_rows, scale, top_i, first, v_base, v_row, DV, mask_q, BM: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def exact_top_rows(out_ptr, lse_ptr, top_s_ptr, top_i_ptr, slot0, rows, first, v_base, v_row, DV,
+                   BM: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     """Count each query's top row whole in what the program has stored (docs/design.md §5.1).
 
-    out_rows (BM,): pointers to the queries' stored output rows, Dv floats each, holding their top
-    row times ``scale`` as the value product renders 1·v_top: a walk's top row takes weight exp(0) = 1
-    and keeps it (the running max is its score).  For float32 rows that rendering is not v_top:
-    tf32x3 splits v into a tf32 part and a rest that the tensor core reads to 10 bits, keeping ~22
-    of v's 24 bits.  So the same product of the identity and the top rows is taken out and the rows
-    go back in whole: a query whose other weights underflowed (hard retrieval) gets its stored row
-    bit for bit, as on the CPU, and every other query sheds the top row's rounding.  16-bit rows
-    times a weight of 1 are exact already.  Run after the stores, TOP_ROW_COLUMNS at a time, so
-    that no accumulator is held beside the rows (held whole, it spilled registers)."""
+    The program's ``rows`` queries (of BM) sit at slots slot0, slot0 + 1, ...: output rows of Dv floats
+    at out_ptr, and their lse (the split's running max when SPLIT), top score and top row, all stored.
+    A walk's top row takes weight exp(0) = 1 and keeps it (the running max is its score), so the output
+    holds it as the value product renders 1·v_top, times the top's weight exp(top - lse) once
+    normalised.  For float32 rows that rendering is not v_top: tf32x3 splits v into a tf32 part and a
+    rest that the tensor core reads to 10 bits, keeping ~22 of v's 24 bits.  So the same product of the
+    identity and the top rows is taken out and the rows go back in whole: a query whose other weights
+    underflowed (hard retrieval) gets its stored row bit for bit, as on the CPU, and every other query
+    sheds the top row's rounding.  16-bit rows times a weight of 1 are exact already.  Runs after the
+    stores, from memory, TOP_ROW_TILE queries and columns at a time: with the accumulator or the whole
+    query block in registers beside it, it spilled (the machine-code report)."""
     if v_base.dtype.element_ty == tl.float32:
-        tl.debug_barrier()  # the stored rows, other threads' stores among them
-        found = mask_q & (top_i >= 0)
-        top_rows = v_base + tl.where(found, top_i - first, 0) * v_row
-        eye = (tl.arange(0, BM)[:, None] == tl.arange(0, BM)[None, :]).to(tl.float32)
-        for d0 in range(0, DV, TOP_ROW_COLUMNS):
-            cols = d0 + tl.arange(0, TOP_ROW_COLUMNS)
-            mask = found[:, None] & (cols < DV)[None, :]
-            v_top = tl.load(top_rows[:, None] + cols[None, :], mask=mask, other=0.0)
-            rendered = tl.dot(eye, v_top, input_precision=PRECISION)
-            o = tl.load(out_rows[:, None] + cols[None, :], mask=mask, other=0.0)
-            tl.store(out_rows[:, None] + cols[None, :], o + (v_top - rendered) * scale[:, None], mask=mask)
+        tl.debug_barrier()  # what other threads of the program stored
+        eye = (tl.arange(0, TOP_ROW_TILE)[:, None] == tl.arange(0, TOP_ROW_TILE)[None, :]).to(tl.float32)
+        for g in tl.static_range(0, BM, TOP_ROW_TILE):
+            at = g + tl.arange(0, TOP_ROW_TILE)
+            slots = slot0 + at
+            top = tl.load(top_i_ptr + slots, mask=at < rows, other=-1)
+            found = top >= 0
+            if SPLIT:
+                weight = tl.full([TOP_ROW_TILE], 1.0, tl.float32)  # a split's partial is unnormalised
+            else:
+                weight = tl.exp(tl.load(top_s_ptr + slots, mask=found, other=0.0)
+                                - tl.load(lse_ptr + slots, mask=found, other=0.0))
+            top_rows = v_base + tl.where(found, top - first, 0) * v_row
+            out_rows = out_ptr + slots * DV
+            for d0 in range(0, DV, TOP_ROW_TILE):
+                cols = d0 + tl.arange(0, TOP_ROW_TILE)
+                mask = found[:, None] & (cols < DV)[None, :]
+                v_top = tl.load(top_rows[:, None] + cols[None, :], mask=mask, other=0.0)
+                rendered = tl.dot(eye, v_top, input_precision=PRECISION)
+                o = tl.load(out_rows[:, None] + cols[None, :], mask=mask, other=0.0)
+                tl.store(out_rows[:, None] + cols[None, :], o + (v_top - rendered) * weight[:, None], mask=mask)
 
 
 @triton.jit

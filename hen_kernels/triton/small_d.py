@@ -121,10 +121,10 @@ def small_d_kernel(
         acc = acc * inv[:, None]
         tl.store(m_ptr + slot, lse, mask=mask_q)
     else:
-        inv = tl.full([BM], 1.0, tl.float32)  # the split's partial stays unnormalised
         tl.store(m_ptr + slot, m_i, mask=mask_q)
         tl.store(l_ptr + slot, l_i, mask=mask_q)
     tl.store(out_ptr + slot[:, None] * DV + cols_v[None, :], acc, mask=mask_q[:, None] & mask_v[None, :])
-    exact_top_rows(out_ptr + slot * DV, inv, top_i, first, v_base, v_row, DV, mask_q, BM, PRECISION)
     tl.store(top_s_ptr + slot, top_s, mask=mask_q)
     tl.store(top_i_ptr + slot, top_i, mask=mask_q)
+    exact_top_rows(out_ptr, m_ptr, top_s_ptr, top_i_ptr, (lead * tl.num_programs(1) + split) * B + qb * BM,
+                   B - qb * BM, first, v_base, v_row, DV, BM, SPLIT, PRECISION)

@@ -134,9 +134,6 @@ def tiled_d_kernel(
             a_mask = mask_q[:, None] & (cols < DV)[None, :]
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             tl.store(a_ptrs, a * inv[:, None], mask=a_mask)
-    else:
-        inv = tl.full([BM], 1.0, tl.float32)  # the split's partial stays unnormalised
-    exact_top_rows(acc_ptr + slot * DV, inv, top_i, first, v_base, v_row, DV, mask_q, BM, PRECISION)
     if not SPLIT:
         tl.store(m_ptr + slot, lse, mask=mask_q)
     else:
@@ -144,3 +141,5 @@ def tiled_d_kernel(
         tl.store(l_ptr + slot, l_i, mask=mask_q)
     tl.store(top_s_ptr + slot, top_s, mask=mask_q)
     tl.store(top_i_ptr + slot, top_i, mask=mask_q)
+    exact_top_rows(acc_ptr, m_ptr, top_s_ptr, top_i_ptr, (lead * tl.num_programs(1) + split) * B + qb * BM,
+                   B - qb * BM, first, v_base, v_row, DV, BM, SPLIT, PRECISION)
