@@ -190,13 +190,25 @@ def test_ties_across_tiles_splits_and_the_combine(monkeypatch, similarity, dtype
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("shape", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("min_split_rows", [32, 10**9], ids=["split", "whole"])
+@pytest.mark.parametrize("matmul_precision", ["highest", "high"], ids=["tf32x3", "tf32"])
 @pytest.mark.interpreter_cross("shape", "min_split_rows")
-def test_a_query_whose_other_weights_underflow_gets_its_stored_row(monkeypatch, similarity, shape, min_split_rows):
+def test_a_query_whose_other_weights_underflow_gets_its_stored_row(monkeypatch, similarity, shape, min_split_rows,
+                                                                   matmul_precision):
     """docs/design.md §5 (hard retrieval returns the exact pattern) on every kernel path, values of their
     own included, in float32, whose value product a GPU takes at tf32x3: 1·v keeps ~22 of v's 24 bits
-    there (tests/tensor_cores.py emulates it under the interpreter; the first GPU run found it)."""
+    there (tests/tensor_cores.py emulates it under the interpreter; the first GPU run found it), and 11
+    at tf32, where torch allows it (launch.fp32_precision)."""
     require("triton")
     monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", min_split_rows)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        _assert_lands_on_stored_rows(similarity, shape, min_split_rows)
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _assert_lands_on_stored_rows(similarity, shape, min_split_rows):
     _, n, d, dv = shape
     x = make((n, d), torch.float32, 12)
     v = x if dv == d else make((n, dv), torch.float32, 13)
