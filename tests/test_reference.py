@@ -64,8 +64,7 @@ def test_the_float32_floor_is_what_rounding_the_exact_logits_costs(similarity):
     q, x = make((b, d), torch.float32, 1).double(), make((n, d), torch.float32, 2).double()
     beta = beta_for(similarity, d, 4.0)
     exact = reference.partial(q, x, beta, similarity)
-    t = beta * reference.similarity(q, x, similarity)
-    once = torch.softmax(t.float().double(), -1) @ x
+    once = torch.softmax(reference.scores(q, x, beta, similarity).float().double(), -1) @ x
     floor = output_tolerance(torch.float32, exact.lse)
     rounded_once = rel_err(once, exact.out)
     assert floor / 16 <= rounded_once <= floor

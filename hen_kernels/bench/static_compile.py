@@ -179,9 +179,9 @@ def outer_loop(ins: Sequence[tuple], ranges: List[tuple]) -> Optional[tuple]:
     return min(mma, key=lambda r: (r[0], r[0] - r[1])) if mma else None
 
 
-def hot_loop(ins: Sequence[tuple], ranges: List[tuple]) -> Optional[tuple]:
-    """The innermost loop holding tensor-core instructions within outer_loop, else the innermost loop, else None."""
-    outer = outer_loop(ins, ranges)
+def hot_loop(ins: Sequence[tuple], ranges: List[tuple], outer: Optional[tuple]) -> Optional[tuple]:
+    """The innermost loop holding tensor-core instructions within ``outer`` (outer_loop's), else the innermost
+    loop, else None."""
     for r in ranges:
         if outer and outer[0] <= r[0] and r[1] <= outer[1] and _mma_count(ins, r):
             return r
@@ -271,7 +271,8 @@ def compile_case(case: Case, arch: int, keep: Optional[str] = None) -> dict:
     log = parse_ptxas(buf.getvalue())
     smem = k.metadata.shared + ru.get("SHARED", 0)
     blocks, limiter, occ = occupancy(arch, ru["REG"], threads, smem)
-    hot = hot_loop(ins, ranges)
+    outer = outer_loop(ins, ranges)
+    hot = hot_loop(ins, ranges, outer)
     hot_ins = own_instructions(ins, hot, ranges) if hot else []
     row.update(
         regs=ru["REG"], spill_stores=log.get("spill_stores"), spill_loads=log.get("spill_loads"),
@@ -284,7 +285,7 @@ def compile_case(case: Case, arch: int, keep: Optional[str] = None) -> dict:
                       for r in ranges],
         ttir_loads=loop_ops(k.asm["ttir"]),
         bank_loop_async_bytes=global_bytes([x for x in own_instructions(ins, outer, ranges) if x[1].startswith(
-            "LDGSTS")], threads) if (outer := outer_loop(ins, ranges)) else 0,
+            "LDGSTS")], threads) if outer else 0,
         n_sass=len(ins),
     )
     row["spills"] = bool(row["spill_stores"] or row["stack"])

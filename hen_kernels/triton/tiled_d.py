@@ -134,7 +134,6 @@ def tiled_d_kernel(
             a_mask = mask_q[:, None] & (cols < DV)[None, :]
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             tl.store(a_ptrs, a * inv[:, None], mask=a_mask)
-    if not SPLIT:
         tl.store(m_ptr + slot, lse, mask=mask_q)
     else:
         tl.store(m_ptr + slot, m_i, mask=mask_q)
