@@ -96,9 +96,9 @@ bench: install
 	       "run scripts/gpu_run.sh on a GPU machine"; fi
 
 # The machine-code report over the whole compile matrix (every Triton kernel x autotune config x
-# dtype x similarity x arch; about an hour on 2 cores; no GPU needed): static/static.{md,json}.
+# dtype x similarity x arch, pruned configs too; 2-3 hours on 2 cores; no GPU needed): static/full/static.{md,json.gz}.
 bench-static: install
-	$(PY) -m hen_kernels.bench static --subset full --with-pruned --jobs 2 --out $(RESULTS)/static
+	$(PY) -m hen_kernels.bench static --subset full --with-pruned --jobs 2 --out $(RESULTS)/static/full
 
 # The GPU tables alone (exits 2 with a message when no GPU is visible).
 bench-gpu: install

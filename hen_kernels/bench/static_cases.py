@@ -58,17 +58,18 @@ def forward_cases(arch: int, dt: str, sim: str, B: int, N: int, D: int, Dv: int,
     else:
         kernel = tiled_d_kernel
         args.update(acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", top_s_ptr="*fp32", top_i_ptr="*i64")
+    if p["kernel"] == "small_d":
+        reasons = [configs.small_d_rule(cfg, arch, elt, p["BM"], cx["BD"], cx["BDV"], vam, weights, precision,
+                                        SIMILARITY_CODES[sim]) for cfg in kernel.configs]
+    else:
+        reasons = [configs.tiled_d_rule(cfg, arch, elt, p["BM"], weights, precision, SIMILARITY_CODES[sim])
+                   for cfg in kernel.configs]
     out = []
-    for i, cfg in enumerate(kernel.configs):
+    for i, (cfg, why) in enumerate(zip(kernel.configs, configs.runnable(kernel.configs, reasons))):
         if configs_wanted is not None and i not in configs_wanted:
             continue
-        if p["kernel"] == "small_d":
-            why = configs.small_d_rule(cfg, arch, elt, p["BM"], cx["BD"], cx["BDV"], vam, weights, precision,
-                                       SIMILARITY_CODES[sim])
-            bank_tile = cfg.kwargs["BN"] * (cx["BD"] + (0 if vam else cx["BDV"])) * elt
-        else:
-            why = configs.tiled_d_rule(cfg, arch, elt, p["BM"], weights, precision, SIMILARITY_CODES[sim])
-            bank_tile = None
+        bank_tile = (cfg.kwargs["BN"] * (cx["BD"] + (0 if vam else cx["BDV"])) * elt if p["kernel"] == "small_d"
+                     else None)
         if why and not with_pruned:
             continue
         label = dict(regime=regime, dtype=dt, sim=sim, VAM=vam, W=weights, B=B, D=D, DV=Dv, BM=p["BM"],
@@ -106,11 +107,12 @@ def backward_cases(arch: int, which: str, dt: str, sim: str, B: int, N: int, D: 
     else:
         args.update(dx_ptr="*fp32", dv_ptr="*fp32", L=L)
         extra = dict(SHARED=L > 1)
+    reasons = [configs.backward_rule(cfg, arch, elt, cx["BD"], cx["BDV"], vam, precision, which)
+               for cfg in kernel.configs]
     out = []
-    for i, cfg in enumerate(kernel.configs):
+    for i, (cfg, why) in enumerate(zip(kernel.configs, configs.runnable(kernel.configs, reasons))):
         if configs_wanted is not None and i not in configs_wanted:
             continue
-        why = configs.backward_rule(cfg, arch, elt, cx["BD"], cx["BDV"], vam, precision, which)
         if why and not with_pruned:
             continue
         label = dict(regime=regime, dtype=dt, sim=sim, VAM=vam, W=False, B=B, D=D, DV=Dv,

@@ -31,7 +31,7 @@ from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ..triton.configs import ARCHS, RESERVED_SMEM  # noqa: E402
+from ..triton.configs import ARCHS, MAX_REGISTERS, RESERVED_SMEM  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -188,6 +188,11 @@ def hot_loop(ins: Sequence[tuple], ranges: List[tuple], outer: Optional[tuple]) 
     return ranges[0] if ranges else None
 
 
+def local_accesses(ins: Sequence[tuple], r: Optional[tuple]) -> int:
+    """Local-memory loads and stores (spill code) within a loop, the loops nested in it included."""
+    return sum(r[0] <= a <= r[1] and op.startswith(("LDL", "STL")) for a, op in ins) if r else 0
+
+
 def own_instructions(ins: Sequence[tuple], r: tuple, ranges: List[tuple]) -> list:
     """A loop's instructions without those of the loops nested in it (e.g. small_d's ℓ2 recompute loop)."""
     inner = [o for o in ranges if o != r and r[0] <= o[0] and o[1] <= r[1]]
@@ -245,12 +250,9 @@ def compile_case(case: Case, arch: int, keep: Optional[str] = None) -> dict:
     """Compile one case for one architecture and read its machine code; errors become a row field."""
     row = dict(kernel=case.kernel, arch=arch, **case.label, num_warps=case.num_warps, num_stages=case.num_stages,
                pruned=case.pruned)
-    buf = io.StringIO()
     t0 = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(buf):  # ptxas -v's log, printed by triton (dump_ptxas_log)
-            k = triton.compile(source(case), target=GPUTarget("cuda", arch, 32),
-                               options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+        k, log = _compile(case, arch)
     except Exception as e:  # noqa: BLE001 - reported with the kernel, arch and config that failed
         row.update(compile_s=round(time.perf_counter() - t0, 2),
                    error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
@@ -268,7 +270,6 @@ def compile_case(case: Case, arch: int, keep: Optional[str] = None) -> dict:
             for ext in ("ttir", "ttgir", "ptx"):
                 with open(f"{stem}.{ext}", "w") as f:
                     f.write(k.asm[ext])
-    log = parse_ptxas(buf.getvalue())
     smem = k.metadata.shared + ru.get("SHARED", 0)
     blocks, limiter, occ = occupancy(arch, ru["REG"], threads, smem)
     outer = outer_loop(ins, ranges)
@@ -286,10 +287,25 @@ def compile_case(case: Case, arch: int, keep: Optional[str] = None) -> dict:
         ttir_loads=loop_ops(k.asm["ttir"]),
         bank_loop_async_bytes=global_bytes([x for x in own_instructions(ins, outer, ranges) if x[1].startswith(
             "LDGSTS")], threads) if outer else 0,
+        bank_loop_local=local_accesses(ins, outer),
         n_sass=len(ins),
     )
     row["spills"] = bool(row["spill_stores"] or row["stack"])
+    # Below the ceiling a frame may be ptxas's choice (fewer registers for more resident blocks) rather than
+    # need: the same kernel compiled with .maxnreg 255 tells them apart (bench/static.py costly_spill).
+    row["stack_at_ceiling"] = row["stack"]
+    if row["spills"] and row["regs"] < MAX_REGISTERS:
+        row["stack_at_ceiling"] = _compile(case, arch, maxnreg=MAX_REGISTERS)[1].get("stack", 0)
     return row
+
+
+def _compile(case: Case, arch: int, **options) -> tuple:
+    """(triton's compiled kernel, ptxas's -v log parsed)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):  # ptxas -v's log, printed by triton (dump_ptxas_log)
+        k = triton.compile(source(case), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=case.num_warps, num_stages=case.num_stages, **options))
+    return k, parse_ptxas(buf.getvalue())
 
 
 # ---- many compiles -----------------------------------------------------------------------------------

@@ -40,6 +40,15 @@ def _acc_loop(r: dict) -> str:
     return f"ld {_bytes(x['load_bytes'])} / st {_bytes(x['store_bytes'])}"
 
 
+def _spill(r: dict) -> str:
+    """Stack bytes: bold where they cost (static.costly_spill), "(ptxas)" where ptxas traded them for occupancy."""
+    from .static import costly_spill
+
+    if not r["spills"]:
+        return "0"
+    return f"**{r['stack']}**" if costly_spill(r) else f"{r['stack']} (ptxas)"
+
+
 def _triton_table(rows: List[dict], kernel: str) -> List[str]:
     heads = ["sm", "regime", "dtype", "sim", "VAM", "W", "D", "BM", "S", "prec", "config", "regs", "spill B",
              "smem KiB", "blk/SM", "MMA (loop)", "MUFU (loop)", "loads B/iter", "async", "t s"]
@@ -56,7 +65,7 @@ def _triton_table(rows: List[dict], kernel: str) -> List[str]:
                  "y" if r.get("VAM") else ("n" if "VAM" in r else "-"), "y" if r.get("W") else "-",
                  str(r.get("D", "")), str(r.get("BM", "-")), str(r.get("SPLITS", "-")), r.get("PREC", "-"),
                  _config(r), str(r["regs"]),
-                 ("**%d**" % r["spill_stores"]) if r["spills"] else "0",
+                 _spill(r),
                  ("**%.1f**" if not r["smem_ok"] else "%.1f") % (r["smem"] / 1024),
                  f"{r['blocks_per_sm']} ({r['limiter'][:4]})", _mma(r["hot_loop"]), _mufu(r["hot_loop"]),
                  _bytes(r["hot_loop_load_bytes"]), "cp.async" if r["hot_loop"].get("LDGSTS") else "ldg"]
@@ -87,18 +96,16 @@ def summary(report: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
     rows = report["rows"]
     kept = [r for r in rows if r.get("pruned") is None]
     pruned = [r for r in rows if r.get("pruned") is not None]
     lines = [
         "# Machine-code report: Triton and CUDA C++ kernels compiled for sm_80 and sm_90 (no GPU)",
         "",
-        f"- command: `{report['command']}` ({report['subset']} set, {len(rows)} Triton compiles, "
-        f"{report['elapsed_s']:.0f} s)",
-        f"- triton {m['triton']}, {report.get('ptxas') or 'ptxas ?'}, torch {m['torch']}, Python {m['python']}; "
-        f"compiled on {m['cpu']} ({m['isa']}), no GPU",
-        "- regs and spill: ptxas -v; smem: the kernel's shared memory (bold: over the per-block limit, "
+        *_header(report, rows),
+        "- regs and spill: ptxas -v (spill: stack bytes; bold where they cost: a frame left when ptxas may take "
+        "all 255 registers, or spill code in the bank loop; '(ptxas)': bytes ptxas chose to spill, outside that "
+        "loop, to hold the kernel to fewer registers for more resident blocks); smem: the kernel's shared memory (bold: over the per-block limit, "
         "227 KiB sm_90, 163 KiB sm_80); blk/SM: resident blocks per SM and what limits them (regs, smem, "
         "threads); MMA / MUFU (loop): tensor-core and special-function instructions in the hot loop (the "
         "innermost loop with tensor-core instructions, nested loops such as the ℓ2 recompute excluded); "
@@ -120,12 +127,59 @@ def markdown(report: dict) -> str:
             lines += _triton_table(ks, kernel)
     if pruned:
         lines += ["", f"## Configs kept from the autotuner ({len(pruned)}; hen_kernels/triton/configs.py)", ""]
-        lines += table(["sm", "kernel", "shape", "config", "rule says", "compiled: spill B", "smem KiB"],
+        lines += table(["sm", "kernel", "shape", "config", "rule says", "compiled: stack B", "smem KiB"],
                        [[str(r["arch"]), r["kernel"], f"{r.get('dtype')} {r.get('sim', '')} D{r.get('D')} "
                          f"BM{r.get('BM', '-')} VAM {r.get('VAM', '-')} W {r.get('W', '-')}", _config(r),
-                         r["pruned"], r.get("error", str(r.get("spill_stores"))),
+                         r["pruned"], r.get("error") or _spill(r),
                          "%.1f" % (r["smem"] / 1024) if "smem" in r else "-"] for r in pruned])
     if report["cuda"]:
         lines += ["", "## CUDA C++ kernels of the built extension", ""]
         lines += _cuda_table(report["cuda"])
+    return "\n".join(lines) + "\n"
+
+
+def _header(report: dict, rows: List[dict]) -> List[str]:
+    m = report["machine"]
+    return [
+        f"- command: `{report['command']}` ({report['subset']} set, {len(rows)} Triton compiles, "
+        f"{report['elapsed_s']:.0f} s)",
+        f"- triton {m['triton']}, {report.get('ptxas') or 'ptxas ?'}, torch {m['torch']}, Python {m['python']}; "
+        f"compiled on {m['cpu']} ({m['isa']}), no GPU",
+    ]
+
+
+def summary_markdown(report: dict) -> str:
+    """The full matrix in counts (its rows are in static.json.gz): per kernel and architecture, the configs
+    compiled, kept for the autotuner, with a costly spill or too much shared memory among those kept, and
+    with bytes ptxas spilled for occupancy; then every kept config that fails a check."""
+    from .static import costly_spill
+
+    rows = report["rows"]
+    out = []
+    for kernel in ("small_d", "tiled_d", "combine", "dq", "dkv"):
+        for arch in sorted({r["arch"] for r in rows}):
+            rs = [r for r in rows if r["kernel"] == kernel and r["arch"] == arch]
+            if not rs:
+                continue
+            ok = [r for r in rs if "error" not in r]
+            kept = [r for r in ok if r.get("pruned") is None]
+            pruned = [r for r in ok if r.get("pruned") is not None]
+            out.append([kernel, str(arch), str(len(rs)), str(len(rs) - len(ok)), str(len(kept)),
+                        str(sum(bool(costly_spill(r)) for r in kept)), str(sum(not r["smem_ok"] for r in kept)),
+                        str(sum(r["spills"] and not costly_spill(r) for r in kept)),
+                        str(sum(bool(costly_spill(r)) or not r["smem_ok"] for r in pruned)), str(len(pruned))])
+    lines = ["# Machine-code report, the whole matrix: counts (rows in static.json.gz)", ""]
+    lines += _header(report, rows)
+    lines += ["- costly spill: a stack frame left when ptxas may take all 255 registers, or spill code in the bank "
+              "loop (bench/static.py costly_spill); ptxas trade: bytes ptxas spilled outside that loop to hold the "
+              "kernel to fewer registers for more resident blocks", "", "## Checks", ""]
+    lines += table(["check", "rule", "rows", "result"],
+                   [[k, c["rule"], str(c["checked"]), "ok" if c["ok"] else f"FAIL ({len(c['failures'])})"]
+                    for k, c in report["checks"].items()])
+    lines += ["", "## Per kernel", ""]
+    lines += table(["kernel", "sm", "compiled", "errors", "kept", "kept: costly spill", "kept: smem over",
+                    "kept: ptxas trade", "pruned: would fail", "pruned"], out)
+    failures = [f for c in report["checks"].values() for f in c["failures"]]
+    if failures:
+        lines += ["", f"## Failures ({len(failures)})", ""] + [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"

@@ -13,11 +13,12 @@ the report saw fail.  The autotuner prunes with them at run time
 
 The rules cannot foresee every spill: where a kernel needs a little over 128
 registers at 8 warps (or 96-128 at 4), ptxas may hold it to 128 for one more
-block per SM and spill a few bytes instead.  The report samples a few configs of
-each case; every config the rules keep for the bf16 ℓ2 recall case at D = 1024
-(47, both architectures) compiled to three such (8-32 B), and ``maxnreg=255`` in
-the config removed them at one block per SM fewer.  Which runs faster is for a
-GPU to say; until then they stay.
+block per SM and spill a few bytes instead.  The report tells these trades from
+shortage by compiling such a config again with ``.maxnreg 255``
+(bench/static.py ``costly_spill``): the trades stay, since which runs faster is
+for a GPU to say.  The whole matrix (benchmarks/results/static/full/) still finds
+kept configs that spill for lack of registers: the rules were drawn on the rep set
+(benchmarks/PERFORMANCE.md §7.1).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ ARCHS: Dict[int, dict] = {
     90: dict(name="H100", regs=65536, smem_sm=233472, smem_block=232448, threads=2048, blocks=32),
 }
 RESERVED_SMEM = 1024  # per block, taken by the driver on sm_80 and later
+MAX_REGISTERS = 255  # per thread, sm_80 and sm_90
 
 # float32 inputs: the register tile kernels serve D, Dv up to this (their float32 operands take twice the
 # registers of 16-bit ones; at 256 every config spilled in the report), the D-tiled kernel beyond.
@@ -209,10 +211,18 @@ def autotune_mode() -> str:
     return mode
 
 
+def runnable(configs, reasons) -> list:
+    """The reasons with the least demanding config's cleared when every config has one: the autotuner is
+    never left empty-handed, and that config still runs (slowly).  The machine-code report marks kept
+    configs by this too."""
+    if all(r is not None for r in reasons):
+        least = min(configs, key=lambda c: (sum(c.kwargs.values()), c.num_stages, -c.num_warps))
+        return [None if c is least else r for c, r in zip(configs, reasons)]
+    return list(reasons)
+
+
 def _keep(configs, reasons) -> List[triton.Config]:
-    kept = [c for c, r in zip(configs, reasons) if r is None]
-    # Never leave the autotuner empty-handed: the least demanding config still runs (slowly).
-    kept = kept or [min(configs, key=lambda c: (sum(c.kwargs.values()), c.num_stages, -c.num_warps))]
+    kept = [c for c, r in zip(configs, runnable(configs, reasons)) if r is None]
     return kept[:1] if autotune_mode() == "first" else kept
 
 
