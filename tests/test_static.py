@@ -121,12 +121,13 @@ def test_the_stored_reports_agree_with_the_rules():
     """Every row of the reports under benchmarks/results/static/ (this triton, and triton 3.6 as on the GPU
     machine) that today's rules (hen_kernels/triton/configs.py) let the autotuner pick compiled without
     spills and within shared memory: changing a rule so that it admits a config a report saw fail turns
-    this red (re-run the reports to record new configs).  Spills are judged by static.costly_spill."""
+    this red (re-run the reports to record new configs).  Spills are judged by static_spill.costly_spill."""
     # the rep reports; the full matrix's rows (full/static.json.gz) are what the rules are to be fitted to next
     stored = sorted(STORED.parent.rglob("static.json"))
     if not stored:
         pytest.skip("no stored report (python -m hen_kernels.bench static --with-pruned)")
-    from hen_kernels.bench.static import costly_spill, load
+    from hen_kernels.bench.static import load
+    from hen_kernels.bench.static_spill import costly_spill
     from hen_kernels.triton import configs
 
     rows = [r for path in stored for r in load(path)["rows"]]
@@ -154,9 +155,10 @@ def test_the_stored_reports_agree_with_the_rules():
 
 
 def test_a_spill_costs_when_registers_run_out_or_in_the_bank_loop():
-    """static.costly_spill, on rows as compile_case writes them: a frame left at .maxnreg 255 and spill code in
+    """static_spill.costly_spill, on rows as compile_case writes them: a frame left at .maxnreg 255 and spill code in
     the bank loop fail the check; the bytes ptxas chose to spill for occupancy, outside the loop, are shown only."""
-    from hen_kernels.bench.static import checks, costly_spill
+    from hen_kernels.bench.static import checks
+    from hen_kernels.bench.static_spill import costly_spill
 
     clean = dict(spills=False, stack=0, regs=255, stack_at_ceiling=0, bank_loop_local=0)
     pressure = dict(spills=True, stack=8, regs=168, stack_at_ceiling=8, bank_loop_local=0)

@@ -292,7 +292,7 @@ def compile_case(case: Case, arch: int, keep: Optional[str] = None) -> dict:
     )
     row["spills"] = bool(row["spill_stores"] or row["stack"])
     # Below the ceiling a frame may be ptxas's choice (fewer registers for more resident blocks) rather than
-    # need: the same kernel compiled with .maxnreg 255 tells them apart (bench/static.py costly_spill).
+    # need: the same kernel compiled with .maxnreg 255 tells them apart (bench/static_spill.py).
     row["stack_at_ceiling"] = row["stack"]
     if row["spills"] and row["regs"] < MAX_REGISTERS:
         row["stack_at_ceiling"] = _compile(case, arch, maxnreg=MAX_REGISTERS)[1].get("stack", 0)

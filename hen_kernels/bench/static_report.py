@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from .common import table
+from .static_spill import costly_spill
 
 CONFIG_KEYS = ("BN", "BK", "BDV", "BS", "BM")
 
@@ -41,9 +42,7 @@ def _acc_loop(r: dict) -> str:
 
 
 def _spill(r: dict) -> str:
-    """Stack bytes: bold where they cost (static.costly_spill), "(ptxas)" where ptxas traded them for occupancy."""
-    from .static import costly_spill
-
+    """Stack bytes: bold where they cost (static_spill), "(ptxas)" where ptxas traded them for occupancy."""
     if not r["spills"]:
         return "0"
     return f"**{r['stack']}**" if costly_spill(r) else f"{r['stack']} (ptxas)"
@@ -152,8 +151,6 @@ def summary_markdown(report: dict) -> str:
     """The full matrix in counts (its rows are in static.json.gz): per kernel and architecture, the configs
     compiled, kept for the autotuner, with a costly spill or too much shared memory among those kept, and
     with bytes ptxas spilled for occupancy; then every kept config that fails a check."""
-    from .static import costly_spill
-
     rows = report["rows"]
     out = []
     for kernel in ("small_d", "tiled_d", "combine", "dq", "dkv"):
@@ -171,7 +168,7 @@ def summary_markdown(report: dict) -> str:
     lines = ["# Machine-code report, the whole matrix: counts (rows in static.json.gz)", ""]
     lines += _header(report, rows)
     lines += ["- costly spill: a stack frame left when ptxas may take all 255 registers, or spill code in the bank "
-              "loop (bench/static.py costly_spill); ptxas trade: bytes ptxas spilled outside that loop to hold the "
+              "loop (bench/static_spill.py); ptxas trade: bytes ptxas spilled outside that loop to hold the "
               "kernel to fewer registers for more resident blocks", "", "## Checks", ""]
     lines += table(["check", "rule", "rows", "result"],
                    [[k, c["rule"], str(c["checked"]), "ok" if c["ok"] else f"FAIL ({len(c['failures'])})"]

@@ -15,7 +15,7 @@ The rules cannot foresee every spill: where a kernel needs a little over 128
 registers at 8 warps (or 96-128 at 4), ptxas may hold it to 128 for one more
 block per SM and spill a few bytes instead.  The report tells these trades from
 shortage by compiling such a config again with ``.maxnreg 255``
-(bench/static.py ``costly_spill``): the trades stay, since which runs faster is
+(bench/static_spill.py): the trades stay, since which runs faster is
 for a GPU to say.  The whole matrix (benchmarks/results/static/full/) still finds
 kept configs that spill for lack of registers: the rules were drawn on the rep set
 (benchmarks/PERFORMANCE.md §7.1).
