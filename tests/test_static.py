@@ -81,6 +81,14 @@ def test_the_report_says_how_it_was_made(rep, tmp_path):
     assert report["machine"]["triton"] == triton.__version__ and report["ptxas"]
 
 
+def test_the_report_restarts_itself_outside_the_interpreter():
+    """Started with TRITON_INTERPRET=1 (as the test suite runs), the report runs again without it."""
+    r = subprocess.run([sys.executable, "-m", "hen_kernels.bench", "static", "--subset", "smoke", "--dry-run"],
+                       cwd=ROOT, env=dict(ENV, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "compiles (smoke" in r.stdout
+
+
 def test_a_compile_error_names_kernel_arch_and_config():
     """A config that cannot compile fails the compiles check with the kernel, the arch and the config."""
     code = """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gzip
 import json
 import math
 import os
@@ -352,10 +353,15 @@ def _finite(v):
     return v
 
 
-def write_report(out: str, name: str, report: dict, md: str) -> Tuple[Path, Path]:
-    """Write ``name``.json and ``name``.md under ``out``; their paths."""
+def write_report(out: str, name: str, report: dict, md: str, gzipped: bool = False) -> Tuple[Path, Path]:
+    """Write ``name``.json (``name``.json.gz, compact, when ``gzipped``) and ``name``.md under ``out``; their
+    paths."""
     os.makedirs(out, exist_ok=True)
-    js, mdp = Path(out, name + ".json"), Path(out, name + ".md")
-    js.write_text(json.dumps(_finite(report), indent=2) + "\n")
+    js, mdp = Path(out, name + (".json.gz" if gzipped else ".json")), Path(out, name + ".md")
+    if gzipped:
+        with gzip.open(js, "wt") as f:
+            json.dump(_finite(report), f, separators=(",", ":"))
+    else:
+        js.write_text(json.dumps(_finite(report), indent=2) + "\n")
     mdp.write_text(md)
     return js, mdp

@@ -19,6 +19,8 @@ Nothing here runs a kernel: a GPU run (scripts/gpu_run.sh) adds measured times b
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +30,14 @@ from typing import List, Optional
 from .static_spill import costly_spill
 
 STATIC_OUT = os.path.join("benchmarks", "results", "static")
+# A full-matrix row's machine-code detail (SASS mix, loops), left out of its stored report (~10^4 rows)
+BULKY_FIELDS = ("sass", "hot_loop", "loops_detail", "ttir_loads")
+
+
+def _restart_without_interpreter(argv: List[str]) -> int:
+    """triton's interpreter cannot compile: run this program again in a process without it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.call([sys.executable, "-m", "hen_kernels.bench", "static", *argv], env=env)
 
 
 def checks(rows: List[dict], cuda_rows: List[dict]) -> dict:
@@ -123,9 +133,8 @@ def run(subset: str, archs: List[int], jobs: int, out: str, with_pruned: bool, c
                   elapsed_s=round(time.monotonic() - t0, 1), rows=rows, cuda=cuda_rows,
                   checks=checks(rows, cuda_rows))
     if subset == "full":
-        # ~10^4 rows: the machine-code detail of each (SASS mix, loops) is left out, the rest gzipped
         report["rows"] = [{k: v for k, v in r.items() if k not in BULKY_FIELDS} for r in rows]
-        js, mdp = _write_compact(out, report, static_report.summary_markdown(report))
+        js, mdp = common.write_report(out, "static", report, static_report.summary_markdown(report), gzipped=True)
     else:
         js, mdp = common.write_report(out, "static", report, static_report.markdown(report))
     failed = [k for k, c in report["checks"].items() if not c["ok"]]
@@ -134,29 +143,8 @@ def run(subset: str, archs: List[int], jobs: int, out: str, with_pruned: bool, c
     return 1 if failed else 0
 
 
-BULKY_FIELDS = ("sass", "hot_loop", "loops_detail", "ttir_loads")
-
-
-def _write_compact(out: str, report: dict, md: str) -> tuple:
-    import gzip
-    import json
-    from pathlib import Path
-
-    from . import common
-
-    os.makedirs(out, exist_ok=True)
-    js, mdp = Path(out, "static.json.gz"), Path(out, "static.md")
-    with gzip.open(js, "wt") as f:
-        json.dump(common._finite(report), f, separators=(",", ":"))
-    mdp.write_text(md)
-    return js, mdp
-
-
 def load(path) -> dict:
     """A stored report, static.json or the full matrix's static.json.gz."""
-    import gzip
-    import json
-
     with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
         return json.load(f)
 

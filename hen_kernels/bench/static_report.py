@@ -8,6 +8,9 @@ from .common import table
 from .static_spill import costly_spill
 
 CONFIG_KEYS = ("BN", "BK", "BDV", "BS", "BM")
+SPILL_LEGEND = ("costly (bold; bench/static_spill.py): a frame left when ptxas may take all 255 registers, or spill "
+                "code in the bank loop; '(ptxas)': bytes ptxas chose to spill outside that loop, holding the kernel "
+                "to fewer registers for more resident blocks")
 
 
 def _config(r: dict) -> str:
@@ -102,9 +105,8 @@ def markdown(report: dict) -> str:
         "# Machine-code report: Triton and CUDA C++ kernels compiled for sm_80 and sm_90 (no GPU)",
         "",
         *_header(report, rows),
-        "- regs and spill: ptxas -v (spill: stack bytes; bold where they cost: a frame left when ptxas may take "
-        "all 255 registers, or spill code in the bank loop; '(ptxas)': bytes ptxas chose to spill, outside that "
-        "loop, to hold the kernel to fewer registers for more resident blocks); smem: the kernel's shared memory (bold: over the per-block limit, "
+        f"- regs and spill: ptxas -v (spill: stack bytes; {SPILL_LEGEND}); smem: the kernel's shared memory "
+        "(bold: over the per-block limit, "
         "227 KiB sm_90, 163 KiB sm_80); blk/SM: resident blocks per SM and what limits them (regs, smem, "
         "threads); MMA / MUFU (loop): tensor-core and special-function instructions in the hot loop (the "
         "innermost loop with tensor-core instructions, nested loops such as the ℓ2 recompute excluded); "
@@ -167,9 +169,7 @@ def summary_markdown(report: dict) -> str:
                         str(sum(bool(costly_spill(r)) or not r["smem_ok"] for r in pruned)), str(len(pruned))])
     lines = ["# Machine-code report, the whole matrix: counts (rows in static.json.gz)", ""]
     lines += _header(report, rows)
-    lines += ["- costly spill: a stack frame left when ptxas may take all 255 registers, or spill code in the bank "
-              "loop (bench/static_spill.py); ptxas trade: bytes ptxas spilled outside that loop to hold the "
-              "kernel to fewer registers for more resident blocks", "", "## Checks", ""]
+    lines += [f"- spill: {SPILL_LEGEND}", "", "## Checks", ""]
     lines += table(["check", "rule", "rows", "result"],
                    [[k, c["rule"], str(c["checked"]), "ok" if c["ok"] else f"FAIL ({len(c['failures'])})"]
                     for k, c in report["checks"].items()])
