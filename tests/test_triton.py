@@ -56,10 +56,13 @@ def check(p, ref, dtype, what=""):
         # float32: 16-query blocks at float32 accuracy (tf32x3), the D-tiled kernel past FP32_MAX_DIM
         ((1, 4096, 4096, 128, 128), torch.float32, "tf32x3", "small_d", 16, (1, 1)),
         ((1, 4096, 4096, 128, 128), torch.float32, "tf32", "small_d", 64, (3, 3)),
-        ((1, 4096, 4096, 256, 256), torch.float32, "tf32x3", "tiled_d", 64, (3, 3)),
+        # ... in the D-tiled kernel too (no 64-query float32 config compiled without spills); tf32 keeps 64
+        ((1, 4096, 4096, 256, 256), torch.float32, "tf32x3", "tiled_d", 16, (1, 1)),
+        ((1, 4096, 4096, 256, 256), torch.float32, "tf32", "tiled_d", 64, (3, 3)),
         # weighted: float32 score products, like float32 inputs
         ((1, 16, 2**20, 128, 128), "weighted", "tf32x3", "small_d", 16, (132, 132)),
         ((1, 16, 2**20, 256, 256), "weighted", "tf32x3", "tiled_d", 16, (132, 132)),
+        ((1, 4096, 2**20, 1024, 1024), "weighted", "tf32x3", "tiled_d", 16, (1, 1)),
     ],
 )
 def test_plan_picks_the_regime(h100, shape, dtype, precision, kernel, bm, splits):

@@ -62,16 +62,19 @@ def checks(rows: List[dict], cuda_rows: List[dict]) -> dict:
           [r for r in ok if costly_spill(r)], lambda r: f": {costly_spill(r)}")
     check("smem_fits", "no config the autotuner may pick asks for more shared memory than one block may use",
           [r for r in ok if not r["smem_ok"]], lambda r: f": {r['smem']} > {r['smem_limit']}")
-    mma16 = [r for r in ok if r["kernel"] in ("small_d", "tiled_d") and r.get("dtype") in ("bf16", "fp16")
+    # the instruction checks read the SASS detail, which a stored full matrix leaves out (BULKY_FIELDS): its rows
+    # can be judged again for spills and shared memory, not for these
+    detailed = [r for r in ok if "sass" in r]
+    mma16 = [r for r in detailed if r["kernel"] in ("small_d", "tiled_d") and r.get("dtype") in ("bf16", "fp16")
              and not r.get("W") and r.get("BM") == 64]
     check("tensor_cores_16bit", "16-bit forward kernels with 64-query blocks run their products on HGMMA (sm_90, "
           "wgmma) and HMMA (sm_80) inside the bank loop",
           [r for r in mma16 if not r["hot_loop"].get("HGMMA" if r["arch"] == 90 else "HMMA")])
-    f32 = [r for r in ok if r["kernel"] in ("small_d", "tiled_d", "dq", "dkv")
+    f32 = [r for r in detailed if r["kernel"] in ("small_d", "tiled_d", "dq", "dkv")
            and (r.get("dtype") == "fp32" or r.get("W"))]
     check("tensor_cores_fp32", "float32 products (float32 inputs, weighted scores) run on tf32 tensor cores "
           "(HMMA/HGMMA .TF32), never on the FMA pipe", [r for r in f32 if not r["sass"].get("MMA.TF32")])
-    once = [r for r in ok if r["kernel"] == "small_d" and r.get("VAM")]
+    once = [r for r in detailed if r["kernel"] == "small_d" and r.get("VAM")]
     check("bank_tile_once", "small_d with values = memory loads each bank tile once per program: one tt.load "
           "in the bank loop (TTIR; the ℓ2 recompute's column loads sit one loop deeper) and, where the tile "
           "arrives by cp.async, BN x BD x element bytes of LDGSTS per iteration of the bank loop (SASS)",

@@ -16,9 +16,10 @@ registers at 8 warps (or 96-128 at 4), ptxas may hold it to 128 for one more
 block per SM and spill a few bytes instead.  The report tells these trades from
 shortage by compiling such a config again with ``.maxnreg 255``
 (bench/static_spill.py): the trades stay, since which runs faster is
-for a GPU to say.  The whole matrix (benchmarks/results/static/full/) still finds
-kept configs that spill for lack of registers: the rules were drawn on the rep set
-(benchmarks/PERFORMANCE.md §7.1).
+for a GPU to say.  The rules are drawn on the whole matrix (benchmarks/results/static/full/,
+every config of every launch, pruned ones included): every launch keeps configs that
+compile clean, and the few kept configs that still spill are listed in
+benchmarks/PERFORMANCE.md §7.2 (tests/test_static.py holds the rules to them).
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ BACKWARD_MAX_DIM = 128
 
 # Resident programs per SM the launch plan counts on (launch.plan splits the bank until the GPU holds
 # that many per SM): the fewest the report shows among the configs kept for each kind of launch.
-# 64-query blocks and float32 ones hold 200-255 registers per thread: one block of 8 warps (two of 4)
-# per SM.  16-bit blocks of 16 queries (recall) hold 64-96: three to six per SM.
+# 64-query blocks and float32 ones (16 queries at tf32x3) keep configs of up to 255 registers per thread:
+# one block of 8 warps (two of 4) per SM.  16-bit blocks of fewer queries (recall) are counted at four.
 RESIDENT_PER_SM = {"layer": 1, "recall": 4}
 
 # combine: splits walked BS at a time, output slices of at most BDV columns (BS x BDV floats per program).
@@ -99,10 +100,12 @@ def _smem_rule(arch: int, smem: float) -> Optional[str]:
 
 # The rules below estimate the float32 words per thread a config keeps live: the accumulator, the score
 # tile and its exponentials, the tensor-core A operands (in registers, split in two for tf32x3), the
-# bank tile's float32 copy for ‖x‖².  The limits are where the report (benchmarks/results/static/)
-# saw ptxas start to spill at 255 registers; configs above them are kept from the autotuner.
+# bank tile's float32 copy for ‖x‖².  The limits are where the whole compile matrix
+# (benchmarks/results/static/full/) saw ptxas start to spill at 255 registers; configs above them are
+# kept from the autotuner.  ptxas is not linear in these terms: the named rules after each estimate drop
+# what the matrix saw spill below it.
 SMALL_D_WORDS = 200
-TILED_D_WORDS = 192
+TILED_D_WORDS = 270
 DQ_WORDS = 210
 DKV_WORDS = 150
 
@@ -119,10 +122,22 @@ def small_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, BD: int, BDV:
     if why:
         return why
     rows = _rows_per_warp(BM, warps)
+    # ℓ2 forms: the squared distance and the norms' sum beside the score tile, and the bank tile in float32
+    tiles = 3 + (2 if sim != 0 else 0)
     words = (rows * BD * (4 if fp32_ops else elt) / 4 / 32 * split + rows * bn * elt / 4 / 32 * split
-             + (BM * BDV + 3 * BM * bn + (bn * BD if sim != 0 else 0)) / threads)
+             + (BM * BDV + tiles * BM * bn + (bn * BD if sim != 0 else 0)) / threads)
     if words > SMALL_D_WORDS:
         return f"~{int(words)} registers of tiles per thread > {SMALL_D_WORDS}"
+    # The limits below are where the whole compile matrix (benchmarks/results/static/full/) saw configs the
+    # estimate keeps run out of registers (PERFORMANCE.md §7.2).
+    if not fp32_ops and BM == 64 and BD >= 256 and warps < 8:
+        return "64 queries of 16 bits at D >= 256: 8 warps (4 spilled in the compile matrix)"
+    if not fp32_ops and sim != 0 and BM == 64 and BD >= 128 and bn > 32:
+        return "16-bit ℓ2 forms, 64 queries at D >= 128: BN <= 32"
+    if fp32_ops and bn > 64:
+        return "float32 operands: BN <= 64"
+    if has_weights and sim != 0 and bn > 32:
+        return "weighted ℓ2 forms: BN <= 32"
     # Weighted products hold w, w∘q and the bank tile in float32 besides the usual tiles: the report saw
     # spills unless 8 warps share them and a bank tile stays within 2048 elements.
     if has_weights and (warps < 8 or bn * BD > 2048):
@@ -147,18 +162,36 @@ def tiled_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, has_weights: 
     why = _smem_rule(arch, stages * (BM * bk + bn * bk) * (4 if fp32_ops else elt) + bn * bdv * elt)
     if why:
         return why
-    # score tile, its exponentials and the product's accumulator; the ℓ2 forms add the norms, d² and the
-    # recompute's tiles
-    tiles = (4 if has_weights else 3) + (4 if sim != 0 else 0)
-    words = (BM * bn * tiles + BM * bdv * 2 + (BM + bn) * bk * split * elt / 4) / threads
+    # Tiles spread over the block (the score tile, its exponentials and probabilities; for the ℓ2 forms the
+    # norms' sum, d² and the recompute's tile, and for weighted ℓ2 the ⟨w, x∘x⟩ accumulator; the accumulator
+    # slice read, rescaled and written; the bank and value operands) and the tensor-core A operands that
+    # every warp holds whole for its query rows (the BK slice of w∘q, and of w for weighted ℓ2; the softmax
+    # weights for the value product, split in two for a float32 bank at tf32x3).
+    weighted_l2 = has_weights and sim != 0
+    elt_ops = 4 if fp32_ops else elt
+    split_v = 2 if (elt == 4 and precision == "tf32x3") else 1
+    rows = _rows_per_warp(BM, warps)
+    a_operands = (rows * bk * split * elt_ops * (2 if weighted_l2 else 1) + rows * bn * split_v * elt) / 4 / 32
+    tiles = 3 + (3 if sim != 0 else 0) + (1 if weighted_l2 else 0)
+    spread = (BM * bn * tiles + 3 * BM * bdv + bn * bk * split * elt_ops / 4 * (2 if weighted_l2 else 1)
+              + bn * bdv * split_v * elt / 4) / threads
+    words = a_operands + spread
     if words > TILED_D_WORDS:
         return f"~{int(words)} registers of tiles per thread > {TILED_D_WORDS}"
-    if arch == 80 and sim != 0 and BM == 64 and warps > 4:
-        return "sm_80, ℓ2 forms, 64 queries: 8 warps spilled in the report"
-    # ptxas held these to 128 registers (two blocks per SM) and spilled 12-16 B in the report, once the
-    # value product's weights were put back on their exact sum (common.stored_weights).
-    if arch == 80 and sim != 0 and elt == 2 and bk == 32 and stages == 2:
-        return "sm_80, 16-bit ℓ2 forms, BK 32 at 2 stages: spilled in the report"
+    # Where the whole compile matrix (benchmarks/results/static/full/) saw configs the estimate keeps spill
+    # (PERFORMANCE.md §7.2):
+    if has_weights and elt == 2 and stages > 2:
+        return "weighted 16-bit inputs: 2 stages (3 spilled in the compile matrix)"
+    if weighted_l2 and bn > 64:
+        return "weighted ℓ2 forms: BN <= 64"
+    if arch == 80 and elt == 2 and sim != 0 and BM == 64 and (warps < 8 or bdv > 64):
+        return "sm_80, 16-bit ℓ2 forms, 64 queries: 8 warps and BDV 64"
+    # ptxas's trades: it held these to 128-168 registers for more blocks per SM and spilled inside the bank
+    # loop (float32 operands on 4 warps also ran out of all 255 for weighted ℓ2).
+    if fp32_ops and warps < 8:
+        return "float32 operands: 8 warps (on 4 ptxas held 128-168 registers and spilled in the bank loop)"
+    if elt == 2 and sim != 0 and BM == 16 and stages == 3:
+        return "16-bit ℓ2 forms, 16 queries at 3 stages: ptxas held 128 registers and spilled in the bank loop"
     return None
 
 

@@ -4,11 +4,12 @@
   query block, one bank tile and the accumulator fit in registers; BM = 64
   queries per program, or the next power of two >= 16 when there are fewer
   queries.  float32 inputs and weighted calls (float32 score products) take
-  the D-tiled kernel beyond D = 128 (configs.FP32_MAX_DIM) and, at float32
-  accuracy (tf32x3), BM = 16: their float32 operands need twice the
-  registers of 16-bit ones.
+  the D-tiled kernel beyond D = 128 (configs.FP32_MAX_DIM).
 * otherwise -> ``tiled_d`` (bulk regime, and recall with large D): feature
   dims tiled, accumulator in global memory; BM = 64, or 16 for few queries.
+* float32 operands at float32 accuracy (tf32x3) take BM = 16 in either
+  kernel: tf32x3 splits each operand in two, and the machine-code report saw
+  64-query blocks of them spill in every config.
 * Bank splits: with P = L x ceil(B / BM) query-block programs, a GPU with S
   SMs holding R programs each (configs.RESIDENT_PER_SM: 1 for 64-query or
   float32 blocks, 4 for 16-bit blocks of fewer queries, from the
@@ -62,9 +63,14 @@ def plan(L: int, B: int, N: int, D: int, Dv: int, device: torch.device, dtype: t
     # float32 operands: float32 inputs, and the weighted score products of any input
     fp32 = dtype == torch.float32 or weighted
     small = max(D, Dv) <= (configs.FP32_MAX_DIM if fp32 else REGISTER_TILE_MAX_DIM)
-    if small:
-        # tf32x3 splits every float32 operand in two: 16-query blocks keep them in registers.
-        bm = 16 if (fp32 and precision == "tf32x3") else (64 if B >= 64 else _pow2(B))
+    if fp32 and precision == "tf32x3":
+        # tf32x3 splits every float32 operand in two: 16-query blocks keep them in registers.  In the
+        # D-tiled kernel too: the whole compile matrix (benchmarks/results/static/full/) found no
+        # 64-query config of float32 or weighted operands free of spills on sm_80 at any width, nor a
+        # weighted ℓ2 one on sm_90, while every 16-query launch had clean configs (PERFORMANCE.md §7.2).
+        bm = 16
+    elif small:
+        bm = 64 if B >= 64 else _pow2(B)
     else:
         bm = 64 if B >= 64 else 16
     programs = L * triton.cdiv(max(B, 1), bm)
