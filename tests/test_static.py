@@ -191,7 +191,9 @@ def test_the_whole_forward_matrix_keeps_clean_configs():
                for a in report["archs"] for c in cases("full", a, with_pruned=True) if c.kernel in ("small_d", "tiled_d")}
     assert {(r["kernel"], r["arch"], *sorted((k, r[k]) for k in ("regime", "dtype", "sim", "VAM", "W", "B", "D",
                                                                  "DV", "BM", "SPLITS", "PREC", "BN", "BK", "BDV")
-                                            if k in r), r["num_warps"], r["num_stages"]) for r in forward} == planned
+                                            if k in r), r["num_warps"], r["num_stages"]) for r in forward} == planned, (
+        "the stored matrix is not today's plan: compile it again (make bench-static); after a rule change alone, "
+        "python -m hen_kernels.bench static --rejudge benchmarks/results/static/full/static.json.gz")
     launches = collections.defaultdict(list)
     for r in forward:
         assert "error" not in r, r
@@ -207,6 +209,29 @@ def test_the_whole_forward_matrix_keeps_clean_configs():
     assert all(r["kernel"] == "small_d" and r["sim"] != "dot" and r["BM"] == 16 and (r["W"] or r["dtype"] == "fp32")
                and r["smem_ok"] for r in kept_spills), kept_spills
     assert len(kept_spills) <= FULL_MATRIX_KEPT_SPILLS, kept_spills
+
+
+def test_a_stored_report_is_judged_again_without_compiling(tmp_path):
+    """bench static --rejudge: the stored rep report under today's rules marks no row otherwise and writes the same
+    tables; a row today's plan no longer makes (here a 64-query float32 block of the D-tiled kernel) stops it."""
+    import shutil
+
+    from hen_kernels.bench.static import load, main
+
+    if not STORED.exists():
+        pytest.skip("no stored report")
+    path = tmp_path / "static.json"
+    shutil.copy(STORED, path)
+    assert main(["--rejudge", str(path)]) == 0
+    before, after = load(STORED), load(path)
+    assert [r["pruned"] for r in after["rows"]] == [r["pruned"] for r in before["rows"]]
+    assert after["checks"] == before["checks"] and "--rejudge" in after["command"]
+    assert (path.with_suffix(".md").read_text().split("## Checks")[1]
+            == STORED.with_suffix(".md").read_text().split("## Checks")[1])
+    tiled = next(r for r in after["rows"] if r["kernel"] == "tiled_d")
+    after["rows"].append(dict(tiled, dtype="fp32", BM=64, PREC="tf32x3"))
+    path.write_text(json.dumps(after))
+    assert main(["--rejudge", str(path)]) == 2
 
 
 def test_a_spill_costs_when_registers_run_out_or_in_the_bank_loop():

@@ -146,6 +146,43 @@ def run(subset: str, archs: List[int], jobs: int, out: str, with_pruned: bool, c
     return 1 if failed else 0
 
 
+def rejudge(path: str) -> int:
+    """A stored report judged again by today's configs.py, without compiling: each row's ``pruned`` from the
+    rules, then the checks and the markdown.  The rows must be the configs today's plan and config lists
+    compile; a row they no longer make means the matrix must be compiled again."""
+    from . import common, static_cases, static_report
+
+    report = load(path)
+    cases = [(a, c) for a in report["archs"] for c in static_cases.cases(report["subset"], a, with_pruned=True)]
+    fields = {c.kernel: tuple(sorted(c.label)) for _, c in cases}
+
+    def key(kernel: str, arch: int, row: dict, warps: int, stages: int) -> tuple:
+        return (kernel, arch, tuple(row.get(k) for k in fields.get(kernel, ())), warps, stages)
+
+    verdict = {key(c.kernel, a, c.label, c.num_warps, c.num_stages): c.pruned for a, c in cases}
+    stale, changed = [], 0
+    for r in report["rows"]:
+        k = key(r["kernel"], r["arch"], r, r["num_warps"], r["num_stages"])
+        if k not in verdict:
+            stale.append(r)
+            continue
+        changed += r.get("pruned") != verdict[k]
+        r["pruned"] = verdict[k]
+    if stale:
+        print(f"bench static --rejudge: {len(stale)} rows of {path} are configs today's plan no longer compiles "
+              f"(the first: {stale[0]['kernel']} sm_{stale[0]['arch']} BM={stale[0].get('BM')}): compile the matrix again")
+        return 2
+    report["command"] += " (judged again by configs.py: python -m hen_kernels.bench static --rejudge)"
+    report["checks"] = checks(report["rows"], report.get("cuda", []))
+    full = str(path).endswith(".gz")
+    md = (static_report.summary_markdown if full else static_report.markdown)(report)
+    js, mdp = common.write_report(os.path.dirname(str(path)) or ".", "static", report, md, gzipped=full)
+    print(f"bench static --rejudge: {changed} rows marked otherwise")
+    print(static_report.summary(report))
+    print(f"wrote {js}, {mdp}")
+    return 1 if any(not c["ok"] for c in report["checks"].values()) else 0
+
+
 def load(path) -> dict:
     """A stored report, static.json or the full matrix's static.json.gz."""
     with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
@@ -178,7 +215,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "(default: all; cuda: the built extension's CUDA C++ kernels)")
     p.add_argument("--keep", default=None, help="directory to keep each compile's TTIR, TTGIR and PTX in")
     p.add_argument("--dry-run", action="store_true", help="count the compiles and stop")
+    p.add_argument("--rejudge", metavar="REPORT", default=None,
+                   help="judge a stored static.json or static.json.gz again by today's rules, without compiling")
     a = p.parse_args(argv)
+    if a.rejudge:
+        return rejudge(a.rejudge)
     try:
         archs = [int(x) for x in a.arch.split(",") if x]
     except ValueError:
