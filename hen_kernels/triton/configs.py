@@ -139,8 +139,9 @@ def small_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, BD: int, BDV:
     if has_weights and sim != 0 and bn > 32:
         return "weighted ℓ2 forms: BN <= 32"
     # Weighted products hold w, w∘q and the bank tile in float32 besides the usual tiles: a bank tile stays
-    # within 2048 elements, and at D >= 128 the ℓ2 forms need 8 warps to share them.  (At D = 64 on sm_90,
-    # 8 warps are where ptxas trades down to 128 registers and spills in the bank loop, and 4 compile clean.)
+    # within 2048 elements, and at D >= 128 the ℓ2 forms need 8 warps to share them.  At D <= 64 both warp
+    # counts stay: on sm_90 ptxas trades some launches of either down to 128 registers with spills in the bank
+    # loop, and each launch keeps clean configs of one or the other (PERFORMANCE.md §7.2).
     if has_weights and bn * BD > 2048:
         return "weighted: BN x BD <= 2048"
     if has_weights and sim != 0 and BD >= 128 and warps < 8:
