@@ -160,17 +160,22 @@ def rejudge(path: str) -> int:
         return (kernel, arch, tuple(row.get(k) for k in fields.get(kernel, ())), warps, stages)
 
     verdict = {key(c.kernel, a, c.label, c.num_warps, c.num_stages): c.pruned for a, c in cases}
-    stale, changed = [], 0
+    stale, changed, seen = [], 0, set()
     for r in report["rows"]:
         k = key(r["kernel"], r["arch"], r, r["num_warps"], r["num_stages"])
         if k not in verdict:
             stale.append(r)
             continue
+        seen.add(k)
         changed += r.get("pruned") != verdict[k]
         r["pruned"] = verdict[k]
-    if stale:
-        print(f"bench static --rejudge: {len(stale)} rows of {path} are configs today's plan no longer compiles "
-              f"(the first: {stale[0]['kernel']} sm_{stale[0]['arch']} BM={stale[0].get('BM')}): compile the matrix again")
+    # every config the autotuner may now pick must have been compiled (of the kernels the report holds)
+    missing = [k for k, why in verdict.items() if why is None and k not in seen and k[0] in kernels_held(report)]
+    if stale or missing:
+        first = (f"{stale[0]['kernel']} sm_{stale[0]['arch']} BM={stale[0].get('BM')}" if stale else
+                 f"{missing[0][0]} sm_{missing[0][1]}")
+        print(f"bench static --rejudge: {len(stale)} rows of {path} are configs today's plan no longer compiles and "
+              f"{len(missing)} configs today's rules keep are not in it (the first: {first}): compile the matrix again")
         return 2
     report["command"] += " (judged again by configs.py: python -m hen_kernels.bench static --rejudge)"
     stored_checks, report["checks"] = report["checks"], checks(report["rows"], report.get("cuda", []))
@@ -187,6 +192,11 @@ def rejudge(path: str) -> int:
     print(static_report.summary(report))
     print(f"wrote {js}, {mdp}")
     return 1 if any(not c["ok"] for c in report["checks"].values()) else 0
+
+
+def kernels_held(report: dict) -> set:
+    """The Triton kernels a report holds rows of."""
+    return {r["kernel"] for r in report["rows"]}
 
 
 def load(path) -> dict:
@@ -224,6 +234,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rejudge", metavar="REPORT", default=None,
                    help="judge a stored static.json or static.json.gz again by today's rules, without compiling")
     a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's config lists are not the GPU's
+        return _restart_without_interpreter(argv)
     if a.rejudge:
         return rejudge(a.rejudge)
     try:
@@ -235,8 +247,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     bad = [x for x in archs if x not in ARCHS]
     if bad or not archs:
         p.error(f"--arch: expected a subset of {sorted(ARCHS)}, got {a.arch!r}")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _restart_without_interpreter(argv)
     if a.keep:
         os.makedirs(a.keep, exist_ok=True)
     kernels = [k for k in a.kernels.split(",") if k] or None
