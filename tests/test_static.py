@@ -125,25 +125,28 @@ def test_the_cuda_kernels_join_the_report(tmp_path):
     assert report["checks"]["cuda_no_spills"]["ok"], report["checks"]["cuda_no_spills"]
 
 
-def _rule(r):
-    """configs.py's verdict on a stored row's config for the row's launch (None: the autotuner may pick it)."""
-    from hen_kernels.triton import configs
+def _judged_today(path: Path, tmp_path: Path) -> dict:
+    """A stored report after ``bench static --rejudge`` (on a copy, outside the interpreter, whose config lists are
+    not the GPU's): its rows must be the configs today's plan compiles, with every config the rules keep among them,
+    and its stored marks must be today's rules' (static_cases, the one place a launch's configs are judged)."""
+    import shutil
 
-    cfg = configs._cfg(r["num_warps"], r["num_stages"], **{k: r[k] for k in ("BN", "BK", "BDV") if k in r}
-                       ) if r["kernel"] in ("small_d", "tiled_d") else configs._cfg(
-        r["num_warps"], r["num_stages"], BM=r["BM"], BN=r["BN"])
-    elt = {"bf16": 2, "fp16": 2, "fp32": 4}[r["dtype"]]
-    prec = r["PREC"] if r["PREC"] != "-" else "tf32x3"
-    sim = {"dot": 0, "l2": 1, "l2sq": 2}[r["sim"]]
-    bd, bdv = (max(16, 1 << (r["D"] - 1).bit_length()), max(16, 1 << (r["DV"] - 1).bit_length()))
-    if r["kernel"] == "small_d":
-        return configs.small_d_rule(cfg, r["arch"], elt, r["BM"], bd, bdv, r["VAM"], r["W"], prec, sim)
-    if r["kernel"] == "tiled_d":
-        return configs.tiled_d_rule(cfg, r["arch"], elt, r["BM"], r["W"], prec, sim)
-    return configs.backward_rule(cfg, r["arch"], elt, bd, bdv, r["VAM"], prec, r["kernel"])
+    from hen_kernels.bench.static import load
+
+    copy = tmp_path / path.parent.name / path.name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, copy)
+    r = subprocess.run([sys.executable, "-m", "hen_kernels.bench", "static", "--rejudge", str(copy)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 1), r.stdout[-2000:] + r.stderr[-2000:] + (
+        f"\n{path.relative_to(ROOT)} is not today's plan: compile it again (python -m hen_kernels.bench static)")
+    report = load(copy)
+    assert [row["pruned"] for row in report["rows"]] == [row["pruned"] for row in load(path)["rows"]], (
+        f"the stored marks are not today's rules': python -m hen_kernels.bench static --rejudge {path.relative_to(ROOT)}")
+    return report
 
 
-def test_the_stored_reports_agree_with_the_rules():
+def test_the_stored_reports_agree_with_the_rules(tmp_path):
     """Every row of the rep reports under benchmarks/results/static/ (this triton, and triton 3.6 as on the GPU
     machine) that today's rules (hen_kernels/triton/configs.py) let the autotuner pick compiled without
     spills and within shared memory: changing a rule so that it admits a config a report saw fail turns
@@ -151,17 +154,16 @@ def test_the_stored_reports_agree_with_the_rules():
     stored = sorted(STORED.parent.rglob("static.json"))
     if not stored:
         pytest.skip("no stored report (python -m hen_kernels.bench static --with-pruned)")
-    from hen_kernels.bench.static import load
     from hen_kernels.bench.static_spill import costly_spill
 
-    rows = [r for path in stored for r in load(path)["rows"]]
     checked = 0
-    for r in rows:
-        if "error" in r or r["kernel"] == "combine":
-            continue
-        if _rule(r) is None:
-            checked += 1
-            assert not costly_spill(r) and r["smem_ok"], r
+    for path in stored:
+        for r in _judged_today(path, tmp_path)["rows"]:
+            if "error" in r or r["kernel"] == "combine":
+                continue
+            if r["pruned"] is None:
+                checked += 1
+                assert not costly_spill(r) and r["smem_ok"], r
     assert checked > 0
 
 
@@ -186,26 +188,13 @@ def test_the_whole_forward_matrix_keeps_clean_configs(matrix, tmp_path):
     triton-3.6/full: the configs they keep, under the GPU machine's ptxas): each launch keeps configs that compile
     clean, and the kept configs that spill are only the few above."""
     import collections
-    import shutil
 
-    from hen_kernels.bench.static import load
     from hen_kernels.bench.static_spill import costly_spill
 
     path = STORED.parent / matrix / "static.json.gz"
     if not path.exists():
         pytest.skip("no stored full matrix (make bench-static)")
-    # judged again by today's plan and rules (outside the interpreter, whose config lists are not the GPU's): the
-    # stored rows must be the configs today's plan compiles, with every config the rules keep among them, and
-    # their marks today's
-    copy = tmp_path / "static.json.gz"
-    shutil.copy(path, copy)
-    r = subprocess.run([sys.executable, "-m", "hen_kernels.bench", "static", "--rejudge", str(copy)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode in (0, 1), r.stdout[-2000:] + r.stderr[-2000:] + (
-        "\nthe stored matrix is not today's plan: compile it again (make bench-static)")
-    report = load(copy)
-    assert [row["pruned"] for row in report["rows"]] == [row["pruned"] for row in load(path)["rows"]], (
-        f"the stored marks are not today's rules': python -m hen_kernels.bench static --rejudge {path.relative_to(ROOT)}")
+    report = _judged_today(path, tmp_path)
     launches = collections.defaultdict(list)
     for row in report["rows"]:
         if row["kernel"] in ("small_d", "tiled_d"):

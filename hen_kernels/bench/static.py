@@ -170,7 +170,8 @@ def rejudge(path: str) -> int:
         changed += r.get("pruned") != verdict[k]
         r["pruned"] = verdict[k]
     # every config the autotuner may now pick must have been compiled (of the kernels the report holds)
-    missing = [k for k, why in verdict.items() if why is None and k not in seen and k[0] in kernels_held(report)]
+    held = {r["kernel"] for r in report["rows"]}
+    missing = [k for k, why in verdict.items() if why is None and k not in seen and k[0] in held]
     if stale or missing:
         first = (f"{stale[0]['kernel']} sm_{stale[0]['arch']} BM={stale[0].get('BM')}" if stale else
                  f"{missing[0][0]} sm_{missing[0][1]}")
@@ -181,10 +182,10 @@ def rejudge(path: str) -> int:
     stored_checks, report["checks"] = report["checks"], checks(report["rows"], report.get("cuda", []))
     if not any("sass" in r for r in report["rows"]):
         # the instruction checks need the SASS a stored full matrix leaves out: the compiling run's verdicts stand
-        for key in ("tensor_cores_16bit", "tensor_cores_fp32", "bank_tile_once"):
-            if key in stored_checks:
-                report["checks"][key] = dict(stored_checks[key], rule=stored_checks[key]["rule"].split(" (as the")[0]
-                                             + " (as the compiling run judged it: these rows keep no SASS)")
+        for name in ("tensor_cores_16bit", "tensor_cores_fp32", "bank_tile_once"):
+            if name in stored_checks:
+                report["checks"][name] = dict(stored_checks[name], rule=stored_checks[name]["rule"].split(" (as the")[0]
+                                              + " (as the compiling run judged it: these rows keep no SASS)")
     full = str(path).endswith(".gz")
     md = (static_report.summary_markdown if full else static_report.markdown)(report)
     js, mdp = common.write_report(os.path.dirname(str(path)) or ".", "static", report, md, gzipped=full)
@@ -192,11 +193,6 @@ def rejudge(path: str) -> int:
     print(static_report.summary(report))
     print(f"wrote {js}, {mdp}")
     return 1 if any(not c["ok"] for c in report["checks"].values()) else 0
-
-
-def kernels_held(report: dict) -> set:
-    """The Triton kernels a report holds rows of."""
-    return {r["kernel"] for r in report["rows"]}
 
 
 def load(path) -> dict:
