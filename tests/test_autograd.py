@@ -169,6 +169,34 @@ def test_fused_backward_matches_reference(backend, similarity, dtype, shape, mon
         assert rel_err(gg, w) < GRAD_TOLERANCE[dtype], name
 
 
+@pytest.mark.parametrize("matmul_precision, fused", [("highest", False), ("high", True)], ids=["tf32x3", "tf32"])
+def test_float32_past_64_takes_the_fused_backward_at_one_tf32_product_only(matmul_precision, fused, monkeypatch):
+    """float32 at D = 72: the fused kernels spill at float32 accuracy (tf32x3) past configs.BACKWARD_TF32X3_MAX_DIM,
+    so the streaming backward serves it; with torch's tf32 allowed they serve it.  Either matches float64."""
+    require("triton", 3 * 8, 20, 72)
+    from hen_kernels.triton import backward, configs
+
+    assert configs.BACKWARD_TF32X3_MAX_DIM < 72 <= configs.BACKWARD_MAX_DIM
+    assert backward.serves(torch.float32, 72, 8, "tf32x3") is False and backward.serves(torch.float32, 72, 8, "tf32")
+    assert backward.serves(torch.bfloat16, 72, 8, "tf32x3") and backward.serves(torch.float32, 64, 64, "tf32x3")
+    calls = _spy_triton_backward(monkeypatch)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        q, x, v, beta = _inputs((3, 72), 20, 8, torch.float32, True, seed=5, requires_grad=False)
+        beta = (beta * _beta_level("l2sq", 72)).float()
+        g = torch.Generator().manual_seed(6)
+        dout, dlse = torch.randn((3, 8), generator=g), torch.randn((3,), generator=g)
+        want = partial_grads(None, "l2sq", q.double(), x.double(), v.double(), beta.double(), dout.double(),
+                             dlse.double())
+        got = partial_grads("triton", "l2sq", q, x, v, beta, dout, dlse)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert calls == ([1] if fused else [])
+    for name, gg, w in zip(("query", "memory", "values", "beta"), got, want):
+        assert rel_err(gg, w) < (1e-2 if fused else GRAD_TOLERANCE[torch.float32]), name
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_update_values_default_to_memory_and_beta_per_head(backend):
     """values=None: the bank gets both gradients (scores and values); beta per head gets its own."""

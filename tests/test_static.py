@@ -174,7 +174,9 @@ FULL_MATRIX_KEPT_SPILLS = 10
 # triton 3.6's ptxas (the GPU machine's; triton-3.6/full/, every config today's rules keep): 28 kept configs
 # spill, all on sm_90 (PERFORMANCE.md §7.2), and every launch still keeps a clean one.
 FULL_MATRIX_KEPT_SPILLS_36 = 28
+# A launch: what the plan fixes (the forward's query block too); the backward's BM is the autotuner's.
 LAUNCH = ("kernel", "arch", "regime", "dtype", "sim", "VAM", "W", "B", "D", "DV", "BM", "SPLITS", "PREC")
+BACKWARD_LAUNCH = tuple(k for k in LAUNCH if k != "BM")
 
 
 def _known_spill(r: dict) -> bool:
@@ -182,36 +184,63 @@ def _known_spill(r: dict) -> bool:
             and r["smem_ok"])
 
 
-@pytest.mark.parametrize("matrix", ["full", "triton-3.6/full"])
-def test_the_whole_forward_matrix_keeps_clean_configs(matrix, tmp_path):
-    """The rules against every config of every forward launch (full/static.json.gz: pruned configs included;
-    triton-3.6/full: the configs they keep, under the GPU machine's ptxas): each launch keeps configs that compile
-    clean, and the kept configs that spill are only the few above."""
+def _kept_spills_of_whole_matrix(path: Path, tmp_path: Path, kernels: tuple, launch_key: tuple) -> tuple:
+    """(launches, kept configs that spill) of a stored whole matrix judged by today's rules; asserts that every
+    launch keeps a config that compiles clean."""
     import collections
 
     from hen_kernels.bench.static_spill import costly_spill
 
-    path = STORED.parent / matrix / "static.json.gz"
     if not path.exists():
         pytest.skip("no stored full matrix (make bench-static)")
     report = _judged_today(path, tmp_path)
     launches = collections.defaultdict(list)
     for row in report["rows"]:
-        if row["kernel"] in ("small_d", "tiled_d"):
+        if row["kernel"] in kernels:
             assert "error" not in row, row
-            launches[tuple(row[k] for k in LAUNCH)].append(row)
-    assert len(launches) > 300
+            launches[tuple(row.get(k) for k in launch_key)].append(row)
     kept_spills = []
     for launch, rows in launches.items():
         kept = [row for row in rows if row["pruned"] is None]
         clean = [row for row in kept if not costly_spill(row) and row["smem_ok"]]
         assert clean, f"{launch}: no kept config compiles clean"
         kept_spills += [row for row in kept if row not in clean]
+    return launches, kept_spills
+
+
+@pytest.mark.parametrize("matrix", ["full", "triton-3.6/full"])
+def test_the_whole_forward_matrix_keeps_clean_configs(matrix, tmp_path):
+    """The rules against every config of every forward launch (full/static.json.gz: pruned configs included;
+    triton-3.6/full: the configs they keep, under the GPU machine's ptxas): each launch keeps configs that compile
+    clean, and the kept configs that spill are only the few above."""
+    launches, kept_spills = _kept_spills_of_whole_matrix(STORED.parent / matrix / "static.json.gz", tmp_path,
+                                                         ("small_d", "tiled_d"), LAUNCH)
+    assert len(launches) > 300
     if matrix == "full":
         assert all(_known_spill(row) for row in kept_spills), kept_spills
         assert len(kept_spills) <= FULL_MATRIX_KEPT_SPILLS, kept_spills
     else:
         assert all(row["arch"] == 90 for row in kept_spills) and len(kept_spills) <= FULL_MATRIX_KEPT_SPILLS_36, kept_spills
+
+
+# triton 3.6 (triton-3.6/full-backward/, the configs today's rules keep): 2 kept dq configs (16-bit ℓ2, D = 64,
+# sm_80) that ptxas holds to 128 registers for a second block, with a local load in the bank loop.
+BACKWARD_KEPT_TRADES_36 = 2
+
+
+@pytest.mark.parametrize("matrix", ["full-backward", "triton-3.6/full-backward"])
+def test_the_whole_backward_matrix_keeps_only_clean_configs(matrix, tmp_path):
+    """backward_rule against every config of every launch of dq and dkv (full-backward: pruned ones included;
+    triton-3.6: the kept ones under the GPU machine's ptxas, a hold-out for rules drawn on triton 3.8's): each
+    launch keeps configs that compile clean, and no kept config spills but for the trades above (PERFORMANCE.md §7.3)."""
+    launches, kept_spills = _kept_spills_of_whole_matrix(STORED.parent / matrix / "static.json.gz", tmp_path,
+                                                         ("dq", "dkv"), BACKWARD_LAUNCH)
+    assert len(launches) >= 80
+    if matrix == "full-backward":
+        assert not kept_spills, kept_spills
+    else:
+        assert all(row["stack_at_ceiling"] == 0 for row in kept_spills), kept_spills
+        assert len(kept_spills) <= BACKWARD_KEPT_TRADES_36, kept_spills
 
 
 def test_a_stored_report_is_judged_again_without_compiling(tmp_path):

@@ -178,7 +178,8 @@ def rejudge(path: str) -> int:
         print(f"bench static --rejudge: {len(stale)} rows of {path} are configs today's plan no longer compiles and "
               f"{len(missing)} configs today's rules keep are not in it (the first: {first}): compile the matrix again")
         return 2
-    report["command"] += " (judged again by configs.py: python -m hen_kernels.bench static --rejudge)"
+    if "--rejudge" not in report["command"]:
+        report["command"] += " (judged again by configs.py: python -m hen_kernels.bench static --rejudge)"
     stored_checks, report["checks"] = report["checks"], checks(report["rows"], report.get("cuda", []))
     if not any("sass" in r for r in report["rows"]):
         # the instruction checks need the SASS a stored full matrix leaves out: the compiling run's verdicts stand

@@ -93,7 +93,7 @@ def backward_cases(arch: int, which: str, dt: str, sim: str, B: int, N: int, D: 
                    L: int = 1, precision: str = "tf32x3") -> List[Case]:
     dtype = DTYPES[dt]
     Dv = D
-    if not backward.serves(dtype, D, Dv):
+    if not backward.serves(dtype, D, Dv, precision):
         return []
     cx = backward.constexprs(dtype, SIMILARITY_CODES[sim], D, Dv, vam, precision, interpret=False)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -107,7 +107,7 @@ def backward_cases(arch: int, which: str, dt: str, sim: str, B: int, N: int, D: 
     else:
         args.update(dx_ptr="*fp32", dv_ptr="*fp32", L=L)
         extra = dict(SHARED=L > 1)
-    reasons = [configs.backward_rule(cfg, arch, elt, cx["BD"], cx["BDV"], vam, precision, which)
+    reasons = [configs.backward_rule(cfg, arch, elt, cx["BD"], cx["BDV"], vam, precision, which, cx["SIM"])
                for cfg in kernel.configs]
     out = []
     for i, (cfg, why) in enumerate(zip(kernel.configs, configs.runnable(kernel.configs, reasons))):
@@ -186,5 +186,7 @@ def cases(subset: str, arch: int, with_pruned: bool = False) -> List[Case]:
         out += combine_cases(arch, splits, Dv, "full")
     for which, dt, sim, vam, D in itertools.product(("dq", "dkv"), ("bf16", "fp32"), sims, (True, False),
                                                     (32, 64, 128, 256)):
-        out += backward_cases(arch, which, dt, sim, 4096, 4096, D, vam, "full", **wp)
+        # float32 past BACKWARD_TF32X3_MAX_DIM: served at one tf32 product only
+        precision = "tf32x3" if backward.serves(DTYPES[dt], D, D, "tf32x3") else "tf32"
+        out += backward_cases(arch, which, dt, sim, 4096, 4096, D, vam, "full", precision=precision, **wp)
     return out

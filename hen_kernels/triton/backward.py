@@ -1,4 +1,4 @@
-"""Fused backward of the Hopfield update (layer regime, D and Dv <= configs.BACKWARD_MAX_DIM), flash-attention style.
+"""Fused backward of the Hopfield update (layer regime, D and Dv within ``serves``), flash-attention style.
 
 The forward saved only ``out`` (L, B, Dv) and ``lse`` (L, B).  Both kernels
 here recompute each score tile from the inputs and turn it into the softmax
@@ -32,6 +32,8 @@ pattern).  Feature weights are not taken here: backends.py sends weighted
 calls to the streaming backward.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -274,11 +276,16 @@ def _splits(programs: int, length: int, device: torch.device) -> tuple[int, int]
     return triton.cdiv(max(length, 1), rows), rows
 
 
-def serves(dtype: torch.dtype, D: int, Dv: int) -> bool:
-    """Whether the fused kernels take these dims (configs.BACKWARD_MAX_DIM, within the forward's
-    REGISTER_TILE_MAX_DIM and FP32_MAX_DIM): beyond it the streaming backward serves."""
-    limit = min(REGISTER_TILE_MAX_DIM, configs.BACKWARD_MAX_DIM,
-                configs.FP32_MAX_DIM if dtype == torch.float32 else REGISTER_TILE_MAX_DIM)
+def serves(dtype: torch.dtype, D: int, Dv: int, precision: Optional[str] = None) -> bool:
+    """Whether the fused kernels take these dims with float32 products at ``precision`` (default
+    ``launch.fp32_precision()``): D, Dv up to configs.BACKWARD_MAX_DIM within the forward's
+    REGISTER_TILE_MAX_DIM and FP32_MAX_DIM, float32 at tf32x3 up to configs.BACKWARD_TF32X3_MAX_DIM.
+    Wider calls take the streaming backward."""
+    limit = min(REGISTER_TILE_MAX_DIM, configs.BACKWARD_MAX_DIM)
+    if dtype == torch.float32:
+        limit = min(limit, configs.FP32_MAX_DIM)
+        if (precision or fp32_precision()) == "tf32x3":
+            limit = min(limit, configs.BACKWARD_TF32X3_MAX_DIM)
     return max(D, Dv) <= limit
 
 
@@ -294,7 +301,7 @@ def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, top=N
     L, B, D = q.shape
     Lm, N, Dv = v.shape
     precision = fp32_precision()
-    if not serves(q.dtype, D, Dv):
+    if not serves(q.dtype, D, Dv, precision):
         raise ValueError(f"the fused Triton backward takes D, Dv up to its limit (see serves()), got {D}, {Dv}")
     values_are_memory = v.data_ptr() == x.data_ptr() and v.shape == x.shape and v.stride() == x.stride()
     q, x = q.contiguous(), x.contiguous()

@@ -16,10 +16,10 @@ registers at 8 warps (or 96-128 at 4), ptxas may hold it to 128 for one more
 block per SM and spill a few bytes instead.  The report tells these trades from
 shortage by compiling such a config again with ``.maxnreg 255``
 (bench/static_spill.py): the trades stay, since which runs faster is
-for a GPU to say.  The rules are drawn on the whole matrix (benchmarks/results/static/full/,
-every config of every launch, pruned ones included): every launch keeps configs that
-compile clean, and the few kept configs that still spill are listed in
-benchmarks/PERFORMANCE.md §7.2 (tests/test_static.py holds the rules to them).
+for a GPU to say.  The rules are drawn on the whole matrix (benchmarks/results/static/full/ and
+full-backward/, every config of every launch, pruned ones included): every launch keeps configs that
+compile clean, and the few kept configs of the forward kernels that still spill are listed in
+benchmarks/PERFORMANCE.md §7.2 (the backward's none, §7.3; tests/test_static.py holds the rules to them).
 """
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ FP32_MAX_DIM = 128
 # The fused backward serves D, Dv up to this: at 256 no dq config stays within the register budget below
 # (the report saw 324-4268 B spilled there), so wider calls take the streaming backward.
 BACKWARD_MAX_DIM = 128
+# ... and float32 inputs at tf32x3 (launch.fp32_precision's default) up to this: dkv keeps its bank rows'
+# tiles in registers across the query loop, and with each operand split in two for three tf32 products
+# every config of 6 of its 8 launches at 128 spilled (the least demanding left 40-176 B with all 255
+# registers; at one tf32 product they take 78-184: PERFORMANCE.md §7.3).
+BACKWARD_TF32X3_MAX_DIM = 64
 
 # Resident programs per SM the launch plan counts on (launch.plan splits the bank until the GPU holds
 # that many per SM): the fewest the report shows among the configs kept for each kind of launch.
@@ -200,7 +205,7 @@ def tiled_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, has_weights: 
 
 
 def backward_rule(cfg: triton.Config, arch: int, elt: int, BD: int, BDV: int, VAM: bool, precision: str,
-                  kernel: str = "dq") -> Optional[str]:
+                  kernel: str = "dq", sim: int = 0) -> Optional[str]:
     bm, bn, warps, stages = cfg.kwargs["BM"], cfg.kwargs["BN"], cfg.num_warps, cfg.num_stages
     threads = 32 * warps
     split = 2 if (elt == 4 and precision == "tf32x3") else 1
@@ -209,8 +214,8 @@ def backward_rule(cfg: triton.Config, arch: int, elt: int, BD: int, BDV: int, VA
     if why:
         return why
     if kernel == "dq":
-        if bm == 16 and BD >= 128:
-            return "dq: 16-query blocks at D >= 128 got an 8-32 B stack frame from triton 3.6's ptxas (the GPU's)"
+        if elt == 2 and bm == 16 and BD >= 128:
+            return "dq: 16-query blocks of 16 bits at D >= 128 got an 8-32 B stack frame from triton 3.6's ptxas (the GPU's)"
         if bm == 32 and warps == 4 and BD >= 128:
             return ("dq: 32-query blocks on 4 warps at D >= 128 spill 8-16 B under triton 3.6 since each query's top "
                     "row leaves the products (248-255 registers before)")
@@ -218,15 +223,27 @@ def backward_rule(cfg: triton.Config, arch: int, elt: int, BD: int, BDV: int, VA
                  + _rows_per_warp(bm, warps) * (BD + BDV + bn) * e / 32 * split)
         limit = DQ_WORDS
     else:
-        # dkv keeps its bank rows' two accumulators while it walks the queries: the report saw every
-        # 32-query block spill at D = 128, so blocks of 16 queries.
-        if bm > 16:
-            return "dkv: 16-query blocks"
         words = ((bn * (BD + BDV) + bn * BD * e + bm * BDV + bm * BD * e + 4 * bm * bn) / threads
                  + (_rows_per_warp(bn, warps) * bm * e * 2 + _rows_per_warp(bm, warps) * BD * e) / 32 * split)
         limit = DKV_WORDS
     if words > limit:
         return f"~{int(words)} registers of tiles per thread > {limit}"
+    # Where the backward's whole compile matrix (benchmarks/results/static/full-backward/) saw configs the
+    # estimate keeps spill (PERFORMANCE.md §7.3): the ℓ2 forms' extra tiles (d², the heaviest row's mask and
+    # its G, the centred operand) and tf32x3's split operands outgrow it on the (BM, BN) tile, at every D.
+    if kernel == "dq":
+        if elt == 2 and sim != 0 and bm * bn > 1024:
+            return "dq, 16-bit ℓ2 forms: BM x BN <= 1024"
+        if elt == 4 and sim != 0 and bm > 16:
+            return "dq, float32 ℓ2 forms: 16-query blocks"
+        if split == 2 and bm * bn > 512:
+            return "dq, float32 at tf32x3: BM x BN <= 512"
+    else:
+        # dkv holds its bank rows' tiles and both accumulators while it walks the queries
+        if (split == 2 or sim != 0) and (bm > 16 or bn > 32):
+            return "dkv, float32 at tf32x3 or ℓ2 forms: 16-query blocks and BN <= 32"
+        if split == 2 and sim != 0 and BD <= 32 and bn > 16:
+            return "dkv, float32 ℓ2 forms at tf32x3, D <= 32: BN 16 (BN 32 spilled there, not at 64)"
     return None
 
 
@@ -282,4 +299,4 @@ def prune_backward(configs, named_args, **kw) -> List[triton.Config]:
     elt, arch = q.element_size(), _arch(q)
     kernel = "dkv" if "SHARED" in kw else "dq"
     return _keep(configs, [backward_rule(c, arch, elt, kw["BD"], kw["BDV"], kw["VALUES_ARE_MEMORY"], kw["PRECISION"],
-                                         kernel) for c in configs])
+                                         kernel, kw["SIM"]) for c in configs])
