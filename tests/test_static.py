@@ -208,13 +208,18 @@ def _kept_spills_of_whole_matrix(path: Path, tmp_path: Path, kernels: tuple, lau
     return launches, kept_spills
 
 
-@pytest.mark.parametrize("matrix", ["full", "triton-3.6/full"])
+@pytest.mark.parametrize("matrix", ["full", "triton-3.6/full", "full-tf32"])
 def test_the_whole_forward_matrix_keeps_clean_configs(matrix, tmp_path):
     """The rules against every config of every forward launch (full/static.json.gz: pruned configs included;
-    triton-3.6/full: the configs they keep, under the GPU machine's ptxas): each launch keeps configs that compile
-    clean, and the kept configs that spill are only the few above."""
+    triton-3.6/full: the configs they keep, under the GPU machine's ptxas; full-tf32: the launches with float32
+    operands at one tf32 product, the configs they keep): each launch keeps configs that compile clean, and the
+    kept configs that spill are only the few above (none at one tf32 product)."""
     launches, kept_spills = _kept_spills_of_whole_matrix(STORED.parent / matrix / "static.json.gz", tmp_path,
                                                          ("small_d", "tiled_d"), LAUNCH)
+    if matrix == "full-tf32":
+        assert len(launches) > 150 and {row["PREC"] for rows in launches.values() for row in rows} == {"tf32"}
+        assert not kept_spills, kept_spills
+        return
     assert len(launches) > 300
     if matrix == "full":
         assert all(_known_spill(row) for row in kept_spills), kept_spills

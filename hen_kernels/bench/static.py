@@ -2,7 +2,7 @@
 kernels of the built extension beside them (registers, spills, shared memory, occupancy, tensor-core,
 MUFU, async-copy and global-memory instructions), and the checks the tests hold them to.
 
-    python -m hen_kernels.bench static [--subset smoke|rep|full] [--arch 80,90] [--jobs N]
+    python -m hen_kernels.bench static [--subset smoke|rep|full|full-tf32] [--arch 80,90] [--jobs N]
                                        [--with-pruned] [--cuda-so PATH|none] [--out DIR]
 
 Writes ``static.json`` and ``static.md`` under --out (default benchmarks/results/static/); the full
@@ -135,7 +135,7 @@ def run(subset: str, archs: List[int], jobs: int, out: str, with_pruned: bool, c
                   command="python -m hen_kernels.bench static " + " ".join(argv), cuda_so=so,
                   elapsed_s=round(time.monotonic() - t0, 1), rows=rows, cuda=cuda_rows,
                   checks=checks(rows, cuda_rows))
-    if subset == "full":
+    if subset.startswith("full"):
         report["rows"] = [{k: v for k, v in r.items() if k not in BULKY_FIELDS} for r in rows]
         js, mdp = common.write_report(out, "static", report, static_report.summary_markdown(report), gzipped=True)
     else:
@@ -214,9 +214,14 @@ def _ptxas_version() -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's config lists are not the GPU's
+        return _restart_without_interpreter(argv)
+    from .static_cases import SUBSETS
+
     p = argparse.ArgumentParser(prog="python -m hen_kernels.bench static", description=__doc__.split("\n")[0])
-    p.add_argument("--subset", default="rep", choices=("smoke", "rep", "full"),
-                   help="smoke: one case per kernel; rep: the default test run's set; full: the whole matrix")
+    p.add_argument("--subset", default="rep", choices=SUBSETS,
+                   help="smoke: one case per kernel; rep: the default test run's set; full: the whole matrix; "
+                   "full-tf32: its forward launches with float32 operands at one tf32 product")
     p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="compiles at a time")
     p.add_argument("--out", default=STATIC_OUT, help=f"directory for static.json and static.md (default {STATIC_OUT})")
@@ -231,8 +236,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rejudge", metavar="REPORT", default=None,
                    help="judge a stored static.json or static.json.gz again by today's rules, without compiling")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's config lists are not the GPU's
-        return _restart_without_interpreter(argv)
     if a.rejudge:
         return rejudge(a.rejudge)
     try:

@@ -7,7 +7,9 @@ the dtypes, similarities, values and weights choices, in three sizes:
   the layer headline shape, the other dtypes, similarities, weights, values and widths at one
   config, the recall, bulk, combine and backward plans): about 70 compiles per architecture;
 * ``full``: every kept config x dtype x similarity x values x weights x width (16 to 256) x query
-  block, the D-tiled, combine and backward kernels likewise (``make bench``, and tests marked slow).
+  block, the D-tiled, combine and backward kernels likewise (``make bench``, and tests marked slow);
+* ``full-tf32``: the forward launches of ``full`` with float32 operands (float32 inputs, weighted
+  scores) at one tf32 product, torch's "high" float32 matmul precision (``full`` compiles tf32x3).
 
 ``--with-pruned`` adds the configs configs.py keeps from the autotuner, so the report shows why.
 """
@@ -30,7 +32,7 @@ from .static_compile import Case
 SM_COUNT = {80: 108, 90: 132}  # A100 SXM, H100 SXM
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-SUBSETS = ("smoke", "rep", "full")
+SUBSETS = ("smoke", "rep", "full", "full-tf32")
 
 
 def _config_label(cfg: triton.Config) -> dict:
@@ -174,14 +176,25 @@ def cases(subset: str, arch: int, with_pruned: bool = False) -> List[Case]:
     # class; l2sq compiles like l2 but for its last instructions, and fp16 like bf16 but for the MMA's
     # input type, so both appear at the widths the layer regime uses.
     sims = ("dot", "l2")
+    tf32 = subset == "full-tf32"
+
+    def forward(dt, sim, B, D, Dv, vam, w):
+        if not tf32:
+            return forward_cases(arch, dt, sim, B, 2**20, D, Dv, vam, w, "full", **wp)
+        if dt == "fp32" or w:  # the launches whose products take float32 operands
+            return forward_cases(arch, dt, sim, B, 2**20, D, Dv, vam, w, "full", precision="tf32", **wp)
+        return []
+
     for dt, sim, vam, w, D, B in itertools.product(("bf16", "fp32"), sims, (True, False), (False, True),
                                                    (32, 64, 128, 256), (16, 16384)):
-        out += forward_cases(arch, dt, sim, B, 2**20, D, D if vam else max(16, D // 2), vam, w, "full", **wp)
+        out += forward(dt, sim, B, D, D if vam else max(16, D // 2), vam, w)
     for dt, sim, D in itertools.product(("fp16", "bf16"), ("l2sq",) + sims, (64, 128)):
         if dt == "fp16" or sim == "l2sq":
-            out += forward_cases(arch, dt, sim, 16384, 2**20, D, D, True, False, "full", **wp)
+            out += forward(dt, sim, 16384, D, D, True, False)
     for dt, sim, w, B in itertools.product(("bf16", "fp32"), sims, (False, True), (16, 4096)):
-        out += forward_cases(arch, dt, sim, B, 2**20, 1024, 1024, True, w, "full", **wp)
+        out += forward(dt, sim, B, 1024, 1024, True, w)
+    if tf32:
+        return out
     for splits, Dv in itertools.product((2, 8, 2 * SM_COUNT[arch], 1024), (16, 128, 1024, 4096)):
         out += combine_cases(arch, splits, Dv, "full")
     for which, dt, sim, vam, D in itertools.product(("dq", "dkv"), ("bf16", "fp32"), sims, (True, False),

@@ -17,7 +17,8 @@ block per SM and spill a few bytes instead.  The report tells these trades from
 shortage by compiling such a config again with ``.maxnreg 255``
 (bench/static_spill.py): the trades stay, since which runs faster is
 for a GPU to say.  The rules are drawn on the whole matrix (benchmarks/results/static/full/ and
-full-backward/, every config of every launch, pruned ones included): every launch keeps configs that
+full-backward/, every config of every launch, pruned ones included; full-tf32/ the kept ones at one tf32
+product): every launch keeps configs that
 compile clean, and the few kept configs of the forward kernels that still spill are listed in
 benchmarks/PERFORMANCE.md §7.2 (the backward's none, §7.3; tests/test_static.py holds the rules to them).
 """
@@ -159,6 +160,11 @@ def small_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, BD: int, BDV:
     # 3.8 none, and 3.6 none before the kernel's later changes: the report's MUFU column gained reciprocals).
     if arch == 90 and sim != 0 and not fp32_ops and BM == 64 and BD >= 256 and bn >= 32:
         return "sm_90, 16-bit ℓ2 forms, 64 queries at D >= 256: BN 32 spilled under triton 3.6 in the report"
+    # One tf32 product (torch's "high"; static/full-tf32/) keeps float32 operands in 64-query blocks:
+    if fp32_ops and split == 1 and sim != 0 and BM == 64 and bn > 32:
+        return "float32 operands, ℓ2 forms, 64 queries at one tf32 product: BN <= 32"
+    if has_weights and split == 1 and sim != 0 and BM == 64 and BD >= 128 and stages < 3:
+        return "weighted ℓ2 forms, 64 queries at one tf32 product, D >= 128: 3 stages or more"
     return None
 
 
@@ -199,8 +205,12 @@ def tiled_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, has_weights: 
     # loop (float32 operands on 4 warps also ran out of all 255 for weighted ℓ2).
     if fp32_ops and warps < 8:
         return "float32 operands: 8 warps (on 4 ptxas held 128-168 registers and spilled in the bank loop)"
-    if elt == 2 and sim != 0 and BM == 16 and stages == 3:
-        return "16-bit ℓ2 forms, 16 queries at 3 stages: ptxas held 128 registers and spilled in the bank loop"
+    if (elt == 2 or split == 1) and sim != 0 and BM == 16 and stages == 3:
+        return ("16-bit inputs or one tf32 product, ℓ2 forms, 16 queries at 3 stages: ptxas held 128 registers and "
+                "spilled in the bank loop")
+    if arch == 90 and fp32_ops and split == 1 and BM == 16 and bn * bdv > 8192:
+        return ("sm_90, float32 operands at one tf32 product, 16 queries: BN x BDV <= 8192 (ptxas held 128 registers "
+                "and spilled in the bank loop)")
     return None
 
 

@@ -63,11 +63,13 @@ def plan(L: int, B: int, N: int, D: int, Dv: int, device: torch.device, dtype: t
     # float32 operands: float32 inputs, and the weighted score products of any input
     fp32 = dtype == torch.float32 or weighted
     small = max(D, Dv) <= (configs.FP32_MAX_DIM if fp32 else REGISTER_TILE_MAX_DIM)
-    if fp32 and precision == "tf32x3":
+    if fp32 and (precision == "tf32x3" or (weighted and not small)):
         # tf32x3 splits every float32 operand in two: 16-query blocks keep them in registers.  In the
         # D-tiled kernel too: the whole compile matrix (benchmarks/results/static/full/) found no
         # 64-query config of float32 or weighted operands free of spills on sm_80 at any width, nor a
         # weighted ℓ2 one on sm_90, while every 16-query launch had clean configs (PERFORMANCE.md §7.2).
+        # Weighted D-tiled launches at one tf32 product as well: at 64 queries 7 of their launches kept
+        # no config that compiles clean (static/full-tf32/, §7.4).
         bm = 16
     elif small:
         bm = 64 if B >= 64 else _pow2(B)
