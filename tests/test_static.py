@@ -250,7 +250,8 @@ def test_the_whole_backward_matrix_keeps_only_clean_configs(matrix, tmp_path):
 
 def test_a_stored_report_is_judged_again_without_compiling(tmp_path):
     """bench static --rejudge: the stored rep report under today's rules marks no row otherwise and writes the same
-    tables; a row today's plan no longer makes (here a 64-query float32 block of the D-tiled kernel) stops it."""
+    tables; a row today's plan no longer makes (here a 64-query float32 block of the D-tiled kernel) stops it, and so
+    does a config of the plan missing from it (here a pruned one: the report was compiled --with-pruned)."""
     import shutil
 
     from hen_kernels.bench.static import load, main
@@ -266,8 +267,11 @@ def test_a_stored_report_is_judged_again_without_compiling(tmp_path):
     assert (path.with_suffix(".md").read_text().split("## Checks")[1]
             == STORED.with_suffix(".md").read_text().split("## Checks")[1])
     tiled = next(r for r in after["rows"] if r["kernel"] == "tiled_d")
-    after["rows"].append(dict(tiled, dtype="fp32", BM=64, PREC="tf32x3"))
-    path.write_text(json.dumps(after))
+    path.write_text(json.dumps(dict(after, rows=after["rows"] + [dict(tiled, dtype="fp32", BM=64, PREC="tf32x3")])))
+    assert main(["--rejudge", str(path)]) == 2
+    # compiled --with-pruned: a pruned config missing from it stops it too
+    pruned = next(i for i, r in enumerate(after["rows"]) if r["pruned"] is not None)
+    path.write_text(json.dumps(dict(after, rows=after["rows"][:pruned] + after["rows"][pruned + 1:])))
     assert main(["--rejudge", str(path)]) == 2
 
 

@@ -169,14 +169,17 @@ def rejudge(path: str) -> int:
         seen.add(k)
         changed += r.get("pruned") != verdict[k]
         r["pruned"] = verdict[k]
-    # every config the autotuner may now pick must have been compiled (of the kernels the report holds)
+    # every config the autotuner may now pick must have been compiled (of the kernels the report holds), and
+    # every config of the plan where the report was compiled --with-pruned
     held = {r["kernel"] for r in report["rows"]}
-    missing = [k for k, why in verdict.items() if why is None and k not in seen and k[0] in held]
+    every = "--with-pruned" in report["command"]
+    missing = [k for k, why in verdict.items() if (why is None or every) and k not in seen and k[0] in held]
     if stale or missing:
         first = (f"{stale[0]['kernel']} sm_{stale[0]['arch']} BM={stale[0].get('BM')}" if stale else
                  f"{missing[0][0]} sm_{missing[0][1]}")
         print(f"bench static --rejudge: {len(stale)} rows of {path} are configs today's plan no longer compiles and "
-              f"{len(missing)} configs today's rules keep are not in it (the first: {first}): compile the matrix again")
+              f"{len(missing)} configs it should hold are not in it (those today's rules keep; with --with-pruned, every "
+              f"one; the first: {first}): compile the matrix again")
         return 2
     if "--rejudge" not in report["command"]:
         report["command"] += " (judged again by configs.py: python -m hen_kernels.bench static --rejudge)"
