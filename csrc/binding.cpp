@@ -335,7 +335,8 @@ std::optional<PlainCall> plain_call(const at::Tensor& query, const at::Tensor& m
   const bool graph = requires_grad && at::GradMode::is_enabled();
   if (graph && !(with_graph && hen::backward_available())) return std::nullopt;
   if (at::autocast::is_autocast_enabled(at::kCPU)) return std::nullopt;
-  if (!(beta > 0 && beta <= std::numeric_limits<float>::max()) || similarity < 0 || similarity > 2)
+  if (!(beta >= hen::kFloat32MinBeta && beta <= std::numeric_limits<float>::max()) || similarity < 0 ||
+      similarity > 2)
     return std::nullopt;
   const int64_t qd = query.dim(), xd = memory.dim();
   if (qd < 2 || (xd != 2 && xd != qd) || values.dim() != xd) return std::nullopt;

@@ -21,6 +21,12 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 // holds the same number (a test ties the two).
 constexpr float kL2DirectBelow = 1.0f / 16.0f;
 
+// docs/design.md §4: the smallest beta the kernels apply (in float32): below it a similarity past
+// the float32 range, scored -inf, could have carried weight.  The plain CPU case declines a smaller
+// one, so that the Python checks refuse it by name.  hen_kernels/constants.py FLOAT32_MIN_BETA holds
+// the same number (a test ties the two).
+constexpr double kFloat32MinBeta = 1e-30;
+
 struct PartialParams {
   // Inputs, row-major with unit stride along the feature dim; strides in elements.
   const void* query;   // (L, B, D)

@@ -33,6 +33,13 @@ AUTOTUNE_MODES = ("all", "first")
 # holds the same number (tests/test_layout.py ties the two).
 L2_DIRECT_BELOW = 1.0 / 16.0
 
+# docs/design.md §4: the smallest beta applied in float32 (every kernel; the reference but for float64
+# inputs).  A similarity past the float32 range is scored -inf (no weight): the right answer while
+# beta x FLOAT32_MAX is far past float32's logit rounding, 2^-24 |t| (§5); below ~1e-31 such a row
+# could have carried weight, and below float32's smallest normal beta is 0 there.  csrc/
+# hopfield_params.h kFloat32MinBeta holds the same number (tests/test_layout.py ties the two).
+FLOAT32_MIN_BETA = 1e-30
+
 # docs/design.md §5: the largest ‖out - ref‖ / ‖ref‖ against a float64 reference, per input
 # dtype.  The tests (tests/conftest.py) and `hen check` (hen_kernels/check/) both read it here.
 # float64 is computed in float64 throughout (reference and streaming paths), so it is held to

@@ -34,7 +34,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import autograd, backends, streaming
+from . import autograd, backends, reference, streaming
+from .constants import TOLERANCE
+from .tracing import cannot_read
 from .types import Beta, Partial, Retrieval
 from .validation import Inputs, autocast_dtype, autocast_inputs, check_inputs, check_offset, check_scores, check_steps
 
@@ -267,6 +269,13 @@ def energy(
     lse = _computed(backends.resolve(backend, inp), inp).lse
     flat = inp.flat()
     e = streaming.energy_from_lse(flat.query, flat.memory, flat.beta, flat.similarity, lse, flat.weights)
+    if flat.similarity == "dot" and flat.memory.shape[-2] and e.device.type != "meta" and not cannot_read(e.device):
+        # At small beta -lse/beta and log(N)/beta cancel past lse's precision (float32: beta ~ 1e-6
+        # at N ~ 1000 leaves no digit): there the float64 reference forms their difference directly.
+        rounding = streaming.dot_energy_rounding(lse.detach(), flat.beta, flat.memory.shape[-2])
+        if bool((rounding > TOLERANCE[torch.float32] * e.detach().abs().clamp_min(1)).any()):
+            wide = [None if t is None else t.to(torch.float64) for t in (flat.query, flat.memory, flat.weights)]
+            e = reference.energy(wide[0], wide[1], flat.beta.to(torch.float64), "dot", wide[2])
     return e.to(torch.promote_types(state.dtype, torch.float32)).reshape(state.shape[:-1])
 
 

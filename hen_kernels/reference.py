@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .constants import L2_DIRECT_BELOW, SIMILARITIES
-from .streaming import energy_from_lse
+from .streaming import energy_from_log_mean_exp
 from .tracing import cannot_read
 from .types import Beta, Partial
 
@@ -251,6 +251,11 @@ def update(
 def energy(state: torch.Tensor, memory: torch.Tensor, beta: Beta, similarity: str = "dot",
            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """E(s) of docs/design.md §1, (..., B) in the compute dtype: the formula of
-    :func:`hen_kernels.streaming.energy_from_lse` (its one home) on this module's lse."""
-    lse = torch.logsumexp(scores(state, memory, beta, similarity, weights, exact=True), dim=-1)
-    return energy_from_lse(state, memory, beta, similarity, lse, weights)
+    :func:`hen_kernels.streaming.energy_from_log_mean_exp` (its one home), with log meanₙ exp(t)
+    formed as max t + log1p(meanₙ expm1(t - max t)), which keeps the small differences of a
+    small beta that lse - log N rounds away."""
+    t = scores(state, memory, beta, similarity, weights, exact=True)
+    top = t.amax(-1, keepdim=True) if t.shape[-1] else t.new_full(t.shape[:-1] + (1,), -math.inf)
+    spread = torch.log1p(torch.expm1(t - top).mean(-1)) if t.shape[-1] else top.squeeze(-1)
+    log_mean_exp = torch.where(torch.isfinite(top.squeeze(-1)), top.squeeze(-1) + spread, top.squeeze(-1))
+    return energy_from_log_mean_exp(state, memory, beta, similarity, log_mean_exp, weights)

@@ -8,7 +8,8 @@ lives here once:
 * :func:`merge_partials`: the exact merge of Partials over disjoint chunks;
 * :func:`retrieve`: the multi-step loop, with each query's own stopping rule
   and the one check that a multi-step retrieval can feed its output back;
-* :func:`energy_from_lse`: the energy of §1 from the lse a Partial carries.
+* :func:`energy_from_lse`: the energy of §1 from the lse a Partial carries (and the bound on its
+  rounding at small beta, :func:`dot_energy_rounding`).
 
 Nothing here validates its arguments: the callers have done so already.  The
 tests hold it to :mod:`hen_kernels.reference`: merged chunk Partials against
@@ -138,21 +139,40 @@ def energy_from_lse(state: torch.Tensor, memory: torch.Tensor, beta: Beta, simil
 
     ``beta`` is a float or a tensor over the leading dims of ``state``.  With feature
     ``weights`` (..., B, D) the norms of the ``"dot"`` energy are the weighted ones,
-    ½ Σ w s² and ½ maxₙ Σ w xₙ², the energy whose update is the weighted one.
+    ½ Σ w s² and ½ maxₙ Σ w xₙ², the energy whose update is the weighted one.  For ``"dot"``,
+    -lse/beta and log(N)/beta cancel at small beta: :func:`dot_energy_rounding` bounds what that
+    costs, and :func:`energy_from_log_mean_exp` takes the difference formed without it.
     """
+    dt = torch.float64 if state.dtype == torch.float64 else torch.float32
+    return energy_from_log_mean_exp(state, memory, beta, similarity,
+                                    lse.to(dt) - math.log(max(memory.shape[-2], 1)), weights)
+
+
+def energy_from_log_mean_exp(state: torch.Tensor, memory: torch.Tensor, beta: Beta, similarity: str,
+                             log_mean_exp: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """E(s) as :func:`energy_from_lse`, given ``log_mean_exp`` = lse - log N = log meanₙ exp(beta·sim)."""
     dt = torch.float64 if state.dtype == torch.float64 else torch.float32
     b = torch.as_tensor(beta, dtype=dt, device=state.device)
     b = b.reshape(b.shape + (1,))
-    e = -lse.to(dt) / b
-    if similarity == "dot":
-        s, x = state.to(dt), memory.to(dt)
-        n = memory.shape[-2]
-        if weights is None:
-            max_norm_sq = (x * x).sum(-1).amax(-1, keepdim=True)
-            s_norm_sq = (s * s).sum(-1)
-        else:
-            w = weights.to(dt)
-            max_norm_sq = (w @ (x * x).transpose(-1, -2)).amax(-1)
-            s_norm_sq = (w * s * s).sum(-1)
-        e = e + 0.5 * s_norm_sq + math.log(n) / b + 0.5 * max_norm_sq
-    return e
+    e = -log_mean_exp.to(dt) / b
+    if similarity != "dot":
+        return e - math.log(max(memory.shape[-2], 1)) / b
+    s, x = state.to(dt), memory.to(dt)
+    if weights is None:
+        max_norm_sq = (x * x).sum(-1).amax(-1, keepdim=True)
+        s_norm_sq = (s * s).sum(-1)
+    else:
+        w = weights.to(dt)
+        max_norm_sq = (w @ (x * x).transpose(-1, -2)).amax(-1)
+        s_norm_sq = (w * s * s).sum(-1)
+    return e + 0.5 * s_norm_sq + 0.5 * max_norm_sq
+
+
+def dot_energy_rounding(lse: torch.Tensor, beta: Beta, rows: int) -> torch.Tensor:
+    """A bound on what the rounding of lse (and of log N) moves the ``"dot"`` energy
+    -(lse - log N)/beta: a few units of lse's last place over beta, (..., B).  At small beta lse is
+    within beta·max|sim| of log N and the difference is lost to that rounding (float32: a unit of
+    E at beta ~ 1e-6 with N ~ 1000)."""
+    b = torch.as_tensor(beta, dtype=lse.dtype, device=lse.device)
+    ulp = torch.finfo(lse.dtype).eps
+    return 4 * ulp * (lse.abs() + math.log(max(rows, 1)) + 1) / b.reshape(b.shape + (1,))

@@ -35,8 +35,13 @@ class Partial(NamedTuple):
         return torch.exp(self.top_score - self.lse)
 
     def finalize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The updated state, cast to ``dtype``; when None, as accumulated (float32; float64 for float64 inputs)."""
-        return self.out if dtype is None else self.out.to(dtype)
+        """The updated state, cast to ``dtype`` (a floating dtype: a state rounded to integers or
+        booleans is no update); when None, as accumulated (float32; float64 for float64 inputs)."""
+        if dtype is None:
+            return self.out
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        return self.out.to(dtype)
 
 
 class Retrieval(NamedTuple):

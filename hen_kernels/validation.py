@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .constants import KERNEL_DTYPES, SIMILARITIES
+from .constants import FLOAT32_MIN_BETA, KERNEL_DTYPES, SIMILARITIES
 from .tracing import cannot_read
 
 # What the kernels take (and a MemoryBank stores); float64 is the reference's alone (docs/design.md §4).
@@ -139,8 +139,9 @@ def autocast_inputs(query: object, memory: object, values: object) -> tuple[obje
     return cast(query), cast(memory), cast(values)
 
 
-def check_beta_value(beta: numbers.Real) -> float:
-    """A float beta: finite, > 0 and at most the float32 maximum (the kernels apply it in float32)."""
+def check_beta_value(beta: numbers.Real, dtype: torch.dtype = torch.float32) -> float:
+    """A float beta: finite, > 0 and, applied in float32 (every kernel; the reference on anything but
+    float64 inputs), from FLOAT32_MIN_BETA to the float32 maximum."""
     try:
         b = float(beta)
     except OverflowError:
@@ -151,7 +152,15 @@ def check_beta_value(beta: numbers.Real) -> float:
         raise ValueError(f"beta: expected a finite float > 0, got {b}")
     if b > FLOAT32_MAX:
         raise ValueError(f"beta: expected at most {FLOAT32_MAX:.4e} (the kernels apply beta in float32), got {b:.4e}")
+    if b < FLOAT32_MIN_BETA and dtype != torch.float64:
+        raise ValueError(_below_min_beta(b))
     return b
+
+
+def _below_min_beta(b: float) -> str:
+    return (f"beta: expected at least {FLOAT32_MIN_BETA:.0e} where it is applied in float32, got {b:.4e}: below "
+            "it beta·sim stays small even for a similarity past the float32 range, which is scored -inf "
+            "(docs/design.md §4); float64 inputs take any beta > 0")
 
 
 # A float beta's (L,) tensor, made once per (value, L, device, dtype, inference mode): torch.full
@@ -180,11 +189,11 @@ def check_beta(beta: object, lead: torch.Size, device: torch.device,
     """beta as an (L,) tensor of ``dtype`` (float32; float64 for float64 inputs) on ``device``."""
     numel = math.prod(lead)
     if type(beta) is float:  # (the common case, before the slower ABC check of numbers.Real)
-        return _float_beta(check_beta_value(beta), numel, device, dtype)
+        return _float_beta(check_beta_value(beta, dtype), numel, device, dtype)
     if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, torch.Tensor)):
         raise TypeError(f"beta: expected a float > 0 or a floating tensor, got {type(beta).__name__}")
     if not isinstance(beta, torch.Tensor):
-        return _float_beta(check_beta_value(beta), numel, device, dtype)
+        return _float_beta(check_beta_value(beta, dtype), numel, device, dtype)
     if not beta.is_floating_point():
         raise TypeError(f"beta: expected a floating tensor, got {beta.dtype}")
     if beta.device != device and not (beta.dim() == 0 and beta.device.type == "cpu"):
@@ -204,6 +213,8 @@ def check_beta(beta: object, lead: torch.Size, device: torch.device,
         lo, hi = (float(t) for t in torch.aminmax(b))
         if not (lo > 0 and hi < math.inf):
             raise ValueError("beta: expected every entry finite and > 0")
+        if lo < FLOAT32_MIN_BETA and dtype != torch.float64:
+            raise ValueError(_below_min_beta(lo))
         if b.dtype == torch.float64 and dtype != torch.float64 and hi > FLOAT32_MAX:
             raise ValueError(
                 f"beta: expected every entry at most {FLOAT32_MAX:.4e} (the kernels apply beta in float32), "
@@ -400,9 +411,9 @@ def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs,
         )
     raise ValueError(
         f"beta: beta·sim leaves the {'float64' if wide else 'float32'} range "
-        f"(|beta·sim| > {big:.3e}) for {culprits.shape[0]} finite query row(s), the first at "
-        f"(leading index, row) {first}; the softmax would be NaN there.  Lower beta or rescale the "
-        "query and memory"
+        f"(|beta·sim| > {big:.3e}, or for the ℓ2 forms the squared distance itself) for {culprits.shape[0]} "
+        f"finite query row(s), the first at (leading index, row) {first}; the softmax would be NaN there.  "
+        "Lower beta or rescale the query and memory"
     )
 
 

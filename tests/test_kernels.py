@@ -221,6 +221,24 @@ def test_energy_matches_reference(backend, similarity):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+@pytest.mark.parametrize("beta", [1e-3, 1e-5, 1e-7, 1e-12])
+def test_dot_energy_at_small_beta(backend, beta):
+    """-lse/beta + log(N)/beta cancels at small beta: in float32 lse's rounding alone moved E by 0.3 at
+    beta 1e-6 over 1000 rows, and to the wrong sign at 1e-8.  The energy tends to ½‖s‖² - meanₙ x·s +
+    ½ maxₙ‖xₙ‖² as beta -> 0."""
+    require(backend)
+    s, x = make((2, 5, 48), torch.float32, 21), make((1000, 48), torch.float32, 22)
+    got = hk.energy(s, x, beta, backend=backend)
+    s64, x64 = s.double(), x.double()
+    sims = s64 @ x64.T
+    limit = 0.5 * (s64 * s64).sum(-1) - sims.mean(-1) + 0.5 * (x64 * x64).sum(-1).max()
+    # E - limit = -(1/beta) log meanₙ exp(beta (sim - mean sim)) ≈ -beta/2 · varₙ(sim) at small beta
+    want = limit - beta / 2 * sims.var(-1, unbiased=False)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_retrieve_matches_reference_and_stops_per_query(backend):
     require(backend)

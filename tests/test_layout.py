@@ -152,3 +152,14 @@ def test_l2_direct_threshold_is_one_number_in_both_languages():
     m = re.search(r"kL2DirectBelow\s*=\s*([0-9.]+)f\s*/\s*([0-9.]+)f", header)
     assert m, "csrc/hopfield_params.h must define kL2DirectBelow as a/b"
     assert float(m.group(1)) / float(m.group(2)) == L2_DIRECT_BELOW
+
+
+def test_smallest_float32_beta_is_one_number_in_both_languages():
+    import re
+
+    from hen_kernels.constants import FLOAT32_MIN_BETA
+
+    header = (ROOT / "csrc" / "hopfield_params.h").read_text()
+    m = re.search(r"kFloat32MinBeta\s*=\s*([0-9.e+-]+);", header)
+    assert m, "csrc/hopfield_params.h must define kFloat32MinBeta"
+    assert float(m.group(1)) == FLOAT32_MIN_BETA

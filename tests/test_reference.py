@@ -144,6 +144,18 @@ def test_energy_formula(similarity):
     torch.testing.assert_close(e, want)
 
 
+@pytest.mark.parametrize("beta", [1e-9, 1e-20, 1e-300])
+def test_dot_energy_takes_its_small_beta_limit(beta):
+    """As beta -> 0 the "dot" energy tends to ½‖s‖² - meanₙ x·s + ½ maxₙ‖xₙ‖²: the reference keeps the
+    difference -lse/beta + log(N)/beta would round away even in float64 (1e-20: a unit of E lost)."""
+    q, x = make((5, 6), torch.float64, 10), make((9, 6), torch.float64, 11)
+    sims = q @ x.T
+    limit = 0.5 * (q * q).sum(-1) - sims.mean(-1) + 0.5 * (x * x).sum(-1).max()
+    # ... less beta/2 · varₙ(sim), the next term of -(1/beta) log meanₙ exp(beta (sim - mean sim))
+    want = limit - beta / 2 * sims.var(-1, unbiased=False)
+    torch.testing.assert_close(reference.energy(q, x, beta, "dot"), want, rtol=1e-12, atol=1e-12)
+
+
 def test_per_leading_beta_and_bank():
     q, x = make((2, 3, 4, 5), torch.float64, 12), make((2, 3, 7, 5), torch.float64, 13)
     beta = torch.tensor([[0.1, 0.5, 2.0], [1.0, 3.0, 0.2]], dtype=torch.float64)

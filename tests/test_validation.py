@@ -119,6 +119,12 @@ COMMON = [
     ("beta-int-beyond-float", {"beta": 10**400}, ValueError, "beta"),
     ("beta-beyond-float32", {"beta": 1e39}, ValueError, "beta"),
     ("beta-tensor-float64-beyond-float32", {"beta": torch.tensor(1e39, dtype=torch.float64)}, ValueError, "beta"),
+    # below FLOAT32_MIN_BETA a similarity past the float32 range (scored -inf) could carry weight; below
+    # float32's smallest normal beta would be 0 in the kernels
+    ("beta-below-float32-min", {"beta": 1e-35}, ValueError, "beta"),
+    ("beta-subnormal-in-float32", {"beta": 1e-44}, ValueError, "beta"),
+    ("beta-tensor-below-float32-min", {"beta": torch.tensor([1.0, 1e-40], dtype=torch.float64)[1]}, ValueError,
+     "beta"),
     ("beta-overflows-dot-scores", {"beta": 3e38}, ValueError, "beta"),
     ("beta-overflows-l2-scores", {"beta": 3e38, "similarity": "l2"}, ValueError, "beta"),
     ("scores-overflow-from-large-entries",
@@ -237,6 +243,15 @@ def test_a_nan_query_beside_a_finite_bank_keeps_its_nan_answer_alone():
     args["query"][..., 0, 2] = math.nan
     out = hk.hopfield_update(args["query"], args["memory"], args["beta"])
     assert out[..., 0, :].isnan().all() and torch.isfinite(out[..., 1:, :]).all()
+
+
+def test_float64_inputs_take_any_positive_beta():
+    """FLOAT32_MIN_BETA binds where beta is applied in float32; the float64 reference takes 1e-35 and answers
+    the uniform average it tends to."""
+    q, x = torch.randn(3, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(hk.hopfield_update(q, x, 1e-35), x.mean(0).expand(3, 4))
+    with pytest.raises(ValueError, match="^beta: expected at least 1e-30"):
+        hk.hopfield_update(q.float(), x.float(), 1e-35)
 
 
 def test_a_bank_of_the_wrong_rank_is_told_the_shapes_it_may_have():
@@ -667,3 +682,12 @@ def test_merge_partial_with_non_tensor_fields_is_refused(where):
     seq = [bad, _partial()] if where == "first" else [_partial(), bad]
     with pytest.raises(TypeError, match=r"^partials\[[01]\]"):
         hk.merge_partials(seq)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, "float16"])
+def test_finalize_refuses_what_is_no_state(dtype):
+    """A state rounded to integers or booleans (or named by a string) is refused, not cast."""
+    p = _partial()
+    with pytest.raises(TypeError, match="^dtype: expected a floating torch.dtype"):
+        p.finalize(dtype)
+    assert p.finalize(torch.bfloat16).dtype == torch.bfloat16 and p.finalize() is p.out
