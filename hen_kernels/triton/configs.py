@@ -163,8 +163,6 @@ def small_d_rule(cfg: triton.Config, arch: int, elt: int, BM: int, BD: int, BDV:
     # One tf32 product (torch's "high"; static/full-tf32/) keeps float32 operands in 64-query blocks:
     if fp32_ops and split == 1 and sim != 0 and BM == 64 and bn > 32:
         return "float32 operands, ℓ2 forms, 64 queries at one tf32 product: BN <= 32"
-    if has_weights and split == 1 and sim != 0 and BM == 64 and BD >= 128 and stages < 3:
-        return "weighted ℓ2 forms, 64 queries at one tf32 product, D >= 128: 3 stages or more"
     return None
 
 

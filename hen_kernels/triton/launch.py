@@ -7,9 +7,10 @@
   the D-tiled kernel beyond D = 128 (configs.FP32_MAX_DIM).
 * otherwise -> ``tiled_d`` (bulk regime, and recall with large D): feature
   dims tiled, accumulator in global memory; BM = 64, or 16 for few queries.
-* float32 operands at float32 accuracy (tf32x3) take BM = 16 in either
-  kernel: tf32x3 splits each operand in two, and the machine-code report saw
-  64-query blocks of them spill in every config.
+* float32 operands at float32 accuracy (tf32x3), and weighted calls at
+  either precision, take BM = 16 in either kernel: tf32x3 splits each
+  operand in two, and the machine-code report saw 64-query blocks of them
+  spill in every config (weighted ones at one tf32 product too).
 * Bank splits: with P = L x ceil(B / BM) query-block programs, a GPU with S
   SMs holding R programs each (configs.RESIDENT_PER_SM: 1 for 64-query or
   float32 blocks, 4 for 16-bit blocks of fewer queries, from the
@@ -63,13 +64,15 @@ def plan(L: int, B: int, N: int, D: int, Dv: int, device: torch.device, dtype: t
     # float32 operands: float32 inputs, and the weighted score products of any input
     fp32 = dtype == torch.float32 or weighted
     small = max(D, Dv) <= (configs.FP32_MAX_DIM if fp32 else REGISTER_TILE_MAX_DIM)
-    if fp32 and (precision == "tf32x3" or (weighted and not small)):
+    if weighted or (fp32 and precision == "tf32x3"):
         # tf32x3 splits every float32 operand in two: 16-query blocks keep them in registers.  In the
         # D-tiled kernel too: the whole compile matrix (benchmarks/results/static/full/) found no
         # 64-query config of float32 or weighted operands free of spills on sm_80 at any width, nor a
         # weighted ℓ2 one on sm_90, while every 16-query launch had clean configs (PERFORMANCE.md §7.2).
-        # Weighted D-tiled launches at one tf32 product as well: at 64 queries 7 of their launches kept
-        # no config that compiles clean (static/full-tf32/, §7.4).
+        # Weighted launches at one tf32 product as well: at 64 queries 7 D-tiled launches kept no config
+        # that compiles clean, nor 3 register-tile ones under triton 3.6 (weighted ℓ2 at D = 128;
+        # static/full-tf32/, static/triton-3.6/full-tf32/, PERFORMANCE.md §7.4).  Weighted calls are
+        # masked recall: few queries.
         bm = 16
     elif small:
         bm = 64 if B >= 64 else _pow2(B)
