@@ -384,6 +384,39 @@ def test_a_shard_that_refuses_a_query_makes_every_rank_raise(tmp_path):
     _spawn(tmp_path, 2, _one_shard_refuses, timeout=20)
 
 
+def _different_arguments(rank: int, world: int, tmp: str) -> None:
+    x = make((12, 6), torch.float32, 14)
+    # from_local of banks made apart, each with its own defaults: a merge of shards scored differently
+    bank = ShardedMemoryBank.from_local(hk.MemoryBank(6, storage="host", beta=1.0 + rank,
+                                                      similarity="dot" if rank == 0 else "l2"))
+    bank.add(x)
+    q = make((3, 6), torch.float32, 15)
+    cases = (
+        ("similarity", lambda: bank.update(q, 0.5)),  # each rank's own default similarity
+        ("beta", lambda: bank.update(q, similarity="dot")),  # ... and its own default beta
+        ("beta", lambda: bank.partial(q, 0.5 * (1 + rank), similarity="dot")),
+        ("query", lambda: bank.update(q + rank, 0.5, similarity="dot")),  # a rank's own batch
+        ("query", lambda: bank.update(q[: 2 + rank], 0.5, similarity="dot")),  # (gloo had aborted the process)
+        ("weights", lambda: bank.update(q, 0.5, similarity="dot", weights=torch.full((3, 6), 1.0 + rank))),
+        ("max_steps and tol", lambda: bank.retrieve(q, 0.5, similarity="dot", max_steps=2 + rank)),
+    )
+    for name, call in cases:
+        with pytest.raises(ValueError, match=rf"^{name}: the call is collective .* rank\(s\) \[1\] passed another"):
+            call()
+    # a rank that refuses its arguments stops every rank, in the one gather they all join
+    want = "^beta: expected a finite float > 0" if rank == 1 else "^query: rank 1 refused its arguments"
+    with pytest.raises(ValueError, match=want):
+        bank.update(q, -1.0 if rank == 1 else 0.5, similarity="dot")
+    # the same arguments, whatever their strides, are taken
+    out = bank.update(q.t().contiguous().t() if rank else q, 0.5, similarity="dot")
+    assert rel_err(out, ref64(q, x, 0.5, "dot").out) <= TOLERANCE[torch.float32]
+
+
+def test_calls_refuse_arguments_that_differ_between_ranks(tmp_path):
+    """Arguments, or a rank's own defaults, that differ between ranks: every rank raises, naming the argument."""
+    _spawn(tmp_path, 2, _different_arguments, timeout=30)
+
+
 def test_needs_an_initialised_process_group():
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")

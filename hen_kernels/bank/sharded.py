@@ -25,12 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+import zlib
 from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .. import ops, streaming
+from ..constants import SIMILARITY_CODES
 from ..types import Beta, Partial, Retrieval
 from ..validation import check_steps
 from ._checks import PathLike, check_path, progress_bar
@@ -145,6 +148,11 @@ def _fingerprint(t: Optional[torch.Tensor]) -> List[int]:
             else (bits * columns).sum(dim=1, dtype=word)).to(torch.int64)
     weights = torch.arange(1, t.shape[0] + 1, dtype=torch.int64, device=rows.device)
     return [int(rows.sum()), int((rows * weights).sum())]
+
+
+def _float_bits(x: float) -> List[int]:
+    """A float's float64 bits as an int64 (and a 0: the width of a ``_fingerprint``)."""
+    return [struct.unpack("<q", struct.pack("<d", float(x)))[0], 0]
 
 
 class ShardedMemoryBank:
@@ -436,15 +444,56 @@ class ShardedMemoryBank:
 
     # --- queries ----------------------------------------------------------------------
 
-    def _partial(self, query: torch.Tensor, beta: Beta, similarity: Optional[str], weights: Optional[torch.Tensor],
+    def _collective_args(self, query: object, beta: object, similarity: object, weights: object,
+                         steps: Optional[tuple] = None) -> tuple:
+        """Collective: (query, beta, similarity, weights) checked on every rank (and ``steps``, retrieve's
+        (max_steps, tol)), and the same on every rank, or every rank raises.
+
+        Each rank's checks run before any collective, so a rank that refuses its arguments still joins
+        the one gather here, of a checksum of each argument (``_fingerprint``: integer sums of the bits),
+        and every rank then raises, where the others had waited in the gathers of the Partials (and a
+        query of another shape there made gloo abort the process); arguments that differ between ranks,
+        a rank's own default beta or similarity included (``from_local`` of banks made apart), would
+        merge shards scored differently into an answer no bank gives.
+        """
+        try:
+            args = self.local._check_query(query, beta, similarity, weights)
+            steps = None if steps is None else check_steps(*steps)
+            q, b, sim, w = args
+            shape = zlib.crc32(repr((tuple(q.shape), str(q.dtype))).encode())
+            mine = ([1, SIMILARITY_CODES[sim], shape] + _fingerprint(q.detach().reshape(-1, q.shape[-1]))
+                    + (_float_bits(b) if not isinstance(b, torch.Tensor) else _fingerprint(b.detach().reshape(1, -1)))
+                    + _fingerprint(None if w is None else w.detach().reshape(-1, w.shape[-1]))
+                    + ([0, 0] if steps is None else [steps[0]] + _float_bits(-1.0 if steps[1] is None else steps[1])[:1]))
+            error = None
+        except (TypeError, ValueError) as e:
+            mine, error = [0] * 11, e
+        every = self._gather_ints(mine)
+        if error is not None:
+            raise error
+        refused = [r for r, e in enumerate(every) if e[0] == 0]
+        if refused:
+            raise ValueError(f"query: rank {refused[0]} refused its arguments (that rank raised why); the call is "
+                             "collective, so every rank stops")
+        for name, a, b in (("similarity", 1, 2), ("query", 2, 5), ("beta", 5, 7), ("weights", 7, 9),
+                           ("max_steps and tol", 9, 11)):
+            differ = [r for r, e in enumerate(every) if e[a:b] != every[0][a:b]]
+            if differ:
+                raise ValueError(f"{name}: the call is collective and every rank must pass the same {name} (the "
+                                 f"bank's default where it is None); rank(s) {differ} passed another than rank 0's "
+                                 "(their checksums differ)")
+        return args if steps is None else (args, steps)
+
+    def _partial(self, query: torch.Tensor, beta: Beta, similarity: str, weights: Optional[torch.Tensor],
                  bar=None) -> Partial:
-        """The global Partial, rounded once: shards' out and lse travel and merge in float64 (§5.1).
+        """The global Partial of checked arguments (``_collective_args``), rounded once: shards' out and lse
+        travel and merge in float64 (§5.1).
 
         A shard whose rows make its rank refuse the query (check_scores: beta·sim or the values past
         the float32 range there, say) still takes part in the gather, with top_index REFUSED: every rank
         then raises, where the others had waited in the gather for the process group's timeout.
         """
-        args = self.local._check_query(query, beta, similarity, weights)  # the same on every rank
+        args = (query, beta, similarity, weights)
         error = None
         try:
             p = self.local._partial(*args, bar)
@@ -464,7 +513,7 @@ class ShardedMemoryBank:
     def partial(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
                 weights: Optional[torch.Tensor] = None) -> Partial:
         """The whole (global) bank's Partial, the same on every rank (``weights``: as MemoryBank's)."""
-        return self._partial(query, beta, similarity, weights)
+        return self._partial(*self._collective_args(query, beta, similarity, weights))
 
     def _require_rows(self) -> None:
         if self._count == 0:
@@ -473,15 +522,16 @@ class ShardedMemoryBank:
     def update(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One update over the whole bank, in the query's dtype, the same on every rank."""
+        args = self._collective_args(query, beta, similarity, weights)
         self._require_rows()
-        return self._partial(query, beta, similarity, weights).finalize(query.dtype)
+        return self._partial(*args).finalize(query.dtype)
 
     def retrieve(self, query: torch.Tensor, beta: Optional[Beta] = None, *, similarity: Optional[str] = None,
                  max_steps: int = 1, tol: Optional[float] = None, weights: Optional[torch.Tensor] = None,
                  progress: Optional[bool] = None) -> Retrieval:
         """Multi-step retrieval over the whole bank (every step sees every shard); rank 0 shows progress."""
-        query, beta, similarity, weights = self.local._check_query(query, beta, similarity, weights)
-        max_steps, tol = check_steps(max_steps, tol)
+        (query, beta, similarity, weights), (max_steps, tol) = self._collective_args(
+            query, beta, similarity, weights, (max_steps, tol))
         self._require_rows()
         bar = progress_bar(max_steps * self.local.num_chunks(), progress if self.rank == 0 else False,
                            f"sharded retrieve (rank 0 of {self.world_size})")
