@@ -148,7 +148,9 @@ def check_beta_value(beta: numbers.Real, dtype: torch.dtype = torch.float32) -> 
         raise ValueError(
             f"beta: expected a finite float > 0, got an int too large for a float ({len(str(int(beta)))} digits)"
         ) from None
-    if not (math.isfinite(b) and b > 0):
+    # comparisons alone (NaN fails them): on a float torch.compile made symbolic (its second value, in a
+    # sweep) they become guards, where math.isfinite broke a fullgraph trace
+    if not 0 < b < math.inf:
         raise ValueError(f"beta: expected a finite float > 0, got {b}")
     if b > FLOAT32_MAX:
         raise ValueError(f"beta: expected at most {FLOAT32_MAX:.4e} (the kernels apply beta in float32), got {b:.4e}")

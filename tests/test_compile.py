@@ -25,6 +25,26 @@ def test_compiled_function_calls_the_ops(backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_a_compiled_sweep_over_float_betas_matches_eager(backend):
+    """beta as an argument of a fullgraph function: dynamo makes the float symbolic at its second value, and
+    the check that called math.isfinite on it broke the trace.  Its checks become guards: a bad beta is still
+    refused, by name."""
+    require(backend)
+    torch._dynamo.reset()
+
+    def f(q, x, beta):
+        return hk.hopfield_update(q, x, beta, backend=backend), hk.energy(q, x, beta, backend=backend)
+
+    q, x = torch.randn(2, 3, 16), torch.randn(50, 16)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for beta in (0.5, 0.7, 2.0):
+        for a, b in zip(f(q, x, beta), compiled(q, x, beta)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(Exception, match="beta: expected a finite float > 0"):
+        compiled(q, x, -1.0)
+
+
 def test_fake_tensor_shapes():
     require("cpu")
     from torch._subclasses.fake_tensor import FakeTensorMode
