@@ -164,6 +164,10 @@ def test_network_store_and_forward_check_their_inputs():
         net(make((2, 5), torch.float32, 5))
     with pytest.raises(ValueError, match="no patterns"):
         hk.nn.HopfieldNetwork(torch.zeros(0, 4))(make((2, 4), torch.float32, 6))
+    # scaling is beta: the ops' checks, named for this module (a tensor's at the call, against the states' dims)
+    for scaling in (math.inf, 1e-35, torch.tensor([1.0, -1.0]), torch.ones(3)):
+        with pytest.raises(ValueError, match="^scaling: expected"):
+            hk.nn.HopfieldNetwork(patterns, scaling)(make((2, 2, 4), torch.float32, 7))
     for kwargs, name in [(dict(scaling="x"), "scaling"), (dict(scaling=0.0), "scaling"),
                          (dict(update_steps_max=0), "update_steps_max"), (dict(similarity="cos"), "similarity"),
                          (dict(update_steps_eps=-1.0), "update_steps_eps"), (dict(trainable=1), "trainable")]:

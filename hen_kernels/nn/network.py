@@ -1,6 +1,7 @@
 """``HopfieldNetwork``: the seed's plain recurrent modern Hopfield network over a stored bank."""
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Optional, Union
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..validation import check_similarity
+from ..validation import check_beta_value, check_similarity
 from . import arguments as A
 
 
@@ -28,6 +29,17 @@ def _check_rows(name: str, patterns: object, width: Optional[int]) -> Tensor:
             raise ValueError(f"{name}: rows {rows}{' ...' if int(bad.sum()) > 5 else ''} hold NaN or inf; "
                              "a stored pattern must be finite")
     return patterns
+
+
+@contextlib.contextmanager
+def _named_scaling():
+    """The ops' checks name beta; this module's argument is ``scaling``."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if not str(e).startswith("beta:"):
+            raise
+        raise type(e)("scaling:" + str(e)[len("beta:"):]) from None
 
 
 class HopfieldNetwork(nn.Module):
@@ -58,9 +70,8 @@ class HopfieldNetwork(nn.Module):
         elif isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
             raise TypeError(f"scaling: expected a float > 0 or a tensor, got {type(scaling).__name__} {scaling!r}")
         else:
-            scaling = A.check_real("scaling", scaling, low=0.0)
-            if scaling == 0:
-                raise ValueError("scaling: expected a float > 0, got 0.0")
+            with _named_scaling():
+                scaling = check_beta_value(scaling, patterns.dtype)
         self.similarity = check_similarity(similarity)
         self.update_steps_max = A.check_int("update_steps_max", update_steps_max, 1)
         self.update_steps_eps = A.check_real("update_steps_eps", update_steps_eps, low=0.0)
@@ -102,14 +113,17 @@ class HopfieldNetwork(nn.Module):
 
     def energy(self, state: Tensor) -> Tensor:
         """E(ξ) of docs/design.md §1 for states (..., B, D): (..., B)."""
-        return ops.energy(self._check_state(state), self.stored_patterns, self.scaling, similarity=self.similarity,
-                          backend=self.backend)
+        state = self._check_state(state)
+        with _named_scaling():
+            return ops.energy(state, self.stored_patterns, self.scaling, similarity=self.similarity,
+                              backend=self.backend)
 
     def forward(self, state: Tensor, return_info: bool = False):
         """Iterate ``state`` (..., B, D) to a fixed point (at most ``update_steps_max`` updates)."""
-        r = ops.hopfield_retrieve(self._check_state(state), self.stored_patterns, self.scaling,
-                                  similarity=self.similarity, max_steps=self.update_steps_max,
-                                  tol=self.update_steps_eps, backend=self.backend)
+        state = self._check_state(state)
+        with _named_scaling():
+            r = ops.hopfield_retrieve(state, self.stored_patterns, self.scaling, similarity=self.similarity,
+                                      max_steps=self.update_steps_max, tol=self.update_steps_eps, backend=self.backend)
         if not return_info:
             return r.state
         return r.state, r, self.energy(r.state.detach())
