@@ -174,6 +174,9 @@ FULL_MATRIX_KEPT_SPILLS = 10
 # triton 3.6's ptxas (the GPU machine's; triton-3.6/full/, every config today's rules keep): 28 kept configs
 # spill, all on sm_90 (PERFORMANCE.md §7.2), and every launch still keeps a clean one.
 FULL_MATRIX_KEPT_SPILLS_36 = 28
+# ... and at one tf32 product (triton-3.6/full-tf32/): 2, weighted bf16 ℓ2 at D = 64 on sm_90 (BN 32, 4 warps,
+# 3 and 4 stages), traded down to 96 registers with a local load in the bank loop (PERFORMANCE.md §7.4).
+TF32_MATRIX_KEPT_TRADES_36 = 2
 # A launch: what the plan fixes (the forward's query block too); the backward's BM is the autotuner's.
 LAUNCH = ("kernel", "arch", "regime", "dtype", "sim", "VAM", "W", "B", "D", "DV", "BM", "SPLITS", "PREC")
 BACKWARD_LAUNCH = tuple(k for k in LAUNCH if k != "BM")
@@ -208,17 +211,22 @@ def _kept_spills_of_whole_matrix(path: Path, tmp_path: Path, kernels: tuple, lau
     return launches, kept_spills
 
 
-@pytest.mark.parametrize("matrix", ["full", "triton-3.6/full", "full-tf32"])
+@pytest.mark.parametrize("matrix", ["full", "triton-3.6/full", "full-tf32", "triton-3.6/full-tf32"])
 def test_the_whole_forward_matrix_keeps_clean_configs(matrix, tmp_path):
     """The rules against every config of every forward launch (full/static.json.gz: pruned configs included;
     triton-3.6/full: the configs they keep, under the GPU machine's ptxas; full-tf32: the launches with float32
-    operands at one tf32 product, the configs they keep): each launch keeps configs that compile clean, and the
-    kept configs that spill are only the few above (none at one tf32 product)."""
+    operands at one tf32 product, the configs they keep, under either ptxas): each launch keeps configs that compile
+    clean, and the kept configs that spill are only the few above (at one tf32 product none under triton 3.8, and
+    two sm_90 ptxas trades under 3.6)."""
     launches, kept_spills = _kept_spills_of_whole_matrix(STORED.parent / matrix / "static.json.gz", tmp_path,
                                                          ("small_d", "tiled_d"), LAUNCH)
-    if matrix == "full-tf32":
+    if matrix.endswith("full-tf32"):
         assert len(launches) > 150 and {row["PREC"] for rows in launches.values() for row in rows} == {"tf32"}
-        assert not kept_spills, kept_spills
+        if matrix == "full-tf32":
+            assert not kept_spills, kept_spills
+        else:
+            assert len(kept_spills) <= TF32_MATRIX_KEPT_TRADES_36, kept_spills
+            assert all(row["arch"] == 90 and row["regs"] < 255 for row in kept_spills), kept_spills
         return
     assert len(launches) > 300
     if matrix == "full":
