@@ -248,14 +248,26 @@ def update(
     return partial(query, memory, beta, similarity, values, weights=weights).finalize(query.dtype)
 
 
+# Bank rows per block of the energy's scores: (..., B, 4096) float64 at a time, whatever N.
+_ENERGY_ROWS = 4096
+
+
 def energy(state: torch.Tensor, memory: torch.Tensor, beta: Beta, similarity: str = "dot",
            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """E(s) of docs/design.md §1, (..., B) in the compute dtype: the formula of
     :func:`hen_kernels.streaming.energy_from_log_mean_exp` (its one home), with log meanₙ exp(t)
     formed as max t + log1p(meanₙ expm1(t - max t)), which keeps the small differences of a
-    small beta that lse - log N rounds away."""
-    t = scores(state, memory, beta, similarity, weights, exact=True)
-    top = t.amax(-1, keepdim=True) if t.shape[-1] else t.new_full(t.shape[:-1] + (1,), -math.inf)
-    spread = torch.log1p(torch.expm1(t - top).mean(-1)) if t.shape[-1] else top.squeeze(-1)
-    log_mean_exp = torch.where(torch.isfinite(top.squeeze(-1)), top.squeeze(-1) + spread, top.squeeze(-1))
-    return energy_from_log_mean_exp(state, memory, beta, similarity, log_mean_exp, weights)
+    small beta that lse - log N rounds away.  The bank is scored in blocks of rows: the running
+    max m and S = Σ expm1(t - m) over the n rows so far move to a new max m' as
+    S + expm1(m - m') (S + n)."""
+    n_rows = memory.shape[-2]
+    top, acc = None, None
+    for a in range(0, n_rows, _ENERGY_ROWS):
+        t = scores(state, memory[..., a:a + _ENERGY_ROWS, :], beta, similarity, weights, exact=True)
+        m = t.amax(-1) if top is None else torch.maximum(top, t.amax(-1))
+        block = torch.expm1(t - m.unsqueeze(-1)).sum(-1)
+        acc = block if top is None else acc + torch.expm1(top - m) * (acc + a) + block
+        top = m
+    if top is None:
+        raise ValueError("memory: the bank is empty (N = 0); the energy needs at least one stored pattern")
+    return energy_from_log_mean_exp(state, memory, beta, similarity, top + torch.log1p(acc / n_rows), weights)

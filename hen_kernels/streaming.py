@@ -157,12 +157,13 @@ def energy_from_log_mean_exp(state: torch.Tensor, memory: torch.Tensor, beta: Be
     e = -log_mean_exp.to(dt) / b
     if similarity != "dot":
         return e - math.log(max(memory.shape[-2], 1)) / b
-    s, x = state.to(dt), memory.to(dt)
+    s = state.to(dt)
     if weights is None:
-        max_norm_sq = (x * x).sum(-1).amax(-1, keepdim=True)
+        # (vector_norm reduces the bank without an N x D temporary, or a copy of a 16-bit one)
+        max_norm_sq = torch.linalg.vector_norm(memory, dim=-1, dtype=dt).amax(-1, keepdim=True).square()
         s_norm_sq = (s * s).sum(-1)
     else:
-        w = weights.to(dt)
+        x, w = memory.to(dt), weights.to(dt)
         max_norm_sq = (w @ (x * x).transpose(-1, -2)).amax(-1)
         s_norm_sq = (w * s * s).sum(-1)
     return e + 0.5 * s_norm_sq + 0.5 * max_norm_sq

@@ -156,6 +156,17 @@ def test_dot_energy_takes_its_small_beta_limit(beta):
     torch.testing.assert_close(reference.energy(q, x, beta, "dot"), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("beta", [1e-9, 0.3, 40.0])
+def test_energy_in_blocks_of_rows_equals_one_block(monkeypatch, similarity, beta):
+    """The running max and Σ expm1 merge over blocks of rows exactly: 7-row blocks (the last one short, the max moving
+    between them at large beta) against the whole bank at once."""
+    q, x = make((2, 5, 6), torch.float64, 12), make((2, 30, 6), torch.float64, 13)
+    whole = reference.energy(q, x, beta, similarity)
+    monkeypatch.setattr(reference, "_ENERGY_ROWS", 7)
+    torch.testing.assert_close(reference.energy(q, x, beta, similarity), whole, rtol=1e-12, atol=1e-12)
+
+
 def test_per_leading_beta_and_bank():
     q, x = make((2, 3, 4, 5), torch.float64, 12), make((2, 3, 7, 5), torch.float64, 13)
     beta = torch.tensor([[0.1, 0.5, 2.0], [1.0, 3.0, 0.2]], dtype=torch.float64)
