@@ -118,6 +118,13 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if on else None
 
 
+def _autocast_note(device: torch.device) -> str:
+    """Where autocast is on, what it did: a float64 input stays float64 while the others are cast."""
+    dt = autocast_dtype(device.type)
+    return "" if dt is None else (f" after autocast (which casts float32 and 16-bit inputs to {dt} and leaves "
+                                  "float64 ones as they are; pass inputs of one dtype)")
+
+
 def autocast_inputs(query: object, memory: object, values: object) -> tuple[object, object, object]:
     """Under torch.autocast, the inputs cast as scaled_dot_product_attention's are.
 
@@ -286,7 +293,7 @@ def check_inputs(
             "pass an (N, D) bank to share it across leading dims"
         )
     if x.dtype != dtype:
-        raise TypeError(f"memory: expected dtype {dtype} (the query's), got {x.dtype}")
+        raise TypeError(f"memory: expected dtype {dtype} (the query's), got {x.dtype}{_autocast_note(device)}")
     if x.device != device:
         raise ValueError(f"memory: expected device {device} (the query's), got {x.device}")
     n = xs[-2]
@@ -305,7 +312,7 @@ def check_inputs(
         if vs[-1] == 0:
             raise ValueError("values: expected a value dim Dv >= 1, got Dv = 0")
         if v.dtype != dtype:
-            raise TypeError(f"values: expected dtype {dtype} (the query's), got {v.dtype}")
+            raise TypeError(f"values: expected dtype {dtype} (the query's), got {v.dtype}{_autocast_note(device)}")
         if v.device != device:
             raise ValueError(f"values: expected device {device} (the query's), got {v.device}")
     sim = check_similarity(similarity)

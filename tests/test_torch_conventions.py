@@ -231,6 +231,10 @@ def test_autocast_computes_mixed_dtypes_like_sdpa(backend):
     want = hk.hopfield_update(q, x.bfloat16(), 0.25, backend=backend)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert rel_err(out, _ref64(q, x.bfloat16(), 0.25, "dot")) <= TOLERANCE[torch.bfloat16]
+    # a float64 input is left as it is (as SDPA leaves it): the refusal says what autocast did to the others
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            TypeError, match=r"^memory: expected dtype torch.float64 .* got torch.bfloat16 after autocast"):
+        hk.hopfield_update(q.double(), x, 0.25, backend=backend)
 
 
 # --- shapes without data: meta tensors and FakeTensorMode, as SDPA takes them ---------------------------
