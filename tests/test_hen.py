@@ -164,6 +164,20 @@ def test_images_are_checked_by_name():
     assert r.index.shape == (0,) and r.images.shape == (0, 1, 8, 8)
 
 
+@pytest.mark.parametrize("dtype, latent", [(torch.float16, 1e6), (torch.float32, 1e39)])
+def test_finite_latents_past_the_banks_range_are_refused(dtype, latent):
+    """A finite latent can leave the bank's range once normalised and cast (float64 past float32's, or past a
+    float16 bank's 65504): recall had answered it with NaN images and index -1, nearest with -1."""
+    hen = HEN(codecs.IdentityCodec(), beta=200.0, dtype=dtype)
+    hen.store(torch.rand(5, 1, 4, 4))
+    q = torch.rand(3, 16, dtype=torch.float64)
+    q[1, 3] = latent
+    for call in (lambda: hen.recall(latents=q), lambda: hen.nearest(q)):
+        with pytest.raises(ValueError, match=rf"^latents: row 1 leaves the range of the bank's {dtype}"):
+            call()
+    assert hen.recall(latents=q[[0, 2]]).index.tolist() == hen.nearest(q[[0, 2]]).tolist()
+
+
 
 def _captioned(n=20, text_dim=5):
     """A small identity-codec HEN whose memories carry text latents of ``text_dim`` columns."""

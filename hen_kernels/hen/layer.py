@@ -313,7 +313,20 @@ class HEN:
         r = self.bank.retrieve(first.state, self.beta, max_steps=self.max_steps - 1, **kw)
         return r.state, r.top_index, r.top_weight, r.steps + first.steps, r.converged
 
-    def _run(self, query: torch.Tensor, decode: bool, desc: str, weights: Optional[torch.Tensor] = None) -> Recall:
+    def _bank_rows(self, q: torch.Tensor, name: str, first: int) -> torch.Tensor:
+        """Normalised query rows as the bank holds its rows.  A finite latent can leave the bank's range once
+        normalised and cast (float64 latents past float32's, or a float16 bank's 65504): the kernels would answer
+        it with NaN and index -1, decoded as if it were a recall."""
+        rows = q.to(self.bank.dtype).to(self.bank.device)
+        bad = ~torch.isfinite(rows).all(1)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}: row {first + k} leaves the range of the bank's {self.bank.dtype} once "
+                             "normalised: its latents lie far outside the stored ones'")
+        return rows
+
+    def _run(self, query: torch.Tensor, decode: bool, desc: str, weights: Optional[torch.Tensor] = None,
+             name: str = "latents") -> Recall:
         from tqdm.auto import tqdm
 
         if not len(query):  # no queries: a defined empty answer, not a failed concatenation
@@ -325,7 +338,7 @@ class HEN:
         parts = []
         show = self.progress if self.progress is not None else len(query) > 4 * self.batch_size
         for i in tqdm(range(0, len(query), self.batch_size), desc=desc, unit="batch", disable=not show, leave=False):
-            q = query[i:i + self.batch_size].to(self.bank.dtype).to(self.bank.device)
+            q = self._bank_rows(query[i:i + self.batch_size], name, i)
             w = None if weights is None else weights[i:i + self.batch_size].to(self.bank.device)
             parts.append(self._retrieve(q, w))
         state, index, top_weight, steps, converged = (torch.cat(t).cpu() for t in zip(*parts))
@@ -409,7 +422,7 @@ class HEN:
         out = []
         for i in range(0, len(q), self.batch_size):
             kw = {} if w is None else dict(weights=w[i:i + self.batch_size].to(self.bank.device))
-            r = self.bank.retrieve(q[i:i + self.batch_size].to(self.bank.dtype).to(self.bank.device), self.beta,
+            r = self.bank.retrieve(self._bank_rows(q[i:i + self.batch_size], "latents", i), self.beta,
                                    similarity=self.similarity, max_steps=1, progress=False, **kw)
             out.append(r.top_index.cpu())
         return torch.cat(out)
@@ -426,7 +439,7 @@ class HEN:
             if texts is None:
                 raise ValueError("texts: pass captions or text_latents")
             text_latents = self.encode_texts(texts)
-        return self._run(self.text_query(text_latents), decode, "recall_text")
+        return self._run(self.text_query(text_latents), decode, "recall_text", name="text_latents")
 
     def __repr__(self) -> str:
         return (f"HEN(codec={self.codec.name!r}, text_encoder={getattr(self.text_encoder, 'name', None)!r}, "
