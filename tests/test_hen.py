@@ -312,3 +312,41 @@ def test_fashion_grows_and_bank_storage(tmp_path):
     assert len(hen) == 400 and hen.bank.storage == "disk"
     r = hen.recall(occlude(x[::10], "noise", noise_std=0.1), decode=False)
     assert metrics.identity_accuracy(r.index, torch.arange(0, 400, 10)) == 1.0
+
+
+def test_the_latent_cache_serves_only_the_images_it_encoded(tmp_path, monkeypatch):
+    """The experiments' cache is keyed by a data set's name and row count; the first n rows of a longer run are
+    reused.  A set with a photo missing, another set under the same key, or a truncated file had been handed the
+    latents of other images: it serves only rows whose images' checksums match, and encodes the rest again."""
+    from hen_kernels.hen.experiments.common import cache_dir, cached_encode
+
+    monkeypatch.setenv("HEN_CACHE_DIR", str(tmp_path))
+
+    class Doubling:
+        name, cache_tag, calls = "doubling", "doubling-v1", 0
+
+        def encode(self, images, progress=False):
+            Doubling.calls += 1
+            return 2 * images.reshape(len(images), -1)
+
+        def _remember(self, images):
+            pass
+
+    codec, imgs = Doubling(), torch.rand(5, 1, 2, 3)
+
+    def check(images, encoded):
+        before = Doubling.calls
+        torch.testing.assert_close(cached_encode(codec, images, "set"), 2 * images.reshape(len(images), -1))
+        assert Doubling.calls - before == int(encoded)
+
+    check(imgs, True)
+    check(imgs, False)  # the same images
+    check(imgs[:3], False)  # a prefix of a cached run
+    check(imgs[[0, 2, 3, 4]], True)  # a photo missing: no longer a prefix
+    check(torch.rand(5, 1, 2, 3), True)  # another set under the same key
+    check(imgs, True)
+    stored = cache_dir() / "doubling-v1-set-5.pt"
+    cached = torch.load(stored, weights_only=True)
+    torch.save({"latents": cached["latents"][:2], "rows": cached["rows"]}, stored)  # a file cut short
+    check(imgs, True)
+    check(imgs, False)

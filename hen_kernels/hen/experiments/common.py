@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ...checksums import row_checksums
+
 
 def cache_dir() -> Path:
     """Where encoded latents are cached between runs: $HEN_CACHE_DIR or ~/.cache/hen_kernels."""
@@ -20,26 +22,31 @@ def cache_dir() -> Path:
 def cached_encode(codec, images: torch.Tensor, key: Optional[str], progress: bool = True) -> torch.Tensor:
     """``codec.encode(images)``, cached on disk under ``key`` (None: no cache).  The identity codec is never cached.
 
-    ``key`` names a data set in a fixed order, so the first n rows of a cached longer run are reused.
+    ``key`` names a data set in a fixed order, so the first n rows of a cached longer run are reused, but only
+    where the checksums of the images they were encoded from (``row_checksums``, kept with them) equal the
+    images' own: a photo that did not load this time, or another set under the same key, had been handed the
+    latents of other images.
     """
     if key is None or codec.name == "image":
         return codec.encode(images, progress=progress)
     tag = codec.cache_tag  # changes whenever the codec's latents would (e.g. its padding)
-    path = cache_dir() / f"{tag}-{key}-{len(images)}.pt"  # the first len(images) of data set `key`
-    larger = sorted((int(f.stem.rsplit("-", 1)[1]), f) for f in cache_dir().glob(f"{tag}-{key}-*.pt")
-                    if f.stem.rsplit("-", 1)[1].isdigit() and int(f.stem.rsplit("-", 1)[1]) >= len(images)
-                    and f.stem.rsplit("-", 1)[0] == f"{tag}-{key}")
-    if larger:  # the key names a data set in a fixed order: its first n rows are a prefix of a longer run
-        path = larger[0][1]
-    if path.is_file():
-        z = torch.load(path, weights_only=True)[:len(images)]
-        codec._remember(images)
-        if hasattr(codec, "_latent_shape") and codec._latent_shape is None:
-            codec.encode(images[:1])
-        return z
+    n = len(images)
+    rows = row_checksums(images.reshape(n, -1)).cpu()
+    path = cache_dir() / f"{tag}-{key}-{n}.pt"  # the first n of data set `key`
+    runs = sorted((int(f.stem.rsplit("-", 1)[1]), f) for f in cache_dir().glob(f"{tag}-{key}-*.pt")
+                  if f.stem.rsplit("-", 1)[1].isdigit() and int(f.stem.rsplit("-", 1)[1]) >= n
+                  and f.stem.rsplit("-", 1)[0] == f"{tag}-{key}")
+    for _, f in runs:  # the shortest run whose first n rows came from these images
+        cached = torch.load(f, weights_only=True)
+        if (isinstance(cached, dict) and len(cached.get("latents", ())) >= n
+                and torch.equal(cached.get("rows", torch.empty(0))[:n], rows)):
+            codec._remember(images)
+            if hasattr(codec, "_latent_shape") and codec._latent_shape is None:
+                codec.encode(images[:1])
+            return cached["latents"][:n]
     z = codec.encode(images, progress=progress)
     tmp = path.with_suffix(".tmp")
-    torch.save(z, tmp)
+    torch.save({"latents": z, "rows": rows}, tmp)
     os.replace(tmp, path)
     return z
 
