@@ -380,7 +380,7 @@ def test_failed_creation_leaves_no_file_and_a_retry_works(tmp_path):
     with pytest.raises(ValueError, match="metadata: the header needs"):
         MemoryBank(4, storage="disk", path=path, metadata={"notes": "x" * 5000})
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="^path: the folder .*no-such-dir.* does not exist"):
         MemoryBank(4, storage="disk", path=tmp_path / "no-such-dir" / "b.hkb")
     assert list(tmp_path.iterdir()) == []
     bank = MemoryBank(4, storage="disk", path=path, metadata={"notes": "short"})

@@ -141,6 +141,21 @@ def test_constructor_names_bad_arguments(kw, arg):
         HEN(codecs.IdentityCodec(), **kw)
 
 
+def test_a_disk_banks_path_is_checked_when_the_hen_is_built(tmp_path):
+    """docs/hen.md: the bank's path is checked when HEN is built, not at the first store after every image has
+    been encoded; an existing file, or a folder that does not exist (the bank had failed on its temporary
+    file's name, FileNotFoundError), is refused naming path, by MemoryBank too."""
+    (tmp_path / "taken.hkb").write_bytes(b"x")
+    for path, why in ((tmp_path / "taken.hkb", "already exists"), (tmp_path / "no" / "b.hkb", "does not exist")):
+        with pytest.raises(ValueError, match=f"^path: .*{why}"):
+            HEN(codecs.IdentityCodec(), beta=10.0, storage="disk", path=path)
+        with pytest.raises(ValueError, match=f"^path: .*{why}"):
+            hk.MemoryBank(4, storage="disk", path=path)
+    hen = HEN(codecs.IdentityCodec(), beta=10.0, storage="disk", path=tmp_path / "new.hkb")
+    hen.store(torch.rand(3, 1, 2, 2))
+    assert len(hen.bank) == 3
+
+
 def test_images_are_checked_by_name():
     hen = HEN(codecs.IdentityCodec(), beta=10.0)
     with pytest.raises(ValueError, match=r"images: expected values in \[0, 1\]"):

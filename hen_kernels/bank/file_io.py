@@ -295,6 +295,17 @@ def _exists_error(path: str) -> ValueError:
                       "or remove it first")
 
 
+def check_new_bank_path(path: str) -> None:
+    """Refuse, naming ``path``, a disk bank's path where no bank can be created: one that exists, or one in a
+    folder that does not (the creation had failed on the name of its temporary file)."""
+    if os.path.lexists(path):
+        raise _exists_error(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path: the folder {folder!r} of {path!r} does not exist (or is not a folder); create it "
+                         "first")
+
+
 def _new_file(name: str, page: bytes) -> int:
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
     try:
@@ -317,8 +328,7 @@ def create_exclusive(path: str, page: bytes) -> int:
     creation that fails leaves nothing behind, and a retry works.  (Where the file system has no
     hard links, the file is created in place and removed again if writing its page fails.)
     """
-    if os.path.lexists(path):
-        raise _exists_error(path)
+    check_new_bank_path(path)
     remove_stale_tmp(path)
     tmp = _tmp_name(path)
     fd = _new_file(tmp, page)

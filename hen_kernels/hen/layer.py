@@ -55,6 +55,7 @@ import torch
 from ..backends import resolve
 from ..bank import MemoryBank
 from ..bank._checks import check_path, check_rows
+from ..bank.file_io import check_new_bank_path
 from ..validation import check_inputs, check_similarity
 from .codecs import ImageCodec, TextEncoder
 
@@ -170,12 +171,12 @@ class HEN:
         # The bank is built by the first store(), after every image is encoded (minutes with a neural codec):
         # a throwaway one-column bank runs the bank's own checks of dtype, device, storage, chunk_rows and
         # similarity now, and resolve() those of the backend for that dtype and device.  A disk bank's file is
-        # created only by store(), so here its path is only checked to be one.
+        # created only by store(), so here its path is only checked to be one where a bank can be created.
         disk = storage == "disk"
         probe = MemoryBank(1, **{**self._bank_kw, "storage": "host" if disk else storage,
                                  "path": None if disk else path})
         if disk:
-            check_path("path", path)
+            check_new_bank_path(check_path("path", path))
         z = torch.zeros(1, 1, dtype=probe.dtype, device=probe.device)
         resolve(backend, check_inputs(z, z, float(beta), similarity))
         self.codec = codec
