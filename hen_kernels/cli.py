@@ -54,7 +54,7 @@ TAKES = {"table1": ("codecs", "sizes", "n_queries", "beta"), "fig2": ("codecs", 
 
 def build_parser() -> argparse.ArgumentParser:
     from .hen.experiments import EXPERIMENTS
-    from .hen.experiments.common import MIN_BANK, check_betas, check_codec_names, check_count
+    from .hen.experiments.common import MIN_BANK, check_betas, check_codec_names, check_count, check_out_folder
 
     ap = argparse.ArgumentParser(prog="hen", description="Hopfield Encoding Networks on hen_kernels")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(d)
     e = sub.add_parser("experiment", help="run one of the paper's experiments")
     e.add_argument("name", choices=EXPERIMENTS + ("all",))
-    e.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    e.add_argument("--out", default=DEFAULT_OUT, type=_checked(str, check_out_folder),
+                   help=f"results folder (default {DEFAULT_OUT})")
     e.add_argument("--quick", action="store_true", help="tiny sizes: seconds, for a smoke test")
     e.add_argument("--codecs", type=_list(str, lambda n: check_codec_names([n])[0]),
                    help="comma-separated: image, taef2, diffusers:PATH (each must load; by default those found)")

@@ -88,6 +88,16 @@ def test_experiment_options_are_refused_before_running(argv, monkeypatch, tmp_pa
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["experiment", "fig3"], ["demo"]])
+def test_an_out_folder_that_cannot_be_made_is_a_usage_error(command, tmp_path, capsys):
+    """A file at --out, or a folder that cannot be made there, had ended the run in a traceback (after its work)."""
+    (tmp_path / "file").write_text("x")
+    for out, why in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "sub", "cannot make")):
+        assert _exit_code([*command, "--quick", "--out", str(out)]) == 2
+        assert why in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing made, nothing left
+
+
 def test_each_experiment_gets_the_options_it_takes(monkeypatch, tmp_path):
     from hen_kernels.hen import experiments
 

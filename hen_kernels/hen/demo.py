@@ -35,6 +35,7 @@ from ..validation import check_beta_value
 from . import metrics
 from .codecs import IdentityCodec, PixelTextEncoder, SentenceEncoder, TAEF2Codec
 from .data import load_photos, occlude, visible_mask
+from .experiments.common import check_out_folder
 from .layer import HEN
 
 KINDS = ("half", "quarter", "noise")
@@ -81,6 +82,10 @@ def finish_args(ap, args):
         ap.error(f"--distractors: expected an integer >= 0, got {args.distractors}")
     try:
         check_beta_value(args.beta)
+    except ValueError as e:
+        ap.error(f"--{e}")
+    try:
+        check_out_folder(args.out)
     except ValueError as e:
         ap.error(f"--{e}")
     unknown = [c for c in args.codecs.split(",") if c and c not in CODECS]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -87,6 +88,22 @@ def check_betas(betas: Sequence[float]) -> List[float]:
         return [check_beta_value(b) for b in betas]
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def check_out_folder(out: str) -> str:
+    """A results folder that exists or can be made, as UsageError where not: a file there, or a folder this
+    process cannot make, had ended a run (after its work) in a traceback.  Nothing is made here: a folder made
+    and removed again in its nearest existing ancestor says whether the run can make it."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"out: {out!r} is a file, not a folder")
+    ancestor = next(p for p in (path, *path.absolute().parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".hen-out-"))
+    except OSError as e:
+        raise UsageError(f"out: cannot make or write the folder {out!r} (in {str(ancestor)!r}: "
+                         f"{e.strerror or e})") from None
+    return out
 
 
 def clamp_queries(experiment: str, n_queries: int, n_images: int) -> int:
