@@ -88,6 +88,21 @@ def test_wrong_file_is_refused_by_name(tmp_path):
         taef2.load_taef2(f, download=False)
 
 
+def test_weights_that_do_not_read_are_refused_by_name(tmp_path):
+    """A file cut short (or another format) raised torch's or safetensors' own error, naming neither the file nor
+    what it was meant to hold."""
+    enc, dec = taef2.make_encoder(), taef2.make_decoder()
+    folder = _pth_folder(tmp_path / "pth", enc, dec)
+    whole = (folder / taef2.ENCODER_FILE).read_bytes()
+    (folder / taef2.ENCODER_FILE).write_bytes(whole[: len(whole) // 2])
+    hub = tmp_path / "hub" / taef2.HUB_FILE
+    hub.parent.mkdir()
+    hub.write_bytes(b"not a safetensors file")
+    for source, name in ((folder, taef2.ENCODER_FILE), (hub, taef2.HUB_FILE)):
+        with pytest.raises(ValueError, match=rf"^source: .*{name} does not read as TAEF2 weights"):
+            taef2.load_taef2(source, download=False)
+
+
 def test_resolution_order(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     _cache_with(cache, *_random_taef2(1))

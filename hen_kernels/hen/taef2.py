@@ -220,6 +220,16 @@ def _split_safetensors(sd: Dict[str, torch.Tensor], enc: nn.Sequential,
     return out[0], out[1]
 
 
+def _read_weights(path: Path, read):
+    """``read(path)``, where a file that does not read (cut short, another format) is a ValueError naming it;
+    torch's and safetensors' own messages named neither the file nor what it was meant to hold."""
+    try:
+        return read(path)
+    except Exception as e:  # (torch's RuntimeError and UnpicklingError, safetensors' SafetensorError, EOFError...)
+        raise ValueError(f"source: {path} does not read as TAEF2 weights (a download cut short, or another "
+                         f"file?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
 def load_taef2(source: Optional[Source] = None, *, download: bool = True, dtype: torch.dtype = torch.float32,
                device: Union[str, torch.device] = "cpu") -> Tuple[nn.Sequential, nn.Sequential]:
     """(encoder, decoder) in eval mode, every weight key matched.
@@ -233,12 +243,12 @@ def load_taef2(source: Optional[Source] = None, *, download: bool = True, dtype:
         raise FileNotFoundError(missing_message(source, why))
     enc, dec = make_encoder(), make_decoder()
     if where.is_dir():
-        parts = [torch.load(where / name, map_location="cpu", weights_only=True)
+        parts = [_read_weights(where / name, lambda f: torch.load(f, map_location="cpu", weights_only=True))
                  for name in (ENCODER_FILE, DECODER_FILE)]
     elif where.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        parts = _split_safetensors(load_file(str(where)), enc, dec)
+        parts = _split_safetensors(_read_weights(where, lambda f: load_file(str(f))), enc, dec)
     else:
         raise ValueError(f"source: {where} is not a TAEF2 weights file ({HUB_FILE}, or a folder with "
                          f"{ENCODER_FILE} and {DECODER_FILE})")
