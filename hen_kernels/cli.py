@@ -36,9 +36,15 @@ def _list(parse, check):
     one = _checked(parse, check)
 
     def convert(s: str):
-        values = [one(x) for x in s.split(",") if x]
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
+        items = s.split(",")
+        if not s or any(not x.strip() for x in items):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {s!r}")
+        values = []
+        for x in items:
+            try:
+                values.append(one(x))
+            except ValueError:  # argparse's own "invalid int value" would name the whole list, not the item
+                raise argparse.ArgumentTypeError(f"item {x!r} of {s!r} is not a valid {parse.__name__}") from None
         return values
 
     convert.__name__ = parse.__name__

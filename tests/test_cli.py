@@ -76,7 +76,7 @@ def _exit_code(argv):
     ["table1", "--n-queries", "-5"], ["table1", "--sizes", "0"], ["table1", "--sizes", ","],
     ["table1", "--codecs", "tae"], ["table1", "--beta", "-1"], ["fig2", "--betas", "1,nan"],
     ["fig2", "--n-bank", "2"], ["fig2", "--beta", "5"], ["fig3", "--sizes", "150"], ["masking", "--codecs", "taef2"],
-    ["all", "--n-queries", "0"]])
+    ["all", "--n-queries", "0"], ["table1", "--sizes", "150,abc"], ["fig2", "--betas", "1,,2"]])
 def test_experiment_options_are_refused_before_running(argv, monkeypatch, tmp_path, capsys):
     from hen_kernels.hen import experiments
 
