@@ -67,6 +67,9 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
                 assert 0 <= p["top1_agrees"] <= 1
             else:
                 assert p["ok"] == (p["rel_err"] <= bench.CHECK_TOL[case.dtype])
+                # against float64: a check the float32 plain peer could fail (against its own float32
+                # expression it had been exactly 0)
+                assert p["rel_err"] > 0, (case.name, name)
         # 16-bit rows time the kernel's own float32 call in the same rounds, and the target uses it.
         if case.dtype != "float32":
             own = r["own_fp32_ms"]
@@ -79,7 +82,7 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
         for target in r["targets"]:
             assert target["met"] in (True, False, None)
         oks = [x["met"] for x in r["targets"]]
-        assert r["met"] is (False if False in oks else None if None in oks else True)
+        assert r["met"] is (False if False in oks else None if None in oks or not oks else True)
         assert 0 < r["fraction"]
         # The fused kernel and plain PyTorch compute the same update.
         assert r["check_ok"] and 0 <= r["rel_err"] < bench.CHECK_TOL[case.dtype], (case.name, r["rel_err"])
@@ -116,6 +119,24 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     assert report["plot"] == "cpu.png", report.get("plot_error")
     assert (out / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](cpu.png)" in md
+
+
+def test_a_row_whose_own_answer_is_wrong_meets_no_target():
+    """The kernel's failed check had been computed and dropped: a wrong answer, however fast, read "yes"."""
+    from hen_kernels.bench import cpu
+
+    def row(check_ok, peers):
+        return dict(regime="layer", B=64, N=1000, D=64, similarity="dot", dtype="float32", fused_ms=1.0,
+                    fused_gflops=1.0, fused_gbps=1.0, rel_err=1e-7 if check_ok else 0.9, check_ok=check_ok,
+                    peers=peers)
+
+    fast = {"plain": dict(ratio=9.0, ok=True), "sdpa": dict(ratio=9.0, ok=True)}
+    rows = [row(True, fast), row(False, fast), row(True, {})]
+    cpu.add_targets(rows, dict(read_gbps=10.0, matmul_gflops=100.0, matmul_bf16_gflops=200.0), {})
+    assert [r["met"] for r in rows] == [True, False, None]  # (no peer ran: nothing was shown)
+    cells = dict(cpu.COLUMNS)
+    assert cells["rel err"](rows[1]) == "9.0e-01 (WRONG)" and cells["met"](rows[1]) == "NO"
+    assert cells["rel err"](rows[0]) == "1.0e-07" and cells["met"](rows[0]) == "yes"
 
 
 def test_the_picture_marks_each_peer_with_its_target_and_verdict():
