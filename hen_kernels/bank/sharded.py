@@ -139,9 +139,14 @@ def _fingerprint(t: Optional[torch.Tensor]) -> List[int]:
     return [int(rows.sum()), int((rows * weights).sum())]
 
 
-def _float_bits(x: float) -> List[int]:
-    """A float's float64 bits as an int64 (and a 0: the width of a ``_fingerprint``)."""
-    return [struct.unpack("<q", struct.pack("<d", float(x)))[0], 0]
+def _float_bits(x: float) -> int:
+    """A float's float64 bits as an int64."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+# What _collective_args gathers of each call, after a 1 (0: the rank refused its arguments): the argument's
+# name and its ints.
+_CALL_FIELDS = (("similarity", 1), ("query", 3), ("beta", 2), ("weights", 2), ("max_steps and tol", 2))
 
 
 class ShardedMemoryBank:
@@ -449,14 +454,17 @@ class ShardedMemoryBank:
             args = self.local._check_query(query, beta, similarity, weights)
             steps = None if steps is None else check_steps(*steps)
             q, b, sim, w = args
-            shape = zlib.crc32(repr((tuple(q.shape), str(q.dtype))).encode())
-            mine = ([1, SIMILARITY_CODES[sim], shape] + _fingerprint(q.detach().reshape(-1, q.shape[-1]))
-                    + (_float_bits(b) if not isinstance(b, torch.Tensor) else _fingerprint(b.detach().reshape(1, -1)))
-                    + _fingerprint(None if w is None else w.detach().reshape(-1, w.shape[-1]))
-                    + ([0, 0] if steps is None else [steps[0]] + _float_bits(-1.0 if steps[1] is None else steps[1])[:1]))
-            error = None
+            fields = (
+                [SIMILARITY_CODES[sim]],
+                [zlib.crc32(repr((tuple(q.shape), str(q.dtype))).encode())]
+                + _fingerprint(q.detach().reshape(-1, q.shape[-1])),
+                _fingerprint(b.detach().reshape(1, -1)) if isinstance(b, torch.Tensor) else [_float_bits(b), 0],
+                _fingerprint(None if w is None else w.detach().reshape(-1, w.shape[-1])),
+                [0, 0] if steps is None else [steps[0], _float_bits(-1.0 if steps[1] is None else steps[1])],
+            )
+            mine, error = [1] + [v for f in fields for v in f], None
         except (TypeError, ValueError) as e:
-            mine, error = [0] * 11, e
+            mine, error = [0] * (1 + sum(n for _, n in _CALL_FIELDS)), e
         every = self._gather_ints(mine)
         if error is not None:
             raise error
@@ -464,9 +472,10 @@ class ShardedMemoryBank:
         if refused:
             raise ValueError(f"query: rank {refused[0]} refused its arguments (that rank raised why); the call is "
                              "collective, so every rank stops")
-        for name, a, b in (("similarity", 1, 2), ("query", 2, 5), ("beta", 5, 7), ("weights", 7, 9),
-                           ("max_steps and tol", 9, 11)):
-            differ = [r for r, e in enumerate(every) if e[a:b] != every[0][a:b]]
+        end = 1
+        for name, n in _CALL_FIELDS:
+            start, end = end, end + n
+            differ = [r for r, e in enumerate(every) if e[start:end] != every[0][start:end]]
             if differ:
                 raise ValueError(f"{name}: the call is collective and every rank must pass the same {name} (the "
                                  f"bank's default where it is None); rank(s) {differ} passed another than rank 0's "
