@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hen_kernels import ops
 from hen_kernels.bench import cpu as bench
 from hen_kernels.bench import crossover, shapes
 from hen_kernels.bench.cpu_peers import cpu_info
@@ -101,14 +102,20 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
         assert "## Multi-step retrieval" in md and "## Weighted similarity" in md
         for r in report["weighted"]:  # a shared mask and weights of each query's own, each checked
             assert math.isclose(r["per_query_cost"], r["per_query_ms"] / r["unweighted_ms"], rel_tol=1e-9)
-            assert max(r["rel_err"], r["per_query_rel_err"]) <= bench.CHECK_TOL[r["dtype"]]
+            assert r["check_ok"] and max(r["rel_err"], r["per_query_rel_err"]) <= bench.CHECK_TOL[r["dtype"]]
+            assert r["plain_ok"] and r["plain_rel_err"] > 0
+    for r in report["steps"]:  # each final state against five float64 reference updates
+        assert r["check_ok"] and 0 < r["rel_err"] <= bench.CHECK_TOL[r["dtype"]], (r["name"], r["rel_err"])
+        assert {"plain", "sdpa", "sdpa_math"} <= set(r["peers"])
+        for p in r["peers"].values():
+            assert p["ok"] and p["rel_err"] > 0 and math.isclose(p["ratio"], p["ms"] / r["fused_ms"], rel_tol=1e-9)
     # Many banks (leading dims as SDPA's heads): every shape and dtype, the kernel and each peer
-    # checked against float32 plain PyTorch before it is timed.
+    # checked against the float64 reference before it is timed.
     many = report["many_banks"]
     assert [(r["B"], r["dtype"]) for r in many] == [(b, dt) for _, b, _, _ in bench.MANY_BANKS for dt in bench.DTYPES]
     for r in many:
         assert r["banks"] == 4 and r["N"] == bench.QUICK_N // 8
-        assert 0 <= r["rel_err"] < bench.CHECK_TOL[r["dtype"]], (r["name"], r["rel_err"])
+        assert r["check_ok"] and 0 < r["rel_err"] < bench.CHECK_TOL[r["dtype"]], (r["name"], r["rel_err"])
         assert math.isclose(r["gbps"], 4 * r["N"] * r["D"] * (4 if r["dtype"] == "float32" else 2) / r["fused_ms"] / 1e6)
         assert set(r["peers"]) == set(bench.MANY_BANK_PEERS)
         for p in r["peers"].values():
@@ -137,6 +144,50 @@ def test_a_row_whose_own_answer_is_wrong_meets_no_target():
     cells = dict(cpu.COLUMNS)
     assert cells["rel err"](rows[1]) == "9.0e-01 (WRONG)" and cells["met"](rows[1]) == "NO"
     assert cells["rel err"](rows[0]) == "1.0e-07" and cells["met"](rows[0]) == "yes"
+
+
+def test_a_side_table_row_whose_own_answer_is_wrong_is_marked_and_fails_the_run(monkeypatch):
+    """The side tables had reported the kernel's error without judging it (many banks, weighted) or checked
+    no output at all (multi-step): a wrong answer there read as a timing like any other."""
+    from hen_kernels.bench import cpu_side
+
+    require("cpu")
+    case = bench.Case("layer", "dot", "float32", 8, 300, 64)
+    right = cpu_side.run_steps(case, "cpu", 1, False, 0.0)
+    assert right["check_ok"] and all(p["ok"] for p in right["peers"].values())
+
+    class Off:  # hopfield_retrieve's state a little off: 1e-3 relative, past float32's 1e-4
+        @staticmethod
+        def hopfield_retrieve(*a, **k):
+            return type("R", (), {"state": ops.hopfield_retrieve(*a, **k).state * 1.001})
+
+    monkeypatch.setattr(cpu_side, "ops", Off)
+    steps = cpu_side.run_steps(case, "cpu", 1, False, 0.0)
+    assert not steps["check_ok"] and 9e-4 < steps["rel_err"] < 1.1e-3
+    assert all(p["ok"] for p in steps["peers"].values())  # the peers, right, are not blamed
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_side, "fused_call", lambda *a, **k: (lambda: torch.zeros(4, 8, 64)))
+    banks = cpu_side.run_many_banks(bench.Case("banks", "dot", "float32", 8, 300, 64, 4), "cpu", 1)
+    assert not banks["check_ok"] and banks["rel_err"] == 1.0
+    report = {"rows": [], "steps": [steps], "weighted": [], "many_banks": [banks]}
+    assert bench.wrong_outputs(report) == [f"multi-step: {steps['name']}", f"many banks: {banks['name']}"]
+    assert bench._own_err_cell(steps).endswith("(WRONG)")
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: report)
+    assert bench.main(["--quick"]) == 1  # `make bench` stops on it
+
+
+def test_a_report_made_again_from_its_json_says_so(tmp_path):
+    """--from-json writes today's method text over an old run's measurements: the header says which."""
+    src = ROOT / "benchmarks" / "results" / "cpu_zen4.json"
+    assert bench.main(["--from-json", str(src), "--out", str(tmp_path), "--name", "again"]) == 0
+    md = (tmp_path / "again.md").read_text()
+    assert "regenerated " in md and "from cpu_zen4.json (--from-json)" in md
+    lines = md.splitlines()
+    first_row = lines[next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1]
+    first = json.loads(src.read_text())["rows"][0]
+    assert f"| {first['fused_ms']:.2f} |" in first_row  # the measurements are the JSON's
+    assert "regenerated" not in (ROOT / "benchmarks" / "results" / "cpu_zen4.md").read_text()
 
 
 def test_the_picture_marks_each_peer_with_its_target_and_verdict():

@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import asdict
+from datetime import date
 from typing import Dict, List, Optional
 
 import torch
@@ -39,7 +41,7 @@ from .common import DEFAULT_OUT, MIB, num
 # re-exported here for the code that drives this table (tests, benchmarks/test_bench_cpu.py).
 from .cpu_cases import (BF16_OVER_FP32_TARGET, CHECK_TOL, DTYPES, L2_PLAIN_TARGET, MAX_ROUNDS,  # noqa: F401
                         MIN_ROW_S, PLAIN_TARGETS, QUICK_N, SDPA_TARGETS, SHAPES, SIMILARITIES, SLOW_PEER_RATIO,
-                        SLOW_PEER_S, Case, bank, backend_label, case_inputs, cases, compile_first, faiss_index,
+                        SLOW_PEER_S, Case, bank, backend_label, case_inputs, cases, check, compile_first, faiss_index,
                         fused_backend, fused_call, iqr_over_median, median_ms, release_bank, time_sparing_slow_peers)
 from .cpu_side import (L2_RULE_MAX_COST, L2_RULE_REPEATS, MANY_BANK_PEERS, MANY_BANKS, STEPS,  # noqa: F401
                        many_bank_cases, run_l2_rule, run_many_banks, run_steps, run_weighted, side_cases,
@@ -79,8 +81,7 @@ def run_case(case: Case, backend: Optional[str] = None, repeats: int = 5, compil
             elif name == "fused_fp32":  # checked by the float32 rows; only its time is wanted here
                 pass
             else:
-                err = peers.rel_err(got.float(), want)
-                ok = err <= CHECK_TOL[case.dtype]
+                err, ok = check(got, want, case.dtype)
                 if name == "fused":
                     row["rel_err"], row["check_ok"] = err, ok
                 else:
@@ -149,7 +150,21 @@ def _peer_cell(r: dict, name: str) -> str:
     if p is None:
         return "-"
     once = "¹" if p.get("calls") == 1 else ""  # timed once: far slower than the kernel
-    return common.ratio(p["ratio"]) + once + ("" if p["ok"] else " (WRONG)")
+    return common.ratio(p["ratio"]) + once + ("" if p.get("ok", True) else " (WRONG)")  # (older multi-step: unchecked)
+
+
+def _own_err_cell(r: dict) -> str:
+    if "rel_err" not in r:  # multi-step rows of reports before 2026-12-06
+        return "not checked"
+    return num(r["rel_err"], ".1e") + ("" if r.get("check_ok", True) else " (WRONG)")
+
+
+def wrong_outputs(report: dict) -> List[str]:
+    """The rows of every table whose own output failed its check (reports before 2026-12-06 judged only
+    the main table's)."""
+    tables = (("rows", "main"), ("steps", "multi-step"), ("weighted", "weighted"), ("many_banks", "many banks"))
+    return [f"{what}: {r['name']}" for key, what in tables for r in report.get(key) or ()
+            if not r.get("check_ok", True)]
 
 
 def _faiss_cell(r: dict) -> str:
@@ -177,7 +192,7 @@ COLUMNS = [  # (header, row -> cell); first five and last fixed (tests/test_benc
     ("GB/s", lambda r: num(r["fused_gbps"], ".2f")),
     ("of ceiling", lambda r: f"{100 * r['fraction']:.0f}% {'read' if r['ceiling'] == 'read' else 'matmul'}"),
     ("extra MiB", lambda r: num(r["fused_extra_mib"], ".1f")),
-    ("rel err", lambda r: num(r["rel_err"], ".1e") + ("" if r.get("check_ok", True) else " (WRONG)")),
+    ("rel err", lambda r: _own_err_cell(r)),
 ] + [(f"vs {p}", (lambda p: lambda r: _peer_cell(r, p))(p)) for p in PEER_COLS] + [
     ("faiss top-1", _faiss_cell),
     ("targets (ratio/target)", _targets_cell),
@@ -251,6 +266,9 @@ def markdown(report: dict) -> str:
         "level before the call",
         f"- ¹ a peer over {SLOW_PEER_S:g} s and {SLOW_PEER_RATIO:g}x the kernel in its check call is timed once "
         "more, not at every repeat",
+        *([f"- regenerated {report['regenerated']} (--from-json): the measurements are the JSON's; the method "
+            "text above is the code's on that day and may describe a later method than the run used"]
+          if report.get("regenerated") else []),
         "- IQR: the interquartile range of the kernel's timed calls in the row over their median (each call's time "
         "is in the JSON, `fused_times_ms`): how steady the machine was during the row; on these shared VMs 5-20 % "
         "is common, and a row now and then runs disturbed throughout",
@@ -262,17 +280,20 @@ def markdown(report: dict) -> str:
     lines += ["", f"{met} of {len(report['rows'])} rows meet every target" +
               (f" ({unverified} unverified: a peer's answer failed its check, or no peer ran)." if unverified
                else ".")]
+    wrong = wrong_outputs(report)
+    if wrong:
+        lines += ["", f"**WRONG OUTPUT**: the kernel's own answer failed its check in {len(wrong)} row(s): "
+                  + "; ".join(wrong) + ".  Its times there say nothing."]
     if report.get("plot"):
         lines += ["", f"![the rows against their peers and ceilings]({report['plot']})"]
     elif report.get("plot_error"):
         lines += ["", f"(no picture: {report['plot_error']})"]
     if report.get("steps"):
         lines += ["", f"## Multi-step retrieval ({STEPS} steps) against {STEPS} chained calls of each peer", ""]
-        lines += _side_table(report["steps"], ["fused ms", "fused / (5 x one step)"] +
+        lines += _side_table(report["steps"], ["fused ms", "fused / (5 x one step)", "rel err"] +
                              [f"vs {p}" for p in peers.UPDATE_PEERS],
-                             lambda r: [num(r["fused_ms"], ".2f"), num(r["per_step_overhead"], ".2f")] +
-                             [common.ratio(r["peers"][p]["ratio"]) if p in r["peers"] else "-"
-                              for p in peers.UPDATE_PEERS])
+                             lambda r: [num(r["fused_ms"], ".2f"), num(r["per_step_overhead"], ".2f"),
+                                        _own_err_cell(r)] + [_peer_cell(r, p) for p in peers.UPDATE_PEERS])
     if report.get("weighted"):
         lines += ["", "## Weighted similarity against the unweighted kernel: one half mask for every query "
                   "(0/1, HEN's occluded recall) and weights of each query's own (uniform in [0.5, 1.5))", ""]
@@ -281,7 +302,8 @@ def markdown(report: dict) -> str:
                              lambda r: [num(r["weighted_ms"], ".2f"), num(r.get("per_query_ms"), ".2f"),
                                         num(r["unweighted_ms"], ".2f"), common.ratio(r["cost"]),
                                         common.ratio(r.get("per_query_cost")), _weighted_plain_cell(r),
-                                        num(r["rel_err"], ".1e") + " / " + num(r.get("per_query_rel_err"), ".1e")])
+                                        num(r["rel_err"], ".1e") + " / " + num(r.get("per_query_rel_err"), ".1e")
+                                        + ("" if r.get("check_ok", True) else " (WRONG)")])
         lines += ["", "cost: weighted time / unweighted time.  A mask's w∘q is a bfloat16 where q is, so 16-bit "
                   "products take it, and one mask for all sums w∘x∘x once a row; weights of each query's own "
                   "take float32 score products and, for ℓ2, a second product X∘X times w."]
@@ -300,9 +322,8 @@ def markdown(report: dict) -> str:
         lines += common.table(
             ["banks", "B", "N", "D", "dtype", "fused ms", "GB/s", "rel err"] + [f"vs {p}" for p in MANY_BANK_PEERS],
             [[str(r["banks"]), str(r["B"]), str(r["N"]), str(r["D"]), r["dtype"], num(r["fused_ms"], ".2f"),
-              num(r["gbps"], ".1f"), num(r["rel_err"], ".1e")] +
-             [(common.ratio(r["peers"][p]["ratio"]) if r["peers"][p]["ok"] else "WRONG") if p in r["peers"] else "-"
-              for p in MANY_BANK_PEERS] for r in report["many_banks"]])
+              num(r["gbps"], ".1f"), _own_err_cell(r)] + [_peer_cell(r, p) for p in MANY_BANK_PEERS]
+             for r in report["many_banks"]])
         lines += ["", "GB/s: the banks' bytes / time (each bank read once).  One query per bank is attention "
                   "decoding and HopfieldPooling's learned query: memory-bound, as the recall rows."]
     if report.get("warning"):
@@ -313,9 +334,9 @@ def markdown(report: dict) -> str:
 
 
 def _weighted_plain_cell(r: dict) -> str:
-    err = r.get("plain_rel_err")
-    wrong = err is not None and not err <= CHECK_TOL[r["dtype"]]
-    return common.ratio(r["ratio"]) + (" (WRONG)" if wrong else "")
+    err = r.get("plain_rel_err")  # reports before 2026-12-06 hold no plain_ok
+    ok = r.get("plain_ok", err is None or err <= CHECK_TOL[r["dtype"]])
+    return common.ratio(r["ratio"]) + ("" if ok else " (WRONG)")
 
 
 def _side_table(rows: List[dict], headers: List[str], cells) -> List[str]:
@@ -422,11 +443,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.from_json:
         with open(a.from_json) as f:
-            finish(json.load(f), a.out, a.name)
+            report = json.load(f)
+        report["regenerated"] = f"{date.today().isoformat()} from {os.path.basename(a.from_json)}"
+        finish(report, a.out, a.name)
         return 0
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     if a.emulate_avx2 and not common.emulated():
         return common.rerun_emulated("cpu", argv)
-    run(a.out, a.quick, a.repeats, not a.no_compile, not a.no_side, a.name, a.only)
-    return 0
+    wrong = wrong_outputs(run(a.out, a.quick, a.repeats, not a.no_compile, not a.no_side, a.name, a.only))
+    if wrong:
+        print(f"bench cpu: the kernel's answer failed its check in {len(wrong)} row(s): " + "; ".join(wrong),
+              file=sys.stderr)
+    return 1 if wrong else 0

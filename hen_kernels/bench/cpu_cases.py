@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import backends, ops
+from .. import backends, ops, reference
 from . import common, cpu_peers as peers
 
 # docs/design.md §6, CPU rows: required peer_time / fused_time.
@@ -26,7 +26,7 @@ SHAPES = [("recall", 1, 262144, 512), ("recall", 8, 262144, 512),
 SIMILARITIES = ("dot", "l2sq", "l2")
 DTYPES = ("float32", "bfloat16")
 QUICK_N = 4096
-CHECK_TOL = {"float32": 1e-4, "bfloat16": 5e-2}  # a peer must agree with float32 this well to be timed
+CHECK_TOL = {"float32": 1e-4, "bfloat16": 5e-2}  # every output must agree with float64 this well
 SLOW_PEER_S, SLOW_PEER_RATIO = 2.0, 20.0  # a peer this slow (seconds, and x the kernel) is timed once
 # Short rows get more rounds, so that a burst of other work on this shared machine (a few
 # hundred ms) cannot own the median: at least MIN_ROW_S of rounds, at most MAX_ROUNDS.
@@ -122,6 +122,23 @@ def case_inputs(case: Case) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(query (B, D), bank (N, D), beta); beta = 1/sqrt(D) keeps dot scores of order one."""
     q = torch.randn(case.B, case.D, generator=torch.Generator().manual_seed(case.B)).to(getattr(torch, case.dtype))
     return q, bank(case.N, case.D, case.dtype), 1.0 / math.sqrt(case.D)
+
+
+def check(got: torch.Tensor, want: torch.Tensor, dtype: str) -> Tuple[float, bool]:
+    """``got``'s error relative to the float64 ``want``, and whether it is within the case dtype's CHECK_TOL
+    (a NaN error is not)."""
+    err = peers.rel_err(got.float(), want)
+    return err, err <= CHECK_TOL[dtype]
+
+
+def float64_update(q: torch.Tensor, x: torch.Tensor, beta: float, similarity: str, steps: int = 1,
+                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The side tables' check: ``steps`` updates by the reference (the specification) in float64 from the
+    inputs as given (a 16-bit case's rounded values: its error is the computation's own)."""
+    s, xd = q.double(), x.double()
+    for _ in range(steps):
+        s = reference.update(s, xd, beta, similarity, weights=weights)
+    return s
 
 
 def fused_call(q, x, beta, similarity, backend, **kw):

@@ -11,8 +11,8 @@ import torch
 
 from .. import ops
 from . import common, cpu_peers as peers
-from .cpu_cases import (CHECK_TOL, MIN_ROW_S, SHAPES, Case, case_inputs, first_calls, fused_call, median_ms,
-                        time_sparing_slow_peers)
+from .cpu_cases import (MIN_ROW_S, SHAPES, Case, case_inputs, check, first_calls, float64_update, fused_call,
+                        median_ms, time_sparing_slow_peers)
 
 L2_RULE_MAX_COST = 0.05  # §5.1 recompute: within 5% of the kernel without it, on random data
 L2_RULE_REPEATS = 21
@@ -32,7 +32,9 @@ def side_cases(n: Optional[int], similarities, dtypes) -> List[Case]:
 
 
 def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool, min_row_s: float = MIN_ROW_S) -> dict:
-    """STEPS-step retrieval (tol=None: every step taken) against STEPS chained calls of each peer."""
+    """STEPS-step retrieval (tol=None: every step taken) against STEPS chained calls of each peer, each
+    final state checked against STEPS float64 reference updates first (a peer that fails is still timed,
+    and marked; the kernel failing fails the row)."""
     q, x, beta = case_inputs(case)
     which = tuple(p for p in peers.UPDATE_PEERS if p in peers.PEERS[case.similarity]
                   and (compile_peer or p != "compile"))
@@ -51,11 +53,16 @@ def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool, min_ro
            "fused_one_step": fused_call(q, x, beta, case.similarity, backend)}
     fns.update({name: chain(name) for name in one})
     with torch.no_grad():
+        want = float64_update(q, x, beta, case.similarity, STEPS)
+        checks = {k: check(f(), want, case.dtype) for k, f in fns.items() if k != "fused_one_step"}
+        del want
         measured = time_sparing_slow_peers(fns, repeats, first_calls(fns), min_row_s)
     ms = {k: median_ms(v[0]) for k, v in measured.items()}
     return dict(asdict(case), name=case.name, steps=STEPS, fused_ms=ms["fused"],
                 per_step_overhead=ms["fused"] / (STEPS * ms["fused_one_step"]),
-                peers={k: dict(ms=v, ratio=v / ms["fused"]) for k, v in ms.items() if not k.startswith("fused")})
+                rel_err=checks["fused"][0], check_ok=checks["fused"][1],
+                peers={k: dict(ms=v, ratio=v / ms["fused"], rel_err=checks[k][0], ok=checks[k][1])
+                       for k, v in ms.items() if not k.startswith("fused")})
 
 
 def weight_sets(case: Case) -> Dict[str, torch.Tensor]:
@@ -77,17 +84,19 @@ def run_weighted(case: Case, backend: str, repeats: int) -> dict:
            "unweighted": fused_call(q, x, beta, case.similarity, backend),
            "plain_mask": lambda: peers.plain_weighted(q, x, beta, case.similarity, w["mask"])}
     with torch.no_grad():
-        # each against the float32 computation, the plain peer too (in a 16-bit dtype it rounds as it goes)
-        want = {k: peers.plain_weighted(q.float(), x.float(), beta, case.similarity, w[k]) for k in w}
-        err = {k: peers.rel_err(fns[k]().float(), want[k]) for k in w}
-        err["plain_mask"] = peers.rel_err(fns["plain_mask"]().float(), want["mask"])
+        # each against the reference in float64, the plain peer too (in a 16-bit dtype it rounds as it goes)
+        want = {k: float64_update(q, x, beta, case.similarity, weights=w[k]) for k in w}
+        checks = {k: check(fns[k](), want[k], case.dtype) for k in w}
+        plain_err = check(fns["plain_mask"](), want["mask"], case.dtype)
+        del want
         measured = common.time_calls(fns, repeats, rewarm=True)
     ms = {k: median_ms(v[0]) for k, v in measured.items()}
     return dict(asdict(case), name=case.name, weighted_ms=ms["mask"], per_query_ms=ms["per_query"],
                 unweighted_ms=ms["unweighted"], cost=ms["mask"] / ms["unweighted"],
                 per_query_cost=ms["per_query"] / ms["unweighted"], plain_weighted_ms=ms["plain_mask"],
-                ratio=ms["plain_mask"] / ms["mask"], rel_err=err["mask"], per_query_rel_err=err["per_query"],
-                plain_rel_err=err["plain_mask"])
+                ratio=ms["plain_mask"] / ms["mask"], rel_err=checks["mask"][0],
+                per_query_rel_err=checks["per_query"][0], check_ok=checks["mask"][1] and checks["per_query"][1],
+                plain_rel_err=plain_err[0], plain_ok=plain_err[1])
 
 
 def run_l2_rule(case: Case, backend: str, repeats: int) -> dict:
@@ -126,18 +135,17 @@ def run_many_banks(case: Case, backend: str, repeats: int) -> dict:
     """Banks of their own per leading index (q (L, B, D), X (L, N, D)): the fused kernel against
     plain PyTorch and SDPA, which takes the leading index as its heads; each checked first."""
     g = torch.Generator().manual_seed(case.banks * case.N + case.B)
-    q, x = (torch.randn(case.banks, rows, case.D, generator=g) for rows in (case.B, case.N))
+    q, x = (torch.randn(case.banks, rows, case.D, generator=g).to(getattr(torch, case.dtype))
+            for rows in (case.B, case.N))
     beta = 1.0 / math.sqrt(case.D)
-    want = peers.plain(q, x, beta, "dot")
-    q, x = q.to(getattr(torch, case.dtype)), x.to(getattr(torch, case.dtype))
     fns = {"fused": fused_call(q, x, beta, "dot", backend)}
     fns.update(peers.peer_callables(q, x, beta, "dot", MANY_BANK_PEERS, None))
     with torch.no_grad():
-        errors = {k: peers.rel_err(f().float(), want) for k, f in fns.items()}
+        want = float64_update(q, x, beta, "dot")
+        checks = {k: check(f(), want, case.dtype) for k, f in fns.items()}
         measured = common.time_calls(fns, repeats, rewarm=True)
     ms = {k: median_ms(v[0]) for k, v in measured.items()}
-    tol = CHECK_TOL[case.dtype]
-    return dict(asdict(case), name=case.name, fused_ms=ms["fused"], rel_err=errors["fused"],
-                gbps=case.bytes / ms["fused"] / 1e6,
-                peers={k: dict(ms=v, ratio=v / ms["fused"], rel_err=errors[k], ok=errors[k] <= tol)
+    return dict(asdict(case), name=case.name, fused_ms=ms["fused"], rel_err=checks["fused"][0],
+                check_ok=checks["fused"][1], gbps=case.bytes / ms["fused"] / 1e6,
+                peers={k: dict(ms=v, ratio=v / ms["fused"], rel_err=checks[k][0], ok=checks[k][1])
                        for k, v in ms.items() if k != "fused"})
