@@ -558,6 +558,25 @@ def test_bad_arguments_are_named():
         hk.nn.Hopfield(input_size=8, normalize_state_pattern=False)
 
 
+def test_bench_nn_marks_a_wrong_fused_row_and_exits_1(tmp_path, monkeypatch):
+    """bench nn had compared the fused gradients with the dense ones only, and the forward output with
+    nothing: a fused layer off in its output alone, however far, timed like any other."""
+    from hen_kernels.bench import nn as bench_nn
+
+    case = bench_nn.cases(True, torch.device("cpu"))[0]  # the functional update
+    right = bench_nn.run_case(case, torch.device("cpu"), 1, torch.float32, 0.0)
+    assert right["check_ok"]
+    update = hk.hopfield_update
+    monkeypatch.setattr(bench_nn.ops, "hopfield_update",
+                        lambda *a, **k: update(*a, **k) * (1.001 if k.get("backend") != "torch" else 1.0))
+    wrong = bench_nn.run_case(case, torch.device("cpu"), 1, torch.float32, 0.0)
+    assert not wrong["check_ok"] and 9e-4 < wrong["errors"]["fused"]["out"] < 1.1e-3
+    assert bench_nn.error_cell(wrong, "fused").endswith("(WRONG)")
+    assert wrong["errors"]["dense"]["out"] < 1e-5  # the dense peer, right, is not blamed
+    monkeypatch.setattr(bench_nn, "run", lambda *a, **k: {"rows": [wrong]})
+    assert bench_nn.main(["--quick", "--out", str(tmp_path)]) == 1
+
+
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_bench_nn_quick_writes_the_table(tmp_path, dtype):
     from hen_kernels.bench import nn as bench_nn
@@ -569,12 +588,17 @@ def test_bench_nn_quick_writes_the_table(tmp_path, dtype):
     assert "fwd+bwd vs dense" in md and "fwd+bwd vs sdpa" in md and all(r["name"] in md for r in report["rows"])
     for r in report["rows"]:
         assert r["fwd_fused_ms"] > 0 and r["fwd+bwd_dense_ms"] > 0
-        # the dense peer computes what the kernel does (its gradients compared before timing)
-        assert r["dense_grad_rel_err"] <= (1e-5 if dtype is None else 5e-2), (r["name"], r["dense_grad_rel_err"])
-        # SDPA computes the dot-product update, MultiheadAttention the attention case (the same weights):
-        # their gradients agree before they are timed.
+        # Every call's output and gradients against float64 before timing (an error of exactly 0 would be a
+        # check against itself): the fused ones right, the dense peer computing what the kernel does.
+        assert r["check_ok"], (r["name"], r["errors"])
+        for who, e in r["errors"].items():
+            assert 0 < e["out"] <= (1e-5 if dtype is None else 2e-2), (r["name"], who, e)
+            assert 0 < e["grads"], (r["name"], who, e)
+            if dtype is None:
+                assert e["grads"] <= 1e-5, (r["name"], who, e)
+        # SDPA computes the dot-product update, MultiheadAttention the attention case (the same weights).
         if r["kind"] == "attention" or (r["kind"] == "update" and r["similarity"] == "dot"):
             assert r["fwd+bwd_sdpa_ms"] > 0 and r["fwd+bwd_vs_sdpa"] > 0
-            assert r["sdpa_grad_rel_err"] <= (1e-5 if dtype is None else 2e-2)
+            assert r["errors"]["sdpa"]["grads"] <= (1e-5 if dtype is None else 2e-2)
         else:
-            assert r["sdpa_grad_rel_err"] is None and r["fwd+bwd_vs_sdpa"] is None
+            assert "sdpa" not in r["errors"] and r["fwd+bwd_vs_sdpa"] is None

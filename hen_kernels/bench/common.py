@@ -24,6 +24,10 @@ import torch
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 MIB = 2 ** 20
 GIB = 2 ** 30
+# A bench output (the kernel's, and each peer's before it is timed) must agree with float64 from the
+# same rounded inputs this well, relative (Frobenius), by the inputs' dtype: a check for wrong answers
+# and unfair peers; the kernels' stated accuracy (constants.TOLERANCE) is what the tests hold them to.
+CHECK_TOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 # The CPU flags that decide which kernels a CPU can run fast (docs/design.md §6: the
 # header names the ISA, since the CPU machines differ from session to session).

@@ -251,7 +251,7 @@ def markdown(report: dict) -> str:
         + (f" (--only {report['only']}: the other rows not run)" if report.get("only") else "")
         # (reports made before 2026-12-06 checked against the float32 expression, the plain peer itself)
         + f"; each output checked against {report.get('check_reference', 'float32')} plain PyTorch first (rel "
-        + "err; WRONG: off by more than " + ", ".join(f"{k} {v:g}" for k, v in CHECK_TOL.items())
+        + "err; WRONG: off by more than " + ", ".join(f"{k} {CHECK_TOL[k]:g}" for k in DTYPES)
         + "; a row whose own output is WRONG meets no target)",
         f"- ceilings, same run, best of {report['repeats']} calls: float32 matmul ({c['matmul_shape'][0]}^3) {c['matmul_gflops']:.1f} GFLOP/s "
         f"({c['matmul_gflops_after']:.1f} after the cases), bfloat16 matmul "
