@@ -39,11 +39,14 @@ def test_bench_bank_quick_writes_json_and_markdown(tmp_path):
         assert r["whole_bank_alloc_refused"], "the limit must keep the whole bank out of memory"
         assert r["met"] and r["extra_peak_rss_mib"] < r["limit_mib"]
         assert math.isfinite(r["rows_per_s"]) and r["rows_per_s"] > 0
+        # the streamed output against float64 over the same rows (it had been checked for finiteness only)
+        assert r["check_ok"] and 0 < r["rel_err"] <= 1e-5, r
 
     host = report["host_bank_cpu"]["rows"]
     assert [r["B"] for r in host] == [1, 8]
     for r in host:
-        assert r["rel_err"] <= 1e-5 and r["ms"] > 0 and r["one_call_ms"] > 0
+        # against float64 (it had been the same kernel's one call: a chunking bug both share could not show)
+        assert r["check_ok"] and 0 < r["rel_err"] <= 1e-5 and r["ms"] > 0 and r["one_call_ms"] > 0
     assert "## disk bank (CPU)" in md and "## host bank (CPU)" in md
 
 
@@ -52,3 +55,16 @@ def test_host_bank_regime_fails_clearly_without_a_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="no CUDA device"):
         bench_bank.host_bank_gpu(quick=True, repeats=1)
+
+
+def test_bench_bank_marks_a_wrong_streamed_row_and_exits_1(tmp_path, monkeypatch):
+    """A streamed bank whose answer is off is named under its table, and the command exits 1."""
+    monkeypatch.setattr(bench_bank, "host_bank_gpu", lambda *a: [])
+    monkeypatch.setattr(bench_bank, "disk_bank_cpu", lambda *a: [])
+    monkeypatch.setattr(bench_bank.MemoryBank, "update", lambda self, q, beta: torch.zeros(q.shape[0], self.dim))
+    report = bench_bank.run(str(tmp_path), quick=True, repeats=1)
+    assert [r["check_ok"] for r in report["host_bank_cpu"]["rows"]] == [False, False]
+    assert bench_bank.wrong_rows(report) == ["host_bank_cpu: B=1", "host_bank_cpu: B=8"]
+    assert "**WRONG OUTPUT** in 2 row(s)" in (tmp_path / "bank.md").read_text()
+    monkeypatch.setattr(bench_bank, "run", lambda *a: report)
+    assert bench_bank.main(["--quick"]) == 1

@@ -35,9 +35,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import ops
+from .. import ops, reference
 from ..bank import CHUNK_BYTES, MemoryBank
 from . import common
+from .common import CHECK_TOL
+from .cpu_cases import check, float64_update
 from .common import DEFAULT_OUT, GIB, MIB, median_seconds, proc_kib
 
 HOST_TARGET = 0.80  # docs/design.md §6: >= 80 % of measured pinned host-to-device bandwidth
@@ -118,8 +120,8 @@ def _disk_child(args: argparse.Namespace) -> dict:
     build = MemoryBank(d, storage="disk", path=path)
     step = max(1, 16 * MIB // (d * 4))
     g = torch.Generator().manual_seed(0)
-    for a in range(0, n, step):
-        build.add(torch.randn(min(step, n - a), d, generator=g))
+    for block in _disk_rows(g, n, d, step):
+        build.add(block)
     build.close()
     build_s = time.perf_counter() - t0
     chunk_rows = max(1, limit // 8 // (d * 4))  # a window well inside the limit
@@ -146,6 +148,7 @@ def _disk_child(args: argparse.Namespace) -> dict:
         pass
     read_gbps = os.path.getsize(path) / (time.perf_counter() - t) / 1e9
     del buf
+    outs = []
     try:
         for state in ("cold", "warm"):
             for b, q in queries.items():
@@ -156,7 +159,7 @@ def _disk_child(args: argparse.Namespace) -> dict:
                 t = time.perf_counter()
                 out = bank.update(q, 1.0 / math.sqrt(d))
                 sec = time.perf_counter() - t
-                assert torch.isfinite(out).all()
+                outs.append(out)
                 peak = proc_kib("VmHWM") * 1024
                 rows.append(dict(regime="disk bank (CPU)", storage="disk", cache=state, dtype="float32", B=b, N=n,
                                  D=d, bank_mib=bank.nbytes / MIB, limit_mib=limit / MIB, chunk_rows=chunk_rows,
@@ -167,7 +170,24 @@ def _disk_child(args: argparse.Namespace) -> dict:
                                  met=peak - base_rss < limit))
     finally:
         os.close(fd)
+    # The check, with the limit lifted: the rows made again from the seed (not read back through the bank's
+    # own code), the reference in float64 block by block, merged.
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    beta = 1.0 / math.sqrt(d)
+    parts: Dict[int, list] = {b: [] for b in queries}
+    for x in _disk_rows(torch.Generator().manual_seed(0), n, d, step):
+        for b, q in queries.items():
+            parts[b].append(reference.partial(q.double(), x.double(), beta))
+    want = {b: ops.merge_partials(p).finalize() for b, p in parts.items()}
+    for r, out in zip(rows, outs):
+        r["rel_err"], r["check_ok"] = check(out, want[r["B"]], "float32")
     return {"rows": rows, "build_s": build_s}
+
+
+def _disk_rows(g: torch.Generator, n: int, d: int, step: int):
+    """The disk bank's rows, block by block, as the child writes them (and makes them again to check)."""
+    for a in range(0, n, step):
+        yield torch.randn(min(step, n - a), d, generator=g)
 
 
 def disk_bank_cpu(quick: bool, limit_mib: Optional[int] = None, dim: int = 512) -> List[dict]:
@@ -207,12 +227,11 @@ def host_bank_cpu(quick: bool, repeats: int) -> List[dict]:
         measured = common.time_calls({"streamed": lambda: bank.update(q, beta),
                                       "one call": lambda: ops.hopfield_update(q, x, beta)}, repeats, rewarm=True)
         t_bank, t_one = (statistics.median(measured[k][0]) for k in ("streamed", "one call"))
-        err = float((bank.update(q, beta) - ops.hopfield_update(q, x, beta)).norm()
-                    / ops.hopfield_update(q, x, beta).norm())
+        err, ok = check(bank.update(q, beta), float64_update(q, x, beta, "dot"), "float32")
         rows.append(dict(regime="host bank (CPU)", storage="host", dtype="float32", B=b, N=n, D=d,
                          chunk_rows=bank.chunk_rows, ms=t_bank * 1e3, one_call_ms=t_one * 1e3,
                          gbps=bank.nbytes / t_bank / 1e9, rows_per_s=n / t_bank, ratio=t_one / t_bank,
-                         rel_err=err))
+                         rel_err=err, check_ok=ok))
         print(f"  host bank (CPU) B={b:<2} N={n} D={d}: streamed {t_bank * 1e3:8.2f} ms, one call "
               f"{t_one * 1e3:8.2f} ms ({t_one / t_bank:4.2f}x), rel err {err:.1e}", flush=True)
     return rows
@@ -249,6 +268,7 @@ DISK_COLUMNS = [
     ("peak RSS MiB", lambda r: f"{r['peak_rss_mib']:.0f}"),
     ("extra peak RSS MiB", lambda r: f"{r['extra_peak_rss_mib']:.0f}"),
     ("whole bank refused", lambda r: "yes" if r["whole_bank_alloc_refused"] else "no"),
+    ("rel err", lambda r: _err_cell(r)),
     ("under limit", lambda r: "yes" if r["met"] else "NO"),
 ]
 CPU_COLUMNS = [
@@ -260,8 +280,18 @@ CPU_COLUMNS = [
     ("one call ms", lambda r: f"{r['one_call_ms']:.2f}"),
     ("one call / streamed", lambda r: f"{r['ratio']:.2f}x"),
     ("GB/s", lambda r: f"{r['gbps']:.2f}"),
-    ("rel err", lambda r: f"{r['rel_err']:.1e}"),
+    ("rel err", lambda r: _err_cell(r)),
 ]
+
+
+def _err_cell(r: dict) -> str:
+    return f"{r['rel_err']:.1e}" + ("" if r["check_ok"] else " (WRONG)")
+
+
+def wrong_rows(report: dict) -> List[str]:
+    """The CPU rows whose streamed output failed its check against float64."""
+    return [f"{part}: B={r['B']}" + (f" {r['cache']}" if "cache" in r else "")
+            for part in ("disk_bank_cpu", "host_bank_cpu") for r in report[part]["rows"] if not r["check_ok"]]
 
 
 def _section(title: str, part: dict, columns) -> List[str]:
@@ -292,11 +322,16 @@ def markdown(report: dict) -> str:
         lines += ["", "Cold: the file's page cache dropped with posix_fadvise(DONTNEED) before the call; cold file "
                       "read: a plain sequential read of the file after the same drop (the disk's ceiling); whole "
                       "bank refused: allocating the bank's size fails under the limit; peak RSS counts the mapped "
-                      "file pages of the windows."]
+                      "file pages of the windows; rel err: the output against the float64 reference over the same "
+                      "rows, made again from their seed (WRONG past " + f"{CHECK_TOL['float32']:g})."]
     lines += _section("host bank (CPU): streamed chunks against one call over the whole tensor",
                       report["host_bank_cpu"], CPU_COLUMNS)
     lines += ["", "Streamed and one call take turns, each timed call right after an untimed call of the same "
-                  "function; one call / streamed above 1: streaming the bank in chunks was faster."]
+                  "function; one call / streamed above 1: streaming the bank in chunks was faster; rel err: the "
+                  f"streamed output against the float64 reference (WRONG past {CHECK_TOL['float32']:g})."]
+    wrong = wrong_rows(report)
+    if wrong:
+        lines += ["", f"**WRONG OUTPUT** in {len(wrong)} row(s): " + "; ".join(wrong) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -341,5 +376,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.disk_child:
         print(json.dumps(_disk_child(a)))
         return 0
-    run(a.out, a.quick, a.repeats, a.limit_mib, a.host_bank_gib)
-    return 0
+    wrong = wrong_rows(run(a.out, a.quick, a.repeats, a.limit_mib, a.host_bank_gib))
+    if wrong:
+        print("bench bank: the streamed output failed its check in " + "; ".join(wrong), file=sys.stderr)
+    return 1 if wrong else 0
