@@ -52,8 +52,15 @@ def kernels(full_only=False):
     return paths
 
 
+def skip_unless_it_runs(kernel, dtype):
+    """Forced pairs on another dtype or a lower isa are refused (test_forced_pairs_run_or_are_refused)."""
+    if kernel.startswith("pairs") and (dtype != torch.bfloat16 or kernel.split(":")[-1] != "avx512"):
+        pytest.skip("the pair dot product takes a bfloat16 bank at isa avx512")
+
+
 def hinted(q, x, beta, sim, kernel, values=None, weights=None, offset=0, query_block=0, splits=0):
     """One Partial through the op with the planner's choices forced; q (B, D), x (N, D)."""
+    skip_unless_it_runs(kernel, x.dtype)
     v = x if values is None else values
     w = None if weights is None else weights[None]
     out, lse, ts, ti = torch.ops.hen_kernels.partial_with_plan_hints(
@@ -164,6 +171,7 @@ def test_a_query_gets_the_same_bits_in_any_query_block(kernel, dtype):
     """make_plan takes 128 queries a block for short rows on the matrix units when there are
     tiles enough (8 heads of ViT's 197 tokens), else 64: a query's output must not depend on
     which block it is in."""
+    skip_unless_it_runs(kernel, dtype)
     heads = 8
     q, x = make((heads, 197, 64), dtype, 7), make((heads, 197, 64), dtype, 8)
     beta = torch.full((heads,), 1.0 / 8)
@@ -349,6 +357,20 @@ def test_hints_are_checked_by_name():
     for bad in ("fast", "brgemm:avx9", "hand:", "portable"):
         with pytest.raises(ValueError, match="partial_with_plan_hints"):
             hinted(q, x, 1.0, "dot", bad)
+
+
+def test_forced_pairs_run_or_are_refused():
+    """Pairs forced on a float32 bank or at a lower isa had run the widened products under their name."""
+    if info().get("bf16_pairs") != "1":
+        pytest.skip("no AVX-512 BF16 pair dot product here")
+    q, x = torch.randn(2, 8), torch.randn(5, 8)
+    out = torch.ops.hen_kernels.partial_with_plan_hints
+    beta = torch.tensor([1.0])
+    out(q[None].bfloat16(), x[None].bfloat16(), x[None].bfloat16(), beta, 0, 0, None, "pairs:avx512", 0, 0)
+    for dtype, kernel in ((torch.float32, "pairs"), (torch.float16, "pairs"), (torch.bfloat16, "pairs:avx2")):
+        qq, xx = q[None].to(dtype), x[None].to(dtype)
+        with pytest.raises(ValueError, match="pair dot product takes a bfloat16 bank at isa avx512"):
+            out(qq, xx, xx, beta, 0, 0, None, kernel, 0, 0)
 
 
 def test_automatic_choice_sends_weights_to_the_cpu_kernel(monkeypatch):

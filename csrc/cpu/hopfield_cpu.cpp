@@ -247,8 +247,12 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   const Product fast_value = vnni ? Product::Vnni : Product::F32;
   const Product hand_score = pairs_first && score16 ? Product::Bf16Pairs : Product::Hand;
   const Product hand_value = pairs_first ? Product::Bf16Pairs : Product::Hand;
-  if (hints.gemm == G::Pairs && !(kBf16Asm && mk::cpu_has_avx512_bf16()))
-    throw std::invalid_argument("hints: this CPU (or this build) has no AVX-512 BF16 pair dot product");
+  // Forced pairs run or are refused: on another dtype or a lower isa they had run the widened
+  // products under the name pairs (a crossover cell, a test path, measuring something else).
+  if (hints.gemm == G::Pairs && !pairs)
+    throw std::invalid_argument(!(kBf16Asm && mk::cpu_has_avx512_bf16())
+                                    ? "hints: this CPU (or this build) has no AVX-512 BF16 pair dot product"
+                                    : "hints: the pair dot product takes a bfloat16 bank at isa avx512");
   if (hints.gemm == G::Lanes) {
     plan.score = Product::Lanes, plan.value = Product::Hand;
   } else if (hints.gemm != G::Auto) {
