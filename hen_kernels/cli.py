@@ -122,12 +122,18 @@ def _experiment(args, command: str) -> int:
 
 def _info() -> int:
     from .hen.data import fashion_mnist_available
-    from .hen.taef2 import find_taef2, missing_message
+    from .hen.taef2 import find_taef2, load_taef2, missing_message
     from .ops import available_backends
 
     print(f"backends: {available_backends()}")
     where, why = find_taef2(download=False)
-    print(f"TAEF2 weights: {where or missing_message(None, why)}")
+    state = missing_message(None, why) if where is None else where
+    if where is not None:
+        try:  # found is not enough: a file cut short or of another kind had been reported as the weights
+            load_taef2(where, download=False)
+        except ValueError as e:
+            state = f"found but unusable: {e}"
+    print(f"TAEF2 weights: {state}")
     missing = "missing (apt-get install dataset-fashion-mnist)"
     print(f"Fashion-MNIST: {'found' if fashion_mnist_available() else missing}")
     try:

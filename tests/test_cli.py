@@ -29,6 +29,17 @@ def test_info(capsys):
     assert "backends:" in out and "TAEF2 weights" in out and "Fashion-MNIST" in out
 
 
+def test_info_reports_weights_that_do_not_read_as_unusable(tmp_path, monkeypatch, capsys):
+    """A weights file cut short had been reported as the TAEF2 weights (found is not readable)."""
+    from hen_kernels.hen import taef2
+
+    (tmp_path / taef2.HUB_FILE).write_bytes(b"not a safetensors file")
+    monkeypatch.setenv("HEN_TAEF2_DIR", str(tmp_path))
+    assert cli.main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("TAEF2 weights"))
+    assert line.startswith("TAEF2 weights: found but unusable: ") and taef2.HUB_FILE in line, line
+
+
 @pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST absent")
 def test_experiment_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HEN_CACHE_DIR", str(tmp_path / "cache"))
