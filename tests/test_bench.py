@@ -267,10 +267,10 @@ def test_shapes_quick_times_every_case_against_sdpa(tmp_path):
     assert md.count("\n| ") == 1 + len(rows)  # the header and one line per row
 
 
-def test_shapes_refuses_to_time_an_answer_or_gradient_off_float32():
+def test_shapes_refuses_to_time_an_answer_or_gradient_off_float64():
     want = torch.linspace(1, 2, 64)
     assert shapes.checked({"ok": lambda: want + 1e-6}, want, "float32", "case")["ok"] < 1e-5
-    with pytest.raises(SystemExit, match="fused on case .* off float32"):
+    with pytest.raises(SystemExit, match="fused on case .* off float64"):
         shapes.checked({"sdpa": lambda: want, "fused": lambda: want * 1.01}, want, "float32", "case")
     # a peer's gradients are reported, not judged, where it is not among the judged
     assert shapes.checked({"sdpa": lambda: want * 1.01}, want, "float32", "case", judged=("fused",))["sdpa"] > 1e-3

@@ -10,12 +10,12 @@ splits) and rows that end in a partial vector decide.  Each case times the publi
 user calls it (no backend forced: PyTorch takes its CPU flash kernel for these inputs) on the
 same inputs (keys = values = the bank, leading dims as SDPA's heads; the "split heads" cases are
 (batch, heads, ·, D) views of projections, as an attention layer hands them), each first checked
-against float32 plain PyTorch.  A timed sample is a block of calls of one function in a row, long
+against float64 plain PyTorch.  A timed sample is a block of calls of one function in a row, long
 enough for about 2 ms (single sub-millisecond calls right after another shape's measure
 the switch more than the call); the functions take turns; median of ``--repeats``
 samples.  Each case is also timed as a step of training: the same call forward, a loss, and
 the gradients for the queries and the bank (the queries' alone for a frozen bank), against SDPA's (a layer's work in training, where
-autograd's fixed costs add to the call's), both sets of gradients checked against float32
+autograd's fixed costs add to the call's), both sets of gradients checked against float64
 plain PyTorch's first.  The cases are fixed below, not chosen by their results, and the table
 keeps the rows where SDPA is faster.  Writes shapes.{json,md} (or STEM.*); ``--emulate-avx2`` as
 ``bench cpu --emulate-avx2``, writing shapes_avx2.{json,md}.
@@ -123,7 +123,7 @@ def checked(fns: dict, want: torch.Tensor, dtype: str, what: str, judged=("fused
     errs = {k: peers.rel_err(fn(), want) for k, fn in fns.items()}
     for k, e in errs.items():
         if k in judged and not e < CHECK_TOL[dtype]:
-            raise SystemExit(f"shapes: {k} on {what} is {e:.2e} off float32 (tolerance {CHECK_TOL[dtype]:.0e}): "
+            raise SystemExit(f"shapes: {k} on {what} is {e:.2e} off float64 (tolerance {CHECK_TOL[dtype]:.0e}): "
                              "not timed")
     return errs
 
@@ -144,13 +144,13 @@ def measure(quick: bool, repeats: int) -> dict:
             sdpa = peers.sdpa_runner()
             what = f"{group} H{banks(h)} B{b} N{x.shape[-2]} D{d} {dtype}"
             fns = {"fused": fused_call(q, x, beta, "dot", backend), "sdpa": lambda: sdpa(q, x, beta, None)}
-            errs = checked(fns, peers.plain(q.float(), x.float(), beta, "dot"), dtype, what)
+            errs = checked(fns, peers.plain(q.double(), x.double(), beta, "dot"), dtype, what)
             ms, calls = timed(fns, repeats)
             bank_grad = group != FROZEN
             steps = {"fused": training_step(lambda a, b: ops.hopfield_update(a, b, beta, backend=backend), q, x,
                                             bank_grad),
                      "sdpa": training_step(lambda a, b: sdpa(a, b, beta, None), q, x, bank_grad)}
-            want = training_step(lambda a, b: peers.plain(a, b, beta, "dot"), q.float(), x.float(), bank_grad)[1]()
+            want = training_step(lambda a, b: peers.plain(a, b, beta, "dot"), q.double(), x.double(), bank_grad)[1]()
             # SDPA's bfloat16 gradients over long banks were off by more than the forward's tolerance
             # (5.4e-2 over 200000 rows of 15 on the EPYC Zen 3): reported in the table, not refused.
             grad_errs = checked({k: g for k, (_, g) in steps.items()}, want, dtype, what + " (gradients)",
@@ -174,12 +174,12 @@ def markdown(report: dict) -> str:
                                   report["machine"],
                                   f"{report['machine']['cpu_info']}; fused backend: {report['backend']}")
     lines += ["- the public call with its checks against `scaled_dot_product_attention` with no backend forced "
-              "(keys = values = the bank, banks as heads), both checked against float32 first; a sample is a "
+              "(keys = values = the bank, banks as heads), both checked against float64 first; a sample is a "
               "block of calls in a row "
               f"(about {BLOCK_S * 1e3:.0f} ms), the two take turns, median of {report['repeats']} samples"
               + (" (--quick)" if report["quick"] else ""),
               "- training: the same call forward, the loss mean(out²) and its gradients for the queries and the bank "
-              f"(the queries' alone for a \"{FROZEN}\") (autograd, `backward()`), against SDPA's; both sets of gradients checked against float32 plain "
+              f"(the queries' alone for a \"{FROZEN}\") (autograd, `backward()`), against SDPA's; both sets of gradients checked against float64 plain "
               "PyTorch's first (ours must be within the forward's tolerance to be timed; SDPA's is shown), "
               "timed as above", ""]
     rows = [[r["group"], str(r["H"]), str(r["B"]), str(r["N"]), str(r["D"]), r["dtype"],
