@@ -104,6 +104,8 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
             assert math.isclose(r["per_query_cost"], r["per_query_ms"] / r["unweighted_ms"], rel_tol=1e-9)
             assert r["check_ok"] and max(r["rel_err"], r["per_query_rel_err"]) <= bench.CHECK_TOL[r["dtype"]]
             assert r["plain_ok"] and r["plain_rel_err"] > 0
+    for r in report["l2_rule"]:  # the kernel with the rule, random and on-pattern queries, against float64
+        assert r["check_ok"] and 0 < r["rel_err"] <= bench.CHECK_TOL[r["dtype"]], (r["name"], r["rel_err"])
     for r in report["steps"]:  # each final state against five float64 reference updates
         assert r["check_ok"] and 0 < r["rel_err"] <= bench.CHECK_TOL[r["dtype"]], (r["name"], r["rel_err"])
         assert {"plain", "sdpa", "sdpa_math"} <= set(r["peers"])

@@ -154,7 +154,7 @@ def _peer_cell(r: dict, name: str) -> str:
 
 
 def _own_err_cell(r: dict) -> str:
-    if "rel_err" not in r:  # multi-step rows of reports before 2026-12-06
+    if "rel_err" not in r:  # multi-step and l2 rule rows of reports before 2026-12-06
         return "not checked"
     return num(r["rel_err"], ".1e") + ("" if r.get("check_ok", True) else " (WRONG)")
 
@@ -162,7 +162,8 @@ def _own_err_cell(r: dict) -> str:
 def wrong_outputs(report: dict) -> List[str]:
     """The rows of every table whose own output failed its check (reports before 2026-12-06 judged only
     the main table's)."""
-    tables = (("rows", "main"), ("steps", "multi-step"), ("weighted", "weighted"), ("many_banks", "many banks"))
+    tables = (("rows", "main"), ("steps", "multi-step"), ("weighted", "weighted"), ("l2_rule", "l2 rule"),
+              ("many_banks", "many banks"))
     return [f"{what}: {r['name']}" for key, what in tables for r in report.get(key) or ()
             if not r.get("check_ok", True)]
 
@@ -312,11 +313,12 @@ def markdown(report: dict) -> str:
                   f"(target: at most {100 * L2_RULE_MAX_COST:.0f}% on random data; median of "
                   f"{max(report['repeats'], L2_RULE_REPEATS)} interleaved calls)", ""]
         lines += _side_table(report["l2_rule"], ["random ms", "without ms", "cost", "on-pattern ms",
-                                                 "without ms ", "cost ", "met"],
+                                                 "without ms ", "cost ", "rel err (with)", "met"],
                              lambda r: [num(r["random_ms"], ".2f"), num(r["random_without_ms"], ".2f"),
                                         f"{100 * r['cost']:+.1f}%", num(r["on_pattern_ms"], ".2f"),
                                         num(r["on_pattern_without_ms"], ".2f"),
-                                        f"{100 * r['on_pattern_cost']:+.1f}%", "yes" if r["met"] else "NO"])
+                                        f"{100 * r['on_pattern_cost']:+.1f}%", _own_err_cell(r),
+                                        "yes" if r["met"] and r.get("check_ok", True) else "NO"])
     if report.get("many_banks"):
         lines += ["", "## Many banks, one per leading index (batch x heads; SDPA takes them as heads), dot", ""]
         lines += common.table(
