@@ -98,8 +98,72 @@ def test_a_chunk_offset_ignored_by_top_index_fails(monkeypatch):
 
     _fake(monkeypatch, no_offset)
     report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32],
-                       only_cases=["leading dims", "chunked merge", "edges"])
-    assert {"leading", "merge", "one-row"} <= _failed_cases(report)
+                       only_cases=["leading dims", "chunked merge", "edges", "bank in chunks"])
+    assert {"leading", "merge", "one-row", "bank"} <= _failed_cases(report)
+
+
+def _only_failing(monkeypatch, forward, case, passing, mark=None, backward=None):
+    """The fault fails ``case`` (results named with ``mark``, by default the case's name) and leaves the
+    cases ``passing`` passing (it is that case's to find)."""
+    b = backends.Backend("fake", ("cpu",), forward=forward, backward=backward)
+    monkeypatch.setitem(backends.BACKENDS, "fake", b)
+    report = check.run(quick=True, only_backends=["fake"], dtypes=[torch.float32], only_cases=[case] + passing)
+    failed = {r.case for row in report.rows for r in row.failures}
+    assert failed and all((mark or case) in c for c in failed), failed
+
+
+def test_ties_to_a_later_row_fail(monkeypatch):
+    """compare_partial lets top_index take a row tied within the tolerance; exact ties must go to the first."""
+    def later(q, x, v, beta, sim, offset, weights=None):
+        p = _reference(q, x, v, beta, sim, offset, weights)
+        s = reference.scores(q, x, beta, sim)
+        last = torch.where(s == s.amax(-1, keepdim=True), torch.arange(s.shape[-1]), -1).amax(-1)
+        return p._replace(top_index=torch.where(p.top_index >= 0, last + offset, p.top_index))
+
+    _only_failing(monkeypatch, later, "exact ties", ["partial", "chunked merge"])
+
+
+def test_a_last_query_block_dropped_fails(monkeypatch):
+    def short(q, *args, **kw):
+        p = _reference(q, *args, **kw)
+        out = p.out.clone()
+        out[..., 64:, :] = 0
+        return p._replace(out=out)
+
+    _only_failing(monkeypatch, short, "partial", ["leading dims", "weights"], " B70 ")
+
+
+def test_l2_distances_by_the_float32_expansion_fail_near_stored_rows(monkeypatch):
+    """Without the direct recompute (docs/design.md §5.1) ‖s‖² + ‖x‖² - 2 s·x cancels next to a stored row."""
+    def expanded(q, x, v, beta, sim, offset, weights=None):
+        if sim == "dot" or q.dtype == torch.float64:
+            return _reference(q, x, v, beta, sim, offset, weights)
+        sq = ((q * q).sum(-1, keepdim=True) + (x * x).sum(-1).unsqueeze(-2) - 2 * q @ x.mT).clamp_min(0)
+        t = beta.reshape(-1, 1, 1).squeeze(0) * (-sq.sqrt() if sim == "l2" else -0.5 * sq)
+        lse = torch.logsumexp(t, -1)
+        top_score, top_index = t.max(-1)
+        return type(_reference(q, x, v, beta, sim, offset))(torch.softmax(t, -1) @ v, lse, top_score,
+                                                             top_index + offset)
+
+    _only_failing(monkeypatch, expanded, "near stored rows", [])
+
+
+def test_weights_of_one_leading_index_for_all_fail(monkeypatch):
+    def first(q, x, v, beta, sim, offset, weights=None):
+        if weights is not None and weights.dim() > 2:
+            weights = weights[:1].expand_as(weights)
+        return _reference(q, x, v, beta, sim, offset, weights)
+
+    _only_failing(monkeypatch, first, "weights", ["partial"])
+
+
+def test_a_backward_that_drops_the_weights_fails(monkeypatch):
+    def unweighted(*args, **kw):
+        args = list(args)
+        args[9] = None  # (dout, dlse, q, x, v, beta, out, lse, similarity, weights, ...)
+        return backends._streaming_backward(*args, **kw)
+
+    _only_failing(monkeypatch, _reference, "weighted gradients", ["gradients"], " weighted ", backward=unweighted)
 
 
 @pytest.mark.parametrize("broken", ["query", "bank", "values", "beta"])

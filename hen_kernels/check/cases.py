@@ -34,9 +34,10 @@ QUICK_BETA_LEVELS = (1e-3, 4.0)
 
 # B, N, D: not multiples of any block size, plus the edges (B = N = D = 1) and D up to 4096; (4, 300, 20):
 # a few queries on short rows (the CPU kernel's lane score products, its queries x rows softmax).
-SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (5, 70, 300), (5, 300, 4096),
-          (2, 3000, 512), (4, 300, 20))
-QUICK_SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (5, 70, 300), (2, 1000, 512))
+# (70, 257, 17): more queries than one 64-query block (a last block dropped had passed every other shape).
+SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (70, 257, 17), (5, 70, 300),
+          (5, 300, 4096), (2, 3000, 512), (4, 300, 20))
+QUICK_SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (70, 257, 17), (5, 70, 300), (2, 1000, 512))
 
 # Triton's interpreter (TRITON_INTERPRET=1, Triton on CPU tensors) takes ~1 s per 1e5 of
 # B·N·D: larger cases are left to a GPU.
@@ -118,11 +119,23 @@ def top_index_kept(p: hk.Partial, ref: hk.Partial, scores: torch.Tensor, offset:
     return bool(torch.all((got == ref.top_index) | (valid & tie)))
 
 
+def log_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest |got − ref| / max(|ref|, 1), element by element: lse and top_score are logarithms,
+    whose rounding is absolute near 0 (an lse of 1e-4, log of a sum of weights 1.0001, is a few float32
+    roundings of 1 off in any kernel, 1e-3 of itself).  Equal infinities count as 0."""
+    got, ref = got.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
+    if got.numel() == 0:
+        return 0.0
+    err = torch.where(got == ref, 0.0, (got - ref).abs() / ref.abs().clamp_min(1))
+    return float(err.max())
+
+
 def compare_partial(case: str, p: hk.Partial, ref: hk.Partial, tol: float, scores: torch.Tensor,
                     offset: int = 0) -> Result:
-    """out, lse and top_score within ``tol``, no NaN, and top_index the reference's row wherever
-    no other row's exact score (``scores``, (..., B, N) float64) ties the best within ``tol``."""
-    errors = {f: rel_err(getattr(p, f), getattr(ref, f)) for f in ("out", "lse", "top_score")}
+    """out (‖out − ref‖ / ‖ref‖), lse and top_score (log_err) within ``tol``, no NaN, and top_index the
+    reference's row wherever no other row's exact score (``scores``, (..., B, N) float64) ties the best
+    within ``tol``."""
+    errors = {"out": rel_err(p.out, ref.out), **{f: log_err(getattr(p, f), getattr(ref, f)) for f in ("lse", "top_score")}}
     worst = max(errors, key=errors.get)
     notes = [] if errors[worst] <= tol else [f"{worst} off by {errors[worst]:.2e}"]
     if bool(torch.isnan(p.out).any()) or bool(torch.isnan(p.lse).any()):
@@ -198,6 +211,79 @@ def case_chunked_merge(t: Target, quick: bool) -> Iterator[Result]:
             if r.ok and not torch.equal(merged.top_index, whole.top_index):
                 r = Result(case, r.error, tol, False, "top_index of the merge differs from the whole bank's")
             yield r
+
+
+def tied_bank(n_before: int, d: int, dtype: torch.dtype, device, seed: int, grid: bool) -> Tuple[torch.Tensor, ...]:
+    """(queries, bank): ``n_before`` worse rows, 300 identical best rows, 5 worse; 5 queries near the best.
+    ``grid`` puts every entry on a grid of 1/16 (|v| < 8), where each product and each sum over d <= 64
+    is exact in float32 in any order: Triton's interpreter computes tl.dot by NumPy's matmul, whose
+    BLAS may round identical columns of one tile differently (the emulator's rounding, not the kernel's)."""
+    g = torch.Generator().manual_seed(seed)
+    best = torch.randn(1, d, generator=g, dtype=torch.float64)
+    worse = lambda k: -best + 0.5 * torch.randn(k, d, generator=g, dtype=torch.float64)  # noqa: E731
+    x = torch.cat([worse(n_before), best.repeat(300, 1), worse(5)])
+    q = 2 * best + 0.3 * torch.randn(5, d, generator=g, dtype=torch.float64)
+    if grid:
+        q, x = ((v * 16).round().clamp(-127, 127) / 16 for v in (q, x))
+    return q.to(dtype).to(device), x.to(dtype).to(device)
+
+
+def case_exact_ties(t: Target, quick: bool) -> Iterator[Result]:
+    """Identical rows score identically wherever they fall in a tile, block or thread's split, so a
+    tie goes to the smallest row exactly (compare_partial lets top_index take any row that ties the
+    best within the tolerance: a kernel preferring the later tile passed it), in one call and merged."""
+    for n_before, d in ((69, 17), (1, 64)):
+        q, x = tied_bank(n_before, d, t.dtype, t.device, 34 + d, t.interpreted)
+        for sim in SIMILARITIES:
+            beta = beta_for(sim, d, 1.0)
+            p = hk.hopfield_partial(q, x, beta, similarity=sim, backend=t.backend)
+            parts = [hk.hopfield_partial(q, x[i:i + 70], beta, similarity=sim, offset=i, backend=t.backend)
+                     for i in range(0, x.shape[0], 70)]
+            m = hk.merge_partials(parts)
+            kept = bool((p.top_index == n_before).all()) and bool((m.top_index == n_before).all())
+            yield exact(f"exact ties {sim} rows {n_before}-{n_before + 299} D{d}", kept,
+                        f"top_index {sorted(set(p.top_index.tolist()) | set(m.top_index.tolist()))}, "
+                        f"not the first tied row {n_before}")
+
+
+def case_bank_chunks(t: Target, quick: bool) -> Iterator[Result]:
+    """A MemoryBank streamed in chunks of 70 rows (each chunk's rows numbered from its offset in the
+    bank), in device and host storage: the reference's answer, and the one call's top_index exactly."""
+    n, d = 600, 48
+    if t.dtype == torch.float64 or t.too_big(14, n, d):
+        return  # a bank holds float32, float16 or bfloat16 rows
+    tol = TOLERANCE[t.dtype]
+    q, x, v = make((2, 7, d), t.dtype, 26, t.device), make((n, d), t.dtype, 27, t.device), make((n, 5), t.dtype, 28, t.device)
+    for storage in ("device", "host"):
+        bank = hk.MemoryBank(d, value_dim=5, dtype=t.dtype, device=t.device, storage=storage, chunk_rows=70,
+                             backend=t.backend)
+        bank.add(x, v)
+        for sim in SIMILARITIES:
+            beta = beta_for(sim, d, 1.0)
+            got = bank.partial(q, beta, similarity=sim)
+            case = f"bank in chunks {storage} {sim}"
+            r = compare_partial(case, got, ref64(q, x, beta, sim, v), tol, scores64(q, x, beta, sim))
+            whole = hk.hopfield_partial(q, x, beta, similarity=sim, values=v, backend=t.backend)
+            if r.ok and not torch.equal(got.top_index, whole.top_index):
+                r = Result(case, r.error, tol, False, "top_index differs from one call over the whole bank")
+            yield r
+
+
+def case_near_stored_rows(t: Target, quick: bool) -> Iterator[Result]:
+    """ℓ2 queries 1e-3 a feature from stored rows (recall's normal case): the expansion
+    ‖s‖² + ‖x‖² - 2 s·x cancels there, and the kernels recompute those distances directly
+    (docs/design.md §5.1); without it float32 was still within its tolerance but for the gradients."""
+    n, d = 300, 64
+    x = make((n, d), t.dtype, 29, t.device)
+    rows = torch.tensor([0, 17, 299, 150, 64], device=t.device)
+    q = (x[rows].to(torch.float64) + make((5, d), torch.float64, 35, t.device, scale=1e-3)).to(t.dtype)
+    for sim in ("l2", "l2sq"):
+        for level in (1.0, 4.0):
+            beta = beta_for(sim, d, level)
+            p = hk.hopfield_partial(q, x, beta, similarity=sim, backend=t.backend)
+            ref = ref64(q, x, beta, sim)
+            yield compare_partial(f"near stored rows {sim} beta{beta:.3g}", p, ref, output_tolerance(t.dtype, ref.lse),
+                                  scores64(q, x, beta, sim))
 
 
 # float64 (the reference alone) expands the ℓ2 forms about the mean of the finite queries
@@ -313,9 +399,10 @@ def case_weights(t: Target, quick: bool) -> Iterator[Result]:
     """Per-query feature weights (docs/design.md §4), some features hidden (weight 0)."""
     tol = TOLERANCE[t.dtype]
     b, n, d = (5, 200, 40) if quick else (9, 700, 130)
-    q, x, v = make((b, d), t.dtype, 30, t.device), make((n, d), t.dtype, 31, t.device), make((n, 7), t.dtype, 32, t.device)
-    w = make((b, d), torch.float32, 33, t.device).abs()
-    w[0, : d // 2] = 0
+    # two leading indices, each with weights of its own (one set read for both had passed (B, D) weights)
+    q, x, v = make((2, b, d), t.dtype, 30, t.device), make((n, d), t.dtype, 31, t.device), make((n, 7), t.dtype, 32, t.device)
+    w = make((2, b, d), torch.float32, 33, t.device).abs()
+    w[0, 0, : d // 2] = 0
     for sim in SIMILARITIES:
         beta = beta_for(sim, d, 1.0)
         p = hk.hopfield_partial(q, x, beta, similarity=sim, values=v, weights=w, backend=t.backend)
@@ -365,19 +452,21 @@ def case_far_from_the_origin(t: Target, quick: bool) -> Iterator[Result]:
                          "" if off <= bound else "out scaled off the rows (error in units of their spread)")
 
 
-def _gradients(q, x, v, beta, sim, dout, backend, dlse=None) -> Tuple[torch.Tensor, ...]:
+def _gradients(q, x, v, beta, sim, dout, backend, dlse=None, weights=None) -> Tuple[torch.Tensor, ...]:
     """Gradients of <update(q, x, values=v), dout> for q, x, v (v None: the bank is the values too, one
     gradient for it) and a beta tensor, by autograd through ``backend``; with ``dlse``, of <out, dout> +
-    <lse, dlse> of ``hopfield_partial`` (what a merge of chunks passes back)."""
+    <lse, dlse> of ``hopfield_partial`` (what a merge of chunks passes back); ``weights`` as given."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, x, v) if t is not None]
     values = leaves[2] if v is not None else None
     if isinstance(beta, torch.Tensor):
         beta = beta.detach().clone().requires_grad_()
         leaves.append(beta)
     if dlse is None:
-        out = hk.hopfield_update(leaves[0], leaves[1], beta, similarity=sim, values=values, backend=backend)
+        out = hk.hopfield_update(leaves[0], leaves[1], beta, similarity=sim, values=values, weights=weights,
+                                 backend=backend)
         return torch.autograd.grad(out, leaves, dout)
-    p = hk.hopfield_partial(leaves[0], leaves[1], beta, similarity=sim, values=values, backend=backend)
+    p = hk.hopfield_partial(leaves[0], leaves[1], beta, similarity=sim, values=values, weights=weights,
+                            backend=backend)
     return torch.autograd.grad((p.out, p.lse), leaves, (dout.to(p.out.dtype), dlse))
 
 
@@ -453,14 +542,35 @@ def case_saturated_gradients(t: Target, quick: bool) -> Iterator[Result]:
                                      f"B{b} N{n} D{d} saturated, keys = values")
 
 
+def case_weighted_gradients(t: Target, quick: bool) -> Iterator[Result]:
+    """Gradients with per-query feature weights, each leading index its own (some hidden): on the CPU the
+    fused backward's weighted products, on a GPU the streaming backward (backends._streaming_backward),
+    which the fused Triton backward leaves weights to."""
+    b, n, d = 9, 200, 40
+    if t.too_big(2 * b, n, d):
+        return
+    for sim in SIMILARITIES:
+        q, x, v = make((2, b, d), t.dtype, 70, t.device), make((n, d), t.dtype, 71, t.device), make(
+            (n, 11), t.dtype, 72, t.device)
+        if sim != "l2":
+            q[:, 0] = x[0]
+        w = make((2, b, d), torch.float32, 73, t.device).abs()
+        w[0, 1, : d // 2] = 0
+        level = beta_for(sim, d, 1.0)
+        yield from _gradient_results(t, q, x, v, make((2, b, 11), t.dtype, 74, t.device), sim, level,
+                                     _beta_per_index(t, level), f"B{b} N{n} D{d} weighted", weights=w)
+
+
 def _gradient_results(t: Target, q, x, v, dout, sim: str, level: float, per_index: torch.Tensor,
-                      shape: str, dlse: Optional[torch.Tensor] = None) -> Iterator[Result]:
+                      shape: str, dlse: Optional[torch.Tensor] = None,
+                      weights: Optional[torch.Tensor] = None) -> Iterator[Result]:
     tol = GRAD_TOLERANCE[t.dtype]
     dlse64 = None if dlse is None else _cpu64(dlse)
     for label, beta in (("float beta", level), ("beta per index", per_index)):
-        got = _gradients(q, x, v, beta, sim, dout, t.backend, dlse)
+        got = _gradients(q, x, v, beta, sim, dout, t.backend, dlse, weights)
         beta64 = _cpu64(beta) if isinstance(beta, torch.Tensor) else beta
-        want = _gradients(*(_cpu64(a) for a in (q, x, v)), beta64, sim, _cpu64(dout), "torch", dlse64)
+        want = _gradients(*(_cpu64(a) for a in (q, x, v)), beta64, sim, _cpu64(dout), "torch", dlse64,
+                          None if weights is None else weights.cpu())  # (weights are float32 for every dtype)
         names = ("query", "bank", "values", "beta") if v is not None else ("query", "bank", "beta")
         for name, g, w in zip(names, got, want):
             err = rel_err(g, w)
@@ -472,6 +582,9 @@ CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("partial", case_partial),
     ("leading dims", case_values_and_leading_dims),
     ("chunked merge", case_chunked_merge),
+    ("exact ties", case_exact_ties),
+    ("bank in chunks", case_bank_chunks),
+    ("near stored rows", case_near_stored_rows),
     ("NaN isolation", case_nan_isolation),
     ("inf bank row", case_inf_bank),
     ("hard retrieval", case_hard_retrieval),
@@ -481,5 +594,6 @@ CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("weights", case_weights),
     ("far from the origin", case_far_from_the_origin),
     ("gradients", case_gradients),
+    ("weighted gradients", case_weighted_gradients),
     ("saturated gradients", case_saturated_gradients),
 ]
