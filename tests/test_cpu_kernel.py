@@ -359,6 +359,47 @@ def test_hints_are_checked_by_name():
             hinted(q, x, 1.0, "dot", bad)
 
 
+@pytest.mark.parametrize("kernel", kernels(full_only=True))
+def test_16bit_softmax_weights_are_rounded_to_nearest(kernel):
+    """Where the value product takes P in bfloat16, each weight is exp(t - m) rounded to nearest: with the
+    values the identity, out / out[top] is the stored P.  Truncation had passed every test (the sum
+    taken as stored keeps a convex combination: the output moved by 1.5e-4, within bfloat16's 2e-2)."""
+    require("cpu")
+    skip_unless_it_runs(kernel, torch.bfloat16)
+    n = 128
+    for b, d in ((1, 64), (3, 20), (8, 64), (40, 128)):  # the hand-written, lane, pair and matrix paths
+        q, x = make((b, d), torch.bfloat16, 80 + b), make((n, d), torch.bfloat16, 90 + d)
+        beta = 0.5 / d ** 0.5
+        p = hinted(q, x, beta, "dot", kernel, values=torch.eye(n, dtype=torch.bfloat16))
+        stored = p.out.double() / p.out.double().gather(1, p.top_index.unsqueeze(1))  # P_top is exactly 1
+        t = beta * (q.double() @ x.double().T)
+        e = torch.exp(t - t.amax(1, keepdim=True))
+        # each weight kept in float32 (to a few roundings of its own) or rounded to bfloat16's nearest
+        as_float32 = (stored - e).abs() <= 1e-6 * e
+        nearest = (stored - e.float().bfloat16().double()).abs() <= 1e-6 * e
+        # (an exp of the kernel's own a rounding from a tie may round the other way: a handful of the weights)
+        assert float((as_float32 | nearest).double().mean()) >= 0.99, (kernel, b, d)
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("kernel", kernels(full_only=True))
+def test_weighted_16bit_scores_keep_float32_accuracy(kernel, similarity):
+    """Weights that are not powers of two make w∘q a float32 that bfloat16 cannot hold: the score products
+    then take float32 operands (weighted_cue_is_16bit), and the scores stay float32-accurate.  Taking w∘q
+    as a bfloat16 anyway had passed every test: bfloat16's tolerance (2e-2) is sized for the output."""
+    require("cpu")
+    skip_unless_it_runs(kernel, torch.bfloat16)
+    n, d = 300, 64
+    for b in (1, 8, 40):
+        q, x = make((b, d), torch.bfloat16, 100 + b), make((n, d), torch.bfloat16, 101)
+        w = 0.1 + torch.rand(b, d, generator=torch.Generator().manual_seed(102))
+        beta = 1.0 / d ** 0.5
+        p, ref = hinted(q, x, beta, similarity, kernel, weights=w), ref64(q, x, beta, similarity, weights=w)
+        for got, want in ((p.top_score, ref.top_score), (p.lse, ref.lse)):
+            err = ((got.double() - want).abs() / want.abs().clamp_min(1)).max().item()
+            assert err <= TOLERANCE[torch.float32], (kernel, similarity, b, err)
+
+
 def test_forced_pairs_run_or_are_refused():
     """Pairs forced on a float32 bank or at a lower isa had run the widened products under their name."""
     if info().get("bf16_pairs") != "1":
