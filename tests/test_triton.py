@@ -191,6 +191,11 @@ def test_ties_across_tiles_splits_and_the_combine(monkeypatch, similarity, dtype
     p = hk.hopfield_partial(q, x, beta, similarity=similarity, offset=1000, backend="triton")
     assert bool((p.top_index == 1037).all()), p.top_index.tolist()
     check(p, direct64(q, x, beta, similarity, offset=1000), dtype)
+    # One walk over every tile (no splits): ties across the tiles of one walk, which 16-row splits of one
+    # tile each never meet (a later tile winning ties had passed).
+    monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", 10**9)
+    p = hk.hopfield_partial(q, x, beta, similarity=similarity, offset=1000, backend="triton")
+    assert bool((p.top_index == 1037).all()), p.top_index.tolist()
 
 
 @pytest.mark.parametrize("similarity", SIMILARITIES)
