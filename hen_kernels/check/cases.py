@@ -483,6 +483,16 @@ def _beta_per_index(t: Target, level: float) -> torch.Tensor:
     return torch.tensor([level, 0.5 * level], dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
 
 
+def _gradient_inputs(t: Target, sim: str, b: int, n: int, d: int, seed: int) -> Tuple[torch.Tensor, ...]:
+    """Queries (2, b, d), a bank (n, d) and values (n, 11) from seeds ``seed`` to ``seed`` + 2; each leading
+    index's first query on the bank's first row (recall's normal case), but for "l2", which has no
+    derivative there."""
+    q, x, v = (make(shape, t.dtype, seed + i, t.device) for i, shape in enumerate(((2, b, d), (n, d), (n, 11))))
+    if sim != "l2":
+        q[:, 0] = x[0]
+    return q, x, v
+
+
 def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
     """The fused backward (what hk.nn trains with): gradients for the queries, the bank, the values
     and a beta tensor, against float64 autograd through the reference, within GRAD_TOLERANCE.  A float
@@ -493,10 +503,7 @@ def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
         if t.too_big(2 * b, n, d):
             continue
         for sim in SIMILARITIES:
-            q, x, v = make((2, b, d), t.dtype, 40, t.device), make((n, d), t.dtype, 41, t.device), make(
-                (n, 11), t.dtype, 42, t.device)
-            if sim != "l2":
-                q[:, 0] = x[0]  # recall's normal case
+            q, x, v = _gradient_inputs(t, sim, b, n, d, 40)
             dout = make((2, b, 11), t.dtype, 43, t.device)
             level = beta_for(sim, d, 1.0)
             per_index = _beta_per_index(t, level)
@@ -558,10 +565,7 @@ def case_weighted_gradients(t: Target, quick: bool) -> Iterator[Result]:
     if t.too_big(2 * b, n, d):
         return
     for sim in SIMILARITIES:
-        q, x, v = make((2, b, d), t.dtype, 70, t.device), make((n, d), t.dtype, 71, t.device), make(
-            (n, 11), t.dtype, 72, t.device)
-        if sim != "l2":
-            q[:, 0] = x[0]
+        q, x, v = _gradient_inputs(t, sim, b, n, d, 70)
         w = make((2, b, d), torch.float32, 73, t.device).abs()
         w[0, 1, : d // 2] = 0
         level = beta_for(sim, d, 1.0)
