@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hen_kernels import backends, build_info, check, reference
-from hen_kernels.check import cases, runner as check_run
+from hen_kernels.check import catalog, runner as check_run
 
 from .conftest import TOLERANCE
 
@@ -192,7 +192,7 @@ def test_a_raising_backend_fails_without_stopping_the_check(monkeypatch):
     row, = report.rows
     # multi-step and energy are float32-only; saturated gradients neither float16 nor for a backend without a
     # fused backward
-    assert len(row.failures) == len(cases.CASES) - 3
+    assert len(row.failures) == len(catalog.CASES) - 3
     assert all("kernel launch failed" in r.note for r in row.failures)
 
 

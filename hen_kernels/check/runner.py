@@ -22,7 +22,8 @@ import torch
 import hen_kernels as hk
 from hen_kernels import backends, build_info
 from hen_kernels.bench import common
-from hen_kernels.check.cases import CASES, DTYPES, Result, Target
+from hen_kernels.check.cases import DTYPES, Result, Target
+from hen_kernels.check.catalog import CASES
 from hen_kernels.constants import AUTOTUNE_ENV, AUTOTUNE_MODES
 
 DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in DTYPES}
