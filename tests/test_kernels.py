@@ -7,7 +7,7 @@ import torch
 
 import hen_kernels as hk
 from hen_kernels import backends, streaming
-from hen_kernels.check.cases import far_from_the_origin
+from hen_kernels.check.cases import far_from_the_origin, tied_bank
 from hen_kernels.constants import CONVEX_BOUND, output_tolerance
 
 from .conftest import (BETA_LEVELS, DTYPES, MAKE_DEVICE, SIMILARITIES, TOLERANCE, beta_for,
@@ -355,29 +355,6 @@ def test_l2_bank_far_from_the_origin(backend, similarity):
     check_numerics(p, ref, torch.float32, "far from the origin")
 
 
-def _tied_bank(n_before, n_tied, d, dtype, seed, exact_sums=False):
-    """``n_before`` worse rows, then ``n_tied`` identical best rows, then 5 worse ones; queries near the tie.
-
-    ``exact_sums`` puts every entry on a grid of 1/16 (|v| < 8), where each
-    product and each sum over d <= 64 is exact in float32 whatever the order.
-    The Triton interpreter needs it: its ``tl.dot`` is NumPy's matmul, and
-    OpenBLAS's sgemm may round identical columns of one tile differently (seen
-    on an AMD Zen 5, where OpenBLAS 0.3.31 runs its Haswell kernels), which
-    is the emulator's rounding, not the kernel's tie rule.  Compiled kernels
-    keep the random data: there a tail path that rounds a row differently is
-    exactly what the test is for.
-    """
-    g = torch.Generator().manual_seed(seed)
-    best = torch.randn(1, d, generator=g, dtype=torch.float64)
-    worse = lambda k: -best + 0.5 * torch.randn(k, d, generator=g, dtype=torch.float64)  # noqa: E731
-    x = torch.cat([worse(n_before), best.repeat(n_tied, 1), worse(5)])
-    q = 2 * best + 0.3 * torch.randn(64, d, generator=g, dtype=torch.float64)
-    if exact_sums:
-        q, x = ((t * 16).round().clamp(-127, 127) / 16 for t in (q, x))
-    dev = MAKE_DEVICE["device"]
-    return q.to(dtype).to(dev), x.to(dtype).to(dev)
-
-
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("backend", backend_params(["torch"] + kernel_backends(), "ties"))
 def test_exact_ties_go_to_the_smallest_global_row(backend, similarity):
@@ -386,7 +363,7 @@ def test_exact_ties_go_to_the_smallest_global_row(backend, similarity):
     slow = interpreted(backend)  # the Triton interpreter: 0.1-0.5 s a call
     for dtype in (torch.float32,) if slow else (torch.float32, torch.bfloat16):
         for n_before, n_tied, d in ((0, 3, 16), (13, 300, 16), (69, 300, 17), (1, 129, 64)):
-            q, x = _tied_bank(n_before, n_tied, d, dtype, seed=34 + d, exact_sums=slow)
+            q, x = tied_bank(n_before, n_tied, d, dtype, MAKE_DEVICE["device"], 34 + d, slow, queries=64)
             beta = beta_for(similarity, d, 1.0)
             if slow:
                 q = q[:5]

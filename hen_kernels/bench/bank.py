@@ -38,9 +38,8 @@ import torch
 from .. import ops, reference
 from ..bank import CHUNK_BYTES, MemoryBank
 from . import common
-from .common import CHECK_TOL
+from .common import CHECK_TOL, DEFAULT_OUT, GIB, MIB, median_seconds, proc_kib
 from .cpu_cases import check, float64_update
-from .common import DEFAULT_OUT, GIB, MIB, median_seconds, proc_kib
 
 HOST_TARGET = 0.80  # docs/design.md §6: >= 80 % of measured pinned host-to-device bandwidth
 

@@ -127,7 +127,7 @@ def case_inputs(case: Case) -> Tuple[torch.Tensor, torch.Tensor, float]:
 def check(got: torch.Tensor, want: torch.Tensor, dtype: str) -> Tuple[float, bool]:
     """``got``'s error relative to the float64 ``want``, and whether it is within the case dtype's CHECK_TOL
     (a NaN error is not)."""
-    err = peers.rel_err(got.float(), want)
+    err = peers.rel_err(got, want)
     return err, err <= CHECK_TOL[dtype]
 
 

@@ -216,16 +216,19 @@ def case_chunked_merge(t: Target, quick: bool) -> Iterator[Result]:
             yield r
 
 
-def tied_bank(n_before: int, d: int, dtype: torch.dtype, device, seed: int, grid: bool) -> Tuple[torch.Tensor, ...]:
-    """(queries, bank): ``n_before`` worse rows, 300 identical best rows, 5 worse; 5 queries near the best.
-    ``grid`` puts every entry on a grid of 1/16 (|v| < 8), where each product and each sum over d <= 64
-    is exact in float32 in any order: Triton's interpreter computes tl.dot by NumPy's matmul, whose
-    BLAS may round identical columns of one tile differently (the emulator's rounding, not the kernel's)."""
+def tied_bank(n_before: int, n_tied: int, d: int, dtype: torch.dtype, device, seed: int, grid: bool,
+              queries: int = 5) -> Tuple[torch.Tensor, ...]:
+    """(queries, bank): ``n_before`` worse rows, ``n_tied`` identical best rows, 5 worse; ``queries`` near the
+    best.  ``grid`` puts every entry on a grid of 1/16 (|v| < 8), where each product and each sum over d <= 64
+    is exact in float32 in any order: Triton's interpreter computes tl.dot by NumPy's matmul, whose BLAS may
+    round identical columns of one tile differently (seen on an AMD Zen 5 with OpenBLAS 0.3.31: the
+    emulator's rounding, not the kernel's tie rule).  Compiled kernels keep the random data: there a tail
+    path that rounds a row differently is exactly what is looked for."""
     g = torch.Generator().manual_seed(seed)
     best = torch.randn(1, d, generator=g, dtype=torch.float64)
     worse = lambda k: -best + 0.5 * torch.randn(k, d, generator=g, dtype=torch.float64)  # noqa: E731
-    x = torch.cat([worse(n_before), best.repeat(300, 1), worse(5)])
-    q = 2 * best + 0.3 * torch.randn(5, d, generator=g, dtype=torch.float64)
+    x = torch.cat([worse(n_before), best.repeat(n_tied, 1), worse(5)])
+    q = 2 * best + 0.3 * torch.randn(queries, d, generator=g, dtype=torch.float64)
     if grid:
         q, x = ((v * 16).round().clamp(-127, 127) / 16 for v in (q, x))
     return q.to(dtype).to(device), x.to(dtype).to(device)
@@ -236,7 +239,7 @@ def case_exact_ties(t: Target, quick: bool) -> Iterator[Result]:
     tie goes to the smallest row exactly (compare_partial lets top_index take any row that ties the
     best within the tolerance: a kernel preferring the later tile passed it), in one call and merged."""
     for n_before, d in ((69, 17), (1, 64)):
-        q, x = tied_bank(n_before, d, t.dtype, t.device, 34 + d, t.interpreted)
+        q, x = tied_bank(n_before, 300, d, t.dtype, t.device, 34 + d, t.interpreted)
         for sim in SIMILARITIES:
             beta = beta_for(sim, d, 1.0)
             p = hk.hopfield_partial(q, x, beta, similarity=sim, backend=t.backend)
