@@ -83,19 +83,6 @@ def beta_for(similarity: str, d: int, level: float) -> float:
     return level if similarity == "l2" else level / d**0.5
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _tensor_core_products():
-    """Under TRITON_INTERPRET=1 the Triton kernels' float32 products are the GPU's (tests/tensor_cores.py):
-    what passes here on a CPU then also holds for tf32x3's rounding, not only for numpy's float32 matmul."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        yield
-        return
-    from tests import tensor_cores
-
-    with tensor_cores.emulate():
-        yield
-
-
 @pytest.fixture(autouse=True)
 def _inputs_on_the_backends_device(request):
     """A test run for a GPU backend (cuda, compiled Triton) makes its tensors on the GPU: `make` puts its draws

@@ -60,6 +60,18 @@ def _failed_cases(report):
     return {r.case.split()[0] for row in report.rows for r in row.failures}
 
 
+def test_the_interpreted_triton_target_says_whose_float32_products_it_checks():
+    """Under the interpreter the check runs the GPU's tf32/tf32x3 products (a kernel at tf32 where tf32x3 is
+    asked fails it, seen with that fault), and says so; a triton whose interpreter cannot be hooked says the
+    opposite rather than pass in silence."""
+    if not backends.BACKENDS["triton"].available() or "cpu" not in backends.BACKENDS["triton"].device_types:
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    from hen_kernels.triton import interpreted_products
+
+    notes = [n for n in check_run.targets(["triton"], ["cpu"])[1] if n.startswith("triton cpu")]
+    assert interpreted_products.EMULATED and notes and "emulated" in notes[0], notes
+
+
 def test_reference_as_a_fake_backend_passes(monkeypatch):
     """The planted faults below are the only difference from a passing backend."""
     _fake(monkeypatch, _reference)

@@ -207,7 +207,7 @@ def test_a_query_whose_other_weights_underflow_gets_its_stored_row(monkeypatch, 
                                                                    matmul_precision):
     """docs/design.md §5 (hard retrieval returns the exact pattern) on every kernel path, values of their
     own included, in float32, whose value product a GPU takes at tf32x3: 1·v keeps ~22 of v's 24 bits
-    there (tests/tensor_cores.py emulates it under the interpreter; the first GPU run found it), and 11
+    there (hen_kernels/triton/interpreted_products.py emulates it under the interpreter; the first GPU run found it), and 11
     at tf32, where torch allows it (launch.fp32_precision)."""
     require("triton")
     monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", min_split_rows)
@@ -262,6 +262,58 @@ def test_autotuner_times_configs_under_the_interpreter():
     assert len(small_d_kernel.configs) >= 2
     hk.hopfield_partial(torch.randn(3, 24), torch.randn(50, 24), 0.3, backend="triton")
     assert small_d_kernel.cache, "the autotuner chose a config (timed with the CPU timer)"
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_interpreted_float32_products_are_the_gpus(similarity):
+    """Under the interpreter this package's kernels multiply float32 as a GPU's tensor cores do
+    (hen_kernels/triton/interpreted_products.py): one tf32 product (torch's "high") misses by ~1e-4,
+    three (tf32x3, "highest") hold float32's 1e-5, where numpy's float32 products would hold both.
+    The forward and the backward launchers both run them."""
+    require("triton")
+    if not triton_launch.INTERPRET:
+        pytest.skip("a GPU computes its own products")
+    q, x, v = make((5, 40), torch.float32, 1), make((70, 40), torch.float32, 2), make((70, 24), torch.float32, 3)
+    beta = 1.0 if similarity == "l2" else 0.5
+    ref = direct64(q, x, beta, similarity, v)
+    errors = {}
+    old = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("high", "highest"):
+            torch.set_float32_matmul_precision(precision)
+            qq = q.clone().requires_grad_()
+            out = hk.hopfield_update(qq, x, beta, similarity=similarity, values=v, backend="triton")
+            out.sum().backward()
+            q64 = q.double().requires_grad_()
+            direct64(q64, x, beta, similarity, v).out.sum().backward()
+            errors[precision] = (rel_err(out, ref.out), rel_err(qq.grad, q64.grad))
+    finally:
+        torch.set_float32_matmul_precision(old)
+    (out_tf32, dq_tf32), (out_x3, dq_x3) = errors["high"], errors["highest"]
+    assert out_x3 <= TOLERANCE[torch.float32] and dq_x3 <= 1e-4, errors
+    assert out_tf32 > 1e-5 and dq_tf32 > 1e-5, f"tf32 as exact as float32: numpy's products, not the GPU's {errors}"
+
+
+def test_other_interpreted_kernels_keep_numpys_products():
+    """The emulation is this package's: a user's own interpreted tl.dot at tf32, launched in the same process,
+    still gets numpy's float32 matmul (what the interpreter documents)."""
+    require("triton")
+    if not triton_launch.INTERPRET:
+        pytest.skip("the interpreter's products only")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def user_dot(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+        idx = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+        c = tl.dot(tl.load(a_ptr + idx), tl.load(b_ptr + idx), input_precision="tf32")
+        tl.store(c_ptr + idx, c)
+
+    a, b = make((16, 16), torch.float32, 4), make((16, 16), torch.float32, 5)
+    c = torch.empty_like(a)
+    hk.hopfield_update(a, b, 0.5, backend="triton")  # the package's launch before and around it changes nothing
+    user_dot[(1,)](a, b, c, N=16)
+    assert rel_err(c, a.double() @ b.double()) < 1e-6
 
 
 def test_pruning_never_leaves_the_autotuner_empty():

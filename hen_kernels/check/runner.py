@@ -94,6 +94,16 @@ def extension_problem() -> Optional[str]:
     return backends.load_extension()
 
 
+def _interpreted_products() -> str:
+    from hen_kernels.triton import interpreted_products
+
+    if interpreted_products.EMULATED:
+        return ("triton cpu: Triton's interpreter, its float32 products (tf32, tf32x3) emulated as a GPU's "
+                "tensor cores compute them (hen_kernels/triton/interpreted_products.py)")
+    return ("triton cpu: Triton's interpreter with numpy's float32 products: this triton's interpreter could not "
+            "be hooked, so a float32 answer that only holds at full float32 products is not seen here")
+
+
 def targets(only_backends: Optional[Sequence[str]], only_devices: Optional[Sequence[str]]) -> Tuple[List[Tuple[str, str]], List[str]]:
     """(backend, device) pairs to check, and a note for each backend or device left out."""
     pairs, notes = [], []
@@ -109,6 +119,8 @@ def targets(only_backends: Optional[Sequence[str]], only_devices: Optional[Seque
             if (only_devices and device not in only_devices) or (device == "cuda" and not torch.cuda.is_available()):
                 continue
             pairs.append((name, device))
+            if name == "triton" and device == "cpu":
+                notes.append(_interpreted_products())
     if not torch.cuda.is_available() and (not only_devices or "cuda" in only_devices):
         notes.append("cuda: no CUDA device is visible: nothing was checked on a GPU")
     return pairs, notes

@@ -43,6 +43,7 @@ from .. import backward_cpu
 from ..constants import MIN_SPLIT_ROWS, REGISTER_TILE_MAX_DIM, SIMILARITY_CODES
 from . import configs
 from .common import DOT, INTERPRET, L2, autotune, l2_direct, l2_scores, sq_dist
+from .interpreted_products import as_on_gpu
 from .launch import _pow2, _sm_count, fp32_precision
 
 
@@ -296,6 +297,7 @@ def constexprs(dtype: torch.dtype, sim_code: int, D: int, Dv: int, values_are_me
                 UPCAST=interpret and dtype == torch.bfloat16, PRECISION=precision)
 
 
+@as_on_gpu
 def partial_backward(dout, dlse, q, x, v, beta, out, lse, similarity: str, top=None):
     """(dq, dx, dv, dbeta) in float32; shapes and ``top`` as in ``backward_cpu.partial_backward``."""
     L, B, D = q.shape

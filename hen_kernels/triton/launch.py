@@ -34,6 +34,7 @@ from ..constants import MIN_SPLIT_ROWS, REGISTER_TILE_MAX_DIM
 from . import configs
 from .combine import combine_kernel
 from .common import INTERPRET
+from .interpreted_products import as_on_gpu
 from .small_d import small_d_kernel
 from .tiled_d import tiled_d_kernel
 
@@ -106,6 +107,7 @@ def combine_constexprs(splits: int, Dv: int) -> dict:
     return dict(BS=min(_pow2(splits, 2), configs.COMBINE_BS), BDV=configs.combine_bdv(Dv))
 
 
+@as_on_gpu
 def launch(q: torch.Tensor, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, sim_code: int,
            offset: int, weights: Optional[torch.Tensor] = None,
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
