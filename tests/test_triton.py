@@ -207,8 +207,8 @@ def test_a_query_whose_other_weights_underflow_gets_its_stored_row(monkeypatch, 
                                                                    matmul_precision):
     """docs/design.md §5 (hard retrieval returns the exact pattern) on every kernel path, values of their
     own included, in float32, whose value product a GPU takes at tf32x3: 1·v keeps ~22 of v's 24 bits
-    there (hen_kernels/triton/interpreted_products.py emulates it under the interpreter; the first GPU run found it), and 11
-    at tf32, where torch allows it (launch.fp32_precision)."""
+    there (hen_kernels/triton/interpreted_products.py emulates it under the interpreter; the first GPU
+    run found it), and 11 at tf32, where torch allows it (launch.fp32_precision)."""
     require("triton")
     monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", min_split_rows)
     old = torch.get_float32_matmul_precision()
