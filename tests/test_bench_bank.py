@@ -27,7 +27,7 @@ def test_bench_bank_quick_writes_json_and_markdown(tmp_path):
 
     gpu = report["host_bank_gpu"]
     if torch.cuda.is_available():
-        assert gpu["rows"] and all(r["ceiling_gbps"] > 0 for r in gpu["rows"])
+        assert gpu["rows"] and all(r["ceiling_gbps"] > 0 and r["check_ok"] for r in gpu["rows"])
     else:  # skipped, with the reason printed and recorded
         assert "no CUDA device" in gpu["skipped"] and gpu["rows"] == []
         assert "host bank (GPU): skipped: " in proc.stdout and "SKIPPED: " in md
@@ -68,3 +68,28 @@ def test_bench_bank_marks_a_wrong_streamed_row_and_exits_1(tmp_path, monkeypatch
     assert "**WRONG OUTPUT** in 2 row(s)" in (tmp_path / "bank.md").read_text()
     monkeypatch.setattr(bench_bank, "run", lambda *a: report)
     assert bench_bank.main(["--quick"]) == 1
+
+
+def _gpu_row(b, **check):
+    return dict(regime="host bank (GPU)", storage="host", dtype="bfloat16", B=b, N=524288, D=1024, bank_gib=1.0,
+                gpu_allowed_gib=0.25, chunk_rows=32768, ms=40.0, gbps=25.0, rows_per_s=1e7, ceiling_gbps=50.0,
+                ceiling="pinned H2D copy", ratio=0.5, target=0.8, met=False, **check)
+
+
+def test_a_wrong_gpu_host_bank_row_is_named_and_an_older_unchecked_one_says_so():
+    """The GPU host-bank rows carry the check of their output against float64 (it had been timed only): a wrong
+    one is named like the CPU rows; a row of a report from before the check reads "not checked", not a pass."""
+    report = dict(machine=dict(bench_bank.machine(), gpu="H200"), quick=True, repeats=1,
+                  host_bank_gpu={"rows": [_gpu_row(1, rel_err=0.3, check_ok=False), _gpu_row(16)]},
+                  disk_bank_cpu={"rows": []}, host_bank_cpu={"rows": []})
+    assert bench_bank.wrong_rows(report) == ["host_bank_gpu: B=1 D=1024"]
+    md = bench_bank.markdown(report)
+    assert "3.0e-01 (WRONG)" in md and "not checked" in md and "**WRONG OUTPUT** in 1 row(s)" in md
+
+
+def test_the_gpu_host_banks_rows_are_made_again_the_same_to_check():
+    """The check of the GPU rows makes the bank's rows again from their seed: the same blocks, every row once."""
+    first, again = list(bench_bank._gpu_rows(torch.device("cpu"), 300_000, 1024)), \
+        list(bench_bank._gpu_rows(torch.device("cpu"), 300_000, 1024))
+    assert sum(len(b) for b in first) == 300_000 and len(first) == 3
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

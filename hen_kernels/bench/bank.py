@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -74,6 +74,7 @@ def host_bank_gpu(quick: bool, repeats: int, bank_gib: Optional[float] = None) -
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), dev)
     rows: List[dict] = []
+    answers: Dict[Tuple[int, int], dict] = {}  # (N, D) -> B -> (query, the streamed output)
     bank = None
     try:
         for d in (1024,) if quick else (1024, 4096):
@@ -84,15 +85,14 @@ def host_bank_gpu(quick: bool, repeats: int, bank_gib: Optional[float] = None) -
             _empty_host_cache()  # hand the previous bank's pinned memory back first
             bank = MemoryBank(d, dtype=torch.bfloat16, device=dev, storage="host", chunk_rows=chunk_rows)
             bank._store.reserve(n)
-            step = max(1, 256 * MIB // (d * 2))
-            gen = torch.Generator(device=dev).manual_seed(d)
-            for a in range(0, n, step):
-                m = min(step, n - a)
-                bank.add(torch.randn(m, d, device=dev, generator=gen, dtype=torch.bfloat16))
+            for block in _gpu_rows(dev, n, d):
+                bank.add(block)
+            answers[n, d] = {}
             for b in (1, 16, 64):
                 q = torch.randn(b, d, device=dev, dtype=torch.bfloat16)
                 beta = 1.0 / math.sqrt(d)
                 sec = median_seconds(lambda: bank.update(q, beta), repeats, torch.cuda.synchronize)
+                answers[n, d][b] = (q, bank.update(q, beta))
                 gbps = bank.nbytes / sec / 1e9
                 rows.append(dict(regime="host bank (GPU)", storage="host", dtype="bfloat16", B=b, N=n, D=d,
                                  bank_gib=bank.nbytes / GIB, gpu_allowed_gib=allowed / GIB,
@@ -105,7 +105,33 @@ def host_bank_gpu(quick: bool, repeats: int, bank_gib: Optional[float] = None) -
         bank = None
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
         torch.cuda.empty_cache()
+    # The check, with the cap lifted: the rows made again from their seed, the reference in float64 on the GPU.
+    for (n, d), by_b in answers.items():
+        want = _float64_reference(_gpu_rows(dev, n, d), {b: q for b, (q, _) in by_b.items()}, 1.0 / math.sqrt(d))
+        for r in rows:
+            if r["D"] == d:
+                r["rel_err"], r["check_ok"] = check(by_b[r["B"]][1], want[r["B"]], "bfloat16")
+                print(f"  host bank (GPU) B={r['B']:<3} D={d:<5} rel err {r['rel_err']:.1e}"
+                      + ("" if r["check_ok"] else " WRONG"), flush=True)
     return rows
+
+
+def _gpu_rows(dev: torch.device, n: int, d: int):
+    """The GPU host bank's rows, block by block, as they are added (and made again to check)."""
+    gen = torch.Generator(device=dev).manual_seed(d)
+    step = max(1, 256 * MIB // (d * 2))
+    for a in range(0, n, step):
+        yield torch.randn(min(step, n - a), d, device=dev, generator=gen, dtype=torch.bfloat16)
+
+
+def _float64_reference(blocks, queries: Dict[int, torch.Tensor], beta: float) -> Dict[int, torch.Tensor]:
+    """The float64 reference's output for each query batch over a bank too large to hold whole in float64:
+    block by block, the partials merged (ops.merge_partials, checked on its own by hen check's chunked merge)."""
+    parts: Dict[int, list] = {b: [] for b in queries}
+    for x in blocks:
+        for b, q in queries.items():
+            parts[b].append(reference.partial(q.double(), x.double(), beta))
+    return {b: ops.merge_partials(p).finalize() for b, p in parts.items()}
 
 
 # --- disk bank on the CPU, under an address-space limit ----------------------------------
@@ -172,12 +198,7 @@ def _disk_child(args: argparse.Namespace) -> dict:
     # The check, with the limit lifted: the rows made again from the seed (not read back through the bank's
     # own code), the reference in float64 block by block, merged.
     resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    beta = 1.0 / math.sqrt(d)
-    parts: Dict[int, list] = {b: [] for b in queries}
-    for x in _disk_rows(torch.Generator().manual_seed(0), n, d, step):
-        for b, q in queries.items():
-            parts[b].append(reference.partial(q.double(), x.double(), beta))
-    want = {b: ops.merge_partials(p).finalize() for b, p in parts.items()}
+    want = _float64_reference(_disk_rows(torch.Generator().manual_seed(0), n, d, step), queries, 1.0 / math.sqrt(d))
     for r, out in zip(rows, outs):
         r["rel_err"], r["check_ok"] = check(out, want[r["B"]], "float32")
     return {"rows": rows, "build_s": build_s}
@@ -251,6 +272,7 @@ GPU_COLUMNS = [  # (header, row -> cell)
     ("ratio", lambda r: f"{r['ratio']:.1%}"),
     ("target", lambda r: f">= {r['target']:.0%}"),
     ("met", lambda r: "yes" if r["met"] else "NO"),
+    ("rel err", lambda r: _err_cell(r)),
 ]
 DISK_COLUMNS = [
     ("cache", lambda r: r["cache"]),
@@ -284,13 +306,17 @@ CPU_COLUMNS = [
 
 
 def _err_cell(r: dict) -> str:
+    if "check_ok" not in r:  # a GPU row of a report from before its check
+        return "not checked"
     return f"{r['rel_err']:.1e}" + ("" if r["check_ok"] else " (WRONG)")
 
 
 def wrong_rows(report: dict) -> List[str]:
-    """The CPU rows whose streamed output failed its check against float64."""
-    return [f"{part}: B={r['B']}" + (f" {r['cache']}" if "cache" in r else "")
-            for part in ("disk_bank_cpu", "host_bank_cpu") for r in report[part]["rows"] if not r["check_ok"]]
+    """The rows whose streamed output failed its check against float64."""
+    return [f"{part}: B={r['B']}" + (f" D={r['D']}" if part == "host_bank_gpu" else "")
+            + (f" {r['cache']}" if "cache" in r else "")
+            for part in ("host_bank_gpu", "disk_bank_cpu", "host_bank_cpu") for r in report[part]["rows"]
+            if not r.get("check_ok", True)]
 
 
 def _section(title: str, part: dict, columns) -> List[str]:
@@ -312,8 +338,13 @@ def markdown(report: dict) -> str:
         "- GB/s = bank bytes / time (the bank read once); rows/s = N / time; median of "
         f"{report['repeats']} calls after a warm-up (the disk rows: one call each, cold then warm page cache)",
     ]
+    gpu = report["host_bank_gpu"]
     lines += _section("host bank (GPU): bank in pinned host memory, 4x what the GPU may hold for the test",
-                      report["host_bank_gpu"], GPU_COLUMNS)
+                      gpu, GPU_COLUMNS)
+    if not gpu.get("skipped"):
+        lines += ["", "rel err: the output of one more call against the float64 reference over the same rows, "
+                      "made again from their seed on the GPU after the cap is lifted (WRONG past "
+                      f"{CHECK_TOL['bfloat16']:g})."]
     disk = report["disk_bank_cpu"]
     lines += _section("disk bank (CPU): a bank file 4x larger than an address-space limit (RLIMIT_AS)",
                       disk, DISK_COLUMNS)
