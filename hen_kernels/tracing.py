@@ -2,7 +2,8 @@
 FakeTensorMode (shape propagation, export, FLOP counting) or make_fx's proxy mode (torch.func.linearize,
 aot_function) no tensor's values can be read, so the checks that read them (beta > 0, weights >= 0, every lse
 finite) and the data-dependent shapes of the reference's exact ℓ2 recompute are skipped; the ops' fake
-implementations give the shapes.
+implementations give the shapes.  Under torch.compile on CPU tensors those checks go into the graph instead
+(``checks_in_graph``).
 
 A CUDA stream capturing a graph (torch.cuda.graph, make_graphed_callables) also hides values: reading one
 back synchronizes, which the capture refuses (cudaErrorStreamCaptureUnsupported), and work issued there
@@ -27,6 +28,14 @@ def is_tracing() -> bool:
 def _capturing(device: torch.device) -> bool:
     # (asked only for CUDA tensors: on a torch built without CUDA the query raises)
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def checks_in_graph(device: torch.device) -> bool:
+    """Whether a value check can be compiled into the graph: under torch.compile (no functorch transform) on
+    CPU tensors, as ``torch._assert_async``, which raises RuntimeError when the compiled code runs.  On a GPU
+    it would be a device-side assert, which leaves the CUDA context unusable for the rest of the process: GPU
+    graphs keep none."""
+    return device.type == "cpu" and torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 def cannot_read(device: torch.device) -> bool:

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .constants import FLOAT32_MIN_BETA, KERNEL_DTYPES, SIMILARITIES
-from .tracing import cannot_read
+from .tracing import cannot_read, checks_in_graph
 
 # What the kernels take (and a MemoryBank stores); float64 is the reference's alone (docs/design.md §4).
 FLOAT_DTYPES = KERNEL_DTYPES
@@ -229,6 +229,13 @@ def check_beta(beta: object, lead: torch.Size, device: torch.device,
                 f"beta: expected every entry at most {FLOAT32_MAX:.4e} (the kernels apply beta in float32), "
                 f"got {hi:.4e}"
             )
+    elif checks_in_graph(b.device) and b.numel():
+        lo, hi = torch.aminmax(b)
+        torch._assert_async((lo > 0) & (hi < math.inf), "beta: expected every entry finite and > 0")
+        if dtype != torch.float64:
+            torch._assert_async((lo >= FLOAT32_MIN_BETA) & (hi <= FLOAT32_MAX),
+                                f"beta: expected every entry in [{FLOAT32_MIN_BETA:.0e}, {FLOAT32_MAX:.4e}] "
+                                "where it is applied in float32 (docs/design.md §4)")
     return beta.to(device=device, dtype=dtype).expand(lead).reshape(numel)
 
 
@@ -255,7 +262,9 @@ def check_weights(weights: object, query: torch.Tensor) -> Optional[torch.Tensor
             "(gradients to query, memory, values and beta are supported)"
         )
     w = weights.detach()
-    if not cannot_read(w.device) and w.device.type != "meta" and not bool(((w >= 0) & torch.isfinite(w)).all()):
+    if checks_in_graph(w.device):
+        torch._assert_async(((w >= 0) & torch.isfinite(w)).all(), "weights: expected every entry finite and >= 0")
+    elif not cannot_read(w.device) and w.device.type != "meta" and not bool(((w >= 0) & torch.isfinite(w)).all()):
         raise ValueError("weights: expected every entry finite and >= 0")
     return weights
 
@@ -367,10 +376,16 @@ def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs,
     Queries holding NaN or inf keep their NaN answer (docs/design.md §4).  ``out`` None: the
     backend's lse is NaN wherever its out is not finite (``Backend.lse_marks_out``: the CPU
     kernel's), so lse alone tells.  The check costs a reduction over lse (and out) and, only when
-    it fires, one over the query and one over the bank.  Skipped under torch.compile, functorch
-    transforms and CUDA graph capture (tracing.cannot_read).
+    it fires, one over the query and one over the bank.  Compiled into the graph under torch.compile on CPU
+    tensors (tracing.checks_in_graph, without the search for the cause); skipped under other tracing,
+    functorch transforms and CUDA graph capture (tracing.cannot_read).
     """
-    if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta" or cannot_read(lse.device):
+    if inp.bank_rows == 0 or lse.numel() == 0 or lse.device.type == "meta":
+        return
+    if checks_in_graph(lse.device):
+        _assert_scores_in_graph(lse, out, inp)
+        return
+    if cannot_read(lse.device):
         return
     # One reduction (two where out is read) and one read in the common case: a finite sum means every
     # element is finite (a sum of finite values that overflows sends it to the exact test below, which
@@ -424,6 +439,20 @@ def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs,
         f"finite query row(s), the first at (leading index, row) {first}; the softmax would be NaN there.  "
         "Lower beta or rescale the query and memory"
     )
+
+
+def _assert_scores_in_graph(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs) -> None:
+    """check_scores compiled: the same refusal, without the search for its cause (which reads values)."""
+    q = inp.query.detach()
+    finite = torch.isfinite(q).all(-1)
+    if inp.weights is not None:
+        finite = finite & torch.isfinite(inp.weights.detach()).all(-1)
+    answered = torch.isfinite(lse.detach()).reshape(finite.shape)
+    if out is not None:
+        answered = answered & torch.isfinite(out.detach()).all(-1).reshape(finite.shape)
+    torch._assert_async((answered | ~finite).all(),
+                        "a finite query row would be answered with NaN or inf: the bank (memory or values) holds "
+                        "inf or NaN, or beta·sim left the float range; run the call eagerly to have it named")
 
 
 def check_steps(max_steps: object, tol: object) -> tuple[int, Optional[float]]:

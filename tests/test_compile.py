@@ -4,7 +4,7 @@ import torch
 
 import hen_kernels as hk
 
-from .conftest import kernel_backends, require
+from .conftest import device_of, kernel_backends, require
 from .pending import backend_params
 
 
@@ -43,6 +43,49 @@ def test_a_compiled_sweep_over_float_betas_matches_eager(backend):
             torch.testing.assert_close(a, b)
     with pytest.raises(Exception, match="beta: expected a finite float > 0"):
         compiled(q, x, -1.0)
+
+
+def _served_on_cpu(backend):
+    require(backend)
+    if device_of(backend) != "cpu":
+        pytest.skip("the value checks compile into CPU graphs only (a GPU's would be a device-side assert)")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+@pytest.mark.parametrize("bad", ["beta", "weights", "memory", "tiny beta"])
+def test_compiled_calls_on_cpu_tensors_refuse_bad_values(backend, bad):
+    """Compiled, the checks that read values had stood aside: a negative tensor beta came back NaN and negative
+    weights a finite answer with no meaning.  On CPU tensors they are compiled into the graph (RuntimeError at
+    run time, the eager message); the same compiled function still answers good inputs."""
+    _served_on_cpu(backend)
+    torch._dynamo.reset()
+
+    def f(q, x, beta, w):
+        return hk.hopfield_update(q, x, beta, similarity="l2sq", weights=w, backend=backend)
+
+    q, x, w = torch.randn(2, 3, 16), torch.randn(50, 16), torch.rand(2, 3, 16)
+    beta = torch.full((2,), 0.5)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, x, beta, w), f(q, x, beta, w))
+    args, message = {
+        "beta": ((q, x, torch.tensor([0.5, -0.5]), w), "beta: expected every entry finite and > 0"),
+        "tiny beta": ((q, x, torch.full((2,), 1e-33), w), "beta: expected every entry in"),
+        "weights": ((q, x, beta, -w), "weights: expected every entry finite and >= 0"),
+        "memory": ((q, x.index_fill(0, torch.tensor([7]), float("nan")), beta, w), "the bank .* holds inf or NaN"),
+    }[bad]
+    with pytest.raises(RuntimeError, match=message):
+        compiled(*args)
+
+
+def test_inductor_compiles_the_value_checks():
+    """The same checks through inductor's code generation (the tests above stop at aot_eager)."""
+    require("cpu")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, x, beta: hk.hopfield_update(q, x, beta), fullgraph=True)
+    q, x = torch.randn(3, 16), torch.randn(40, 16)
+    torch.testing.assert_close(compiled(q, x, torch.tensor(0.5)), hk.hopfield_update(q, x, 0.5))
+    with pytest.raises(RuntimeError, match="beta: expected every entry finite and > 0"):
+        compiled(q, x, torch.tensor(-0.5))
 
 
 def test_fake_tensor_shapes():
