@@ -38,7 +38,7 @@ import torch
 from .. import ops, reference
 from ..bank import CHUNK_BYTES, MemoryBank
 from . import common
-from .common import CHECK_TOL, DEFAULT_OUT, GIB, MIB, median_seconds, proc_kib
+from .common import DEFAULT_OUT, GIB, KERNEL_TOL, MIB, median_seconds, proc_kib
 from .cpu_cases import check, float64_update
 
 HOST_TARGET = 0.80  # docs/design.md §6: >= 80 % of measured pinned host-to-device bandwidth
@@ -110,7 +110,7 @@ def host_bank_gpu(quick: bool, repeats: int, bank_gib: Optional[float] = None) -
         want = _float64_reference(_gpu_rows(dev, n, d), {b: q for b, (q, _) in by_b.items()}, 1.0 / math.sqrt(d))
         for r in rows:
             if r["D"] == d:
-                r["rel_err"], r["check_ok"] = check(by_b[r["B"]][1], want[r["B"]], "bfloat16")
+                r["rel_err"], r["check_ok"] = check(by_b[r["B"]][1], want[r["B"]], "bfloat16", kernel=True)
                 print(f"  host bank (GPU) B={r['B']:<3} D={d:<5} rel err {r['rel_err']:.1e}"
                       + ("" if r["check_ok"] else " WRONG"), flush=True)
     return rows
@@ -200,7 +200,7 @@ def _disk_child(args: argparse.Namespace) -> dict:
     resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     want = _float64_reference(_disk_rows(torch.Generator().manual_seed(0), n, d, step), queries, 1.0 / math.sqrt(d))
     for r, out in zip(rows, outs):
-        r["rel_err"], r["check_ok"] = check(out, want[r["B"]], "float32")
+        r["rel_err"], r["check_ok"] = check(out, want[r["B"]], "float32", kernel=True)
     return {"rows": rows, "build_s": build_s}
 
 
@@ -247,7 +247,7 @@ def host_bank_cpu(quick: bool, repeats: int) -> List[dict]:
         measured = common.time_calls({"streamed": lambda: bank.update(q, beta),
                                       "one call": lambda: ops.hopfield_update(q, x, beta)}, repeats, rewarm=True)
         t_bank, t_one = (statistics.median(measured[k][0]) for k in ("streamed", "one call"))
-        err, ok = check(bank.update(q, beta), float64_update(q, x, beta, "dot"), "float32")
+        err, ok = check(bank.update(q, beta), float64_update(q, x, beta, "dot"), "float32", kernel=True)
         rows.append(dict(regime="host bank (CPU)", storage="host", dtype="float32", B=b, N=n, D=d,
                          chunk_rows=bank.chunk_rows, ms=t_bank * 1e3, one_call_ms=t_one * 1e3,
                          gbps=bank.nbytes / t_bank / 1e9, rows_per_s=n / t_bank, ratio=t_one / t_bank,
@@ -344,7 +344,7 @@ def markdown(report: dict) -> str:
     if not gpu.get("skipped"):
         lines += ["", "rel err: the output of one more call against the float64 reference over the same rows, "
                       "made again from their seed on the GPU after the cap is lifted (WRONG past "
-                      f"{CHECK_TOL['bfloat16']:g})."]
+                      f"{KERNEL_TOL['bfloat16']:g})."]
     disk = report["disk_bank_cpu"]
     lines += _section("disk bank (CPU): a bank file 4x larger than an address-space limit (RLIMIT_AS)",
                       disk, DISK_COLUMNS)
@@ -353,12 +353,12 @@ def markdown(report: dict) -> str:
                       "read: a plain sequential read of the file after the same drop (the disk's ceiling); whole "
                       "bank refused: allocating the bank's size fails under the limit; peak RSS counts the mapped "
                       "file pages of the windows; rel err: the output against the float64 reference over the same "
-                      "rows, made again from their seed (WRONG past " + f"{CHECK_TOL['float32']:g})."]
+                      "rows, made again from their seed (WRONG past " + f"{KERNEL_TOL['float32']:g})."]
     lines += _section("host bank (CPU): streamed chunks against one call over the whole tensor",
                       report["host_bank_cpu"], CPU_COLUMNS)
     lines += ["", "Streamed and one call take turns, each timed call right after an untimed call of the same "
                   "function; one call / streamed above 1: streaming the bank in chunks was faster; rel err: the "
-                  f"streamed output against the float64 reference (WRONG past {CHECK_TOL['float32']:g})."]
+                  f"streamed output against the float64 reference (WRONG past {KERNEL_TOL['float32']:g})."]
     wrong = wrong_rows(report)
     if wrong:
         lines += ["", f"**WRONG OUTPUT** in {len(wrong)} row(s): " + "; ".join(wrong) + "."]

@@ -54,7 +54,8 @@ def run_steps(case: Case, backend: str, repeats: int, compile_peer: bool, min_ro
     fns.update({name: chain(name) for name in one})
     with torch.no_grad():
         want = float64_update(q, x, beta, case.similarity, STEPS)
-        checks = {k: check(f(), want, case.dtype) for k, f in fns.items() if k != "fused_one_step"}
+        checks = {k: check(f(), want, case.dtype, kernel=k == "fused") for k, f in fns.items()
+                  if k != "fused_one_step"}
         del want
         measured = time_sparing_slow_peers(fns, repeats, first_calls(fns), min_row_s)
     ms = {k: median_ms(v[0]) for k, v in measured.items()}
@@ -86,7 +87,7 @@ def run_weighted(case: Case, backend: str, repeats: int) -> dict:
     with torch.no_grad():
         # each against the reference in float64, the plain peer too (in a 16-bit dtype it rounds as it goes)
         want = {k: float64_update(q, x, beta, case.similarity, weights=w[k]) for k in w}
-        checks = {k: check(fns[k](), want[k], case.dtype) for k in w}
+        checks = {k: check(fns[k](), want[k], case.dtype, kernel=True) for k in w}
         plain_err = check(fns["plain_mask"](), want["mask"], case.dtype)
         del want
         measured = common.time_calls(fns, repeats, rewarm=True)
@@ -118,7 +119,7 @@ def run_l2_rule(case: Case, backend: str, repeats: int) -> dict:
            "on_pattern": fused_call(on, x, beta, case.similarity, backend), "on_pattern_without": without(on)}
     with torch.no_grad():  # a few per cent between two versions of one kernel: more calls than the peers get
         # the kernel as shipped (with the rule) against float64; without it, on a pattern, it may well be off
-        checks = {k: check(fns[k](), float64_update(qq, x, beta, case.similarity), case.dtype)
+        checks = {k: check(fns[k](), float64_update(qq, x, beta, case.similarity), case.dtype, kernel=True)
                   for k, qq in (("random", q), ("on_pattern", on))}
         measured = common.time_calls(fns, max(repeats, L2_RULE_REPEATS))
     ms = {k: median_ms(v[0]) for k, v in measured.items()}
@@ -146,7 +147,7 @@ def run_many_banks(case: Case, backend: str, repeats: int) -> dict:
     fns.update(peers.peer_callables(q, x, beta, "dot", MANY_BANK_PEERS, None))
     with torch.no_grad():
         want = float64_update(q, x, beta, "dot")
-        checks = {k: check(f(), want, case.dtype) for k, f in fns.items()}
+        checks = {k: check(f(), want, case.dtype, kernel=k == "fused") for k, f in fns.items()}
         measured = common.time_calls(fns, repeats, rewarm=True)
     ms = {k: median_ms(v[0]) for k, v in measured.items()}
     return dict(asdict(case), name=case.name, fused_ms=ms["fused"], rel_err=checks["fused"][0],
