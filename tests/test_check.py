@@ -5,6 +5,7 @@ the reference, and the check must fail it: an error above tolerance, a NaN that
 leaks into other queries, a chunk offset ignored by top_index, a wrong
 gradient, an extension built against another torch.
 """
+import importlib
 import json
 import subprocess
 import sys
@@ -70,6 +71,18 @@ def test_the_interpreted_triton_target_says_whose_float32_products_it_checks():
 
     notes = [n for n in check_run.targets(["triton"], ["cpu"])[1] if n.startswith("triton cpu")]
     assert interpreted_products.EMULATED and notes and "emulated" in notes[0], notes
+
+
+def test_an_interpreted_triton_kernel_at_tf32_where_tf32x3_is_asked_fails(monkeypatch):
+    """The fault the emulation exists for: float32 products at one tf32 product (1e-3) instead of three.
+    Under the interpreter's own numpy products it had passed every case."""
+    if not backends.BACKENDS["triton"].available() or "cpu" not in backends.BACKENDS["triton"].device_types:
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    launch = importlib.import_module("hen_kernels.triton.launch")  # (the package's name `launch` is the function)
+    monkeypatch.setattr(launch, "fp32_precision", lambda: "tf32")
+    report = check.run(quick=True, only_backends=["triton"], only_devices=["cpu"], dtypes=[torch.float32],
+                       only_cases=["partial"])
+    assert not report.ok and "partial" in _failed_cases(report), check_run.render(report)
 
 
 def test_reference_as_a_fake_backend_passes(monkeypatch):
