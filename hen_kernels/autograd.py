@@ -208,8 +208,9 @@ def partial(backend: backends.Backend, inp: Inputs, offset: int = 0) -> Partial:
 # transform's wrappers, inlines the Function's forward as plain code and drops its backward: the raw op has no
 # derivative, and the gradient came back zero, without a word (pytorch/pytorch#193279).  The automatic choice
 # takes the reference there (backends.resolve); a kernel asked for by name runs eagerly, behind a graph break.
-@torch.compiler.disable(reason=(
-    "hen_kernels: a kernel asked for by name under a torch.func transform that torch.compile traces runs eagerly "
-    "(dynamo would drop its backward, pytorch/pytorch#193279); backend=None takes the reference there"))
+# torch._disable_dynamo, not torch.compiler.disable: the latter imports torch._dynamo when the decorator runs, which
+# was 2.8 of the 2.9 s `import hen_kernels` took after torch (EPYC Zen 4, -X importtime); the former imports it
+# at the first call, when dynamo is already tracing.
+@torch._disable_dynamo
 def _apply_eagerly(*args) -> tuple:
     return PartialFunction.apply(*args)
