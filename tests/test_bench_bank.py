@@ -93,3 +93,16 @@ def test_the_gpu_host_banks_rows_are_made_again_the_same_to_check():
         list(bench_bank._gpu_rows(torch.device("cpu"), 300_000, 1024))
     assert sum(len(b) for b in first) == 300_000 and len(first) == 3
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("fault", [False, True], ids=["right", "wrong"])
+def test_the_gpu_host_bank_rows_code_checks_their_answers(monkeypatch, fault):
+    """The GPU rows' own code (bank built, timed, its answers kept, then checked against float64), run on CPU
+    tensors at a small size, since no GPU is here: right answers pass, a zero answer is WRONG."""
+    if fault:
+        monkeypatch.setattr(bench_bank.MemoryBank, "update", lambda self, q, beta: torch.zeros(q.shape[0], self.dim))
+    cpu = torch.device("cpu")
+    rows, answers = bench_bank._host_bank_rows(cpu, 2 * 2**20, 2**20, (64,), 1, 1.0, lambda: None)
+    assert [(r["B"], r["N"], r["D"]) for r in rows] == [(1, 16384, 64), (16, 16384, 64), (64, 16384, 64)]
+    bench_bank._check_host_bank_rows(cpu, rows, answers)
+    assert [r["check_ok"] for r in rows] == [not fault] * 3, [r["rel_err"] for r in rows]

@@ -73,39 +73,52 @@ def host_bank_gpu(quick: bool, repeats: int, bank_gib: Optional[float] = None) -
     h2d = pinned_h2d_gbps(min(bank_bytes, 1 * GIB), repeats)  # the ceiling, before the cap
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), dev)
-    rows: List[dict] = []
-    answers: Dict[Tuple[int, int], dict] = {}  # (N, D) -> B -> (query, the streamed output)
-    bank = None
     try:
-        for d in (1024,) if quick else (1024, 4096):
-            n = bank_bytes // (d * 2)
-            # two chunk buffers in flight: together at most half of what the GPU may hold
-            chunk_rows = min(CHUNK_BYTES["cuda"], allowed // 4) // (d * 2)
-            bank = None
-            _empty_host_cache()  # hand the previous bank's pinned memory back first
-            bank = MemoryBank(d, dtype=torch.bfloat16, device=dev, storage="host", chunk_rows=chunk_rows)
-            bank._store.reserve(n)
-            for block in _gpu_rows(dev, n, d):
-                bank.add(block)
-            answers[n, d] = {}
-            for b in (1, 16, 64):
-                q = torch.randn(b, d, device=dev, dtype=torch.bfloat16)
-                beta = 1.0 / math.sqrt(d)
-                sec = median_seconds(lambda: bank.update(q, beta), repeats, torch.cuda.synchronize)
-                answers[n, d][b] = (q, bank.update(q, beta))
-                gbps = bank.nbytes / sec / 1e9
-                rows.append(dict(regime="host bank (GPU)", storage="host", dtype="bfloat16", B=b, N=n, D=d,
-                                 bank_gib=bank.nbytes / GIB, gpu_allowed_gib=allowed / GIB,
-                                 chunk_rows=bank.chunk_rows, ms=sec * 1e3, gbps=gbps, rows_per_s=n / sec,
-                                 ceiling_gbps=h2d, ceiling="pinned H2D copy", ratio=gbps / h2d,
-                                 target=HOST_TARGET, met=gbps / h2d >= HOST_TARGET))
-                print(f"  host bank (GPU) B={b:<3} D={d:<5} {bank.nbytes / GIB:6.2f} GiB  {sec * 1e3:9.2f} ms  "
-                      f"{gbps:7.2f} GB/s = {gbps / h2d:5.1%} of pinned H2D {h2d:.2f} GB/s", flush=True)
+        rows, answers = _host_bank_rows(dev, bank_bytes, allowed, (1024,) if quick else (1024, 4096), repeats, h2d,
+                                        torch.cuda.synchronize)
     finally:
-        bank = None
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
         torch.cuda.empty_cache()
-    # The check, with the cap lifted: the rows made again from their seed, the reference in float64 on the GPU.
+    # The check, with the cap lifted.
+    _check_host_bank_rows(dev, rows, answers)
+    return rows
+
+
+def _host_bank_rows(dev: torch.device, bank_bytes: int, allowed: int, dims, repeats: int, h2d: float, sync):
+    """The timed rows, and each (N, D)'s B -> (query, the streamed output) for the check.  ``dev`` a CUDA device
+    (a CPU one runs the same code, for the tests)."""
+    rows: List[dict] = []
+    answers: Dict[Tuple[int, int], dict] = {}
+    for d in dims:
+        n = bank_bytes // (d * 2)
+        # two chunk buffers in flight: together at most half of what the GPU may hold
+        chunk_rows = min(CHUNK_BYTES["cuda"], allowed // 4) // (d * 2)
+        if dev.type == "cuda":
+            _empty_host_cache()  # hand the previous bank's pinned memory back first
+        bank = MemoryBank(d, dtype=torch.bfloat16, device=dev, storage="host", chunk_rows=chunk_rows)
+        bank._store.reserve(n)
+        for block in _gpu_rows(dev, n, d):
+            bank.add(block)
+        answers[n, d] = {}
+        for b in (1, 16, 64):
+            q = torch.randn(b, d, device=dev, dtype=torch.bfloat16)
+            beta = 1.0 / math.sqrt(d)
+            sec = median_seconds(lambda: bank.update(q, beta), repeats, sync)
+            answers[n, d][b] = (q, bank.update(q, beta))
+            gbps = bank.nbytes / sec / 1e9
+            rows.append(dict(regime="host bank (GPU)", storage="host", dtype="bfloat16", B=b, N=n, D=d,
+                             bank_gib=bank.nbytes / GIB, gpu_allowed_gib=allowed / GIB,
+                             chunk_rows=bank.chunk_rows, ms=sec * 1e3, gbps=gbps, rows_per_s=n / sec,
+                             ceiling_gbps=h2d, ceiling="pinned H2D copy", ratio=gbps / h2d,
+                             target=HOST_TARGET, met=gbps / h2d >= HOST_TARGET))
+            print(f"  host bank (GPU) B={b:<3} D={d:<5} {bank.nbytes / GIB:6.2f} GiB  {sec * 1e3:9.2f} ms  "
+                  f"{gbps:7.2f} GB/s = {gbps / h2d:5.1%} of pinned H2D {h2d:.2f} GB/s", flush=True)
+        bank = None
+    return rows, answers
+
+
+def _check_host_bank_rows(dev: torch.device, rows: List[dict], answers: Dict[Tuple[int, int], dict]) -> None:
+    """Each row's output against the float64 reference over the same rows, made again from their seed."""
     for (n, d), by_b in answers.items():
         want = _float64_reference(_gpu_rows(dev, n, d), {b: q for b, (q, _) in by_b.items()}, 1.0 / math.sqrt(d))
         for r in rows:
@@ -113,7 +126,6 @@ def host_bank_gpu(quick: bool, repeats: int, bank_gib: Optional[float] = None) -
                 r["rel_err"], r["check_ok"] = check(by_b[r["B"]][1], want[r["B"]], "bfloat16", kernel=True)
                 print(f"  host bank (GPU) B={r['B']:<3} D={d:<5} rel err {r['rel_err']:.1e}"
                       + ("" if r["check_ok"] else " WRONG"), flush=True)
-    return rows
 
 
 def _gpu_rows(dev: torch.device, n: int, d: int):
