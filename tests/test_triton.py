@@ -324,6 +324,50 @@ def test_pruning_never_leaves_the_autotuner_empty():
     assert configs._keep(cfgs, reasons) == [cfgs[1]]
 
 
+def _tile_shapes(cfgs, *names):
+    """The distinct tile shapes of a GPU config list (warps and stages do not change an interpreted answer)."""
+    return sorted({tuple(c.kwargs[n] for n in names) for c in cfgs})
+
+
+_GPU_TILES = ([("small_d", t) for t in _tile_shapes(configs.GPU_SMALL_D, "BN")]
+              + [("tiled_d", t) for t in _tile_shapes(configs.GPU_TILED_D, "BN", "BK", "BDV")]
+              + [("backward", t) for t in _tile_shapes(configs.GPU_BACKWARD, "BM", "BN")])
+
+
+@pytest.mark.parametrize("kernel, tile", _GPU_TILES, ids=[f"{k}-{'x'.join(map(str, t))}" for k, t in _GPU_TILES])
+def test_each_gpu_tile_shape_under_the_interpreter(monkeypatch, kernel, tile):
+    """The interpreter runs one or two configs per kernel; a GPU picks among the lists of configs.py, whose
+    wider tiles (BN up to 128, BK 64, BDV 128) meet their masks only there.  Each of their tile shapes here,
+    on ragged sizes (bank splits of 50 rows, D = 300 and Dv = 130 past whole BK and BDV tiles), against float64."""
+    require("triton")
+    if not triton_launch.INTERPRET:
+        pytest.skip("on a GPU test_every_kept_config runs every config the rules keep")
+    import importlib
+
+    module = importlib.import_module(f"hen_kernels.triton.{kernel}")
+    tuners = {"small_d": ["small_d_kernel"], "tiled_d": ["tiled_d_kernel"], "backward": ["dq_kernel", "dkv_kernel"]}
+    names = {"small_d": ("BN",), "tiled_d": ("BN", "BK", "BDV"), "backward": ("BM", "BN")}[kernel]
+    for tuner in tuners[kernel]:
+        autotuner = getattr(module, tuner)
+        monkeypatch.setattr(autotuner, "configs", [configs._cfg(4, 1, **dict(zip(names, tile)))])
+        monkeypatch.setattr(autotuner, "cache", {})
+    monkeypatch.setattr(triton_launch, "MIN_SPLIT_ROWS", 50)
+    d, dv = (300, 130) if kernel == "tiled_d" else (40, 24)
+    q, x, v = make((3, d), torch.float32, 1), make((150, d), torch.float32, 2), make((150, dv), torch.float32, 3)
+    for similarity in ("dot", "l2"):
+        beta = 1.0 if similarity == "l2" else 0.5 / d**0.5
+        qq, xx, vv = (t.clone().requires_grad_(kernel == "backward") for t in (q, x, v))
+        p = hk.hopfield_partial(qq, xx, beta, similarity=similarity, values=vv, offset=3, backend="triton")
+        ref = direct64(q, x, beta, similarity, v, offset=3)
+        check(p, ref, torch.float32, f"{kernel} {tile} {similarity}")
+        if kernel == "backward":
+            (p.out * torch.linspace(-1, 1, dv)).sum().backward()
+            q64, x64, v64 = (t.double().requires_grad_() for t in (q, x, v))
+            (direct64(q64, x64, beta, similarity, v64).out * torch.linspace(-1, 1, dv)).sum().backward()
+            for name, got, want in (("q", qq, q64), ("x", xx, x64), ("v", vv, v64)):
+                assert rel_err(got.grad, want.grad) <= 1e-4, (tile, similarity, name, rel_err(got.grad, want.grad))
+
+
 # (kernel, its autotuner's module attribute, B, N, D, similarity): one launch each, split where it can be
 _EVERY_CONFIG = [("small_d", "small_d_kernel", 64, 3000, 128, "l2"),
                  ("tiled_d", "tiled_d_kernel", 16, 3000, 512, "dot"),

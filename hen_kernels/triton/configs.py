@@ -69,23 +69,17 @@ def _cfg(num_warps, num_stages, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-SMALL_D: List[triton.Config] = (
-    [_cfg(4, 1, BN=16), _cfg(4, 1, BN=32)]
-    if INTERPRET
-    else [_cfg(w, s, BN=bn) for bn in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
-)
-TILED_D: List[triton.Config] = (
-    [_cfg(4, 1, BN=16, BK=32, BDV=32)]
-    if INTERPRET
-    # wider bank tiles with more warps: the accumulator's round trip through global memory shrinks as 1 / BN
-    else [_cfg(w, s, BN=bn, BK=bk, BDV=bdv) for bn, w in ((32, 4), (64, 8), (128, 8)) for bk in (32, 64)
-          for bdv in (64, 128) for s in (2, 3)]
-)
-BACKWARD: List[triton.Config] = (
-    [_cfg(4, 1, BM=16, BN=16)]
-    if INTERPRET
-    else [_cfg(w, s, BM=bm, BN=bn) for bm in (16, 32) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
-)
+# The GPU's lists, and the interpreter's (one or two each: an interpreted launch costs seconds; the GPU's tile
+# shapes are run under the interpreter by tests/test_triton.py::test_each_gpu_tile_shape_under_the_interpreter).
+GPU_SMALL_D: List[triton.Config] = [_cfg(w, s, BN=bn) for bn in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+# wider bank tiles with more warps: the accumulator's round trip through global memory shrinks as 1 / BN
+GPU_TILED_D: List[triton.Config] = [_cfg(w, s, BN=bn, BK=bk, BDV=bdv) for bn, w in ((32, 4), (64, 8), (128, 8))
+                                    for bk in (32, 64) for bdv in (64, 128) for s in (2, 3)]
+GPU_BACKWARD: List[triton.Config] = [_cfg(w, s, BM=bm, BN=bn) for bm in (16, 32) for bn in (16, 32, 64)
+                                     for w in (4, 8) for s in (1, 2)]
+SMALL_D = [_cfg(4, 1, BN=16), _cfg(4, 1, BN=32)] if INTERPRET else GPU_SMALL_D
+TILED_D = [_cfg(4, 1, BN=16, BK=32, BDV=32)] if INTERPRET else GPU_TILED_D
+BACKWARD = [_cfg(4, 1, BM=16, BN=16)] if INTERPRET else GPU_BACKWARD
 
 
 def combine_bdv(dv: int) -> int:
