@@ -35,9 +35,11 @@ QUICK_BETA_LEVELS = (1e-3, 4.0)
 # B, N, D: not multiples of any block size, plus the edges (B = N = D = 1) and D up to 4096; (4, 300, 20):
 # a few queries on short rows (the CPU kernel's lane score products, its queries x rows softmax).
 # (70, 257, 17): more queries than one 64-query block (a last block dropped had passed every other shape).
+# (2, 1100, 300): on a GPU, bank splits of 550 rows (MIN_SPLIT_ROWS 512) in the D-tiled kernel, no whole
+# number of tiles (a split's end ignored in its last tile had passed --quick).
 SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (1, 1000, 129), (64, 257, 17), (70, 257, 17), (5, 70, 300),
           (5, 300, 4096), (2, 3000, 512), (4, 300, 20))
-QUICK_SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (70, 257, 17), (5, 70, 300), (2, 1000, 512))
+QUICK_SHAPES = ((1, 1, 1), (3, 17, 3), (17, 129, 64), (70, 257, 17), (5, 70, 300), (2, 1100, 300))
 
 # Triton's interpreter (TRITON_INTERPRET=1, Triton on CPU tensors) takes ~1 s per 1e5 of
 # B·N·D: larger cases are left to a GPU.
@@ -176,10 +178,13 @@ def case_values_and_leading_dims(t: Target, quick: bool) -> Iterator[Result]:
     v_shared, v_own = make((70, 11), t.dtype, 6, t.device), make((2, 3, 70, 11), t.dtype, 7, t.device)
     x_heads = make((2, 70, 3, 33), t.dtype, 8, t.device).transpose(1, 2)  # (2, 3, 70, 33), a view
     v_heads = make((2, 70, 3, 11), t.dtype, 9, t.device).transpose(1, 2)
+    # a bank stored feature-major ((70, 33) with strides (1, 70)): a kernel that takes its rows as contiguous
+    # read another bank and passed every other case
+    x_cols, v_cols = make((33, 70), t.dtype, 15, t.device).t(), make((11, 70), t.dtype, 16, t.device).t()
     beta = torch.tensor([[0.05, 0.1, 0.2], [0.3, 0.02, 0.15]], device=t.device)
     for sim in SIMILARITIES:
         for label, x, v in (("shared bank", x_shared, v_shared), ("own bank", x_own, v_own), ("values=None", x_own, None),
-                            ("heads split from rows", x_heads, v_heads)):
+                            ("heads split from rows", x_heads, v_heads), ("bank stored transposed", x_cols, v_cols)):
             p = hk.hopfield_partial(q, x, beta, similarity=sim, values=v, offset=7, backend=t.backend)
             ref = ref64(q, x, beta, sim, v, offset=7)
             yield compare_partial(f"leading dims {sim} {label}", p, ref, tol, scores64(q, x, beta, sim), offset=7)
@@ -355,6 +360,28 @@ def case_hard_retrieval(t: Target, quick: bool) -> Iterator[Result]:
                 kept = (torch.equal(r.top_index, rows) and torch.equal(r.state, x[rows])
                         and bool(r.converged.all()) and bool((r.top_weight > 0.999).all()))
                 yield exact(f"hard retrieval {sim} D{d} beta{beta:g}", kept, "did not land exactly on the pattern")
+
+
+# One unit of a 16-bit dtype's rounding: a kernel rounds the softmax weights to the inputs' dtype for its value
+# product (docs/design.md §5), and its output once more.
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def case_softmax_weights(t: Target, quick: bool) -> Iterator[Result]:
+    """Two rows weighted 0.3 and 0.7, the first's value all ones and the second's zero: the output is the first
+    weight as the kernel rounds it, within two units of a 16-bit dtype's rounding (one for the weight, one for
+    the output; float16 weights taken as bfloat16, 2.6e-3 off, had passed float16's 5e-3), float32 within its
+    tolerance.  0.3 and 0.7 round by different fractions, so a kernel that divides by the rounded weights' sum
+    cannot hide a coarser rounding (1/3 and 2/3 would)."""
+    a = 4.0
+    beta = math.log(0.7 / 0.3) / a  # scores 0 and a: weights 0.3 and 0.7
+    q = torch.tensor([[1.0, 0.0, 0.0]], dtype=t.dtype, device=t.device)
+    x = torch.tensor([[0.0, 0.0, 0.0], [a, 0.0, 0.0]], dtype=t.dtype, device=t.device)
+    v = torch.tensor([[1.0] * 8, [0.0] * 8], dtype=t.dtype, device=t.device)
+    tol = 2 * UNIT_ROUNDOFF[t.dtype] if t.dtype in UNIT_ROUNDOFF else TOLERANCE[t.dtype]
+    out = hk.hopfield_update(q, x, beta, values=v, backend=t.backend)
+    err = rel_err(out, torch.full((1, 8), 0.3, dtype=torch.float64))
+    yield Result("softmax weights 0.3 / 0.7", err, tol, err <= tol)
 
 
 def case_multi_step(t: Target, quick: bool) -> Iterator[Result]:

@@ -5,7 +5,8 @@ from typing import Callable, Iterator, List, Tuple
 
 from .cases import (Result, Target, case_bank_chunks, case_chunked_merge, case_edges, case_energy, case_exact_ties,
                     case_far_from_the_origin, case_hard_retrieval, case_inf_bank, case_multi_step, case_nan_isolation,
-                    case_near_stored_rows, case_partial, case_values_and_leading_dims, case_weights)
+                    case_near_stored_rows, case_partial, case_softmax_weights, case_values_and_leading_dims,
+                    case_weights)
 from .gradient_cases import case_gradients, case_saturated_gradients, case_weighted_gradients
 
 CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
@@ -17,6 +18,7 @@ CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("near stored rows", case_near_stored_rows),
     ("NaN isolation", case_nan_isolation),
     ("inf bank row", case_inf_bank),
+    ("softmax weights", case_softmax_weights),
     ("hard retrieval", case_hard_retrieval),
     ("multi-step retrieval", case_multi_step),
     ("energy", case_energy),
