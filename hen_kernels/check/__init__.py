@@ -2,10 +2,12 @@
 
 Every available backend on every device it serves, against the float64
 reference: every dtype and similarity, shapes off every block size, values ≠
-memory and leading dims, chunked merges and a MemoryBank streamed in chunks, exact
-ties to the first row, ℓ2 queries next to stored rows, NaN isolation, a bank row
-holding inf refused, hard and multi-step retrieval, energy, empty banks,
-per-query feature weights and gradients (weighted too).  Prints one table
+memory, leading dims and a bank stored transposed, chunked merges and a MemoryBank
+streamed in chunks, exact ties to the first row, ℓ2 queries next to stored rows,
+NaN isolation, a bank row holding inf refused, the softmax weights' rounding, hard
+and multi-step retrieval, energy, empty banks, per-query feature weights, and
+gradients (weighted, saturated, few queries, one thread, ℓ2 at stored rows, 16-bit
+ones rounded to nearest).  Prints one table
 (backend x device x dtype: max error against tolerance, pass or fail) and exits
 1 on any failure; ``--quick`` runs fewer, smaller shapes.  Needs no pytest.
 

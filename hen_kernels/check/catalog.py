@@ -7,7 +7,8 @@ from .cases import (Result, Target, case_bank_chunks, case_chunked_merge, case_e
                     case_far_from_the_origin, case_hard_retrieval, case_inf_bank, case_multi_step, case_nan_isolation,
                     case_near_stored_rows, case_partial, case_softmax_weights, case_values_and_leading_dims,
                     case_weights)
-from .gradient_cases import case_gradients, case_saturated_gradients, case_weighted_gradients
+from .gradient_cases import (case_gradient_rounding, case_gradients, case_l2_gradients_at_stored_rows,
+                             case_saturated_gradients, case_weighted_gradients)
 
 CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("partial", case_partial),
@@ -28,4 +29,6 @@ CASES: List[Tuple[str, Callable[[Target, bool], Iterator[Result]]]] = [
     ("gradients", case_gradients),
     ("weighted gradients", case_weighted_gradients),
     ("saturated gradients", case_saturated_gradients),
+    ("l2 gradients at stored rows", case_l2_gradients_at_stored_rows),
+    ("gradient rounding", case_gradient_rounding),
 ]
