@@ -39,11 +39,13 @@ def _beta_per_index(t: Target, level: float) -> torch.Tensor:
 
 def _gradient_inputs(t: Target, sim: str, b: int, n: int, d: int, seed: int) -> Tuple[torch.Tensor, ...]:
     """Queries (2, b, d), a bank (n, d) and values (n, 11) from seeds ``seed`` to ``seed`` + 2; each leading
-    index's first query on the bank's first row (recall's normal case), but for "l2", which has no
-    derivative there."""
+    index's first query on the bank's first row (recall's normal case), for "l2", which has no derivative
+    there, next to it (the CPU backward's near pairs: a sign flipped in their dq of few queries had passed)."""
     q, x, v = (make(shape, t.dtype, seed + i, t.device) for i, shape in enumerate(((2, b, d), (n, d), (n, 11))))
     if sim != "l2":
         q[:, 0] = x[0]
+    else:
+        q[:, 0] = (x[0].float() + 0.05 * make((2, d), torch.float32, seed + 3, t.device)).to(t.dtype)
     return q, x, v
 
 
@@ -112,14 +114,21 @@ def _threads(n: Optional[int]):
 
 
 def case_l2_gradients_at_stored_rows(t: Target, quick: bool) -> Iterator[Result]:
-    """"l2" queries exactly on stored rows, the first on a row stored twice: -‖x - s‖ has no derivative there,
-    and the backward takes the zero subgradient, as the reference does, for the top row and for its twin,
-    which is not the top row (a guard dropped from the twin's path gave NaN and passed the check)."""
+    """Queries on a row stored twice, and next to one: one twin is the top row, whose terms a backward settles
+    apart, the other is not.  On them, "l2" has no derivative and the backward takes the zero subgradient, as
+    the reference does (a guard dropped from the twin's path gave NaN and passed the check); next to them the
+    twin's terms G (x - q) cancel in products, which the CPU backward sums as differences instead (a sign
+    flipped there passed it)."""
     x, v = make((6, 16), t.dtype, 75, t.device), make((6, 11), t.dtype, 76, t.device)
     x[4] = x[0]
-    q = x[[0, 1, 2, 0, 3, 5]].reshape(2, 3, 16)
-    yield from _gradient_results(t, q, x, v, make((2, 3, 11), t.dtype, 77, t.device), "l2", 2.0,
-                                 _beta_per_index(t, 2.0), "B3 N6 D16 on stored rows, one stored twice")
+    on = x[[0, 1, 2, 0, 3, 5]].reshape(2, 3, 16)
+    near = (on.float() + 0.05 * make((2, 3, 16), torch.float32, 78, t.device)).to(t.dtype)
+    dout = make((2, 3, 11), t.dtype, 77, t.device)
+    # (next to them, betas that leave the other rows some weight: saturated, dq is a difference of nearly equal
+    # terms that float32 autograd through the reference misses by 5e-2 as well)
+    for sim, q, where, level in (("l2", on, "on", 2.0), ("l2", near, "next to", 0.5), ("l2sq", near, "next to", 0.1)):
+        yield from _gradient_results(t, q, x, v, dout, sim, level, _beta_per_index(t, level),
+                                     f"B3 N6 D16 {where} stored rows, one stored twice")
 
 
 def case_gradient_rounding(t: Target, quick: bool) -> Iterator[Result]:
