@@ -475,6 +475,20 @@ def test_changed_similarity_beta_or_metadata_are_checked_before_a_header_is_writ
         assert len(MemoryBank.load(tmp_path / f"disk{k}.hkb")) == 3 and len(MemoryBank.load(saved)) == 3
 
 
+@pytest.mark.parametrize("write", ["save to its own file", "flush", "close"])
+def test_changed_settings_of_an_open_disk_bank_reach_its_file(tmp_path, write):
+    """A writable disk bank's changed beta, similarity and metadata are written to its file's header by a save
+    to its own path, a flush or a close (a header left as it was, each way, had passed every test)."""
+    path = tmp_path / "bank.hkb"
+    bank = MemoryBank(4, storage="disk", path=path, beta=1.0)
+    bank.add(make((3, 4), torch.float32, 38))
+    bank.beta, bank.similarity, bank.metadata = 2.0, "l2", {"note": "x"}
+    {"save to its own file": lambda: bank.save(path), "flush": bank.flush, "close": bank.close}[write]()
+    again = MemoryBank.load(path, storage="host")
+    assert (again.beta, again.similarity, again.metadata, len(again)) == (2.0, "l2", {"note": "x"}, 3)
+    bank.close()
+
+
 @pytest.mark.parametrize("change", ["beta", "similarity", "metadata"])
 def test_a_read_only_bank_refuses_to_drop_changed_header_fields(tmp_path, change):
     """Saved to its own file (or flushed), a read-only disk bank can write nothing: with its similarity,

@@ -98,7 +98,9 @@ def _checks(rank: int, world: int, tmp: str) -> None:
     assert torch.equal(tiny.partial(q, 0.5).top_index, hk.hopfield_partial(q, x[:2], 0.5).top_index)
 
     # wrap banks each rank already has (say, loaded from its own file): ids run rank by rank
-    lo, hi = rank * n // world, (rank + 1) * n // world
+    # shards of rank + 1 parts each (rank 0's the smallest): a rank's first row taken from rank 0's size, on
+    # every rank, had passed with the near-equal shards of an even split
+    lo, hi = rank * (rank + 1) * n // (world * (world + 1)), (rank + 1) * (rank + 2) * n // (world * (world + 1))
     local = hk.MemoryBank(d)
     local.add(x[lo:hi])
     wrapped = ShardedMemoryBank.from_local(local)
