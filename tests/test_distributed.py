@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import hen_kernels as hk
 from hen_kernels import reference
-from hen_kernels.bank import ShardedMemoryBank, shard_path
+from hen_kernels.bank import ShardedMemoryBank, shard_path, sharded
 from hen_kernels.bank.file_format import HEADER_ROOM, header_bytes
 
 from .conftest import SIMILARITIES, TOLERANCE, beta_for, make, ref64, rel_err
@@ -429,3 +429,17 @@ def test_needs_an_initialised_process_group():
 def test_shard_path():
     assert shard_path("/data/bank-{rank}.hkb", 2) == "/data/bank-2.hkb"
     assert shard_path("/data/bank.hkb", 0) == "/data/bank.hkb.rank0"
+
+
+@pytest.mark.parametrize("runs, problem", [
+    ([[(0, 5)], [(5, 3)]], "no shard holds ids 8-9"),  # the end of the bank
+    ([[(0, 4)], [(5, 5)]], "no shard holds id 4"),  # a gap between two shards
+    ([[(0, 6)], [(5, 5)]], "id 5 are held twice"),
+    ([[(0, 5)], [(5, 6)]], "beyond the bank's 10 rows"),
+])
+def test_shards_that_do_not_tile_the_bank_are_refused(runs, problem):
+    """The check behind a sharded load, on its own: a row no shard holds is a lost row, whatever the checksums
+    say (a shard file is checked alone; the end of the bank is the one thing only all of them can tell)."""
+    shards = [(f"f{r}", 10, "save", spans) for r, spans in enumerate(runs)]
+    with pytest.raises(ValueError, match=problem):
+        sharded._check_shards("p", shards)
