@@ -396,14 +396,7 @@ def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs,
     out_d = None if out is None else out.detach() if out.requires_grad else out
     if math.isfinite(float(lse_d.sum() if out_d is None else lse_d.sum() + out_d.sum())):
         return
-    q = inp.query.detach().flatten(0, -3)  # (L, B, D): a copy of a split query, here only
-    finite = torch.isfinite(q).all(-1)
-    if inp.weights is not None:
-        finite &= torch.isfinite(inp.weights).all(-1)
-    bad = ~torch.isfinite(lse_d).reshape(finite.shape)
-    if out_d is not None:
-        bad |= ~torch.isfinite(out_d).all(-1).reshape(finite.shape)
-    bad &= finite
+    q, finite, bad = _unanswered(lse_d, out_d, inp)
     culprits = bad.nonzero()  # none: NaN only where queries hold NaN/inf
     if not culprits.numel():
         return
@@ -441,16 +434,21 @@ def check_scores(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs,
     )
 
 
-def _assert_scores_in_graph(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs) -> None:
-    """check_scores compiled: the same refusal, without the search for its cause (which reads values)."""
-    q = inp.query.detach()
+def _unanswered(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs):
+    """(the query as (L, B, D), which of its rows are finite, which finite ones got an lse or out not finite)."""
+    q = inp.query.detach().flatten(0, -3)  # (L, B, D): a copy of a split query, here only
     finite = torch.isfinite(q).all(-1)
     if inp.weights is not None:
-        finite = finite & torch.isfinite(inp.weights.detach()).all(-1)
-    answered = torch.isfinite(lse.detach()).reshape(finite.shape)
+        finite &= torch.isfinite(inp.weights.detach()).all(-1)
+    bad = ~torch.isfinite(lse.detach()).reshape(finite.shape)
     if out is not None:
-        answered = answered & torch.isfinite(out.detach()).all(-1).reshape(finite.shape)
-    torch._assert_async((answered | ~finite).all(),
+        bad |= ~torch.isfinite(out.detach()).all(-1).reshape(finite.shape)
+    return q, finite, bad & finite
+
+
+def _assert_scores_in_graph(lse: torch.Tensor, out: Optional[torch.Tensor], inp: Inputs) -> None:
+    """check_scores compiled: the same refusal, without the search for its cause (which reads values)."""
+    torch._assert_async(~_unanswered(lse, out, inp)[2].any(),
                         "a finite query row would be answered with NaN or inf: the bank (memory or values) holds "
                         "inf or NaN, or beta·sim left the float range; run the call eagerly to have it named")
 

@@ -98,7 +98,8 @@ def case_gradients(t: Target, quick: bool) -> Iterator[Result]:
             per_index = _beta_per_index(t, 0.4)
             label = f"B{b} N{n} D{d} on stored rows" + (", one thread" if threads else "")
             with _threads(threads):
-                yield from list(_gradient_results(t, q, x, v, dout, sim, 0.4, per_index, label, dlse))
+                results = list(_gradient_results(t, q, x, v, dout, sim, 0.4, per_index, label, dlse))
+            yield from results
 
 
 @contextlib.contextmanager
