@@ -410,10 +410,39 @@ void lane_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ld
 
 // --- values ---------------------------------------------------------------------------
 
-// Bytes [from, to) of a row towards L2, a line at a time.
-inline void prefetch_span(const char* row, int64_t from, int64_t to) {
-  for (int64_t off = from; off < to; off += 64) __builtin_prefetch(row + off, 0, 2);
-}
+// The next tile of value rows towards L2, spread over the passes of a value product: each
+// fetch(span) is one row's span in a pass.  kStored: the tile's next lines in the order they
+// are stored (row by row), whatever the pass reads; else (kByPass) the same span of the next
+// tile's same row.  Stored order where the value pass alone fetches that tile: after AMX's
+// scores, eight bf16 queries (rows of 64-2048, Xeon with AMX) ran 1.2-1.3x faster than with
+// the tile sent in one burst before the pass, and 1.05-1.8x faster than by pass, whose
+// requests scatter over the rows' pages.  By pass where the hand-written score products
+// fetched that tile already (float32, eight queries, rows of 512: stored order ran 1.06-1.08x
+// slower).  PERFORMANCE.md §5.25.
+class NextTileLines {
+ public:
+  enum Order { kByPass, kStored };
+  NextTileLines(const char* tile, int64_t ld, int64_t rows, int64_t row_bytes, Order order)
+      : tile_(tile), ld_(ld), rows_(tile ? rows : 0), row_bytes_(row_bytes), order_(order) {}
+  void fetch(int64_t span) {
+    if (order_ == kByPass) {
+      if (row_ >= rows_) return;
+      for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(tile_ + row_ * ld_ + off_ + b, 0, 2);
+      if (++row_ == rows_) row_ = 0, off_ += span;
+      if (off_ >= row_bytes_) row_ = rows_;  // every pass done
+      return;
+    }
+    for (; span > 0 && row_ < rows_; span -= 64) {
+      __builtin_prefetch(tile_ + row_ * ld_ + off_, 0, 2);
+      if ((off_ += 64) >= row_bytes_) off_ = 0, ++row_;
+    }
+  }
+
+ private:
+  const char* tile_;
+  int64_t ld_, rows_, row_bytes_, row_ = 0, off_ = 0;
+  Order order_;
+};
 
 // `rows` rows (a multiple of 8; `bytes` each, ldx apart) towards L2 in dot_rows' lane
 // order: eight streams, each through its own pages.
@@ -477,12 +506,12 @@ __attribute__((always_inline)) inline void value_pass(Weight&& weight, const cha
 // 2 and 1, the last partial one a TailStep.  (Until 2026-12 what C did not cover went one
 // vector a pass, a single FMA chain for one query: the op ran 1.1-1.7x slower with one to
 // four queries on rows of 32-96 elements, EPYC Zen 5, one thread, six alternating runs.)
-// `next`: the following tile of value rows (same layout), prefetched by the C-wide passes
+// `next`: the following tile of value rows, fetched by the C-wide passes
 // only (the narrower ones ran 0-12 % slower with it on rows of 32-96 elements, keys =
 // values or not: EPYC Zen 5, one thread, in-process A/B).
 template <DType DT, int QI, typename Weight>
 inline void value_columns(Weight&& weight, const char* v, int64_t ldv, int64_t rows, int64_t Dv, float* acc,
-                          int64_t ldacc, int64_t d, const char* next) {
+                          int64_t ldacc, int64_t d, NextTileLines* next) {
   constexpr int C = columns_per_pass<QI>();
   constexpr int64_t es = DT == DType::F32 ? 4 : 2;
   auto whole = [&](auto nc) __attribute__((always_inline)) {
@@ -492,8 +521,8 @@ inline void value_columns(Weight&& weight, const char* v, int64_t ldv, int64_t r
           weight, v, ldv, rows, acc, ldacc, [&](const float* p, int c) { return load(p + d + c * W); },
           [&](const char* r, int c) { return lf<DT>(r, d + c * W); },
           [&](float* p, int c, vf x) { store(p + d + c * W, x); },
-          [&](int64_t j) {
-            if (NC == C && next) prefetch_span(next + j * ldv, es * d, es * (d + NC * W));
+          [&](int64_t) {
+            if (NC == C && next) next->fetch(es * NC * W);
           });
   };
   whole(std::integral_constant<int, C>{});
@@ -509,10 +538,10 @@ inline void value_columns(Weight&& weight, const char* v, int64_t ldv, int64_t r
 }
 
 // acc[i][:] += sum_j P[i][j] * v_j[:] for QI queries and `rows` value rows of dtype DT;
-// `next`: the following tile of value rows (same layout) to prefetch, or null.
+// `next`: the following tile of value rows to fetch, or null.
 template <DType DT, int QI>
 void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
-                       float* acc, int64_t ldacc, const char* next = nullptr) {
+                       float* acc, int64_t ldacc, NextTileLines* next) {
   constexpr int C = columns_per_pass<QI>();
   int64_t d = 0;
   if constexpr (DT == DType::BF16) {  // the same sums over j, widened in pairs
@@ -525,7 +554,7 @@ void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, 
           deinterleave(load(a), load(a + W), e[i][h], od[i][h]);
         }
       for (int64_t j = 0; j < rows; ++j) {
-        if (next) prefetch_span(next + j * ldv, 2 * d, 2 * (d + C * W));
+        if (next) next->fetch(2 * C * W);
         vf ve[H], vo[H];
         for (int h = 0; h < H; ++h) load_bf16_pairs(v + j * ldv, d + 2 * h * W, ve[h], vo[h]);
         for (int i = 0; i < QI; ++i) {
@@ -551,18 +580,19 @@ void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, 
 
 template <DType DT>
 void hand_values(const float* p, int64_t ldp, int64_t Q, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
-                 float* acc, const char* next = nullptr) {
+                 float* acc, const char* next = nullptr, NextTileLines::Order order = NextTileLines::kByPass) {
+  NextTileLines lines(next, ldv, rows, DT == DType::F32 ? 4 * Dv : 2 * Dv, order);
   int64_t i = 0;
-  auto first = [&](auto p) { return i == 0 ? p : nullptr; };
+  auto first = [&](NextTileLines* p) { return i == 0 && next ? p : nullptr; };
   // bfloat16 rows widened once for eight queries, not once for each four: eight recall
   // queries (262144 x 512, Xeon with AMX; the fastest of 9 calls, 4 alternating rounds)
   // 38.8-43.6 ms against 44.1-62.1, the same bits.
   if constexpr (DT == DType::BF16 && W >= 16)
     for (; i + 8 <= Q; i += 8)
-      accumulate_values<DT, 8>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
-  for (; i + 4 <= Q; i += 4) accumulate_values<DT, 4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
-  for (; i + 2 <= Q; i += 2) accumulate_values<DT, 2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
-  for (; i < Q; ++i) accumulate_values<DT, 1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
+      accumulate_values<DT, 8>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(&lines));
+  for (; i + 4 <= Q; i += 4) accumulate_values<DT, 4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(&lines));
+  for (; i + 2 <= Q; i += 2) accumulate_values<DT, 2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(&lines));
+  for (; i < Q; ++i) accumulate_values<DT, 1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(&lines));
 }
 
 // --- bfloat16 on the pair dot product (Product::Bf16Pairs) ----------------------------
@@ -675,7 +705,7 @@ inline void from_pair_order(vf lo, vf hi, vf& a, vf& b) {
 // on the pair dot product, H blocks of 2W columns per pass over the rows.
 template <int QI, int H>
 HEN_BF16_PAIRS int64_t pair_values_pass(const uint16_t* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
-                         float* acc, int64_t ldacc, const char* next, int64_t d) {
+                         float* acc, int64_t ldacc, NextTileLines* next, int64_t d) {
   for (; d + 2 * W * H <= Dv; d += 2 * W * H) {
     vf lo[QI][H], hi[QI][H];
     for (int i = 0; i < QI; ++i)
@@ -686,10 +716,7 @@ HEN_BF16_PAIRS int64_t pair_values_pass(const uint16_t* p, int64_t ldp, const ch
     for (int64_t j = 0; j < rows; j += 2) {
       const char* r0 = v + j * ldv;
       const char* r1 = r0 + ldv;
-      if (next) {
-        prefetch_span(next + j * ldv, 2 * d, 2 * (d + 2 * W * H));
-        prefetch_span(next + (j + 1) * ldv, 2 * d, 2 * (d + 2 * W * H));
-      }
+      if (next) next->fetch(2 * (2 * W * H)), next->fetch(2 * (2 * W * H));  // rows j and j + 1
       vf vl[H], vh[H];
       for (int h = 0; h < H; ++h) {
         const __m512i a = _mm512_loadu_si512(r0 + 2 * (d + 2 * h * W));
@@ -717,7 +744,7 @@ HEN_BF16_PAIRS int64_t pair_values_pass(const uint16_t* p, int64_t ldp, const ch
 
 template <int QI>
 void pair_accumulate_values(const uint16_t* p, int64_t ldp, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
-                            float* acc, int64_t ldacc, const char* next) {
+                            float* acc, int64_t ldacc, NextTileLines* next) {
   constexpr int H = QI == 4 ? 2 : 4;  // 2 x QI x H accumulators: >= 8 chains, within 32 registers
   int64_t d = pair_values_pass<QI, H>(p, ldp, v, ldv, rows, Dv, acc, ldacc, next, 0);
   d = pair_values_pass<QI, 1>(p, ldp, v, ldv, rows, Dv, acc, ldacc, next, d);
@@ -729,12 +756,14 @@ void pair_accumulate_values(const uint16_t* p, int64_t ldp, const char* v, int64
 
 // hand_values for bfloat16 values and P on the pair dot product (`rows` even: whole tiles).
 inline void pair_values(const uint16_t* p, int64_t ldp, int64_t Q, const char* v, int64_t ldv, int64_t rows,
-                        int64_t Dv, float* acc, const char* next = nullptr) {
+                        int64_t Dv, float* acc, const char* next = nullptr,
+                        NextTileLines::Order order = NextTileLines::kByPass) {
+  NextTileLines lines(next, ldv, rows, 2 * Dv, order);
   int64_t i = 0;
-  auto first = [&](auto p) { return i == 0 ? p : nullptr; };
-  for (; i + 4 <= Q; i += 4) pair_accumulate_values<4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
-  for (; i + 2 <= Q; i += 2) pair_accumulate_values<2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
-  for (; i < Q; ++i) pair_accumulate_values<1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(next));
+  auto first = [&](NextTileLines* p) { return i == 0 && next ? p : nullptr; };
+  for (; i + 4 <= Q; i += 4) pair_accumulate_values<4>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(&lines));
+  for (; i + 2 <= Q; i += 2) pair_accumulate_values<2>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(&lines));
+  for (; i < Q; ++i) pair_accumulate_values<1>(p + i * ldp, ldp, v, ldv, rows, Dv, acc + i * Dv, Dv, first(&lines));
 }
 #endif  // HEN_NATIVE_BF16
 

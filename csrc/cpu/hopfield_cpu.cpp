@@ -286,6 +286,8 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
   plan.native_bf16 = (plan.value == Product::Vnni || plan.value == Product::Bf16Pairs) &&
                      p.dtype == DType::BF16 && plan.isa == Isa::Avx512 && kBf16Asm && mk::cpu_has_avx512_bf16();
 
+  plan.pair_norms = pairs;
+
   const int64_t B = std::max<int64_t>(p.B, 1);
   // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).
   const bool wide = p.dtype == DType::F32 || plan.score == Product::F32 || plan.value == Product::F32;

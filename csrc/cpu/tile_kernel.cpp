@@ -430,8 +430,12 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       if (!row_layout)
         for (int64_t j = 0; j < TN; ++j) std::fill(c1 + j * BMp + BM, c1 + (j + 1) * BMp, 0.f);
     }
-    if (xn && (wts || !hand_scores_here))  // (else the hand-written products left them already)
-      by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, TN, D, xn, wts); });
+    if (xn && (wts || !hand_scores_here)) {  // (else the hand-written products left them already)
+      if (plan.pair_norms && !wts)
+        HEN_PAIR_PRODUCT(pair_row_norms(xr, int64_t(es) * ldr, TN, D, xn));
+      else
+        by_dtype(dt, [&](auto DT) { row_norms<DT()>(xr, int64_t(es) * ldr, TN, D, xn, wts); });
+    }
     if (weight_product) {
       int64_t ldsq;  // rows padded_stride apart, as every float tile a product reads
       float* xsq = float_rows(dt, xr, ldr, TN, D, sc.xsq, ldsq);
@@ -546,8 +550,11 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     }
 
     // The microkernels' score products read the bank from memory as its rows come: the
-    // next tile goes towards L2 beforehand, while the value products run on this one.
-    if (!hand_scores_here && next_x) prefetch_tile(next_x, es * p.memory_row_stride, BN, es * D);
+    // next tile goes towards L2 beforehand, while the value products run on this one,
+    // unless they are the hand-written ones over these same rows, which fetch it spread
+    // over their passes (a burst here stalled on the memory: PERFORMANCE.md §5.25).
+    const bool values_fetch_next = (vp == Product::Hand || vp == Product::Bf16Pairs) && values_are_memory;
+    if (!hand_scores_here && next_x && !values_fetch_next) prefetch_tile(next_x, es * p.memory_row_stride, BN, es * D);
     // 3. Value products: O += P . V, V the same tile when values are the memory.
     const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
     int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
@@ -584,10 +591,12 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       const char* vnext = r0 + 2 * BN <= n_end ? stored + es * size_t((r0 + BN) * stride)
                           : r0 + BN >= n_end   ? after_v
                                                : nullptr;
+      // In the order stored, unless the score products fetched the same tile already.
+      const auto order = hand_scores_here && values_are_memory ? NextTileLines::kByPass : NextTileLines::kStored;
       if (vp == Product::Bf16Pairs)
-        HEN_PAIR_PRODUCT(pair_values(p16, TN, BM, vr, int64_t(es) * ldvr, TN, Dv, o, vnext));
+        HEN_PAIR_PRODUCT(pair_values(p16, TN, BM, vr, int64_t(es) * ldvr, TN, Dv, o, vnext, order));
       else
-        by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, TN, BM, vr, int64_t(es) * ldvr, TN, Dv, o, vnext); });
+        by_dtype(dt, [&](auto DT) { hand_values<DT()>(pf, TN, BM, vr, int64_t(es) * ldvr, TN, Dv, o, vnext, order); });
     }
   }
   if (sp == Product::Vnni || vp == Product::Vnni) mk::release_vnni();
