@@ -167,6 +167,15 @@ Isa cpu_isa() {
 #endif
 }
 
+bool cpu_is_intel() {
+#if HEN_CPU_X86
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 Isa parse_isa(const char* s) {
   if (std::strcmp(s, "avx512") == 0) return Isa::Avx512;
   if (std::strcmp(s, "avx2") == 0) return Isa::Avx2;
@@ -287,6 +296,19 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
                      p.dtype == DType::BF16 && plan.isa == Isa::Avx512 && kBf16Asm && mk::cpu_has_avx512_bf16();
 
   plan.pair_norms = pairs;
+
+  // The kernel's own fetches of the next tile (in the burst, and spread over the hand-written
+  // products) against rows of a page or more, which an Intel core's hardware prefetchers stream
+  // on their own: without the burst, float32 and bf16 queries over rows of 4-16 KiB ran
+  // 1.0-1.35x faster (16 and 64 queries, Xeon with AMX), and float32 without the spread
+  // fetches too 1.0-1.5x (1-8 queries; 0.95-1.03x at 4 queries over rows of 1024 floats).
+  // bf16's spread fetches stay (0.91-1.1x without them at 1-4 queries; after AMX's scores
+  // they are the only fetch).  Shorter rows keep both (their own measurements), and AMD CPUs
+  // too until measured there.  PERFORMANCE.md §5.25.
+  const int64_t es = p.dtype == DType::F32 ? 4 : 2;
+  const bool streamed_rows = cpu_is_intel() && es * std::min(p.D, p.Dv) >= 4096;
+  plan.burst_next = !streamed_rows;
+  plan.spread_next = !(streamed_rows && p.dtype == DType::F32);
 
   const int64_t B = std::max<int64_t>(p.B, 1);
   // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).

@@ -105,6 +105,8 @@ struct Plan {
   bool l2_direct;          // docs/design.md §5.1 recompute (off only to measure its cost)
   bool native_bf16;        // bfloat16 P by AVX-512 BF16's own conversion (the CPU has it)
   bool pair_norms;         // bfloat16 |x|² (row_norms) on AVX-512 BF16's pair dot product (the CPU has it)
+  bool burst_next;         // the next tile towards L2 in one burst before the value products (microkernel scores)
+  bool spread_next;        // the hand-written products fetch the next tile over their passes
   bool shared_weights;     // weighted ℓ2, one row of weights for every query of each leading index
   int64_t query_block;     // queries sharing one pass over a bank tile
   int64_t row_block;       // bank rows per tile: fixed per (D, dtype, products), never by N;

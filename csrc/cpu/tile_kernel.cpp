@@ -405,7 +405,8 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     const int64_t xstep = int64_t(es) * ldr;  // bytes from one row of the tile as stored to the next
     // The next tile of this split as stored, where it is a whole one (after its last tile:
     // the next work item's first), for the prefetches.
-    const char* next_x = r0 + 2 * BN <= n_end ? mem + es * size_t((r0 + BN) * p.memory_row_stride)
+    const char* next_x = !plan.spread_next && hand_scores_here ? nullptr
+                         : r0 + 2 * BN <= n_end ? mem + es * size_t((r0 + BN) * p.memory_row_stride)
                          : r0 + BN >= n_end  ? after_x
                                              : nullptr;
 
@@ -554,7 +555,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     // unless they are the hand-written ones over these same rows, which fetch it spread
     // over their passes (a burst here stalled on the memory: PERFORMANCE.md §5.25).
     const bool values_fetch_next = (vp == Product::Hand || vp == Product::Bf16Pairs) && values_are_memory;
-    if (!hand_scores_here && next_x && !values_fetch_next) prefetch_tile(next_x, es * p.memory_row_stride, BN, es * D);
+    if (plan.burst_next && !hand_scores_here && next_x && !values_fetch_next) prefetch_tile(next_x, es * p.memory_row_stride, BN, es * D);
     // 3. Value products: O += P . V, V the same tile when values are the memory.
     const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
     int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
@@ -588,9 +589,10 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       // (From the rows as stored: vr may be the copy an odd depth made.)
       const char* stored = values_are_memory ? mem : val;
       const int64_t stride = values_are_memory ? p.memory_row_stride : p.values_row_stride;
-      const char* vnext = r0 + 2 * BN <= n_end ? stored + es * size_t((r0 + BN) * stride)
-                          : r0 + BN >= n_end   ? after_v
-                                               : nullptr;
+      const char* vnext = !plan.spread_next          ? nullptr
+                          : r0 + 2 * BN <= n_end     ? stored + es * size_t((r0 + BN) * stride)
+                          : r0 + BN >= n_end         ? after_v
+                                                     : nullptr;
       // In the order stored, unless the score products fetched the same tile already.
       const auto order = hand_scores_here && values_are_memory ? NextTileLines::kByPass : NextTileLines::kStored;
       if (vp == Product::Bf16Pairs)
