@@ -134,7 +134,7 @@ void row_norms(const char* x, int64_t ldx, int64_t rows, int64_t D, float* out, 
 // row_norms of bfloat16 rows, unweighted, with each 2W elements on the pair dot product, as
 // pair_block sums its norms: one instruction where row_norms widens, multiplies twice and
 // adds.  For a tile whose scores a microkernel computed (AMX), where |x|² is a pass of its
-// own: eight ℓ2 bf16 queries over 262144 x 512 spent about a tenth of their time on it.
+// own: eight ℓ2 bf16 queries over 262144 x 512 took 24.2 ms against 24.8 with row_norms.
 HEN_BF16_PAIRS void pair_row_norms(const char* x, int64_t ldx, int64_t rows, int64_t D, float* out) {
   for (int64_t j = 0; j < rows; j += 8) {
     vf acc[8];
