@@ -411,21 +411,18 @@ void lane_scores(const float* q, int64_t Q, int64_t D, const char* x, int64_t ld
 // --- values ---------------------------------------------------------------------------
 
 // The next tile of value rows towards L2, spread over the passes of a value product: each
-// fetch(span) is one row's span in a pass.  kStored: the tile's next lines in the order they
-// are stored (row by row), whatever the pass reads; else (kByPass) the same span of the next
-// tile's same row.  Stored order where the value pass alone fetches that tile: after AMX's
-// scores, eight bf16 queries (rows of 64-2048, Xeon with AMX) ran 1.2-1.3x faster than with
-// the tile sent in one burst before the pass, and 1.05-1.8x faster than by pass, whose
-// requests scatter over the rows' pages.  By pass where the hand-written score products
-// fetched that tile already (float32, eight queries, rows of 512: stored order ran 1.06-1.08x
-// slower).  PERFORMANCE.md §5.25.
+// fetch(span) is one row's span in a pass.  ValueFetch::Stored: the tile's next lines in the
+// order they are stored (row by row), whatever the pass reads; ByPass: the same span of the
+// next tile's same row (make_plan says which where).  Where the value pass alone fetches the
+// tile, eight bf16 queries after AMX's scores (rows of 64-2048, Xeon with AMX) ran 1.05-1.8x
+// faster in stored order than by pass, whose requests scatter over the rows' pages.
 class NextTileLines {
  public:
-  enum Order { kByPass, kStored };
-  NextTileLines(const char* tile, int64_t ld, int64_t rows, int64_t row_bytes, Order order)
-      : tile_(tile), ld_(ld), rows_(tile ? rows : 0), row_bytes_(row_bytes), order_(order) {}
+  NextTileLines(const char* tile, int64_t ld, int64_t rows, int64_t row_bytes, ValueFetch order)
+      : tile_(tile), ld_(ld), rows_(tile && order != ValueFetch::None ? rows : 0), row_bytes_(row_bytes),
+        order_(order) {}
   void fetch(int64_t span) {
-    if (order_ == kByPass) {
+    if (order_ == ValueFetch::ByPass) {
       if (row_ >= rows_) return;
       for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(tile_ + row_ * ld_ + off_ + b, 0, 2);
       if (++row_ == rows_) row_ = 0, off_ += span;
@@ -441,7 +438,7 @@ class NextTileLines {
  private:
   const char* tile_;
   int64_t ld_, rows_, row_bytes_, row_ = 0, off_ = 0;
-  Order order_;
+  ValueFetch order_;
 };
 
 // `rows` rows (a multiple of 8; `bytes` each, ldx apart) towards L2 in dot_rows' lane
@@ -580,7 +577,7 @@ void accumulate_values(const float* p, int64_t ldp, const char* v, int64_t ldv, 
 
 template <DType DT>
 void hand_values(const float* p, int64_t ldp, int64_t Q, const char* v, int64_t ldv, int64_t rows, int64_t Dv,
-                 float* acc, const char* next = nullptr, NextTileLines::Order order = NextTileLines::kByPass) {
+                 float* acc, const char* next = nullptr, ValueFetch order = ValueFetch::ByPass) {
   NextTileLines lines(next, ldv, rows, DT == DType::F32 ? 4 * Dv : 2 * Dv, order);
   int64_t i = 0;
   auto first = [&](NextTileLines* p) { return i == 0 && next ? p : nullptr; };
@@ -757,7 +754,7 @@ void pair_accumulate_values(const uint16_t* p, int64_t ldp, const char* v, int64
 // hand_values for bfloat16 values and P on the pair dot product (`rows` even: whole tiles).
 inline void pair_values(const uint16_t* p, int64_t ldp, int64_t Q, const char* v, int64_t ldv, int64_t rows,
                         int64_t Dv, float* acc, const char* next = nullptr,
-                        NextTileLines::Order order = NextTileLines::kByPass) {
+                        ValueFetch order = ValueFetch::ByPass) {
   NextTileLines lines(next, ldv, rows, 2 * Dv, order);
   int64_t i = 0;
   auto first = [&](NextTileLines* p) { return i == 0 && next ? p : nullptr; };

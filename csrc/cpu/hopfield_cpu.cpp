@@ -297,18 +297,30 @@ Plan make_plan(const PartialParams& p, int num_threads, const PlanHints& hints) 
 
   plan.pair_norms = pairs;
 
-  // The kernel's own fetches of the next tile (in the burst, and spread over the hand-written
-  // products) against rows of a page or more, which an Intel core's hardware prefetchers stream
-  // on their own: without the burst, float32 and bf16 queries over rows of 4-16 KiB ran
-  // 1.0-1.35x faster (16 and 64 queries, Xeon with AMX), and float32 without the spread
-  // fetches too 1.0-1.5x (1-8 queries; 0.95-1.03x at 4 queries over rows of 1024 floats).
-  // bf16's spread fetches stay (0.91-1.1x without them at 1-4 queries; after AMX's scores
-  // they are the only fetch).  Shorter rows keep both (their own measurements), and AMD CPUs
-  // too until measured there.  PERFORMANCE.md §5.25.
+  // The next bank tile towards L2 (PERFORMANCE.md §5.12, §5.25).  The hand-written score
+  // products fetch it as they read this one; after a microkernel's scores, a burst sends it
+  // before the value products, unless hand-written value products over the same rows fetch it
+  // spread over their passes in the order it is stored (the burst stalled on the memory: eight
+  // bf16 queries 1.2-1.3x faster so).  Value products after hand-written scores fetch it again,
+  // each pass its own columns (9f91f55: recall 3-19 % faster with both fetches; in stored
+  // order eight float32 queries over rows of 512 ran 1.06-1.08x slower there).
+  // Rows of a page or more an Intel core's hardware prefetchers stream on their own: without
+  // the burst, float32 and bf16 queries over rows of 4-16 KiB ran 1.0-1.35x faster (16 and 64
+  // queries, Xeon with AMX), and float32 without the hand-written products' fetches too
+  // 1.0-1.5x (1-8 queries; 0.95-1.03x at 4 queries over rows of 1024 floats).  bf16's stay
+  // (0.91-1.1x without them at 1-4 queries; after AMX's scores they are the only fetch).
+  // Shorter rows keep every fetch (their own measurements), and AMD CPUs too until measured.
   const int64_t es = p.dtype == DType::F32 ? 4 : 2;
   const bool streamed_rows = cpu_is_intel() && es * std::min(p.D, p.Dv) >= 4096;
-  plan.burst_next = !streamed_rows;
-  plan.spread_next = !(streamed_rows && p.dtype == DType::F32);
+  const bool hand_fetch = !(streamed_rows && p.dtype == DType::F32);
+  const bool hand_scores = plan.score == Product::Hand || plan.score == Product::Bf16Pairs ||
+                           plan.score == Product::Lanes;
+  const bool hand_values = plan.value == Product::Hand || plan.value == Product::Bf16Pairs;
+  plan.scores_fetch_next = hand_scores && hand_fetch;
+  plan.burst_next = !hand_scores && !streamed_rows && !(hand_values && p.values_are_memory());
+  plan.values_fetch_next = !hand_values || !hand_fetch                ? ValueFetch::None
+                           : hand_scores && p.values_are_memory() ? ValueFetch::ByPass
+                                                                  : ValueFetch::Stored;
 
   const int64_t B = std::max<int64_t>(p.B, 1);
   // The tile in the bytes the products read it in (16-bit inputs widen for float32 products).

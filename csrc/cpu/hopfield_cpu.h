@@ -59,6 +59,11 @@ enum class Isa : int { Baseline = 1, Avx2 = 2, Avx512 = 3 };
 // (short rows, where a dot product spends more on its reduction than on its sum).
 enum class Product : int { Hand = 0, F32 = 1, Vnni = 2, Bf16Pairs = 3, Lanes = 4 };
 
+// How the hand-written value products send the next tile of value rows towards L2, spread over
+// their passes (NextTileLines in hand_products.h): not at all, each pass's own columns of each
+// next row, or the tile's lines in the order they are stored.
+enum class ValueFetch : int { None = 0, ByPass = 1, Stored = 2 };
+
 // What a caller may force (tests, benchmarks); zero / Auto leave the choice to make_plan.
 struct PlanHints {
   // Pairs: the hand-written products, bfloat16 ones on the pair dot product (where the
@@ -105,8 +110,10 @@ struct Plan {
   bool l2_direct;          // docs/design.md §5.1 recompute (off only to measure its cost)
   bool native_bf16;        // bfloat16 P by AVX-512 BF16's own conversion (the CPU has it)
   bool pair_norms;         // bfloat16 |x|² (row_norms) on AVX-512 BF16's pair dot product (the CPU has it)
-  bool burst_next;         // the next tile towards L2 in one burst before the value products (microkernel scores)
-  bool spread_next;        // the hand-written products fetch the next tile over their passes
+  // Who sends the next bank tile towards L2 while this one is computed (make_plan says why):
+  bool scores_fetch_next;  // the hand-written score products, as they read this tile
+  bool burst_next;         // one burst before the value products
+  ValueFetch values_fetch_next;  // the hand-written value products, spread over their passes
   bool shared_weights;     // weighted ℓ2, one row of weights for every query of each leading index
   int64_t query_block;     // queries sharing one pass over a bank tile
   int64_t row_block;       // bank rows per tile: fixed per (D, dtype, products), never by N;

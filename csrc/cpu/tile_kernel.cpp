@@ -405,8 +405,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     const int64_t xstep = int64_t(es) * ldr;  // bytes from one row of the tile as stored to the next
     // The next tile of this split as stored, where it is a whole one (after its last tile:
     // the next work item's first), for the prefetches.
-    const char* next_x = !plan.spread_next && hand_scores_here ? nullptr
-                         : r0 + 2 * BN <= n_end ? mem + es * size_t((r0 + BN) * p.memory_row_stride)
+    const char* next_x = r0 + 2 * BN <= n_end ? mem + es * size_t((r0 + BN) * p.memory_row_stride)
                          : r0 + BN >= n_end  ? after_x
                                              : nullptr;
 
@@ -417,7 +416,7 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       mk::gemm_f32(TN, BMp, D, ldf, BMp, BMp, false, xf, qop, c1);
     } else {
       // (Rows ldr apart: a tile padded to another stride prefetches nothing.)
-      const char* next = ldr == p.memory_row_stride ? next_x : nullptr;
+      const char* next = ldr == p.memory_row_stride && plan.scores_fetch_next ? next_x : nullptr;
       if (sp == Product::Lanes)
         by_dtype(dt, [&](auto DT) {
           lane_scores<DT()>(qw, BM, D, xr, int64_t(es) * ldr, TN, c1, ldq, xt, next, xn_by_scores);
@@ -551,11 +550,8 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
     }
 
     // The microkernels' score products read the bank from memory as its rows come: the
-    // next tile goes towards L2 beforehand, while the value products run on this one,
-    // unless they are the hand-written ones over these same rows, which fetch it spread
-    // over their passes (a burst here stalled on the memory: PERFORMANCE.md §5.25).
-    const bool values_fetch_next = (vp == Product::Hand || vp == Product::Bf16Pairs) && values_are_memory;
-    if (plan.burst_next && !hand_scores_here && next_x && !values_fetch_next) prefetch_tile(next_x, es * p.memory_row_stride, BN, es * D);
+    // next tile goes towards L2 beforehand, while the value products run on this one.
+    if (plan.burst_next && next_x) prefetch_tile(next_x, es * p.memory_row_stride, BN, es * D);
     // 3. Value products: O += P . V, V the same tile when values are the memory.
     const char* vr = values_are_memory ? xr : val + es * size_t(r0 * p.values_row_stride);
     int64_t ldvr = values_are_memory ? ldr : p.values_row_stride;
@@ -584,17 +580,15 @@ void run_tile(const PartialParams& p, const Plan& plan, int64_t tile, const Work
       for (int64_t c0 = 0; c0 < Dv; c0 += kValueChunk)
         mk::gemm_f32(BMv, std::min(kValueChunk, Dv - c0), TN, TN, ldv, Dv, true, pf, vf32 + c0, o + c0);
     } else {
-      // The next value tile towards L2 again, spread over this pass: prefetching in the score
-      // pass alone leaves the memory idle here (measured: 3-19 % faster recall with both).
-      // (From the rows as stored: vr may be the copy an odd depth made.)
+      // The next value tile towards L2, spread over this pass, as make_plan chose
+      // (Plan::values_fetch_next).  (From the rows as stored: vr may be the copy an odd depth made.)
       const char* stored = values_are_memory ? mem : val;
       const int64_t stride = values_are_memory ? p.memory_row_stride : p.values_row_stride;
-      const char* vnext = !plan.spread_next          ? nullptr
-                          : r0 + 2 * BN <= n_end     ? stored + es * size_t((r0 + BN) * stride)
-                          : r0 + BN >= n_end         ? after_v
-                                                     : nullptr;
-      // In the order stored, unless the score products fetched the same tile already.
-      const auto order = hand_scores_here && values_are_memory ? NextTileLines::kByPass : NextTileLines::kStored;
+      const ValueFetch order = plan.values_fetch_next;
+      const char* vnext = order == ValueFetch::None ? nullptr
+                          : r0 + 2 * BN <= n_end    ? stored + es * size_t((r0 + BN) * stride)
+                          : r0 + BN >= n_end        ? after_v
+                                                    : nullptr;
       if (vp == Product::Bf16Pairs)
         HEN_PAIR_PRODUCT(pair_values(p16, TN, BM, vr, int64_t(es) * ldvr, TN, Dv, o, vnext, order));
       else
